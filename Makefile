@@ -1,0 +1,52 @@
+# billing -- PGXS build.  See README.md for the two entry points:
+#   make demo    build, install, start a throwaway cluster + Redis, run a workload
+#   make check   build, install, run every test, print "N passed, N failed"
+#
+# On a machine without the Debian packages (postgresql-15,
+# postgresql-server-dev-15, libhiredis-dev, redis-server) the PGXS include is
+# not available yet; the bootstrap branch below installs them first
+# (test/deps.sh) and re-runs make.
+
+PG_CONFIG ?= /usr/lib/postgresql/15/bin/pg_config
+PGXS := $(wildcard $(shell $(PG_CONFIG) --pgxs 2>/dev/null))
+
+MODULE_big = billing
+OBJS = \
+	src/billing.o \
+	src/input.o \
+	src/ledger.o \
+	src/append_only.o
+
+EXTENSION = billing
+DATA = $(wildcard billing--*.sql)
+PG_CPPFLAGS = -I$(srcdir)/src
+PG_CFLAGS = -Wall -Wextra -Werror -Wno-unused-parameter -Wno-missing-field-initializers -Wno-sign-compare
+SHLIB_LINK = -lhiredis
+
+# pg_regress files (sql/*.sql, expected/*.out); test/run.sh runs them against
+# a cluster it starts itself.
+REGRESS = $(sort $(patsubst sql/%.sql,%,$(wildcard sql/*.sql)))
+
+.PHONY: check demo bench deps
+
+ifeq ($(PGXS),)
+all install installcheck check demo bench:
+	bash test/deps.sh
+	$(MAKE) $@
+else
+include $(PGXS)
+
+# PGXS refuses "make check" (it wants a temporary install); ours runs
+# against a throwaway cluster started by the script, as root or not.
+check:
+	@bash test/run.sh
+
+demo:
+	@bash demo/run.sh
+
+bench:
+	@bash bench/run.sh
+endif
+
+deps:
+	bash test/deps.sh

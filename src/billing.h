@@ -1,0 +1,64 @@
+/*-------------------------------------------------------------------------
+ *
+ * billing.h
+ *	  Shared declarations of the billing extension: SQLSTATEs, money
+ *	  conversions and argument checks.
+ *
+ * Money is stored as int64 micro-units (1 unit = 1,000,000 micros) and
+ * exposed at the SQL API as numeric with scale 6.  No float anywhere.
+ *
+ *-------------------------------------------------------------------------
+ */
+#ifndef BILLING_H
+#define BILLING_H
+
+#include "fmgr.h"
+#include "utils/jsonb.h"
+#include "utils/numeric.h"
+#include "utils/timestamp.h"
+
+/*
+ * SQLSTATEs.  Class "ZB" (implementation-defined class letters start at I-Z).
+ * Every code is documented in README.md; keep the two in sync.
+ */
+#define ERRCODE_BILLING_ACCOUNT_NOT_FOUND	MAKE_SQLSTATE('Z','B','0','0','1')
+#define ERRCODE_BILLING_ACCOUNT_SUSPENDED	MAKE_SQLSTATE('Z','B','0','0','2')
+#define ERRCODE_BILLING_ACCOUNT_CLOSED		MAKE_SQLSTATE('Z','B','0','0','3')
+#define ERRCODE_BILLING_INSUFFICIENT_FUNDS	MAKE_SQLSTATE('Z','B','0','0','4')
+#define ERRCODE_BILLING_TRACE_CONFLICT		MAKE_SQLSTATE('Z','B','0','0','5')
+#define ERRCODE_BILLING_ACCOUNT_CONFLICT	MAKE_SQLSTATE('Z','B','0','0','6')
+#define ERRCODE_BILLING_INVALID_AMOUNT		MAKE_SQLSTATE('Z','B','0','1','0')
+#define ERRCODE_BILLING_AMOUNT_NOT_FINITE	MAKE_SQLSTATE('Z','B','0','1','1')
+#define ERRCODE_BILLING_AMOUNT_PRECISION	MAKE_SQLSTATE('Z','B','0','1','2')
+#define ERRCODE_BILLING_AMOUNT_RANGE		MAKE_SQLSTATE('Z','B','0','1','3')
+#define ERRCODE_BILLING_INVALID_TRACE_ID	MAKE_SQLSTATE('Z','B','0','1','4')
+#define ERRCODE_BILLING_NULL_ARGUMENT		MAKE_SQLSTATE('Z','B','0','1','5')
+#define ERRCODE_BILLING_INVALID_TENANT_ID	MAKE_SQLSTATE('Z','B','0','1','6')
+#define ERRCODE_BILLING_INVALID_KIND		MAKE_SQLSTATE('Z','B','0','1','7')
+#define ERRCODE_BILLING_INVALID_ARGUMENT	MAKE_SQLSTATE('Z','B','0','1','8')
+#define ERRCODE_BILLING_APPEND_ONLY			MAKE_SQLSTATE('Z','B','0','2','0')
+
+#define BILLING_MICROS_PER_UNIT		INT64CONST(1000000)
+#define BILLING_SCALE				6
+/* largest amount of one call: 10^12 units, i.e. 10^18 micros */
+#define BILLING_MAX_AMOUNT_MICROS	INT64CONST(1000000000000000000)
+/* longest tenant id / trace id, in characters */
+#define BILLING_MAX_ID_CHARS		255
+/* longest description, in characters */
+#define BILLING_MAX_DESCRIPTION_CHARS 1000
+
+/* input.c */
+extern int64 billing_amount_to_micros(Numeric num, const char *argname,
+									  bool allow_zero);
+extern Numeric billing_micros_to_numeric(int64 micros);
+extern char *billing_format_micros(int64 micros);
+extern int64 billing_add_micros(int64 a, int64 b, const char *what);
+extern void billing_check_not_null(FunctionCallInfo fcinfo, int argno,
+								   const char *argname);
+extern text *billing_check_id(text *id, const char *argname, int sqlerrcode);
+extern Jsonb *billing_check_metadata(FunctionCallInfo fcinfo, int argno);
+extern text *billing_check_description(FunctionCallInfo fcinfo, int argno);
+extern bool billing_check_event_at(FunctionCallInfo fcinfo, int argno,
+								   TimestampTz *event_at);
+
+#endif							/* BILLING_H */
