@@ -39,7 +39,7 @@ include $(PGXS)
 # PGXS refuses "make check" (it wants a temporary install); ours runs
 # against a throwaway cluster started by the script, as root or not.
 check:
-	@bash test/run.sh
+	+@bash test/run.sh
 
 demo:
 	@bash demo/run.sh
