@@ -15,7 +15,12 @@ OBJS = \
 	src/billing.o \
 	src/input.o \
 	src/ledger.o \
-	src/append_only.o
+	src/account.o \
+	src/holds.o \
+	src/jobs.o \
+	src/append_only.o \
+	src/sync.o \
+	src/worker.o
 
 EXTENSION = billing
 DATA = $(wildcard billing--*.sql)
@@ -29,24 +34,35 @@ REGRESS = $(sort $(patsubst sql/%.sql,%,$(wildcard sql/*.sql)))
 
 .PHONY: check demo bench deps
 
-ifeq ($(PGXS),)
-all install installcheck check demo bench:
-	bash test/deps.sh
-	$(MAKE) $@
-else
-include $(PGXS)
-
-# PGXS refuses "make check" (it wants a temporary install); ours runs
-# against a throwaway cluster started by the script, as root or not.
+# The three entry points only run scripts (which call "make" themselves), so
+# they do not include PGXS: PGXS has its own "check" target, and redefining
+# it would make every build print override warnings.
+ifneq ($(filter check demo bench deps,$(MAKECMDGOALS)),)
 check:
 	+@bash test/run.sh
 
 demo:
-	@bash demo/run.sh
+	+@bash demo/run.sh
 
 bench:
-	@bash bench/run.sh
-endif
+	+@bash bench/run.sh
 
 deps:
+	@bash test/deps.sh
+else ifeq ($(PGXS),)
+# no PGXS yet: install the Debian packages, then build as asked
+all install installcheck:
 	bash test/deps.sh
+	$(MAKE) $@
+else
+include $(PGXS)
+endif
+
+# the Redis Lua scripts, read by the worker (billing.lua_dir overrides)
+ifneq ($(PGXS),)
+install: install-lua
+.PHONY: install-lua
+install-lua:
+	$(MKDIR_P) '$(DESTDIR)$(datadir)/extension/billing'
+	$(INSTALL_DATA) $(wildcard lua/*.lua) '$(DESTDIR)$(datadir)/extension/billing/'
+endif

@@ -74,7 +74,12 @@ billing_amount_to_micros(Numeric num, const char *argname, bool allow_zero)
 															   NumericGetDatum(num))),
 						   DatumGetCString(DirectFunctionCall1(numeric_out,
 															   NumericGetDatum(max_amount)))),
-				 errhint("Split the amount into several entries.")));
+				 strcmp(argname, "amount") == 0 ?
+				 errhint("Split the amount into several entries.") :
+				 errhint("Pass at most %s for %s.",
+						 DatumGetCString(DirectFunctionCall1(numeric_out,
+															 NumericGetDatum(max_amount))),
+						 argname)));
 
 	scaled = DirectFunctionCall2(numeric_mul, NumericGetDatum(num),
 								 NumericGetDatum(micros_per_unit));
@@ -102,9 +107,12 @@ billing_amount_to_micros(Numeric num, const char *argname, bool allow_zero)
 							allow_zero ? "zero or positive" : "positive"),
 					 errdetail("The value given was %s.",
 							   billing_format_micros(micros)),
+					 strcmp(argname, "amount") == 0 ?
 					 errhint("The function decides the direction of the money: "
 							 "use billing_credit() to add and billing_deduct() "
-							 "to take away, always with a positive amount.")));
+							 "to take away, always with a positive amount.") :
+					 errhint("Pass a %s value for %s.",
+							 allow_zero ? "zero or positive" : "positive", argname)));
 		return micros;
 	}
 }
@@ -250,7 +258,7 @@ billing_to_amount(PG_FUNCTION_ARGS)
 
 /*
  * billing.to_micros(amount numeric, argname text, allow_zero bool) -> bigint:
- * the checked conversion, for the SQL-level functions.
+ * the checked conversion, for the SQL-level functions (NULL stays NULL).
  */
 PG_FUNCTION_INFO_V1(billing_to_micros);
 Datum
@@ -258,9 +266,11 @@ billing_to_micros(PG_FUNCTION_ARGS)
 {
 	char	   *argname = "amount";
 
+	/* NULL in, NULL out: callers that require a value check for NULL first */
+	if (PG_ARGISNULL(0))
+		PG_RETURN_NULL();
 	if (!PG_ARGISNULL(1))
 		argname = text_to_cstring(PG_GETARG_TEXT_PP(1));
-	billing_check_not_null(fcinfo, 0, argname);
 	PG_RETURN_INT64(billing_amount_to_micros(PG_GETARG_NUMERIC(0), argname,
 											 !PG_ARGISNULL(2) && PG_GETARG_BOOL(2)));
 }

@@ -2,30 +2,30 @@
  *
  * ledger.c
  *	  billing_credit, billing_deduct, billing_try_deduct, billing_balance:
- *	  the hot path that writes one ledger entry per call.
+ *	  the hot path that writes one ledger entry per call, and the SPI
+ *	  helpers the other C files share.
  *
  * One call = one account row lock, one idempotency probe, one entry insert
  * and one account update, all through SPI plans prepared once per backend.
  *
- * Concurrency.  Every write for a tenant (entries, rejections, the cached
- * balance) happens while holding that tenant's account row lock, taken
- * first with SELECT ... FOR UPDATE.  The idempotency probe runs after the
- * lock, with a fresh snapshot (SPI takes one per statement in READ
- * COMMITTED), so a concurrent call with the same trace id either committed
- * before we got the lock (we see its entry and replay it) or rolled back
- * (we see nothing and charge).  The unique index on (tenant_id, trace_id)
- * is only a backstop: no unique violation can reach the caller.
- * In REPEATABLE READ or SERIALIZABLE, a concurrent change of the same
- * account surfaces as a serialization failure (40001): retry the call.
+ * Concurrency.  Every write for a tenant (entries, rejections, holds, the
+ * cached balance and counters) happens while holding that tenant's account
+ * row lock, taken first with SELECT ... FOR UPDATE.  The idempotency probe
+ * runs after the lock, with a fresh snapshot (SPI takes one per statement
+ * in READ COMMITTED), so a concurrent call with the same trace id either
+ * committed before we got the lock (we see its entry and replay it) or
+ * rolled back (we see nothing and charge).  The unique index on
+ * (tenant_id, trace_id) is only a backstop: no unique violation can reach
+ * the caller.  In REPEATABLE READ or SERIALIZABLE, a concurrent change of
+ * the same account surfaces as a serialization failure (40001): retry.
  *
  *-------------------------------------------------------------------------
  */
 #include "postgres.h"
 
 #include "access/htup_details.h"
-#include "billing.h"
+#include "account.h"
 #include "catalog/pg_type.h"
-#include "executor/spi.h"
 #include "funcapi.h"
 #include "lib/stringinfo.h"
 #include "utils/builtins.h"
@@ -45,6 +45,7 @@ PG_FUNCTION_INFO_V1(billing_balance);
 #define ARG_METADATA	4
 #define ARG_EVENT_AT	5
 #define ARG_KIND		6
+#define ARG_API_KEY		7		/* deduct and try_deduct only */
 
 typedef enum PostMode
 {
@@ -54,15 +55,8 @@ typedef enum PostMode
 
 typedef struct LedgerRequest
 {
-	text	   *tenant_id;
-	text	   *trace_id;
-	char	   *kind;
-	int64		amount;			/* signed micro-units, as stored */
 	bool		is_debit;
-	text	   *description;	/* NULL when not given */
-	Jsonb	   *metadata;		/* never NULL ({} when not given) */
-	bool		has_event_at;
-	TimestampTz event_at;
+	EntryWrite	entry;
 } LedgerRequest;
 
 typedef struct LedgerOutcome
@@ -70,30 +64,29 @@ typedef struct LedgerOutcome
 	bool		committed;		/* false: rejected */
 	bool		replayed;
 	int64		id;				/* entry_id, or rejection_id when rejected */
-	char	   *kind;
+	const char *kind;
 	int64		amount;
 	int64		balance_after;	/* valid when committed */
 	int64		version;		/* valid when committed */
 	TimestampTz created_at;
-	int			sqlerrcode;		/* valid when rejected */
-	char	   *message;
-	char	   *detail;
-	char	   *hint;
+	Rejection	rejection;		/* valid when rejected */
 } LedgerOutcome;
 
 static const char *const credit_kinds[] = {"topup", "grant", "refund", "adjustment", NULL};
 static const char *const debit_kinds[] = {"deduct", "adjustment", NULL};
 
 /* SPI plans, prepared on first use and kept for the life of the backend */
-static SPIPlanPtr plan_lock = NULL;
 static SPIPlanPtr plan_probe = NULL;
 static SPIPlanPtr plan_insert = NULL;
-static SPIPlanPtr plan_update = NULL;
 static SPIPlanPtr plan_reject = NULL;
 static SPIPlanPtr plan_balance = NULL;
 
-static SPIPlanPtr
-keep_plan(SPIPlanPtr *cache, const char *sql, int nargs, Oid *argtypes)
+/* ---------------------------------------------------------------------
+ * SPI helpers
+ * ---------------------------------------------------------------------
+ */
+SPIPlanPtr
+billing_keep_plan(SPIPlanPtr *cache, const char *sql, int nargs, Oid *argtypes)
 {
 	if (*cache == NULL)
 	{
@@ -109,29 +102,39 @@ keep_plan(SPIPlanPtr *cache, const char *sql, int nargs, Oid *argtypes)
 	return *cache;
 }
 
-/* column accessors for the current SPI result */
-static Datum
-col(int row, int colno, bool *isnull)
+/* run a kept plan read-write; any result but `expected` is an internal error */
+void
+billing_spi_exec(SPIPlanPtr plan, Datum *values, const char *nulls,
+				 int expected, const char *what)
+{
+	int			ret = SPI_execute_plan(plan, values, nulls, false, 0);
+
+	if (ret != expected)
+		elog(ERROR, "billing: %s failed: %s", what, SPI_result_code_string(ret));
+}
+
+Datum
+billing_col(int row, int colno, bool *isnull)
 {
 	return SPI_getbinval(SPI_tuptable->vals[row], SPI_tuptable->tupdesc,
 						 colno, isnull);
 }
 
-static int64
-col_int64(int row, int colno)
+int64
+billing_col_int64(int row, int colno, int64 if_null)
 {
 	bool		isnull;
-	Datum		d = col(row, colno, &isnull);
+	Datum		d = billing_col(row, colno, &isnull);
 
-	return isnull ? 0 : DatumGetInt64(d);
+	return isnull ? if_null : DatumGetInt64(d);
 }
 
 /* a text column copied into context cxt, or NULL */
-static char *
-col_cstring(int row, int colno, MemoryContext cxt)
+char *
+billing_col_cstring(int row, int colno, MemoryContext cxt)
 {
 	bool		isnull;
-	Datum		d = col(row, colno, &isnull);
+	Datum		d = billing_col(row, colno, &isnull);
 	MemoryContext old;
 	char	   *s;
 
@@ -143,6 +146,10 @@ col_cstring(int row, int colno, MemoryContext cxt)
 	return s;
 }
 
+/* ---------------------------------------------------------------------
+ * arguments
+ * ---------------------------------------------------------------------
+ */
 static const char *
 kind_list(const char *const *kinds)
 {
@@ -159,44 +166,52 @@ static void
 parse_request(FunctionCallInfo fcinfo, bool is_debit, LedgerRequest *req)
 {
 	const char *const *kinds = is_debit ? debit_kinds : credit_kinds;
+	EntryWrite *e = &req->entry;
 	int64		micros;
 	bool		kind_ok = false;
+	char	   *kind;
 
 	billing_check_not_null(fcinfo, ARG_TENANT, "tenant_id");
 	billing_check_not_null(fcinfo, ARG_AMOUNT, "amount");
 	billing_check_not_null(fcinfo, ARG_TRACE, "trace_id");
 	billing_check_not_null(fcinfo, ARG_KIND, "kind");
 
-	req->tenant_id = billing_check_id(PG_GETARG_TEXT_PP(ARG_TENANT),
-									  "tenant_id",
-									  ERRCODE_BILLING_INVALID_TENANT_ID);
-	req->trace_id = billing_check_id(PG_GETARG_TEXT_PP(ARG_TRACE),
-									 "trace_id",
-									 ERRCODE_BILLING_INVALID_TRACE_ID);
+	memset(req, 0, sizeof(*req));
+	(void) billing_check_id(PG_GETARG_TEXT_PP(ARG_TENANT), "tenant_id",
+							ERRCODE_BILLING_INVALID_TENANT_ID);
+	e->trace_id = billing_check_id(PG_GETARG_TEXT_PP(ARG_TRACE), "trace_id",
+								   ERRCODE_BILLING_INVALID_TRACE_ID);
 	micros = billing_amount_to_micros(PG_GETARG_NUMERIC(ARG_AMOUNT),
 									  "amount", false);
 	req->is_debit = is_debit;
-	req->amount = is_debit ? -micros : micros;
-	req->description = billing_check_description(fcinfo, ARG_DESCRIPTION);
-	req->metadata = billing_check_metadata(fcinfo, ARG_METADATA);
-	req->has_event_at = billing_check_event_at(fcinfo, ARG_EVENT_AT,
-											   &req->event_at);
+	e->amount = is_debit ? -micros : micros;
+	e->description = billing_check_description(fcinfo, ARG_DESCRIPTION);
+	e->metadata = billing_check_metadata(fcinfo, ARG_METADATA);
+	e->has_event_at = billing_check_event_at(fcinfo, ARG_EVENT_AT, &e->event_at);
+	if (is_debit && !PG_ARGISNULL(ARG_API_KEY))
+		e->api_key = billing_check_id(PG_GETARG_TEXT_PP(ARG_API_KEY), "api_key",
+									  ERRCODE_BILLING_INVALID_ARGUMENT);
 
-	req->kind = text_to_cstring(PG_GETARG_TEXT_PP(ARG_KIND));
+	kind = text_to_cstring(PG_GETARG_TEXT_PP(ARG_KIND));
 	for (int i = 0; kinds[i] != NULL; i++)
-		if (strcmp(req->kind, kinds[i]) == 0)
+		if (strcmp(kind, kinds[i]) == 0)
 			kind_ok = true;
 	if (!kind_ok)
 		ereport(ERROR,
 				(errcode(ERRCODE_BILLING_INVALID_KIND),
 				 errmsg("invalid %s kind \"%s\"",
-						is_debit ? "debit" : "credit", req->kind),
+						is_debit ? "debit" : "credit", kind),
 				 errdetail("Allowed kinds: %s.", kind_list(kinds)),
 				 errhint("%s", is_debit ?
 						 "Use billing_credit() for money going into the account." :
 						 "Use billing_deduct() for money leaving the account.")));
+	e->kind = kind;
 }
 
+/* ---------------------------------------------------------------------
+ * idempotency
+ * ---------------------------------------------------------------------
+ */
 static bool
 text_equal(text *a, text *b)
 {
@@ -215,8 +230,7 @@ show_text(text *t)
 static const char *
 show_ts(bool has, TimestampTz ts)
 {
-	return has ? DatumGetCString(DirectFunctionCall1(timestamptz_out,
-													 TimestampTzGetDatum(ts))) : "null";
+	return has ? billing_format_ts(ts) : "null";
 }
 
 /*
@@ -224,30 +238,33 @@ show_ts(bool has, TimestampTz ts)
  * result).  Raise the trace id conflict error unless every field matches.
  * Probe columns: 1 committed, 2 id, 3 kind, 4 amount, 5 balance_after,
  * 6 version, 7 description, 8 metadata, 9 event_at, 10 created_at,
- * 11 sqlstate, 12 reason, 13 detail.
+ * 11 api_key, 12 sqlstate, 13 reason, 14 detail.
  */
 static void
-check_same_request(LedgerRequest *req)
+check_same_request(EntryWrite *req)
 {
 	bool		isnull;
-	char	   *kind = TextDatumGetCString(col(0, 3, &isnull));
-	int64		amount = col_int64(0, 4);
+	char	   *kind = TextDatumGetCString(billing_col(0, 3, &isnull));
+	int64		amount = billing_col_int64(0, 4, 0);
 	Datum		d;
 	text	   *description;
 	Jsonb	   *metadata;
+	text	   *api_key;
 	bool		has_event_at;
 	TimestampTz event_at = 0;
 	StringInfoData fields;
 	StringInfoData detail;
 
-	d = col(0, 7, &isnull);
+	d = billing_col(0, 7, &isnull);
 	description = isnull ? NULL : DatumGetTextPP(d);
-	d = col(0, 8, &isnull);
+	d = billing_col(0, 8, &isnull);
 	metadata = isnull ? NULL : DatumGetJsonbP(d);
-	d = col(0, 9, &isnull);
+	d = billing_col(0, 9, &isnull);
 	has_event_at = !isnull;
 	if (has_event_at)
 		event_at = DatumGetTimestampTz(d);
+	d = billing_col(0, 11, &isnull);
+	api_key = isnull ? NULL : DatumGetTextPP(d);
 
 	initStringInfo(&fields);
 	initStringInfo(&detail);
@@ -276,6 +293,8 @@ check_same_request(LedgerRequest *req)
 		(has_event_at && event_at != req->event_at))
 		DIFFERS("event_at", show_ts(has_event_at, event_at),
 				show_ts(req->has_event_at, req->event_at));
+	if (!text_equal(api_key, req->api_key))
+		DIFFERS("api_key", show_text(api_key), show_text(req->api_key));
 #undef DIFFERS
 
 	if (fields.len > 0)
@@ -289,27 +308,6 @@ check_same_request(LedgerRequest *req)
 						 "or use a new trace id for a new request.")));
 }
 
-/*
- * Decide a business rejection: raise it, or fill *out so the caller can
- * record it.  Message texts are built in the caller's memory context.
- */
-static void
-reject(PostMode mode, LedgerOutcome *out, int sqlerrcode,
-	   char *message, char *detail, char *hint)
-{
-	if (mode == POST_RAISE)
-		ereport(ERROR,
-				(errcode(sqlerrcode),
-				 errmsg_internal("%s", message),
-				 detail ? errdetail_internal("%s", detail) : 0,
-				 hint ? errhint("%s", hint) : 0));
-	out->committed = false;
-	out->sqlerrcode = sqlerrcode;
-	out->message = message;
-	out->detail = detail;
-	out->hint = hint;
-}
-
 static int
 sqlstate_from_text(const char *s)
 {
@@ -319,245 +317,255 @@ sqlstate_from_text(const char *s)
 }
 
 /*
+ * Look the trace id up among the entries and recorded rejections.  On a
+ * hit, fill *out as a replay (or raise the conflict / the recorded
+ * rejection) and return true.
+ */
+static bool
+probe_trace(Account *acc, EntryWrite *req, PostMode mode, LedgerOutcome *out)
+{
+	Oid			types[2] = {TEXTOID, TEXTOID};
+	Datum		values[2];
+	bool		isnull;
+
+	billing_keep_plan(&plan_probe,
+					  "SELECT true, entry_id, kind, amount_micros, balance_after_micros, "
+					  "       version, description, metadata, event_at, created_at, "
+					  "       api_key, NULL::text, NULL::text, NULL::text "
+					  "  FROM billing.entries WHERE tenant_id = $1 AND trace_id = $2 "
+					  "UNION ALL "
+					  "SELECT false, rejection_id, kind, amount_micros, NULL, NULL, "
+					  "       description, metadata, event_at, created_at, "
+					  "       api_key, sqlstate, reason, detail "
+					  "  FROM billing.rejections WHERE tenant_id = $1 AND trace_id = $2 "
+					  "LIMIT 1",
+					  2, types);
+	values[0] = PointerGetDatum(acc->tenant_id);
+	values[1] = PointerGetDatum(req->trace_id);
+	billing_spi_exec(plan_probe, values, NULL, SPI_OK_SELECT, "idempotency probe");
+	if (SPI_processed == 0)
+		return false;
+
+	check_same_request(req);
+	out->replayed = true;
+	out->committed = DatumGetBool(billing_col(0, 1, &isnull));
+	out->id = billing_col_int64(0, 2, 0);
+	out->kind = billing_col_cstring(0, 3, acc->cxt);
+	out->amount = billing_col_int64(0, 4, 0);
+	out->balance_after = billing_col_int64(0, 5, 0);
+	out->version = billing_col_int64(0, 6, 0);
+	out->created_at = DatumGetTimestampTz(billing_col(0, 10, &isnull));
+	if (!out->committed)
+	{
+		Rejection  *rej = &out->rejection;
+		MemoryContext old;
+
+		rej->sqlerrcode = sqlstate_from_text(billing_col_cstring(0, 12, acc->cxt));
+		rej->message = billing_col_cstring(0, 13, acc->cxt);
+		rej->detail = billing_col_cstring(0, 14, acc->cxt);
+		old = MemoryContextSwitchTo(acc->cxt);
+		rej->hint = psprintf("This trace id was rejected at %s and stays rejected; "
+							 "retry with a new trace id.",
+							 billing_format_ts(out->created_at));
+		MemoryContextSwitchTo(old);
+		if (mode == POST_RAISE)
+			billing_raise_rejection(rej);
+	}
+	return true;
+}
+
+/* remember a business rejection so that replays of the trace id get it */
+static void
+record_rejection(Account *acc, EntryWrite *req, LedgerOutcome *out)
+{
+	Oid			types[11] = {TEXTOID, TEXTOID, TEXTOID, INT8OID, TEXTOID,
+		JSONBOID, TIMESTAMPTZOID, TEXTOID, TEXTOID, TEXTOID, TEXTOID};
+	Datum		values[11];
+	char		nulls[11];
+	bool		isnull;
+
+	billing_keep_plan(&plan_reject,
+					  "INSERT INTO billing.rejections (tenant_id, trace_id, kind, "
+					  "  amount_micros, description, metadata, event_at, sqlstate, "
+					  "  reason, detail, api_key) "
+					  "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) "
+					  "ON CONFLICT (tenant_id, trace_id) DO NOTHING "
+					  "RETURNING rejection_id, created_at",
+					  11, types);
+	memset(nulls, ' ', sizeof(nulls));
+	values[0] = PointerGetDatum(acc->tenant_id);
+	values[1] = PointerGetDatum(req->trace_id);
+	values[2] = CStringGetTextDatum(req->kind);
+	values[3] = Int64GetDatum(req->amount);
+	values[4] = PointerGetDatum(req->description);
+	nulls[4] = req->description ? ' ' : 'n';
+	values[5] = JsonbPGetDatum(req->metadata);
+	values[6] = TimestampTzGetDatum(req->event_at);
+	nulls[6] = req->has_event_at ? ' ' : 'n';
+	values[7] = CStringGetTextDatum(unpack_sql_state(out->rejection.sqlerrcode));
+	values[8] = CStringGetTextDatum(out->rejection.message);
+	values[9] = CStringGetTextDatum(out->rejection.detail ? out->rejection.detail : "");
+	values[10] = PointerGetDatum(req->api_key);
+	nulls[10] = req->api_key ? ' ' : 'n';
+	billing_spi_exec(plan_reject, values, nulls, SPI_OK_INSERT_RETURNING,
+					 "recording the rejection");
+
+	/*
+	 * Only possible under REPEATABLE READ or SERIALIZABLE: the same trace id
+	 * was recorded by a transaction our snapshot cannot see.  (In READ
+	 * COMMITTED the probe after the lock would have found it.)
+	 */
+	if (SPI_processed != 1)
+		ereport(ERROR,
+				(errcode(ERRCODE_T_R_SERIALIZATION_FAILURE),
+				 errmsg("could not serialize access due to a concurrent charge with trace id \"%s\"",
+						text_to_cstring(req->trace_id)),
+				 errhint("Retry the transaction; the retry returns the recorded outcome.")));
+	out->committed = false;
+	out->id = billing_col_int64(0, 1, 0);
+	out->kind = MemoryContextStrdup(acc->cxt, req->kind);
+	out->amount = req->amount;
+	out->created_at = DatumGetTimestampTz(billing_col(0, 2, &isnull));
+}
+
+/* ---------------------------------------------------------------------
+ * writing
+ * ---------------------------------------------------------------------
+ */
+
+/*
+ * Insert one entry carrying the account's new balance and version (the
+ * caller has applied the amount and bumped acc->version).  Returns its id.
+ */
+int64
+billing_insert_entry(Account *acc, EntryWrite *e)
+{
+	Oid			types[12] = {TEXTOID, TEXTOID, TEXTOID, INT8OID, INT8OID,
+		INT8OID, TEXTOID, JSONBOID, TIMESTAMPTZOID, TIMESTAMPTZOID, TEXTOID, INT8OID};
+	Datum		values[12];
+	char		nulls[12];
+
+	billing_keep_plan(&plan_insert,
+					  "INSERT INTO billing.entries (tenant_id, trace_id, kind, "
+					  "  amount_micros, balance_after_micros, version, description, "
+					  "  metadata, event_at, created_at, api_key, hold_id) "
+					  "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) "
+					  "RETURNING entry_id",
+					  12, types);
+	memset(nulls, ' ', sizeof(nulls));
+	values[0] = PointerGetDatum(acc->tenant_id);
+	values[1] = PointerGetDatum(e->trace_id);
+	values[2] = CStringGetTextDatum(e->kind);
+	values[3] = Int64GetDatum(e->amount);
+	values[4] = Int64GetDatum(acc->balance);
+	values[5] = Int64GetDatum(acc->version);
+	values[6] = PointerGetDatum(e->description);
+	nulls[6] = e->description ? ' ' : 'n';
+	values[7] = JsonbPGetDatum(e->metadata);
+	values[8] = TimestampTzGetDatum(e->event_at);
+	nulls[8] = e->has_event_at ? ' ' : 'n';
+	values[9] = TimestampTzGetDatum(acc->now);
+	values[10] = PointerGetDatum(e->api_key);
+	nulls[10] = e->api_key ? ' ' : 'n';
+	values[11] = Int64GetDatum(e->hold_id);
+	nulls[11] = e->hold_id ? ' ' : 'n';
+	billing_spi_exec(plan_insert, values, nulls, SPI_OK_INSERT_RETURNING,
+					 "inserting the entry");
+	return billing_col_int64(0, 1, 0);
+}
+
+/*
  * The heart of the ledger: lock, probe, check, write.  Runs inside the
  * caller's transaction; any ERROR rolls back everything it did.
  */
 static void
-ledger_post(LedgerRequest *req, PostMode mode, LedgerOutcome *out)
+ledger_post(text *tenant_id, LedgerRequest *req, PostMode mode,
+			LedgerOutcome *out)
 {
-	MemoryContext caller_cxt = CurrentMemoryContext;
-	Datum		values[11];
-	char		nulls[11];
-	char	   *tenant = text_to_cstring(req->tenant_id);
-	char	   *status;
-	int64		credit_limit;
-	int64		balance;
-	int64		version;
-	int			ret;
+	EntryWrite *e = &req->entry;
+	Account		acc;
+	ApiKey		key;
+	bool		ok = true;
 
 	memset(out, 0, sizeof(*out));
-
 	if (SPI_connect() != SPI_OK_CONNECT)
 		elog(ERROR, "billing: SPI_connect failed");
 
 	/* 1. lock the account: every write for this tenant serializes here */
+	account_lock(&acc, tenant_id);
+
+	/* 2. idempotency: a replay returns the original outcome, whatever changed since */
+	if (probe_trace(&acc, e, mode, out))
 	{
-		Oid			types[1] = {TEXTOID};
-
-		keep_plan(&plan_lock,
-				  "SELECT status, credit_limit_micros, balance_micros, version "
-				  "FROM billing.accounts WHERE tenant_id = $1 FOR UPDATE",
-				  1, types);
-	}
-	values[0] = PointerGetDatum(req->tenant_id);
-	ret = SPI_execute_plan(plan_lock, values, NULL, false, 1);
-	if (ret != SPI_OK_SELECT)
-		elog(ERROR, "billing: account lock failed: %s",
-			 SPI_result_code_string(ret));
-	if (SPI_processed == 0)
-		ereport(ERROR,
-				(errcode(ERRCODE_BILLING_ACCOUNT_NOT_FOUND),
-				 errmsg("account \"%s\" does not exist", tenant),
-				 errhint("Create it first with billing_account_create(%s).",
-						 quote_literal_cstr(tenant))));
-	status = col_cstring(0, 1, caller_cxt);
-	credit_limit = col_int64(0, 2);
-	balance = col_int64(0, 3);
-	version = col_int64(0, 4);
-
-	/* 2. idempotency probe: entries and recorded rejections */
-	{
-		Oid			types[2] = {TEXTOID, TEXTOID};
-
-		keep_plan(&plan_probe,
-				  "SELECT true, entry_id, kind, amount_micros, balance_after_micros, "
-				  "       version, description, metadata, event_at, created_at, "
-				  "       NULL::text, NULL::text, NULL::text "
-				  "  FROM billing.entries WHERE tenant_id = $1 AND trace_id = $2 "
-				  "UNION ALL "
-				  "SELECT false, rejection_id, kind, amount_micros, NULL, NULL, "
-				  "       description, metadata, event_at, created_at, "
-				  "       sqlstate, reason, detail "
-				  "  FROM billing.rejections WHERE tenant_id = $1 AND trace_id = $2 "
-				  "LIMIT 1",
-				  2, types);
-	}
-	values[1] = PointerGetDatum(req->trace_id);
-	ret = SPI_execute_plan(plan_probe, values, NULL, false, 1);
-	if (ret != SPI_OK_SELECT)
-		elog(ERROR, "billing: idempotency probe failed: %s",
-			 SPI_result_code_string(ret));
-	if (SPI_processed > 0)
-	{
-		bool		isnull;
-
-		check_same_request(req);
-		out->replayed = true;
-		out->committed = DatumGetBool(col(0, 1, &isnull));
-		out->id = col_int64(0, 2);
-		out->kind = col_cstring(0, 3, caller_cxt);
-		out->amount = col_int64(0, 4);
-		out->balance_after = col_int64(0, 5);
-		out->version = col_int64(0, 6);
-		out->created_at = DatumGetTimestampTz(col(0, 10, &isnull));
-		if (!out->committed)
-		{
-			char	   *sqlstate = col_cstring(0, 11, caller_cxt);
-			char	   *message = col_cstring(0, 12, caller_cxt);
-			char	   *detail = col_cstring(0, 13, caller_cxt);
-			MemoryContext old = MemoryContextSwitchTo(caller_cxt);
-			char	   *hint = psprintf("This trace id was rejected at %s and stays rejected; "
-										"retry with a new trace id.",
-										show_ts(true, out->created_at));
-
-			MemoryContextSwitchTo(old);
-			reject(mode, out, sqlstate_from_text(sqlstate), message, detail, hint);
-		}
 		SPI_finish();
 		return;
 	}
 
 	/* 3. business rules */
+	account_expire_holds(&acc);
+	account_key_lock(&acc, &key, e->api_key);
+	if (req->is_debit)
 	{
-		MemoryContext old = MemoryContextSwitchTo(caller_cxt);
-		int64		new_balance = billing_add_micros(balance, req->amount,
-													 "account balance");
-		bool		rejected = true;
+		Debit		debit = {0};
 
-		if (strcmp(status, "closed") == 0)
-			reject(mode, out, ERRCODE_BILLING_ACCOUNT_CLOSED,
-				   psprintf("account \"%s\" is closed", tenant),
-				   psprintf("A closed account accepts no entries (this %s of %s was refused).",
-							req->kind, billing_format_micros(req->amount)),
-				   pstrdup("Closed is final: open a new account for this customer."));
-		else if (req->is_debit && strcmp(status, "active") != 0)
-			reject(mode, out, ERRCODE_BILLING_ACCOUNT_SUSPENDED,
-				   psprintf("account \"%s\" is %s", tenant, status),
-				   psprintf("A %s account cannot be charged (required %s).",
-							status, billing_format_micros(-req->amount)),
-				   psprintf("Reactivate it with billing_account_update(%s, status => 'active').",
-							quote_literal_cstr(tenant)));
-		else if (req->is_debit && new_balance < -credit_limit)
-		{
-			int64		available = billing_add_micros(balance, credit_limit,
-													   "available funds");
+		debit.charge = -e->amount;
+		debit.counts_request = true;
+		debit.funds_errcode = ERRCODE_BILLING_INSUFFICIENT_FUNDS;
+		ok = account_check_debit(&acc, &key, &debit, &out->rejection);
+		if (ok)
+			account_apply_debit(&acc, &key, &debit);
+	}
+	else if (strcmp(acc.status, "closed") == 0)
+	{
+		MemoryContext old = MemoryContextSwitchTo(acc.cxt);
 
-			reject(mode, out, ERRCODE_BILLING_INSUFFICIENT_FUNDS,
-				   psprintf("insufficient funds in account \"%s\"", tenant),
-				   psprintf("Required %s, available %s (balance %s, credit limit %s).",
-							billing_format_micros(-req->amount),
-							billing_format_micros(available),
-							billing_format_micros(balance),
-							billing_format_micros(credit_limit)),
-				   pstrdup("Top up with billing_credit(), raise the credit limit, or charge less."));
-		}
-		else
-			rejected = false;
+		out->rejection.sqlerrcode = ERRCODE_BILLING_ACCOUNT_CLOSED;
+		out->rejection.message = psprintf("account \"%s\" is closed", acc.tenant);
+		out->rejection.detail = psprintf("A closed account accepts no entries (this %s of %s was refused).",
+										 e->kind, billing_format_micros(e->amount));
+		out->rejection.hint = pstrdup("Closed is final: open a new account for this customer.");
 		MemoryContextSwitchTo(old);
-
-		if (rejected)
-		{
-			/* only POST_RECORD gets here: remember the outcome for replays */
-			Oid			types[10] = {TEXTOID, TEXTOID, TEXTOID, INT8OID, TEXTOID,
-			JSONBOID, TIMESTAMPTZOID, TEXTOID, TEXTOID, TEXTOID};
-
-			keep_plan(&plan_reject,
-					  "INSERT INTO billing.rejections (tenant_id, trace_id, kind, "
-					  "  amount_micros, description, metadata, event_at, sqlstate, "
-					  "  reason, detail) "
-					  "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) "
-					  "RETURNING rejection_id, created_at",
-					  10, types);
-			memset(nulls, ' ', sizeof(nulls));
-			values[2] = CStringGetTextDatum(req->kind);
-			values[3] = Int64GetDatum(req->amount);
-			values[4] = req->description ? PointerGetDatum(req->description) : (Datum) 0;
-			nulls[4] = req->description ? ' ' : 'n';
-			values[5] = JsonbPGetDatum(req->metadata);
-			values[6] = TimestampTzGetDatum(req->event_at);
-			nulls[6] = req->has_event_at ? ' ' : 'n';
-			values[7] = CStringGetTextDatum(unpack_sql_state(out->sqlerrcode));
-			values[8] = CStringGetTextDatum(out->message);
-			values[9] = CStringGetTextDatum(out->detail);
-			ret = SPI_execute_plan(plan_reject, values, nulls, false, 1);
-			if (ret != SPI_OK_INSERT_RETURNING || SPI_processed != 1)
-				elog(ERROR, "billing: recording the rejection failed: %s",
-					 SPI_result_code_string(ret));
-			out->id = col_int64(0, 1);
-			out->kind = MemoryContextStrdup(caller_cxt, req->kind);
-			out->amount = req->amount;
-			{
-				bool		isnull;
-
-				out->created_at = DatumGetTimestampTz(col(0, 2, &isnull));
-			}
-			SPI_finish();
-			return;
-		}
-
-		balance = new_balance;
+		ok = false;
 	}
+	else
+		acc.balance = billing_add_micros(acc.balance, e->amount, "account balance");
 
-	/* 4. write the entry and the cached balance */
-	version++;
-	out->created_at = GetCurrentTimestamp();
+	if (!ok)
 	{
-		Oid			types[10] = {TEXTOID, TEXTOID, TEXTOID, INT8OID, INT8OID,
-		INT8OID, TEXTOID, JSONBOID, TIMESTAMPTZOID, TIMESTAMPTZOID};
+		if (mode == POST_RAISE)
+			billing_raise_rejection(&out->rejection);
+		record_rejection(&acc, e, out);
 
-		keep_plan(&plan_insert,
-				  "INSERT INTO billing.entries (tenant_id, trace_id, kind, "
-				  "  amount_micros, balance_after_micros, version, description, "
-				  "  metadata, event_at, created_at) "
-				  "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) "
-				  "RETURNING entry_id",
-				  10, types);
+		/*
+		 * Rewrite the (unchanged) account row as well: a REPEATABLE READ or
+		 * SERIALIZABLE transaction whose snapshot predates this rejection
+		 * then fails with a serialization error when it locks the account,
+		 * instead of deciding the same trace id afresh.
+		 */
+		account_save(&acc, false);
+		SPI_finish();
+		return;
 	}
-	memset(nulls, ' ', sizeof(nulls));
-	values[2] = CStringGetTextDatum(req->kind);
-	values[3] = Int64GetDatum(req->amount);
-	values[4] = Int64GetDatum(balance);
-	values[5] = Int64GetDatum(version);
-	values[6] = req->description ? PointerGetDatum(req->description) : (Datum) 0;
-	nulls[6] = req->description ? ' ' : 'n';
-	values[7] = JsonbPGetDatum(req->metadata);
-	values[8] = TimestampTzGetDatum(req->event_at);
-	nulls[8] = req->has_event_at ? ' ' : 'n';
-	values[9] = TimestampTzGetDatum(out->created_at);
-	ret = SPI_execute_plan(plan_insert, values, nulls, false, 1);
-	if (ret != SPI_OK_INSERT_RETURNING || SPI_processed != 1)
-		elog(ERROR, "billing: inserting the entry failed: %s",
-			 SPI_result_code_string(ret));
-	out->id = col_int64(0, 1);
 
-	{
-		Oid			types[4] = {TEXTOID, INT8OID, INT8OID, TIMESTAMPTZOID};
-
-		keep_plan(&plan_update,
-				  "UPDATE billing.accounts SET balance_micros = $2, version = $3, "
-				  "  last_entry_at = $4 WHERE tenant_id = $1",
-				  4, types);
-	}
-	values[1] = Int64GetDatum(balance);
-	values[2] = Int64GetDatum(version);
-	values[3] = TimestampTzGetDatum(out->created_at);
-	ret = SPI_execute_plan(plan_update, values, NULL, false, 1);
-	if (ret != SPI_OK_UPDATE || SPI_processed != 1)
-		elog(ERROR, "billing: updating the account failed: %s",
-			 SPI_result_code_string(ret));
-
+	/* 4. write the entry, the account and the key */
+	acc.version++;
+	out->id = billing_insert_entry(&acc, e);
+	account_save(&acc, true);
+	account_key_save(&acc, &key);
 	SPI_finish();
 
 	out->committed = true;
-	out->kind = req->kind;
-	out->amount = req->amount;
-	out->balance_after = balance;
-	out->version = version;
+	out->kind = e->kind;
+	out->amount = e->amount;
+	out->balance_after = acc.balance;
+	out->version = acc.version;
+	out->created_at = acc.now;
 }
 
 /* billing.entry_result for credit and deduct */
 static Datum
-entry_result(FunctionCallInfo fcinfo, LedgerRequest *req, LedgerOutcome *out)
+entry_result(FunctionCallInfo fcinfo, text *tenant_id, text *trace_id,
+			 LedgerOutcome *out)
 {
 	TupleDesc	tupdesc;
 	Datum		values[9];
@@ -568,8 +576,8 @@ entry_result(FunctionCallInfo fcinfo, LedgerRequest *req, LedgerOutcome *out)
 	tupdesc = BlessTupleDesc(tupdesc);
 
 	values[0] = Int64GetDatum(out->id);
-	values[1] = PointerGetDatum(req->tenant_id);
-	values[2] = PointerGetDatum(req->trace_id);
+	values[1] = PointerGetDatum(tenant_id);
+	values[2] = PointerGetDatum(trace_id);
 	values[3] = CStringGetTextDatum(out->kind);
 	values[4] = NumericGetDatum(billing_micros_to_numeric(out->amount));
 	values[5] = NumericGetDatum(billing_micros_to_numeric(out->balance_after));
@@ -590,13 +598,14 @@ billing_credit(PG_FUNCTION_ARGS)
 	LedgerOutcome out;
 
 	parse_request(fcinfo, false, &req);
-	ledger_post(&req, POST_RAISE, &out);
-	return entry_result(fcinfo, &req, &out);
+	ledger_post(PG_GETARG_TEXT_PP(ARG_TENANT), &req, POST_RAISE, &out);
+	return entry_result(fcinfo, PG_GETARG_TEXT_PP(ARG_TENANT), req.entry.trace_id, &out);
 }
 
 /*
  * billing_deduct(tenant_id, amount, trace_id, description, metadata,
- *				  event_at, kind DEFAULT 'deduct') -> billing.entry_result
+ *				  event_at, kind DEFAULT 'deduct', api_key)
+ *	-> billing.entry_result
  */
 Datum
 billing_deduct(PG_FUNCTION_ARGS)
@@ -605,17 +614,17 @@ billing_deduct(PG_FUNCTION_ARGS)
 	LedgerOutcome out;
 
 	parse_request(fcinfo, true, &req);
-	ledger_post(&req, POST_RAISE, &out);
-	return entry_result(fcinfo, &req, &out);
+	ledger_post(PG_GETARG_TEXT_PP(ARG_TENANT), &req, POST_RAISE, &out);
+	return entry_result(fcinfo, PG_GETARG_TEXT_PP(ARG_TENANT), req.entry.trace_id, &out);
 }
 
 /*
  * billing_try_deduct(...same arguments...) -> billing.charge_outcome
  *
- * Business rejections (insufficient funds, suspended or closed account)
- * are returned and recorded instead of raised, so a replay of the trace id
- * returns the same rejection.  Caller bugs (bad arguments, a trace id
- * conflict, an unknown tenant) still raise.
+ * Business rejections (funds, status, quotas, caps, key) are returned and
+ * recorded instead of raised, so a replay of the trace id returns the same
+ * rejection.  Caller bugs (bad arguments, a trace id conflict, an unknown
+ * tenant or key) still raise.
  */
 Datum
 billing_try_deduct(PG_FUNCTION_ARGS)
@@ -627,7 +636,7 @@ billing_try_deduct(PG_FUNCTION_ARGS)
 	bool		nulls[12] = {0};
 
 	parse_request(fcinfo, true, &req);
-	ledger_post(&req, POST_RECORD, &out);
+	ledger_post(PG_GETARG_TEXT_PP(ARG_TENANT), &req, POST_RECORD, &out);
 
 	if (get_call_result_type(fcinfo, NULL, &tupdesc) != TYPEFUNC_COMPOSITE)
 		elog(ERROR, "billing: return type must be a row type");
@@ -637,22 +646,20 @@ billing_try_deduct(PG_FUNCTION_ARGS)
 	values[1] = BoolGetDatum(out.replayed);
 	values[2] = Int64GetDatum(out.id);
 	nulls[2] = !out.committed;
-	values[3] = PointerGetDatum(req.tenant_id);
-	values[4] = PointerGetDatum(req.trace_id);
+	values[3] = PG_GETARG_DATUM(ARG_TENANT);
+	values[4] = PointerGetDatum(req.entry.trace_id);
 	values[5] = CStringGetTextDatum(out.kind);
 	values[6] = NumericGetDatum(billing_micros_to_numeric(out.amount));
 	values[7] = NumericGetDatum(billing_micros_to_numeric(out.balance_after));
 	nulls[7] = !out.committed;
 	values[8] = TimestampTzGetDatum(out.created_at);
 	if (out.committed)
-	{
 		nulls[9] = nulls[10] = nulls[11] = true;
-	}
 	else
 	{
-		values[9] = CStringGetTextDatum(unpack_sql_state(out.sqlerrcode));
-		values[10] = CStringGetTextDatum(out.message);
-		values[11] = CStringGetTextDatum(out.detail ? out.detail : "");
+		values[9] = CStringGetTextDatum(unpack_sql_state(out.rejection.sqlerrcode));
+		values[10] = CStringGetTextDatum(out.rejection.message);
+		values[11] = CStringGetTextDatum(out.rejection.detail ? out.rejection.detail : "");
 	}
 	PG_RETURN_DATUM(HeapTupleGetDatum(heap_form_tuple(tupdesc, values, nulls)));
 }
@@ -668,13 +675,14 @@ billing_balance(PG_FUNCTION_ARGS)
 	int			ret;
 
 	billing_check_not_null(fcinfo, 0, "tenant_id");
-	tenant = PG_GETARG_TEXT_PP(0);
+	tenant = billing_check_id(PG_GETARG_TEXT_PP(0), "tenant_id",
+							  ERRCODE_BILLING_INVALID_TENANT_ID);
 
 	if (SPI_connect() != SPI_OK_CONNECT)
 		elog(ERROR, "billing: SPI_connect failed");
-	keep_plan(&plan_balance,
-			  "SELECT balance_micros FROM billing.accounts WHERE tenant_id = $1",
-			  1, types);
+	billing_keep_plan(&plan_balance,
+					  "SELECT balance_micros FROM billing.accounts WHERE tenant_id = $1",
+					  1, types);
 	values[0] = PointerGetDatum(tenant);
 	ret = SPI_execute_plan(plan_balance, values, NULL, true, 1);
 	if (ret != SPI_OK_SELECT)
@@ -686,7 +694,7 @@ billing_balance(PG_FUNCTION_ARGS)
 				 errmsg("account \"%s\" does not exist", text_to_cstring(tenant)),
 				 errhint("Create it first with billing_account_create(%s).",
 						 quote_literal_cstr(text_to_cstring(tenant)))));
-	balance = col_int64(0, 1);
+	balance = billing_col_int64(0, 1, 0);
 	SPI_finish();
 
 	PG_RETURN_NUMERIC(billing_micros_to_numeric(balance));

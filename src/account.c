@@ -1,0 +1,576 @@
+/*-------------------------------------------------------------------------
+ *
+ * account.c
+ *	  Lock an account, expire its holds lazily, check a debit against
+ *	  every limit, and write the new state back.
+ *
+ * Quotas and caps are counted on the account row itself (usage_day,
+ * day_requests, ...), in calendar periods of the account's time zone
+ * computed with PostgreSQL's own time zone code.  Because the counters live
+ * on the row we lock anyway, checking a limit costs no extra statement and
+ * N sessions racing for the last unit of a quota serialize on that lock:
+ * they can never overshoot.
+ *
+ * Holds expire without any background process: the account caches the sum
+ * of its open holds and the earliest expiry, and the first call that finds
+ * that expiry in the past marks the expired holds and recomputes the sum
+ * (account_expire_holds), under the same lock.  Readers (views) compute the
+ * same thing from billing.holds with expires_at > now().
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include "account.h"
+#include "sync.h"
+#include "catalog/pg_type.h"
+#include "datatype/timestamp.h"
+#include "utils/builtins.h"
+#include "utils/date.h"
+#include "utils/datetime.h"
+#include "utils/timestamp.h"
+
+static SPIPlanPtr plan_lock = NULL;
+static SPIPlanPtr plan_save = NULL;
+static SPIPlanPtr plan_expire = NULL;
+static SPIPlanPtr plan_open_holds = NULL;
+static SPIPlanPtr plan_key_lock = NULL;
+static SPIPlanPtr plan_key_holds = NULL;
+static SPIPlanPtr plan_key_save = NULL;
+
+char *
+billing_format_ts(TimestampTz ts)
+{
+	return DatumGetCString(DirectFunctionCall1(timestamptz_out,
+											   TimestampTzGetDatum(ts)));
+}
+
+/* the calendar date of ts in time zone tz */
+static DateADT
+local_date(const char *tz, TimestampTz ts)
+{
+	Datum		local = DirectFunctionCall2(timestamptz_zone,
+											CStringGetTextDatum(tz),
+											TimestampTzGetDatum(ts));
+
+	return DatumGetDateADT(DirectFunctionCall1(timestamp_date, local));
+}
+
+/* first day of d's month */
+static DateADT
+month_start(DateADT d)
+{
+	int			year,
+				month,
+				day;
+
+	j2date(d + POSTGRES_EPOCH_JDATE, &year, &month, &day);
+	return date2j(year, month, 1) - POSTGRES_EPOCH_JDATE;
+}
+
+/* first day of the month after d's */
+static DateADT
+next_month_start(DateADT d)
+{
+	int			year,
+				month,
+				day;
+
+	j2date(d + POSTGRES_EPOCH_JDATE, &year, &month, &day);
+	if (++month > 12)
+	{
+		month = 1;
+		year++;
+	}
+	return date2j(year, month, 1) - POSTGRES_EPOCH_JDATE;
+}
+
+/* midnight at the start of local date d in time zone tz, as timestamptz */
+static TimestampTz
+local_midnight(const char *tz, DateADT d)
+{
+	Datum		ts = DirectFunctionCall1(date_timestamp, DateADTGetDatum(d));
+
+	return DatumGetTimestampTz(DirectFunctionCall2(timestamp_zone,
+												   CStringGetTextDatum(tz),
+												   ts));
+}
+
+void
+account_lock(Account *acc, text *tenant_id)
+{
+	Oid			types[1] = {TEXTOID};
+	Datum		values[1];
+	char	   *tenant = text_to_cstring(tenant_id);
+
+	memset(acc, 0, sizeof(*acc));
+	acc->cxt = CurrentMemoryContext;
+	billing_keep_plan(&plan_lock,
+					  "SELECT status, timezone, currency, credit_limit_micros, "
+					  "  balance_micros, version, holds_micros, holds_next_expiry, "
+					  "  max_charge_micros, daily_request_quota, monthly_request_quota, "
+					  "  daily_spend_cap_micros, monthly_spend_cap_micros, "
+					  "  minute_request_limit, usage_day, day_requests, "
+					  "  day_spend_micros, usage_month, month_requests, "
+					  "  month_spend_micros, usage_minute, minute_requests "
+					  "FROM billing.accounts WHERE tenant_id = $1 FOR UPDATE",
+					  1, types);
+	values[0] = PointerGetDatum(tenant_id);
+	billing_spi_exec(plan_lock, values, NULL, SPI_OK_SELECT, "account lock");
+	if (SPI_processed == 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_BILLING_ACCOUNT_NOT_FOUND),
+				 errmsg("account \"%s\" does not exist", tenant),
+				 errhint("Create it first with billing_account_create(%s).",
+						 quote_literal_cstr(tenant))));
+
+	acc->tenant_id = tenant_id;
+	acc->tenant = tenant;
+	acc->status = billing_col_cstring(0, 1, acc->cxt);
+	acc->timezone = billing_col_cstring(0, 2, acc->cxt);
+	acc->currency = billing_col_cstring(0, 3, acc->cxt);
+	acc->credit_limit = billing_col_int64(0, 4, 0);
+	acc->balance = billing_col_int64(0, 5, 0);
+	acc->version = billing_col_int64(0, 6, 0);
+	acc->holds = billing_col_int64(0, 7, 0);
+	{
+		bool		isnull;
+		Datum		d = billing_col(0, 8, &isnull);
+
+		acc->has_next_expiry = !isnull;
+		if (!isnull)
+			acc->next_expiry = DatumGetTimestampTz(d);
+	}
+	acc->max_charge = billing_col_int64(0, 9, NO_LIMIT);
+	acc->daily_requests = billing_col_int64(0, 10, NO_LIMIT);
+	acc->monthly_requests = billing_col_int64(0, 11, NO_LIMIT);
+	acc->daily_spend = billing_col_int64(0, 12, NO_LIMIT);
+	acc->monthly_spend = billing_col_int64(0, 13, NO_LIMIT);
+	acc->minute_requests = billing_col_int64(0, 14, NO_LIMIT);
+	{
+		bool		isnull;
+		Datum		d;
+
+		d = billing_col(0, 15, &isnull);
+		acc->usage_day = isnull ? DATEVAL_NOBEGIN : DatumGetDateADT(d);
+		acc->day_requests = billing_col_int64(0, 16, 0);
+		acc->day_spend = billing_col_int64(0, 17, 0);
+		d = billing_col(0, 18, &isnull);
+		acc->usage_month = isnull ? DATEVAL_NOBEGIN : DatumGetDateADT(d);
+		acc->month_requests = billing_col_int64(0, 19, 0);
+		acc->month_spend = billing_col_int64(0, 20, 0);
+		d = billing_col(0, 21, &isnull);
+		acc->usage_minute = isnull ? DT_NOBEGIN : DatumGetTimestampTz(d);
+		acc->minute_count = billing_col_int64(0, 22, 0);
+	}
+
+	/* the periods we are in now; counters of older periods start over */
+	acc->now = GetCurrentTimestamp();
+	acc->today = local_date(acc->timezone, acc->now);
+	acc->this_month = month_start(acc->today);
+	acc->this_minute = acc->now - acc->now % USECS_PER_MINUTE;
+	if (acc->usage_day != acc->today)
+	{
+		acc->usage_day = acc->today;
+		acc->day_requests = 0;
+		acc->day_spend = 0;
+	}
+	if (acc->usage_month != acc->this_month)
+	{
+		acc->usage_month = acc->this_month;
+		acc->month_requests = 0;
+		acc->month_spend = 0;
+	}
+	if (acc->usage_minute != acc->this_minute)
+	{
+		acc->usage_minute = acc->this_minute;
+		acc->minute_count = 0;
+	}
+}
+
+/*
+ * Expire the holds whose time has come, if any: they stop counting against
+ * available funds and can no longer be captured.  Cheap when nothing is due
+ * (one comparison), so every call on the account runs it.
+ */
+void
+account_expire_holds(Account *acc)
+{
+	Datum		values[2];
+
+	if (!acc->has_next_expiry || acc->next_expiry > acc->now)
+		return;
+
+	{
+		Oid			types[2] = {TEXTOID, TIMESTAMPTZOID};
+
+		billing_keep_plan(&plan_expire,
+						  "WITH expired AS ("
+						  "  UPDATE billing.holds h SET status = 'expired', "
+						  "    released_micros = h.amount_micros - h.captured_micros, "
+						  "    updated_at = $2 "
+						  "  WHERE h.tenant_id = $1 AND h.status = 'open' AND h.expires_at <= $2 "
+						  "  RETURNING h.hold_id, h.amount_micros - h.captured_micros AS freed) "
+						  "INSERT INTO billing.hold_events (tenant_id, hold_id, action, "
+						  "  amount_micros, created_at) "
+						  "SELECT $1, hold_id, 'expire', freed, $2 FROM expired",
+						  2, types);
+	}
+	values[0] = PointerGetDatum(acc->tenant_id);
+	values[1] = TimestampTzGetDatum(acc->now);
+	billing_spi_exec(plan_expire, values, NULL, SPI_OK_INSERT, "expiring holds");
+	account_refresh_holds(acc);
+}
+
+/* Recompute the cached sum of open holds and the earliest expiry. */
+void
+account_refresh_holds(Account *acc)
+{
+	Oid			types[1] = {TEXTOID};
+	Datum		values[1];
+	bool		isnull;
+	Datum		d;
+
+	billing_keep_plan(&plan_open_holds,
+					  "SELECT coalesce(sum(amount_micros - captured_micros - released_micros), 0)::bigint, "
+					  "       min(expires_at) "
+					  "FROM billing.holds WHERE tenant_id = $1 AND status = 'open'",
+					  1, types);
+	values[0] = PointerGetDatum(acc->tenant_id);
+	billing_spi_exec(plan_open_holds, values, NULL, SPI_OK_SELECT, "summing holds");
+	acc->holds = billing_col_int64(0, 1, 0);
+	d = billing_col(0, 2, &isnull);
+	acc->has_next_expiry = !isnull;
+	if (!isnull)
+		acc->next_expiry = DatumGetTimestampTz(d);
+}
+
+/* Lock the API key a call names (after the account: fixed lock order). */
+void
+account_key_lock(Account *acc, ApiKey *key, text *key_id)
+{
+	Oid			types[3] = {TEXTOID, TEXTOID, TIMESTAMPTZOID};
+	Datum		values[3];
+	bool		isnull;
+	Datum		d;
+
+	memset(key, 0, sizeof(*key));
+	if (key_id == NULL)
+		return;
+
+	billing_keep_plan(&plan_key_lock,
+					  "SELECT status, budget_micros, budget_period, period_start, "
+					  "  period_spend_micros "
+					  "FROM billing.api_keys WHERE tenant_id = $1 AND key_id = $2 FOR UPDATE",
+					  2, types);
+	values[0] = PointerGetDatum(acc->tenant_id);
+	values[1] = PointerGetDatum(key_id);
+	billing_spi_exec(plan_key_lock, values, NULL, SPI_OK_SELECT, "api key lock");
+	if (SPI_processed == 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_BILLING_KEY_NOT_FOUND),
+				 errmsg("api key \"%s\" does not exist for account \"%s\"",
+						text_to_cstring(key_id), acc->tenant),
+				 errhint("Create it with billing_api_key_create(%s, %s).",
+						 quote_literal_cstr(acc->tenant),
+						 quote_literal_cstr(text_to_cstring(key_id)))));
+
+	key->present = true;
+	key->key_id = key_id;
+	key->key = text_to_cstring(key_id);
+	key->status = billing_col_cstring(0, 1, acc->cxt);
+	key->budget = billing_col_int64(0, 2, NO_LIMIT);
+	key->period = billing_col_cstring(0, 3, acc->cxt);
+	d = billing_col(0, 4, &isnull);
+	key->period_start = isnull ? DATEVAL_NOBEGIN : DatumGetDateADT(d);
+	key->period_spend = billing_col_int64(0, 5, 0);
+
+	/* budget periods start over like the account's */
+	if (key->period != NULL && strcmp(key->period, "lifetime") != 0)
+	{
+		DateADT		start = strcmp(key->period, "day") == 0 ?
+			acc->today : acc->this_month;
+
+		if (key->period_start != start)
+		{
+			key->period_start = start;
+			key->period_spend = 0;
+		}
+	}
+
+	if (key->budget != NO_LIMIT)
+	{
+		billing_keep_plan(&plan_key_holds,
+						  "SELECT coalesce(sum(amount_micros - captured_micros - released_micros), 0)::bigint "
+						  "FROM billing.holds WHERE tenant_id = $1 AND api_key = $2 "
+						  "AND status = 'open' AND expires_at > $3",
+						  3, types);
+		values[2] = TimestampTzGetDatum(acc->now);
+		billing_spi_exec(plan_key_holds, values, NULL, SPI_OK_SELECT, "api key holds");
+		key->open_holds = billing_col_int64(0, 1, 0);
+	}
+}
+
+static bool
+set_rejection(Rejection *rej, int sqlerrcode, char *message, char *detail,
+			  char *hint)
+{
+	rej->sqlerrcode = sqlerrcode;
+	rej->message = message;
+	rej->detail = detail;
+	rej->hint = hint;
+	return false;
+}
+
+void
+billing_raise_rejection(Rejection *rej)
+{
+	ereport(ERROR,
+			(errcode(rej->sqlerrcode),
+			 errmsg_internal("%s", rej->message),
+			 rej->detail ? errdetail_internal("%s", rej->detail) : 0,
+			 rej->hint ? errhint("%s", rej->hint) : 0));
+}
+
+/*
+ * Check one debit against every rule, in a fixed order.  Returns true when
+ * it may go ahead; otherwise fills *rej (in acc->cxt) and returns false.
+ * "fresh" is the money this call newly needs from available funds: what it
+ * charges beyond what a hold already reserved, plus what it reserves.
+ */
+bool
+account_check_debit(Account *acc, ApiKey *key, Debit *debit, Rejection *rej)
+{
+	MemoryContext old = MemoryContextSwitchTo(acc->cxt);
+	int64		fresh = debit->charge - debit->covered + debit->reserve;
+	int64		requested = debit->charge + debit->reserve;
+	bool		ok = true;
+	char	   *tomorrow;
+	char	   *next_month;
+
+	tomorrow = billing_format_ts(local_midnight(acc->timezone, acc->today + 1));
+	next_month = billing_format_ts(local_midnight(acc->timezone,
+												  next_month_start(acc->today)));
+
+	if (strcmp(acc->status, "closed") == 0)
+		ok = set_rejection(rej, ERRCODE_BILLING_ACCOUNT_CLOSED,
+						   psprintf("account \"%s\" is closed", acc->tenant),
+						   psprintf("A closed account accepts no entries (required %s).",
+									billing_format_micros(requested)),
+						   pstrdup("Closed is final: open a new account for this customer."));
+	else if (fresh > 0 && strcmp(acc->status, "active") != 0)
+		ok = set_rejection(rej, ERRCODE_BILLING_ACCOUNT_SUSPENDED,
+						   psprintf("account \"%s\" is %s", acc->tenant, acc->status),
+						   psprintf("A %s account cannot be charged (required %s).",
+									acc->status, billing_format_micros(fresh)),
+						   psprintf("Reactivate it with billing_account_update(%s, status => 'active').",
+									quote_literal_cstr(acc->tenant)));
+	else if (debit->counts_request && acc->max_charge != NO_LIMIT &&
+			 requested > acc->max_charge)
+		ok = set_rejection(rej, ERRCODE_BILLING_MAX_CHARGE,
+						   psprintf("charge exceeds the per-charge maximum of account \"%s\"",
+									acc->tenant),
+						   psprintf("Required %s, maximum per charge %s.",
+									billing_format_micros(requested),
+									billing_format_micros(acc->max_charge)),
+						   pstrdup("Split the work into smaller charges, or raise max_charge with billing_limits_set()."));
+	else if (debit->counts_request && acc->minute_requests != NO_LIMIT &&
+			 acc->minute_count + 1 > acc->minute_requests)
+		ok = set_rejection(rej, ERRCODE_BILLING_RATE_LIMIT,
+						   psprintf("rate limit of account \"%s\" reached", acc->tenant),
+						   psprintf("Limit %lld requests per minute, used %lld; resets at %s.",
+									(long long) acc->minute_requests,
+									(long long) acc->minute_count,
+									billing_format_ts(acc->this_minute + USECS_PER_MINUTE)),
+						   pstrdup("Retry after the reset time with a new trace id."));
+	else if (debit->counts_request && acc->daily_requests != NO_LIMIT &&
+			 acc->day_requests + 1 > acc->daily_requests)
+		ok = set_rejection(rej, ERRCODE_BILLING_DAILY_REQUESTS,
+						   psprintf("daily request quota of account \"%s\" exceeded", acc->tenant),
+						   psprintf("Limit %lld requests per day, used %lld; resets at %s.",
+									(long long) acc->daily_requests,
+									(long long) acc->day_requests, tomorrow),
+						   pstrdup("Wait for the reset, or raise daily_requests with billing_limits_set()."));
+	else if (debit->counts_request && acc->monthly_requests != NO_LIMIT &&
+			 acc->month_requests + 1 > acc->monthly_requests)
+		ok = set_rejection(rej, ERRCODE_BILLING_MONTHLY_REQUESTS,
+						   psprintf("monthly request quota of account \"%s\" exceeded", acc->tenant),
+						   psprintf("Limit %lld requests per month, used %lld; resets at %s.",
+									(long long) acc->monthly_requests,
+									(long long) acc->month_requests, next_month),
+						   pstrdup("Wait for the reset, or raise monthly_requests with billing_limits_set()."));
+	else if (fresh > 0 && acc->daily_spend != NO_LIMIT &&
+			 acc->day_spend + acc->holds + fresh > acc->daily_spend)
+		ok = set_rejection(rej, ERRCODE_BILLING_DAILY_SPEND,
+						   psprintf("daily spend cap of account \"%s\" exceeded", acc->tenant),
+						   psprintf("Cap %s per day, spent %s, on hold %s, required %s; resets at %s.",
+									billing_format_micros(acc->daily_spend),
+									billing_format_micros(acc->day_spend),
+									billing_format_micros(acc->holds),
+									billing_format_micros(fresh), tomorrow),
+						   pstrdup("Wait for the reset, or raise daily_spend with billing_limits_set()."));
+	else if (fresh > 0 && acc->monthly_spend != NO_LIMIT &&
+			 acc->month_spend + acc->holds + fresh > acc->monthly_spend)
+		ok = set_rejection(rej, ERRCODE_BILLING_MONTHLY_SPEND,
+						   psprintf("monthly spend cap of account \"%s\" exceeded", acc->tenant),
+						   psprintf("Cap %s per month, spent %s, on hold %s, required %s; resets at %s.",
+									billing_format_micros(acc->monthly_spend),
+									billing_format_micros(acc->month_spend),
+									billing_format_micros(acc->holds),
+									billing_format_micros(fresh), next_month),
+						   pstrdup("Wait for the reset, or raise monthly_spend with billing_limits_set()."));
+	else if (key->present && fresh > 0 && strcmp(key->status, "active") != 0)
+		ok = set_rejection(rej, ERRCODE_BILLING_KEY_INACTIVE,
+						   psprintf("api key \"%s\" is %s", key->key, key->status),
+						   psprintf("Charges through a %s key are refused (required %s).",
+									key->status, billing_format_micros(fresh)),
+						   pstrdup("Use an active key, or reactivate this one with billing_api_key_update()."));
+	else if (key->present && fresh > 0 && key->budget != NO_LIMIT &&
+			 key->period_spend + key->open_holds + fresh > key->budget)
+		ok = set_rejection(rej, ERRCODE_BILLING_KEY_BUDGET,
+						   psprintf("budget of api key \"%s\" exceeded", key->key),
+						   strcmp(key->period, "lifetime") == 0 ?
+						   psprintf("Budget %s (lifetime), spent %s, on hold %s, required %s.",
+									billing_format_micros(key->budget),
+									billing_format_micros(key->period_spend),
+									billing_format_micros(key->open_holds),
+									billing_format_micros(fresh)) :
+						   psprintf("Budget %s per %s, spent %s, on hold %s, required %s; resets at %s.",
+									billing_format_micros(key->budget), key->period,
+									billing_format_micros(key->period_spend),
+									billing_format_micros(key->open_holds),
+									billing_format_micros(fresh),
+									strcmp(key->period, "day") == 0 ? tomorrow : next_month),
+						   pstrdup("Raise the key's budget with billing_api_key_update(), or use another key."));
+	else if (fresh > 0)
+	{
+		/* available = balance + credit_limit - holds; all bounded, no overflow */
+		int64		available = acc->balance + acc->credit_limit - acc->holds;
+
+		if (fresh > available)
+			ok = set_rejection(rej, debit->funds_errcode,
+							   debit->funds_errcode == ERRCODE_BILLING_CAPTURE_EXCEEDS ?
+							   psprintf("capture exceeds the hold and the available funds of account \"%s\"",
+										acc->tenant) :
+							   psprintf("insufficient funds in account \"%s\"", acc->tenant),
+							   psprintf("Required %s, available %s (balance %s, credit limit %s, on hold %s).",
+										billing_format_micros(fresh),
+										billing_format_micros(available),
+										billing_format_micros(acc->balance),
+										billing_format_micros(acc->credit_limit),
+										billing_format_micros(acc->holds)),
+							   pstrdup("Top up with billing_credit(), raise the credit limit, or charge less."));
+	}
+
+	MemoryContextSwitchTo(old);
+	return ok;
+}
+
+/* Apply a checked debit to the in-memory account and key. */
+void
+account_apply_debit(Account *acc, ApiKey *key, Debit *debit)
+{
+	acc->balance = billing_add_micros(acc->balance, -debit->charge, "account balance");
+	acc->holds += debit->reserve - debit->covered;
+	if (debit->counts_request)
+	{
+		acc->minute_count++;
+		acc->day_requests++;
+		acc->month_requests++;
+	}
+	acc->day_spend += debit->charge;
+	acc->month_spend += debit->charge;
+	if (key->present)
+		key->period_spend += debit->charge;
+}
+
+/*
+ * Write the account's new state (one HOT update of the locked row).  The
+ * caller has bumped acc->version already (entries carry the new version).
+ */
+void
+account_save(Account *acc, bool wrote_entry)
+{
+	Oid			types[15] = {TEXTOID, INT8OID, INT8OID, TIMESTAMPTZOID, INT8OID,
+		TIMESTAMPTZOID, DATEOID, INT8OID, INT8OID, DATEOID, INT8OID, INT8OID,
+	TIMESTAMPTZOID, INT8OID, BOOLOID};
+	Datum		values[15];
+	char		nulls[15];
+
+	billing_keep_plan(&plan_save,
+					  "UPDATE billing.accounts SET balance_micros = $2, version = $3, "
+					  "  last_entry_at = CASE WHEN $15 THEN $4 ELSE last_entry_at END, "
+					  "  holds_micros = $5, holds_next_expiry = $6, "
+					  "  usage_day = $7, day_requests = $8, day_spend_micros = $9, "
+					  "  usage_month = $10, month_requests = $11, month_spend_micros = $12, "
+					  "  usage_minute = $13, minute_requests = $14 "
+					  "WHERE tenant_id = $1",
+					  15, types);
+	memset(nulls, ' ', sizeof(nulls));
+	values[0] = PointerGetDatum(acc->tenant_id);
+	values[1] = Int64GetDatum(acc->balance);
+	values[2] = Int64GetDatum(acc->version);
+	values[3] = TimestampTzGetDatum(acc->now);
+	values[4] = Int64GetDatum(acc->holds);
+	values[5] = TimestampTzGetDatum(acc->next_expiry);
+	nulls[5] = acc->has_next_expiry ? ' ' : 'n';
+	values[6] = DateADTGetDatum(acc->usage_day);
+	values[7] = Int64GetDatum(acc->day_requests);
+	values[8] = Int64GetDatum(acc->day_spend);
+	values[9] = DateADTGetDatum(acc->usage_month);
+	values[10] = Int64GetDatum(acc->month_requests);
+	values[11] = Int64GetDatum(acc->month_spend);
+	values[12] = TimestampTzGetDatum(acc->usage_minute);
+	values[13] = Int64GetDatum(acc->minute_count);
+	values[14] = BoolGetDatum(wrote_entry);
+	billing_spi_exec(plan_save, values, nulls, SPI_OK_UPDATE, "saving the account");
+	billing_sync_mark(VARDATA_ANY(acc->tenant_id), VARSIZE_ANY_EXHDR(acc->tenant_id));
+}
+
+void
+account_key_save(Account *acc, ApiKey *key)
+{
+	Oid			types[5] = {TEXTOID, TEXTOID, DATEOID, INT8OID, TIMESTAMPTZOID};
+	Datum		values[5];
+
+	if (!key->present)
+		return;
+	billing_keep_plan(&plan_key_save,
+					  "UPDATE billing.api_keys SET period_start = $3, "
+					  "  period_spend_micros = $4, last_used_at = $5 "
+					  "WHERE tenant_id = $1 AND key_id = $2",
+					  5, types);
+	values[0] = PointerGetDatum(acc->tenant_id);
+	values[1] = PointerGetDatum(key->key_id);
+	values[2] = DateADTGetDatum(key->period_start);
+	values[3] = Int64GetDatum(key->period_spend);
+	values[4] = TimestampTzGetDatum(acc->now);
+	billing_spi_exec(plan_key_save, values, NULL, SPI_OK_UPDATE, "saving the api key");
+}
+
+/*
+ * billing.expire_holds_of(tenant_id) -> boolean: expire the due holds of
+ * one account (the worker's maintenance; every other call on the account
+ * does the same on its way).  True when something expired.
+ */
+PG_FUNCTION_INFO_V1(billing_expire_holds_of);
+Datum
+billing_expire_holds_of(PG_FUNCTION_ARGS)
+{
+	Account		acc;
+	bool		due;
+
+	billing_check_not_null(fcinfo, 0, "tenant_id");
+	if (SPI_connect() != SPI_OK_CONNECT)
+		elog(ERROR, "billing: SPI_connect failed");
+	account_lock(&acc, PG_GETARG_TEXT_PP(0));
+	due = acc.has_next_expiry && acc.next_expiry <= acc.now;
+	if (due)
+	{
+		account_expire_holds(&acc);
+		acc.version++;
+		account_save(&acc, false);
+	}
+	SPI_finish();
+	PG_RETURN_BOOL(due);
+}

@@ -1,0 +1,128 @@
+/*-------------------------------------------------------------------------
+ *
+ * account.h
+ *	  The locked account and the rules every debit passes: status, holds,
+ *	  quotas, spending caps, API-key budgets and funds.
+ *
+ * All functions here run inside SPI (between SPI_connect and SPI_finish)
+ * with the tenant's account row locked by account_lock(): that lock is
+ * what makes every check-then-write below race-free.
+ *
+ *-------------------------------------------------------------------------
+ */
+#ifndef BILLING_ACCOUNT_H
+#define BILLING_ACCOUNT_H
+
+#include "billing.h"
+#include "executor/spi.h"
+#include "utils/date.h"
+
+/* a business rejection, allocated in the caller's memory context */
+typedef struct Rejection
+{
+	int			sqlerrcode;
+	char	   *message;
+	char	   *detail;
+	char	   *hint;
+} Rejection;
+
+#define NO_LIMIT	(-1)
+
+typedef struct Account
+{
+	MemoryContext cxt;			/* where strings are copied (caller's) */
+	text	   *tenant_id;
+	char	   *tenant;
+	char	   *currency;
+	char	   *status;
+	char	   *timezone;
+	int64		credit_limit;
+	int64		balance;
+	int64		version;
+	int64		holds;			/* remaining on open holds */
+	bool		has_next_expiry;
+	TimestampTz next_expiry;	/* earliest expires_at of an open hold */
+	/* limits; NO_LIMIT when not set */
+	int64		max_charge;
+	int64		daily_requests;
+	int64		monthly_requests;
+	int64		daily_spend;
+	int64		monthly_spend;
+	int64		minute_requests;
+	/* usage counters of the current periods (account time zone) */
+	DateADT		usage_day;
+	int64		day_requests;
+	int64		day_spend;
+	DateADT		usage_month;
+	int64		month_requests;
+	int64		month_spend;
+	TimestampTz usage_minute;
+	int64		minute_count;
+	/* this call's clock reading: created_at of what it writes */
+	TimestampTz now;
+	DateADT		today;
+	DateADT		this_month;
+	TimestampTz this_minute;
+} Account;
+
+typedef struct ApiKey
+{
+	bool		present;		/* false: the call named no key */
+	text	   *key_id;
+	char	   *key;
+	char	   *status;
+	int64		budget;			/* NO_LIMIT when none */
+	char	   *period;			/* day, month or lifetime */
+	DateADT		period_start;
+	int64		period_spend;
+	int64		open_holds;		/* remaining on this key's open holds */
+} ApiKey;
+
+/* what one call asks of the account */
+typedef struct Debit
+{
+	int64		charge;			/* money leaving the balance now (>= 0) */
+	int64		reserve;		/* money newly put on hold (>= 0) */
+	int64		covered;		/* part of charge already reserved by a hold */
+	bool		counts_request; /* a new request: quotas and rate limit */
+	int			funds_errcode;	/* SQLSTATE when funds are short */
+} Debit;
+
+extern void account_lock(Account *acc, text *tenant_id);
+extern void account_expire_holds(Account *acc);
+extern void account_refresh_holds(Account *acc);
+extern void account_key_lock(Account *acc, ApiKey *key, text *key_id);
+extern bool account_check_debit(Account *acc, ApiKey *key, Debit *debit,
+								Rejection *rej);
+extern void account_apply_debit(Account *acc, ApiKey *key, Debit *debit);
+extern void account_save(Account *acc, bool wrote_entry);
+extern void account_key_save(Account *acc, ApiKey *key);
+extern void billing_raise_rejection(Rejection *rej);
+extern char *billing_format_ts(TimestampTz ts);
+
+/* ledger.c: SPI helpers shared by the C files */
+extern SPIPlanPtr billing_keep_plan(SPIPlanPtr *cache, const char *sql,
+									int nargs, Oid *argtypes);
+extern void billing_spi_exec(SPIPlanPtr plan, Datum *values, const char *nulls,
+							 int expected, const char *what);
+extern Datum billing_col(int row, int colno, bool *isnull);
+extern int64 billing_col_int64(int row, int colno, int64 if_null);
+extern char *billing_col_cstring(int row, int colno, MemoryContext cxt);
+
+/* ledger.c: one ledger entry, written under the account lock */
+typedef struct EntryWrite
+{
+	const char *kind;
+	int64		amount;			/* signed */
+	text	   *trace_id;
+	text	   *description;	/* may be NULL */
+	Jsonb	   *metadata;
+	bool		has_event_at;
+	TimestampTz event_at;
+	text	   *api_key;		/* may be NULL */
+	int64		hold_id;		/* 0: none */
+} EntryWrite;
+
+extern int64 billing_insert_entry(Account *acc, EntryWrite *entry);
+
+#endif							/* BILLING_ACCOUNT_H */

@@ -1,0 +1,257 @@
+/*-------------------------------------------------------------------------
+ *
+ * jobs.c
+ *	  billing.job_guard(): the trigger that enforces the job state machine
+ *	  and its billing invariants on billing.jobs, for every writer.
+ *
+ *	  queued ──claim──> processing ──complete──> completed
+ *	     │                 │  │
+ *	     │                 │  └──fail (attempts left) / rescue──> queued
+ *	     │                 └──fail (no attempts left)──> failed ──retry──> queued
+ *	     └──cancel──> cancelled <──cancel── processing
+ *
+ * Rules, checked on INSERT and UPDATE (the trigger is ENABLE ALWAYS, so a
+ * direct UPDATE by the table owner is held to them too):
+ *	- a new job is queued, with attempt 0;
+ *	- only the transitions above; completed and cancelled jobs never change
+ *	  again, a failed job only goes back to queued (retry);
+ *	- identity (tenant_id, job_id, idempotency_key, kind, input) never
+ *	  changes;
+ *	- completed => its charge exists: charge_entry_id names a ledger entry
+ *	  of this tenant (or the actual cost is exactly 0);
+ *	- failed or cancelled => its hold is not open any more.
+ * Violations raise ZB070 (transition) or ZB072 (invariant).
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include "access/htup_details.h"
+#include "account.h"
+#include "catalog/pg_type.h"
+#include "commands/trigger.h"
+#include "executor/spi.h"
+#include "utils/builtins.h"
+#include "utils/rel.h"
+
+PG_FUNCTION_INFO_V1(billing_job_guard);
+
+static SPIPlanPtr plan_entry = NULL;
+static SPIPlanPtr plan_hold = NULL;
+
+typedef struct JobRow
+{
+	char	   *state;
+	text	   *tenant_id;
+	int64		job_id;
+	text	   *idempotency_key;
+	text	   *kind;
+	Datum		input;
+	bool		input_null;
+	bool		has_charge;
+	int64		charge_entry_id;
+	bool		has_actual;
+	int64		actual_micros;
+	text	   *hold_trace_id;	/* may be NULL */
+	int32		attempt;
+} JobRow;
+
+static Datum
+get(HeapTuple tuple, TupleDesc desc, const char *name, bool *isnull)
+{
+	int			attno = SPI_fnumber(desc, name);
+
+	if (attno <= 0)
+		elog(ERROR, "billing: billing.jobs has no column \"%s\"", name);
+	return heap_getattr(tuple, attno, desc, isnull);
+}
+
+static void
+read_job(HeapTuple tuple, TupleDesc desc, JobRow *job)
+{
+	bool		isnull;
+	Datum		d;
+
+	job->state = TextDatumGetCString(get(tuple, desc, "state", &isnull));
+	job->tenant_id = DatumGetTextPP(get(tuple, desc, "tenant_id", &isnull));
+	job->job_id = DatumGetInt64(get(tuple, desc, "job_id", &isnull));
+	job->idempotency_key = DatumGetTextPP(get(tuple, desc, "idempotency_key", &isnull));
+	job->kind = DatumGetTextPP(get(tuple, desc, "kind", &isnull));
+	job->input = get(tuple, desc, "input", &job->input_null);
+	d = get(tuple, desc, "charge_entry_id", &isnull);
+	job->has_charge = !isnull;
+	job->charge_entry_id = isnull ? 0 : DatumGetInt64(d);
+	d = get(tuple, desc, "actual_micros", &isnull);
+	job->has_actual = !isnull;
+	job->actual_micros = isnull ? 0 : DatumGetInt64(d);
+	d = get(tuple, desc, "hold_trace_id", &isnull);
+	job->hold_trace_id = isnull ? NULL : DatumGetTextPP(d);
+	job->attempt = DatumGetInt32(get(tuple, desc, "attempt", &isnull));
+}
+
+static bool
+legal(const char *from, const char *to)
+{
+	static const char *const edges[][2] = {
+		{"queued", "queued"},	/* reschedule, hold renewal */
+		{"queued", "processing"},	/* claim */
+		{"queued", "cancelled"},
+		{"processing", "processing"},	/* heartbeat */
+		{"processing", "completed"},
+		{"processing", "queued"},	/* retryable failure, rescue */
+		{"processing", "failed"},
+		{"processing", "cancelled"},
+		{"failed", "queued"},	/* retry */
+	};
+
+	for (int i = 0; i < lengthof(edges); i++)
+		if (strcmp(edges[i][0], from) == 0 && strcmp(edges[i][1], to) == 0)
+			return true;
+	return false;
+}
+
+static bool
+text_eq(text *a, text *b)
+{
+	return VARSIZE_ANY_EXHDR(a) == VARSIZE_ANY_EXHDR(b) &&
+		memcmp(VARDATA_ANY(a), VARDATA_ANY(b), VARSIZE_ANY_EXHDR(a)) == 0;
+}
+
+static void
+invariant_failed(JobRow *job, const char *what, const char *hint)
+{
+	ereport(ERROR,
+			(errcode(ERRCODE_BILLING_JOB_INVARIANT),
+			 errmsg("job " INT64_FORMAT " of tenant \"%s\" cannot be %s %s",
+					job->job_id, text_to_cstring(job->tenant_id), job->state, what),
+			 errhint("%s", hint)));
+}
+
+/* completed => a ledger entry of this tenant is its charge */
+static void
+check_charged(JobRow *job)
+{
+	Oid			types[2] = {TEXTOID, INT8OID};
+	Datum		values[2];
+
+	if (!job->has_charge)
+	{
+		if (job->has_actual && job->actual_micros == 0)
+			return;
+		invariant_failed(job, "without its charge",
+						 "Complete jobs with billing_job_complete(), which captures the cost "
+						 "and marks the job completed in one transaction.");
+	}
+	billing_keep_plan(&plan_entry,
+					  "SELECT 1 FROM billing.entries WHERE tenant_id = $1 AND entry_id = $2 "
+					  "AND amount_micros < 0",
+					  2, types);
+	values[0] = PointerGetDatum(job->tenant_id);
+	values[1] = Int64GetDatum(job->charge_entry_id);
+	billing_spi_exec(plan_entry, values, NULL, SPI_OK_SELECT, "checking the job charge");
+	if (SPI_processed == 0)
+		invariant_failed(job, "with a charge that is not in the ledger",
+						 "charge_entry_id must name the debit entry of this job.");
+}
+
+/* failed/cancelled => the hold is not open */
+static void
+check_released(JobRow *job)
+{
+	Oid			types[2] = {TEXTOID, TEXTOID};
+	Datum		values[2];
+
+	if (job->hold_trace_id == NULL)
+		return;
+	billing_keep_plan(&plan_hold,
+					  "SELECT 1 FROM billing.holds WHERE tenant_id = $1 AND trace_id = $2 "
+					  "AND status = 'open' AND expires_at > now()",
+					  2, types);
+	values[0] = PointerGetDatum(job->tenant_id);
+	values[1] = PointerGetDatum(job->hold_trace_id);
+	billing_spi_exec(plan_hold, values, NULL, SPI_OK_SELECT, "checking the job hold");
+	if (SPI_processed > 0)
+		invariant_failed(job, "while its hold is still open",
+						 "Use billing_job_fail() or billing_job_cancel(), which release the hold "
+						 "in the same transaction.");
+}
+
+Datum
+billing_job_guard(PG_FUNCTION_ARGS)
+{
+	TriggerData *trigdata = (TriggerData *) fcinfo->context;
+	TupleDesc	desc;
+	JobRow		newjob;
+	HeapTuple	result;
+
+	if (!CALLED_AS_TRIGGER(fcinfo) || !TRIGGER_FIRED_FOR_ROW(trigdata->tg_event) ||
+		!TRIGGER_FIRED_BEFORE(trigdata->tg_event))
+		ereport(ERROR,
+				(errcode(ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED),
+				 errmsg("billing.job_guard() must be a BEFORE ... FOR EACH ROW trigger")));
+
+	desc = RelationGetDescr(trigdata->tg_relation);
+
+	if (TRIGGER_FIRED_BY_INSERT(trigdata->tg_event))
+	{
+		result = trigdata->tg_trigtuple;
+		read_job(result, desc, &newjob);
+		if (strcmp(newjob.state, "queued") != 0 || newjob.attempt != 0)
+			ereport(ERROR,
+					(errcode(ERRCODE_BILLING_JOB_TRANSITION),
+					 errmsg("a new job must be queued with attempt 0, not %s with attempt %d",
+							newjob.state, newjob.attempt),
+					 errhint("Submit jobs with billing_job_submit().")));
+		return PointerGetDatum(result);
+	}
+
+	if (TRIGGER_FIRED_BY_UPDATE(trigdata->tg_event))
+	{
+		JobRow		oldjob;
+
+		result = trigdata->tg_newtuple;
+		read_job(trigdata->tg_trigtuple, desc, &oldjob);
+		read_job(result, desc, &newjob);
+
+		if (!legal(oldjob.state, newjob.state))
+			ereport(ERROR,
+					(errcode(ERRCODE_BILLING_JOB_TRANSITION),
+					 errmsg("illegal job transition from %s to %s", oldjob.state, newjob.state),
+					 errdetail("Job " INT64_FORMAT " of tenant \"%s\" is %s%s.",
+							   oldjob.job_id, text_to_cstring(oldjob.tenant_id), oldjob.state,
+							   (strcmp(oldjob.state, "completed") == 0 ||
+								strcmp(oldjob.state, "cancelled") == 0) ?
+							   ", which is final" : ""),
+					 errhint("Allowed: queued -> processing | cancelled; processing -> completed | "
+							 "queued | failed | cancelled; failed -> queued (retry).")));
+
+		if (oldjob.job_id != newjob.job_id ||
+			!text_eq(oldjob.tenant_id, newjob.tenant_id) ||
+			!text_eq(oldjob.idempotency_key, newjob.idempotency_key) ||
+			!text_eq(oldjob.kind, newjob.kind) ||
+			oldjob.input_null != newjob.input_null ||
+			(!oldjob.input_null &&
+			 compareJsonbContainers(&DatumGetJsonbP(oldjob.input)->root,
+									&DatumGetJsonbP(newjob.input)->root) != 0))
+			ereport(ERROR,
+					(errcode(ERRCODE_BILLING_JOB_INVARIANT),
+					 errmsg("the identity of job " INT64_FORMAT " cannot change", oldjob.job_id),
+					 errdetail("tenant_id, job_id, idempotency_key, kind and input are fixed at submit."),
+					 errhint("Submit a new job instead.")));
+
+		if (SPI_connect() != SPI_OK_CONNECT)
+			elog(ERROR, "billing: SPI_connect failed");
+		if (strcmp(newjob.state, "completed") == 0)
+			check_charged(&newjob);
+		else if (strcmp(newjob.state, "failed") == 0 ||
+				 strcmp(newjob.state, "cancelled") == 0)
+			check_released(&newjob);
+		SPI_finish();
+		return PointerGetDatum(result);
+	}
+
+	ereport(ERROR,
+			(errcode(ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED),
+			 errmsg("billing.job_guard() handles INSERT and UPDATE only")));
+	return PointerGetDatum(NULL);
+}

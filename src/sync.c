@@ -1,0 +1,300 @@
+/*-------------------------------------------------------------------------
+ *
+ * sync.c
+ *	  Change capture for the Redis mirror, and billing_sync_status().
+ *
+ * Every function that changes what the mirror shows (balance, holds,
+ * status, limits, counters, keys) calls billing_sync_mark(tenant).  The
+ * mark is kept in backend memory until the transaction ends: on COMMIT the
+ * tenants are added to a hash table in shared memory (with the time of the
+ * first unpushed commit) and the worker's latch is set, so the worker wakes
+ * within milliseconds; on ABORT they are forgotten, so a rolled-back change
+ * never reaches Redis.  The worker reads the committed state itself, in a
+ * transaction of its own, so it can only ever publish committed data.
+ *
+ * Nothing is lost: if the shared table is full, or the worker or the server
+ * restarts (shared memory is gone), the worker does a full resync of every
+ * account; the version guard in Redis makes pushes idempotent and order
+ * independent.  Without shared_preload_libraries there is no shared memory
+ * and marking is a no-op (no worker either).
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include "access/xact.h"
+#include "billing.h"
+#include "fmgr.h"
+#include "funcapi.h"
+#include "miscadmin.h"
+#include "nodes/pg_list.h"
+#include "storage/ipc.h"
+#include "storage/shmem.h"
+#include "sync.h"
+#include "utils/builtins.h"
+#include "utils/memutils.h"
+#include "utils/timestamp.h"
+
+SyncShared *billing_sync = NULL;
+HTAB	   *billing_sync_dirty = NULL;
+int			billing_sync_max_dirty = 20000;
+
+static shmem_request_hook_type prev_shmem_request_hook = NULL;
+static shmem_startup_hook_type prev_shmem_startup_hook = NULL;
+
+/* tenants changed by the current transaction (in TopTransactionContext) */
+static List *xact_marks = NIL;
+static bool xact_unmarkable = false;	/* a tenant id too long for the table */
+
+static void
+sync_shmem_request(void)
+{
+	if (prev_shmem_request_hook)
+		prev_shmem_request_hook();
+	RequestAddinShmemSpace(MAXALIGN(sizeof(SyncShared)));
+	RequestAddinShmemSpace(hash_estimate_size(billing_sync_max_dirty, sizeof(SyncDirty)));
+	RequestNamedLWLockTranche("billing", 1);
+}
+
+static void
+sync_shmem_startup(void)
+{
+	bool		found;
+	HASHCTL		info;
+
+	if (prev_shmem_startup_hook)
+		prev_shmem_startup_hook();
+
+	LWLockAcquire(AddinShmemInitLock, LW_EXCLUSIVE);
+	billing_sync = ShmemInitStruct("billing sync", sizeof(SyncShared), &found);
+	if (!found)
+	{
+		memset(billing_sync, 0, sizeof(SyncShared));
+		billing_sync->lock = &(GetNamedLWLockTranche("billing"))->lock;
+		/* a fresh start knows nothing of what Redis has: resync everything */
+		billing_sync->overflow = true;
+	}
+	info.keysize = sizeof(((SyncDirty *) NULL)->tenant);
+	info.entrysize = sizeof(SyncDirty);
+	billing_sync_dirty = ShmemInitHash("billing sync dirty tenants",
+									   billing_sync_max_dirty, billing_sync_max_dirty,
+									   &info, HASH_ELEM | HASH_STRINGS);
+	LWLockRelease(AddinShmemInitLock);
+}
+
+/* At commit, publish this transaction's marks; at abort, forget them. */
+static void
+sync_xact_callback(XactEvent event, void *arg)
+{
+	ListCell   *lc;
+	TimestampTz now;
+	Latch	   *latch;
+
+	switch (event)
+	{
+		case XACT_EVENT_COMMIT:
+		case XACT_EVENT_PARALLEL_COMMIT:
+			if ((xact_marks == NIL && !xact_unmarkable) || billing_sync == NULL)
+				break;
+			now = GetCurrentTimestamp();
+			LWLockAcquire(billing_sync->lock, LW_EXCLUSIVE);
+			if (xact_unmarkable)
+				billing_sync->overflow = true;
+			foreach(lc, xact_marks)
+			{
+				bool		found;
+				SyncDirty  *d = hash_search(billing_sync_dirty, lfirst(lc),
+											HASH_ENTER_NULL, &found);
+
+				if (d == NULL)
+					billing_sync->overflow = true;	/* table full: resync */
+				else if (!found)
+					d->first_commit = now;
+			}
+			latch = billing_sync->worker_latch;
+			LWLockRelease(billing_sync->lock);
+			if (latch)
+				SetLatch(latch);
+			break;
+		case XACT_EVENT_PREPARE:
+			/* committed later, maybe elsewhere: let the worker resync */
+			if ((xact_marks != NIL || xact_unmarkable) && billing_sync != NULL)
+			{
+				LWLockAcquire(billing_sync->lock, LW_EXCLUSIVE);
+				billing_sync->overflow = true;
+				LWLockRelease(billing_sync->lock);
+			}
+			break;
+		default:
+			break;
+	}
+	if (event == XACT_EVENT_COMMIT || event == XACT_EVENT_PARALLEL_COMMIT ||
+		event == XACT_EVENT_ABORT || event == XACT_EVENT_PARALLEL_ABORT ||
+		event == XACT_EVENT_PREPARE)
+	{
+		xact_marks = NIL;		/* the memory goes with TopTransactionContext */
+		xact_unmarkable = false;
+	}
+}
+
+/* Remember that this transaction changed the mirrored state of a tenant. */
+void
+billing_sync_mark(const char *tenant, int len)
+{
+	MemoryContext old;
+	char	   *key;
+	ListCell   *lc;
+
+	if (billing_sync == NULL)
+		return;
+	if (len >= SYNC_TENANT_LEN)
+	{
+		xact_unmarkable = true;
+		return;
+	}
+	foreach(lc, xact_marks)
+		if (strncmp(lfirst(lc), tenant, len) == 0 && ((char *) lfirst(lc))[len] == '\0')
+			return;
+	old = MemoryContextSwitchTo(TopTransactionContext);
+	key = palloc0(SYNC_TENANT_LEN);
+	memcpy(key, tenant, len);
+	xact_marks = lappend(xact_marks, key);
+	MemoryContextSwitchTo(old);
+}
+
+void
+billing_sync_init(void)
+{
+	RegisterXactCallback(sync_xact_callback, NULL);
+	if (!process_shared_preload_libraries_in_progress)
+		return;
+	prev_shmem_request_hook = shmem_request_hook;
+	shmem_request_hook = sync_shmem_request;
+	prev_shmem_startup_hook = shmem_startup_hook;
+	shmem_startup_hook = sync_shmem_startup;
+}
+
+/* The worker's note of a failure, shown by billing_sync_status(). */
+void
+billing_sync_record_error(const char *fmt,...)
+{
+	va_list		ap;
+	char		buf[SYNC_ERROR_LEN];
+
+	va_start(ap, fmt);
+	vsnprintf(buf, sizeof(buf), fmt, ap);
+	va_end(ap);
+	if (billing_sync == NULL)
+		return;
+	LWLockAcquire(billing_sync->lock, LW_EXCLUSIVE);
+	strlcpy(billing_sync->last_error, buf, sizeof(billing_sync->last_error));
+	billing_sync->last_error_at = GetCurrentTimestamp();
+	billing_sync->failed++;
+	LWLockRelease(billing_sync->lock);
+}
+
+/* billing.sync_mark(tenant_id): for the SQL-level functions */
+PG_FUNCTION_INFO_V1(billing_sync_mark_sql);
+Datum
+billing_sync_mark_sql(PG_FUNCTION_ARGS)
+{
+	text	   *t;
+
+	if (PG_ARGISNULL(0))
+		PG_RETURN_VOID();
+	t = PG_GETARG_TEXT_PP(0);
+	billing_sync_mark(VARDATA_ANY(t), VARSIZE_ANY_EXHDR(t));
+	PG_RETURN_VOID();
+}
+
+static int
+cmp_int64(const void *a, const void *b)
+{
+	int64		x = *(const int64 *) a;
+	int64		y = *(const int64 *) b;
+
+	return x < y ? -1 : x > y ? 1 : 0;
+}
+
+/*
+ * billing_sync_status() -> one row: is the mirror alive and how far behind.
+ * lag = age of the oldest committed change not yet in Redis (0 when none).
+ */
+PG_FUNCTION_INFO_V1(billing_sync_status);
+Datum
+billing_sync_status(PG_FUNCTION_ARGS)
+{
+	TupleDesc	tupdesc;
+	Datum		values[17];
+	bool		nulls[17] = {0};
+	TimestampTz now = GetCurrentTimestamp();
+	TimestampTz oldest = 0;
+	int64		dirty = 0;
+	int64		lags[SYNC_LAG_RING];
+	int			nlags;
+	SyncShared	s;
+
+	if (get_call_result_type(fcinfo, NULL, &tupdesc) != TYPEFUNC_COMPOSITE)
+		elog(ERROR, "billing: return type must be a row type");
+	tupdesc = BlessTupleDesc(tupdesc);
+
+	if (billing_sync == NULL)
+	{
+		/* not preloaded: no worker, no mirror */
+		values[0] = BoolGetDatum(false);
+		for (int i = 1; i < 17; i++)
+			nulls[i] = true;
+		PG_RETURN_DATUM(HeapTupleGetDatum(heap_form_tuple(tupdesc, values, nulls)));
+	}
+
+	LWLockAcquire(billing_sync->lock, LW_SHARED);
+	memcpy(&s, billing_sync, sizeof(s));
+	{
+		HASH_SEQ_STATUS seq;
+		SyncDirty  *d;
+
+		hash_seq_init(&seq, billing_sync_dirty);
+		while ((d = hash_seq_search(&seq)) != NULL)
+		{
+			dirty++;
+			if (oldest == 0 || d->first_commit < oldest)
+				oldest = d->first_commit;
+		}
+	}
+	LWLockRelease(billing_sync->lock);
+
+	if (s.inflight_oldest != 0 && (oldest == 0 || s.inflight_oldest < oldest))
+		oldest = s.inflight_oldest;
+	nlags = Min(s.lag_count, SYNC_LAG_RING);
+	memcpy(lags, s.lag_us, sizeof(int64) * nlags);
+	qsort(lags, nlags, sizeof(int64), cmp_int64);
+
+	values[0] = BoolGetDatum(true);
+	values[1] = Int32GetDatum(s.worker_pid);
+	nulls[1] = s.worker_pid == 0;
+	values[2] = BoolGetDatum(s.connected);
+	values[3] = CStringGetTextDatum(s.redis_run_id);
+	nulls[3] = s.redis_run_id[0] == '\0';
+	values[4] = Int64GetDatum(dirty);
+	values[5] = BoolGetDatum(s.overflow);
+	values[6] = IntervalPGetDatum(DatumGetIntervalP(DirectFunctionCall2(timestamp_mi,
+																		TimestampTzGetDatum(now),
+																		TimestampTzGetDatum(oldest ? oldest : now))));
+	values[7] = TimestampTzGetDatum(s.last_push_at);
+	nulls[7] = s.last_push_at == 0;
+	values[8] = Int64GetDatum(s.pushed);
+	values[9] = Int64GetDatum(s.failed);
+	values[10] = CStringGetTextDatum(s.last_error);
+	nulls[10] = s.last_error[0] == '\0';
+	values[11] = TimestampTzGetDatum(s.last_error_at);
+	nulls[11] = s.last_error_at == 0;
+	values[12] = TimestampTzGetDatum(s.last_full_resync_at);
+	nulls[12] = s.last_full_resync_at == 0;
+	values[13] = Int64GetDatum(s.full_resyncs);
+	values[14] = Int64GetDatum(s.repaired);
+	values[15] = Float8GetDatum(nlags ? lags[nlags / 2] / 1000.0 : 0);
+	nulls[15] = nlags == 0;
+	values[16] = Float8GetDatum(nlags ? lags[Min(nlags - 1, (int) (nlags * 0.99))] / 1000.0 : 0);
+	nulls[16] = nlags == 0;
+	PG_RETURN_DATUM(HeapTupleGetDatum(heap_form_tuple(tupdesc, values, nulls)));
+}

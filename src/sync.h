@@ -1,0 +1,61 @@
+/*-------------------------------------------------------------------------
+ *
+ * sync.h
+ *	  Change capture for the Redis mirror: backends record which tenants
+ *	  a transaction changed; at commit they are moved into a set in shared
+ *	  memory and the background worker's latch is set.
+ *
+ *-------------------------------------------------------------------------
+ */
+#ifndef BILLING_SYNC_H
+#define BILLING_SYNC_H
+
+#include "datatype/timestamp.h"
+#include "storage/latch.h"
+#include "storage/lwlock.h"
+#include "utils/hsearch.h"
+
+#define SYNC_TENANT_LEN		256 /* longer tenant ids (in bytes) force a resync */
+#define SYNC_LAG_RING		1024
+#define SYNC_ERROR_LEN		256
+
+/* one dirty tenant: committed changes not yet pushed to Redis */
+typedef struct SyncDirty
+{
+	char		tenant[SYNC_TENANT_LEN];	/* hash key */
+	TimestampTz first_commit;	/* oldest commit not yet pushed */
+} SyncDirty;
+
+typedef struct SyncShared
+{
+	LWLock	   *lock;			/* protects everything below */
+	pid_t		worker_pid;
+	Latch	   *worker_latch;
+	bool		overflow;		/* a mark was lost: a full resync is needed */
+	/* worker statistics, for billing_sync_status() */
+	bool		connected;
+	char		redis_run_id[48];
+	TimestampTz inflight_oldest;	/* oldest commit in the batch being pushed */
+	TimestampTz last_push_at;
+	TimestampTz last_full_resync_at;
+	TimestampTz last_error_at;
+	TimestampTz last_check_at;
+	int64		pushed;
+	int64		failed;
+	int64		full_resyncs;
+	int64		repaired;
+	char		last_error[SYNC_ERROR_LEN];
+	int			lag_next;		/* ring of recent commit->Redis lags, microseconds */
+	int			lag_count;
+	int64		lag_us[SYNC_LAG_RING];
+} SyncShared;
+
+extern SyncShared *billing_sync;
+extern HTAB *billing_sync_dirty;
+extern int	billing_sync_max_dirty;
+
+extern void billing_sync_init(void);
+extern void billing_sync_mark(const char *tenant, int len);
+extern void billing_sync_record_error(const char *fmt,...) pg_attribute_printf(1, 2);
+
+#endif							/* BILLING_SYNC_H */

@@ -1,0 +1,933 @@
+/*-------------------------------------------------------------------------
+ *
+ * worker.c
+ *	  The background worker that mirrors committed account state into
+ *	  Redis, and runs the periodic maintenance (hold expiry, job rescue).
+ *
+ * Loop (modelled on worker_spi and pg_cron): sleep on the latch (set by
+ * committing backends, see sync.c) or a timeout; take the dirty tenants
+ * out of shared memory; read their committed snapshots from the database
+ * in a short transaction of our own (billing.sync_snapshot()); commit it;
+ * only then talk to Redis: SCRIPT LOAD once per connection, then pipelined
+ * EVALSHA of lua/apply_snapshot.lua, which applies a snapshot only if its
+ * account version is newer than the one stored.  No transaction is ever
+ * open during Redis I/O, and every Redis call runs with the connect and
+ * command timeouts.
+ *
+ * Failures: when Redis is unreachable the tenants go back into the dirty
+ * set and the worker retries with a bounded exponential backoff, logging
+ * once per outage.  A full resync of every account runs at start (shared
+ * memory knows nothing of what Redis has), when the dirty set overflowed,
+ * when Redis restarted (INFO run_id changed) and when the marker key
+ * vanished (FLUSHALL); a periodic check compares Redis with the database
+ * and repairs drift with a forced apply.
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include <sys/time.h>
+
+#include <hiredis/hiredis.h>
+
+#include "access/xact.h"
+#include "billing.h"
+#include "catalog/pg_type.h"
+#include "executor/spi.h"
+#include "lib/stringinfo.h"
+#include "miscadmin.h"
+#include "pgstat.h"
+#include "postmaster/bgworker.h"
+#include "postmaster/interrupt.h"
+#include "storage/ipc.h"
+#include "storage/latch.h"
+#include "storage/proc.h"
+#include "sync.h"
+#include "tcop/tcopprot.h"
+#include "utils/array.h"
+#include "utils/builtins.h"
+#include "utils/memutils.h"
+#include "utils/snapmgr.h"
+#include "utils/timestamp.h"
+
+PGDLLEXPORT void billing_worker_main(Datum arg);
+
+/* GUCs, defined in billing.c */
+extern char *billing_database;
+extern char *billing_redis_host;
+extern int	billing_redis_port;
+extern char *billing_redis_password;
+extern int	billing_redis_db;
+extern char *billing_redis_prefix;
+extern int	billing_redis_connect_timeout;
+extern int	billing_redis_command_timeout;
+extern int	billing_sync_batch_size;
+extern int	billing_maintenance_interval;
+extern int	billing_check_interval;
+extern char *billing_lua_dir;
+
+#define MAX_BACKOFF_MS	5000
+
+static redisContext *redis = NULL;
+static char apply_sha[64];
+static char run_id[48];
+static bool outage_logged = false;
+static int	backoff_ms = 0;
+static bool full_resync = true;
+static TimestampTz last_maintenance = 0;
+static TimestampTz last_check = 0;
+static MemoryContext cycle_cxt = NULL;
+
+/* one snapshot to push */
+typedef struct SyncSnap
+{
+	char	   *tenant;
+	char	   *key_id;			/* NULL: the tenant hash */
+	int64		version;
+	int			nfields;		/* field/value strings */
+	char	  **fields;
+	TimestampTz first_commit;	/* 0 when unknown (resync) */
+} SyncSnap;
+
+/* ---------------------------------------------------------------------
+ * Redis
+ * ---------------------------------------------------------------------
+ */
+static struct timeval
+ms_to_tv(int ms)
+{
+	struct timeval tv;
+
+	tv.tv_sec = ms / 1000;
+	tv.tv_usec = (ms % 1000) * 1000;
+	return tv;
+}
+
+static void
+redis_drop(const char *why)
+{
+	if (redis != NULL)
+		redisFree(redis);
+	redis = NULL;
+	apply_sha[0] = '\0';
+	if (billing_sync)
+	{
+		LWLockAcquire(billing_sync->lock, LW_EXCLUSIVE);
+		billing_sync->connected = false;
+		LWLockRelease(billing_sync->lock);
+	}
+	if (why != NULL)
+	{
+		billing_sync_record_error("%s", why);
+		if (!outage_logged)
+			ereport(LOG,
+					(errmsg("billing sync: Redis at %s:%d unavailable: %s",
+							billing_redis_host, billing_redis_port, why),
+					 errhint("Backends are not affected; the worker retries with backoff and catches up.")));
+		outage_logged = true;
+		backoff_ms = backoff_ms ? Min(backoff_ms * 2, MAX_BACKOFF_MS) : 100;
+	}
+}
+
+/*
+ * Run one command; returns the reply (caller frees) or NULL after dropping
+ * the connection.  An error reply is returned as is.
+ */
+static redisReply *
+redis_cmd(int argc, const char **argv)
+{
+	redisReply *reply;
+
+	if (redis == NULL)
+		return NULL;
+	reply = redisCommandArgv(redis, argc, argv, NULL);
+	if (reply == NULL)
+	{
+		char		err[160];
+
+		strlcpy(err, redis->errstr, sizeof(err));
+		redis_drop(err);
+	}
+	return reply;
+}
+
+/* read a file of the lua/ directory installed with the extension */
+static char *
+read_script(const char *name)
+{
+	char		path[MAXPGPATH];
+	char		sharepath[MAXPGPATH];
+	FILE	   *f;
+	StringInfoData buf;
+	char		chunk[4096];
+	size_t		n;
+
+	if (billing_lua_dir && billing_lua_dir[0])
+		snprintf(path, sizeof(path), "%s/%s", billing_lua_dir, name);
+	else
+	{
+		get_share_path(my_exec_path, sharepath);
+		snprintf(path, sizeof(path), "%s/extension/billing/%s", sharepath, name);
+	}
+	f = AllocateFile(path, "r");
+	if (f == NULL)
+		ereport(ERROR,
+				(errcode_for_file_access(),
+				 errmsg("billing sync: could not read Lua script \"%s\": %m", path),
+				 errhint("Run make install, or set billing.lua_dir.")));
+	initStringInfo(&buf);
+	while ((n = fread(chunk, 1, sizeof(chunk), f)) > 0)
+		appendBinaryStringInfo(&buf, chunk, n);
+	FreeFile(f);
+	return buf.data;
+}
+
+/* INFO server's run_id, or "" */
+static void
+redis_run_id(char *out, size_t outlen)
+{
+	const char *argv[] = {"INFO", "server"};
+	redisReply *r = redis_cmd(2, argv);
+
+	out[0] = '\0';
+	if (r == NULL)
+		return;
+	if (r->type == REDIS_REPLY_STRING)
+	{
+		char	   *p = strstr(r->str, "run_id:");
+
+		if (p)
+		{
+			size_t		i = 0;
+
+			p += 7;
+			while (p[i] && p[i] != '\r' && p[i] != '\n' && i + 1 < outlen)
+			{
+				out[i] = p[i];
+				i++;
+			}
+			out[i] = '\0';
+		}
+	}
+	freeReplyObject(r);
+}
+
+static bool
+redis_connect(void)
+{
+	char		err[160];
+	redisReply *r;
+
+	if (redis != NULL)
+		return true;
+	redis = redisConnectWithTimeout(billing_redis_host, billing_redis_port,
+									ms_to_tv(billing_redis_connect_timeout));
+	if (redis == NULL || redis->err)
+	{
+		strlcpy(err, redis ? redis->errstr : "out of memory", sizeof(err));
+		redis_drop(err);
+		return false;
+	}
+	if (redisSetTimeout(redis, ms_to_tv(billing_redis_command_timeout)) != REDIS_OK ||
+		redisEnableKeepAlive(redis) != REDIS_OK)
+	{
+		strlcpy(err, redis->errstr, sizeof(err));
+		redis_drop(err);
+		return false;
+	}
+	if (billing_redis_password && billing_redis_password[0])
+	{
+		const char *argv[] = {"AUTH", billing_redis_password};
+
+		r = redis_cmd(2, argv);
+		if (r == NULL)
+			return false;
+		if (r->type == REDIS_REPLY_ERROR)
+		{
+			snprintf(err, sizeof(err), "AUTH failed: %s", r->str);
+			freeReplyObject(r);
+			redis_drop(err);
+			return false;
+		}
+		freeReplyObject(r);
+	}
+	if (billing_redis_db != 0)
+	{
+		char		db[16];
+		const char *argv[] = {"SELECT", db};
+
+		snprintf(db, sizeof(db), "%d", billing_redis_db);
+		r = redis_cmd(2, argv);
+		if (r == NULL)
+			return false;
+		if (r->type == REDIS_REPLY_ERROR)
+		{
+			snprintf(err, sizeof(err), "SELECT failed: %s", r->str);
+			freeReplyObject(r);
+			redis_drop(err);
+			return false;
+		}
+		freeReplyObject(r);
+	}
+
+	/* load the apply script; pipelined EVALSHA cannot recover from NOSCRIPT */
+	{
+		char	   *script = read_script("apply_snapshot.lua");
+		const char *argv[] = {"SCRIPT", "LOAD", script};
+
+		r = redis_cmd(3, argv);
+		pfree(script);
+		if (r == NULL)
+			return false;
+		if (r->type != REDIS_REPLY_STRING)
+		{
+			snprintf(err, sizeof(err), "SCRIPT LOAD failed: %s",
+					 r->type == REDIS_REPLY_ERROR ? r->str : "unexpected reply");
+			freeReplyObject(r);
+			redis_drop(err);
+			return false;
+		}
+		strlcpy(apply_sha, r->str, sizeof(apply_sha));
+		freeReplyObject(r);
+	}
+
+	/* a different server process than before: it may have lost everything */
+	{
+		char		now_id[48];
+
+		redis_run_id(now_id, sizeof(now_id));
+		if (redis == NULL)
+			return false;
+		if (strcmp(now_id, run_id) != 0)
+		{
+			if (run_id[0] != '\0')
+				ereport(LOG,
+						(errmsg("billing sync: Redis restarted (run_id %s, was %s): full resync",
+								now_id, run_id)));
+			full_resync = true;
+			strlcpy(run_id, now_id, sizeof(run_id));
+		}
+	}
+
+	if (outage_logged)
+		ereport(LOG,
+				(errmsg("billing sync: connected to Redis at %s:%d again; catching up",
+						billing_redis_host, billing_redis_port)));
+	outage_logged = false;
+	backoff_ms = 0;
+	LWLockAcquire(billing_sync->lock, LW_EXCLUSIVE);
+	billing_sync->connected = true;
+	strlcpy(billing_sync->redis_run_id, run_id, sizeof(billing_sync->redis_run_id));
+	LWLockRelease(billing_sync->lock);
+	return true;
+}
+
+static char *
+marker_key(void)
+{
+	return psprintf("%s:__sync__", billing_redis_prefix);
+}
+
+/* FLUSHALL (or anyone) removed the marker: everything must be pushed again */
+static void
+check_marker(void)
+{
+	char	   *key = marker_key();
+	const char *argv[] = {"EXISTS", key};
+	redisReply *r = redis_cmd(2, argv);
+
+	if (r == NULL)
+		return;
+	if (r->type == REDIS_REPLY_INTEGER && r->integer == 0 && !full_resync)
+	{
+		ereport(LOG, (errmsg("billing sync: marker key %s is gone (FLUSHALL?): full resync", key)));
+		full_resync = true;
+	}
+	freeReplyObject(r);
+}
+
+static void
+set_marker(void)
+{
+	char	   *key = marker_key();
+	char		val[64];
+	const char *argv[] = {"SET", key, val};
+	redisReply *r;
+
+	snprintf(val, sizeof(val), "%d", MyProcPid);
+	r = redis_cmd(3, argv);
+	if (r)
+		freeReplyObject(r);
+}
+
+/* the Redis key of a snapshot: billing:{tenant} or billing:{tenant}:key:<id> */
+static char *
+snapshot_key(SyncSnap *s, const char *suffix)
+{
+	if (s->key_id)
+		return psprintf("%s:{%s}:key:%s", billing_redis_prefix, s->tenant, s->key_id);
+	return psprintf("%s:{%s}%s", billing_redis_prefix, s->tenant, suffix);
+}
+
+/*
+ * Push snapshots, pipelined.  Returns false (connection dropped) on any
+ * transport error or error reply; the caller puts the tenants back.
+ */
+static bool
+push(SyncSnap *snaps, int n, bool force)
+{
+	int			sent = 0;
+	bool		ok = true;
+	TimestampTz now;
+	char		version[32];
+
+	for (int i = 0; i < n; i++)
+	{
+		SyncSnap   *s = &snaps[i];
+		int			nkeys = s->key_id ? 1 : 5;
+		int			argc = 3 + nkeys + 2 + s->nfields;
+		const char **argv = palloc(sizeof(char *) * argc);
+		char	   *numkeys = psprintf("%d", nkeys);
+		int			a = 0;
+
+		snprintf(version, sizeof(version), INT64_FORMAT, s->version);
+		argv[a++] = "EVALSHA";
+		argv[a++] = apply_sha;
+		argv[a++] = numkeys;
+		argv[a++] = snapshot_key(s, "");
+		if (!s->key_id)
+		{
+			argv[a++] = snapshot_key(s, ":pending");
+			argv[a++] = snapshot_key(s, ":pending_amt");
+			argv[a++] = snapshot_key(s, ":pending_ver");
+			argv[a++] = snapshot_key(s, ":pending_key");
+		}
+		argv[a++] = pstrdup(version);
+		argv[a++] = force ? "1" : "0";
+		for (int f = 0; f < s->nfields; f++)
+			argv[a++] = s->fields[f];
+		if (redisAppendCommandArgv(redis, a, argv, NULL) != REDIS_OK)
+		{
+			redis_drop(redis->errstr);
+			return false;
+		}
+		sent++;
+	}
+
+	for (int i = 0; i < sent; i++)
+	{
+		redisReply *r;
+
+		if (redisGetReply(redis, (void **) &r) != REDIS_OK || r == NULL)
+		{
+			char		err[160];
+
+			strlcpy(err, redis->errstr, sizeof(err));
+			redis_drop(err);
+			return false;
+		}
+		if (r->type == REDIS_REPLY_ERROR)
+		{
+			/* read the rest of the pipeline first, then start over */
+			char		err[160];
+
+			snprintf(err, sizeof(err), "apply failed: %s", r->str);
+			freeReplyObject(r);
+			for (int j = i + 1; j < sent; j++)
+			{
+				if (redisGetReply(redis, (void **) &r) != REDIS_OK || r == NULL)
+					break;
+				freeReplyObject(r);
+			}
+			redis_drop(err);
+			return false;
+		}
+		freeReplyObject(r);
+	}
+
+	/* statistics: commit -> Redis lag of every tenant we knew the commit of */
+	now = GetCurrentTimestamp();
+	LWLockAcquire(billing_sync->lock, LW_EXCLUSIVE);
+	for (int i = 0; i < n; i++)
+	{
+		if (snaps[i].key_id || snaps[i].first_commit == 0)
+			continue;
+		billing_sync->lag_us[billing_sync->lag_next] = now - snaps[i].first_commit;
+		billing_sync->lag_next = (billing_sync->lag_next + 1) % SYNC_LAG_RING;
+		billing_sync->lag_count++;
+	}
+	billing_sync->pushed += n;
+	billing_sync->last_push_at = now;
+	LWLockRelease(billing_sync->lock);
+	return ok;
+}
+
+/* ---------------------------------------------------------------------
+ * the database side
+ * ---------------------------------------------------------------------
+ */
+static void
+begin_xact(const char *what)
+{
+	SetCurrentStatementStartTimestamp();
+	StartTransactionCommand();
+	SPI_connect();
+	PushActiveSnapshot(GetTransactionSnapshot());
+	pgstat_report_activity(STATE_RUNNING, what);
+}
+
+static void
+end_xact(void)
+{
+	SPI_finish();
+	PopActiveSnapshot();
+	CommitTransactionCommand();
+	pgstat_report_stat(false);
+	pgstat_report_activity(STATE_IDLE, NULL);
+}
+
+static bool
+extension_installed(void)
+{
+	bool		found;
+
+	begin_xact("billing sync: checking for the extension");
+	if (SPI_execute("SELECT 1 FROM pg_catalog.pg_extension WHERE extname = 'billing'",
+					true, 1) != SPI_OK_SELECT)
+		elog(ERROR, "billing sync: extension check failed");
+	found = SPI_processed > 0;
+	end_xact();
+	return found;
+}
+
+/*
+ * Read snapshots (tenant hashes and key hashes) of the given tenants, or of
+ * the tenants after `after` in tenant order when tenants is NULL (resync
+ * in batches).  Everything is copied into cycle_cxt before commit.
+ */
+static int
+read_snapshots(char **tenants, TimestampTz *commits, int ntenants,
+			   const char *after, int limit, SyncSnap **out, char **last)
+{
+	static SPIPlanPtr plan = NULL;
+	Oid			types[3] = {TEXTARRAYOID, TEXTOID, INT4OID};
+	Datum		values[3];
+	char		nulls[3] = {' ', ' ', ' '};
+	SyncSnap   *snaps;
+	int			n;
+
+	begin_xact("billing sync: reading snapshots");
+	if (plan == NULL)
+	{
+		plan = SPI_prepare("SELECT tenant_id, key_id, version, fields "
+						   "FROM billing.sync_snapshot($1, $2, $3)", 3, types);
+		if (plan == NULL || SPI_keepplan(plan) != 0)
+			elog(ERROR, "billing sync: preparing the snapshot query failed");
+	}
+	if (tenants)
+	{
+		Datum	   *elems = palloc(sizeof(Datum) * ntenants);
+
+		for (int i = 0; i < ntenants; i++)
+			elems[i] = CStringGetTextDatum(tenants[i]);
+		values[0] = PointerGetDatum(construct_array(elems, ntenants, TEXTOID, -1, false, TYPALIGN_INT));
+	}
+	else
+		nulls[0] = 'n';
+	values[1] = CStringGetTextDatum(after ? after : "");
+	values[2] = Int32GetDatum(limit);
+	if (SPI_execute_plan(plan, values, nulls, true, 0) != SPI_OK_SELECT)
+		elog(ERROR, "billing sync: reading snapshots failed");
+
+	n = SPI_processed;
+	snaps = MemoryContextAllocZero(cycle_cxt, sizeof(SyncSnap) * Max(n, 1));
+	for (int i = 0; i < n; i++)
+	{
+		HeapTuple	tup = SPI_tuptable->vals[i];
+		TupleDesc	desc = SPI_tuptable->tupdesc;
+		bool		isnull;
+		Datum		d;
+		Datum	   *elems;
+		bool	   *enulls;
+		int			nelems;
+		MemoryContext old = MemoryContextSwitchTo(cycle_cxt);
+
+		snaps[i].tenant = TextDatumGetCString(SPI_getbinval(tup, desc, 1, &isnull));
+		d = SPI_getbinval(tup, desc, 2, &isnull);
+		snaps[i].key_id = isnull ? NULL : TextDatumGetCString(d);
+		snaps[i].version = DatumGetInt64(SPI_getbinval(tup, desc, 3, &isnull));
+		d = SPI_getbinval(tup, desc, 4, &isnull);
+		deconstruct_array(DatumGetArrayTypeP(d), TEXTOID, -1, false, TYPALIGN_INT,
+						  &elems, &enulls, &nelems);
+		snaps[i].nfields = nelems;
+		snaps[i].fields = palloc(sizeof(char *) * Max(nelems, 1));
+		for (int f = 0; f < nelems; f++)
+			snaps[i].fields[f] = enulls[f] ? pstrdup("") : TextDatumGetCString(elems[f]);
+		for (int t = 0; tenants && t < ntenants; t++)
+			if (strcmp(tenants[t], snaps[i].tenant) == 0)
+				snaps[i].first_commit = commits[t];
+		if (last && !snaps[i].key_id)
+			*last = snaps[i].tenant;
+		MemoryContextSwitchTo(old);
+	}
+	end_xact();
+	*out = snaps;
+	return n;
+}
+
+/* Put tenants back into the dirty set (a failed push). */
+static void
+requeue(char **tenants, TimestampTz *commits, int n)
+{
+	LWLockAcquire(billing_sync->lock, LW_EXCLUSIVE);
+	for (int i = 0; i < n; i++)
+	{
+		bool		found;
+		SyncDirty  *d = hash_search(billing_sync_dirty, tenants[i], HASH_ENTER_NULL, &found);
+
+		if (d == NULL)
+			billing_sync->overflow = true;
+		else if (!found || d->first_commit > commits[i])
+			d->first_commit = commits[i];
+	}
+	billing_sync->inflight_oldest = 0;
+	LWLockRelease(billing_sync->lock);
+}
+
+/* Take up to `max` dirty tenants out of shared memory. */
+static int
+drain(char ***tenants, TimestampTz **commits, int max)
+{
+	HASH_SEQ_STATUS seq;
+	SyncDirty  *d;
+	int			n = 0;
+	char	  **t = MemoryContextAlloc(cycle_cxt, sizeof(char *) * max);
+	TimestampTz *c = MemoryContextAlloc(cycle_cxt, sizeof(TimestampTz) * max);
+	TimestampTz oldest = 0;
+
+	LWLockAcquire(billing_sync->lock, LW_EXCLUSIVE);
+	hash_seq_init(&seq, billing_sync_dirty);
+	while ((d = hash_seq_search(&seq)) != NULL)
+	{
+		if (n >= max)
+		{
+			hash_seq_term(&seq);
+			break;
+		}
+		t[n] = MemoryContextStrdup(cycle_cxt, d->tenant);
+		c[n] = d->first_commit;
+		if (oldest == 0 || c[n] < oldest)
+			oldest = c[n];
+		n++;
+	}
+	for (int i = 0; i < n; i++)
+		hash_search(billing_sync_dirty, t[i], HASH_REMOVE, NULL);
+	billing_sync->inflight_oldest = oldest;
+	LWLockRelease(billing_sync->lock);
+	*tenants = t;
+	*commits = c;
+	return n;
+}
+
+/* Push every account, in batches; returns false if Redis failed meanwhile. */
+static bool
+resync_all(void)
+{
+	char		after[SYNC_TENANT_LEN * 4] = "";
+
+	LWLockAcquire(billing_sync->lock, LW_EXCLUSIVE);
+	billing_sync->overflow = false;
+	LWLockRelease(billing_sync->lock);
+
+	/* set the marker first: a FLUSHALL during the resync removes it again */
+	set_marker();
+	for (;;)
+	{
+		SyncSnap   *snaps;
+		char	   *last = NULL;
+		int			n;
+
+		CHECK_FOR_INTERRUPTS();
+		n = read_snapshots(NULL, NULL, 0, after, billing_sync_batch_size, &snaps, &last);
+		if (n == 0)
+			break;
+		if (redis == NULL || !push(snaps, n, false))
+		{
+			LWLockAcquire(billing_sync->lock, LW_EXCLUSIVE);
+			billing_sync->overflow = true;	/* start over when Redis is back */
+			LWLockRelease(billing_sync->lock);
+			MemoryContextReset(cycle_cxt);
+			return false;
+		}
+		if (last == NULL)
+			break;
+		strlcpy(after, last, sizeof(after));
+		MemoryContextReset(cycle_cxt);
+	}
+	MemoryContextReset(cycle_cxt);
+	LWLockAcquire(billing_sync->lock, LW_EXCLUSIVE);
+	billing_sync->last_full_resync_at = GetCurrentTimestamp();
+	billing_sync->full_resyncs++;
+	LWLockRelease(billing_sync->lock);
+	full_resync = false;
+	ereport(DEBUG1, (errmsg("billing sync: full resync done")));
+	return true;
+}
+
+/*
+ * The periodic consistency check: compare what Redis holds with the
+ * database for every account (version, balance, available, status) and
+ * force-apply the database state where they differ: repairs hashes edited
+ * by hand or left newer than the database (e.g. after a restore).
+ */
+static bool
+check_all(void)
+{
+	char		after[SYNC_TENANT_LEN * 4] = "";
+	int64		repaired = 0;
+
+	for (;;)
+	{
+		SyncSnap   *snaps;
+		SyncSnap   *bad;
+		int			nbad = 0;
+		char	   *last = NULL;
+		int			n;
+
+		CHECK_FOR_INTERRUPTS();
+		n = read_snapshots(NULL, NULL, 0, after, billing_sync_batch_size, &snaps, &last);
+		if (n == 0)
+			break;
+		bad = palloc(sizeof(SyncSnap) * n);
+		for (int i = 0; i < n; i++)
+		{
+			char	   *key = snapshot_key(&snaps[i], "");
+			const char *argv[] = {"HGETALL", key};
+			redisReply *r = redis_cmd(2, argv);
+			bool		same = true;
+
+			if (r == NULL)
+				return false;
+			if (r->type != REDIS_REPLY_ARRAY ||
+				(size_t) snaps[i].nfields + 2 != r->elements)
+				same = false;
+			else
+			{
+				/* compare every field but the push time */
+				for (size_t e = 0; same && e + 1 < r->elements; e += 2)
+				{
+					const char *field = r->element[e]->str;
+					const char *value = r->element[e + 1]->str;
+					bool		matched = false;
+
+					if (strcmp(field, "synced_at_ms") == 0)
+						continue;
+					if (strcmp(field, "version") == 0)
+					{
+						matched = strtoll(value, NULL, 10) == snaps[i].version;
+						same = matched;
+						continue;
+					}
+					for (int f = 0; f + 1 < snaps[i].nfields; f += 2)
+						if (strcmp(snaps[i].fields[f], field) == 0)
+						{
+							matched = strcmp(snaps[i].fields[f + 1], value) == 0 ||
+								strcmp(field, "synced_at_ms") == 0;
+							break;
+						}
+					same = matched;
+				}
+			}
+			freeReplyObject(r);
+			if (!same)
+				bad[nbad++] = snaps[i];
+		}
+		if (nbad > 0)
+		{
+			if (!push(bad, nbad, true))
+				return false;
+			repaired += nbad;
+		}
+		if (last == NULL)
+			break;
+		strlcpy(after, last, sizeof(after));
+		MemoryContextReset(cycle_cxt);
+	}
+	MemoryContextReset(cycle_cxt);
+	if (repaired > 0)
+		ereport(LOG, (errmsg("billing sync: consistency check repaired " INT64_FORMAT " Redis hashes", repaired)));
+	LWLockAcquire(billing_sync->lock, LW_EXCLUSIVE);
+	billing_sync->repaired += repaired;
+	billing_sync->last_check_at = GetCurrentTimestamp();
+	LWLockRelease(billing_sync->lock);
+	return true;
+}
+
+/* Push the dirty tenants; on failure they go back into the set. */
+static void
+push_dirty(void)
+{
+	for (;;)
+	{
+		char	  **tenants;
+		TimestampTz *commits;
+		SyncSnap   *snaps;
+		int			n;
+		int			nsnaps;
+
+		n = drain(&tenants, &commits, billing_sync_batch_size);
+		if (n == 0)
+			break;
+		PG_TRY();
+		{
+			nsnaps = read_snapshots(tenants, commits, n, NULL, 0, &snaps, NULL);
+		}
+		PG_CATCH();
+		{
+			requeue(tenants, commits, n);
+			PG_RE_THROW();
+		}
+		PG_END_TRY();
+		if (redis == NULL || !push(snaps, nsnaps, false))
+		{
+			requeue(tenants, commits, n);
+			MemoryContextReset(cycle_cxt);
+			return;
+		}
+		LWLockAcquire(billing_sync->lock, LW_EXCLUSIVE);
+		billing_sync->inflight_oldest = 0;
+		LWLockRelease(billing_sync->lock);
+		MemoryContextReset(cycle_cxt);
+		CHECK_FOR_INTERRUPTS();
+	}
+}
+
+/* Expire due holds and rescue stuck jobs: correctness never waits for this. */
+static void
+maintenance(void)
+{
+	begin_xact("billing sync: maintenance");
+	if (SPI_execute("SELECT billing.maintenance()", false, 0) != SPI_OK_SELECT)
+		elog(ERROR, "billing sync: maintenance failed");
+	end_xact();
+}
+
+/* ---------------------------------------------------------------------
+ * main loop
+ * ---------------------------------------------------------------------
+ */
+void
+billing_worker_main(Datum arg)
+{
+	volatile bool installed = false;
+	volatile TimestampTz last_install_check = 0;
+
+	pqsignal(SIGHUP, SignalHandlerForConfigReload);
+	pqsignal(SIGTERM, die);
+	BackgroundWorkerUnblockSignals();
+
+	BackgroundWorkerInitializeConnection(billing_database, NULL, 0);
+	pgstat_report_appname("billing sync");
+
+	cycle_cxt = AllocSetContextCreate(TopMemoryContext, "billing sync cycle",
+									  ALLOCSET_DEFAULT_SIZES);
+
+	LWLockAcquire(billing_sync->lock, LW_EXCLUSIVE);
+	billing_sync->worker_pid = MyProcPid;
+	billing_sync->worker_latch = MyLatch;
+	billing_sync->overflow = true;	/* whatever happened before us: resync */
+	LWLockRelease(billing_sync->lock);
+
+	if (billing_redis_host == NULL || billing_redis_host[0] == '\0')
+		ereport(LOG,
+				(errmsg("billing sync: billing.redis_host is not set; the worker stays idle"),
+				 errhint("Set billing.redis_host (and reload) to mirror balances into Redis.")));
+
+	for (;;)
+	{
+		volatile int timeout = billing_maintenance_interval;
+		TimestampTz now;
+
+		CHECK_FOR_INTERRUPTS();
+		if (ConfigReloadPending)
+		{
+			ConfigReloadPending = false;
+			ProcessConfigFile(PGC_SIGHUP);
+			redis_drop(NULL);	/* reconnect with the new settings */
+			full_resync = true;
+		}
+
+		now = GetCurrentTimestamp();
+		PG_TRY();
+		{
+			if (!installed &&
+				TimestampDifferenceExceeds(last_install_check, now, 1000))
+			{
+				static bool logged = false;
+
+				last_install_check = now;
+				installed = extension_installed();
+				if (!installed && !logged)
+					ereport(LOG,
+							(errmsg("billing sync: extension \"billing\" is not installed in database \"%s\"; the worker stays idle",
+									billing_database),
+							 errhint("CREATE EXTENSION billing in that database, or set billing.database.")));
+				logged = !installed;
+			}
+
+			if (installed)
+			{
+				if (TimestampDifferenceExceeds(last_maintenance, now, billing_maintenance_interval))
+				{
+					last_maintenance = now;
+					maintenance();
+				}
+				if (billing_redis_host[0] != '\0' && redis_connect())
+				{
+					bool		overflow;
+
+					check_marker();
+					LWLockAcquire(billing_sync->lock, LW_SHARED);
+					overflow = billing_sync->overflow;
+					LWLockRelease(billing_sync->lock);
+					if (redis && (full_resync || overflow))
+						resync_all();
+					if (redis)
+						push_dirty();
+					if (redis && billing_check_interval > 0 &&
+						TimestampDifferenceExceeds(last_check, now, billing_check_interval * 1000))
+					{
+						last_check = now;
+						check_all();
+					}
+				}
+				if (redis == NULL && billing_redis_host[0] != '\0')
+					timeout = Max(backoff_ms, 10);
+			}
+			else
+				timeout = 10000;
+		}
+		PG_CATCH();
+		{
+			/* a database error (e.g. the extension was dropped): note, back off */
+			ErrorData  *edata;
+
+			MemoryContextSwitchTo(TopMemoryContext);
+			edata = CopyErrorData();
+			FlushErrorState();
+			AbortCurrentTransaction();
+			billing_sync_record_error("database: %s", edata->message);
+			ereport(LOG, (errmsg("billing sync: %s", edata->message)));
+			FreeErrorData(edata);
+			installed = false;
+			last_install_check = 0;
+			MemoryContextReset(cycle_cxt);
+			timeout = 1000;
+		}
+		PG_END_TRY();
+
+		(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
+						 timeout, PG_WAIT_EXTENSION);
+		ResetLatch(MyLatch);
+	}
+}
