@@ -1,0 +1,103 @@
+-- billing: apply_snapshot.lua -- version-guarded replace of one snapshot hash
+-- (tenant hash billing:{T} or API key hash billing:{T}:key:K), run by the
+-- background worker.
+--
+-- KEYS[1]      the snapshot hash
+-- KEYS[2..5]   optional, all four or none: the tenant's pending zset,
+--              pending_amt, pending_ver, pending_key. Pass them only with the
+--              tenant hash: pending_ver holds account versions.
+-- ARGV[1]      version (integer >= 0)
+-- ARGV[2]      force: 0 = apply only if newer than the stored version, 1 = always
+-- ARGV[3..]    field, value pairs; the script writes `version` itself (a
+--              `version` pair is allowed only if equal to ARGV[1])
+--
+-- Returns 0 if stale (stored version >= ARGV[1] and not force; nothing is
+-- changed), else 1: the hash is replaced (DEL + HSET) and, with the pending
+-- keys, every reservation whose settled version (pending_ver) is <= ARGV[1]
+-- is removed from all four pending structures.
+-- Errors: BADARGS <what>.
+
+local MAX = 9007199254740991 -- 2^53 - 1: Lua numbers are exact up to here
+local BATCH = 500            -- arguments per command (unpack has a C stack limit)
+
+-- Errors travel as tagged strings (Redis 7 turns error tables into strings
+-- inside pcall) and leave as error replies whose first word is the code.
+local TAG = 'billing-lua:'
+local function fail(code, msg) error(TAG .. code .. ' ' .. msg, 0) end
+
+-- Strict integer: optional '-', decimal digits only, |n| <= 2^53 - 1.
+local function int(s)
+	if type(s) ~= 'string' or #s == 0 or #s > 17 or not string.find(s, '^%-?%d+$') then
+		return nil
+	end
+	local n = tonumber(s)
+	if n > MAX or n < -MAX then return nil end
+	return n
+end
+
+local function str(n) return string.format('%.0f', n) end
+
+local function main()
+	if #KEYS ~= 1 and #KEYS ~= 5 then
+		fail('BADARGS', 'expected 1 key (hash) or 5 keys (hash, pending, pending_amt, pending_ver, pending_key), got ' .. #KEYS)
+	end
+	if #ARGV < 2 then fail('BADARGS', 'expected version, force, field, value, ...') end
+	local version = int(ARGV[1])
+	if not version or version < 0 then fail('BADARGS', 'version must be a non-negative integer') end
+	local force = ARGV[2]
+	if force ~= '0' and force ~= '1' then fail('BADARGS', 'force must be 0 or 1') end
+	if #ARGV % 2 ~= 0 then fail('BADARGS', 'odd number of field/value arguments') end
+	for i = 3, #ARGV, 2 do
+		if ARGV[i] == 'version' and int(ARGV[i + 1]) ~= version then
+			fail('BADARGS', 'field version differs from ARGV[1]')
+		end
+	end
+
+	local hash = KEYS[1]
+	if force == '0' then
+		-- An unparsable stored version cannot be compared: the snapshot wins.
+		local stored = int(redis.call('HGET', hash, 'version'))
+		if stored and stored >= version then return 0 end
+	end
+
+	redis.call('DEL', hash)
+	local args = {}
+	for i = 3, #ARGV, 2 do
+		if ARGV[i] ~= 'version' then
+			args[#args + 1] = ARGV[i]
+			args[#args + 1] = ARGV[i + 1]
+		end
+	end
+	args[#args + 1] = 'version'
+	args[#args + 1] = str(version)
+	for i = 1, #args, BATCH do
+		redis.call('HSET', hash, unpack(args, i, math.min(i + BATCH - 1, #args)))
+	end
+
+	if #KEYS == 5 then
+		local pz, pamt, pver, pkey = KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+		local settled = redis.call('HGETALL', pver)
+		local done = {}
+		for i = 1, #settled, 2 do
+			local v = int(settled[i + 1])
+			if v and v <= version then done[#done + 1] = settled[i] end
+		end
+		for i = 1, #done, BATCH do
+			local j = math.min(i + BATCH - 1, #done)
+			redis.call('ZREM', pz, unpack(done, i, j))
+			redis.call('HDEL', pamt, unpack(done, i, j))
+			redis.call('HDEL', pver, unpack(done, i, j))
+			redis.call('HDEL', pkey, unpack(done, i, j))
+		end
+	end
+	return 1
+end
+
+local ok, res = pcall(main)
+if ok then return res end
+if type(res) == 'string' then
+	if string.sub(res, 1, #TAG) == TAG then return redis.error_reply(string.sub(res, #TAG + 1)) end
+	if string.find(res, '^%u+ ') then return redis.error_reply(res) end -- a Redis error (WRONGTYPE ...)
+end
+if type(res) == 'table' and res.err then return res end
+error(res)
