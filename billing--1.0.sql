@@ -65,14 +65,13 @@ CREATE TABLE billing.accounts (
     month_spend_micros  bigint      NOT NULL DEFAULT 0,
     usage_minute        timestamptz,
     minute_requests     bigint      NOT NULL DEFAULT 0,
+    rejections          bigint      NOT NULL DEFAULT 0,
     created_at          timestamptz NOT NULL DEFAULT now(),
     updated_at          timestamptz NOT NULL DEFAULT now(),
-    CONSTRAINT accounts_pkey PRIMARY KEY (tenant_id),
-    CONSTRAINT accounts_status_check CHECK (status IN ('active', 'suspended', 'closed')),
-    CONSTRAINT accounts_credit_limit_check CHECK (credit_limit_micros >= 0),
-    CONSTRAINT accounts_limits_check CHECK (max_charge_micros > 0 AND minute_request_limit >= 0
-        AND daily_request_quota >= 0 AND monthly_request_quota >= 0
-        AND daily_spend_cap_micros >= 0 AND monthly_spend_cap_micros >= 0)
+    CONSTRAINT accounts_pkey PRIMARY KEY (tenant_id)
+    -- No CHECK constraints on the two hot tables: the executor re-reads
+    -- and re-plans every CHECK expression on every INSERT/UPDATE statement
+    -- (~10 % of a deduct).  The functions validate every value instead.
 );
 CREATE INDEX accounts_holds_expiry_idx ON billing.accounts (holds_next_expiry)
     WHERE holds_next_expiry IS NOT NULL;
@@ -94,9 +93,9 @@ CREATE TABLE billing.entries (
     api_key              text,
     hold_id              bigint,
     CONSTRAINT entries_pkey PRIMARY KEY (tenant_id, entry_id),
-    CONSTRAINT entries_trace_key UNIQUE (tenant_id, trace_id),
-    CONSTRAINT entries_kind_check CHECK (kind IN ('topup', 'grant', 'refund', 'adjustment', 'deduct', 'capture')),
-    CONSTRAINT entries_amount_check CHECK (amount_micros <> 0)
+    CONSTRAINT entries_trace_key UNIQUE (tenant_id, trace_id)
+    -- kind IN (topup, grant, refund, adjustment, deduct, capture) and
+    -- amount_micros <> 0 are guaranteed by the functions (see accounts)
 );
 ALTER SEQUENCE billing.entry_id_seq OWNED BY billing.entries.entry_id;
 COMMENT ON TABLE billing.entries IS 'append-only ledger: one row per money movement; amount signed (debits negative)';
@@ -171,6 +170,7 @@ CREATE TABLE billing.hold_events (
     amount_micros bigint      NOT NULL,
     entry_id      bigint,
     expires_at    timestamptz,
+    final         boolean     NOT NULL DEFAULT false,   -- a capture that settled the hold on purpose
     created_at    timestamptz NOT NULL DEFAULT now(),
     CONSTRAINT hold_events_pkey PRIMARY KEY (tenant_id, event_id),
     CONSTRAINT hold_events_trace_key UNIQUE (tenant_id, trace_id),
@@ -371,6 +371,7 @@ CREATE TYPE billing.charge_outcome AS (
     kind          text,
     amount        numeric,
     balance_after numeric,      -- NULL when rejected
+    version       bigint,       -- account version after the entry (for settle.lua); NULL when rejected
     created_at    timestamptz,
     sqlstate      text,         -- NULL when committed
     reason        text,
@@ -1109,10 +1110,7 @@ AS $$
 DECLARE
     acc billing.accounts;
 BEGIN
-    IF lock_account.tenant_id IS NULL THEN
-        RAISE EXCEPTION 'tenant_id must not be null'
-            USING ERRCODE = 'ZB015', HINT = 'Pass a value for tenant_id.';
-    END IF;
+    PERFORM billing.check_account_settings(lock_account.tenant_id, NULL, NULL, NULL, NULL);
     SELECT * INTO acc FROM billing.accounts a WHERE a.tenant_id = lock_account.tenant_id FOR UPDATE;
     IF NOT FOUND THEN
         RAISE EXCEPTION 'account "%" does not exist', lock_account.tenant_id
@@ -1505,7 +1503,8 @@ BEGIN
                               'output_tokens', billing_deduct_usage.output_tokens,
                               'input_per_1k', billing.to_amount(p.input_per_1k_micros),
                               'output_per_1k', billing.to_amount(p.output_per_1k_micros),
-                              'price_effective_from', p.effective_from),
+                              'price_effective_from',
+                              to_char(p.effective_from AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"')),
                           event_at => billing_deduct_usage.event_at,
                           api_key => billing_deduct_usage.api_key);
 END;
@@ -2081,7 +2080,7 @@ AS $$
               END
       FROM billing.api_keys k
       JOIN acc ON acc.tenant_id = k.tenant_id, now_ms
-     ORDER BY 1, 2 NULLS FIRST
+     ORDER BY 1, 2 NULLS LAST    -- key hashes before their tenant hash (see lua/README.md)
 $$;
 
 CREATE TYPE billing.sync_info AS (

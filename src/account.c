@@ -112,7 +112,7 @@ account_lock(Account *acc, text *tenant_id)
 					  "  daily_spend_cap_micros, monthly_spend_cap_micros, "
 					  "  minute_request_limit, usage_day, day_requests, "
 					  "  day_spend_micros, usage_month, month_requests, "
-					  "  month_spend_micros, usage_minute, minute_requests "
+					  "  month_spend_micros, usage_minute, minute_requests, rejections "
 					  "FROM billing.accounts WHERE tenant_id = $1 FOR UPDATE",
 					  1, types);
 	values[0] = PointerGetDatum(tenant_id);
@@ -162,6 +162,7 @@ account_lock(Account *acc, text *tenant_id)
 		d = billing_col(0, 21, &isnull);
 		acc->usage_minute = isnull ? DT_NOBEGIN : DatumGetTimestampTz(d);
 		acc->minute_count = billing_col_int64(0, 22, 0);
+		acc->rejections = billing_col_int64(0, 23, 0);
 	}
 
 	/* the periods we are in now; counters of older periods start over */
@@ -220,6 +221,7 @@ account_expire_holds(Account *acc)
 	values[1] = TimestampTzGetDatum(acc->now);
 	billing_spi_exec(plan_expire, values, NULL, SPI_OK_INSERT, "expiring holds");
 	account_refresh_holds(acc);
+	acc->holds_changed = true;
 }
 
 /* Recompute the cached sum of open holds and the earliest expiry. */
@@ -345,12 +347,10 @@ account_check_debit(Account *acc, ApiKey *key, Debit *debit, Rejection *rej)
 	int64		fresh = debit->charge - debit->covered + debit->reserve;
 	int64		requested = debit->charge + debit->reserve;
 	bool		ok = true;
-	char	   *tomorrow;
-	char	   *next_month;
 
-	tomorrow = billing_format_ts(local_midnight(acc->timezone, acc->today + 1));
-	next_month = billing_format_ts(local_midnight(acc->timezone,
-												  next_month_start(acc->today)));
+	/* reset times, formatted only for the message of a rejection */
+#define tomorrow billing_format_ts(local_midnight(acc->timezone, acc->today + 1))
+#define next_month billing_format_ts(local_midnight(acc->timezone, next_month_start(acc->today)))
 
 	if (strcmp(acc->status, "closed") == 0)
 		ok = set_rejection(rej, ERRCODE_BILLING_ACCOUNT_CLOSED,
@@ -365,7 +365,7 @@ account_check_debit(Account *acc, ApiKey *key, Debit *debit, Rejection *rej)
 									acc->status, billing_format_micros(fresh)),
 						   psprintf("Reactivate it with billing_account_update(%s, status => 'active').",
 									quote_literal_cstr(acc->tenant)));
-	else if (debit->counts_request && acc->max_charge != NO_LIMIT &&
+	else if ((debit->counts_request || fresh > 0) && acc->max_charge != NO_LIMIT &&
 			 requested > acc->max_charge)
 		ok = set_rejection(rej, ERRCODE_BILLING_MAX_CHARGE,
 						   psprintf("charge exceeds the per-charge maximum of account \"%s\"",
@@ -400,7 +400,7 @@ account_check_debit(Account *acc, ApiKey *key, Debit *debit, Rejection *rej)
 									(long long) acc->month_requests, next_month),
 						   pstrdup("Wait for the reset, or raise monthly_requests with billing_limits_set()."));
 	else if (fresh > 0 && acc->daily_spend != NO_LIMIT &&
-			 acc->day_spend + acc->holds + fresh > acc->daily_spend)
+			 (int128) acc->day_spend + acc->holds + fresh > acc->daily_spend)
 		ok = set_rejection(rej, ERRCODE_BILLING_DAILY_SPEND,
 						   psprintf("daily spend cap of account \"%s\" exceeded", acc->tenant),
 						   psprintf("Cap %s per day, spent %s, on hold %s, required %s; resets at %s.",
@@ -410,7 +410,7 @@ account_check_debit(Account *acc, ApiKey *key, Debit *debit, Rejection *rej)
 									billing_format_micros(fresh), tomorrow),
 						   pstrdup("Wait for the reset, or raise daily_spend with billing_limits_set()."));
 	else if (fresh > 0 && acc->monthly_spend != NO_LIMIT &&
-			 acc->month_spend + acc->holds + fresh > acc->monthly_spend)
+			 (int128) acc->month_spend + acc->holds + fresh > acc->monthly_spend)
 		ok = set_rejection(rej, ERRCODE_BILLING_MONTHLY_SPEND,
 						   psprintf("monthly spend cap of account \"%s\" exceeded", acc->tenant),
 						   psprintf("Cap %s per month, spent %s, on hold %s, required %s; resets at %s.",
@@ -426,7 +426,7 @@ account_check_debit(Account *acc, ApiKey *key, Debit *debit, Rejection *rej)
 									key->status, billing_format_micros(fresh)),
 						   pstrdup("Use an active key, or reactivate this one with billing_api_key_update()."));
 	else if (key->present && fresh > 0 && key->budget != NO_LIMIT &&
-			 key->period_spend + key->open_holds + fresh > key->budget)
+			 (int128) key->period_spend + key->open_holds + fresh > key->budget)
 		ok = set_rejection(rej, ERRCODE_BILLING_KEY_BUDGET,
 						   psprintf("budget of api key \"%s\" exceeded", key->key),
 						   strcmp(key->period, "lifetime") == 0 ?
@@ -444,10 +444,11 @@ account_check_debit(Account *acc, ApiKey *key, Debit *debit, Rejection *rej)
 						   pstrdup("Raise the key's budget with billing_api_key_update(), or use another key."));
 	else if (fresh > 0)
 	{
-		/* available = balance + credit_limit - holds; all bounded, no overflow */
-		int64		available = acc->balance + acc->credit_limit - acc->holds;
+		/* available = balance + credit_limit - holds, in 128 bits: no overflow */
+		int128		available128 = (int128) acc->balance + acc->credit_limit - acc->holds;
+		int64		available = (int64) Max(Min(available128, PG_INT64_MAX), PG_INT64_MIN);
 
-		if (fresh > available)
+		if (fresh > available128)
 			ok = set_rejection(rej, debit->funds_errcode,
 							   debit->funds_errcode == ERRCODE_BILLING_CAPTURE_EXCEEDS ?
 							   psprintf("capture exceeds the hold and the available funds of account \"%s\"",
@@ -462,6 +463,8 @@ account_check_debit(Account *acc, ApiKey *key, Debit *debit, Rejection *rej)
 							   pstrdup("Top up with billing_credit(), raise the credit limit, or charge less."));
 	}
 
+#undef tomorrow
+#undef next_month
 	MemoryContextSwitchTo(old);
 	return ok;
 }
@@ -485,31 +488,37 @@ account_apply_debit(Account *acc, ApiKey *key, Debit *debit)
 }
 
 /*
- * Write the account's new state (one HOT update of the locked row).  The
- * caller has bumped acc->version already (entries carry the new version).
+ * The account columns every save writes, as SQL and as parameters
+ * $<first>.. $<first + ACCOUNT_SAVE_NPARAMS - 1>, so that the ledger can
+ * fold the save into the statement that inserts the entry.
  */
-void
-account_save(Account *acc, bool wrote_entry)
+char *
+account_save_sql(int first)
 {
-	Oid			types[15] = {TEXTOID, INT8OID, INT8OID, TIMESTAMPTZOID, INT8OID,
-		TIMESTAMPTZOID, DATEOID, INT8OID, INT8OID, DATEOID, INT8OID, INT8OID,
-	TIMESTAMPTZOID, INT8OID, BOOLOID};
-	Datum		values[15];
-	char		nulls[15];
+	return psprintf("balance_micros = $%d, version = $%d, "
+					"last_entry_at = CASE WHEN $%d THEN $%d ELSE last_entry_at END, "
+					"holds_micros = $%d, holds_next_expiry = $%d, "
+					"usage_day = $%d, day_requests = $%d, day_spend_micros = $%d, "
+					"usage_month = $%d, month_requests = $%d, month_spend_micros = $%d, "
+					"usage_minute = $%d, minute_requests = $%d, rejections = $%d",
+					first, first + 1, first + 2, first + 3, first + 4, first + 5,
+					first + 6, first + 7, first + 8, first + 9, first + 10, first + 11,
+					first + 12, first + 13, first + 14);
+}
 
-	billing_keep_plan(&plan_save,
-					  "UPDATE billing.accounts SET balance_micros = $2, version = $3, "
-					  "  last_entry_at = CASE WHEN $15 THEN $4 ELSE last_entry_at END, "
-					  "  holds_micros = $5, holds_next_expiry = $6, "
-					  "  usage_day = $7, day_requests = $8, day_spend_micros = $9, "
-					  "  usage_month = $10, month_requests = $11, month_spend_micros = $12, "
-					  "  usage_minute = $13, minute_requests = $14 "
-					  "WHERE tenant_id = $1",
-					  15, types);
-	memset(nulls, ' ', sizeof(nulls));
-	values[0] = PointerGetDatum(acc->tenant_id);
-	values[1] = Int64GetDatum(acc->balance);
-	values[2] = Int64GetDatum(acc->version);
+void
+account_save_params(Account *acc, bool wrote_entry, Oid *types, Datum *values,
+					char *nulls)
+{
+	static const Oid t[ACCOUNT_SAVE_NPARAMS] = {INT8OID, INT8OID, BOOLOID,
+		TIMESTAMPTZOID, INT8OID, TIMESTAMPTZOID, DATEOID, INT8OID, INT8OID,
+	DATEOID, INT8OID, INT8OID, TIMESTAMPTZOID, INT8OID, INT8OID};
+
+	memcpy(types, t, sizeof(t));
+	memset(nulls, ' ', ACCOUNT_SAVE_NPARAMS);
+	values[0] = Int64GetDatum(acc->balance);
+	values[1] = Int64GetDatum(acc->version);
+	values[2] = BoolGetDatum(wrote_entry);
 	values[3] = TimestampTzGetDatum(acc->now);
 	values[4] = Int64GetDatum(acc->holds);
 	values[5] = TimestampTzGetDatum(acc->next_expiry);
@@ -522,9 +531,47 @@ account_save(Account *acc, bool wrote_entry)
 	values[11] = Int64GetDatum(acc->month_spend);
 	values[12] = TimestampTzGetDatum(acc->usage_minute);
 	values[13] = Int64GetDatum(acc->minute_count);
-	values[14] = BoolGetDatum(wrote_entry);
+	values[14] = Int64GetDatum(acc->rejections);
+}
+
+/*
+ * Write the account's new state (one HOT update of the locked row).  The
+ * caller has bumped acc->version already (entries carry the new version).
+ */
+void
+account_save(Account *acc, bool wrote_entry)
+{
+	Oid			types[1 + ACCOUNT_SAVE_NPARAMS];
+	Datum		values[1 + ACCOUNT_SAVE_NPARAMS];
+	char		nulls[1 + ACCOUNT_SAVE_NPARAMS];
+
+	types[0] = TEXTOID;
+	values[0] = PointerGetDatum(acc->tenant_id);
+	nulls[0] = ' ';
+	account_save_params(acc, wrote_entry, types + 1, values + 1, nulls + 1);
+	if (plan_save == NULL)
+		billing_keep_plan(&plan_save,
+						  psprintf("UPDATE billing.accounts SET %s WHERE tenant_id = $1",
+								   account_save_sql(2)),
+						  1 + ACCOUNT_SAVE_NPARAMS, types);
 	billing_spi_exec(plan_save, values, nulls, SPI_OK_UPDATE, "saving the account");
 	billing_sync_mark(VARDATA_ANY(acc->tenant_id), VARSIZE_ANY_EXHDR(acc->tenant_id));
+	acc->holds_changed = false;
+}
+
+/*
+ * Before leaving a call that saved nothing: if it expired holds on the way
+ * (a replay, a release of a settled hold...), the account's cached sum of
+ * open holds must follow the holds table.
+ */
+void
+account_finish(Account *acc)
+{
+	if (acc->holds_changed)
+	{
+		acc->version++;
+		account_save(acc, false);
+	}
 }
 
 void
@@ -573,4 +620,17 @@ billing_expire_holds_of(PG_FUNCTION_ARGS)
 	}
 	SPI_finish();
 	PG_RETURN_BOOL(due);
+}
+
+/* available funds as numeric (the int64 sum could overflow) */
+Numeric
+account_available(Account *acc)
+{
+	Datum		sum;
+
+	sum = DirectFunctionCall2(numeric_add,
+							  NumericGetDatum(billing_micros_to_numeric(acc->balance)),
+							  NumericGetDatum(billing_micros_to_numeric(acc->credit_limit)));
+	return DatumGetNumeric(DirectFunctionCall2(numeric_sub, sum,
+											   NumericGetDatum(billing_micros_to_numeric(acc->holds))));
 }

@@ -58,6 +58,8 @@ typedef struct Account
 	int64		month_spend;
 	TimestampTz usage_minute;
 	int64		minute_count;
+	int64		rejections;		/* recorded rejections: 0 = no need to probe them */
+	bool		holds_changed;	/* account_expire_holds() wrote something */
 	/* this call's clock reading: created_at of what it writes */
 	TimestampTz now;
 	DateADT		today;
@@ -96,6 +98,13 @@ extern bool account_check_debit(Account *acc, ApiKey *key, Debit *debit,
 								Rejection *rej);
 extern void account_apply_debit(Account *acc, ApiKey *key, Debit *debit);
 extern void account_save(Account *acc, bool wrote_entry);
+extern void account_finish(Account *acc);
+extern Numeric account_available(Account *acc);
+
+#define ACCOUNT_SAVE_NPARAMS 15
+extern char *account_save_sql(int first);
+extern void account_save_params(Account *acc, bool wrote_entry, Oid *types,
+								Datum *values, char *nulls);
 extern void account_key_save(Account *acc, ApiKey *key);
 extern void billing_raise_rejection(Rejection *rej);
 extern char *billing_format_ts(TimestampTz ts);
@@ -123,6 +132,6 @@ typedef struct EntryWrite
 	int64		hold_id;		/* 0: none */
 } EntryWrite;
 
-extern int64 billing_insert_entry(Account *acc, EntryWrite *entry);
+extern int64 billing_post_entry(Account *acc, EntryWrite *entry);
 
 #endif							/* BILLING_ACCOUNT_H */

@@ -39,10 +39,6 @@ char	   *billing_lua_dir = NULL;
 static void
 define_settings(void)
 {
-	DefineCustomStringVariable("billing.database",
-							   "Database the background worker mirrors to Redis.",
-							   NULL, &billing_database, "postgres",
-							   PGC_POSTMASTER, 0, NULL, NULL, NULL);
 	DefineCustomStringVariable("billing.redis_host",
 							   "Redis host (IP or name) the worker pushes to; empty: no mirror.",
 							   NULL, &billing_redis_host, "",
@@ -81,14 +77,27 @@ define_settings(void)
 							"How often the worker compares Redis with the database and repairs drift (0: never).",
 							NULL, &billing_check_interval, 60, 0, 86400,
 							PGC_SIGHUP, GUC_UNIT_S, NULL, NULL, NULL);
-	DefineCustomIntVariable("billing.sync_max_dirty",
-							"Changed accounts remembered in shared memory between pushes (beyond: full resync).",
-							NULL, &billing_sync_max_dirty, 20000, 100, 10000000,
-							PGC_POSTMASTER, 0, NULL, NULL, NULL);
 	DefineCustomStringVariable("billing.lua_dir",
 							   "Directory of the Lua scripts; empty: SHAREDIR/extension/billing.",
 							   NULL, &billing_lua_dir, "",
 							   PGC_SIGHUP, GUC_SUPERUSER_ONLY, NULL, NULL, NULL);
+
+	/*
+	 * Settings of the worker and its shared memory exist only when we are
+	 * preloaded: a PGC_POSTMASTER variable cannot be created later, and the
+	 * ledger must work in a plain CREATE EXTENSION too.
+	 */
+	if (process_shared_preload_libraries_in_progress)
+	{
+		DefineCustomStringVariable("billing.database",
+								   "Database the background worker mirrors to Redis.",
+								   NULL, &billing_database, "postgres",
+								   PGC_POSTMASTER, 0, NULL, NULL, NULL);
+		DefineCustomIntVariable("billing.sync_max_dirty",
+								"Changed accounts remembered in shared memory between pushes (beyond: full resync).",
+								NULL, &billing_sync_max_dirty, 20000, 100, 10000000,
+								PGC_POSTMASTER, 0, NULL, NULL, NULL);
+	}
 	MarkGUCPrefixReserved("billing");
 }
 

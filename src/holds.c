@@ -29,6 +29,7 @@
 #include "account.h"
 #include "catalog/pg_type.h"
 #include "funcapi.h"
+#include "lib/stringinfo.h"
 #include "utils/builtins.h"
 
 PG_FUNCTION_INFO_V1(billing_hold);
@@ -147,9 +148,9 @@ probe_event(Account *acc, text *trace_id, const char *action,
 	return true;
 }
 
-/* a capture's trace id must not be taken by another ledger entry either */
+/* a capture's trace id is taken by another ledger entry (e.g. a deduct) */
 static void
-probe_entry_conflict(Account *acc, text *trace_id)
+entry_conflict(Account *acc, text *trace_id)
 {
 	Oid			types[2] = {TEXTOID, TEXTOID};
 	Datum		values[2];
@@ -160,14 +161,13 @@ probe_entry_conflict(Account *acc, text *trace_id)
 	values[0] = PointerGetDatum(acc->tenant_id);
 	values[1] = PointerGetDatum(trace_id);
 	billing_spi_exec(plan_probe_entry, values, NULL, SPI_OK_SELECT, "entry probe");
-	if (SPI_processed > 0)
-		ereport(ERROR,
-				(errcode(ERRCODE_BILLING_TRACE_CONFLICT),
-				 errmsg("trace id \"%s\" was already used with a different kind",
-						text_to_cstring(trace_id)),
-				 errdetail("kind: original %s, this request capture.",
-						   billing_col_cstring(0, 1, CurrentMemoryContext)),
-				 errhint("Use a new trace id for the capture.")));
+	ereport(ERROR,
+			(errcode(ERRCODE_BILLING_TRACE_CONFLICT),
+			 errmsg("trace id \"%s\" was already used with a different kind",
+					text_to_cstring(trace_id)),
+			 errdetail("kind: original %s, this request capture.",
+					   SPI_processed > 0 ? billing_col_cstring(0, 1, CurrentMemoryContext) : "unknown"),
+			 errhint("Use a new trace id for the capture.")));
 }
 
 static void
@@ -282,19 +282,19 @@ save_hold(Account *acc, Hold *h)
 
 static void
 journal(Account *acc, Hold *h, text *trace_id, const char *action,
-		int64 amount, int64 entry_id)
+		int64 amount, int64 entry_id, bool final)
 {
-	Oid			types[8] = {TEXTOID, INT8OID, TEXTOID, TEXTOID, INT8OID, INT8OID,
-	TIMESTAMPTZOID, TIMESTAMPTZOID};
-	Datum		values[8];
-	char		nulls[8];
+	Oid			types[9] = {TEXTOID, INT8OID, TEXTOID, TEXTOID, INT8OID, INT8OID,
+	TIMESTAMPTZOID, TIMESTAMPTZOID, BOOLOID};
+	Datum		values[9];
+	char		nulls[9];
 
 	billing_keep_plan(&plan_event,
 					  "INSERT INTO billing.hold_events (tenant_id, hold_id, trace_id, "
-					  "  action, amount_micros, entry_id, expires_at, created_at) "
-					  "VALUES ($1, $2, $3, $4, $5, $6, $7, $8) "
+					  "  action, amount_micros, entry_id, expires_at, created_at, final) "
+					  "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) "
 					  "ON CONFLICT (tenant_id, trace_id) DO NOTHING",
-					  8, types);
+					  9, types);
 	memset(nulls, ' ', sizeof(nulls));
 	values[0] = PointerGetDatum(acc->tenant_id);
 	values[1] = Int64GetDatum(h->hold_id);
@@ -306,6 +306,7 @@ journal(Account *acc, Hold *h, text *trace_id, const char *action,
 	nulls[5] = entry_id ? ' ' : 'n';
 	values[6] = TimestampTzGetDatum(h->expires_at);
 	values[7] = TimestampTzGetDatum(acc->now);
+	values[8] = BoolGetDatum(final);
 	billing_spi_exec(plan_event, values, nulls, SPI_OK_INSERT, "journalling the hold");
 	/* see record_rejection() in ledger.c: REPEATABLE READ and up only */
 	if (SPI_processed != 1)
@@ -315,6 +316,133 @@ journal(Account *acc, Hold *h, text *trace_id, const char *action,
 						text_to_cstring(trace_id)),
 				 errhint("Retry the transaction; the retry returns the recorded outcome.")));
 }
+
+/* ZB005 for a replayed trace id whose request differs in `fields` */
+static void
+replay_conflict(text *trace_id, StringInfo fields, StringInfo detail)
+{
+	ereport(ERROR,
+			(errcode(ERRCODE_BILLING_TRACE_CONFLICT),
+			 errmsg("trace id \"%s\" was already used with a different %s",
+					text_to_cstring(trace_id), fields->data),
+			 errdetail("%s.", detail->data),
+			 errhint("Resend the original request unchanged to get its result, "
+					 "or use a new trace id for a new request.")));
+}
+
+static const char *
+show_text_or_null(text *t)
+{
+	return t ? quote_literal_cstr(text_to_cstring(t)) : "null";
+}
+
+#define NOTE_DIFF(name, orig, mine) \
+	do { \
+		appendStringInfo(&fields, "%s%s", fields.len ? ", " : "", name); \
+		appendStringInfo(&detail, "%s%s: original %s, this request %s", \
+						 detail.len ? "; " : "", name, orig, mine); \
+	} while (0)
+
+/* a replayed hold must be the same request: api key, description, metadata */
+static void
+check_hold_replay(Account *acc, int64 hold_id, text *api_key, text *description,
+				  Jsonb *metadata)
+{
+	static SPIPlanPtr plan = NULL;
+	Oid			types[2] = {TEXTOID, INT8OID};
+	Datum		values[2];
+	bool		isnull;
+	Datum		d;
+	text	   *was_key;
+	text	   *was_desc;
+	Jsonb	   *was_meta;
+	StringInfoData fields;
+	StringInfoData detail;
+
+	billing_keep_plan(&plan,
+					  "SELECT trace_id, api_key, description, metadata FROM billing.holds "
+					  "WHERE tenant_id = $1 AND hold_id = $2",
+					  2, types);
+	values[0] = PointerGetDatum(acc->tenant_id);
+	values[1] = Int64GetDatum(hold_id);
+	billing_spi_exec(plan, values, NULL, SPI_OK_SELECT, "reading the hold");
+	d = billing_col(0, 2, &isnull);
+	was_key = isnull ? NULL : DatumGetTextPP(d);
+	d = billing_col(0, 3, &isnull);
+	was_desc = isnull ? NULL : DatumGetTextPP(d);
+	was_meta = DatumGetJsonbP(billing_col(0, 4, &isnull));
+
+	initStringInfo(&fields);
+	initStringInfo(&detail);
+	if ((was_key == NULL) != (api_key == NULL) ||
+		(api_key && strcmp(text_to_cstring(was_key), text_to_cstring(api_key)) != 0))
+		NOTE_DIFF("api_key", show_text_or_null(was_key), show_text_or_null(api_key));
+	if ((was_desc == NULL) != (description == NULL) ||
+		(description && strcmp(text_to_cstring(was_desc), text_to_cstring(description)) != 0))
+		NOTE_DIFF("description", show_text_or_null(was_desc), show_text_or_null(description));
+	if (compareJsonbContainers(&was_meta->root, &metadata->root) != 0)
+		NOTE_DIFF("metadata", JsonbToCString(NULL, &was_meta->root, VARSIZE(was_meta)),
+				  JsonbToCString(NULL, &metadata->root, VARSIZE(metadata)));
+	if (fields.len > 0)
+		replay_conflict(DatumGetTextPP(billing_col(0, 1, &isnull)), &fields, &detail);
+}
+
+/* a replayed capture must be the same request: final, description, metadata, event_at */
+static void
+check_capture_replay(Account *acc, int64 hold_id, int64 entry_id, bool final,
+					 EntryWrite *e)
+{
+	static SPIPlanPtr plan = NULL;
+	Oid			types[3] = {TEXTOID, INT8OID, INT8OID};
+	Datum		values[3];
+	bool		isnull;
+	Datum		d;
+	bool		was_final;
+	text	   *was_desc;
+	Jsonb	   *was_meta;
+	bool		had_event_at;
+	TimestampTz was_event_at = 0;
+	StringInfoData fields;
+	StringInfoData detail;
+
+	billing_keep_plan(&plan,
+					  "SELECT e.trace_id, coalesce(j.final, false), e.description, e.metadata, e.event_at "
+					  "FROM billing.entries e JOIN billing.hold_events j "
+					  "  ON j.tenant_id = e.tenant_id AND j.entry_id = e.entry_id "
+					  "WHERE e.tenant_id = $1 AND e.entry_id = $2 AND j.hold_id = $3",
+					  3, types);
+	values[0] = PointerGetDatum(acc->tenant_id);
+	values[1] = Int64GetDatum(entry_id);
+	values[2] = Int64GetDatum(hold_id);
+	billing_spi_exec(plan, values, NULL, SPI_OK_SELECT, "reading the capture");
+	if (SPI_processed == 0)
+		elog(ERROR, "billing: capture entry " INT64_FORMAT " vanished", entry_id);
+	was_final = DatumGetBool(billing_col(0, 2, &isnull));
+	d = billing_col(0, 3, &isnull);
+	was_desc = isnull ? NULL : DatumGetTextPP(d);
+	was_meta = DatumGetJsonbP(billing_col(0, 4, &isnull));
+	d = billing_col(0, 5, &isnull);
+	had_event_at = !isnull;
+	if (had_event_at)
+		was_event_at = DatumGetTimestampTz(d);
+
+	initStringInfo(&fields);
+	initStringInfo(&detail);
+	if (was_final != final)
+		NOTE_DIFF("final", was_final ? "true" : "false", final ? "true" : "false");
+	if ((was_desc == NULL) != (e->description == NULL) ||
+		(e->description && strcmp(text_to_cstring(was_desc), text_to_cstring(e->description)) != 0))
+		NOTE_DIFF("description", show_text_or_null(was_desc), show_text_or_null(e->description));
+	if (compareJsonbContainers(&was_meta->root, &e->metadata->root) != 0)
+		NOTE_DIFF("metadata", JsonbToCString(NULL, &was_meta->root, VARSIZE(was_meta)),
+				  JsonbToCString(NULL, &e->metadata->root, VARSIZE(e->metadata)));
+	if (had_event_at != e->has_event_at || (had_event_at && was_event_at != e->event_at))
+		NOTE_DIFF("event_at", had_event_at ? billing_format_ts(was_event_at) : "null",
+				  e->has_event_at ? billing_format_ts(e->event_at) : "null");
+	if (fields.len > 0)
+		replay_conflict(DatumGetTextPP(billing_col(0, 1, &isnull)), &fields, &detail);
+}
+#undef NOTE_DIFF
 
 /* billing.hold_result */
 static Datum
@@ -336,7 +464,7 @@ hold_result(FunctionCallInfo fcinfo, Account *acc, Hold *h, bool replayed)
 	values[6] = NumericGetDatum(billing_micros_to_numeric(h->released));
 	values[7] = NumericGetDatum(billing_micros_to_numeric(hold_remaining(h)));
 	values[8] = TimestampTzGetDatum(h->expires_at);
-	values[9] = NumericGetDatum(billing_micros_to_numeric(acc->balance + acc->credit_limit - acc->holds));
+	values[9] = NumericGetDatum(account_available(acc));
 	values[10] = BoolGetDatum(replayed);
 	return HeapTupleGetDatum(heap_form_tuple(tupdesc, values, nulls));
 }
@@ -380,8 +508,10 @@ billing_hold(PG_FUNCTION_ARGS)
 
 	if (probe_event(&acc, trace_id, "hold", trace_id, amount, &hold_id, &entry_id))
 	{
-		load_hold_by_id(&acc, hold_id, &h);
+		check_hold_replay(&acc, hold_id, api_key, description, metadata);
 		account_expire_holds(&acc);
+		account_finish(&acc);
+		load_hold_by_id(&acc, hold_id, &h);
 		result = hold_result(fcinfo, &acc, &h, true);
 		SPI_finish();
 		return result;
@@ -429,7 +559,7 @@ billing_hold(PG_FUNCTION_ARGS)
 						 "inserting the hold");
 		h.hold_id = billing_col_int64(0, 1, 0);
 	}
-	journal(&acc, &h, trace_id, "hold", amount, 0);
+	journal(&acc, &h, trace_id, "hold", amount, 0, false);
 
 	if (!acc.has_next_expiry || h.expires_at < acc.next_expiry)
 	{
@@ -488,12 +618,13 @@ billing_capture(PG_FUNCTION_ARGS)
 	if (probe_event(&acc, trace_id, "capture", hold_trace, amount, &hold_id, &entry_id))
 	{
 		replayed = true;
-		load_hold_by_id(&acc, hold_id, &h);
+		check_capture_replay(&acc, hold_id, entry_id, final, &e);
 		account_expire_holds(&acc);
+		account_finish(&acc);
+		load_hold_by_id(&acc, hold_id, &h);
 	}
 	else
 	{
-		probe_entry_conflict(&acc, trace_id);
 		account_expire_holds(&acc);
 		load_hold(&acc, hold_trace, &h);
 		if (strcmp(h.status, "open") != 0)
@@ -532,12 +663,13 @@ billing_capture(PG_FUNCTION_ARGS)
 		e.api_key = h.api_key;
 		e.hold_id = h.hold_id;
 		acc.version++;
-		entry_id = billing_insert_entry(&acc, &e);
+		entry_id = billing_post_entry(&acc, &e);
+		if (entry_id == 0)
+			entry_conflict(&acc, trace_id);
 		save_hold(&acc, &h);
-		journal(&acc, &h, trace_id, "capture", amount, entry_id);
+		journal(&acc, &h, trace_id, "capture", amount, entry_id, final);
 		if (rest > 0)
-			journal(&acc, &h, NULL, "release", rest, 0);
-		account_save(&acc, true);
+			journal(&acc, &h, NULL, "release", rest, 0, false);
 		account_key_save(&acc, &key);
 	}
 
@@ -606,8 +738,9 @@ billing_release(PG_FUNCTION_ARGS)
 
 	if (probe_event(&acc, trace_id, "release", hold_trace, -1, &hold_id, &entry_id))
 	{
-		load_hold_by_id(&acc, hold_id, &h);
 		account_expire_holds(&acc);
+		account_finish(&acc);
+		load_hold_by_id(&acc, hold_id, &h);
 		result = hold_result(fcinfo, &acc, &h, true);
 		SPI_finish();
 		return result;
@@ -627,8 +760,9 @@ billing_release(PG_FUNCTION_ARGS)
 			acc.version++;
 			account_save(&acc, false);
 		}
-		journal(&acc, &h, trace_id, "release", rest, 0);
+		journal(&acc, &h, trace_id, "release", rest, 0, false);
 	}
+	account_finish(&acc);
 	result = hold_result(fcinfo, &acc, &h, false);
 	SPI_finish();
 	return result;
@@ -661,7 +795,7 @@ billing_hold_extend(PG_FUNCTION_ARGS)
 
 	h.expires_at = acc.now + expires_in;
 	save_hold(&acc, &h);
-	journal(&acc, &h, NULL, "extend", 0, 0);
+	journal(&acc, &h, NULL, "extend", 0, 0, false);
 	account_refresh_holds(&acc);
 	acc.version++;
 	account_save(&acc, false);

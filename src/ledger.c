@@ -28,6 +28,7 @@
 #include "catalog/pg_type.h"
 #include "funcapi.h"
 #include "lib/stringinfo.h"
+#include "sync.h"
 #include "utils/builtins.h"
 #include "utils/jsonb.h"
 #include "utils/memutils.h"
@@ -77,7 +78,7 @@ static const char *const debit_kinds[] = {"deduct", "adjustment", NULL};
 
 /* SPI plans, prepared on first use and kept for the life of the backend */
 static SPIPlanPtr plan_probe = NULL;
-static SPIPlanPtr plan_insert = NULL;
+static SPIPlanPtr plan_post = NULL;
 static SPIPlanPtr plan_reject = NULL;
 static SPIPlanPtr plan_balance = NULL;
 
@@ -435,23 +436,20 @@ record_rejection(Account *acc, EntryWrite *req, LedgerOutcome *out)
 
 /*
  * Insert one entry carrying the account's new balance and version (the
- * caller has applied the amount and bumped acc->version).  Returns its id.
+ * caller has applied the amount and bumped acc->version) and save the
+ * account, in ONE statement: the entry insert and the account update are a
+ * single executor run.  Returns the entry id, or 0 when an entry with this
+ * trace id already exists (then nothing was written: ON CONFLICT DO
+ * NOTHING, and the update is conditional on the insert).
  */
 int64
-billing_insert_entry(Account *acc, EntryWrite *e)
+billing_post_entry(Account *acc, EntryWrite *e)
 {
-	Oid			types[12] = {TEXTOID, TEXTOID, TEXTOID, INT8OID, INT8OID,
-		INT8OID, TEXTOID, JSONBOID, TIMESTAMPTZOID, TIMESTAMPTZOID, TEXTOID, INT8OID};
-	Datum		values[12];
-	char		nulls[12];
+	Oid			types[12 + ACCOUNT_SAVE_NPARAMS] = {TEXTOID, TEXTOID, TEXTOID, INT8OID,
+		INT8OID, INT8OID, TEXTOID, JSONBOID, TIMESTAMPTZOID, TIMESTAMPTZOID, TEXTOID, INT8OID};
+	Datum		values[12 + ACCOUNT_SAVE_NPARAMS];
+	char		nulls[12 + ACCOUNT_SAVE_NPARAMS];
 
-	billing_keep_plan(&plan_insert,
-					  "INSERT INTO billing.entries (tenant_id, trace_id, kind, "
-					  "  amount_micros, balance_after_micros, version, description, "
-					  "  metadata, event_at, created_at, api_key, hold_id) "
-					  "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) "
-					  "RETURNING entry_id",
-					  12, types);
 	memset(nulls, ' ', sizeof(nulls));
 	values[0] = PointerGetDatum(acc->tenant_id);
 	values[1] = PointerGetDatum(e->trace_id);
@@ -469,8 +467,27 @@ billing_insert_entry(Account *acc, EntryWrite *e)
 	nulls[10] = e->api_key ? ' ' : 'n';
 	values[11] = Int64GetDatum(e->hold_id);
 	nulls[11] = e->hold_id ? ' ' : 'n';
-	billing_spi_exec(plan_insert, values, nulls, SPI_OK_INSERT_RETURNING,
-					 "inserting the entry");
+	account_save_params(acc, true, types + 12, values + 12, nulls + 12);
+
+	if (plan_post == NULL)
+		billing_keep_plan(&plan_post,
+						  psprintf("WITH e AS ("
+								   "  INSERT INTO billing.entries (tenant_id, trace_id, kind, "
+								   "    amount_micros, balance_after_micros, version, description, "
+								   "    metadata, event_at, created_at, api_key, hold_id) "
+								   "  VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) "
+								   "  ON CONFLICT (tenant_id, trace_id) DO NOTHING "
+								   "  RETURNING entry_id), "
+								   "a AS ("
+								   "  UPDATE billing.accounts SET %s "
+								   "  WHERE tenant_id = $1 AND EXISTS (SELECT FROM e)) "
+								   "SELECT entry_id FROM e",
+								   account_save_sql(13)),
+						  12 + ACCOUNT_SAVE_NPARAMS, types);
+	billing_spi_exec(plan_post, values, nulls, SPI_OK_SELECT, "posting the entry");
+	if (SPI_processed == 0)
+		return 0;
+	billing_sync_mark(VARDATA_ANY(acc->tenant_id), VARSIZE_ANY_EXHDR(acc->tenant_id));
 	return billing_col_int64(0, 1, 0);
 }
 
@@ -494,8 +511,13 @@ ledger_post(text *tenant_id, LedgerRequest *req, PostMode mode,
 	/* 1. lock the account: every write for this tenant serializes here */
 	account_lock(&acc, tenant_id);
 
-	/* 2. idempotency: a replay returns the original outcome, whatever changed since */
-	if (probe_trace(&acc, e, mode, out))
+	/*
+	 * 2. idempotency: a replay returns the original outcome, whatever changed
+	 * since.  An earlier entry with this trace id is found by the insert
+	 * itself (step 4, ON CONFLICT), so the probe runs up front only when the
+	 * account has recorded rejections, which the insert cannot see.
+	 */
+	if (acc.rejections > 0 && probe_trace(&acc, e, mode, out))
 	{
 		SPI_finish();
 		return;
@@ -532,25 +554,45 @@ ledger_post(text *tenant_id, LedgerRequest *req, PostMode mode,
 
 	if (!ok)
 	{
+		/* a replay of an earlier request wins over today's rules */
+		if (acc.rejections == 0 && probe_trace(&acc, e, mode, out))
+		{
+			account_finish(&acc);
+			SPI_finish();
+			return;
+		}
 		if (mode == POST_RAISE)
 			billing_raise_rejection(&out->rejection);
 		record_rejection(&acc, e, out);
 
 		/*
-		 * Rewrite the (unchanged) account row as well: a REPEATABLE READ or
-		 * SERIALIZABLE transaction whose snapshot predates this rejection
-		 * then fails with a serialization error when it locks the account,
-		 * instead of deciding the same trace id afresh.
+		 * Save the account (its rejection count, and holds if any expired):
+		 * rewriting the row also makes a REPEATABLE READ or SERIALIZABLE
+		 * transaction whose snapshot predates this rejection fail with a
+		 * serialization error when it locks the account, instead of deciding
+		 * the same trace id afresh.
 		 */
+		acc.rejections++;
+		if (acc.holds_changed)
+			acc.version++;
 		account_save(&acc, false);
 		SPI_finish();
 		return;
 	}
 
-	/* 4. write the entry, the account and the key */
+	/* 4. write the entry and the account in one statement, then the key */
 	acc.version++;
-	out->id = billing_insert_entry(&acc, e);
-	account_save(&acc, true);
+	out->id = billing_post_entry(&acc, e);
+	if (out->id == 0)
+	{
+		/* the trace id is taken: a replay (or a conflict, which raises) */
+		if (!probe_trace(&acc, e, mode, out))
+			elog(ERROR, "billing: trace id conflict but no earlier entry found");
+		acc.version--;			/* nothing was written with it */
+		account_finish(&acc);	/* keep the expired holds' bookkeeping */
+		SPI_finish();
+		return;
+	}
 	account_key_save(&acc, &key);
 	SPI_finish();
 
@@ -632,8 +674,8 @@ billing_try_deduct(PG_FUNCTION_ARGS)
 	LedgerRequest req;
 	LedgerOutcome out;
 	TupleDesc	tupdesc;
-	Datum		values[12];
-	bool		nulls[12] = {0};
+	Datum		values[13];
+	bool		nulls[13] = {0};
 
 	parse_request(fcinfo, true, &req);
 	ledger_post(PG_GETARG_TEXT_PP(ARG_TENANT), &req, POST_RECORD, &out);
@@ -652,14 +694,16 @@ billing_try_deduct(PG_FUNCTION_ARGS)
 	values[6] = NumericGetDatum(billing_micros_to_numeric(out.amount));
 	values[7] = NumericGetDatum(billing_micros_to_numeric(out.balance_after));
 	nulls[7] = !out.committed;
-	values[8] = TimestampTzGetDatum(out.created_at);
+	values[8] = Int64GetDatum(out.version);
+	nulls[8] = !out.committed;
+	values[9] = TimestampTzGetDatum(out.created_at);
 	if (out.committed)
-		nulls[9] = nulls[10] = nulls[11] = true;
+		nulls[10] = nulls[11] = nulls[12] = true;
 	else
 	{
-		values[9] = CStringGetTextDatum(unpack_sql_state(out.rejection.sqlerrcode));
-		values[10] = CStringGetTextDatum(out.rejection.message);
-		values[11] = CStringGetTextDatum(out.rejection.detail ? out.rejection.detail : "");
+		values[10] = CStringGetTextDatum(unpack_sql_state(out.rejection.sqlerrcode));
+		values[11] = CStringGetTextDatum(out.rejection.message);
+		values[12] = CStringGetTextDatum(out.rejection.detail ? out.rejection.detail : "");
 	}
 	PG_RETURN_DATUM(HeapTupleGetDatum(heap_form_tuple(tupdesc, values, nulls)));
 }
