@@ -35,6 +35,7 @@ int			billing_sync_batch_size = 500;
 int			billing_maintenance_interval = 1000;
 int			billing_check_interval = 60;
 char	   *billing_lua_dir = NULL;
+bool		billing_allow_drop = false;
 
 static void
 define_settings(void)
@@ -81,6 +82,11 @@ define_settings(void)
 							   "Directory of the Lua scripts; empty: SHAREDIR/extension/billing.",
 							   NULL, &billing_lua_dir, "",
 							   PGC_SIGHUP, GUC_SUPERUSER_ONLY, NULL, NULL, NULL);
+	DefineCustomBoolVariable("billing.allow_drop",
+							 "Allow DROP EXTENSION billing in this session (it destroys the ledger).",
+							 "Read by the event trigger billing_guard_drop.",
+							 &billing_allow_drop, false,
+							 PGC_SUSET, 0, NULL, NULL, NULL);
 
 	/*
 	 * Settings of the worker and its shared memory exist only when we are
