@@ -446,7 +446,7 @@ CREATE TYPE billing.verify_result AS (
 -- what remains on an account's open holds right now: the cached sum, unless
 -- a hold has expired since anything ran on the account (then from the holds)
 CREATE FUNCTION billing.effective_holds(a billing.accounts) RETURNS bigint
-    LANGUAGE sql STABLE PARALLEL SAFE
+    LANGUAGE sql STABLE PARALLEL SAFE SECURITY DEFINER
     SET search_path = pg_catalog, pg_temp
 AS $$
     SELECT CASE
@@ -602,7 +602,7 @@ WITH k AS (
       JOIN billing.accounts a ON a.tenant_id = k.tenant_id
 ), s AS (
     SELECT k.*,
-           CASE WHEN k.budget_period = 'lifetime' OR k.period_start = k.current_start
+           CASE WHEN k.budget_period IS NULL OR k.budget_period = 'lifetime' OR k.period_start = k.current_start
                 THEN k.period_spend_micros ELSE 0 END AS spent_micros,
            (SELECT coalesce(sum(h.amount_micros - h.captured_micros - h.released_micros), 0)::bigint
               FROM billing.holds h
@@ -1037,6 +1037,9 @@ CREATE FUNCTION billing_verify(tenant_id text DEFAULT NULL)
     SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
+    IF billing_verify.tenant_id IS NOT NULL THEN
+        PERFORM billing.check_account_settings(billing_verify.tenant_id, NULL, NULL, NULL, NULL);
+    END IF;
     IF billing_verify.tenant_id IS NOT NULL
        AND NOT EXISTS (SELECT FROM billing.accounts a WHERE a.tenant_id = billing_verify.tenant_id)
        AND NOT EXISTS (SELECT FROM billing.entries e WHERE e.tenant_id = billing_verify.tenant_id) THEN
@@ -1050,7 +1053,10 @@ BEGIN
         SELECT e.tenant_id, e.entry_id, e.amount_micros, e.balance_after_micros,
                lag(e.balance_after_micros, 1, 0::bigint)
                    OVER (PARTITION BY e.tenant_id ORDER BY e.version) AS before_micros,
-               e.version
+               e.version,
+               (e.amount_micros = 0 OR e.kind NOT IN ('topup', 'grant', 'refund', 'adjustment', 'deduct', 'capture')
+                OR (e.kind IN ('topup', 'grant', 'refund') AND e.amount_micros < 0)
+                OR (e.kind IN ('deduct', 'capture') AND e.amount_micros > 0)) AS invalid
           FROM billing.entries e
          WHERE billing_verify.tenant_id IS NULL OR e.tenant_id = billing_verify.tenant_id
     ), per_tenant AS (
@@ -1059,7 +1065,8 @@ BEGIN
                count(*) AS n,
                count(*) FILTER (WHERE c.balance_after_micros <> c.before_micros + c.amount_micros) AS breaks,
                min(c.entry_id) FILTER (WHERE c.balance_after_micros <> c.before_micros + c.amount_micros) AS first_break,
-               max(c.version) AS max_version
+               max(c.version) AS max_version,
+               count(*) FILTER (WHERE c.invalid) AS invalid
           FROM chain c
          GROUP BY c.tenant_id
     )
@@ -1081,6 +1088,7 @@ BEGIN
                WHEN a.balance_micros <> coalesce(p.total, 0) THEN 'cached balance differs from SUM(entries)'
                WHEN coalesce(p.breaks, 0) > 0 THEN 'balance_after chain is broken'
                WHEN a.version < coalesce(p.max_version, 0) THEN 'account version is behind its entries'
+               WHEN coalesce(p.invalid, 0) > 0 THEN 'entries with an unknown kind, a zero amount or the wrong sign'
                ELSE 'cached holds differ from the open holds'
            END
       FROM billing.accounts a
@@ -1091,12 +1099,13 @@ BEGIN
             OR a.balance_micros <> coalesce(p.total, 0)
             OR coalesce(p.breaks, 0) > 0
             OR a.version < coalesce(p.max_version, 0)
+            OR coalesce(p.invalid, 0) > 0
             OR a.holds_micros <> coalesce(h.open_micros, 0))
      ORDER BY 1;
 END;
 $$;
 COMMENT ON FUNCTION billing_verify(text) IS
-    'audit: one row per account whose cached balance differs from SUM(entries) or whose balance_after chain is broken; no rows when consistent';
+    'audit: one row per account whose cached balance differs from SUM(entries), whose balance_after chain is broken, whose version lags its entries, with invalid entries, or whose cached holds differ from its open holds; no rows when consistent';
 
 -- ---------------------------------------------------------------------------
 -- the SQL API: limits, API keys, prices (PL/pgSQL: configuration, not hot)
@@ -1245,18 +1254,23 @@ BEGIN
     ON CONFLICT (tenant_id, key_id) DO NOTHING
     RETURNING * INTO k;
     IF FOUND THEN
+        -- the key's Redis hash carries the account version: bump it
+        UPDATE billing.accounts a SET version = a.version + 1 WHERE a.tenant_id = acc.tenant_id;
         PERFORM billing.sync_mark(acc.tenant_id);
     ELSE
         SELECT * INTO k FROM billing.api_keys t
          WHERE t.tenant_id = acc.tenant_id AND t.key_id = billing_api_key_create.key_id;
-        IF k.budget_micros IS DISTINCT FROM micros OR k.budget_period IS DISTINCT FROM billing_api_key_create.budget_period
+        -- like billing_account_create: only the settings given are compared
+        IF (billing_api_key_create.budget IS NOT NULL
+            AND (k.budget_micros IS DISTINCT FROM micros OR k.budget_period IS DISTINCT FROM billing_api_key_create.budget_period))
            OR (billing_api_key_create.metadata IS NOT NULL AND k.metadata <> billing_api_key_create.metadata) THEN
             RAISE EXCEPTION 'api key "%" already exists with different settings', k.key_id
                 USING ERRCODE = 'ZB006',
-                      DETAIL = format('Existing: budget %s per %s, metadata %s.',
-                                      coalesce(billing.to_amount(k.budget_micros)::text, 'none'),
-                                      coalesce(k.budget_period, 'none'), k.metadata),
-                      HINT = 'Change it with billing_api_key_update().';
+                      DETAIL = format('Existing: budget %s, metadata %s; requested: budget %s, metadata %s.',
+                                      coalesce(billing.to_amount(k.budget_micros) || ' per ' || k.budget_period, 'none'), k.metadata,
+                                      coalesce(billing.to_amount(micros) || ' per ' || billing_api_key_create.budget_period, 'none'),
+                                      coalesce(billing_api_key_create.metadata::text, '(not given)')),
+                      HINT = 'Change it with billing_api_key_update(), or leave the settings out to get the existing key.';
         END IF;
     END IF;
     RETURN QUERY SELECT * FROM billing.api_key_budgets b
@@ -1320,6 +1334,7 @@ BEGIN
            period_spend_micros = k.period_spend_micros,
            updated_at = now()
      WHERE t.tenant_id = acc.tenant_id AND t.key_id = k.key_id;
+    UPDATE billing.accounts a SET version = a.version + 1 WHERE a.tenant_id = acc.tenant_id;
     PERFORM billing.sync_mark(acc.tenant_id);
     RETURN QUERY SELECT * FROM billing.api_key_budgets b
                   WHERE b.tenant_id = acc.tenant_id AND b.key_id = k.key_id;
@@ -2068,7 +2083,7 @@ AS $$
     SELECT k.tenant_id, k.key_id, acc.version,
            ARRAY['status', k.status,
                  'period', coalesce(k.budget_period, 'lifetime'),
-                 'spent', (CASE WHEN k.budget_period = 'lifetime'
+                 'spent', (CASE WHEN k.budget_period IS NULL OR k.budget_period = 'lifetime'
                                   OR k.period_start = CASE k.budget_period WHEN 'day' THEN acc.today ELSE acc.this_month END
                                 THEN k.period_spend_micros ELSE 0 END)::text,
                  'synced_at_ms', now_ms.ms]
@@ -2129,6 +2144,7 @@ REVOKE ALL ON FUNCTION billing_price_set(text, numeric, numeric, timestamptz, te
 REVOKE ALL ON FUNCTION billing_cost(text, bigint, bigint, timestamptz, text) FROM PUBLIC;
 REVOKE ALL ON FUNCTION billing_deduct_usage(text, text, bigint, bigint, text, text, jsonb, timestamptz, text) FROM PUBLIC;
 REVOKE ALL ON FUNCTION billing.lock_account(text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION billing.effective_holds(billing.accounts) FROM PUBLIC;
 REVOKE ALL ON FUNCTION billing_job_submit(text, text, text, numeric, jsonb, integer, timestamptz, interval) FROM PUBLIC;
 REVOKE ALL ON FUNCTION billing_job_claim(text, text[], integer, interval, text) FROM PUBLIC;
 REVOKE ALL ON FUNCTION billing_job_heartbeat(text, bigint, text, interval) FROM PUBLIC;
@@ -2176,6 +2192,8 @@ BEGIN
     FOREACH fn IN ARRAY billing.app_functions() LOOP
         EXECUTE format('GRANT EXECUTE ON FUNCTION %s TO %s', fn, role);
     END LOOP;
+    -- billing_account_create/update return rows of billing.balances
+    EXECUTE format('GRANT EXECUTE ON FUNCTION billing.effective_holds(billing.accounts) TO %s', role);
     EXECUTE format('GRANT USAGE ON SCHEMA billing TO %s', role);
 END;
 $$;
@@ -2192,6 +2210,9 @@ BEGIN
         RAISE EXCEPTION 'role must not be null' USING ERRCODE = 'ZB015', HINT = 'Pass the reporting role.';
     END IF;
     EXECUTE format('GRANT USAGE ON SCHEMA billing TO %s', role);
+    -- functions the views call (views run functions with the reader's rights)
+    EXECUTE format('GRANT EXECUTE ON FUNCTION billing.effective_holds(billing.accounts) TO %s', role);
+    EXECUTE format('GRANT EXECUTE ON FUNCTION @extschema@.billing_sync_status() TO %s', role);
     FOR v IN SELECT c.oid FROM pg_class c
               WHERE c.relnamespace = 'billing'::regnamespace AND c.relkind = 'v'
     LOOP

@@ -424,7 +424,9 @@ account_check_debit(Account *acc, ApiKey *key, Debit *debit, Rejection *rej)
 						   psprintf("api key \"%s\" is %s", key->key, key->status),
 						   psprintf("Charges through a %s key are refused (required %s).",
 									key->status, billing_format_micros(fresh)),
-						   pstrdup("Use an active key, or reactivate this one with billing_api_key_update()."));
+						   pstrdup(strcmp(key->status, "revoked") == 0 ?
+								   "A revoked key is final: use another key." :
+								   "Use an active key, or reactivate this one with billing_api_key_update()."));
 	else if (key->present && fresh > 0 && key->budget != NO_LIMIT &&
 			 (int128) key->period_spend + key->open_holds + fresh > key->budget)
 		ok = set_rejection(rej, ERRCODE_BILLING_KEY_BUDGET,

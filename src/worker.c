@@ -812,6 +812,25 @@ maintenance(void)
 	end_xact();
 }
 
+/* on exit: billing_sync_status() must not show a dead worker as connected */
+static void
+worker_exit(int code, Datum arg)
+{
+	if (redis != NULL)
+		redisFree(redis);
+	redis = NULL;
+	if (billing_sync == NULL)
+		return;
+	LWLockAcquire(billing_sync->lock, LW_EXCLUSIVE);
+	if (billing_sync->worker_pid == MyProcPid)
+	{
+		billing_sync->worker_pid = 0;
+		billing_sync->worker_latch = NULL;
+		billing_sync->connected = false;
+	}
+	LWLockRelease(billing_sync->lock);
+}
+
 /* ---------------------------------------------------------------------
  * main loop
  * ---------------------------------------------------------------------
@@ -832,6 +851,7 @@ billing_worker_main(Datum arg)
 	cycle_cxt = AllocSetContextCreate(TopMemoryContext, "billing sync cycle",
 									  ALLOCSET_DEFAULT_SIZES);
 
+	before_shmem_exit(worker_exit, (Datum) 0);
 	LWLockAcquire(billing_sync->lock, LW_EXCLUSIVE);
 	billing_sync->worker_pid = MyProcPid;
 	billing_sync->worker_latch = MyLatch;

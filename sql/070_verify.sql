@@ -1,0 +1,89 @@
+--
+-- 070_verify: billing_verify() audits the ledger.  It returns one row per
+-- inconsistent account and nothing when all is well.  To show each
+-- problem, this file corrupts data as the superuser (accounts can be
+-- updated; entries only with their append-only trigger switched off) and
+-- rolls the corruption back or repairs it.  Tenants start with "ver-".
+--
+\set VERBOSITY default
+\set SHOW_CONTEXT never
+
+SELECT tenant_id FROM billing_account_create('ver-a');
+SELECT tenant_id FROM billing_account_create('ver-b', credit_limit => 5);
+SELECT balance_after FROM billing_credit('ver-a', 10, 'ver-a-1');
+SELECT balance_after FROM billing_deduct('ver-a', 4, 'ver-a-2');
+SELECT balance_after FROM billing_credit('ver-b', 1, 'ver-b-1');
+SELECT balance_after FROM billing_deduct('ver-b', 3, 'ver-b-2');
+SELECT balance_after FROM billing_credit('ver-b', 7, 'ver-b-3', kind => 'refund');
+SELECT entry_id AS b2_id FROM billing.entries WHERE tenant_id = 'ver-b' AND trace_id = 'ver-b-2' \gset
+SELECT entry_id AS b3_id FROM billing.entries WHERE tenant_id = 'ver-b' AND trace_id = 'ver-b-3' \gset
+
+-- A consistent database: no rows, for all accounts and for one.
+SELECT count(*) AS problems FROM billing_verify();
+SELECT * FROM billing_verify('ver-a');
+SELECT * FROM billing_verify('ver-b');
+
+-- 1. The cached balance differs from the sum of the entries.
+UPDATE billing.accounts SET balance_micros = balance_micros + 1 WHERE tenant_id = 'ver-a';
+SELECT * FROM billing_verify();
+SELECT * FROM billing_verify('ver-a');
+SELECT * FROM billing_verify('ver-b');
+-- repaired
+UPDATE billing.accounts SET balance_micros = balance_micros - 1 WHERE tenant_id = 'ver-a';
+SELECT * FROM billing_verify();
+
+-- 2. A rewritten balance_after breaks the chain at that entry and the next
+-- one (each balance_after must be the previous one plus the amount).
+BEGIN;
+ALTER TABLE billing.entries DISABLE TRIGGER entries_append_only;
+UPDATE billing.entries SET balance_after_micros = balance_after_micros + 5000000
+ WHERE tenant_id = 'ver-b' AND trace_id = 'ver-b-2';
+SELECT tenant_id, cached_balance, ledger_sum, entries, chain_breaks,
+       first_break_entry_id = :b2_id AS first_break_is_b2, problem
+  FROM billing_verify();
+ROLLBACK;
+
+-- 3. A rewritten amount: the sum no longer matches, and the chain breaks
+-- at that entry.
+BEGIN;
+ALTER TABLE billing.entries DISABLE TRIGGER entries_append_only;
+UPDATE billing.entries SET amount_micros = amount_micros + 1
+ WHERE tenant_id = 'ver-b' AND trace_id = 'ver-b-3';
+SELECT tenant_id, cached_balance, ledger_sum, entries, chain_breaks,
+       first_break_entry_id = :b3_id AS first_break_is_b3, problem
+  FROM billing_verify('ver-b');
+ROLLBACK;
+
+-- 4. The account version is behind its entries (a lost account update).
+BEGIN;
+UPDATE billing.accounts SET version = version - 1 WHERE tenant_id = 'ver-a';
+SELECT * FROM billing_verify('ver-a');
+ROLLBACK;
+
+-- 5. Entries without an account (inserting is possible for the owner,
+-- deleting the account only with its trigger off).
+BEGIN;
+INSERT INTO billing.entries (tenant_id, trace_id, kind, amount_micros, balance_after_micros, version)
+VALUES ('ver-ghost', 'ver-ghost-1', 'topup', 2500000, 2500000, 1);
+SELECT * FROM billing_verify('ver-ghost');
+ALTER TABLE billing.accounts DISABLE TRIGGER accounts_no_delete;
+DELETE FROM billing.accounts WHERE tenant_id = 'ver-a';
+-- every problem at once, one row per tenant, ordered by tenant id
+UPDATE billing.accounts SET balance_micros = 0 WHERE tenant_id = 'ver-b';
+SELECT * FROM billing_verify();
+ROLLBACK;
+
+-- 6. The cached sum of what is left on the open holds differs from the
+-- holds themselves (a lost update of the account row).
+BEGIN;
+SELECT status, amount FROM billing_hold('ver-a', 1.5, 'ver-a-h1');
+SELECT count(*) AS problems FROM billing_verify('ver-a');
+UPDATE billing.accounts SET holds_micros = holds_micros - 1 WHERE tenant_id = 'ver-a';
+SELECT * FROM billing_verify('ver-a');
+ROLLBACK;
+
+-- Back to consistent: the corruptions above were repaired or rolled back.
+SELECT count(*) AS problems FROM billing_verify();
+SELECT tenant_id, balance, version FROM billing.balances WHERE tenant_id LIKE 'ver-%' ORDER BY 1;
+SELECT tgrelid::regclass, tgname, tgenabled FROM pg_trigger
+ WHERE tgname IN ('entries_append_only', 'accounts_no_delete') ORDER BY 2;
