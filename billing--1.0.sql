@@ -232,6 +232,7 @@ CREATE TABLE billing.jobs (
     hold_ttl         interval    NOT NULL DEFAULT '1 hour',
     charge_entry_id  bigint,
     last_error       text,
+    note             text,      -- why this write happens; moved into job_events by the trigger
     created_at       timestamptz NOT NULL DEFAULT now(),
     updated_at       timestamptz NOT NULL DEFAULT now(),
     finished_at      timestamptz,
@@ -271,6 +272,10 @@ CREATE TRIGGER jobs_guard
     BEFORE INSERT OR UPDATE ON billing.jobs
     FOR EACH ROW EXECUTE FUNCTION billing.job_guard();
 ALTER TABLE billing.jobs ENABLE ALWAYS TRIGGER jobs_guard;
+CREATE TRIGGER jobs_log_insert
+    AFTER INSERT ON billing.jobs
+    FOR EACH ROW EXECUTE FUNCTION billing.job_guard();
+ALTER TABLE billing.jobs ENABLE ALWAYS TRIGGER jobs_log_insert;
 
 CREATE TRIGGER jobs_no_delete
     BEFORE DELETE OR TRUNCATE ON billing.jobs
@@ -1542,13 +1547,6 @@ AS $$
                j.input, j.output, j.created_at, j.finished_at, replayed)::billing.job_result
 $$;
 
-CREATE FUNCTION billing.job_log(j billing.jobs, from_state text, reason text) RETURNS void
-    LANGUAGE sql
-    SET search_path = pg_catalog, pg_temp
-AS $$
-    INSERT INTO billing.job_events (tenant_id, job_id, from_state, to_state, attempt, reason, worker)
-    VALUES (j.tenant_id, j.job_id, from_state, j.state, j.attempt, reason, j.worker)
-$$;
 
 -- lock a job (FOR UPDATE) or raise ZB071
 CREATE FUNCTION billing.job_lock(tenant_id text, job_id bigint) RETURNS billing.jobs
@@ -1616,8 +1614,6 @@ CREATE FUNCTION billing.job_fail_attempt(j billing.jobs, error text, retryable b
     LANGUAGE plpgsql
     SET search_path = pg_catalog, pg_temp
 AS $$
-DECLARE
-    from_state text := j.state;
 BEGIN
     j.last_error := error;
     j.lease_until := NULL;
@@ -1634,9 +1630,8 @@ BEGIN
     END IF;
     UPDATE billing.jobs x
        SET state = j.state, run_at = j.run_at, lease_until = NULL, last_error = j.last_error,
-           updated_at = j.updated_at, finished_at = j.finished_at
+           updated_at = j.updated_at, finished_at = j.finished_at, note = error
      WHERE x.tenant_id = j.tenant_id AND x.job_id = j.job_id;
-    PERFORM billing.job_log(j, from_state, error);
     RETURN j;
 END;
 $$;
@@ -1650,7 +1645,7 @@ BEGIN
     IF j.state = 'processing' AND (worker IS NULL OR worker = j.worker) THEN
         RETURN;
     END IF;
-    IF j.state IN ('queued', 'processing') THEN
+    IF j.state = 'processing' OR (j.state = 'queued' AND j.attempt > 0) THEN
         RAISE EXCEPTION 'job % is no longer leased by %', j.job_id, coalesce(worker, 'this worker')
             USING ERRCODE = 'ZB073',
                   DETAIL = format('The job is %s (attempt %s, worker %s).', j.state, j.attempt, coalesce(j.worker, 'none')),
@@ -1704,16 +1699,21 @@ BEGIN
                   DETAIL = format('hold_ttl %s, run_at %s.', billing_job_submit.hold_ttl, billing_job_submit.run_at),
                   HINT = 'The hold reserving the estimate must outlive the wait for the job.';
     END IF;
-    PERFORM billing.check_account_settings(billing_job_submit.tenant_id, NULL, NULL, NULL, billing_job_submit.input);
+    PERFORM billing.check_account_settings(billing_job_submit.tenant_id, NULL, NULL, NULL, NULL);
+    IF billing_job_submit.input IS NOT NULL AND jsonb_typeof(billing_job_submit.input) <> 'object' THEN
+        RAISE EXCEPTION 'input must be a json object'
+            USING ERRCODE = 'ZB018', DETAIL = format('The value given was %s.', billing_job_submit.input),
+                  HINT = 'Pass e.g. ''{"document": "s3://bucket/key"}''::jsonb, or leave it out.';
+    END IF;
     est := billing.to_micros(billing_job_submit.estimated_cost, 'estimated_cost', false);
 
     new_id := nextval('billing.job_id_seq');
     INSERT INTO billing.jobs AS x (tenant_id, job_id, idempotency_key, kind, input, max_attempts, run_at,
-                                   estimated_micros, hold_trace_id, hold_seq, hold_ttl)
+                                   estimated_micros, hold_trace_id, hold_seq, hold_ttl, note)
     VALUES (billing_job_submit.tenant_id, new_id, billing_job_submit.idempotency_key, billing_job_submit.kind,
             coalesce(billing_job_submit.input, '{}'), billing_job_submit.max_attempts,
             coalesce(billing_job_submit.run_at, now()), est,
-            format('job:%s:1', new_id), 1, billing_job_submit.hold_ttl)
+            format('job:%s:1', new_id), 1, billing_job_submit.hold_ttl, NULL)
     ON CONFLICT (tenant_id, idempotency_key) DO NOTHING
     RETURNING * INTO j;
 
@@ -1741,7 +1741,7 @@ BEGIN
                                     expires_in => least(greatest(j.run_at - now(), interval '0') + j.hold_ttl,
                                                         interval '31 days'),
                                     description => format('job %s (%s)', j.job_id, j.kind));
-    PERFORM billing.job_log(j, NULL, 'submitted');
+    j.note := NULL;
     RETURN billing.job_result(j, false);
 END;
 $$;
@@ -1759,7 +1759,8 @@ CREATE FUNCTION billing_job_claim(worker text,
 AS $$
 #variable_conflict use_column
 DECLARE
-    j billing.jobs;
+    j       billing.jobs;
+    claimed billing.jobs[] := '{}';
 BEGIN
     IF billing_job_claim.worker IS NULL OR billing_job_claim.max_jobs IS NULL OR billing_job_claim.lease IS NULL THEN
         RAISE EXCEPTION 'worker, max_jobs and lease must not be null'
@@ -1785,13 +1786,21 @@ BEGIN
         )
         UPDATE billing.jobs x
            SET state = 'processing', attempt = x.attempt + 1, worker = billing_job_claim.worker,
-               lease_until = now() + billing_job_claim.lease, heartbeat_at = now(), updated_at = now()
+               lease_until = now() + billing_job_claim.lease, heartbeat_at = now(), updated_at = now(),
+               note = 'claimed'
           FROM due
          WHERE x.tenant_id = due.tenant_id AND x.job_id = due.job_id
         RETURNING x.*
     LOOP
-        PERFORM billing.job_log(j, 'queued', 'claimed');
+        j.note := NULL;
+        claimed := claimed || j;
+    END LOOP;
+    -- keep the holds alive past the leases, locking the accounts in tenant
+    -- order: two claimers never wait on each other's accounts in a cycle
+    FOR j IN SELECT * FROM unnest(claimed) c ORDER BY c.tenant_id, c.job_id LOOP
         PERFORM billing.job_keep_hold(j, j.lease_until);
+    END LOOP;
+    FOR j IN SELECT * FROM unnest(claimed) c ORDER BY c.run_at, c.job_id LOOP
         RETURN NEXT billing.job_result(j, false);
     END LOOP;
 END;
@@ -1808,8 +1817,11 @@ AS $$
 DECLARE
     j billing.jobs := billing.job_lock(billing_job_heartbeat.tenant_id, billing_job_heartbeat.job_id);
 BEGIN
-    IF billing_job_heartbeat.lease IS NULL OR billing_job_heartbeat.lease <= interval '0'
-       OR billing_job_heartbeat.lease > interval '1 day' THEN
+    IF billing_job_heartbeat.lease IS NULL OR billing_job_heartbeat.worker IS NULL THEN
+        RAISE EXCEPTION 'worker and lease must not be null'
+            USING ERRCODE = 'ZB015', HINT = 'Name the worker that claimed the job.';
+    END IF;
+    IF billing_job_heartbeat.lease <= interval '0' OR billing_job_heartbeat.lease > interval '1 day' THEN
         RAISE EXCEPTION 'lease must be in (0, 1 day]'
             USING ERRCODE = 'ZB018', HINT = 'Pass e.g. interval ''5 minutes''.';
     END IF;
@@ -1842,7 +1854,9 @@ BEGIN
     END IF;
     actual := billing.to_micros(billing_job_complete.actual_cost, 'actual_cost', true);
     IF billing_job_complete.output IS NOT NULL AND jsonb_typeof(billing_job_complete.output) <> 'object' THEN
-        PERFORM billing.check_account_settings(j.tenant_id, NULL, NULL, NULL, billing_job_complete.output);
+        RAISE EXCEPTION 'output must be a json object'
+            USING ERRCODE = 'ZB018', DETAIL = format('The value given was %s.', billing_job_complete.output),
+                  HINT = 'Pass e.g. ''{"words": 912}''::jsonb, or leave it out.';
     END IF;
     IF j.state = 'completed' AND j.actual_micros = actual THEN
         RETURN billing.job_result(j, true);           -- a retried complete
@@ -1870,11 +1884,12 @@ BEGIN
     j.charge_entry_id := entry;
     j.output := billing_job_complete.output;
     j.finished_at := now();
+    j.lease_until := NULL;
     UPDATE billing.jobs x
        SET state = 'completed', actual_micros = actual, charge_entry_id = entry, output = j.output,
-           lease_until = NULL, finished_at = j.finished_at, updated_at = now()
+           lease_until = NULL, finished_at = j.finished_at, updated_at = now(),
+           note = format('charged %s', billing.to_amount(actual))
      WHERE x.tenant_id = j.tenant_id AND x.job_id = j.job_id;
-    PERFORM billing.job_log(j, 'processing', format('charged %s', billing.to_amount(actual)));
     RETURN billing.job_result(j, false);
 END;
 $$;
@@ -1908,7 +1923,6 @@ CREATE FUNCTION billing_job_cancel(tenant_id text, job_id bigint, reason text DE
 AS $$
 DECLARE
     j billing.jobs := billing.job_lock(billing_job_cancel.tenant_id, billing_job_cancel.job_id);
-    from_state text := j.state;
 BEGIN
     IF j.state = 'cancelled' THEN
         RETURN billing.job_result(j, true);
@@ -1922,10 +1936,12 @@ BEGIN
     PERFORM billing.job_release_hold(j);
     j.state := 'cancelled';
     j.finished_at := now();
+    j.lease_until := NULL;
+    j.last_error := coalesce(billing_job_cancel.reason, j.last_error);
     UPDATE billing.jobs x SET state = 'cancelled', lease_until = NULL, finished_at = j.finished_at,
-                              last_error = coalesce(billing_job_cancel.reason, x.last_error), updated_at = now()
+                              last_error = j.last_error, updated_at = now(),
+                              note = coalesce(billing_job_cancel.reason, 'cancelled')
      WHERE x.tenant_id = j.tenant_id AND x.job_id = j.job_id;
-    PERFORM billing.job_log(j, from_state, coalesce(billing_job_cancel.reason, 'cancelled'));
     RETURN billing.job_result(j, false);
 END;
 $$;
@@ -1955,11 +1971,11 @@ BEGIN
     j.attempt := 0;
     j.run_at := now();
     j.finished_at := NULL;
+    j.worker := NULL;
     UPDATE billing.jobs x
        SET state = 'queued', attempt = 0, run_at = j.run_at, hold_seq = j.hold_seq, hold_trace_id = j.hold_trace_id,
-           finished_at = NULL, worker = NULL, updated_at = now()
+           finished_at = NULL, worker = NULL, updated_at = now(), note = 'retried'
      WHERE x.tenant_id = j.tenant_id AND x.job_id = j.job_id;
-    PERFORM billing.job_log(j, 'failed', 'retried');
     RETURN billing.job_result(j, false);
 END;
 $$;
@@ -1973,7 +1989,10 @@ AS $$
 DECLARE
     j billing.jobs;
 BEGIN
-    IF max_jobs IS NULL OR max_jobs NOT BETWEEN 1 AND 10000 THEN
+    IF max_jobs IS NULL THEN
+        RAISE EXCEPTION 'max_jobs must not be null' USING ERRCODE = 'ZB015', HINT = 'Leave it out for 100.';
+    END IF;
+    IF max_jobs NOT BETWEEN 1 AND 10000 THEN
         RAISE EXCEPTION 'max_jobs must be 1 to 10000' USING ERRCODE = 'ZB018', HINT = 'Rescue in batches.';
     END IF;
     FOR j IN
@@ -2157,7 +2176,6 @@ REVOKE ALL ON FUNCTION billing.job_lock(text, bigint) FROM PUBLIC;
 REVOKE ALL ON FUNCTION billing.job_fail_attempt(billing.jobs, text, boolean) FROM PUBLIC;
 REVOKE ALL ON FUNCTION billing.job_keep_hold(billing.jobs, timestamptz) FROM PUBLIC;
 REVOKE ALL ON FUNCTION billing.job_release_hold(billing.jobs) FROM PUBLIC;
-REVOKE ALL ON FUNCTION billing.job_log(billing.jobs, text, text) FROM PUBLIC;
 REVOKE ALL ON FUNCTION billing.job_guard() FROM PUBLIC;
 REVOKE ALL ON FUNCTION billing.sync_mark(text) FROM PUBLIC;
 REVOKE ALL ON FUNCTION billing.expire_holds_of(text) FROM PUBLIC;

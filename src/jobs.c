@@ -16,11 +16,18 @@
  *	- only the transitions above; completed and cancelled jobs never change
  *	  again, a failed job only goes back to queued (retry);
  *	- identity (tenant_id, job_id, idempotency_key, kind, input) never
- *	  changes;
- *	- completed => its charge exists: charge_entry_id names a ledger entry
- *	  of this tenant (or the actual cost is exactly 0);
- *	- failed or cancelled => its hold is not open any more.
+ *	  changes, nor does the hold, except when a failed job is retried;
+ *	- completed => its charge exists: charge_entry_id names this job's debit
+ *	  entry (trace id job:<id>:charge, amount = -actual cost), or the actual
+ *	  cost is exactly 0;
+ *	- completed, failed or cancelled => its hold is not open any more.
  * Violations raise ZB070 (transition) or ZB072 (invariant).
+ *
+ * Every state change (and the insert) is logged in billing.job_events by
+ * this trigger, so a direct UPDATE is logged too.  The reason is the row's
+ * `note`, which the billing_job_* functions set in the same UPDATE and the
+ * trigger consumes (sets back to NULL); a write without a note is logged as
+ * a direct update by the session user.
  *
  *-------------------------------------------------------------------------
  */
@@ -31,6 +38,7 @@
 #include "catalog/pg_type.h"
 #include "commands/trigger.h"
 #include "executor/spi.h"
+#include "miscadmin.h"
 #include "utils/builtins.h"
 #include "utils/rel.h"
 
@@ -38,6 +46,7 @@ PG_FUNCTION_INFO_V1(billing_job_guard);
 
 static SPIPlanPtr plan_entry = NULL;
 static SPIPlanPtr plan_hold = NULL;
+static SPIPlanPtr plan_log = NULL;
 
 typedef struct JobRow
 {
@@ -54,6 +63,8 @@ typedef struct JobRow
 	int64		actual_micros;
 	text	   *hold_trace_id;	/* may be NULL */
 	int32		attempt;
+	text	   *note;			/* may be NULL */
+	text	   *worker;			/* may be NULL */
 } JobRow;
 
 static Datum
@@ -87,6 +98,10 @@ read_job(HeapTuple tuple, TupleDesc desc, JobRow *job)
 	d = get(tuple, desc, "hold_trace_id", &isnull);
 	job->hold_trace_id = isnull ? NULL : DatumGetTextPP(d);
 	job->attempt = DatumGetInt32(get(tuple, desc, "attempt", &isnull));
+	d = get(tuple, desc, "note", &isnull);
+	job->note = isnull ? NULL : DatumGetTextPP(d);
+	d = get(tuple, desc, "worker", &isnull);
+	job->worker = isnull ? NULL : DatumGetTextPP(d);
 }
 
 static bool
@@ -113,6 +128,8 @@ legal(const char *from, const char *to)
 static bool
 text_eq(text *a, text *b)
 {
+	if (a == NULL || b == NULL)
+		return a == b;
 	return VARSIZE_ANY_EXHDR(a) == VARSIZE_ANY_EXHDR(b) &&
 		memcmp(VARDATA_ANY(a), VARDATA_ANY(b), VARSIZE_ANY_EXHDR(a)) == 0;
 }
@@ -127,12 +144,12 @@ invariant_failed(JobRow *job, const char *what, const char *hint)
 			 errhint("%s", hint)));
 }
 
-/* completed => a ledger entry of this tenant is its charge */
+/* completed => this job's own debit entry is its charge */
 static void
 check_charged(JobRow *job)
 {
-	Oid			types[2] = {TEXTOID, INT8OID};
-	Datum		values[2];
+	Oid			types[4] = {TEXTOID, INT8OID, TEXTOID, INT8OID};
+	Datum		values[4];
 
 	if (!job->has_charge)
 	{
@@ -144,14 +161,17 @@ check_charged(JobRow *job)
 	}
 	billing_keep_plan(&plan_entry,
 					  "SELECT 1 FROM billing.entries WHERE tenant_id = $1 AND entry_id = $2 "
-					  "AND amount_micros < 0",
-					  2, types);
+					  "AND trace_id = $3 AND amount_micros = -$4",
+					  4, types);
 	values[0] = PointerGetDatum(job->tenant_id);
 	values[1] = Int64GetDatum(job->charge_entry_id);
+	values[2] = CStringGetTextDatum(psprintf("job:" INT64_FORMAT ":charge", job->job_id));
+	values[3] = Int64GetDatum(job->actual_micros);
 	billing_spi_exec(plan_entry, values, NULL, SPI_OK_SELECT, "checking the job charge");
 	if (SPI_processed == 0)
-		invariant_failed(job, "with a charge that is not in the ledger",
-						 "charge_entry_id must name the debit entry of this job.");
+		invariant_failed(job, "with a charge that is not its own",
+						 "charge_entry_id must name this job's debit entry (trace id "
+						 "job:<job_id>:charge) for exactly its actual cost.");
 }
 
 /* failed/cancelled => the hold is not open */
@@ -176,6 +196,45 @@ check_released(JobRow *job)
 						 "in the same transaction.");
 }
 
+/* log a transition in billing.job_events; reason = the row's note */
+static void
+log_transition(JobRow *newjob, const char *from_state)
+{
+	Oid			types[7] = {TEXTOID, INT8OID, TEXTOID, TEXTOID, INT4OID, TEXTOID, TEXTOID};
+	Datum		values[7];
+	char		nulls[7] = {' ', ' ', ' ', ' ', ' ', ' ', ' '};
+
+	billing_keep_plan(&plan_log,
+					  "INSERT INTO billing.job_events (tenant_id, job_id, from_state, "
+					  "  to_state, attempt, reason, worker) VALUES ($1, $2, $3, $4, $5, $6, $7)",
+					  7, types);
+	values[0] = PointerGetDatum(newjob->tenant_id);
+	values[1] = Int64GetDatum(newjob->job_id);
+	values[2] = from_state ? CStringGetTextDatum(from_state) : (Datum) 0;
+	nulls[2] = from_state ? ' ' : 'n';
+	values[3] = CStringGetTextDatum(newjob->state);
+	values[4] = Int32GetDatum(newjob->attempt);
+	values[5] = newjob->note ? PointerGetDatum(newjob->note) :
+		CStringGetTextDatum(psprintf("direct %s by %s", from_state ? "update" : "insert",
+									 GetUserNameFromId(GetSessionUserId(), false)));
+	values[6] = PointerGetDatum(newjob->worker);
+	nulls[6] = newjob->worker ? ' ' : 'n';
+	billing_spi_exec(plan_log, values, nulls, SPI_OK_INSERT, "logging the job transition");
+}
+
+/* the note is consumed by the log: store NULL */
+static HeapTuple
+clear_note(HeapTuple tuple, TupleDesc desc, JobRow *job)
+{
+	int			attnum = SPI_fnumber(desc, "note");
+	Datum		value = (Datum) 0;
+	bool		isnull = true;
+
+	if (job->note == NULL)
+		return tuple;
+	return heap_modify_tuple_by_cols(tuple, desc, 1, &attnum, &value, &isnull);
+}
+
 Datum
 billing_job_guard(PG_FUNCTION_ARGS)
 {
@@ -184,13 +243,30 @@ billing_job_guard(PG_FUNCTION_ARGS)
 	JobRow		newjob;
 	HeapTuple	result;
 
-	if (!CALLED_AS_TRIGGER(fcinfo) || !TRIGGER_FIRED_FOR_ROW(trigdata->tg_event) ||
-		!TRIGGER_FIRED_BEFORE(trigdata->tg_event))
+	if (!CALLED_AS_TRIGGER(fcinfo) || !TRIGGER_FIRED_FOR_ROW(trigdata->tg_event))
 		ereport(ERROR,
 				(errcode(ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED),
-				 errmsg("billing.job_guard() must be a BEFORE ... FOR EACH ROW trigger")));
+				 errmsg("billing.job_guard() must be a FOR EACH ROW trigger")));
 
 	desc = RelationGetDescr(trigdata->tg_relation);
+
+	/*
+	 * The insert is logged AFTER it happened: a BEFORE trigger also fires for
+	 * a row that INSERT ... ON CONFLICT DO NOTHING then skips (a duplicate
+	 * submit).
+	 */
+	if (TRIGGER_FIRED_AFTER(trigdata->tg_event))
+	{
+		if (!TRIGGER_FIRED_BY_INSERT(trigdata->tg_event))
+			elog(ERROR, "billing.job_guard() runs AFTER INSERT only");
+		read_job(trigdata->tg_trigtuple, desc, &newjob);
+		newjob.note = cstring_to_text("submitted");
+		if (SPI_connect() != SPI_OK_CONNECT)
+			elog(ERROR, "billing: SPI_connect failed");
+		log_transition(&newjob, NULL);
+		SPI_finish();
+		return PointerGetDatum(NULL);
+	}
 
 	if (TRIGGER_FIRED_BY_INSERT(trigdata->tg_event))
 	{
@@ -202,7 +278,7 @@ billing_job_guard(PG_FUNCTION_ARGS)
 					 errmsg("a new job must be queued with attempt 0, not %s with attempt %d",
 							newjob.state, newjob.attempt),
 					 errhint("Submit jobs with billing_job_submit().")));
-		return PointerGetDatum(result);
+		return PointerGetDatum(clear_note(result, desc, &newjob));
 	}
 
 	if (TRIGGER_FIRED_BY_UPDATE(trigdata->tg_event))
@@ -222,8 +298,8 @@ billing_job_guard(PG_FUNCTION_ARGS)
 							   (strcmp(oldjob.state, "completed") == 0 ||
 								strcmp(oldjob.state, "cancelled") == 0) ?
 							   ", which is final" : ""),
-					 errhint("Allowed: queued -> processing | cancelled; processing -> completed | "
-							 "queued | failed | cancelled; failed -> queued (retry).")));
+					 errhint("Allowed: queued -> queued | processing | cancelled; processing -> "
+							 "processing | completed | queued | failed | cancelled; failed -> queued (retry).")));
 
 		if (oldjob.job_id != newjob.job_id ||
 			!text_eq(oldjob.tenant_id, newjob.tenant_id) ||
@@ -239,15 +315,27 @@ billing_job_guard(PG_FUNCTION_ARGS)
 					 errdetail("tenant_id, job_id, idempotency_key, kind and input are fixed at submit."),
 					 errhint("Submit a new job instead.")));
 
+		/* the hold changes only when a failed job is retried with a new one */
+		if (!text_eq(oldjob.hold_trace_id, newjob.hold_trace_id) &&
+			!(strcmp(oldjob.state, "failed") == 0 && strcmp(newjob.state, "queued") == 0))
+			ereport(ERROR,
+					(errcode(ERRCODE_BILLING_JOB_INVARIANT),
+					 errmsg("the hold of job " INT64_FORMAT " cannot change", oldjob.job_id),
+					 errdetail("Only a retry of a failed job takes a new hold."),
+					 errhint("Use billing_job_retry().")));
+
 		if (SPI_connect() != SPI_OK_CONNECT)
 			elog(ERROR, "billing: SPI_connect failed");
 		if (strcmp(newjob.state, "completed") == 0)
 			check_charged(&newjob);
-		else if (strcmp(newjob.state, "failed") == 0 ||
-				 strcmp(newjob.state, "cancelled") == 0)
+		if (strcmp(newjob.state, "completed") == 0 ||
+			strcmp(newjob.state, "failed") == 0 ||
+			strcmp(newjob.state, "cancelled") == 0)
 			check_released(&newjob);
+		if (strcmp(oldjob.state, newjob.state) != 0)
+			log_transition(&newjob, oldjob.state);
 		SPI_finish();
-		return PointerGetDatum(result);
+		return PointerGetDatum(clear_note(result, desc, &newjob));
 	}
 
 	ereport(ERROR,
