@@ -805,6 +805,13 @@ BEGIN
                   DETAIL = format('It has %s characters.', length(tenant_id)),
                   HINT = 'Use your own customer or workspace id.';
     END IF;
+    IF tenant_id ~ '[{}]' THEN
+        -- braces delimit the Redis Cluster hash tag of the tenant's keys
+        RAISE EXCEPTION 'tenant_id must not contain { or }'
+            USING ERRCODE = 'ZB016',
+                  DETAIL = format('The value given was %s.', quote_literal(tenant_id)),
+                  HINT = 'The tenant id is the Redis hash tag billing:{tenant}; use another separator.';
+    END IF;
     IF currency IS NOT NULL AND currency !~ '^[A-Z][A-Z0-9]{2,9}$' THEN
         RAISE EXCEPTION 'invalid currency %', quote_literal(currency)
             USING ERRCODE = 'ZB018',
@@ -1220,6 +1227,11 @@ BEGIN
         RAISE EXCEPTION 'key_id must be 1 to 255 characters'
             USING ERRCODE = 'ZB018', DETAIL = format('It has %s characters.', length(key_id)),
                   HINT = 'Use the public id of the key (never the secret).';
+    END IF;
+    IF key_id ~ '[{}]' THEN
+        RAISE EXCEPTION 'key_id must not contain { or }'
+            USING ERRCODE = 'ZB018', DETAIL = format('The value given was %s.', quote_literal(key_id)),
+                  HINT = 'Braces delimit the Redis hash tag of the tenant''s keys.';
     END IF;
     IF budget_period IS NOT NULL AND budget_period NOT IN ('day', 'month', 'lifetime') THEN
         RAISE EXCEPTION 'invalid budget period %', quote_literal(budget_period)

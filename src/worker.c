@@ -73,6 +73,7 @@ static char apply_sha[64];
 static char run_id[48];
 static bool outage_logged = false;
 static int	backoff_ms = 0;
+static TimestampTz next_connect_at = 0;	/* backoff: no attempt before */
 static bool full_resync = true;
 static TimestampTz last_maintenance = 0;
 static TimestampTz last_check = 0;
@@ -126,6 +127,8 @@ redis_drop(const char *why)
 					 errhint("Backends are not affected; the worker retries with backoff and catches up.")));
 		outage_logged = true;
 		backoff_ms = backoff_ms ? Min(backoff_ms * 2, MAX_BACKOFF_MS) : 100;
+		/* committing backends set our latch: that must not defeat the backoff */
+		next_connect_at = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), backoff_ms);
 	}
 }
 
@@ -220,6 +223,8 @@ redis_connect(void)
 
 	if (redis != NULL)
 		return true;
+	if (GetCurrentTimestamp() < next_connect_at)
+		return false;
 	redis = redisConnectWithTimeout(billing_redis_host, billing_redis_port,
 									ms_to_tv(billing_redis_connect_timeout));
 	if (redis == NULL || redis->err)
@@ -675,10 +680,57 @@ resync_all(void)
 }
 
 /*
+ * Does Redis hold exactly this snapshot (every field but the push time)?
+ * 1 yes, 0 no, -1 Redis failed (connection dropped).
+ */
+static int
+redis_matches(SyncSnap *snap)
+{
+	char	   *key = snapshot_key(snap, "");
+	const char *argv[] = {"HGETALL", key};
+	redisReply *r = redis_cmd(2, argv);
+	bool		same = true;
+
+	if (r == NULL)
+		return -1;
+	if (r->type != REDIS_REPLY_ARRAY || (size_t) snap->nfields + 2 != r->elements)
+		same = false;
+	for (size_t e = 0; same && e + 1 < r->elements; e += 2)
+	{
+		const char *field = r->element[e]->str;
+		const char *value = r->element[e + 1]->str;
+
+		if (field == NULL || value == NULL)
+			same = false;
+		else if (strcmp(field, "synced_at_ms") == 0)
+			continue;
+		else if (strcmp(field, "version") == 0)
+			same = strtoll(value, NULL, 10) == snap->version;
+		else
+		{
+			bool		found = false;
+
+			for (int f = 0; f + 1 < snap->nfields; f += 2)
+				if (strcmp(snap->fields[f], field) == 0)
+				{
+					found = strcmp(snap->fields[f + 1], value) == 0;
+					break;
+				}
+			same = found;
+		}
+	}
+	freeReplyObject(r);
+	return same ? 1 : 0;
+}
+
+/*
  * The periodic consistency check: compare what Redis holds with the
- * database for every account (version, balance, available, status) and
- * force-apply the database state where they differ: repairs hashes edited
- * by hand or left newer than the database (e.g. after a restore).
+ * database for every account and key hash, and force-apply the database
+ * state where they differ: repairs hashes edited by hand or left newer than
+ * the database (e.g. after a restore).  A hash that differs only because a
+ * commit landed between our read and the comparison is not drift: suspects
+ * are read again from the database and compared once more before anything
+ * is forced, so a newer pushed state is never overwritten with an older one.
  */
 static bool
 check_all(void)
@@ -689,64 +741,49 @@ check_all(void)
 	for (;;)
 	{
 		SyncSnap   *snaps;
-		SyncSnap   *bad;
-		int			nbad = 0;
 		char	   *last = NULL;
+		char	  **suspects;
+		int			nsuspects = 0;
 		int			n;
 
 		CHECK_FOR_INTERRUPTS();
 		n = read_snapshots(NULL, NULL, 0, after, billing_sync_batch_size, &snaps, &last);
 		if (n == 0)
 			break;
-		bad = palloc(sizeof(SyncSnap) * n);
+		suspects = MemoryContextAlloc(cycle_cxt, sizeof(char *) * n);
 		for (int i = 0; i < n; i++)
 		{
-			char	   *key = snapshot_key(&snaps[i], "");
-			const char *argv[] = {"HGETALL", key};
-			redisReply *r = redis_cmd(2, argv);
-			bool		same = true;
+			int			m = redis_matches(&snaps[i]);
 
-			if (r == NULL)
+			if (m < 0)
 				return false;
-			if (r->type != REDIS_REPLY_ARRAY ||
-				(size_t) snaps[i].nfields + 2 != r->elements)
-				same = false;
-			else
-			{
-				/* compare every field but the push time */
-				for (size_t e = 0; same && e + 1 < r->elements; e += 2)
-				{
-					const char *field = r->element[e]->str;
-					const char *value = r->element[e + 1]->str;
-					bool		matched = false;
-
-					if (strcmp(field, "synced_at_ms") == 0)
-						continue;
-					if (strcmp(field, "version") == 0)
-					{
-						matched = strtoll(value, NULL, 10) == snaps[i].version;
-						same = matched;
-						continue;
-					}
-					for (int f = 0; f + 1 < snaps[i].nfields; f += 2)
-						if (strcmp(snaps[i].fields[f], field) == 0)
-						{
-							matched = strcmp(snaps[i].fields[f + 1], value) == 0 ||
-								strcmp(field, "synced_at_ms") == 0;
-							break;
-						}
-					same = matched;
-				}
-			}
-			freeReplyObject(r);
-			if (!same)
-				bad[nbad++] = snaps[i];
+			if (m == 0 && (nsuspects == 0 || strcmp(suspects[nsuspects - 1], snaps[i].tenant) != 0))
+				suspects[nsuspects++] = snaps[i].tenant;
 		}
-		if (nbad > 0)
+		if (nsuspects > 0)
 		{
-			if (!push(bad, nbad, true))
-				return false;
-			repaired += nbad;
+			SyncSnap   *fresh;
+			SyncSnap   *bad;
+			TimestampTz *none = MemoryContextAllocZero(cycle_cxt, sizeof(TimestampTz) * nsuspects);
+			int			nfresh = read_snapshots(suspects, none, nsuspects, NULL, 0, &fresh, NULL);
+			int			nbad = 0;
+
+			bad = MemoryContextAlloc(cycle_cxt, sizeof(SyncSnap) * Max(nfresh, 1));
+			for (int i = 0; i < nfresh; i++)
+			{
+				int			m = redis_matches(&fresh[i]);
+
+				if (m < 0)
+					return false;
+				if (m == 0)
+					bad[nbad++] = fresh[i];
+			}
+			if (nbad > 0)
+			{
+				if (!push(bad, nbad, true))
+					return false;
+				repaired += nbad;
+			}
 		}
 		if (last == NULL)
 			break;
@@ -812,6 +849,14 @@ maintenance(void)
 	end_xact();
 }
 
+/* the settings that decide where we push: a change means reconnect + resync */
+static char *
+redis_settings(void)
+{
+	return psprintf("%s|%d|%s|%d|%s", billing_redis_host, billing_redis_port,
+					billing_redis_password, billing_redis_db, billing_redis_prefix);
+}
+
 /* on exit: billing_sync_status() must not show a dead worker as connected */
 static void
 worker_exit(int code, Datum arg)
@@ -871,10 +916,20 @@ billing_worker_main(Datum arg)
 		CHECK_FOR_INTERRUPTS();
 		if (ConfigReloadPending)
 		{
+			char	   *before = redis_settings();
+			char	   *now_set;
+
 			ConfigReloadPending = false;
 			ProcessConfigFile(PGC_SIGHUP);
-			redis_drop(NULL);	/* reconnect with the new settings */
-			full_resync = true;
+			now_set = redis_settings();
+			if (strcmp(before, now_set) != 0)
+			{
+				redis_drop(NULL);	/* reconnect with the new settings */
+				next_connect_at = 0;
+				full_resync = true;
+			}
+			pfree(before);
+			pfree(now_set);
 		}
 
 		now = GetCurrentTimestamp();
@@ -922,10 +977,16 @@ billing_worker_main(Datum arg)
 					}
 				}
 				if (redis == NULL && billing_redis_host[0] != '\0')
-					timeout = Max(backoff_ms, 10);
+				{
+					long		secs;
+					int			usecs;
+
+					TimestampDifference(GetCurrentTimestamp(), next_connect_at, &secs, &usecs);
+					timeout = Max(secs * 1000 + usecs / 1000, 10);
+				}
 			}
 			else
-				timeout = 10000;
+				timeout = 1000; /* look for CREATE EXTENSION again soon */
 		}
 		PG_CATCH();
 		{
