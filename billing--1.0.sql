@@ -1448,6 +1448,8 @@ CREATE FUNCTION billing.cost_micros(p billing.prices, input_tokens bigint, outpu
     LANGUAGE plpgsql IMMUTABLE
     SET search_path = pg_catalog, pg_temp
 AS $$
+DECLARE
+    cost numeric;
 BEGIN
     IF input_tokens IS NULL OR output_tokens IS NULL THEN
         RAISE EXCEPTION 'input_tokens and output_tokens must not be null'
@@ -1459,8 +1461,16 @@ BEGIN
                   DETAIL = format('input_tokens %s, output_tokens %s.', input_tokens, output_tokens),
                   HINT = 'Pass the counts the provider reported.';
     END IF;
-    RETURN round((input_tokens::numeric * p.input_per_1k_micros
-                  + output_tokens::numeric * p.output_per_1k_micros) / 1000)::bigint;
+    cost := round((input_tokens::numeric * p.input_per_1k_micros
+                   + output_tokens::numeric * p.output_per_1k_micros) / 1000);
+    IF cost > 1000000000000000000 THEN      -- 10^12 units, the limit of one charge
+        RAISE EXCEPTION 'cost is out of range'
+            USING ERRCODE = 'ZB013',
+                  DETAIL = format('%s input and %s output tokens of %s cost %s; the largest charge is 1000000000000.',
+                                  input_tokens, output_tokens, p.model, round(cost / 1000000, 6)),
+                  HINT = 'Check the token counts; split a huge usage into several charges.';
+    END IF;
+    RETURN cost::bigint;
 END;
 $$;
 
