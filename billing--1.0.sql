@@ -735,6 +735,18 @@ CREATE FUNCTION billing_try_deduct(tenant_id text, amount numeric, trace_id text
 COMMENT ON FUNCTION billing_try_deduct(text, numeric, text, text, jsonb, timestamptz, text, text) IS
     'like billing_deduct, but a business rejection is returned and recorded (a replay returns it again)';
 
+CREATE FUNCTION billing_deduct_many(tenant_ids text[], amounts numeric[], trace_ids text[],
+                                    descriptions text[] DEFAULT NULL,
+                                    metadata jsonb[] DEFAULT NULL,
+                                    api_keys text[] DEFAULT NULL,
+                                    on_reject text DEFAULT 'raise')
+    RETURNS SETOF billing.charge_outcome
+    AS 'MODULE_PATHNAME', 'billing_deduct_many'
+    LANGUAGE C VOLATILE SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp;
+COMMENT ON FUNCTION billing_deduct_many(text[], numeric[], text[], text[], jsonb[], text[], text) IS
+    'charge many items in one call (same rules per item); on_reject raise: a rejection aborts the batch, record: returned per item';
+
 CREATE FUNCTION billing_balance(tenant_id text) RETURNS numeric
     AS 'MODULE_PATHNAME', 'billing_balance'
     LANGUAGE C STABLE SECURITY DEFINER
@@ -2207,6 +2219,7 @@ REVOKE ALL ON FUNCTION billing.sync_snapshot(text[], text, integer) FROM PUBLIC;
 REVOKE ALL ON FUNCTION billing_sync_status() FROM PUBLIC;
 REVOKE ALL ON FUNCTION billing.price_at(text, text, timestamptz) FROM PUBLIC;
 REVOKE ALL ON FUNCTION billing_balance(text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION billing_deduct_many(text[], numeric[], text[], text[], jsonb[], text[], text) FROM PUBLIC;
 REVOKE ALL ON FUNCTION billing_balance_at(text, timestamptz) FROM PUBLIC;
 REVOKE ALL ON FUNCTION billing_verify(text) FROM PUBLIC;
 REVOKE ALL ON FUNCTION billing_account_create(text, text, numeric, text, text, jsonb) FROM PUBLIC;
@@ -2272,6 +2285,7 @@ AS $$
         '@extschema@.billing_deduct(text, numeric, text, text, jsonb, timestamptz, text, text)',
         '@extschema@.billing_try_deduct(text, numeric, text, text, jsonb, timestamptz, text, text)',
         '@extschema@.billing_deduct_usage(text, text, bigint, bigint, text, text, jsonb, timestamptz, text)',
+        '@extschema@.billing_deduct_many(text[], numeric[], text[], text[], jsonb[], text[], text)',
         '@extschema@.billing_hold(text, numeric, text, interval, text, jsonb, text)',
         '@extschema@.billing_capture(text, text, numeric, text, boolean, text, jsonb, timestamptz)',
         '@extschema@.billing_release(text, text, text)',

@@ -30,6 +30,9 @@
 #include "lib/stringinfo.h"
 #include "sync.h"
 #include "utils/builtins.h"
+#include "mb/pg_wchar.h"
+#include "utils/lsyscache.h"
+#include "utils/array.h"
 #include "utils/jsonb.h"
 #include "utils/memutils.h"
 
@@ -37,6 +40,7 @@ PG_FUNCTION_INFO_V1(billing_credit);
 PG_FUNCTION_INFO_V1(billing_deduct);
 PG_FUNCTION_INFO_V1(billing_try_deduct);
 PG_FUNCTION_INFO_V1(billing_balance);
+PG_FUNCTION_INFO_V1(billing_deduct_many);
 
 /* argument positions shared by credit, deduct and try_deduct */
 #define ARG_TENANT		0
@@ -660,6 +664,35 @@ billing_deduct(PG_FUNCTION_ARGS)
 	return entry_result(fcinfo, PG_GETARG_TEXT_PP(ARG_TENANT), req.entry.trace_id, &out);
 }
 
+/* the columns of billing.charge_outcome */
+static void
+outcome_values(LedgerOutcome *out, Datum tenant, Datum trace, Datum *values,
+			   bool *nulls)
+{
+	memset(nulls, 0, sizeof(bool) * 13);
+	values[0] = CStringGetTextDatum(out->committed ? "committed" : "rejected");
+	values[1] = BoolGetDatum(out->replayed);
+	values[2] = Int64GetDatum(out->id);
+	nulls[2] = !out->committed;
+	values[3] = tenant;
+	values[4] = trace;
+	values[5] = CStringGetTextDatum(out->kind);
+	values[6] = NumericGetDatum(billing_micros_to_numeric(out->amount));
+	values[7] = NumericGetDatum(billing_micros_to_numeric(out->balance_after));
+	nulls[7] = !out->committed;
+	values[8] = Int64GetDatum(out->version);
+	nulls[8] = !out->committed;
+	values[9] = TimestampTzGetDatum(out->created_at);
+	if (out->committed)
+		nulls[10] = nulls[11] = nulls[12] = true;
+	else
+	{
+		values[10] = CStringGetTextDatum(unpack_sql_state(out->rejection.sqlerrcode));
+		values[11] = CStringGetTextDatum(out->rejection.message);
+		values[12] = CStringGetTextDatum(out->rejection.detail ? out->rejection.detail : "");
+	}
+}
+
 /*
  * billing_try_deduct(...same arguments...) -> billing.charge_outcome
  *
@@ -683,29 +716,225 @@ billing_try_deduct(PG_FUNCTION_ARGS)
 	if (get_call_result_type(fcinfo, NULL, &tupdesc) != TYPEFUNC_COMPOSITE)
 		elog(ERROR, "billing: return type must be a row type");
 	tupdesc = BlessTupleDesc(tupdesc);
-
-	values[0] = CStringGetTextDatum(out.committed ? "committed" : "rejected");
-	values[1] = BoolGetDatum(out.replayed);
-	values[2] = Int64GetDatum(out.id);
-	nulls[2] = !out.committed;
-	values[3] = PG_GETARG_DATUM(ARG_TENANT);
-	values[4] = PointerGetDatum(req.entry.trace_id);
-	values[5] = CStringGetTextDatum(out.kind);
-	values[6] = NumericGetDatum(billing_micros_to_numeric(out.amount));
-	values[7] = NumericGetDatum(billing_micros_to_numeric(out.balance_after));
-	nulls[7] = !out.committed;
-	values[8] = Int64GetDatum(out.version);
-	nulls[8] = !out.committed;
-	values[9] = TimestampTzGetDatum(out.created_at);
-	if (out.committed)
-		nulls[10] = nulls[11] = nulls[12] = true;
-	else
-	{
-		values[10] = CStringGetTextDatum(unpack_sql_state(out.rejection.sqlerrcode));
-		values[11] = CStringGetTextDatum(out.rejection.message);
-		values[12] = CStringGetTextDatum(out.rejection.detail ? out.rejection.detail : "");
-	}
+	outcome_values(&out, PG_GETARG_DATUM(ARG_TENANT), PointerGetDatum(req.entry.trace_id),
+				   values, nulls);
 	PG_RETURN_DATUM(HeapTupleGetDatum(heap_form_tuple(tupdesc, values, nulls)));
+}
+
+/* ---------------------------------------------------------------------
+ * the batch API
+ * ---------------------------------------------------------------------
+ */
+typedef struct BatchItem
+{
+	int			index;			/* position in the input arrays */
+	text	   *tenant_id;
+	LedgerRequest req;
+	LedgerOutcome out;
+} BatchItem;
+
+static int
+cmp_items(const void *a, const void *b)
+{
+	const BatchItem *x = (const BatchItem *) a;
+	const BatchItem *y = (const BatchItem *) b;
+	int			lx = VARSIZE_ANY_EXHDR(x->tenant_id);
+	int			ly = VARSIZE_ANY_EXHDR(y->tenant_id);
+	int			c = memcmp(VARDATA_ANY(x->tenant_id), VARDATA_ANY(y->tenant_id), Min(lx, ly));
+
+	if (c != 0)
+		return c;
+	if (lx != ly)
+		return lx < ly ? -1 : 1;
+	return x->index - y->index;
+}
+
+/* the elements of an optional array argument, or NULL; checks its length */
+static Datum *
+batch_array(FunctionCallInfo fcinfo, int argno, Oid elemtype, int n,
+			const char *argname, bool **elem_nulls)
+{
+	ArrayType  *arr;
+	Datum	   *elems;
+	int			nelems;
+	int16		typlen;
+	bool		typbyval;
+	char		typalign;
+
+	*elem_nulls = NULL;
+	if (PG_ARGISNULL(argno))
+		return NULL;
+	arr = PG_GETARG_ARRAYTYPE_P(argno);
+	if (ARR_NDIM(arr) > 1)
+		ereport(ERROR,
+				(errcode(ERRCODE_BILLING_INVALID_ARGUMENT),
+				 errmsg("%s must be a one-dimensional array", argname),
+				 errhint("Pass one element per item.")));
+	get_typlenbyvalalign(elemtype, &typlen, &typbyval, &typalign);
+	deconstruct_array(arr, elemtype, typlen, typbyval, typalign, &elems, elem_nulls, &nelems);
+	if (n >= 0 && nelems != n)
+		ereport(ERROR,
+				(errcode(ERRCODE_BILLING_INVALID_ARGUMENT),
+				 errmsg("%s has %d elements, tenant_ids has %d", argname, nelems, n),
+				 errhint("Pass arrays of the same length: one element per item.")));
+	return elems;
+}
+
+/*
+ * billing_deduct_many(tenant_ids text[], amounts numeric[], trace_ids text[],
+ *					   descriptions text[], metadata jsonb[], api_keys text[],
+ *					   on_reject text DEFAULT 'raise')
+ *	-> SETOF billing.charge_outcome, one row per item, in input order
+ *
+ * Every item follows the rules of billing_deduct (idempotency by trace id,
+ * limits, funds).  on_reject 'raise': the first business rejection raises
+ * and the whole batch rolls back; 'record': rejections are recorded and
+ * returned per item, like billing_try_deduct, and the other items commit.
+ * Bad arguments always raise.  Items are applied in tenant order (then
+ * input order), so concurrent batches over the same tenants lock accounts
+ * in the same order: they wait for each other, never deadlock.
+ */
+Datum
+billing_deduct_many(PG_FUNCTION_ARGS)
+{
+	ReturnSetInfo *rsinfo = (ReturnSetInfo *) fcinfo->resultinfo;
+	Datum	   *tenants;
+	Datum	   *amounts;
+	Datum	   *traces;
+	Datum	   *descs;
+	Datum	   *metas;
+	Datum	   *keys;
+	bool	   *tenant_nulls;
+	bool	   *amount_nulls;
+	bool	   *trace_nulls;
+	bool	   *desc_nulls;
+	bool	   *meta_nulls;
+	bool	   *key_nulls;
+	int			n;
+	PostMode	mode;
+	BatchItem  *items;
+	BatchItem **by_index;
+	char	   *on_reject;
+
+	billing_check_not_null(fcinfo, 0, "tenant_ids");
+	billing_check_not_null(fcinfo, 1, "amounts");
+	billing_check_not_null(fcinfo, 2, "trace_ids");
+	billing_check_not_null(fcinfo, 6, "on_reject");
+	on_reject = text_to_cstring(PG_GETARG_TEXT_PP(6));
+	if (strcmp(on_reject, "raise") == 0)
+		mode = POST_RAISE;
+	else if (strcmp(on_reject, "record") == 0)
+		mode = POST_RECORD;
+	else
+		ereport(ERROR,
+				(errcode(ERRCODE_BILLING_INVALID_ARGUMENT),
+				 errmsg("on_reject must be 'raise' or 'record'"),
+				 errdetail("The value given was %s.", quote_literal_cstr(on_reject)),
+				 errhint("'raise': a rejection aborts the batch; 'record': it is returned per item.")));
+
+	InitMaterializedSRF(fcinfo, 0);
+
+	tenants = batch_array(fcinfo, 0, TEXTOID, -1, "tenant_ids", &tenant_nulls);
+	n = ArrayGetNItems(ARR_NDIM(PG_GETARG_ARRAYTYPE_P(0)), ARR_DIMS(PG_GETARG_ARRAYTYPE_P(0)));
+	if (n > 100000)
+		ereport(ERROR,
+				(errcode(ERRCODE_BILLING_INVALID_ARGUMENT),
+				 errmsg("a batch has at most 100000 items"),
+				 errdetail("This one has %d.", n),
+				 errhint("Split it into several calls.")));
+	amounts = batch_array(fcinfo, 1, NUMERICOID, n, "amounts", &amount_nulls);
+	traces = batch_array(fcinfo, 2, TEXTOID, n, "trace_ids", &trace_nulls);
+	descs = batch_array(fcinfo, 3, TEXTOID, n, "descriptions", &desc_nulls);
+	metas = batch_array(fcinfo, 4, JSONBOID, n, "metadata", &meta_nulls);
+	keys = batch_array(fcinfo, 5, TEXTOID, n, "api_keys", &key_nulls);
+
+	items = palloc0(sizeof(BatchItem) * Max(n, 1));
+	by_index = palloc(sizeof(BatchItem *) * Max(n, 1));
+	for (int i = 0; i < n; i++)
+	{
+		BatchItem  *it = &items[i];
+		EntryWrite *e = &it->req.entry;
+		char		name[64];
+
+		it->index = i;
+		if (tenant_nulls[i] || amount_nulls[i] || trace_nulls[i])
+			ereport(ERROR,
+					(errcode(ERRCODE_BILLING_NULL_ARGUMENT),
+					 errmsg("item %d has a null tenant_id, amount or trace_id", i + 1),
+					 errhint("Every item needs a tenant, an amount and a trace id.")));
+		it->tenant_id = billing_check_id(DatumGetTextPP(tenants[i]), "tenant_id",
+										 ERRCODE_BILLING_INVALID_TENANT_ID);
+		e->trace_id = billing_check_id(DatumGetTextPP(traces[i]), "trace_id",
+									   ERRCODE_BILLING_INVALID_TRACE_ID);
+		snprintf(name, sizeof(name), "amount of item %d", i + 1);
+		e->amount = -billing_amount_to_micros(DatumGetNumeric(amounts[i]), name, false);
+		it->req.is_debit = true;
+		e->kind = "deduct";
+		if (descs && !desc_nulls[i])
+		{
+			e->description = DatumGetTextPP(descs[i]);
+			if (pg_mbstrlen_with_len(VARDATA_ANY(e->description),
+									 VARSIZE_ANY_EXHDR(e->description)) > BILLING_MAX_DESCRIPTION_CHARS)
+				ereport(ERROR,
+						(errcode(ERRCODE_BILLING_INVALID_ARGUMENT),
+						 errmsg("description of item %d is too long", i + 1),
+						 errhint("Put structured details in metadata instead.")));
+		}
+		if (metas && !meta_nulls[i])
+		{
+			e->metadata = DatumGetJsonbP(metas[i]);
+			if (!JB_ROOT_IS_OBJECT(e->metadata) || JB_ROOT_IS_SCALAR(e->metadata))
+				ereport(ERROR,
+						(errcode(ERRCODE_BILLING_INVALID_ARGUMENT),
+						 errmsg("metadata of item %d must be a json object", i + 1),
+						 errhint("Pass e.g. '{\"model\": \"gpt-4o\"}'::jsonb, or NULL.")));
+		}
+		else
+			e->metadata = DatumGetJsonbP(DirectFunctionCall1(jsonb_in, CStringGetDatum("{}")));
+		if (keys && !key_nulls[i])
+			e->api_key = billing_check_id(DatumGetTextPP(keys[i]), "api_key",
+										  ERRCODE_BILLING_INVALID_ARGUMENT);
+	}
+
+	/* a global lock order: tenants ascending */
+	qsort(items, n, sizeof(BatchItem), cmp_items);
+	{
+		MemoryContext batch_cxt = CurrentMemoryContext;
+		MemoryContext item_cxt = AllocSetContextCreate(CurrentMemoryContext,
+													   "billing batch item",
+													   ALLOCSET_DEFAULT_SIZES);
+
+		for (int i = 0; i < n; i++)
+		{
+			LedgerOutcome *out = &items[i].out;
+
+			/* per-item scratch memory, so a big batch runs in constant space */
+			MemoryContextSwitchTo(item_cxt);
+			ledger_post(items[i].tenant_id, &items[i].req, mode, out);
+			MemoryContextSwitchTo(batch_cxt);
+			out->kind = pstrdup(out->kind);
+			if (!out->committed)
+			{
+				out->rejection.message = pstrdup(out->rejection.message);
+				out->rejection.detail = out->rejection.detail ? pstrdup(out->rejection.detail) : NULL;
+				out->rejection.hint = NULL;
+			}
+			MemoryContextReset(item_cxt);
+			by_index[items[i].index] = &items[i];
+		}
+		MemoryContextDelete(item_cxt);
+	}
+
+	for (int i = 0; i < n; i++)
+	{
+		Datum		values[13];
+		bool		nulls[13] = {0};
+
+		outcome_values(&by_index[i]->out, PointerGetDatum(by_index[i]->tenant_id),
+					   PointerGetDatum(by_index[i]->req.entry.trace_id), values, nulls);
+		tuplestore_putvalues(rsinfo->setResult, rsinfo->setDesc, values, nulls);
+	}
+	return (Datum) 0;
 }
 
 /* billing_balance(tenant_id) -> numeric: the cached balance, O(1) */
