@@ -33,6 +33,10 @@ if ((EUID == 0)); then
 	fi
 fi
 export BILLING_TMP=$tmp BILLING_PGPORT=54319 BILLING_REDIS_PORT=63789
+# the background worker mirrors database "demo" into this Redis
+export BILLING_EXTRA_CONF="billing.database = 'demo'
+billing.redis_host = '127.0.0.1'
+billing.redis_port = $BILLING_REDIS_PORT"
 eval "$(bash test/cluster.sh env)" # PGHOST, PGPORT, PGUSER, BILLING_TMP, ...
 
 keep=${DEMO_KEEP:-0}
@@ -69,9 +73,25 @@ echo "demo: each query is printed before its result; the errors shown are the ex
 # "psql:<file>:<line>:".  2>&1 keeps errors in place among the results.
 "$PGBIN/psql" -X -q -e -d demo <"$here/workload.sql" 2>&1
 
-# TODO(redis worker issue): show HGETALL billing:{tenant} for each tenant
-# (redis-cli -h 127.0.0.1 -p "$BILLING_REDIS_PORT") once the background worker
-# mirrors balances to Redis.  The worker does not exist yet: nothing is shown.
+# The Redis mirror: wait (with a deadline) until the worker has pushed every
+# committed change, then show what a gateway reads.
+echo
+echo "== 17. The Redis mirror: what gateways read (pushed by the background worker after each commit)"
+for _ in $(seq 1 200); do
+	state=$("$PGBIN/psql" -X -At -d demo -c \
+		"SELECT connected AND dirty_accounts = 0 AND NOT full_resync_pending AND last_full_resync_at IS NOT NULL FROM billing_sync_status()")
+	[[ $state == t ]] && break
+	sleep 0.1
+done
+"$PGBIN/psql" -X -q -d demo -c '\pset footer off' \
+	-c "SELECT connected, dirty_accounts, lag, pushed, full_resyncs, last_error FROM billing.sync_status"
+for t in acme-ai lingua-gmbh; do
+	echo "redis-cli HGETALL 'billing:{$t}'   (amounts in micro-units)"
+	redis-cli -h 127.0.0.1 -p "$BILLING_REDIS_PORT" --no-raw HGETALL "billing:{$t}" | paste - - | sed 's/^/   /'
+done
+echo "   The database says (billing.balances, in units):"
+"$PGBIN/psql" -X -q -d demo -c '\pset footer off' \
+	-c "SELECT tenant_id, balance, on_hold, available, version FROM billing.balances WHERE tenant_id IN ('acme-ai', 'lingua-gmbh') ORDER BY 1"
 
 echo
 echo "demo: finished.  The cluster: postgres on 127.0.0.1:$PGPORT (socket in $PGHOST), database demo,"

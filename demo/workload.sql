@@ -87,10 +87,52 @@ SELECT d.tenant_id,
  GROUP BY d.tenant_id
  ORDER BY d.tenant_id;
 
--- TODO(jobs issue): when jobs are implemented, add a scene here: lingua-gmbh
--- starts a long document-translation job, the job completes (charged once) and
--- another one fails (nothing charged).  Jobs do not exist in the extension yet,
--- so nothing is shown for them.
+\echo
+\echo '== 3b. A streaming response: hold an estimate, capture as tokens arrive, release the rest'
+\echo '   The hold lowers "available" but not the balance; each capture is a ledger entry.'
+SELECT trace_id, status, amount, remaining, available
+  FROM billing_hold('acme-ai', 0.50, 'stream-0001', expires_in => '10 minutes',
+                    description => 'streamed chat completion', metadata => '{"model": "gpt-4o"}');
+SELECT tenant_id, balance, on_hold, available FROM billing.balances WHERE tenant_id = 'acme-ai';
+SELECT trace_id, amount, balance_after, hold_captured, hold_remaining, hold_status
+  FROM billing_capture('acme-ai', 'stream-0001', 0.120000, 'stream-0001-part-1');
+SELECT trace_id, amount, balance_after, hold_captured, hold_remaining, hold_status
+  FROM billing_capture('acme-ai', 'stream-0001', 0.080000, 'stream-0001-part-2');
+SELECT trace_id, status, captured, released, remaining, available
+  FROM billing_release('acme-ai', 'stream-0001', 'stream-0001-done');
+
+\echo
+\echo '== 3c. Jobs: a document translation that completes (charged once) and one that fails (hold released)'
+\echo '   Submit holds the estimate; complete captures the actual cost in the same transaction.'
+SELECT job_id AS job_ok, state, estimated_cost, hold_trace_id
+  FROM billing_job_submit('lingua-gmbh', 'translate', 'doc-8812', 2.00,
+                          input => '{"document": "contract-8812.docx", "words": 912}') \gset
+SELECT job_id AS job_bad, state, estimated_cost
+  FROM billing_job_submit('lingua-gmbh', 'translate', 'doc-8813', 1.50,
+                          input => '{"document": "scan-8813.pdf"}', max_attempts => 1) \gset
+SELECT tenant_id, balance, on_hold, available FROM billing.balances WHERE tenant_id = 'lingua-gmbh';
+SELECT job_id, kind, state, attempt, worker FROM billing_job_claim('translator-1', max_jobs => 2);
+SELECT job_id, state, estimated_cost, actual_cost, charge_entry_id IS NOT NULL AS charged
+  FROM billing_job_complete('lingua-gmbh', :job_ok, 1.37, '{"words": 912}', 'translator-1');
+SELECT job_id, state, attempt, last_error
+  FROM billing_job_fail('lingua-gmbh', :job_bad, 'OCR failed: unreadable scan', retryable => false,
+                        worker => 'translator-1');
+SELECT tenant_id, balance, on_hold, available FROM billing.balances WHERE tenant_id = 'lingua-gmbh';
+\echo '   The state machine holds for the table owner too: a failed job cannot be marked completed,'
+\echo '   nor queued again without a new hold (billing_job_retry takes one):'
+\set ON_ERROR_STOP off
+UPDATE billing.jobs SET state = 'completed' WHERE job_id = :job_bad;
+\if :ERROR
+\echo '   -> refused with SQLSTATE' :LAST_ERROR_SQLSTATE
+\endif
+UPDATE billing.jobs SET state = 'queued' WHERE job_id = :job_bad;
+\if :ERROR
+\echo '   -> refused with SQLSTATE' :LAST_ERROR_SQLSTATE
+\endif
+\set ON_ERROR_STOP on
+\echo '   The business log of both jobs (billing.job_events):'
+SELECT job_id, from_state, to_state, attempt, reason, worker
+  FROM billing.job_events WHERE job_id IN (:job_ok, :job_bad) ORDER BY event_id;
 
 \echo
 \echo '== 4. A network retry: the gateway sends the same charge twice'

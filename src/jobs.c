@@ -340,6 +340,17 @@ billing_job_guard(PG_FUNCTION_ARGS)
 					 errdetail("tenant_id, job_id, idempotency_key, kind and input are fixed at submit."),
 					 errhint("Submit a new job instead.")));
 
+		/* a retried job runs on a new hold (billing_job_retry takes one) */
+		if (strcmp(oldjob.state, "failed") == 0 && strcmp(newjob.state, "queued") == 0 &&
+			text_eq(oldjob.hold_trace_id, newjob.hold_trace_id))
+			ereport(ERROR,
+					(errcode(ERRCODE_BILLING_JOB_INVARIANT),
+					 errmsg("job " INT64_FORMAT " cannot be queued again without a new hold",
+							oldjob.job_id),
+					 errdetail("Its hold %s was released when it failed.",
+							   oldjob.hold_trace_id ? text_to_cstring(oldjob.hold_trace_id) : "(none)"),
+					 errhint("Use billing_job_retry(), which holds the estimate again.")));
+
 		/* the hold changes only when a failed job is retried with a new one */
 		if (!text_eq(oldjob.hold_trace_id, newjob.hold_trace_id) &&
 			!(strcmp(oldjob.state, "failed") == 0 && strcmp(newjob.state, "queued") == 0))
