@@ -272,10 +272,6 @@ CREATE TRIGGER jobs_guard
     BEFORE INSERT OR UPDATE ON billing.jobs
     FOR EACH ROW EXECUTE FUNCTION billing.job_guard();
 ALTER TABLE billing.jobs ENABLE ALWAYS TRIGGER jobs_guard;
-CREATE TRIGGER jobs_log_insert
-    AFTER INSERT ON billing.jobs
-    FOR EACH ROW EXECUTE FUNCTION billing.job_guard();
-ALTER TABLE billing.jobs ENABLE ALWAYS TRIGGER jobs_log_insert;
 
 CREATE TRIGGER jobs_no_delete
     BEFORE DELETE OR TRUNCATE ON billing.jobs
@@ -838,6 +834,11 @@ BEGIN
     END IF;
     IF timezone IS NOT NULL THEN
         BEGIN
+            -- a zone name of the tz database (Europe/Berlin, UTC, Etc/GMT+3...),
+            -- not a POSIX offset string such as '+14' (which means UTC-14)
+            IF timezone !~ '^[A-Za-z][A-Za-z0-9_]*(/[A-Za-z0-9_+-]+)*$' THEN
+                RAISE invalid_parameter_value;
+            END IF;
             PERFORM now() AT TIME ZONE timezone;
         EXCEPTION WHEN invalid_parameter_value THEN
             RAISE EXCEPTION 'invalid time zone %', quote_literal(timezone)
@@ -1726,6 +1727,7 @@ BEGIN
                   HINT = 'Most jobs want 3 to 25 attempts.';
     END IF;
     IF billing_job_submit.hold_ttl <= interval '0' OR billing_job_submit.hold_ttl > interval '31 days'
+       OR extract(month FROM billing_job_submit.hold_ttl) <> 0 OR extract(year FROM billing_job_submit.hold_ttl) <> 0
        OR (billing_job_submit.run_at IS NOT NULL AND (NOT isfinite(billing_job_submit.run_at)
            OR billing_job_submit.run_at > now() + interval '30 days')) THEN
         RAISE EXCEPTION 'hold_ttl must be in (0, 31 days] and run_at finite and at most 30 days ahead'
@@ -1775,7 +1777,10 @@ BEGIN
                                     expires_in => least(greatest(j.run_at - now(), interval '0') + j.hold_ttl,
                                                         interval '31 days'),
                                     description => format('job %s (%s)', j.job_id, j.kind));
-    j.note := NULL;
+    -- the first line of the job's log (the trigger logs the transitions;
+    -- a direct INSERT, e.g. by pg_restore, brings its log along)
+    INSERT INTO billing.job_events (tenant_id, job_id, from_state, to_state, attempt, reason)
+    VALUES (j.tenant_id, j.job_id, NULL, 'queued', 0, 'submitted');
     RETURN billing.job_result(j, false);
 END;
 $$;

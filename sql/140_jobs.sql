@@ -555,16 +555,28 @@ SELECT label, regress_error(sql) AS error
     ('job_id',          $$UPDATE billing.jobs SET job_id = job_id + 1000 WHERE tenant_id = 'job-d' AND idempotency_key = 'd-queued'$$),
     ('input, processing', $$UPDATE billing.jobs SET input = '{}' WHERE tenant_id = 'job-d' AND idempotency_key = 'd-processing'$$)
   ) AS t(label, sql);
--- a new job must be queued with attempt 0 (ZB070)
+-- A job row may be inserted directly in any state (that is how pg_restore
+-- brings jobs back), but only with its invariants: a completed job needs its
+-- own charge, and no finished job may keep an open hold (ZB072).  Such an
+-- insert carries no note, so nothing is logged (a restore brings the log).
+BEGIN;
 SELECT label, regress_error(sql) AS error
   FROM (VALUES
-    ('processing', $$INSERT INTO billing.jobs (tenant_id, idempotency_key, kind, state, attempt, estimated_micros)
-                     VALUES ('job-d', 'd-ins', 'job-misc', 'processing', 1, 1000000)$$),
-    ('completed',  $$INSERT INTO billing.jobs (tenant_id, idempotency_key, kind, state, estimated_micros, actual_micros)
-                     VALUES ('job-d', 'd-ins', 'job-misc', 'completed', 1000000, 0)$$),
-    ('queued, attempt 2', $$INSERT INTO billing.jobs (tenant_id, idempotency_key, kind, attempt, estimated_micros)
-                     VALUES ('job-d', 'd-ins', 'job-misc', 2, 1000000)$$)
+    ('completed, no charge', $$INSERT INTO billing.jobs (tenant_id, idempotency_key, kind, state, attempt, estimated_micros, actual_micros)
+                     VALUES ('job-d', 'd-ins-1', 'job-misc', 'completed', 1, 1000000, 1000000)$$),
+    ('completed at cost 0, hold open', $$INSERT INTO billing.jobs (tenant_id, idempotency_key, kind, state, attempt, estimated_micros, actual_micros, hold_trace_id)
+                     VALUES ('job-d', 'd-ins-2', 'job-misc', 'completed', 1, 1000000, 0,
+                             (SELECT hold_trace_id FROM billing.jobs WHERE tenant_id = 'job-d' AND idempotency_key = 'd-queued'))$$),
+    ('failed, hold open', $$INSERT INTO billing.jobs (tenant_id, idempotency_key, kind, state, attempt, estimated_micros, hold_trace_id)
+                     VALUES ('job-d', 'd-ins-3', 'job-misc', 'failed', 1, 1000000,
+                             (SELECT hold_trace_id FROM billing.jobs WHERE tenant_id = 'job-d' AND idempotency_key = 'd-queued'))$$),
+    ('processing, as restored', $$INSERT INTO billing.jobs (tenant_id, idempotency_key, kind, state, attempt, estimated_micros)
+                     VALUES ('job-d', 'd-ins-4', 'job-misc', 'processing', 1, 1000000)$$)
   ) AS t(label, sql);
+SELECT idempotency_key, state,
+       (SELECT count(*) FROM billing.job_events e WHERE e.tenant_id = j.tenant_id AND e.job_id = j.job_id) AS logged
+  FROM billing.jobs j WHERE tenant_id = 'job-d' AND idempotency_key LIKE 'd-ins-%';
+ROLLBACK;
 -- jobs are never deleted, the job log never rewritten (ZB020)
 SELECT label, regress_error(sql) AS error
   FROM (VALUES

@@ -610,8 +610,7 @@ billing_expire_holds_of(PG_FUNCTION_ARGS)
 	bool		due;
 
 	billing_check_not_null(fcinfo, 0, "tenant_id");
-	if (SPI_connect() != SPI_OK_CONNECT)
-		elog(ERROR, "billing: SPI_connect failed");
+	billing_spi_connect();
 	account_lock(&acc, PG_GETARG_TEXT_PP(0));
 	due = acc.has_next_expiry && acc.next_expiry <= acc.now;
 	if (due)

@@ -110,6 +110,7 @@ extern void billing_raise_rejection(Rejection *rej);
 extern char *billing_format_ts(TimestampTz ts);
 
 /* ledger.c: SPI helpers shared by the C files */
+extern void billing_spi_connect(void);
 extern SPIPlanPtr billing_keep_plan(SPIPlanPtr *cache, const char *sql,
 									int nargs, Oid *argtypes);
 extern void billing_spi_exec(SPIPlanPtr plan, Datum *values, const char *nulls,

@@ -75,8 +75,10 @@ check_expires_in(FunctionCallInfo fcinfo, int argno)
 
 	billing_check_not_null(fcinfo, argno, "expires_in");
 	iv = PG_GETARG_INTERVAL_P(argno);
-	if (iv->month != 0 || iv->day < 0 || iv->day > MAX_HOLD_DAYS ||
-		iv->time < 0 || iv->time > MAX_HOLD_DAYS * USECS_PER_DAY ||
+	/* days and time may have opposite signs ('1 day -1 second'): add them */
+	if (iv->month != 0 ||
+		iv->day < -MAX_HOLD_DAYS || iv->day > MAX_HOLD_DAYS ||
+		iv->time < -MAX_HOLD_DAYS * USECS_PER_DAY || iv->time > 2 * MAX_HOLD_DAYS * USECS_PER_DAY ||
 		(usecs = iv->day * USECS_PER_DAY + iv->time) <= 0 ||
 		usecs > MAX_HOLD_DAYS * USECS_PER_DAY)
 		ereport(ERROR,
@@ -502,8 +504,7 @@ billing_hold(PG_FUNCTION_ARGS)
 		api_key = billing_check_id(PG_GETARG_TEXT_PP(6), "api_key",
 								   ERRCODE_BILLING_INVALID_ARGUMENT);
 
-	if (SPI_connect() != SPI_OK_CONNECT)
-		elog(ERROR, "billing: SPI_connect failed");
+	billing_spi_connect();
 	account_lock(&acc, tenant_id);
 
 	if (probe_event(&acc, trace_id, "hold", trace_id, amount, &hold_id, &entry_id))
@@ -611,8 +612,7 @@ billing_capture(PG_FUNCTION_ARGS)
 	e.metadata = billing_check_metadata(fcinfo, 6);
 	e.has_event_at = billing_check_event_at(fcinfo, 7, &e.event_at);
 
-	if (SPI_connect() != SPI_OK_CONNECT)
-		elog(ERROR, "billing: SPI_connect failed");
+	billing_spi_connect();
 	account_lock(&acc, tenant_id);
 
 	if (probe_event(&acc, trace_id, "capture", hold_trace, amount, &hold_id, &entry_id))
@@ -732,8 +732,7 @@ billing_release(PG_FUNCTION_ARGS)
 	int64		entry_id;
 	Datum		result;
 
-	if (SPI_connect() != SPI_OK_CONNECT)
-		elog(ERROR, "billing: SPI_connect failed");
+	billing_spi_connect();
 	account_lock(&acc, tenant_id);
 
 	if (probe_event(&acc, trace_id, "release", hold_trace, -1, &hold_id, &entry_id))
@@ -785,8 +784,7 @@ billing_hold_extend(PG_FUNCTION_ARGS)
 	Hold		h;
 	Datum		result;
 
-	if (SPI_connect() != SPI_OK_CONNECT)
-		elog(ERROR, "billing: SPI_connect failed");
+	billing_spi_connect();
 	account_lock(&acc, tenant_id);
 	account_expire_holds(&acc);
 	load_hold(&acc, hold_trace, &h);

@@ -23,8 +23,8 @@
  *	- completed, failed or cancelled => its hold is not open any more.
  * Violations raise ZB070 (transition) or ZB072 (invariant).
  *
- * Every state change (and the insert) is logged in billing.job_events by
- * this trigger, so a direct UPDATE is logged too.  The reason is the row's
+ * Every state change is logged in billing.job_events by this trigger, so
+ * a direct UPDATE is logged too (billing_job_submit logs the submit).  The reason is the row's
  * `note`, which the billing_job_* functions set in the same UPDATE and the
  * trigger consumes (sets back to NULL); a write without a note is logged as
  * a direct update by the session user.
@@ -39,7 +39,6 @@
 #include "commands/trigger.h"
 #include "executor/spi.h"
 #include "miscadmin.h"
-#include "tcop/tcopprot.h"
 #include "utils/builtins.h"
 #include "utils/rel.h"
 
@@ -231,23 +230,11 @@ clear_note(HeapTuple tuple, TupleDesc desc, JobRow *job)
 	Datum		value = (Datum) 0;
 	bool		isnull = true;
 
-	if (job->note == NULL)
+	(void) heap_getattr(tuple, attnum, desc, &isnull);
+	if (isnull)
 		return tuple;
+	isnull = true;
 	return heap_modify_tuple_by_cols(tuple, desc, 1, &attnum, &value, &isnull);
-}
-
-/* is the top-level statement a COPY (a restore)? */
-static bool
-is_copy_statement(void)
-{
-	const char *q = debug_query_string;
-
-	if (q == NULL)
-		return false;
-	while (*q == ' ' || *q == '\t' || *q == '\n' || *q == '\r')
-		q++;
-	return pg_strncasecmp(q, "COPY", 4) == 0 &&
-		(q[4] == ' ' || q[4] == '\t' || q[4] == '\n');
 }
 
 Datum
@@ -265,45 +252,28 @@ billing_job_guard(PG_FUNCTION_ARGS)
 
 	desc = RelationGetDescr(trigdata->tg_relation);
 
-	/*
-	 * COPY into billing.jobs is what pg_restore does: the rows are history,
-	 * already checked when they were written, and their job_events are
-	 * restored with them.  Take them as they are (only the table owner or a
-	 * superuser can COPY into it; the application roles cannot).
-	 */
-	if (TRIGGER_FIRED_BY_INSERT(trigdata->tg_event) && is_copy_statement())
-		return TRIGGER_FIRED_AFTER(trigdata->tg_event) ?
-			PointerGetDatum(NULL) : PointerGetDatum(trigdata->tg_trigtuple);
-
-	/*
-	 * The insert is logged AFTER it happened: a BEFORE trigger also fires for
-	 * a row that INSERT ... ON CONFLICT DO NOTHING then skips (a duplicate
-	 * submit).
-	 */
-	if (TRIGGER_FIRED_AFTER(trigdata->tg_event))
-	{
-		if (!TRIGGER_FIRED_BY_INSERT(trigdata->tg_event))
-			elog(ERROR, "billing.job_guard() runs AFTER INSERT only");
-		read_job(trigdata->tg_trigtuple, desc, &newjob);
-		newjob.note = cstring_to_text("submitted");
-		if (SPI_connect() != SPI_OK_CONNECT)
-			elog(ERROR, "billing: SPI_connect failed");
-		log_transition(&newjob, NULL);
-		SPI_finish();
-		return PointerGetDatum(NULL);
-	}
+	if (!TRIGGER_FIRED_BEFORE(trigdata->tg_event))
+		elog(ERROR, "billing.job_guard() must be a BEFORE trigger");
 
 	if (TRIGGER_FIRED_BY_INSERT(trigdata->tg_event))
 	{
+		/*
+		 * Any state may be inserted as long as the invariants hold: that is
+		 * what pg_restore does (ledger, holds and the job log come first in
+		 * the dump).  billing_job_submit logs the submit itself; a direct
+		 * INSERT is not logged (a restore brings the log along).
+		 */
 		result = trigdata->tg_trigtuple;
 		read_job(result, desc, &newjob);
-		if (strcmp(newjob.state, "queued") != 0 || newjob.attempt != 0)
-			ereport(ERROR,
-					(errcode(ERRCODE_BILLING_JOB_TRANSITION),
-					 errmsg("a new job must be queued with attempt 0, not %s with attempt %d",
-							newjob.state, newjob.attempt),
-					 errhint("Submit jobs with billing_job_submit().")));
-		return PointerGetDatum(clear_note(result, desc, &newjob));
+		billing_spi_connect();
+		if (strcmp(newjob.state, "completed") == 0)
+			check_charged(&newjob);
+		if (strcmp(newjob.state, "completed") == 0 ||
+			strcmp(newjob.state, "failed") == 0 ||
+			strcmp(newjob.state, "cancelled") == 0)
+			check_released(&newjob);
+		SPI_finish();
+		return PointerGetDatum(result);
 	}
 
 	if (TRIGGER_FIRED_BY_UPDATE(trigdata->tg_event))
@@ -360,8 +330,7 @@ billing_job_guard(PG_FUNCTION_ARGS)
 					 errdetail("Only a retry of a failed job takes a new hold."),
 					 errhint("Use billing_job_retry().")));
 
-		if (SPI_connect() != SPI_OK_CONNECT)
-			elog(ERROR, "billing: SPI_connect failed");
+		billing_spi_connect();
 		if (strcmp(newjob.state, "completed") == 0)
 			check_charged(&newjob);
 		if (strcmp(newjob.state, "completed") == 0 ||

@@ -107,6 +107,13 @@ billing_keep_plan(SPIPlanPtr *cache, const char *sql, int nargs, Oid *argtypes)
 	return *cache;
 }
 
+void
+billing_spi_connect(void)
+{
+	if (SPI_connect() != SPI_OK_CONNECT)
+		elog(ERROR, "billing: SPI_connect failed");
+}
+
 /* run a kept plan read-write; any result but `expected` is an internal error */
 void
 billing_spi_exec(SPIPlanPtr plan, Datum *values, const char *nulls,
@@ -509,8 +516,7 @@ ledger_post(text *tenant_id, LedgerRequest *req, PostMode mode,
 	bool		ok = true;
 
 	memset(out, 0, sizeof(*out));
-	if (SPI_connect() != SPI_OK_CONNECT)
-		elog(ERROR, "billing: SPI_connect failed");
+	billing_spi_connect();
 
 	/* 1. lock the account: every write for this tenant serializes here */
 	account_lock(&acc, tenant_id);
@@ -951,8 +957,7 @@ billing_balance(PG_FUNCTION_ARGS)
 	tenant = billing_check_id(PG_GETARG_TEXT_PP(0), "tenant_id",
 							  ERRCODE_BILLING_INVALID_TENANT_ID);
 
-	if (SPI_connect() != SPI_OK_CONNECT)
-		elog(ERROR, "billing: SPI_connect failed");
+	billing_spi_connect();
 	billing_keep_plan(&plan_balance,
 					  "SELECT balance_micros FROM billing.accounts WHERE tenant_id = $1",
 					  1, types);

@@ -23,7 +23,10 @@
 # DELETE / TRUNCATE with ZB020, also with session_replication_role = replica;
 # the job state machine still holds; replays of old trace ids, a recorded
 # rejection and an old job submit return replayed = t; new rows get ids
-# above every restored one.
+# above every restored one.  And since a restore COPYs into billing.jobs: what
+# lets that COPY through must not let anything else through (an API call made
+# inside a COPY statement is still logged in job_events; a query string that
+# merely starts with COPY cannot INSERT a completed job without its charge).
 #
 # Databases billing_dump_src, billing_dump_dst and billing_dump_dst_dt and role
 # billing_dump_app are created here and dropped at the end.
@@ -392,6 +395,21 @@ check "the restored open hold can be captured" "0.500000 open" \
 	"$(q "$dst" "SELECT -amount || ' ' || hold_status FROM billing_capture('t-main', 'h-open', 0.5, 'after-restore-5')")"
 check "the restored processing job can be completed by its worker" "completed" \
 	"$(q "$dst" "SELECT state FROM billing_job_complete('t-main', (SELECT job_id FROM billing.jobs WHERE idempotency_key = 'job-proc'), 1.5, NULL, 'w1')")"
+
+# What lets pg_restore's COPY into billing.jobs through must not let anything
+# else through: an API call made inside a COPY statement is still logged, and
+# a query string that merely starts with COPY cannot insert a finished job.
+n=$(q "$dst" "COPY (SELECT job_id FROM billing_job_submit('t-main', 'copy', 'inside-copy', 1)) TO STDOUT" 2>&1) || true
+check "a job submitted inside COPY (SELECT ... billing_job_submit(...)) TO STDOUT has its 'submitted' job event" 1 \
+	"$(q "$dst" "SELECT count(*) FROM billing.job_events WHERE tenant_id = 't-main' AND job_id = ${n//[^0-9]/0} AND to_state = 'queued'" 2>&1)"
+got=$("$PGBIN/psql" -X -q -At -v VERBOSITY=verbose -d "$dst" \
+	-c "COPY (SELECT 1) TO STDOUT; INSERT INTO billing.jobs (tenant_id, idempotency_key, kind, state, attempt, estimated_micros, actual_micros) VALUES ('t-main', 'forged', 'x', 'completed', 1, 1000000, 5000000) RETURNING 'inserted: ' || state" 2>&1) || true
+if grep -qE 'ERROR: +ZB07[02]' <<<"$got"; then
+	ok "a query string starting with COPY cannot INSERT a completed job without its charge ($(grep -oE 'ZB07[02]' <<<"$got" | head -n 1))"
+else
+	bad "a query string starting with COPY can INSERT a completed job without its charge:"
+	sed 's/^/#   /' <<<"$got"
+fi
 check "billing_verify() is empty after the new writes" 0 "$(q "$dst" "SELECT count(*) FROM billing_verify()")"
 
 if ((fail)); then

@@ -33,8 +33,8 @@
 #
 # Knobs: FUZZ_CALLS (default 12000), FUZZ_SEED (default 20261122), FUZZ_KEEP=1
 # (keep the database billing_fuzz afterwards, with every call in table fz_log).
-# Long form (a few minutes):  FUZZ_CALLS=200000 test/t/fuzz.sh
-# Replay a failing run:       FUZZ_SEED=<printed seed> FUZZ_CALLS=<n> test/t/fuzz.sh
+# Long form (about 7 minutes):  FUZZ_CALLS=200000 test/t/fuzz.sh
+# Replay a failing run:         FUZZ_SEED=<printed seed> FUZZ_CALLS=<n> test/t/fuzz.sh
 set -euo pipefail
 
 here=$(cd "$(dirname "$(realpath "${BASH_SOURCE[0]}")")" && pwd)
@@ -121,7 +121,7 @@ SELECT fz_good('tenant_ctx', 1, '@batch_a@::text');
 SELECT fz_bad('tenant_ctx', 1, '@batch_s@::text', '@batch_c@::text', $e$'no-such-tenant'$e$);
 SELECT fz_bad('tenant_ctx', 4, '@pool:junk@');
 
-SELECT fz_good('trace', 6, $e$'fz-t-@n@'$e$);
+SELECT fz_good('trace', 6, $e$'fz-t-@n@@j@'$e$);
 SELECT fz_good('trace', 3, '@ctx_trace@::text');
 SELECT fz_good('trace', 1, $e$'fz-fixed'$e$);
 SELECT fz_bad('trace', 1, '@ctx_hold_trace@::text', $e$'h-open'$e$);
@@ -272,6 +272,11 @@ SELECT fz_good('idem', 5, $e$'fz-ik-@n@'$e$);
 SELECT fz_good('idem', 3, '@ctx_idem@::text');
 SELECT fz_bad('idem', 3, '@pool:junk@');
 
+SELECT fz_good('on_reject', 2, $e$'record'$e$);
+SELECT fz_good('on_reject', 1, $e$'raise'$e$);
+SELECT fz_bad('on_reject', 1, $e$'RAISE'$e$, $e$'ignore'$e$);
+SELECT fz_bad('on_reject', 3, '@pool:junk@');
+
 SELECT fz_good('desc', 4, 'NULL::text');
 SELECT fz_good('desc', 2, $e$'fuzz'$e$);
 SELECT fz_good('desc', 1, $e$repeat('d', 1000)$e$, $e$repeat('é', 1000)$e$);
@@ -338,7 +343,7 @@ $$;
 
 -- which pool feeds a parameter
 CREATE FUNCTION fz_pool_for(fn text, arg text, typ regtype, want text) RETURNS text
-    LANGUAGE plpgsql IMMUTABLE AS $$
+    LANGUAGE plpgsql STABLE AS $$
 BEGIN
     RETURN CASE
         WHEN arg = 'tenant_id' AND typ = 'text'::regtype AND want <> 'any' THEN 'tenant_ctx'
@@ -363,7 +368,12 @@ BEGIN
         WHEN typ = 'jsonb'::regtype THEN 'jsonb'
         WHEN typ = 'boolean'::regtype THEN 'bool'
         WHEN typ = 'text'::regtype THEN 'desc'
-        WHEN typ = 'text[]'::regtype THEN 'kinds'
+        WHEN arg = 'kinds' THEN 'kinds'
+        WHEN arg = 'on_reject' THEN 'on_reject'
+        -- other arrays (tenant_ids, amounts, ...): ARRAY[...] from the pool of one element
+        WHEN (SELECT t.typcategory = 'A' FROM pg_type t WHERE t.oid = typ) THEN
+            'array:' || fz_pool_for(fn, regexp_replace(arg, 's$', ''),
+                                    (SELECT t.typelem::regtype FROM pg_type t WHERE t.oid = typ), want)
         WHEN typ = 'regrole'::regtype THEN 'role'
     END;
 END;
@@ -439,51 +449,65 @@ BEGIN
 END;
 $$;
 
+-- candidates for the context of a call: the newest existing objects, copied
+-- once per chunk (indexed by a dense i, so a pick costs nothing)
+CREATE UNLOGGED TABLE fz_cand (kind text, i int, state text, c jsonb, PRIMARY KEY (kind, i));
+CREATE FUNCTION fz_refresh() RETURNS void LANGUAGE sql AS $$
+    TRUNCATE fz_cand;
+    INSERT INTO fz_cand
+    SELECT 'job', row_number() OVER (ORDER BY j.job_id), j.state,
+           jsonb_build_object('tenant', j.tenant_id, 'job', j.job_id, 'idem', j.idempotency_key,
+                              'worker', j.worker, 'hold_trace', j.hold_trace_id,
+                              'amount', billing.to_amount(coalesce(j.actual_micros, j.estimated_micros)))
+      FROM (SELECT * FROM billing.jobs ORDER BY job_id DESC LIMIT 2000) j;
+    INSERT INTO fz_cand
+    SELECT 'hold', row_number() OVER (ORDER BY h.hold_id), h.status,
+           jsonb_build_object('tenant', h.tenant_id, 'hold_trace', h.trace_id, 'trace', h.trace_id,
+                              'key', h.api_key, 'amount', billing.to_amount(h.amount_micros))
+      FROM (SELECT * FROM billing.holds ORDER BY hold_id DESC LIMIT 2000) h;
+    INSERT INTO fz_cand
+    SELECT 'key', row_number() OVER (ORDER BY x.created_at, x.tenant_id, x.key_id), x.status,
+           jsonb_build_object('tenant', x.tenant_id, 'key', x.key_id)
+      FROM (SELECT * FROM billing.api_keys ORDER BY created_at DESC, tenant_id, key_id LIMIT 2000) x;
+    INSERT INTO fz_cand
+    SELECT 'entry', row_number() OVER (ORDER BY e.entry_id), e.kind,
+           jsonb_build_object('tenant', e.tenant_id, 'trace', e.trace_id, 'key', e.api_key,
+                              'amount', billing.to_amount(abs(e.amount_micros)))
+      FROM (SELECT * FROM billing.entries ORDER BY entry_id DESC LIMIT 5000) e;
+$$;
+
 -- context of a call: an existing object (entry, hold, key or job) and its tenant
 CREATE FUNCTION fz_ctx(seed bigint, n int, want text, fn text) RETURNS jsonb LANGUAGE plpgsql AS $$
 DECLARE
     k bigint;
     c jsonb;
     bias boolean := fz_rand(seed, n, 'bias', 3) > 0;
-    states text[] := CASE fn
-        WHEN 'billing_job_retry' THEN '{failed}'
-        WHEN 'billing_job_cancel' THEN '{queued,processing}'
-        WHEN 'billing_job_submit' THEN '{queued,processing,completed,failed,cancelled}'
+    states text[] := CASE
+        WHEN want = 'hold' THEN '{open}'
+        WHEN fn = 'billing_job_retry' THEN '{failed}'
+        WHEN fn = 'billing_job_cancel' THEN '{queued,processing}'
+        WHEN fn = 'billing_job_submit' THEN '{queued,processing,completed,failed,cancelled}'
         ELSE '{processing}' END;
 BEGIN
     IF want = 'any' THEN
         want := (ARRAY['entry', 'entry', 'hold', 'key', 'job'])[1 + fz_rand(seed, n, 'want', 5)];
+        bias := false;
     END IF;
-    IF want = 'job' THEN
-        k := fz_rand(seed, n, 'ctx', (SELECT coalesce(max(job_id), 0) + 1 FROM billing.jobs));
-        SELECT jsonb_build_object('tenant', j.tenant_id, 'job', j.job_id, 'idem', j.idempotency_key,
-                                  'worker', j.worker, 'hold_trace', j.hold_trace_id,
-                                  'amount', billing.to_amount(coalesce(j.actual_micros, j.estimated_micros)))
-          INTO c FROM billing.jobs j
-         ORDER BY bias AND j.state = ANY (states) DESC,     -- preferably in a state the function wants
-                  j.job_id < k, j.job_id LIMIT 1;           -- the first from k on, else wrap around
-    ELSIF want = 'hold' THEN
-        k := fz_rand(seed, n, 'ctx', (SELECT coalesce(max(hold_id), 0) + 1 FROM billing.holds));
-        SELECT jsonb_build_object('tenant', h.tenant_id, 'hold_trace', h.trace_id, 'trace', h.trace_id,
-                                  'key', h.api_key, 'amount', billing.to_amount(h.amount_micros))
-          INTO c FROM billing.holds h
-         ORDER BY bias AND h.status = 'open' DESC, h.hold_id < k, h.hold_id LIMIT 1;
-    ELSIF want = 'key' THEN
-        k := fz_rand(seed, n, 'ctx', (SELECT count(*) FROM billing.api_keys));
-        SELECT jsonb_build_object('tenant', x.tenant_id, 'key', x.key_id)
-          INTO c FROM billing.api_keys x ORDER BY x.tenant_id, x.key_id OFFSET k LIMIT 1;
+    k := 1 + fz_rand(seed, n, 'ctx', (SELECT coalesce(max(x.i), 0) FROM fz_cand x WHERE x.kind = want));
+    IF bias AND want IN ('job', 'hold') THEN
+        -- preferably an object in a state the function wants: the first from k on, else wrap around
+        SELECT x.c INTO c FROM fz_cand x WHERE x.kind = want
+         ORDER BY x.state = ANY (states) DESC, x.i < k, x.i LIMIT 1;
     ELSE
-        k := fz_rand(seed, n, 'ctx', (SELECT coalesce(max(entry_id), 0) + 1 FROM billing.entries));
-        SELECT jsonb_build_object('tenant', e.tenant_id, 'trace', e.trace_id, 'key', e.api_key,
-                                  'amount', billing.to_amount(abs(e.amount_micros)))
-          INTO c FROM billing.entries e WHERE e.entry_id >= k ORDER BY e.entry_id LIMIT 1;
+        SELECT x.c INTO c FROM fz_cand x WHERE x.kind = want AND x.i = k;
     END IF;
     RETURN coalesce(c, '{}');
 END;
 $$;
 
 -- draw a value expression from a pool and fill in the placeholders
-CREATE FUNCTION fz_value(seed bigint, n int, tag text, p text, ctx jsonb, b int, good boolean) RETURNS text
+CREATE FUNCTION fz_value(seed bigint, n int, tag text, p text, ctx jsonb, b int, good boolean,
+                         j int DEFAULT NULL) RETURNS text
     LANGUAGE plpgsql AS $$
 DECLARE
     e text;
@@ -511,6 +535,7 @@ BEGIN
     END LOOP;
     IF e ~ '@' THEN
         e := replace(e, '@n@', n::text);
+        e := replace(e, '@j@', coalesce('-' || j, ''));
         e := replace(e, '@batch_a@', fz_lit(format('fz-%s-a', b)));
         e := replace(e, '@batch_s@', fz_lit(format('fz-%s-s', b)));
         e := replace(e, '@batch_l@', fz_lit(format('fz-%s-l', b)));
@@ -526,6 +551,26 @@ BEGIN
         e := replace(e, '@ctx_amount@', coalesce(ctx->>'amount', '1'));
     END IF;
     RETURN e;
+END;
+$$;
+
+-- an array argument: NULL, empty, or ARRAY[...] of 1 to 5 values of the element pool
+-- (good: exactly len well-formed values, the same length for every array of the call)
+CREATE FUNCTION fz_array(seed bigint, n int, tag text, p text, ctx jsonb, b int, good boolean,
+                         len int, typ regtype) RETURNS text LANGUAGE plpgsql AS $$
+DECLARE
+    k int := CASE WHEN good THEN len ELSE fz_rand(seed, n, tag || 'len', 7)::int - 1 END;
+    elems text[] := '{}';
+BEGIN
+    IF k < 0 THEN
+        RETURN 'NULL::' || typ;
+    ELSIF k = 0 THEN
+        RETURN '''{}''::' || typ;
+    END IF;
+    FOR j IN 1..k LOOP
+        elems := elems || fz_value(seed, n, tag || j || ':', p, ctx, b, good, j);
+    END LOOP;
+    RETURN format('ARRAY[%s]::%s', array_to_string(elems, ', '), typ);
 END;
 $$;
 
@@ -550,6 +595,7 @@ DECLARE
     ectx text;
     mode text;
     bad int;
+    len int;
 BEGIN
     SELECT array_agg(ROW(x.proname, x.argnames, x.argtypes, x.nargs, x.ndefaults)::fz_fn ORDER BY x.proname) INTO fns FROM (
         SELECT p.proname::text AS proname, coalesce(p.proargnames, '{}') AS argnames,
@@ -570,6 +616,7 @@ BEGIN
     RAISE NOTICE 'fuzzing % functions', cardinality(fns);
 
     PERFORM fz_batch(0);
+    PERFORM fz_refresh();
     COMMIT;
     WHILE n < calls LOOP
         n := n + 1;
@@ -585,14 +632,18 @@ BEGIN
                 [1 + fz_rand(seed, n, 'mode', 8)];
         bad := CASE mode WHEN 'chaos' THEN 0 WHEN 'one-bad' THEN 1 + fz_rand(seed, n, 'bad', f.nargs) ELSE -1 END;
         ctx := fz_ctx(seed, n, want, f.proname);
+        len := 1 + fz_rand(seed, n, 'len', 3);
         args := '{}';
         FOR i IN 1..f.nargs LOOP
             -- leave out a parameter that has a default now and then
             CONTINUE WHEN i > f.nargs - f.ndefaults AND i <> bad AND fz_rand(seed, n, 'omit' || i, 3) = 0;
             pool := fz_pool_for(f.proname, f.argnames[i], f.argtypes[i], want);
             args := args || format('%I => %s', f.argnames[i],
-                                   fz_value(seed, n, 'arg' || i || ':', pool, ctx, b,
-                                            bad = -1 OR (bad > 0 AND i <> bad)));
+                                   CASE WHEN pool LIKE 'array:%'
+                                        THEN fz_array(seed, n, 'arg' || i || ':', substr(pool, 7), ctx, b,
+                                                      bad = -1 OR (bad > 0 AND i <> bad), len, f.argtypes[i])
+                                        ELSE fz_value(seed, n, 'arg' || i || ':', pool, ctx, b,
+                                                      bad = -1 OR (bad > 0 AND i <> bad)) END);
         END LOOP;
         stmt := format('SELECT * FROM %I(%s)', f.proname, array_to_string(args, ', '));
         BEGIN
@@ -616,6 +667,7 @@ BEGIN
             b := b + 1;
             IF n < calls THEN
                 PERFORM fz_batch(b);
+                PERFORM fz_refresh();
                 COMMIT;
             END IF;
         END IF;
