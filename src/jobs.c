@@ -252,8 +252,9 @@ billing_job_guard(PG_FUNCTION_ARGS)
 
 	desc = RelationGetDescr(trigdata->tg_relation);
 
+	/* (an AFTER trigger of an older 1.x build: nothing to do any more) */
 	if (!TRIGGER_FIRED_BEFORE(trigdata->tg_event))
-		elog(ERROR, "billing.job_guard() must be a BEFORE trigger");
+		return PointerGetDatum(NULL);
 
 	if (TRIGGER_FIRED_BY_INSERT(trigdata->tg_event))
 	{

@@ -512,6 +512,7 @@ ledger_post(text *tenant_id, LedgerRequest *req, PostMode mode,
 {
 	EntryWrite *e = &req->entry;
 	Account		acc;
+	Account		before;
 	ApiKey		key;
 	bool		ok = true;
 
@@ -536,6 +537,7 @@ ledger_post(text *tenant_id, LedgerRequest *req, PostMode mode,
 	/* 3. business rules */
 	account_expire_holds(&acc);
 	account_key_lock(&acc, &key, e->api_key);
+	before = acc;				/* to undo the in-memory charge on a replay */
 	if (req->is_debit)
 	{
 		Debit		debit = {0};
@@ -595,11 +597,15 @@ ledger_post(text *tenant_id, LedgerRequest *req, PostMode mode,
 	out->id = billing_post_entry(&acc, e);
 	if (out->id == 0)
 	{
-		/* the trace id is taken: a replay (or a conflict, which raises) */
+		/*
+		 * The trace id is taken: a replay (or a conflict, which raises).
+		 * Nothing was written; forget the charge applied in memory (balance,
+		 * counters, version) but keep the expiry of holds done on the way.
+		 */
 		if (!probe_trace(&acc, e, mode, out))
 			elog(ERROR, "billing: trace id conflict but no earlier entry found");
-		acc.version--;			/* nothing was written with it */
-		account_finish(&acc);	/* keep the expired holds' bookkeeping */
+		acc = before;
+		account_finish(&acc);
 		SPI_finish();
 		return;
 	}
