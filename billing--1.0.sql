@@ -2109,7 +2109,13 @@ AS $$
         SELECT a.*,
                (now() AT TIME ZONE a.timezone)::date AS today,
                date_trunc('month', now() AT TIME ZONE a.timezone)::date AS this_month,
-               billing.effective_holds(a) AS eff_holds
+               -- billing.effective_holds(a), inlined (it is SECURITY DEFINER for readers)
+               CASE
+                   WHEN a.holds_next_expiry IS NULL OR a.holds_next_expiry > now() THEN a.holds_micros
+                   ELSE (SELECT coalesce(sum(h.amount_micros - h.captured_micros - h.released_micros), 0)::bigint
+                           FROM billing.holds h
+                          WHERE h.tenant_id = a.tenant_id AND h.status = 'open' AND h.expires_at > now())
+               END AS eff_holds
           FROM billing.accounts a
          WHERE CASE WHEN tenants IS NULL THEN a.tenant_id > after ELSE a.tenant_id = ANY (tenants) END
          ORDER BY a.tenant_id

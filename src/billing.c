@@ -34,6 +34,7 @@ int			billing_redis_command_timeout = 1000;
 int			billing_sync_batch_size = 500;
 int			billing_maintenance_interval = 1000;
 int			billing_check_interval = 60;
+int			billing_sync_delay = 5;
 char	   *billing_lua_dir = NULL;
 bool		billing_allow_drop = false;
 
@@ -73,6 +74,10 @@ define_settings(void)
 	DefineCustomIntVariable("billing.maintenance_interval",
 							"How often the worker expires due holds and rescues stuck jobs.", NULL,
 							&billing_maintenance_interval, 1000, 10, 3600000,
+							PGC_SIGHUP, GUC_UNIT_MS, NULL, NULL, NULL);
+	DefineCustomIntVariable("billing.sync_delay",
+							"How long the worker gathers commits after a wake-up before pushing them in one batch.",
+							NULL, &billing_sync_delay, 5, 0, 1000,
 							PGC_SIGHUP, GUC_UNIT_MS, NULL, NULL, NULL);
 	DefineCustomIntVariable("billing.check_interval",
 							"How often the worker compares Redis with the database and repairs drift (0: never).",

@@ -64,6 +64,7 @@ extern int	billing_redis_command_timeout;
 extern int	billing_sync_batch_size;
 extern int	billing_maintenance_interval;
 extern int	billing_check_interval;
+extern int	billing_sync_delay;
 extern char *billing_lua_dir;
 
 #define MAX_BACKOFF_MS	5000
@@ -1007,8 +1008,22 @@ billing_worker_main(Datum arg)
 		}
 		PG_END_TRY();
 
-		(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
-						 timeout, PG_WAIT_EXTENSION);
-		ResetLatch(MyLatch);
+		if (WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
+					  timeout, PG_WAIT_EXTENSION) & WL_LATCH_SET)
+		{
+			ResetLatch(MyLatch);
+
+			/*
+			 * Coalesce: a busy system commits thousands of times a second and
+			 * every commit sets our latch.  Sleep a few milliseconds (not
+			 * waiting on the latch, so the committing backends do not signal
+			 * us) and push whatever gathered meanwhile in one batch.
+			 */
+			if (billing_sync_delay > 0)
+				(void) WaitLatch(NULL, WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
+								 billing_sync_delay, PG_WAIT_EXTENSION);
+		}
+		else
+			ResetLatch(MyLatch);
 	}
 }
