@@ -1,0 +1,649 @@
+#!/usr/bin/env bash
+# Benchmark harness of the billing extension; `make bench` runs this.
+#
+#   1. test/deps.sh, make, make install; gnuplot-nox for the chart
+#   2. a throwaway cluster of its own (test/cluster.sh, durable commits:
+#      fsync = synchronous_commit = full_page_writes = on), database
+#      "bench_template" loaded by bench/setup.sql (1,000 tenants, 10,000
+#      replayable charges); every run gets a fresh copy of it, "bench"
+#   3. pgbench workloads (table WORKLOADS below, BENCH_ROUNDS times over),
+#      a client sweep, the billing_balance / billing_verify check
+#   4. bench/RESULTS.md and bench/tps_vs_clients.png
+#
+# Every knob is an environment variable; see bench/README.md.
+set -euo pipefail
+
+here=$(cd "$(dirname "$(realpath "${BASH_SOURCE[0]}")")" && pwd)
+repo=$(dirname "$here")
+cd "$repo"
+
+# --- knobs -------------------------------------------------------------------
+BENCH_SECONDS=${BENCH_SECONDS:-15}
+BENCH_CLIENTS=${BENCH_CLIENTS:-8}
+BENCH_JOBS=${BENCH_JOBS:-2}
+BENCH_ONLY=${BENCH_ONLY:-}                 # e.g. "insert,deduct": run only these workloads
+BENCH_SWEEP=${BENCH_SWEEP:-1}
+BENCH_SWEEP_SECONDS=${BENCH_SWEEP_SECONDS:-10}
+BENCH_SWEEP_CLIENTS=${BENCH_SWEEP_CLIENTS:-1 2 4 8 16}
+BENCH_SWEEP_WORKLOADS=${BENCH_SWEEP_WORKLOADS:-insert plpgsql_deduct deduct}
+BENCH_TENANTS=${BENCH_TENANTS:-1000}
+BENCH_SEEDS=${BENCH_SEEDS:-10000}
+BENCH_BALANCE=${BENCH_BALANCE:-1}
+BENCH_BALANCE_ENTRIES=${BENCH_BALANCE_ENTRIES:-1000000}
+BENCH_BALANCE_BATCH=${BENCH_BALANCE_BATCH:-250}
+BENCH_BALANCE_SECONDS=${BENCH_BALANCE_SECONDS:-5}
+BENCH_OUT=${BENCH_OUT:-$here}
+BENCH_KEEP=${BENCH_KEEP:-0}
+BENCH_PERF=${BENCH_PERF:-0}
+BENCH_BUILD=${BENCH_BUILD:-1}
+BENCH_ROUNDS=${BENCH_ROUNDS:-3}
+
+# The cluster: test/cluster.sh with its own directory and ports, so that a
+# benchmark never touches the cluster of a running `make check`.
+export BILLING_TMP=${BENCH_TMP:-$repo/tmp_bench}
+export BILLING_PGPORT=${BENCH_PGPORT:-54339}
+export BILLING_REDIS_PORT=${BENCH_REDIS_PORT:-63809}
+export BILLING_FSYNC=${BENCH_FSYNC:-on}
+export BILLING_PRELOAD=${BENCH_PRELOAD:-1}
+export BILLING_EXTRA_CONF=${BENCH_EXTRA_CONF:-}
+
+# --- workloads ---------------------------------------------------------------
+# One line per workload, run in this order with BENCH_CLIENTS clients:
+#   name | pgbench script in bench/workloads/ | baselines for the ratio | what it measures
+# The ratio column of RESULTS.md is TPS / TPS of each baseline (same run).
+#
+# Extension points for later workloads (hold -> capture, job lifecycle,
+# batch API, worker on/off):
+#   - add a script to bench/workloads/ and a line here;
+#   - data it needs beyond bench/setup.sql: define a shell function
+#     setup_<name> (called before each run of the workload, on its fresh copy
+#     of the database; use `sql` and `sql_file` below), e.g.
+#     setup_hold_capture() { sql_file "$here/holds.sql" -v tenants="$BENCH_TENANTS"; };
+#   - a server setting for one workload (e.g. the background worker off):
+#     define setup_<name> to change it (`billing_cluster pg_ctl restart` after
+#     editing $PGDATA/postgresql.auto.conf via ALTER SYSTEM) and teardown_<name>
+#     to put it back;
+#   - extra pgbench options: the optional 5th field (e.g. "--max-tries=5").
+WORKLOADS=(
+	"insert          | insert.sql         | -                     | baseline: bare one-row INSERT (unique text key)"
+	"hot_update      | hot_update.sql     | -                     | baseline: UPDATE of one hot row"
+	"plpgsql_deduct  | plpgsql_deduct.sql | insert                | baseline: PL/pgSQL deduct (bench/plpgsql_deduct.sql), 1,000 tenants"
+	"deduct          | deduct.sql         | insert plpgsql_deduct | billing_deduct, 1,000 tenants"
+	"deduct_hot      | deduct_hot.sql     | hot_update            | billing_deduct, one hot tenant"
+	"deduct_mix      | deduct_mix.sql     | insert                | billing_deduct, 1,000 tenants, 20 % replays"
+	"try_deduct      | try_deduct.sql     | insert                | billing_try_deduct, 1,000 tenants"
+)
+
+# Targets of the performance issue: "workload baseline minimum-ratio text".
+TARGETS=(
+	"deduct insert 0.70 billing_deduct spread (deduct) ≥ 0.70 × bare INSERT (insert)"
+	"deduct plpgsql_deduct 2 billing_deduct spread (deduct) ≥ 2 × PL/pgSQL deduct (plpgsql_deduct)"
+	"deduct_hot hot_update 0.80 billing_deduct hot tenant (deduct_hot) ≥ 0.80 × hot-row UPDATE (hot_update)"
+)
+# billing_balance: p50 latency at BENCH_BALANCE_ENTRIES entries at most this
+# many times the p50 at 1,000 entries counts as "the same latency".
+BALANCE_SAME_LATENCY=1.25
+
+# --- helpers -----------------------------------------------------------------
+t_start=$SECONDS
+say() { printf '[bench %02d:%02d] %s\n' $(((SECONDS - t_start) / 60)) $(((SECONDS - t_start) % 60)) "$*"; }
+die() { say "ERROR: $*" >&2; exit 1; }
+trim() { local s=$1; s=${s#"${s%%[![:space:]]*}"}; printf '%s' "${s%"${s##*[![:space:]]}"}"; }
+
+for v in BENCH_SECONDS BENCH_CLIENTS BENCH_JOBS BENCH_ROUNDS BENCH_SWEEP_SECONDS BENCH_TENANTS BENCH_SEEDS \
+	BENCH_BALANCE_ENTRIES BENCH_BALANCE_BATCH BENCH_BALANCE_SECONDS; do
+	[[ ${!v} =~ ^[1-9][0-9]*$ ]] || die "$v must be a positive integer (got '${!v}')"
+done
+((BENCH_SEEDS >= BENCH_TENANTS)) || die "BENCH_SEEDS must be >= BENCH_TENANTS"
+
+# shellcheck source=../test/cluster.sh
+. "$repo/test/cluster.sh" # exports PGHOST, PGPORT, PGUSER, BILLING_TMP, ...
+PGBIN=$BILLING_PGBIN
+export PGDATABASE=bench
+sql() { "$PGBIN/psql" -X -q -v ON_ERROR_STOP=1 -At "$@"; }
+sql_file() { "$PGBIN/psql" -X -q -v ON_ERROR_STOP=1 -f "$@" >/dev/null; }
+
+results=$BILLING_TMP/results.tsv # name clients jobs seconds tps p50_ms p99_ms xacts status other_cpu_%
+logs=$BILLING_TMP/logs
+bench_failed=0
+inconsistent=()
+
+on_exit() {
+	local rc=$?
+	if [[ $BENCH_KEEP == 1 ]]; then
+		say "cluster left running (BENCH_KEEP=1): bash test/cluster.sh psql -d bench; stop: bash test/cluster.sh stop (with BILLING_TMP=$BILLING_TMP BILLING_PGPORT=$BILLING_PGPORT BILLING_REDIS_PORT=$BILLING_REDIS_PORT)"
+	else
+		billing_cluster stop >/dev/null 2>&1 || true
+	fi
+	((rc == 0)) || say "aborted (exit $rc); logs in $BILLING_TMP"
+}
+trap on_exit EXIT
+trap 'exit 130' INT TERM
+
+# workload_field NAME N -- field N (1-based) of the WORKLOADS line of NAME
+workload_field() {
+	local line name
+	for line in "${WORKLOADS[@]}"; do
+		IFS='|' read -r name _ <<<"$line"
+		if [[ $(trim "$name") == "$1" ]]; then
+			trim "$(cut -d'|' -f"$2" <<<"$line")"
+			return 0
+		fi
+	done
+	return 1
+}
+
+selected() { [[ -z $BENCH_ONLY ]] || [[ ,$BENCH_ONLY, == *,"$1",* ]]; }
+
+# percentiles FILE... -- "p50_ms p99_ms" from pgbench per-transaction logs
+# (3rd field: latency in microseconds; failed/skipped lines are ignored;
+# with $script_no set, only the transactions of that script, 4th field)
+percentiles() {
+	awk -v s="${script_no:-}" '$3 ~ /^[0-9]+$/ && (s == "" || $4 == s) { print $3 }' "$@" | sort -n | awk '
+		{ v[NR] = $1 }
+		END {
+			if (NR == 0) { print "- -"; exit }
+			i50 = int(NR * 0.50); if (i50 < NR * 0.50) i50++
+			i99 = int(NR * 0.99); if (i99 < NR * 0.99) i99++
+			printf "%.3f %.3f\n", v[i50] / 1000, v[i99] / 1000
+		}'
+}
+
+# cpu_ticks -- "machine-busy cluster-cpu elapsed" in clock ticks: busy time of
+# all CPUs (/proc/stat: user, nice, system, irq, softirq, steal), CPU time of
+# the cluster (the postmaster, its live children and the reaped ones, i.e.
+# backends that exited), and a timestamp.
+cpu_ticks() {
+	local pm
+	pm=$(head -n 1 "$PGDATA/postmaster.pid")
+	printf '%s %s %s\n' \
+		"$(awk '$1 == "cpu" { print $2 + $3 + $4 + $7 + $8 + $9 }' /proc/stat)" \
+		"$(cat /proc/[0-9]*/stat 2>/dev/null | awk -v pm="$pm" '
+			{ pid = $1; sub(/^.*\) /, "") }          # now $1 = state, $2 = ppid, $12 = utime
+			pid == pm { s += $12 + $13 + $14 + $15 }
+			$2 == pm  { s += $12 + $13 }
+			END { print s + 0 }')" \
+		"$(awk '{ print int($1 * 100) }' /proc/uptime)"
+}
+
+# other_cpu "BEFORE" "AFTER" "PGBENCH_USER PGBENCH_SYS" -- percent of the
+# machine's CPU capacity used during the run by processes other than this
+# cluster and pgbench (other people's work on a shared machine: noise).
+other_cpu() {
+	awk -v a="$1" -v b="$2" -v t="$3" -v hz="$(getconf CLK_TCK)" -v n="$(nproc)" 'BEGIN {
+		split(a, x); split(b, y); split(t, z)
+		busy = (y[1] - x[1]) / hz; ours = (y[2] - x[2]) / hz + z[1] + z[2]
+		secs = (y[3] - x[3]) / 100
+		o = (busy - ours) / (secs * n) * 100
+		printf "%.0f\n", (o < 0 ? 0 : o)
+	}'
+}
+
+# fresh_db -- database "bench" anew, as a copy of bench_template (loaded
+# once by setup.sql), then a CHECKPOINT so that no checkpoint starts inside
+# a short run.  Every run thus starts from the same data, whatever ran before.
+fresh_db() {
+	sql -d postgres -c "SET client_min_messages = warning" -c "DROP DATABASE IF EXISTS bench" \
+		-c "CREATE DATABASE bench TEMPLATE bench_template" -c CHECKPOINT
+}
+
+# run_pgbench LABEL SCRIPT CLIENTS JOBS SECONDS [pgbench args...]
+# Runs one measurement on a fresh copy of the data, checks the ledger with
+# billing_verify() afterwards and appends a line to $results.
+run_pgbench() {
+	local label=$1 script=$2 clients=$3 jobs=$4 secs=$5 dir out rc=0 tps xacts failed p status bad
+	local cpu0 other hook
+	shift 5
+	dir=$logs/$label-c$clients
+	rm -rf "$dir"
+	mkdir -p "$dir"
+	out=$dir/pgbench.out
+	[[ ${BENCH_REUSE_DB:-0} == 1 ]] || fresh_db
+	# hooks of the workload (see WORKLOADS), by its name without decorations
+	hook=${label#sweep:}
+	hook=${hook%@*}
+	if declare -F "setup_$hook" >/dev/null; then "setup_$hook"; fi
+	perf_pid=
+	if [[ $BENCH_PERF == 1 ]]; then perf_sample "$label-c$clients" "$secs"; fi
+	cpu0=$(cpu_ticks)
+	local TIMEFORMAT='%3U %3S'
+	{ time "$PGBIN/pgbench" -n -M prepared -c "$clients" -j "$jobs" -T "$secs" \
+		-D tenants="$BENCH_TENANTS" -D seeds="$BENCH_SEEDS" \
+		-l --log-prefix="$dir/tx" -f "$script" "$@" bench >"$out" 2>&1 </dev/null; } 2>"$dir/time" || rc=$?
+	sleep 0.2 # let the postmaster reap the exited backends (their CPU time)
+	other=$(other_cpu "$cpu0" "$(cpu_ticks)" "$(cat "$dir/time")")
+	if [[ -n $perf_pid ]]; then wait "$perf_pid" || true; fi
+	if declare -F "teardown_$hook" >/dev/null; then "teardown_$hook"; fi
+	tps=$(sed -n 's/^tps = \([0-9.]*\) .*/\1/p' "$out")
+	xacts=$(sed -n 's/^number of transactions actually processed: \([0-9]*\).*/\1/p' "$out")
+	failed=$(sed -n 's/^number of failed transactions: \([0-9]*\).*/\1/p' "$out")
+	p=$(percentiles "$dir"/tx.* 2>/dev/null || true)
+	[[ -n $p ]] || p="- -"
+	status=ok
+	if ((rc != 0)) || [[ -z $tps ]] || [[ ${failed:-0} != 0 ]] || grep -q 'aborted' "$out"; then
+		status=FAILED
+		bench_failed=1
+		say "  pgbench failed (exit $rc); last lines of $out:"
+		tail -n 15 "$out" | sed 's/^/    /'
+	fi
+	# the ledger must be consistent after the concurrent run
+	bad=$(sql -c "SELECT count(*) FROM billing_verify()")
+	if [[ $bad != 0 ]]; then
+		status=INCONSISTENT
+		bench_failed=1
+		inconsistent+=("$label c=$clients: $bad accounts")
+		say "  billing_verify() reports $bad inconsistent accounts after $label"
+	fi
+	printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$label" "$clients" "$jobs" "$secs" \
+		"${tps:--}" ${p} "${xacts:--}" "$status" "$other" >>"$results"
+	say "  $label c=$clients: $(printf '%.0f' "${tps:-0}") tps, p50 ${p% *} ms, p99 ${p#* } ms, other CPU load ${other} % [$status]"
+}
+
+# result LABEL CLIENTS FIELD -- from $results (3 = jobs, 5 = tps, 6 = p50, 7 = p99, ...)
+result() { awk -F'\t' -v l="$1" -v c="$2" -v f="$3" '$1 == l && $2 == c { v = $f } END { print (v == "" ? "-" : v) }' "$results"; }
+
+# ratio A B -- A / B with 2 decimals, "-" if either is missing
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (a == "-" || b == "-" || a == "" || b == "" || b + 0 == 0) print "-"; else printf "%.2f\n", a / b }'; }
+
+# Sample where the server spends its time during one workload (BENCH_PERF=1).
+perf_sample() {
+	local label=$1 secs=$2
+	command -v perf >/dev/null 2>&1 || { say "  perf not installed, no profile"; return 0; }
+	(sleep 2 && perf record -a -g -o "$logs/$label.perf.data" -- sleep "$((secs > 6 ? secs - 4 : 2))" \
+		>/dev/null 2>&1 && perf report -i "$logs/$label.perf.data" --no-children -g none \
+		--sort comm,dso,symbol --stdio 2>/dev/null | grep -v '^#' | grep '%' | head -n 60 \
+		>"$logs/$label.perf.txt") &
+	perf_pid=$!
+}
+
+# --- 1. build, install, tools ------------------------------------------------
+bash "$repo/test/deps.sh"
+if [[ $BENCH_BUILD == 1 ]]; then
+	say "build and install (make install)"
+	make_log=$(mktemp)
+	for target in all install; do
+		if ! make -s "$target" >"$make_log" 2>&1; then
+			cat "$make_log" >&2
+			rm -f "$make_log"
+			die "make $target failed"
+		fi
+		grep -v 'overriding recipe\|ignoring old recipe' "$make_log" || true
+	done
+	rm -f "$make_log"
+else
+	say "BENCH_BUILD=0: benchmarking the billing extension already installed, not this tree"
+fi
+[[ -x $PGBIN/pgbench ]] || die "pgbench not found in $PGBIN (package postgresql-15)"
+
+chart_note=
+if ! command -v gnuplot >/dev/null 2>&1; then
+	if ((EUID == 0)); then
+		say "installing gnuplot-nox for the chart"
+		export DEBIAN_FRONTEND=noninteractive
+		apt-get install -y --no-install-recommends gnuplot-nox </dev/null >/dev/null 2>&1 ||
+			{ apt-get update </dev/null >/dev/null 2>&1 &&
+				apt-get install -y --no-install-recommends gnuplot-nox </dev/null >/dev/null 2>&1; } ||
+			chart_note="gnuplot-nox could not be installed: no chart."
+	else
+		chart_note="gnuplot is not installed and we are not root: no chart (apt-get install gnuplot-nox)."
+	fi
+fi
+[[ -z $chart_note ]] || say "$chart_note"
+
+# --- 2. cluster and data -----------------------------------------------------
+load_before=$(cut -d' ' -f1 /proc/loadavg)
+say "starting a throwaway cluster in $BILLING_TMP (port $BILLING_PGPORT, fsync=$BILLING_FSYNC)"
+billing_cluster start >/dev/null
+rm -rf "$logs"
+mkdir -p "$logs"
+: >"$results"
+
+say "loading $BENCH_TENANTS tenants (billing and PL/pgSQL), $BENCH_SEEDS replayable charges"
+sql -d postgres -c "CREATE DATABASE bench_template"
+sql_file "$here/setup.sql" -d bench_template -v tenants="$BENCH_TENANTS" -v seeds="$BENCH_SEEDS"
+
+# --- 3. workloads ------------------------------------------------------------
+names=()
+for line in "${WORKLOADS[@]}"; do
+	IFS='|' read -r name _ <<<"$line"
+	name=$(trim "$name")
+	selected "$name" && names+=("$name")
+done
+((${#names[@]})) || die "BENCH_ONLY=$BENCH_ONLY matches no workload"
+
+est=$((BENCH_ROUNDS * ${#names[@]} * (BENCH_SECONDS + 4)))
+if [[ $BENCH_SWEEP == 1 ]]; then
+	est=$((est + $(wc -w <<<"$BENCH_SWEEP_WORKLOADS") * $(wc -w <<<"$BENCH_SWEEP_CLIENTS") * (BENCH_SWEEP_SECONDS + 4)))
+fi
+if [[ $BENCH_BALANCE == 1 ]]; then
+	est=$((est + BENCH_BALANCE_ENTRIES / 20000 + 2 * BENCH_BALANCE_SECONDS + 20))
+fi
+say "measuring; about $(((est + 59) / 60)) more minutes"
+
+# BENCH_ROUNDS (default 3): the whole list again and again, interleaved, so
+# that a burst of other work on a shared machine hits one round of a
+# workload rather than all of it; the table shows the best round of each
+# workload (highest TPS, with its latencies).
+for ((round = 1; round <= BENCH_ROUNDS; round++)); do
+	for name in "${names[@]}"; do
+		label=$name
+		((BENCH_ROUNDS == 1)) || label=$name@$round
+		say "workload $label ($BENCH_CLIENTS clients, $BENCH_SECONDS s): $(workload_field "$name" 4)"
+		read -ra extra <<<"$(workload_field "$name" 5 || true)"
+		run_pgbench "$label" "$here/workloads/$(workload_field "$name" 2)" \
+			"$BENCH_CLIENTS" "$BENCH_JOBS" "$BENCH_SECONDS" "${extra[@]}"
+	done
+done
+if ((BENCH_ROUNDS > 1)); then
+	for name in "${names[@]}"; do
+		# the best round: other work on the machine only ever slows a run down
+		best=$(awk -F'\t' -v n="$name" -v c="$BENCH_CLIENTS" 'index($1, n "@") == 1 && $2 == c && $5 != "-" &&
+			($5 + 0 > max + 0 || best == "") { max = $5; best = $0 } END { print best }' "$results")
+		status=$(awk -F'\t' -v n="$name" -v c="$BENCH_CLIENTS" 'index($1, n "@") == 1 && $2 == c && $9 != "ok" { s = $9 } END { print (s == "" ? "ok" : s) }' "$results")
+		if [[ -z $best ]]; then
+			printf '%s\t%s\t%s\t%s\t-\t-\t-\t-\t%s\t-\n' "$name" "$BENCH_CLIENTS" "$BENCH_JOBS" "$BENCH_SECONDS" "$status" >>"$results"
+			continue
+		fi
+		IFS=$'\t' read -r label _ _ _ tps p50 p99 xacts _ other <<<"$best"
+		printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$name" "$BENCH_CLIENTS" "$BENCH_JOBS" "$BENCH_SECONDS" \
+			"$tps" "$p50" "$p99" "$xacts" "$status" "$other" >>"$results"
+		say "  $name: best of $BENCH_ROUNDS rounds ($label) $(printf '%.0f' "$tps") tps, p50 $p50 ms, p99 $p99 ms, other CPU load $other %"
+	done
+fi
+
+# client sweep for the chart
+sweep_names=()
+if [[ $BENCH_SWEEP == 1 ]]; then
+	for name in $BENCH_SWEEP_WORKLOADS; do
+		workload_field "$name" 2 >/dev/null || die "BENCH_SWEEP_WORKLOADS: unknown workload $name"
+		selected "$name" && sweep_names+=("$name")
+	done
+	for name in "${sweep_names[@]}"; do
+		say "sweep $name: clients $BENCH_SWEEP_CLIENTS, $BENCH_SWEEP_SECONDS s each"
+		for c in $BENCH_SWEEP_CLIENTS; do
+			run_pgbench "sweep:$name" "$here/workloads/$(workload_field "$name" 2)" \
+				"$c" "$((c < BENCH_JOBS ? c : BENCH_JOBS))" "$BENCH_SWEEP_SECONDS"
+		done
+	done
+fi
+
+# --- 4. billing_balance at two ledger sizes, billing_verify throughput -------
+bal_small_n=1000
+verify_tenant_s= verify_small_s= verify_all_s= verify_all_n=
+if [[ $BENCH_BALANCE == 1 ]]; then
+	say "balance: tenant bal-small with $bal_small_n entries, bal-big with $BENCH_BALANCE_ENTRIES (billing_credit, $BENCH_BALANCE_BATCH per transaction)"
+	fresh_db
+	sql -c "SELECT count(*) FROM billing_account_create('bal-small') s, billing_account_create('bal-big') b" >/dev/null
+	sql -c "SELECT count(billing_credit('bal-small', 0.000001, 'e-' || g)) FROM generate_series(1, $bal_small_n) g" >/dev/null
+	# One transaction per batch: the account row is updated once per entry,
+	# and thousands of updates of one row in one transaction get slow.
+	loaded=0 chunk=100000 t0=$SECONDS
+	while ((loaded < BENCH_BALANCE_ENTRIES)); do
+		n=$((BENCH_BALANCE_ENTRIES - loaded < chunk ? BENCH_BALANCE_ENTRIES - loaded : chunk))
+		sql -c "DO \$\$
+			BEGIN
+				FOR b IN 0 .. ($n - 1) / $BENCH_BALANCE_BATCH LOOP
+					PERFORM billing_credit('bal-big', 0.000001, 'e-' || g)
+					   FROM generate_series($loaded + b * $BENCH_BALANCE_BATCH + 1,
+					                        $loaded + least((b + 1) * $BENCH_BALANCE_BATCH, $n)) g;
+					COMMIT;
+				END LOOP;
+			END \$\$"
+		loaded=$((loaded + n))
+		say "  bal-big: $loaded / $BENCH_BALANCE_ENTRIES entries ($((loaded / (SECONDS - t0 > 0 ? SECONDS - t0 : 1))) entries/s)"
+	done
+	load_s=$((SECONDS - t0))
+	sql -c "VACUUM ANALYZE billing.entries" -c "VACUUM ANALYZE billing.accounts"
+	sql -c CHECKPOINT
+	# Both accounts in one run, each transaction picking one of the two
+	# scripts at random: the same conditions for both, whatever else the
+	# machine is doing.  Script 0 = bal-small, 1 = bal-big.
+	bal_secs=$((2 * BENCH_BALANCE_SECONDS))
+	BENCH_REUSE_DB=1 run_pgbench balance "$here/workloads/balance_small.sql" 1 1 "$bal_secs" \
+		-f "$here/workloads/balance_big.sql"
+	for i in 0 1; do
+		t=bal-small
+		((i == 0)) || t=bal-big
+		p=$(script_no=$i percentiles "$logs"/balance-c1/tx.* 2>/dev/null || true)
+		[[ -n $p ]] || p="- -"
+		n=$(awk -v s="$i" '$3 ~ /^[0-9]+$/ && $4 == s' "$logs"/balance-c1/tx.* | wc -l)
+		printf '%s\t1\t1\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "balance:$t" "$bal_secs" \
+			"$(awk -v n="$n" -v s="$bal_secs" 'BEGIN { printf "%.1f", n / s }')" ${p} "$n" "$(result balance 1 9)" \
+			"$(result balance 1 10)" >>"$results"
+		say "  billing_balance('$t'): $n calls, p50 ${p% *} ms, p99 ${p#* } ms"
+	done
+
+	# billing_verify: one warm-up run, then the timed one
+	timed() { # timed SQL -- seconds the statement took, measured by the server
+		sql -c "DO \$\$ DECLARE t0 timestamptz := clock_timestamp(); n bigint;
+			BEGIN $1; RAISE NOTICE 'secs=%', extract(epoch FROM clock_timestamp() - t0); END \$\$" 2>&1 |
+			sed -n 's/.*secs=//p'
+	}
+	say "billing_verify('bal-big'), billing_verify('bal-small') and billing_verify() over all entries"
+	timed "SELECT count(*) INTO n FROM billing_verify('bal-big')" >/dev/null
+	verify_tenant_s=$(timed "SELECT count(*) INTO n FROM billing_verify('bal-big')")
+	verify_tenant_n=$(sql -c "SELECT count(*) FROM billing.entries WHERE tenant_id = 'bal-big'")
+	verify_small_s=$(timed "SELECT count(*) INTO n FROM billing_verify('bal-small')")
+	verify_all_s=$(timed "SELECT count(*) INTO n FROM billing_verify()")
+	verify_all_n=$(sql -c "SELECT count(*) FROM billing.entries")
+	[[ -n $verify_tenant_s && -n $verify_small_s && -n $verify_all_s ]] || die "could not time billing_verify()"
+	say "  verify: bal-big ($verify_tenant_n entries) in $verify_tenant_s s; bal-small ($bal_small_n entries) in $verify_small_s s; all $verify_all_n entries in $verify_all_s s"
+fi
+
+# --- 5. facts, chart, RESULTS.md ---------------------------------------------
+say "writing $BENCH_OUT/RESULTS.md"
+pg_version=$(sql -c "SELECT current_setting('server_version')")
+settings=$(sql -c "SELECT string_agg(n || ' = ' || current_setting(n), ', ' ORDER BY o)
+	FROM unnest(ARRAY['fsync', 'synchronous_commit', 'full_page_writes', 'wal_level',
+	                  'shared_buffers', 'max_wal_size', 'checkpoint_timeout',
+	                  'shared_preload_libraries']) WITH ORDINALITY AS s(n, o)")
+cpu=$(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -n 1)
+mem_gib=$(awk '/^MemTotal:/ { printf "%.1f", $2 / 1048576 }' /proc/meminfo)
+entries_template=$(sql -d bench_template -c "SELECT count(*) FROM billing.entries")
+# the knobs that differ from the defaults make the command line
+cmd="make bench"
+knobs="BENCH_SECONDS=$BENCH_SECONDS"
+for v in BENCH_CLIENTS:8 BENCH_JOBS:2 BENCH_ROUNDS:3 BENCH_ONLY: BENCH_SWEEP:1 BENCH_SWEEP_SECONDS:10 \
+	"BENCH_SWEEP_CLIENTS:1 2 4 8 16" "BENCH_SWEEP_WORKLOADS:insert plpgsql_deduct deduct" \
+	BENCH_TENANTS:1000 BENCH_SEEDS:10000 BENCH_BALANCE:1 BENCH_BALANCE_ENTRIES:1000000 \
+	BENCH_BALANCE_BATCH:250 BENCH_BALANCE_SECONDS:5 BENCH_BUILD:1 BENCH_FSYNC:on BENCH_PRELOAD:1 BENCH_EXTRA_CONF:; do
+	k=${v%%:*}
+	val=${!k:-${v#*:}}
+	[[ $val == "${v#*:}" ]] && continue
+	if [[ $val == *[[:space:]]* || -z $val ]]; then knobs+=" $k='$val'"; else knobs+=" $k=$val"; fi
+done
+cmd="$knobs $cmd"
+
+sweep_png=$BENCH_OUT/tps_vs_clients.png
+if ((${#sweep_names[@]})) && [[ -z $chart_note ]]; then
+	dat=$BILLING_TMP/sweep.dat
+	{
+		printf '# clients'
+		printf ' %s' "${sweep_names[@]}"
+		echo
+		for c in $BENCH_SWEEP_CLIENTS; do
+			printf '%s' "$c"
+			for name in "${sweep_names[@]}"; do printf ' %s' "$(result "sweep:$name" "$c" 5)"; done
+			echo
+		done
+	} >"$dat"
+	term="pngcairo size 960,600 font 'DejaVu Sans,11'"
+	gnuplot -e 'set terminal' 2>&1 | grep -qw pngcairo || term="png size 960,600"
+	plot="" col=2
+	for name in "${sweep_names[@]}"; do
+		case $name in
+		insert) title="bare INSERT (baseline)" ;;
+		plpgsql_deduct) title="PL/pgSQL deduct (baseline)" ;;
+		deduct) title="billing_deduct, 1,000 tenants" ;;
+		*) title=$name ;;
+		esac
+		plot+="${plot:+, }'$dat' using 1:$col with linespoints lw 2 pt 7 title '$title'"
+		col=$((col + 1))
+	done
+	xt=$(tr -s ' ' ',' <<<"$(trim "$BENCH_SWEEP_CLIENTS")")
+	read -r xmin xmax < <(tr ' ' '\n' <<<"$BENCH_SWEEP_CLIENTS" | sort -n | awk 'NF { v[++n] = $1 } END { print v[1] / 1.2, v[n] * 1.2 }')
+	if gnuplot >"$BILLING_TMP/gnuplot.log" 2>&1 <<-EOF; then
+		set terminal $term
+		set termoption noenhanced
+		set output '$sweep_png'
+		set title "billing: throughput vs clients ($BENCH_SWEEP_SECONDS s per point, fsync=on, $(nproc) CPUs)"
+		set xlabel "pgbench clients (-j = min(clients, $BENCH_JOBS))"
+		set ylabel "transactions per second"
+		set logscale x 2
+		set xtics ($xt)
+		set xrange [$xmin:$xmax]
+		set yrange [0:*]
+		set offsets 0, 0, graph 0.3, 0
+		set grid
+		set key top left box opaque
+		plot $plot
+	EOF
+		:
+	else
+		chart_note="gnuplot failed (see $BILLING_TMP/gnuplot.log): no chart."
+		say "$chart_note"
+	fi
+fi
+
+{
+	echo "# billing benchmark results"
+	echo
+	echo "Measured by \`bench/run.sh\` (\`make bench\`) on $(date -u '+%Y-%m-%d %H:%M UTC'); see bench/README.md for how to read this file."
+	echo
+	echo "- command: \`$cmd\`"
+	echo "- machine: $(nproc) CPUs ($cpu), ${mem_gib} GiB memory, $(uname -sr)"
+	echo "- PostgreSQL $pg_version, pgbench $("$PGBIN/pgbench" --version | awk '{ print $3 }'); a throwaway cluster from test/cluster.sh: $settings"
+	if ((BENCH_ROUNDS == 1)); then
+		echo "- pgbench: -n -M prepared, $BENCH_CLIENTS clients, -j $BENCH_JOBS, $BENCH_SECONDS s per workload, a CHECKPOINT before each run; pgbench runs on the same machine and shares its CPUs"
+	else
+		echo "- pgbench: -n -M prepared, $BENCH_CLIENTS clients, -j $BENCH_JOBS, $BENCH_ROUNDS interleaved rounds of $BENCH_SECONDS s per workload, the table shows each workload's best round (other work on the machine only slows a run down), a CHECKPOINT before each run; pgbench runs on the same machine and shares its CPUs"
+	fi
+	echo "- load average (1 min) before the cluster started: $load_before; other processes on the machine compete for the same CPUs"
+	echo "- data: every run starts from a fresh copy of the same database: $BENCH_TENANTS tenants topped up with 1e9 each (billing and PL/pgSQL), $BENCH_SEEDS seed charges as replay targets ($entries_template ledger entries)"
+	echo "- latencies from the per-transaction logs (\`pgbench -l\`), in milliseconds; \"other CPU %\": share of the machine's CPU time used during the run by processes other than this cluster and pgbench (other work on a shared machine; the higher, the less trustworthy the row)"
+	echo
+	# a run that shared the machine with much other work says so up front
+	# (the runs shown: best rounds, sweep points, the balance run)
+	read -r disturbed runs < <(awk -F'\t' '$1 !~ /@|^balance:/ { k++; if ($10 + 0 > 20) n++ } END { print n + 0, k + 0 }' "$results")
+	if ((disturbed > 0)); then
+		echo "**Caution: $disturbed of the $runs pgbench runs shown below shared the machine with other work (other CPU % above 20; see that column and $BILLING_TMP/results.tsv). Their TPS are too low and ratios involving them unreliable; rerun on a quiet machine.**"
+		echo
+	fi
+	echo "## Workloads ($BENCH_CLIENTS clients)"
+	echo
+	echo "| workload | what | TPS | TPS of each round | p50 ms | p99 ms | ratio to baseline | other CPU % | status |"
+	echo "| --- | --- | ---: | ---: | ---: | ---: | --- | ---: | --- |"
+	for name in "${names[@]}"; do
+		tps=$(result "$name" "$BENCH_CLIENTS" 5)
+		ratios=
+		for b in $(workload_field "$name" 3); do
+			[[ $b == - ]] && continue
+			selected "$b" || continue
+			ratios+="${ratios:+, }$(ratio "$tps" "$(result "$b" "$BENCH_CLIENTS" 5)") × $b"
+		done
+		rounds=$(awk -F'\t' -v n="$name" -v c="$BENCH_CLIENTS" 'index($1, n "@") == 1 && $2 == c {
+				r = r sep ($5 == "-" ? "-" : sprintf("%.0f", $5)); sep = ", " } END { print r }' "$results")
+		((BENCH_ROUNDS > 1)) || rounds=-
+		printf '| %s | %s | %s | %s | %s | %s | %s | %s | %s |\n' "$name" "$(workload_field "$name" 4)" \
+			"$(awk -v t="$tps" 'BEGIN { if (t == "-") print "-"; else printf "%.0f", t }')" "$rounds" \
+			"$(result "$name" "$BENCH_CLIENTS" 6)" "$(result "$name" "$BENCH_CLIENTS" 7)" \
+			"${ratios:--}" "$(result "$name" "$BENCH_CLIENTS" 10)" "$(result "$name" "$BENCH_CLIENTS" 9)"
+	done
+	echo
+	echo "## Targets of the performance issue"
+	echo
+	echo "| target | measured | met? |"
+	echo "| --- | ---: | --- |"
+	for t in "${TARGETS[@]}"; do
+		read -r w b min text <<<"$t"
+		r=$(ratio "$(result "$w" "$BENCH_CLIENTS" 5)" "$(result "$b" "$BENCH_CLIENTS" 5)")
+		if [[ $r == - ]]; then
+			met="not measured"
+		elif awk -v r="$r" -v m="$min" 'BEGIN { exit !(r >= m) }'; then
+			met="met"
+		else
+			met="**not met**"
+		fi
+		shown=$r
+		[[ $r == - ]] || shown="$r ×"
+		echo "| $text, TPS | $shown | $met |"
+	done
+	if [[ $BENCH_BALANCE == 1 ]]; then
+		p_small=$(result balance:bal-small 1 6)
+		p_big=$(result balance:bal-big 1 6)
+		r=$(ratio "$p_big" "$p_small")
+		if [[ $r == - ]]; then
+			met="not measured"
+		elif awk -v r="$r" -v m="$BALANCE_SAME_LATENCY" 'BEGIN { exit !(r <= m) }'; then
+			met="met"
+		else
+			met="**not met**"
+		fi
+		shown=$r
+		[[ $r == - ]] || shown="$r ×"
+		echo "| billing_balance p50 latency at $BENCH_BALANCE_ENTRIES entries ≤ $BALANCE_SAME_LATENCY × at $bal_small_n entries (the issue's figure is 10,000,000 entries: BENCH_BALANCE_ENTRIES) | $shown | $met |"
+	else
+		echo "| billing_balance latency independent of ledger size | not run (BENCH_BALANCE=0) | not measured |"
+	fi
+	if ((${#sweep_names[@]})); then
+		echo
+		echo "## Client sweep ($BENCH_SWEEP_SECONDS s per point, TPS; p99 ms in parentheses)"
+		echo
+		printf '| clients |'
+		printf ' %s |' "${sweep_names[@]}"
+		echo
+		printf '| ---: |'
+		printf ' ---: |%.0s' "${sweep_names[@]}"
+		echo
+		for c in $BENCH_SWEEP_CLIENTS; do
+			printf '| %s |' "$c"
+			for name in "${sweep_names[@]}"; do
+				printf ' %s (%s) |' "$(awk -v t="$(result "sweep:$name" "$c" 5)" 'BEGIN { if (t == "-") print "-"; else printf "%.0f", t }')" \
+					"$(result "sweep:$name" "$c" 7)"
+			done
+			echo
+		done
+		echo
+		if [[ -z $chart_note ]]; then
+			echo "![TPS vs clients](tps_vs_clients.png)"
+		else
+			echo "No chart: $chart_note"
+		fi
+	fi
+	if [[ $BENCH_BALANCE == 1 ]]; then
+		echo
+		echo "## billing_balance and billing_verify at two ledger sizes"
+		echo
+		echo "billing_balance() with 1 client for $bal_secs s, each call on one of the two accounts at random (one pgbench run, two scripts); the big ledger was written by billing_credit() ($BENCH_BALANCE_BATCH entries per transaction) in $load_s s."
+		echo
+		echo "| account | entries | calls/s (of the one client) | p50 ms | p99 ms |"
+		echo "| --- | ---: | ---: | ---: | ---: |"
+		for t in bal-small bal-big; do
+			n=$bal_small_n
+			[[ $t == bal-big ]] && n=$BENCH_BALANCE_ENTRIES
+			printf '| %s | %s | %.0f | %s | %s |\n' "$t" "$n" "$(result "balance:$t" 1 5)" \
+				"$(result "balance:$t" 1 6)" "$(result "balance:$t" 1 7)"
+		done
+		echo
+		echo "| billing_verify | entries | seconds | entries/s |"
+		echo "| --- | ---: | ---: | ---: |"
+		awk -v n="$verify_tenant_n" -v s="$verify_tenant_s" 'BEGIN { printf "| billing_verify('"'"'bal-big'"'"') | %d | %.3f | %.0f |\n", n, s, n / s }'
+		awk -v n="$bal_small_n" -v s="$verify_small_s" 'BEGIN { printf "| billing_verify('"'"'bal-small'"'"') (in the same ledger) | %d | %.3f | %.0f |\n", n, s, n / s }'
+		awk -v n="$verify_all_n" -v s="$verify_all_s" 'BEGIN { printf "| billing_verify() (all accounts) | %d | %.3f | %.0f |\n", n, s, n / s }'
+	fi
+	echo
+	if ((${#inconsistent[@]})); then
+		echo "**billing_verify() found inconsistent accounts** after: ${inconsistent[*]}."
+	else
+		echo "billing_verify() found no inconsistent account after any run."
+	fi
+	if ((bench_failed)); then
+		echo
+		echo "**Some runs failed** (status FAILED above); their logs were in \`$BILLING_TMP/logs\`."
+	fi
+} >"$BENCH_OUT/RESULTS.md"
+
+say "done in $(((SECONDS - t_start) / 60)) min $(((SECONDS - t_start) % 60)) s: $BENCH_OUT/RESULTS.md${chart_note:+ (no chart)}${chart_note:- and $sweep_png}"
+echo
+sed -n '/^## Workloads/,/^## Client sweep/p' "$BENCH_OUT/RESULTS.md" | sed '$d'
+((bench_failed == 0))
