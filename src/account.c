@@ -97,14 +97,14 @@ local_midnight(const char *tz, DateADT d)
 }
 
 void
-account_lock(Account *acc, text *tenant_id)
+account_lock(Account *acc, text *tenant_id, MemoryContext cxt)
 {
 	Oid			types[1] = {TEXTOID};
 	Datum		values[1];
 	char	   *tenant = text_to_cstring(tenant_id);
 
 	memset(acc, 0, sizeof(*acc));
-	acc->cxt = CurrentMemoryContext;
+	acc->cxt = cxt;				/* the caller's: survives SPI_finish */
 	billing_keep_plan(&plan_lock,
 					  "SELECT status, timezone, currency, credit_limit_micros, "
 					  "  balance_micros, version, holds_micros, holds_next_expiry, "
@@ -610,8 +610,7 @@ billing_expire_holds_of(PG_FUNCTION_ARGS)
 	bool		due;
 
 	billing_check_not_null(fcinfo, 0, "tenant_id");
-	billing_spi_connect();
-	account_lock(&acc, PG_GETARG_TEXT_PP(0));
+	account_lock(&acc, PG_GETARG_TEXT_PP(0), billing_spi_connect());
 	due = acc.has_next_expiry && acc.next_expiry <= acc.now;
 	if (due)
 	{

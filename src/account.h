@@ -90,7 +90,7 @@ typedef struct Debit
 	int			funds_errcode;	/* SQLSTATE when funds are short */
 } Debit;
 
-extern void account_lock(Account *acc, text *tenant_id);
+extern void account_lock(Account *acc, text *tenant_id, MemoryContext cxt);
 extern void account_expire_holds(Account *acc);
 extern void account_refresh_holds(Account *acc);
 extern void account_key_lock(Account *acc, ApiKey *key, text *key_id);
@@ -110,7 +110,7 @@ extern void billing_raise_rejection(Rejection *rej);
 extern char *billing_format_ts(TimestampTz ts);
 
 /* ledger.c: SPI helpers shared by the C files */
-extern void billing_spi_connect(void);
+extern MemoryContext billing_spi_connect(void);
 extern SPIPlanPtr billing_keep_plan(SPIPlanPtr *cache, const char *sql,
 									int nargs, Oid *argtypes);
 extern void billing_spi_exec(SPIPlanPtr plan, Datum *values, const char *nulls,

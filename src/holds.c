@@ -454,6 +454,9 @@ hold_result(FunctionCallInfo fcinfo, Account *acc, Hold *h, bool replayed)
 	Datum		values[11];
 	bool		nulls[11] = {0};
 
+	MemoryContext old = MemoryContextSwitchTo(acc->cxt);	/* outlives SPI_finish */
+	Datum		result;
+
 	if (get_call_result_type(fcinfo, NULL, &tupdesc) != TYPEFUNC_COMPOSITE)
 		elog(ERROR, "billing: return type must be a row type");
 	tupdesc = BlessTupleDesc(tupdesc);
@@ -468,7 +471,9 @@ hold_result(FunctionCallInfo fcinfo, Account *acc, Hold *h, bool replayed)
 	values[8] = TimestampTzGetDatum(h->expires_at);
 	values[9] = NumericGetDatum(account_available(acc));
 	values[10] = BoolGetDatum(replayed);
-	return HeapTupleGetDatum(heap_form_tuple(tupdesc, values, nulls));
+	result = HeapTupleGetDatum(heap_form_tuple(tupdesc, values, nulls));
+	MemoryContextSwitchTo(old);
+	return result;
 }
 
 /*
@@ -504,8 +509,7 @@ billing_hold(PG_FUNCTION_ARGS)
 		api_key = billing_check_id(PG_GETARG_TEXT_PP(6), "api_key",
 								   ERRCODE_BILLING_INVALID_ARGUMENT);
 
-	billing_spi_connect();
-	account_lock(&acc, tenant_id);
+	account_lock(&acc, tenant_id, billing_spi_connect());
 
 	if (probe_event(&acc, trace_id, "hold", trace_id, amount, &hold_id, &entry_id))
 	{
@@ -612,8 +616,7 @@ billing_capture(PG_FUNCTION_ARGS)
 	e.metadata = billing_check_metadata(fcinfo, 6);
 	e.has_event_at = billing_check_event_at(fcinfo, 7, &e.event_at);
 
-	billing_spi_connect();
-	account_lock(&acc, tenant_id);
+	account_lock(&acc, tenant_id, billing_spi_connect());
 
 	if (probe_event(&acc, trace_id, "capture", hold_trace, amount, &hold_id, &entry_id))
 	{
@@ -694,6 +697,7 @@ billing_capture(PG_FUNCTION_ARGS)
 		values[9] = billing_col(0, 3, &isnull);
 	}
 
+	MemoryContextSwitchTo(acc.cxt);	/* the result tuple outlives SPI_finish */
 	if (get_call_result_type(fcinfo, NULL, &tupdesc) != TYPEFUNC_COMPOSITE)
 		elog(ERROR, "billing: return type must be a row type");
 	tupdesc = BlessTupleDesc(tupdesc);
@@ -732,8 +736,7 @@ billing_release(PG_FUNCTION_ARGS)
 	int64		entry_id;
 	Datum		result;
 
-	billing_spi_connect();
-	account_lock(&acc, tenant_id);
+	account_lock(&acc, tenant_id, billing_spi_connect());
 
 	if (probe_event(&acc, trace_id, "release", hold_trace, -1, &hold_id, &entry_id))
 	{
@@ -784,8 +787,7 @@ billing_hold_extend(PG_FUNCTION_ARGS)
 	Hold		h;
 	Datum		result;
 
-	billing_spi_connect();
-	account_lock(&acc, tenant_id);
+	account_lock(&acc, tenant_id, billing_spi_connect());
 	account_expire_holds(&acc);
 	load_hold(&acc, hold_trace, &h);
 	if (strcmp(h.status, "open") != 0)

@@ -266,7 +266,7 @@ billing_job_guard(PG_FUNCTION_ARGS)
 		 */
 		result = trigdata->tg_trigtuple;
 		read_job(result, desc, &newjob);
-		billing_spi_connect();
+		(void) billing_spi_connect();
 		if (strcmp(newjob.state, "completed") == 0)
 			check_charged(&newjob);
 		if (strcmp(newjob.state, "completed") == 0 ||
@@ -331,7 +331,7 @@ billing_job_guard(PG_FUNCTION_ARGS)
 					 errdetail("Only a retry of a failed job takes a new hold."),
 					 errhint("Use billing_job_retry().")));
 
-		billing_spi_connect();
+		(void) billing_spi_connect();
 		if (strcmp(newjob.state, "completed") == 0)
 			check_charged(&newjob);
 		if (strcmp(newjob.state, "completed") == 0 ||

@@ -107,11 +107,19 @@ billing_keep_plan(SPIPlanPtr *cache, const char *sql, int nargs, Oid *argtypes)
 	return *cache;
 }
 
-void
+/*
+ * SPI_connect, returning the caller's memory context: what must outlive
+ * SPI_finish (result strings, returned tuples) is allocated there, since
+ * SPI_finish deletes the context SPI_connect switched to.
+ */
+MemoryContext
 billing_spi_connect(void)
 {
+	MemoryContext outer = CurrentMemoryContext;
+
 	if (SPI_connect() != SPI_OK_CONNECT)
 		elog(ERROR, "billing: SPI_connect failed");
+	return outer;
 }
 
 /* run a kept plan read-write; any result but `expected` is an internal error */
@@ -511,16 +519,17 @@ ledger_post(text *tenant_id, LedgerRequest *req, PostMode mode,
 			LedgerOutcome *out)
 {
 	EntryWrite *e = &req->entry;
+	MemoryContext outer;
 	Account		acc;
 	Account		before;
 	ApiKey		key;
 	bool		ok = true;
 
 	memset(out, 0, sizeof(*out));
-	billing_spi_connect();
+	outer = billing_spi_connect();
 
 	/* 1. lock the account: every write for this tenant serializes here */
-	account_lock(&acc, tenant_id);
+	account_lock(&acc, tenant_id, outer);
 
 	/*
 	 * 2. idempotency: a replay returns the original outcome, whatever changed

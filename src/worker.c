@@ -414,7 +414,10 @@ push(SyncSnap *snaps, int n, bool force)
 			argv[a++] = s->fields[f];
 		if (redisAppendCommandArgv(redis, a, argv, NULL) != REDIS_OK)
 		{
-			redis_drop(redis->errstr);
+			char		err[160];
+
+			strlcpy(err, redis->errstr, sizeof(err));	/* redis_drop frees it */
+			redis_drop(err);
 			return false;
 		}
 		sent++;
@@ -488,6 +491,8 @@ end_xact(void)
 	SPI_finish();
 	PopActiveSnapshot();
 	CommitTransactionCommand();
+	/* back to the cycle's memory (commit leaves us in TopMemoryContext) */
+	MemoryContextSwitchTo(cycle_cxt);
 	pgstat_report_stat(false);
 	pgstat_report_activity(STATE_IDLE, NULL);
 }
@@ -914,6 +919,8 @@ billing_worker_main(Datum arg)
 		volatile int timeout = billing_maintenance_interval;
 		TimestampTz now;
 
+		/* everything a cycle allocates goes into cycle_cxt, reset below */
+		MemoryContextSwitchTo(cycle_cxt);
 		CHECK_FOR_INTERRUPTS();
 		if (ConfigReloadPending)
 		{
@@ -1008,6 +1015,8 @@ billing_worker_main(Datum arg)
 		}
 		PG_END_TRY();
 
+		MemoryContextSwitchTo(TopMemoryContext);
+		MemoryContextReset(cycle_cxt);
 		if (WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
 					  timeout, PG_WAIT_EXTENSION) & WL_LATCH_SET)
 		{
