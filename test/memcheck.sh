@@ -331,14 +331,17 @@ awk -v srcre="/src/($srcre)\\.c:[0-9]+" -v report="$report" '
 	function flush(   sig) {
 		if (n > 0 && frames) {
 			total++
-			if (ours) {
+			# errors inside postgres connecting the worker (it writes the
+			# relcache init file with uninitialised padding) are postgres
+			# noise: billing only appears as the caller of its startup
+			if (ours && !pginit) {
 				attributed++
 				sig = kind " @ " first
 				if (!(sig in seen)) { order[++nsig] = sig; example[sig] = FILENAME "\n" blk }
 				seen[sig]++
 			}
 		}
-		n = 0; frames = 0; ours = 0; blk = ""; kind = ""; first = ""
+		n = 0; frames = 0; ours = 0; pginit = 0; blk = ""; kind = ""; first = ""
 	}
 	FNR == 1 { flush() }
 	{
@@ -350,6 +353,7 @@ awk -v srcre="/src/($srcre)\\.c:[0-9]+" -v report="$report" '
 		n++
 		blk = blk "    " body "\n"
 		if (body ~ /^ +(at|by) 0x/) frames++
+		if (index(body, "BackgroundWorkerInitializeConnection") && !ours) pginit = 1
 		if (index(body, "billing.so") || body ~ srcre) {
 			if (!ours) { first = body; sub(/^ +(at|by) 0x[0-9A-Fa-f]+: /, "", first) }
 			ours = 1
