@@ -16,6 +16,7 @@ OBJS = \
 	src/input.o \
 	src/ledger.o \
 	src/account.o \
+	src/direct.o \
 	src/holds.o \
 	src/jobs.o \
 	src/append_only.o \
@@ -56,6 +57,9 @@ all install installcheck:
 	$(MAKE) $@
 else
 include $(PGXS)
+# PGXS tracks no header dependencies: a changed struct in a header must
+# rebuild every object that uses it, or objects disagree on its layout.
+$(OBJS): $(wildcard src/*.h)
 endif
 
 # the Redis Lua scripts, read by the worker (billing.lua_dir overrides)

@@ -22,6 +22,7 @@
 #include "postgres.h"
 
 #include "account.h"
+#include "direct.h"
 #include "sync.h"
 #include "catalog/pg_type.h"
 #include "datatype/timestamp.h"
@@ -30,8 +31,6 @@
 #include "utils/datetime.h"
 #include "utils/timestamp.h"
 
-static SPIPlanPtr plan_lock = NULL;
-static SPIPlanPtr plan_save = NULL;
 static SPIPlanPtr plan_expire = NULL;
 static SPIPlanPtr plan_open_holds = NULL;
 static SPIPlanPtr plan_key_lock = NULL;
@@ -96,28 +95,63 @@ local_midnight(const char *tz, DateADT d)
 												   ts));
 }
 
+/*
+ * The columns of billing.accounts C code reads or writes (direct.c): the
+ * key first, then in the order of AccountCol.
+ */
+typedef enum AccountCol
+{
+	AC_TENANT_ID, AC_STATUS, AC_TIMEZONE, AC_CURRENCY, AC_CREDIT_LIMIT,
+	AC_BALANCE, AC_VERSION, AC_HOLDS, AC_HOLDS_NEXT_EXPIRY, AC_MAX_CHARGE,
+	AC_DAILY_REQUESTS, AC_MONTHLY_REQUESTS, AC_DAILY_SPEND, AC_MONTHLY_SPEND,
+	AC_MINUTE_LIMIT, AC_USAGE_DAY, AC_DAY_REQUESTS, AC_DAY_SPEND,
+	AC_USAGE_MONTH, AC_MONTH_REQUESTS, AC_MONTH_SPEND, AC_USAGE_MINUTE,
+	AC_MINUTE_REQUESTS, AC_REJECTIONS, AC_LAST_ENTRY_AT,
+	AC_NCOLS
+} AccountCol;
+
+static const char *const account_cols[AC_NCOLS] = {
+	"tenant_id", "status", "timezone", "currency", "credit_limit_micros",
+	"balance_micros", "version", "holds_micros", "holds_next_expiry",
+	"max_charge_micros", "daily_request_quota", "monthly_request_quota",
+	"daily_spend_cap_micros", "monthly_spend_cap_micros",
+	"minute_request_limit", "usage_day", "day_requests", "day_spend_micros",
+	"usage_month", "month_requests", "month_spend_micros", "usage_minute",
+	"minute_requests", "rejections", "last_entry_at"
+};
+
+static const Oid account_types[AC_NCOLS] = {
+	TEXTOID, TEXTOID, TEXTOID, TEXTOID, INT8OID,
+	INT8OID, INT8OID, INT8OID, TIMESTAMPTZOID, INT8OID,
+	INT8OID, INT8OID, INT8OID, INT8OID,
+	INT8OID, DATEOID, INT8OID, INT8OID,
+	DATEOID, INT8OID, INT8OID, TIMESTAMPTZOID,
+	INT8OID, INT8OID, TIMESTAMPTZOID
+};
+
+static DirectTable accounts_table = {
+	"accounts", "accounts_pkey", AC_NCOLS, account_cols, account_types, false
+};
+
+static int64
+int64_or(Datum *values, bool *nulls, int col, int64 if_null)
+{
+	return nulls[col] ? if_null : DatumGetInt64(values[col]);
+}
+
 void
 account_lock(Account *acc, text *tenant_id, MemoryContext cxt)
 {
-	Oid			types[1] = {TEXTOID};
-	Datum		values[1];
+	Datum		values[AC_NCOLS];
+	bool		nulls[AC_NCOLS];
+	MemoryContext old = MemoryContextSwitchTo(cxt);
 	char	   *tenant = text_to_cstring(tenant_id);
 
 	memset(acc, 0, sizeof(*acc));
 	acc->cxt = cxt;				/* the caller's: survives SPI_finish */
-	billing_keep_plan(&plan_lock,
-					  "SELECT status, timezone, currency, credit_limit_micros, "
-					  "  balance_micros, version, holds_micros, holds_next_expiry, "
-					  "  max_charge_micros, daily_request_quota, monthly_request_quota, "
-					  "  daily_spend_cap_micros, monthly_spend_cap_micros, "
-					  "  minute_request_limit, usage_day, day_requests, "
-					  "  day_spend_micros, usage_month, month_requests, "
-					  "  month_spend_micros, usage_minute, minute_requests, rejections "
-					  "FROM billing.accounts WHERE tenant_id = $1 FOR UPDATE",
-					  1, types);
-	values[0] = PointerGetDatum(tenant_id);
-	billing_spi_exec(plan_lock, values, NULL, SPI_OK_SELECT, "account lock");
-	if (SPI_processed == 0)
+	MemoryContextSwitchTo(old); /* the row's values: temporary */
+	if (!direct_lock_row(&accounts_table, PointerGetDatum(tenant_id), values,
+						 nulls, &acc->tid))
 		ereport(ERROR,
 				(errcode(ERRCODE_BILLING_ACCOUNT_NOT_FOUND),
 				 errmsg("account \"%s\" does not exist", tenant),
@@ -126,44 +160,33 @@ account_lock(Account *acc, text *tenant_id, MemoryContext cxt)
 
 	acc->tenant_id = tenant_id;
 	acc->tenant = tenant;
-	acc->status = billing_col_cstring(0, 1, acc->cxt);
-	acc->timezone = billing_col_cstring(0, 2, acc->cxt);
-	acc->currency = billing_col_cstring(0, 3, acc->cxt);
-	acc->credit_limit = billing_col_int64(0, 4, 0);
-	acc->balance = billing_col_int64(0, 5, 0);
-	acc->version = billing_col_int64(0, 6, 0);
-	acc->holds = billing_col_int64(0, 7, 0);
-	{
-		bool		isnull;
-		Datum		d = billing_col(0, 8, &isnull);
-
-		acc->has_next_expiry = !isnull;
-		if (!isnull)
-			acc->next_expiry = DatumGetTimestampTz(d);
-	}
-	acc->max_charge = billing_col_int64(0, 9, NO_LIMIT);
-	acc->daily_requests = billing_col_int64(0, 10, NO_LIMIT);
-	acc->monthly_requests = billing_col_int64(0, 11, NO_LIMIT);
-	acc->daily_spend = billing_col_int64(0, 12, NO_LIMIT);
-	acc->monthly_spend = billing_col_int64(0, 13, NO_LIMIT);
-	acc->minute_requests = billing_col_int64(0, 14, NO_LIMIT);
-	{
-		bool		isnull;
-		Datum		d;
-
-		d = billing_col(0, 15, &isnull);
-		acc->usage_day = isnull ? DATEVAL_NOBEGIN : DatumGetDateADT(d);
-		acc->day_requests = billing_col_int64(0, 16, 0);
-		acc->day_spend = billing_col_int64(0, 17, 0);
-		d = billing_col(0, 18, &isnull);
-		acc->usage_month = isnull ? DATEVAL_NOBEGIN : DatumGetDateADT(d);
-		acc->month_requests = billing_col_int64(0, 19, 0);
-		acc->month_spend = billing_col_int64(0, 20, 0);
-		d = billing_col(0, 21, &isnull);
-		acc->usage_minute = isnull ? DT_NOBEGIN : DatumGetTimestampTz(d);
-		acc->minute_count = billing_col_int64(0, 22, 0);
-		acc->rejections = billing_col_int64(0, 23, 0);
-	}
+	old = MemoryContextSwitchTo(cxt);
+	acc->status = TextDatumGetCString(values[AC_STATUS]);
+	acc->timezone = TextDatumGetCString(values[AC_TIMEZONE]);
+	acc->currency = TextDatumGetCString(values[AC_CURRENCY]);
+	MemoryContextSwitchTo(old);
+	acc->credit_limit = int64_or(values, nulls, AC_CREDIT_LIMIT, 0);
+	acc->balance = int64_or(values, nulls, AC_BALANCE, 0);
+	acc->version = int64_or(values, nulls, AC_VERSION, 0);
+	acc->holds = int64_or(values, nulls, AC_HOLDS, 0);
+	acc->has_next_expiry = !nulls[AC_HOLDS_NEXT_EXPIRY];
+	if (acc->has_next_expiry)
+		acc->next_expiry = DatumGetTimestampTz(values[AC_HOLDS_NEXT_EXPIRY]);
+	acc->max_charge = int64_or(values, nulls, AC_MAX_CHARGE, NO_LIMIT);
+	acc->daily_requests = int64_or(values, nulls, AC_DAILY_REQUESTS, NO_LIMIT);
+	acc->monthly_requests = int64_or(values, nulls, AC_MONTHLY_REQUESTS, NO_LIMIT);
+	acc->daily_spend = int64_or(values, nulls, AC_DAILY_SPEND, NO_LIMIT);
+	acc->monthly_spend = int64_or(values, nulls, AC_MONTHLY_SPEND, NO_LIMIT);
+	acc->minute_requests = int64_or(values, nulls, AC_MINUTE_LIMIT, NO_LIMIT);
+	acc->usage_day = nulls[AC_USAGE_DAY] ? DATEVAL_NOBEGIN : DatumGetDateADT(values[AC_USAGE_DAY]);
+	acc->day_requests = int64_or(values, nulls, AC_DAY_REQUESTS, 0);
+	acc->day_spend = int64_or(values, nulls, AC_DAY_SPEND, 0);
+	acc->usage_month = nulls[AC_USAGE_MONTH] ? DATEVAL_NOBEGIN : DatumGetDateADT(values[AC_USAGE_MONTH]);
+	acc->month_requests = int64_or(values, nulls, AC_MONTH_REQUESTS, 0);
+	acc->month_spend = int64_or(values, nulls, AC_MONTH_SPEND, 0);
+	acc->usage_minute = nulls[AC_USAGE_MINUTE] ? DT_NOBEGIN : DatumGetTimestampTz(values[AC_USAGE_MINUTE]);
+	acc->minute_count = int64_or(values, nulls, AC_MINUTE_REQUESTS, 0);
+	acc->rejections = int64_or(values, nulls, AC_REJECTIONS, 0);
 
 	/* the periods we are in now; counters of older periods start over */
 	acc->now = GetCurrentTimestamp();
@@ -490,75 +513,49 @@ account_apply_debit(Account *acc, ApiKey *key, Debit *debit)
 }
 
 /*
- * The account columns every save writes, as SQL and as parameters
- * $<first>.. $<first + ACCOUNT_SAVE_NPARAMS - 1>, so that the ledger can
- * fold the save into the statement that inserts the entry.
+ * Write the account's new state (one HOT update of the locked row), and
+ * with it, if `entries` is given, one new ledger entry: the two writes of
+ * a charge share one executor state (direct_write).  The caller has bumped
+ * acc->version already (entries carry the new version).
  */
-char *
-account_save_sql(int first)
-{
-	return psprintf("balance_micros = $%d, version = $%d, "
-					"last_entry_at = CASE WHEN $%d THEN $%d ELSE last_entry_at END, "
-					"holds_micros = $%d, holds_next_expiry = $%d, "
-					"usage_day = $%d, day_requests = $%d, day_spend_micros = $%d, "
-					"usage_month = $%d, month_requests = $%d, month_spend_micros = $%d, "
-					"usage_minute = $%d, minute_requests = $%d, rejections = $%d",
-					first, first + 1, first + 2, first + 3, first + 4, first + 5,
-					first + 6, first + 7, first + 8, first + 9, first + 10, first + 11,
-					first + 12, first + 13, first + 14);
-}
-
 void
-account_save_params(Account *acc, bool wrote_entry, Oid *types, Datum *values,
-					char *nulls)
+account_write(Account *acc, bool wrote_entry, DirectTable *entries,
+			  Datum *evalues, bool *enulls)
 {
-	static const Oid t[ACCOUNT_SAVE_NPARAMS] = {INT8OID, INT8OID, BOOLOID,
-		TIMESTAMPTZOID, INT8OID, TIMESTAMPTZOID, DATEOID, INT8OID, INT8OID,
-	DATEOID, INT8OID, INT8OID, TIMESTAMPTZOID, INT8OID, INT8OID};
+	Datum		values[AC_NCOLS];
+	bool		nulls[AC_NCOLS];
+	bool		set[AC_NCOLS];
 
-	memcpy(types, t, sizeof(t));
-	memset(nulls, ' ', ACCOUNT_SAVE_NPARAMS);
-	values[0] = Int64GetDatum(acc->balance);
-	values[1] = Int64GetDatum(acc->version);
-	values[2] = BoolGetDatum(wrote_entry);
-	values[3] = TimestampTzGetDatum(acc->now);
-	values[4] = Int64GetDatum(acc->holds);
-	values[5] = TimestampTzGetDatum(acc->next_expiry);
-	nulls[5] = acc->has_next_expiry ? ' ' : 'n';
-	values[6] = DateADTGetDatum(acc->usage_day);
-	values[7] = Int64GetDatum(acc->day_requests);
-	values[8] = Int64GetDatum(acc->day_spend);
-	values[9] = DateADTGetDatum(acc->usage_month);
-	values[10] = Int64GetDatum(acc->month_requests);
-	values[11] = Int64GetDatum(acc->month_spend);
-	values[12] = TimestampTzGetDatum(acc->usage_minute);
-	values[13] = Int64GetDatum(acc->minute_count);
-	values[14] = Int64GetDatum(acc->rejections);
+	memset(nulls, false, sizeof(nulls));
+	memset(set, false, sizeof(set));
+#define SET(col, datum) (values[col] = (datum), set[col] = true)
+	SET(AC_BALANCE, Int64GetDatum(acc->balance));
+	SET(AC_VERSION, Int64GetDatum(acc->version));
+	if (wrote_entry)
+		SET(AC_LAST_ENTRY_AT, TimestampTzGetDatum(acc->now));
+	SET(AC_HOLDS, Int64GetDatum(acc->holds));
+	SET(AC_HOLDS_NEXT_EXPIRY, TimestampTzGetDatum(acc->next_expiry));
+	nulls[AC_HOLDS_NEXT_EXPIRY] = !acc->has_next_expiry;
+	SET(AC_USAGE_DAY, DateADTGetDatum(acc->usage_day));
+	SET(AC_DAY_REQUESTS, Int64GetDatum(acc->day_requests));
+	SET(AC_DAY_SPEND, Int64GetDatum(acc->day_spend));
+	SET(AC_USAGE_MONTH, DateADTGetDatum(acc->usage_month));
+	SET(AC_MONTH_REQUESTS, Int64GetDatum(acc->month_requests));
+	SET(AC_MONTH_SPEND, Int64GetDatum(acc->month_spend));
+	SET(AC_USAGE_MINUTE, TimestampTzGetDatum(acc->usage_minute));
+	SET(AC_MINUTE_REQUESTS, Int64GetDatum(acc->minute_count));
+	SET(AC_REJECTIONS, Int64GetDatum(acc->rejections));
+#undef SET
+	direct_write(entries, evalues, enulls, &accounts_table, &acc->tid,
+				 values, nulls, set);
+	billing_sync_mark(VARDATA_ANY(acc->tenant_id), VARSIZE_ANY_EXHDR(acc->tenant_id));
+	acc->holds_changed = false;
 }
 
-/*
- * Write the account's new state (one HOT update of the locked row).  The
- * caller has bumped acc->version already (entries carry the new version).
- */
 void
 account_save(Account *acc, bool wrote_entry)
 {
-	Oid			types[1 + ACCOUNT_SAVE_NPARAMS];
-	Datum		values[1 + ACCOUNT_SAVE_NPARAMS];
-	char		nulls[1 + ACCOUNT_SAVE_NPARAMS];
-
-	types[0] = TEXTOID;
-	values[0] = PointerGetDatum(acc->tenant_id);
-	nulls[0] = ' ';
-	account_save_params(acc, wrote_entry, types + 1, values + 1, nulls + 1);
-	if (plan_save == NULL)
-		billing_keep_plan(&plan_save,
-						  psprintf("UPDATE billing.accounts SET %s WHERE tenant_id = $1",
-								   account_save_sql(2)),
-						  1 + ACCOUNT_SAVE_NPARAMS, types);
-	billing_spi_exec(plan_save, values, nulls, SPI_OK_UPDATE, "saving the account");
-	billing_sync_mark(VARDATA_ANY(acc->tenant_id), VARSIZE_ANY_EXHDR(acc->tenant_id));
-	acc->holds_changed = false;
+	account_write(acc, wrote_entry, NULL, NULL, NULL);
 }
 
 /*

@@ -15,6 +15,8 @@
 
 #include "billing.h"
 #include "executor/spi.h"
+#include "direct.h"
+#include "storage/itemptr.h"
 #include "utils/date.h"
 
 /* a business rejection, allocated in the caller's memory context */
@@ -31,6 +33,7 @@ typedef struct Rejection
 typedef struct Account
 {
 	MemoryContext cxt;			/* where strings are copied (caller's) */
+	ItemPointerData tid;		/* the locked row (version) */
 	text	   *tenant_id;
 	char	   *tenant;
 	char	   *currency;
@@ -101,10 +104,9 @@ extern void account_save(Account *acc, bool wrote_entry);
 extern void account_finish(Account *acc);
 extern Numeric account_available(Account *acc);
 
-#define ACCOUNT_SAVE_NPARAMS 15
-extern char *account_save_sql(int first);
-extern void account_save_params(Account *acc, bool wrote_entry, Oid *types,
-								Datum *values, char *nulls);
+extern void account_write(Account *acc, bool wrote_entry,
+						  DirectTable *entries, Datum *evalues,
+						  bool *enulls);
 extern void account_key_save(Account *acc, ApiKey *key);
 extern void billing_raise_rejection(Rejection *rej);
 extern char *billing_format_ts(TimestampTz ts);

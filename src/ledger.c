@@ -6,13 +6,16 @@
  *	  helpers the other C files share.
  *
  * One call = one account row lock, one idempotency probe, one entry insert
- * and one account update, all through SPI plans prepared once per backend.
+ * and one account update, by direct heap and index access (direct.c); the
+ * rarer statements (rejections, holds, keys) use SPI plans prepared once
+ * per backend.
  *
  * Concurrency.  Every write for a tenant (entries, rejections, holds, the
  * cached balance and counters) happens while holding that tenant's account
- * row lock, taken first with SELECT ... FOR UPDATE.  The idempotency probe
- * runs after the lock, with a fresh snapshot (SPI takes one per statement
- * in READ COMMITTED), so a concurrent call with the same trace id either
+ * row lock, taken first as SELECT ... FOR UPDATE would.  The idempotency
+ * probe runs after the lock and sees every committed entry (a dirty
+ * snapshot; the full replay read takes a fresh snapshot in READ
+ * COMMITTED), so a concurrent call with the same trace id either
  * committed before we got the lock (we see its entry and replay it) or
  * rolled back (we see nothing and charge).  The unique index on
  * (tenant_id, trace_id) is only a backstop: no unique violation can reach
@@ -25,6 +28,7 @@
 
 #include "access/htup_details.h"
 #include "account.h"
+#include "direct.h"
 #include "catalog/pg_type.h"
 #include "funcapi.h"
 #include "lib/stringinfo.h"
@@ -82,7 +86,6 @@ static const char *const debit_kinds[] = {"deduct", "adjustment", NULL};
 
 /* SPI plans, prepared on first use and kept for the life of the backend */
 static SPIPlanPtr plan_probe = NULL;
-static SPIPlanPtr plan_post = NULL;
 static SPIPlanPtr plan_reject = NULL;
 static SPIPlanPtr plan_balance = NULL;
 
@@ -453,61 +456,73 @@ record_rejection(Account *acc, EntryWrite *req, LedgerOutcome *out)
  * ---------------------------------------------------------------------
  */
 
+/* the columns of billing.entries, every one of them (direct.c inserts) */
+typedef enum EntryCol
+{
+	EC_TENANT_ID, EC_ENTRY_ID, EC_TRACE_ID, EC_KIND, EC_AMOUNT,
+	EC_BALANCE_AFTER, EC_VERSION, EC_DESCRIPTION, EC_METADATA, EC_EVENT_AT,
+	EC_CREATED_AT, EC_API_KEY, EC_HOLD_ID,
+	EC_NCOLS
+} EntryCol;
+
+static const char *const entry_cols[EC_NCOLS] = {
+	"tenant_id", "entry_id", "trace_id", "kind", "amount_micros",
+	"balance_after_micros", "version", "description", "metadata", "event_at",
+	"created_at", "api_key", "hold_id"
+};
+
+static const Oid entry_types[EC_NCOLS] = {
+	TEXTOID, INT8OID, TEXTOID, TEXTOID, INT8OID,
+	INT8OID, INT8OID, TEXTOID, JSONBOID, TIMESTAMPTZOID,
+	TIMESTAMPTZOID, TEXTOID, INT8OID
+};
+
+/* probed by (tenant_id, trace_id): the key index is entries_trace_key */
+static DirectTable entries_table = {
+	"entries", "entries_trace_key", EC_NCOLS, entry_cols, entry_types, true
+};
+
 /*
  * Insert one entry carrying the account's new balance and version (the
  * caller has applied the amount and bumped acc->version) and save the
- * account, in ONE statement: the entry insert and the account update are a
- * single executor run.  Returns the entry id, or 0 when an entry with this
- * trace id already exists (then nothing was written: ON CONFLICT DO
- * NOTHING, and the update is conditional on the insert).
+ * account, in one executor state (account_write).  Returns the entry id,
+ * or 0 when an entry with this trace id already exists: then nothing was
+ * written.  Under the account lock every billing writer of this tenant has
+ * committed or rolled back, so the probe is exact; an insert in progress by
+ * anyone else (a restore) is waited for, as a unique index would.
  */
 int64
 billing_post_entry(Account *acc, EntryWrite *e)
 {
-	Oid			types[12 + ACCOUNT_SAVE_NPARAMS] = {TEXTOID, TEXTOID, TEXTOID, INT8OID,
-		INT8OID, INT8OID, TEXTOID, JSONBOID, TIMESTAMPTZOID, TIMESTAMPTZOID, TEXTOID, INT8OID};
-	Datum		values[12 + ACCOUNT_SAVE_NPARAMS];
-	char		nulls[12 + ACCOUNT_SAVE_NPARAMS];
+	Datum		values[EC_NCOLS];
+	bool		nulls[EC_NCOLS];
+	int64		entry_id;
 
-	memset(nulls, ' ', sizeof(nulls));
-	values[0] = PointerGetDatum(acc->tenant_id);
-	values[1] = PointerGetDatum(e->trace_id);
-	values[2] = CStringGetTextDatum(e->kind);
-	values[3] = Int64GetDatum(e->amount);
-	values[4] = Int64GetDatum(acc->balance);
-	values[5] = Int64GetDatum(acc->version);
-	values[6] = PointerGetDatum(e->description);
-	nulls[6] = e->description ? ' ' : 'n';
-	values[7] = JsonbPGetDatum(e->metadata);
-	values[8] = TimestampTzGetDatum(e->event_at);
-	nulls[8] = e->has_event_at ? ' ' : 'n';
-	values[9] = TimestampTzGetDatum(acc->now);
-	values[10] = PointerGetDatum(e->api_key);
-	nulls[10] = e->api_key ? ' ' : 'n';
-	values[11] = Int64GetDatum(e->hold_id);
-	nulls[11] = e->hold_id ? ' ' : 'n';
-	account_save_params(acc, true, types + 12, values + 12, nulls + 12);
-
-	if (plan_post == NULL)
-		billing_keep_plan(&plan_post,
-						  psprintf("WITH e AS ("
-								   "  INSERT INTO billing.entries (tenant_id, trace_id, kind, "
-								   "    amount_micros, balance_after_micros, version, description, "
-								   "    metadata, event_at, created_at, api_key, hold_id) "
-								   "  VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) "
-								   "  ON CONFLICT (tenant_id, trace_id) DO NOTHING "
-								   "  RETURNING entry_id), "
-								   "a AS ("
-								   "  UPDATE billing.accounts SET %s "
-								   "  WHERE tenant_id = $1 AND EXISTS (SELECT FROM e)) "
-								   "SELECT entry_id FROM e",
-								   account_save_sql(13)),
-						  12 + ACCOUNT_SAVE_NPARAMS, types);
-	billing_spi_exec(plan_post, values, nulls, SPI_OK_SELECT, "posting the entry");
-	if (SPI_processed == 0)
+	if (direct_key_exists(&entries_table, PointerGetDatum(acc->tenant_id),
+						  PointerGetDatum(e->trace_id)))
 		return 0;
-	billing_sync_mark(VARDATA_ANY(acc->tenant_id), VARSIZE_ANY_EXHDR(acc->tenant_id));
-	return billing_col_int64(0, 1, 0);
+
+	entry_id = direct_nextval("entry_id_seq");
+	memset(nulls, false, sizeof(nulls));
+	values[EC_TENANT_ID] = PointerGetDatum(acc->tenant_id);
+	values[EC_ENTRY_ID] = Int64GetDatum(entry_id);
+	values[EC_TRACE_ID] = PointerGetDatum(e->trace_id);
+	values[EC_KIND] = CStringGetTextDatum(e->kind);
+	values[EC_AMOUNT] = Int64GetDatum(e->amount);
+	values[EC_BALANCE_AFTER] = Int64GetDatum(acc->balance);
+	values[EC_VERSION] = Int64GetDatum(acc->version);
+	values[EC_DESCRIPTION] = PointerGetDatum(e->description);
+	nulls[EC_DESCRIPTION] = e->description == NULL;
+	values[EC_METADATA] = JsonbPGetDatum(e->metadata);
+	values[EC_EVENT_AT] = TimestampTzGetDatum(e->event_at);
+	nulls[EC_EVENT_AT] = !e->has_event_at;
+	values[EC_CREATED_AT] = TimestampTzGetDatum(acc->now);
+	values[EC_API_KEY] = PointerGetDatum(e->api_key);
+	nulls[EC_API_KEY] = e->api_key == NULL;
+	values[EC_HOLD_ID] = Int64GetDatum(e->hold_id);
+	nulls[EC_HOLD_ID] = e->hold_id == 0;
+	account_write(acc, true, &entries_table, values, nulls);
+	return entry_id;
 }
 
 /*
@@ -533,9 +548,9 @@ ledger_post(text *tenant_id, LedgerRequest *req, PostMode mode,
 
 	/*
 	 * 2. idempotency: a replay returns the original outcome, whatever changed
-	 * since.  An earlier entry with this trace id is found by the insert
-	 * itself (step 4, ON CONFLICT), so the probe runs up front only when the
-	 * account has recorded rejections, which the insert cannot see.
+	 * since.  An earlier entry with this trace id is found by the write
+	 * itself (step 4, an index probe), so the full probe runs up front only
+	 * when the account has recorded rejections, which that probe cannot see.
 	 */
 	if (acc.rejections > 0 && probe_trace(&acc, e, mode, out))
 	{
@@ -612,7 +627,12 @@ ledger_post(text *tenant_id, LedgerRequest *req, PostMode mode,
 		 * counters, version) but keep the expiry of holds done on the way.
 		 */
 		if (!probe_trace(&acc, e, mode, out))
-			elog(ERROR, "billing: trace id conflict but no earlier entry found");
+			ereport(ERROR,
+					(errcode(ERRCODE_T_R_SERIALIZATION_FAILURE),
+					 errmsg("could not serialize access due to a concurrent charge with trace id \"%s\"",
+							text_to_cstring(e->trace_id)),
+					 errdetail("The entry was committed after this transaction's snapshot was taken."),
+					 errhint("Retry the transaction; the retry returns the recorded outcome.")));
 		acc = before;
 		account_finish(&acc);
 		SPI_finish();

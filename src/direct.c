@@ -1,0 +1,424 @@
+/*-------------------------------------------------------------------------
+ *
+ * direct.c
+ *	  Direct heap and index access for the hot path of a charge (see
+ *	  direct.h): lock the account row, probe a trace id, insert the entry
+ *	  and update the account without planning or starting a query.
+ *
+ * The rules are those of the SQL statements this replaces:
+ *	- locking follows ExecLockRows(): a fresh snapshot in READ COMMITTED and
+ *	  the newest version of a concurrently updated row, a serialization
+ *	  failure under a transaction snapshot;
+ *	- the trace id probe uses a dirty snapshot and waits for an insert in
+ *	  progress, as a unique index check (and ON CONFLICT) does;
+ *	- writes go through ExecSimpleRelationInsert/Update: NOT NULL
+ *	  constraints, every index (HOT when possible), row triggers.
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include "access/genam.h"
+#include "access/relscan.h"
+#include "access/table.h"
+#include "access/tableam.h"
+#include "access/xact.h"
+#include "catalog/namespace.h"
+#include "catalog/pg_collation.h"
+#include "commands/sequence.h"
+#include "direct.h"
+#include "executor/executor.h"
+#include "commands/trigger.h"
+#include "nodes/makefuncs.h"
+#include "storage/lmgr.h"
+#include "utils/builtins.h"
+#include "utils/datum.h"
+#include "utils/fmgroids.h"
+#include "utils/inval.h"
+#include "utils/lsyscache.h"
+#include "utils/rel.h"
+#include "utils/snapmgr.h"
+
+#define MAX_TABLES 4
+
+/* the tables whose column numbers this backend has resolved */
+static DirectTable *known[MAX_TABLES];
+static int	nknown = 0;
+static bool callback_registered = false;
+
+/* a relcache invalidation: resolve the column numbers again next time */
+static void
+direct_relcache_callback(Datum arg, Oid relid)
+{
+	for (int i = 0; i < nknown; i++)
+		if (relid == InvalidOid || known[i]->relid == relid)
+			known[i]->relid = InvalidOid;
+}
+
+static Oid
+billing_namespace(void)
+{
+	return get_namespace_oid("billing", false);
+}
+
+static Oid
+billing_relid(const char *name, Oid nsp)
+{
+	Oid			relid = get_relname_relid(name, nsp);
+
+	if (!OidIsValid(relid))
+		ereport(ERROR,
+				(errcode(ERRCODE_UNDEFINED_TABLE),
+				 errmsg("relation \"billing.%s\" does not exist", name),
+				 errhint("Reinstall the extension with ALTER EXTENSION billing UPDATE or CREATE EXTENSION billing.")));
+	return relid;
+}
+
+/* map the table's column names to attribute numbers, checking types */
+static void
+resolve_columns(DirectTable *t, Relation rel)
+{
+	TupleDesc	desc = RelationGetDescr(rel);
+	int			found = 0;
+
+	Assert(t->ncols <= DIRECT_MAX_COLS);
+	for (int c = 0; c < t->ncols; c++)
+		t->attnum[c] = InvalidAttrNumber;
+	for (int a = 0; a < desc->natts; a++)
+	{
+		Form_pg_attribute att = TupleDescAttr(desc, a);
+		int			c;
+
+		if (att->attisdropped)
+			continue;
+		for (c = 0; c < t->ncols; c++)
+			if (strcmp(NameStr(att->attname), t->cols[c]) == 0)
+				break;
+		if (c == t->ncols)
+		{
+			/* an insert would leave it NULL instead of its default */
+			if (t->complete)
+				ereport(ERROR,
+						(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+						 errmsg("table billing.%s has a column this billing library does not know: \"%s\"",
+								t->name, NameStr(att->attname)),
+						 errdetail("A new row would leave that column NULL instead of its default."),
+						 errhint("Do not alter the extension's tables; if an upgrade added the column, install the matching billing library and restart.")));
+			continue;
+		}
+		if (att->atttypid != t->types[c])
+			ereport(ERROR,
+					(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+					 errmsg("column \"%s\" of table billing.%s has an unexpected type",
+							t->cols[c], t->name),
+					 errdetail("The type is %s; this billing library expects %s.",
+							   format_type_be(att->atttypid),
+							   format_type_be(t->types[c])),
+					 errhint("Do not alter the extension's tables; install the billing library that matches the extension version.")));
+		t->attnum[c] = att->attnum;
+		found++;
+	}
+	if (found != t->ncols)
+		for (int c = 0; c < t->ncols; c++)
+			if (t->attnum[c] == InvalidAttrNumber)
+				ereport(ERROR,
+						(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+						 errmsg("table billing.%s has no column \"%s\"",
+								t->name, t->cols[c]),
+						 errhint("Do not alter the extension's tables; install the billing library that matches the extension version.")));
+
+	if (!callback_registered)
+	{
+		CacheRegisterRelcacheCallback(direct_relcache_callback, (Datum) 0);
+		callback_registered = true;
+	}
+	if (t->relid == InvalidOid)
+	{
+		int			i;
+
+		for (i = 0; i < nknown; i++)
+			if (known[i] == t)
+				break;
+		if (i == nknown)
+		{
+			if (nknown == MAX_TABLES)
+				elog(ERROR, "billing: too many direct tables");
+			known[nknown++] = t;
+		}
+	}
+	t->relid = RelationGetRelid(rel);
+}
+
+/* open a table of schema billing (its columns resolved) */
+static Relation
+direct_open(DirectTable *t, Oid nsp, LOCKMODE mode)
+{
+	Relation	rel = table_open(billing_relid(t->name, nsp), mode);
+
+	/* opening processed any pending invalidation: the cache is current */
+	if (t->relid != RelationGetRelid(rel))
+	{
+		t->relid = InvalidOid;
+		resolve_columns(t, rel);
+	}
+	return rel;
+}
+
+/* equality scan keys on the first nkeys columns of a btree index */
+static void
+key_init(ScanKey keys, Relation index, int nkeys, const Datum *k)
+{
+	for (int i = 0; i < nkeys; i++)
+	{
+		if (TupleDescAttr(RelationGetDescr(index), i)->atttypid != TEXTOID)
+			elog(ERROR, "billing: index \"%s\" is not on text columns",
+				 RelationGetRelationName(index));
+		ScanKeyEntryInitialize(&keys[i], 0, i + 1, BTEqualStrategyNumber,
+							   InvalidOid, index->rd_indcollation[i],
+							   F_TEXTEQ, k[i]);
+	}
+}
+
+bool
+direct_lock_row(DirectTable *t, Datum key, Datum *values, bool *nulls,
+				ItemPointer tid)
+{
+	Oid			nsp = billing_namespace();
+	Relation	rel = direct_open(t, nsp, RowExclusiveLock);
+	Relation	index = index_open(billing_relid(t->key_index, nsp), AccessShareLock);
+	TupleTableSlot *slot = table_slot_create(rel, NULL);
+	ScanKeyData skey;
+	IndexScanDesc scan;
+	Snapshot	snap;
+	bool		found;
+	TM_Result	res;
+	TM_FailureData tmfd;
+
+	/*
+	 * What SPI does before a read-write statement: make our own earlier
+	 * writes visible and take a fresh snapshot (READ COMMITTED), or the
+	 * transaction's with the current command id.
+	 */
+	CommandCounterIncrement();
+	PushActiveSnapshot(GetTransactionSnapshot());
+	UpdateActiveSnapshotCommandId();
+	snap = GetActiveSnapshot();
+
+	key_init(&skey, index, 1, &key);
+	scan = index_beginscan(rel, index, snap, 1, 0);
+	index_rescan(scan, &skey, 1, NULL, 0);
+	found = index_getnext_slot(scan, ForwardScanDirection, slot);
+	index_endscan(scan);
+	index_close(index, NoLock);
+
+	if (found)
+	{
+		res = table_tuple_lock(rel, &slot->tts_tid, snap, slot,
+							   GetCurrentCommandId(true), LockTupleExclusive,
+							   LockWaitBlock,
+							   IsolationUsesXactSnapshot() ? 0 :
+							   TUPLE_LOCK_FLAG_FIND_LAST_VERSION,
+							   &tmfd);
+		switch (res)
+		{
+			case TM_Ok:
+				break;
+			case TM_Updated:
+			case TM_Deleted:
+				if (IsolationUsesXactSnapshot())
+					ereport(ERROR,
+							(errcode(ERRCODE_T_R_SERIALIZATION_FAILURE),
+							 errmsg("could not serialize access due to concurrent update")));
+				/* READ COMMITTED follows updates: only a delete gets here */
+				found = false;
+				break;
+			case TM_SelfModified:
+				/* we made our own writes visible above: cannot happen */
+				elog(ERROR, "billing: row of billing.%s was modified later in this transaction",
+					 t->name);
+				break;
+			default:
+				elog(ERROR, "billing: unexpected result %d locking a row of billing.%s",
+					 (int) res, t->name);
+		}
+	}
+
+	/* a followed update might have changed the key: check it again */
+	if (found && tmfd.traversed)
+	{
+		bool		isnull;
+		Datum		k = slot_getattr(slot, t->attnum[0], &isnull);
+
+		found = !isnull && DatumGetBool(DirectFunctionCall2Coll(texteq,
+																C_COLLATION_OID,
+																k, key));
+	}
+
+	if (found)
+	{
+		for (int c = 0; c < t->ncols; c++)
+		{
+			Datum		d = slot_getattr(slot, t->attnum[c], &nulls[c]);
+			Form_pg_attribute att = TupleDescAttr(RelationGetDescr(rel),
+												  t->attnum[c] - 1);
+
+			values[c] = nulls[c] ? (Datum) 0 :
+				datumCopy(d, att->attbyval, att->attlen);
+		}
+		ItemPointerCopy(&slot->tts_tid, tid);
+	}
+	PopActiveSnapshot();
+	ExecDropSingleTupleTableSlot(slot);
+	table_close(rel, NoLock);	/* the lock stays until the end of the transaction */
+	return found;
+}
+
+bool
+direct_key_exists(DirectTable *t, Datum k1, Datum k2)
+{
+	Oid			nsp = billing_namespace();
+	Relation	rel = direct_open(t, nsp, RowExclusiveLock);
+	Relation	index = index_open(billing_relid(t->key_index, nsp), AccessShareLock);
+	TupleTableSlot *slot = table_slot_create(rel, NULL);
+	Datum		k[2] = {k1, k2};
+	ScanKeyData skey[2];
+	SnapshotData dirty;
+	bool		found;
+
+	key_init(skey, index, 2, k);
+	InitDirtySnapshot(dirty);
+	for (;;)
+	{
+		IndexScanDesc scan = index_beginscan(rel, index, &dirty, 2, 0);
+		TransactionId xwait = InvalidTransactionId;
+
+		index_rescan(scan, skey, 2, NULL, 0);
+		found = index_getnext_slot(scan, ForwardScanDirection, slot);
+		if (found)
+			xwait = TransactionIdIsValid(dirty.xmin) ? dirty.xmin : dirty.xmax;
+		index_endscan(scan);
+		if (!TransactionIdIsValid(xwait))
+			break;
+		/* another transaction is inserting it: its outcome decides */
+		XactLockTableWait(xwait, rel, &slot->tts_tid, XLTW_InsertIndex);
+	}
+	ExecDropSingleTupleTableSlot(slot);
+	index_close(index, NoLock);
+	table_close(rel, NoLock);
+	return found;
+}
+
+static ResultRelInfo *
+result_rel(EState *estate, Relation rel, Index rti)
+{
+	ResultRelInfo *rri = makeNode(ResultRelInfo);
+
+	InitResultRelInfo(rri, rel, rti, NULL, 0);
+	ExecOpenIndices(rri, false);
+	/* where ExecGetTriggerResultRel() looks for it (after-row triggers) */
+	estate->es_opened_result_relations =
+		lappend(estate->es_opened_result_relations, rri);
+	return rri;
+}
+
+/* fill a slot of `rel` with the given columns (others NULL) */
+static TupleTableSlot *
+fill_slot(EState *estate, Relation rel, DirectTable *t, Datum *values,
+		  bool *nulls)
+{
+	TupleTableSlot *slot = table_slot_create(rel, &estate->es_tupleTable);
+
+	ExecClearTuple(slot);
+	memset(slot->tts_isnull, true, sizeof(bool) * slot->tts_tupleDescriptor->natts);
+	for (int c = 0; c < t->ncols; c++)
+	{
+		slot->tts_values[t->attnum[c] - 1] = values[c];
+		slot->tts_isnull[t->attnum[c] - 1] = nulls[c];
+	}
+	return ExecStoreVirtualTuple(slot);
+}
+
+void
+direct_write(DirectTable *ins, Datum *ivalues, bool *inulls,
+			 DirectTable *upd, ItemPointer tid, Datum *uvalues,
+			 bool *unulls, const bool *uset)
+{
+	Oid			nsp = billing_namespace();
+	Relation	irel = ins ? direct_open(ins, nsp, RowExclusiveLock) : NULL;
+	Relation	urel = upd ? direct_open(upd, nsp, RowExclusiveLock) : NULL;
+	EState	   *estate = CreateExecutorState();
+	List	   *rtable = NIL;
+	ResultRelInfo *irri = NULL;
+	ResultRelInfo *urri = NULL;
+
+	/* a range table, as row triggers and index maintenance expect one */
+	for (int i = 0; i < 2; i++)
+	{
+		Relation	rel = i == 0 ? irel : urel;
+		RangeTblEntry *rte;
+
+		if (rel == NULL)
+			continue;
+		rte = makeNode(RangeTblEntry);
+		rte->rtekind = RTE_RELATION;
+		rte->relid = RelationGetRelid(rel);
+		rte->relkind = rel->rd_rel->relkind;
+		rte->rellockmode = RowExclusiveLock;
+		rtable = lappend(rtable, rte);
+	}
+	ExecInitRangeTable(estate, rtable);
+	estate->es_output_cid = GetCurrentCommandId(true);
+	estate->es_snapshot = GetActiveSnapshot();
+	if (irel)
+		irri = result_rel(estate, irel, 1);
+	if (urel)
+		urri = result_rel(estate, urel, irel ? 2 : 1);
+
+	AfterTriggerBeginQuery();
+	if (irel)
+		ExecSimpleRelationInsert(irri, estate,
+								 fill_slot(estate, irel, ins, ivalues, inulls));
+	if (urel)
+	{
+		TupleTableSlot *oldslot = table_slot_create(urel, &estate->es_tupleTable);
+		TupleTableSlot *newslot = table_slot_create(urel, &estate->es_tupleTable);
+		EPQState	epq;
+		int			natts = RelationGetDescr(urel)->natts;
+
+		/* the row we locked: nobody else can have changed it */
+		if (!table_tuple_fetch_row_version(urel, tid, SnapshotAny, oldslot))
+			elog(ERROR, "billing: locked row of billing.%s is gone", upd->name);
+		slot_getallattrs(oldslot);
+		ExecClearTuple(newslot);
+		memcpy(newslot->tts_values, oldslot->tts_values, sizeof(Datum) * natts);
+		memcpy(newslot->tts_isnull, oldslot->tts_isnull, sizeof(bool) * natts);
+		for (int c = 0; c < upd->ncols; c++)
+		{
+			if (!uset[c])
+				continue;
+			newslot->tts_values[upd->attnum[c] - 1] = uvalues[c];
+			newslot->tts_isnull[upd->attnum[c] - 1] = unulls[c];
+		}
+		ExecStoreVirtualTuple(newslot);
+		EvalPlanQualInit(&epq, estate, NULL, NIL, -1);
+		ExecSimpleRelationUpdate(urri, estate, &epq, oldslot, newslot);
+		EvalPlanQualEnd(&epq);
+		ItemPointerCopy(&newslot->tts_tid, tid);
+	}
+	AfterTriggerEndQuery(estate);
+
+	/* our indexes, and relations opened for triggers */
+	ExecCloseResultRelations(estate);
+	ExecResetTupleTable(estate->es_tupleTable, false);
+	FreeExecutorState(estate);
+	if (irel)
+		table_close(irel, NoLock);
+	if (urel)
+		table_close(urel, NoLock);
+}
+
+int64
+direct_nextval(const char *seqname)
+{
+	return nextval_internal(billing_relid(seqname, billing_namespace()), false);
+}

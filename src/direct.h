@@ -1,0 +1,74 @@
+/*-------------------------------------------------------------------------
+ *
+ * direct.h
+ *	  Direct heap and index access to the two tables every charge writes
+ *	  (billing.accounts and billing.entries), without the SQL executor.
+ *
+ * A charge is: lock the account row, check that the trace id is new, insert
+ * one entry, update the account.  Through SPI that is two or three planned
+ * statements whose executor start-up and shut-down cost more than the work
+ * itself; here it is one index lookup + tuple lock, one index probe and one
+ * insert + one update through the executor's "simple relation" routines
+ * (the ones logical replication uses), which still maintain every index,
+ * check NOT NULL constraints and fire any row triggers.
+ *
+ *-------------------------------------------------------------------------
+ */
+#ifndef BILLING_DIRECT_H
+#define BILLING_DIRECT_H
+
+#include "access/attnum.h"
+#include "storage/itemptr.h"
+
+#define DIRECT_MAX_COLS 32
+
+/*
+ * A table of schema billing and the columns C code reads or writes, in the
+ * order of the caller's enum.  Column numbers are resolved by name once per
+ * backend and again after any relcache invalidation of the table (ALTER
+ * TABLE, an extension upgrade, DROP/CREATE EXTENSION).
+ */
+typedef struct DirectTable
+{
+	const char *name;			/* table name in schema billing */
+	const char *key_index;		/* unique index whose leading columns are the key */
+	int			ncols;
+	const char *const *cols;	/* column names, in enum order */
+	const Oid  *types;			/* their types, checked at resolution */
+	bool		complete;		/* the list covers every column (inserts) */
+	/* per backend */
+	Oid			relid;			/* InvalidOid: resolve again */
+	AttrNumber	attnum[DIRECT_MAX_COLS];
+} DirectTable;
+
+/*
+ * Lock the row whose key (the first column of t->key_index) equals `key`
+ * FOR UPDATE, as SELECT ... FOR UPDATE does in the current isolation level
+ * (READ COMMITTED: wait, then lock the newest version; REPEATABLE READ and
+ * SERIALIZABLE: a row changed since the snapshot is a serialization
+ * failure).  Fills values/nulls (in enum order, copied into the current
+ * memory context) and the row's TID; returns false when there is no row.
+ */
+extern bool direct_lock_row(DirectTable *t, Datum key, Datum *values,
+							bool *nulls, ItemPointer tid);
+
+/*
+ * Is there a row with (k1, k2) in t->key_index, committed or being
+ * inserted?  An insert in progress is waited for, as a unique index does.
+ */
+extern bool direct_key_exists(DirectTable *t, Datum k1, Datum k2);
+
+/*
+ * One write of a charge, in one executor state: insert a row into `ins`
+ * (if not NULL; every column given) and update the row at *tid of `upd`
+ * (if not NULL), replacing the columns whose `set` flag is true and keeping
+ * the others.  *tid becomes the TID of the new row version.
+ */
+extern void direct_write(DirectTable *ins, Datum *ivalues, bool *inulls,
+						 DirectTable *upd, ItemPointer tid, Datum *uvalues,
+						 bool *unulls, const bool *uset);
+
+/* nextval() of a sequence of schema billing, without the ACL check */
+extern int64 direct_nextval(const char *seqname);
+
+#endif							/* BILLING_DIRECT_H */
