@@ -17,7 +17,8 @@ check() {	# check NAME EXPECTED SQL
 	if [[ $got == "$2" ]]; then echo "ok - $1"; else echo "not ok - $1: expected '$2', got '$got'"; fail=1; fi
 }
 check "no preload" "" "SHOW shared_preload_libraries"
-check "create extension" "1.1" "CREATE EXTENSION billing; SELECT extversion FROM pg_extension WHERE extname = 'billing'"
+version=$(sed -n "s/^default_version = '\(.*\)'/\1/p" "$repo/billing.control")
+check "create extension" "$version" "CREATE EXTENSION billing; SELECT extversion FROM pg_extension WHERE extname = 'billing'"
 check "account" "np-1" "SELECT tenant_id FROM billing_account_create('np-1')"
 check "credit and deduct" "9.500000" \
 	"SELECT billing_credit('np-1', 10, 'np-t1'); SELECT balance_after FROM billing_deduct('np-1', 0.5, 'np-t2')"

@@ -40,14 +40,25 @@ snapshot() {
 	              ' ' ORDER BY c.relname)
 	            FROM pg_class c WHERE c.relnamespace = 'billing'::regnamespace AND c.relkind = 'r'"
 }
+# what the Redis worker would push (the push time left out)
+mirror() {
+	psql_db -c "SELECT string_agg(tenant_id || '/' || coalesce(key_id, '') || '/' || version || '/'
+	                              || regexp_replace(array_to_string(fields, ','), 'synced_at_ms,[0-9]+', ''), ' '
+	                              ORDER BY tenant_id, key_id NULLS LAST)
+	              FROM billing.sync_snapshot(NULL, '', 1000)"
+}
 before=$(snapshot)
+mirror_before=$(mirror)
 psql_db -c "ALTER EXTENSION billing UPDATE"
 after=$(snapshot)
+mirror_after=$(mirror)
 
 [[ $(psql_db -c "SELECT extversion FROM pg_extension WHERE extname = 'billing'") == "$new" ]] \
 	&& ok "extension is at $new" || bad "extension is not at $new"
 [[ $before == "$after" ]] && ok "every table unchanged by the upgrade ($(wc -w <<<"$before") tables)" \
 	|| { bad "tables changed by the upgrade"; diff <(tr ' ' '\n' <<<"$before") <(tr ' ' '\n' <<<"$after") || true; }
+[[ -n $mirror_before && $mirror_before == "$mirror_after" ]] && ok "the worker's snapshot read gives the same hashes ($(wc -w <<<"$mirror_before") of them)" \
+	|| bad "sync_snapshot differs after the upgrade: $mirror_before vs $mirror_after"
 [[ $(psql_db -c "SELECT count(*) FROM billing_verify()") == 0 ]] && ok "billing_verify() clean" || bad "billing_verify() not clean"
 [[ $(psql_db -c "SELECT replayed FROM billing_deduct('up-2', 0.020002, 'up-d-1', metadata => '{\"model\": \"m1\"}')") == t ]] \
 	&& ok "an old trace id replays after the upgrade" || bad "old trace id did not replay"
