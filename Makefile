@@ -17,6 +17,7 @@ OBJS = \
 	src/ledger.o \
 	src/account.o \
 	src/direct.o \
+	src/verify.o \
 	src/holds.o \
 	src/jobs.o \
 	src/append_only.o \

@@ -82,6 +82,21 @@ UPDATE billing.accounts SET holds_micros = holds_micros - 1 WHERE tenant_id = 'v
 SELECT * FROM billing_verify('ver-a');
 ROLLBACK;
 
+-- 7. Entry versions that do not increase with entry_id (every billing
+-- writer takes both under the account lock, in that order): two entries'
+-- versions swapped.  The chain is walked in entry_id order, so it breaks at
+-- the later entry.
+BEGIN;
+ALTER TABLE billing.entries DISABLE TRIGGER entries_append_only;
+UPDATE billing.entries e SET version = s.v
+  FROM (VALUES ('ver-b-2', (SELECT version FROM billing.entries WHERE tenant_id = 'ver-b' AND trace_id = 'ver-b-3')),
+               ('ver-b-3', (SELECT version FROM billing.entries WHERE tenant_id = 'ver-b' AND trace_id = 'ver-b-2'))) AS s(t, v)
+ WHERE e.tenant_id = 'ver-b' AND e.trace_id = s.t;
+SELECT tenant_id, cached_balance, ledger_sum, entries, chain_breaks,
+       first_break_entry_id = :b3_id AS first_break_is_b3, problem
+  FROM billing_verify('ver-b');
+ROLLBACK;
+
 -- Back to consistent: the corruptions above were repaired or rolled back.
 SELECT count(*) AS problems FROM billing_verify();
 SELECT tenant_id, balance, version FROM billing.balances WHERE tenant_id LIKE 'ver-%' ORDER BY 1;

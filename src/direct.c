@@ -28,6 +28,7 @@
 #include "commands/sequence.h"
 #include "direct.h"
 #include "executor/executor.h"
+#include "miscadmin.h"
 #include "commands/trigger.h"
 #include "nodes/makefuncs.h"
 #include "storage/lmgr.h"
@@ -415,6 +416,32 @@ direct_write(DirectTable *ins, Datum *ivalues, bool *inulls,
 		table_close(irel, NoLock);
 	if (urel)
 		table_close(urel, NoLock);
+}
+
+void
+direct_scan(DirectTable *t, const char *index_name, Datum *key,
+			DirectRowFn fn, void *arg)
+{
+	Oid			nsp = billing_namespace();
+	Relation	rel = direct_open(t, nsp, AccessShareLock);
+	Relation	index = index_open(billing_relid(index_name, nsp), AccessShareLock);
+	TupleTableSlot *slot = table_slot_create(rel, NULL);
+	ScanKeyData skey;
+	IndexScanDesc scan;
+
+	scan = index_beginscan(rel, index, GetActiveSnapshot(), key ? 1 : 0, 0);
+	if (key)
+		key_init(&skey, index, 1, key);
+	index_rescan(scan, key ? &skey : NULL, key ? 1 : 0, NULL, 0);
+	while (index_getnext_slot(scan, ForwardScanDirection, slot))
+	{
+		CHECK_FOR_INTERRUPTS();
+		fn(slot, arg);
+	}
+	index_endscan(scan);
+	ExecDropSingleTupleTableSlot(slot);
+	index_close(index, NoLock);
+	table_close(rel, NoLock);
 }
 
 int64

@@ -18,6 +18,7 @@
 #define BILLING_DIRECT_H
 
 #include "access/attnum.h"
+#include "executor/tuptable.h"
 #include "storage/itemptr.h"
 
 #define DIRECT_MAX_COLS 32
@@ -67,6 +68,26 @@ extern bool direct_key_exists(DirectTable *t, Datum k1, Datum k2);
 extern void direct_write(DirectTable *ins, Datum *ivalues, bool *inulls,
 						 DirectTable *upd, ItemPointer tid, Datum *uvalues,
 						 bool *unulls, const bool *uset);
+
+/*
+ * Visit the rows of t in the order of t->key_index: all of them, or (key
+ * not NULL) those whose first key column equals *key, as the active
+ * snapshot sees them.  fn is called with each row in a slot.
+ */
+typedef void (*DirectRowFn) (TupleTableSlot *slot, void *arg);
+extern void direct_scan(DirectTable *t, const char *index, Datum *key,
+						DirectRowFn fn, void *arg);
+
+/* the columns of billing.entries, every one of them (ledger.c inserts them) */
+typedef enum EntryCol
+{
+	EC_TENANT_ID, EC_ENTRY_ID, EC_TRACE_ID, EC_KIND, EC_AMOUNT,
+	EC_BALANCE_AFTER, EC_VERSION, EC_DESCRIPTION, EC_METADATA, EC_EVENT_AT,
+	EC_CREATED_AT, EC_API_KEY, EC_HOLD_ID,
+	EC_NCOLS
+} EntryCol;
+
+extern DirectTable billing_entries_table;
 
 /* nextval() of a sequence of schema billing, without the ACL check */
 extern int64 direct_nextval(const char *seqname);

@@ -456,15 +456,6 @@ record_rejection(Account *acc, EntryWrite *req, LedgerOutcome *out)
  * ---------------------------------------------------------------------
  */
 
-/* the columns of billing.entries, every one of them (direct.c inserts) */
-typedef enum EntryCol
-{
-	EC_TENANT_ID, EC_ENTRY_ID, EC_TRACE_ID, EC_KIND, EC_AMOUNT,
-	EC_BALANCE_AFTER, EC_VERSION, EC_DESCRIPTION, EC_METADATA, EC_EVENT_AT,
-	EC_CREATED_AT, EC_API_KEY, EC_HOLD_ID,
-	EC_NCOLS
-} EntryCol;
-
 static const char *const entry_cols[EC_NCOLS] = {
 	"tenant_id", "entry_id", "trace_id", "kind", "amount_micros",
 	"balance_after_micros", "version", "description", "metadata", "event_at",
@@ -478,7 +469,7 @@ static const Oid entry_types[EC_NCOLS] = {
 };
 
 /* probed by (tenant_id, trace_id): the key index is entries_trace_key */
-static DirectTable entries_table = {
+DirectTable billing_entries_table = {
 	"entries", "entries_trace_key", EC_NCOLS, entry_cols, entry_types, true
 };
 
@@ -498,7 +489,7 @@ billing_post_entry(Account *acc, EntryWrite *e)
 	bool		nulls[EC_NCOLS];
 	int64		entry_id;
 
-	if (direct_key_exists(&entries_table, PointerGetDatum(acc->tenant_id),
+	if (direct_key_exists(&billing_entries_table, PointerGetDatum(acc->tenant_id),
 						  PointerGetDatum(e->trace_id)))
 		return 0;
 
@@ -521,7 +512,7 @@ billing_post_entry(Account *acc, EntryWrite *e)
 	nulls[EC_API_KEY] = e->api_key == NULL;
 	values[EC_HOLD_ID] = Int64GetDatum(e->hold_id);
 	nulls[EC_HOLD_ID] = e->hold_id == 0;
-	account_write(acc, true, &entries_table, values, nulls);
+	account_write(acc, true, &billing_entries_table, values, nulls);
 	return entry_id;
 }
 

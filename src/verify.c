@@ -1,0 +1,193 @@
+/*-------------------------------------------------------------------------
+ *
+ * verify.c
+ *	  billing.verify_entries(tenant_id): the per-tenant facts of the ledger
+ *	  that billing_verify() compares with the accounts, in one pass.
+ *
+ * The entries are walked in primary-key order (tenant_id, entry_id), so no
+ * sort is needed and each tenant is one run of rows.  For each tenant:
+ * the exact sum of the amounts, the number of entries, the chain checks
+ * (balance_after = previous balance_after + amount; version greater than
+ * the previous entry's: both are taken under the account lock, so they
+ * rise together), the highest version, and the entries with an unknown
+ * kind, a zero amount or the wrong sign.  The SQL version of this (window
+ * functions and filtered aggregates) ran at ~1 M entries/s; this is the
+ * part of billing_verify() that reads every entry.
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include "billing.h"
+#include "common/int.h"
+#include "direct.h"
+#include "funcapi.h"
+#include "utils/builtins.h"
+#include "utils/memutils.h"
+#include "utils/numeric.h"
+#include "utils/tuplestore.h"
+
+PG_FUNCTION_INFO_V1(billing_verify_entries);
+
+typedef struct TenantFacts
+{
+	ReturnSetInfo *rsinfo;
+	MemoryContext row_cxt;		/* reset per entry */
+	bool		open;			/* a tenant is being summed */
+	text	   *tenant;			/* in the function's context */
+	Numeric		overflowed;		/* sum carried over when int64 overflowed */
+	int64		sum;
+	int64		n;
+	int64		breaks;
+	int64		balance_breaks;
+	int64		first_break;
+	int64		max_version;
+	int64		invalid;
+	int64		prev_balance;
+	int64		prev_version;
+} TenantFacts;
+
+static bool
+kind_is(text *kind, const char *name)
+{
+	size_t		len = strlen(name);
+
+	return VARSIZE_ANY_EXHDR(kind) == len && memcmp(VARDATA_ANY(kind), name, len) == 0;
+}
+
+/* sign rules of billing.entries.kind (the functions never write others) */
+static bool
+entry_invalid(text *kind, int64 amount)
+{
+	if (amount == 0)
+		return true;
+	if (kind_is(kind, "topup") || kind_is(kind, "grant") || kind_is(kind, "refund"))
+		return amount < 0;
+	if (kind_is(kind, "deduct") || kind_is(kind, "capture"))
+		return amount > 0;
+	return !kind_is(kind, "adjustment");
+}
+
+static void
+emit(TenantFacts *f)
+{
+	Datum		values[8];
+	bool		nulls[8] = {0};
+	Numeric		total = int64_to_numeric(f->sum);
+
+	if (f->overflowed)
+		total = DatumGetNumeric(DirectFunctionCall2(numeric_add,
+													NumericGetDatum(f->overflowed),
+													NumericGetDatum(total)));
+	values[0] = PointerGetDatum(f->tenant);
+	values[1] = NumericGetDatum(total);
+	values[2] = Int64GetDatum(f->n);
+	values[3] = Int64GetDatum(f->breaks);
+	values[4] = Int64GetDatum(f->balance_breaks);
+	values[5] = Int64GetDatum(f->first_break);
+	nulls[5] = f->breaks == 0;
+	values[6] = Int64GetDatum(f->max_version);
+	values[7] = Int64GetDatum(f->invalid);
+	tuplestore_putvalues(f->rsinfo->setResult, f->rsinfo->setDesc, values, nulls);
+	f->open = false;
+}
+
+static void
+visit_entry(TupleTableSlot *slot, void *arg)
+{
+	TenantFacts *f = (TenantFacts *) arg;
+	AttrNumber *att = billing_entries_table.attnum;
+	MemoryContext old = MemoryContextSwitchTo(f->row_cxt);
+	bool		isnull;
+	text	   *tenant = DatumGetTextPP(slot_getattr(slot, att[EC_TENANT_ID], &isnull));
+	int64		entry_id = DatumGetInt64(slot_getattr(slot, att[EC_ENTRY_ID], &isnull));
+	text	   *kind = DatumGetTextPP(slot_getattr(slot, att[EC_KIND], &isnull));
+	int64		amount = DatumGetInt64(slot_getattr(slot, att[EC_AMOUNT], &isnull));
+	int64		balance = DatumGetInt64(slot_getattr(slot, att[EC_BALANCE_AFTER], &isnull));
+	int64		version = DatumGetInt64(slot_getattr(slot, att[EC_VERSION], &isnull));
+	int64		expected;
+	int64		sum;
+	bool		balance_break;
+	bool		brk;
+
+	/* a new tenant (rows of one tenant are adjacent in key order) */
+	if (f->open && (VARSIZE_ANY_EXHDR(tenant) != VARSIZE_ANY_EXHDR(f->tenant) ||
+					memcmp(VARDATA_ANY(tenant), VARDATA_ANY(f->tenant),
+						   VARSIZE_ANY_EXHDR(tenant)) != 0))
+	{
+		MemoryContextSwitchTo(old);
+		emit(f);
+		MemoryContextSwitchTo(f->row_cxt);
+	}
+	if (!f->open)
+	{
+		MemoryContext fn_cxt = MemoryContextSwitchTo(old);
+
+		f->tenant = (text *) PG_DETOAST_DATUM_COPY(PointerGetDatum(tenant));
+		MemoryContextSwitchTo(fn_cxt);
+		f->open = true;
+		f->overflowed = NULL;
+		f->sum = f->n = f->breaks = f->balance_breaks = f->invalid = 0;
+		f->first_break = f->max_version = 0;
+		f->prev_balance = f->prev_version = 0;
+	}
+
+	if (pg_add_s64_overflow(f->sum, amount, &sum))
+	{
+		/* carry the sum so far into a numeric (only a corrupt ledger) */
+		MemoryContext fn_cxt = MemoryContextSwitchTo(old);
+		Numeric		carry = int64_to_numeric(f->sum);
+
+		if (f->overflowed)
+			carry = DatumGetNumeric(DirectFunctionCall2(numeric_add,
+														NumericGetDatum(f->overflowed),
+														NumericGetDatum(carry)));
+		f->overflowed = carry;
+		MemoryContextSwitchTo(fn_cxt);
+		sum = amount;
+	}
+	f->sum = sum;
+	f->n++;
+	balance_break = pg_add_s64_overflow(f->prev_balance, amount, &expected) ||
+		expected != balance;
+	brk = balance_break || version <= f->prev_version;
+	if (balance_break)
+		f->balance_breaks++;
+	if (brk && f->breaks++ == 0)
+		f->first_break = entry_id;
+	if (version > f->max_version)
+		f->max_version = version;
+	if (entry_invalid(kind, amount))
+		f->invalid++;
+	f->prev_balance = balance;
+	f->prev_version = version;
+
+	MemoryContextSwitchTo(old);
+	MemoryContextReset(f->row_cxt);
+}
+
+/*
+ * billing.verify_entries(tenant_id text) -> SETOF (tenant_id, total,
+ * entries, breaks, balance_breaks, first_break, max_version, invalid);
+ * NULL tenant: every tenant.
+ */
+Datum
+billing_verify_entries(PG_FUNCTION_ARGS)
+{
+	TenantFacts f;
+	Datum		key;
+
+	memset(&f, 0, sizeof(f));
+	InitMaterializedSRF(fcinfo, 0);
+	f.rsinfo = (ReturnSetInfo *) fcinfo->resultinfo;
+	f.row_cxt = AllocSetContextCreate(CurrentMemoryContext, "billing verify row",
+									  ALLOCSET_SMALL_SIZES);
+	if (!PG_ARGISNULL(0))
+		key = PG_GETARG_DATUM(0);
+	direct_scan(&billing_entries_table, "entries_pkey",
+				PG_ARGISNULL(0) ? NULL : &key, visit_entry, &f);
+	if (f.open)
+		emit(&f);
+	MemoryContextDelete(f.row_cxt);
+	return (Datum) 0;
+}
