@@ -18,6 +18,7 @@ OBJS = \
 	src/account.o \
 	src/direct.o \
 	src/verify.o \
+	src/snapshot.o \
 	src/holds.o \
 	src/jobs.o \
 	src/append_only.o \

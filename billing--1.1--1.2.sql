@@ -3,8 +3,9 @@
 \echo Use "ALTER EXTENSION billing UPDATE TO '1.2'" to load this file. \quit
 
 /*
- * 1.2: the background worker's snapshot read is cheap enough to run every
- * few milliseconds (performance issue: deduct TPS with the worker pushing).
+ * 1.2: the background worker's snapshot read is cheap enough to run for
+ * every batch of dirty tenants (performance issue: deduct TPS with the
+ * worker pushing).
  *
  * billing.sync_snapshot(tenants, after, lim) was one SQL function for both
  * uses (the dirty tenants of a push; a page of all tenants for a resync).
@@ -13,72 +14,17 @@
  * compared every account with every dirty tenant (a sequential scan):
  * profiling showed the worker using a quarter of the machine under load.
  *
- * Now the rows are built by billing.sync_snapshot_of(tenants), an
- * inlinable SQL function (no SET clause) that finds each tenant through the
- * primary key, and billing.sync_snapshot() is a PL/pgSQL wrapper whose two
- * queries are planned once per session (the worker is one long session)
- * with the inlined body in those cached plans.  The body is inlined and
- * planned under the wrapper's pinned search_path; sync_snapshot_of() is
- * revoked from PUBLIC like the wrapper.
+ * Now the rows are built in C (src/snapshot.c): each account is read by
+ * its primary key and its fields formatted directly; the worker calls that
+ * code without SQL for a push, and billing.sync_snapshot_of(tenants) gives
+ * the same rows to SQL.  billing.sync_snapshot() stays the interface of
+ * resync pages and of tests comparing Redis with the database; it returns
+ * the rows in tenant order, each tenant's key hashes first.
  */
 CREATE FUNCTION billing.sync_snapshot_of(tenants text[])
     RETURNS TABLE (tenant_id text, key_id text, version bigint, fields text[])
-    LANGUAGE sql STABLE
-AS $$
-    WITH acc AS (
-        SELECT a.*,
-               (now() AT TIME ZONE a.timezone)::date AS today,
-               date_trunc('month', now() AT TIME ZONE a.timezone)::date AS this_month,
-               -- billing.effective_holds(a), inlined (it is SECURITY DEFINER for readers)
-               CASE
-                   WHEN a.holds_next_expiry IS NULL OR a.holds_next_expiry > now() THEN a.holds_micros
-                   ELSE (SELECT coalesce(sum(h.amount_micros - h.captured_micros - h.released_micros), 0)::bigint
-                           FROM billing.holds h
-                          WHERE h.tenant_id = a.tenant_id AND h.status = 'open' AND h.expires_at > now())
-               END AS eff_holds
-          FROM pg_catalog.unnest(tenants) AS t(id)
-          JOIN billing.accounts a ON a.tenant_id = t.id
-    ), now_ms AS (
-        SELECT (extract(epoch FROM clock_timestamp()) * 1000)::bigint::text AS ms
-    )
-    SELECT acc.tenant_id, NULL::text, acc.version,
-           ARRAY['status', acc.status,
-                 'currency', acc.currency,
-                 'balance', acc.balance_micros::text,
-                 'credit_limit', acc.credit_limit_micros::text,
-                 'holds', acc.eff_holds::text,
-                 'available', (acc.balance_micros::numeric + acc.credit_limit_micros - acc.eff_holds)::text,
-                 'day_requests', (CASE WHEN acc.usage_day = acc.today THEN acc.day_requests ELSE 0 END)::text,
-                 'day_spend', (CASE WHEN acc.usage_day = acc.today THEN acc.day_spend_micros ELSE 0 END)::text,
-                 'month_requests', (CASE WHEN acc.usage_month = acc.this_month THEN acc.month_requests ELSE 0 END)::text,
-                 'month_spend', (CASE WHEN acc.usage_month = acc.this_month THEN acc.month_spend_micros ELSE 0 END)::text,
-                 'day_resets_at_ms', (extract(epoch FROM ((acc.today + 1)::timestamp AT TIME ZONE acc.timezone)) * 1000)::bigint::text,
-                 'month_resets_at_ms', (extract(epoch FROM ((acc.this_month + interval '1 month')::timestamp AT TIME ZONE acc.timezone)) * 1000)::bigint::text,
-                 'synced_at_ms', now_ms.ms]
-           || CASE WHEN acc.max_charge_micros IS NULL THEN '{}'::text[] ELSE ARRAY['max_charge', acc.max_charge_micros::text] END
-           || CASE WHEN acc.daily_request_quota IS NULL THEN '{}'::text[] ELSE ARRAY['daily_requests_quota', acc.daily_request_quota::text] END
-           || CASE WHEN acc.monthly_request_quota IS NULL THEN '{}'::text[] ELSE ARRAY['monthly_requests_quota', acc.monthly_request_quota::text] END
-           || CASE WHEN acc.daily_spend_cap_micros IS NULL THEN '{}'::text[] ELSE ARRAY['daily_spend_cap', acc.daily_spend_cap_micros::text] END
-           || CASE WHEN acc.monthly_spend_cap_micros IS NULL THEN '{}'::text[] ELSE ARRAY['monthly_spend_cap', acc.monthly_spend_cap_micros::text] END
-      FROM acc, now_ms
-    UNION ALL
-    SELECT k.tenant_id, k.key_id, acc.version,
-           ARRAY['status', k.status,
-                 'period', coalesce(k.budget_period, 'lifetime'),
-                 'spent', (CASE WHEN k.budget_period IS NULL OR k.budget_period = 'lifetime'
-                                  OR k.period_start = CASE k.budget_period WHEN 'day' THEN acc.today ELSE acc.this_month END
-                                THEN k.period_spend_micros ELSE 0 END)::text,
-                 'synced_at_ms', now_ms.ms]
-           || CASE WHEN k.budget_micros IS NULL THEN '{}'::text[] ELSE ARRAY['budget', k.budget_micros::text] END
-           || CASE k.budget_period
-                  WHEN 'day' THEN ARRAY['resets_at_ms', (extract(epoch FROM ((acc.today + 1)::timestamp AT TIME ZONE acc.timezone)) * 1000)::bigint::text]
-                  WHEN 'month' THEN ARRAY['resets_at_ms', (extract(epoch FROM ((acc.this_month + interval '1 month')::timestamp AT TIME ZONE acc.timezone)) * 1000)::bigint::text]
-                  ELSE '{}'::text[]
-              END
-      FROM billing.api_keys k
-      JOIN acc ON acc.tenant_id = k.tenant_id, now_ms
-     ORDER BY 1, 2 NULLS LAST    -- key hashes before their tenant hash (see lua/README.md)
-$$;
+    AS 'MODULE_PATHNAME', 'billing_sync_snapshot_of'
+    LANGUAGE C STABLE;
 COMMENT ON FUNCTION billing.sync_snapshot_of(text[]) IS
     'the Redis hashes of the given tenants and their API keys (internal: the background worker, through billing.sync_snapshot)';
 REVOKE ALL ON FUNCTION billing.sync_snapshot_of(text[]) FROM PUBLIC;
@@ -89,16 +35,14 @@ CREATE OR REPLACE FUNCTION billing.sync_snapshot(tenants text[], after text, lim
     SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
-    IF tenants IS NOT NULL THEN
-        -- a push: the dirty tenants
-        RETURN QUERY SELECT * FROM billing.sync_snapshot_of(tenants);
-    ELSE
-        -- a resync: the next page of tenants after `after`
-        RETURN QUERY
-            SELECT * FROM billing.sync_snapshot_of(ARRAY(
-                SELECT a.tenant_id FROM billing.accounts a
-                 WHERE a.tenant_id > after ORDER BY a.tenant_id LIMIT lim));
+    IF tenants IS NULL THEN
+        -- a resync page: the tenants after `after`
+        tenants := ARRAY(SELECT a.tenant_id FROM billing.accounts a
+                          WHERE a.tenant_id > after ORDER BY a.tenant_id LIMIT lim);
     END IF;
+    RETURN QUERY
+        SELECT s.* FROM billing.sync_snapshot_of(tenants) AS s
+         ORDER BY s.tenant_id, s.key_id NULLS LAST;
 END
 $$;
 

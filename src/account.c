@@ -45,8 +45,8 @@ billing_format_ts(TimestampTz ts)
 }
 
 /* the calendar date of ts in time zone tz */
-static DateADT
-local_date(const char *tz, TimestampTz ts)
+DateADT
+billing_local_date(const char *tz, TimestampTz ts)
 {
 	Datum		local = DirectFunctionCall2(timestamptz_zone,
 											CStringGetTextDatum(tz),
@@ -56,8 +56,8 @@ local_date(const char *tz, TimestampTz ts)
 }
 
 /* first day of d's month */
-static DateADT
-month_start(DateADT d)
+DateADT
+billing_month_start(DateADT d)
 {
 	int			year,
 				month,
@@ -68,8 +68,8 @@ month_start(DateADT d)
 }
 
 /* first day of the month after d's */
-static DateADT
-next_month_start(DateADT d)
+DateADT
+billing_next_month_start(DateADT d)
 {
 	int			year,
 				month,
@@ -85,8 +85,8 @@ next_month_start(DateADT d)
 }
 
 /* midnight at the start of local date d in time zone tz, as timestamptz */
-static TimestampTz
-local_midnight(const char *tz, DateADT d)
+TimestampTz
+billing_local_midnight(const char *tz, DateADT d)
 {
 	Datum		ts = DirectFunctionCall1(date_timestamp, DateADTGetDatum(d));
 
@@ -94,21 +94,6 @@ local_midnight(const char *tz, DateADT d)
 												   CStringGetTextDatum(tz),
 												   ts));
 }
-
-/*
- * The columns of billing.accounts C code reads or writes (direct.c): the
- * key first, then in the order of AccountCol.
- */
-typedef enum AccountCol
-{
-	AC_TENANT_ID, AC_STATUS, AC_TIMEZONE, AC_CURRENCY, AC_CREDIT_LIMIT,
-	AC_BALANCE, AC_VERSION, AC_HOLDS, AC_HOLDS_NEXT_EXPIRY, AC_MAX_CHARGE,
-	AC_DAILY_REQUESTS, AC_MONTHLY_REQUESTS, AC_DAILY_SPEND, AC_MONTHLY_SPEND,
-	AC_MINUTE_LIMIT, AC_USAGE_DAY, AC_DAY_REQUESTS, AC_DAY_SPEND,
-	AC_USAGE_MONTH, AC_MONTH_REQUESTS, AC_MONTH_SPEND, AC_USAGE_MINUTE,
-	AC_MINUTE_REQUESTS, AC_REJECTIONS, AC_LAST_ENTRY_AT,
-	AC_NCOLS
-} AccountCol;
 
 static const char *const account_cols[AC_NCOLS] = {
 	"tenant_id", "status", "timezone", "currency", "credit_limit_micros",
@@ -129,7 +114,7 @@ static const Oid account_types[AC_NCOLS] = {
 	INT8OID, INT8OID, TIMESTAMPTZOID
 };
 
-static DirectTable accounts_table = {
+DirectTable billing_accounts_table = {
 	"accounts", "accounts_pkey", AC_NCOLS, account_cols, account_types, false
 };
 
@@ -150,7 +135,7 @@ account_lock(Account *acc, text *tenant_id, MemoryContext cxt)
 	memset(acc, 0, sizeof(*acc));
 	acc->cxt = cxt;				/* the caller's: survives SPI_finish */
 	MemoryContextSwitchTo(old); /* the row's values: temporary */
-	if (!direct_lock_row(&accounts_table, PointerGetDatum(tenant_id), values,
+	if (!direct_lock_row(&billing_accounts_table, PointerGetDatum(tenant_id), values,
 						 nulls, &acc->tid))
 		ereport(ERROR,
 				(errcode(ERRCODE_BILLING_ACCOUNT_NOT_FOUND),
@@ -190,8 +175,8 @@ account_lock(Account *acc, text *tenant_id, MemoryContext cxt)
 
 	/* the periods we are in now; counters of older periods start over */
 	acc->now = GetCurrentTimestamp();
-	acc->today = local_date(acc->timezone, acc->now);
-	acc->this_month = month_start(acc->today);
+	acc->today = billing_local_date(acc->timezone, acc->now);
+	acc->this_month = billing_month_start(acc->today);
 	acc->this_minute = acc->now - acc->now % USECS_PER_MINUTE;
 	if (acc->usage_day != acc->today)
 	{
@@ -372,8 +357,8 @@ account_check_debit(Account *acc, ApiKey *key, Debit *debit, Rejection *rej)
 	bool		ok = true;
 
 	/* reset times, formatted only for the message of a rejection */
-#define tomorrow billing_format_ts(local_midnight(acc->timezone, acc->today + 1))
-#define next_month billing_format_ts(local_midnight(acc->timezone, next_month_start(acc->today)))
+#define tomorrow billing_format_ts(billing_local_midnight(acc->timezone, acc->today + 1))
+#define next_month billing_format_ts(billing_local_midnight(acc->timezone, billing_next_month_start(acc->today)))
 
 	if (strcmp(acc->status, "closed") == 0)
 		ok = set_rejection(rej, ERRCODE_BILLING_ACCOUNT_CLOSED,
@@ -546,7 +531,7 @@ account_write(Account *acc, bool wrote_entry, DirectTable *entries,
 	SET(AC_MINUTE_REQUESTS, Int64GetDatum(acc->minute_count));
 	SET(AC_REJECTIONS, Int64GetDatum(acc->rejections));
 #undef SET
-	direct_write(entries, evalues, enulls, &accounts_table, &acc->tid,
+	direct_write(entries, evalues, enulls, &billing_accounts_table, &acc->tid,
 				 values, nulls, set);
 	billing_sync_mark(VARDATA_ANY(acc->tenant_id), VARSIZE_ANY_EXHDR(acc->tenant_id));
 	acc->holds_changed = false;

@@ -109,6 +109,12 @@ extern void account_write(Account *acc, bool wrote_entry,
 						  bool *enulls);
 extern void account_key_save(Account *acc, ApiKey *key);
 extern void billing_raise_rejection(Rejection *rej);
+
+/* calendar periods in an account's time zone */
+extern DateADT billing_local_date(const char *tz, TimestampTz ts);
+extern DateADT billing_month_start(DateADT d);
+extern DateADT billing_next_month_start(DateADT d);
+extern TimestampTz billing_local_midnight(const char *tz, DateADT d);
 extern char *billing_format_ts(TimestampTz ts);
 
 /* ledger.c: SPI helpers shared by the C files */

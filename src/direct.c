@@ -180,6 +180,55 @@ key_init(ScanKey keys, Relation index, int nkeys, const Datum *k)
 	}
 }
 
+/* the table's columns of the row in slot, copied into the current context */
+static void
+copy_columns(DirectTable *t, TupleTableSlot *slot, Datum *values, bool *nulls)
+{
+	for (int c = 0; c < t->ncols; c++)
+	{
+		Datum		d = slot_getattr(slot, t->attnum[c], &nulls[c]);
+		Form_pg_attribute att = TupleDescAttr(slot->tts_tupleDescriptor,
+											  t->attnum[c] - 1);
+
+		values[c] = nulls[c] ? (Datum) 0 :
+			datumCopy(d, att->attbyval, att->attlen);
+	}
+}
+
+/* the first row whose first key column equals key, in snap; into slot */
+static bool
+lookup(Relation rel, Relation index, Snapshot snap, Datum key,
+	   TupleTableSlot *slot)
+{
+	ScanKeyData skey;
+	IndexScanDesc scan;
+	bool		found;
+
+	key_init(&skey, index, 1, &key);
+	scan = index_beginscan(rel, index, snap, 1, 0);
+	index_rescan(scan, &skey, 1, NULL, 0);
+	found = index_getnext_slot(scan, ForwardScanDirection, slot);
+	index_endscan(scan);
+	return found;
+}
+
+bool
+direct_fetch_row(DirectTable *t, Datum key, Datum *values, bool *nulls)
+{
+	Oid			nsp = billing_namespace();
+	Relation	rel = direct_open(t, nsp, AccessShareLock);
+	Relation	index = index_open(billing_relid(t->key_index, nsp), AccessShareLock);
+	TupleTableSlot *slot = table_slot_create(rel, NULL);
+	bool		found = lookup(rel, index, GetActiveSnapshot(), key, slot);
+
+	if (found)
+		copy_columns(t, slot, values, nulls);
+	ExecDropSingleTupleTableSlot(slot);
+	index_close(index, NoLock);
+	table_close(rel, NoLock);
+	return found;
+}
+
 bool
 direct_lock_row(DirectTable *t, Datum key, Datum *values, bool *nulls,
 				ItemPointer tid)
@@ -188,8 +237,6 @@ direct_lock_row(DirectTable *t, Datum key, Datum *values, bool *nulls,
 	Relation	rel = direct_open(t, nsp, RowExclusiveLock);
 	Relation	index = index_open(billing_relid(t->key_index, nsp), AccessShareLock);
 	TupleTableSlot *slot = table_slot_create(rel, NULL);
-	ScanKeyData skey;
-	IndexScanDesc scan;
 	Snapshot	snap;
 	bool		found;
 	TM_Result	res;
@@ -205,11 +252,7 @@ direct_lock_row(DirectTable *t, Datum key, Datum *values, bool *nulls,
 	UpdateActiveSnapshotCommandId();
 	snap = GetActiveSnapshot();
 
-	key_init(&skey, index, 1, &key);
-	scan = index_beginscan(rel, index, snap, 1, 0);
-	index_rescan(scan, &skey, 1, NULL, 0);
-	found = index_getnext_slot(scan, ForwardScanDirection, slot);
-	index_endscan(scan);
+	found = lookup(rel, index, snap, key, slot);
 	index_close(index, NoLock);
 
 	if (found)
@@ -257,15 +300,7 @@ direct_lock_row(DirectTable *t, Datum key, Datum *values, bool *nulls,
 
 	if (found)
 	{
-		for (int c = 0; c < t->ncols; c++)
-		{
-			Datum		d = slot_getattr(slot, t->attnum[c], &nulls[c]);
-			Form_pg_attribute att = TupleDescAttr(RelationGetDescr(rel),
-												  t->attnum[c] - 1);
-
-			values[c] = nulls[c] ? (Datum) 0 :
-				datumCopy(d, att->attbyval, att->attlen);
-		}
+		copy_columns(t, slot, values, nulls);
 		ItemPointerCopy(&slot->tts_tid, tid);
 	}
 	PopActiveSnapshot();

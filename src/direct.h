@@ -54,6 +54,13 @@ extern bool direct_lock_row(DirectTable *t, Datum key, Datum *values,
 							bool *nulls, ItemPointer tid);
 
 /*
+ * Read the row whose key equals `key` as the active snapshot sees it (no
+ * lock); as direct_lock_row otherwise.
+ */
+extern bool direct_fetch_row(DirectTable *t, Datum key, Datum *values,
+							 bool *nulls);
+
+/*
  * Is there a row with (k1, k2) in t->key_index, committed or being
  * inserted?  An insert in progress is waited for, as a unique index does.
  */
@@ -88,6 +95,24 @@ typedef enum EntryCol
 } EntryCol;
 
 extern DirectTable billing_entries_table;
+
+/*
+ * The columns of billing.accounts C code reads or writes (account.c; the worker's snapshots read them too): the
+ * key first, then in the order of AccountCol.
+ */
+typedef enum AccountCol
+{
+	AC_TENANT_ID, AC_STATUS, AC_TIMEZONE, AC_CURRENCY, AC_CREDIT_LIMIT,
+	AC_BALANCE, AC_VERSION, AC_HOLDS, AC_HOLDS_NEXT_EXPIRY, AC_MAX_CHARGE,
+	AC_DAILY_REQUESTS, AC_MONTHLY_REQUESTS, AC_DAILY_SPEND, AC_MONTHLY_SPEND,
+	AC_MINUTE_LIMIT, AC_USAGE_DAY, AC_DAY_REQUESTS, AC_DAY_SPEND,
+	AC_USAGE_MONTH, AC_MONTH_REQUESTS, AC_MONTH_SPEND, AC_USAGE_MINUTE,
+	AC_MINUTE_REQUESTS, AC_REJECTIONS, AC_LAST_ENTRY_AT,
+	AC_NCOLS
+} AccountCol;
+
+extern DirectTable billing_accounts_table;
+
 
 /* nextval() of a sequence of schema billing, without the ACL check */
 extern int64 direct_nextval(const char *seqname);

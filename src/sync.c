@@ -53,6 +53,7 @@ sync_shmem_request(void)
 		prev_shmem_request_hook();
 	RequestAddinShmemSpace(MAXALIGN(sizeof(SyncShared)));
 	RequestAddinShmemSpace(hash_estimate_size(billing_sync_max_dirty, sizeof(SyncDirty)));
+	RequestAddinShmemSpace(MAXALIGN(sizeof(SyncDirty *) * billing_sync_max_dirty));
 	RequestNamedLWLockTranche("billing", 1);
 }
 
@@ -73,6 +74,7 @@ sync_shmem_startup(void)
 		billing_sync->lock = &(GetNamedLWLockTranche("billing"))->lock;
 		/* a fresh start knows nothing of what Redis has: resync everything */
 		billing_sync->overflow = true;
+		billing_sync->ring = ShmemAlloc(sizeof(SyncDirty *) * billing_sync_max_dirty);
 	}
 	info.keysize = sizeof(((SyncDirty *) NULL)->tenant);
 	info.entrysize = sizeof(SyncDirty);
@@ -80,6 +82,62 @@ sync_shmem_startup(void)
 									   billing_sync_max_dirty, billing_sync_max_dirty,
 									   &info, HASH_ELEM | HASH_STRINGS);
 	LWLockRelease(AddinShmemInitLock);
+}
+
+/*
+ * Mark a tenant dirty in shared memory (caller holds billing_sync->lock
+ * exclusively).  A tenant already dirty keeps its place and the older of
+ * the two commit times.  When the set is full the mark is lost and a full
+ * resync is requested instead; returns false then.
+ */
+bool
+billing_sync_enqueue(const char *tenant, TimestampTz commit)
+{
+	bool		found;
+	SyncDirty  *d;
+
+	d = hash_search(billing_sync_dirty, tenant,
+					billing_sync->ring_count < billing_sync_max_dirty ? HASH_ENTER_NULL : HASH_FIND,
+					&found);
+	if (d == NULL)
+	{
+		billing_sync->overflow = true;	/* full: resync */
+		return false;
+	}
+	if (!found)
+	{
+		d->first_commit = commit;
+		billing_sync->ring[(billing_sync->ring_head + billing_sync->ring_count) %
+						   billing_sync_max_dirty] = d;
+		billing_sync->ring_count++;
+	}
+	else if (commit < d->first_commit)
+		d->first_commit = commit;
+	return true;
+}
+
+/*
+ * Take up to `max` dirty tenants, oldest first, out of the set (caller
+ * holds billing_sync->lock exclusively); their ids are copied into cxt.
+ */
+int
+billing_sync_dequeue(char **tenants, TimestampTz *commits, int max,
+					 MemoryContext cxt)
+{
+	int			n = 0;
+
+	while (n < max && billing_sync->ring_count > 0)
+	{
+		SyncDirty  *d = billing_sync->ring[billing_sync->ring_head];
+
+		tenants[n] = MemoryContextStrdup(cxt, d->tenant);
+		commits[n] = d->first_commit;
+		hash_search(billing_sync_dirty, tenants[n], HASH_REMOVE, NULL);
+		billing_sync->ring_head = (billing_sync->ring_head + 1) % billing_sync_max_dirty;
+		billing_sync->ring_count--;
+		n++;
+	}
+	return n;
 }
 
 /* At commit, publish this transaction's marks; at abort, forget them. */
@@ -101,16 +159,7 @@ sync_xact_callback(XactEvent event, void *arg)
 			if (xact_unmarkable)
 				billing_sync->overflow = true;
 			foreach(lc, xact_marks)
-			{
-				bool		found;
-				SyncDirty  *d = hash_search(billing_sync_dirty, lfirst(lc),
-											HASH_ENTER_NULL, &found);
-
-				if (d == NULL)
-					billing_sync->overflow = true;	/* table full: resync */
-				else if (!found)
-					d->first_commit = now;
-			}
+				billing_sync_enqueue(lfirst(lc), now);
 			latch = billing_sync->worker_latch;
 			LWLockRelease(billing_sync->lock);
 			if (latch)
@@ -250,12 +299,10 @@ billing_sync_status(PG_FUNCTION_ARGS)
 	LWLockAcquire(billing_sync->lock, LW_SHARED);
 	memcpy(&s, billing_sync, sizeof(s));
 	{
-		HASH_SEQ_STATUS seq;
-		SyncDirty  *d;
-
-		hash_seq_init(&seq, billing_sync_dirty);
-		while ((d = hash_seq_search(&seq)) != NULL)
+		for (int i = 0; i < billing_sync->ring_count; i++)
 		{
+			SyncDirty  *d = billing_sync->ring[(billing_sync->ring_head + i) % billing_sync_max_dirty];
+
 			dirty++;
 			if (oldest == 0 || d->first_commit < oldest)
 				oldest = d->first_commit;

@@ -26,6 +26,18 @@ typedef struct SyncDirty
 	TimestampTz first_commit;	/* oldest commit not yet pushed */
 } SyncDirty;
 
+/* what one Redis hash of the mirror holds (snapshot.c builds them) */
+typedef struct SyncSnap
+{
+	char	   *tenant;
+	char	   *key_id;			/* NULL: the tenant hash */
+	int64		version;
+	int			nfields;		/* field/value strings */
+	char	  **fields;
+	int			input;			/* index of the tenant in the builder's input */
+	TimestampTz first_commit;	/* 0 when unknown (resync) */
+} SyncSnap;
+
 typedef struct SyncShared
 {
 	LWLock	   *lock;			/* protects everything below */
@@ -45,6 +57,15 @@ typedef struct SyncShared
 	int64		full_resyncs;
 	int64		repaired;
 	char		last_error[SYNC_ERROR_LEN];
+	/*
+	 * The dirty tenants in the order they became dirty: a ring of pointers
+	 * to the hash entries (ring_size = billing.sync_max_dirty), so that the
+	 * worker takes them without walking every bucket of the hash table
+	 * under the lock that committing backends wait for.
+	 */
+	SyncDirty **ring;
+	int			ring_head;
+	int			ring_count;
 	int			lag_next;		/* ring of recent commit->Redis lags, microseconds */
 	int			lag_count;
 	int64		lag_us[SYNC_LAG_RING];
@@ -56,6 +77,11 @@ extern int	billing_sync_max_dirty;
 
 extern void billing_sync_init(void);
 extern void billing_sync_mark(const char *tenant, int len);
+extern bool billing_sync_enqueue(const char *tenant, TimestampTz commit);
+extern int	billing_sync_dequeue(char **tenants, TimestampTz *commits, int max,
+								 MemoryContext cxt);
+extern int	billing_snapshot_build(char **tenants, int ntenants,
+								   MemoryContext out_cxt, SyncSnap **out);
 extern void billing_sync_record_error(const char *fmt,...) pg_attribute_printf(1, 2);
 
 #endif							/* BILLING_SYNC_H */

@@ -81,15 +81,6 @@ static TimestampTz last_check = 0;
 static MemoryContext cycle_cxt = NULL;
 
 /* one snapshot to push */
-typedef struct SyncSnap
-{
-	char	   *tenant;
-	char	   *key_id;			/* NULL: the tenant hash */
-	int64		version;
-	int			nfields;		/* field/value strings */
-	char	  **fields;
-	TimestampTz first_commit;	/* 0 when unknown (resync) */
-} SyncSnap;
 
 /* ---------------------------------------------------------------------
  * Redis
@@ -528,6 +519,18 @@ read_snapshots(char **tenants, TimestampTz *commits, int ntenants,
 	int			n;
 
 	begin_xact("billing sync: reading snapshots");
+	if (tenants)
+	{
+		/* the dirty tenants of a push: built in C (snapshot.c) */
+		n = billing_snapshot_build(tenants, ntenants, cycle_cxt, &snaps);
+		for (int i = 0; i < n; i++)
+			snaps[i].first_commit = commits[snaps[i].input];
+		end_xact();
+		*out = snaps;
+		return n;
+	}
+
+	/* a page of all tenants, in tenant order (a resync) */
 	if (plan == NULL)
 	{
 		plan = SPI_prepare("SELECT tenant_id, key_id, version, fields "
@@ -535,16 +538,7 @@ read_snapshots(char **tenants, TimestampTz *commits, int ntenants,
 		if (plan == NULL || SPI_keepplan(plan) != 0)
 			elog(ERROR, "billing sync: preparing the snapshot query failed");
 	}
-	if (tenants)
-	{
-		Datum	   *elems = palloc(sizeof(Datum) * ntenants);
-
-		for (int i = 0; i < ntenants; i++)
-			elems[i] = CStringGetTextDatum(tenants[i]);
-		values[0] = PointerGetDatum(construct_array(elems, ntenants, TEXTOID, -1, false, TYPALIGN_INT));
-	}
-	else
-		nulls[0] = 'n';
+	nulls[0] = 'n';
 	values[1] = CStringGetTextDatum(after ? after : "");
 	values[2] = Int32GetDatum(limit);
 	if (SPI_execute_plan(plan, values, nulls, true, 0) != SPI_OK_SELECT)
@@ -574,9 +568,6 @@ read_snapshots(char **tenants, TimestampTz *commits, int ntenants,
 		snaps[i].fields = palloc(sizeof(char *) * Max(nelems, 1));
 		for (int f = 0; f < nelems; f++)
 			snaps[i].fields[f] = enulls[f] ? pstrdup("") : TextDatumGetCString(elems[f]);
-		for (int t = 0; tenants && t < ntenants; t++)
-			if (strcmp(tenants[t], snaps[i].tenant) == 0)
-				snaps[i].first_commit = commits[t];
 		if (last && !snaps[i].key_id)
 			*last = snaps[i].tenant;
 		MemoryContextSwitchTo(old);
@@ -592,15 +583,7 @@ requeue(char **tenants, TimestampTz *commits, int n)
 {
 	LWLockAcquire(billing_sync->lock, LW_EXCLUSIVE);
 	for (int i = 0; i < n; i++)
-	{
-		bool		found;
-		SyncDirty  *d = hash_search(billing_sync_dirty, tenants[i], HASH_ENTER_NULL, &found);
-
-		if (d == NULL)
-			billing_sync->overflow = true;
-		else if (!found || d->first_commit > commits[i])
-			d->first_commit = commits[i];
-	}
+		billing_sync_enqueue(tenants[i], commits[i]);
 	billing_sync->inflight_oldest = 0;
 	LWLockRelease(billing_sync->lock);
 }
@@ -609,30 +592,16 @@ requeue(char **tenants, TimestampTz *commits, int n)
 static int
 drain(char ***tenants, TimestampTz **commits, int max)
 {
-	HASH_SEQ_STATUS seq;
-	SyncDirty  *d;
-	int			n = 0;
+	int			n;
 	char	  **t = MemoryContextAlloc(cycle_cxt, sizeof(char *) * max);
 	TimestampTz *c = MemoryContextAlloc(cycle_cxt, sizeof(TimestampTz) * max);
 	TimestampTz oldest = 0;
 
 	LWLockAcquire(billing_sync->lock, LW_EXCLUSIVE);
-	hash_seq_init(&seq, billing_sync_dirty);
-	while ((d = hash_seq_search(&seq)) != NULL)
-	{
-		if (n >= max)
-		{
-			hash_seq_term(&seq);
-			break;
-		}
-		t[n] = MemoryContextStrdup(cycle_cxt, d->tenant);
-		c[n] = d->first_commit;
-		if (oldest == 0 || c[n] < oldest)
-			oldest = c[n];
-		n++;
-	}
+	n = billing_sync_dequeue(t, c, max, cycle_cxt);
 	for (int i = 0; i < n; i++)
-		hash_search(billing_sync_dirty, t[i], HASH_REMOVE, NULL);
+		if (oldest == 0 || c[i] < oldest)
+			oldest = c[i];
 	billing_sync->inflight_oldest = oldest;
 	LWLockRelease(billing_sync->lock);
 	*tenants = t;
