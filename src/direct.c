@@ -174,7 +174,7 @@ key_init(ScanKey keys, Relation index, int nkeys, const Datum *k)
 		if (TupleDescAttr(RelationGetDescr(index), i)->atttypid != TEXTOID)
 			elog(ERROR, "billing: index \"%s\" is not on text columns",
 				 RelationGetRelationName(index));
-		ScanKeyEntryInitialize(&keys[i], 0, i + 1, BTEqualStrategyNumber,
+		ScanKeyEntryInitialize(&keys[i], 0, (AttrNumber) (i + 1), BTEqualStrategyNumber,
 							   InvalidOid, index->rd_indcollation[i],
 							   F_TEXTEQ, k[i]);
 	}

@@ -201,6 +201,7 @@ key_snapshots(TenantFacts *facts, int nfacts, int64 synced_ms,
 	Oid			types[1] = {TEXTARRAYOID};
 	Datum		values[1];
 	Datum	   *elems = palloc(sizeof(Datum) * Max(nfacts, 1));
+	int			nrows;
 
 	for (int i = 0; i < nfacts; i++)
 		elems[i] = CStringGetTextDatum(facts[i].tenant);
@@ -212,10 +213,13 @@ key_snapshots(TenantFacts *facts, int nfacts, int64 synced_ms,
 					  "FROM billing.api_keys WHERE tenant_id = ANY ($1)",
 					  1, types);
 	billing_spi_exec(plan, values, NULL, SPI_OK_SELECT, "reading api keys");
+	if (SPI_processed > (uint64) INT_MAX)
+		elog(ERROR, "billing: too many api keys in one snapshot batch");
+	nrows = (int) SPI_processed;
 
-	for (uint64 r = 0; r < SPI_processed; r++)
+	for (int r = 0; r < nrows; r++)
 	{
-		TenantFacts probe;
+		TenantFacts probe = {0};
 		TenantFacts *f;
 		Fields		fl = {0};
 		SyncSnap   *s;

@@ -107,8 +107,8 @@ suppressions=(
 	# for those at the top of the function; the analyzer cannot see that
 	# billing_check_not_null (in input.c) does not return for a NULL argument.
 	'clang-analyzer-core.NullDereference|src/ledger.c|tenant_nulls\[i\] \|\| amount_nulls\[i\] \|\| trace_nulls\[i\]'
-	# ALLOCSET_DEFAULT_SIZES is PostgreSQL's macro (8 * 1024 etc. in int): constant, no overflow.
-	'bugprone-implicit-widening-of-multiplication-result|src/.*\.c|ALLOCSET_DEFAULT_SIZES'
+	# ALLOCSET_*_SIZES are PostgreSQL's macros (8 * 1024 etc. in int): constant, no overflow.
+	'bugprone-implicit-widening-of-multiplication-result|src/.*\.c|ALLOCSET_[A-Z]+_SIZES'
 	# holds.c check_expires_in: 2 * MAX_HOLD_DAYS is 62 in int, then int64 (USECS_PER_DAY).
 	'bugprone-implicit-widening-of-multiplication-result|src/holds.c|2 \* MAX_HOLD_DAYS \* USECS_PER_DAY'
 	# worker.c ms_to_tv: (ms % 1000) * 1000 < 1,000,000 fits int.
