@@ -82,10 +82,10 @@ UPDATE billing.accounts SET holds_micros = holds_micros - 1 WHERE tenant_id = 'v
 SELECT * FROM billing_verify('ver-a');
 ROLLBACK;
 
--- 7. Entry versions that do not increase with entry_id (every billing
--- writer takes both under the account lock, in that order): two entries'
--- versions swapped.  The chain is walked in entry_id order, so it breaks at
--- the later entry.
+-- 7. Entry ids that do not rise with versions (entry_id_seq with a CACHE
+-- above 1, imported entries): the chain is still checked in version order.
+-- a) two entries' versions swapped: in version order their balance_after
+--    values no longer follow each other, so the chain breaks at both.
 BEGIN;
 ALTER TABLE billing.entries DISABLE TRIGGER entries_append_only;
 UPDATE billing.entries e SET version = s.v
@@ -93,8 +93,25 @@ UPDATE billing.entries e SET version = s.v
                ('ver-b-3', (SELECT version FROM billing.entries WHERE tenant_id = 'ver-b' AND trace_id = 'ver-b-2'))) AS s(t, v)
  WHERE e.tenant_id = 'ver-b' AND e.trace_id = s.t;
 SELECT tenant_id, cached_balance, ledger_sum, entries, chain_breaks,
-       first_break_entry_id = :b3_id AS first_break_is_b3, problem
+       first_break_entry_id = :b2_id AS first_break_is_b2, problem
   FROM billing_verify('ver-b');
+ROLLBACK;
+-- b) a consistent ledger written with interleaved entry ids: entries of
+--    tenant ver-c get ids in the opposite order of their versions.  No
+--    problem is reported.
+BEGIN;
+SELECT tenant_id FROM billing_account_create('ver-c');
+INSERT INTO billing.entries (tenant_id, entry_id, trace_id, kind, amount_micros, balance_after_micros, version)
+VALUES ('ver-c', 3000000003, 'ver-c-1', 'topup', 5000000, 5000000, 1),
+       ('ver-c', 3000000002, 'ver-c-2', 'deduct', -1000000, 4000000, 2),
+       ('ver-c', 3000000001, 'ver-c-3', 'deduct', -500000, 3500000, 3);
+UPDATE billing.accounts SET balance_micros = 3500000, version = 3 WHERE tenant_id = 'ver-c';
+SELECT count(*) AS problems FROM billing_verify('ver-c');
+-- ... while a real break among them is still found (first_break_entry_id
+-- is the lowest id among the broken entries, as always)
+ALTER TABLE billing.entries DISABLE TRIGGER entries_append_only;
+UPDATE billing.entries SET balance_after_micros = 4100000 WHERE tenant_id = 'ver-c' AND trace_id = 'ver-c-2';
+SELECT tenant_id, entries, chain_breaks, first_break_entry_id, problem FROM billing_verify('ver-c');
 ROLLBACK;
 
 -- Back to consistent: the corruptions above were repaired or rolled back.

@@ -48,6 +48,46 @@ SELECT billing_deduct('dw-a', 1, 'dw-a-2');
 DROP TRIGGER dw_refuse ON billing.entries;
 SELECT balance, version FROM billing.balances WHERE tenant_id = 'dw-a';
 
+-- A BEFORE trigger that returns NULL would skip the entry (or the account
+-- update) and leave the other half written: refused (09000), nothing written.
+CREATE FUNCTION dw_skip() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    RETURN NULL;
+END $$;
+CREATE TRIGGER dw_skip BEFORE INSERT ON billing.entries
+    FOR EACH ROW EXECUTE FUNCTION dw_skip();
+SELECT regress_error($$SELECT billing_deduct('dw-a', 1, 'dw-a-skip')$$) AS error;
+DROP TRIGGER dw_skip ON billing.entries;
+CREATE TRIGGER dw_skip BEFORE UPDATE ON billing.accounts
+    FOR EACH ROW EXECUTE FUNCTION dw_skip();
+SELECT regress_error($$SELECT billing_deduct('dw-a', 1, 'dw-a-skip')$$) AS error;
+DROP TRIGGER dw_skip ON billing.accounts;
+
+-- Statement-level triggers and rules would not fire for a charge's direct
+-- writes, so a charge refuses to run while one exists (55000).
+CREATE FUNCTION dw_stmt() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    RETURN NULL;
+END $$;
+CREATE TRIGGER dw_stmt AFTER INSERT ON billing.entries
+    FOR EACH STATEMENT EXECUTE FUNCTION dw_stmt();
+SELECT regress_error($$SELECT billing_deduct('dw-a', 1, 'dw-a-stmt')$$) AS error;
+DROP TRIGGER dw_stmt ON billing.entries;
+CREATE TRIGGER dw_stmt AFTER UPDATE ON billing.accounts
+    FOR EACH STATEMENT EXECUTE FUNCTION dw_stmt();
+SELECT regress_error($$SELECT billing_deduct('dw-a', 1, 'dw-a-stmt')$$) AS error;
+DROP TRIGGER dw_stmt ON billing.accounts;
+SELECT count(*) AS written FROM billing.entries WHERE trace_id IN ('dw-a-skip', 'dw-a-stmt');
+
+-- A read-only transaction refuses a charge, and a replay, as SELECT ...
+-- FOR UPDATE would (25006).
+BEGIN READ ONLY;
+SELECT regress_error($$SELECT billing_deduct('dw-a', 1.5, 'dw-a-1')$$) AS error;
+ROLLBACK;
+BEGIN READ ONLY;
+SELECT regress_error($$SELECT billing_deduct('dw-a', 1, 'dw-a-ro')$$) AS error;
+ROLLBACK;
+
 -- Many charges of one account in one statement: each sees the one before
 -- (balance_after and version climb), and a repeated trace id in the same
 -- statement is a replay of the first.
@@ -90,4 +130,4 @@ ROLLBACK;
 SELECT balance_after FROM billing_deduct('dw-a', 1, 'dw-a-extra');
 
 DROP TABLE dw_seen;
-DROP FUNCTION dw_entry_seen(), dw_account_seen(), dw_refuse();
+DROP FUNCTION dw_entry_seen(), dw_account_seen(), dw_refuse(), dw_skip(), dw_stmt();

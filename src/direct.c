@@ -30,6 +30,7 @@
 #include "executor/executor.h"
 #include "miscadmin.h"
 #include "commands/trigger.h"
+#include "rewrite/prs2lock.h"
 #include "nodes/makefuncs.h"
 #include "storage/lmgr.h"
 #include "utils/builtins.h"
@@ -73,6 +74,36 @@ billing_relid(const char *name, Oid nsp)
 				 errmsg("relation \"billing.%s\" does not exist", name),
 				 errhint("Reinstall the extension with ALTER EXTENSION billing UPDATE or CREATE EXTENSION billing.")));
 	return relid;
+}
+
+/*
+ * A charge writes rows through the executor's simple-relation routines:
+ * row triggers fire, but statement triggers, transition tables and rules
+ * would silently not.  Refuse them rather than skip them.
+ */
+static void
+check_write_hooks(DirectTable *t, Relation rel, CmdType cmd)
+{
+	TriggerDesc *td = rel->trigdesc;
+	const char *what = NULL;
+
+	if (cmd == CMD_INSERT && td &&
+		(td->trig_insert_before_statement || td->trig_insert_after_statement ||
+		 td->trig_insert_new_table))
+		what = "a statement-level trigger or transition table on INSERT";
+	else if (cmd == CMD_UPDATE && td &&
+			 (td->trig_update_before_statement || td->trig_update_after_statement ||
+			  td->trig_update_old_table || td->trig_update_new_table))
+		what = "a statement-level trigger or transition table on UPDATE";
+	else if (rel->rd_rules != NULL)
+		what = "a rule";
+	if (what)
+		ereport(ERROR,
+				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+				 errmsg("table billing.%s has %s, which billing's charges cannot honour",
+						t->name, what),
+				 errdetail("Charges write rows directly: row triggers fire, statement triggers, transition tables and rules would not."),
+				 errhint("Use a FOR EACH ROW trigger instead, or drop it.")));
 }
 
 /* map the table's column names to attribute numbers, checking types */
@@ -242,6 +273,10 @@ direct_lock_row(DirectTable *t, Datum key, Datum *values, bool *nulls,
 	TM_Result	res;
 	TM_FailureData tmfd;
 
+	/* as SELECT ... FOR UPDATE: not in a read-only transaction or a standby */
+	PreventCommandIfReadOnly("a billing charge");
+	PreventCommandIfParallelMode("a billing charge");
+
 	/*
 	 * What SPI does before a read-write statement: make our own earlier
 	 * writes visible and take a fresh snapshot (READ COMMITTED), or the
@@ -344,6 +379,18 @@ direct_key_exists(DirectTable *t, Datum k1, Datum k2)
 	return found;
 }
 
+/* a BEFORE ROW trigger returned NULL: the charge would be half-written */
+static void
+skipped_by_trigger(Relation rel)
+{
+	ereport(ERROR,
+			(errcode(ERRCODE_TRIGGERED_ACTION_EXCEPTION),
+			 errmsg("a trigger on billing.%s skipped a row of this charge",
+					RelationGetRelationName(rel)),
+			 errdetail("A BEFORE ROW trigger returned NULL; the ledger entry and the account balance are written together or not at all."),
+			 errhint("Raise an error in the trigger to refuse a charge instead of returning NULL.")));
+}
+
 static ResultRelInfo *
 result_rel(EState *estate, Relation rel, Index rti)
 {
@@ -410,10 +457,22 @@ direct_write(DirectTable *ins, Datum *ivalues, bool *inulls,
 	if (urel)
 		urri = result_rel(estate, urel, irel ? 2 : 1);
 
+	PreventCommandIfReadOnly("a billing charge");
+	PreventCommandIfParallelMode("a billing charge");
+	if (irel)
+		check_write_hooks(ins, irel, CMD_INSERT);
+	if (urel)
+		check_write_hooks(upd, urel, CMD_UPDATE);
 	AfterTriggerBeginQuery();
 	if (irel)
-		ExecSimpleRelationInsert(irri, estate,
-								 fill_slot(estate, irel, ins, ivalues, inulls));
+	{
+		TupleTableSlot *slot = fill_slot(estate, irel, ins, ivalues, inulls);
+
+		ItemPointerSetInvalid(&slot->tts_tid);
+		ExecSimpleRelationInsert(irri, estate, slot);
+		if (!ItemPointerIsValid(&slot->tts_tid))
+			skipped_by_trigger(irel);
+	}
 	if (urel)
 	{
 		TupleTableSlot *oldslot = table_slot_create(urel, &estate->es_tupleTable);
@@ -436,9 +495,12 @@ direct_write(DirectTable *ins, Datum *ivalues, bool *inulls,
 			newslot->tts_isnull[upd->attnum[c] - 1] = unulls[c];
 		}
 		ExecStoreVirtualTuple(newslot);
+		ItemPointerSetInvalid(&newslot->tts_tid);
 		EvalPlanQualInit(&epq, estate, NULL, NIL, -1);
 		ExecSimpleRelationUpdate(urri, estate, &epq, oldslot, newslot);
 		EvalPlanQualEnd(&epq);
+		if (!ItemPointerIsValid(&newslot->tts_tid))
+			skipped_by_trigger(urel);
 		ItemPointerCopy(&newslot->tts_tid, tid);
 	}
 	AfterTriggerEndQuery(estate);
@@ -451,6 +513,8 @@ direct_write(DirectTable *ins, Datum *ivalues, bool *inulls,
 		table_close(irel, NoLock);
 	if (urel)
 		table_close(urel, NoLock);
+	/* as SPI after a read-write statement: later reads see these rows */
+	CommandCounterIncrement();
 }
 
 void

@@ -35,6 +35,7 @@
 #include "sync.h"
 #include "utils/builtins.h"
 #include "mb/pg_wchar.h"
+#include "miscadmin.h"
 #include "utils/lsyscache.h"
 #include "utils/array.h"
 #include "utils/jsonb.h"
@@ -133,6 +134,17 @@ billing_spi_exec(SPIPlanPtr plan, Datum *values, const char *nulls,
 	int			ret = SPI_execute_plan(plan, values, nulls, false, 0);
 
 	if (ret != expected)
+		elog(ERROR, "billing: %s failed: %s", what, SPI_result_code_string(ret));
+}
+
+/* run a kept SELECT plan read-only: in the active snapshot, no new one */
+void
+billing_spi_read(SPIPlanPtr plan, Datum *values, const char *nulls,
+				 const char *what)
+{
+	int			ret = SPI_execute_plan(plan, values, nulls, true, 0);
+
+	if (ret != SPI_OK_SELECT)
 		elog(ERROR, "billing: %s failed: %s", what, SPI_result_code_string(ret));
 }
 
@@ -531,6 +543,8 @@ ledger_post(text *tenant_id, LedgerRequest *req, PostMode mode,
 	ApiKey		key;
 	bool		ok = true;
 
+	/* a charge may run no executor at all: let a batch be cancelled */
+	CHECK_FOR_INTERRUPTS();
 	memset(out, 0, sizeof(*out));
 	outer = billing_spi_connect();
 

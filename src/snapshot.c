@@ -24,6 +24,7 @@
 #include "common/int.h"
 #include "direct.h"
 #include "funcapi.h"
+#include "miscadmin.h"
 #include "sync.h"
 #include "utils/array.h"
 #include "utils/builtins.h"
@@ -97,7 +98,7 @@ effective_holds(char *tenant, Datum *v, bool *nulls, TimestampTz now)
 					  "FROM billing.holds WHERE tenant_id = $1 AND status = 'open' AND expires_at > now()",
 					  1, types);
 	values[0] = CStringGetTextDatum(tenant);
-	billing_spi_exec(plan, values, NULL, SPI_OK_SELECT, "summing open holds");
+	billing_spi_read(plan, values, NULL, "summing open holds");
 	return billing_col_int64(0, 1, 0);
 }
 
@@ -212,7 +213,7 @@ key_snapshots(TenantFacts *facts, int nfacts, int64 synced_ms,
 					  "       period_start, period_spend_micros "
 					  "FROM billing.api_keys WHERE tenant_id = ANY ($1)",
 					  1, types);
-	billing_spi_exec(plan, values, NULL, SPI_OK_SELECT, "reading api keys");
+	billing_spi_read(plan, values, NULL, "reading api keys");
 	if (SPI_processed > (uint64) INT_MAX)
 		elog(ERROR, "billing: too many api keys in one snapshot batch");
 	nrows = (int) SPI_processed;
@@ -295,6 +296,8 @@ billing_snapshot_build(char **tenants, int ntenants, MemoryContext out_cxt,
 	{
 		TenantFacts *f = &facts[nfacts];
 
+		CHECK_FOR_INTERRUPTS();
+
 		f->snap = tenant_snapshot(tenants[i], f, now, synced_ms, out_cxt);
 		if (f->snap == NULL)
 			continue;
@@ -302,6 +305,17 @@ billing_snapshot_build(char **tenants, int ntenants, MemoryContext out_cxt,
 		nfacts++;
 	}
 	qsort(facts, nfacts, sizeof(TenantFacts), cmp_facts);
+	/* a tenant named twice is one hash (as with = ANY in SQL) */
+	for (int i = 1, kept = 1; i <= nfacts; i++)
+	{
+		if (i == nfacts)
+		{
+			nfacts = kept;
+			break;
+		}
+		if (strcmp(facts[i].tenant, facts[kept - 1].tenant) != 0)
+			facts[kept++] = facts[i];
+	}
 	if (nfacts > 0)
 		key_snapshots(facts, nfacts, synced_ms, out_cxt);
 

@@ -6,11 +6,14 @@
  *
  * The entries are walked in primary-key order (tenant_id, entry_id), so no
  * sort is needed and each tenant is one run of rows.  For each tenant:
- * the exact sum of the amounts, the number of entries, the chain checks
- * (balance_after = previous balance_after + amount; version greater than
- * the previous entry's: both are taken under the account lock, so they
- * rise together), the highest version, and the entries with an unknown
- * kind, a zero amount or the wrong sign.  The SQL version of this (window
+ * the exact sum of the amounts, the number of entries, the balance_after
+ * chain (balance_after = previous balance_after + amount), the highest
+ * version, and the entries with an unknown kind, a zero amount or the wrong
+ * sign.  The chain is defined in version order; billing's writers take the
+ * entry id and the version under the account lock, so entry id order is
+ * version order and one pass suffices.  A tenant where that does not hold
+ * (entry_id_seq with CACHE > 1, imported entries) gets its chain checked
+ * again by SQL in version order.  The SQL version of this (window
  * functions and filtered aggregates) ran at ~1 M entries/s; this is the
  * part of billing_verify() that reads every entry.
  *
@@ -21,6 +24,7 @@
 #include "billing.h"
 #include "common/int.h"
 #include "direct.h"
+#include "account.h"
 #include "funcapi.h"
 #include "utils/builtins.h"
 #include "utils/memutils.h"
@@ -33,14 +37,15 @@ typedef struct TenantFacts
 {
 	ReturnSetInfo *rsinfo;
 	MemoryContext row_cxt;		/* reset per entry */
+	MemoryContext tenant_cxt;	/* reset per tenant */
 	bool		open;			/* a tenant is being summed */
 	text	   *tenant;			/* in the function's context */
 	Numeric		overflowed;		/* sum carried over when int64 overflowed */
 	int64		sum;
 	int64		n;
 	int64		breaks;
-	int64		balance_breaks;
 	int64		first_break;
+	bool		disorder;		/* a version not above the previous entry's */
 	int64		max_version;
 	int64		invalid;
 	int64		prev_balance;
@@ -68,27 +73,60 @@ entry_invalid(text *kind, int64 amount)
 	return !kind_is(kind, "adjustment");
 }
 
+/*
+ * The balance_after chain in version order, by SQL, for a tenant whose
+ * entry ids do not rise with their versions (e.g. entry_id_seq with a
+ * CACHE above 1): breaks and the lowest entry id among them.
+ */
+static void
+chain_in_version_order(TenantFacts *f)
+{
+	static SPIPlanPtr plan = NULL;
+	Oid			types[1] = {TEXTOID};
+	Datum		values[1];
+	bool		isnull;
+
+	billing_spi_connect();
+	billing_keep_plan(&plan,
+					  "SELECT count(*), min(entry_id) FROM ("
+					  "  SELECT entry_id, balance_after_micros <> amount_micros + "
+					  "         lag(balance_after_micros, 1, 0::bigint) OVER (ORDER BY version) AS brk "
+					  "    FROM billing.entries WHERE tenant_id = $1) c "
+					  "WHERE brk",
+					  1, types);
+	values[0] = PointerGetDatum(f->tenant);
+	billing_spi_read(plan, values, NULL, "checking the chain in version order");
+	f->breaks = billing_col_int64(0, 1, 0);
+	f->first_break = DatumGetInt64(billing_col(0, 2, &isnull));
+	SPI_finish();
+}
+
 static void
 emit(TenantFacts *f)
 {
-	Datum		values[8];
-	bool		nulls[8] = {0};
+	Datum		values[7];
+	bool		nulls[7] = {0};
+	MemoryContext old = MemoryContextSwitchTo(f->tenant_cxt);
 	Numeric		total = int64_to_numeric(f->sum);
 
 	if (f->overflowed)
 		total = DatumGetNumeric(DirectFunctionCall2(numeric_add,
 													NumericGetDatum(f->overflowed),
 													NumericGetDatum(total)));
+	if (f->disorder)
+		chain_in_version_order(f);
 	values[0] = PointerGetDatum(f->tenant);
 	values[1] = NumericGetDatum(total);
 	values[2] = Int64GetDatum(f->n);
 	values[3] = Int64GetDatum(f->breaks);
-	values[4] = Int64GetDatum(f->balance_breaks);
-	values[5] = Int64GetDatum(f->first_break);
-	nulls[5] = f->breaks == 0;
-	values[6] = Int64GetDatum(f->max_version);
-	values[7] = Int64GetDatum(f->invalid);
+	values[4] = Int64GetDatum(f->first_break);
+	nulls[4] = f->breaks == 0;
+	values[5] = Int64GetDatum(f->max_version);
+	values[6] = Int64GetDatum(f->invalid);
 	tuplestore_putvalues(f->rsinfo->setResult, f->rsinfo->setDesc, values, nulls);
+	MemoryContextSwitchTo(old);
+	/* the row is copied into the tuplestore: the tenant's memory can go */
+	MemoryContextReset(f->tenant_cxt);
 	f->open = false;
 }
 
@@ -107,7 +145,6 @@ visit_entry(TupleTableSlot *slot, void *arg)
 	int64		version = DatumGetInt64(slot_getattr(slot, att[EC_VERSION], &isnull));
 	int64		expected;
 	int64		sum;
-	bool		balance_break;
 	bool		brk;
 
 	/* a new tenant (rows of one tenant are adjacent in key order) */
@@ -121,13 +158,13 @@ visit_entry(TupleTableSlot *slot, void *arg)
 	}
 	if (!f->open)
 	{
-		MemoryContext fn_cxt = MemoryContextSwitchTo(old);
-
+		MemoryContextSwitchTo(f->tenant_cxt);
 		f->tenant = (text *) PG_DETOAST_DATUM_COPY(PointerGetDatum(tenant));
-		MemoryContextSwitchTo(fn_cxt);
+		MemoryContextSwitchTo(f->row_cxt);
 		f->open = true;
 		f->overflowed = NULL;
-		f->sum = f->n = f->breaks = f->balance_breaks = f->invalid = 0;
+		f->disorder = false;
+		f->sum = f->n = f->breaks = f->invalid = 0;
 		f->first_break = f->max_version = 0;
 		f->prev_balance = f->prev_version = 0;
 	}
@@ -135,7 +172,7 @@ visit_entry(TupleTableSlot *slot, void *arg)
 	if (pg_add_s64_overflow(f->sum, amount, &sum))
 	{
 		/* carry the sum so far into a numeric (only a corrupt ledger) */
-		MemoryContext fn_cxt = MemoryContextSwitchTo(old);
+		MemoryContext fn_cxt = MemoryContextSwitchTo(f->tenant_cxt);
 		Numeric		carry = int64_to_numeric(f->sum);
 
 		if (f->overflowed)
@@ -148,13 +185,12 @@ visit_entry(TupleTableSlot *slot, void *arg)
 	}
 	f->sum = sum;
 	f->n++;
-	balance_break = pg_add_s64_overflow(f->prev_balance, amount, &expected) ||
+	brk = pg_add_s64_overflow(f->prev_balance, amount, &expected) ||
 		expected != balance;
-	brk = balance_break || version <= f->prev_version;
-	if (balance_break)
-		f->balance_breaks++;
 	if (brk && f->breaks++ == 0)
 		f->first_break = entry_id;
+	if (version <= f->prev_version)
+		f->disorder = true;		/* the chain is checked again in version order */
 	if (version > f->max_version)
 		f->max_version = version;
 	if (entry_invalid(kind, amount))
@@ -168,7 +204,7 @@ visit_entry(TupleTableSlot *slot, void *arg)
 
 /*
  * billing.verify_entries(tenant_id text) -> SETOF (tenant_id, total,
- * entries, breaks, balance_breaks, first_break, max_version, invalid);
+ * entries, breaks, first_break, max_version, invalid);
  * NULL tenant: every tenant.
  */
 Datum
@@ -182,6 +218,8 @@ billing_verify_entries(PG_FUNCTION_ARGS)
 	f.rsinfo = (ReturnSetInfo *) fcinfo->resultinfo;
 	f.row_cxt = AllocSetContextCreate(CurrentMemoryContext, "billing verify row",
 									  ALLOCSET_SMALL_SIZES);
+	f.tenant_cxt = AllocSetContextCreate(CurrentMemoryContext, "billing verify tenant",
+										 ALLOCSET_SMALL_SIZES);
 	if (!PG_ARGISNULL(0))
 		key = PG_GETARG_DATUM(0);
 	direct_scan(&billing_entries_table, "entries_pkey",
@@ -189,5 +227,6 @@ billing_verify_entries(PG_FUNCTION_ARGS)
 	if (f.open)
 		emit(&f);
 	MemoryContextDelete(f.row_cxt);
+	MemoryContextDelete(f.tenant_cxt);
 	return (Datum) 0;
 }

@@ -538,6 +538,7 @@ read_snapshots(char **tenants, TimestampTz *commits, int ntenants,
 		if (plan == NULL || SPI_keepplan(plan) != 0)
 			elog(ERROR, "billing sync: preparing the snapshot query failed");
 	}
+	values[0] = (Datum) 0;
 	nulls[0] = 'n';
 	values[1] = CStringGetTextDatum(after ? after : "");
 	values[2] = Int32GetDatum(limit);
