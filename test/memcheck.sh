@@ -327,6 +327,7 @@ crashes=$(grep -E 'terminated by signal|was terminated by exception' "$pglog" | 
 # Every error block of every log: total, and those with a frame of ours.
 srcre=$(find src -maxdepth 1 -name '*.c' -printf '%f\n' | sed 's/\.c$//' | paste -sd'|')
 report=$BILLING_TMP/memcheck-report.txt
+rm -f "$report" # awk writes it only when there is something to report
 awk -v srcre="/src/($srcre)\\.c:[0-9]+" -v report="$report" '
 	function flush(   sig) {
 		if (n > 0 && frames) {
