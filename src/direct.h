@@ -10,7 +10,12 @@
  * itself; here it is one index lookup + tuple lock, one index probe and one
  * insert + one update through the executor's "simple relation" routines
  * (the ones logical replication uses), which still maintain every index,
- * check NOT NULL constraints and fire any row triggers.
+ * check NOT NULL constraints and fire any row triggers.  What they do not
+ * do: statement-level triggers, transition tables and rules (a charge
+ * refuses to run while one exists on these tables), permission checks and
+ * ExecutorCheckPerms_hook (the functions are SECURITY DEFINER and owned by
+ * the table owner; an audit extension such as pgaudit sees the calling
+ * statement, not an INSERT on billing.entries).
  *
  *-------------------------------------------------------------------------
  */
