@@ -7,7 +7,9 @@
 # Knobs: DEMO_KEEP=1 leaves the cluster running and prints how to connect and
 # how to stop it.  The cluster lives in <repo>/tmp_demo (or
 # /tmp/billing-demo-<hash> if the postgres user cannot reach the work tree),
-# postgres on port 54319, redis on port 63789.
+# postgres on 127.0.0.1:64319 (and its Unix socket), redis on 127.0.0.1:63789;
+# both ports lie above Linux's ephemeral range (32768-60999), so an outgoing
+# connection on the machine cannot be holding them.
 set -euo pipefail
 
 here=$(cd "$(dirname "$(realpath "${BASH_SOURCE[0]}")")" && pwd)
@@ -32,7 +34,7 @@ if ((EUID == 0)); then
 		tmp=/tmp/billing-demo-$(printf %s "$repo" | md5sum | cut -c1-8)
 	fi
 fi
-export BILLING_TMP=$tmp BILLING_PGPORT=54319 BILLING_REDIS_PORT=63789
+export BILLING_TMP=$tmp BILLING_PGPORT=64319 BILLING_REDIS_PORT=63789 BILLING_PG_TCP=1
 # the background worker mirrors database "demo" into this Redis
 export BILLING_EXTRA_CONF="billing.database = 'demo'
 billing.redis_host = '127.0.0.1'

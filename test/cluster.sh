@@ -14,7 +14,13 @@
 # Knobs: BILLING_TMP (default <repo>/tmp_check, or /tmp/billing-check-<hash> if
 # the postgres user cannot use that), BILLING_PGPORT (54329), BILLING_REDIS_PORT
 # (63799), BILLING_PRELOAD (1 = shared_preload_libraries='billing'),
-# BILLING_FSYNC (off|on), BILLING_EXTRA_CONF (lines appended to postgresql.conf).
+# BILLING_FSYNC (off|on), BILLING_EXTRA_CONF (lines appended to postgresql.conf),
+# BILLING_PG_TCP (0 = postgres listens only on its Unix socket in
+# <BILLING_TMP>/sock, where the port number just names the socket file; 1 =
+# also on 127.0.0.1:<port>).  The tests use the socket: their port numbers lie
+# in Linux's ephemeral range (32768-60999), where any outgoing connection on
+# the machine (a redis-cli, the worker's Redis link) may hold 127.0.0.1:<port>
+# and make a TCP bind fail with "Address already in use".
 # As root, postgres and redis run as the `postgres` OS user (via runuser).
 
 if [[ ${BASH_SOURCE[0]} != "$0" ]]; then
@@ -161,7 +167,11 @@ start() {
 
 	{
 		echo "# --- added by test/cluster.sh ---"
-		echo "listen_addresses = '127.0.0.1'"
+		if [[ ${BILLING_PG_TCP:-0} == 1 ]]; then
+			echo "listen_addresses = '127.0.0.1'"
+		else
+			echo "listen_addresses = ''"
+		fi
 		echo "port = $pgport"
 		echo "unix_socket_directories = '$sock'"
 		echo "max_connections = 100"
@@ -185,7 +195,7 @@ start() {
 	fi
 	start_redis
 	trap - EXIT
-	echo "cluster.sh: postgres on $sock:$pgport, redis on 127.0.0.1:$redis_port (BILLING_TMP=$tmp)"
+	echo "cluster.sh: postgres on $sock:$pgport$([[ ${BILLING_PG_TCP:-0} == 1 ]] && echo " and 127.0.0.1:$pgport"), redis on 127.0.0.1:$redis_port (BILLING_TMP=$tmp)"
 }
 
 print_env() {
