@@ -138,42 +138,17 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 # ---------------------------------------------------------------------------
-# helpers (as in redis_sync.sh)
+# helpers
 # ---------------------------------------------------------------------------
 q() { "$PGBIN/psql" -X -v ON_ERROR_STOP=1 -qAt -d fault_test "$@" </dev/null; }
 qp() { "$PGBIN/psql" -X -v ON_ERROR_STOP=1 -qAt -d postgres "$@" </dev/null; }
 rc() { redis-cli -h 127.0.0.1 -p "$rport" "$@" </dev/null; }
-now_ms() {
-	local t=${EPOCHREALTIME/./}
-	echo $((t / 1000))
-}
+# ok, not_ok, check, check_true, info, wait_until, now_ms, tap_summary
+. "$repo/test/lib/tap.sh"
 elapsed() { # seconds since the load started, one decimal
 	local ms=$(($(now_ms) - load_start_ms))
 	printf '%d.%d' $((ms / 1000)) $((ms % 1000 / 100))
 }
-
-passed=0 failed=0
-ok() {
-	passed=$((passed + 1))
-	echo "ok - $1"
-}
-not_ok() { # not_ok DESCRIPTION [DETAIL]...
-	failed=$((failed + 1))
-	echo "not ok - $1"
-	shift
-	local l
-	for l in "$@"; do
-		printf '#   %s\n' "$l"
-	done
-}
-check() { # check DESCRIPTION EXPECTED ACTUAL
-	if [[ $3 == "$2" ]]; then
-		ok "$1"
-	else
-		not_ok "$1" "expected: $2" "     got: $3"
-	fi
-}
-info() { echo "# $*"; }
 
 # sql_check DESCRIPTION QUERY: the query lists violations, one per row; none = ok.
 sql_check() {
@@ -188,27 +163,6 @@ sql_check() {
 		n=$(wc -l <<<"$out")
 		not_ok "$1 ($n violations)" "$(head -n 15 <<<"$out")"
 	fi
-}
-
-# wait_until TIMEOUT_S CMD... -- poll CMD every 0.1 s until it succeeds (0) or
-# the deadline passes (1). WAITED_MS = how long it took.
-WAITED_MS=0
-wait_until() {
-	local t0 deadline
-	t0=$(now_ms)
-	deadline=$((t0 + ${1%.*} * 1000))
-	shift
-	while :; do
-		if "$@"; then
-			WAITED_MS=$(($(now_ms) - t0))
-			return 0
-		fi
-		if (($(now_ms) >= deadline)); then
-			WAITED_MS=$(($(now_ms) - t0))
-			return 1
-		fi
-		sleep 0.1
-	done
 }
 
 pg_up() { q -c 'SELECT 1' >/dev/null 2>&1; }
@@ -944,5 +898,4 @@ info "entries checked: $(q -c "SELECT count(*) FROM fault_acked WHERE kind !~ '(
 info "acknowledged operations that failed first (lost connection) and were recovered: $(q -c "SELECT count(*) || ' (' || count(*) FILTER (WHERE replayed) || ' had committed before the connection was lost)' FROM fault_acked WHERE kind ~ '^recover_'")"
 info "sync status: $(q -c "SELECT 'full_resyncs=' || full_resyncs || ' pushed=' || pushed || ' failed=' || failed || ' repaired=' || repaired FROM billing_sync_status()")"
 info "faults injected: $injected; runtime $((SECONDS - started_at)) s"
-echo "$passed passed, $failed failed"
-((failed == 0))
+tap_summary

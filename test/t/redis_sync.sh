@@ -66,59 +66,8 @@ trap 'exit 130' INT TERM
 q() { bash "$cluster" psql -d sync_test -qAt "$@" </dev/null; }
 rc() { redis-cli -h 127.0.0.1 -p "$rport" "$@" </dev/null; }
 st() { q -c "SELECT $1 FROM billing_sync_status()"; } # st COLUMN(S)
-now_ms() {
-	local t=${EPOCHREALTIME/./}
-	echo $((t / 1000))
-}
-
-passed=0 failed=0
-ok() {
-	passed=$((passed + 1))
-	echo "ok - $1"
-}
-not_ok() { # not_ok DESCRIPTION [DETAIL]...
-	failed=$((failed + 1))
-	echo "not ok - $1"
-	shift
-	local l
-	for l in "$@"; do
-		printf '#   %s\n' "$l"
-	done
-}
-check() { # check DESCRIPTION EXPECTED ACTUAL
-	if [[ $3 == "$2" ]]; then
-		ok "$1"
-	else
-		not_ok "$1" "expected: $2" "     got: $3"
-	fi
-}
-check_true() { # check_true DESCRIPTION CMD...  (CMD must succeed)
-	local d=$1
-	shift
-	if "$@"; then ok "$d"; else not_ok "$d" "false: $*"; fi
-}
-info() { echo "# $*"; }
-
-# wait_until TIMEOUT_S CMD... -- poll CMD every 0.1 s until it succeeds (0) or
-# the deadline passes (1). WAITED_MS = how long it took.
-WAITED_MS=0
-wait_until() {
-	local t0 deadline
-	t0=$(now_ms)
-	deadline=$((t0 + ${1%.*} * 1000))
-	shift
-	while :; do
-		if "$@"; then
-			WAITED_MS=$(($(now_ms) - t0))
-			return 0
-		fi
-		if (($(now_ms) >= deadline)); then
-			WAITED_MS=$(($(now_ms) - t0))
-			return 1
-		fi
-		sleep 0.1
-	done
-}
+# ok, not_ok, check, check_true, info, wait_until, now_ms, tap_summary
+. "$repo/test/lib/tap.sh"
 
 # SNAP_SQL, DUMP_LUA and converged(): Redis vs the database (test/lib/mirror.sh)
 . "$repo/test/lib/mirror.sh"
@@ -575,5 +524,4 @@ check "no unexpected crash in our server log (only the kill -9 of 7b)" 1 \
 	"$(grep -c 'terminated by signal' "$pglog" || true)"
 check "billing_verify() finds nothing at the end" "" "$(q -c 'SELECT tenant_id FROM billing_verify()')"
 info "runtime $((SECONDS - started_at)) s"
-echo "$passed passed, $failed failed"
-((failed == 0))
+tap_summary
