@@ -25,6 +25,7 @@
 #include "direct.h"
 #include "sync.h"
 #include "catalog/pg_type.h"
+#include "common/int.h"
 #include "datatype/timestamp.h"
 #include "utils/builtins.h"
 #include "utils/date.h"
@@ -479,22 +480,40 @@ account_check_debit(Account *acc, ApiKey *key, Debit *debit, Rejection *rej)
 	return ok;
 }
 
+/*
+ * counter + n for a usage counter (spend of a period, requests): saturates
+ * at PG_INT64_MAX instead of wrapping.  Such a counter only feeds the cap
+ * checks, where a value that large means "over any cap", so the caps keep
+ * failing closed; money itself (balance, holds) is added exactly with
+ * billing_add_micros(), which raises on overflow.
+ */
+static inline int64
+usage_add(int64 counter, int64 n)
+{
+	int64		result;
+
+	if (pg_add_s64_overflow(counter, n, &result))
+		return n > 0 ? PG_INT64_MAX : PG_INT64_MIN;
+	return result;
+}
+
 /* Apply a checked debit to the in-memory account and key. */
 void
 account_apply_debit(Account *acc, ApiKey *key, Debit *debit)
 {
 	acc->balance = billing_add_micros(acc->balance, -debit->charge, "account balance");
-	acc->holds += debit->reserve - debit->covered;
+	acc->holds = billing_add_micros(acc->holds, debit->reserve - debit->covered,
+									"open holds of the account");
 	if (debit->counts_request)
 	{
-		acc->minute_count++;
-		acc->day_requests++;
-		acc->month_requests++;
+		acc->minute_count = usage_add(acc->minute_count, 1);
+		acc->day_requests = usage_add(acc->day_requests, 1);
+		acc->month_requests = usage_add(acc->month_requests, 1);
 	}
-	acc->day_spend += debit->charge;
-	acc->month_spend += debit->charge;
+	acc->day_spend = usage_add(acc->day_spend, debit->charge);
+	acc->month_spend = usage_add(acc->month_spend, debit->charge);
 	if (key->present)
-		key->period_spend += debit->charge;
+		key->period_spend = usage_add(key->period_spend, debit->charge);
 }
 
 /*

@@ -447,6 +447,18 @@ direct_write(DirectTable *ins, Datum *ivalues, bool *inulls,
 		rte->relid = RelationGetRelid(rel);
 		rte->relkind = rel->rd_rel->relkind;
 		rte->rellockmode = RowExclusiveLock;
+
+		/*
+		 * The columns the update sets, as in a SQL UPDATE's range table
+		 * entry (and logical replication's apply_handle_update): triggers
+		 * declared BEFORE/AFTER UPDATE OF <column> look here.
+		 */
+		if (rel == urel)
+			for (int c = 0; c < upd->ncols; c++)
+				if (uset[c])
+					rte->updatedCols =
+						bms_add_member(rte->updatedCols,
+									   upd->attnum[c] - FirstLowInvalidHeapAttributeNumber);
 		rtable = lappend(rtable, rte);
 	}
 	ExecInitRangeTable(estate, rtable);

@@ -628,6 +628,8 @@ billing_capture(PG_FUNCTION_ARGS)
 	}
 	else
 	{
+		/* the capture's entry must not take a recorded rejection's trace id */
+		billing_check_not_rejected(&acc, trace_id, "capture");
 		account_expire_holds(&acc);
 		load_hold(&acc, hold_trace, &h);
 		if (strcmp(h.status, "open") != 0)
@@ -650,13 +652,13 @@ billing_capture(PG_FUNCTION_ARGS)
 		}
 		account_apply_debit(&acc, &key, &debit);
 
-		h.captured += amount;
+		h.captured = billing_add_micros(h.captured, amount, "captured amount of the hold");
 		if (amount >= remaining || final)
 		{
 			/* settled: nothing left, an excess was charged, or final */
 			rest = remaining - take;
-			h.released += rest;
-			acc.holds -= rest;
+			h.released = billing_add_micros(h.released, rest, "released amount of the hold");
+			acc.holds = billing_add_micros(acc.holds, -rest, "open holds of the account");
 			h.status = "captured";
 		}
 
@@ -755,9 +757,9 @@ billing_release(PG_FUNCTION_ARGS)
 
 		if (strcmp(h.status, "open") == 0)
 		{
-			h.released += rest;
+			h.released = billing_add_micros(h.released, rest, "released amount of the hold");
 			h.status = "released";
-			acc.holds -= rest;
+			acc.holds = billing_add_micros(acc.holds, -rest, "open holds of the account");
 			save_hold(&acc, &h);
 			acc.version++;
 			account_save(&acc, false);

@@ -23,6 +23,7 @@
 /* cached numeric constants, allocated once per backend */
 static Numeric micros_per_unit = NULL;
 static Numeric max_amount = NULL;
+static Numeric zero_amount = NULL;
 
 static void
 init_constants(void)
@@ -33,14 +34,38 @@ init_constants(void)
 		return;
 	old = MemoryContextSwitchTo(TopMemoryContext);
 	max_amount = int64_to_numeric(BILLING_MAX_AMOUNT_MICROS / BILLING_MICROS_PER_UNIT);
+	zero_amount = int64_to_numeric(0);
 	micros_per_unit = int64_to_numeric(BILLING_MICROS_PER_UNIT);
 	MemoryContextSwitchTo(old);
 }
 
 /*
+ * ZB010: a negative amount, or zero where zero is not allowed.  `shown` is
+ * the value as the detail shows it.
+ */
+static void
+raise_not_positive(const char *argname, bool allow_zero, const char *shown)
+{
+	ereport(ERROR,
+			(errcode(ERRCODE_BILLING_INVALID_AMOUNT),
+			 errmsg("%s must be %s", argname,
+					allow_zero ? "zero or positive" : "positive"),
+			 errdetail("The value given was %s.", shown),
+			 strcmp(argname, "amount") == 0 ?
+			 errhint("The function decides the direction of the money: "
+					 "use billing_credit() to add and billing_deduct() "
+					 "to take away, always with a positive amount.") :
+			 errhint("Pass a %s value for %s.",
+					 allow_zero ? "zero or positive" : "positive", argname)));
+}
+
+/*
  * Convert a numeric amount to micro-units, with one SQLSTATE per way it
- * can be wrong.  Negative amounts are always rejected: the sign of a ledger
- * entry comes from the function called, never from the caller's number.
+ * can be wrong, checked in this order: not finite (ZB011), negative
+ * (ZB010), out of range (ZB013), more than six decimal places (ZB012),
+ * zero when not allowed (ZB010).  Negative amounts are always rejected,
+ * whatever their size or precision: the sign of a ledger entry comes from
+ * the function called, never from the caller's number.
  */
 int64
 billing_amount_to_micros(Numeric num, const char *argname, bool allow_zero)
@@ -60,6 +85,19 @@ billing_amount_to_micros(Numeric num, const char *argname, bool allow_zero)
 															   NumericGetDatum(num)))),
 				 errhint("Pass a decimal amount with at most %d decimal places.",
 						 BILLING_SCALE)));
+
+	if (DatumGetInt32(DirectFunctionCall2(numeric_cmp, NumericGetDatum(num),
+										  NumericGetDatum(zero_amount))) < 0)
+	{
+		/* shown with at least six decimals, as the other amounts are */
+		Datum		shown = NumericGetDatum(num);
+
+		if (DatumGetInt32(DirectFunctionCall1(numeric_scale, shown)) < BILLING_SCALE)
+			shown = DirectFunctionCall2(numeric_round, shown,
+										Int32GetDatum(BILLING_SCALE));
+		raise_not_positive(argname, allow_zero,
+						   DatumGetCString(DirectFunctionCall1(numeric_out, shown)));
+	}
 
 	absval = DatumGetNumeric(DirectFunctionCall1(numeric_abs,
 												 NumericGetDatum(num)));
@@ -100,19 +138,10 @@ billing_amount_to_micros(Numeric num, const char *argname, bool allow_zero)
 		int64		micros = DatumGetInt64(DirectFunctionCall1(numeric_int8,
 															   truncated));
 
-		if (micros < 0 || (micros == 0 && !allow_zero))
-			ereport(ERROR,
-					(errcode(ERRCODE_BILLING_INVALID_AMOUNT),
-					 errmsg("%s must be %s", argname,
-							allow_zero ? "zero or positive" : "positive"),
-					 errdetail("The value given was %s.",
-							   billing_format_micros(micros)),
-					 strcmp(argname, "amount") == 0 ?
-					 errhint("The function decides the direction of the money: "
-							 "use billing_credit() to add and billing_deduct() "
-							 "to take away, always with a positive amount.") :
-					 errhint("Pass a %s value for %s.",
-							 allow_zero ? "zero or positive" : "positive", argname)));
+		/* not negative by the check above; zero may still be refused */
+		if (micros == 0 && !allow_zero)
+			raise_not_positive(argname, allow_zero,
+							   billing_format_micros(micros));
 		return micros;
 	}
 }

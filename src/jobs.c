@@ -77,17 +77,39 @@ get(HeapTuple tuple, TupleDesc desc, const char *name, bool *isnull)
 	return heap_getattr(tuple, attno, desc, isnull);
 }
 
+/*
+ * A column the guard cannot do without.  The BEFORE ROW trigger runs ahead
+ * of the table's NOT NULL constraints, so a NULL must be refused here.
+ */
+static Datum
+get_required(HeapTuple tuple, TupleDesc desc, const char *name)
+{
+	bool		isnull;
+	Datum		d = get(tuple, desc, name, &isnull);
+
+	if (isnull)
+		ereport(ERROR,
+				(errcode(ERRCODE_NOT_NULL_VIOLATION),
+				 errmsg("null value in column \"%s\" of billing.jobs violates its not-null constraint",
+						name),
+				 errdetail("The job state machine needs state, tenant_id, job_id, "
+						   "idempotency_key, kind and attempt on every row."),
+				 errhint("Change jobs with the billing_job_* functions; "
+						 "a direct write must keep %s set.", name)));
+	return d;
+}
+
 static void
 read_job(HeapTuple tuple, TupleDesc desc, JobRow *job)
 {
 	bool		isnull;
 	Datum		d;
 
-	job->state = TextDatumGetCString(get(tuple, desc, "state", &isnull));
-	job->tenant_id = DatumGetTextPP(get(tuple, desc, "tenant_id", &isnull));
-	job->job_id = DatumGetInt64(get(tuple, desc, "job_id", &isnull));
-	job->idempotency_key = DatumGetTextPP(get(tuple, desc, "idempotency_key", &isnull));
-	job->kind = DatumGetTextPP(get(tuple, desc, "kind", &isnull));
+	job->state = TextDatumGetCString(get_required(tuple, desc, "state"));
+	job->tenant_id = DatumGetTextPP(get_required(tuple, desc, "tenant_id"));
+	job->job_id = DatumGetInt64(get_required(tuple, desc, "job_id"));
+	job->idempotency_key = DatumGetTextPP(get_required(tuple, desc, "idempotency_key"));
+	job->kind = DatumGetTextPP(get_required(tuple, desc, "kind"));
 	job->input = get(tuple, desc, "input", &job->input_null);
 	d = get(tuple, desc, "charge_entry_id", &isnull);
 	job->has_charge = !isnull;
@@ -97,7 +119,7 @@ read_job(HeapTuple tuple, TupleDesc desc, JobRow *job)
 	job->actual_micros = isnull ? 0 : DatumGetInt64(d);
 	d = get(tuple, desc, "hold_trace_id", &isnull);
 	job->hold_trace_id = isnull ? NULL : DatumGetTextPP(d);
-	job->attempt = DatumGetInt32(get(tuple, desc, "attempt", &isnull));
+	job->attempt = DatumGetInt32(get_required(tuple, desc, "attempt"));
 	d = get(tuple, desc, "note", &isnull);
 	job->note = isnull ? NULL : DatumGetTextPP(d);
 	d = get(tuple, desc, "worker", &isnull);

@@ -463,6 +463,47 @@ record_rejection(Account *acc, EntryWrite *req, LedgerOutcome *out)
 	out->created_at = DatumGetTimestampTz(billing_col(0, 2, &isnull));
 }
 
+/*
+ * A write that names a ledger entry by its trace id outside ledger_post
+ * (a capture) must not take a trace id recorded as a rejection: (tenant_id,
+ * trace_id) is unique across the ledger and the recorded rejections, and a
+ * replay of the rejected request must keep returning its rejection.  The
+ * entry insert only probes the ledger, so check the rejections here (under
+ * the account lock; only when the account has recorded any).  `kind` is
+ * the kind of entry this request would write.
+ */
+void
+billing_check_not_rejected(Account *acc, text *trace_id, const char *kind)
+{
+	static SPIPlanPtr plan = NULL;
+	Oid			types[2] = {TEXTOID, TEXTOID};
+	Datum		values[2];
+	bool		isnull;
+
+	if (acc->rejections == 0)
+		return;
+	billing_keep_plan(&plan,
+					  "SELECT kind, amount_micros, sqlstate, created_at "
+					  "FROM billing.rejections WHERE tenant_id = $1 AND trace_id = $2",
+					  2, types);
+	values[0] = PointerGetDatum(acc->tenant_id);
+	values[1] = PointerGetDatum(trace_id);
+	billing_spi_exec(plan, values, NULL, SPI_OK_SELECT, "rejection probe");
+	if (SPI_processed == 0)
+		return;
+	ereport(ERROR,
+			(errcode(ERRCODE_BILLING_TRACE_CONFLICT),
+			 errmsg("trace id \"%s\" was already used with a different kind",
+					text_to_cstring(trace_id)),
+			 errdetail("kind: original %s of %s, rejected with %s at %s; this request %s.",
+					   billing_col_cstring(0, 1, CurrentMemoryContext),
+					   billing_format_micros(billing_col_int64(0, 2, 0)),
+					   billing_col_cstring(0, 3, CurrentMemoryContext),
+					   billing_format_ts(DatumGetTimestampTz(billing_col(0, 4, &isnull))),
+					   kind),
+			 errhint("The trace id stays rejected; use a new trace id for the %s.", kind)));
+}
+
 /* ---------------------------------------------------------------------
  * writing
  * ---------------------------------------------------------------------
