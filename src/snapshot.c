@@ -61,6 +61,21 @@ i64(int64 v)
 	return psprintf(INT64_FORMAT, v);
 }
 
+/*
+ * An amount or counter for the gateway scripts: Lua numbers are doubles,
+ * exact only up to 2^53 - 1 micro-units (about 9 billion units), and the
+ * scripts refuse anything beyond (BADSTATE).  Larger magnitudes are sent as
+ * +-(2^53 - 1): funds and caps that large are never the limiting factor,
+ * and a spend counter that large is over any cap that Lua can express.
+ */
+#define LUA_MAX_INT		INT64CONST(9007199254740991)
+
+static char *
+lua_int(int64 v)
+{
+	return i64(Max(Min(v, LUA_MAX_INT), -LUA_MAX_INT));
+}
+
 /* a field list under construction */
 typedef struct Fields
 {
@@ -102,7 +117,7 @@ effective_holds(char *tenant, Datum *v, bool *nulls, TimestampTz now)
 	return billing_col_int64(0, 1, 0);
 }
 
-/* balance + credit limit - holds, exactly (numeric beyond int64) */
+/* balance + credit limit - holds (lua_int: beyond int64 it is beyond 2^53) */
 static char *
 available(int64 balance, int64 credit, int64 holds)
 {
@@ -111,20 +126,22 @@ available(int64 balance, int64 credit, int64 holds)
 
 	if (!pg_add_s64_overflow(balance, credit, &a) &&
 		!pg_sub_s64_overflow(a, holds, &a))
-		return i64(a);
+		return lua_int(a);
 	n = DatumGetNumeric(DirectFunctionCall2(numeric_add,
 											NumericGetDatum(int64_to_numeric(balance)),
 											NumericGetDatum(int64_to_numeric(credit))));
 	n = DatumGetNumeric(DirectFunctionCall2(numeric_sub, NumericGetDatum(n),
 											NumericGetDatum(int64_to_numeric(holds))));
-	return DatumGetCString(DirectFunctionCall1(numeric_out, NumericGetDatum(n)));
+	return lua_int(DatumGetInt32(DirectFunctionCall2(numeric_cmp, NumericGetDatum(n),
+													 NumericGetDatum(int64_to_numeric(0)))) > 0 ?
+				   PG_INT64_MAX : PG_INT64_MIN);
 }
 
 static void
 add_limit(Fields *fl, const char *name, Datum *v, bool *nulls, int col)
 {
 	if (!nulls[col])
-		add(fl, name, i64(DatumGetInt64(v[col])));
+		add(fl, name, lua_int(DatumGetInt64(v[col])));
 }
 
 /* the tenant hash; NULL when the account does not exist */
@@ -157,15 +174,15 @@ tenant_snapshot(char *tenant, TenantFacts *facts, TimestampTz now,
 
 	add(&fl, "status", TextDatumGetCString(v[AC_STATUS]));
 	add(&fl, "currency", TextDatumGetCString(v[AC_CURRENCY]));
-	add(&fl, "balance", i64(DatumGetInt64(v[AC_BALANCE])));
-	add(&fl, "credit_limit", i64(DatumGetInt64(v[AC_CREDIT_LIMIT])));
-	add(&fl, "holds", i64(holds));
+	add(&fl, "balance", lua_int(DatumGetInt64(v[AC_BALANCE])));
+	add(&fl, "credit_limit", lua_int(DatumGetInt64(v[AC_CREDIT_LIMIT])));
+	add(&fl, "holds", lua_int(holds));
 	add(&fl, "available", available(DatumGetInt64(v[AC_BALANCE]),
 									DatumGetInt64(v[AC_CREDIT_LIMIT]), holds));
-	add(&fl, "day_requests", i64(same_day ? DatumGetInt64(v[AC_DAY_REQUESTS]) : 0));
-	add(&fl, "day_spend", i64(same_day ? DatumGetInt64(v[AC_DAY_SPEND]) : 0));
-	add(&fl, "month_requests", i64(same_month ? DatumGetInt64(v[AC_MONTH_REQUESTS]) : 0));
-	add(&fl, "month_spend", i64(same_month ? DatumGetInt64(v[AC_MONTH_SPEND]) : 0));
+	add(&fl, "day_requests", lua_int(same_day ? DatumGetInt64(v[AC_DAY_REQUESTS]) : 0));
+	add(&fl, "day_spend", lua_int(same_day ? DatumGetInt64(v[AC_DAY_SPEND]) : 0));
+	add(&fl, "month_requests", lua_int(same_month ? DatumGetInt64(v[AC_MONTH_REQUESTS]) : 0));
+	add(&fl, "month_spend", lua_int(same_month ? DatumGetInt64(v[AC_MONTH_SPEND]) : 0));
 	add(&fl, "day_resets_at_ms",
 		i64(epoch_ms(billing_local_midnight(facts->timezone, facts->today + 1))));
 	add(&fl, "month_resets_at_ms",
@@ -245,11 +262,11 @@ key_snapshots(TenantFacts *facts, int nfacts, int64 synced_ms,
 
 		add(&fl, "status", billing_col_cstring(r, 3, out_cxt));
 		add(&fl, "period", period ? period : pstrdup("lifetime"));
-		add(&fl, "spent", i64(current ? billing_col_int64(r, 7, 0) : 0));
+		add(&fl, "spent", lua_int(current ? billing_col_int64(r, 7, 0) : 0));
 		add(&fl, "synced_at_ms", i64(synced_ms));
 		(void) billing_col(r, 4, &isnull);
 		if (!isnull)
-			add(&fl, "budget", i64(billing_col_int64(r, 4, 0)));
+			add(&fl, "budget", lua_int(billing_col_int64(r, 4, 0)));
 		if (period && strcmp(period, "day") == 0)
 			add(&fl, "resets_at_ms", i64(epoch_ms(billing_local_midnight(f->timezone, f->today + 1))));
 		else if (period && strcmp(period, "month") == 0)

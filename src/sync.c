@@ -16,7 +16,13 @@
  * restarts (shared memory is gone), the worker does a full resync of every
  * account; the version guard in Redis makes pushes idempotent and order
  * independent.  Without shared_preload_libraries there is no shared memory
- * and marking is a no-op (no worker either).
+ * and marking is a no-op (no worker either).  Commits in another database
+ * than the worker's are not marked: the mirror shows one database.
+ *
+ * A transaction that changed billing state cannot be PREPAREd: its COMMIT
+ * PREPARED would run later, in a backend that knows nothing of its marks,
+ * so the change would never be pushed.  (Like LISTEN or temporary tables,
+ * billing calls do not mix with two-phase commit.)
  *
  *-------------------------------------------------------------------------
  */
@@ -42,9 +48,16 @@ int			billing_sync_max_dirty = 20000;
 static shmem_request_hook_type prev_shmem_request_hook = NULL;
 static shmem_startup_hook_type prev_shmem_startup_hook = NULL;
 
-/* tenants changed by the current transaction (in TopTransactionContext) */
+/*
+ * Tenants changed by the current transaction (in TopTransactionContext): a
+ * list, and beyond MARKS_LIST_MAX also a hash table for the duplicate check
+ * (a batch may touch thousands of tenants).
+ */
+#define MARKS_LIST_MAX 16
 static List *xact_marks = NIL;
+static HTAB *xact_mark_set = NULL;
 static bool xact_unmarkable = false;	/* a tenant id too long for the table */
+static bool xact_changed = false;	/* billing state changed (even unmirrored) */
 
 static void
 sync_shmem_request(void)
@@ -155,24 +168,28 @@ sync_xact_callback(XactEvent event, void *arg)
 			if ((xact_marks == NIL && !xact_unmarkable) || billing_sync == NULL)
 				break;
 			now = GetCurrentTimestamp();
+			latch = NULL;
 			LWLockAcquire(billing_sync->lock, LW_EXCLUSIVE);
-			if (xact_unmarkable)
-				billing_sync->overflow = true;
-			foreach(lc, xact_marks)
-				billing_sync_enqueue(lfirst(lc), now);
-			latch = billing_sync->worker_latch;
+			if (!OidIsValid(billing_sync->database) ||
+				billing_sync->database == MyDatabaseId)
+			{
+				if (xact_unmarkable)
+					billing_sync->overflow = true;
+				foreach(lc, xact_marks)
+					billing_sync_enqueue(lfirst(lc), now);
+				latch = billing_sync->worker_latch;
+			}
 			LWLockRelease(billing_sync->lock);
 			if (latch)
 				SetLatch(latch);
 			break;
-		case XACT_EVENT_PREPARE:
-			/* committed later, maybe elsewhere: let the worker resync */
-			if ((xact_marks != NIL || xact_unmarkable) && billing_sync != NULL)
-			{
-				LWLockAcquire(billing_sync->lock, LW_EXCLUSIVE);
-				billing_sync->overflow = true;
-				LWLockRelease(billing_sync->lock);
-			}
+		case XACT_EVENT_PRE_PREPARE:
+			if (xact_changed)
+				ereport(ERROR,
+						(errcode(ERRCODE_FEATURE_NOT_SUPPORTED),
+						 errmsg("cannot PREPARE a transaction that changed a billing account"),
+						 errdetail("The Redis mirror learns of a change when its transaction commits; COMMIT PREPARED would bypass that."),
+						 errhint("Run billing calls in a transaction of their own, outside two-phase commit.")));
 			break;
 		default:
 			break;
@@ -181,8 +198,11 @@ sync_xact_callback(XactEvent event, void *arg)
 		event == XACT_EVENT_ABORT || event == XACT_EVENT_PARALLEL_ABORT ||
 		event == XACT_EVENT_PREPARE)
 	{
-		xact_marks = NIL;		/* the memory goes with TopTransactionContext */
+		/* the memory goes with TopTransactionContext */
+		xact_marks = NIL;
+		xact_mark_set = NULL;
 		xact_unmarkable = false;
+		xact_changed = false;
 	}
 }
 
@@ -194,6 +214,7 @@ billing_sync_mark(const char *tenant, int len)
 	char	   *key;
 	ListCell   *lc;
 
+	xact_changed = true;
 	if (billing_sync == NULL)
 		return;
 	if (len >= SYNC_TENANT_LEN)
@@ -201,12 +222,43 @@ billing_sync_mark(const char *tenant, int len)
 		xact_unmarkable = true;
 		return;
 	}
-	foreach(lc, xact_marks)
-		if (strncmp(lfirst(lc), tenant, len) == 0 && ((char *) lfirst(lc))[len] == '\0')
-			return;
 	old = MemoryContextSwitchTo(TopTransactionContext);
 	key = palloc0(SYNC_TENANT_LEN);
 	memcpy(key, tenant, len);
+	if (xact_mark_set == NULL)
+	{
+		foreach(lc, xact_marks)
+			if (strcmp(lfirst(lc), key) == 0)
+			{
+				pfree(key);
+				MemoryContextSwitchTo(old);
+				return;
+			}
+		if (list_length(xact_marks) >= MARKS_LIST_MAX)
+		{
+			HASHCTL		info;
+
+			info.keysize = SYNC_TENANT_LEN;
+			info.entrysize = SYNC_TENANT_LEN;
+			info.hcxt = TopTransactionContext;
+			xact_mark_set = hash_create("billing marks", 256, &info,
+										HASH_ELEM | HASH_STRINGS | HASH_CONTEXT);
+			foreach(lc, xact_marks)
+				(void) hash_search(xact_mark_set, lfirst(lc), HASH_ENTER, NULL);
+		}
+	}
+	if (xact_mark_set != NULL)
+	{
+		bool		found;
+
+		(void) hash_search(xact_mark_set, key, HASH_ENTER, &found);
+		if (found)
+		{
+			pfree(key);
+			MemoryContextSwitchTo(old);
+			return;
+		}
+	}
 	xact_marks = lappend(xact_marks, key);
 	MemoryContextSwitchTo(old);
 }
@@ -312,7 +364,7 @@ billing_sync_status(PG_FUNCTION_ARGS)
 
 	if (s.inflight_oldest != 0 && (oldest == 0 || s.inflight_oldest < oldest))
 		oldest = s.inflight_oldest;
-	nlags = Min(s.lag_count, SYNC_LAG_RING);
+	nlags = Max(Min(s.lag_count, SYNC_LAG_RING), 0);
 	memcpy(lags, s.lag_us, sizeof(int64) * nlags);
 	qsort(lags, nlags, sizeof(int64), cmp_int64);
 

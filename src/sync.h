@@ -15,7 +15,12 @@
 #include "storage/lwlock.h"
 #include "utils/hsearch.h"
 
-#define SYNC_TENANT_LEN		256 /* longer tenant ids (in bytes) force a resync */
+/*
+ * Tenant ids are at most 255 characters: up to 1,020 bytes in UTF-8 (the
+ * longest server encoding uses 4 bytes per character).  Longer ids cannot
+ * occur; if one did, its commit would request a full resync instead.
+ */
+#define SYNC_TENANT_LEN		1024
 #define SYNC_LAG_RING		1024
 #define SYNC_ERROR_LEN		256
 
@@ -44,6 +49,8 @@ typedef struct SyncShared
 	pid_t		worker_pid;
 	Latch	   *worker_latch;
 	bool		overflow;		/* a mark was lost: a full resync is needed */
+	Oid			database;		/* the worker's database (InvalidOid: not yet
+								 * known); commits elsewhere are not marked */
 	/* worker statistics, for billing_sync_status() */
 	bool		connected;
 	char		redis_run_id[48];
@@ -67,7 +74,7 @@ typedef struct SyncShared
 	int			ring_head;
 	int			ring_count;
 	int			lag_next;		/* ring of recent commit->Redis lags, microseconds */
-	int			lag_count;
+	int			lag_count;		/* entries filled, at most SYNC_LAG_RING */
 	int64		lag_us[SYNC_LAG_RING];
 } SyncShared;
 

@@ -31,8 +31,10 @@
 #include <hiredis/hiredis.h>
 
 #include "access/xact.h"
+#include "access/xlog.h"
 #include "billing.h"
 #include "catalog/pg_type.h"
+#include "commands/extension.h"
 #include "executor/spi.h"
 #include "lib/stringinfo.h"
 #include "miscadmin.h"
@@ -46,6 +48,7 @@
 #include "tcop/tcopprot.h"
 #include "utils/array.h"
 #include "utils/builtins.h"
+#include "utils/guc.h"
 #include "utils/memutils.h"
 #include "utils/snapmgr.h"
 #include "utils/timestamp.h"
@@ -79,6 +82,29 @@ static bool full_resync = true;
 static TimestampTz last_maintenance = 0;
 static TimestampTz last_check = 0;
 static MemoryContext cycle_cxt = NULL;
+
+/*
+ * Tenants whose apply failed for a reason of their own (a key of theirs of
+ * the wrong type, say): the rest of the batch goes on, and they are tried
+ * again every RETRY_MS (strings in TopMemoryContext; beyond RETRY_MAX the
+ * periodic check retries them).
+ */
+#define RETRY_MS		5000
+#define RETRY_MAX		1000
+static List *retry_tenants = NIL;
+static TimestampTz retry_at = 0;
+
+/*
+ * Which ledger the mirror shows: "<system id>:<database oid>:<extension
+ * oid>", kept in the marker key.  Account versions start again at 0 when
+ * the extension is dropped and created again (or the database restored
+ * elsewhere), and the version guard would then keep the old hashes: a full
+ * resync that finds another ledger's marker deletes the old hashes first.
+ */
+static char epoch[64] = "";
+
+static void begin_xact(const char *what);
+static void end_xact(void);
 
 /* one snapshot to push */
 
@@ -213,10 +239,14 @@ redis_connect(void)
 	char		err[160];
 	redisReply *r;
 
+	char	   *script;
+
 	if (redis != NULL)
 		return true;
 	if (GetCurrentTimestamp() < next_connect_at)
 		return false;
+	/* before connecting: an error here must not leave a half-set-up link */
+	script = read_script("apply_snapshot.lua");
 	redis = redisConnectWithTimeout(billing_redis_host, billing_redis_port,
 									ms_to_tv(billing_redis_connect_timeout));
 	if (redis == NULL || redis->err)
@@ -269,7 +299,6 @@ redis_connect(void)
 
 	/* load the apply script; pipelined EVALSHA cannot recover from NOSCRIPT */
 	{
-		char	   *script = read_script("apply_snapshot.lua");
 		const char *argv[] = {"SCRIPT", "LOAD", script};
 
 		r = redis_cmd(3, argv);
@@ -306,17 +335,81 @@ redis_connect(void)
 		}
 	}
 
-	if (outage_logged)
-		ereport(LOG,
-				(errmsg("billing sync: connected to Redis at %s:%d again; catching up",
-						billing_redis_host, billing_redis_port)));
-	outage_logged = false;
-	backoff_ms = 0;
 	LWLockAcquire(billing_sync->lock, LW_EXCLUSIVE);
 	billing_sync->connected = true;
 	strlcpy(billing_sync->redis_run_id, run_id, sizeof(billing_sync->redis_run_id));
 	LWLockRelease(billing_sync->lock);
 	return true;
+}
+
+/*
+ * A whole cycle went through with Redis: the outage (if any) is over.  Not
+ * on connect: a server that accepts connections but fails every write (OOM,
+ * READONLY) must keep the backoff growing and log once, not every 100 ms.
+ */
+static void
+redis_healthy(void)
+{
+	if (outage_logged)
+		ereport(LOG,
+				(errmsg("billing sync: connected to Redis at %s:%d again; caught up",
+						billing_redis_host, billing_redis_port)));
+	outage_logged = false;
+	backoff_ms = 0;
+}
+
+/* Remember a tenant whose apply failed on its own keys (see retry_tenants). */
+static void
+retry_later(const char *tenant, const char *why)
+{
+	ListCell   *lc;
+	MemoryContext old;
+
+	foreach(lc, retry_tenants)
+		if (strcmp(lfirst(lc), tenant) == 0)
+			return;
+	billing_sync_record_error("apply failed for tenant %s: %s", tenant, why);
+	ereport(LOG,
+			(errmsg("billing sync: could not apply the snapshot of tenant \"%s\": %s",
+					tenant, why),
+			 errdetail("The other tenants are pushed; this one is tried again every %d s.",
+					   RETRY_MS / 1000),
+			 errhint("Remove or fix the Redis keys of that tenant (they must be hashes and a sorted set).")));
+	if (list_length(retry_tenants) >= RETRY_MAX)
+		return;					/* the periodic check will repair it */
+	old = MemoryContextSwitchTo(TopMemoryContext);
+	retry_tenants = lappend(retry_tenants, pstrdup(tenant));
+	MemoryContextSwitchTo(old);
+	if (retry_at == 0)
+		retry_at = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), RETRY_MS);
+}
+
+/* When due, put the tenants to retry back into the dirty set. */
+static void
+retry_due(TimestampTz now)
+{
+	ListCell   *lc;
+
+	if (retry_tenants == NIL || now < retry_at)
+		return;
+	LWLockAcquire(billing_sync->lock, LW_EXCLUSIVE);
+	foreach(lc, retry_tenants)
+		billing_sync_enqueue(lfirst(lc), now);
+	LWLockRelease(billing_sync->lock);
+	list_free_deep(retry_tenants);
+	retry_tenants = NIL;
+	retry_at = 0;
+}
+
+/*
+ * An error reply that concerns the keys of one tenant only: the script's
+ * own argument check, or a key of another type.  Anything else (NOSCRIPT,
+ * READONLY, LOADING, OOM, BUSY, ...) concerns the server.
+ */
+static bool
+tenant_error(const char *msg)
+{
+	return strncmp(msg, "WRONGTYPE", 9) == 0 || strncmp(msg, "BADARGS", 7) == 0;
 }
 
 static char *
@@ -347,14 +440,120 @@ static void
 set_marker(void)
 {
 	char	   *key = marker_key();
-	char		val[64];
-	const char *argv[] = {"SET", key, val};
+	const char *argv[] = {"SET", key, epoch};
 	redisReply *r;
 
-	snprintf(val, sizeof(val), "%d", MyProcPid);
 	r = redis_cmd(3, argv);
 	if (r)
 		freeReplyObject(r);
+}
+
+/*
+ * Note the ledger we read (in a transaction): a new one (the extension
+ * created again) needs a full resync, which compares it with the marker.
+ */
+static void
+note_epoch(void)
+{
+	char		now[64];
+
+	snprintf(now, sizeof(now), UINT64_FORMAT ":%u:%u", GetSystemIdentifier(),
+			 MyDatabaseId, get_extension_oid("billing", true));
+	if (strcmp(now, epoch) != 0)
+	{
+		strlcpy(epoch, now, sizeof(epoch));
+		full_resync = true;
+	}
+}
+
+/* Delete every hash of the mirror (<prefix>:{...}); false if Redis failed. */
+static bool
+wipe_mirror(void)
+{
+	StringInfoData pattern;
+	char		cursor[32] = "0";
+
+	/* the prefix is literal: escape the glob characters of MATCH */
+	initStringInfo(&pattern);
+	for (const char *p = billing_redis_prefix; *p; p++)
+	{
+		if (strchr("*?[]\\", *p))
+			appendStringInfoChar(&pattern, '\\');
+		appendStringInfoChar(&pattern, *p);
+	}
+	appendStringInfoString(&pattern, ":{*");
+	do
+	{
+		const char *argv[] = {"SCAN", cursor, "MATCH", pattern.data, "COUNT", "1000"};
+		redisReply *r = redis_cmd(6, argv);
+		redisReply *keys;
+
+		if (r == NULL)
+			return false;
+		if (r->type != REDIS_REPLY_ARRAY || r->elements != 2 ||
+			r->element[0]->type != REDIS_REPLY_STRING ||
+			r->element[1]->type != REDIS_REPLY_ARRAY)
+		{
+			freeReplyObject(r);
+			redis_drop("SCAN: unexpected reply");
+			return false;
+		}
+		strlcpy(cursor, r->element[0]->str, sizeof(cursor));
+		keys = r->element[1];
+		if (keys->elements > 0)
+		{
+			const char **del = palloc(sizeof(char *) * (keys->elements + 1));
+			redisReply *u;
+
+			del[0] = "UNLINK";
+			for (size_t i = 0; i < keys->elements; i++)
+				del[i + 1] = keys->element[i]->str;
+			u = redis_cmd(keys->elements + 1, del);
+			pfree(del);
+			if (u == NULL)
+			{
+				freeReplyObject(r);
+				return false;
+			}
+			freeReplyObject(u);
+		}
+		freeReplyObject(r);
+		CHECK_FOR_INTERRUPTS();
+	} while (strcmp(cursor, "0") != 0);
+	pfree(pattern.data);
+	return true;
+}
+
+/*
+ * Before a full resync: does Redis hold the mirror of another ledger?  Then
+ * delete it (see epoch).  A marker of the form of older versions (a number)
+ * is taken as ours.  False if Redis failed.
+ */
+static bool
+claim_mirror(void)
+{
+	char	   *key = marker_key();
+	const char *argv[] = {"GET", key};
+	redisReply *r;
+	char		theirs[64] = "";
+
+	begin_xact("billing sync: reading the ledger identity");
+	note_epoch();
+	end_xact();
+	r = redis_cmd(2, argv);
+	if (r == NULL)
+		return false;
+	if (r->type == REDIS_REPLY_STRING)
+		strlcpy(theirs, r->str, sizeof(theirs));
+	freeReplyObject(r);
+	if (theirs[0] == '\0' || strcmp(theirs, epoch) == 0 ||
+		strspn(theirs, "0123456789") == strlen(theirs))
+		return true;
+	ereport(LOG,
+			(errmsg("billing sync: Redis holds the mirror of another ledger (marker %s, ours %s): deleting its hashes before the full resync",
+					theirs, epoch),
+			 errdetail("The extension was created again, or the database restored: account versions started over.")));
+	return wipe_mirror();
 }
 
 /* the Redis key of a snapshot: billing:{tenant} or billing:{tenant}:key:<id> */
@@ -367,14 +566,17 @@ snapshot_key(SyncSnap *s, const char *suffix)
 }
 
 /*
- * Push snapshots, pipelined.  Returns false (connection dropped) on any
- * transport error or error reply; the caller puts the tenants back.
+ * Push snapshots, pipelined.  Returns false (connection dropped) on a
+ * transport error or an error reply about the server; the caller puts the
+ * tenants back.  An error about one tenant's keys sets that tenant aside
+ * (retry_later) and the others go on.
  */
 static bool
 push(SyncSnap *snaps, int n, bool force)
 {
 	int			sent = 0;
-	bool		ok = true;
+	int			nfailed = 0;
+	bool	   *failed = palloc0(sizeof(bool) * Max(n, 1));
 	TimestampTz now;
 	char		version[32];
 
@@ -426,6 +628,17 @@ push(SyncSnap *snaps, int n, bool force)
 			redis_drop(err);
 			return false;
 		}
+		if (r->type == REDIS_REPLY_ERROR && r->str && tenant_error(r->str))
+		{
+			char		err[160];
+
+			strlcpy(err, r->str, sizeof(err));	/* then free, then report */
+			freeReplyObject(r);
+			retry_later(snaps[i].tenant, err);
+			failed[i] = true;
+			nfailed++;
+			continue;
+		}
 		if (r->type == REDIS_REPLY_ERROR)
 		{
 			/* read the rest of the pipeline first, then start over */
@@ -450,16 +663,17 @@ push(SyncSnap *snaps, int n, bool force)
 	LWLockAcquire(billing_sync->lock, LW_EXCLUSIVE);
 	for (int i = 0; i < n; i++)
 	{
-		if (snaps[i].key_id || snaps[i].first_commit == 0)
+		if (snaps[i].key_id || snaps[i].first_commit == 0 || failed[i])
 			continue;
 		billing_sync->lag_us[billing_sync->lag_next] = now - snaps[i].first_commit;
 		billing_sync->lag_next = (billing_sync->lag_next + 1) % SYNC_LAG_RING;
-		billing_sync->lag_count++;
+		if (billing_sync->lag_count < SYNC_LAG_RING)
+			billing_sync->lag_count++;
 	}
-	billing_sync->pushed += n;
+	billing_sync->pushed += n - nfailed;
 	billing_sync->last_push_at = now;
 	LWLockRelease(billing_sync->lock);
-	return ok;
+	return true;
 }
 
 /* ---------------------------------------------------------------------
@@ -519,6 +733,7 @@ read_snapshots(char **tenants, TimestampTz *commits, int ntenants,
 	int			n;
 
 	begin_xact("billing sync: reading snapshots");
+	note_epoch();
 	if (tenants)
 	{
 		/* the dirty tenants of a push: built in C (snapshot.c) */
@@ -614,12 +829,25 @@ drain(char ***tenants, TimestampTz **commits, int max)
 static bool
 resync_all(void)
 {
-	char		after[SYNC_TENANT_LEN * 4] = "";
+	char		after[SYNC_TENANT_LEN] = "";
 
+	/*
+	 * Marks lost from now on set overflow again; until this resync is done,
+	 * full_resync stays set, so an error half-way (a cancel, a database
+	 * error) starts it over instead of forgetting it.
+	 */
+	full_resync = true;
 	LWLockAcquire(billing_sync->lock, LW_EXCLUSIVE);
 	billing_sync->overflow = false;
 	LWLockRelease(billing_sync->lock);
 
+	if (!claim_mirror())
+	{
+		LWLockAcquire(billing_sync->lock, LW_EXCLUSIVE);
+		billing_sync->overflow = true;	/* start over when Redis is back */
+		LWLockRelease(billing_sync->lock);
+		return false;
+	}
 	/* set the marker first: a FLUSHALL during the resync removes it again */
 	set_marker();
 	for (;;)
@@ -711,7 +939,7 @@ redis_matches(SyncSnap *snap)
 static bool
 check_all(void)
 {
-	char		after[SYNC_TENANT_LEN * 4] = "";
+	char		after[SYNC_TENANT_LEN] = "";
 	int64		repaired = 0;
 
 	for (;;)
@@ -815,14 +1043,48 @@ push_dirty(void)
 	}
 }
 
-/* Expire due holds and rescue stuck jobs: correctness never waits for this. */
+/*
+ * Expire due holds and rescue stuck jobs: correctness never waits for this.
+ * It must not wait either: an account row locked by a long transaction
+ * would stall the worker, and with it every push.  Accounts that are
+ * locked are skipped (billing.expire_due_holds) and any other lock wait
+ * gives up after MAINTENANCE_LOCK_TIMEOUT; the next round tries again.
+ */
+#define MAINTENANCE_LOCK_TIMEOUT "200ms"
+
 static void
 maintenance(void)
 {
-	begin_xact("billing sync: maintenance");
-	if (SPI_execute("SELECT billing.maintenance()", false, 0) != SPI_OK_SELECT)
-		elog(ERROR, "billing sync: maintenance failed");
-	end_xact();
+	MemoryContext cxt = CurrentMemoryContext;
+
+	PG_TRY();
+	{
+		begin_xact("billing sync: maintenance");
+		(void) set_config_option("lock_timeout", MAINTENANCE_LOCK_TIMEOUT,
+								 PGC_SUSET, PGC_S_SESSION, GUC_ACTION_LOCAL,
+								 true, 0, false);
+		if (SPI_execute("SELECT billing.maintenance()", false, 0) != SPI_OK_SELECT)
+			elog(ERROR, "billing sync: maintenance failed");
+		end_xact();
+	}
+	PG_CATCH();
+	{
+		ErrorData  *edata;
+
+		MemoryContextSwitchTo(cxt);
+		edata = CopyErrorData();
+		if (edata->sqlerrcode != ERRCODE_LOCK_NOT_AVAILABLE)
+			PG_RE_THROW();
+		FlushErrorState();
+		AbortCurrentTransaction();
+		MemoryContextSwitchTo(cxt);
+		ereport(DEBUG1,
+				(errmsg("billing sync: maintenance skipped a locked row: %s",
+						edata->message)));
+		FreeErrorData(edata);
+		pgstat_report_activity(STATE_IDLE, NULL);
+	}
+	PG_END_TRY();
 }
 
 /* the settings that decide where we push: a change means reconnect + resync */
@@ -876,6 +1138,7 @@ billing_worker_main(Datum arg)
 	LWLockAcquire(billing_sync->lock, LW_EXCLUSIVE);
 	billing_sync->worker_pid = MyProcPid;
 	billing_sync->worker_latch = MyLatch;
+	billing_sync->database = MyDatabaseId;	/* from now on, mark only ours */
 	billing_sync->overflow = true;	/* whatever happened before us: resync */
 	LWLockRelease(billing_sync->lock);
 
@@ -930,15 +1193,11 @@ billing_worker_main(Datum arg)
 
 			if (installed)
 			{
-				if (TimestampDifferenceExceeds(last_maintenance, now, billing_maintenance_interval))
-				{
-					last_maintenance = now;
-					maintenance();
-				}
 				if (billing_redis_host[0] != '\0' && redis_connect())
 				{
 					bool		overflow;
 
+					retry_due(now);
 					check_marker();
 					LWLockAcquire(billing_sync->lock, LW_SHARED);
 					overflow = billing_sync->overflow;
@@ -953,6 +1212,15 @@ billing_worker_main(Datum arg)
 						last_check = now;
 						check_all();
 					}
+					if (redis)
+						redis_healthy();
+				}
+
+				/* after the pushes: a slow maintenance never delays them */
+				if (TimestampDifferenceExceeds(last_maintenance, now, billing_maintenance_interval))
+				{
+					last_maintenance = now;
+					maintenance();
 				}
 				if (redis == NULL && billing_redis_host[0] != '\0')
 				{

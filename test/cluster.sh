@@ -175,6 +175,7 @@ start() {
 		echo "port = $pgport"
 		echo "unix_socket_directories = '$sock'"
 		echo "max_connections = 100"
+		echo "max_prepared_transactions = 4 # sql/170_two_phase"
 		echo "shared_buffers = 256MB"
 		echo "fsync = $fsync"
 		echo "synchronous_commit = $fsync"

@@ -40,6 +40,7 @@ billing.redis_host = '127.0.0.1'
 billing.redis_port = $BILLING_REDIS_PORT
 billing.check_interval = 2
 billing.maintenance_interval = 200
+billing.sync_max_dirty = 1000
 synchronous_commit = on"
 unset PGDATABASE PGOPTIONS PGSERVICE
 eval "$(bash "$cluster" env)" # PGHOST, PGPORT, PGDATA, ... of OUR cluster (pgbench)
@@ -516,6 +517,113 @@ info "11: $(grep -E '^(number of transactions actually processed|tps)' "$W/pgben
 info "11: right after: $(st "'lag=' || lag || ' dirty=' || dirty_accounts || ' p50_ms=' || round(recent_lag_p50_ms::numeric, 2) || ' p99_ms=' || round(recent_lag_p99_ms::numeric, 2)")"
 check_converged "11: Redis equals the database within 10 s after the run" 10
 info "11: after converging: $(st "'lag=' || lag || ' p50_ms=' || round(recent_lag_p50_ms::numeric, 2) || ' p99_ms=' || round(recent_lag_p99_ms::numeric, 2) || ' pushed=' || pushed || ' repaired_during_run=' || (repaired - $rep)")"
+
+# ---------------------------------------------------------------------------
+# 12-17 run without the periodic check: it would repair what they test
+# ---------------------------------------------------------------------------
+q -c "ALTER SYSTEM SET billing.check_interval = 0" -c "SELECT pg_reload_conf()" >/dev/null
+
+# ---------------------------------------------------------------------------
+# 12. one tenant's Redis key of another type does not stall the others
+# ---------------------------------------------------------------------------
+echo "# 12. a bad key of one tenant"
+q -c "SELECT billing_account_create('s12-bad')" -c "SELECT billing_account_create('s12-ok')" >/dev/null
+check_converged "12: s12-bad and s12-ok mirrored"
+rc DEL 'billing:{s12-bad}' >/dev/null
+rc SET 'billing:{s12-bad}' junk >/dev/null
+fails=$(st failed)
+# one transaction: both tenants reach the worker in the same pipelined batch
+q -c "BEGIN; SELECT billing_credit('s12-bad', 5, 's12-b1'); SELECT billing_credit('s12-ok', 5, 's12-o1'); COMMIT" >/dev/null
+v=$(acc s12-ok version)
+check_true "12: the other tenant of the batch is pushed (version $v)" wait_until 30 hash_is 'billing:{s12-ok}' version "$v"
+check_true "12: the failure is reported in billing_sync_status (failed, last_error)" \
+	wait_until 10 status_is "failed > $fails AND last_error LIKE '%s12-bad%WRONGTYPE%'" t
+check "12: the worker stays connected" t "$(st connected)"
+check "12: the bad key is left as it is" junk "$(rc GET 'billing:{s12-bad}')"
+rc DEL 'billing:{s12-bad}' >/dev/null
+check_converged "12: once the key is removed the tenant is pushed again (retried every 5 s)"
+
+# ---------------------------------------------------------------------------
+# 13. an account locked by a long transaction, with a due hold, does not
+#     stall the mirror (the worker's maintenance skips it)
+# ---------------------------------------------------------------------------
+echo "# 13. a locked account with a due hold"
+q -c "SELECT billing_account_create('s13-locked')" -c "SELECT billing_credit('s13-locked', 10, 's13-t')" \
+	-c "SELECT billing_hold('s13-locked', 1, 's13-h', expires_in => '1 second')" \
+	-c "SELECT billing_account_create('s13-other')" >/dev/null
+q -c "BEGIN" -c "SELECT 1 FROM billing.accounts WHERE tenant_id = 's13-locked' FOR UPDATE" \
+	-c "SELECT pg_sleep(25)" -c "COMMIT" >/dev/null 2>&1 &
+locker=$!
+bgpids+=("$locker")
+sleep 2 # the hold is due now; the maintenance (every 200 ms) finds it
+q -c "SELECT billing_credit('s13-other', 1, 's13-o1')" >/dev/null
+v=$(acc s13-other version)
+check_true "13: a change of another tenant is pushed while the account stays locked" \
+	wait_until 10 hash_is 'billing:{s13-other}' version "$v"
+check "13: the lock is still held (the test saw the stall window)" 0 "$(kill -0 "$locker" 2>/dev/null && echo 0 || echo 1)"
+kill "$locker" 2>/dev/null || true
+q -c "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE query LIKE '%pg_sleep(25)%' AND pid <> pg_backend_pid()" >/dev/null
+hold_expired() { [[ $(q -c "SELECT status FROM billing.holds WHERE tenant_id = 's13-locked'") == expired ]]; }
+check_true "13: once unlocked, the maintenance expires the hold" wait_until 30 hold_expired
+check_converged "13: Redis equals the database"
+
+# ---------------------------------------------------------------------------
+# 14. tenant ids of up to 255 characters of up to 4 bytes each
+# ---------------------------------------------------------------------------
+echo "# 14. long tenant ids"
+t14=$(printf '€%.0s' {1..100})x$(printf '𝄞%.0s' {1..150}) # 300 + 1 + 600 bytes, 251 characters
+q -c "SELECT billing_account_create('$t14')" >/dev/null
+check_converged "14: mirrored"
+fr=$(st full_resyncs)
+for i in 1 2 3; do q -c "SELECT billing_credit('$t14', 1, 's14-$i')" >/dev/null; done
+v=$(acc "$t14" version)
+check_true "14: each change is pushed (version $v)" wait_until 30 hash_is "billing:{$t14}" version "$v"
+check "14: without a full resync" "$fr" "$(st full_resyncs)"
+
+# ---------------------------------------------------------------------------
+# 15. changes in another database of the cluster are not the mirror's
+# ---------------------------------------------------------------------------
+echo "# 15. another database"
+bash "$cluster" psql -d postgres -qc 'CREATE DATABASE sync_other' </dev/null
+bash "$cluster" psql -d sync_other -qAt -c 'CREATE EXTENSION billing' \
+	-c "SELECT count(*) FROM generate_series(1, 1200) AS i, billing_account_create('o-' || i) AS a" </dev/null >/dev/null
+fr=$(st full_resyncs)
+q -c "SELECT billing_account_create('s15')" -c "SELECT billing_credit('s15', 1, 's15-t')" >/dev/null
+v=$(acc s15 version)
+check_true "15: our change is pushed" wait_until 30 hash_is 'billing:{s15}' version "$v"
+bash "$cluster" psql -d sync_other -qAt -c "SELECT count(*) FROM generate_series(1, 1200) AS i, billing_credit('o-' || i, 1, 'o-t' || i) AS c" </dev/null >/dev/null
+q -c "SELECT billing_credit('s15', 1, 's15-t2')" >/dev/null
+v=$(acc s15 version)
+check_true "15: our next change is pushed" wait_until 30 hash_is 'billing:{s15}' version "$v"
+check "15: 2 x 1,200 changes in sync_other (more than billing.sync_max_dirty) caused no full resync" \
+	"$fr" "$(st full_resyncs)"
+check "15: and no hash in Redis" 0 "$(rc EXISTS 'billing:{o-1}')"
+
+# ---------------------------------------------------------------------------
+# 16. amounts beyond 2^53 micro-units (Lua numbers are doubles)
+# ---------------------------------------------------------------------------
+echo "# 16. large amounts"
+q -c "SELECT billing_account_create('s16')" -c "SELECT billing_credit('s16', 10000000000, 's16-t')" >/dev/null
+check_converged "16: mirrored"
+check "16: balance and available are sent as 2^53 - 1 micro-units" "9007199254740991 9007199254740991" \
+	"$(hget 'billing:{s16}' balance) $(hget 'billing:{s16}' available)"
+charge_sha=$(redis-cli -h 127.0.0.1 -p "$rport" -x SCRIPT LOAD <"$repo/lua/charge.lua")
+check "16: the gateway's charge.lua accepts a charge against it" OK \
+	"$(rc EVALSHA "$charge_sha" 5 'billing:{s16}' 'billing:{s16}:pending' 'billing:{s16}:pending_amt' \
+		'billing:{s16}:pending_ver' 'billing:{s16}:pending_key' s16-r1 1000000 "$(now_ms)" 30000 | head -n 1)"
+
+# ---------------------------------------------------------------------------
+# 17. the extension dropped and created again: account versions start over
+# ---------------------------------------------------------------------------
+echo "# 17. DROP and CREATE EXTENSION"
+check "17: s1 is in Redis at version > 1" t "$( (($(hget 'billing:{s1}' version) > 1)) && echo t || echo f)"
+q -c "SET billing.allow_drop = on" -c "DROP EXTENSION billing CASCADE" -c "CREATE EXTENSION billing" >/dev/null
+q -c "SELECT billing_account_create('s1')" -c "SELECT billing_credit('s1', 1, 's17-t')" >/dev/null
+check_true "17: the new s1 (version $(acc s1 version)) replaces the old hash" \
+	wait_until 30 hash_is 'billing:{s1}' version "$(acc s1 version)"
+check_converged "17: Redis equals the new database"
+check "17: hashes of tenants that no longer exist are gone" "0 0" \
+	"$(rc EXISTS 'billing:{s2}') $(rc EXISTS 'billing:{lag-1}')"
 
 # ---------------------------------------------------------------------------
 # the end
