@@ -500,7 +500,7 @@ wipe_mirror(void)
 		}
 		strlcpy(cursor, r->element[0]->str, sizeof(cursor));
 		keys = r->element[1];
-		if (keys->elements > 0)
+		if (keys->elements > 0 && keys->elements < (size_t) INT_MAX)
 		{
 			const char **del = palloc(sizeof(char *) * (keys->elements + 1));
 			redisReply *u;
@@ -508,7 +508,7 @@ wipe_mirror(void)
 			del[0] = "UNLINK";
 			for (size_t i = 0; i < keys->elements; i++)
 				del[i + 1] = keys->element[i]->str;
-			u = redis_cmd(keys->elements + 1, del);
+			u = redis_cmd((int) keys->elements + 1, del);
 			pfree(del);
 			if (u == NULL)
 			{

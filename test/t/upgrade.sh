@@ -2,7 +2,8 @@
 # ALTER EXTENSION billing UPDATE on a database full of data: install the
 # previous version, fill it through the API, upgrade, and check that every
 # table is unchanged, the audit is clean, the API still works and the new
-# version's feature (the DROP EXTENSION guard) is in place.
+# versions' features (1.1: the DROP EXTENSION guard; 1.3: hold expiry that
+# skips locked accounts) are in place.
 set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 db=billing_upgrade_test
@@ -64,6 +65,8 @@ mirror_after=$(mirror)
 	&& ok "an old trace id replays after the upgrade" || bad "old trace id did not replay"
 [[ $(psql_db -c "SELECT state FROM billing_job_complete('up-5', (SELECT job_id FROM billing.jobs WHERE idempotency_key = 'up-j1'), 2.5)") == completed ]] \
 	&& ok "a job claimed before the upgrade completes after it" || bad "job did not complete"
+[[ $(psql_db -c "SELECT pg_get_functiondef('billing.expire_due_holds(integer)'::regprocedure) LIKE '%SKIP LOCKED%'") == t ]] \
+	&& ok "hold expiry skips locked accounts (1.3)" || bad "billing.expire_due_holds does not skip locked accounts"
 if psql_db -c "DROP EXTENSION billing" 2>/tmp/upgrade.err.$$; then
 	bad "DROP EXTENSION was not refused"
 else
