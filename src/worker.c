@@ -233,6 +233,39 @@ redis_run_id(char *out, size_t outlen)
 	freeReplyObject(r);
 }
 
+/*
+ * A different server process than before (INFO server run_id) may have
+ * lost everything: full resync.  Checked at every connect, and every
+ * second on a live connection, which a proxy may keep across a restart.
+ * An empty run_id (INFO refused by an ACL) is taken as "unknown".  False
+ * if Redis failed.
+ */
+static TimestampTz last_run_id_check = 0;
+
+static bool
+check_run_id(void)
+{
+	char		now_id[48];
+
+	last_run_id_check = GetCurrentTimestamp();
+	redis_run_id(now_id, sizeof(now_id));
+	if (redis == NULL)
+		return false;
+	if (strcmp(now_id, run_id) != 0 && now_id[0] != '\0')
+	{
+		if (run_id[0] != '\0')
+			ereport(LOG,
+					(errmsg("billing sync: Redis restarted (run_id %s, was %s): full resync",
+							now_id, run_id)));
+		full_resync = true;
+		strlcpy(run_id, now_id, sizeof(run_id));
+		LWLockAcquire(billing_sync->lock, LW_EXCLUSIVE);
+		strlcpy(billing_sync->redis_run_id, run_id, sizeof(billing_sync->redis_run_id));
+		LWLockRelease(billing_sync->lock);
+	}
+	return true;
+}
+
 static bool
 redis_connect(void)
 {
@@ -317,23 +350,8 @@ redis_connect(void)
 		freeReplyObject(r);
 	}
 
-	/* a different server process than before: it may have lost everything */
-	{
-		char		now_id[48];
-
-		redis_run_id(now_id, sizeof(now_id));
-		if (redis == NULL)
-			return false;
-		if (strcmp(now_id, run_id) != 0)
-		{
-			if (run_id[0] != '\0')
-				ereport(LOG,
-						(errmsg("billing sync: Redis restarted (run_id %s, was %s): full resync",
-								now_id, run_id)));
-			full_resync = true;
-			strlcpy(run_id, now_id, sizeof(run_id));
-		}
-	}
+	if (!check_run_id())
+		return false;
 
 	LWLockAcquire(billing_sync->lock, LW_EXCLUSIVE);
 	billing_sync->connected = true;
@@ -883,49 +901,79 @@ resync_all(void)
 	return true;
 }
 
-/*
- * Does Redis hold exactly this snapshot (every field but the push time)?
- * 1 yes, 0 no, -1 Redis failed (connection dropped).
- */
-static int
-redis_matches(SyncSnap *snap)
+/* Is this HGETALL reply exactly the snapshot (every field but the push time)? */
+static bool
+reply_matches(redisReply *r, SyncSnap *snap)
 {
-	char	   *key = snapshot_key(snap, "");
-	const char *argv[] = {"HGETALL", key};
-	redisReply *r = redis_cmd(2, argv);
-	bool		same = true;
-
-	if (r == NULL)
-		return -1;
 	if (r->type != REDIS_REPLY_ARRAY || (size_t) snap->nfields + 2 != r->elements)
-		same = false;
-	for (size_t e = 0; same && e + 1 < r->elements; e += 2)
+		return false;
+	for (size_t e = 0; e + 1 < r->elements; e += 2)
 	{
 		const char *field = r->element[e]->str;
 		const char *value = r->element[e + 1]->str;
+		bool		found = false;
 
 		if (field == NULL || value == NULL)
-			same = false;
-		else if (strcmp(field, "synced_at_ms") == 0)
+			return false;
+		if (strcmp(field, "synced_at_ms") == 0)
 			continue;
-		else if (strcmp(field, "version") == 0)
-			same = strtoll(value, NULL, 10) == snap->version;
-		else
+		if (strcmp(field, "version") == 0)
 		{
-			bool		found = false;
+			if (strtoll(value, NULL, 10) != snap->version)
+				return false;
+			continue;
+		}
+		for (int f = 0; f + 1 < snap->nfields; f += 2)
+			if (strcmp(snap->fields[f], field) == 0)
+			{
+				found = strcmp(snap->fields[f + 1], value) == 0;
+				break;
+			}
+		if (!found)
+			return false;
+	}
+	return true;
+}
 
-			for (int f = 0; f + 1 < snap->nfields; f += 2)
-				if (strcmp(snap->fields[f], field) == 0)
-				{
-					found = strcmp(snap->fields[f + 1], value) == 0;
-					break;
-				}
-			same = found;
+/*
+ * Which of these snapshots does Redis hold exactly?  One pipelined HGETALL
+ * each; same[i] is the answer.  False if Redis failed (connection dropped).
+ */
+static bool
+redis_match_all(SyncSnap *snaps, int n, bool *same)
+{
+	for (int i = 0; i < n; i++)
+	{
+		const char *argv[] = {"HGETALL", snapshot_key(&snaps[i], "")};
+
+		if (redisAppendCommandArgv(redis, 2, argv, NULL) != REDIS_OK)
+		{
+			char		err[160];
+
+			strlcpy(err, redis->errstr, sizeof(err));
+			redis_drop(err);
+			return false;
 		}
 	}
-	freeReplyObject(r);
-	return same ? 1 : 0;
+	for (int i = 0; i < n; i++)
+	{
+		redisReply *r;
+
+		if (redisGetReply(redis, (void **) &r) != REDIS_OK || r == NULL)
+		{
+			char		err[160];
+
+			strlcpy(err, redis->errstr, sizeof(err));
+			redis_drop(err);
+			return false;
+		}
+		same[i] = reply_matches(r, &snaps[i]);
+		freeReplyObject(r);
+	}
+	return true;
 }
+
+static void push_dirty(void);
 
 /*
  * The periodic consistency check: compare what Redis holds with the
@@ -935,6 +983,9 @@ redis_matches(SyncSnap *snap)
  * commit landed between our read and the comparison is not drift: suspects
  * are read again from the database and compared once more before anything
  * is forced, so a newer pushed state is never overwritten with an older one.
+ * Comparisons are pipelined a page at a time, and the dirty tenants are
+ * pushed between pages: a check of a million accounts does not hold up
+ * the mirror for its duration.
  */
 static bool
 check_all(void)
@@ -949,21 +1000,19 @@ check_all(void)
 		char	  **suspects;
 		int			nsuspects = 0;
 		int			n;
+		bool	   *same;
 
 		CHECK_FOR_INTERRUPTS();
 		n = read_snapshots(NULL, NULL, 0, after, billing_sync_batch_size, &snaps, &last);
 		if (n == 0)
 			break;
 		suspects = MemoryContextAlloc(cycle_cxt, sizeof(char *) * n);
+		same = MemoryContextAlloc(cycle_cxt, sizeof(bool) * n);
+		if (!redis_match_all(snaps, n, same))
+			return false;
 		for (int i = 0; i < n; i++)
-		{
-			int			m = redis_matches(&snaps[i]);
-
-			if (m < 0)
-				return false;
-			if (m == 0 && (nsuspects == 0 || strcmp(suspects[nsuspects - 1], snaps[i].tenant) != 0))
+			if (!same[i] && (nsuspects == 0 || strcmp(suspects[nsuspects - 1], snaps[i].tenant) != 0))
 				suspects[nsuspects++] = snaps[i].tenant;
-		}
 		if (nsuspects > 0)
 		{
 			SyncSnap   *fresh;
@@ -973,15 +1022,12 @@ check_all(void)
 			int			nbad = 0;
 
 			bad = MemoryContextAlloc(cycle_cxt, sizeof(SyncSnap) * Max(nfresh, 1));
+			same = MemoryContextAlloc(cycle_cxt, sizeof(bool) * Max(nfresh, 1));
+			if (!redis_match_all(fresh, nfresh, same))
+				return false;
 			for (int i = 0; i < nfresh; i++)
-			{
-				int			m = redis_matches(&fresh[i]);
-
-				if (m < 0)
-					return false;
-				if (m == 0)
+				if (!same[i])
 					bad[nbad++] = fresh[i];
-			}
 			if (nbad > 0)
 			{
 				if (!push(bad, nbad, true))
@@ -993,6 +1039,9 @@ check_all(void)
 			break;
 		strlcpy(after, last, sizeof(after));
 		MemoryContextReset(cycle_cxt);
+		push_dirty();			/* resets cycle_cxt too */
+		if (redis == NULL)
+			return false;
 	}
 	MemoryContextReset(cycle_cxt);
 	if (repaired > 0)
@@ -1198,7 +1247,10 @@ billing_worker_main(Datum arg)
 					bool		overflow;
 
 					retry_due(now);
-					check_marker();
+					if (TimestampDifferenceExceeds(last_run_id_check, now, 1000))
+						(void) check_run_id();
+					if (redis)
+						check_marker();
 					LWLockAcquire(billing_sync->lock, LW_SHARED);
 					overflow = billing_sync->overflow;
 					LWLockRelease(billing_sync->lock);

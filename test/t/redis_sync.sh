@@ -41,6 +41,7 @@ billing.redis_port = $BILLING_REDIS_PORT
 billing.check_interval = 2
 billing.maintenance_interval = 200
 billing.sync_max_dirty = 1000
+billing.sync_batch_size = 50
 synchronous_commit = on"
 unset PGDATABASE PGOPTIONS PGSERVICE
 eval "$(bash "$cluster" env)" # PGHOST, PGPORT, PGDATA, ... of OUR cluster (pgbench)
