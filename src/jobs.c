@@ -218,6 +218,18 @@ check_released(JobRow *job)
 						 "in the same transaction.");
 }
 
+/* the invariants of the state a row is in (SPI connected) */
+static void
+check_state_invariants(JobRow *job)
+{
+	if (strcmp(job->state, "completed") == 0)
+		check_charged(job);
+	if (strcmp(job->state, "completed") == 0 ||
+		strcmp(job->state, "failed") == 0 ||
+		strcmp(job->state, "cancelled") == 0)
+		check_released(job);
+}
+
 /* log a transition in billing.job_events; reason = the row's note */
 static void
 log_transition(JobRow *newjob, const char *from_state)
@@ -289,12 +301,7 @@ billing_job_guard(PG_FUNCTION_ARGS)
 		result = trigdata->tg_trigtuple;
 		read_job(result, desc, &newjob);
 		(void) billing_spi_connect();
-		if (strcmp(newjob.state, "completed") == 0)
-			check_charged(&newjob);
-		if (strcmp(newjob.state, "completed") == 0 ||
-			strcmp(newjob.state, "failed") == 0 ||
-			strcmp(newjob.state, "cancelled") == 0)
-			check_released(&newjob);
+		check_state_invariants(&newjob);
 		SPI_finish();
 		return PointerGetDatum(result);
 	}
@@ -354,12 +361,7 @@ billing_job_guard(PG_FUNCTION_ARGS)
 					 errhint("Use billing_job_retry().")));
 
 		(void) billing_spi_connect();
-		if (strcmp(newjob.state, "completed") == 0)
-			check_charged(&newjob);
-		if (strcmp(newjob.state, "completed") == 0 ||
-			strcmp(newjob.state, "failed") == 0 ||
-			strcmp(newjob.state, "cancelled") == 0)
-			check_released(&newjob);
+		check_state_invariants(&newjob);
 		if (strcmp(oldjob.state, newjob.state) != 0)
 			log_transition(&newjob, oldjob.state);
 		SPI_finish();

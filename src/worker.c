@@ -172,6 +172,36 @@ redis_cmd(int argc, const char **argv)
 	return reply;
 }
 
+/*
+ * Pipelining: queue a command / read the next reply.  On a transport error
+ * the connection is dropped (replies would be misaligned) and false / NULL
+ * returned.
+ */
+static bool
+pipe_append(int argc, const char **argv)
+{
+	char		err[160];
+
+	if (redisAppendCommandArgv(redis, argc, argv, NULL) == REDIS_OK)
+		return true;
+	strlcpy(err, redis->errstr, sizeof(err));	/* redis_drop frees it */
+	redis_drop(err);
+	return false;
+}
+
+static redisReply *
+pipe_read(void)
+{
+	redisReply *r;
+	char		err[160];
+
+	if (redisGetReply(redis, (void **) &r) == REDIS_OK && r != NULL)
+		return r;
+	strlcpy(err, redis->errstr, sizeof(err));
+	redis_drop(err);
+	return NULL;
+}
+
 /* read a file of the lua/ directory installed with the extension */
 static char *
 read_script(const char *name)
@@ -623,29 +653,17 @@ push(SyncSnap *snaps, int n, bool force)
 		argv[a++] = force ? "1" : "0";
 		for (int f = 0; f < s->nfields; f++)
 			argv[a++] = s->fields[f];
-		if (redisAppendCommandArgv(redis, a, argv, NULL) != REDIS_OK)
-		{
-			char		err[160];
-
-			strlcpy(err, redis->errstr, sizeof(err));	/* redis_drop frees it */
-			redis_drop(err);
+		if (!pipe_append(a, argv))
 			return false;
-		}
 		sent++;
 	}
 
 	for (int i = 0; i < sent; i++)
 	{
-		redisReply *r;
+		redisReply *r = pipe_read();
 
-		if (redisGetReply(redis, (void **) &r) != REDIS_OK || r == NULL)
-		{
-			char		err[160];
-
-			strlcpy(err, redis->errstr, sizeof(err));
-			redis_drop(err);
+		if (r == NULL)
 			return false;
-		}
 		if (r->type == REDIS_REPLY_ERROR && r->str && tenant_error(r->str))
 		{
 			char		err[160];
@@ -946,27 +964,15 @@ redis_match_all(SyncSnap *snaps, int n, bool *same)
 	{
 		const char *argv[] = {"HGETALL", snapshot_key(&snaps[i], "")};
 
-		if (redisAppendCommandArgv(redis, 2, argv, NULL) != REDIS_OK)
-		{
-			char		err[160];
-
-			strlcpy(err, redis->errstr, sizeof(err));
-			redis_drop(err);
+		if (!pipe_append(2, argv))
 			return false;
-		}
 	}
 	for (int i = 0; i < n; i++)
 	{
-		redisReply *r;
+		redisReply *r = pipe_read();
 
-		if (redisGetReply(redis, (void **) &r) != REDIS_OK || r == NULL)
-		{
-			char		err[160];
-
-			strlcpy(err, redis->errstr, sizeof(err));
-			redis_drop(err);
+		if (r == NULL)
 			return false;
-		}
 		same[i] = reply_matches(r, &snaps[i]);
 		freeReplyObject(r);
 	}
