@@ -11,10 +11,13 @@
 -- ARGV[3..]    field, value pairs; the script writes `version` itself (a
 --              `version` pair is allowed only if equal to ARGV[1])
 --
--- Returns 0 if stale (stored version >= ARGV[1] and not force; nothing is
--- changed), else 1: the hash is replaced (DEL + HSET) and, with the pending
--- keys, every reservation whose settled version (pending_ver) is <= ARGV[1]
--- is removed from all four pending structures.
+-- Returns 0 if stale (stored version >= ARGV[1] and not force; the hash is
+-- not changed), else 1: the hash is replaced (DEL + HSET).  Either way, with
+-- the pending keys, every reservation whose settled version (pending_ver) is
+-- <= the version the hash now holds is removed from all four pending
+-- structures (a stale push still prunes what settled up to the stored one).
+-- Every read comes before the first write, so a key of the wrong type fails
+-- the script before it changes anything (Redis does not roll back).
 -- Errors: BADARGS <what>.
 
 local MAX = 9007199254740991 -- 2^53 - 1: Lua numbers are exact up to here
@@ -54,10 +57,35 @@ local function main()
 	end
 
 	local hash = KEYS[1]
+	local stale = false
+	local holds_version = version
 	if force == '0' then
 		-- An unparsable stored version cannot be compared: the snapshot wins.
 		local stored = int(redis.call('HGET', hash, 'version'))
-		if stored and stored >= version then return 0 end
+		if stored and stored >= version then stale, holds_version = true, stored end
+	end
+
+	-- reservations settled at a version the hash will hold (read first)
+	local done = {}
+	if #KEYS == 5 then
+		local settled = redis.call('HGETALL', KEYS[4])
+		for i = 1, #settled, 2 do
+			local v = int(settled[i + 1])
+			if v and v <= holds_version then done[#done + 1] = settled[i] end
+		end
+	end
+	local function prune()
+		for i = 1, #done, BATCH do
+			local j = math.min(i + BATCH - 1, #done)
+			redis.call('ZREM', KEYS[2], unpack(done, i, j))
+			redis.call('HDEL', KEYS[3], unpack(done, i, j))
+			redis.call('HDEL', KEYS[4], unpack(done, i, j))
+			redis.call('HDEL', KEYS[5], unpack(done, i, j))
+		end
+	end
+	if stale then
+		prune()
+		return 0
 	end
 
 	redis.call('DEL', hash)
@@ -74,22 +102,7 @@ local function main()
 		redis.call('HSET', hash, unpack(args, i, math.min(i + BATCH - 1, #args)))
 	end
 
-	if #KEYS == 5 then
-		local pz, pamt, pver, pkey = KEYS[2], KEYS[3], KEYS[4], KEYS[5]
-		local settled = redis.call('HGETALL', pver)
-		local done = {}
-		for i = 1, #settled, 2 do
-			local v = int(settled[i + 1])
-			if v and v <= version then done[#done + 1] = settled[i] end
-		end
-		for i = 1, #done, BATCH do
-			local j = math.min(i + BATCH - 1, #done)
-			redis.call('ZREM', pz, unpack(done, i, j))
-			redis.call('HDEL', pamt, unpack(done, i, j))
-			redis.call('HDEL', pver, unpack(done, i, j))
-			redis.call('HDEL', pkey, unpack(done, i, j))
-		end
-	end
+	prune()
 	return 1
 end
 

@@ -12,8 +12,9 @@
 --
 -- Returns (integers as integer replies):
 --   {'NO_STATE'}                                   no tenant snapshot
+--   {'OK', available_after, 'replay'}              trace already reserved (counts once;
+--                                                  whatever changed since, as in the database)
 --   {'SUSPENDED', status}                          status is not 'active'
---   {'OK', available_after, 'replay'}              trace already reserved (counts once)
 --   {'QUOTA_EXCEEDED', 'max_charge', limit, amount}
 --   {'QUOTA_EXCEEDED', 'daily_requests' | 'monthly_requests', quota, used}
 --   {'QUOTA_EXCEEDED', 'daily_spend' | 'monthly_spend', cap, used}
@@ -23,7 +24,10 @@
 --   {'INSUFFICIENT', amount, available - pending}
 --   {'OK', available_after}                        reserved
 -- `used` is the consumption before this request (requests: count; spend and
--- budget: micro-units); the request is refused when used + it > the limit.
+-- budget: micro-units, open holds and pending reservations included); the
+-- request is refused when used + it > the limit.  Sums for these checks
+-- saturate at 2^53 (beyond any limit Lua can hold), so a huge counter is a
+-- refusal, not an error.
 -- Errors: BADARGS <what>; BADSTATE <field> for a malformed stored value.
 
 local MAX = 9007199254740991 -- 2^53 - 1: Lua numbers are exact up to here
@@ -59,6 +63,14 @@ end
 local function add(a, b)
 	local s = a + b
 	if s > MAX or s < -MAX then fail('BADSTATE', 'sum exceeds 2^53') end
+	return s
+end
+
+-- Sum of non-negative usage for a limit check: saturates at 2^53, which is
+-- over any limit (limits are at most 2^53 - 1; the worker clamps to that).
+local function usage(a, b)
+	local s = a + b
+	if s > MAX then return MAX + 1 end
 	return s
 end
 
@@ -118,7 +130,6 @@ local function main()
 		'day_requests', 'day_spend', 'month_requests', 'month_spend',
 		'day_resets_at_ms', 'month_resets_at_ms',
 	})
-	if t.status ~= 'active' then return { 'SUSPENDED', t.status or '' } end
 	local available = num(t, 'available', 'tenant')
 	if not available then fail('BADSTATE', 'tenant available missing') end
 
@@ -139,6 +150,7 @@ local function main()
 		end
 	end
 	if replay then return { 'OK', add(available, -psum), 'replay' } end
+	if t.status ~= 'active' then return { 'SUSPENDED', t.status or '' } end
 
 	-- 4. tenant limits
 	local max_charge = num(t, 'max_charge', 'tenant')
@@ -160,38 +172,39 @@ local function main()
 
 	local q = num(t, 'daily_requests_quota', 'tenant')
 	if q then
-		local used = add(day_requests, pcount)
+		local used = usage(day_requests, pcount)
 		if used + 1 > q then return { 'QUOTA_EXCEEDED', 'daily_requests', q, used } end
 	end
 	q = num(t, 'monthly_requests_quota', 'tenant')
 	if q then
-		local used = add(month_requests, pcount)
+		local used = usage(month_requests, pcount)
 		if used + 1 > q then return { 'QUOTA_EXCEEDED', 'monthly_requests', q, used } end
 	end
 	q = num(t, 'daily_spend_cap', 'tenant')
 	if q then
-		local used = add(add(day_spend, holds), psum)
-		if add(used, amount) > q then return { 'QUOTA_EXCEEDED', 'daily_spend', q, used } end
+		local used = usage(usage(day_spend, holds), psum)
+		if usage(used, amount) > q then return { 'QUOTA_EXCEEDED', 'daily_spend', q, used } end
 	end
 	q = num(t, 'monthly_spend_cap', 'tenant')
 	if q then
-		local used = add(add(month_spend, holds), psum)
-		if add(used, amount) > q then return { 'QUOTA_EXCEEDED', 'monthly_spend', q, used } end
+		local used = usage(usage(month_spend, holds), psum)
+		if usage(used, amount) > q then return { 'QUOTA_EXCEEDED', 'monthly_spend', q, used } end
 	end
 
 	-- 5. API key
 	if keyed then
 		local kh = KEYS[6]
 		if redis.call('EXISTS', kh) == 0 then return { 'NO_STATE', 'key' } end
-		local k = load(kh, { 'status', 'budget', 'period', 'spent', 'resets_at_ms' })
+		local k = load(kh, { 'status', 'budget', 'period', 'spent', 'holds', 'resets_at_ms' })
 		if k.status ~= 'active' then return { 'KEY_INACTIVE', k.status or '' } end
 		local budget = num(k, 'budget', 'key')
 		if budget then
 			local resets = num(k, 'resets_at_ms', 'key')
 			local spent = num(k, 'spent', 'key') or 0
 			if k.period ~= 'lifetime' and resets and now >= resets then spent = 0 end
-			local used = add(spent, ksum)
-			if add(used, amount) > budget then return { 'KEY_BUDGET_EXCEEDED', budget, used } end
+			-- the key's open holds count, as in the database
+			local used = usage(usage(spent, num(k, 'holds', 'key') or 0), ksum)
+			if usage(used, amount) > budget then return { 'KEY_BUDGET_EXCEEDED', budget, used } end
 		end
 	end
 

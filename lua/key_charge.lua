@@ -13,12 +13,14 @@
 --
 -- Returns (integers as integer replies):
 --   {'NO_STATE', 'key'}                      no key snapshot
+--   {'OK', remaining, 'replay'}              trace already reserved (counts once;
+--                                            whatever changed since)
 --   {'KEY_INACTIVE', status}                 key status is not 'active'
---   {'OK', remaining, 'replay'}              trace already reserved (counts once)
---   {'KEY_BUDGET_EXCEEDED', budget, used}    used = spent + key's pending, before this request
+--   {'KEY_BUDGET_EXCEEDED', budget, used}    used = spent + key's open holds + its
+--                                            pending, before this request
 --   {'OK', remaining}                        reserved
--- remaining = budget - spent - the key's pending reservations (this one
--- included), or -1 when the key has no budget.
+-- remaining = budget - used (this reservation included), or -1 when the key
+-- has no budget.  Sums for the budget check saturate at 2^53 (over any budget).
 -- Errors: BADARGS <what>; BADSTATE <field> for a malformed stored value.
 
 local MAX = 9007199254740991 -- 2^53 - 1: Lua numbers are exact up to here
@@ -56,6 +58,14 @@ local function add(a, b)
 	return s
 end
 
+-- Sum of non-negative usage for the budget check: saturates at 2^53, which
+-- is over any budget (at most 2^53 - 1; the worker clamps to that).
+local function usage(a, b)
+	local s = a + b
+	if s > MAX then return MAX + 1 end
+	return s
+end
+
 local function main()
 	if #KEYS ~= 5 then
 		fail('BADARGS', 'expected 5 keys (key hash, pending, pending_amt, pending_ver, pending_key), got ' .. #KEYS)
@@ -83,9 +93,8 @@ local function main()
 	end
 
 	if redis.call('EXISTS', kh) == 0 then return { 'NO_STATE', 'key' } end
-	local v = redis.call('HMGET', kh, 'status', 'budget', 'period', 'spent', 'resets_at_ms')
+	local v = redis.call('HMGET', kh, 'status', 'budget', 'period', 'spent', 'resets_at_ms', 'holds')
 	local status, period = v[1], v[3]
-	if status ~= 'active' then return { 'KEY_INACTIVE', status or '' } end
 	local function num(i, f)
 		if not v[i] then return nil end
 		local n = int(v[i])
@@ -93,6 +102,7 @@ local function main()
 		return n
 	end
 	local budget, spent, resets = num(2, 'budget'), num(4, 'spent') or 0, num(5, 'resets_at_ms')
+	local holds = num(6, 'holds') or 0
 	if period ~= 'lifetime' and resets and now >= resets then spent = 0 end
 
 	-- this key's live reservations (score > now; settled ones have score +inf)
@@ -112,11 +122,12 @@ local function main()
 			end
 		end
 	end
-	local used = add(spent, ksum)
+	local used = usage(usage(spent, holds), ksum)
 	if replay then
-		return { 'OK', budget and add(budget, -used) or -1, 'replay' }
+		return { 'OK', budget and budget - used or -1, 'replay' }
 	end
-	if budget and add(used, amount) > budget then
+	if status ~= 'active' then return { 'KEY_INACTIVE', status or '' } end
+	if budget and usage(used, amount) > budget then
 		return { 'KEY_BUDGET_EXCEEDED', budget, used }
 	end
 
@@ -124,7 +135,7 @@ local function main()
 	redis.call('HSET', pamt, trace, str(amount))
 	redis.call('HDEL', pver, trace)
 	redis.call('HSET', pkey, trace, key_id)
-	return { 'OK', budget and add(budget, -add(used, amount)) or -1 }
+	return { 'OK', budget and budget - used - amount or -1 }
 end
 
 local ok, res = pcall(main)

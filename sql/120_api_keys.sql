@@ -218,3 +218,15 @@ SELECT sum(spent) AS by_api_key,
   FROM billing.usage_by_api_key WHERE tenant_id = 'key-a';
 
 SELECT * FROM billing_verify() WHERE tenant_id LIKE 'key-%';
+
+-- What the Redis mirror holds for a key with a budget: its open holds too,
+-- since billing_deduct counts them against the budget (a gateway must).
+SELECT tenant_id FROM billing_account_create('key-m');
+SELECT balance_after FROM billing_credit('key-m', 100, 'key-m-top');
+SELECT key_id FROM billing_api_key_create('key-m', 'mk', budget => 10, budget_period => 'month');
+SELECT key_id FROM billing_api_key_create('key-m', 'nb');
+SELECT remaining FROM billing_hold('key-m', 8, 'key-m-h1', api_key => 'mk');
+SELECT key_id, fields[array_position(fields, 'spent') + 1] AS spent,
+       fields[array_position(fields, 'budget') + 1] AS budget,
+       fields[array_position(fields, 'holds') + 1] AS holds
+  FROM billing.sync_snapshot(ARRAY['key-m'], '', 0) WHERE key_id IS NOT NULL ORDER BY key_id;

@@ -225,10 +225,16 @@ key_snapshots(TenantFacts *facts, int nfacts, int64 synced_ms,
 		elems[i] = CStringGetTextDatum(facts[i].tenant);
 	values[0] = PointerGetDatum(construct_array(elems, nfacts, TEXTOID, -1, false,
 												TYPALIGN_INT));
+	/* a budget counts the key's open holds (account.c): only then needed */
 	billing_keep_plan(&plan,
-					  "SELECT tenant_id, key_id, status, budget_micros, budget_period, "
-					  "       period_start, period_spend_micros "
-					  "FROM billing.api_keys WHERE tenant_id = ANY ($1)",
+					  "SELECT k.tenant_id, k.key_id, k.status, k.budget_micros, k.budget_period, "
+					  "       k.period_start, k.period_spend_micros, "
+					  "       CASE WHEN k.budget_micros IS NOT NULL THEN "
+					  "         (SELECT coalesce(sum(h.amount_micros - h.captured_micros - h.released_micros), 0)::bigint "
+					  "            FROM billing.holds h "
+					  "           WHERE h.tenant_id = k.tenant_id AND h.api_key = k.key_id "
+					  "             AND h.status = 'open' AND h.expires_at > now()) END "
+					  "FROM billing.api_keys k WHERE k.tenant_id = ANY ($1)",
 					  1, types);
 	billing_spi_read(plan, values, NULL, "reading api keys");
 	if (SPI_processed > (uint64) INT_MAX)
@@ -266,7 +272,10 @@ key_snapshots(TenantFacts *facts, int nfacts, int64 synced_ms,
 		add(&fl, "synced_at_ms", i64(synced_ms));
 		(void) billing_col(r, 4, &isnull);
 		if (!isnull)
+		{
 			add(&fl, "budget", lua_int(billing_col_int64(r, 4, 0)));
+			add(&fl, "holds", lua_int(billing_col_int64(r, 8, 0)));
+		}
 		if (period && strcmp(period, "day") == 0)
 			add(&fl, "resets_at_ms", i64(epoch_ms(billing_local_midnight(f->timezone, f->today + 1))));
 		else if (period && strcmp(period, "month") == 0)

@@ -420,6 +420,59 @@ check_err "settle BADARGS: 3 keys" BADARGS "$(r EVALSHA "${SHA[settle]}" 3 "${K[
 check_err "settle BADARGS: 6 keys" BADARGS "$(r EVALSHA "${SHA[settle]}" 6 "${K[@]}" x s6 7)"
 check "settle: bad arguments changed nothing" "s6=1000000/7/-" "$(pending S)"
 
+echo "# what the database does, the gateway does"
+# A retry of a reserved trace is a replay, whatever changed since (the
+# database returns the original charge even if the account was suspended).
+snap_basic RS 1 $((10 * M)) >/dev/null
+keys RS
+check "replay: reserve r1" '["OK",9000000]' "$(charge RS r1 $M $T0 60000)"
+snap_basic RS 2 $((10 * M)) status suspended >/dev/null
+check "replay: after a suspension, the retry of r1 is a replay" '["OK",9000000,"replay"]' "$(charge RS r1 $M $((T0 + 1)) 60000)"
+check "replay: a new trace is refused" '["SUSPENDED","suspended"]' "$(charge RS r2 $M $((T0 + 1)) 60000)"
+apply_h "$(kh RS k1)" 2 0 status active period lifetime spent 0 >/dev/null
+check "replay: key_charge reserve k1-r1" '["OK",-1]' "$(key_charge RS k1 kr1 $M $T0 60000)"
+apply_h "$(kh RS k1)" 3 0 status revoked period lifetime spent 0 >/dev/null
+check "replay: after the key is revoked, key_charge's retry is a replay" '["OK",-1,"replay"]' "$(key_charge RS k1 kr1 $M $((T0 + 1)) 60000)"
+check "replay: a new trace on the revoked key is refused" '["KEY_INACTIVE","revoked"]' "$(key_charge RS k1 kr2 $M $((T0 + 1)) 60000)"
+# A key budget counts the key's open holds (field holds of the key hash), as
+# billing_deduct does: budget 10, 8 on hold, a charge of 5 is refused.
+snap_basic KH 1 $((100 * M)) >/dev/null
+keys KH
+apply_h "$(kh KH k1)" 1 0 status active period month spent 0 budget $((10 * M)) holds $((8 * M)) resets_at_ms $((T0 + 100000)) >/dev/null
+check "key holds: charge.lua refuses 8 on hold + 5 > 10" '["KEY_BUDGET_EXCEEDED",10000000,8000000]' "$(charge_k KH k1 h1 $((5 * M)) $T0 60000)"
+check "key holds: key_charge.lua too" '["KEY_BUDGET_EXCEEDED",10000000,8000000]' "$(key_charge KH k1 h1 $((5 * M)) $T0 60000)"
+check "key holds: 8 + 2 = 10 fits (remaining 0)" '["OK",0]' "$(key_charge KH k1 h2 $((2 * M)) $T0 60000)"
+# Magnitudes at the worker's clamp (2^53 - 1): a limit check refuses, it
+# does not fail with BADSTATE.
+MX=9007199254740991
+keys SAT
+apply_t SAT 1 0 status active available $MX holds 5 day_spend $MX daily_spend_cap $MX \
+	day_resets_at_ms $((T0 + 100000)) month_resets_at_ms $((T0 + 100000)) >/dev/null
+check "clamped: a spend counter at 2^53 - 1 is over the cap" '["QUOTA_EXCEEDED","daily_spend",9007199254740991,9007199254740992]' \
+	"$(charge SAT s1 1 $T0 60000)"
+apply_t SAT 2 0 status active available $MX holds 0 >/dev/null
+check "clamped: funds of 2^53 - 1 allow a charge" '["OK",9007199254740990]' "$(charge SAT s2 1 $T0 60000)"
+apply_h "$(kh SAT k1)" 2 0 status active period lifetime spent $MX budget $MX holds 1 >/dev/null
+check "clamped: a key spend at 2^53 - 1 is over the budget (key_charge)" '["KEY_BUDGET_EXCEEDED",9007199254740991,9007199254740992]' \
+	"$(key_charge SAT k1 s3 1 $T0 60000)"
+# A stale push still prunes reservations settled at or below the stored
+# version (an idle tenant would otherwise count them twice until its next
+# change).
+snap_basic ST 9 $((10 * M)) >/dev/null
+keys ST
+check "stale prune: reserve r1" '["OK",9000000]' "$(charge ST r1 $M $T0 60000)"
+check "stale prune: settled at version 9 (the stored one)" 1 "$(settle ST r1 9)"
+check "stale prune: the re-push of version 9 is stale" 0 "$(snap_basic ST 9 $((9 * M)))"
+check "stale prune: and removed r1" "" "$(pending ST)"
+# Every read before the first write: a pending_ver of the wrong type fails
+# the apply before the hash is replaced.
+snap_basic WTA 1 $((10 * M)) >/dev/null
+keys WTA
+rc SET "${K[3]}" x >/dev/null
+check_err "wrong type: the apply fails" WRONGTYPE "$(snap_basic WTA 2 $((5 * M)))"
+check "wrong type: the hash was not replaced" "1 10000000" "$(hget "${K[0]}" version) $(hget "${K[0]}" available)"
+rc DEL "${K[3]}" >/dev/null
+
 echo "# the guarantee: a stale snapshot never resurrects reserved funds"
 # Account at version 10 with 10 units; the gateway reserves 4, the database
 # commits the charge at version 11, but the worker first pushes a snapshot

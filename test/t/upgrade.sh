@@ -41,10 +41,12 @@ snapshot() {
 	              ' ' ORDER BY c.relname)
 	            FROM pg_class c WHERE c.relnamespace = 'billing'::regnamespace AND c.relkind = 'r'"
 }
-# what the Redis worker would push (the push time left out)
+# what the Redis worker would push (the push time left out, and the open holds
+# of a key with a budget, which 1.0 did not mirror)
 mirror() {
 	psql_db -c "SELECT string_agg(tenant_id || '/' || coalesce(key_id, '') || '/' || version || '/'
-	                              || regexp_replace(array_to_string(fields, ','), 'synced_at_ms,[0-9]+', ''), ' '
+	                              || regexp_replace(regexp_replace(array_to_string(fields, ','), 'synced_at_ms,[0-9]+', ''),
+	                                                CASE WHEN key_id IS NULL THEN '^\$' ELSE ',holds,[0-9]+' END, ''), ' '
 	                              ORDER BY tenant_id, key_id NULLS LAST)
 	              FROM billing.sync_snapshot(NULL, '', 1000)"
 }
