@@ -22,6 +22,7 @@ OBJS = \
 	src/holds.o \
 	src/jobs.o \
 	src/append_only.o \
+	src/guard.o \
 	src/sync.o \
 	src/worker.o
 

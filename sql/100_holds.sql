@@ -323,3 +323,16 @@ SELECT balance, on_hold, available FROM billing.balances WHERE tenant_id = 'hold
 SELECT requests_today, spent_today FROM billing.quota_usage WHERE tenant_id = 'hold-r';
 SELECT status FROM billing.holds WHERE tenant_id = 'hold-r';
 SELECT * FROM billing_verify('hold-r');
+
+-- Streaming: the model is given to billing_hold, the captures only carry
+-- the amounts; usage per model files the captures under the hold's model
+-- (a capture that names a model keeps its own).
+SELECT tenant_id FROM billing_account_create('hold-m');
+SELECT balance_after FROM billing_credit('hold-m', 10, 'hold-m-top');
+SELECT remaining FROM billing_hold('hold-m', 2, 'hold-m-h1',
+                                   metadata => '{"model": "gpt-x", "provider": "acme"}');
+SELECT amount FROM billing_capture('hold-m', 'hold-m-h1', 0.5, 'hold-m-c1');
+SELECT amount FROM billing_capture('hold-m', 'hold-m-h1', 0.25, 'hold-m-c2',
+                                   metadata => '{"model": "gpt-y", "output_tokens": 40}');
+SELECT model, provider, charges, spent, output_tokens
+  FROM billing.usage_by_model WHERE tenant_id = 'hold-m' ORDER BY model;

@@ -5,14 +5,15 @@
  *	  and the background worker.
  *
  * The SQL-callable functions live in one file per concern (input.c,
- * ledger.c, account.c, holds.c, jobs.c, append_only.c).  The ledger works
- * without shared_preload_libraries; preloading adds the Redis mirror
- * (sync.c, worker.c).
+ * ledger.c, account.c, holds.c, jobs.c, append_only.c, guard.c).  The
+ * ledger works without shared_preload_libraries; preloading adds the Redis
+ * mirror (sync.c, worker.c).
  *
  *-------------------------------------------------------------------------
  */
 #include "postgres.h"
 
+#include "billing.h"
 #include "fmgr.h"
 #include "miscadmin.h"
 #include "postmaster/bgworker.h"
@@ -89,7 +90,7 @@ define_settings(void)
 							   PGC_SIGHUP, GUC_SUPERUSER_ONLY, NULL, NULL, NULL);
 	DefineCustomBoolVariable("billing.allow_drop",
 							 "Allow DROP EXTENSION billing in this session (it destroys the ledger).",
-							 "Read by the event trigger billing_guard_drop.",
+							 "Read by the event trigger billing_guard_drop and by the check of every drop of the extension (e.g. by DROP SCHEMA ... CASCADE).",
 							 &billing_allow_drop, false,
 							 PGC_SUSET, 0, NULL, NULL, NULL);
 
@@ -135,6 +136,7 @@ _PG_init(void)
 	if (IsBinaryUpgrade)
 		return;
 	define_settings();
+	billing_guard_init();
 	billing_sync_init();
 	if (process_shared_preload_libraries_in_progress)
 		register_worker();

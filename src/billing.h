@@ -37,6 +37,7 @@
 #define ERRCODE_BILLING_INVALID_KIND		MAKE_SQLSTATE('Z','B','0','1','7')
 #define ERRCODE_BILLING_INVALID_ARGUMENT	MAKE_SQLSTATE('Z','B','0','1','8')
 #define ERRCODE_BILLING_APPEND_ONLY			MAKE_SQLSTATE('Z','B','0','2','0')
+#define ERRCODE_BILLING_DROP_REFUSED		MAKE_SQLSTATE('Z','B','0','2','1')
 #define ERRCODE_BILLING_HOLD_NOT_FOUND		MAKE_SQLSTATE('Z','B','0','3','0')
 #define ERRCODE_BILLING_HOLD_EXPIRED		MAKE_SQLSTATE('Z','B','0','3','1')
 #define ERRCODE_BILLING_HOLD_SETTLED		MAKE_SQLSTATE('Z','B','0','3','2')
@@ -79,5 +80,11 @@ extern Jsonb *billing_check_metadata(FunctionCallInfo fcinfo, int argno);
 extern text *billing_check_description(FunctionCallInfo fcinfo, int argno);
 extern bool billing_check_event_at(FunctionCallInfo fcinfo, int argno,
 								   TimestampTz *event_at);
+
+/* billing.c: settings */
+extern bool billing_allow_drop;
+
+/* guard.c */
+extern void billing_guard_init(void);
 
 #endif							/* BILLING_H */

@@ -69,6 +69,8 @@ mirror_after=$(mirror)
 	&& ok "a job claimed before the upgrade completes after it" || bad "job did not complete"
 [[ $(psql_db -c "SELECT pg_get_functiondef('billing.expire_due_holds(integer)'::regprocedure) LIKE '%SKIP LOCKED%'") == t ]] \
 	&& ok "hold expiry skips locked accounts (1.3)" || bad "billing.expire_due_holds does not skip locked accounts"
+[[ $(psql_db -c "BEGIN" -c "DROP SCHEMA public CASCADE" -c "ROLLBACK" 2>&1 || true) == *"would destroy the ledger"* ]] \
+	&& ok "DROP SCHEMA public CASCADE refused (1.3 guard)" || bad "DROP SCHEMA public CASCADE was not refused"
 if psql_db -c "DROP EXTENSION billing" 2>/tmp/upgrade.err.$$; then
 	bad "DROP EXTENSION was not refused"
 else
