@@ -141,3 +141,11 @@ BEGIN;
 UPDATE billing.accounts SET timezone = 'IST' WHERE tenant_id = 'gd-tz5';
 SELECT tenant_id, timezone, status FROM billing_account_update('gd-tz5', status => 'suspended');
 ROLLBACK;
+
+-- billing.redis_prefix: the Redis keys are <prefix>:{tenant}..., and Redis
+-- Cluster hashes the first {...} of a key, so a brace in the prefix would
+-- move the hash tag; such a value (or an empty one) is refused.
+ALTER SYSTEM SET billing.redis_prefix = 'app{x}';
+\echo :LAST_ERROR_SQLSTATE
+ALTER SYSTEM SET billing.redis_prefix = '';
+\echo :LAST_ERROR_SQLSTATE

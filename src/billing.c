@@ -39,6 +39,30 @@ int			billing_sync_delay = 5;
 char	   *billing_lua_dir = NULL;
 bool		billing_allow_drop = false;
 
+/*
+ * billing.redis_prefix: the keys are <prefix>:{tenant}..., and Redis Cluster
+ * hashes only the first {...} of a key.  A brace in the prefix would make
+ * that the prefix's (all tenants in one slot, or a tenant's keys in
+ * different slots: CROSSSLOT for the scripts), so it is refused.
+ */
+static bool
+check_redis_prefix(char **newval, void **extra, GucSource source)
+{
+	if (*newval == NULL || (*newval)[0] == '\0')
+	{
+		GUC_check_errdetail("The prefix must not be empty.");
+		GUC_check_errhint("Use e.g. billing (the default) or app:billing.");
+		return false;
+	}
+	if (strpbrk(*newval, "{}") != NULL)
+	{
+		GUC_check_errdetail("The keys are <prefix>:{tenant}; a brace in the prefix would change the Redis Cluster hash tag.");
+		GUC_check_errhint("Use a prefix without { and }, e.g. billing or app:billing.");
+		return false;
+	}
+	return true;
+}
+
 static void
 define_settings(void)
 {
@@ -59,7 +83,7 @@ define_settings(void)
 	DefineCustomStringVariable("billing.redis_prefix",
 							   "Prefix of the Redis keys: <prefix>:{tenant}.",
 							   NULL, &billing_redis_prefix, "billing",
-							   PGC_SIGHUP, 0, NULL, NULL, NULL);
+							   PGC_SIGHUP, 0, check_redis_prefix, NULL, NULL);
 	DefineCustomIntVariable("billing.redis_connect_timeout",
 							"Timeout of a connection attempt to Redis.", NULL,
 							&billing_redis_connect_timeout, 1000, 10, 60000,
