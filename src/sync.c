@@ -30,6 +30,7 @@
 
 #include "access/xact.h"
 #include "billing.h"
+#include "common/hashfn.h"
 #include "fmgr.h"
 #include "funcapi.h"
 #include "miscadmin.h"
@@ -206,6 +207,21 @@ sync_xact_callback(XactEvent event, void *arg)
 	}
 }
 
+/* the set of a transaction's marks: keys are char *, compared by content */
+static uint32
+mark_hash(const void *key, Size keysize)
+{
+	const char *s = *(char *const *) key;
+
+	return string_hash(s, strlen(s) + 1);
+}
+
+static int
+mark_match(const void *key1, const void *key2, Size keysize)
+{
+	return strcmp(*(char *const *) key1, *(char *const *) key2);
+}
+
 /* Remember that this transaction changed the mirrored state of a tenant. */
 void
 billing_sync_mark(const char *tenant, int len)
@@ -223,8 +239,7 @@ billing_sync_mark(const char *tenant, int len)
 		return;
 	}
 	old = MemoryContextSwitchTo(TopTransactionContext);
-	key = palloc0(SYNC_TENANT_LEN);
-	memcpy(key, tenant, len);
+	key = pnstrdup(tenant, len);	/* not SYNC_TENANT_LEN: a batch may mark 10^5 */
 	if (xact_mark_set == NULL)
 	{
 		foreach(lc, xact_marks)
@@ -238,20 +253,27 @@ billing_sync_mark(const char *tenant, int len)
 		{
 			HASHCTL		info;
 
-			info.keysize = SYNC_TENANT_LEN;
-			info.entrysize = SYNC_TENANT_LEN;
+			/* entries are the list's strings (pointers), hashed by content */
+			info.keysize = sizeof(char *);
+			info.entrysize = sizeof(char *);
+			info.hash = mark_hash;
+			info.match = mark_match;
 			info.hcxt = TopTransactionContext;
 			xact_mark_set = hash_create("billing marks", 256, &info,
-										HASH_ELEM | HASH_STRINGS | HASH_CONTEXT);
+										HASH_ELEM | HASH_FUNCTION | HASH_COMPARE | HASH_CONTEXT);
 			foreach(lc, xact_marks)
-				(void) hash_search(xact_mark_set, lfirst(lc), HASH_ENTER, NULL);
+			{
+				char	   *mark = lfirst(lc);
+
+				(void) hash_search(xact_mark_set, &mark, HASH_ENTER, NULL);
+			}
 		}
 	}
 	if (xact_mark_set != NULL)
 	{
 		bool		found;
 
-		(void) hash_search(xact_mark_set, key, HASH_ENTER, &found);
+		(void) hash_search(xact_mark_set, &key, HASH_ENTER, &found);
 		if (found)
 		{
 			pfree(key);
