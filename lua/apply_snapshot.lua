@@ -12,7 +12,10 @@
 --              `version` pair is allowed only if equal to ARGV[1])
 --
 -- Returns 0 if stale (stored version >= ARGV[1] and not force; the hash is
--- not changed), else 1: the hash is replaced (DEL + HSET).  Either way, with
+-- not changed), else 1: the hash is replaced.  Replacing is HSET of every
+-- field, and only when the hash then holds a field the snapshot does not
+-- name (a limit was removed) DEL + HSET: cheaper than rebuilding the hash on
+-- every push, with the same result.  Either way, with
 -- the pending keys, every reservation whose settled version (pending_ver) is
 -- <= the version the hash now holds is removed from all four pending
 -- structures (a stale push still prunes what settled up to the stored one).
@@ -38,72 +41,72 @@ local function int(s)
 	return n
 end
 
-local function str(n) return string.format('%.0f', n) end
+-- cmd key list[1..] in commands of at most BATCH arguments (BATCH is even,
+-- so field/value pairs stay together)
+local function call_batched(cmd, key, list)
+	for i = 1, #list, BATCH do
+		redis.call(cmd, key, unpack(list, i, math.min(i + BATCH - 1, #list)))
+	end
+end
 
 local function main()
-	if #KEYS ~= 1 and #KEYS ~= 5 then
-		fail('BADARGS', 'expected 1 key (hash) or 5 keys (hash, pending, pending_amt, pending_ver, pending_key), got ' .. #KEYS)
+	local nkeys = #KEYS
+	if nkeys ~= 1 and nkeys ~= 5 then
+		fail('BADARGS', 'expected 1 key (hash) or 5 keys (hash, pending, pending_amt, pending_ver, pending_key), got ' .. nkeys)
 	end
-	if #ARGV < 2 then fail('BADARGS', 'expected version, force, field, value, ...') end
+	local nargs = #ARGV
+	if nargs < 2 then fail('BADARGS', 'expected version, force, field, value, ...') end
 	local version = int(ARGV[1])
 	if not version or version < 0 then fail('BADARGS', 'version must be a non-negative integer') end
 	local force = ARGV[2]
 	if force ~= '0' and force ~= '1' then fail('BADARGS', 'force must be 0 or 1') end
-	if #ARGV % 2 ~= 0 then fail('BADARGS', 'odd number of field/value arguments') end
-	for i = 3, #ARGV, 2 do
-		if ARGV[i] == 'version' and int(ARGV[i + 1]) ~= version then
-			fail('BADARGS', 'field version differs from ARGV[1]')
+	if nargs % 2 ~= 0 then fail('BADARGS', 'odd number of field/value arguments') end
+	-- the distinct field names, `version` included: the hash must end up
+	-- with exactly these
+	local vstr = string.format('%.0f', version)
+	local seen = {version = true}
+	local nfields = 1
+	for i = 3, nargs, 2 do
+		local f = ARGV[i]
+		if f == 'version' then
+			if int(ARGV[i + 1]) ~= version then fail('BADARGS', 'field version differs from ARGV[1]') end
+			ARGV[i + 1] = vstr
+		elseif not seen[f] then
+			seen[f] = true
+			nfields = nfields + 1
 		end
 	end
 
 	local hash = KEYS[1]
-	local stale = false
-	local holds_version = version
-	if force == '0' then
-		-- An unparsable stored version cannot be compared: the snapshot wins.
-		local stored = int(redis.call('HGET', hash, 'version'))
-		if stored and stored >= version then stale, holds_version = true, stored end
-	end
-
-	-- reservations settled at a version the hash will hold (read first)
+	local stored = int(redis.call('HGET', hash, 'version'))
+	local stale = force == '0' and stored ~= nil and stored >= version
 	local done = {}
-	if #KEYS == 5 then
+	if nkeys == 5 then
+		local limit = stale and stored or version
 		local settled = redis.call('HGETALL', KEYS[4])
 		for i = 1, #settled, 2 do
 			local v = int(settled[i + 1])
-			if v and v <= holds_version then done[#done + 1] = settled[i] end
+			if v and v <= limit then done[#done + 1] = settled[i] end
 		end
-	end
-	local function prune()
-		for i = 1, #done, BATCH do
-			local j = math.min(i + BATCH - 1, #done)
-			redis.call('ZREM', KEYS[2], unpack(done, i, j))
-			redis.call('HDEL', KEYS[3], unpack(done, i, j))
-			redis.call('HDEL', KEYS[4], unpack(done, i, j))
-			redis.call('HDEL', KEYS[5], unpack(done, i, j))
-		end
-	end
-	if stale then
-		prune()
-		return 0
 	end
 
-	redis.call('DEL', hash)
-	local args = {}
-	for i = 3, #ARGV, 2 do
-		if ARGV[i] ~= 'version' then
-			args[#args + 1] = ARGV[i]
-			args[#args + 1] = ARGV[i + 1]
+	if not stale then
+		-- ARGV becomes the HSET list: version, <version>, field, value, ...
+		ARGV[2] = vstr
+		ARGV[1] = 'version'
+		call_batched('HSET', hash, ARGV)
+		if redis.call('HLEN', hash) ~= nfields then
+			redis.call('DEL', hash)
+			call_batched('HSET', hash, ARGV)
 		end
 	end
-	args[#args + 1] = 'version'
-	args[#args + 1] = str(version)
-	for i = 1, #args, BATCH do
-		redis.call('HSET', hash, unpack(args, i, math.min(i + BATCH - 1, #args)))
+	if #done > 0 then
+		call_batched('ZREM', KEYS[2], done)
+		call_batched('HDEL', KEYS[3], done)
+		call_batched('HDEL', KEYS[4], done)
+		call_batched('HDEL', KEYS[5], done)
 	end
-
-	prune()
-	return 1
+	return stale and 0 or 1
 end
 
 local ok, res = pcall(main)

@@ -152,6 +152,11 @@ check "apply: newer version is applied (1)" 1 "$(snap_basic A 6 $((9 * M)))"
 check "apply: newer snapshot replaced the values" "6 9000000" \
 	"$(rc HMGET "${K[0]}" version available | tr '\n' ' ' | sed 's/ $//')"
 check "apply: a field absent from the newer snapshot is gone" 0 "$(rc HEXISTS "${K[0]}" max_charge)"
+check "apply: a field added by the newer snapshot is there" 1 "$(apply_t A 7 0 status active available 5 max_charge 3)"
+check "apply: a repeated field counts once: the last value wins, a field left out is gone" 1 \
+	"$(apply_t A 8 0 status active status suspended available 5)"
+check "apply: hash after the repeated field" "available=5 status=suspended version=8" \
+	"$(rc HGETALL "${K[0]}" | paste -d= - - | sort | tr '\n' ' ' | sed 's/ $//')"
 check "apply: force applies an older version (1)" 1 "$(apply_t A 3 1 status active available 7)"
 check "apply: forced older snapshot stored as given" "available=7 status=active version=3" \
 	"$(rc HGETALL "${K[0]}" | paste -d= - - | sort | tr '\n' ' ' | sed 's/ $//')"
