@@ -243,21 +243,50 @@ lookup(Relation rel, Relation index, Snapshot snap, Datum key,
 	return found;
 }
 
-bool
-direct_fetch_row(DirectTable *t, Datum key, Datum *values, bool *nulls)
+struct DirectReader
+{
+	DirectTable *t;
+	Relation	rel;
+	Relation	index;
+	TupleTableSlot *slot;
+	IndexScanDesc scan;
+};
+
+DirectReader *
+direct_reader_open(DirectTable *t)
 {
 	Oid			nsp = billing_namespace();
-	Relation	rel = direct_open(t, nsp, AccessShareLock);
-	Relation	index = index_open(billing_relid(t->key_index, nsp), AccessShareLock);
-	TupleTableSlot *slot = table_slot_create(rel, NULL);
-	bool		found = lookup(rel, index, GetActiveSnapshot(), key, slot);
+	DirectReader *r = palloc(sizeof(DirectReader));
 
-	if (found)
-		copy_columns(t, slot, values, nulls);
-	ExecDropSingleTupleTableSlot(slot);
-	index_close(index, NoLock);
-	table_close(rel, NoLock);
-	return found;
+	r->t = t;
+	r->rel = direct_open(t, nsp, AccessShareLock);
+	r->index = index_open(billing_relid(t->key_index, nsp), AccessShareLock);
+	r->slot = table_slot_create(r->rel, NULL);
+	r->scan = index_beginscan(r->rel, r->index, GetActiveSnapshot(), 1, 0);
+	return r;
+}
+
+bool
+direct_reader_fetch(DirectReader *r, Datum key, Datum *values, bool *nulls)
+{
+	ScanKeyData skey;
+
+	key_init(&skey, r->index, 1, &key);
+	index_rescan(r->scan, &skey, 1, NULL, 0);
+	if (!index_getnext_slot(r->scan, ForwardScanDirection, r->slot))
+		return false;
+	copy_columns(r->t, r->slot, values, nulls);
+	return true;
+}
+
+void
+direct_reader_close(DirectReader *r)
+{
+	index_endscan(r->scan);
+	ExecDropSingleTupleTableSlot(r->slot);
+	index_close(r->index, NoLock);
+	table_close(r->rel, NoLock);
+	pfree(r);
 }
 
 bool

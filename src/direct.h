@@ -59,11 +59,17 @@ extern bool direct_lock_row(DirectTable *t, Datum key, Datum *values,
 							bool *nulls, ItemPointer tid);
 
 /*
- * Read the row whose key equals `key` as the active snapshot sees it (no
- * lock); as direct_lock_row otherwise.
+ * Read rows by key as the active snapshot sees them (no lock), as
+ * direct_lock_row otherwise.  A reader keeps the table, its key index and
+ * one index scan open, so that reading many rows (the background worker's
+ * snapshots) pays for opening them once; close it in the same transaction.
  */
-extern bool direct_fetch_row(DirectTable *t, Datum key, Datum *values,
-							 bool *nulls);
+typedef struct DirectReader DirectReader;
+
+extern DirectReader *direct_reader_open(DirectTable *t);
+extern bool direct_reader_fetch(DirectReader *r, Datum key, Datum *values,
+								bool *nulls);
+extern void direct_reader_close(DirectReader *r);
 
 /*
  * Is there a row with (k1, k2) in t->key_index, committed or being
