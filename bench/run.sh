@@ -36,6 +36,7 @@ BENCH_BALANCE_ENTRIES=${BENCH_BALANCE_ENTRIES:-1000000}
 BENCH_BALANCE_BATCH=${BENCH_BALANCE_BATCH:-250}
 BENCH_BALANCE_SECONDS=${BENCH_BALANCE_SECONDS:-5}
 BENCH_OUT=${BENCH_OUT:-$here}
+mkdir -p "$BENCH_OUT"                    # a results directory that does not exist yet is made
 BENCH_KEEP=${BENCH_KEEP:-0}
 BENCH_PERF=${BENCH_PERF:-0}
 BENCH_BUILD=${BENCH_BUILD:-1}
@@ -249,7 +250,24 @@ rc() { redis-cli -h 127.0.0.1 -p "$BILLING_REDIS_PORT" "$@" </dev/null; }
 q() { sql "$@"; } # for test/lib/mirror.sh
 # shellcheck source=../test/lib/mirror.sh
 . "$repo/test/lib/mirror.sh" # converged(): Redis == the database, every account
-mirror=$BILLING_TMP/mirror.tsv # label accounts pushes converged_ms ("-": differs)
+mirror=$BILLING_TMP/mirror.tsv # label accounts pushes converged_ms ("-": differs) worker_us redis_us
+
+# proc_ticks PID -- CPU time (user + system, clock ticks) of a live process
+proc_ticks() { awk '{ sub(/^.*\) /, ""); print $12 + $13 }' "/proc/$1/stat" 2>/dev/null || echo 0; }
+
+# the CPU the mirror costs: the worker's and redis-server's, from worker_on
+# to the end of worker_off's wait (the same window as its push count)
+mirror_cpu_start() {
+	worker_pid=$(sql -c "SELECT pid FROM pg_stat_activity WHERE backend_type = 'billing sync'")
+	redis_pid=$(rc INFO server | tr -d '\r' | sed -n 's/^process_id://p')
+	worker_t0=$(proc_ticks "$worker_pid") redis_t0=$(proc_ticks "$redis_pid")
+}
+# mirror_cpu_per_push PUSHES -- "worker_us redis_us": CPU microseconds per push
+mirror_cpu_per_push() {
+	awk -v p="$1" -v w="$(($(proc_ticks "$worker_pid") - worker_t0))" \
+		-v r="$(($(proc_ticks "$redis_pid") - redis_t0))" -v hz="$(getconf CLK_TCK)" \
+		'BEGIN { if (p > 0) printf "%.1f %.1f\n", w / hz * 1e6 / p, r / hz * 1e6 / p; else print "- -" }'
+}
 
 # worker_on -- point the (idle, freshly restarted) worker at the cluster's
 # redis-server and wait until it is connected and has pushed every account.
@@ -266,6 +284,7 @@ worker_on() {
 		"SELECT connected AND full_resyncs > $resyncs AND NOT full_resync_pending AND dirty_accounts = 0
 		   FROM billing_sync_status()"
 	pushed0=$(sql -c "SELECT pushed FROM billing_sync_status()")
+	mirror_cpu_start
 }
 
 # worker_off LABEL -- prove the worker pushed (Redis equals the database for
@@ -278,6 +297,7 @@ worker_off() {
 		sleep 0.1
 	done
 	pushes=$(($(sql -c "SELECT pushed FROM billing_sync_status()") - pushed0))
+	cpu_per_push=$(mirror_cpu_per_push "$pushes")
 	n=$(grep -c . <<<"$CONV_DB" || true)
 	if [[ $converged_in == - ]]; then
 		hook_status=MIRROR_DIFFERS
@@ -285,9 +305,9 @@ worker_off() {
 		say "  Redis differs from the database after $label: see $BILLING_TMP/mirror-$label.diff"
 		hook_note="worker pushed $pushes account snapshots; Redis DIFFERS from the database"
 	else
-		hook_note="worker pushed $pushes account snapshots; Redis == database for all $n accounts (within ${converged_in} ms after the run)"
+		hook_note="worker pushed $pushes account snapshots; Redis == database for all $n accounts (within ${converged_in} ms after the run); CPU us per push: worker, redis-server: $cpu_per_push"
 	fi
-	printf '%s\t%s\t%s\t%s\n' "$label" "$n" "$pushes" "$converged_in" >>"$mirror"
+	printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$label" "$n" "$pushes" "$converged_in" $cpu_per_push >>"$mirror"
 	sql -c "ALTER SYSTEM RESET billing.redis_host" -c "SELECT pg_reload_conf()" >/dev/null
 	wait_for 30 "the worker to leave Redis" "SELECT NOT connected FROM billing_sync_status()"
 }
@@ -858,11 +878,11 @@ fi
 		echo
 		echo "## Redis mirror: cost and lag"
 		echo
-		echo "The background worker is connected to every run's database (\`billing.database = 'bench'\`, \`billing.check_interval = 0\`), idle (\`billing.redis_host = ''\`) except in these runs, where it pushes every commit to the cluster's redis-server (set by ALTER SYSTEM + reload, on an empty Redis). After each of them, Redis was compared with the database (every field of every account hash, as in test/lib/mirror.sh):"
+		echo "The background worker is connected to every run's database (\`billing.database = 'bench'\`, \`billing.check_interval = 0\`), idle (\`billing.redis_host = ''\`) except in these runs, where it pushes every commit to the cluster's redis-server (set by ALTER SYSTEM + reload, on an empty Redis). After each of them, Redis was compared with the database (every field of every account hash, as in test/lib/mirror.sh). The CPU columns are what the mirror costs on the machine's CPUs, which the charges share: the worker's and redis-server's CPU time (user + system, from /proc, 10 ms resolution) from the moment the worker had pushed every account until Redis equalled the database after the run, divided by the snapshots pushed in that window:"
 		echo
-		echo "| run | account snapshots pushed during the run | accounts | Redis == database |"
-		echo "| --- | ---: | ---: | --- |"
-		awk -F'\t' '{ printf "| %s | %s | %s | %s |\n", $1, $3, $2, ($4 == "-" ? "**no** (see tmp_bench/mirror-" $1 ".diff)" : "yes (within " $4 " ms after the run)") }' "$mirror"
+		echo "| run | account snapshots pushed during the run | accounts | Redis == database | worker CPU µs per push | redis-server CPU µs per push |"
+		echo "| --- | ---: | ---: | --- | ---: | ---: |"
+		awk -F'\t' '{ printf "| %s | %s | %s | %s | %s | %s |\n", $1, $3, $2, ($4 == "-" ? "**no** (see tmp_bench/mirror-" $1 ".diff)" : "yes (within " $4 " ms after the run)"), $5, $6 }' "$mirror"
 		if [[ $BENCH_SYNC_LAG == 1 ]]; then
 			echo
 			echo "Commit → Redis lag (run \`sync_lag\`): billing_deduct as in \`deduct\`, paced at $BENCH_SYNC_RATE/s in all (\`pgbench -R $BENCH_SYNC_RATE\`, $BENCH_CLIENTS clients, $BENCH_SYNC_SECONDS s), reached **$(printf '%.0f' "${sync_tps/-/0}") deducts/s**. \`billing_sync_status()\` sampled every 0.2 s; its recent_lag_p50_ms / recent_lag_p99_ms cover the worker's last 1,024 account pushes (about 0.2 s at 5,000/s), so the $sync_samples samples that hold only this run's pushes see nearly every push:"
