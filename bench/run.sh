@@ -193,16 +193,18 @@ percentiles() {
 # cpu_ticks -- "machine-busy cluster-cpu elapsed" in clock ticks: busy time of
 # all CPUs (/proc/stat: user, nice, system, irq, softirq, steal), CPU time of
 # the cluster (the postmaster, its live children and the reaped ones, i.e.
-# backends that exited), and a timestamp.
+# backends that exited, and the cluster's redis-server, which the worker-on
+# runs keep busy), and a timestamp.
 cpu_ticks() {
-	local pm
+	local pm rp
 	pm=$(head -n 1 "$PGDATA/postmaster.pid")
+	rp=$(rc INFO server 2>/dev/null | tr -d '\r' | sed -n 's/^process_id://p')
 	printf '%s %s %s\n' \
 		"$(awk '$1 == "cpu" { print $2 + $3 + $4 + $7 + $8 + $9 }' /proc/stat)" \
-		"$(cat /proc/[0-9]*/stat 2>/dev/null | awk -v pm="$pm" '
+		"$(cat /proc/[0-9]*/stat 2>/dev/null | awk -v pm="$pm" -v rp="${rp:-none}" '
 			{ pid = $1; sub(/^.*\) /, "") }          # now $1 = state, $2 = ppid, $12 = utime
 			pid == pm { s += $12 + $13 + $14 + $15 }
-			$2 == pm  { s += $12 + $13 }
+			$2 == pm || pid == rp { s += $12 + $13 }
 			END { print s + 0 }')" \
 		"$(awk '{ print int($1 * 100) }' /proc/uptime)"
 }
@@ -744,7 +746,7 @@ fi
 		echo "- background worker: connected to every run's database (\`billing.database = 'bench'\`; maintenance every second), idle (\`billing.redis_host = ''\`) except in the runs that say they push to Redis"
 	fi
 	echo "- data: every run starts from a fresh copy of the same database: $BENCH_TENANTS tenants topped up with 1e9 each (billing and PL/pgSQL), $BENCH_SEEDS seed charges as replay targets ($entries_template ledger entries), $BENCH_SEEDS released holds and $BENCH_SEEDS cancelled jobs (so that the hold and job tables are not empty when analyzed)"
-	echo "- latencies from the per-transaction logs (\`pgbench -l\`), in milliseconds; \"other CPU %\": share of the machine's CPU time used during the run by processes other than this cluster and pgbench (other work on a shared machine; the higher, the less trustworthy the row)"
+	echo "- latencies from the per-transaction logs (\`pgbench -l\`), in milliseconds; \"other CPU %\": share of the machine's CPU time used during the run by processes other than this cluster (its postgres processes and its redis-server) and pgbench (other work on a shared machine; the higher, the less trustworthy the row)"
 	echo
 	# a run that shared the machine with much other work says so up front
 	# (the runs shown: best rounds, sweep points, the balance run)
