@@ -15,12 +15,14 @@
 -- not changed), else 1: the hash is replaced.  Replacing is HSET of every
 -- field, and only when the hash then holds a field the snapshot does not
 -- name (a limit was removed) DEL + HSET: cheaper than rebuilding the hash on
--- every push, with the same result.  Either way, with
+-- every push, with the same result.  A forced push (a repair) also replaces
+-- a key of another type than hash.  Either way, with
 -- the pending keys, every reservation whose settled version (pending_ver) is
 -- <= the version the hash now holds is removed from all four pending
 -- structures (a stale push still prunes what settled up to the stored one).
--- Every read comes before the first write, so a key of the wrong type fails
--- the script before it changes anything (Redis does not roll back).
+-- Every read comes before the first write, so a key of the wrong type (other
+-- than a forced push's hash) fails the script before it changes anything
+-- (Redis does not roll back).
 -- Errors: BADARGS <what>.
 
 local MAX = 9007199254740991 -- 2^53 - 1: Lua numbers are exact up to here
@@ -78,8 +80,17 @@ local function main()
 	end
 
 	local hash = KEYS[1]
-	local stored = int(redis.call('HGET', hash, 'version'))
-	local stale = force == '0' and stored ~= nil and stored >= version
+	local stale = false
+	local replace = false -- DEL first: a forced repair of a key that is not a hash
+	local stored
+	if force == '0' then
+		-- (a key of another type fails here, before any write)
+		stored = int(redis.call('HGET', hash, 'version'))
+		stale = stored ~= nil and stored >= version
+	else
+		local t = redis.call('TYPE', hash).ok
+		replace = t ~= 'hash' and t ~= 'none'
+	end
 	local done = {}
 	if nkeys == 5 then
 		local limit = stale and stored or version
@@ -88,12 +99,18 @@ local function main()
 			local v = int(settled[i + 1])
 			if v and v <= limit then done[#done + 1] = settled[i] end
 		end
+		if #done > 0 then -- the other pending keys, read before any write
+			redis.call('ZCARD', KEYS[2])
+			redis.call('HLEN', KEYS[3])
+			redis.call('HLEN', KEYS[5])
+		end
 	end
 
 	if not stale then
 		-- ARGV becomes the HSET list: version, <version>, field, value, ...
 		ARGV[2] = vstr
 		ARGV[1] = 'version'
+		if replace then redis.call('DEL', hash) end
 		call_batched('HSET', hash, ARGV)
 		if redis.call('HLEN', hash) ~= nfields then
 			redis.call('DEL', hash)

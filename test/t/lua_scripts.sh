@@ -477,6 +477,27 @@ rc SET "${K[3]}" x >/dev/null
 check_err "wrong type: the apply fails" WRONGTYPE "$(snap_basic WTA 2 $((5 * M)))"
 check "wrong type: the hash was not replaced" "1 10000000" "$(hget "${K[0]}" version) $(hget "${K[0]}" available)"
 rc DEL "${K[3]}" >/dev/null
+# The other pending keys are written only when a settled reservation is
+# pruned: then they are read first too.
+check "wrong type: reserve r1" '["OK",9000000]' "$(charge WTA r1 $M $T0 60000)"
+check "wrong type: settle r1 at version 2" 1 "$(settle WTA r1 2)"
+rc DEL "${K[4]}" >/dev/null
+rc SET "${K[4]}" x >/dev/null
+check_err "wrong type: an apply that would prune fails on pending_key" WRONGTYPE "$(snap_basic WTA 3 $((9 * M)))"
+check "wrong type: the hash was not replaced by it" "1 10000000" "$(hget "${K[0]}" version) $(hget "${K[0]}" available)"
+rc DEL "${K[1]}" "${K[2]}" "${K[3]}" "${K[4]}" >/dev/null
+# A forced push is the consistency check's repair: it replaces a snapshot
+# key of another type; an unforced one fails and changes nothing.
+rc DEL "${K[0]}" >/dev/null
+rc SET "${K[0]}" garbage >/dev/null
+check_err "wrong type: an unforced apply on a string key fails" WRONGTYPE "$(snap_basic WTA 4 $M)"
+check "wrong type: the string is still there" garbage "$(rc GET "${K[0]}")"
+check "wrong type: a forced apply replaces the string" 1 "$(apply_t WTA 4 1 status active available 7)"
+check "wrong type: it is a hash again" "hash available=7 status=active version=4" \
+	"$(rc TYPE "${K[0]}") $(rc HGETALL "${K[0]}" | paste -d= - - | sort | tr '\n' ' ' | sed 's/ $//')"
+check "wrong type: a forced apply replaces an API key hash that is a list" 1 \
+	"$(rc RPUSH "$(kh WTA k9)" x >/dev/null; apply_h "$(kh WTA k9)" 3 1 status active spent 0)"
+check "wrong type: the key hash" "hash 3" "$(rc TYPE "$(kh WTA k9)") $(hget "$(kh WTA k9)" version)"
 
 echo "# the guarantee: a stale snapshot never resurrects reserved funds"
 # Account at version 10 with 10 units; the gateway reserves 4, the database
