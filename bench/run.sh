@@ -422,6 +422,25 @@ items() { local n; n=$(workload_field "$1" 6 || true); echo "${n:-1}"; }
 # rate NAME -- items/s of a workload in the BENCH_CLIENTS table: TPS x items ("-" if not measured)
 rate() { awk -v t="$(result "$1" "$BENCH_CLIENTS" 5)" -v n="$(items "$1")" 'BEGIN { if (t == "-") print "-"; else printf "%.3f\n", t * n }'; }
 
+# round_ratios W B -- "r1, r2, ... (median m)": TPS x items of W over that of
+# B in each round (W@k against B@k, run minutes apart), "-" with one round
+round_ratios() {
+	((BENCH_ROUNDS > 1)) || { echo -; return; }
+	awk -F'\t' -v w="$1" -v b="$2" -v c="$BENCH_CLIENTS" -v iw="$(items "$1")" -v ib="$(items "$2")" \
+		-v n="$BENCH_ROUNDS" '
+		$2 == c { tps[$1] = $5 }
+		END {
+			for (k = 1; k <= n; k++) {
+				a = tps[w "@" k]; z = tps[b "@" k]
+				if (a == "" || z == "" || z + 0 == 0) { print "-"; exit }
+				r[k] = sprintf("%.2f", a * iw / (z * ib)); out = out (k > 1 ? ", " : "") r[k]
+			}
+			for (i = 1; i <= n; i++) for (j = i + 1; j <= n; j++) if (r[j] + 0 < r[i] + 0) { t = r[i]; r[i] = r[j]; r[j] = t }
+			m = (n % 2) ? r[(n + 1) / 2] : sprintf("%.2f", (r[n / 2] + r[n / 2 + 1]) / 2)
+			print out " (median " m ")"
+		}' "$results"
+}
+
 # Sample where the server spends its time during one workload (BENCH_PERF=1).
 perf_sample() {
 	local label=$1 secs=$2
@@ -789,8 +808,10 @@ fi
 	echo
 	echo "## Targets of the performance issue"
 	echo
-	echo "| target | measured | met? |"
-	echo "| --- | ---: | --- |"
+	echo "The verdict compares the best rounds (the Workloads table). This machine's speed drifts between rounds, so the ratio of each round's pair, run minutes apart, is shown too."
+	echo
+	echo "| target | measured (best rounds) | each round | met? |"
+	echo "| --- | ---: | --- | --- |"
 	for t in "${TARGETS[@]}"; do
 		read -r kind t <<<"$t"
 		case $kind in
@@ -799,6 +820,7 @@ fi
 			r=$(ratio "$(rate "$w")" "$(rate "$b")")
 			shown=$r
 			[[ $r == - ]] || shown="$r ×"
+			rounds=$(round_ratios "$w" "$b")
 			text+=", TPS"
 			;;
 		rate) # items/s of w >= min
@@ -806,6 +828,8 @@ fi
 			r=$(rate "$w")
 			shown=$r
 			[[ $r == - ]] || shown="$(awk -v r="$r" 'BEGIN { printf "%.0f", r }')/s"
+			rounds=$(awk -F'\t' -v w="$w" -v c="$BENCH_CLIENTS" -v n="$(items "$w")" \
+				'index($1, w "@") == 1 && $2 == c { out = out (out == "" ? "" : ", ") sprintf("%.0f", $5 * n) } END { print (out == "" ? "-" : out "/s") }' "$results")
 			;;
 		*) die "TARGETS: unknown kind $kind" ;;
 		esac
@@ -816,7 +840,7 @@ fi
 		else
 			met="**not met**"
 		fi
-		echo "| $text | $shown | $met |"
+		echo "| $text | $shown | $rounds | $met |"
 	done
 	if [[ $BENCH_SYNC_LAG == 1 ]]; then
 		if [[ $sync_p99 == - ]]; then
@@ -830,9 +854,9 @@ fi
 		if awk -v t="${sync_tps/-/0}" -v r="$BENCH_SYNC_RATE" 'BEGIN { exit !(t < 0.95 * r) }'; then
 			met+=", but at only $(printf '%.0f' "${sync_tps/-/0}") deducts/s"
 		fi
-		echo "| commit → Redis lag p99 < $SYNC_LAG_P99_MS ms at $BENCH_SYNC_RATE deducts/s (worst sample, see below) | ${sync_p99} ms | $met |"
+		echo "| commit → Redis lag p99 < $SYNC_LAG_P99_MS ms at $BENCH_SYNC_RATE deducts/s (worst sample, see below) | ${sync_p99} ms | one run | $met |"
 	else
-		echo "| commit → Redis lag p99 < $SYNC_LAG_P99_MS ms at 5,000 deducts/s | not run (BENCH_SYNC_LAG=0, or BENCH_PRELOAD=0: no worker) | not measured |"
+		echo "| commit → Redis lag p99 < $SYNC_LAG_P99_MS ms at 5,000 deducts/s | not run (BENCH_SYNC_LAG=0, or BENCH_PRELOAD=0: no worker) | - | not measured |"
 	fi
 	if [[ $BENCH_BALANCE == 1 ]]; then
 		p_small=$(result balance:bal-small 1 6)
@@ -847,9 +871,9 @@ fi
 		fi
 		shown=$r
 		[[ $r == - ]] || shown="$r ×"
-		echo "| billing_balance p50 latency at $BENCH_BALANCE_ENTRIES entries ≤ $BALANCE_SAME_LATENCY × at $bal_small_n entries (the issue's figure is 10,000,000 entries: BENCH_BALANCE_ENTRIES) | $shown | $met |"
+		echo "| billing_balance p50 latency at $BENCH_BALANCE_ENTRIES entries ≤ $BALANCE_SAME_LATENCY × at $bal_small_n entries (the issue's figure is 10,000,000 entries: BENCH_BALANCE_ENTRIES) | $shown | one run | $met |"
 	else
-		echo "| billing_balance latency independent of ledger size | not run (BENCH_BALANCE=0) | not measured |"
+		echo "| billing_balance latency independent of ledger size | not run (BENCH_BALANCE=0) | - | not measured |"
 	fi
 	if ((${#sweep_names[@]})); then
 		echo
