@@ -631,11 +631,12 @@ resp_arg(StringInfo buf, const char *s)
 	appendBinaryStringInfo(buf, "\r\n", 2);
 }
 
-/* queue the commands written into buf (then empty it); false: dropped */
-#ifndef PUSH_CHUNK				/* (-DPUSH_CHUNK=64 to test the hand-over) */
+/* bytes of RESP per hand-over (-DPUSH_CHUNK=64 tests the hand-over) */
+#ifndef PUSH_CHUNK
 #define PUSH_CHUNK (1024 * 1024)
 #endif
 
+/* queue the commands written into buf (then empty it); false: dropped */
 static bool
 pipe_append_resp(StringInfo buf)
 {
