@@ -14,6 +14,7 @@ MODULE_big = billing
 OBJS = \
 	src/billing.o \
 	src/input.o \
+	src/spi.o \
 	src/ledger.o \
 	src/account.o \
 	src/direct.o \

@@ -14,8 +14,8 @@
 #define BILLING_ACCOUNT_H
 
 #include "billing.h"
-#include "executor/spi.h"
 #include "direct.h"
+#include "spi.h"
 #include "storage/itemptr.h"
 #include "utils/date.h"
 
@@ -116,35 +116,5 @@ extern DateADT billing_month_start(DateADT d);
 extern DateADT billing_next_month_start(DateADT d);
 extern TimestampTz billing_local_midnight(const char *tz, DateADT d);
 extern char *billing_format_ts(TimestampTz ts);
-
-/* ledger.c: SPI helpers shared by the C files */
-extern MemoryContext billing_spi_connect(void);
-extern SPIPlanPtr billing_keep_plan(SPIPlanPtr *cache, const char *sql,
-									int nargs, Oid *argtypes);
-extern void billing_spi_exec(SPIPlanPtr plan, Datum *values, const char *nulls,
-							 int expected, const char *what);
-extern void billing_spi_read(SPIPlanPtr plan, Datum *values, const char *nulls,
-							 const char *what);
-extern Datum billing_col(int row, int colno, bool *isnull);
-extern int64 billing_col_int64(int row, int colno, int64 if_null);
-extern char *billing_col_cstring(int row, int colno, MemoryContext cxt);
-
-/* ledger.c: one ledger entry, written under the account lock */
-typedef struct EntryWrite
-{
-	const char *kind;
-	int64		amount;			/* signed */
-	text	   *trace_id;
-	text	   *description;	/* may be NULL */
-	Jsonb	   *metadata;
-	bool		has_event_at;
-	TimestampTz event_at;
-	text	   *api_key;		/* may be NULL */
-	int64		hold_id;		/* 0: none */
-} EntryWrite;
-
-extern int64 billing_post_entry(Account *acc, EntryWrite *entry);
-extern void billing_check_not_rejected(Account *acc, text *trace_id,
-									   const char *kind);
 
 #endif							/* BILLING_ACCOUNT_H */

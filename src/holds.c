@@ -27,6 +27,7 @@
 
 #include "access/htup_details.h"
 #include "account.h"
+#include "ledger.h"
 #include "catalog/pg_type.h"
 #include "funcapi.h"
 #include "lib/stringinfo.h"
