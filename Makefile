@@ -1,14 +1,26 @@
-# billing -- PGXS build.  See README.md for the two entry points:
-#   make demo    build, install, start a throwaway cluster + Redis, run a workload
-#   make check   build, install, run every test, print "N passed, N failed"
+# billing -- PGXS build of the billing extension.
 #
-# On a machine without the Debian packages (postgresql-15,
-# postgresql-server-dev-15, libhiredis-dev, redis-server) the PGXS include is
-# not available yet; the bootstrap branch below installs them first
-# (test/deps.sh) and re-runs make.
+#   make, make install   build and install into the PostgreSQL that PG_CONFIG names
+#                        (default: the pg_config on PATH); never installs packages
+#   make installcheck    the regression and isolation suites against a running
+#                        server (PGHOST, PGPORT, ...), default settings, the
+#                        extension installed (make install)
+#   make check           every test (test/run.sh): installs missing Debian
+#                        packages when run as root, builds, installs, runs the
+#                        regression and isolation suites on a throwaway
+#                        instance and the TAP tests (test/t/*.pl); ends with
+#                        "N passed, N failed"
+#   make matrix          make check inside cached Debian chroots with
+#                        PostgreSQL 17 and 18 (test/matrix.sh)
+#   make demo            a throwaway cluster + Redis and a realistic workload
+#   make bench           the benchmark harness (bench/run.sh)
+#   make deps            install the Debian packages the targets above need
+#   make dist            billing-<version>.zip for PGXN, from git HEAD
 
-PG_CONFIG ?= /usr/lib/postgresql/15/bin/pg_config
-PGXS := $(wildcard $(shell $(PG_CONFIG) --pgxs 2>/dev/null))
+PG_CONFIG ?= pg_config
+
+EXTENSION = billing
+EXTVERSION := $(shell sed -n "s/^default_version = '\([^']*\)'.*/\1/p" billing.control)
 
 MODULE_big = billing
 OBJS = \
@@ -27,47 +39,67 @@ OBJS = \
 	src/sync.o \
 	src/worker.o
 
-EXTENSION = billing
-DATA = $(wildcard billing--*.sql)
+# The install script of the current version is built from schema/*.sql (one
+# file per area, concatenated in name order); released versions keep their
+# frozen install script in releases/ and every upgrade path its script in
+# updates/.  Released files never change (test/t/010_releases.pl).
+DATA_built = $(EXTENSION)--$(EXTVERSION).sql
+DATA = $(filter-out releases/$(EXTENSION)--$(EXTVERSION).sql,$(wildcard releases/$(EXTENSION)--*.sql)) \
+	$(wildcard updates/$(EXTENSION)--*--*.sql)
+EXTRA_CLEAN = $(EXTENSION)--$(EXTVERSION).sql tmp_check_iso output_iso results regression.diffs regression.out
+
 PG_CPPFLAGS = -I$(srcdir)/src
 PG_CFLAGS = -Wall -Wextra -Werror -Wno-unused-parameter -Wno-missing-field-initializers -Wno-sign-compare
 SHLIB_LINK = -lhiredis
 
-# pg_regress files (sql/*.sql, expected/*.out); test/run.sh runs them against
-# a cluster it starts itself.
-REGRESS = $(sort $(patsubst sql/%.sql,%,$(wildcard sql/*.sql)))
+# Regression tests (sql/, expected/) and isolation specs (test/isolation/).
+# make installcheck runs those that need nothing but default settings;
+# make check runs them all on an instance configured by test/check.conf.
+REGRESS_CHECK_ONLY = 170_two_phase
+REGRESS = $(filter-out $(REGRESS_CHECK_ONLY),$(sort $(patsubst sql/%.sql,%,$(wildcard sql/*.sql))))
+REGRESS_OPTS = --encoding=UTF8 --no-locale
+ISOLATION = $(sort $(patsubst test/isolation/specs/%.spec,%,$(wildcard test/isolation/specs/*.spec)))
+ISOLATION_OPTS = --inputdir=test/isolation --encoding=UTF8 --no-locale
 
-.PHONY: check demo bench deps
+.PHONY: check matrix demo bench deps dist
 
-# The three entry points only run scripts (which call "make" themselves), so
-# they do not include PGXS: PGXS has its own "check" target, and redefining
-# it would make every build print override warnings.
-ifneq ($(filter check demo bench deps,$(MAKECMDGOALS)),)
+# The entry points that run scripts do not include PGXS: PGXS defines its
+# own "check" (which refuses to run), and redefining it would make every
+# build print override warnings.  The scripts call make for the build.
+ifneq ($(filter check matrix demo bench deps dist,$(MAKECMDGOALS)),)
 check:
-	+@bash test/run.sh
+	+@PG_CONFIG='$(PG_CONFIG)' bash test/run.sh
+
+matrix:
+	+@bash test/matrix.sh
 
 demo:
-	+@bash demo/run.sh
+	+@PG_CONFIG='$(PG_CONFIG)' bash demo/run.sh
 
 bench:
-	+@bash bench/run.sh
+	+@PG_CONFIG='$(PG_CONFIG)' bash bench/run.sh
 
 deps:
-	@bash test/deps.sh
-else ifeq ($(PGXS),)
-# no PGXS yet: install the Debian packages, then build as asked
-all install installcheck:
-	bash test/deps.sh
-	$(MAKE) $@
+	@PG_CONFIG='$(PG_CONFIG)' bash test/deps.sh
+
+dist:
+	git archive --format zip --prefix=$(EXTENSION)-$(EXTVERSION)/ -o $(EXTENSION)-$(EXTVERSION).zip HEAD
+	@echo "wrote $(EXTENSION)-$(EXTVERSION).zip"
 else
+PGXS := $(shell $(PG_CONFIG) --pgxs 2>/dev/null)
+ifeq ($(PGXS),)
+$(error pg_config not found or not working (PG_CONFIG=$(PG_CONFIG)): install the PostgreSQL server development package (Debian: postgresql-server-dev-15, or run "make deps" as root), or pass PG_CONFIG=/path/to/pg_config)
+endif
 include $(PGXS)
+
+$(EXTENSION)--$(EXTVERSION).sql: $(sort $(wildcard schema/*.sql))
+	cat $^ > $@
+
 # PGXS tracks no header dependencies: a changed struct in a header must
 # rebuild every object that uses it, or objects disagree on its layout.
 $(OBJS): $(wildcard src/*.h)
-endif
 
 # the Redis Lua scripts, read by the worker (billing.lua_dir overrides)
-ifneq ($(PGXS),)
 install: install-lua
 .PHONY: install-lua
 install-lua:

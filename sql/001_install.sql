@@ -63,11 +63,12 @@ SELECT c.relname,
  GROUP BY c.relname, c.relkind
  ORDER BY kind, c.relname;
 
--- Constraints and triggers of the tables (append-only enforcement).
+-- Constraints and triggers of the tables (append-only enforcement).  NOT
+-- NULL constraints are the columns' (PostgreSQL 18 also lists them here).
 SELECT conrelid::regclass AS "table", conname, pg_get_constraintdef(oid) AS definition
   FROM pg_constraint
- WHERE connamespace = 'billing'::regnamespace
- ORDER BY 1::text, 2;
+ WHERE connamespace = 'billing'::regnamespace AND contype <> 'n'
+ ORDER BY conrelid::regclass::text, conname;
 
 SELECT tgrelid::regclass AS "table", tgname, tgenabled,
        pg_get_triggerdef(oid) ~ 'FOR EACH STATEMENT' AS per_statement,
@@ -76,11 +77,14 @@ SELECT tgrelid::regclass AS "table", tgname, tgenabled,
                              CASE WHEN tgtype & 32 <> 0 THEN 'TRUNCATE' END], ' ') AS events
   FROM pg_trigger
  WHERE tgrelid::regclass::text LIKE 'billing.%' AND NOT tgisinternal
- ORDER BY 1::text, 2;
+ ORDER BY tgrelid::regclass::text, tgname;
 
--- The extension's tables are dumped by pg_dump (their data is the ledger).
-SELECT extconfig::regclass[] AS dumped_tables, extcondition
-  FROM pg_extension WHERE extname = 'billing';
+-- The extension's tables are dumped by pg_dump (their data is the ledger),
+-- all of it (no condition).
+SELECT c::regclass AS dumped_table, e.extcondition[i] AS condition
+  FROM pg_extension e, unnest(e.extconfig) WITH ORDINALITY AS x(c, i)
+ WHERE e.extname = 'billing'
+ ORDER BY c::regclass::text;
 
 --
 -- Test helper for the later files: run a statement and show its SQLSTATE,

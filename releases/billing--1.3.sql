@@ -1,20 +1,20 @@
-/* billing--1.0.sql: install script of the billing extension, version 1.0 */
-
 \echo Use "CREATE EXTENSION billing" to load this file. \quit
 
 /*
+ * billing: the install script of the current version, built by `make` from
+ * the files schema/NN_area.sql in name order (see the Makefile); one file per area.
+ *
+ * 00_schema: the schema and the small C helpers every area uses.
+ *
  * Layout.  Tables, views and composite types live in schema "billing"; the
  * SQL API (billing_* functions) lives in the schema the extension is
  * created in (public by default), so it is callable with the default
  * search_path.  Money is stored as bigint micro-units (columns *_micros)
  * and shown as numeric with scale 6 by the views and functions.
  */
+
 CREATE SCHEMA billing;
 COMMENT ON SCHEMA billing IS 'billing extension: ledger tables and reporting views';
-
--- ---------------------------------------------------------------------------
--- helpers (C)
--- ---------------------------------------------------------------------------
 
 CREATE FUNCTION billing.to_amount(micros bigint) RETURNS numeric
     AS 'MODULE_PATHNAME', 'billing_to_amount'
@@ -31,10 +31,8 @@ CREATE FUNCTION billing.append_only() RETURNS trigger
     AS 'MODULE_PATHNAME', 'billing_append_only'
     LANGUAGE C;
 COMMENT ON FUNCTION billing.append_only() IS 'trigger: refuses UPDATE/DELETE/TRUNCATE (SQLSTATE ZB020)';
-
--- ---------------------------------------------------------------------------
--- tables
--- ---------------------------------------------------------------------------
+REVOKE ALL ON FUNCTION billing.append_only() FROM PUBLIC;
+/* 10_accounts: accounts, their audit trail, settings checks, billing.balances */
 
 CREATE TABLE billing.accounts (
     tenant_id           text        NOT NULL,
@@ -77,49 +75,14 @@ CREATE INDEX accounts_holds_expiry_idx ON billing.accounts (holds_next_expiry)
     WHERE holds_next_expiry IS NOT NULL;
 COMMENT ON TABLE billing.accounts IS 'one account per tenant; balance_micros caches SUM(entries.amount_micros), kept in the same transaction';
 
-CREATE SEQUENCE billing.entry_id_seq;
-CREATE TABLE billing.entries (
-    tenant_id            text        NOT NULL,
-    entry_id             bigint      NOT NULL DEFAULT nextval('billing.entry_id_seq'),
-    trace_id             text        NOT NULL,
-    kind                 text        NOT NULL,
-    amount_micros        bigint      NOT NULL,
-    balance_after_micros bigint      NOT NULL,
-    version              bigint      NOT NULL,
-    description          text,
-    metadata             jsonb       NOT NULL DEFAULT '{}',
-    event_at             timestamptz,
-    created_at           timestamptz NOT NULL DEFAULT now(),
-    api_key              text,
-    hold_id              bigint,
-    CONSTRAINT entries_pkey PRIMARY KEY (tenant_id, entry_id),
-    CONSTRAINT entries_trace_key UNIQUE (tenant_id, trace_id)
-    -- kind IN (topup, grant, refund, adjustment, deduct, capture) and
-    -- amount_micros <> 0 are guaranteed by the functions (see accounts)
-);
-ALTER SEQUENCE billing.entry_id_seq OWNED BY billing.entries.entry_id;
-COMMENT ON TABLE billing.entries IS 'append-only ledger: one row per money movement; amount signed (debits negative)';
+CREATE TRIGGER accounts_no_delete
+    BEFORE DELETE OR TRUNCATE ON billing.accounts
+    FOR EACH STATEMENT EXECUTE FUNCTION billing.append_only(
+        'Accounts are never deleted: close one with billing_account_update(tenant_id, status => ''closed'').');
+ALTER TABLE billing.accounts ENABLE ALWAYS TRIGGER accounts_no_delete;
 
-CREATE SEQUENCE billing.rejection_id_seq;
-CREATE TABLE billing.rejections (
-    tenant_id     text        NOT NULL,
-    rejection_id  bigint      NOT NULL DEFAULT nextval('billing.rejection_id_seq'),
-    trace_id      text        NOT NULL,
-    kind          text        NOT NULL,
-    amount_micros bigint      NOT NULL,
-    description   text,
-    metadata      jsonb       NOT NULL DEFAULT '{}',
-    event_at      timestamptz,
-    sqlstate      text        NOT NULL,
-    reason        text        NOT NULL,
-    detail        text,
-    api_key       text,
-    created_at    timestamptz NOT NULL DEFAULT now(),
-    CONSTRAINT rejections_pkey PRIMARY KEY (tenant_id, rejection_id),
-    CONSTRAINT rejections_trace_key UNIQUE (tenant_id, trace_id)
-);
-ALTER SEQUENCE billing.rejection_id_seq OWNED BY billing.rejections.rejection_id;
-COMMENT ON TABLE billing.rejections IS 'append-only: charges refused by billing_try_deduct(), so a replay returns the same refusal';
+-- pg_dump must dump the data of extension tables, or a restore loses the ledger
+SELECT pg_catalog.pg_extension_config_dump('billing.accounts', '');
 
 CREATE SEQUENCE billing.account_event_id_seq;
 CREATE TABLE billing.account_events (
@@ -136,668 +99,38 @@ CREATE TABLE billing.account_events (
 ALTER SEQUENCE billing.account_event_id_seq OWNED BY billing.account_events.event_id;
 COMMENT ON TABLE billing.account_events IS 'append-only audit trail of account settings (creation, credit limit, status, ...)';
 
-CREATE SEQUENCE billing.hold_id_seq;
-CREATE TABLE billing.holds (
-    tenant_id       text        NOT NULL,
-    hold_id         bigint      NOT NULL DEFAULT nextval('billing.hold_id_seq'),
-    trace_id        text        NOT NULL,
-    amount_micros   bigint      NOT NULL,
-    captured_micros bigint      NOT NULL DEFAULT 0,
-    released_micros bigint      NOT NULL DEFAULT 0,
-    status          text        NOT NULL DEFAULT 'open',
-    expires_at      timestamptz NOT NULL,
-    api_key         text,
-    description     text,
-    metadata        jsonb       NOT NULL DEFAULT '{}',
-    created_at      timestamptz NOT NULL DEFAULT now(),
-    updated_at      timestamptz NOT NULL DEFAULT now(),
-    CONSTRAINT holds_pkey PRIMARY KEY (tenant_id, hold_id),
-    CONSTRAINT holds_trace_key UNIQUE (tenant_id, trace_id),
-    CONSTRAINT holds_status_check CHECK (status IN ('open', 'captured', 'released', 'expired')),
-    CONSTRAINT holds_amount_check CHECK (amount_micros > 0 AND captured_micros >= 0 AND released_micros >= 0)
-);
-ALTER SEQUENCE billing.hold_id_seq OWNED BY billing.holds.hold_id;
-CREATE INDEX holds_open_idx ON billing.holds (tenant_id, expires_at) WHERE status = 'open';
-COMMENT ON TABLE billing.holds IS 'reservations (two-phase charges); remaining = amount - captured - released while open; history in hold_events';
-
-CREATE SEQUENCE billing.hold_event_id_seq;
-CREATE TABLE billing.hold_events (
-    tenant_id     text        NOT NULL,
-    event_id      bigint      NOT NULL DEFAULT nextval('billing.hold_event_id_seq'),
-    hold_id       bigint      NOT NULL,
-    trace_id      text,
-    action        text        NOT NULL,
-    amount_micros bigint      NOT NULL,
-    entry_id      bigint,
-    expires_at    timestamptz,
-    final         boolean     NOT NULL DEFAULT false,   -- a capture that settled the hold on purpose
-    created_at    timestamptz NOT NULL DEFAULT now(),
-    CONSTRAINT hold_events_pkey PRIMARY KEY (tenant_id, event_id),
-    CONSTRAINT hold_events_trace_key UNIQUE (tenant_id, trace_id),
-    CONSTRAINT hold_events_action_check CHECK (action IN ('hold', 'capture', 'release', 'extend', 'expire'))
-);
-ALTER SEQUENCE billing.hold_event_id_seq OWNED BY billing.hold_events.event_id;
-COMMENT ON TABLE billing.hold_events IS 'append-only journal of every hold operation (captures also reference their ledger entry)';
-
-CREATE TABLE billing.api_keys (
-    tenant_id           text        NOT NULL,
-    key_id              text        NOT NULL,
-    status              text        NOT NULL DEFAULT 'active',
-    budget_micros       bigint,
-    budget_period       text,
-    period_start        date,
-    period_spend_micros bigint      NOT NULL DEFAULT 0,
-    metadata            jsonb       NOT NULL DEFAULT '{}',
-    last_used_at        timestamptz,
-    created_at          timestamptz NOT NULL DEFAULT now(),
-    updated_at          timestamptz NOT NULL DEFAULT now(),
-    CONSTRAINT api_keys_pkey PRIMARY KEY (tenant_id, key_id),
-    CONSTRAINT api_keys_status_check CHECK (status IN ('active', 'suspended', 'revoked')),
-    CONSTRAINT api_keys_budget_check CHECK ((budget_micros IS NULL) = (budget_period IS NULL) AND budget_micros >= 0),
-    CONSTRAINT api_keys_period_check CHECK (budget_period IN ('day', 'month', 'lifetime'))
-);
-COMMENT ON TABLE billing.api_keys IS 'API keys of an account, with an optional budget per day, month or lifetime';
-
-CREATE TABLE billing.prices (
-    model                 text        NOT NULL,
-    currency              text        NOT NULL,
-    effective_from        timestamptz NOT NULL,
-    input_per_1k_micros   bigint      NOT NULL,
-    output_per_1k_micros  bigint      NOT NULL,
-    created_at            timestamptz NOT NULL DEFAULT now(),
-    CONSTRAINT prices_pkey PRIMARY KEY (model, currency, effective_from),
-    CONSTRAINT prices_check CHECK (input_per_1k_micros >= 0 AND output_per_1k_micros >= 0)
-);
-COMMENT ON TABLE billing.prices IS 'price per 1,000 tokens per model and currency, with history: a charge uses the price effective at its event time';
-
-CREATE SEQUENCE billing.job_id_seq;
-CREATE TABLE billing.jobs (
-    tenant_id        text        NOT NULL,
-    job_id           bigint      NOT NULL DEFAULT nextval('billing.job_id_seq'),
-    idempotency_key  text        NOT NULL,
-    kind             text        NOT NULL,
-    state            text        NOT NULL DEFAULT 'queued',
-    input            jsonb       NOT NULL DEFAULT '{}',
-    output           jsonb,
-    attempt          integer     NOT NULL DEFAULT 0,
-    max_attempts     integer     NOT NULL DEFAULT 3,
-    run_at           timestamptz NOT NULL DEFAULT now(),
-    worker           text,
-    lease_until      timestamptz,
-    heartbeat_at     timestamptz,
-    estimated_micros bigint      NOT NULL,
-    actual_micros    bigint,
-    hold_trace_id    text,
-    hold_seq         integer     NOT NULL DEFAULT 0,
-    hold_ttl         interval    NOT NULL DEFAULT '1 hour',
-    charge_entry_id  bigint,
-    last_error       text,
-    note             text,      -- why this write happens; moved into job_events by the trigger
-    created_at       timestamptz NOT NULL DEFAULT now(),
-    updated_at       timestamptz NOT NULL DEFAULT now(),
-    finished_at      timestamptz,
-    CONSTRAINT jobs_pkey PRIMARY KEY (tenant_id, job_id),
-    CONSTRAINT jobs_idempotency_key UNIQUE (tenant_id, idempotency_key),
-    CONSTRAINT jobs_state_check CHECK (state IN ('queued', 'processing', 'completed', 'failed', 'cancelled')),
-    CONSTRAINT jobs_attempt_check CHECK (attempt >= 0 AND max_attempts BETWEEN 1 AND 100),
-    CONSTRAINT jobs_estimate_check CHECK (estimated_micros > 0 AND actual_micros >= 0)
-);
-ALTER SEQUENCE billing.job_id_seq OWNED BY billing.jobs.job_id;
-CREATE INDEX jobs_queued_idx ON billing.jobs (run_at, job_id) WHERE state = 'queued';
-CREATE INDEX jobs_processing_idx ON billing.jobs (lease_until) WHERE state = 'processing';
-COMMENT ON TABLE billing.jobs IS 'billable jobs; state machine and billing invariants enforced by the job_guard trigger';
-
-CREATE SEQUENCE billing.job_event_id_seq;
-CREATE TABLE billing.job_events (
-    tenant_id   text        NOT NULL,
-    event_id    bigint      NOT NULL DEFAULT nextval('billing.job_event_id_seq'),
-    job_id      bigint      NOT NULL,
-    from_state  text,
-    to_state    text        NOT NULL,
-    attempt     integer     NOT NULL,
-    reason      text,
-    worker      text,
-    created_at  timestamptz NOT NULL DEFAULT clock_timestamp(),
-    CONSTRAINT job_events_pkey PRIMARY KEY (tenant_id, event_id)
-);
-ALTER SEQUENCE billing.job_event_id_seq OWNED BY billing.job_events.event_id;
-CREATE INDEX job_events_job_idx ON billing.job_events (tenant_id, job_id, event_id);
-COMMENT ON TABLE billing.job_events IS 'append-only business log of job transitions (from, to, attempt, reason, worker, when)';
-
-CREATE FUNCTION billing.job_guard() RETURNS trigger
-    AS 'MODULE_PATHNAME', 'billing_job_guard'
-    LANGUAGE C;
-COMMENT ON FUNCTION billing.job_guard() IS 'trigger: job state machine and invariants (ZB070, ZB072)';
-CREATE TRIGGER jobs_guard
-    BEFORE INSERT OR UPDATE ON billing.jobs
-    FOR EACH ROW EXECUTE FUNCTION billing.job_guard();
-ALTER TABLE billing.jobs ENABLE ALWAYS TRIGGER jobs_guard;
-
-CREATE TRIGGER jobs_no_delete
-    BEFORE DELETE OR TRUNCATE ON billing.jobs
-    FOR EACH STATEMENT EXECUTE FUNCTION billing.append_only(
-        'Jobs are never deleted: cancel one with billing_job_cancel().');
-ALTER TABLE billing.jobs ENABLE ALWAYS TRIGGER jobs_no_delete;
-
-CREATE TRIGGER job_events_append_only
-    BEFORE UPDATE OR DELETE OR TRUNCATE ON billing.job_events
-    FOR EACH STATEMENT EXECUTE FUNCTION billing.append_only(
-        'The job log is never rewritten.');
-ALTER TABLE billing.job_events ENABLE ALWAYS TRIGGER job_events_append_only;
-
--- append-only enforcement, for every role (ENABLE ALWAYS: also in replica mode)
-CREATE TRIGGER entries_append_only
-    BEFORE UPDATE OR DELETE OR TRUNCATE ON billing.entries
-    FOR EACH STATEMENT EXECUTE FUNCTION billing.append_only(
-        'Record a correction as a new entry instead, e.g. billing_credit(..., kind => ''refund'') or kind => ''adjustment''.');
-ALTER TABLE billing.entries ENABLE ALWAYS TRIGGER entries_append_only;
-
-CREATE TRIGGER rejections_append_only
-    BEFORE UPDATE OR DELETE OR TRUNCATE ON billing.rejections
-    FOR EACH STATEMENT EXECUTE FUNCTION billing.append_only(
-        'A recorded rejection is final for its trace id: retry with a new trace id.');
-ALTER TABLE billing.rejections ENABLE ALWAYS TRIGGER rejections_append_only;
-
 CREATE TRIGGER account_events_append_only
     BEFORE UPDATE OR DELETE OR TRUNCATE ON billing.account_events
     FOR EACH STATEMENT EXECUTE FUNCTION billing.append_only(
         'The audit trail is never rewritten.');
 ALTER TABLE billing.account_events ENABLE ALWAYS TRIGGER account_events_append_only;
-
-CREATE TRIGGER hold_events_append_only
-    BEFORE UPDATE OR DELETE OR TRUNCATE ON billing.hold_events
-    FOR EACH STATEMENT EXECUTE FUNCTION billing.append_only(
-        'The hold journal is never rewritten: release or capture the hold instead.');
-ALTER TABLE billing.hold_events ENABLE ALWAYS TRIGGER hold_events_append_only;
-
-CREATE TRIGGER holds_no_delete
-    BEFORE DELETE OR TRUNCATE ON billing.holds
-    FOR EACH STATEMENT EXECUTE FUNCTION billing.append_only(
-        'Holds are never deleted: release one with billing_release().');
-ALTER TABLE billing.holds ENABLE ALWAYS TRIGGER holds_no_delete;
-
-CREATE TRIGGER prices_no_rewrite
-    BEFORE UPDATE OR DELETE OR TRUNCATE ON billing.prices
-    FOR EACH STATEMENT EXECUTE FUNCTION billing.append_only(
-        'Prices keep their history: add a new price with a later effective_from via billing_price_set().');
-ALTER TABLE billing.prices ENABLE ALWAYS TRIGGER prices_no_rewrite;
-
-CREATE TRIGGER accounts_no_delete
-    BEFORE DELETE OR TRUNCATE ON billing.accounts
-    FOR EACH STATEMENT EXECUTE FUNCTION billing.append_only(
-        'Accounts are never deleted: close one with billing_account_update(tenant_id, status => ''closed'').');
-ALTER TABLE billing.accounts ENABLE ALWAYS TRIGGER accounts_no_delete;
-
--- pg_dump must dump the data of extension tables, or a restore loses the ledger
-SELECT pg_catalog.pg_extension_config_dump('billing.accounts', '');
-SELECT pg_catalog.pg_extension_config_dump('billing.entries', '');
-SELECT pg_catalog.pg_extension_config_dump('billing.rejections', '');
 SELECT pg_catalog.pg_extension_config_dump('billing.account_events', '');
-SELECT pg_catalog.pg_extension_config_dump('billing.entry_id_seq', '');
-SELECT pg_catalog.pg_extension_config_dump('billing.rejection_id_seq', '');
 SELECT pg_catalog.pg_extension_config_dump('billing.account_event_id_seq', '');
-SELECT pg_catalog.pg_extension_config_dump('billing.holds', '');
-SELECT pg_catalog.pg_extension_config_dump('billing.hold_events', '');
-SELECT pg_catalog.pg_extension_config_dump('billing.api_keys', '');
-SELECT pg_catalog.pg_extension_config_dump('billing.prices', '');
-SELECT pg_catalog.pg_extension_config_dump('billing.hold_id_seq', '');
-SELECT pg_catalog.pg_extension_config_dump('billing.hold_event_id_seq', '');
-SELECT pg_catalog.pg_extension_config_dump('billing.jobs', '');
-SELECT pg_catalog.pg_extension_config_dump('billing.job_events', '');
-SELECT pg_catalog.pg_extension_config_dump('billing.job_id_seq', '');
-SELECT pg_catalog.pg_extension_config_dump('billing.job_event_id_seq', '');
 
--- ---------------------------------------------------------------------------
--- composite result types
--- ---------------------------------------------------------------------------
-
-CREATE TYPE billing.entry_result AS (
-    entry_id      bigint,
-    tenant_id     text,
-    trace_id      text,
-    kind          text,
-    amount        numeric,      -- signed, as in the ledger (debits negative)
-    balance_after numeric,
-    version       bigint,
-    created_at    timestamptz,
-    replayed      boolean
-);
-
-CREATE TYPE billing.charge_outcome AS (
-    status        text,         -- 'committed' or 'rejected'
-    replayed      boolean,
-    entry_id      bigint,       -- NULL when rejected
-    tenant_id     text,
-    trace_id      text,
-    kind          text,
-    amount        numeric,
-    balance_after numeric,      -- NULL when rejected
-    version       bigint,       -- account version after the entry (for settle.lua); NULL when rejected
-    created_at    timestamptz,
-    sqlstate      text,         -- NULL when committed
-    reason        text,
-    detail        text
-);
-
-CREATE TYPE billing.hold_result AS (
-    hold_id       bigint,
-    tenant_id     text,
-    trace_id      text,         -- the hold's trace id
-    status        text,         -- open, captured, released, expired
-    amount        numeric,
-    captured      numeric,
-    released      numeric,
-    remaining     numeric,
-    expires_at    timestamptz,
-    available     numeric,      -- the account's available funds after this call
-    replayed      boolean
-);
-
-CREATE TYPE billing.capture_result AS (
-    entry_id       bigint,
-    hold_id        bigint,
-    tenant_id      text,
-    trace_id       text,        -- the capture's trace id
-    amount         numeric,     -- signed, as in the ledger
-    balance_after  numeric,
-    hold_captured  numeric,
-    hold_remaining numeric,
-    hold_status    text,
-    created_at     timestamptz,
-    replayed       boolean
-);
-
-CREATE TYPE billing.job_result AS (
-    job_id          bigint,
-    tenant_id       text,
-    idempotency_key text,
-    kind            text,
-    state           text,
-    attempt         integer,
-    max_attempts    integer,
-    run_at          timestamptz,
-    worker          text,
-    lease_until     timestamptz,
-    estimated_cost  numeric,
-    actual_cost     numeric,
-    hold_trace_id   text,
-    charge_entry_id bigint,
-    last_error      text,
-    input           jsonb,
-    output          jsonb,
-    created_at      timestamptz,
-    finished_at     timestamptz,
-    replayed        boolean
-);
-
-CREATE TYPE billing.verify_result AS (
-    tenant_id            text,
-    cached_balance       numeric,
-    ledger_sum           numeric,
-    entries              bigint,
-    chain_breaks         bigint,
-    first_break_entry_id bigint,
-    problem              text
-);
-
--- ---------------------------------------------------------------------------
--- views for reporting tools
--- ---------------------------------------------------------------------------
-
--- what remains on an account's open holds right now: the cached sum, unless
--- a hold has expired since anything ran on the account (then from the holds)
-CREATE FUNCTION billing.effective_holds(a billing.accounts) RETURNS bigint
-    LANGUAGE sql STABLE PARALLEL SAFE SECURITY DEFINER
+-- account time zones: names of the tz database only, no abbreviations
+CREATE FUNCTION billing.known_zone_file(zone text) RETURNS boolean
+    LANGUAGE plpgsql STABLE
     SET search_path = pg_catalog, pg_temp
 AS $$
-    SELECT CASE
-               WHEN a.holds_next_expiry IS NULL OR a.holds_next_expiry > now() THEN a.holds_micros
-               ELSE (SELECT coalesce(sum(h.amount_micros - h.captured_micros - h.released_micros), 0)::bigint
-                       FROM billing.holds h
-                      WHERE h.tenant_id = a.tenant_id AND h.status = 'open' AND h.expires_at > now())
-           END
+BEGIN
+    IF position('/' IN zone) > 0 THEN
+        PERFORM now() AT TIME ZONE zone;
+        RETURN true;
+    END IF;
+    RETURN EXISTS (SELECT 1 FROM pg_catalog.pg_timezone_names n WHERE lower(n.name) = lower(zone));
+EXCEPTION WHEN invalid_parameter_value THEN
+    RETURN false;
+END;
 $$;
 
-CREATE VIEW billing.balances AS
-SELECT a.tenant_id,
-       a.currency,
-       a.status,
-       billing.to_amount(a.balance_micros)                         AS balance,
-       billing.to_amount(a.credit_limit_micros)                    AS credit_limit,
-       billing.to_amount(billing.effective_holds(a))               AS on_hold,
-       billing.to_amount(a.balance_micros) + billing.to_amount(a.credit_limit_micros)
-           - billing.to_amount(billing.effective_holds(a))          AS available,
-       a.version,
-       a.last_entry_at,
-       a.timezone,
-       a.metadata,
-       a.created_at,
-       a.updated_at
-  FROM billing.accounts a;
-COMMENT ON VIEW billing.balances IS 'one row per account: balance, credit limit, on hold, available funds, version';
+REVOKE ALL ON FUNCTION billing.known_zone_file(text) FROM PUBLIC;
 
-CREATE VIEW billing.ledger AS
-SELECT e.entry_id,
-       e.tenant_id,
-       e.trace_id,
-       e.kind,
-       billing.to_amount(e.amount_micros)        AS amount,
-       billing.to_amount(e.balance_after_micros) AS balance_after,
-       e.version,
-       e.description,
-       e.metadata->>'model'                      AS model,
-       coalesce(e.api_key, e.metadata->>'api_key') AS api_key,
-       e.hold_id,
-       e.metadata,
-       e.event_at,
-       e.created_at
-  FROM billing.entries e;
-COMMENT ON VIEW billing.ledger IS 'readable ledger: amounts as numeric, model and api_key lifted from metadata';
-
--- usage = charges: entries of kind deduct and capture
-CREATE VIEW billing.usage_daily AS
-SELECT e.tenant_id,
-       (coalesce(e.event_at, e.created_at) AT TIME ZONE a.timezone)::date AS day,
-       count(*) FILTER (WHERE e.kind IN ('deduct', 'capture'))                      AS charges,
-       billing.to_amount(coalesce(-sum(e.amount_micros) FILTER (WHERE e.kind IN ('deduct', 'capture')), 0)::bigint) AS spent,
-       count(*) FILTER (WHERE e.amount_micros > 0)                                 AS credits,
-       billing.to_amount(coalesce(sum(e.amount_micros) FILTER (WHERE e.amount_micros > 0), 0)::bigint) AS credited
-  FROM billing.entries e
-  JOIN billing.accounts a ON a.tenant_id = e.tenant_id
- GROUP BY 1, 2;
-COMMENT ON VIEW billing.usage_daily IS 'per tenant and day (account time zone, by event time): charges and credits';
-
-CREATE VIEW billing.usage_monthly AS
-SELECT e.tenant_id,
-       date_trunc('month', coalesce(e.event_at, e.created_at) AT TIME ZONE a.timezone)::date AS month,
-       count(*) FILTER (WHERE e.kind IN ('deduct', 'capture'))                      AS charges,
-       billing.to_amount(coalesce(-sum(e.amount_micros) FILTER (WHERE e.kind IN ('deduct', 'capture')), 0)::bigint) AS spent,
-       count(*) FILTER (WHERE e.amount_micros > 0)                                 AS credits,
-       billing.to_amount(coalesce(sum(e.amount_micros) FILTER (WHERE e.amount_micros > 0), 0)::bigint) AS credited
-  FROM billing.entries e
-  JOIN billing.accounts a ON a.tenant_id = e.tenant_id
- GROUP BY 1, 2;
-COMMENT ON VIEW billing.usage_monthly IS 'per tenant and calendar month (account time zone, by event time): charges and credits';
-
-CREATE VIEW billing.usage_by_model AS
-SELECT e.tenant_id,
-       (coalesce(e.event_at, e.created_at) AT TIME ZONE a.timezone)::date AS day,
-       e.metadata->>'model'    AS model,
-       e.metadata->>'provider' AS provider,
-       count(*)                AS charges,
-       billing.to_amount(-sum(e.amount_micros)::bigint) AS spent,
-       sum(CASE WHEN jsonb_typeof(e.metadata->'input_tokens') = 'number'
-                THEN (e.metadata->>'input_tokens')::numeric END)  AS input_tokens,
-       sum(CASE WHEN jsonb_typeof(e.metadata->'output_tokens') = 'number'
-                THEN (e.metadata->>'output_tokens')::numeric END) AS output_tokens
-  FROM billing.entries e
-  JOIN billing.accounts a ON a.tenant_id = e.tenant_id
- WHERE e.kind IN ('deduct', 'capture')
- GROUP BY 1, 2, 3, 4;
-COMMENT ON VIEW billing.usage_by_model IS 'charges per tenant, day, model and provider (from entry metadata)';
-
-CREATE VIEW billing.usage_by_api_key AS
-SELECT e.tenant_id,
-       (coalesce(e.event_at, e.created_at) AT TIME ZONE a.timezone)::date AS day,
-       coalesce(e.api_key, e.metadata->>'api_key') AS api_key,
-       count(*)                AS charges,
-       billing.to_amount(-sum(e.amount_micros)::bigint) AS spent
-  FROM billing.entries e
-  JOIN billing.accounts a ON a.tenant_id = e.tenant_id
- WHERE e.kind IN ('deduct', 'capture')
- GROUP BY 1, 2, 3;
-COMMENT ON VIEW billing.usage_by_api_key IS 'charges per tenant, day and api key (the api_key argument, else metadata->>''api_key'')';
-
-CREATE VIEW billing.open_holds AS
-SELECT h.tenant_id,
-       h.hold_id,
-       h.trace_id,
-       h.api_key,
-       billing.to_amount(h.amount_micros)                                         AS amount,
-       billing.to_amount(h.captured_micros)                                       AS captured,
-       billing.to_amount(h.amount_micros - h.captured_micros - h.released_micros) AS remaining,
-       h.expires_at,
-       h.description,
-       h.created_at
-  FROM billing.holds h
- WHERE h.status = 'open' AND h.expires_at > now();
-COMMENT ON VIEW billing.open_holds IS 'holds that still reserve funds (open and not expired)';
-
-CREATE VIEW billing.quota_usage AS
-WITH p AS (
-    SELECT a.*,
-           (now() AT TIME ZONE a.timezone)::date AS today,
-           date_trunc('month', now() AT TIME ZONE a.timezone)::date AS this_month
-      FROM billing.accounts a
-)
-SELECT p.tenant_id,
-       p.timezone,
-       p.today AS day,
-       CASE WHEN p.usage_day = p.today THEN p.day_requests ELSE 0 END AS requests_today,
-       p.daily_request_quota,
-       p.daily_request_quota - CASE WHEN p.usage_day = p.today THEN p.day_requests ELSE 0 END AS requests_left_today,
-       billing.to_amount(CASE WHEN p.usage_day = p.today THEN p.day_spend_micros ELSE 0 END) AS spent_today,
-       billing.to_amount(p.daily_spend_cap_micros) AS daily_spend_cap,
-       ((p.today + 1)::timestamp AT TIME ZONE p.timezone) AS day_resets_at,
-       p.this_month AS month,
-       CASE WHEN p.usage_month = p.this_month THEN p.month_requests ELSE 0 END AS requests_this_month,
-       p.monthly_request_quota,
-       p.monthly_request_quota - CASE WHEN p.usage_month = p.this_month THEN p.month_requests ELSE 0 END AS requests_left_this_month,
-       billing.to_amount(CASE WHEN p.usage_month = p.this_month THEN p.month_spend_micros ELSE 0 END) AS spent_this_month,
-       billing.to_amount(p.monthly_spend_cap_micros) AS monthly_spend_cap,
-       ((p.this_month + interval '1 month')::timestamp AT TIME ZONE p.timezone) AS month_resets_at,
-       billing.to_amount(p.max_charge_micros) AS max_charge,
-       p.minute_request_limit AS per_minute_limit
-  FROM p;
-COMMENT ON VIEW billing.quota_usage IS 'per account: requests and spend of the current day and month (account time zone), limits, what is left, when they reset';
-
-CREATE VIEW billing.api_key_budgets AS
-WITH k AS (
-    SELECT k.*,
-           CASE k.budget_period
-               WHEN 'day' THEN (now() AT TIME ZONE a.timezone)::date
-               WHEN 'month' THEN date_trunc('month', now() AT TIME ZONE a.timezone)::date
-           END AS current_start,
-           a.timezone
-      FROM billing.api_keys k
-      JOIN billing.accounts a ON a.tenant_id = k.tenant_id
-), s AS (
-    SELECT k.*,
-           CASE WHEN k.budget_period IS NULL OR k.budget_period = 'lifetime' OR k.period_start = k.current_start
-                THEN k.period_spend_micros ELSE 0 END AS spent_micros,
-           (SELECT coalesce(sum(h.amount_micros - h.captured_micros - h.released_micros), 0)::bigint
-              FROM billing.holds h
-             WHERE h.tenant_id = k.tenant_id AND h.api_key = k.key_id
-               AND h.status = 'open' AND h.expires_at > now()) AS on_hold_micros
-      FROM k
-)
-SELECT s.tenant_id,
-       s.key_id,
-       s.status,
-       billing.to_amount(s.budget_micros) AS budget,
-       s.budget_period,
-       billing.to_amount(s.spent_micros) AS spent,
-       billing.to_amount(s.on_hold_micros) AS on_hold,
-       billing.to_amount(s.budget_micros - s.spent_micros - s.on_hold_micros) AS remaining,
-       CASE s.budget_period
-           WHEN 'day' THEN ((s.current_start + 1)::timestamp AT TIME ZONE s.timezone)
-           WHEN 'month' THEN ((s.current_start + interval '1 month')::timestamp AT TIME ZONE s.timezone)
-       END AS resets_at,
-       s.last_used_at,
-       s.metadata
-  FROM s;
-COMMENT ON VIEW billing.api_key_budgets IS 'per API key: budget, spent in the current period, on hold, remaining, reset time';
-
-CREATE VIEW billing.price_list AS
-SELECT p.model,
-       p.currency,
-       billing.to_amount(p.input_per_1k_micros)  AS input_per_1k,
-       billing.to_amount(p.output_per_1k_micros) AS output_per_1k,
-       p.effective_from,
-       lead(p.effective_from) OVER w AS effective_until,
-       p.effective_from <= now() AND coalesce(lead(p.effective_from) OVER w > now(), true) AS is_current
-  FROM billing.prices p
-WINDOW w AS (PARTITION BY p.model, p.currency ORDER BY p.effective_from);
-COMMENT ON VIEW billing.price_list IS 'prices per model and currency with their validity window';
-
-CREATE VIEW billing.jobs_by_state AS
-SELECT j.tenant_id, j.kind, j.state,
-       count(*)                AS jobs,
-       min(j.created_at)       AS oldest_created_at,
-       min(j.run_at) FILTER (WHERE j.state = 'queued') AS next_run_at
-  FROM billing.jobs j
- GROUP BY 1, 2, 3;
-COMMENT ON VIEW billing.jobs_by_state IS 'job counts per tenant, kind and state';
-
-CREATE VIEW billing.job_failures AS
-SELECT e.tenant_id, j.kind, e.reason AS error,
-       count(*)          AS failures,
-       count(DISTINCT e.job_id) AS jobs,
-       max(e.created_at) AS last_seen
-  FROM billing.job_events e
-  JOIN billing.jobs j ON j.tenant_id = e.tenant_id AND j.job_id = e.job_id
- WHERE e.from_state = 'processing' AND e.to_state IN ('queued', 'failed')
- GROUP BY 1, 2, 3;
-COMMENT ON VIEW billing.job_failures IS 'failed attempts (including rescued ones) per tenant, kind and error';
-
-CREATE VIEW billing.job_costs AS
-SELECT j.tenant_id, j.kind,
-       count(*) AS completed_jobs,
-       billing.to_amount(sum(j.estimated_micros)::bigint) AS estimated,
-       billing.to_amount(sum(j.actual_micros)::bigint)    AS actual,
-       round(sum(j.actual_micros)::numeric / nullif(sum(j.estimated_micros), 0), 4) AS actual_to_estimate
-  FROM billing.jobs j
- WHERE j.state = 'completed'
- GROUP BY 1, 2;
-COMMENT ON VIEW billing.job_costs IS 'estimated vs actual cost of completed jobs per tenant and kind';
-
-CREATE VIEW billing.job_time_in_state AS
-WITH spans AS (
-    SELECT e.tenant_id, e.job_id, e.to_state AS state,
-           lead(e.created_at) OVER (PARTITION BY e.tenant_id, e.job_id ORDER BY e.event_id) - e.created_at AS spent
-      FROM billing.job_events e
-)
-SELECT j.kind, s.state,
-       count(*) AS spans,
-       avg(s.spent) AS avg_time,
-       percentile_cont(0.5) WITHIN GROUP (ORDER BY s.spent) AS p50_time,
-       percentile_cont(0.95) WITHIN GROUP (ORDER BY s.spent) AS p95_time,
-       max(s.spent) AS max_time
-  FROM spans s
-  JOIN billing.jobs j ON j.tenant_id = s.tenant_id AND j.job_id = s.job_id
- WHERE s.spent IS NOT NULL
- GROUP BY 1, 2;
-COMMENT ON VIEW billing.job_time_in_state IS 'how long jobs stay in each state (finished spans only), per kind';
-
--- ---------------------------------------------------------------------------
--- the SQL API: ledger (C)
--- ---------------------------------------------------------------------------
-
-CREATE FUNCTION billing_credit(tenant_id text, amount numeric, trace_id text,
-                               description text DEFAULT NULL,
-                               metadata jsonb DEFAULT NULL,
-                               event_at timestamptz DEFAULT NULL,
-                               kind text DEFAULT 'topup')
-    RETURNS billing.entry_result
-    AS 'MODULE_PATHNAME', 'billing_credit'
-    LANGUAGE C VOLATILE SECURITY DEFINER
-    SET search_path = pg_catalog, pg_temp;
-COMMENT ON FUNCTION billing_credit(text, numeric, text, text, jsonb, timestamptz, text) IS
-    'add money (kind topup, grant, refund or adjustment); idempotent by trace_id';
-
-CREATE FUNCTION billing_deduct(tenant_id text, amount numeric, trace_id text,
-                               description text DEFAULT NULL,
-                               metadata jsonb DEFAULT NULL,
-                               event_at timestamptz DEFAULT NULL,
-                               kind text DEFAULT 'deduct',
-                               api_key text DEFAULT NULL)
-    RETURNS billing.entry_result
-    AS 'MODULE_PATHNAME', 'billing_deduct'
-    LANGUAGE C VOLATILE SECURITY DEFINER
-    SET search_path = pg_catalog, pg_temp;
-COMMENT ON FUNCTION billing_deduct(text, numeric, text, text, jsonb, timestamptz, text, text) IS
-    'charge an account (optionally through an API key); idempotent by trace_id; raises on insufficient funds, quotas, caps';
-
-CREATE FUNCTION billing_try_deduct(tenant_id text, amount numeric, trace_id text,
-                                   description text DEFAULT NULL,
-                                   metadata jsonb DEFAULT NULL,
-                                   event_at timestamptz DEFAULT NULL,
-                                   kind text DEFAULT 'deduct',
-                                   api_key text DEFAULT NULL)
-    RETURNS billing.charge_outcome
-    AS 'MODULE_PATHNAME', 'billing_try_deduct'
-    LANGUAGE C VOLATILE SECURITY DEFINER
-    SET search_path = pg_catalog, pg_temp;
-COMMENT ON FUNCTION billing_try_deduct(text, numeric, text, text, jsonb, timestamptz, text, text) IS
-    'like billing_deduct, but a business rejection is returned and recorded (a replay returns it again)';
-
-CREATE FUNCTION billing_deduct_many(tenant_ids text[], amounts numeric[], trace_ids text[],
-                                    descriptions text[] DEFAULT NULL,
-                                    metadata jsonb[] DEFAULT NULL,
-                                    api_keys text[] DEFAULT NULL,
-                                    on_reject text DEFAULT 'raise')
-    RETURNS SETOF billing.charge_outcome
-    AS 'MODULE_PATHNAME', 'billing_deduct_many'
-    LANGUAGE C VOLATILE SECURITY DEFINER
-    SET search_path = pg_catalog, pg_temp;
-COMMENT ON FUNCTION billing_deduct_many(text[], numeric[], text[], text[], jsonb[], text[], text) IS
-    'charge many items in one call (same rules per item); on_reject raise: a rejection aborts the batch, record: returned per item';
-
-CREATE FUNCTION billing_balance(tenant_id text) RETURNS numeric
-    AS 'MODULE_PATHNAME', 'billing_balance'
-    LANGUAGE C STABLE SECURITY DEFINER
-    SET search_path = pg_catalog, pg_temp;
-COMMENT ON FUNCTION billing_balance(text) IS 'cached balance of an account, O(1)';
-
-CREATE FUNCTION billing_hold(tenant_id text, amount numeric, trace_id text,
-                             expires_in interval DEFAULT '15 minutes',
-                             description text DEFAULT NULL,
-                             metadata jsonb DEFAULT NULL,
-                             api_key text DEFAULT NULL)
-    RETURNS billing.hold_result
-    AS 'MODULE_PATHNAME', 'billing_hold'
-    LANGUAGE C VOLATILE SECURITY DEFINER
-    SET search_path = pg_catalog, pg_temp;
-COMMENT ON FUNCTION billing_hold(text, numeric, text, interval, text, jsonb, text) IS
-    'reserve funds (lowers available, not the balance) until captured, released or expired; idempotent by trace_id';
-
-CREATE FUNCTION billing_capture(tenant_id text, hold_trace_id text, amount numeric, trace_id text,
-                                final boolean DEFAULT false,
-                                description text DEFAULT NULL,
-                                metadata jsonb DEFAULT NULL,
-                                event_at timestamptz DEFAULT NULL)
-    RETURNS billing.capture_result
-    AS 'MODULE_PATHNAME', 'billing_capture'
-    LANGUAGE C VOLATILE SECURITY DEFINER
-    SET search_path = pg_catalog, pg_temp;
-COMMENT ON FUNCTION billing_capture(text, text, numeric, text, boolean, text, jsonb, timestamptz) IS
-    'charge against a hold (a ledger entry of kind capture); final => release the rest; idempotent by trace_id';
-
-CREATE FUNCTION billing_release(tenant_id text, hold_trace_id text, trace_id text)
-    RETURNS billing.hold_result
-    AS 'MODULE_PATHNAME', 'billing_release'
-    LANGUAGE C VOLATILE SECURITY DEFINER
-    SET search_path = pg_catalog, pg_temp;
-COMMENT ON FUNCTION billing_release(text, text, text) IS
-    'free what is left on a hold; idempotent by trace_id; a settled or expired hold releases nothing';
-
-CREATE FUNCTION billing_hold_extend(tenant_id text, hold_trace_id text,
-                                    expires_in interval DEFAULT '15 minutes')
-    RETURNS billing.hold_result
-    AS 'MODULE_PATHNAME', 'billing_hold_extend'
-    LANGUAGE C VOLATILE SECURITY DEFINER
-    SET search_path = pg_catalog, pg_temp;
-COMMENT ON FUNCTION billing_hold_extend(text, text, interval) IS
-    'heartbeat: an open hold now expires at now() + expires_in';
-
--- ---------------------------------------------------------------------------
--- the SQL API: accounts, history, audit (PL/pgSQL / SQL: not on the hot path)
--- ---------------------------------------------------------------------------
+COMMENT ON FUNCTION billing.known_zone_file(text) IS 'is this (pattern-checked) name a zone of the tz database? (for billing.check_account_settings)';
 
 -- shared checks of account settings; raise ZB015/ZB016/ZB018
 CREATE FUNCTION billing.check_account_settings(tenant_id text, currency text,
-                                               status text, timezone text,
-                                               metadata jsonb)
+                                                          status text, timezone text,
+                                                          metadata jsonb)
     RETURNS void
     LANGUAGE plpgsql STABLE
     SET search_path = pg_catalog, pg_temp
@@ -833,19 +166,38 @@ BEGIN
                   HINT = 'Suspend to stop charges temporarily; close to stop everything for good.';
     END IF;
     IF timezone IS NOT NULL THEN
-        BEGIN
-            -- a zone name of the tz database (Europe/Berlin, UTC, Etc/GMT+3...),
-            -- not a POSIX offset string such as '+14' (which means UTC-14)
-            IF timezone !~ '^[A-Za-z][A-Za-z0-9_]*(/[A-Za-z0-9_+-]+)*$' THEN
-                RAISE invalid_parameter_value;
-            END IF;
-            PERFORM now() AT TIME ZONE timezone;
-        EXCEPTION WHEN invalid_parameter_value THEN
+        -- An abbreviation (IST, PST, also the zone names CET, EST...) means
+        -- what the session's timezone_abbreviations says: AT TIME ZONE looks
+        -- it up there before the tz database.  UTC, GMT, UCT and Zulu are
+        -- abbreviations too, but mean UTC in every set.  The fixed list keeps
+        -- the zone names that are abbreviations of a shipped set refused
+        -- whatever this session's set is.
+        IF lower(timezone) NOT IN ('utc', 'gmt', 'uct', 'zulu')
+           AND (lower(timezone) IN ('cet', 'eet', 'est', 'hst', 'met', 'mst', 'wet')
+                OR EXISTS (SELECT 1 FROM pg_catalog.pg_timezone_abbrevs ab
+                            WHERE lower(ab.abbrev) = lower(check_account_settings.timezone))) THEN
+            RAISE EXCEPTION 'invalid time zone %', quote_literal(timezone)
+                USING ERRCODE = 'ZB018',
+                      DETAIL = format('%s is a time zone abbreviation: its meaning depends on the setting timezone_abbreviations.',
+                                      timezone),
+                      HINT = 'Use the region''s name from pg_timezone_names, e.g. Asia/Kolkata or America/Los_Angeles.';
+        END IF;
+        -- a zone name of the tz database (Europe/Berlin, UTC, Etc/GMT+3...),
+        -- not a POSIX offset string such as '+14' (which means UTC-14) or
+        -- 'XYZ5', nor the files localtime and posixrules of the zone directory.
+        -- A name with a slash is a zone file if AT TIME ZONE knows it (a POSIX
+        -- string with a slash has a comma, which the pattern refuses); only a
+        -- name without one (Japan, EST5EDT, or XYZ5) is looked up in
+        -- pg_timezone_names, which reads the whole zone directory (~30 ms).
+        IF timezone !~ '^[A-Za-z][A-Za-z0-9_]*(/[A-Za-z0-9_+-]+)*$'
+           OR lower(timezone) IN ('localtime', 'posixrules')
+           OR (lower(timezone) NOT IN ('utc', 'gmt', 'uct', 'zulu')
+               AND NOT billing.known_zone_file(timezone)) THEN
             RAISE EXCEPTION 'invalid time zone %', quote_literal(timezone)
                 USING ERRCODE = 'ZB018',
                       DETAIL = 'Daily and monthly figures are computed in the account time zone.',
                       HINT = 'Use a name from pg_timezone_names, e.g. UTC or Europe/Berlin.';
-        END;
+        END IF;
     END IF;
     IF metadata IS NOT NULL AND jsonb_typeof(metadata) <> 'object' THEN
         RAISE EXCEPTION 'metadata must be a json object'
@@ -855,6 +207,60 @@ BEGIN
     END IF;
 END;
 $$;
+REVOKE ALL ON FUNCTION billing.check_account_settings(text, text, text, text, jsonb) FROM PUBLIC;
+
+-- raise ZB001 unless the account exists; returns it locked
+CREATE FUNCTION billing.lock_account(tenant_id text) RETURNS billing.accounts
+    LANGUAGE plpgsql
+    SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    acc billing.accounts;
+BEGIN
+    PERFORM billing.check_account_settings(lock_account.tenant_id, NULL, NULL, NULL, NULL);
+    SELECT * INTO acc FROM billing.accounts a WHERE a.tenant_id = lock_account.tenant_id FOR UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'account "%" does not exist', lock_account.tenant_id
+            USING ERRCODE = 'ZB001',
+                  HINT = format('Create it first with billing_account_create(%L).', lock_account.tenant_id);
+    END IF;
+    RETURN acc;
+END;
+$$;
+REVOKE ALL ON FUNCTION billing.lock_account(text) FROM PUBLIC;
+
+-- what remains on an account's open holds right now: the cached sum, unless
+-- a hold has expired since anything ran on the account (then from the holds)
+CREATE FUNCTION billing.effective_holds(a billing.accounts) RETURNS bigint
+    LANGUAGE sql STABLE PARALLEL SAFE SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT CASE
+               WHEN a.holds_next_expiry IS NULL OR a.holds_next_expiry > now() THEN a.holds_micros
+               ELSE (SELECT coalesce(sum(h.amount_micros - h.captured_micros - h.released_micros), 0)::bigint
+                       FROM billing.holds h
+                      WHERE h.tenant_id = a.tenant_id AND h.status = 'open' AND h.expires_at > now())
+           END
+$$;
+REVOKE ALL ON FUNCTION billing.effective_holds(billing.accounts) FROM PUBLIC;
+
+CREATE VIEW billing.balances AS
+SELECT a.tenant_id,
+       a.currency,
+       a.status,
+       billing.to_amount(a.balance_micros)                         AS balance,
+       billing.to_amount(a.credit_limit_micros)                    AS credit_limit,
+       billing.to_amount(billing.effective_holds(a))               AS on_hold,
+       billing.to_amount(a.balance_micros) + billing.to_amount(a.credit_limit_micros)
+           - billing.to_amount(billing.effective_holds(a))          AS available,
+       a.version,
+       a.last_entry_at,
+       a.timezone,
+       a.metadata,
+       a.created_at,
+       a.updated_at
+  FROM billing.accounts a;
+COMMENT ON VIEW billing.balances IS 'one row per account: balance, credit limit, on hold, available funds, version';
 
 CREATE FUNCTION billing_account_create(tenant_id text,
                                        currency text DEFAULT NULL,
@@ -944,6 +350,7 @@ END;
 $$;
 COMMENT ON FUNCTION billing_account_create(text, text, numeric, text, text, jsonb) IS
     'create an account, or return the existing one if the given settings match (ZB006 otherwise)';
+REVOKE ALL ON FUNCTION billing_account_create(text, text, numeric, text, text, jsonb) FROM PUBLIC;
 
 CREATE FUNCTION billing_account_update(tenant_id text,
                                        credit_limit numeric DEFAULT NULL,
@@ -1023,6 +430,159 @@ END;
 $$;
 COMMENT ON FUNCTION billing_account_update(text, numeric, text, text, jsonb, text) IS
     'change credit limit, status, time zone or metadata; every change is recorded in billing.account_events';
+REVOKE ALL ON FUNCTION billing_account_update(text, numeric, text, text, jsonb, text) FROM PUBLIC;
+/* 20_ledger: the append-only ledger, recorded rejections, the charge API (C) and the audit */
+
+CREATE SEQUENCE billing.entry_id_seq;
+CREATE TABLE billing.entries (
+    tenant_id            text        NOT NULL,
+    entry_id             bigint      NOT NULL DEFAULT nextval('billing.entry_id_seq'),
+    trace_id             text        NOT NULL,
+    kind                 text        NOT NULL,
+    amount_micros        bigint      NOT NULL,
+    balance_after_micros bigint      NOT NULL,
+    version              bigint      NOT NULL,
+    description          text,
+    metadata             jsonb       NOT NULL DEFAULT '{}',
+    event_at             timestamptz,
+    created_at           timestamptz NOT NULL DEFAULT now(),
+    api_key              text,
+    hold_id              bigint,
+    CONSTRAINT entries_pkey PRIMARY KEY (tenant_id, entry_id),
+    CONSTRAINT entries_trace_key UNIQUE (tenant_id, trace_id)
+    -- kind IN (topup, grant, refund, adjustment, deduct, capture) and
+    -- amount_micros <> 0 are guaranteed by the functions (see accounts)
+);
+ALTER SEQUENCE billing.entry_id_seq OWNED BY billing.entries.entry_id;
+COMMENT ON TABLE billing.entries IS 'append-only ledger: one row per money movement; amount signed (debits negative)';
+
+-- append-only enforcement, for every role (ENABLE ALWAYS: also in replica mode)
+CREATE TRIGGER entries_append_only
+    BEFORE UPDATE OR DELETE OR TRUNCATE ON billing.entries
+    FOR EACH STATEMENT EXECUTE FUNCTION billing.append_only(
+        'Record a correction as a new entry instead, e.g. billing_credit(..., kind => ''refund'') or kind => ''adjustment''.');
+ALTER TABLE billing.entries ENABLE ALWAYS TRIGGER entries_append_only;
+SELECT pg_catalog.pg_extension_config_dump('billing.entries', '');
+SELECT pg_catalog.pg_extension_config_dump('billing.entry_id_seq', '');
+
+CREATE SEQUENCE billing.rejection_id_seq;
+CREATE TABLE billing.rejections (
+    tenant_id     text        NOT NULL,
+    rejection_id  bigint      NOT NULL DEFAULT nextval('billing.rejection_id_seq'),
+    trace_id      text        NOT NULL,
+    kind          text        NOT NULL,
+    amount_micros bigint      NOT NULL,
+    description   text,
+    metadata      jsonb       NOT NULL DEFAULT '{}',
+    event_at      timestamptz,
+    sqlstate      text        NOT NULL,
+    reason        text        NOT NULL,
+    detail        text,
+    api_key       text,
+    created_at    timestamptz NOT NULL DEFAULT now(),
+    CONSTRAINT rejections_pkey PRIMARY KEY (tenant_id, rejection_id),
+    CONSTRAINT rejections_trace_key UNIQUE (tenant_id, trace_id)
+);
+ALTER SEQUENCE billing.rejection_id_seq OWNED BY billing.rejections.rejection_id;
+COMMENT ON TABLE billing.rejections IS 'append-only: charges refused by billing_try_deduct(), so a replay returns the same refusal';
+
+CREATE TRIGGER rejections_append_only
+    BEFORE UPDATE OR DELETE OR TRUNCATE ON billing.rejections
+    FOR EACH STATEMENT EXECUTE FUNCTION billing.append_only(
+        'A recorded rejection is final for its trace id: retry with a new trace id.');
+ALTER TABLE billing.rejections ENABLE ALWAYS TRIGGER rejections_append_only;
+SELECT pg_catalog.pg_extension_config_dump('billing.rejections', '');
+SELECT pg_catalog.pg_extension_config_dump('billing.rejection_id_seq', '');
+
+CREATE TYPE billing.entry_result AS (
+    entry_id      bigint,
+    tenant_id     text,
+    trace_id      text,
+    kind          text,
+    amount        numeric,      -- signed, as in the ledger (debits negative)
+    balance_after numeric,
+    version       bigint,
+    created_at    timestamptz,
+    replayed      boolean
+);
+
+CREATE TYPE billing.charge_outcome AS (
+    status        text,         -- 'committed' or 'rejected'
+    replayed      boolean,
+    entry_id      bigint,       -- NULL when rejected
+    tenant_id     text,
+    trace_id      text,
+    kind          text,
+    amount        numeric,
+    balance_after numeric,      -- NULL when rejected
+    version       bigint,       -- account version after the entry (for settle.lua); NULL when rejected
+    created_at    timestamptz,
+    sqlstate      text,         -- NULL when committed
+    reason        text,
+    detail        text
+);
+
+CREATE FUNCTION billing_credit(tenant_id text, amount numeric, trace_id text,
+                               description text DEFAULT NULL,
+                               metadata jsonb DEFAULT NULL,
+                               event_at timestamptz DEFAULT NULL,
+                               kind text DEFAULT 'topup')
+    RETURNS billing.entry_result
+    AS 'MODULE_PATHNAME', 'billing_credit'
+    LANGUAGE C VOLATILE SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp;
+COMMENT ON FUNCTION billing_credit(text, numeric, text, text, jsonb, timestamptz, text) IS
+    'add money (kind topup, grant, refund or adjustment); idempotent by trace_id';
+
+REVOKE ALL ON FUNCTION billing_credit(text, numeric, text, text, jsonb, timestamptz, text) FROM PUBLIC;
+
+CREATE FUNCTION billing_deduct(tenant_id text, amount numeric, trace_id text,
+                               description text DEFAULT NULL,
+                               metadata jsonb DEFAULT NULL,
+                               event_at timestamptz DEFAULT NULL,
+                               kind text DEFAULT 'deduct',
+                               api_key text DEFAULT NULL)
+    RETURNS billing.entry_result
+    AS 'MODULE_PATHNAME', 'billing_deduct'
+    LANGUAGE C VOLATILE SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp;
+COMMENT ON FUNCTION billing_deduct(text, numeric, text, text, jsonb, timestamptz, text, text) IS
+    'charge an account (optionally through an API key); idempotent by trace_id; raises on insufficient funds, quotas, caps';
+REVOKE ALL ON FUNCTION billing_deduct(text, numeric, text, text, jsonb, timestamptz, text, text) FROM PUBLIC;
+
+CREATE FUNCTION billing_try_deduct(tenant_id text, amount numeric, trace_id text,
+                                   description text DEFAULT NULL,
+                                   metadata jsonb DEFAULT NULL,
+                                   event_at timestamptz DEFAULT NULL,
+                                   kind text DEFAULT 'deduct',
+                                   api_key text DEFAULT NULL)
+    RETURNS billing.charge_outcome
+    AS 'MODULE_PATHNAME', 'billing_try_deduct'
+    LANGUAGE C VOLATILE SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp;
+COMMENT ON FUNCTION billing_try_deduct(text, numeric, text, text, jsonb, timestamptz, text, text) IS
+    'like billing_deduct, but a business rejection is returned and recorded (a replay returns it again)';
+REVOKE ALL ON FUNCTION billing_try_deduct(text, numeric, text, text, jsonb, timestamptz, text, text) FROM PUBLIC;
+
+CREATE FUNCTION billing_deduct_many(tenant_ids text[], amounts numeric[], trace_ids text[],
+                                    descriptions text[] DEFAULT NULL,
+                                    metadata jsonb[] DEFAULT NULL,
+                                    api_keys text[] DEFAULT NULL,
+                                    on_reject text DEFAULT 'raise')
+    RETURNS SETOF billing.charge_outcome
+    AS 'MODULE_PATHNAME', 'billing_deduct_many'
+    LANGUAGE C VOLATILE SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp;
+COMMENT ON FUNCTION billing_deduct_many(text[], numeric[], text[], text[], jsonb[], text[], text) IS
+    'charge many items in one call (same rules per item); on_reject raise: a rejection aborts the batch, record: returned per item';
+REVOKE ALL ON FUNCTION billing_deduct_many(text[], numeric[], text[], text[], jsonb[], text[], text) FROM PUBLIC;
+
+CREATE FUNCTION billing_balance(tenant_id text) RETURNS numeric
+    AS 'MODULE_PATHNAME', 'billing_balance'
+    LANGUAGE C STABLE SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp;
+COMMENT ON FUNCTION billing_balance(text) IS 'cached balance of an account, O(1)';
+REVOKE ALL ON FUNCTION billing_balance(text) FROM PUBLIC;
 
 CREATE FUNCTION billing_balance_at(tenant_id text, at timestamptz) RETURNS numeric
     LANGUAGE plpgsql STABLE SECURITY DEFINER
@@ -1055,6 +615,46 @@ END;
 $$;
 COMMENT ON FUNCTION billing_balance_at(text, timestamptz) IS
     'balance at a point in time: SUM of the entries created up to then';
+REVOKE ALL ON FUNCTION billing_balance_at(text, timestamptz) FROM PUBLIC;
+
+CREATE VIEW billing.ledger AS
+SELECT e.entry_id,
+       e.tenant_id,
+       e.trace_id,
+       e.kind,
+       billing.to_amount(e.amount_micros)        AS amount,
+       billing.to_amount(e.balance_after_micros) AS balance_after,
+       e.version,
+       e.description,
+       e.metadata->>'model'                      AS model,
+       coalesce(e.api_key, e.metadata->>'api_key') AS api_key,
+       e.hold_id,
+       e.metadata,
+       e.event_at,
+       e.created_at
+  FROM billing.entries e;
+COMMENT ON VIEW billing.ledger IS 'readable ledger: amounts as numeric, model and api_key lifted from metadata';
+
+CREATE TYPE billing.verify_result AS (
+    tenant_id            text,
+    cached_balance       numeric,
+    ledger_sum           numeric,
+    entries              bigint,
+    chain_breaks         bigint,
+    first_break_entry_id bigint,
+    problem              text
+);
+
+CREATE FUNCTION billing.verify_entries(tenant_id text)
+    RETURNS TABLE (tenant_id text, total numeric, n bigint, breaks bigint,
+                   first_break bigint, max_version bigint, invalid bigint)
+    AS 'MODULE_PATHNAME', 'billing_verify_entries'
+    LANGUAGE C STABLE;
+
+COMMENT ON FUNCTION billing.verify_entries(text) IS
+    'per-tenant facts of the ledger in one pass (internal: billing_verify); NULL: every tenant';
+
+REVOKE ALL ON FUNCTION billing.verify_entries(text) FROM PUBLIC;
 
 CREATE FUNCTION billing_verify(tenant_id text DEFAULT NULL)
     RETURNS SETOF billing.verify_result
@@ -1074,26 +674,8 @@ BEGIN
     END IF;
     RETURN QUERY
 
-    WITH chain AS (
-        SELECT e.tenant_id, e.entry_id, e.amount_micros, e.balance_after_micros,
-               lag(e.balance_after_micros, 1, 0::bigint)
-                   OVER (PARTITION BY e.tenant_id ORDER BY e.version) AS before_micros,
-               e.version,
-               (e.amount_micros = 0 OR e.kind NOT IN ('topup', 'grant', 'refund', 'adjustment', 'deduct', 'capture')
-                OR (e.kind IN ('topup', 'grant', 'refund') AND e.amount_micros < 0)
-                OR (e.kind IN ('deduct', 'capture') AND e.amount_micros > 0)) AS invalid
-          FROM billing.entries e
-         WHERE billing_verify.tenant_id IS NULL OR e.tenant_id = billing_verify.tenant_id
-    ), per_tenant AS (
-        SELECT c.tenant_id,
-               sum(c.amount_micros) AS total,
-               count(*) AS n,
-               count(*) FILTER (WHERE c.balance_after_micros <> c.before_micros + c.amount_micros) AS breaks,
-               min(c.entry_id) FILTER (WHERE c.balance_after_micros <> c.before_micros + c.amount_micros) AS first_break,
-               max(c.version) AS max_version,
-               count(*) FILTER (WHERE c.invalid) AS invalid
-          FROM chain c
-         GROUP BY c.tenant_id
+    WITH per_tenant AS (
+        SELECT * FROM billing.verify_entries(billing_verify.tenant_id)
     )
     , holds AS (
         SELECT h.tenant_id,
@@ -1131,29 +713,184 @@ END;
 $$;
 COMMENT ON FUNCTION billing_verify(text) IS
     'audit: one row per account whose cached balance differs from SUM(entries), whose balance_after chain is broken, whose version lags its entries, with invalid entries, or whose cached holds differ from its open holds; no rows when consistent';
+REVOKE ALL ON FUNCTION billing_verify(text) FROM PUBLIC;
+/* 30_holds: reservations (two-phase charges) and their journal (C) */
 
--- ---------------------------------------------------------------------------
--- the SQL API: limits, API keys, prices (PL/pgSQL: configuration, not hot)
--- ---------------------------------------------------------------------------
+CREATE SEQUENCE billing.hold_id_seq;
+CREATE TABLE billing.holds (
+    tenant_id       text        NOT NULL,
+    hold_id         bigint      NOT NULL DEFAULT nextval('billing.hold_id_seq'),
+    trace_id        text        NOT NULL,
+    amount_micros   bigint      NOT NULL,
+    captured_micros bigint      NOT NULL DEFAULT 0,
+    released_micros bigint      NOT NULL DEFAULT 0,
+    status          text        NOT NULL DEFAULT 'open',
+    expires_at      timestamptz NOT NULL,
+    api_key         text,
+    description     text,
+    metadata        jsonb       NOT NULL DEFAULT '{}',
+    created_at      timestamptz NOT NULL DEFAULT now(),
+    updated_at      timestamptz NOT NULL DEFAULT now(),
+    CONSTRAINT holds_pkey PRIMARY KEY (tenant_id, hold_id),
+    CONSTRAINT holds_trace_key UNIQUE (tenant_id, trace_id),
+    CONSTRAINT holds_status_check CHECK (status IN ('open', 'captured', 'released', 'expired')),
+    CONSTRAINT holds_amount_check CHECK (amount_micros > 0 AND captured_micros >= 0 AND released_micros >= 0)
+);
+ALTER SEQUENCE billing.hold_id_seq OWNED BY billing.holds.hold_id;
+CREATE INDEX holds_open_idx ON billing.holds (tenant_id, expires_at) WHERE status = 'open';
+COMMENT ON TABLE billing.holds IS 'reservations (two-phase charges); remaining = amount - captured - released while open; history in hold_events';
 
--- raise ZB001 unless the account exists; returns it locked
-CREATE FUNCTION billing.lock_account(tenant_id text) RETURNS billing.accounts
-    LANGUAGE plpgsql
-    SET search_path = pg_catalog, pg_temp
-AS $$
-DECLARE
-    acc billing.accounts;
-BEGIN
-    PERFORM billing.check_account_settings(lock_account.tenant_id, NULL, NULL, NULL, NULL);
-    SELECT * INTO acc FROM billing.accounts a WHERE a.tenant_id = lock_account.tenant_id FOR UPDATE;
-    IF NOT FOUND THEN
-        RAISE EXCEPTION 'account "%" does not exist', lock_account.tenant_id
-            USING ERRCODE = 'ZB001',
-                  HINT = format('Create it first with billing_account_create(%L).', lock_account.tenant_id);
-    END IF;
-    RETURN acc;
-END;
-$$;
+CREATE TRIGGER holds_no_delete
+    BEFORE DELETE OR TRUNCATE ON billing.holds
+    FOR EACH STATEMENT EXECUTE FUNCTION billing.append_only(
+        'Holds are never deleted: release one with billing_release().');
+ALTER TABLE billing.holds ENABLE ALWAYS TRIGGER holds_no_delete;
+SELECT pg_catalog.pg_extension_config_dump('billing.holds', '');
+SELECT pg_catalog.pg_extension_config_dump('billing.hold_id_seq', '');
+
+CREATE SEQUENCE billing.hold_event_id_seq;
+CREATE TABLE billing.hold_events (
+    tenant_id     text        NOT NULL,
+    event_id      bigint      NOT NULL DEFAULT nextval('billing.hold_event_id_seq'),
+    hold_id       bigint      NOT NULL,
+    trace_id      text,
+    action        text        NOT NULL,
+    amount_micros bigint      NOT NULL,
+    entry_id      bigint,
+    expires_at    timestamptz,
+    final         boolean     NOT NULL DEFAULT false,   -- a capture that settled the hold on purpose
+    created_at    timestamptz NOT NULL DEFAULT now(),
+    CONSTRAINT hold_events_pkey PRIMARY KEY (tenant_id, event_id),
+    CONSTRAINT hold_events_trace_key UNIQUE (tenant_id, trace_id),
+    CONSTRAINT hold_events_action_check CHECK (action IN ('hold', 'capture', 'release', 'extend', 'expire'))
+);
+ALTER SEQUENCE billing.hold_event_id_seq OWNED BY billing.hold_events.event_id;
+COMMENT ON TABLE billing.hold_events IS 'append-only journal of every hold operation (captures also reference their ledger entry)';
+
+CREATE TRIGGER hold_events_append_only
+    BEFORE UPDATE OR DELETE OR TRUNCATE ON billing.hold_events
+    FOR EACH STATEMENT EXECUTE FUNCTION billing.append_only(
+        'The hold journal is never rewritten: release or capture the hold instead.');
+ALTER TABLE billing.hold_events ENABLE ALWAYS TRIGGER hold_events_append_only;
+SELECT pg_catalog.pg_extension_config_dump('billing.hold_events', '');
+SELECT pg_catalog.pg_extension_config_dump('billing.hold_event_id_seq', '');
+
+CREATE TYPE billing.hold_result AS (
+    hold_id       bigint,
+    tenant_id     text,
+    trace_id      text,         -- the hold's trace id
+    status        text,         -- open, captured, released, expired
+    amount        numeric,
+    captured      numeric,
+    released      numeric,
+    remaining     numeric,
+    expires_at    timestamptz,
+    available     numeric,      -- the account's available funds after this call
+    replayed      boolean
+);
+
+CREATE TYPE billing.capture_result AS (
+    entry_id       bigint,
+    hold_id        bigint,
+    tenant_id      text,
+    trace_id       text,        -- the capture's trace id
+    amount         numeric,     -- signed, as in the ledger
+    balance_after  numeric,
+    hold_captured  numeric,
+    hold_remaining numeric,
+    hold_status    text,
+    created_at     timestamptz,
+    replayed       boolean
+);
+
+CREATE FUNCTION billing_hold(tenant_id text, amount numeric, trace_id text,
+                             expires_in interval DEFAULT '15 minutes',
+                             description text DEFAULT NULL,
+                             metadata jsonb DEFAULT NULL,
+                             api_key text DEFAULT NULL)
+    RETURNS billing.hold_result
+    AS 'MODULE_PATHNAME', 'billing_hold'
+    LANGUAGE C VOLATILE SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp;
+COMMENT ON FUNCTION billing_hold(text, numeric, text, interval, text, jsonb, text) IS
+    'reserve funds (lowers available, not the balance) until captured, released or expired; idempotent by trace_id';
+REVOKE ALL ON FUNCTION billing_hold(text, numeric, text, interval, text, jsonb, text) FROM PUBLIC;
+
+CREATE FUNCTION billing_capture(tenant_id text, hold_trace_id text, amount numeric, trace_id text,
+                                final boolean DEFAULT false,
+                                description text DEFAULT NULL,
+                                metadata jsonb DEFAULT NULL,
+                                event_at timestamptz DEFAULT NULL)
+    RETURNS billing.capture_result
+    AS 'MODULE_PATHNAME', 'billing_capture'
+    LANGUAGE C VOLATILE SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp;
+COMMENT ON FUNCTION billing_capture(text, text, numeric, text, boolean, text, jsonb, timestamptz) IS
+    'charge against a hold (a ledger entry of kind capture); final => release the rest; idempotent by trace_id';
+REVOKE ALL ON FUNCTION billing_capture(text, text, numeric, text, boolean, text, jsonb, timestamptz) FROM PUBLIC;
+
+CREATE FUNCTION billing_release(tenant_id text, hold_trace_id text, trace_id text)
+    RETURNS billing.hold_result
+    AS 'MODULE_PATHNAME', 'billing_release'
+    LANGUAGE C VOLATILE SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp;
+COMMENT ON FUNCTION billing_release(text, text, text) IS
+    'free what is left on a hold; idempotent by trace_id; a settled or expired hold releases nothing';
+REVOKE ALL ON FUNCTION billing_release(text, text, text) FROM PUBLIC;
+
+CREATE FUNCTION billing_hold_extend(tenant_id text, hold_trace_id text,
+                                    expires_in interval DEFAULT '15 minutes')
+    RETURNS billing.hold_result
+    AS 'MODULE_PATHNAME', 'billing_hold_extend'
+    LANGUAGE C VOLATILE SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp;
+COMMENT ON FUNCTION billing_hold_extend(text, text, interval) IS
+    'heartbeat: an open hold now expires at now() + expires_in';
+REVOKE ALL ON FUNCTION billing_hold_extend(text, text, interval) FROM PUBLIC;
+
+CREATE VIEW billing.open_holds AS
+SELECT h.tenant_id,
+       h.hold_id,
+       h.trace_id,
+       h.api_key,
+       billing.to_amount(h.amount_micros)                                         AS amount,
+       billing.to_amount(h.captured_micros)                                       AS captured,
+       billing.to_amount(h.amount_micros - h.captured_micros - h.released_micros) AS remaining,
+       h.expires_at,
+       h.description,
+       h.created_at
+  FROM billing.holds h
+ WHERE h.status = 'open' AND h.expires_at > now();
+COMMENT ON VIEW billing.open_holds IS 'holds that still reserve funds (open and not expired)';
+/* 40_limits: quotas, spending caps, per-charge maximum, rate limit */
+
+CREATE VIEW billing.quota_usage AS
+WITH p AS (
+    SELECT a.*,
+           (now() AT TIME ZONE a.timezone)::date AS today,
+           date_trunc('month', now() AT TIME ZONE a.timezone)::date AS this_month
+      FROM billing.accounts a
+)
+SELECT p.tenant_id,
+       p.timezone,
+       p.today AS day,
+       CASE WHEN p.usage_day = p.today THEN p.day_requests ELSE 0 END AS requests_today,
+       p.daily_request_quota,
+       p.daily_request_quota - CASE WHEN p.usage_day = p.today THEN p.day_requests ELSE 0 END AS requests_left_today,
+       billing.to_amount(CASE WHEN p.usage_day = p.today THEN p.day_spend_micros ELSE 0 END) AS spent_today,
+       billing.to_amount(p.daily_spend_cap_micros) AS daily_spend_cap,
+       ((p.today + 1)::timestamp AT TIME ZONE p.timezone) AS day_resets_at,
+       p.this_month AS month,
+       CASE WHEN p.usage_month = p.this_month THEN p.month_requests ELSE 0 END AS requests_this_month,
+       p.monthly_request_quota,
+       p.monthly_request_quota - CASE WHEN p.usage_month = p.this_month THEN p.month_requests ELSE 0 END AS requests_left_this_month,
+       billing.to_amount(CASE WHEN p.usage_month = p.this_month THEN p.month_spend_micros ELSE 0 END) AS spent_this_month,
+       billing.to_amount(p.monthly_spend_cap_micros) AS monthly_spend_cap,
+       ((p.this_month + interval '1 month')::timestamp AT TIME ZONE p.timezone) AS month_resets_at,
+       billing.to_amount(p.max_charge_micros) AS max_charge,
+       p.minute_request_limit AS per_minute_limit
+  FROM p;
+COMMENT ON VIEW billing.quota_usage IS 'per account: requests and spend of the current day and month (account time zone), limits, what is left, when they reset';
 
 -- a count limit: NULL or >= 0
 CREATE FUNCTION billing.check_count(value bigint, argname text) RETURNS bigint
@@ -1225,6 +962,65 @@ END;
 $$;
 COMMENT ON FUNCTION billing_limits_set(text, bigint, bigint, numeric, numeric, numeric, bigint, text) IS
     'set all limits of an account at once (NULL = no limit); recorded in billing.account_events';
+REVOKE ALL ON FUNCTION billing_limits_set(text, bigint, bigint, numeric, numeric, numeric, bigint, text) FROM PUBLIC;
+/* 50_keys: API keys and their budgets */
+
+CREATE TABLE billing.api_keys (
+    tenant_id           text        NOT NULL,
+    key_id              text        NOT NULL,
+    status              text        NOT NULL DEFAULT 'active',
+    budget_micros       bigint,
+    budget_period       text,
+    period_start        date,
+    period_spend_micros bigint      NOT NULL DEFAULT 0,
+    metadata            jsonb       NOT NULL DEFAULT '{}',
+    last_used_at        timestamptz,
+    created_at          timestamptz NOT NULL DEFAULT now(),
+    updated_at          timestamptz NOT NULL DEFAULT now(),
+    CONSTRAINT api_keys_pkey PRIMARY KEY (tenant_id, key_id),
+    CONSTRAINT api_keys_status_check CHECK (status IN ('active', 'suspended', 'revoked')),
+    CONSTRAINT api_keys_budget_check CHECK ((budget_micros IS NULL) = (budget_period IS NULL) AND budget_micros >= 0),
+    CONSTRAINT api_keys_period_check CHECK (budget_period IN ('day', 'month', 'lifetime'))
+);
+COMMENT ON TABLE billing.api_keys IS 'API keys of an account, with an optional budget per day, month or lifetime';
+SELECT pg_catalog.pg_extension_config_dump('billing.api_keys', '');
+
+CREATE VIEW billing.api_key_budgets AS
+WITH k AS (
+    SELECT k.*,
+           CASE k.budget_period
+               WHEN 'day' THEN (now() AT TIME ZONE a.timezone)::date
+               WHEN 'month' THEN date_trunc('month', now() AT TIME ZONE a.timezone)::date
+           END AS current_start,
+           a.timezone
+      FROM billing.api_keys k
+      JOIN billing.accounts a ON a.tenant_id = k.tenant_id
+), s AS (
+    SELECT k.*,
+           CASE WHEN k.budget_period IS NULL OR k.budget_period = 'lifetime' OR k.period_start = k.current_start
+                THEN k.period_spend_micros ELSE 0 END AS spent_micros,
+           (SELECT coalesce(sum(h.amount_micros - h.captured_micros - h.released_micros), 0)::bigint
+              FROM billing.holds h
+             WHERE h.tenant_id = k.tenant_id AND h.api_key = k.key_id
+               AND h.status = 'open' AND h.expires_at > now()) AS on_hold_micros
+      FROM k
+)
+SELECT s.tenant_id,
+       s.key_id,
+       s.status,
+       billing.to_amount(s.budget_micros) AS budget,
+       s.budget_period,
+       billing.to_amount(s.spent_micros) AS spent,
+       billing.to_amount(s.on_hold_micros) AS on_hold,
+       billing.to_amount(s.budget_micros - s.spent_micros - s.on_hold_micros) AS remaining,
+       CASE s.budget_period
+           WHEN 'day' THEN ((s.current_start + 1)::timestamp AT TIME ZONE s.timezone)
+           WHEN 'month' THEN ((s.current_start + interval '1 month')::timestamp AT TIME ZONE s.timezone)
+       END AS resets_at,
+       s.last_used_at,
+       s.metadata
+  FROM s;
+COMMENT ON VIEW billing.api_key_budgets IS 'per API key: budget, spent in the current period, on hold, remaining, reset time';
 
 -- shared checks of api key settings
 CREATE FUNCTION billing.check_key_settings(key_id text, budget numeric, budget_period text,
@@ -1309,6 +1105,7 @@ END;
 $$;
 COMMENT ON FUNCTION billing_api_key_create(text, text, numeric, text, jsonb) IS
     'create an API key for an account, optionally with a budget per day, month or lifetime';
+REVOKE ALL ON FUNCTION billing_api_key_create(text, text, numeric, text, jsonb) FROM PUBLIC;
 
 CREATE FUNCTION billing_api_key_update(tenant_id text, key_id text,
                                        status text DEFAULT NULL,
@@ -1372,6 +1169,39 @@ END;
 $$;
 COMMENT ON FUNCTION billing_api_key_update(text, text, text, numeric, text, boolean) IS
     'change an API key: status (active, suspended, revoked — final), budget and period, or remove_budget';
+REVOKE ALL ON FUNCTION billing_api_key_update(text, text, text, numeric, text, boolean) FROM PUBLIC;
+/* 60_pricing: token prices with history, and charges priced from usage */
+
+CREATE TABLE billing.prices (
+    model                 text        NOT NULL,
+    currency              text        NOT NULL,
+    effective_from        timestamptz NOT NULL,
+    input_per_1k_micros   bigint      NOT NULL,
+    output_per_1k_micros  bigint      NOT NULL,
+    created_at            timestamptz NOT NULL DEFAULT now(),
+    CONSTRAINT prices_pkey PRIMARY KEY (model, currency, effective_from),
+    CONSTRAINT prices_check CHECK (input_per_1k_micros >= 0 AND output_per_1k_micros >= 0)
+);
+COMMENT ON TABLE billing.prices IS 'price per 1,000 tokens per model and currency, with history: a charge uses the price effective at its event time';
+
+CREATE TRIGGER prices_no_rewrite
+    BEFORE UPDATE OR DELETE OR TRUNCATE ON billing.prices
+    FOR EACH STATEMENT EXECUTE FUNCTION billing.append_only(
+        'Prices keep their history: add a new price with a later effective_from via billing_price_set().');
+ALTER TABLE billing.prices ENABLE ALWAYS TRIGGER prices_no_rewrite;
+SELECT pg_catalog.pg_extension_config_dump('billing.prices', '');
+
+CREATE VIEW billing.price_list AS
+SELECT p.model,
+       p.currency,
+       billing.to_amount(p.input_per_1k_micros)  AS input_per_1k,
+       billing.to_amount(p.output_per_1k_micros) AS output_per_1k,
+       p.effective_from,
+       lead(p.effective_from) OVER w AS effective_until,
+       p.effective_from <= now() AND coalesce(lead(p.effective_from) OVER w > now(), true) AS is_current
+  FROM billing.prices p
+WINDOW w AS (PARTITION BY p.model, p.currency ORDER BY p.effective_from);
+COMMENT ON VIEW billing.price_list IS 'prices per model and currency with their validity window';
 
 CREATE FUNCTION billing_price_set(model text, input_per_1k numeric, output_per_1k numeric,
                                   effective_from timestamptz DEFAULT now(),
@@ -1424,6 +1254,7 @@ END;
 $$;
 COMMENT ON FUNCTION billing_price_set(text, numeric, numeric, timestamptz, text) IS
     'add a price per 1,000 input/output tokens for a model, effective from a time (history is kept)';
+REVOKE ALL ON FUNCTION billing_price_set(text, numeric, numeric, timestamptz, text) FROM PUBLIC;
 
 -- the price effective at a time, or ZB060
 CREATE FUNCTION billing.price_at(model text, currency text, at timestamptz) RETURNS billing.prices
@@ -1455,6 +1286,7 @@ BEGIN
     RETURN p;
 END;
 $$;
+REVOKE ALL ON FUNCTION billing.price_at(text, text, timestamptz) FROM PUBLIC;
 
 -- tokens -> micros, exactly, rounded half up once on the total
 CREATE FUNCTION billing.cost_micros(p billing.prices, input_tokens bigint, output_tokens bigint) RETURNS bigint
@@ -1505,6 +1337,7 @@ END;
 $$;
 COMMENT ON FUNCTION billing_cost(text, bigint, bigint, timestamptz, text) IS
     'exact cost of a usage: (input_tokens * input_per_1k + output_tokens * output_per_1k) / 1000, rounded half up to 6 decimals';
+REVOKE ALL ON FUNCTION billing_cost(text, bigint, bigint, timestamptz, text) FROM PUBLIC;
 
 CREATE FUNCTION billing_deduct_usage(tenant_id text, model text,
                                      input_tokens bigint, output_tokens bigint,
@@ -1566,11 +1399,167 @@ END;
 $$;
 COMMENT ON FUNCTION billing_deduct_usage(text, text, bigint, bigint, text, text, jsonb, timestamptz, text) IS
     'charge token usage at the model price effective at event time; model, tokens and unit prices go into the entry metadata';
+REVOKE ALL ON FUNCTION billing_deduct_usage(text, text, bigint, bigint, text, text, jsonb, timestamptz, text) FROM PUBLIC;
+/* 65_usage: usage reports (views) */
 
--- ---------------------------------------------------------------------------
--- the SQL API: jobs (PL/pgSQL on top of the C holds; the C trigger
--- billing.job_guard enforces the state machine whoever writes)
--- ---------------------------------------------------------------------------
+-- usage = charges: entries of kind deduct and capture
+CREATE VIEW billing.usage_daily AS
+SELECT e.tenant_id,
+       (coalesce(e.event_at, e.created_at) AT TIME ZONE a.timezone)::date AS day,
+       count(*) FILTER (WHERE e.kind IN ('deduct', 'capture'))                      AS charges,
+       billing.to_amount(coalesce(-sum(e.amount_micros) FILTER (WHERE e.kind IN ('deduct', 'capture')), 0)::bigint) AS spent,
+       count(*) FILTER (WHERE e.amount_micros > 0)                                 AS credits,
+       billing.to_amount(coalesce(sum(e.amount_micros) FILTER (WHERE e.amount_micros > 0), 0)::bigint) AS credited
+  FROM billing.entries e
+  JOIN billing.accounts a ON a.tenant_id = e.tenant_id
+ GROUP BY 1, 2;
+COMMENT ON VIEW billing.usage_daily IS 'per tenant and day (account time zone, by event time): charges and credits';
+
+CREATE VIEW billing.usage_monthly AS
+SELECT e.tenant_id,
+       date_trunc('month', coalesce(e.event_at, e.created_at) AT TIME ZONE a.timezone)::date AS month,
+       count(*) FILTER (WHERE e.kind IN ('deduct', 'capture'))                      AS charges,
+       billing.to_amount(coalesce(-sum(e.amount_micros) FILTER (WHERE e.kind IN ('deduct', 'capture')), 0)::bigint) AS spent,
+       count(*) FILTER (WHERE e.amount_micros > 0)                                 AS credits,
+       billing.to_amount(coalesce(sum(e.amount_micros) FILTER (WHERE e.amount_micros > 0), 0)::bigint) AS credited
+  FROM billing.entries e
+  JOIN billing.accounts a ON a.tenant_id = e.tenant_id
+ GROUP BY 1, 2;
+COMMENT ON VIEW billing.usage_monthly IS 'per tenant and calendar month (account time zone, by event time): charges and credits';
+
+CREATE VIEW billing.usage_by_model AS
+SELECT e.tenant_id,
+       (coalesce(e.event_at, e.created_at) AT TIME ZONE a.timezone)::date AS day,
+       coalesce(e.metadata->>'model', h.metadata->>'model')       AS model,
+       coalesce(e.metadata->>'provider', h.metadata->>'provider') AS provider,
+       count(*)                AS charges,
+       billing.to_amount(-sum(e.amount_micros)::bigint) AS spent,
+       sum(CASE WHEN jsonb_typeof(e.metadata->'input_tokens') = 'number'
+                THEN (e.metadata->>'input_tokens')::numeric END)  AS input_tokens,
+       sum(CASE WHEN jsonb_typeof(e.metadata->'output_tokens') = 'number'
+                THEN (e.metadata->>'output_tokens')::numeric END) AS output_tokens
+  FROM billing.entries e
+  JOIN billing.accounts a ON a.tenant_id = e.tenant_id
+  LEFT JOIN billing.holds h ON h.tenant_id = e.tenant_id AND h.hold_id = e.hold_id
+ WHERE e.kind IN ('deduct', 'capture')
+ GROUP BY 1, 2, 3, 4;
+COMMENT ON VIEW billing.usage_by_model IS 'charges per tenant, day, model and provider (from entry metadata; a capture without a model takes its hold''s)';
+
+CREATE VIEW billing.usage_by_api_key AS
+SELECT e.tenant_id,
+       (coalesce(e.event_at, e.created_at) AT TIME ZONE a.timezone)::date AS day,
+       coalesce(e.api_key, e.metadata->>'api_key') AS api_key,
+       count(*)                AS charges,
+       billing.to_amount(-sum(e.amount_micros)::bigint) AS spent
+  FROM billing.entries e
+  JOIN billing.accounts a ON a.tenant_id = e.tenant_id
+ WHERE e.kind IN ('deduct', 'capture')
+ GROUP BY 1, 2, 3;
+COMMENT ON VIEW billing.usage_by_api_key IS 'charges per tenant, day and api key (the api_key argument, else metadata->>''api_key'')';
+/* 70_jobs: billable jobs; the C trigger billing.job_guard enforces the state machine */
+
+CREATE FUNCTION billing.job_guard() RETURNS trigger
+    AS 'MODULE_PATHNAME', 'billing_job_guard'
+    LANGUAGE C;
+COMMENT ON FUNCTION billing.job_guard() IS 'trigger: job state machine and invariants (ZB070, ZB072)';
+REVOKE ALL ON FUNCTION billing.job_guard() FROM PUBLIC;
+
+CREATE SEQUENCE billing.job_id_seq;
+CREATE TABLE billing.jobs (
+    tenant_id        text        NOT NULL,
+    job_id           bigint      NOT NULL DEFAULT nextval('billing.job_id_seq'),
+    idempotency_key  text        NOT NULL,
+    kind             text        NOT NULL,
+    state            text        NOT NULL DEFAULT 'queued',
+    input            jsonb       NOT NULL DEFAULT '{}',
+    output           jsonb,
+    attempt          integer     NOT NULL DEFAULT 0,
+    max_attempts     integer     NOT NULL DEFAULT 3,
+    run_at           timestamptz NOT NULL DEFAULT now(),
+    worker           text,
+    lease_until      timestamptz,
+    heartbeat_at     timestamptz,
+    estimated_micros bigint      NOT NULL,
+    actual_micros    bigint,
+    hold_trace_id    text,
+    hold_seq         integer     NOT NULL DEFAULT 0,
+    hold_ttl         interval    NOT NULL DEFAULT '1 hour',
+    charge_entry_id  bigint,
+    last_error       text,
+    note             text,      -- why this write happens; moved into job_events by the trigger
+    created_at       timestamptz NOT NULL DEFAULT now(),
+    updated_at       timestamptz NOT NULL DEFAULT now(),
+    finished_at      timestamptz,
+    CONSTRAINT jobs_pkey PRIMARY KEY (tenant_id, job_id),
+    CONSTRAINT jobs_idempotency_key UNIQUE (tenant_id, idempotency_key),
+    CONSTRAINT jobs_state_check CHECK (state IN ('queued', 'processing', 'completed', 'failed', 'cancelled')),
+    CONSTRAINT jobs_attempt_check CHECK (attempt >= 0 AND max_attempts BETWEEN 1 AND 100),
+    CONSTRAINT jobs_estimate_check CHECK (estimated_micros > 0 AND actual_micros >= 0)
+);
+ALTER SEQUENCE billing.job_id_seq OWNED BY billing.jobs.job_id;
+CREATE INDEX jobs_queued_idx ON billing.jobs (run_at, job_id) WHERE state = 'queued';
+CREATE INDEX jobs_processing_idx ON billing.jobs (lease_until) WHERE state = 'processing';
+COMMENT ON TABLE billing.jobs IS 'billable jobs; state machine and billing invariants enforced by the job_guard trigger';
+CREATE TRIGGER jobs_guard
+    BEFORE INSERT OR UPDATE ON billing.jobs
+    FOR EACH ROW EXECUTE FUNCTION billing.job_guard();
+ALTER TABLE billing.jobs ENABLE ALWAYS TRIGGER jobs_guard;
+
+CREATE TRIGGER jobs_no_delete
+    BEFORE DELETE OR TRUNCATE ON billing.jobs
+    FOR EACH STATEMENT EXECUTE FUNCTION billing.append_only(
+        'Jobs are never deleted: cancel one with billing_job_cancel().');
+ALTER TABLE billing.jobs ENABLE ALWAYS TRIGGER jobs_no_delete;
+SELECT pg_catalog.pg_extension_config_dump('billing.jobs', '');
+SELECT pg_catalog.pg_extension_config_dump('billing.job_id_seq', '');
+
+CREATE SEQUENCE billing.job_event_id_seq;
+CREATE TABLE billing.job_events (
+    tenant_id   text        NOT NULL,
+    event_id    bigint      NOT NULL DEFAULT nextval('billing.job_event_id_seq'),
+    job_id      bigint      NOT NULL,
+    from_state  text,
+    to_state    text        NOT NULL,
+    attempt     integer     NOT NULL,
+    reason      text,
+    worker      text,
+    created_at  timestamptz NOT NULL DEFAULT clock_timestamp(),
+    CONSTRAINT job_events_pkey PRIMARY KEY (tenant_id, event_id)
+);
+ALTER SEQUENCE billing.job_event_id_seq OWNED BY billing.job_events.event_id;
+CREATE INDEX job_events_job_idx ON billing.job_events (tenant_id, job_id, event_id);
+COMMENT ON TABLE billing.job_events IS 'append-only business log of job transitions (from, to, attempt, reason, worker, when)';
+
+CREATE TRIGGER job_events_append_only
+    BEFORE UPDATE OR DELETE OR TRUNCATE ON billing.job_events
+    FOR EACH STATEMENT EXECUTE FUNCTION billing.append_only(
+        'The job log is never rewritten.');
+ALTER TABLE billing.job_events ENABLE ALWAYS TRIGGER job_events_append_only;
+SELECT pg_catalog.pg_extension_config_dump('billing.job_events', '');
+SELECT pg_catalog.pg_extension_config_dump('billing.job_event_id_seq', '');
+
+CREATE TYPE billing.job_result AS (
+    job_id          bigint,
+    tenant_id       text,
+    idempotency_key text,
+    kind            text,
+    state           text,
+    attempt         integer,
+    max_attempts    integer,
+    run_at          timestamptz,
+    worker          text,
+    lease_until     timestamptz,
+    estimated_cost  numeric,
+    actual_cost     numeric,
+    hold_trace_id   text,
+    charge_entry_id bigint,
+    last_error      text,
+    input           jsonb,
+    output          jsonb,
+    created_at      timestamptz,
+    finished_at     timestamptz,
+    replayed        boolean
+);
 
 CREATE FUNCTION billing.job_result(j billing.jobs, replayed boolean) RETURNS billing.job_result
     LANGUAGE sql IMMUTABLE
@@ -1581,7 +1570,6 @@ AS $$
                billing.to_amount(j.actual_micros), j.hold_trace_id, j.charge_entry_id, j.last_error,
                j.input, j.output, j.created_at, j.finished_at, replayed)::billing.job_result
 $$;
-
 
 -- lock a job (FOR UPDATE) or raise ZB071
 CREATE FUNCTION billing.job_lock(tenant_id text, job_id bigint) RETURNS billing.jobs
@@ -1604,6 +1592,7 @@ BEGIN
     RETURN j;
 END;
 $$;
+REVOKE ALL ON FUNCTION billing.job_lock(text, bigint) FROM PUBLIC;
 
 -- is the job's hold open, safely before its expiry?
 CREATE FUNCTION billing.job_hold_open(j billing.jobs, margin interval DEFAULT '1 second') RETURNS boolean
@@ -1631,6 +1620,7 @@ BEGIN
     END IF;
 END;
 $$;
+REVOKE ALL ON FUNCTION billing.job_keep_hold(billing.jobs, timestamptz) FROM PUBLIC;
 
 -- release the job's hold (nothing happens if it is settled or expired)
 CREATE FUNCTION billing.job_release_hold(j billing.jobs) RETURNS void
@@ -1643,6 +1633,7 @@ BEGIN
     END IF;
 END;
 $$;
+REVOKE ALL ON FUNCTION billing.job_release_hold(billing.jobs) FROM PUBLIC;
 
 -- a failed attempt: retry with backoff while attempts remain, else failed (hold released)
 CREATE FUNCTION billing.job_fail_attempt(j billing.jobs, error text, retryable boolean) RETURNS billing.jobs
@@ -1670,6 +1661,7 @@ BEGIN
     RETURN j;
 END;
 $$;
+REVOKE ALL ON FUNCTION billing.job_fail_attempt(billing.jobs, text, boolean) FROM PUBLIC;
 
 -- processing, and (if a worker is named) leased by that worker, or ZB073
 CREATE FUNCTION billing.job_check_lease(j billing.jobs, worker text, wanted text) RETURNS void
@@ -1786,6 +1778,7 @@ END;
 $$;
 COMMENT ON FUNCTION billing_job_submit(text, text, text, numeric, jsonb, integer, timestamptz, interval) IS
     'create a job and hold its estimated cost in one transaction; a duplicate idempotency key returns the existing job';
+REVOKE ALL ON FUNCTION billing_job_submit(text, text, text, numeric, jsonb, integer, timestamptz, interval) FROM PUBLIC;
 
 CREATE FUNCTION billing_job_claim(worker text,
                                   kinds text[] DEFAULT NULL,
@@ -1846,6 +1839,7 @@ END;
 $$;
 COMMENT ON FUNCTION billing_job_claim(text, text[], integer, interval, text) IS
     'hand due queued jobs to a worker (FOR UPDATE SKIP LOCKED): attempt + 1, lease set; two workers never get the same job';
+REVOKE ALL ON FUNCTION billing_job_claim(text, text[], integer, interval, text) FROM PUBLIC;
 
 CREATE FUNCTION billing_job_heartbeat(tenant_id text, job_id bigint, worker text,
                                       lease interval DEFAULT '5 minutes')
@@ -1875,6 +1869,7 @@ END;
 $$;
 COMMENT ON FUNCTION billing_job_heartbeat(text, bigint, text, interval) IS
     'extend the lease of a processing job (and the expiry of its hold)';
+REVOKE ALL ON FUNCTION billing_job_heartbeat(text, bigint, text, interval) FROM PUBLIC;
 
 CREATE FUNCTION billing_job_complete(tenant_id text, job_id bigint, actual_cost numeric,
                                      output jsonb DEFAULT NULL, worker text DEFAULT NULL)
@@ -1934,6 +1929,7 @@ END;
 $$;
 COMMENT ON FUNCTION billing_job_complete(text, bigint, numeric, jsonb, text) IS
     'capture the actual cost and mark the job completed in one transaction; if the charge fails nothing changes';
+REVOKE ALL ON FUNCTION billing_job_complete(text, bigint, numeric, jsonb, text) FROM PUBLIC;
 
 CREATE FUNCTION billing_job_fail(tenant_id text, job_id bigint, error text,
                                  retryable boolean DEFAULT true, worker text DEFAULT NULL)
@@ -1954,6 +1950,7 @@ END;
 $$;
 COMMENT ON FUNCTION billing_job_fail(text, bigint, text, boolean, text) IS
     'a failed attempt: queued again with backoff while attempts remain (hold kept), else failed with the hold released';
+REVOKE ALL ON FUNCTION billing_job_fail(text, bigint, text, boolean, text) FROM PUBLIC;
 
 CREATE FUNCTION billing_job_cancel(tenant_id text, job_id bigint, reason text DEFAULT NULL)
     RETURNS billing.job_result
@@ -1985,6 +1982,7 @@ BEGIN
 END;
 $$;
 COMMENT ON FUNCTION billing_job_cancel(text, bigint, text) IS 'cancel a queued or processing job and release its hold';
+REVOKE ALL ON FUNCTION billing_job_cancel(text, bigint, text) FROM PUBLIC;
 
 CREATE FUNCTION billing_job_retry(tenant_id text, job_id bigint)
     RETURNS billing.job_result
@@ -2019,6 +2017,7 @@ BEGIN
 END;
 $$;
 COMMENT ON FUNCTION billing_job_retry(text, bigint) IS 'requeue a failed job with a new hold for its estimate (attempts start over)';
+REVOKE ALL ON FUNCTION billing_job_retry(text, bigint) FROM PUBLIC;
 
 CREATE FUNCTION billing_job_rescue(max_jobs integer DEFAULT 100)
     RETURNS SETOF billing.job_result
@@ -2048,19 +2047,68 @@ END;
 $$;
 COMMENT ON FUNCTION billing_job_rescue(integer) IS
     'jobs whose lease expired count as a failed attempt: queued again with backoff, or failed with the hold released';
+REVOKE ALL ON FUNCTION billing_job_rescue(integer) FROM PUBLIC;
 
--- ---------------------------------------------------------------------------
--- the Redis mirror (background worker; see README "Redis")
--- ---------------------------------------------------------------------------
+CREATE VIEW billing.jobs_by_state AS
+SELECT j.tenant_id, j.kind, j.state,
+       count(*)                AS jobs,
+       min(j.created_at)       AS oldest_created_at,
+       min(j.run_at) FILTER (WHERE j.state = 'queued') AS next_run_at
+  FROM billing.jobs j
+ GROUP BY 1, 2, 3;
+COMMENT ON VIEW billing.jobs_by_state IS 'job counts per tenant, kind and state';
+
+CREATE VIEW billing.job_failures AS
+SELECT e.tenant_id, j.kind, e.reason AS error,
+       count(*)          AS failures,
+       count(DISTINCT e.job_id) AS jobs,
+       max(e.created_at) AS last_seen
+  FROM billing.job_events e
+  JOIN billing.jobs j ON j.tenant_id = e.tenant_id AND j.job_id = e.job_id
+ WHERE e.from_state = 'processing' AND e.to_state IN ('queued', 'failed')
+ GROUP BY 1, 2, 3;
+COMMENT ON VIEW billing.job_failures IS 'failed attempts (including rescued ones) per tenant, kind and error';
+
+CREATE VIEW billing.job_costs AS
+SELECT j.tenant_id, j.kind,
+       count(*) AS completed_jobs,
+       billing.to_amount(sum(j.estimated_micros)::bigint) AS estimated,
+       billing.to_amount(sum(j.actual_micros)::bigint)    AS actual,
+       round(sum(j.actual_micros)::numeric / nullif(sum(j.estimated_micros), 0), 4) AS actual_to_estimate
+  FROM billing.jobs j
+ WHERE j.state = 'completed'
+ GROUP BY 1, 2;
+COMMENT ON VIEW billing.job_costs IS 'estimated vs actual cost of completed jobs per tenant and kind';
+
+CREATE VIEW billing.job_time_in_state AS
+WITH spans AS (
+    SELECT e.tenant_id, e.job_id, e.to_state AS state,
+           lead(e.created_at) OVER (PARTITION BY e.tenant_id, e.job_id ORDER BY e.event_id) - e.created_at AS spent
+      FROM billing.job_events e
+)
+SELECT j.kind, s.state,
+       count(*) AS spans,
+       avg(s.spent) AS avg_time,
+       percentile_cont(0.5) WITHIN GROUP (ORDER BY s.spent) AS p50_time,
+       percentile_cont(0.95) WITHIN GROUP (ORDER BY s.spent) AS p95_time,
+       max(s.spent) AS max_time
+  FROM spans s
+  JOIN billing.jobs j ON j.tenant_id = s.tenant_id AND j.job_id = s.job_id
+ WHERE s.spent IS NOT NULL
+ GROUP BY 1, 2;
+COMMENT ON VIEW billing.job_time_in_state IS 'how long jobs stay in each state (finished spans only), per kind';
+/* 80_sync: the Redis mirror's database side, and the worker's periodic maintenance */
 
 CREATE FUNCTION billing.sync_mark(tenant_id text) RETURNS void
     AS 'MODULE_PATHNAME', 'billing_sync_mark_sql'
     LANGUAGE C VOLATILE;
 COMMENT ON FUNCTION billing.sync_mark(text) IS 'mark a tenant changed: pushed to Redis after this transaction commits';
+REVOKE ALL ON FUNCTION billing.sync_mark(text) FROM PUBLIC;
 
 CREATE FUNCTION billing.expire_holds_of(tenant_id text) RETURNS boolean
     AS 'MODULE_PATHNAME', 'billing_expire_holds_of'
     LANGUAGE C VOLATILE;
+REVOKE ALL ON FUNCTION billing.expire_holds_of(text) FROM PUBLIC;
 
 CREATE FUNCTION billing.expire_due_holds(max_accounts integer DEFAULT 1000) RETURNS integer
     LANGUAGE plpgsql VOLATILE
@@ -2074,6 +2122,7 @@ BEGIN
               WHERE a.holds_next_expiry <= now()
               ORDER BY a.holds_next_expiry
               LIMIT max_accounts
+              FOR UPDATE SKIP LOCKED
     LOOP
         IF billing.expire_holds_of(t) THEN
             n := n + 1;
@@ -2082,7 +2131,8 @@ BEGIN
     RETURN n;
 END;
 $$;
-COMMENT ON FUNCTION billing.expire_due_holds(integer) IS 'expire due holds (the worker runs it; correctness never depends on it)';
+COMMENT ON FUNCTION billing.expire_due_holds(integer) IS 'expire due holds of accounts nobody else has locked (the worker runs it; correctness never depends on it)';
+REVOKE ALL ON FUNCTION billing.expire_due_holds(integer) FROM PUBLIC;
 
 CREATE FUNCTION billing.maintenance() RETURNS jsonb
     LANGUAGE plpgsql VOLATILE
@@ -2097,70 +2147,37 @@ BEGIN
 END;
 $$;
 COMMENT ON FUNCTION billing.maintenance() IS 'periodic maintenance run by the background worker: expire holds, rescue stuck jobs';
+REVOKE ALL ON FUNCTION billing.maintenance() FROM PUBLIC;
+
+CREATE FUNCTION billing.sync_snapshot_of(tenants text[])
+    RETURNS TABLE (tenant_id text, key_id text, version bigint, fields text[])
+    AS 'MODULE_PATHNAME', 'billing_sync_snapshot_of'
+    LANGUAGE C STABLE;
+
+COMMENT ON FUNCTION billing.sync_snapshot_of(text[]) IS
+    'the Redis hashes of the given tenants and their API keys (internal: the background worker, through billing.sync_snapshot)';
+
+REVOKE ALL ON FUNCTION billing.sync_snapshot_of(text[]) FROM PUBLIC;
 
 -- what the worker pushes: one row per tenant hash and per api key hash;
 -- fields = Redis field/value pairs, amounts in integer micro-units
 CREATE FUNCTION billing.sync_snapshot(tenants text[], after text, lim integer)
     RETURNS TABLE (tenant_id text, key_id text, version bigint, fields text[])
-    LANGUAGE sql STABLE
+    LANGUAGE plpgsql STABLE
     SET search_path = pg_catalog, pg_temp
 AS $$
-    WITH acc AS (
-        SELECT a.*,
-               (now() AT TIME ZONE a.timezone)::date AS today,
-               date_trunc('month', now() AT TIME ZONE a.timezone)::date AS this_month,
-               -- billing.effective_holds(a), inlined (it is SECURITY DEFINER for readers)
-               CASE
-                   WHEN a.holds_next_expiry IS NULL OR a.holds_next_expiry > now() THEN a.holds_micros
-                   ELSE (SELECT coalesce(sum(h.amount_micros - h.captured_micros - h.released_micros), 0)::bigint
-                           FROM billing.holds h
-                          WHERE h.tenant_id = a.tenant_id AND h.status = 'open' AND h.expires_at > now())
-               END AS eff_holds
-          FROM billing.accounts a
-         WHERE CASE WHEN tenants IS NULL THEN a.tenant_id > after ELSE a.tenant_id = ANY (tenants) END
-         ORDER BY a.tenant_id
-         LIMIT CASE WHEN tenants IS NULL THEN lim END
-    ), now_ms AS (
-        SELECT (extract(epoch FROM clock_timestamp()) * 1000)::bigint::text AS ms
-    )
-    SELECT acc.tenant_id, NULL::text, acc.version,
-           ARRAY['status', acc.status,
-                 'currency', acc.currency,
-                 'balance', acc.balance_micros::text,
-                 'credit_limit', acc.credit_limit_micros::text,
-                 'holds', acc.eff_holds::text,
-                 'available', (acc.balance_micros::numeric + acc.credit_limit_micros - acc.eff_holds)::text,
-                 'day_requests', (CASE WHEN acc.usage_day = acc.today THEN acc.day_requests ELSE 0 END)::text,
-                 'day_spend', (CASE WHEN acc.usage_day = acc.today THEN acc.day_spend_micros ELSE 0 END)::text,
-                 'month_requests', (CASE WHEN acc.usage_month = acc.this_month THEN acc.month_requests ELSE 0 END)::text,
-                 'month_spend', (CASE WHEN acc.usage_month = acc.this_month THEN acc.month_spend_micros ELSE 0 END)::text,
-                 'day_resets_at_ms', (extract(epoch FROM ((acc.today + 1)::timestamp AT TIME ZONE acc.timezone)) * 1000)::bigint::text,
-                 'month_resets_at_ms', (extract(epoch FROM ((acc.this_month + interval '1 month')::timestamp AT TIME ZONE acc.timezone)) * 1000)::bigint::text,
-                 'synced_at_ms', now_ms.ms]
-           || CASE WHEN acc.max_charge_micros IS NULL THEN '{}'::text[] ELSE ARRAY['max_charge', acc.max_charge_micros::text] END
-           || CASE WHEN acc.daily_request_quota IS NULL THEN '{}'::text[] ELSE ARRAY['daily_requests_quota', acc.daily_request_quota::text] END
-           || CASE WHEN acc.monthly_request_quota IS NULL THEN '{}'::text[] ELSE ARRAY['monthly_requests_quota', acc.monthly_request_quota::text] END
-           || CASE WHEN acc.daily_spend_cap_micros IS NULL THEN '{}'::text[] ELSE ARRAY['daily_spend_cap', acc.daily_spend_cap_micros::text] END
-           || CASE WHEN acc.monthly_spend_cap_micros IS NULL THEN '{}'::text[] ELSE ARRAY['monthly_spend_cap', acc.monthly_spend_cap_micros::text] END
-      FROM acc, now_ms
-    UNION ALL
-    SELECT k.tenant_id, k.key_id, acc.version,
-           ARRAY['status', k.status,
-                 'period', coalesce(k.budget_period, 'lifetime'),
-                 'spent', (CASE WHEN k.budget_period IS NULL OR k.budget_period = 'lifetime'
-                                  OR k.period_start = CASE k.budget_period WHEN 'day' THEN acc.today ELSE acc.this_month END
-                                THEN k.period_spend_micros ELSE 0 END)::text,
-                 'synced_at_ms', now_ms.ms]
-           || CASE WHEN k.budget_micros IS NULL THEN '{}'::text[] ELSE ARRAY['budget', k.budget_micros::text] END
-           || CASE k.budget_period
-                  WHEN 'day' THEN ARRAY['resets_at_ms', (extract(epoch FROM ((acc.today + 1)::timestamp AT TIME ZONE acc.timezone)) * 1000)::bigint::text]
-                  WHEN 'month' THEN ARRAY['resets_at_ms', (extract(epoch FROM ((acc.this_month + interval '1 month')::timestamp AT TIME ZONE acc.timezone)) * 1000)::bigint::text]
-                  ELSE '{}'::text[]
-              END
-      FROM billing.api_keys k
-      JOIN acc ON acc.tenant_id = k.tenant_id, now_ms
-     ORDER BY 1, 2 NULLS LAST    -- key hashes before their tenant hash (see lua/README.md)
+BEGIN
+    IF tenants IS NULL THEN
+        -- a resync page: the tenants after `after`
+        tenants := ARRAY(SELECT a.tenant_id FROM billing.accounts a
+                          WHERE a.tenant_id > after ORDER BY a.tenant_id LIMIT lim);
+    END IF;
+    RETURN QUERY
+        SELECT s.* FROM billing.sync_snapshot_of(tenants) AS s
+         ORDER BY s.tenant_id, s.key_id NULLS LAST;
+END
 $$;
+REVOKE ALL ON FUNCTION billing.sync_snapshot(text[], text, integer) FROM PUBLIC;
 
 CREATE TYPE billing.sync_info AS (
     enabled             boolean,      -- false: billing not in shared_preload_libraries
@@ -2186,57 +2203,57 @@ CREATE FUNCTION billing_sync_status() RETURNS billing.sync_info
     AS 'MODULE_PATHNAME', 'billing_sync_status'
     LANGUAGE C VOLATILE;
 COMMENT ON FUNCTION billing_sync_status() IS 'state of the Redis mirror: connected, lag, pushes, errors, last full resync';
+REVOKE ALL ON FUNCTION billing_sync_status() FROM PUBLIC;
 
 CREATE VIEW billing.sync_status AS SELECT * FROM billing_sync_status();
 COMMENT ON VIEW billing.sync_status IS 'state of the Redis mirror (one row), for dashboards';
+/* 85_guard: DROP EXTENSION billing is refused unless billing.allow_drop is on */
 
--- ---------------------------------------------------------------------------
--- privileges: nothing for PUBLIC but the pure helpers; see README "Privileges"
--- ---------------------------------------------------------------------------
+CREATE FUNCTION billing.guard_drop() RETURNS event_trigger
+    LANGUAGE plpgsql
+    SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF tg_tag = 'DROP EXTENSION'
+       AND current_query() ~* '\mbilling\M'
+       AND coalesce(current_setting('billing.allow_drop', true), 'off') NOT IN ('on', 'true', '1', 'yes') THEN
+        RAISE EXCEPTION 'dropping extension billing would destroy the ledger'
+            USING ERRCODE = 'ZB021',
+                  DETAIL = 'Every account, entry, hold and job is stored in the extension''s tables.',
+                  HINT = 'Take a pg_dump first; then SET billing.allow_drop = on in this session and drop it.';
+    END IF;
+END;
+$$;
 
-REVOKE ALL ON FUNCTION billing_credit(text, numeric, text, text, jsonb, timestamptz, text) FROM PUBLIC;
-REVOKE ALL ON FUNCTION billing_deduct(text, numeric, text, text, jsonb, timestamptz, text, text) FROM PUBLIC;
-REVOKE ALL ON FUNCTION billing_try_deduct(text, numeric, text, text, jsonb, timestamptz, text, text) FROM PUBLIC;
-REVOKE ALL ON FUNCTION billing_hold(text, numeric, text, interval, text, jsonb, text) FROM PUBLIC;
-REVOKE ALL ON FUNCTION billing_capture(text, text, numeric, text, boolean, text, jsonb, timestamptz) FROM PUBLIC;
-REVOKE ALL ON FUNCTION billing_release(text, text, text) FROM PUBLIC;
-REVOKE ALL ON FUNCTION billing_hold_extend(text, text, interval) FROM PUBLIC;
-REVOKE ALL ON FUNCTION billing_limits_set(text, bigint, bigint, numeric, numeric, numeric, bigint, text) FROM PUBLIC;
-REVOKE ALL ON FUNCTION billing_api_key_create(text, text, numeric, text, jsonb) FROM PUBLIC;
-REVOKE ALL ON FUNCTION billing_api_key_update(text, text, text, numeric, text, boolean) FROM PUBLIC;
-REVOKE ALL ON FUNCTION billing_price_set(text, numeric, numeric, timestamptz, text) FROM PUBLIC;
-REVOKE ALL ON FUNCTION billing_cost(text, bigint, bigint, timestamptz, text) FROM PUBLIC;
-REVOKE ALL ON FUNCTION billing_deduct_usage(text, text, bigint, bigint, text, text, jsonb, timestamptz, text) FROM PUBLIC;
-REVOKE ALL ON FUNCTION billing.lock_account(text) FROM PUBLIC;
-REVOKE ALL ON FUNCTION billing.effective_holds(billing.accounts) FROM PUBLIC;
-REVOKE ALL ON FUNCTION billing_job_submit(text, text, text, numeric, jsonb, integer, timestamptz, interval) FROM PUBLIC;
-REVOKE ALL ON FUNCTION billing_job_claim(text, text[], integer, interval, text) FROM PUBLIC;
-REVOKE ALL ON FUNCTION billing_job_heartbeat(text, bigint, text, interval) FROM PUBLIC;
-REVOKE ALL ON FUNCTION billing_job_complete(text, bigint, numeric, jsonb, text) FROM PUBLIC;
-REVOKE ALL ON FUNCTION billing_job_fail(text, bigint, text, boolean, text) FROM PUBLIC;
-REVOKE ALL ON FUNCTION billing_job_cancel(text, bigint, text) FROM PUBLIC;
-REVOKE ALL ON FUNCTION billing_job_retry(text, bigint) FROM PUBLIC;
-REVOKE ALL ON FUNCTION billing_job_rescue(integer) FROM PUBLIC;
-REVOKE ALL ON FUNCTION billing.job_lock(text, bigint) FROM PUBLIC;
-REVOKE ALL ON FUNCTION billing.job_fail_attempt(billing.jobs, text, boolean) FROM PUBLIC;
-REVOKE ALL ON FUNCTION billing.job_keep_hold(billing.jobs, timestamptz) FROM PUBLIC;
-REVOKE ALL ON FUNCTION billing.job_release_hold(billing.jobs) FROM PUBLIC;
-REVOKE ALL ON FUNCTION billing.job_guard() FROM PUBLIC;
-REVOKE ALL ON FUNCTION billing.sync_mark(text) FROM PUBLIC;
-REVOKE ALL ON FUNCTION billing.expire_holds_of(text) FROM PUBLIC;
-REVOKE ALL ON FUNCTION billing.expire_due_holds(integer) FROM PUBLIC;
-REVOKE ALL ON FUNCTION billing.maintenance() FROM PUBLIC;
-REVOKE ALL ON FUNCTION billing.sync_snapshot(text[], text, integer) FROM PUBLIC;
-REVOKE ALL ON FUNCTION billing_sync_status() FROM PUBLIC;
-REVOKE ALL ON FUNCTION billing.price_at(text, text, timestamptz) FROM PUBLIC;
-REVOKE ALL ON FUNCTION billing_balance(text) FROM PUBLIC;
-REVOKE ALL ON FUNCTION billing_deduct_many(text[], numeric[], text[], text[], jsonb[], text[], text) FROM PUBLIC;
-REVOKE ALL ON FUNCTION billing_balance_at(text, timestamptz) FROM PUBLIC;
-REVOKE ALL ON FUNCTION billing_verify(text) FROM PUBLIC;
-REVOKE ALL ON FUNCTION billing_account_create(text, text, numeric, text, text, jsonb) FROM PUBLIC;
-REVOKE ALL ON FUNCTION billing_account_update(text, numeric, text, text, jsonb, text) FROM PUBLIC;
-REVOKE ALL ON FUNCTION billing.check_account_settings(text, text, text, text, jsonb) FROM PUBLIC;
-REVOKE ALL ON FUNCTION billing.append_only() FROM PUBLIC;
+REVOKE ALL ON FUNCTION billing.guard_drop() FROM PUBLIC;
+
+CREATE EVENT TRIGGER billing_guard_drop ON ddl_command_start
+    WHEN TAG IN ('DROP EXTENSION')
+    EXECUTE FUNCTION billing.guard_drop();
+
+-- the DROP guard, for every way the extension is dropped (see src/guard.c)
+CREATE FUNCTION billing.guard_drop_cascade() RETURNS event_trigger
+    LANGUAGE C
+    AS 'MODULE_PATHNAME', 'billing_guard_drop_cascade';
+
+REVOKE ALL ON FUNCTION billing.guard_drop_cascade() FROM PUBLIC;
+
+COMMENT ON FUNCTION billing.guard_drop_cascade() IS 'loads the library, whose hook refuses any drop of the extension (ZB021) unless billing.allow_drop is on';
+
+CREATE EVENT TRIGGER billing_guard_drop_cascade ON ddl_command_start
+    WHEN TAG IN ('DROP ACCESS METHOD', 'DROP AGGREGATE', 'DROP CAST', 'DROP COLLATION',
+                 'DROP CONVERSION', 'DROP DOMAIN', 'DROP EXTENSION',
+                 'DROP FOREIGN DATA WRAPPER', 'DROP FOREIGN TABLE', 'DROP FUNCTION',
+                 'DROP INDEX', 'DROP LANGUAGE', 'DROP MATERIALIZED VIEW', 'DROP OPERATOR',
+                 'DROP OPERATOR CLASS', 'DROP OPERATOR FAMILY', 'DROP OWNED', 'DROP POLICY',
+                 'DROP PROCEDURE', 'DROP PUBLICATION', 'DROP ROUTINE', 'DROP RULE',
+                 'DROP SCHEMA', 'DROP SEQUENCE', 'DROP SERVER', 'DROP STATISTICS',
+                 'DROP SUBSCRIPTION', 'DROP TABLE', 'DROP TEXT SEARCH CONFIGURATION',
+                 'DROP TEXT SEARCH DICTIONARY', 'DROP TEXT SEARCH PARSER',
+                 'DROP TEXT SEARCH TEMPLATE', 'DROP TRANSFORM', 'DROP TRIGGER', 'DROP TYPE',
+                 'DROP USER MAPPING', 'DROP VIEW')
+    EXECUTE FUNCTION billing.guard_drop_cascade();
+/* 90_privileges: grant helpers for the documented roles */
 
 /*
  * Grant helpers: the documented role model in one call each.  They run with
@@ -2262,6 +2279,7 @@ BEGIN
 END;
 $$;
 COMMENT ON FUNCTION billing_grant_app(regrole) IS 'grant an application role EXECUTE on the billing_* API (no table rights)';
+REVOKE ALL ON FUNCTION billing_grant_app(regrole) FROM PUBLIC;
 
 CREATE FUNCTION billing_grant_reporting(role regrole) RETURNS void
     LANGUAGE plpgsql
@@ -2285,6 +2303,7 @@ BEGIN
 END;
 $$;
 COMMENT ON FUNCTION billing_grant_reporting(regrole) IS 'grant a reporting role SELECT on the billing views (no tables, no functions)';
+REVOKE ALL ON FUNCTION billing_grant_reporting(regrole) FROM PUBLIC;
 
 -- the application API, in one place for billing_grant_app()
 CREATE FUNCTION billing.app_functions() RETURNS regprocedure[]
@@ -2319,5 +2338,3 @@ AS $$
         '@extschema@.billing_job_rescue(integer)'
     ]::regprocedure[]
 $$;
-REVOKE ALL ON FUNCTION billing_grant_app(regrole) FROM PUBLIC;
-REVOKE ALL ON FUNCTION billing_grant_reporting(regrole) FROM PUBLIC;

@@ -1,0 +1,283 @@
+/* 20_ledger: the append-only ledger, recorded rejections, the charge API (C) and the audit */
+
+CREATE SEQUENCE billing.entry_id_seq;
+CREATE TABLE billing.entries (
+    tenant_id            text        NOT NULL,
+    entry_id             bigint      NOT NULL DEFAULT nextval('billing.entry_id_seq'),
+    trace_id             text        NOT NULL,
+    kind                 text        NOT NULL,
+    amount_micros        bigint      NOT NULL,
+    balance_after_micros bigint      NOT NULL,
+    version              bigint      NOT NULL,
+    description          text,
+    metadata             jsonb       NOT NULL DEFAULT '{}',
+    event_at             timestamptz,
+    created_at           timestamptz NOT NULL DEFAULT now(),
+    api_key              text,
+    hold_id              bigint,
+    CONSTRAINT entries_pkey PRIMARY KEY (tenant_id, entry_id),
+    CONSTRAINT entries_trace_key UNIQUE (tenant_id, trace_id)
+    -- kind IN (topup, grant, refund, adjustment, deduct, capture) and
+    -- amount_micros <> 0 are guaranteed by the functions (see accounts)
+);
+ALTER SEQUENCE billing.entry_id_seq OWNED BY billing.entries.entry_id;
+COMMENT ON TABLE billing.entries IS 'append-only ledger: one row per money movement; amount signed (debits negative)';
+
+-- append-only enforcement, for every role (ENABLE ALWAYS: also in replica mode)
+CREATE TRIGGER entries_append_only
+    BEFORE UPDATE OR DELETE OR TRUNCATE ON billing.entries
+    FOR EACH STATEMENT EXECUTE FUNCTION billing.append_only(
+        'Record a correction as a new entry instead, e.g. billing_credit(..., kind => ''refund'') or kind => ''adjustment''.');
+ALTER TABLE billing.entries ENABLE ALWAYS TRIGGER entries_append_only;
+SELECT pg_catalog.pg_extension_config_dump('billing.entries', '');
+SELECT pg_catalog.pg_extension_config_dump('billing.entry_id_seq', '');
+
+CREATE SEQUENCE billing.rejection_id_seq;
+CREATE TABLE billing.rejections (
+    tenant_id     text        NOT NULL,
+    rejection_id  bigint      NOT NULL DEFAULT nextval('billing.rejection_id_seq'),
+    trace_id      text        NOT NULL,
+    kind          text        NOT NULL,
+    amount_micros bigint      NOT NULL,
+    description   text,
+    metadata      jsonb       NOT NULL DEFAULT '{}',
+    event_at      timestamptz,
+    sqlstate      text        NOT NULL,
+    reason        text        NOT NULL,
+    detail        text,
+    api_key       text,
+    created_at    timestamptz NOT NULL DEFAULT now(),
+    CONSTRAINT rejections_pkey PRIMARY KEY (tenant_id, rejection_id),
+    CONSTRAINT rejections_trace_key UNIQUE (tenant_id, trace_id)
+);
+ALTER SEQUENCE billing.rejection_id_seq OWNED BY billing.rejections.rejection_id;
+COMMENT ON TABLE billing.rejections IS 'append-only: charges refused by billing_try_deduct(), so a replay returns the same refusal';
+
+CREATE TRIGGER rejections_append_only
+    BEFORE UPDATE OR DELETE OR TRUNCATE ON billing.rejections
+    FOR EACH STATEMENT EXECUTE FUNCTION billing.append_only(
+        'A recorded rejection is final for its trace id: retry with a new trace id.');
+ALTER TABLE billing.rejections ENABLE ALWAYS TRIGGER rejections_append_only;
+SELECT pg_catalog.pg_extension_config_dump('billing.rejections', '');
+SELECT pg_catalog.pg_extension_config_dump('billing.rejection_id_seq', '');
+
+CREATE TYPE billing.entry_result AS (
+    entry_id      bigint,
+    tenant_id     text,
+    trace_id      text,
+    kind          text,
+    amount        numeric,      -- signed, as in the ledger (debits negative)
+    balance_after numeric,
+    version       bigint,
+    created_at    timestamptz,
+    replayed      boolean
+);
+
+CREATE TYPE billing.charge_outcome AS (
+    status        text,         -- 'committed' or 'rejected'
+    replayed      boolean,
+    entry_id      bigint,       -- NULL when rejected
+    tenant_id     text,
+    trace_id      text,
+    kind          text,
+    amount        numeric,
+    balance_after numeric,      -- NULL when rejected
+    version       bigint,       -- account version after the entry (for settle.lua); NULL when rejected
+    created_at    timestamptz,
+    sqlstate      text,         -- NULL when committed
+    reason        text,
+    detail        text
+);
+
+CREATE FUNCTION billing_credit(tenant_id text, amount numeric, trace_id text,
+                               description text DEFAULT NULL,
+                               metadata jsonb DEFAULT NULL,
+                               event_at timestamptz DEFAULT NULL,
+                               kind text DEFAULT 'topup')
+    RETURNS billing.entry_result
+    AS 'MODULE_PATHNAME', 'billing_credit'
+    LANGUAGE C VOLATILE SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp;
+COMMENT ON FUNCTION billing_credit(text, numeric, text, text, jsonb, timestamptz, text) IS
+    'add money (kind topup, grant, refund or adjustment); idempotent by trace_id';
+
+REVOKE ALL ON FUNCTION billing_credit(text, numeric, text, text, jsonb, timestamptz, text) FROM PUBLIC;
+
+CREATE FUNCTION billing_deduct(tenant_id text, amount numeric, trace_id text,
+                               description text DEFAULT NULL,
+                               metadata jsonb DEFAULT NULL,
+                               event_at timestamptz DEFAULT NULL,
+                               kind text DEFAULT 'deduct',
+                               api_key text DEFAULT NULL)
+    RETURNS billing.entry_result
+    AS 'MODULE_PATHNAME', 'billing_deduct'
+    LANGUAGE C VOLATILE SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp;
+COMMENT ON FUNCTION billing_deduct(text, numeric, text, text, jsonb, timestamptz, text, text) IS
+    'charge an account (optionally through an API key); idempotent by trace_id; raises on insufficient funds, quotas, caps';
+REVOKE ALL ON FUNCTION billing_deduct(text, numeric, text, text, jsonb, timestamptz, text, text) FROM PUBLIC;
+
+CREATE FUNCTION billing_try_deduct(tenant_id text, amount numeric, trace_id text,
+                                   description text DEFAULT NULL,
+                                   metadata jsonb DEFAULT NULL,
+                                   event_at timestamptz DEFAULT NULL,
+                                   kind text DEFAULT 'deduct',
+                                   api_key text DEFAULT NULL)
+    RETURNS billing.charge_outcome
+    AS 'MODULE_PATHNAME', 'billing_try_deduct'
+    LANGUAGE C VOLATILE SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp;
+COMMENT ON FUNCTION billing_try_deduct(text, numeric, text, text, jsonb, timestamptz, text, text) IS
+    'like billing_deduct, but a business rejection is returned and recorded (a replay returns it again)';
+REVOKE ALL ON FUNCTION billing_try_deduct(text, numeric, text, text, jsonb, timestamptz, text, text) FROM PUBLIC;
+
+CREATE FUNCTION billing_deduct_many(tenant_ids text[], amounts numeric[], trace_ids text[],
+                                    descriptions text[] DEFAULT NULL,
+                                    metadata jsonb[] DEFAULT NULL,
+                                    api_keys text[] DEFAULT NULL,
+                                    on_reject text DEFAULT 'raise')
+    RETURNS SETOF billing.charge_outcome
+    AS 'MODULE_PATHNAME', 'billing_deduct_many'
+    LANGUAGE C VOLATILE SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp;
+COMMENT ON FUNCTION billing_deduct_many(text[], numeric[], text[], text[], jsonb[], text[], text) IS
+    'charge many items in one call (same rules per item); on_reject raise: a rejection aborts the batch, record: returned per item';
+REVOKE ALL ON FUNCTION billing_deduct_many(text[], numeric[], text[], text[], jsonb[], text[], text) FROM PUBLIC;
+
+CREATE FUNCTION billing_balance(tenant_id text) RETURNS numeric
+    AS 'MODULE_PATHNAME', 'billing_balance'
+    LANGUAGE C STABLE SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp;
+COMMENT ON FUNCTION billing_balance(text) IS 'cached balance of an account, O(1)';
+REVOKE ALL ON FUNCTION billing_balance(text) FROM PUBLIC;
+
+CREATE FUNCTION billing_balance_at(tenant_id text, at timestamptz) RETURNS numeric
+    LANGUAGE plpgsql STABLE SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    total numeric;
+BEGIN
+    IF billing_balance_at.tenant_id IS NULL THEN
+        RAISE EXCEPTION 'tenant_id must not be null'
+            USING ERRCODE = 'ZB015', HINT = 'Pass a value for tenant_id.';
+    END IF;
+    IF billing_balance_at.at IS NULL THEN
+        RAISE EXCEPTION 'at must not be null'
+            USING ERRCODE = 'ZB015', HINT = 'Pass the point in time, e.g. now() - interval ''1 day''.';
+    END IF;
+    PERFORM billing.check_account_settings(billing_balance_at.tenant_id, NULL, NULL, NULL, NULL);
+    PERFORM FROM billing.accounts a WHERE a.tenant_id = billing_balance_at.tenant_id;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'account "%" does not exist', billing_balance_at.tenant_id
+            USING ERRCODE = 'ZB001',
+                  HINT = format('Create it first with billing_account_create(%L).', billing_balance_at.tenant_id);
+    END IF;
+    SELECT coalesce(sum(e.amount_micros), 0) INTO total
+      FROM billing.entries e
+     WHERE e.tenant_id = billing_balance_at.tenant_id
+       AND e.created_at <= billing_balance_at.at;
+    RETURN billing.to_amount(total::bigint);
+END;
+$$;
+COMMENT ON FUNCTION billing_balance_at(text, timestamptz) IS
+    'balance at a point in time: SUM of the entries created up to then';
+REVOKE ALL ON FUNCTION billing_balance_at(text, timestamptz) FROM PUBLIC;
+
+CREATE VIEW billing.ledger AS
+SELECT e.entry_id,
+       e.tenant_id,
+       e.trace_id,
+       e.kind,
+       billing.to_amount(e.amount_micros)        AS amount,
+       billing.to_amount(e.balance_after_micros) AS balance_after,
+       e.version,
+       e.description,
+       e.metadata->>'model'                      AS model,
+       coalesce(e.api_key, e.metadata->>'api_key') AS api_key,
+       e.hold_id,
+       e.metadata,
+       e.event_at,
+       e.created_at
+  FROM billing.entries e;
+COMMENT ON VIEW billing.ledger IS 'readable ledger: amounts as numeric, model and api_key lifted from metadata';
+
+CREATE TYPE billing.verify_result AS (
+    tenant_id            text,
+    cached_balance       numeric,
+    ledger_sum           numeric,
+    entries              bigint,
+    chain_breaks         bigint,
+    first_break_entry_id bigint,
+    problem              text
+);
+
+CREATE FUNCTION billing.verify_entries(tenant_id text)
+    RETURNS TABLE (tenant_id text, total numeric, n bigint, breaks bigint,
+                   first_break bigint, max_version bigint, invalid bigint)
+    AS 'MODULE_PATHNAME', 'billing_verify_entries'
+    LANGUAGE C STABLE;
+
+COMMENT ON FUNCTION billing.verify_entries(text) IS
+    'per-tenant facts of the ledger in one pass (internal: billing_verify); NULL: every tenant';
+
+REVOKE ALL ON FUNCTION billing.verify_entries(text) FROM PUBLIC;
+
+CREATE FUNCTION billing_verify(tenant_id text DEFAULT NULL)
+    RETURNS SETOF billing.verify_result
+    LANGUAGE plpgsql STABLE SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF billing_verify.tenant_id IS NOT NULL THEN
+        PERFORM billing.check_account_settings(billing_verify.tenant_id, NULL, NULL, NULL, NULL);
+    END IF;
+    IF billing_verify.tenant_id IS NOT NULL
+       AND NOT EXISTS (SELECT FROM billing.accounts a WHERE a.tenant_id = billing_verify.tenant_id)
+       AND NOT EXISTS (SELECT FROM billing.entries e WHERE e.tenant_id = billing_verify.tenant_id) THEN
+        RAISE EXCEPTION 'account "%" does not exist', billing_verify.tenant_id
+            USING ERRCODE = 'ZB001',
+                  HINT = 'Call billing_verify() without an argument to check every account.';
+    END IF;
+    RETURN QUERY
+
+    WITH per_tenant AS (
+        SELECT * FROM billing.verify_entries(billing_verify.tenant_id)
+    )
+    , holds AS (
+        SELECT h.tenant_id,
+               sum(h.amount_micros - h.captured_micros - h.released_micros) AS open_micros
+          FROM billing.holds h
+         WHERE h.status = 'open' AND (billing_verify.tenant_id IS NULL OR h.tenant_id = billing_verify.tenant_id)
+         GROUP BY h.tenant_id
+    )
+    SELECT coalesce(a.tenant_id, p.tenant_id),
+           billing.to_amount(a.balance_micros),
+           (coalesce(p.total, 0) / 1000000)::numeric(38, 6),
+           coalesce(p.n, 0),
+           coalesce(p.breaks, 0),
+           p.first_break,
+           CASE
+               WHEN a.tenant_id IS NULL THEN 'entries without an account'
+               WHEN a.balance_micros <> coalesce(p.total, 0) THEN 'cached balance differs from SUM(entries)'
+               WHEN coalesce(p.breaks, 0) > 0 THEN 'balance_after chain is broken'
+               WHEN a.version < coalesce(p.max_version, 0) THEN 'account version is behind its entries'
+               WHEN coalesce(p.invalid, 0) > 0 THEN 'entries with an unknown kind, a zero amount or the wrong sign'
+               ELSE 'cached holds differ from the open holds'
+           END
+      FROM billing.accounts a
+      FULL JOIN per_tenant p ON p.tenant_id = a.tenant_id
+      LEFT JOIN holds h ON h.tenant_id = a.tenant_id
+     WHERE (billing_verify.tenant_id IS NULL OR coalesce(a.tenant_id, p.tenant_id) = billing_verify.tenant_id)
+       AND (a.tenant_id IS NULL
+            OR a.balance_micros <> coalesce(p.total, 0)
+            OR coalesce(p.breaks, 0) > 0
+            OR a.version < coalesce(p.max_version, 0)
+            OR coalesce(p.invalid, 0) > 0
+            OR a.holds_micros <> coalesce(h.open_micros, 0))
+     ORDER BY 1;
+END;
+$$;
+COMMENT ON FUNCTION billing_verify(text) IS
+    'audit: one row per account whose cached balance differs from SUM(entries), whose balance_after chain is broken, whose version lags its entries, with invalid entries, or whose cached holds differ from its open holds; no rows when consistent';
+REVOKE ALL ON FUNCTION billing_verify(text) FROM PUBLIC;

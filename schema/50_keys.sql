@@ -1,0 +1,207 @@
+/* 50_keys: API keys and their budgets */
+
+CREATE TABLE billing.api_keys (
+    tenant_id           text        NOT NULL,
+    key_id              text        NOT NULL,
+    status              text        NOT NULL DEFAULT 'active',
+    budget_micros       bigint,
+    budget_period       text,
+    period_start        date,
+    period_spend_micros bigint      NOT NULL DEFAULT 0,
+    metadata            jsonb       NOT NULL DEFAULT '{}',
+    last_used_at        timestamptz,
+    created_at          timestamptz NOT NULL DEFAULT now(),
+    updated_at          timestamptz NOT NULL DEFAULT now(),
+    CONSTRAINT api_keys_pkey PRIMARY KEY (tenant_id, key_id),
+    CONSTRAINT api_keys_status_check CHECK (status IN ('active', 'suspended', 'revoked')),
+    CONSTRAINT api_keys_budget_check CHECK ((budget_micros IS NULL) = (budget_period IS NULL) AND budget_micros >= 0),
+    CONSTRAINT api_keys_period_check CHECK (budget_period IN ('day', 'month', 'lifetime'))
+);
+COMMENT ON TABLE billing.api_keys IS 'API keys of an account, with an optional budget per day, month or lifetime';
+SELECT pg_catalog.pg_extension_config_dump('billing.api_keys', '');
+
+CREATE VIEW billing.api_key_budgets AS
+WITH k AS (
+    SELECT k.*,
+           CASE k.budget_period
+               WHEN 'day' THEN (now() AT TIME ZONE a.timezone)::date
+               WHEN 'month' THEN date_trunc('month', now() AT TIME ZONE a.timezone)::date
+           END AS current_start,
+           a.timezone
+      FROM billing.api_keys k
+      JOIN billing.accounts a ON a.tenant_id = k.tenant_id
+), s AS (
+    SELECT k.*,
+           CASE WHEN k.budget_period IS NULL OR k.budget_period = 'lifetime' OR k.period_start = k.current_start
+                THEN k.period_spend_micros ELSE 0 END AS spent_micros,
+           (SELECT coalesce(sum(h.amount_micros - h.captured_micros - h.released_micros), 0)::bigint
+              FROM billing.holds h
+             WHERE h.tenant_id = k.tenant_id AND h.api_key = k.key_id
+               AND h.status = 'open' AND h.expires_at > now()) AS on_hold_micros
+      FROM k
+)
+SELECT s.tenant_id,
+       s.key_id,
+       s.status,
+       billing.to_amount(s.budget_micros) AS budget,
+       s.budget_period,
+       billing.to_amount(s.spent_micros) AS spent,
+       billing.to_amount(s.on_hold_micros) AS on_hold,
+       billing.to_amount(s.budget_micros - s.spent_micros - s.on_hold_micros) AS remaining,
+       CASE s.budget_period
+           WHEN 'day' THEN ((s.current_start + 1)::timestamp AT TIME ZONE s.timezone)
+           WHEN 'month' THEN ((s.current_start + interval '1 month')::timestamp AT TIME ZONE s.timezone)
+       END AS resets_at,
+       s.last_used_at,
+       s.metadata
+  FROM s;
+COMMENT ON VIEW billing.api_key_budgets IS 'per API key: budget, spent in the current period, on hold, remaining, reset time';
+
+-- shared checks of api key settings
+CREATE FUNCTION billing.check_key_settings(key_id text, budget numeric, budget_period text,
+                                           OUT budget_micros bigint)
+    LANGUAGE plpgsql IMMUTABLE
+    SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF key_id IS NULL THEN
+        RAISE EXCEPTION 'key_id must not be null' USING ERRCODE = 'ZB015', HINT = 'Pass the key id.';
+    END IF;
+    IF key_id = '' OR length(key_id) > 255 THEN
+        RAISE EXCEPTION 'key_id must be 1 to 255 characters'
+            USING ERRCODE = 'ZB018', DETAIL = format('It has %s characters.', length(key_id)),
+                  HINT = 'Use the public id of the key (never the secret).';
+    END IF;
+    IF key_id ~ '[{}]' THEN
+        RAISE EXCEPTION 'key_id must not contain { or }'
+            USING ERRCODE = 'ZB018', DETAIL = format('The value given was %s.', quote_literal(key_id)),
+                  HINT = 'Braces delimit the Redis hash tag of the tenant''s keys.';
+    END IF;
+    IF budget_period IS NOT NULL AND budget_period NOT IN ('day', 'month', 'lifetime') THEN
+        RAISE EXCEPTION 'invalid budget period %', quote_literal(budget_period)
+            USING ERRCODE = 'ZB018', DETAIL = 'Allowed periods: day, month, lifetime.',
+                  HINT = 'Days and months are calendar periods in the account time zone.';
+    END IF;
+    IF (budget IS NULL) <> (budget_period IS NULL) THEN
+        RAISE EXCEPTION 'budget and budget_period go together'
+            USING ERRCODE = 'ZB018',
+                  DETAIL = format('budget %s, budget_period %s.', coalesce(budget::text, 'null'), coalesce(budget_period, 'null')),
+                  HINT = 'Pass both, e.g. budget => 50, budget_period => ''month''.';
+    END IF;
+    budget_micros := billing.to_micros(budget, 'budget', true);
+END;
+$$;
+
+CREATE FUNCTION billing_api_key_create(tenant_id text, key_id text,
+                                       budget numeric DEFAULT NULL,
+                                       budget_period text DEFAULT NULL,
+                                       metadata jsonb DEFAULT NULL)
+    RETURNS SETOF billing.api_key_budgets
+    LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    acc     billing.accounts := billing.lock_account(billing_api_key_create.tenant_id);
+    micros  bigint := billing.check_key_settings(billing_api_key_create.key_id,
+                                                 billing_api_key_create.budget,
+                                                 billing_api_key_create.budget_period);
+    k       billing.api_keys;
+BEGIN
+    PERFORM billing.check_account_settings(acc.tenant_id, NULL, NULL, NULL, billing_api_key_create.metadata);
+    INSERT INTO billing.api_keys AS t (tenant_id, key_id, budget_micros, budget_period, metadata)
+    VALUES (acc.tenant_id, billing_api_key_create.key_id, micros, billing_api_key_create.budget_period,
+            coalesce(billing_api_key_create.metadata, '{}'))
+    ON CONFLICT (tenant_id, key_id) DO NOTHING
+    RETURNING * INTO k;
+    IF FOUND THEN
+        -- the key's Redis hash carries the account version: bump it
+        UPDATE billing.accounts a SET version = a.version + 1 WHERE a.tenant_id = acc.tenant_id;
+        PERFORM billing.sync_mark(acc.tenant_id);
+    ELSE
+        SELECT * INTO k FROM billing.api_keys t
+         WHERE t.tenant_id = acc.tenant_id AND t.key_id = billing_api_key_create.key_id;
+        -- like billing_account_create: only the settings given are compared
+        IF (billing_api_key_create.budget IS NOT NULL
+            AND (k.budget_micros IS DISTINCT FROM micros OR k.budget_period IS DISTINCT FROM billing_api_key_create.budget_period))
+           OR (billing_api_key_create.metadata IS NOT NULL AND k.metadata <> billing_api_key_create.metadata) THEN
+            RAISE EXCEPTION 'api key "%" already exists with different settings', k.key_id
+                USING ERRCODE = 'ZB006',
+                      DETAIL = format('Existing: budget %s, metadata %s; requested: budget %s, metadata %s.',
+                                      coalesce(billing.to_amount(k.budget_micros) || ' per ' || k.budget_period, 'none'), k.metadata,
+                                      coalesce(billing.to_amount(micros) || ' per ' || billing_api_key_create.budget_period, 'none'),
+                                      coalesce(billing_api_key_create.metadata::text, '(not given)')),
+                      HINT = 'Change it with billing_api_key_update(), or leave the settings out to get the existing key.';
+        END IF;
+    END IF;
+    RETURN QUERY SELECT * FROM billing.api_key_budgets b
+                  WHERE b.tenant_id = acc.tenant_id AND b.key_id = billing_api_key_create.key_id;
+END;
+$$;
+COMMENT ON FUNCTION billing_api_key_create(text, text, numeric, text, jsonb) IS
+    'create an API key for an account, optionally with a budget per day, month or lifetime';
+REVOKE ALL ON FUNCTION billing_api_key_create(text, text, numeric, text, jsonb) FROM PUBLIC;
+
+CREATE FUNCTION billing_api_key_update(tenant_id text, key_id text,
+                                       status text DEFAULT NULL,
+                                       budget numeric DEFAULT NULL,
+                                       budget_period text DEFAULT NULL,
+                                       remove_budget boolean DEFAULT false)
+    RETURNS SETOF billing.api_key_budgets
+    LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    acc     billing.accounts := billing.lock_account(billing_api_key_update.tenant_id);
+    k       billing.api_keys;
+    micros  bigint;
+BEGIN
+    SELECT * INTO k FROM billing.api_keys t
+     WHERE t.tenant_id = acc.tenant_id AND t.key_id = billing_api_key_update.key_id FOR UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'api key "%" does not exist for account "%"', billing_api_key_update.key_id, acc.tenant_id
+            USING ERRCODE = 'ZB050',
+                  HINT = format('Create it with billing_api_key_create(%L, %L).', acc.tenant_id, billing_api_key_update.key_id);
+    END IF;
+    IF billing_api_key_update.status IS NOT NULL AND billing_api_key_update.status NOT IN ('active', 'suspended', 'revoked') THEN
+        RAISE EXCEPTION 'invalid api key status %', quote_literal(billing_api_key_update.status)
+            USING ERRCODE = 'ZB018', DETAIL = 'Allowed statuses: active, suspended, revoked.',
+                  HINT = 'Suspend a key temporarily; revoke it for good.';
+    END IF;
+    IF k.status = 'revoked' AND billing_api_key_update.status IS DISTINCT FROM 'revoked' AND billing_api_key_update.status IS NOT NULL THEN
+        RAISE EXCEPTION 'api key "%" is revoked', k.key_id
+            USING ERRCODE = 'ZB051', DETAIL = 'A revoked key cannot be reactivated.',
+                  HINT = 'Create a new key.';
+    END IF;
+    IF billing_api_key_update.remove_budget THEN
+        k.budget_micros := NULL;
+        k.budget_period := NULL;
+    ELSIF billing_api_key_update.budget IS NOT NULL OR billing_api_key_update.budget_period IS NOT NULL THEN
+        micros := billing.check_key_settings(k.key_id,
+                                             coalesce(billing_api_key_update.budget, billing.to_amount(k.budget_micros)),
+                                             coalesce(billing_api_key_update.budget_period, k.budget_period));
+        IF coalesce(billing_api_key_update.budget_period, k.budget_period) IS DISTINCT FROM k.budget_period THEN
+            k.period_start := NULL;         -- a new period kind starts counting afresh
+            k.period_spend_micros := 0;
+        END IF;
+        k.budget_micros := micros;
+        k.budget_period := coalesce(billing_api_key_update.budget_period, k.budget_period);
+    END IF;
+    UPDATE billing.api_keys t
+       SET status = coalesce(billing_api_key_update.status, t.status),
+           budget_micros = k.budget_micros,
+           budget_period = k.budget_period,
+           period_start = k.period_start,
+           period_spend_micros = k.period_spend_micros,
+           updated_at = now()
+     WHERE t.tenant_id = acc.tenant_id AND t.key_id = k.key_id;
+    UPDATE billing.accounts a SET version = a.version + 1 WHERE a.tenant_id = acc.tenant_id;
+    PERFORM billing.sync_mark(acc.tenant_id);
+    RETURN QUERY SELECT * FROM billing.api_key_budgets b
+                  WHERE b.tenant_id = acc.tenant_id AND b.key_id = k.key_id;
+END;
+$$;
+COMMENT ON FUNCTION billing_api_key_update(text, text, text, numeric, text, boolean) IS
+    'change an API key: status (active, suspended, revoked — final), budget and period, or remove_budget';
+REVOKE ALL ON FUNCTION billing_api_key_update(text, text, text, numeric, text, boolean) FROM PUBLIC;

@@ -1,0 +1,110 @@
+/* 80_sync: the Redis mirror's database side, and the worker's periodic maintenance */
+
+CREATE FUNCTION billing.sync_mark(tenant_id text) RETURNS void
+    AS 'MODULE_PATHNAME', 'billing_sync_mark_sql'
+    LANGUAGE C VOLATILE;
+COMMENT ON FUNCTION billing.sync_mark(text) IS 'mark a tenant changed: pushed to Redis after this transaction commits';
+REVOKE ALL ON FUNCTION billing.sync_mark(text) FROM PUBLIC;
+
+CREATE FUNCTION billing.expire_holds_of(tenant_id text) RETURNS boolean
+    AS 'MODULE_PATHNAME', 'billing_expire_holds_of'
+    LANGUAGE C VOLATILE;
+REVOKE ALL ON FUNCTION billing.expire_holds_of(text) FROM PUBLIC;
+
+CREATE FUNCTION billing.expire_due_holds(max_accounts integer DEFAULT 1000) RETURNS integer
+    LANGUAGE plpgsql VOLATILE
+    SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    t text;
+    n integer := 0;
+BEGIN
+    FOR t IN SELECT a.tenant_id FROM billing.accounts a
+              WHERE a.holds_next_expiry <= now()
+              ORDER BY a.holds_next_expiry
+              LIMIT max_accounts
+              FOR UPDATE SKIP LOCKED
+    LOOP
+        IF billing.expire_holds_of(t) THEN
+            n := n + 1;
+        END IF;
+    END LOOP;
+    RETURN n;
+END;
+$$;
+COMMENT ON FUNCTION billing.expire_due_holds(integer) IS 'expire due holds of accounts nobody else has locked (the worker runs it; correctness never depends on it)';
+REVOKE ALL ON FUNCTION billing.expire_due_holds(integer) FROM PUBLIC;
+
+CREATE FUNCTION billing.maintenance() RETURNS jsonb
+    LANGUAGE plpgsql VOLATILE
+    SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    expired integer := billing.expire_due_holds(1000);
+    rescued integer;
+BEGIN
+    SELECT count(*) INTO rescued FROM @extschema@.billing_job_rescue(100);
+    RETURN jsonb_build_object('accounts_with_expired_holds', expired, 'jobs_rescued', rescued);
+END;
+$$;
+COMMENT ON FUNCTION billing.maintenance() IS 'periodic maintenance run by the background worker: expire holds, rescue stuck jobs';
+REVOKE ALL ON FUNCTION billing.maintenance() FROM PUBLIC;
+
+CREATE FUNCTION billing.sync_snapshot_of(tenants text[])
+    RETURNS TABLE (tenant_id text, key_id text, version bigint, fields text[])
+    AS 'MODULE_PATHNAME', 'billing_sync_snapshot_of'
+    LANGUAGE C STABLE;
+
+COMMENT ON FUNCTION billing.sync_snapshot_of(text[]) IS
+    'the Redis hashes of the given tenants and their API keys (internal: the background worker, through billing.sync_snapshot)';
+
+REVOKE ALL ON FUNCTION billing.sync_snapshot_of(text[]) FROM PUBLIC;
+
+-- what the worker pushes: one row per tenant hash and per api key hash;
+-- fields = Redis field/value pairs, amounts in integer micro-units
+CREATE FUNCTION billing.sync_snapshot(tenants text[], after text, lim integer)
+    RETURNS TABLE (tenant_id text, key_id text, version bigint, fields text[])
+    LANGUAGE plpgsql STABLE
+    SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF tenants IS NULL THEN
+        -- a resync page: the tenants after `after`
+        tenants := ARRAY(SELECT a.tenant_id FROM billing.accounts a
+                          WHERE a.tenant_id > after ORDER BY a.tenant_id LIMIT lim);
+    END IF;
+    RETURN QUERY
+        SELECT s.* FROM billing.sync_snapshot_of(tenants) AS s
+         ORDER BY s.tenant_id, s.key_id NULLS LAST;
+END
+$$;
+REVOKE ALL ON FUNCTION billing.sync_snapshot(text[], text, integer) FROM PUBLIC;
+
+CREATE TYPE billing.sync_info AS (
+    enabled             boolean,      -- false: billing not in shared_preload_libraries
+    worker_pid          integer,
+    connected           boolean,
+    redis_run_id        text,
+    dirty_accounts      bigint,       -- committed changes waiting to be pushed
+    full_resync_pending boolean,
+    lag                 interval,     -- age of the oldest committed change not yet in Redis
+    last_push_at        timestamptz,
+    pushed              bigint,
+    failed              bigint,
+    last_error          text,
+    last_error_at       timestamptz,
+    last_full_resync_at timestamptz,
+    full_resyncs        bigint,
+    repaired            bigint,       -- hashes fixed by the periodic consistency check
+    recent_lag_p50_ms   double precision,
+    recent_lag_p99_ms   double precision
+);
+
+CREATE FUNCTION billing_sync_status() RETURNS billing.sync_info
+    AS 'MODULE_PATHNAME', 'billing_sync_status'
+    LANGUAGE C VOLATILE;
+COMMENT ON FUNCTION billing_sync_status() IS 'state of the Redis mirror: connected, lag, pushes, errors, last full resync';
+REVOKE ALL ON FUNCTION billing_sync_status() FROM PUBLIC;
+
+CREATE VIEW billing.sync_status AS SELECT * FROM billing_sync_status();
+COMMENT ON VIEW billing.sync_status IS 'state of the Redis mirror (one row), for dashboards';
