@@ -1,47 +1,51 @@
 #!/usr/bin/env bash
-# Ensure the Debian packages needed to build and test the billing extension
-# are installed.  Idempotent; prints nothing when everything is present.
-# As root, missing packages are installed with apt-get (non-interactive);
-# otherwise the needed command is printed and we exit 1.
+# test/deps.sh -- install the Debian packages that building and testing
+# billing needs, when they are missing (`make deps`; `make check` and
+# `make demo` call it as root).  Idempotent; prints nothing when everything
+# is present.  Not as root it lists what is missing and exits 1.  A plain
+# `make` / `make install` never calls it.
+#
+# The PostgreSQL major version: that of PG_CONFIG if it works, else the newest
+# one installed under /usr/lib/postgresql, else BILLING_PG_VERSION (default
+# 15, Debian 12's).
 set -euo pipefail
 
-PGBIN=/usr/lib/postgresql/15/bin
+ver=
+if [[ -n ${PG_CONFIG:-} ]] && command -v "$PG_CONFIG" >/dev/null 2>&1; then
+	ver=$("$PG_CONFIG" --version | sed -E 's/^PostgreSQL ([0-9]+).*/\1/')
+fi
+if [[ -z $ver ]]; then
+	ver=$(ls /usr/lib/postgresql 2>/dev/null | sort -n | tail -n 1 || true)
+fi
+ver=${ver:-${BILLING_PG_VERSION:-15}}
+bin=/usr/lib/postgresql/$ver/bin
 missing=()
-
 need() { # need <package> -- add the package unless already queued
 	local p
 	for p in "${missing[@]}"; do [[ $p == "$1" ]] && return 0; done
 	missing+=("$1")
 }
 
-# Server binary.
-[[ -x $PGBIN/postgres ]] || need postgresql-15
-
-# pg_config, PGXS makefile and server headers.
-if [[ -x $PGBIN/pg_config ]] &&
-	pgxs=$("$PGBIN/pg_config" --pgxs 2>/dev/null) && [[ -f $pgxs ]] &&
-	inc=$("$PGBIN/pg_config" --includedir-server 2>/dev/null) && [[ -f $inc/postgres.h ]]; then
-	:
-else
-	need postgresql-server-dev-15
+[[ -x $bin/postgres ]] || need "postgresql-$ver"
+if ! { [[ -x $bin/pg_config ]] && pgxs=$("$bin/pg_config" --pgxs 2>/dev/null) && [[ -f $pgxs ]] &&
+	inc=$("$bin/pg_config" --includedir-server 2>/dev/null) && [[ -f $inc/postgres.h ]]; }; then
+	need "postgresql-server-dev-$ver"
 fi
-
-# hiredis headers, redis server and client.
 [[ -f /usr/include/hiredis/hiredis.h ]] || need libhiredis-dev
 command -v redis-server >/dev/null 2>&1 || need redis-server
 command -v redis-cli >/dev/null 2>&1 || need redis-tools
-
-# C toolchain (gcc only *recommends* libc6-dev, so check it explicitly).
+# PostgreSQL's Perl TAP framework (PostgreSQL::Test::Cluster) runs on IPC::Run
+perl -MIPC::Run -e 1 >/dev/null 2>&1 || need libipc-run-perl
+command -v prove >/dev/null 2>&1 || need perl
 command -v make >/dev/null 2>&1 || need make
 command -v gcc >/dev/null 2>&1 || need gcc
 [[ -f /usr/include/stdio.h ]] || need libc6-dev
 
-# Fast path: all present.
 ((${#missing[@]} == 0)) && exit 0
 
 if ((EUID != 0)); then
 	echo "deps.sh: missing packages: ${missing[*]}" >&2
-	echo "deps.sh: run as root: apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends ${missing[*]}" >&2
+	echo "deps.sh: as root: apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends ${missing[*]}" >&2
 	exit 1
 fi
 

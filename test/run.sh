@@ -1,29 +1,39 @@
 #!/usr/bin/env bash
-# Whole test suite for the billing extension; `make check` runs this.
-#   1. install missing Debian packages (test/deps.sh), build and install
-#   2. start a throwaway postgres + redis (test/cluster.sh)
-#   3. pg_regress (sql/*.sql), pg_isolation_regress (test/isolation/specs),
-#      then every executable test/t/*.sh
-# The last line of output is always "N passed, N failed"; exit 1 on failure.
-# Knobs: BILLING_KEEP=1 leaves the cluster running afterwards,
-# BILLING_T_TIMEOUT (seconds per test/t script, default 900), plus the
-# BILLING_* knobs of test/cluster.sh.
+# test/run.sh -- every test of the billing extension; `make check` runs it.
+#
+#   1. as root: install the Debian packages that are missing (test/deps.sh)
+#   2. build and install (make, make install) for PG_CONFIG
+#   3. pg_regress: every sql/*.sql on a throwaway instance (--temp-instance,
+#      configured by test/check.conf: billing preloaded, prepared transactions)
+#   4. pg_isolation_regress: every test/isolation/specs/*.spec, likewise
+#   5. the TAP tests test/t/*.pl (PostgreSQL::Test::Cluster + test/perl/
+#      BillingTest.pm): each starts its own nodes and Redis servers
+#   6. no server log of steps 3-4 shows a crashed backend (the TAP tests check
+#      their own nodes, allowing only what they killed on purpose)
+# and prints "N passed, N failed" last: one per regression test, isolation
+# spec and TAP file.  Exit status 1 on any failure.
+#
+# PostgreSQL refuses to run as root: as root, steps 3-5 run as the `postgres`
+# OS user (the one the Debian package creates), in BILLING_TMP.
+#
+# Knobs: PG_CONFIG (default: pg_config on PATH; after step 1 the one of the
+# newest installed PostgreSQL if none is on PATH), BILLING_TMP (default
+# <repo>/tmp_check), BILLING_TAP_TIMEOUT (seconds per TAP file, default 1200),
+# BILLING_TESTS (a space-separated subset of TAP files to run, e.g.
+# "001_no_preload"), BILLING_SKIP (any of: regress isolation tap),
+# PROVE_FLAGS (e.g. -v).
 set -euo pipefail
 
 here=$(cd "$(dirname "$(realpath "${BASH_SOURCE[0]}")")" && pwd)
 repo=$(dirname "$here")
 cd "$repo"
-PGBIN=/usr/lib/postgresql/15/bin
+export LC_ALL=C.UTF-8 2>/dev/null || export LC_ALL=C
 
 passed=0 failed=0 failures=() finished=0
 fail() { failed=$((failed + 1)); failures+=("$1"); }
 
-# Always stop the cluster and end with the summary line, even on an abort.
 on_exit() {
 	local rc=$?
-	if [[ ${BILLING_KEEP:-0} != 1 ]]; then
-		bash "$here/cluster.sh" stop >/dev/null 2>&1 || true
-	fi
 	if ((!finished)); then
 		echo "run.sh: aborted (exit $rc) before the suite finished" >&2
 		fail setup
@@ -34,38 +44,75 @@ on_exit() {
 trap on_exit EXIT
 trap 'exit 130' INT TERM
 
-bash "$here/deps.sh"
-make -s
-make -s install
+# 1. packages (root only; otherwise deps.sh only says what is missing)
+if ((EUID == 0)); then
+	bash "$here/deps.sh"
+fi
+PG_CONFIG=${PG_CONFIG:-pg_config}
+if ! command -v "$PG_CONFIG" >/dev/null 2>&1; then
+	# Debian puts pg_config in /usr/bin only with postgresql-common's wrapper;
+	# take the newest server-dev installation
+	newest=$(ls -d /usr/lib/postgresql/*/bin/pg_config 2>/dev/null | sort -V | tail -n 1 || true)
+	[[ -n $newest ]] || { echo "run.sh: no pg_config (set PG_CONFIG, or run as root to install the packages)" >&2; exit 1; }
+	PG_CONFIG=$newest
+fi
+PG_CONFIG=$(command -v "$PG_CONFIG")
+export PG_CONFIG
+bindir=$("$PG_CONFIG" --bindir)
+pgxs_src=$(dirname "$(dirname "$("$PG_CONFIG" --pgxs)")") # .../lib/pgxs/src
+echo "== PostgreSQL $("$PG_CONFIG" --version | sed 's/^PostgreSQL //') ($PG_CONFIG)"
 
-eval "$(bash "$here/cluster.sh" env)"
-rm -f "$BILLING_TMP/postgres.log" # so the crash check only sees this run
-bash "$here/cluster.sh" start
+# 2. build and install
+make -s PG_CONFIG="$PG_CONFIG"
+make -s install PG_CONFIG="$PG_CONFIG" >/dev/null
 
-# run_regress LABEL PROGRAM INPUTDIR OUTPUTDIR DBNAME TEST...
-# Runs pg_regress or pg_isolation_regress, echoing its output, and counts
-# its per-test result lines.
+# Where the tests write.  As root the servers run as postgres, which must be
+# able to write there and to read the work tree; if it cannot read the tree
+# (e.g. under /root), the tests run from a copy of it.
+tmp=$(realpath -m "${BILLING_TMP:-$repo/tmp_check}")
+rm -rf "$tmp"
+mkdir -p "$tmp"
+src=$repo
+as_tester() { "$@"; }
+if ((EUID == 0)); then
+	chown postgres:postgres "$tmp"
+	as_tester() { (cd / && runuser -u postgres -- "$@"); }
+	if ! as_tester test -w "$tmp" -a -x "$tmp" 2>/dev/null; then
+		tmp=/tmp/billing-check-$(printf %s "$repo" | md5sum | cut -c1-8)
+		rm -rf "$tmp"
+		mkdir -p "$tmp"
+		chown postgres:postgres "$tmp"
+	fi
+	if ! as_tester test -r "$repo/test/run.sh" 2>/dev/null; then
+		src=$tmp/src
+		mkdir -p "$src"
+		git -C "$repo" ls-files -z --cached --others --exclude-standard |
+			(cd "$repo" && xargs -0 cp --parents -t "$src")
+		chown -R postgres:postgres "$src"
+	fi
+fi
+skip=" ${BILLING_SKIP:-} "
+
+# run_regress LABEL PROGRAM OUTDIR ARGS... -- pg_regress or
+# pg_isolation_regress on a temporary instance; counts its per-test lines.
 run_regress() {
-	local label=$1 prog=$2 indir=$3 outdir=$4 db=$5 rc=0 counts p f
-	shift 5
-	rm -rf "$outdir"
-	mkdir -p "$outdir"
-	echo "== $label: $*"
-	"$prog" --bindir="$PGBIN" --host="$PGHOST" --port="$PGPORT" --user=postgres \
-		--inputdir="$indir" --outputdir="$outdir" --dbname="$db" --no-locale \
-		"$@" 2>&1 </dev/null | tee "$outdir/run.log" || rc=$?
-	# PG15 lines: "test NAME ... ok  12 ms", "     NAME ... FAILED  12 ms",
-	# "... failed (ignored)"; also accept the TAP style of PG16+.
+	local label=$1 prog=$2 out=$3 rc=0 counts p f
+	shift 3
+	echo "== $label"
+	as_tester mkdir -p "$out"
+	as_tester "$prog" --temp-instance="$out/instance" --temp-config="$src/test/check.conf" \
+		--bindir="$bindir" --outputdir="$out" --encoding=UTF8 --no-locale "$@" \
+		</dev/null 2>&1 | tee "$tmp/$label.log" || rc=$?
+	# PG15 lines: "test NAME ... ok  12 ms", "     NAME ... FAILED  12 ms";
+	# PG16+: TAP lines "ok 1 - NAME  12 ms", "not ok 1 - NAME".
 	counts=$(awk '
 		/^(test +| +)[^ ]+ +\.\.\. / {
-			if (/\(ignored\)/) ok++
-			else if (/\.\.\. +FAILED/) bad++
-			else if (/\.\.\. +ok/) ok++
+			if (/\.\.\. +FAILED/ && !/\(ignored\)/) bad++; else ok++
 			next
 		}
 		/^ok [0-9]+ /     { ok++ }
 		/^not ok [0-9]+ / { if (/# \(ignored\)/) ok++; else bad++ }
-		END { print ok + 0, bad + 0 }' "$outdir/run.log")
+		END { print ok + 0, bad + 0 }' "$tmp/$label.log")
 	read -r p f <<<"$counts"
 	passed=$((passed + p))
 	((f == 0)) || failures+=("$label: $f test(s)")
@@ -74,60 +121,96 @@ run_regress() {
 		echo "$label exited with status $rc without reporting a failed test"
 		fail "$label (exit $rc)"
 	fi
-	if ((rc != 0 || f != 0)) && [[ -f $outdir/regression.diffs ]]; then
-		echo "== $label: first 300 lines of $outdir/regression.diffs"
-		head -n 300 "$outdir/regression.diffs"
+	if ((rc != 0 || f != 0)) && [[ -f $out/regression.diffs ]]; then
+		echo "== $label: first 300 lines of $out/regression.diffs"
+		head -n 300 "$out/regression.diffs"
 	fi
 }
 
-# names DIR EXT -- sorted basenames of DIR/*.EXT
-names() {
-	[[ -d $1 ]] || return 0
+names() { # names DIR EXT -- sorted basenames of DIR/*.EXT
 	find "$1" -maxdepth 1 -type f -name "*.$2" -printf '%f\n' | sed "s/\.$2\$//" | LC_ALL=C sort
 }
 
-pgxs_dir=$(dirname "$("$PGBIN/pg_config" --pgxs)")
-
-# a. pg_regress
-mapfile -t tests < <(names sql sql)
-if ((${#tests[@]})); then
-	run_regress pg_regress "$pgxs_dir/../test/regress/pg_regress" "$repo" \
-		"$BILLING_TMP/regress" contrib_regression "${tests[@]}"
+# 3. regression tests, all of them (make installcheck skips those that need
+# test/check.conf)
+if [[ $skip != *" regress "* ]]; then
+	mapfile -t tests < <(names sql sql)
+	run_regress regress "$pgxs_src/test/regress/pg_regress" "$tmp/regress" \
+		--inputdir="$src" --dbname=contrib_regression "${tests[@]}"
 fi
 
-# b. pg_isolation_regress
-mapfile -t tests < <(names test/isolation/specs spec)
-if ((${#tests[@]})); then
-	run_regress pg_isolation_regress "$pgxs_dir/../test/isolation/pg_isolation_regress" \
-		"$repo/test/isolation" "$BILLING_TMP/isolation" isolation_regression "${tests[@]}"
+# 4. isolation specs
+if [[ $skip != *" isolation "* ]]; then
+	mapfile -t tests < <(names test/isolation/specs spec)
+	run_regress isolation "$pgxs_src/test/isolation/pg_isolation_regress" "$tmp/isolation" \
+		--inputdir="$src/test/isolation" --dbname=isolation_regression "${tests[@]}"
 fi
 
-# c. integration / fault scripts, with the cluster environment exported
-mkdir -p "$BILLING_TMP/t"
-for t in test/t/*.sh; do
-	[[ -f $t && -x $t ]] || continue
-	name=$(basename "$t" .sh)
-	log=$BILLING_TMP/t/$name.log
-	started=$SECONDS
-	if timeout -k 10 "${BILLING_T_TIMEOUT:-900}" "$repo/$t" >"$log" 2>&1 </dev/null; then
-		echo "t/$name ... ok ($((SECONDS - started)) s)"
-		passed=$((passed + 1))
-	else
-		rc=$?
-		why="exit $rc"
-		if ((rc == 124)); then why="timed out"; fi
-		echo "t/$name ... FAILED ($why, $((SECONDS - started)) s); last 60 lines of $log:"
-		tail -n 60 "$log"
-		fail "t/$name"
+# 5. TAP tests, one prove run per file (a time limit each, and a verdict per file)
+if [[ $skip != *" tap "* ]]; then
+	mapfile -t tests < <(names test/t pl)
+	if [[ -n ${BILLING_TESTS:-} ]]; then
+		read -r -a tests <<<"$BILLING_TESTS"
+	fi
+	as_tester mkdir -p "$tmp/tap"
+	for name in "${tests[@]}"; do
+		name=${name%.pl}
+		log=$tmp/tap/$name.out
+		started=$SECONDS
+		rc=0
+		as_tester mkdir -p "$tmp/tap/$name"
+		as_tester env -C "$src" TESTDIR="$tmp/tap/$name" PATH="$bindir:$PATH" \
+			PG_REGRESS="$pgxs_src/test/regress/pg_regress" PG_CONFIG="$PG_CONFIG" \
+			BILLING_REPO="$src" CI="${CI:-}" \
+			timeout -k 10 "${BILLING_TAP_TIMEOUT:-1200}" \
+			prove -I "$pgxs_src/test/perl" -I "$src/test/perl" ${PROVE_FLAGS:-} "test/t/$name.pl" \
+			>"$log" 2>&1 </dev/null || rc=$?
+		if ((rc == 0)); then
+			echo "t/$name ... ok ($((SECONDS - started)) s)"
+			passed=$((passed + 1))
+		else
+			why="exit $rc"
+			((rc == 124)) && why="timed out"
+			echo "t/$name ... FAILED ($why, $((SECONDS - started)) s); last 80 lines of $log:"
+			tail -n 80 "$log"
+			echo "   (node logs: $tmp/tap/$name/tmp_check/log/)"
+			fail "t/$name"
+		fi
+	done
+fi
+
+# 5b. (transitional) the integration scripts not yet ported to TAP: they run
+# against test/cluster.sh's cluster, as before
+legacy=$(find test/t -maxdepth 1 -name '*.sh' -perm -u+x | LC_ALL=C sort)
+if [[ -n $legacy && $skip != *" tap "* && -z ${BILLING_TESTS:-} ]]; then
+	export BILLING_TMP=$tmp/legacy
+	mkdir -p "$BILLING_TMP"
+	eval "$(bash test/cluster.sh env)"
+	bash test/cluster.sh start
+	for t in $legacy; do
+		name=$(basename "$t" .sh)
+		started=$SECONDS
+		if timeout -k 10 900 "$repo/$t" >"$tmp/legacy-$name.log" 2>&1 </dev/null; then
+			echo "t/$name.sh ... ok ($((SECONDS - started)) s)"
+			passed=$((passed + 1))
+		else
+			echo "t/$name.sh ... FAILED ($((SECONDS - started)) s); last 60 lines:"
+			tail -n 60 "$tmp/legacy-$name.log"
+			fail "t/$name.sh"
+		fi
+	done
+	bash test/cluster.sh stop
+fi
+
+# 6. did a backend of the regression or isolation instances crash?
+for log in "$tmp"/regress/log/postmaster.log "$tmp"/isolation/log/postmaster.log; do
+	[[ -f $log ]] || continue
+	if crashes=$(grep -E 'terminated by signal|server process .* was terminated|PANIC:' "$log"); then
+		echo "server-crash-check ... FAILED; from $log:"
+		printf '%s\n' "$crashes"
+		fail "server-crash-check ($log)"
 	fi
 done
-
-# Did any backend or worker crash during the run?
-if crashes=$(grep -E 'terminated by signal|server process .* was terminated' "$BILLING_TMP/postgres.log"); then
-	echo "server-crash-check ... FAILED; from $BILLING_TMP/postgres.log:"
-	printf '%s\n' "$crashes"
-	fail server-crash-check
-fi
 
 if ((${#failures[@]})); then
 	printf 'FAILED: %s\n' "${failures[@]}"
