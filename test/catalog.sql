@@ -6,8 +6,10 @@
 -- functions, event triggers, ...) and what hangs off a member table without
 -- being a member itself: columns, constraints, indexes, triggers, policies,
 -- row-level security flags, comments, privileges, ownership, the tables whose
--- data pg_dump keeps (pg_extension_config_dump).  Role names in privileges
--- are shown as <owner> for the extension's owner; OIDs never appear.
+-- data pg_dump keeps (pg_extension_config_dump).  Privileges are the
+-- extension's own (pg_init_privs: what its scripts granted and revoked), not
+-- what was granted to users later.  Role names in privileges are shown as
+-- <owner> for the extension's owner; OIDs never appear.
 WITH ext AS (
     SELECT e.oid, e.extowner, e.extconfig, e.extcondition
       FROM pg_catalog.pg_extension e WHERE e.extname = 'billing'
@@ -22,6 +24,9 @@ WITH ext AS (
       JOIN members m ON m.classid = 'pg_catalog.pg_class'::pg_catalog.regclass AND m.objid = c.oid
 ), owner AS (
     SELECT r.rolname FROM pg_catalog.pg_roles r, ext WHERE r.oid = ext.extowner
+), init AS (
+    SELECT ip.classoid, ip.objoid, ip.objsubid, ip.initprivs::text AS acl
+      FROM pg_catalog.pg_init_privs ip WHERE ip.privtype = 'e'
 ), facts(line) AS (
     -- every member, with its owner (the extension's, or another role)
     SELECT format('member %s owner %s', pg_catalog.pg_describe_object(m.classid, m.objid, 0),
@@ -56,13 +61,15 @@ WITH ext AS (
       FROM pg_catalog.pg_proc p JOIN members m ON m.classid = 'pg_catalog.pg_proc'::pg_catalog.regclass AND m.objid = p.oid
      WHERE p.prokind <> 'a'
     UNION ALL
-    SELECT format('function %s acl %s', p.oid::pg_catalog.regprocedure, p.proacl::text)
+    SELECT format('function %s acl %s', p.oid::pg_catalog.regprocedure, i.acl)
       FROM pg_catalog.pg_proc p JOIN members m ON m.classid = 'pg_catalog.pg_proc'::pg_catalog.regclass AND m.objid = p.oid
+      LEFT JOIN init i ON i.classoid = 'pg_catalog.pg_proc'::pg_catalog.regclass AND i.objoid = p.oid AND i.objsubid = 0
     UNION ALL
     -- relations: kind, options, row security, privileges
     SELECT format('relation %s kind %s options %s rls %s/%s acl %s', r.oid::pg_catalog.regclass, r.relkind,
-                  c.reloptions::text, c.relrowsecurity, c.relforcerowsecurity, c.relacl::text)
+                  c.reloptions::text, c.relrowsecurity, c.relforcerowsecurity, i.acl)
       FROM rels r JOIN pg_catalog.pg_class c ON c.oid = r.oid
+      LEFT JOIN init i ON i.classoid = 'pg_catalog.pg_class'::pg_catalog.regclass AND i.objoid = r.oid AND i.objsubid = 0
     UNION ALL
     -- columns in order: name, type, not null, default, collation, identity
     SELECT format('column %s.%s #%s %s%s%s%s', r.oid::pg_catalog.regclass, a.attname,
@@ -73,11 +80,12 @@ WITH ext AS (
                   CASE WHEN a.attcollation <> 0 AND a.attcollation <> t.typcollation
                        THEN ' collate ' || a.attcollation::pg_catalog.regcollation::text ELSE '' END
                   || CASE WHEN a.attidentity <> '' THEN ' identity ' || a.attidentity::text ELSE '' END
-                  || CASE WHEN a.attacl IS NOT NULL THEN ' acl ' || a.attacl::text ELSE '' END)
+                  || CASE WHEN i.acl IS NOT NULL THEN ' acl ' || i.acl ELSE '' END)
       FROM rels r
       JOIN pg_catalog.pg_attribute a ON a.attrelid = r.oid AND a.attnum > 0 AND NOT a.attisdropped
       JOIN pg_catalog.pg_type t ON t.oid = a.atttypid
       LEFT JOIN pg_catalog.pg_attrdef ad ON ad.adrelid = a.attrelid AND ad.adnum = a.attnum
+      LEFT JOIN init i ON i.classoid = 'pg_catalog.pg_class'::pg_catalog.regclass AND i.objoid = r.oid AND i.objsubid = a.attnum
      WHERE r.relkind IN ('r', 'p', 'v', 'm', 'f', 'c')
     UNION ALL
     -- composite types that are members (their pg_class row is not)
@@ -93,8 +101,9 @@ WITH ext AS (
                   END)
       FROM pg_catalog.pg_type t JOIN members m ON m.classid = 'pg_catalog.pg_type'::pg_catalog.regclass AND m.objid = t.oid
     UNION ALL
-    SELECT format('type %s acl %s', t.oid::pg_catalog.regtype, t.typacl::text)
+    SELECT format('type %s acl %s', t.oid::pg_catalog.regtype, i.acl)
       FROM pg_catalog.pg_type t JOIN members m ON m.classid = 'pg_catalog.pg_type'::pg_catalog.regclass AND m.objid = t.oid
+      LEFT JOIN init i ON i.classoid = 'pg_catalog.pg_type'::pg_catalog.regclass AND i.objoid = t.oid AND i.objsubid = 0
     UNION ALL
     -- constraints (NOT NULL ones are columns' "not null" above, on every version)
     SELECT format('constraint %s.%s: %s%s', r.oid::pg_catalog.regclass, co.conname,
@@ -152,9 +161,10 @@ WITH ext AS (
       FROM ext, pg_catalog.unnest(ext.extconfig) WITH ORDINALITY AS x(c, i)
     UNION ALL
     -- privileges on the schemas the extension created
-    SELECT format('schema %s acl %s', n.nspname, n.nspacl::text)
+    SELECT format('schema %s acl %s', n.nspname, i.acl)
       FROM pg_catalog.pg_namespace n
       JOIN members m ON m.classid = 'pg_catalog.pg_namespace'::pg_catalog.regclass AND m.objid = n.oid
+      LEFT JOIN init i ON i.classoid = 'pg_catalog.pg_namespace'::pg_catalog.regclass AND i.objoid = n.oid AND i.objsubid = 0
 )
 SELECT x.line
   FROM (SELECT pg_catalog.regexp_replace(f.line, '(^|[{,=/])' || pg_catalog.quote_ident(o.rolname) || '(?=[=/,}])',

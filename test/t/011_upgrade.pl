@@ -1,0 +1,180 @@
+# Every upgrade path, against a fresh install.
+#
+# For every release R (releases/billing--R.sql, installed by make install)
+# other than the current version: create the extension at R, fill it through
+# R's own API with every kind of state, then ALTER EXTENSION billing UPDATE
+# as another superuser than the one that created it, while charges keep
+# coming in from pgbench.  Then:
+#  - every extension member's definition equals a fresh install of the
+#    current version (test/catalog.sql: functions, tables, columns,
+#    constraints, indexes, triggers, views, types, grants, comments,
+#    ownership), line by line;
+#  - every row that existed before is still there, unchanged in every column
+#    it had;
+#  - every charge pgbench got an answer for is in the ledger exactly once;
+#  - billing_verify() is clean; old trace ids replay; a job claimed before
+#    the upgrade completes after it; the API works.
+use strict;
+use warnings FATAL => 'all';
+use IPC::Run;
+use PostgreSQL::Test::Utils;
+use Test::More;
+use BillingTest;
+
+my $repo    = $ENV{BILLING_REPO} // $BillingTest::REPO;
+my $current = BillingTest::extversion();
+my @releases = sort grep { $_ ne $current }
+  map { m{billing--([^-/]+)\.sql$} ? $1 : () } glob("$repo/releases/billing--*.sql");
+
+plan skip_all => "no release before $current" unless @releases;
+
+my $node = BillingTest::node('upgrade', database => 'postgres', extension => 0);
+$node->safe_psql('postgres', 'CREATE ROLE upgrader SUPERUSER LOGIN; CREATE ROLE up_app LOGIN');
+
+# the whole API of 1.3, every kind of state
+my $fill = q{
+SELECT billing_account_create('up-' || g, credit_limit => g % 3) FROM generate_series(1, 20) g;
+SELECT billing_account_create('up-tz', timezone => 'Europe/Berlin', metadata => '{"plan": "pro"}');
+SELECT billing_credit('up-' || g, 100, 'up-top-' || g) FROM generate_series(1, 20) g;
+SELECT billing_credit('up-3', 5, 'up-grant-3', kind => 'grant', description => 'welcome');
+SELECT billing_deduct('up-' || (g % 20 + 1), 0.010001 * (g % 7 + 1), 'up-d-' || g,
+                      metadata => jsonb_build_object('model', 'm' || g % 3)) FROM generate_series(1, 500) g;
+SELECT billing_deduct_many(ARRAY['up-1', 'up-2'], ARRAY[0.5, 0.25], ARRAY['up-m-1', 'up-m-2']);
+SELECT billing_try_deduct('up-1', 100000, 'up-rejected');
+SELECT billing_hold('up-2', 5, 'up-h1');
+SELECT billing_capture('up-2', 'up-h1', 2, 'up-c1');
+SELECT billing_hold('up-2', 1, 'up-h2');
+SELECT billing_release('up-2', 'up-h2', 'up-r2');
+SELECT billing_hold('up-6', 1, 'up-h-open', expires_in => '1 hour');
+SELECT billing_limits_set('up-3', daily_requests => 1000, monthly_spend => 500);
+SELECT billing_account_update('up-7', credit_limit => 10, reason => 'ticket 1');
+SELECT billing_account_update('up-8', status => 'suspended', reason => 'chargeback');
+SELECT billing_api_key_create('up-4', 'k1', budget => 10, budget_period => 'month');
+SELECT billing_deduct('up-4', 1, 'up-key-1', api_key => 'k1');
+SELECT billing_price_set('m1', 0.001, 0.002, '2026-01-01');
+SELECT billing_deduct_usage('up-5', 'm1', 1000, 500, 'up-u-1');
+SELECT billing_job_submit('up-5', 'translate', 'up-j1', 3);
+SELECT billing_job_submit('up-5', 'translate', 'up-j2', 2);
+SELECT billing_job_submit('up-5', 'translate', 'up-j3', 2);
+SELECT billing_job_claim('w1', max_jobs => 3);
+SELECT billing_job_complete('up-5', (SELECT job_id FROM billing.jobs WHERE idempotency_key = 'up-j2'), 1.5);
+SELECT billing_job_fail('up-5', (SELECT job_id FROM billing.jobs WHERE idempotency_key = 'up-j3'), 'boom', retryable => false);
+SELECT billing_grant_app('up_app');
+SELECT billing_grant_reporting('up_app');
+};
+
+# every table, as rows of the columns it has now (ordered), for comparing
+sub table_rows
+{
+	my ($db, $cols_of) = @_;
+	my %rows;
+	for my $t (sort keys %$cols_of)
+	{
+		my $cols = join(', ', map { "x.$_" } @{ $cols_of->{$t} });
+		$rows{$t} = [ split /\n/, $node->safe_psql($db,
+			"SELECT ($cols)::text FROM billing.$t x ORDER BY 1") ];
+	}
+	return \%rows;
+}
+
+sub table_columns
+{
+	my ($db) = @_;
+	my %cols;
+	for my $line (split /\n/, $node->safe_psql($db, q{
+		SELECT c.relname || ' ' || string_agg(a.attname, ' ' ORDER BY a.attnum)
+		  FROM pg_class c JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
+		 WHERE c.relnamespace = 'billing'::regnamespace AND c.relkind = 'r'
+		 GROUP BY c.relname}))
+	{
+		my ($t, @c) = split / /, $line;
+		$cols{$t} = \@c;
+	}
+	return \%cols;
+}
+
+$node->safe_psql('postgres', 'CREATE DATABASE fresh');
+$node->safe_psql('fresh', 'CREATE EXTENSION billing');
+my $fresh_catalog = BillingTest::catalog($node, 'fresh');
+
+for my $r (@releases)
+{
+	my $db = "up_" . ($r =~ s/\W/_/gr);
+	$node->safe_psql('postgres', "CREATE DATABASE $db");
+	$node->safe_psql($db, "CREATE EXTENSION billing VERSION '$r'");
+	is($node->safe_psql($db, "SELECT extversion FROM pg_extension WHERE extname = 'billing'"),
+		$r, "$r: installed from its frozen script");
+	$node->safe_psql($db, $fill);
+	is($node->safe_psql($db, 'SELECT count(*) FROM billing_verify()'), '0', "$r: filled, audit clean");
+
+	my $cols_before = table_columns($db);
+	my $before = table_rows($db, $cols_before);
+
+	# charges from 4 clients for 8 seconds on tenants of their own (their
+	# rows change), the upgrade in the middle
+	$node->safe_psql($db, q{SELECT billing_account_create('wl-' || g) FROM generate_series(1, 8) g;
+		SELECT billing_credit('wl-' || g, 1000, 'wl-top-' || g) FROM generate_series(1, 8) g});
+	my $script = PostgreSQL::Test::Utils::tempdir() . '/charge.sql';
+	open my $fh, '>', $script or die $!;
+	print $fh "\\set id random(1, 1000000000000000)\n"
+	  . "\\set t random(1, 8)\n"
+	  . "SELECT billing_deduct('wl-' || :t, 0.000001, 'wl-' || :id);\n";
+	close $fh;
+	my ($out, $err) = ('', '');
+	my $bench = IPC::Run::start(
+		[ 'pgbench', '-n', '-c', '4', '-j', '2', '-T', '8', '-f', $script,
+		  '-h', $node->host, '-p', $node->port, '-U', 'upgrader', $db ],
+		'>', \$out, '2>', \$err);
+	sleep 3;
+	my ($rc, $uout, $uerr) = $node->psql($db, 'ALTER EXTENSION billing UPDATE',
+		extra_params => [ '-U', 'upgrader' ]);
+	is($rc, 0, "$r: ALTER EXTENSION billing UPDATE by another superuser, under load")
+	  or diag($uerr);
+	$bench->finish;
+	my ($processed) = $out =~ /number of transactions actually processed: (\d+)/;
+	is($?, 0, "$r: pgbench ran through the upgrade without an error") or diag($out, $err);
+	ok(($processed // 0) > 0, "$r: pgbench charged " . ($processed // 0) . " times");
+	is($node->safe_psql($db, "SELECT count(*) FROM billing.entries WHERE trace_id LIKE 'wl-%' AND kind = 'deduct'"),
+		$processed // -1, "$r: every answered charge is in the ledger, once");
+
+	is($node->safe_psql($db, "SELECT extversion FROM pg_extension WHERE extname = 'billing'"),
+		$current, "$r: updated to $current");
+	my $catalog = BillingTest::catalog($node, $db);
+	my @diff = do {
+		my %f = map { $_ => 1 } split /\n/, $fresh_catalog;
+		my %u = map { $_ => 1 } split /\n/, $catalog;
+		((map { "fresh only: $_" } grep { !$u{$_} } split /\n/, $fresh_catalog),
+		 (map { "upgraded only: $_" } grep { !$f{$_} } split /\n/, $catalog));
+	};
+	is(join("\n", @diff), '', "$r: every member's definition equals a fresh install of $current ("
+		  . scalar(split /\n/, $catalog) . " facts)");
+
+	my $after = table_rows($db, $cols_before);
+	for my $t (sort keys %$before)
+	{
+		my %now = map { $_ => 1 } @{ $after->{$t} };
+		my @lost = grep { !$now{$_} } @{ $before->{$t} };
+		is(scalar(@lost), 0, "$r: every row of billing.$t (" . scalar(@{ $before->{$t} })
+			  . ") is unchanged") or diag(join("\n", @lost[0 .. ($#lost < 4 ? $#lost : 4)]));
+	}
+
+	is($node->safe_psql($db, 'SELECT count(*) FROM billing_verify()'), '0', "$r: billing_verify() clean after the upgrade");
+	is($node->safe_psql($db, q{SELECT has_function_privilege('up_app',
+			'billing_deduct(text, numeric, text, text, jsonb, timestamptz, text, text)', 'EXECUTE')
+			AND has_table_privilege('up_app', 'billing.balances', 'SELECT')}),
+		't', "$r: the grants made to a role before the upgrade are kept");
+	is($node->safe_psql($db, q{SELECT replayed FROM billing_deduct('up-2', 0.020002, 'up-d-1',
+			metadata => '{"model": "m1"}')}), 't', "$r: an old trace id replays");
+	is($node->safe_psql($db, q{SELECT status, sqlstate FROM billing_try_deduct('up-1', 100000, 'up-rejected')}),
+		'rejected|ZB004', "$r: an old recorded rejection replays");
+	is($node->safe_psql($db, q{SELECT state FROM billing_job_complete('up-5',
+			(SELECT job_id FROM billing.jobs WHERE idempotency_key = 'up-j1'), 2.5)}),
+		'completed', "$r: a job claimed before the upgrade completes after it");
+	is($node->safe_psql($db, q{SELECT balance_after FROM billing_capture('up-6', 'up-h-open', 0.5, 'up-c-after', final => true)}),
+		$node->safe_psql($db, q{SELECT billing.to_amount(balance_micros) FROM billing.accounts WHERE tenant_id = 'up-6'}),
+		"$r: a hold opened before the upgrade is captured after it");
+	is($node->safe_psql($db, 'SELECT count(*) FROM billing_verify()'), '0', "$r: billing_verify() clean at the end");
+}
+
+BillingTest::no_crashes($node);
+done_testing();
