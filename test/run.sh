@@ -92,6 +92,11 @@ if ((EUID == 0)); then
 	fi
 fi
 skip=" ${BILLING_SKIP:-} "
+# one directory of port reservations for every run on this machine
+# (PostgreSQL::Test::Cluster's get_free_port; BillingTest's Redis ports too)
+ports=${PG_TEST_PORT_DIR:-/tmp/billing-test-ports}
+mkdir -p "$ports"
+chmod 1777 "$ports" 2>/dev/null || true
 
 # run_regress LABEL PROGRAM OUTDIR ARGS... -- pg_regress or
 # pg_isolation_regress on a temporary instance; counts its per-test lines.
@@ -161,6 +166,7 @@ if [[ $skip != *" tap "* ]]; then
 		as_tester mkdir -p "$tmp/tap/$name"
 		as_tester env -C "$src" TESTDIR="$tmp/tap/$name" PATH="$bindir:$PATH" \
 			PG_REGRESS="$pgxs_src/test/regress/pg_regress" PG_CONFIG="$PG_CONFIG" \
+			PG_TEST_PORT_DIR="$ports" \
 			BILLING_REPO="$src" CI="${CI:-}" \
 			timeout -k 10 "${BILLING_TAP_TIMEOUT:-1200}" \
 			prove -I "$pgxs_src/test/perl" -I "$src/test/perl" ${PROVE_FLAGS:-} "test/t/$name.pl" \
