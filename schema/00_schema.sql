@@ -32,3 +32,40 @@ CREATE FUNCTION billing.append_only() RETURNS trigger
     LANGUAGE C;
 COMMENT ON FUNCTION billing.append_only() IS 'trigger: refuses UPDATE/DELETE/TRUNCATE (SQLSTATE ZB020)';
 REVOKE ALL ON FUNCTION billing.append_only() FROM PUBLIC;
+
+-- the role that asked for a change (the session's role after SET ROLE, not
+-- the owner a SECURITY DEFINER function runs as): ledger entries and account
+-- events record it
+CREATE FUNCTION billing.actor() RETURNS text
+    AS 'MODULE_PATHNAME', 'billing_actor_sql'
+    LANGUAGE C STABLE PARALLEL SAFE;
+COMMENT ON FUNCTION billing.actor() IS 'the role that asked for the current call (session role after SET ROLE, not a SECURITY DEFINER owner)';
+
+-- the argument checks of the C functions, for the SQL-level ones: an
+-- identifier (no control or invisible characters, 1 to 255 characters), a
+-- bounded text, a bounded json object, an event time in the accepted window.
+-- NULL passes through; the errors never show the value.
+CREATE FUNCTION billing.check_id(value text, argname text, sqlstate text DEFAULT 'ZB018') RETURNS text
+    AS 'MODULE_PATHNAME', 'billing_check_id_sql'
+    LANGUAGE C IMMUTABLE PARALLEL SAFE;
+COMMENT ON FUNCTION billing.check_id(text, text, text) IS 'an identifier: 1 to 255 characters, no control or invisible characters (else the given SQLSTATE)';
+
+CREATE FUNCTION billing.check_text(value text, argname text, max_chars integer DEFAULT 1000) RETURNS text
+    AS 'MODULE_PATHNAME', 'billing_check_text_sql'
+    LANGUAGE C IMMUTABLE PARALLEL SAFE;
+COMMENT ON FUNCTION billing.check_text(text, text, integer) IS 'a free-form text of at most max_chars characters (ZB018)';
+
+CREATE FUNCTION billing.check_json(value jsonb, argname text) RETURNS jsonb
+    AS 'MODULE_PATHNAME', 'billing_check_json_sql'
+    LANGUAGE C IMMUTABLE PARALLEL SAFE;
+COMMENT ON FUNCTION billing.check_json(jsonb, text) IS 'a json object of at most 16384 bytes (ZB018)';
+
+CREATE FUNCTION billing.check_event_at(event_at timestamptz) RETURNS timestamptz
+    AS 'MODULE_PATHNAME', 'billing_check_event_at_sql'
+    LANGUAGE C STABLE PARALLEL SAFE;
+COMMENT ON FUNCTION billing.check_event_at(timestamptz) IS 'an event time in the accepted window: billing.event_at_window before now to 5 minutes after (ZB019)';
+
+CREATE FUNCTION billing.show(value text, max_chars integer DEFAULT 64) RETURNS text
+    AS 'MODULE_PATHNAME', 'billing_show_sql'
+    LANGUAGE C IMMUTABLE PARALLEL SAFE;
+COMMENT ON FUNCTION billing.show(text, integer) IS 'a value quoted for an error message, cut to max_chars characters';

@@ -57,7 +57,7 @@ CREATE TABLE billing.account_events (
     action      text        NOT NULL,
     changes     jsonb       NOT NULL,
     reason      text,
-    changed_by  text        NOT NULL DEFAULT session_user,
+    changed_by  text        NOT NULL DEFAULT billing.actor(),
     created_at  timestamptz NOT NULL DEFAULT now(),
     CONSTRAINT account_events_pkey PRIMARY KEY (tenant_id, event_id),
     CONSTRAINT account_events_action_check CHECK (action IN ('create', 'update', 'limits'))
@@ -106,27 +106,23 @@ BEGIN
         RAISE EXCEPTION 'tenant_id must not be null'
             USING ERRCODE = 'ZB015', HINT = 'Pass a value for tenant_id.';
     END IF;
-    IF tenant_id = '' OR length(tenant_id) > 255 THEN
-        RAISE EXCEPTION 'tenant_id must be 1 to 255 characters'
-            USING ERRCODE = 'ZB016',
-                  DETAIL = format('It has %s characters.', length(tenant_id)),
-                  HINT = 'Use your own customer or workspace id.';
-    END IF;
+    -- 1 to 255 characters, no control or invisible characters
+    PERFORM billing.check_id(tenant_id, 'tenant_id', 'ZB016');
     IF tenant_id ~ '[{}]' THEN
         -- braces delimit the Redis Cluster hash tag of the tenant's keys
         RAISE EXCEPTION 'tenant_id must not contain { or }'
             USING ERRCODE = 'ZB016',
-                  DETAIL = format('The value given was %s.', quote_literal(tenant_id)),
+                  DETAIL = format('The value given was %s.', billing.show(tenant_id)),
                   HINT = 'The tenant id is the Redis hash tag billing:{tenant}; use another separator.';
     END IF;
     IF currency IS NOT NULL AND currency !~ '^[A-Z][A-Z0-9]{2,9}$' THEN
-        RAISE EXCEPTION 'invalid currency %', quote_literal(currency)
+        RAISE EXCEPTION 'invalid currency %', billing.show(currency)
             USING ERRCODE = 'ZB018',
                   DETAIL = 'A currency is 3 to 10 upper-case letters or digits, starting with a letter.',
                   HINT = 'Use an ISO 4217 code such as USD, or a unit name such as CREDITS.';
     END IF;
     IF status IS NOT NULL AND status NOT IN ('active', 'suspended', 'closed') THEN
-        RAISE EXCEPTION 'invalid account status %', quote_literal(status)
+        RAISE EXCEPTION 'invalid account status %', billing.show(status)
             USING ERRCODE = 'ZB018',
                   DETAIL = 'Allowed statuses: active, suspended, closed.',
                   HINT = 'Suspend to stop charges temporarily; close to stop everything for good.';
@@ -142,10 +138,10 @@ BEGIN
            AND (lower(timezone) IN ('cet', 'eet', 'est', 'hst', 'met', 'mst', 'wet')
                 OR EXISTS (SELECT 1 FROM pg_catalog.pg_timezone_abbrevs ab
                             WHERE lower(ab.abbrev) = lower(check_account_settings.timezone))) THEN
-            RAISE EXCEPTION 'invalid time zone %', quote_literal(timezone)
+            RAISE EXCEPTION 'invalid time zone %', billing.show(timezone)
                 USING ERRCODE = 'ZB018',
                       DETAIL = format('%s is a time zone abbreviation: its meaning depends on the setting timezone_abbreviations.',
-                                      timezone),
+                                      billing.show(timezone)),
                       HINT = 'Use the region''s name from pg_timezone_names, e.g. Asia/Kolkata or America/Los_Angeles.';
         END IF;
         -- a zone name of the tz database (Europe/Berlin, UTC, Etc/GMT+3...),
@@ -159,18 +155,14 @@ BEGIN
            OR lower(timezone) IN ('localtime', 'posixrules')
            OR (lower(timezone) NOT IN ('utc', 'gmt', 'uct', 'zulu')
                AND NOT billing.known_zone_file(timezone)) THEN
-            RAISE EXCEPTION 'invalid time zone %', quote_literal(timezone)
+            RAISE EXCEPTION 'invalid time zone %', billing.show(timezone)
                 USING ERRCODE = 'ZB018',
                       DETAIL = 'Daily and monthly figures are computed in the account time zone.',
                       HINT = 'Use a name from pg_timezone_names, e.g. UTC or Europe/Berlin.';
         END IF;
     END IF;
-    IF metadata IS NOT NULL AND jsonb_typeof(metadata) <> 'object' THEN
-        RAISE EXCEPTION 'metadata must be a json object'
-            USING ERRCODE = 'ZB018',
-                  DETAIL = format('The value given was %s.', metadata),
-                  HINT = 'Pass e.g. ''{"plan": "pro"}''::jsonb, or leave it out.';
-    END IF;
+    -- a json object of at most 16 kB
+    PERFORM billing.check_json(metadata, 'metadata');
 END;
 $$;
 REVOKE ALL ON FUNCTION billing.check_account_settings(text, text, text, text, jsonb) FROM PUBLIC;
@@ -210,7 +202,7 @@ AS $$
 $$;
 REVOKE ALL ON FUNCTION billing.effective_holds(billing.accounts) FROM PUBLIC;
 
-CREATE VIEW billing.balances AS
+CREATE VIEW billing.balances WITH (security_barrier) AS
 SELECT a.tenant_id,
        a.currency,
        a.status,
@@ -225,7 +217,8 @@ SELECT a.tenant_id,
        a.metadata,
        a.created_at,
        a.updated_at
-  FROM billing.accounts a;
+  FROM billing.accounts a
+ WHERE ((SELECT billing.visible_tenants()) IS NULL OR a.tenant_id = ANY ((SELECT billing.visible_tenants())::text[]));
 COMMENT ON VIEW billing.balances IS 'one row per account: balance, credit limit, on hold, available funds, version';
 
 CREATE FUNCTION billing_account_create(tenant_id text,
@@ -301,7 +294,8 @@ BEGIN
         END IF;
         IF billing_account_create.metadata IS NOT NULL AND billing_account_create.metadata <> acc.metadata THEN
             diffs := diffs || 'metadata'::text;
-            details := details || format('metadata: existing %s, requested %s', acc.metadata, billing_account_create.metadata);
+            details := details || format('metadata: existing a json object of %s bytes, requested one of %s bytes',
+                                         pg_column_size(acc.metadata), pg_column_size(billing_account_create.metadata));
         END IF;
         IF cardinality(diffs) > 0 THEN
             RAISE EXCEPTION 'account "%" already exists with a different %', p_tenant, array_to_string(diffs, ', ')
@@ -339,6 +333,7 @@ BEGIN
                                            billing_account_update.status,
                                            billing_account_update.timezone,
                                            billing_account_update.metadata);
+    PERFORM billing.check_text(billing_account_update.reason, 'reason');
     IF billing_account_update.credit_limit IS NOT NULL THEN
         p_limit := billing.to_micros(billing_account_update.credit_limit, 'credit_limit', true);
     END IF;
@@ -369,6 +364,25 @@ BEGIN
     IF billing_account_update.timezone IS NOT NULL AND billing_account_update.timezone <> acc.timezone THEN
         changes := changes || jsonb_build_object('timezone', jsonb_build_object(
                        'old', acc.timezone, 'new', billing_account_update.timezone));
+        -- The usage of the current day and month carries over into the new
+        -- zone's current day and month: a zone change never starts a period
+        -- afresh, so switching zones back and forth cannot reset a quota.
+        IF acc.usage_day = (now() AT TIME ZONE acc.timezone)::date THEN
+            acc.usage_day := (now() AT TIME ZONE billing_account_update.timezone)::date;
+        END IF;
+        IF acc.usage_month = date_trunc('month', now() AT TIME ZONE acc.timezone)::date THEN
+            acc.usage_month := date_trunc('month', now() AT TIME ZONE billing_account_update.timezone)::date;
+        END IF;
+        UPDATE billing.api_keys k
+           SET period_start = CASE k.budget_period
+                                  WHEN 'day' THEN (now() AT TIME ZONE billing_account_update.timezone)::date
+                                  ELSE date_trunc('month', now() AT TIME ZONE billing_account_update.timezone)::date
+                              END
+         WHERE k.tenant_id = p_tenant
+           AND k.period_start = CASE k.budget_period
+                                    WHEN 'day' THEN (now() AT TIME ZONE acc.timezone)::date
+                                    WHEN 'month' THEN date_trunc('month', now() AT TIME ZONE acc.timezone)::date
+                                END;
         acc.timezone := billing_account_update.timezone;
     END IF;
     IF billing_account_update.metadata IS NOT NULL AND billing_account_update.metadata <> acc.metadata THEN
@@ -382,6 +396,8 @@ BEGIN
            SET credit_limit_micros = acc.credit_limit_micros,
                status = acc.status,
                timezone = acc.timezone,
+               usage_day = acc.usage_day,
+               usage_month = acc.usage_month,
                metadata = acc.metadata,
                version = a.version + 1,
                updated_at = now()

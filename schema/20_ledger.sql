@@ -15,6 +15,7 @@ CREATE TABLE billing.entries (
     created_at           timestamptz NOT NULL DEFAULT now(),
     api_key              text,
     hold_id              bigint,
+    actor                text,       -- the role that asked for it (1.4; NULL before)
     CONSTRAINT entries_pkey PRIMARY KEY (tenant_id, entry_id),
     CONSTRAINT entries_trace_key UNIQUE (tenant_id, trace_id)
     -- kind IN (topup, grant, refund, adjustment, deduct, capture) and
@@ -22,6 +23,7 @@ CREATE TABLE billing.entries (
 );
 ALTER SEQUENCE billing.entry_id_seq OWNED BY billing.entries.entry_id;
 COMMENT ON TABLE billing.entries IS 'append-only ledger: one row per money movement; amount signed (debits negative)';
+COMMENT ON COLUMN billing.entries.actor IS 'the role that asked for the entry (the session role after SET ROLE; NULL for entries written before 1.4)';
 
 -- append-only enforcement, for every role (ENABLE ALWAYS: also in replica mode)
 CREATE TRIGGER entries_append_only
@@ -184,7 +186,7 @@ COMMENT ON FUNCTION billing_balance_at(text, timestamptz) IS
     'balance at a point in time: SUM of the entries created up to then';
 REVOKE ALL ON FUNCTION billing_balance_at(text, timestamptz) FROM PUBLIC;
 
-CREATE VIEW billing.ledger AS
+CREATE VIEW billing.ledger WITH (security_barrier) AS
 SELECT e.entry_id,
        e.tenant_id,
        e.trace_id,
@@ -198,8 +200,10 @@ SELECT e.entry_id,
        e.hold_id,
        e.metadata,
        e.event_at,
-       e.created_at
-  FROM billing.entries e;
+       e.created_at,
+       e.actor
+  FROM billing.entries e
+ WHERE ((SELECT billing.visible_tenants()) IS NULL OR e.tenant_id = ANY ((SELECT billing.visible_tenants())::text[]));
 COMMENT ON VIEW billing.ledger IS 'readable ledger: amounts as numeric, model and api_key lifted from metadata';
 
 CREATE TYPE billing.verify_result AS (

@@ -132,7 +132,7 @@ COMMENT ON FUNCTION billing_hold_extend(text, text, interval) IS
     'heartbeat: an open hold now expires at now() + expires_in';
 REVOKE ALL ON FUNCTION billing_hold_extend(text, text, interval) FROM PUBLIC;
 
-CREATE VIEW billing.open_holds AS
+CREATE VIEW billing.open_holds WITH (security_barrier) AS
 SELECT h.tenant_id,
        h.hold_id,
        h.trace_id,
@@ -144,5 +144,6 @@ SELECT h.tenant_id,
        h.description,
        h.created_at
   FROM billing.holds h
- WHERE h.status = 'open' AND h.expires_at > now();
+ WHERE h.status = 'open' AND h.expires_at > now()
+   AND ((SELECT billing.visible_tenants()) IS NULL OR h.tenant_id = ANY ((SELECT billing.visible_tenants())::text[]));
 COMMENT ON VIEW billing.open_holds IS 'holds that still reserve funds (open and not expired)';

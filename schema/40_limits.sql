@@ -1,11 +1,12 @@
 /* 40_limits: quotas, spending caps, per-charge maximum, rate limit */
 
-CREATE VIEW billing.quota_usage AS
+CREATE VIEW billing.quota_usage WITH (security_barrier) AS
 WITH p AS (
     SELECT a.*,
            (now() AT TIME ZONE a.timezone)::date AS today,
            date_trunc('month', now() AT TIME ZONE a.timezone)::date AS this_month
       FROM billing.accounts a
+     WHERE ((SELECT billing.visible_tenants()) IS NULL OR a.tenant_id = ANY ((SELECT billing.visible_tenants())::text[]))
 )
 SELECT p.tenant_id,
        p.timezone,
@@ -43,6 +44,7 @@ BEGIN
     RETURN value;
 END;
 $$;
+REVOKE ALL ON FUNCTION billing.check_count(bigint, text) FROM PUBLIC;
 
 CREATE FUNCTION billing_limits_set(tenant_id text,
                                    daily_requests bigint DEFAULT NULL,
@@ -60,6 +62,7 @@ DECLARE
     acc  billing.accounts := billing.lock_account(billing_limits_set.tenant_id);
     lim  jsonb;
 BEGIN
+    PERFORM billing.check_text(billing_limits_set.reason, 'reason');
     acc.daily_request_quota      := billing.check_count(billing_limits_set.daily_requests, 'daily_requests');
     acc.monthly_request_quota    := billing.check_count(billing_limits_set.monthly_requests, 'monthly_requests');
     acc.minute_request_limit     := billing.check_count(billing_limits_set.per_minute, 'per_minute');

@@ -20,7 +20,7 @@ CREATE TABLE billing.api_keys (
 COMMENT ON TABLE billing.api_keys IS 'API keys of an account, with an optional budget per day, month or lifetime';
 SELECT pg_catalog.pg_extension_config_dump('billing.api_keys', '');
 
-CREATE VIEW billing.api_key_budgets AS
+CREATE VIEW billing.api_key_budgets WITH (security_barrier) AS
 WITH k AS (
     SELECT k.*,
            CASE k.budget_period
@@ -30,6 +30,7 @@ WITH k AS (
            a.timezone
       FROM billing.api_keys k
       JOIN billing.accounts a ON a.tenant_id = k.tenant_id
+     WHERE ((SELECT billing.visible_tenants()) IS NULL OR k.tenant_id = ANY ((SELECT billing.visible_tenants())::text[]))
 ), s AS (
     SELECT k.*,
            CASE WHEN k.budget_period IS NULL OR k.budget_period = 'lifetime' OR k.period_start = k.current_start
@@ -67,18 +68,15 @@ BEGIN
     IF key_id IS NULL THEN
         RAISE EXCEPTION 'key_id must not be null' USING ERRCODE = 'ZB015', HINT = 'Pass the key id.';
     END IF;
-    IF key_id = '' OR length(key_id) > 255 THEN
-        RAISE EXCEPTION 'key_id must be 1 to 255 characters'
-            USING ERRCODE = 'ZB018', DETAIL = format('It has %s characters.', length(key_id)),
-                  HINT = 'Use the public id of the key (never the secret).';
-    END IF;
+    -- 1 to 255 characters, no control or invisible characters
+    PERFORM billing.check_id(key_id, 'key_id', 'ZB018');
     IF key_id ~ '[{}]' THEN
         RAISE EXCEPTION 'key_id must not contain { or }'
-            USING ERRCODE = 'ZB018', DETAIL = format('The value given was %s.', quote_literal(key_id)),
+            USING ERRCODE = 'ZB018', DETAIL = format('The value given was %s.', billing.show(key_id)),
                   HINT = 'Braces delimit the Redis hash tag of the tenant''s keys.';
     END IF;
     IF budget_period IS NOT NULL AND budget_period NOT IN ('day', 'month', 'lifetime') THEN
-        RAISE EXCEPTION 'invalid budget period %', quote_literal(budget_period)
+        RAISE EXCEPTION 'invalid budget period %', billing.show(budget_period)
             USING ERRCODE = 'ZB018', DETAIL = 'Allowed periods: day, month, lifetime.',
                   HINT = 'Days and months are calendar periods in the account time zone.';
     END IF;
@@ -91,6 +89,7 @@ BEGIN
     budget_micros := billing.to_micros(budget, 'budget', true);
 END;
 $$;
+REVOKE ALL ON FUNCTION billing.check_key_settings(text, numeric, text) FROM PUBLIC;
 
 CREATE FUNCTION billing_api_key_create(tenant_id text, key_id text,
                                        budget numeric DEFAULT NULL,
@@ -127,10 +126,11 @@ BEGIN
            OR (billing_api_key_create.metadata IS NOT NULL AND k.metadata <> billing_api_key_create.metadata) THEN
             RAISE EXCEPTION 'api key "%" already exists with different settings', k.key_id
                 USING ERRCODE = 'ZB006',
-                      DETAIL = format('Existing: budget %s, metadata %s; requested: budget %s, metadata %s.',
-                                      coalesce(billing.to_amount(k.budget_micros) || ' per ' || k.budget_period, 'none'), k.metadata,
+                      DETAIL = format('Existing: budget %s, metadata of %s bytes; requested: budget %s, metadata %s.',
+                                      coalesce(billing.to_amount(k.budget_micros) || ' per ' || k.budget_period, 'none'),
+                                      pg_column_size(k.metadata),
                                       coalesce(billing.to_amount(micros) || ' per ' || billing_api_key_create.budget_period, 'none'),
-                                      coalesce(billing_api_key_create.metadata::text, '(not given)')),
+                                      coalesce('of ' || pg_column_size(billing_api_key_create.metadata) || ' bytes', '(not given)')),
                       HINT = 'Change it with billing_api_key_update(), or leave the settings out to get the existing key.';
         END IF;
     END IF;
@@ -165,7 +165,7 @@ BEGIN
                   HINT = format('Create it with billing_api_key_create(%L, %L).', acc.tenant_id, billing_api_key_update.key_id);
     END IF;
     IF billing_api_key_update.status IS NOT NULL AND billing_api_key_update.status NOT IN ('active', 'suspended', 'revoked') THEN
-        RAISE EXCEPTION 'invalid api key status %', quote_literal(billing_api_key_update.status)
+        RAISE EXCEPTION 'invalid api key status %', billing.show(billing_api_key_update.status)
             USING ERRCODE = 'ZB018', DETAIL = 'Allowed statuses: active, suspended, revoked.',
                   HINT = 'Suspend a key temporarily; revoke it for good.';
     END IF;

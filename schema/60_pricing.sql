@@ -43,11 +43,11 @@ DECLARE
     p_in  bigint;
     p_out bigint;
 BEGIN
-    IF billing_price_set.model IS NULL OR billing_price_set.model = '' OR length(billing_price_set.model) > 255 THEN
-        RAISE EXCEPTION 'model must be 1 to 255 characters'
-            USING ERRCODE = CASE WHEN billing_price_set.model IS NULL THEN 'ZB015' ELSE 'ZB018' END,
-                  HINT = 'Pass the model name as gateways report it, e.g. gpt-4o.';
+    IF billing_price_set.model IS NULL THEN
+        RAISE EXCEPTION 'model must not be null'
+            USING ERRCODE = 'ZB015', HINT = 'Pass the model name as gateways report it, e.g. gpt-4o.';
     END IF;
+    PERFORM billing.check_id(billing_price_set.model, 'model', 'ZB018');
     IF billing_price_set.effective_from IS NULL OR NOT isfinite(billing_price_set.effective_from) THEN
         RAISE EXCEPTION 'effective_from must be a finite timestamp'
             USING ERRCODE = CASE WHEN billing_price_set.effective_from IS NULL THEN 'ZB015' ELSE 'ZB018' END,
@@ -146,6 +146,7 @@ BEGIN
     RETURN cost::bigint;
 END;
 $$;
+REVOKE ALL ON FUNCTION billing.cost_micros(billing.prices, bigint, bigint) FROM PUBLIC;
 
 CREATE FUNCTION billing_cost(model text, input_tokens bigint, output_tokens bigint,
                              at timestamptz DEFAULT now(), currency text DEFAULT 'USD')
@@ -190,9 +191,7 @@ BEGIN
     IF billing_deduct_usage.trace_id IS NULL THEN
         RAISE EXCEPTION 'trace_id must not be null' USING ERRCODE = 'ZB015', HINT = 'Pass a value for trace_id.';
     END IF;
-    IF billing_deduct_usage.metadata IS NOT NULL AND jsonb_typeof(billing_deduct_usage.metadata) <> 'object' THEN
-        PERFORM billing.check_account_settings('-', NULL, NULL, NULL, billing_deduct_usage.metadata);
-    END IF;
+    PERFORM billing.check_json(billing_deduct_usage.metadata, 'metadata');
     SELECT * INTO acc FROM billing.accounts a WHERE a.tenant_id = billing_deduct_usage.tenant_id;
     IF NOT FOUND THEN
         PERFORM billing.lock_account(billing_deduct_usage.tenant_id);   -- raises ZB015 / ZB001
@@ -200,6 +199,11 @@ BEGIN
     -- price at the usage time; a replay is priced when the original was recorded
     SELECT e.created_at INTO priced FROM billing.entries e
      WHERE e.tenant_id = billing_deduct_usage.tenant_id AND e.trace_id = billing_deduct_usage.trace_id;
+    IF NOT FOUND THEN
+        -- a new charge: it is priced at its event time, which must be in the
+        -- accepted window (ZB019)
+        PERFORM billing.check_event_at(billing_deduct_usage.event_at);
+    END IF;
     priced := coalesce(billing_deduct_usage.event_at, priced, now());
     p := billing.price_at(billing_deduct_usage.model, acc.currency, priced);
     cost := billing.cost_micros(p, billing_deduct_usage.input_tokens, billing_deduct_usage.output_tokens);

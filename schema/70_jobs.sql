@@ -112,6 +112,7 @@ AS $$
                billing.to_amount(j.actual_micros), j.hold_trace_id, j.charge_entry_id, j.last_error,
                j.input, j.output, j.created_at, j.finished_at, replayed)::billing.job_result
 $$;
+REVOKE ALL ON FUNCTION billing.job_result(billing.jobs, boolean) FROM PUBLIC;
 
 -- lock a job (FOR UPDATE) or raise ZB071
 CREATE FUNCTION billing.job_lock(tenant_id text, job_id bigint) RETURNS billing.jobs
@@ -125,6 +126,7 @@ BEGIN
         RAISE EXCEPTION 'tenant_id and job_id must not be null'
             USING ERRCODE = 'ZB015', HINT = 'Pass the tenant and the job_id that billing_job_submit() returned.';
     END IF;
+    PERFORM billing.check_id(job_lock.tenant_id, 'tenant_id', 'ZB016');
     SELECT * INTO j FROM billing.jobs x
      WHERE x.tenant_id = job_lock.tenant_id AND x.job_id = job_lock.job_id FOR UPDATE;
     IF NOT FOUND THEN
@@ -145,6 +147,7 @@ AS $$
                     WHERE h.tenant_id = j.tenant_id AND h.trace_id = j.hold_trace_id
                       AND h.status = 'open' AND h.expires_at > clock_timestamp() + margin)
 $$;
+REVOKE ALL ON FUNCTION billing.job_hold_open(billing.jobs, interval) FROM PUBLIC;
 
 -- keep the job's hold alive until `until` + the job's hold_ttl (if it is still open)
 CREATE FUNCTION billing.job_keep_hold(j billing.jobs, until timestamptz) RETURNS void
@@ -226,6 +229,7 @@ BEGIN
               HINT = 'Only a processing job can be completed, failed or heartbeaten.';
 END;
 $$;
+REVOKE ALL ON FUNCTION billing.job_check_lease(billing.jobs, text, text) FROM PUBLIC;
 
 CREATE FUNCTION billing_job_submit(tenant_id text, kind text, idempotency_key text,
                                    estimated_cost numeric,
@@ -250,11 +254,8 @@ BEGIN
         RAISE EXCEPTION 'tenant_id, kind, idempotency_key, estimated_cost, max_attempts and hold_ttl must not be null'
             USING ERRCODE = 'ZB015', HINT = 'Pass every required argument.';
     END IF;
-    IF billing_job_submit.kind = '' OR length(billing_job_submit.kind) > 255
-       OR billing_job_submit.idempotency_key = '' OR length(billing_job_submit.idempotency_key) > 255 THEN
-        RAISE EXCEPTION 'kind and idempotency_key must be 1 to 255 characters'
-            USING ERRCODE = 'ZB018', HINT = 'Use e.g. kind => ''translate'', idempotency_key => your request id.';
-    END IF;
+    PERFORM billing.check_id(billing_job_submit.kind, 'kind', 'ZB018');
+    PERFORM billing.check_id(billing_job_submit.idempotency_key, 'idempotency_key', 'ZB018');
     IF billing_job_submit.max_attempts NOT BETWEEN 1 AND 100 THEN
         RAISE EXCEPTION 'max_attempts must be between 1 and 100'
             USING ERRCODE = 'ZB018', DETAIL = format('The value given was %s.', billing_job_submit.max_attempts),
@@ -270,11 +271,8 @@ BEGIN
                   HINT = 'The hold reserving the estimate must outlive the wait for the job.';
     END IF;
     PERFORM billing.check_account_settings(billing_job_submit.tenant_id, NULL, NULL, NULL, NULL);
-    IF billing_job_submit.input IS NOT NULL AND jsonb_typeof(billing_job_submit.input) <> 'object' THEN
-        RAISE EXCEPTION 'input must be a json object'
-            USING ERRCODE = 'ZB018', DETAIL = format('The value given was %s.', billing_job_submit.input),
-                  HINT = 'Pass e.g. ''{"document": "s3://bucket/key"}''::jsonb, or leave it out.';
-    END IF;
+    -- a json object of at most 16 kB: references to the work, not the work
+    PERFORM billing.check_json(billing_job_submit.input, 'input');
     est := billing.to_micros(billing_job_submit.estimated_cost, 'estimated_cost', false);
 
     new_id := nextval('billing.job_id_seq');
@@ -299,8 +297,9 @@ BEGIN
             RAISE EXCEPTION 'idempotency key "%" was already used with a different %',
                             billing_job_submit.idempotency_key, array_to_string(diffs, ', ')
                 USING ERRCODE = 'ZB005',
-                      DETAIL = format('Existing job %s: kind %s, estimated_cost %s, max_attempts %s, input %s.',
-                                      j.job_id, j.kind, billing.to_amount(j.estimated_micros), j.max_attempts, j.input),
+                      DETAIL = format('Existing job %s: kind %s, estimated_cost %s, max_attempts %s, input of %s bytes.',
+                                      j.job_id, billing.show(j.kind), billing.to_amount(j.estimated_micros), j.max_attempts,
+                                      pg_column_size(j.input)),
                       HINT = 'Resend the original submit unchanged to get the job, or use a new idempotency key.';
         END IF;
         RETURN billing.job_result(j, true);
@@ -340,6 +339,7 @@ BEGIN
         RAISE EXCEPTION 'worker, max_jobs and lease must not be null'
             USING ERRCODE = 'ZB015', HINT = 'Name the worker, e.g. its host and pid.';
     END IF;
+    PERFORM billing.check_id(billing_job_claim.worker, 'worker', 'ZB018');
     IF billing_job_claim.max_jobs NOT BETWEEN 1 AND 1000
        OR billing_job_claim.lease <= interval '0' OR billing_job_claim.lease > interval '1 day' THEN
         RAISE EXCEPTION 'max_jobs must be 1 to 1000 and lease in (0, 1 day]'
@@ -429,11 +429,7 @@ BEGIN
             USING ERRCODE = 'ZB015', HINT = 'Pass what the job really cost (0 if nothing).';
     END IF;
     actual := billing.to_micros(billing_job_complete.actual_cost, 'actual_cost', true);
-    IF billing_job_complete.output IS NOT NULL AND jsonb_typeof(billing_job_complete.output) <> 'object' THEN
-        RAISE EXCEPTION 'output must be a json object'
-            USING ERRCODE = 'ZB018', DETAIL = format('The value given was %s.', billing_job_complete.output),
-                  HINT = 'Pass e.g. ''{"words": 912}''::jsonb, or leave it out.';
-    END IF;
+    PERFORM billing.check_json(billing_job_complete.output, 'output');
     IF j.state = 'completed' AND j.actual_micros = actual THEN
         RETURN billing.job_result(j, true);           -- a retried complete
     END IF;
@@ -485,6 +481,7 @@ BEGIN
     IF billing_job_fail.retryable IS NULL THEN
         RAISE EXCEPTION 'retryable must not be null' USING ERRCODE = 'ZB015', HINT = 'Pass true or false.';
     END IF;
+    PERFORM billing.check_text(billing_job_fail.error, 'error');
     PERFORM billing.job_check_lease(j, billing_job_fail.worker, 'failed');
     j := billing.job_fail_attempt(j, coalesce(billing_job_fail.error, 'failed'), billing_job_fail.retryable);
     RETURN billing.job_result(j, false);
@@ -502,6 +499,7 @@ AS $$
 DECLARE
     j billing.jobs := billing.job_lock(billing_job_cancel.tenant_id, billing_job_cancel.job_id);
 BEGIN
+    PERFORM billing.check_text(billing_job_cancel.reason, 'reason');
     IF j.state = 'cancelled' THEN
         RETURN billing.job_result(j, true);
     END IF;
@@ -591,16 +589,17 @@ COMMENT ON FUNCTION billing_job_rescue(integer) IS
     'jobs whose lease expired count as a failed attempt: queued again with backoff, or failed with the hold released';
 REVOKE ALL ON FUNCTION billing_job_rescue(integer) FROM PUBLIC;
 
-CREATE VIEW billing.jobs_by_state AS
+CREATE VIEW billing.jobs_by_state WITH (security_barrier) AS
 SELECT j.tenant_id, j.kind, j.state,
        count(*)                AS jobs,
        min(j.created_at)       AS oldest_created_at,
        min(j.run_at) FILTER (WHERE j.state = 'queued') AS next_run_at
   FROM billing.jobs j
+ WHERE ((SELECT billing.visible_tenants()) IS NULL OR j.tenant_id = ANY ((SELECT billing.visible_tenants())::text[]))
  GROUP BY 1, 2, 3;
 COMMENT ON VIEW billing.jobs_by_state IS 'job counts per tenant, kind and state';
 
-CREATE VIEW billing.job_failures AS
+CREATE VIEW billing.job_failures WITH (security_barrier) AS
 SELECT e.tenant_id, j.kind, e.reason AS error,
        count(*)          AS failures,
        count(DISTINCT e.job_id) AS jobs,
@@ -608,10 +607,11 @@ SELECT e.tenant_id, j.kind, e.reason AS error,
   FROM billing.job_events e
   JOIN billing.jobs j ON j.tenant_id = e.tenant_id AND j.job_id = e.job_id
  WHERE e.from_state = 'processing' AND e.to_state IN ('queued', 'failed')
+   AND ((SELECT billing.visible_tenants()) IS NULL OR e.tenant_id = ANY ((SELECT billing.visible_tenants())::text[]))
  GROUP BY 1, 2, 3;
 COMMENT ON VIEW billing.job_failures IS 'failed attempts (including rescued ones) per tenant, kind and error';
 
-CREATE VIEW billing.job_costs AS
+CREATE VIEW billing.job_costs WITH (security_barrier) AS
 SELECT j.tenant_id, j.kind,
        count(*) AS completed_jobs,
        billing.to_amount(sum(j.estimated_micros)::bigint) AS estimated,
@@ -619,14 +619,16 @@ SELECT j.tenant_id, j.kind,
        round(sum(j.actual_micros)::numeric / nullif(sum(j.estimated_micros), 0), 4) AS actual_to_estimate
   FROM billing.jobs j
  WHERE j.state = 'completed'
+   AND ((SELECT billing.visible_tenants()) IS NULL OR j.tenant_id = ANY ((SELECT billing.visible_tenants())::text[]))
  GROUP BY 1, 2;
 COMMENT ON VIEW billing.job_costs IS 'estimated vs actual cost of completed jobs per tenant and kind';
 
-CREATE VIEW billing.job_time_in_state AS
+CREATE VIEW billing.job_time_in_state WITH (security_barrier) AS
 WITH spans AS (
     SELECT e.tenant_id, e.job_id, e.to_state AS state,
            lead(e.created_at) OVER (PARTITION BY e.tenant_id, e.job_id ORDER BY e.event_id) - e.created_at AS spent
       FROM billing.job_events e
+     WHERE ((SELECT billing.visible_tenants()) IS NULL OR e.tenant_id = ANY ((SELECT billing.visible_tenants())::text[]))
 )
 SELECT j.kind, s.state,
        count(*) AS spans,

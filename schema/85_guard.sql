@@ -1,26 +1,10 @@
-/* 85_guard: DROP EXTENSION billing is refused unless billing.allow_drop is on */
-
-CREATE FUNCTION billing.guard_drop() RETURNS event_trigger
-    LANGUAGE plpgsql
-    SET search_path = pg_catalog, pg_temp
-AS $$
-BEGIN
-    IF tg_tag = 'DROP EXTENSION'
-       AND current_query() ~* '\mbilling\M'
-       AND coalesce(current_setting('billing.allow_drop', true), 'off') NOT IN ('on', 'true', '1', 'yes') THEN
-        RAISE EXCEPTION 'dropping extension billing would destroy the ledger'
-            USING ERRCODE = 'ZB021',
-                  DETAIL = 'Every account, entry, hold and job is stored in the extension''s tables.',
-                  HINT = 'Take a pg_dump first; then SET billing.allow_drop = on in this session and drop it.';
-    END IF;
-END;
-$$;
-
-REVOKE ALL ON FUNCTION billing.guard_drop() FROM PUBLIC;
-
-CREATE EVENT TRIGGER billing_guard_drop ON ddl_command_start
-    WHEN TAG IN ('DROP EXTENSION')
-    EXECUTE FUNCTION billing.guard_drop();
+/*
+ * 85_guard: dropping the extension (DROP EXTENSION billing, or any cascade
+ * that would take it along) is refused unless billing.allow_drop is on.  The
+ * check is the library's object_access_hook (src/guard.c), which sees what
+ * is really dropped; this event trigger only makes sure the library is
+ * loaded for every DROP command.
+ */
 
 -- the DROP guard, for every way the extension is dropped (see src/guard.c)
 CREATE FUNCTION billing.guard_drop_cascade() RETURNS event_trigger

@@ -4,6 +4,9 @@
 --
 \set VERBOSITY default
 \set SHOW_CONTEXT never
+-- the event times below are fixed dates; charges accept event_at within
+-- billing.event_at_window of now (default 7 days; see 045_bounds)
+SET billing.event_at_window = '11000d';
 
 SELECT tenant_id, balance FROM billing_account_create('led-a');
 

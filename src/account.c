@@ -116,7 +116,7 @@ static const Oid account_types[AC_NCOLS] = {
 };
 
 DirectTable billing_accounts_table = {
-	"accounts", "accounts_pkey", AC_NCOLS, account_cols, account_types, false
+	"accounts", "accounts_pkey", AC_NCOLS, account_cols, account_types, false, 0
 };
 
 static int64

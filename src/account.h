@@ -115,6 +115,5 @@ extern DateADT billing_local_date(const char *tz, TimestampTz ts);
 extern DateADT billing_month_start(DateADT d);
 extern DateADT billing_next_month_start(DateADT d);
 extern TimestampTz billing_local_midnight(const char *tz, DateADT d);
-extern char *billing_format_ts(TimestampTz ts);
 
 #endif							/* BILLING_ACCOUNT_H */

@@ -38,6 +38,7 @@ int			billing_check_interval = 60;
 int			billing_sync_delay = 5;
 char	   *billing_lua_dir = NULL;
 bool		billing_allow_drop = false;
+int			billing_event_at_window = 7 * 24 * 3600;
 
 /*
  * billing.redis_prefix: the keys are <prefix>:{tenant}..., and Redis Cluster
@@ -112,6 +113,11 @@ define_settings(void)
 							   "Directory of the Lua scripts; empty: SHAREDIR/extension/billing.",
 							   NULL, &billing_lua_dir, "",
 							   PGC_SIGHUP, GUC_SUPERUSER_ONLY, NULL, NULL, NULL);
+	DefineCustomIntVariable("billing.event_at_window",
+							"How far back a charge may date its usage (event_at).",
+							"Usage is bucketed and priced by its event time; older times are refused with ZB019.",
+							&billing_event_at_window, 7 * 24 * 3600, 0, INT_MAX,
+							PGC_SUSET, GUC_UNIT_S, NULL, NULL, NULL);
 	DefineCustomBoolVariable("billing.allow_drop",
 							 "Allow DROP EXTENSION billing in this session (it destroys the ledger).",
 							 "Read by the event trigger billing_guard_drop and by the check of every drop of the extension (e.g. by DROP SCHEMA ... CASCADE).",

@@ -36,6 +36,7 @@
 #define ERRCODE_BILLING_INVALID_TENANT_ID	MAKE_SQLSTATE('Z','B','0','1','6')
 #define ERRCODE_BILLING_INVALID_KIND		MAKE_SQLSTATE('Z','B','0','1','7')
 #define ERRCODE_BILLING_INVALID_ARGUMENT	MAKE_SQLSTATE('Z','B','0','1','8')
+#define ERRCODE_BILLING_EVENT_AT_WINDOW	MAKE_SQLSTATE('Z','B','0','1','9')
 #define ERRCODE_BILLING_APPEND_ONLY			MAKE_SQLSTATE('Z','B','0','2','0')
 #define ERRCODE_BILLING_DROP_REFUSED		MAKE_SQLSTATE('Z','B','0','2','1')
 #define ERRCODE_BILLING_HOLD_NOT_FOUND		MAKE_SQLSTATE('Z','B','0','3','0')
@@ -64,8 +65,12 @@
 #define BILLING_MAX_AMOUNT_MICROS	INT64CONST(1000000000000000000)
 /* longest tenant id / trace id, in characters */
 #define BILLING_MAX_ID_CHARS		255
-/* longest description, in characters */
+/* longest description or reason, in characters */
 #define BILLING_MAX_DESCRIPTION_CHARS 1000
+/* largest metadata (stored jsonb size), in bytes */
+#define BILLING_MAX_METADATA_BYTES	16384
+/* how far in the future an event_at may lie (clock skew), in seconds */
+#define BILLING_EVENT_AT_FUTURE_SECS 300
 
 /* input.c */
 extern int64 billing_amount_to_micros(Numeric num, const char *argname,
@@ -77,12 +82,22 @@ extern void billing_check_not_null(FunctionCallInfo fcinfo, int argno,
 								   const char *argname);
 extern text *billing_check_id(text *id, const char *argname, int sqlerrcode);
 extern Jsonb *billing_check_metadata(FunctionCallInfo fcinfo, int argno);
+extern Jsonb *billing_check_metadata_value(Jsonb *jb, const char *argname);
 extern text *billing_check_description(FunctionCallInfo fcinfo, int argno);
+extern text *billing_check_text_value(text *t, const char *argname, int maxchars);
+extern char *billing_show_text(const char *s, int maxchars);
+extern char *billing_describe_text(text *t);
+extern char *billing_describe_jsonb(Jsonb *j);
+extern text *billing_actor(void);
+extern char *billing_format_ts(TimestampTz ts);
 extern bool billing_check_event_at(FunctionCallInfo fcinfo, int argno,
 								   TimestampTz *event_at);
+extern bool billing_event_at_in_window(TimestampTz event_at);
+extern void billing_check_event_at_window(TimestampTz event_at);
 
 /* billing.c: settings */
 extern bool billing_allow_drop;
+extern int	billing_event_at_window;
 
 /* guard.c */
 extern void billing_guard_init(void);

@@ -151,7 +151,7 @@ resolve_columns(DirectTable *t, Relation rel)
 		found++;
 	}
 	if (found != t->ncols)
-		for (int c = 0; c < t->ncols; c++)
+		for (int c = 0; c < t->ncols - t->noptional; c++)
 			if (t->attnum[c] == InvalidAttrNumber)
 				ereport(ERROR,
 						(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
@@ -217,10 +217,18 @@ copy_columns(DirectTable *t, TupleTableSlot *slot, Datum *values, bool *nulls)
 {
 	for (int c = 0; c < t->ncols; c++)
 	{
-		Datum		d = slot_getattr(slot, t->attnum[c], &nulls[c]);
-		Form_pg_attribute att = TupleDescAttr(slot->tts_tupleDescriptor,
-											  t->attnum[c] - 1);
+		Datum		d;
+		Form_pg_attribute att;
 
+		if (t->attnum[c] == InvalidAttrNumber)
+		{
+			/* an optional column the table does not have */
+			values[c] = (Datum) 0;
+			nulls[c] = true;
+			continue;
+		}
+		d = slot_getattr(slot, t->attnum[c], &nulls[c]);
+		att = TupleDescAttr(slot->tts_tupleDescriptor, t->attnum[c] - 1);
 		values[c] = nulls[c] ? (Datum) 0 :
 			datumCopy(d, att->attbyval, att->attlen);
 	}
@@ -444,6 +452,8 @@ fill_slot(EState *estate, Relation rel, DirectTable *t, Datum *values,
 	memset(slot->tts_isnull, true, sizeof(bool) * slot->tts_tupleDescriptor->natts);
 	for (int c = 0; c < t->ncols; c++)
 	{
+		if (t->attnum[c] == InvalidAttrNumber)
+			continue;			/* an optional column the table does not have */
 		slot->tts_values[t->attnum[c] - 1] = values[c];
 		slot->tts_isnull[t->attnum[c] - 1] = nulls[c];
 	}
@@ -484,7 +494,7 @@ direct_write(DirectTable *ins, Datum *ivalues, bool *inulls,
 		 */
 		if (rel == urel)
 			for (int c = 0; c < upd->ncols; c++)
-				if (uset[c])
+				if (uset[c] && upd->attnum[c] != InvalidAttrNumber)
 					rte->updatedCols =
 						bms_add_member(rte->updatedCols,
 									   upd->attnum[c] - FirstLowInvalidHeapAttributeNumber);
@@ -530,7 +540,7 @@ direct_write(DirectTable *ins, Datum *ivalues, bool *inulls,
 		memcpy(newslot->tts_isnull, oldslot->tts_isnull, sizeof(bool) * natts);
 		for (int c = 0; c < upd->ncols; c++)
 		{
-			if (!uset[c])
+			if (!uset[c] || upd->attnum[c] == InvalidAttrNumber)
 				continue;
 			newslot->tts_values[upd->attnum[c] - 1] = uvalues[c];
 			newslot->tts_isnull[upd->attnum[c] - 1] = unulls[c];

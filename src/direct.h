@@ -42,6 +42,9 @@ typedef struct DirectTable
 	const char *const *cols;	/* column names, in enum order */
 	const Oid  *types;			/* their types, checked at resolution */
 	bool		complete;		/* the list covers every column (inserts) */
+	int			noptional;		/* the last noptional columns may be missing
+								 * (an older schema): attnum InvalidAttrNumber,
+								 * read as NULL, not written */
 	/* per backend */
 	Oid			relid;			/* InvalidOid: resolve again */
 	AttrNumber	attnum[DIRECT_MAX_COLS];
@@ -96,12 +99,17 @@ typedef void (*DirectRowFn) (TupleTableSlot *slot, void *arg);
 extern void direct_scan(DirectTable *t, const char *index, Datum *key,
 						DirectRowFn fn, void *arg);
 
-/* the columns of billing.entries, every one of them (ledger.c inserts them) */
+/*
+ * The columns of billing.entries, every one of them (ledger.c inserts them);
+ * those added after 1.3 at the end, optional, so that the library also
+ * works with a database not yet updated (ALTER EXTENSION billing UPDATE).
+ */
 typedef enum EntryCol
 {
 	EC_TENANT_ID, EC_ENTRY_ID, EC_TRACE_ID, EC_KIND, EC_AMOUNT,
 	EC_BALANCE_AFTER, EC_VERSION, EC_DESCRIPTION, EC_METADATA, EC_EVENT_AT,
 	EC_CREATED_AT, EC_API_KEY, EC_HOLD_ID,
+	EC_ACTOR,					/* 1.4; optional */
 	EC_NCOLS
 } EntryCol;
 

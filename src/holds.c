@@ -382,10 +382,9 @@ check_hold_replay(Account *acc, int64 hold_id, text *api_key, text *description,
 		NOTE_DIFF("api_key", show_text_or_null(was_key), show_text_or_null(api_key));
 	if ((was_desc == NULL) != (description == NULL) ||
 		(description && strcmp(text_to_cstring(was_desc), text_to_cstring(description)) != 0))
-		NOTE_DIFF("description", show_text_or_null(was_desc), show_text_or_null(description));
+		NOTE_DIFF("description", billing_describe_text(was_desc), billing_describe_text(description));
 	if (compareJsonbContainers(&was_meta->root, &metadata->root) != 0)
-		NOTE_DIFF("metadata", JsonbToCString(NULL, &was_meta->root, VARSIZE(was_meta)),
-				  JsonbToCString(NULL, &metadata->root, VARSIZE(metadata)));
+		NOTE_DIFF("metadata", billing_describe_jsonb(was_meta), billing_describe_jsonb(metadata));
 	if (fields.len > 0)
 		replay_conflict(DatumGetTextPP(billing_col(0, 1, &isnull)), &fields, &detail);
 }
@@ -435,10 +434,9 @@ check_capture_replay(Account *acc, int64 hold_id, int64 entry_id, bool final,
 		NOTE_DIFF("final", was_final ? "true" : "false", final ? "true" : "false");
 	if ((was_desc == NULL) != (e->description == NULL) ||
 		(e->description && strcmp(text_to_cstring(was_desc), text_to_cstring(e->description)) != 0))
-		NOTE_DIFF("description", show_text_or_null(was_desc), show_text_or_null(e->description));
+		NOTE_DIFF("description", billing_describe_text(was_desc), billing_describe_text(e->description));
 	if (compareJsonbContainers(&was_meta->root, &e->metadata->root) != 0)
-		NOTE_DIFF("metadata", JsonbToCString(NULL, &was_meta->root, VARSIZE(was_meta)),
-				  JsonbToCString(NULL, &e->metadata->root, VARSIZE(e->metadata)));
+		NOTE_DIFF("metadata", billing_describe_jsonb(was_meta), billing_describe_jsonb(e->metadata));
 	if (had_event_at != e->has_event_at || (had_event_at && was_event_at != e->event_at))
 		NOTE_DIFF("event_at", had_event_at ? billing_format_ts(was_event_at) : "null",
 				  e->has_event_at ? billing_format_ts(e->event_at) : "null");
@@ -629,6 +627,9 @@ billing_capture(PG_FUNCTION_ARGS)
 	}
 	else
 	{
+		/* a new capture: its event time must be in the accepted window */
+		if (e.has_event_at)
+			billing_check_event_at_window(e.event_at);
 		/* the capture's entry must not take a recorded rejection's trace id */
 		billing_check_not_rejected(&acc, trace_id, "capture");
 		account_expire_holds(&acc);

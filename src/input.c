@@ -16,9 +16,13 @@
 #include "billing.h"
 #include "common/int.h"
 #include "mb/pg_wchar.h"
+#include "miscadmin.h"
 #include "utils/builtins.h"
+#include "utils/inval.h"
+#include "utils/syscache.h"
 #include "utils/fmgrprotos.h"
 #include "utils/memutils.h"
+#include "utils/timestamp.h"
 
 /* cached numeric constants, allocated once per backend */
 static Numeric micros_per_unit = NULL;
@@ -195,12 +199,51 @@ billing_check_not_null(FunctionCallInfo fcinfo, int argno, const char *argname)
 				 errhint("Pass a value for %s.", argname)));
 }
 
-/* tenant ids and trace ids: non-empty, at most 255 characters */
+/*
+ * A character an identifier must not contain: control characters (C0, DEL,
+ * C1) and the invisible ones that make two ids look alike in logs and
+ * reports (zero-width spaces and joiners, direction marks and overrides,
+ * the soft hyphen, the byte order mark, tag characters).  Returns the code
+ * point, or -1 when the character is fine.  Without a UTF-8 server
+ * encoding only the ASCII controls are known.
+ */
+static int
+bad_id_char(const unsigned char *p, int len, int *charlen)
+{
+	pg_wchar	c;
+
+	*charlen = 1;
+	if (*p < 0x80)
+		return (*p < 0x20 || *p == 0x7F) ? *p : -1;
+	if (GetDatabaseEncoding() != PG_UTF8)
+	{
+		*charlen = pg_mblen((const char *) p);
+		return -1;
+	}
+	*charlen = pg_utf_mblen(p);
+	if (*charlen > len)
+		return -1;				/* cannot happen in verified text */
+	c = utf8_to_unicode(p);
+	if ((c >= 0x80 && c <= 0x9F) || c == 0xAD || c == 0x061C || c == 0x180E ||
+		(c >= 0x200B && c <= 0x200F) || (c >= 0x202A && c <= 0x202E) ||
+		(c >= 0x2060 && c <= 0x206F) || c == 0xFEFF ||
+		(c >= 0xFFF0 && c <= 0xFFFB) || (c >= 0xE0000 && c <= 0xE007F))
+		return (int) c;
+	return -1;
+}
+
+/*
+ * Identifiers (tenant ids, trace ids, API key ids, ...): non-empty, at most
+ * 255 characters, no control or invisible characters.  The error never
+ * shows the value itself (it may be anything): its length, or the position
+ * and code point of the bad character.
+ */
 text *
 billing_check_id(text *id, const char *argname, int sqlerrcode)
 {
 	int			len = VARSIZE_ANY_EXHDR(id);
-	int			nchars;
+	const unsigned char *p = (const unsigned char *) VARDATA_ANY(id);
+	int			nchars = 0;
 
 	if (len == 0)
 		ereport(ERROR,
@@ -208,7 +251,20 @@ billing_check_id(text *id, const char *argname, int sqlerrcode)
 				 errmsg("%s must not be empty", argname),
 				 errhint("Pass a non-empty identifier of at most %d characters.",
 						 BILLING_MAX_ID_CHARS)));
-	nchars = pg_mbstrlen_with_len(VARDATA_ANY(id), len);
+	for (int i = 0; i < len;)
+	{
+		int			charlen;
+		int			bad = bad_id_char(p + i, len - i, &charlen);
+
+		nchars++;
+		if (bad >= 0)
+			ereport(ERROR,
+					(errcode(sqlerrcode),
+					 errmsg("%s contains a control or invisible character", argname),
+					 errdetail("Character %d is U+%04X.", nchars, bad),
+					 errhint("Use printable characters only, e.g. a UUID or a hash of the request.")));
+		i += charlen;
+	}
 	if (nchars > BILLING_MAX_ID_CHARS)
 		ereport(ERROR,
 				(errcode(sqlerrcode),
@@ -219,47 +275,117 @@ billing_check_id(text *id, const char *argname, int sqlerrcode)
 	return id;
 }
 
-/* optional metadata: NULL means {}, otherwise it must be a JSON object */
+/*
+ * A metadata value: a JSON object of at most BILLING_MAX_METADATA_BYTES
+ * (its stored size).  The error shows neither the value nor more than its
+ * type and size.
+ */
 Jsonb *
-billing_check_metadata(FunctionCallInfo fcinfo, int argno)
+billing_check_metadata_value(Jsonb *jb, const char *argname)
 {
-	Jsonb	   *jb;
-
-	if (PG_ARGISNULL(argno))
-		return DatumGetJsonbP(DirectFunctionCall1(jsonb_in, CStringGetDatum("{}")));
-	jb = PG_GETARG_JSONB_P(argno);
 	if (!JB_ROOT_IS_OBJECT(jb) || JB_ROOT_IS_SCALAR(jb))
 		ereport(ERROR,
 				(errcode(ERRCODE_BILLING_INVALID_ARGUMENT),
-				 errmsg("metadata must be a json object"),
-				 errdetail("The value given was %s.",
-						   JsonbToCString(NULL, &jb->root, VARSIZE(jb))),
+				 errmsg("%s must be a json object", argname),
+				 errdetail("The value given is a json %s.",
+						   JB_ROOT_IS_SCALAR(jb) ? "scalar" : "array"),
 				 errhint("Pass e.g. '{\"model\": \"gpt-4o\", \"api_key\": \"k1\"}'::jsonb, or leave it out.")));
+	if (VARSIZE(jb) > BILLING_MAX_METADATA_BYTES)
+		ereport(ERROR,
+				(errcode(ERRCODE_BILLING_INVALID_ARGUMENT),
+				 errmsg("%s is too large", argname),
+				 errdetail("It takes %u bytes; the limit is %d.",
+						   (unsigned int) VARSIZE(jb), BILLING_MAX_METADATA_BYTES),
+				 errhint("Keep references (ids, URLs) in metadata, not documents.")));
 	return jb;
 }
 
-/* optional description: NULL or at most 1000 characters */
-text *
-billing_check_description(FunctionCallInfo fcinfo, int argno)
+/* optional metadata: NULL means {}, otherwise a bounded JSON object */
+Jsonb *
+billing_check_metadata(FunctionCallInfo fcinfo, int argno)
 {
-	text	   *t;
+	if (PG_ARGISNULL(argno))
+		return DatumGetJsonbP(DirectFunctionCall1(jsonb_in, CStringGetDatum("{}")));
+	return billing_check_metadata_value(PG_GETARG_JSONB_P(argno), "metadata");
+}
+
+/*
+ * A free-form text of at most maxchars characters (description, reason,
+ * ...); the error shows its length, never the text.
+ */
+text *
+billing_check_text_value(text *t, const char *argname, int maxchars)
+{
 	int			nchars;
 
-	if (PG_ARGISNULL(argno))
-		return NULL;
-	t = PG_GETARG_TEXT_PP(argno);
+	/* a byte count within the limit cannot hold more characters */
+	if (VARSIZE_ANY_EXHDR(t) <= maxchars)
+		return t;
 	nchars = pg_mbstrlen_with_len(VARDATA_ANY(t), VARSIZE_ANY_EXHDR(t));
-	if (nchars > BILLING_MAX_DESCRIPTION_CHARS)
+	if (nchars > maxchars)
 		ereport(ERROR,
 				(errcode(ERRCODE_BILLING_INVALID_ARGUMENT),
-				 errmsg("description is too long"),
-				 errdetail("It has %d characters; the limit is %d.",
-						   nchars, BILLING_MAX_DESCRIPTION_CHARS),
+				 errmsg("%s is too long", argname),
+				 errdetail("It has %d characters; the limit is %d.", nchars, maxchars),
 				 errhint("Put structured details in metadata instead.")));
 	return t;
 }
 
-/* optional event time: NULL or a finite timestamp */
+/* optional description: NULL or at most BILLING_MAX_DESCRIPTION_CHARS */
+text *
+billing_check_description(FunctionCallInfo fcinfo, int argno)
+{
+	if (PG_ARGISNULL(argno))
+		return NULL;
+	return billing_check_text_value(PG_GETARG_TEXT_PP(argno), "description",
+									BILLING_MAX_DESCRIPTION_CHARS);
+}
+
+/*
+ * A text for a message: quoted, and cut to maxchars characters with an
+ * ellipsis when longer, so that an error or a log line never carries an
+ * unbounded value.
+ */
+char *
+billing_show_text(const char *s, int maxchars)
+{
+	int			len = strlen(s);
+	int			cut = pg_mbcharcliplen(s, len, maxchars);
+
+	if (cut >= len)
+		return quote_literal_cstr(s);
+	return psprintf("%s...", quote_literal_cstr(pnstrdup(s, cut)));
+}
+
+/*
+ * What a trace id conflict (ZB005) says about a free-form field that
+ * differs: its size, never its content.  The other request may be someone
+ * else's (a charging role may charge any tenant), and the content is
+ * unbounded.
+ */
+char *
+billing_describe_text(text *t)
+{
+	if (t == NULL)
+		return pstrdup("null");
+	return psprintf("%d characters",
+					pg_mbstrlen_with_len(VARDATA_ANY(t), VARSIZE_ANY_EXHDR(t)));
+}
+
+char *
+billing_describe_jsonb(Jsonb *j)
+{
+	if (j == NULL)
+		return pstrdup("null");
+	return psprintf("a json object of %u bytes", (unsigned int) VARSIZE(j));
+}
+
+/*
+ * Optional event time: NULL or a finite time.  Whether it lies in the
+ * accepted window is checked when the call would write something new
+ * (billing_check_event_at_window): a replay of an earlier request returns
+ * its outcome whenever it comes, even after its event time left the window.
+ */
 bool
 billing_check_event_at(FunctionCallInfo fcinfo, int argno, TimestampTz *event_at)
 {
@@ -268,10 +394,97 @@ billing_check_event_at(FunctionCallInfo fcinfo, int argno, TimestampTz *event_at
 	*event_at = PG_GETARG_TIMESTAMPTZ(argno);
 	if (TIMESTAMP_NOT_FINITE(*event_at))
 		ereport(ERROR,
-				(errcode(ERRCODE_BILLING_INVALID_ARGUMENT),
+				(errcode(ERRCODE_BILLING_EVENT_AT_WINDOW),
 				 errmsg("event_at must be a finite timestamp"),
 				 errhint("Pass the time the usage happened, or leave it out.")));
 	return true;
+}
+
+/*
+ * The accepted window of event times: at most billing.event_at_window
+ * before now (default 7 days; a superuser may widen it for a backfill) and
+ * at most BILLING_EVENT_AT_FUTURE_SECS after it (clock skew).  Usage is
+ * bucketed and priced by this time, so an unbounded one would let a caller
+ * pick an old price, or break the calendar views of every tenant.
+ */
+bool
+billing_event_at_in_window(TimestampTz event_at)
+{
+	TimestampTz now = GetCurrentTimestamp();
+
+	return event_at >= now - (int64) billing_event_at_window * USECS_PER_SEC &&
+		event_at <= now + (int64) BILLING_EVENT_AT_FUTURE_SECS * USECS_PER_SEC;
+}
+
+/* ZB019 unless event_at is in the accepted window */
+void
+billing_check_event_at_window(TimestampTz event_at)
+{
+	TimestampTz now = GetCurrentTimestamp();
+	TimestampTz earliest = now - (int64) billing_event_at_window * USECS_PER_SEC;
+	TimestampTz latest = now + (int64) BILLING_EVENT_AT_FUTURE_SECS * USECS_PER_SEC;
+
+	if (event_at < earliest || event_at > latest)
+		ereport(ERROR,
+				(errcode(ERRCODE_BILLING_EVENT_AT_WINDOW),
+				 errmsg("event_at is outside the accepted window"),
+				 errdetail("It is %s; accepted are %s (billing.event_at_window = %d s before now) to %s.",
+						   billing_format_ts(event_at), billing_format_ts(earliest),
+						   billing_event_at_window, billing_format_ts(latest)),
+				 errhint("Pass the time the usage happened, or leave it out; charging older usage needs a superuser to widen billing.event_at_window.")));
+}
+
+/*
+ * The role that asked for what a call writes: the session's current role
+ * (after SET ROLE), not the owner of the SECURITY DEFINER function that
+ * runs it.  Ledger entries and account events record it.  The name is
+ * looked up once per role and cached; a rename of a role resets the cache.
+ */
+static Oid	actor_oid = InvalidOid;
+static text *actor_name = NULL;
+
+static void
+actor_reset(Datum arg, int cacheid, uint32 hashvalue)
+{
+	actor_oid = InvalidOid;
+}
+
+text *
+billing_actor(void)
+{
+	static bool registered = false;
+	Oid			role = GetOuterUserId();
+
+	if (role != actor_oid || actor_name == NULL)
+	{
+		char	   *name = GetUserNameFromId(role, false);
+		text	   *t = (text *) MemoryContextAlloc(TopMemoryContext,
+												   VARHDRSZ + strlen(name));
+
+		SET_VARSIZE(t, VARHDRSZ + strlen(name));
+		memcpy(VARDATA(t), name, strlen(name));
+		if (actor_name)
+			pfree(actor_name);
+		actor_name = t;
+		actor_oid = role;
+		if (!registered)
+		{
+			CacheRegisterSyscacheCallback(AUTHOID, actor_reset, (Datum) 0);
+			registered = true;
+		}
+	}
+	return actor_name;
+}
+
+/* billing.actor() -> text: the same, for the SQL-level functions */
+PG_FUNCTION_INFO_V1(billing_actor_sql);
+Datum
+billing_actor_sql(PG_FUNCTION_ARGS)
+{
+	text	   *actor = billing_actor();
+
+	/* a copy: the cached one may be freed when the role changes */
+	PG_RETURN_TEXT_P(cstring_to_text_with_len(VARDATA(actor), VARSIZE(actor) - VARHDRSZ));
 }
 
 /*
@@ -302,4 +515,76 @@ billing_to_micros(PG_FUNCTION_ARGS)
 		argname = text_to_cstring(PG_GETARG_TEXT_PP(1));
 	PG_RETURN_INT64(billing_amount_to_micros(PG_GETARG_NUMERIC(0), argname,
 											 !PG_ARGISNULL(2) && PG_GETARG_BOOL(2)));
+}
+
+/*
+ * The same checks for the SQL-level functions (PL/pgSQL): NULL passes
+ * (callers that require a value check for NULL first).
+ *
+ * billing.check_id(value text, argname text, sqlstate text) -> text
+ */
+PG_FUNCTION_INFO_V1(billing_check_id_sql);
+Datum
+billing_check_id_sql(PG_FUNCTION_ARGS)
+{
+	char	   *state;
+
+	if (PG_ARGISNULL(0))
+		PG_RETURN_NULL();
+	state = PG_ARGISNULL(2) ? "ZB018" : text_to_cstring(PG_GETARG_TEXT_PP(2));
+	if (strlen(state) != 5)
+		elog(ERROR, "billing.check_id: sqlstate must have 5 characters");
+	PG_RETURN_TEXT_P(billing_check_id(PG_GETARG_TEXT_PP(0),
+									  PG_ARGISNULL(1) ? "value" : text_to_cstring(PG_GETARG_TEXT_PP(1)),
+									  MAKE_SQLSTATE(state[0], state[1], state[2], state[3], state[4])));
+}
+
+/* billing.check_text(value text, argname text, max_chars integer) -> text */
+PG_FUNCTION_INFO_V1(billing_check_text_sql);
+Datum
+billing_check_text_sql(PG_FUNCTION_ARGS)
+{
+	if (PG_ARGISNULL(0))
+		PG_RETURN_NULL();
+	PG_RETURN_TEXT_P(billing_check_text_value(PG_GETARG_TEXT_PP(0),
+											  PG_ARGISNULL(1) ? "value" : text_to_cstring(PG_GETARG_TEXT_PP(1)),
+											  PG_ARGISNULL(2) ? BILLING_MAX_DESCRIPTION_CHARS : PG_GETARG_INT32(2)));
+}
+
+/* billing.check_json(value jsonb, argname text) -> jsonb: a bounded object */
+PG_FUNCTION_INFO_V1(billing_check_json_sql);
+Datum
+billing_check_json_sql(PG_FUNCTION_ARGS)
+{
+	if (PG_ARGISNULL(0))
+		PG_RETURN_NULL();
+	PG_RETURN_JSONB_P(billing_check_metadata_value(PG_GETARG_JSONB_P(0),
+												   PG_ARGISNULL(1) ? "metadata" : text_to_cstring(PG_GETARG_TEXT_PP(1))));
+}
+
+/* billing.check_event_at(event_at timestamptz) -> timestamptz: finite, in the window */
+PG_FUNCTION_INFO_V1(billing_check_event_at_sql);
+Datum
+billing_check_event_at_sql(PG_FUNCTION_ARGS)
+{
+	TimestampTz ts;
+
+	if (!billing_check_event_at(fcinfo, 0, &ts))
+		PG_RETURN_NULL();
+	billing_check_event_at_window(ts);
+	PG_RETURN_TIMESTAMPTZ(ts);
+}
+
+/*
+ * billing.show(value text, max_chars integer DEFAULT 64) -> text: the value
+ * quoted for a message, cut to max_chars characters ("...") when longer.
+ */
+PG_FUNCTION_INFO_V1(billing_show_sql);
+Datum
+billing_show_sql(PG_FUNCTION_ARGS)
+{
+	if (PG_ARGISNULL(0))
+		PG_RETURN_TEXT_P(cstring_to_text("null"));
+	PG_RETURN_TEXT_P(cstring_to_text(billing_show_text(text_to_cstring(PG_GETARG_TEXT_PP(0)),
+													   PG_ARGISNULL(1) ? 64 : Max(PG_GETARG_INT32(1), 1))));
 }

@@ -227,13 +227,12 @@ check_same_request(EntryWrite *req)
 		DIFFERS("amount", billing_format_micros(amount),
 				billing_format_micros(req->amount));
 	if (!text_equal(description, req->description))
-		DIFFERS("description", show_text(description),
-				show_text(req->description));
+		DIFFERS("description", billing_describe_text(description),
+				billing_describe_text(req->description));
 	if (metadata == NULL ||
 		compareJsonbContainers(&metadata->root, &req->metadata->root) != 0)
-		DIFFERS("metadata",
-				metadata ? JsonbToCString(NULL, &metadata->root, VARSIZE(metadata)) : "null",
-				JsonbToCString(NULL, &req->metadata->root, VARSIZE(req->metadata)));
+		DIFFERS("metadata", billing_describe_jsonb(metadata),
+				billing_describe_jsonb(req->metadata));
 	if (has_event_at != req->has_event_at ||
 		(has_event_at && event_at != req->event_at))
 		DIFFERS("event_at", show_ts(has_event_at, event_at),
@@ -422,18 +421,18 @@ billing_check_not_rejected(Account *acc, text *trace_id, const char *kind)
 static const char *const entry_cols[EC_NCOLS] = {
 	"tenant_id", "entry_id", "trace_id", "kind", "amount_micros",
 	"balance_after_micros", "version", "description", "metadata", "event_at",
-	"created_at", "api_key", "hold_id"
+	"created_at", "api_key", "hold_id", "actor"
 };
 
 static const Oid entry_types[EC_NCOLS] = {
 	TEXTOID, INT8OID, TEXTOID, TEXTOID, INT8OID,
 	INT8OID, INT8OID, TEXTOID, JSONBOID, TIMESTAMPTZOID,
-	TIMESTAMPTZOID, TEXTOID, INT8OID
+	TIMESTAMPTZOID, TEXTOID, INT8OID, TEXTOID
 };
 
 /* probed by (tenant_id, trace_id): the key index is entries_trace_key */
 DirectTable billing_entries_table = {
-	"entries", "entries_trace_key", EC_NCOLS, entry_cols, entry_types, true
+	"entries", "entries_trace_key", EC_NCOLS, entry_cols, entry_types, true, 1
 };
 
 /*
@@ -475,6 +474,7 @@ billing_post_entry(Account *acc, EntryWrite *e)
 	nulls[EC_API_KEY] = e->api_key == NULL;
 	values[EC_HOLD_ID] = Int64GetDatum(e->hold_id);
 	nulls[EC_HOLD_ID] = e->hold_id == 0;
+	values[EC_ACTOR] = PointerGetDatum(billing_actor());
 	account_write(acc, true, &billing_entries_table, values, nulls);
 	return entry_id;
 }
@@ -512,6 +512,20 @@ ledger_post(text *tenant_id, LedgerRequest *req, PostMode mode,
 	{
 		SPI_finish();
 		return;
+	}
+
+	/*
+	 * An event time outside the accepted window is refused, unless this is
+	 * a replay: the original outcome wins over today's rules, as below.
+	 */
+	if (e->has_event_at && !billing_event_at_in_window(e->event_at))
+	{
+		if (acc.rejections == 0 && probe_trace(&acc, e, mode, out))
+		{
+			SPI_finish();
+			return;
+		}
+		billing_check_event_at_window(e->event_at);
 	}
 
 	/* 3. business rules */
@@ -871,22 +885,14 @@ billing_deduct_many(PG_FUNCTION_ARGS)
 		e->kind = "deduct";
 		if (descs && !desc_nulls[i])
 		{
-			e->description = DatumGetTextPP(descs[i]);
-			if (pg_mbstrlen_with_len(VARDATA_ANY(e->description),
-									 VARSIZE_ANY_EXHDR(e->description)) > BILLING_MAX_DESCRIPTION_CHARS)
-				ereport(ERROR,
-						(errcode(ERRCODE_BILLING_INVALID_ARGUMENT),
-						 errmsg("description of item %d is too long", i + 1),
-						 errhint("Put structured details in metadata instead.")));
+			snprintf(name, sizeof(name), "description of item %d", i + 1);
+			e->description = billing_check_text_value(DatumGetTextPP(descs[i]), name,
+													  BILLING_MAX_DESCRIPTION_CHARS);
 		}
 		if (metas && !meta_nulls[i])
 		{
-			e->metadata = DatumGetJsonbP(metas[i]);
-			if (!JB_ROOT_IS_OBJECT(e->metadata) || JB_ROOT_IS_SCALAR(e->metadata))
-				ereport(ERROR,
-						(errcode(ERRCODE_BILLING_INVALID_ARGUMENT),
-						 errmsg("metadata of item %d must be a json object", i + 1),
-						 errhint("Pass e.g. '{\"model\": \"gpt-4o\"}'::jsonb, or NULL.")));
+			snprintf(name, sizeof(name), "metadata of item %d", i + 1);
+			e->metadata = billing_check_metadata_value(DatumGetJsonbP(metas[i]), name);
 		}
 		else
 		{

@@ -18,8 +18,1542 @@ END
 $$;
 
 -- ---------------------------------------------------------------------------
--- (1.4's changes follow, by area)
+-- issue 12: trust boundaries
 -- ---------------------------------------------------------------------------
+
+-- the role that asked, recorded by entries and account events; argument
+-- checks shared with the C functions (identifiers without control or
+-- invisible characters, bounded texts and json, the event_at window)
+CREATE FUNCTION billing.actor() RETURNS text
+    AS 'MODULE_PATHNAME', 'billing_actor_sql'
+    LANGUAGE C STABLE PARALLEL SAFE;
+COMMENT ON FUNCTION billing.actor() IS 'the role that asked for the current call (session role after SET ROLE, not a SECURITY DEFINER owner)';
+
+CREATE FUNCTION billing.check_id(value text, argname text, sqlstate text DEFAULT 'ZB018') RETURNS text
+    AS 'MODULE_PATHNAME', 'billing_check_id_sql'
+    LANGUAGE C IMMUTABLE PARALLEL SAFE;
+COMMENT ON FUNCTION billing.check_id(text, text, text) IS 'an identifier: 1 to 255 characters, no control or invisible characters (else the given SQLSTATE)';
+
+CREATE FUNCTION billing.check_text(value text, argname text, max_chars integer DEFAULT 1000) RETURNS text
+    AS 'MODULE_PATHNAME', 'billing_check_text_sql'
+    LANGUAGE C IMMUTABLE PARALLEL SAFE;
+COMMENT ON FUNCTION billing.check_text(text, text, integer) IS 'a free-form text of at most max_chars characters (ZB018)';
+
+CREATE FUNCTION billing.check_json(value jsonb, argname text) RETURNS jsonb
+    AS 'MODULE_PATHNAME', 'billing_check_json_sql'
+    LANGUAGE C IMMUTABLE PARALLEL SAFE;
+COMMENT ON FUNCTION billing.check_json(jsonb, text) IS 'a json object of at most 16384 bytes (ZB018)';
+
+CREATE FUNCTION billing.check_event_at(event_at timestamptz) RETURNS timestamptz
+    AS 'MODULE_PATHNAME', 'billing_check_event_at_sql'
+    LANGUAGE C STABLE PARALLEL SAFE;
+COMMENT ON FUNCTION billing.check_event_at(timestamptz) IS 'an event time in the accepted window: billing.event_at_window before now to 5 minutes after (ZB019)';
+
+CREATE FUNCTION billing.show(value text, max_chars integer DEFAULT 64) RETURNS text
+    AS 'MODULE_PATHNAME', 'billing_show_sql'
+    LANGUAGE C IMMUTABLE PARALLEL SAFE;
+COMMENT ON FUNCTION billing.show(text, integer) IS 'a value quoted for an error message, cut to max_chars characters';
+
+ALTER TABLE billing.entries ADD COLUMN actor text;
+COMMENT ON COLUMN billing.entries.actor IS 'the role that asked for the entry (the session role after SET ROLE; NULL for entries written before 1.4)';
+ALTER TABLE billing.account_events ALTER COLUMN changed_by SET DEFAULT billing.actor();
+
+-- tenant scopes of reporting roles; every view of tenant data filters by
+-- them and is a security barrier
+CREATE TABLE billing.tenant_scopes (
+    role_name   name        NOT NULL,
+    tenant_id   text        NOT NULL,
+    granted_by  text        NOT NULL DEFAULT billing.actor(),
+    granted_at  timestamptz NOT NULL DEFAULT now(),
+    CONSTRAINT tenant_scopes_pkey PRIMARY KEY (role_name, tenant_id)
+);
+COMMENT ON TABLE billing.tenant_scopes IS 'reporting roles that may see only some tenants (no rows for a role: it sees every tenant)';
+SELECT pg_catalog.pg_extension_config_dump('billing.tenant_scopes', '');
+CREATE FUNCTION billing.visible_tenants() RETURNS text[]
+    LANGUAGE sql STABLE SECURITY DEFINER PARALLEL SAFE
+    SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT CASE WHEN count(*) = 0 THEN NULL ELSE array_agg(s.tenant_id ORDER BY s.tenant_id) END
+      FROM billing.tenant_scopes s
+     WHERE s.role_name = billing.actor()
+$$;
+COMMENT ON FUNCTION billing.visible_tenants() IS 'tenants the calling role may see in the views (NULL: all)';
+
+CREATE OR REPLACE VIEW billing.balances WITH (security_barrier) AS
+SELECT a.tenant_id,
+       a.currency,
+       a.status,
+       billing.to_amount(a.balance_micros)                         AS balance,
+       billing.to_amount(a.credit_limit_micros)                    AS credit_limit,
+       billing.to_amount(billing.effective_holds(a))               AS on_hold,
+       billing.to_amount(a.balance_micros) + billing.to_amount(a.credit_limit_micros)
+           - billing.to_amount(billing.effective_holds(a))          AS available,
+       a.version,
+       a.last_entry_at,
+       a.timezone,
+       a.metadata,
+       a.created_at,
+       a.updated_at
+  FROM billing.accounts a
+ WHERE ((SELECT billing.visible_tenants()) IS NULL OR a.tenant_id = ANY ((SELECT billing.visible_tenants())::text[]));
+COMMENT ON VIEW billing.balances IS 'one row per account: balance, credit limit, on hold, available funds, version';
+
+CREATE OR REPLACE VIEW billing.ledger WITH (security_barrier) AS
+SELECT e.entry_id,
+       e.tenant_id,
+       e.trace_id,
+       e.kind,
+       billing.to_amount(e.amount_micros)        AS amount,
+       billing.to_amount(e.balance_after_micros) AS balance_after,
+       e.version,
+       e.description,
+       e.metadata->>'model'                      AS model,
+       coalesce(e.api_key, e.metadata->>'api_key') AS api_key,
+       e.hold_id,
+       e.metadata,
+       e.event_at,
+       e.created_at,
+       e.actor
+  FROM billing.entries e
+ WHERE ((SELECT billing.visible_tenants()) IS NULL OR e.tenant_id = ANY ((SELECT billing.visible_tenants())::text[]));
+COMMENT ON VIEW billing.ledger IS 'readable ledger: amounts as numeric, model and api_key lifted from metadata';
+
+CREATE OR REPLACE VIEW billing.open_holds WITH (security_barrier) AS
+SELECT h.tenant_id,
+       h.hold_id,
+       h.trace_id,
+       h.api_key,
+       billing.to_amount(h.amount_micros)                                         AS amount,
+       billing.to_amount(h.captured_micros)                                       AS captured,
+       billing.to_amount(h.amount_micros - h.captured_micros - h.released_micros) AS remaining,
+       h.expires_at,
+       h.description,
+       h.created_at
+  FROM billing.holds h
+ WHERE h.status = 'open' AND h.expires_at > now()
+   AND ((SELECT billing.visible_tenants()) IS NULL OR h.tenant_id = ANY ((SELECT billing.visible_tenants())::text[]));
+COMMENT ON VIEW billing.open_holds IS 'holds that still reserve funds (open and not expired)';
+
+CREATE OR REPLACE VIEW billing.quota_usage WITH (security_barrier) AS
+WITH p AS (
+    SELECT a.*,
+           (now() AT TIME ZONE a.timezone)::date AS today,
+           date_trunc('month', now() AT TIME ZONE a.timezone)::date AS this_month
+      FROM billing.accounts a
+     WHERE ((SELECT billing.visible_tenants()) IS NULL OR a.tenant_id = ANY ((SELECT billing.visible_tenants())::text[]))
+)
+SELECT p.tenant_id,
+       p.timezone,
+       p.today AS day,
+       CASE WHEN p.usage_day = p.today THEN p.day_requests ELSE 0 END AS requests_today,
+       p.daily_request_quota,
+       p.daily_request_quota - CASE WHEN p.usage_day = p.today THEN p.day_requests ELSE 0 END AS requests_left_today,
+       billing.to_amount(CASE WHEN p.usage_day = p.today THEN p.day_spend_micros ELSE 0 END) AS spent_today,
+       billing.to_amount(p.daily_spend_cap_micros) AS daily_spend_cap,
+       ((p.today + 1)::timestamp AT TIME ZONE p.timezone) AS day_resets_at,
+       p.this_month AS month,
+       CASE WHEN p.usage_month = p.this_month THEN p.month_requests ELSE 0 END AS requests_this_month,
+       p.monthly_request_quota,
+       p.monthly_request_quota - CASE WHEN p.usage_month = p.this_month THEN p.month_requests ELSE 0 END AS requests_left_this_month,
+       billing.to_amount(CASE WHEN p.usage_month = p.this_month THEN p.month_spend_micros ELSE 0 END) AS spent_this_month,
+       billing.to_amount(p.monthly_spend_cap_micros) AS monthly_spend_cap,
+       ((p.this_month + interval '1 month')::timestamp AT TIME ZONE p.timezone) AS month_resets_at,
+       billing.to_amount(p.max_charge_micros) AS max_charge,
+       p.minute_request_limit AS per_minute_limit
+  FROM p;
+COMMENT ON VIEW billing.quota_usage IS 'per account: requests and spend of the current day and month (account time zone), limits, what is left, when they reset';
+
+CREATE OR REPLACE VIEW billing.api_key_budgets WITH (security_barrier) AS
+WITH k AS (
+    SELECT k.*,
+           CASE k.budget_period
+               WHEN 'day' THEN (now() AT TIME ZONE a.timezone)::date
+               WHEN 'month' THEN date_trunc('month', now() AT TIME ZONE a.timezone)::date
+           END AS current_start,
+           a.timezone
+      FROM billing.api_keys k
+      JOIN billing.accounts a ON a.tenant_id = k.tenant_id
+     WHERE ((SELECT billing.visible_tenants()) IS NULL OR k.tenant_id = ANY ((SELECT billing.visible_tenants())::text[]))
+), s AS (
+    SELECT k.*,
+           CASE WHEN k.budget_period IS NULL OR k.budget_period = 'lifetime' OR k.period_start = k.current_start
+                THEN k.period_spend_micros ELSE 0 END AS spent_micros,
+           (SELECT coalesce(sum(h.amount_micros - h.captured_micros - h.released_micros), 0)::bigint
+              FROM billing.holds h
+             WHERE h.tenant_id = k.tenant_id AND h.api_key = k.key_id
+               AND h.status = 'open' AND h.expires_at > now()) AS on_hold_micros
+      FROM k
+)
+SELECT s.tenant_id,
+       s.key_id,
+       s.status,
+       billing.to_amount(s.budget_micros) AS budget,
+       s.budget_period,
+       billing.to_amount(s.spent_micros) AS spent,
+       billing.to_amount(s.on_hold_micros) AS on_hold,
+       billing.to_amount(s.budget_micros - s.spent_micros - s.on_hold_micros) AS remaining,
+       CASE s.budget_period
+           WHEN 'day' THEN ((s.current_start + 1)::timestamp AT TIME ZONE s.timezone)
+           WHEN 'month' THEN ((s.current_start + interval '1 month')::timestamp AT TIME ZONE s.timezone)
+       END AS resets_at,
+       s.last_used_at,
+       s.metadata
+  FROM s;
+COMMENT ON VIEW billing.api_key_budgets IS 'per API key: budget, spent in the current period, on hold, remaining, reset time';
+
+CREATE OR REPLACE VIEW billing.usage_daily WITH (security_barrier) AS
+SELECT e.tenant_id,
+       (coalesce(e.event_at, e.created_at) AT TIME ZONE a.timezone)::date AS day,
+       count(*) FILTER (WHERE e.kind IN ('deduct', 'capture'))                      AS charges,
+       billing.to_amount(coalesce(-sum(e.amount_micros) FILTER (WHERE e.kind IN ('deduct', 'capture')), 0)::bigint) AS spent,
+       count(*) FILTER (WHERE e.amount_micros > 0)                                 AS credits,
+       billing.to_amount(coalesce(sum(e.amount_micros) FILTER (WHERE e.amount_micros > 0), 0)::bigint) AS credited
+  FROM billing.entries e
+  JOIN billing.accounts a ON a.tenant_id = e.tenant_id
+ WHERE ((SELECT billing.visible_tenants()) IS NULL OR e.tenant_id = ANY ((SELECT billing.visible_tenants())::text[]))
+ GROUP BY 1, 2;
+COMMENT ON VIEW billing.usage_daily IS 'per tenant and day (account time zone, by event time): charges and credits';
+
+CREATE OR REPLACE VIEW billing.usage_monthly WITH (security_barrier) AS
+SELECT e.tenant_id,
+       date_trunc('month', coalesce(e.event_at, e.created_at) AT TIME ZONE a.timezone)::date AS month,
+       count(*) FILTER (WHERE e.kind IN ('deduct', 'capture'))                      AS charges,
+       billing.to_amount(coalesce(-sum(e.amount_micros) FILTER (WHERE e.kind IN ('deduct', 'capture')), 0)::bigint) AS spent,
+       count(*) FILTER (WHERE e.amount_micros > 0)                                 AS credits,
+       billing.to_amount(coalesce(sum(e.amount_micros) FILTER (WHERE e.amount_micros > 0), 0)::bigint) AS credited
+  FROM billing.entries e
+  JOIN billing.accounts a ON a.tenant_id = e.tenant_id
+ WHERE ((SELECT billing.visible_tenants()) IS NULL OR e.tenant_id = ANY ((SELECT billing.visible_tenants())::text[]))
+ GROUP BY 1, 2;
+COMMENT ON VIEW billing.usage_monthly IS 'per tenant and calendar month (account time zone, by event time): charges and credits';
+
+CREATE OR REPLACE VIEW billing.usage_by_model WITH (security_barrier) AS
+SELECT e.tenant_id,
+       (coalesce(e.event_at, e.created_at) AT TIME ZONE a.timezone)::date AS day,
+       coalesce(e.metadata->>'model', h.metadata->>'model')       AS model,
+       coalesce(e.metadata->>'provider', h.metadata->>'provider') AS provider,
+       count(*)                AS charges,
+       billing.to_amount(-sum(e.amount_micros)::bigint) AS spent,
+       sum(CASE WHEN jsonb_typeof(e.metadata->'input_tokens') = 'number'
+                THEN (e.metadata->>'input_tokens')::numeric END)  AS input_tokens,
+       sum(CASE WHEN jsonb_typeof(e.metadata->'output_tokens') = 'number'
+                THEN (e.metadata->>'output_tokens')::numeric END) AS output_tokens
+  FROM billing.entries e
+  JOIN billing.accounts a ON a.tenant_id = e.tenant_id
+  LEFT JOIN billing.holds h ON h.tenant_id = e.tenant_id AND h.hold_id = e.hold_id
+ WHERE e.kind IN ('deduct', 'capture')
+   AND ((SELECT billing.visible_tenants()) IS NULL OR e.tenant_id = ANY ((SELECT billing.visible_tenants())::text[]))
+ GROUP BY 1, 2, 3, 4;
+COMMENT ON VIEW billing.usage_by_model IS 'charges per tenant, day, model and provider (from entry metadata; a capture without a model takes its hold''s)';
+
+CREATE OR REPLACE VIEW billing.usage_by_api_key WITH (security_barrier) AS
+SELECT e.tenant_id,
+       (coalesce(e.event_at, e.created_at) AT TIME ZONE a.timezone)::date AS day,
+       coalesce(e.api_key, e.metadata->>'api_key') AS api_key,
+       count(*)                AS charges,
+       billing.to_amount(-sum(e.amount_micros)::bigint) AS spent
+  FROM billing.entries e
+  JOIN billing.accounts a ON a.tenant_id = e.tenant_id
+ WHERE e.kind IN ('deduct', 'capture')
+   AND ((SELECT billing.visible_tenants()) IS NULL OR e.tenant_id = ANY ((SELECT billing.visible_tenants())::text[]))
+ GROUP BY 1, 2, 3;
+COMMENT ON VIEW billing.usage_by_api_key IS 'charges per tenant, day and api key (the api_key argument, else metadata->>''api_key'')';
+
+CREATE OR REPLACE VIEW billing.jobs_by_state WITH (security_barrier) AS
+SELECT j.tenant_id, j.kind, j.state,
+       count(*)                AS jobs,
+       min(j.created_at)       AS oldest_created_at,
+       min(j.run_at) FILTER (WHERE j.state = 'queued') AS next_run_at
+  FROM billing.jobs j
+ WHERE ((SELECT billing.visible_tenants()) IS NULL OR j.tenant_id = ANY ((SELECT billing.visible_tenants())::text[]))
+ GROUP BY 1, 2, 3;
+COMMENT ON VIEW billing.jobs_by_state IS 'job counts per tenant, kind and state';
+
+CREATE OR REPLACE VIEW billing.job_failures WITH (security_barrier) AS
+SELECT e.tenant_id, j.kind, e.reason AS error,
+       count(*)          AS failures,
+       count(DISTINCT e.job_id) AS jobs,
+       max(e.created_at) AS last_seen
+  FROM billing.job_events e
+  JOIN billing.jobs j ON j.tenant_id = e.tenant_id AND j.job_id = e.job_id
+ WHERE e.from_state = 'processing' AND e.to_state IN ('queued', 'failed')
+   AND ((SELECT billing.visible_tenants()) IS NULL OR e.tenant_id = ANY ((SELECT billing.visible_tenants())::text[]))
+ GROUP BY 1, 2, 3;
+COMMENT ON VIEW billing.job_failures IS 'failed attempts (including rescued ones) per tenant, kind and error';
+
+CREATE OR REPLACE VIEW billing.job_costs WITH (security_barrier) AS
+SELECT j.tenant_id, j.kind,
+       count(*) AS completed_jobs,
+       billing.to_amount(sum(j.estimated_micros)::bigint) AS estimated,
+       billing.to_amount(sum(j.actual_micros)::bigint)    AS actual,
+       round(sum(j.actual_micros)::numeric / nullif(sum(j.estimated_micros), 0), 4) AS actual_to_estimate
+  FROM billing.jobs j
+ WHERE j.state = 'completed'
+   AND ((SELECT billing.visible_tenants()) IS NULL OR j.tenant_id = ANY ((SELECT billing.visible_tenants())::text[]))
+ GROUP BY 1, 2;
+COMMENT ON VIEW billing.job_costs IS 'estimated vs actual cost of completed jobs per tenant and kind';
+
+CREATE OR REPLACE VIEW billing.job_time_in_state WITH (security_barrier) AS
+WITH spans AS (
+    SELECT e.tenant_id, e.job_id, e.to_state AS state,
+           lead(e.created_at) OVER (PARTITION BY e.tenant_id, e.job_id ORDER BY e.event_id) - e.created_at AS spent
+      FROM billing.job_events e
+     WHERE ((SELECT billing.visible_tenants()) IS NULL OR e.tenant_id = ANY ((SELECT billing.visible_tenants())::text[]))
+)
+SELECT j.kind, s.state,
+       count(*) AS spans,
+       avg(s.spent) AS avg_time,
+       percentile_cont(0.5) WITHIN GROUP (ORDER BY s.spent) AS p50_time,
+       percentile_cont(0.95) WITHIN GROUP (ORDER BY s.spent) AS p95_time,
+       max(s.spent) AS max_time
+  FROM spans s
+  JOIN billing.jobs j ON j.tenant_id = s.tenant_id AND j.job_id = s.job_id
+ WHERE s.spent IS NOT NULL
+ GROUP BY 1, 2;
+COMMENT ON VIEW billing.job_time_in_state IS 'how long jobs stay in each state (finished spans only), per kind';
+
+-- bounded inputs, errors without unbounded or foreign data, a time zone
+-- change that keeps the current day's and month's usage.  (No REVOKE for a
+-- replaced function: inside an upgrade it would record the grants users
+-- made as the extension's own, and pg_dump would then not dump them; the
+-- internal helpers that PUBLIC may no longer run are the exception.)
+CREATE OR REPLACE FUNCTION billing.check_account_settings(tenant_id text, currency text,
+                                                          status text, timezone text,
+                                                          metadata jsonb)
+    RETURNS void
+    LANGUAGE plpgsql STABLE
+    SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF tenant_id IS NULL THEN
+        RAISE EXCEPTION 'tenant_id must not be null'
+            USING ERRCODE = 'ZB015', HINT = 'Pass a value for tenant_id.';
+    END IF;
+    -- 1 to 255 characters, no control or invisible characters
+    PERFORM billing.check_id(tenant_id, 'tenant_id', 'ZB016');
+    IF tenant_id ~ '[{}]' THEN
+        -- braces delimit the Redis Cluster hash tag of the tenant's keys
+        RAISE EXCEPTION 'tenant_id must not contain { or }'
+            USING ERRCODE = 'ZB016',
+                  DETAIL = format('The value given was %s.', billing.show(tenant_id)),
+                  HINT = 'The tenant id is the Redis hash tag billing:{tenant}; use another separator.';
+    END IF;
+    IF currency IS NOT NULL AND currency !~ '^[A-Z][A-Z0-9]{2,9}$' THEN
+        RAISE EXCEPTION 'invalid currency %', billing.show(currency)
+            USING ERRCODE = 'ZB018',
+                  DETAIL = 'A currency is 3 to 10 upper-case letters or digits, starting with a letter.',
+                  HINT = 'Use an ISO 4217 code such as USD, or a unit name such as CREDITS.';
+    END IF;
+    IF status IS NOT NULL AND status NOT IN ('active', 'suspended', 'closed') THEN
+        RAISE EXCEPTION 'invalid account status %', billing.show(status)
+            USING ERRCODE = 'ZB018',
+                  DETAIL = 'Allowed statuses: active, suspended, closed.',
+                  HINT = 'Suspend to stop charges temporarily; close to stop everything for good.';
+    END IF;
+    IF timezone IS NOT NULL THEN
+        -- An abbreviation (IST, PST, also the zone names CET, EST...) means
+        -- what the session's timezone_abbreviations says: AT TIME ZONE looks
+        -- it up there before the tz database.  UTC, GMT, UCT and Zulu are
+        -- abbreviations too, but mean UTC in every set.  The fixed list keeps
+        -- the zone names that are abbreviations of a shipped set refused
+        -- whatever this session's set is.
+        IF lower(timezone) NOT IN ('utc', 'gmt', 'uct', 'zulu')
+           AND (lower(timezone) IN ('cet', 'eet', 'est', 'hst', 'met', 'mst', 'wet')
+                OR EXISTS (SELECT 1 FROM pg_catalog.pg_timezone_abbrevs ab
+                            WHERE lower(ab.abbrev) = lower(check_account_settings.timezone))) THEN
+            RAISE EXCEPTION 'invalid time zone %', billing.show(timezone)
+                USING ERRCODE = 'ZB018',
+                      DETAIL = format('%s is a time zone abbreviation: its meaning depends on the setting timezone_abbreviations.',
+                                      billing.show(timezone)),
+                      HINT = 'Use the region''s name from pg_timezone_names, e.g. Asia/Kolkata or America/Los_Angeles.';
+        END IF;
+        -- a zone name of the tz database (Europe/Berlin, UTC, Etc/GMT+3...),
+        -- not a POSIX offset string such as '+14' (which means UTC-14) or
+        -- 'XYZ5', nor the files localtime and posixrules of the zone directory.
+        -- A name with a slash is a zone file if AT TIME ZONE knows it (a POSIX
+        -- string with a slash has a comma, which the pattern refuses); only a
+        -- name without one (Japan, EST5EDT, or XYZ5) is looked up in
+        -- pg_timezone_names, which reads the whole zone directory (~30 ms).
+        IF timezone !~ '^[A-Za-z][A-Za-z0-9_]*(/[A-Za-z0-9_+-]+)*$'
+           OR lower(timezone) IN ('localtime', 'posixrules')
+           OR (lower(timezone) NOT IN ('utc', 'gmt', 'uct', 'zulu')
+               AND NOT billing.known_zone_file(timezone)) THEN
+            RAISE EXCEPTION 'invalid time zone %', billing.show(timezone)
+                USING ERRCODE = 'ZB018',
+                      DETAIL = 'Daily and monthly figures are computed in the account time zone.',
+                      HINT = 'Use a name from pg_timezone_names, e.g. UTC or Europe/Berlin.';
+        END IF;
+    END IF;
+    -- a json object of at most 16 kB
+    PERFORM billing.check_json(metadata, 'metadata');
+END;
+$$;
+
+CREATE OR REPLACE FUNCTION billing_account_create(tenant_id text,
+                                       currency text DEFAULT NULL,
+                                       credit_limit numeric DEFAULT NULL,
+                                       status text DEFAULT NULL,
+                                       timezone text DEFAULT NULL,
+                                       metadata jsonb DEFAULT NULL)
+    RETURNS SETOF billing.balances
+    LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    p_tenant   text   := billing_account_create.tenant_id;
+    p_limit    bigint;
+    acc        billing.accounts;
+    diffs      text[] := '{}';
+    details    text[] := '{}';
+BEGIN
+    PERFORM billing.check_account_settings(p_tenant, billing_account_create.currency,
+                                           billing_account_create.status,
+                                           billing_account_create.timezone,
+                                           billing_account_create.metadata);
+    IF billing_account_create.credit_limit IS NOT NULL THEN
+        p_limit := billing.to_micros(billing_account_create.credit_limit, 'credit_limit', true);
+    END IF;
+    IF billing_account_create.status = 'closed'
+       AND NOT EXISTS (SELECT FROM billing.accounts a WHERE a.tenant_id = p_tenant) THEN
+        RAISE EXCEPTION 'a new account cannot be closed'
+            USING ERRCODE = 'ZB018', HINT = 'Create it active or suspended.';
+    END IF;
+
+    INSERT INTO billing.accounts AS a (tenant_id, currency, credit_limit_micros,
+                                       status, timezone, metadata)
+    VALUES (p_tenant,
+            coalesce(billing_account_create.currency, 'USD'),
+            coalesce(p_limit, 0),
+            coalesce(billing_account_create.status, 'active'),
+            coalesce(billing_account_create.timezone, 'UTC'),
+            coalesce(billing_account_create.metadata, '{}'))
+    ON CONFLICT (tenant_id) DO NOTHING
+    RETURNING * INTO acc;
+
+    IF FOUND THEN
+        PERFORM billing.sync_mark(p_tenant);
+        INSERT INTO billing.account_events (tenant_id, action, changes)
+        VALUES (p_tenant, 'create',
+                jsonb_build_object('currency', acc.currency,
+                                   'credit_limit', billing.to_amount(acc.credit_limit_micros),
+                                   'status', acc.status,
+                                   'timezone', acc.timezone,
+                                   'metadata', acc.metadata));
+    ELSE
+        -- it exists (maybe created concurrently: ON CONFLICT waited for it)
+        SELECT * INTO acc FROM billing.accounts a WHERE a.tenant_id = p_tenant;
+        IF billing_account_create.currency IS NOT NULL AND billing_account_create.currency <> acc.currency THEN
+            diffs := diffs || 'currency'::text;
+            details := details || format('currency: existing %s, requested %s', acc.currency, billing_account_create.currency);
+        END IF;
+        IF p_limit IS NOT NULL AND p_limit <> acc.credit_limit_micros THEN
+            diffs := diffs || 'credit_limit'::text;
+            details := details || format('credit_limit: existing %s, requested %s',
+                                         billing.to_amount(acc.credit_limit_micros), billing.to_amount(p_limit));
+        END IF;
+        IF billing_account_create.status IS NOT NULL AND billing_account_create.status <> acc.status THEN
+            diffs := diffs || 'status'::text;
+            details := details || format('status: existing %s, requested %s', acc.status, billing_account_create.status);
+        END IF;
+        IF billing_account_create.timezone IS NOT NULL AND billing_account_create.timezone <> acc.timezone THEN
+            diffs := diffs || 'timezone'::text;
+            details := details || format('timezone: existing %s, requested %s', acc.timezone, billing_account_create.timezone);
+        END IF;
+        IF billing_account_create.metadata IS NOT NULL AND billing_account_create.metadata <> acc.metadata THEN
+            diffs := diffs || 'metadata'::text;
+            details := details || format('metadata: existing a json object of %s bytes, requested one of %s bytes',
+                                         pg_column_size(acc.metadata), pg_column_size(billing_account_create.metadata));
+        END IF;
+        IF cardinality(diffs) > 0 THEN
+            RAISE EXCEPTION 'account "%" already exists with a different %', p_tenant, array_to_string(diffs, ', ')
+                USING ERRCODE = 'ZB006',
+                      DETAIL = array_to_string(details, '; ') || '.',
+                      HINT = 'Change settings with billing_account_update(), or leave them out to get the existing account.';
+        END IF;
+    END IF;
+
+    RETURN QUERY SELECT * FROM billing.balances b WHERE b.tenant_id = p_tenant;
+END;
+$$;
+COMMENT ON FUNCTION billing_account_create(text, text, numeric, text, text, jsonb) IS
+    'create an account, or return the existing one if the given settings match (ZB006 otherwise)';
+
+CREATE OR REPLACE FUNCTION billing_account_update(tenant_id text,
+                                       credit_limit numeric DEFAULT NULL,
+                                       status text DEFAULT NULL,
+                                       timezone text DEFAULT NULL,
+                                       metadata jsonb DEFAULT NULL,
+                                       reason text DEFAULT NULL)
+    RETURNS SETOF billing.balances
+    LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    p_tenant   text := billing_account_update.tenant_id;
+    p_limit    bigint;
+    acc        billing.accounts;
+    changes    jsonb := '{}';
+BEGIN
+    PERFORM billing.check_account_settings(p_tenant, NULL,
+                                           billing_account_update.status,
+                                           billing_account_update.timezone,
+                                           billing_account_update.metadata);
+    PERFORM billing.check_text(billing_account_update.reason, 'reason');
+    IF billing_account_update.credit_limit IS NOT NULL THEN
+        p_limit := billing.to_micros(billing_account_update.credit_limit, 'credit_limit', true);
+    END IF;
+
+    SELECT * INTO acc FROM billing.accounts a WHERE a.tenant_id = p_tenant FOR UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'account "%" does not exist', p_tenant
+            USING ERRCODE = 'ZB001',
+                  HINT = format('Create it first with billing_account_create(%L).', p_tenant);
+    END IF;
+    IF acc.status = 'closed' THEN
+        RAISE EXCEPTION 'account "%" is closed', p_tenant
+            USING ERRCODE = 'ZB003',
+                  DETAIL = 'A closed account cannot be changed or reopened.',
+                  HINT = 'Closed is final: open a new account for this customer.';
+    END IF;
+
+    IF p_limit IS NOT NULL AND p_limit <> acc.credit_limit_micros THEN
+        changes := changes || jsonb_build_object('credit_limit', jsonb_build_object(
+                       'old', billing.to_amount(acc.credit_limit_micros), 'new', billing.to_amount(p_limit)));
+        acc.credit_limit_micros := p_limit;
+    END IF;
+    IF billing_account_update.status IS NOT NULL AND billing_account_update.status <> acc.status THEN
+        changes := changes || jsonb_build_object('status', jsonb_build_object(
+                       'old', acc.status, 'new', billing_account_update.status));
+        acc.status := billing_account_update.status;
+    END IF;
+    IF billing_account_update.timezone IS NOT NULL AND billing_account_update.timezone <> acc.timezone THEN
+        changes := changes || jsonb_build_object('timezone', jsonb_build_object(
+                       'old', acc.timezone, 'new', billing_account_update.timezone));
+        -- The usage of the current day and month carries over into the new
+        -- zone's current day and month: a zone change never starts a period
+        -- afresh, so switching zones back and forth cannot reset a quota.
+        IF acc.usage_day = (now() AT TIME ZONE acc.timezone)::date THEN
+            acc.usage_day := (now() AT TIME ZONE billing_account_update.timezone)::date;
+        END IF;
+        IF acc.usage_month = date_trunc('month', now() AT TIME ZONE acc.timezone)::date THEN
+            acc.usage_month := date_trunc('month', now() AT TIME ZONE billing_account_update.timezone)::date;
+        END IF;
+        UPDATE billing.api_keys k
+           SET period_start = CASE k.budget_period
+                                  WHEN 'day' THEN (now() AT TIME ZONE billing_account_update.timezone)::date
+                                  ELSE date_trunc('month', now() AT TIME ZONE billing_account_update.timezone)::date
+                              END
+         WHERE k.tenant_id = p_tenant
+           AND k.period_start = CASE k.budget_period
+                                    WHEN 'day' THEN (now() AT TIME ZONE acc.timezone)::date
+                                    WHEN 'month' THEN date_trunc('month', now() AT TIME ZONE acc.timezone)::date
+                                END;
+        acc.timezone := billing_account_update.timezone;
+    END IF;
+    IF billing_account_update.metadata IS NOT NULL AND billing_account_update.metadata <> acc.metadata THEN
+        changes := changes || jsonb_build_object('metadata', jsonb_build_object(
+                       'old', acc.metadata, 'new', billing_account_update.metadata));
+        acc.metadata := billing_account_update.metadata;
+    END IF;
+
+    IF changes <> '{}' THEN
+        UPDATE billing.accounts a
+           SET credit_limit_micros = acc.credit_limit_micros,
+               status = acc.status,
+               timezone = acc.timezone,
+               usage_day = acc.usage_day,
+               usage_month = acc.usage_month,
+               metadata = acc.metadata,
+               version = a.version + 1,
+               updated_at = now()
+         WHERE a.tenant_id = p_tenant;
+        INSERT INTO billing.account_events (tenant_id, action, changes, reason)
+        VALUES (p_tenant, 'update', changes, billing_account_update.reason);
+        PERFORM billing.sync_mark(p_tenant);
+    END IF;
+
+    RETURN QUERY SELECT * FROM billing.balances b WHERE b.tenant_id = p_tenant;
+END;
+$$;
+COMMENT ON FUNCTION billing_account_update(text, numeric, text, text, jsonb, text) IS
+    'change credit limit, status, time zone or metadata; every change is recorded in billing.account_events';
+
+CREATE OR REPLACE FUNCTION billing.check_count(value bigint, argname text) RETURNS bigint
+    LANGUAGE plpgsql IMMUTABLE
+    SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF value < 0 THEN
+        RAISE EXCEPTION '% must be zero or positive', argname
+            USING ERRCODE = 'ZB018',
+                  DETAIL = format('The value given was %s.', value),
+                  HINT = 'Pass NULL (no limit), 0 (nothing allowed) or a positive count.';
+    END IF;
+    RETURN value;
+END;
+$$;
+REVOKE ALL ON FUNCTION billing.check_count(bigint, text) FROM PUBLIC;
+
+CREATE OR REPLACE FUNCTION billing_limits_set(tenant_id text,
+                                   daily_requests bigint DEFAULT NULL,
+                                   monthly_requests bigint DEFAULT NULL,
+                                   daily_spend numeric DEFAULT NULL,
+                                   monthly_spend numeric DEFAULT NULL,
+                                   max_charge numeric DEFAULT NULL,
+                                   per_minute bigint DEFAULT NULL,
+                                   reason text DEFAULT NULL)
+    RETURNS SETOF billing.quota_usage
+    LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    acc  billing.accounts := billing.lock_account(billing_limits_set.tenant_id);
+    lim  jsonb;
+BEGIN
+    PERFORM billing.check_text(billing_limits_set.reason, 'reason');
+    acc.daily_request_quota      := billing.check_count(billing_limits_set.daily_requests, 'daily_requests');
+    acc.monthly_request_quota    := billing.check_count(billing_limits_set.monthly_requests, 'monthly_requests');
+    acc.minute_request_limit     := billing.check_count(billing_limits_set.per_minute, 'per_minute');
+    acc.daily_spend_cap_micros   := billing.to_micros(billing_limits_set.daily_spend, 'daily_spend', true);
+    acc.monthly_spend_cap_micros := billing.to_micros(billing_limits_set.monthly_spend, 'monthly_spend', true);
+    acc.max_charge_micros        := billing.to_micros(billing_limits_set.max_charge, 'max_charge', false);
+    IF acc.status = 'closed' THEN
+        RAISE EXCEPTION 'account "%" is closed', acc.tenant_id
+            USING ERRCODE = 'ZB003', HINT = 'Closed is final: open a new account for this customer.';
+    END IF;
+
+    lim := jsonb_build_object(
+        'daily_requests', acc.daily_request_quota,
+        'monthly_requests', acc.monthly_request_quota,
+        'daily_spend', billing.to_amount(acc.daily_spend_cap_micros),
+        'monthly_spend', billing.to_amount(acc.monthly_spend_cap_micros),
+        'max_charge', billing.to_amount(acc.max_charge_micros),
+        'per_minute', acc.minute_request_limit);
+
+    UPDATE billing.accounts a
+       SET daily_request_quota = acc.daily_request_quota,
+           monthly_request_quota = acc.monthly_request_quota,
+           minute_request_limit = acc.minute_request_limit,
+           daily_spend_cap_micros = acc.daily_spend_cap_micros,
+           monthly_spend_cap_micros = acc.monthly_spend_cap_micros,
+           max_charge_micros = acc.max_charge_micros,
+           version = a.version + 1,
+           updated_at = now()
+     WHERE a.tenant_id = acc.tenant_id;
+    INSERT INTO billing.account_events (tenant_id, action, changes, reason)
+    VALUES (acc.tenant_id, 'limits', lim, billing_limits_set.reason);
+    PERFORM billing.sync_mark(acc.tenant_id);
+
+    RETURN QUERY SELECT * FROM billing.quota_usage q WHERE q.tenant_id = acc.tenant_id;
+END;
+$$;
+COMMENT ON FUNCTION billing_limits_set(text, bigint, bigint, numeric, numeric, numeric, bigint, text) IS
+    'set all limits of an account at once (NULL = no limit); recorded in billing.account_events';
+
+CREATE OR REPLACE FUNCTION billing.check_key_settings(key_id text, budget numeric, budget_period text,
+                                           OUT budget_micros bigint)
+    LANGUAGE plpgsql IMMUTABLE
+    SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF key_id IS NULL THEN
+        RAISE EXCEPTION 'key_id must not be null' USING ERRCODE = 'ZB015', HINT = 'Pass the key id.';
+    END IF;
+    -- 1 to 255 characters, no control or invisible characters
+    PERFORM billing.check_id(key_id, 'key_id', 'ZB018');
+    IF key_id ~ '[{}]' THEN
+        RAISE EXCEPTION 'key_id must not contain { or }'
+            USING ERRCODE = 'ZB018', DETAIL = format('The value given was %s.', billing.show(key_id)),
+                  HINT = 'Braces delimit the Redis hash tag of the tenant''s keys.';
+    END IF;
+    IF budget_period IS NOT NULL AND budget_period NOT IN ('day', 'month', 'lifetime') THEN
+        RAISE EXCEPTION 'invalid budget period %', billing.show(budget_period)
+            USING ERRCODE = 'ZB018', DETAIL = 'Allowed periods: day, month, lifetime.',
+                  HINT = 'Days and months are calendar periods in the account time zone.';
+    END IF;
+    IF (budget IS NULL) <> (budget_period IS NULL) THEN
+        RAISE EXCEPTION 'budget and budget_period go together'
+            USING ERRCODE = 'ZB018',
+                  DETAIL = format('budget %s, budget_period %s.', coalesce(budget::text, 'null'), coalesce(budget_period, 'null')),
+                  HINT = 'Pass both, e.g. budget => 50, budget_period => ''month''.';
+    END IF;
+    budget_micros := billing.to_micros(budget, 'budget', true);
+END;
+$$;
+REVOKE ALL ON FUNCTION billing.check_key_settings(text, numeric, text) FROM PUBLIC;
+
+CREATE OR REPLACE FUNCTION billing_api_key_create(tenant_id text, key_id text,
+                                       budget numeric DEFAULT NULL,
+                                       budget_period text DEFAULT NULL,
+                                       metadata jsonb DEFAULT NULL)
+    RETURNS SETOF billing.api_key_budgets
+    LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    acc     billing.accounts := billing.lock_account(billing_api_key_create.tenant_id);
+    micros  bigint := billing.check_key_settings(billing_api_key_create.key_id,
+                                                 billing_api_key_create.budget,
+                                                 billing_api_key_create.budget_period);
+    k       billing.api_keys;
+BEGIN
+    PERFORM billing.check_account_settings(acc.tenant_id, NULL, NULL, NULL, billing_api_key_create.metadata);
+    INSERT INTO billing.api_keys AS t (tenant_id, key_id, budget_micros, budget_period, metadata)
+    VALUES (acc.tenant_id, billing_api_key_create.key_id, micros, billing_api_key_create.budget_period,
+            coalesce(billing_api_key_create.metadata, '{}'))
+    ON CONFLICT (tenant_id, key_id) DO NOTHING
+    RETURNING * INTO k;
+    IF FOUND THEN
+        -- the key's Redis hash carries the account version: bump it
+        UPDATE billing.accounts a SET version = a.version + 1 WHERE a.tenant_id = acc.tenant_id;
+        PERFORM billing.sync_mark(acc.tenant_id);
+    ELSE
+        SELECT * INTO k FROM billing.api_keys t
+         WHERE t.tenant_id = acc.tenant_id AND t.key_id = billing_api_key_create.key_id;
+        -- like billing_account_create: only the settings given are compared
+        IF (billing_api_key_create.budget IS NOT NULL
+            AND (k.budget_micros IS DISTINCT FROM micros OR k.budget_period IS DISTINCT FROM billing_api_key_create.budget_period))
+           OR (billing_api_key_create.metadata IS NOT NULL AND k.metadata <> billing_api_key_create.metadata) THEN
+            RAISE EXCEPTION 'api key "%" already exists with different settings', k.key_id
+                USING ERRCODE = 'ZB006',
+                      DETAIL = format('Existing: budget %s, metadata of %s bytes; requested: budget %s, metadata %s.',
+                                      coalesce(billing.to_amount(k.budget_micros) || ' per ' || k.budget_period, 'none'),
+                                      pg_column_size(k.metadata),
+                                      coalesce(billing.to_amount(micros) || ' per ' || billing_api_key_create.budget_period, 'none'),
+                                      coalesce('of ' || pg_column_size(billing_api_key_create.metadata) || ' bytes', '(not given)')),
+                      HINT = 'Change it with billing_api_key_update(), or leave the settings out to get the existing key.';
+        END IF;
+    END IF;
+    RETURN QUERY SELECT * FROM billing.api_key_budgets b
+                  WHERE b.tenant_id = acc.tenant_id AND b.key_id = billing_api_key_create.key_id;
+END;
+$$;
+COMMENT ON FUNCTION billing_api_key_create(text, text, numeric, text, jsonb) IS
+    'create an API key for an account, optionally with a budget per day, month or lifetime';
+
+CREATE OR REPLACE FUNCTION billing_api_key_update(tenant_id text, key_id text,
+                                       status text DEFAULT NULL,
+                                       budget numeric DEFAULT NULL,
+                                       budget_period text DEFAULT NULL,
+                                       remove_budget boolean DEFAULT false)
+    RETURNS SETOF billing.api_key_budgets
+    LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    acc     billing.accounts := billing.lock_account(billing_api_key_update.tenant_id);
+    k       billing.api_keys;
+    micros  bigint;
+BEGIN
+    SELECT * INTO k FROM billing.api_keys t
+     WHERE t.tenant_id = acc.tenant_id AND t.key_id = billing_api_key_update.key_id FOR UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'api key "%" does not exist for account "%"', billing_api_key_update.key_id, acc.tenant_id
+            USING ERRCODE = 'ZB050',
+                  HINT = format('Create it with billing_api_key_create(%L, %L).', acc.tenant_id, billing_api_key_update.key_id);
+    END IF;
+    IF billing_api_key_update.status IS NOT NULL AND billing_api_key_update.status NOT IN ('active', 'suspended', 'revoked') THEN
+        RAISE EXCEPTION 'invalid api key status %', billing.show(billing_api_key_update.status)
+            USING ERRCODE = 'ZB018', DETAIL = 'Allowed statuses: active, suspended, revoked.',
+                  HINT = 'Suspend a key temporarily; revoke it for good.';
+    END IF;
+    IF k.status = 'revoked' AND billing_api_key_update.status IS DISTINCT FROM 'revoked' AND billing_api_key_update.status IS NOT NULL THEN
+        RAISE EXCEPTION 'api key "%" is revoked', k.key_id
+            USING ERRCODE = 'ZB051', DETAIL = 'A revoked key cannot be reactivated.',
+                  HINT = 'Create a new key.';
+    END IF;
+    IF billing_api_key_update.remove_budget THEN
+        k.budget_micros := NULL;
+        k.budget_period := NULL;
+    ELSIF billing_api_key_update.budget IS NOT NULL OR billing_api_key_update.budget_period IS NOT NULL THEN
+        micros := billing.check_key_settings(k.key_id,
+                                             coalesce(billing_api_key_update.budget, billing.to_amount(k.budget_micros)),
+                                             coalesce(billing_api_key_update.budget_period, k.budget_period));
+        IF coalesce(billing_api_key_update.budget_period, k.budget_period) IS DISTINCT FROM k.budget_period THEN
+            k.period_start := NULL;         -- a new period kind starts counting afresh
+            k.period_spend_micros := 0;
+        END IF;
+        k.budget_micros := micros;
+        k.budget_period := coalesce(billing_api_key_update.budget_period, k.budget_period);
+    END IF;
+    UPDATE billing.api_keys t
+       SET status = coalesce(billing_api_key_update.status, t.status),
+           budget_micros = k.budget_micros,
+           budget_period = k.budget_period,
+           period_start = k.period_start,
+           period_spend_micros = k.period_spend_micros,
+           updated_at = now()
+     WHERE t.tenant_id = acc.tenant_id AND t.key_id = k.key_id;
+    UPDATE billing.accounts a SET version = a.version + 1 WHERE a.tenant_id = acc.tenant_id;
+    PERFORM billing.sync_mark(acc.tenant_id);
+    RETURN QUERY SELECT * FROM billing.api_key_budgets b
+                  WHERE b.tenant_id = acc.tenant_id AND b.key_id = k.key_id;
+END;
+$$;
+COMMENT ON FUNCTION billing_api_key_update(text, text, text, numeric, text, boolean) IS
+    'change an API key: status (active, suspended, revoked — final), budget and period, or remove_budget';
+
+CREATE OR REPLACE FUNCTION billing_price_set(model text, input_per_1k numeric, output_per_1k numeric,
+                                  effective_from timestamptz DEFAULT now(),
+                                  currency text DEFAULT 'USD')
+    RETURNS SETOF billing.price_list
+    LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    p_in  bigint;
+    p_out bigint;
+BEGIN
+    IF billing_price_set.model IS NULL THEN
+        RAISE EXCEPTION 'model must not be null'
+            USING ERRCODE = 'ZB015', HINT = 'Pass the model name as gateways report it, e.g. gpt-4o.';
+    END IF;
+    PERFORM billing.check_id(billing_price_set.model, 'model', 'ZB018');
+    IF billing_price_set.effective_from IS NULL OR NOT isfinite(billing_price_set.effective_from) THEN
+        RAISE EXCEPTION 'effective_from must be a finite timestamp'
+            USING ERRCODE = CASE WHEN billing_price_set.effective_from IS NULL THEN 'ZB015' ELSE 'ZB018' END,
+                  HINT = 'Pass when the price starts to apply, e.g. now() or ''2027-01-01 00:00+00''.';
+    END IF;
+    PERFORM billing.check_account_settings('-', billing_price_set.currency, NULL, NULL, NULL);
+    IF billing_price_set.currency IS NULL THEN
+        RAISE EXCEPTION 'currency must not be null' USING ERRCODE = 'ZB015', HINT = 'Pass e.g. USD.';
+    END IF;
+    IF billing_price_set.input_per_1k IS NULL OR billing_price_set.output_per_1k IS NULL THEN
+        RAISE EXCEPTION 'input_per_1k and output_per_1k must not be null'
+            USING ERRCODE = 'ZB015', HINT = 'Pass 0 for a side that is free.';
+    END IF;
+    p_in := billing.to_micros(billing_price_set.input_per_1k, 'input_per_1k', true);
+    p_out := billing.to_micros(billing_price_set.output_per_1k, 'output_per_1k', true);
+    INSERT INTO billing.prices (model, currency, effective_from, input_per_1k_micros, output_per_1k_micros)
+    VALUES (billing_price_set.model, billing_price_set.currency, billing_price_set.effective_from, p_in, p_out)
+    ON CONFLICT (model, currency, effective_from) DO NOTHING;
+    IF NOT FOUND AND NOT EXISTS (
+        SELECT FROM billing.prices p
+         WHERE p.model = billing_price_set.model AND p.currency = billing_price_set.currency
+           AND p.effective_from = billing_price_set.effective_from
+           AND p.input_per_1k_micros = p_in AND p.output_per_1k_micros = p_out) THEN
+        RAISE EXCEPTION 'a different price for % in % is already effective from %',
+                        billing_price_set.model, billing_price_set.currency, billing_price_set.effective_from
+            USING ERRCODE = 'ZB006',
+                  HINT = 'Prices are history: add the new price with a later effective_from.';
+    END IF;
+    RETURN QUERY SELECT * FROM billing.price_list l
+                  WHERE l.model = billing_price_set.model AND l.currency = billing_price_set.currency;
+END;
+$$;
+COMMENT ON FUNCTION billing_price_set(text, numeric, numeric, timestamptz, text) IS
+    'add a price per 1,000 input/output tokens for a model, effective from a time (history is kept)';
+
+CREATE OR REPLACE FUNCTION billing.cost_micros(p billing.prices, input_tokens bigint, output_tokens bigint) RETURNS bigint
+    LANGUAGE plpgsql IMMUTABLE
+    SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    cost numeric;
+BEGIN
+    IF input_tokens IS NULL OR output_tokens IS NULL THEN
+        RAISE EXCEPTION 'input_tokens and output_tokens must not be null'
+            USING ERRCODE = 'ZB015', HINT = 'Pass 0 for a side that was not used.';
+    END IF;
+    IF input_tokens < 0 OR output_tokens < 0 THEN
+        RAISE EXCEPTION 'token counts must be zero or positive'
+            USING ERRCODE = 'ZB061',
+                  DETAIL = format('input_tokens %s, output_tokens %s.', input_tokens, output_tokens),
+                  HINT = 'Pass the counts the provider reported.';
+    END IF;
+    cost := round((input_tokens::numeric * p.input_per_1k_micros
+                   + output_tokens::numeric * p.output_per_1k_micros) / 1000);
+    IF cost > 1000000000000000000 THEN      -- 10^12 units, the limit of one charge
+        RAISE EXCEPTION 'cost is out of range'
+            USING ERRCODE = 'ZB013',
+                  DETAIL = format('%s input and %s output tokens of %s cost %s; the largest charge is 1000000000000.',
+                                  input_tokens, output_tokens, p.model, round(cost / 1000000, 6)),
+                  HINT = 'Check the token counts; split a huge usage into several charges.';
+    END IF;
+    RETURN cost::bigint;
+END;
+$$;
+REVOKE ALL ON FUNCTION billing.cost_micros(billing.prices, bigint, bigint) FROM PUBLIC;
+
+CREATE OR REPLACE FUNCTION billing_deduct_usage(tenant_id text, model text,
+                                     input_tokens bigint, output_tokens bigint,
+                                     trace_id text,
+                                     description text DEFAULT NULL,
+                                     metadata jsonb DEFAULT NULL,
+                                     event_at timestamptz DEFAULT NULL,
+                                     api_key text DEFAULT NULL)
+    RETURNS billing.entry_result
+    LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    acc     billing.accounts;
+    priced  timestamptz;
+    p       billing.prices;
+    cost    bigint;
+BEGIN
+    IF billing_deduct_usage.model IS NULL THEN
+        RAISE EXCEPTION 'model must not be null' USING ERRCODE = 'ZB015', HINT = 'Pass the model name.';
+    END IF;
+    IF billing_deduct_usage.trace_id IS NULL THEN
+        RAISE EXCEPTION 'trace_id must not be null' USING ERRCODE = 'ZB015', HINT = 'Pass a value for trace_id.';
+    END IF;
+    PERFORM billing.check_json(billing_deduct_usage.metadata, 'metadata');
+    SELECT * INTO acc FROM billing.accounts a WHERE a.tenant_id = billing_deduct_usage.tenant_id;
+    IF NOT FOUND THEN
+        PERFORM billing.lock_account(billing_deduct_usage.tenant_id);   -- raises ZB015 / ZB001
+    END IF;
+    -- price at the usage time; a replay is priced when the original was recorded
+    SELECT e.created_at INTO priced FROM billing.entries e
+     WHERE e.tenant_id = billing_deduct_usage.tenant_id AND e.trace_id = billing_deduct_usage.trace_id;
+    IF NOT FOUND THEN
+        -- a new charge: it is priced at its event time, which must be in the
+        -- accepted window (ZB019)
+        PERFORM billing.check_event_at(billing_deduct_usage.event_at);
+    END IF;
+    priced := coalesce(billing_deduct_usage.event_at, priced, now());
+    p := billing.price_at(billing_deduct_usage.model, acc.currency, priced);
+    cost := billing.cost_micros(p, billing_deduct_usage.input_tokens, billing_deduct_usage.output_tokens);
+    IF cost = 0 THEN
+        RAISE EXCEPTION 'usage costs nothing'
+            USING ERRCODE = 'ZB010',
+                  DETAIL = format('%s input and %s output tokens of %s cost 0.000000.',
+                                  billing_deduct_usage.input_tokens, billing_deduct_usage.output_tokens,
+                                  billing_deduct_usage.model),
+                  HINT = 'Skip the charge for empty usage.';
+    END IF;
+    RETURN @extschema@.billing_deduct(billing_deduct_usage.tenant_id, billing.to_amount(cost), billing_deduct_usage.trace_id,
+                          description => billing_deduct_usage.description,
+                          metadata => coalesce(billing_deduct_usage.metadata, '{}') || jsonb_build_object(
+                              'model', billing_deduct_usage.model,
+                              'input_tokens', billing_deduct_usage.input_tokens,
+                              'output_tokens', billing_deduct_usage.output_tokens,
+                              'input_per_1k', billing.to_amount(p.input_per_1k_micros),
+                              'output_per_1k', billing.to_amount(p.output_per_1k_micros),
+                              'price_effective_from',
+                              to_char(p.effective_from AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"')),
+                          event_at => billing_deduct_usage.event_at,
+                          api_key => billing_deduct_usage.api_key);
+END;
+$$;
+COMMENT ON FUNCTION billing_deduct_usage(text, text, bigint, bigint, text, text, jsonb, timestamptz, text) IS
+    'charge token usage at the model price effective at event time; model, tokens and unit prices go into the entry metadata';
+
+CREATE OR REPLACE FUNCTION billing.job_result(j billing.jobs, replayed boolean) RETURNS billing.job_result
+    LANGUAGE sql IMMUTABLE
+    SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT ROW(j.job_id, j.tenant_id, j.idempotency_key, j.kind, j.state, j.attempt, j.max_attempts,
+               j.run_at, j.worker, j.lease_until, billing.to_amount(j.estimated_micros),
+               billing.to_amount(j.actual_micros), j.hold_trace_id, j.charge_entry_id, j.last_error,
+               j.input, j.output, j.created_at, j.finished_at, replayed)::billing.job_result
+$$;
+REVOKE ALL ON FUNCTION billing.job_result(billing.jobs, boolean) FROM PUBLIC;
+
+CREATE OR REPLACE FUNCTION billing.job_lock(tenant_id text, job_id bigint) RETURNS billing.jobs
+    LANGUAGE plpgsql
+    SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    j billing.jobs;
+BEGIN
+    IF job_lock.tenant_id IS NULL OR job_lock.job_id IS NULL THEN
+        RAISE EXCEPTION 'tenant_id and job_id must not be null'
+            USING ERRCODE = 'ZB015', HINT = 'Pass the tenant and the job_id that billing_job_submit() returned.';
+    END IF;
+    PERFORM billing.check_id(job_lock.tenant_id, 'tenant_id', 'ZB016');
+    SELECT * INTO j FROM billing.jobs x
+     WHERE x.tenant_id = job_lock.tenant_id AND x.job_id = job_lock.job_id FOR UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'job % does not exist for tenant "%"', job_lock.job_id, job_lock.tenant_id
+            USING ERRCODE = 'ZB071', HINT = 'Pass the job_id that billing_job_submit() returned.';
+    END IF;
+    RETURN j;
+END;
+$$;
+
+CREATE OR REPLACE FUNCTION billing.job_hold_open(j billing.jobs, margin interval DEFAULT '1 second') RETURNS boolean
+    LANGUAGE sql STABLE
+    SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT EXISTS (SELECT FROM billing.holds h
+                    WHERE h.tenant_id = j.tenant_id AND h.trace_id = j.hold_trace_id
+                      AND h.status = 'open' AND h.expires_at > clock_timestamp() + margin)
+$$;
+REVOKE ALL ON FUNCTION billing.job_hold_open(billing.jobs, interval) FROM PUBLIC;
+
+CREATE OR REPLACE FUNCTION billing.job_check_lease(j billing.jobs, worker text, wanted text) RETURNS void
+    LANGUAGE plpgsql
+    SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF j.state = 'processing' AND (worker IS NULL OR worker = j.worker) THEN
+        RETURN;
+    END IF;
+    IF j.state = 'processing' OR (j.state = 'queued' AND j.attempt > 0) THEN
+        RAISE EXCEPTION 'job % is no longer leased by %', j.job_id, coalesce(worker, 'this worker')
+            USING ERRCODE = 'ZB073',
+                  DETAIL = format('The job is %s (attempt %s, worker %s).', j.state, j.attempt, coalesce(j.worker, 'none')),
+                  HINT = 'Its lease expired and it was rescued; drop this result, another attempt will run.';
+    END IF;
+    RAISE EXCEPTION 'illegal job transition from % to %', j.state, wanted
+        USING ERRCODE = 'ZB070',
+              DETAIL = format('Job %s of tenant "%s" is %s.', j.job_id, j.tenant_id, j.state),
+              HINT = 'Only a processing job can be completed, failed or heartbeaten.';
+END;
+$$;
+REVOKE ALL ON FUNCTION billing.job_check_lease(billing.jobs, text, text) FROM PUBLIC;
+
+CREATE OR REPLACE FUNCTION billing_job_submit(tenant_id text, kind text, idempotency_key text,
+                                   estimated_cost numeric,
+                                   input jsonb DEFAULT NULL,
+                                   max_attempts integer DEFAULT 3,
+                                   run_at timestamptz DEFAULT NULL,
+                                   hold_ttl interval DEFAULT '1 hour')
+    RETURNS billing.job_result
+    LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    j        billing.jobs;
+    est      bigint;
+    new_id   bigint;
+    diffs    text[] := '{}';
+BEGIN
+    IF billing_job_submit.tenant_id IS NULL OR billing_job_submit.kind IS NULL
+       OR billing_job_submit.idempotency_key IS NULL OR billing_job_submit.estimated_cost IS NULL
+       OR billing_job_submit.max_attempts IS NULL OR billing_job_submit.hold_ttl IS NULL THEN
+        RAISE EXCEPTION 'tenant_id, kind, idempotency_key, estimated_cost, max_attempts and hold_ttl must not be null'
+            USING ERRCODE = 'ZB015', HINT = 'Pass every required argument.';
+    END IF;
+    PERFORM billing.check_id(billing_job_submit.kind, 'kind', 'ZB018');
+    PERFORM billing.check_id(billing_job_submit.idempotency_key, 'idempotency_key', 'ZB018');
+    IF billing_job_submit.max_attempts NOT BETWEEN 1 AND 100 THEN
+        RAISE EXCEPTION 'max_attempts must be between 1 and 100'
+            USING ERRCODE = 'ZB018', DETAIL = format('The value given was %s.', billing_job_submit.max_attempts),
+                  HINT = 'Most jobs want 3 to 25 attempts.';
+    END IF;
+    IF billing_job_submit.hold_ttl <= interval '0' OR billing_job_submit.hold_ttl > interval '31 days'
+       OR extract(month FROM billing_job_submit.hold_ttl) <> 0 OR extract(year FROM billing_job_submit.hold_ttl) <> 0
+       OR (billing_job_submit.run_at IS NOT NULL AND (NOT isfinite(billing_job_submit.run_at)
+           OR billing_job_submit.run_at > now() + interval '30 days')) THEN
+        RAISE EXCEPTION 'hold_ttl must be in (0, 31 days] and run_at finite and at most 30 days ahead'
+            USING ERRCODE = 'ZB018',
+                  DETAIL = format('hold_ttl %s, run_at %s.', billing_job_submit.hold_ttl, billing_job_submit.run_at),
+                  HINT = 'The hold reserving the estimate must outlive the wait for the job.';
+    END IF;
+    PERFORM billing.check_account_settings(billing_job_submit.tenant_id, NULL, NULL, NULL, NULL);
+    -- a json object of at most 16 kB: references to the work, not the work
+    PERFORM billing.check_json(billing_job_submit.input, 'input');
+    est := billing.to_micros(billing_job_submit.estimated_cost, 'estimated_cost', false);
+
+    new_id := nextval('billing.job_id_seq');
+    INSERT INTO billing.jobs AS x (tenant_id, job_id, idempotency_key, kind, input, max_attempts, run_at,
+                                   estimated_micros, hold_trace_id, hold_seq, hold_ttl, note)
+    VALUES (billing_job_submit.tenant_id, new_id, billing_job_submit.idempotency_key, billing_job_submit.kind,
+            coalesce(billing_job_submit.input, '{}'), billing_job_submit.max_attempts,
+            coalesce(billing_job_submit.run_at, now()), est,
+            format('job:%s:1', new_id), 1, billing_job_submit.hold_ttl, NULL)
+    ON CONFLICT (tenant_id, idempotency_key) DO NOTHING
+    RETURNING * INTO j;
+
+    IF NOT FOUND THEN
+        -- a duplicate submit (maybe concurrent: ON CONFLICT waited for it)
+        SELECT * INTO j FROM billing.jobs x
+         WHERE x.tenant_id = billing_job_submit.tenant_id AND x.idempotency_key = billing_job_submit.idempotency_key;
+        IF j.kind <> billing_job_submit.kind THEN diffs := diffs || 'kind'::text; END IF;
+        IF j.estimated_micros <> est THEN diffs := diffs || 'estimated_cost'::text; END IF;
+        IF j.input <> coalesce(billing_job_submit.input, '{}') THEN diffs := diffs || 'input'::text; END IF;
+        IF j.max_attempts <> billing_job_submit.max_attempts THEN diffs := diffs || 'max_attempts'::text; END IF;
+        IF cardinality(diffs) > 0 THEN
+            RAISE EXCEPTION 'idempotency key "%" was already used with a different %',
+                            billing_job_submit.idempotency_key, array_to_string(diffs, ', ')
+                USING ERRCODE = 'ZB005',
+                      DETAIL = format('Existing job %s: kind %s, estimated_cost %s, max_attempts %s, input of %s bytes.',
+                                      j.job_id, billing.show(j.kind), billing.to_amount(j.estimated_micros), j.max_attempts,
+                                      pg_column_size(j.input)),
+                      HINT = 'Resend the original submit unchanged to get the job, or use a new idempotency key.';
+        END IF;
+        RETURN billing.job_result(j, true);
+    END IF;
+
+    -- reserve the estimate; not enough funds -> the error aborts the submit: no job
+    PERFORM @extschema@.billing_hold(j.tenant_id, billing.to_amount(est), j.hold_trace_id,
+                                    expires_in => least(greatest(j.run_at - now(), interval '0') + j.hold_ttl,
+                                                        interval '31 days'),
+                                    description => format('job %s (%s)', j.job_id, j.kind));
+    -- the first line of the job's log (the trigger logs the transitions;
+    -- a direct INSERT, e.g. by pg_restore, brings its log along)
+    INSERT INTO billing.job_events (tenant_id, job_id, from_state, to_state, attempt, reason)
+    VALUES (j.tenant_id, j.job_id, NULL, 'queued', 0, 'submitted');
+    RETURN billing.job_result(j, false);
+END;
+$$;
+COMMENT ON FUNCTION billing_job_submit(text, text, text, numeric, jsonb, integer, timestamptz, interval) IS
+    'create a job and hold its estimated cost in one transaction; a duplicate idempotency key returns the existing job';
+
+CREATE OR REPLACE FUNCTION billing_job_claim(worker text,
+                                  kinds text[] DEFAULT NULL,
+                                  max_jobs integer DEFAULT 1,
+                                  lease interval DEFAULT '5 minutes',
+                                  tenant_id text DEFAULT NULL)
+    RETURNS SETOF billing.job_result
+    LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    j       billing.jobs;
+    claimed billing.jobs[] := '{}';
+BEGIN
+    IF billing_job_claim.worker IS NULL OR billing_job_claim.max_jobs IS NULL OR billing_job_claim.lease IS NULL THEN
+        RAISE EXCEPTION 'worker, max_jobs and lease must not be null'
+            USING ERRCODE = 'ZB015', HINT = 'Name the worker, e.g. its host and pid.';
+    END IF;
+    PERFORM billing.check_id(billing_job_claim.worker, 'worker', 'ZB018');
+    IF billing_job_claim.max_jobs NOT BETWEEN 1 AND 1000
+       OR billing_job_claim.lease <= interval '0' OR billing_job_claim.lease > interval '1 day' THEN
+        RAISE EXCEPTION 'max_jobs must be 1 to 1000 and lease in (0, 1 day]'
+            USING ERRCODE = 'ZB018',
+                  DETAIL = format('max_jobs %s, lease %s.', billing_job_claim.max_jobs, billing_job_claim.lease),
+                  HINT = 'Keep leases short and renew them with billing_job_heartbeat().';
+    END IF;
+    FOR j IN
+        WITH due AS (
+            SELECT x.tenant_id, x.job_id
+              FROM billing.jobs x
+             WHERE x.state = 'queued' AND x.run_at <= now()
+               AND (billing_job_claim.kinds IS NULL OR x.kind = ANY (billing_job_claim.kinds))
+               AND (billing_job_claim.tenant_id IS NULL OR x.tenant_id = billing_job_claim.tenant_id)
+             ORDER BY x.run_at, x.job_id
+             LIMIT billing_job_claim.max_jobs
+               FOR UPDATE SKIP LOCKED
+        )
+        UPDATE billing.jobs x
+           SET state = 'processing', attempt = x.attempt + 1, worker = billing_job_claim.worker,
+               lease_until = now() + billing_job_claim.lease, heartbeat_at = now(), updated_at = now(),
+               note = 'claimed'
+          FROM due
+         WHERE x.tenant_id = due.tenant_id AND x.job_id = due.job_id
+        RETURNING x.*
+    LOOP
+        j.note := NULL;
+        claimed := claimed || j;
+    END LOOP;
+    -- keep the holds alive past the leases, locking the accounts in tenant
+    -- order: two claimers never wait on each other's accounts in a cycle
+    FOR j IN SELECT * FROM unnest(claimed) c ORDER BY c.tenant_id, c.job_id LOOP
+        PERFORM billing.job_keep_hold(j, j.lease_until);
+    END LOOP;
+    FOR j IN SELECT * FROM unnest(claimed) c ORDER BY c.run_at, c.job_id LOOP
+        RETURN NEXT billing.job_result(j, false);
+    END LOOP;
+END;
+$$;
+COMMENT ON FUNCTION billing_job_claim(text, text[], integer, interval, text) IS
+    'hand due queued jobs to a worker (FOR UPDATE SKIP LOCKED): attempt + 1, lease set; two workers never get the same job';
+
+CREATE OR REPLACE FUNCTION billing_job_complete(tenant_id text, job_id bigint, actual_cost numeric,
+                                     output jsonb DEFAULT NULL, worker text DEFAULT NULL)
+    RETURNS billing.job_result
+    LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    j       billing.jobs := billing.job_lock(billing_job_complete.tenant_id, billing_job_complete.job_id);
+    actual  bigint;
+    entry   bigint;
+BEGIN
+    IF billing_job_complete.actual_cost IS NULL THEN
+        RAISE EXCEPTION 'actual_cost must not be null'
+            USING ERRCODE = 'ZB015', HINT = 'Pass what the job really cost (0 if nothing).';
+    END IF;
+    actual := billing.to_micros(billing_job_complete.actual_cost, 'actual_cost', true);
+    PERFORM billing.check_json(billing_job_complete.output, 'output');
+    IF j.state = 'completed' AND j.actual_micros = actual THEN
+        RETURN billing.job_result(j, true);           -- a retried complete
+    END IF;
+    PERFORM billing.job_check_lease(j, billing_job_complete.worker, 'completed');
+
+    -- the charge; if it fails, the error leaves the job processing
+    IF actual > 0 AND billing.job_hold_open(j) THEN
+        SELECT c.entry_id INTO entry
+          FROM @extschema@.billing_capture(j.tenant_id, j.hold_trace_id, billing.to_amount(actual),
+                                          format('job:%s:charge', j.job_id), final => true,
+                                          description => format('job %s (%s)', j.job_id, j.kind)) c;
+    ELSE
+        PERFORM billing.job_release_hold(j);         -- hold expired or nothing to charge
+        IF actual > 0 THEN
+            SELECT d.entry_id INTO entry
+              FROM @extschema@.billing_deduct(j.tenant_id, billing.to_amount(actual), format('job:%s:charge', j.job_id),
+                                             description => format('job %s (%s)', j.job_id, j.kind),
+                                             metadata => jsonb_build_object('job_id', j.job_id, 'kind', j.kind)) d;
+        END IF;
+    END IF;
+
+    j.state := 'completed';
+    j.actual_micros := actual;
+    j.charge_entry_id := entry;
+    j.output := billing_job_complete.output;
+    j.finished_at := now();
+    j.lease_until := NULL;
+    UPDATE billing.jobs x
+       SET state = 'completed', actual_micros = actual, charge_entry_id = entry, output = j.output,
+           lease_until = NULL, finished_at = j.finished_at, updated_at = now(),
+           note = format('charged %s', billing.to_amount(actual))
+     WHERE x.tenant_id = j.tenant_id AND x.job_id = j.job_id;
+    RETURN billing.job_result(j, false);
+END;
+$$;
+COMMENT ON FUNCTION billing_job_complete(text, bigint, numeric, jsonb, text) IS
+    'capture the actual cost and mark the job completed in one transaction; if the charge fails nothing changes';
+
+CREATE OR REPLACE FUNCTION billing_job_fail(tenant_id text, job_id bigint, error text,
+                                 retryable boolean DEFAULT true, worker text DEFAULT NULL)
+    RETURNS billing.job_result
+    LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    j billing.jobs := billing.job_lock(billing_job_fail.tenant_id, billing_job_fail.job_id);
+BEGIN
+    IF billing_job_fail.retryable IS NULL THEN
+        RAISE EXCEPTION 'retryable must not be null' USING ERRCODE = 'ZB015', HINT = 'Pass true or false.';
+    END IF;
+    PERFORM billing.check_text(billing_job_fail.error, 'error');
+    PERFORM billing.job_check_lease(j, billing_job_fail.worker, 'failed');
+    j := billing.job_fail_attempt(j, coalesce(billing_job_fail.error, 'failed'), billing_job_fail.retryable);
+    RETURN billing.job_result(j, false);
+END;
+$$;
+COMMENT ON FUNCTION billing_job_fail(text, bigint, text, boolean, text) IS
+    'a failed attempt: queued again with backoff while attempts remain (hold kept), else failed with the hold released';
+
+CREATE OR REPLACE FUNCTION billing_job_cancel(tenant_id text, job_id bigint, reason text DEFAULT NULL)
+    RETURNS billing.job_result
+    LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    j billing.jobs := billing.job_lock(billing_job_cancel.tenant_id, billing_job_cancel.job_id);
+BEGIN
+    PERFORM billing.check_text(billing_job_cancel.reason, 'reason');
+    IF j.state = 'cancelled' THEN
+        RETURN billing.job_result(j, true);
+    END IF;
+    IF j.state NOT IN ('queued', 'processing') THEN
+        RAISE EXCEPTION 'illegal job transition from % to cancelled', j.state
+            USING ERRCODE = 'ZB070',
+                  DETAIL = format('Job %s of tenant "%s" is %s.', j.job_id, j.tenant_id, j.state),
+                  HINT = 'Only queued or processing jobs can be cancelled.';
+    END IF;
+    PERFORM billing.job_release_hold(j);
+    j.state := 'cancelled';
+    j.finished_at := now();
+    j.lease_until := NULL;
+    j.last_error := coalesce(billing_job_cancel.reason, j.last_error);
+    UPDATE billing.jobs x SET state = 'cancelled', lease_until = NULL, finished_at = j.finished_at,
+                              last_error = j.last_error, updated_at = now(),
+                              note = coalesce(billing_job_cancel.reason, 'cancelled')
+     WHERE x.tenant_id = j.tenant_id AND x.job_id = j.job_id;
+    RETURN billing.job_result(j, false);
+END;
+$$;
+COMMENT ON FUNCTION billing_job_cancel(text, bigint, text) IS 'cancel a queued or processing job and release its hold';
+
+-- the DROP guard of 1.1 matched the statement's text ("DROP EXTENSION x
+-- /* billing */" was refused); the library's hook (1.3) checks what is
+-- really dropped, for every way the extension can be dropped
+DROP EVENT TRIGGER billing_guard_drop;
+DROP FUNCTION billing.guard_drop();
+
+-- the roles: charging, treasury, admin, reporting (see schema/90_privileges.sql)
+DROP FUNCTION billing.app_functions();
+CREATE FUNCTION billing.role_functions(role_kind text) RETURNS regprocedure[]
+    LANGUAGE sql IMMUTABLE
+    SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT CASE role_kind
+    WHEN 'charging' THEN ARRAY[
+        '@extschema@.billing_deduct(text, numeric, text, text, jsonb, timestamptz, text, text)',
+        '@extschema@.billing_try_deduct(text, numeric, text, text, jsonb, timestamptz, text, text)',
+        '@extschema@.billing_deduct_usage(text, text, bigint, bigint, text, text, jsonb, timestamptz, text)',
+        '@extschema@.billing_deduct_many(text[], numeric[], text[], text[], jsonb[], text[], text)',
+        '@extschema@.billing_hold(text, numeric, text, interval, text, jsonb, text)',
+        '@extschema@.billing_capture(text, text, numeric, text, boolean, text, jsonb, timestamptz)',
+        '@extschema@.billing_release(text, text, text)',
+        '@extschema@.billing_hold_extend(text, text, interval)',
+        '@extschema@.billing_cost(text, bigint, bigint, timestamptz, text)',
+        '@extschema@.billing_balance(text)',
+        '@extschema@.billing_balance_at(text, timestamptz)',
+        '@extschema@.billing_job_submit(text, text, text, numeric, jsonb, integer, timestamptz, interval)',
+        '@extschema@.billing_job_claim(text, text[], integer, interval, text)',
+        '@extschema@.billing_job_heartbeat(text, bigint, text, interval)',
+        '@extschema@.billing_job_complete(text, bigint, numeric, jsonb, text)',
+        '@extschema@.billing_job_fail(text, bigint, text, boolean, text)',
+        '@extschema@.billing_job_cancel(text, bigint, text)',
+        '@extschema@.billing_job_retry(text, bigint)',
+        '@extschema@.billing_job_rescue(integer)'
+    ]::regprocedure[]
+    WHEN 'treasury' THEN ARRAY[
+        '@extschema@.billing_credit(text, numeric, text, text, jsonb, timestamptz, text)',
+        '@extschema@.billing_balance(text)',
+        '@extschema@.billing_balance_at(text, timestamptz)'
+    ]::regprocedure[]
+    WHEN 'admin' THEN ARRAY[
+        '@extschema@.billing_account_create(text, text, numeric, text, text, jsonb)',
+        '@extschema@.billing_account_update(text, numeric, text, text, jsonb, text)',
+        '@extschema@.billing_limits_set(text, bigint, bigint, numeric, numeric, numeric, bigint, text)',
+        '@extschema@.billing_api_key_create(text, text, numeric, text, jsonb)',
+        '@extschema@.billing_api_key_update(text, text, text, numeric, text, boolean)',
+        '@extschema@.billing_price_set(text, numeric, numeric, timestamptz, text)',
+        '@extschema@.billing_scope_role(regrole, text[])',
+        '@extschema@.billing_unscope_role(regrole)',
+        '@extschema@.billing_cost(text, bigint, bigint, timestamptz, text)',
+        '@extschema@.billing_balance(text)',
+        '@extschema@.billing_balance_at(text, timestamptz)',
+        '@extschema@.billing_verify(text)',
+        '@extschema@.billing_sync_status()',
+        'billing.effective_holds(billing.accounts)'
+    ]::regprocedure[]
+    WHEN 'reporting' THEN ARRAY[
+        -- the functions the views call (a view runs them with the reader's rights)
+        'billing.effective_holds(billing.accounts)',
+        '@extschema@.billing_sync_status()'
+    ]::regprocedure[]
+    END
+$$;
+REVOKE ALL ON FUNCTION billing.role_functions(text) FROM PUBLIC;
+COMMENT ON FUNCTION billing.role_functions(text) IS 'the functions of a role (charging, treasury, admin, reporting), for the grant helpers';
+
+CREATE FUNCTION billing.grant_role(role regrole, role_kind text) RETURNS void
+    LANGUAGE plpgsql
+    SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    fn regprocedure;
+    v regclass;
+BEGIN
+    IF role IS NULL THEN
+        RAISE EXCEPTION 'role must not be null' USING ERRCODE = 'ZB015', HINT = 'Pass the role to grant to.';
+    END IF;
+    EXECUTE format('GRANT USAGE ON SCHEMA billing TO %s', role);
+    FOREACH fn IN ARRAY billing.role_functions(role_kind) LOOP
+        EXECUTE format('GRANT EXECUTE ON FUNCTION %s TO %s', fn, role);
+    END LOOP;
+    IF role_kind = 'reporting' THEN
+        FOR v IN SELECT c.oid FROM pg_catalog.pg_class c
+                  WHERE c.relnamespace = 'billing'::regnamespace AND c.relkind = 'v'
+        LOOP
+            EXECUTE format('GRANT SELECT ON %s TO %s', v, role);
+        END LOOP;
+    END IF;
+END;
+$$;
+REVOKE ALL ON FUNCTION billing.grant_role(regrole, text) FROM PUBLIC;
+
+CREATE FUNCTION billing_grant_charging(role regrole) RETURNS void
+    LANGUAGE sql
+    SET search_path = pg_catalog, pg_temp
+AS $$ SELECT billing.grant_role(role, 'charging') $$;
+COMMENT ON FUNCTION billing_grant_charging(regrole) IS 'grant a role the charging API: charges, holds, jobs, balance reads (no credits, no settings, no tables)';
+REVOKE ALL ON FUNCTION billing_grant_charging(regrole) FROM PUBLIC;
+
+CREATE FUNCTION billing_grant_treasury(role regrole) RETURNS void
+    LANGUAGE sql
+    SET search_path = pg_catalog, pg_temp
+AS $$ SELECT billing.grant_role(role, 'treasury') $$;
+COMMENT ON FUNCTION billing_grant_treasury(regrole) IS 'grant a role the treasury API: credits of every kind, balance reads';
+REVOKE ALL ON FUNCTION billing_grant_treasury(regrole) FROM PUBLIC;
+
+CREATE FUNCTION billing_grant_admin(role regrole) RETURNS void
+    LANGUAGE sql
+    SET search_path = pg_catalog, pg_temp
+AS $$ SELECT billing.grant_role(role, 'admin') $$;
+COMMENT ON FUNCTION billing_grant_admin(regrole) IS 'grant a role the admin API: accounts, limits, API keys, prices, tenant scopes, the audit';
+REVOKE ALL ON FUNCTION billing_grant_admin(regrole) FROM PUBLIC;
+
+CREATE OR REPLACE FUNCTION billing_grant_reporting(role regrole) RETURNS void
+    LANGUAGE sql
+    SET search_path = pg_catalog, pg_temp
+AS $$ SELECT billing.grant_role(role, 'reporting') $$;
+COMMENT ON FUNCTION billing_grant_reporting(regrole) IS 'grant a reporting role SELECT on the billing views (no tables); see billing_scope_role() to limit it to some tenants';
+
+CREATE OR REPLACE FUNCTION billing_grant_app(role regrole) RETURNS void
+    LANGUAGE sql
+    SET search_path = pg_catalog, pg_temp
+AS $$ SELECT billing.grant_role(role, 'charging') $$;
+COMMENT ON FUNCTION billing_grant_app(regrole) IS 'deprecated: billing_grant_charging() (since 1.4 the application role cannot credit or change settings)';
+
+CREATE FUNCTION billing_revoke_all(role regrole) RETURNS void
+    LANGUAGE plpgsql
+    SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    fn regprocedure;
+    v regclass;
+BEGIN
+    IF role IS NULL THEN
+        RAISE EXCEPTION 'role must not be null' USING ERRCODE = 'ZB015', HINT = 'Pass the role to revoke from.';
+    END IF;
+    FOR fn IN SELECT DISTINCT f FROM unnest(billing.role_functions('charging') || billing.role_functions('treasury')
+                                            || billing.role_functions('admin') || billing.role_functions('reporting')) f
+    LOOP
+        EXECUTE format('REVOKE EXECUTE ON FUNCTION %s FROM %s', fn, role);
+    END LOOP;
+    FOR v IN SELECT c.oid FROM pg_catalog.pg_class c
+              WHERE c.relnamespace = 'billing'::regnamespace AND c.relkind = 'v'
+    LOOP
+        EXECUTE format('REVOKE SELECT ON %s FROM %s', v, role);
+    END LOOP;
+    EXECUTE format('REVOKE USAGE ON SCHEMA billing FROM %s', role);
+END;
+$$;
+COMMENT ON FUNCTION billing_revoke_all(regrole) IS 'revoke every right the grant helpers give from a role';
+REVOKE ALL ON FUNCTION billing_revoke_all(regrole) FROM PUBLIC;
+
+CREATE FUNCTION billing_scope_role(role regrole, tenant_ids text[])
+    RETURNS SETOF billing.tenant_scopes
+    LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    t text;
+    name name := (SELECT r.rolname FROM pg_catalog.pg_roles r WHERE r.oid = role);
+BEGIN
+    IF role IS NULL OR tenant_ids IS NULL THEN
+        RAISE EXCEPTION 'role and tenant_ids must not be null'
+            USING ERRCODE = 'ZB015', HINT = 'Pass the role and the tenants it may see.';
+    END IF;
+    IF cardinality(tenant_ids) = 0 OR cardinality(tenant_ids) > 10000 OR array_position(tenant_ids, NULL) IS NOT NULL THEN
+        RAISE EXCEPTION 'tenant_ids must name 1 to 10000 tenants'
+            USING ERRCODE = 'ZB018',
+                  DETAIL = format('It names %s (nulls: %s).', cardinality(tenant_ids),
+                                  array_position(tenant_ids, NULL) IS NOT NULL),
+                  HINT = 'To let the role see every tenant again, call billing_unscope_role().';
+    END IF;
+    FOREACH t IN ARRAY tenant_ids LOOP
+        PERFORM billing.check_id(t, 'tenant_id', 'ZB016');
+    END LOOP;
+    DELETE FROM billing.tenant_scopes s WHERE s.role_name = name;
+    INSERT INTO billing.tenant_scopes (role_name, tenant_id)
+    SELECT DISTINCT name, x FROM unnest(tenant_ids) x;
+    RETURN QUERY SELECT * FROM billing.tenant_scopes s WHERE s.role_name = name ORDER BY s.tenant_id;
+END;
+$$;
+COMMENT ON FUNCTION billing_scope_role(regrole, text[]) IS 'let a reporting role see only these tenants in the billing views (replaces its scope)';
+REVOKE ALL ON FUNCTION billing_scope_role(regrole, text[]) FROM PUBLIC;
+
+CREATE FUNCTION billing_unscope_role(role regrole) RETURNS void
+    LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF role IS NULL THEN
+        RAISE EXCEPTION 'role must not be null' USING ERRCODE = 'ZB015', HINT = 'Pass the role.';
+    END IF;
+    DELETE FROM billing.tenant_scopes s
+     WHERE s.role_name = (SELECT r.rolname FROM pg_catalog.pg_roles r WHERE r.oid = role);
+END;
+$$;
+COMMENT ON FUNCTION billing_unscope_role(regrole) IS 'let a reporting role see every tenant again';
+REVOKE ALL ON FUNCTION billing_unscope_role(regrole) FROM PUBLIC;
+
+-- 1.3's billing_grant_app() gave the application role every function: money
+-- in (billing_credit), credit limits and status, limits, keys.  A role that
+-- was granted all of 1.3's application functions got them that way: it
+-- keeps the charging role's rights and loses the others; a WARNING names it
+-- and says how to give back what it needs.  Grants made function by
+-- function are left as they are.
+--
+-- A REVOKE inside an extension script also records the function's whole new
+-- ACL, user grants included, as the extension's own privileges
+-- (pg_init_privs); pg_dump would then leave those user grants out of a dump.
+-- So each function's recorded privileges are put back as they were.
+DO $$
+DECLARE
+    app regprocedure[] := ARRAY[
+        '@extschema@.billing_credit(text, numeric, text, text, jsonb, timestamptz, text)',
+        '@extschema@.billing_deduct(text, numeric, text, text, jsonb, timestamptz, text, text)',
+        '@extschema@.billing_try_deduct(text, numeric, text, text, jsonb, timestamptz, text, text)',
+        '@extschema@.billing_deduct_usage(text, text, bigint, bigint, text, text, jsonb, timestamptz, text)',
+        '@extschema@.billing_deduct_many(text[], numeric[], text[], text[], jsonb[], text[], text)',
+        '@extschema@.billing_hold(text, numeric, text, interval, text, jsonb, text)',
+        '@extschema@.billing_capture(text, text, numeric, text, boolean, text, jsonb, timestamptz)',
+        '@extschema@.billing_release(text, text, text)',
+        '@extschema@.billing_hold_extend(text, text, interval)',
+        '@extschema@.billing_cost(text, bigint, bigint, timestamptz, text)',
+        '@extschema@.billing_balance(text)',
+        '@extschema@.billing_balance_at(text, timestamptz)',
+        '@extschema@.billing_account_create(text, text, numeric, text, text, jsonb)',
+        '@extschema@.billing_account_update(text, numeric, text, text, jsonb, text)',
+        '@extschema@.billing_limits_set(text, bigint, bigint, numeric, numeric, numeric, bigint, text)',
+        '@extschema@.billing_api_key_create(text, text, numeric, text, jsonb)',
+        '@extschema@.billing_api_key_update(text, text, text, numeric, text, boolean)',
+        '@extschema@.billing_job_submit(text, text, text, numeric, jsonb, integer, timestamptz, interval)',
+        '@extschema@.billing_job_claim(text, text[], integer, interval, text)',
+        '@extschema@.billing_job_heartbeat(text, bigint, text, interval)',
+        '@extschema@.billing_job_complete(text, bigint, numeric, jsonb, text)',
+        '@extschema@.billing_job_fail(text, bigint, text, boolean, text)',
+        '@extschema@.billing_job_cancel(text, bigint, text)',
+        '@extschema@.billing_job_retry(text, bigint)',
+        '@extschema@.billing_job_rescue(integer)'
+    ]::regprocedure[];
+    keep regprocedure[] := billing.role_functions('charging');
+    r record;
+    fn regprocedure;
+    lost text[];
+    init aclitem[];
+BEGIN
+    FOR r IN
+        SELECT g.grantee, ro.rolname
+          FROM (SELECT a.grantee, count(DISTINCT p.oid) AS n
+                  FROM pg_catalog.pg_proc p, pg_catalog.aclexplode(p.proacl) a
+                 WHERE p.oid = ANY (app) AND a.privilege_type = 'EXECUTE'
+                 GROUP BY a.grantee) g
+          JOIN pg_catalog.pg_roles ro ON ro.oid = g.grantee
+         WHERE g.n = cardinality(app)
+           AND g.grantee <> (SELECT e.extowner FROM pg_catalog.pg_extension e WHERE e.extname = 'billing')
+    LOOP
+        lost := '{}';
+        FOREACH fn IN ARRAY app LOOP
+            IF NOT fn = ANY (keep) THEN
+                init := (SELECT ip.initprivs FROM pg_catalog.pg_init_privs ip
+                          WHERE ip.classoid = 'pg_catalog.pg_proc'::pg_catalog.regclass
+                            AND ip.objoid = fn AND ip.objsubid = 0);
+                EXECUTE pg_catalog.format('REVOKE EXECUTE ON FUNCTION %s FROM %I', fn, r.rolname);
+                UPDATE pg_catalog.pg_init_privs ip SET initprivs = init
+                 WHERE ip.classoid = 'pg_catalog.pg_proc'::pg_catalog.regclass
+                   AND ip.objoid = fn AND ip.objsubid = 0;
+                lost := lost || pg_catalog.split_part(fn::text, '(', 1);
+            END IF;
+        END LOOP;
+        -- 1.3 also granted billing.effective_holds (for the rows of
+        -- billing.balances); a reporting role keeps it for the views
+        IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_class c
+                        WHERE c.relnamespace = 'billing'::regnamespace AND c.relkind = 'v'
+                          AND pg_catalog.has_table_privilege(r.grantee, c.oid, 'SELECT')) THEN
+            init := (SELECT ip.initprivs FROM pg_catalog.pg_init_privs ip
+                      WHERE ip.classoid = 'pg_catalog.pg_proc'::pg_catalog.regclass
+                        AND ip.objoid = 'billing.effective_holds(billing.accounts)'::regprocedure AND ip.objsubid = 0);
+            EXECUTE pg_catalog.format('REVOKE EXECUTE ON FUNCTION billing.effective_holds(billing.accounts) FROM %I', r.rolname);
+            UPDATE pg_catalog.pg_init_privs ip SET initprivs = init
+             WHERE ip.classoid = 'pg_catalog.pg_proc'::pg_catalog.regclass
+               AND ip.objoid = 'billing.effective_holds(billing.accounts)'::regprocedure AND ip.objsubid = 0;
+        END IF;
+        RAISE WARNING 'billing 1.4: role "%" keeps the charging API and may no longer call %',
+                      r.rolname, pg_catalog.array_to_string(lost, ', ')
+            USING HINT = pg_catalog.format('If it must: SELECT billing_grant_treasury(%L) for credits, SELECT billing_grant_admin(%L) for accounts, limits, keys and prices.',
+                                           r.rolname, r.rolname);
+    END LOOP;
+END
+$$;
 
 -- always last: back to the caller's role
 DO $$

@@ -29,7 +29,8 @@ my @releases = sort grep { $_ ne $current }
 plan skip_all => "no release before $current" unless @releases;
 
 my $node = BillingTest::node('upgrade', database => 'postgres', extension => 0);
-$node->safe_psql('postgres', 'CREATE ROLE upgrader SUPERUSER LOGIN; CREATE ROLE up_app LOGIN');
+$node->safe_psql('postgres', 'CREATE ROLE upgrader SUPERUSER LOGIN; CREATE ROLE up_app LOGIN;
+	CREATE ROLE up_treasury LOGIN');
 
 # the whole API of 1.3, every kind of state
 my $fill = q{
@@ -61,6 +62,8 @@ SELECT billing_job_complete('up-5', (SELECT job_id FROM billing.jobs WHERE idemp
 SELECT billing_job_fail('up-5', (SELECT job_id FROM billing.jobs WHERE idempotency_key = 'up-j3'), 'boom', retryable => false);
 SELECT billing_grant_app('up_app');
 SELECT billing_grant_reporting('up_app');
+GRANT USAGE ON SCHEMA billing TO up_treasury;
+GRANT EXECUTE ON FUNCTION billing_credit(text, numeric, text, text, jsonb, timestamptz, text) TO up_treasury;
 };
 
 # every table, as rows of the columns it has now (ordered), for comparing
@@ -130,6 +133,8 @@ for my $r (@releases)
 		extra_params => [ '-U', 'upgrader' ]);
 	is($rc, 0, "$r: ALTER EXTENSION billing UPDATE by another superuser, under load")
 	  or diag($uerr);
+	like($uerr, qr/WARNING:  billing 1.4: role "up_app" keeps the charging API and may no longer call billing_credit, billing_account_create/,
+		"$r: the upgrade warns that 1.3's application role lost what only the treasury and admin roles may do");
 	$bench->finish;
 	my ($processed) = $out =~ /number of transactions actually processed: (\d+)/;
 	is($?, 0, "$r: pgbench ran through the upgrade without an error") or diag($out, $err);
@@ -163,6 +168,11 @@ for my $r (@releases)
 			'billing_deduct(text, numeric, text, text, jsonb, timestamptz, text, text)', 'EXECUTE')
 			AND has_table_privilege('up_app', 'billing.balances', 'SELECT')}),
 		't', "$r: the grants made to a role before the upgrade are kept");
+	is($node->safe_psql($db, q{SELECT has_function_privilege('up_app',
+			'billing_credit(text, numeric, text, text, jsonb, timestamptz, text)', 'EXECUTE'),
+			has_function_privilege('up_app', 'billing_account_update(text, numeric, text, text, jsonb, text)', 'EXECUTE'),
+			has_function_privilege('up_treasury', 'billing_credit(text, numeric, text, text, jsonb, timestamptz, text)', 'EXECUTE')}),
+		'f|f|t', "$r: 1.3's application role can no longer mint money or change settings; a role granted billing_credit on purpose keeps it");
 	is($node->safe_psql($db, q{SELECT replayed FROM billing_deduct('up-2', 0.020002, 'up-d-1',
 			metadata => '{"model": "m1"}')}), 't', "$r: an old trace id replays");
 	is($node->safe_psql($db, q{SELECT status, sqlstate FROM billing_try_deduct('up-1', 100000, 'up-rejected')}),

@@ -89,6 +89,7 @@ psql_ -d postgres -o /dev/null -c "CREATE DATABASE $src" -c "CREATE ROLE $role N
 # ---------------------------------------------------------------------------
 psql_ -d "$src" -o /dev/null <<SQL
 SET client_min_messages = warning;
+SET billing.event_at_window = '3650d';  -- the fixed event time below
 CREATE EXTENSION billing;
 SELECT billing_grant_app('$role');
 -- accounts with settings and limits
@@ -98,7 +99,7 @@ SELECT billing_account_create('t-eur', currency => 'EUR', timezone => 'America/S
 SELECT billing_account_create('t-susp');
 SELECT billing_account_create('t-closed');
 SELECT billing_account_create('t-limits', timezone => 'Pacific/Kiritimati');
-SELECT billing_account_create(E'odd\ttenant\n''"\\\\', metadata => '{"note": "tab, newline, quotes, backslash"}');
+SELECT billing_account_create(E'odd tenant ''"\\\\ ünï', metadata => '{"note": "quotes, backslash, non-ASCII (control characters are refused since 1.4)"}');
 SELECT billing_account_update('t-main', credit_limit => 20, reason => 'ticket 1234');
 SELECT billing_account_update('t-main', metadata => '{"plan": "enterprise"}', reason => 'upgrade');
 SELECT billing_limits_set('t-limits', daily_requests => 100, monthly_requests => 1000, daily_spend => 50,
@@ -141,7 +142,7 @@ SELECT billing_account_update('t-susp', status => 'suspended', reason => 'charge
 SELECT billing_credit('t-closed', 5, 'closed-1');
 SELECT billing_deduct('t-closed', 5, 'closed-2');
 SELECT billing_account_update('t-closed', status => 'closed', reason => 'churned');
-SELECT billing_credit(E'odd\ttenant\n''"\\\\', 1, E'trace\twith\nodd ''chars''');
+SELECT billing_credit(E'odd tenant ''"\\\\ ünï', 1, E'trace with odd ''chars'' ünï');
 -- recorded rejections
 SELECT billing_try_deduct('t-eur', 1000000, 'too-much-1', description => 'big');
 SELECT billing_try_deduct('t-limits', 10, 'too-big-1');
