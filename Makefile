@@ -29,6 +29,8 @@ OBJS = \
 	src/spi.o \
 	src/ledger.o \
 	src/account.o \
+	src/grants.o \
+	src/credits.o \
 	src/direct.o \
 	src/verify.o \
 	src/snapshot.o \

@@ -32,6 +32,10 @@ CREATE TABLE billing.accounts (
     rejections          bigint      NOT NULL DEFAULT 0,
     created_at          timestamptz NOT NULL DEFAULT now(),
     updated_at          timestamptz NOT NULL DEFAULT now(),
+    -- 1.4: the open grant buckets, in burn order: grant_id, remaining,
+    -- priority, expires_at (microseconds; never = 2^63-1) for each
+    grants_state        bigint[],
+    grants_next_expiry  timestamptz,
     CONSTRAINT accounts_pkey PRIMARY KEY (tenant_id)
     -- No CHECK constraints on the two hot tables: the executor re-reads
     -- and re-plans every CHECK expression on every INSERT/UPDATE statement
@@ -39,6 +43,8 @@ CREATE TABLE billing.accounts (
 );
 CREATE INDEX accounts_holds_expiry_idx ON billing.accounts (holds_next_expiry)
     WHERE holds_next_expiry IS NOT NULL;
+CREATE INDEX accounts_grants_expiry_idx ON billing.accounts (grants_next_expiry)
+    WHERE grants_next_expiry IS NOT NULL;
 COMMENT ON TABLE billing.accounts IS 'one account per tenant; balance_micros caches SUM(entries.amount_micros), kept in the same transaction';
 
 CREATE TRIGGER accounts_no_delete
@@ -202,14 +208,23 @@ AS $$
 $$;
 REVOKE ALL ON FUNCTION billing.effective_holds(billing.accounts) FROM PUBLIC;
 
+-- what the cached balance still holds of grants whose expiry time has passed
+-- (their expire entries are written by the next call on the account): the
+-- views subtract it, so expired credit never shows as spendable
+CREATE FUNCTION billing.expired_micros(grants_state bigint[], at timestamptz) RETURNS bigint
+    AS 'MODULE_PATHNAME', 'billing_expired_micros'
+    LANGUAGE C IMMUTABLE PARALLEL SAFE;
+COMMENT ON FUNCTION billing.expired_micros(bigint[], timestamptz) IS 'what accounts.grants_state holds of grants expired by a time (the views subtract it from the balance)';
+
 CREATE VIEW billing.balances WITH (security_barrier) AS
 SELECT a.tenant_id,
        a.currency,
        a.status,
-       billing.to_amount(a.balance_micros)                         AS balance,
+       billing.to_amount(a.balance_micros - billing.expired_micros(a.grants_state, now())) AS balance,
        billing.to_amount(a.credit_limit_micros)                    AS credit_limit,
        billing.to_amount(billing.effective_holds(a))               AS on_hold,
-       billing.to_amount(a.balance_micros) + billing.to_amount(a.credit_limit_micros)
+       billing.to_amount(a.balance_micros - billing.expired_micros(a.grants_state, now()))
+           + billing.to_amount(a.credit_limit_micros)
            - billing.to_amount(billing.effective_holds(a))          AS available,
        a.version,
        a.last_entry_at,

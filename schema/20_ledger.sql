@@ -16,6 +16,9 @@ CREATE TABLE billing.entries (
     api_key              text,
     hold_id              bigint,
     actor                text,       -- the role that asked for it (1.4; NULL before)
+    grant_id             bigint,     -- 1.4: a grant's credit or expiry: its bucket
+    draws                bigint[],   -- 1.4: grant buckets a debit drew from (a refund gave back): id, amount, ...
+    refund_of            bigint,     -- 1.4: a refund: the entry_id of the charge
     CONSTRAINT entries_pkey PRIMARY KEY (tenant_id, entry_id),
     CONSTRAINT entries_trace_key UNIQUE (tenant_id, trace_id)
     -- kind IN (topup, grant, refund, adjustment, deduct, capture) and
@@ -24,6 +27,9 @@ CREATE TABLE billing.entries (
 ALTER SEQUENCE billing.entry_id_seq OWNED BY billing.entries.entry_id;
 COMMENT ON TABLE billing.entries IS 'append-only ledger: one row per money movement; amount signed (debits negative)';
 COMMENT ON COLUMN billing.entries.actor IS 'the role that asked for the entry (the session role after SET ROLE; NULL for entries written before 1.4)';
+COMMENT ON COLUMN billing.entries.grant_id IS 'kind grant: the bucket it filled; kind expire: the bucket that expired';
+COMMENT ON COLUMN billing.entries.draws IS 'a debit: the grant buckets it drew from; a refund: those it gave back to (grant_id, amount pairs; the wallet is the rest)';
+COMMENT ON COLUMN billing.entries.refund_of IS 'a refund: the entry_id of the charge it refunds';
 
 -- append-only enforcement, for every role (ENABLE ALWAYS: also in replica mode)
 CREATE TRIGGER entries_append_only
@@ -175,15 +181,22 @@ BEGIN
             USING ERRCODE = 'ZB001',
                   HINT = format('Create it first with billing_account_create(%L).', billing_balance_at.tenant_id);
     END IF;
+    -- An expiry counts from the moment the grant expired (its event_at), even
+    -- when its entry was written later; a grant that expired by then but whose
+    -- entry is not written yet still holds its remainder in grants_state.
     SELECT coalesce(sum(e.amount_micros), 0) INTO total
       FROM billing.entries e
      WHERE e.tenant_id = billing_balance_at.tenant_id
-       AND e.created_at <= billing_balance_at.at;
+       AND CASE WHEN e.kind = 'expire' THEN LEAST(e.event_at, e.created_at)
+                ELSE e.created_at END <= billing_balance_at.at;
+    SELECT total - billing.expired_micros(a.grants_state, billing_balance_at.at) INTO total
+      FROM billing.accounts a
+     WHERE a.tenant_id = billing_balance_at.tenant_id;
     RETURN billing.to_amount(total::bigint);
 END;
 $$;
 COMMENT ON FUNCTION billing_balance_at(text, timestamptz) IS
-    'balance at a point in time: SUM of the entries created up to then';
+    'balance at a point in time: SUM of the entries created up to then, grants that had expired by then taken off';
 REVOKE ALL ON FUNCTION billing_balance_at(text, timestamptz) FROM PUBLIC;
 
 CREATE VIEW billing.ledger WITH (security_barrier) AS
@@ -201,7 +214,9 @@ SELECT e.entry_id,
        e.metadata,
        e.event_at,
        e.created_at,
-       e.actor
+       e.actor,
+       e.grant_id,
+       e.refund_of
   FROM billing.entries e
  WHERE ((SELECT billing.visible_tenants()) IS NULL OR e.tenant_id = ANY ((SELECT billing.visible_tenants())::text[]));
 COMMENT ON VIEW billing.ledger IS 'readable ledger: amounts as numeric, model and api_key lifted from metadata';
@@ -218,7 +233,8 @@ CREATE TYPE billing.verify_result AS (
 
 CREATE FUNCTION billing.verify_entries(tenant_id text)
     RETURNS TABLE (tenant_id text, total numeric, n bigint, breaks bigint,
-                   first_break bigint, max_version bigint, invalid bigint)
+                   first_break bigint, max_version bigint, invalid bigint,
+                   grants bigint[], grants_negative bigint)
     AS 'MODULE_PATHNAME', 'billing_verify_entries'
     LANGUAGE C STABLE;
 
@@ -255,6 +271,28 @@ BEGIN
          WHERE h.status = 'open' AND (billing_verify.tenant_id IS NULL OR h.tenant_id = billing_verify.tenant_id)
          GROUP BY h.tenant_id
     )
+    -- what each grant bucket holds by the accounts and the open holds: the
+    -- ledger's replay (verify_entries) must say the same
+    , held AS (
+        SELECT s.tenant_id, s.g, sum(s.amount) AS amount
+          FROM (SELECT a.tenant_id, a.grants_state[i] AS g, a.grants_state[i + 1] AS amount
+                  FROM billing.accounts a,
+                       generate_series(1, coalesce(array_length(a.grants_state, 1), 0), 4) AS i
+                 WHERE billing_verify.tenant_id IS NULL OR a.tenant_id = billing_verify.tenant_id
+                UNION ALL
+                SELECT h.tenant_id, h.grant_draws[i], h.grant_draws[i + 1]
+                  FROM billing.holds h,
+                       generate_series(1, coalesce(array_length(h.grant_draws, 1), 0), 2) AS i
+                 WHERE h.status = 'open'
+                   AND (billing_verify.tenant_id IS NULL OR h.tenant_id = billing_verify.tenant_id)) s
+         GROUP BY 1, 2
+        HAVING sum(s.amount) <> 0
+    )
+    , grants AS (
+        SELECT held.tenant_id, array_agg(v.x ORDER BY held.g, v.k) AS state
+          FROM held, LATERAL (VALUES (1, held.g), (2, held.amount::bigint)) AS v(k, x)
+         GROUP BY 1
+    )
     SELECT coalesce(a.tenant_id, p.tenant_id),
            billing.to_amount(a.balance_micros),
            (coalesce(p.total, 0) / 1000000)::numeric(38, 6),
@@ -267,21 +305,26 @@ BEGIN
                WHEN coalesce(p.breaks, 0) > 0 THEN 'balance_after chain is broken'
                WHEN a.version < coalesce(p.max_version, 0) THEN 'account version is behind its entries'
                WHEN coalesce(p.invalid, 0) > 0 THEN 'entries with an unknown kind, a zero amount or the wrong sign'
+               WHEN coalesce(p.grants_negative, 0) > 0 THEN 'a grant bucket went below zero'
+               WHEN coalesce(p.grants, '{}') <> coalesce(g.state, '{}') THEN 'grant buckets differ from the ledger'
                ELSE 'cached holds differ from the open holds'
            END
       FROM billing.accounts a
       FULL JOIN per_tenant p ON p.tenant_id = a.tenant_id
       LEFT JOIN holds h ON h.tenant_id = a.tenant_id
+      LEFT JOIN grants g ON g.tenant_id = a.tenant_id
      WHERE (billing_verify.tenant_id IS NULL OR coalesce(a.tenant_id, p.tenant_id) = billing_verify.tenant_id)
        AND (a.tenant_id IS NULL
             OR a.balance_micros <> coalesce(p.total, 0)
             OR coalesce(p.breaks, 0) > 0
             OR a.version < coalesce(p.max_version, 0)
             OR coalesce(p.invalid, 0) > 0
+            OR coalesce(p.grants_negative, 0) > 0
+            OR coalesce(p.grants, '{}') <> coalesce(g.state, '{}')
             OR a.holds_micros <> coalesce(h.open_micros, 0))
      ORDER BY 1;
 END;
 $$;
 COMMENT ON FUNCTION billing_verify(text) IS
-    'audit: one row per account whose cached balance differs from SUM(entries), whose balance_after chain is broken, whose version lags its entries, with invalid entries, or whose cached holds differ from its open holds; no rows when consistent';
+    'audit: one row per account whose cached balance differs from SUM(entries), whose balance_after chain is broken, whose version lags its entries, with invalid entries, whose grant buckets differ from what the ledger says (or went below zero), or whose cached holds differ from its open holds; no rows when consistent';
 REVOKE ALL ON FUNCTION billing_verify(text) FROM PUBLIC;

@@ -15,6 +15,7 @@ CREATE TABLE billing.holds (
     metadata        jsonb       NOT NULL DEFAULT '{}',
     created_at      timestamptz NOT NULL DEFAULT now(),
     updated_at      timestamptz NOT NULL DEFAULT now(),
+    grant_draws     bigint[],   -- 1.4: what it reserved of grant buckets and has not captured (id, amount, ...)
     CONSTRAINT holds_pkey PRIMARY KEY (tenant_id, hold_id),
     CONSTRAINT holds_trace_key UNIQUE (tenant_id, trace_id),
     CONSTRAINT holds_status_check CHECK (status IN ('open', 'captured', 'released', 'expired')),

@@ -2,7 +2,11 @@
 
 CREATE VIEW billing.quota_usage WITH (security_barrier) AS
 WITH p AS (
-    SELECT a.*,
+    SELECT a.tenant_id, a.timezone, a.usage_day, a.usage_month,
+           a.day_requests, a.month_requests, a.day_spend_micros, a.month_spend_micros,
+           a.daily_request_quota, a.monthly_request_quota,
+           a.daily_spend_cap_micros, a.monthly_spend_cap_micros,
+           a.max_charge_micros, a.minute_request_limit,
            (now() AT TIME ZONE a.timezone)::date AS today,
            date_trunc('month', now() AT TIME ZONE a.timezone)::date AS this_month
       FROM billing.accounts a

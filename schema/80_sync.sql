@@ -20,8 +20,8 @@ DECLARE
     n integer := 0;
 BEGIN
     FOR t IN SELECT a.tenant_id FROM billing.accounts a
-              WHERE a.holds_next_expiry <= now()
-              ORDER BY a.holds_next_expiry
+              WHERE a.holds_next_expiry <= now() OR a.grants_next_expiry <= now()
+              ORDER BY least(a.holds_next_expiry, a.grants_next_expiry)
               LIMIT max_accounts
               FOR UPDATE SKIP LOCKED
     LOOP
@@ -32,7 +32,7 @@ BEGIN
     RETURN n;
 END;
 $$;
-COMMENT ON FUNCTION billing.expire_due_holds(integer) IS 'expire due holds of accounts nobody else has locked (the worker runs it; correctness never depends on it)';
+COMMENT ON FUNCTION billing.expire_due_holds(integer) IS 'expire due holds and grants of accounts nobody else has locked (the worker runs it; correctness never depends on it)';
 REVOKE ALL ON FUNCTION billing.expire_due_holds(integer) FROM PUBLIC;
 
 CREATE FUNCTION billing.maintenance() RETURNS jsonb

@@ -3,8 +3,8 @@
  *
  *   charging   charges, holds, jobs, balance reads: what an application that
  *              sells metered work needs; it cannot put money into an account
- *   treasury   money in: credits of every kind (top-ups, grants, refunds,
- *              adjustments), balance reads
+ *   treasury   money in: credits of every kind (top-ups, grants with expiry
+ *              and priority, refunds of charges, adjustments), balance reads
  *   admin      accounts (credit limits, status), limits, API keys, prices,
  *              tenant scopes of reporting roles, the audit
  *   reporting  SELECT on the views of schema billing, optionally scoped to
@@ -47,6 +47,8 @@ AS $$
     ]::regprocedure[]
     WHEN 'treasury' THEN ARRAY[
         '@extschema@.billing_credit(text, numeric, text, text, jsonb, timestamptz, text)',
+        '@extschema@.billing_grant(text, numeric, text, timestamptz, integer, text, text, jsonb)',
+        '@extschema@.billing_refund(text, text, numeric, text, text)',
         '@extschema@.billing_balance(text)',
         '@extschema@.billing_balance_at(text, timestamptz)'
     ]::regprocedure[]

@@ -33,6 +33,7 @@
 #include "utils/timestamp.h"
 
 static SPIPlanPtr plan_expire = NULL;
+static SPIPlanPtr plan_expire_shares = NULL;
 static SPIPlanPtr plan_open_holds = NULL;
 static SPIPlanPtr plan_key_lock = NULL;
 static SPIPlanPtr plan_key_holds = NULL;
@@ -103,7 +104,8 @@ static const char *const account_cols[AC_NCOLS] = {
 	"daily_spend_cap_micros", "monthly_spend_cap_micros",
 	"minute_request_limit", "usage_day", "day_requests", "day_spend_micros",
 	"usage_month", "month_requests", "month_spend_micros", "usage_minute",
-	"minute_requests", "rejections", "last_entry_at"
+	"minute_requests", "rejections", "last_entry_at",
+	"grants_state", "grants_next_expiry"
 };
 
 static const Oid account_types[AC_NCOLS] = {
@@ -112,11 +114,12 @@ static const Oid account_types[AC_NCOLS] = {
 	INT8OID, INT8OID, INT8OID, INT8OID,
 	INT8OID, DATEOID, INT8OID, INT8OID,
 	DATEOID, INT8OID, INT8OID, TIMESTAMPTZOID,
-	INT8OID, INT8OID, TIMESTAMPTZOID
+	INT8OID, INT8OID, TIMESTAMPTZOID,
+	INT8ARRAYOID, TIMESTAMPTZOID
 };
 
 DirectTable billing_accounts_table = {
-	"accounts", "accounts_pkey", AC_NCOLS, account_cols, account_types, false, 0
+	"accounts", "accounts_pkey", AC_NCOLS, account_cols, account_types, false, 2
 };
 
 static int64
@@ -173,6 +176,8 @@ account_lock(Account *acc, text *tenant_id, MemoryContext cxt)
 	acc->usage_minute = nulls[AC_USAGE_MINUTE] ? DT_NOBEGIN : DatumGetTimestampTz(values[AC_USAGE_MINUTE]);
 	acc->minute_count = int64_or(values, nulls, AC_MINUTE_REQUESTS, 0);
 	acc->rejections = int64_or(values, nulls, AC_REJECTIONS, 0);
+	acc->grants_supported = billing_accounts_table.attnum[AC_GRANTS_STATE] != InvalidAttrNumber;
+	grants_load(acc, values[AC_GRANTS_STATE], nulls[AC_GRANTS_STATE]);
 
 	/* the periods we are in now; counters of older periods start over */
 	acc->now = GetCurrentTimestamp();
@@ -207,13 +212,15 @@ void
 account_expire_holds(Account *acc)
 {
 	Datum		values[2];
+	Oid			types[2] = {TEXTOID, TIMESTAMPTZOID};
+	Draws		shares = {0};
+	Draws		expired = {0};
 
 	if (!acc->has_next_expiry || acc->next_expiry > acc->now)
 		return;
 
-	{
-		Oid			types[2] = {TEXTOID, TIMESTAMPTZOID};
-
+	/* 1.3's schema: holds take no shares of grant buckets */
+	if (!acc->grants_supported)
 		billing_keep_plan(&plan_expire,
 						  "WITH expired AS ("
 						  "  UPDATE billing.holds h SET status = 'expired', "
@@ -225,12 +232,59 @@ account_expire_holds(Account *acc)
 						  "  amount_micros, created_at) "
 						  "SELECT $1, hold_id, 'expire', freed, $2 FROM expired",
 						  2, types);
-	}
+	else
+		billing_keep_plan(&plan_expire_shares,
+						  "WITH expired AS ("
+						  "  UPDATE billing.holds h SET status = 'expired', "
+						  "    released_micros = h.amount_micros - h.captured_micros, "
+						  "    grant_draws = NULL, updated_at = $2 "
+						  "  FROM billing.holds o "
+						  "  WHERE h.tenant_id = $1 AND h.status = 'open' AND h.expires_at <= $2 "
+						  "    AND o.tenant_id = h.tenant_id AND o.hold_id = h.hold_id "
+						  "  RETURNING h.hold_id, h.amount_micros - h.captured_micros AS freed, "
+						  "    o.grant_draws AS shares), "
+						  "ev AS (INSERT INTO billing.hold_events (tenant_id, hold_id, action, "
+						  "  amount_micros, created_at) "
+						  "  SELECT $1, hold_id, 'expire', freed, $2 FROM expired) "
+						  "SELECT shares FROM expired WHERE shares IS NOT NULL",
+						  2, types);
 	values[0] = PointerGetDatum(acc->tenant_id);
 	values[1] = TimestampTzGetDatum(acc->now);
-	billing_spi_exec(plan_expire, values, NULL, SPI_OK_INSERT, "expiring holds");
+	if (!acc->grants_supported)
+		billing_spi_exec(plan_expire, values, NULL, SPI_OK_INSERT, "expiring holds");
+	else
+	{
+		billing_spi_exec(plan_expire_shares, values, NULL, SPI_OK_SELECT, "expiring holds");
+		/* what an expired hold had reserved of grant buckets goes back */
+		for (uint64 r = 0; r < SPI_processed; r++)
+		{
+			bool		isnull;
+			Draws		one;
+
+			draws_from_datum(billing_col((int) r, 1, &isnull), &one);
+			for (int i = 0; i < one.n; i++)
+				draws_add(&shares, one.grant_id[i], one.amount[i]);
+		}
+	}
 	account_refresh_holds(acc);
 	acc->holds_changed = true;
+	if (shares.n > 0)
+	{
+		grants_give_back(acc, &shares, &expired);
+		grants_write_expiries(acc, &expired, "grant expired (an expired hold's share)");
+	}
+}
+
+/*
+ * Everything that falls due by itself, first of all in every call on the
+ * account: expired holds (their shares of grant buckets go back), then
+ * expired grants (what is left in them leaves the balance).
+ */
+void
+account_expire_due(Account *acc)
+{
+	account_expire_holds(acc);
+	account_expire_grants(acc);
 }
 
 /* Recompute the cached sum of open holds and the earliest expiry. */
@@ -497,10 +551,17 @@ usage_add(int64 counter, int64 n)
 	return result;
 }
 
-/* Apply a checked debit to the in-memory account and key. */
+/*
+ * Apply a checked debit to the in-memory account and key.  The money it
+ * newly takes (charged beyond what a hold covered, or reserved) comes out
+ * of the grant buckets in burn order; debit->draws, if given, gets the
+ * buckets it came from.
+ */
 void
 account_apply_debit(Account *acc, ApiKey *key, Debit *debit)
 {
+	if (debit->draws)
+		grants_draw(acc, debit->charge - debit->covered + debit->reserve, debit->draws);
 	acc->balance = billing_add_micros(acc->balance, -debit->charge, "account balance");
 	acc->holds = billing_add_micros(acc->holds, debit->reserve - debit->covered,
 									"open holds of the account");
@@ -549,11 +610,18 @@ account_write(Account *acc, bool wrote_entry, DirectTable *entries,
 	SET(AC_USAGE_MINUTE, TimestampTzGetDatum(acc->usage_minute));
 	SET(AC_MINUTE_REQUESTS, Int64GetDatum(acc->minute_count));
 	SET(AC_REJECTIONS, Int64GetDatum(acc->rejections));
+	if (acc->grants_supported)
+	{
+		SET(AC_GRANTS_STATE, grants_state_datum(acc, &nulls[AC_GRANTS_STATE]));
+		SET(AC_GRANTS_NEXT_EXPIRY, TimestampTzGetDatum(acc->grants_next_expiry));
+		nulls[AC_GRANTS_NEXT_EXPIRY] = !acc->has_grants_expiry;
+	}
 #undef SET
 	direct_write(entries, evalues, enulls, &billing_accounts_table, &acc->tid,
 				 values, nulls, set);
 	billing_sync_mark(VARDATA_ANY(acc->tenant_id), VARSIZE_ANY_EXHDR(acc->tenant_id));
 	acc->holds_changed = false;
+	acc->grants_changed = false;
 }
 
 void
@@ -570,7 +638,7 @@ account_save(Account *acc, bool wrote_entry)
 void
 account_finish(Account *acc)
 {
-	if (acc->holds_changed)
+	if (acc->holds_changed || acc->grants_changed)
 	{
 		acc->version++;
 		account_save(acc, false);
@@ -599,9 +667,9 @@ account_key_save(Account *acc, ApiKey *key)
 }
 
 /*
- * billing.expire_holds_of(tenant_id) -> boolean: expire the due holds of
- * one account (the worker's maintenance; every other call on the account
- * does the same on its way).  True when something expired.
+ * billing.expire_holds_of(tenant_id) -> boolean: expire the due holds and
+ * grants of one account (the worker's maintenance; every other call on the
+ * account does the same on its way).  True when something expired.
  */
 PG_FUNCTION_INFO_V1(billing_expire_holds_of);
 Datum
@@ -612,10 +680,11 @@ billing_expire_holds_of(PG_FUNCTION_ARGS)
 
 	billing_check_not_null(fcinfo, 0, "tenant_id");
 	account_lock(&acc, PG_GETARG_TEXT_PP(0), billing_spi_connect());
-	due = acc.has_next_expiry && acc.next_expiry <= acc.now;
+	due = (acc.has_next_expiry && acc.next_expiry <= acc.now) ||
+		(acc.has_grants_expiry && acc.grants_next_expiry <= acc.now);
 	if (due)
 	{
-		account_expire_holds(&acc);
+		account_expire_due(&acc);
 		acc.version++;
 		account_save(&acc, false);
 	}

@@ -15,6 +15,7 @@
 
 #include "billing.h"
 #include "direct.h"
+#include "grants.h"
 #include "spi.h"
 #include "storage/itemptr.h"
 #include "utils/date.h"
@@ -30,7 +31,9 @@ typedef struct Rejection
 
 #define NO_LIMIT	(-1)
 
-typedef struct Account
+typedef struct Account Account;
+
+struct Account
 {
 	MemoryContext cxt;			/* where strings are copied (caller's) */
 	ItemPointerData tid;		/* the locked row (version) */
@@ -62,13 +65,20 @@ typedef struct Account
 	TimestampTz usage_minute;
 	int64		minute_count;
 	int64		rejections;		/* recorded rejections: 0 = no need to probe them */
+	/* open explicit credit buckets, in burn order (grants.c) */
+	bool		grants_supported;	/* the schema has them (1.4) */
+	Bucket	   *buckets;
+	int			nbuckets;
+	bool		has_grants_expiry;
+	TimestampTz grants_next_expiry; /* earliest expires_at of a bucket */
 	bool		holds_changed;	/* account_expire_holds() wrote something */
+	bool		grants_changed; /* the buckets changed since the last write */
 	/* this call's clock reading: created_at of what it writes */
 	TimestampTz now;
 	DateADT		today;
 	DateADT		this_month;
 	TimestampTz this_minute;
-} Account;
+};
 
 typedef struct ApiKey
 {
@@ -91,10 +101,12 @@ typedef struct Debit
 	int64		covered;		/* part of charge already reserved by a hold */
 	bool		counts_request; /* a new request: quotas and rate limit */
 	int			funds_errcode;	/* SQLSTATE when funds are short */
+	Draws	   *draws;			/* if set: the grant buckets drawn from */
 } Debit;
 
 extern void account_lock(Account *acc, text *tenant_id, MemoryContext cxt);
 extern void account_expire_holds(Account *acc);
+extern void account_expire_due(Account *acc);
 extern void account_refresh_holds(Account *acc);
 extern void account_key_lock(Account *acc, ApiKey *key, text *key_id);
 extern bool account_check_debit(Account *acc, ApiKey *key, Debit *debit,

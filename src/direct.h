@@ -109,15 +109,17 @@ typedef enum EntryCol
 	EC_TENANT_ID, EC_ENTRY_ID, EC_TRACE_ID, EC_KIND, EC_AMOUNT,
 	EC_BALANCE_AFTER, EC_VERSION, EC_DESCRIPTION, EC_METADATA, EC_EVENT_AT,
 	EC_CREATED_AT, EC_API_KEY, EC_HOLD_ID,
-	EC_ACTOR,					/* 1.4; optional */
+	/* 1.4, optional: */
+	EC_ACTOR, EC_GRANT_ID, EC_DRAWS, EC_REFUND_OF,
 	EC_NCOLS
 } EntryCol;
 
 extern DirectTable billing_entries_table;
 
 /*
- * The columns of billing.accounts C code reads or writes (account.c; the worker's snapshots read them too): the
- * key first, then in the order of AccountCol.
+ * The columns of billing.accounts C code reads or writes (account.c; the
+ * worker's snapshots read them too): the key first, then in the order of
+ * AccountCol; those added after 1.3 at the end, optional.
  */
 typedef enum AccountCol
 {
@@ -127,6 +129,8 @@ typedef enum AccountCol
 	AC_MINUTE_LIMIT, AC_USAGE_DAY, AC_DAY_REQUESTS, AC_DAY_SPEND,
 	AC_USAGE_MONTH, AC_MONTH_REQUESTS, AC_MONTH_SPEND, AC_USAGE_MINUTE,
 	AC_MINUTE_REQUESTS, AC_REJECTIONS, AC_LAST_ENTRY_AT,
+	/* 1.4, optional: */
+	AC_GRANTS_STATE, AC_GRANTS_NEXT_EXPIRY,
 	AC_NCOLS
 } AccountCol;
 

@@ -51,14 +51,15 @@ typedef struct Hold
 	char	   *status;			/* open, captured, released, expired */
 	TimestampTz expires_at;
 	text	   *api_key;		/* may be NULL */
+	Draws		shares;			/* reserved of grant buckets, not yet captured */
 } Hold;
 
 static SPIPlanPtr plan_probe_event = NULL;
 static SPIPlanPtr plan_probe_entry = NULL;
-static SPIPlanPtr plan_load = NULL;
-static SPIPlanPtr plan_load_id = NULL;
-static SPIPlanPtr plan_insert_hold = NULL;
-static SPIPlanPtr plan_update_hold = NULL;
+static SPIPlanPtr plan_load[2];
+static SPIPlanPtr plan_load_id[2];
+static SPIPlanPtr plan_insert_hold[2];
+static SPIPlanPtr plan_update_hold[2];
 static SPIPlanPtr plan_event = NULL;
 
 static int64
@@ -190,11 +191,23 @@ fill_hold(Hold *h, MemoryContext cxt)
 	h->expires_at = DatumGetTimestampTz(billing_col(0, 7, &isnull));
 	d = billing_col(0, 8, &isnull);
 	h->api_key = isnull ? NULL : DatumGetTextPCopy(d);
+	memset(&h->shares, 0, sizeof(h->shares));
+	if (SPI_tuptable->tupdesc->natts >= 9)
+	{
+		d = billing_col(0, 9, &isnull);
+		if (!isnull)
+			draws_from_datum(d, &h->shares);
+	}
 	MemoryContextSwitchTo(old);
 }
 
+/*
+ * The columns of a hold; since 1.4 also its shares of grant buckets.  The
+ * plans come in two versions, [0] for a database still at 1.3.
+ */
 #define HOLD_COLUMNS "hold_id, trace_id, amount_micros, captured_micros, " \
 	"released_micros, status, expires_at, api_key"
+#define HOLD_COLUMNS_14 HOLD_COLUMNS ", grant_draws"
 
 /* the hold named by its trace id, or ZB030 */
 static void
@@ -203,13 +216,17 @@ load_hold(Account *acc, text *hold_trace, Hold *h)
 	Oid			types[2] = {TEXTOID, TEXTOID};
 	Datum		values[2];
 
-	billing_keep_plan(&plan_load,
+	int			v = acc->grants_supported;
+
+	billing_keep_plan(&plan_load[v],
+					  v ? "SELECT " HOLD_COLUMNS_14 " FROM billing.holds "
+					  "WHERE tenant_id = $1 AND trace_id = $2" :
 					  "SELECT " HOLD_COLUMNS " FROM billing.holds "
 					  "WHERE tenant_id = $1 AND trace_id = $2",
 					  2, types);
 	values[0] = PointerGetDatum(acc->tenant_id);
 	values[1] = PointerGetDatum(hold_trace);
-	billing_spi_exec(plan_load, values, NULL, SPI_OK_SELECT, "loading the hold");
+	billing_spi_exec(plan_load[v], values, NULL, SPI_OK_SELECT, "loading the hold");
 	if (SPI_processed == 0)
 		ereport(ERROR,
 				(errcode(ERRCODE_BILLING_HOLD_NOT_FOUND),
@@ -225,13 +242,17 @@ load_hold_by_id(Account *acc, int64 hold_id, Hold *h)
 	Oid			types[2] = {TEXTOID, INT8OID};
 	Datum		values[2];
 
-	billing_keep_plan(&plan_load_id,
+	int			v = acc->grants_supported;
+
+	billing_keep_plan(&plan_load_id[v],
+					  v ? "SELECT " HOLD_COLUMNS_14 " FROM billing.holds "
+					  "WHERE tenant_id = $1 AND hold_id = $2" :
 					  "SELECT " HOLD_COLUMNS " FROM billing.holds "
 					  "WHERE tenant_id = $1 AND hold_id = $2",
 					  2, types);
 	values[0] = PointerGetDatum(acc->tenant_id);
 	values[1] = Int64GetDatum(hold_id);
-	billing_spi_exec(plan_load_id, values, NULL, SPI_OK_SELECT, "loading the hold");
+	billing_spi_exec(plan_load_id[v], values, NULL, SPI_OK_SELECT, "loading the hold");
 	if (SPI_processed != 1)
 		elog(ERROR, "billing: hold " INT64_FORMAT " vanished", hold_id);
 	fill_hold(h, acc->cxt);
@@ -264,15 +285,20 @@ raise_not_open(Account *acc, Hold *h, const char *what)
 static void
 save_hold(Account *acc, Hold *h)
 {
-	Oid			types[7] = {TEXTOID, INT8OID, INT8OID, INT8OID, TEXTOID,
-	TIMESTAMPTZOID, TIMESTAMPTZOID};
-	Datum		values[7];
+	Oid			types[8] = {TEXTOID, INT8OID, INT8OID, INT8OID, TEXTOID,
+	TIMESTAMPTZOID, TIMESTAMPTZOID, INT8ARRAYOID};
+	Datum		values[8];
+	char		nulls[8] = {' ', ' ', ' ', ' ', ' ', ' ', ' ', ' '};
+	int			v = acc->grants_supported;
 
-	billing_keep_plan(&plan_update_hold,
+	billing_keep_plan(&plan_update_hold[v],
+					  v ? "UPDATE billing.holds SET captured_micros = $3, released_micros = $4, "
+					  "  status = $5, expires_at = $6, updated_at = $7, grant_draws = $8 "
+					  "WHERE tenant_id = $1 AND hold_id = $2" :
 					  "UPDATE billing.holds SET captured_micros = $3, released_micros = $4, "
 					  "  status = $5, expires_at = $6, updated_at = $7 "
 					  "WHERE tenant_id = $1 AND hold_id = $2",
-					  7, types);
+					  v ? 8 : 7, types);
 	values[0] = PointerGetDatum(acc->tenant_id);
 	values[1] = Int64GetDatum(h->hold_id);
 	values[2] = Int64GetDatum(h->captured);
@@ -280,7 +306,53 @@ save_hold(Account *acc, Hold *h)
 	values[4] = CStringGetTextDatum(h->status);
 	values[5] = TimestampTzGetDatum(h->expires_at);
 	values[6] = TimestampTzGetDatum(acc->now);
-	billing_spi_exec(plan_update_hold, values, NULL, SPI_OK_UPDATE, "updating the hold");
+	nulls[7] = h->shares.n == 0 ? 'n' : ' ';
+	values[7] = h->shares.n == 0 ? (Datum) 0 : draws_datum(&h->shares);
+	billing_spi_exec(plan_update_hold[v], values, nulls, SPI_OK_UPDATE, "updating the hold");
+}
+
+/*
+ * A hold is settled (captured in full, released, or expired): what it had
+ * reserved of grant buckets and did not capture goes back to them; a share
+ * of a bucket that has expired meanwhile expires now (after the caller's
+ * own entry, if any).
+ */
+static void
+give_back_shares(Account *acc, Hold *h, Draws *expired)
+{
+	if (h->shares.n == 0)
+		return;
+	grants_give_back(acc, &h->shares, expired);
+	memset(&h->shares, 0, sizeof(h->shares));
+}
+
+/* take up to `amount` of the hold's shares, in the order they were taken */
+static void
+consume_shares(Hold *h, int64 amount, Draws *out)
+{
+	for (int i = 0; i < h->shares.n && amount > 0; i++)
+	{
+		int64		take = Min(amount, h->shares.amount[i]);
+
+		if (take <= 0)
+			continue;
+		draws_add(out, h->shares.grant_id[i], take);
+		h->shares.amount[i] -= take;
+		amount -= take;
+	}
+	/* drop what is used up */
+	{
+		int			kept = 0;
+
+		for (int i = 0; i < h->shares.n; i++)
+			if (h->shares.amount[i] > 0)
+			{
+				h->shares.grant_id[kept] = h->shares.grant_id[i];
+				h->shares.amount[kept] = h->shares.amount[i];
+				kept++;
+			}
+		h->shares.n = kept;
+	}
 }
 
 static void
@@ -513,7 +585,7 @@ billing_hold(PG_FUNCTION_ARGS)
 	if (probe_event(&acc, trace_id, "hold", trace_id, amount, &hold_id, &entry_id))
 	{
 		check_hold_replay(&acc, hold_id, api_key, description, metadata);
-		account_expire_holds(&acc);
+		account_expire_due(&acc);
 		account_finish(&acc);
 		load_hold_by_id(&acc, hold_id, &h);
 		result = hold_result(fcinfo, &acc, &h, true);
@@ -521,32 +593,38 @@ billing_hold(PG_FUNCTION_ARGS)
 		return result;
 	}
 
-	account_expire_holds(&acc);
+	account_expire_due(&acc);
 	account_key_lock(&acc, &key, api_key);
+	memset(&h, 0, sizeof(h));
 	debit.reserve = amount;
 	debit.counts_request = true;
 	debit.funds_errcode = ERRCODE_BILLING_INSUFFICIENT_FUNDS;
+	debit.draws = &h.shares;	/* the hold takes its share of the buckets now */
 	if (!account_check_debit(&acc, &key, &debit, &rej))
 		billing_raise_rejection(&rej);
 	account_apply_debit(&acc, &key, &debit);
 
-	memset(&h, 0, sizeof(h));
 	h.trace_id = trace_id;
 	h.amount = amount;
 	h.status = "open";
 	h.expires_at = acc.now + expires_in;
 	h.api_key = api_key;
 	{
-		Oid			types[9] = {TEXTOID, TEXTOID, INT8OID, TIMESTAMPTZOID, TEXTOID,
-		TEXTOID, JSONBOID, TIMESTAMPTZOID, TIMESTAMPTZOID};
-		Datum		values[9];
-		char		nulls[9];
+		Oid			types[10] = {TEXTOID, TEXTOID, INT8OID, TIMESTAMPTZOID, TEXTOID,
+		TEXTOID, JSONBOID, TIMESTAMPTZOID, TIMESTAMPTZOID, INT8ARRAYOID};
+		Datum		values[10];
+		char		nulls[10];
+		int			v = acc.grants_supported;
 
-		billing_keep_plan(&plan_insert_hold,
+		billing_keep_plan(&plan_insert_hold[v],
+						  v ? "INSERT INTO billing.holds (tenant_id, trace_id, amount_micros, "
+						  "  expires_at, api_key, description, metadata, created_at, updated_at, "
+						  "  grant_draws) "
+						  "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) RETURNING hold_id" :
 						  "INSERT INTO billing.holds (tenant_id, trace_id, amount_micros, "
 						  "  expires_at, api_key, description, metadata, created_at, updated_at) "
 						  "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) RETURNING hold_id",
-						  9, types);
+						  v ? 10 : 9, types);
 		memset(nulls, ' ', sizeof(nulls));
 		values[0] = PointerGetDatum(tenant_id);
 		values[1] = PointerGetDatum(trace_id);
@@ -559,7 +637,9 @@ billing_hold(PG_FUNCTION_ARGS)
 		values[6] = JsonbPGetDatum(metadata);
 		values[7] = TimestampTzGetDatum(acc.now);
 		values[8] = TimestampTzGetDatum(acc.now);
-		billing_spi_exec(plan_insert_hold, values, nulls, SPI_OK_INSERT_RETURNING,
+		nulls[9] = h.shares.n == 0 ? 'n' : ' ';
+		values[9] = h.shares.n == 0 ? (Datum) 0 : draws_datum(&h.shares);
+		billing_spi_exec(plan_insert_hold[v], values, nulls, SPI_OK_INSERT_RETURNING,
 						 "inserting the hold");
 		h.hold_id = billing_col_int64(0, 1, 0);
 	}
@@ -602,6 +682,8 @@ billing_capture(PG_FUNCTION_ARGS)
 	int64		take;
 	int64		rest = 0;
 	bool		replayed = false;
+	Draws		draws = {0};
+	Draws		expired = {0};
 	TupleDesc	tupdesc;
 	Datum		values[11];
 	bool		nulls[11] = {0};
@@ -621,7 +703,7 @@ billing_capture(PG_FUNCTION_ARGS)
 	{
 		replayed = true;
 		check_capture_replay(&acc, hold_id, entry_id, final, &e);
-		account_expire_holds(&acc);
+		account_expire_due(&acc);
 		account_finish(&acc);
 		load_hold_by_id(&acc, hold_id, &h);
 	}
@@ -632,7 +714,7 @@ billing_capture(PG_FUNCTION_ARGS)
 			billing_check_event_at_window(e.event_at);
 		/* the capture's entry must not take a recorded rejection's trace id */
 		billing_check_not_rejected(&acc, trace_id, "capture");
-		account_expire_holds(&acc);
+		account_expire_due(&acc);
 		load_hold(&acc, hold_trace, &h);
 		if (strcmp(h.status, "open") != 0)
 			raise_not_open(&acc, &h, "captured");
@@ -643,6 +725,7 @@ billing_capture(PG_FUNCTION_ARGS)
 		debit.charge = amount;
 		debit.covered = take;
 		debit.funds_errcode = ERRCODE_BILLING_CAPTURE_EXCEEDS;
+		debit.draws = &draws;	/* an excess over the hold: fresh from the buckets */
 		if (!account_check_debit(&acc, &key, &debit, &rej))
 		{
 			if (rej.sqlerrcode == ERRCODE_BILLING_CAPTURE_EXCEEDS)
@@ -652,6 +735,8 @@ billing_capture(PG_FUNCTION_ARGS)
 									  billing_format_micros(amount));
 			billing_raise_rejection(&rej);
 		}
+		/* what the hold covers, from its shares of the buckets */
+		consume_shares(&h, take, &draws);
 		account_apply_debit(&acc, &key, &debit);
 
 		h.captured = billing_add_micros(h.captured, amount, "captured amount of the hold");
@@ -662,9 +747,11 @@ billing_capture(PG_FUNCTION_ARGS)
 			h.released = billing_add_micros(h.released, rest, "released amount of the hold");
 			acc.holds = billing_add_micros(acc.holds, -rest, "open holds of the account");
 			h.status = "captured";
+			give_back_shares(&acc, &h, &expired);
 		}
 
 		e.kind = "capture";
+		e.draws = &draws;
 		e.amount = -amount;
 		e.trace_id = trace_id;
 		e.api_key = h.api_key;
@@ -677,6 +764,7 @@ billing_capture(PG_FUNCTION_ARGS)
 		journal(&acc, &h, trace_id, "capture", amount, entry_id, final);
 		if (rest > 0)
 			journal(&acc, &h, NULL, "release", rest, 0, false);
+		grants_write_expiries(&acc, &expired, "grant expired (a hold's unused share)");
 		account_key_save(&acc, &key);
 	}
 
@@ -744,7 +832,7 @@ billing_release(PG_FUNCTION_ARGS)
 
 	if (probe_event(&acc, trace_id, "release", hold_trace, -1, &hold_id, &entry_id))
 	{
-		account_expire_holds(&acc);
+		account_expire_due(&acc);
 		account_finish(&acc);
 		load_hold_by_id(&acc, hold_id, &h);
 		result = hold_result(fcinfo, &acc, &h, true);
@@ -752,19 +840,23 @@ billing_release(PG_FUNCTION_ARGS)
 		return result;
 	}
 
-	account_expire_holds(&acc);
+	account_expire_due(&acc);
 	load_hold(&acc, hold_trace, &h);
 	{
 		int64		rest = hold_remaining(&h);
 
 		if (strcmp(h.status, "open") == 0)
 		{
+			Draws		expired = {0};
+
 			h.released = billing_add_micros(h.released, rest, "released amount of the hold");
 			h.status = "released";
 			acc.holds = billing_add_micros(acc.holds, -rest, "open holds of the account");
+			give_back_shares(&acc, &h, &expired);
 			save_hold(&acc, &h);
 			acc.version++;
 			account_save(&acc, false);
+			grants_write_expiries(&acc, &expired, "grant expired (a released hold's share)");
 		}
 		journal(&acc, &h, trace_id, "release", rest, 0, false);
 	}
@@ -792,7 +884,7 @@ billing_hold_extend(PG_FUNCTION_ARGS)
 	Datum		result;
 
 	account_lock(&acc, tenant_id, billing_spi_connect());
-	account_expire_holds(&acc);
+	account_expire_due(&acc);
 	load_hold(&acc, hold_trace, &h);
 	if (strcmp(h.status, "open") != 0)
 		raise_not_open(&acc, &h, "extended");

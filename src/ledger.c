@@ -89,7 +89,6 @@ static const char *const debit_kinds[] = {"deduct", "adjustment", NULL};
 /* SPI plans, prepared on first use and kept for the life of the backend */
 static SPIPlanPtr plan_probe = NULL;
 static SPIPlanPtr plan_reject = NULL;
-static SPIPlanPtr plan_balance = NULL;
 
 /* ---------------------------------------------------------------------
  * arguments
@@ -421,18 +420,20 @@ billing_check_not_rejected(Account *acc, text *trace_id, const char *kind)
 static const char *const entry_cols[EC_NCOLS] = {
 	"tenant_id", "entry_id", "trace_id", "kind", "amount_micros",
 	"balance_after_micros", "version", "description", "metadata", "event_at",
-	"created_at", "api_key", "hold_id", "actor"
+	"created_at", "api_key", "hold_id",
+	"actor", "grant_id", "draws", "refund_of"
 };
 
 static const Oid entry_types[EC_NCOLS] = {
 	TEXTOID, INT8OID, TEXTOID, TEXTOID, INT8OID,
 	INT8OID, INT8OID, TEXTOID, JSONBOID, TIMESTAMPTZOID,
-	TIMESTAMPTZOID, TEXTOID, INT8OID, TEXTOID
+	TIMESTAMPTZOID, TEXTOID, INT8OID,
+	TEXTOID, INT8OID, INT8ARRAYOID, INT8OID
 };
 
 /* probed by (tenant_id, trace_id): the key index is entries_trace_key */
 DirectTable billing_entries_table = {
-	"entries", "entries_trace_key", EC_NCOLS, entry_cols, entry_types, true, 1
+	"entries", "entries_trace_key", EC_NCOLS, entry_cols, entry_types, true, 4
 };
 
 /*
@@ -475,6 +476,12 @@ billing_post_entry(Account *acc, EntryWrite *e)
 	values[EC_HOLD_ID] = Int64GetDatum(e->hold_id);
 	nulls[EC_HOLD_ID] = e->hold_id == 0;
 	values[EC_ACTOR] = PointerGetDatum(billing_actor());
+	values[EC_GRANT_ID] = Int64GetDatum(e->grant_id);
+	nulls[EC_GRANT_ID] = e->grant_id == 0;
+	nulls[EC_DRAWS] = e->draws == NULL || e->draws->n == 0;
+	values[EC_DRAWS] = nulls[EC_DRAWS] ? (Datum) 0 : draws_datum(e->draws);
+	values[EC_REFUND_OF] = Int64GetDatum(e->refund_of);
+	nulls[EC_REFUND_OF] = e->refund_of == 0;
 	account_write(acc, true, &billing_entries_table, values, nulls);
 	return entry_id;
 }
@@ -491,6 +498,9 @@ ledger_post(text *tenant_id, LedgerRequest *req, PostMode mode,
 	MemoryContext outer;
 	Account		acc;
 	Account		before;
+	Bucket		saved[GRANTS_MAX_OPEN];
+	int			nsaved;
+	Draws		draws = {0};
 	ApiKey		key;
 	bool		ok = true;
 
@@ -529,9 +539,12 @@ ledger_post(text *tenant_id, LedgerRequest *req, PostMode mode,
 	}
 
 	/* 3. business rules */
-	account_expire_holds(&acc);
+	account_expire_due(&acc);
 	account_key_lock(&acc, &key, e->api_key);
-	before = acc;				/* to undo the in-memory charge on a replay */
+	/* to undo the in-memory charge on a replay (the buckets are an array) */
+	before = acc;
+	nsaved = acc.nbuckets;
+	memcpy(saved, acc.buckets, sizeof(Bucket) * nsaved);
 	if (req->is_debit)
 	{
 		Debit		debit = {0};
@@ -539,6 +552,8 @@ ledger_post(text *tenant_id, LedgerRequest *req, PostMode mode,
 		debit.charge = -e->amount;
 		debit.counts_request = true;
 		debit.funds_errcode = ERRCODE_BILLING_INSUFFICIENT_FUNDS;
+		debit.draws = &draws;
+		e->draws = &draws;
 		ok = account_check_debit(&acc, &key, &debit, &out->rejection);
 		if (ok)
 			account_apply_debit(&acc, &key, &debit);
@@ -604,6 +619,8 @@ ledger_post(text *tenant_id, LedgerRequest *req, PostMode mode,
 					 errdetail("The entry was committed after this transaction's snapshot was taken."),
 					 errhint("Retry the transaction; the retry returns the recorded outcome.")));
 		acc = before;
+		memcpy(acc.buckets, saved, sizeof(Bucket) * nsaved);
+		acc.nbuckets = nsaved;
 		account_finish(&acc);
 		SPI_finish();
 		return;
@@ -947,37 +964,44 @@ billing_deduct_many(PG_FUNCTION_ARGS)
 	return (Datum) 0;
 }
 
-/* billing_balance(tenant_id) -> numeric: the cached balance, O(1) */
+/*
+ * billing_balance(tenant_id) -> numeric: the cached balance, O(1), less what
+ * it still holds of grants that have expired (their 'expire' entries are
+ * written by the next call on the account): expired credit is never shown.
+ */
 Datum
 billing_balance(PG_FUNCTION_ARGS)
 {
 	text	   *tenant;
-	Datum		values[1];
-	Oid			types[1] = {TEXTOID};
+	DirectReader *r;
+	Datum		values[AC_NCOLS];
+	bool		nulls[AC_NCOLS];
+	bool		found;
 	int64		balance;
-	int			ret;
 
 	billing_check_not_null(fcinfo, 0, "tenant_id");
 	tenant = billing_check_id(PG_GETARG_TEXT_PP(0), "tenant_id",
 							  ERRCODE_BILLING_INVALID_TENANT_ID);
 
-	billing_spi_connect();
-	billing_keep_plan(&plan_balance,
-					  "SELECT balance_micros FROM billing.accounts WHERE tenant_id = $1",
-					  1, types);
-	values[0] = PointerGetDatum(tenant);
-	ret = SPI_execute_plan(plan_balance, values, NULL, true, 1);
-	if (ret != SPI_OK_SELECT)
-		elog(ERROR, "billing: balance lookup failed: %s",
-			 SPI_result_code_string(ret));
-	if (SPI_processed == 0)
+	r = direct_reader_open(&billing_accounts_table);
+	found = direct_reader_fetch(r, PointerGetDatum(tenant), values, nulls);
+	direct_reader_close(r);
+	if (!found)
 		ereport(ERROR,
 				(errcode(ERRCODE_BILLING_ACCOUNT_NOT_FOUND),
 				 errmsg("account \"%s\" does not exist", text_to_cstring(tenant)),
 				 errhint("Create it first with billing_account_create(%s).",
 						 quote_literal_cstr(text_to_cstring(tenant)))));
-	balance = billing_col_int64(0, 1, 0);
-	SPI_finish();
+	balance = DatumGetInt64(values[AC_BALANCE]);
+	if (!nulls[AC_GRANTS_STATE])
+	{
+		Account		acc;
 
+		memset(&acc, 0, sizeof(acc));
+		acc.cxt = CurrentMemoryContext;
+		acc.tenant = text_to_cstring(tenant);
+		grants_load(&acc, values[AC_GRANTS_STATE], false);
+		balance -= grants_expired_micros(&acc, GetCurrentTimestamp());
+	}
 	PG_RETURN_NUMERIC(billing_micros_to_numeric(balance));
 }

@@ -23,6 +23,9 @@ typedef struct EntryWrite
 	TimestampTz event_at;
 	text	   *api_key;		/* may be NULL */
 	int64		hold_id;		/* 0: none */
+	int64		grant_id;		/* 0: none (the wallet) */
+	Draws	   *draws;			/* explicit buckets drawn or given back to */
+	int64		refund_of;		/* 0: not a refund of a charge */
 } EntryWrite;
 
 extern int64 billing_post_entry(Account *acc, EntryWrite *entry);

@@ -17,14 +17,24 @@
  * functions and filtered aggregates) ran at ~1 M entries/s; this is the
  * part of billing_verify() that reads every entry.
  *
+ * Since 1.4 it also replays the grant buckets from the ledger alone: a
+ * grant entry fills its bucket (less the debt it paid back), a debit's
+ * draws take from buckets, a refund's draws give back, an expire entry
+ * empties.  Every bucket must stay at zero or above, and what is left in it
+ * must be what the account says it holds (accounts.grants_state) plus what
+ * open holds reserved of it: billing_verify() compares the two.
+ *
  *-------------------------------------------------------------------------
  */
 #include "postgres.h"
 
 #include "billing.h"
+#include "catalog/pg_type.h"
 #include "common/int.h"
 #include "direct.h"
 #include "account.h"
+#include "grants.h"
+#include "utils/array.h"
 #include "funcapi.h"
 #include "utils/builtins.h"
 #include "utils/memutils.h"
@@ -50,6 +60,12 @@ typedef struct TenantFacts
 	int64		invalid;
 	int64		prev_balance;
 	int64		prev_version;
+	/* grant buckets replayed from the ledger: grant id, what is left */
+	int			ngrants;
+	int			maxgrants;
+	int64	   *grant_id;
+	int64	   *grant_left;
+	int64		grants_negative;	/* entries that took a bucket below zero */
 } TenantFacts;
 
 static bool
@@ -68,7 +84,7 @@ entry_invalid(text *kind, int64 amount)
 		return true;
 	if (kind_is(kind, "topup") || kind_is(kind, "grant") || kind_is(kind, "refund"))
 		return amount < 0;
-	if (kind_is(kind, "deduct") || kind_is(kind, "capture"))
+	if (kind_is(kind, "deduct") || kind_is(kind, "capture") || kind_is(kind, "expire"))
 		return amount > 0;
 	return !kind_is(kind, "adjustment");
 }
@@ -101,11 +117,107 @@ chain_in_version_order(TenantFacts *f)
 	SPI_finish();
 }
 
+/* add `amount` to bucket g of the tenant (in tenant_cxt) */
+static void
+bucket_add(TenantFacts *f, int64 g, int64 amount)
+{
+	int			i;
+
+	for (i = 0; i < f->ngrants; i++)
+		if (f->grant_id[i] == g)
+			break;
+	if (i == f->ngrants)
+	{
+		if (f->ngrants == f->maxgrants)
+		{
+			MemoryContext old = MemoryContextSwitchTo(f->tenant_cxt);
+
+			f->maxgrants = f->maxgrants ? f->maxgrants * 2 : 8;
+			f->grant_id = f->grant_id ? repalloc(f->grant_id, sizeof(int64) * f->maxgrants) :
+				palloc(sizeof(int64) * f->maxgrants);
+			f->grant_left = f->grant_left ? repalloc(f->grant_left, sizeof(int64) * f->maxgrants) :
+				palloc(sizeof(int64) * f->maxgrants);
+			MemoryContextSwitchTo(old);
+		}
+		f->grant_id[i] = g;
+		f->grant_left[i] = 0;
+		f->ngrants++;
+	}
+	if (pg_add_s64_overflow(f->grant_left[i], amount, &f->grant_left[i]) ||
+		f->grant_left[i] < 0)
+		f->grants_negative++;
+}
+
+/* the grant buckets of one entry (see the file header) */
+static void
+replay_grants(TenantFacts *f, TupleTableSlot *slot, text *kind, int64 amount)
+{
+	AttrNumber *att = billing_entries_table.attnum;
+	bool		isnull;
+	Datum		d;
+
+	if (att[EC_GRANT_ID] == InvalidAttrNumber)
+		return;					/* a 1.3 schema: no grants */
+	d = slot_getattr(slot, att[EC_GRANT_ID], &isnull);
+	if (!isnull)
+	{
+		int64		g = DatumGetInt64(d);
+
+		if (kind_is(kind, "grant"))
+		{
+			/* a credit into a bucket pays debt back first */
+			int64		repaid = Min(amount, Max(0, -f->prev_balance));
+
+			bucket_add(f, g, amount - repaid);
+		}
+		else
+			bucket_add(f, g, amount);	/* an expiry: negative */
+	}
+	d = slot_getattr(slot, att[EC_DRAWS], &isnull);
+	if (!isnull)
+	{
+		Draws		draws;
+
+		draws_from_datum(d, &draws);
+		for (int i = 0; i < draws.n; i++)
+			bucket_add(f, draws.grant_id[i], amount < 0 ? -draws.amount[i] : draws.amount[i]);
+	}
+}
+
+/* the replayed buckets as grant id, left pairs (sorted, empty ones out) */
+static Datum
+grants_datum(TenantFacts *f)
+{
+	Datum	   *elems = palloc(sizeof(Datum) * 2 * Max(f->ngrants, 1));
+	int			n = 0;
+
+	/* insertion sort by grant id: a tenant has few grants */
+	for (int i = 1; i < f->ngrants; i++)
+		for (int k = i; k > 0 && f->grant_id[k - 1] > f->grant_id[k]; k--)
+		{
+			int64		t = f->grant_id[k];
+			int64		l = f->grant_left[k];
+
+			f->grant_id[k] = f->grant_id[k - 1];
+			f->grant_left[k] = f->grant_left[k - 1];
+			f->grant_id[k - 1] = t;
+			f->grant_left[k - 1] = l;
+		}
+	for (int i = 0; i < f->ngrants; i++)
+		if (f->grant_left[i] != 0)
+		{
+			elems[n++] = Int64GetDatum(f->grant_id[i]);
+			elems[n++] = Int64GetDatum(f->grant_left[i]);
+		}
+	return PointerGetDatum(construct_array(elems, n, INT8OID, 8, FLOAT8PASSBYVAL,
+										   TYPALIGN_DOUBLE));
+}
+
 static void
 emit(TenantFacts *f)
 {
-	Datum		values[7];
-	bool		nulls[7] = {0};
+	Datum		values[9];
+	bool		nulls[9] = {0};
 	MemoryContext old = MemoryContextSwitchTo(f->tenant_cxt);
 	Numeric		total = int64_to_numeric(f->sum);
 
@@ -123,6 +235,12 @@ emit(TenantFacts *f)
 	nulls[4] = f->breaks == 0;
 	values[5] = Int64GetDatum(f->max_version);
 	values[6] = Int64GetDatum(f->invalid);
+	/* a 1.3 schema's function has the first seven columns only */
+	if (f->rsinfo->setDesc->natts >= 9)
+	{
+		values[7] = grants_datum(f);
+		values[8] = Int64GetDatum(f->grants_negative);
+	}
 	tuplestore_putvalues(f->rsinfo->setResult, f->rsinfo->setDesc, values, nulls);
 	MemoryContextSwitchTo(old);
 	/* the row is copied into the tuplestore: the tenant's memory can go */
@@ -167,6 +285,9 @@ visit_entry(TupleTableSlot *slot, void *arg)
 		f->sum = f->n = f->breaks = f->invalid = 0;
 		f->first_break = f->max_version = 0;
 		f->prev_balance = f->prev_version = 0;
+		f->ngrants = f->maxgrants = 0;
+		f->grant_id = f->grant_left = NULL;
+		f->grants_negative = 0;
 	}
 
 	if (pg_add_s64_overflow(f->sum, amount, &sum))
@@ -195,6 +316,7 @@ visit_entry(TupleTableSlot *slot, void *arg)
 		f->max_version = version;
 	if (entry_invalid(kind, amount))
 		f->invalid++;
+	replay_grants(f, slot, kind, amount);
 	f->prev_balance = balance;
 	f->prev_version = version;
 
@@ -204,7 +326,8 @@ visit_entry(TupleTableSlot *slot, void *arg)
 
 /*
  * billing.verify_entries(tenant_id text) -> SETOF (tenant_id, total,
- * entries, breaks, first_break, max_version, invalid);
+ * entries, breaks, first_break, max_version, invalid, grants,
+ * grants_negative);
  * NULL tenant: every tenant.
  */
 Datum

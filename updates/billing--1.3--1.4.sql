@@ -136,7 +136,11 @@ COMMENT ON VIEW billing.open_holds IS 'holds that still reserve funds (open and 
 
 CREATE OR REPLACE VIEW billing.quota_usage WITH (security_barrier) AS
 WITH p AS (
-    SELECT a.*,
+    SELECT a.tenant_id, a.timezone, a.usage_day, a.usage_month,
+           a.day_requests, a.month_requests, a.day_spend_micros, a.month_spend_micros,
+           a.daily_request_quota, a.monthly_request_quota,
+           a.daily_spend_cap_micros, a.monthly_spend_cap_micros,
+           a.max_charge_micros, a.minute_request_limit,
            (now() AT TIME ZONE a.timezone)::date AS today,
            date_trunc('month', now() AT TIME ZONE a.timezone)::date AS this_month
       FROM billing.accounts a
@@ -1273,6 +1277,418 @@ COMMENT ON FUNCTION billing_job_cancel(text, bigint, text) IS 'cancel a queued o
 DROP EVENT TRIGGER billing_guard_drop;
 DROP FUNCTION billing.guard_drop();
 
+-- ---------------------------------------------------------------------------
+-- issue 16: grants (credit buckets with expiry and priority), refunds tied to
+-- their charge
+-- ---------------------------------------------------------------------------
+
+-- where the buckets live: the open ones on the account row, what a debit drew
+-- and a hold reserved beside it.  Accounts, entries and holds of 1.3 have no
+-- buckets: their money is the wallet's.
+ALTER TABLE billing.accounts ADD COLUMN grants_state bigint[],
+                             ADD COLUMN grants_next_expiry timestamptz;
+CREATE INDEX accounts_grants_expiry_idx ON billing.accounts (grants_next_expiry)
+    WHERE grants_next_expiry IS NOT NULL;
+ALTER TABLE billing.entries ADD COLUMN grant_id bigint,
+                            ADD COLUMN draws bigint[],
+                            ADD COLUMN refund_of bigint;
+COMMENT ON COLUMN billing.entries.grant_id IS 'kind grant: the bucket it filled; kind expire: the bucket that expired';
+COMMENT ON COLUMN billing.entries.draws IS 'a debit: the grant buckets it drew from; a refund: those it gave back to (grant_id, amount pairs; the wallet is the rest)';
+COMMENT ON COLUMN billing.entries.refund_of IS 'a refund: the entry_id of the charge it refunds';
+ALTER TABLE billing.holds ADD COLUMN grant_draws bigint[];
+
+-- what the cached balance still holds of grants whose expiry time has passed
+-- (their expire entries are written by the next call on the account): the
+-- views subtract it, so expired credit never shows as spendable
+CREATE FUNCTION billing.expired_micros(grants_state bigint[], at timestamptz) RETURNS bigint
+    AS 'MODULE_PATHNAME', 'billing_expired_micros'
+    LANGUAGE C IMMUTABLE PARALLEL SAFE;
+COMMENT ON FUNCTION billing.expired_micros(bigint[], timestamptz) IS 'what accounts.grants_state holds of grants expired by a time (the views subtract it from the balance)';
+
+CREATE OR REPLACE VIEW billing.balances WITH (security_barrier) AS
+SELECT a.tenant_id,
+       a.currency,
+       a.status,
+       billing.to_amount(a.balance_micros - billing.expired_micros(a.grants_state, now())) AS balance,
+       billing.to_amount(a.credit_limit_micros)                    AS credit_limit,
+       billing.to_amount(billing.effective_holds(a))               AS on_hold,
+       billing.to_amount(a.balance_micros - billing.expired_micros(a.grants_state, now()))
+           + billing.to_amount(a.credit_limit_micros)
+           - billing.to_amount(billing.effective_holds(a))          AS available,
+       a.version,
+       a.last_entry_at,
+       a.timezone,
+       a.metadata,
+       a.created_at,
+       a.updated_at
+  FROM billing.accounts a
+ WHERE ((SELECT billing.visible_tenants()) IS NULL OR a.tenant_id = ANY ((SELECT billing.visible_tenants())::text[]));
+-- an expiry dates from its grant's expires_at
+CREATE OR REPLACE FUNCTION billing_balance_at(tenant_id text, at timestamptz) RETURNS numeric
+    LANGUAGE plpgsql STABLE SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    total numeric;
+BEGIN
+    IF billing_balance_at.tenant_id IS NULL THEN
+        RAISE EXCEPTION 'tenant_id must not be null'
+            USING ERRCODE = 'ZB015', HINT = 'Pass a value for tenant_id.';
+    END IF;
+    IF billing_balance_at.at IS NULL THEN
+        RAISE EXCEPTION 'at must not be null'
+            USING ERRCODE = 'ZB015', HINT = 'Pass the point in time, e.g. now() - interval ''1 day''.';
+    END IF;
+    PERFORM billing.check_account_settings(billing_balance_at.tenant_id, NULL, NULL, NULL, NULL);
+    PERFORM FROM billing.accounts a WHERE a.tenant_id = billing_balance_at.tenant_id;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'account "%" does not exist', billing_balance_at.tenant_id
+            USING ERRCODE = 'ZB001',
+                  HINT = format('Create it first with billing_account_create(%L).', billing_balance_at.tenant_id);
+    END IF;
+    -- An expiry counts from the moment the grant expired (its event_at), even
+    -- when its entry was written later; a grant that expired by then but whose
+    -- entry is not written yet still holds its remainder in grants_state.
+    SELECT coalesce(sum(e.amount_micros), 0) INTO total
+      FROM billing.entries e
+     WHERE e.tenant_id = billing_balance_at.tenant_id
+       AND CASE WHEN e.kind = 'expire' THEN LEAST(e.event_at, e.created_at)
+                ELSE e.created_at END <= billing_balance_at.at;
+    SELECT total - billing.expired_micros(a.grants_state, billing_balance_at.at) INTO total
+      FROM billing.accounts a
+     WHERE a.tenant_id = billing_balance_at.tenant_id;
+    RETURN billing.to_amount(total::bigint);
+END;
+$$;
+COMMENT ON FUNCTION billing_balance_at(text, timestamptz) IS
+    'balance at a point in time: SUM of the entries created up to then, grants that had expired by then taken off';
+
+CREATE OR REPLACE VIEW billing.ledger WITH (security_barrier) AS
+SELECT e.entry_id,
+       e.tenant_id,
+       e.trace_id,
+       e.kind,
+       billing.to_amount(e.amount_micros)        AS amount,
+       billing.to_amount(e.balance_after_micros) AS balance_after,
+       e.version,
+       e.description,
+       e.metadata->>'model'                      AS model,
+       coalesce(e.api_key, e.metadata->>'api_key') AS api_key,
+       e.hold_id,
+       e.metadata,
+       e.event_at,
+       e.created_at,
+       e.actor,
+       e.grant_id,
+       e.refund_of
+  FROM billing.entries e
+ WHERE ((SELECT billing.visible_tenants()) IS NULL OR e.tenant_id = ANY ((SELECT billing.visible_tenants())::text[]));
+-- billing_verify() also replays the buckets from the ledger
+DROP FUNCTION billing.verify_entries(text);
+CREATE FUNCTION billing.verify_entries(tenant_id text)
+    RETURNS TABLE (tenant_id text, total numeric, n bigint, breaks bigint,
+                   first_break bigint, max_version bigint, invalid bigint,
+                   grants bigint[], grants_negative bigint)
+    AS 'MODULE_PATHNAME', 'billing_verify_entries'
+    LANGUAGE C STABLE;
+
+COMMENT ON FUNCTION billing.verify_entries(text) IS
+    'per-tenant facts of the ledger in one pass (internal: billing_verify); NULL: every tenant';
+
+REVOKE ALL ON FUNCTION billing.verify_entries(text) FROM PUBLIC;
+
+CREATE OR REPLACE FUNCTION billing_verify(tenant_id text DEFAULT NULL)
+    RETURNS SETOF billing.verify_result
+    LANGUAGE plpgsql STABLE SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF billing_verify.tenant_id IS NOT NULL THEN
+        PERFORM billing.check_account_settings(billing_verify.tenant_id, NULL, NULL, NULL, NULL);
+    END IF;
+    IF billing_verify.tenant_id IS NOT NULL
+       AND NOT EXISTS (SELECT FROM billing.accounts a WHERE a.tenant_id = billing_verify.tenant_id)
+       AND NOT EXISTS (SELECT FROM billing.entries e WHERE e.tenant_id = billing_verify.tenant_id) THEN
+        RAISE EXCEPTION 'account "%" does not exist', billing_verify.tenant_id
+            USING ERRCODE = 'ZB001',
+                  HINT = 'Call billing_verify() without an argument to check every account.';
+    END IF;
+    RETURN QUERY
+
+    WITH per_tenant AS (
+        SELECT * FROM billing.verify_entries(billing_verify.tenant_id)
+    )
+    , holds AS (
+        SELECT h.tenant_id,
+               sum(h.amount_micros - h.captured_micros - h.released_micros) AS open_micros
+          FROM billing.holds h
+         WHERE h.status = 'open' AND (billing_verify.tenant_id IS NULL OR h.tenant_id = billing_verify.tenant_id)
+         GROUP BY h.tenant_id
+    )
+    -- what each grant bucket holds by the accounts and the open holds: the
+    -- ledger's replay (verify_entries) must say the same
+    , held AS (
+        SELECT s.tenant_id, s.g, sum(s.amount) AS amount
+          FROM (SELECT a.tenant_id, a.grants_state[i] AS g, a.grants_state[i + 1] AS amount
+                  FROM billing.accounts a,
+                       generate_series(1, coalesce(array_length(a.grants_state, 1), 0), 4) AS i
+                 WHERE billing_verify.tenant_id IS NULL OR a.tenant_id = billing_verify.tenant_id
+                UNION ALL
+                SELECT h.tenant_id, h.grant_draws[i], h.grant_draws[i + 1]
+                  FROM billing.holds h,
+                       generate_series(1, coalesce(array_length(h.grant_draws, 1), 0), 2) AS i
+                 WHERE h.status = 'open'
+                   AND (billing_verify.tenant_id IS NULL OR h.tenant_id = billing_verify.tenant_id)) s
+         GROUP BY 1, 2
+        HAVING sum(s.amount) <> 0
+    )
+    , grants AS (
+        SELECT held.tenant_id, array_agg(v.x ORDER BY held.g, v.k) AS state
+          FROM held, LATERAL (VALUES (1, held.g), (2, held.amount::bigint)) AS v(k, x)
+         GROUP BY 1
+    )
+    SELECT coalesce(a.tenant_id, p.tenant_id),
+           billing.to_amount(a.balance_micros),
+           (coalesce(p.total, 0) / 1000000)::numeric(38, 6),
+           coalesce(p.n, 0),
+           coalesce(p.breaks, 0),
+           p.first_break,
+           CASE
+               WHEN a.tenant_id IS NULL THEN 'entries without an account'
+               WHEN a.balance_micros <> coalesce(p.total, 0) THEN 'cached balance differs from SUM(entries)'
+               WHEN coalesce(p.breaks, 0) > 0 THEN 'balance_after chain is broken'
+               WHEN a.version < coalesce(p.max_version, 0) THEN 'account version is behind its entries'
+               WHEN coalesce(p.invalid, 0) > 0 THEN 'entries with an unknown kind, a zero amount or the wrong sign'
+               WHEN coalesce(p.grants_negative, 0) > 0 THEN 'a grant bucket went below zero'
+               WHEN coalesce(p.grants, '{}') <> coalesce(g.state, '{}') THEN 'grant buckets differ from the ledger'
+               ELSE 'cached holds differ from the open holds'
+           END
+      FROM billing.accounts a
+      FULL JOIN per_tenant p ON p.tenant_id = a.tenant_id
+      LEFT JOIN holds h ON h.tenant_id = a.tenant_id
+      LEFT JOIN grants g ON g.tenant_id = a.tenant_id
+     WHERE (billing_verify.tenant_id IS NULL OR coalesce(a.tenant_id, p.tenant_id) = billing_verify.tenant_id)
+       AND (a.tenant_id IS NULL
+            OR a.balance_micros <> coalesce(p.total, 0)
+            OR coalesce(p.breaks, 0) > 0
+            OR a.version < coalesce(p.max_version, 0)
+            OR coalesce(p.invalid, 0) > 0
+            OR coalesce(p.grants_negative, 0) > 0
+            OR coalesce(p.grants, '{}') <> coalesce(g.state, '{}')
+            OR a.holds_micros <> coalesce(h.open_micros, 0))
+     ORDER BY 1;
+END;
+$$;
+COMMENT ON FUNCTION billing_verify(text) IS
+    'audit: one row per account whose cached balance differs from SUM(entries), whose balance_after chain is broken, whose version lags its entries, with invalid entries, whose grant buckets differ from what the ledger says (or went below zero), or whose cached holds differ from its open holds; no rows when consistent';
+
+-- the grants and the refunds (schema/25_grants.sql)
+CREATE SEQUENCE billing.grant_id_seq;
+CREATE TABLE billing.grants (
+    tenant_id       text        NOT NULL,
+    grant_id        bigint      NOT NULL DEFAULT nextval('billing.grant_id_seq'),
+    entry_id        bigint      NOT NULL,   -- the grant's ledger entry
+    trace_id        text        NOT NULL,
+    category        text        NOT NULL,
+    priority        integer     NOT NULL,
+    granted_micros  bigint      NOT NULL,   -- the credit
+    amount_micros   bigint      NOT NULL,   -- what went into the bucket (debt was paid back first)
+    expires_at      timestamptz,            -- NULL: never
+    description     text,
+    metadata        jsonb       NOT NULL DEFAULT '{}',
+    created_at      timestamptz NOT NULL,
+    CONSTRAINT grants_pkey PRIMARY KEY (tenant_id, grant_id),
+    CONSTRAINT grants_entry_key UNIQUE (tenant_id, entry_id),
+    CONSTRAINT grants_category_check CHECK (category IN ('promotional', 'paid')),
+    CONSTRAINT grants_priority_check CHECK (priority BETWEEN 0 AND 1000),
+    CONSTRAINT grants_amount_check CHECK (granted_micros > 0 AND amount_micros BETWEEN 0 AND granted_micros)
+);
+ALTER SEQUENCE billing.grant_id_seq OWNED BY billing.grants.grant_id;
+COMMENT ON TABLE billing.grants IS 'grants (credit buckets with a category, a priority and an optional expiry); what is left in an open one is on its account row (grants_state)';
+CREATE TRIGGER grants_append_only
+    BEFORE UPDATE OR DELETE OR TRUNCATE ON billing.grants
+    FOR EACH STATEMENT EXECUTE FUNCTION billing.append_only(
+        'A grant is never rewritten: what is left of it is on its account row.');
+ALTER TABLE billing.grants ENABLE ALWAYS TRIGGER grants_append_only;
+SELECT pg_catalog.pg_extension_config_dump('billing.grants', '');
+SELECT pg_catalog.pg_extension_config_dump('billing.grant_id_seq', '');
+
+CREATE TABLE billing.refunds (
+    tenant_id        text        NOT NULL,
+    charge_entry_id  bigint      NOT NULL,
+    refund_entry_id  bigint      NOT NULL,
+    amount_micros    bigint      NOT NULL,
+    created_at       timestamptz NOT NULL DEFAULT now(),
+    CONSTRAINT refunds_pkey PRIMARY KEY (tenant_id, charge_entry_id, refund_entry_id),
+    CONSTRAINT refunds_amount_check CHECK (amount_micros > 0)
+);
+COMMENT ON TABLE billing.refunds IS 'append-only: which refund entry gave back how much of which charge';
+CREATE TRIGGER refunds_append_only
+    BEFORE UPDATE OR DELETE OR TRUNCATE ON billing.refunds
+    FOR EACH STATEMENT EXECUTE FUNCTION billing.append_only(
+        'A refund is final: refund the rest with another billing_refund().');
+ALTER TABLE billing.refunds ENABLE ALWAYS TRIGGER refunds_append_only;
+SELECT pg_catalog.pg_extension_config_dump('billing.refunds', '');
+
+CREATE TYPE billing.grant_result AS (
+    grant_id        bigint,
+    tenant_id       text,
+    trace_id        text,
+    category        text,
+    priority        integer,
+    granted         numeric,      -- the credit
+    amount          numeric,      -- what went into the bucket (debt is paid back first)
+    expires_at      timestamptz,
+    entry_id        bigint,
+    balance_after   numeric,
+    version         bigint,
+    created_at      timestamptz,
+    replayed        boolean
+);
+
+CREATE TYPE billing.refund_result AS (
+    entry_id         bigint,
+    tenant_id        text,
+    trace_id         text,        -- the refund's
+    charge_trace_id  text,
+    charge_entry_id  bigint,
+    amount           numeric,
+    refunded         numeric,     -- of the charge, by every refund so far
+    refundable       numeric,     -- of the charge, still
+    balance_after    numeric,
+    version          bigint,
+    created_at       timestamptz,
+    replayed         boolean
+);
+
+CREATE FUNCTION billing_grant(tenant_id text, amount numeric, trace_id text,
+                              expires_at timestamptz DEFAULT NULL,
+                              priority integer DEFAULT 0,
+                              category text DEFAULT 'promotional',
+                              description text DEFAULT NULL,
+                              metadata jsonb DEFAULT NULL)
+    RETURNS billing.grant_result
+    AS 'MODULE_PATHNAME', 'billing_grant'
+    LANGUAGE C VOLATILE SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp;
+COMMENT ON FUNCTION billing_grant(text, numeric, text, timestamptz, integer, text, text, jsonb) IS
+    'credit a bucket of its own: spent before the wallet in burn order (priority, then earliest expiry, then oldest); what is left of it at expires_at leaves the balance; idempotent by trace_id';
+REVOKE ALL ON FUNCTION billing_grant(text, numeric, text, timestamptz, integer, text, text, jsonb) FROM PUBLIC;
+
+CREATE FUNCTION billing_refund(tenant_id text, charge_trace_id text, amount numeric, trace_id text,
+                               reason text DEFAULT NULL)
+    RETURNS billing.refund_result
+    AS 'MODULE_PATHNAME', 'billing_refund'
+    LANGUAGE C VOLATILE SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp;
+COMMENT ON FUNCTION billing_refund(text, text, numeric, text, text) IS
+    'give back (part of) a charge, to the buckets it came from; never more than it charged minus earlier refunds (ZB091); idempotent by trace_id';
+REVOKE ALL ON FUNCTION billing_refund(text, text, numeric, text, text) FROM PUBLIC;
+
+-- grants: every grant with what is left of it (open ones: on the account
+-- row; reserved: in open holds), what expired of it, and its status
+CREATE VIEW billing.grant_balances WITH (security_barrier) AS
+WITH state AS (
+    SELECT a.tenant_id, a.grants_state[i] AS grant_id, a.grants_state[i + 1] AS remaining
+      FROM billing.accounts a,
+           generate_series(1, coalesce(array_length(a.grants_state, 1), 0), 4) AS i
+), reserved AS (
+    SELECT h.tenant_id, h.grant_draws[i] AS grant_id, sum(h.grant_draws[i + 1]) AS reserved
+      FROM billing.holds h,
+           generate_series(1, coalesce(array_length(h.grant_draws, 1), 0), 2) AS i
+     WHERE h.status = 'open'
+     GROUP BY 1, 2
+), expired AS (
+    SELECT e.tenant_id, e.grant_id, -sum(e.amount_micros) AS expired
+      FROM billing.entries e
+     WHERE e.kind = 'expire'
+     GROUP BY 1, 2
+)
+SELECT g.tenant_id,
+       g.grant_id,
+       g.trace_id,
+       g.category,
+       g.priority,
+       billing.to_amount(g.granted_micros) AS granted,
+       billing.to_amount(CASE WHEN g.expires_at <= now() THEN 0 ELSE coalesce(s.remaining, 0) END) AS remaining,
+       billing.to_amount(coalesce(r.reserved, 0)::bigint) AS reserved,
+       billing.to_amount(coalesce(x.expired, 0)::bigint
+                         + CASE WHEN g.expires_at <= now() THEN coalesce(s.remaining, 0) ELSE 0 END) AS expired,
+       g.expires_at,
+       CASE WHEN g.expires_at <= now() THEN 'expired'
+            WHEN coalesce(s.remaining, 0) > 0 OR coalesce(r.reserved, 0) > 0 THEN 'open'
+            ELSE 'used' END AS status,
+       g.description,
+       g.created_at
+  FROM billing.grants g
+  LEFT JOIN state s ON s.tenant_id = g.tenant_id AND s.grant_id = g.grant_id
+  LEFT JOIN reserved r ON r.tenant_id = g.tenant_id AND r.grant_id = g.grant_id
+  LEFT JOIN expired x ON x.tenant_id = g.tenant_id AND x.grant_id = g.grant_id
+ WHERE ((SELECT billing.visible_tenants()) IS NULL OR g.tenant_id = ANY ((SELECT billing.visible_tenants())::text[]));
+COMMENT ON VIEW billing.grant_balances IS 'every grant: granted, left (remaining, reserved by open holds), expired, status (open, used, expired)';
+
+-- breakage: credit that expired unused, per tenant, month (account time zone)
+-- and category
+CREATE VIEW billing.breakage WITH (security_barrier) AS
+SELECT e.tenant_id,
+       date_trunc('month', e.event_at AT TIME ZONE a.timezone)::date AS month,
+       g.category,
+       count(*) AS expiries,
+       billing.to_amount(-sum(e.amount_micros)::bigint) AS expired
+  FROM billing.entries e
+  JOIN billing.accounts a ON a.tenant_id = e.tenant_id
+  LEFT JOIN billing.grants g ON g.tenant_id = e.tenant_id AND g.grant_id = e.grant_id
+ WHERE e.kind = 'expire'
+   AND ((SELECT billing.visible_tenants()) IS NULL OR e.tenant_id = ANY ((SELECT billing.visible_tenants())::text[]))
+ GROUP BY 1, 2, 3;
+COMMENT ON VIEW billing.breakage IS 'grant credit that expired unused, per tenant, month (account time zone, by expiry time) and category';
+
+-- refunds per charge
+CREATE VIEW billing.refunded_charges WITH (security_barrier) AS
+SELECT c.tenant_id,
+       c.trace_id AS charge_trace_id,
+       c.entry_id AS charge_entry_id,
+       c.kind,
+       billing.to_amount(-c.amount_micros) AS charged,
+       billing.to_amount(sum(r.amount_micros)::bigint) AS refunded,
+       billing.to_amount((-c.amount_micros - sum(r.amount_micros))::bigint) AS refundable,
+       count(*) AS refunds,
+       max(r.created_at) AS last_refunded_at
+  FROM billing.refunds r
+  JOIN billing.entries c ON c.tenant_id = r.tenant_id AND c.entry_id = r.charge_entry_id
+ WHERE ((SELECT billing.visible_tenants()) IS NULL OR r.tenant_id = ANY ((SELECT billing.visible_tenants())::text[]))
+ GROUP BY 1, 2, 3, 4, 5;
+COMMENT ON VIEW billing.refunded_charges IS 'charges that were refunded: charged, refunded so far, still refundable';
+
+-- the worker's sweep also writes due expiries
+CREATE OR REPLACE FUNCTION billing.expire_due_holds(max_accounts integer DEFAULT 1000) RETURNS integer
+    LANGUAGE plpgsql VOLATILE
+    SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    t text;
+    n integer := 0;
+BEGIN
+    FOR t IN SELECT a.tenant_id FROM billing.accounts a
+              WHERE a.holds_next_expiry <= now() OR a.grants_next_expiry <= now()
+              ORDER BY least(a.holds_next_expiry, a.grants_next_expiry)
+              LIMIT max_accounts
+              FOR UPDATE SKIP LOCKED
+    LOOP
+        IF billing.expire_holds_of(t) THEN
+            n := n + 1;
+        END IF;
+    END LOOP;
+    RETURN n;
+END;
+$$;
+COMMENT ON FUNCTION billing.expire_due_holds(integer) IS 'expire due holds and grants of accounts nobody else has locked (the worker runs it; correctness never depends on it)';
+
+-- ---------------------------------------------------------------------------
+-- the roles (issue 12), after every other section: billing.role_functions()
+-- names the functions the sections create
+-- ---------------------------------------------------------------------------
+
 -- the roles: charging, treasury, admin, reporting (see schema/90_privileges.sql)
 DROP FUNCTION billing.app_functions();
 CREATE FUNCTION billing.role_functions(role_kind text) RETURNS regprocedure[]
@@ -1303,6 +1719,8 @@ AS $$
     ]::regprocedure[]
     WHEN 'treasury' THEN ARRAY[
         '@extschema@.billing_credit(text, numeric, text, text, jsonb, timestamptz, text)',
+        '@extschema@.billing_grant(text, numeric, text, timestamptz, integer, text, text, jsonb)',
+        '@extschema@.billing_refund(text, text, numeric, text, text)',
         '@extschema@.billing_balance(text)',
         '@extschema@.billing_balance_at(text, timestamptz)'
     ]::regprocedure[]

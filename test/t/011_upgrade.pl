@@ -183,6 +183,17 @@ for my $r (@releases)
 	is($node->safe_psql($db, q{SELECT balance_after FROM billing_capture('up-6', 'up-h-open', 0.5, 'up-c-after', final => true)}),
 		$node->safe_psql($db, q{SELECT billing.to_amount(balance_micros) FROM billing.accounts WHERE tenant_id = 'up-6'}),
 		"$r: a hold opened before the upgrade is captured after it");
+	# 1.4's grants and refunds on an account and a charge of the old release:
+	# its money is the wallet's, a grant goes first, an old charge is refunded
+	# to the wallet
+	is($node->safe_psql($db, q{SELECT amount FROM billing_grant('up-2', 1, 'up-g-1', expires_at => now() + interval '1 day', priority => 5);
+			SELECT FROM billing_deduct('up-2', 0.25, 'up-d-after');
+			SELECT (draws[1] = (SELECT grant_id FROM billing.grants WHERE trace_id = 'up-g-1'))::text || '/' || draws[2]
+			  FROM billing.entries WHERE trace_id = 'up-d-after'}),
+		"1.000000\ntrue/250000", "$r: a grant on an account of the old release is spent before its wallet");
+	is($node->safe_psql($db, q{SELECT amount, refundable FROM billing_refund('up-2', 'up-d-1', 0.020002, 'up-r-1');
+			SELECT draws IS NULL FROM billing.entries WHERE trace_id = 'up-r-1'}),
+		"0.020002|0.000000\nt", "$r: a charge of the old release is refunded in full, to the wallet");
 	is($node->safe_psql($db, 'SELECT count(*) FROM billing_verify()'), '0', "$r: billing_verify() clean at the end");
 }
 

@@ -1,0 +1,206 @@
+--
+-- 105_grants: credit buckets and linked refunds.
+--
+-- Every credit goes into a bucket: billing_credit() into the wallet (paid,
+-- never expiring, spent last), billing_grant() into a bucket of its own.
+-- Debits draw in burn order: higher priority first, then earliest expiry
+-- (never-expiring last), then oldest; the wallet last; beyond it the credit
+-- limit (debt), which the next credit pays back first.  What is left of a
+-- grant at its expiry leaves the balance through an 'expire' entry.
+-- Refunds give a charge back to the buckets it came from.  Tenants start
+-- with "gr-".
+--
+\set VERBOSITY default
+\set SHOW_CONTEXT never
+
+CREATE FUNCTION pg_temp.buckets(t text) RETURNS TABLE (grant_id bigint, trace_id text, category text,
+    priority integer, remaining numeric, reserved numeric, expired numeric, status text)
+    LANGUAGE sql AS $$
+    SELECT g.grant_id - (SELECT min(x.grant_id) FROM billing.grants x) + 1, g.trace_id, g.category,
+           g.priority, g.remaining, g.reserved, g.expired, g.status
+      FROM billing.grant_balances g WHERE g.tenant_id = t ORDER BY g.grant_id
+$$;
+
+CREATE FUNCTION pg_temp.sleep_past_expiry(t text) RETURNS void LANGUAGE plpgsql AS $$
+DECLARE
+    e timestamptz;
+BEGIN
+    SELECT max(g.expires_at) INTO e FROM billing.grants g WHERE g.tenant_id = t;
+    WHILE clock_timestamp() <= e LOOP
+        PERFORM pg_sleep(0.1);
+    END LOOP;
+END;
+$$;
+--
+-- The worked example: a trial grant of 5.00 expiring in 14 days, with
+-- priority over a 20.00 top-up.
+--
+SELECT tenant_id FROM billing_account_create('gr-a');
+SELECT kind, amount, balance_after FROM billing_credit('gr-a', 20, 'gr-a-topup');
+SELECT category, priority, granted, amount, balance_after, replayed
+  FROM billing_grant('gr-a', 5, 'gr-a-trial', expires_at => now() + interval '14 days',
+                     priority => 10, category => 'promotional', description => 'trial');
+-- a charge of 3 comes out of the trial first ...
+SELECT amount, balance_after FROM billing_deduct('gr-a', 3, 'gr-a-c1');
+SELECT * FROM pg_temp.buckets('gr-a');
+-- ... one of 4 takes the trial's last 2 and 2 of the wallet
+SELECT amount, balance_after FROM billing_deduct('gr-a', 4, 'gr-a-c2');
+SELECT * FROM pg_temp.buckets('gr-a');
+SELECT trace_id, kind, billing.to_amount(amount_micros) AS amount, draws IS NOT NULL AS from_grants FROM billing.entries
+ WHERE tenant_id = 'gr-a' ORDER BY entry_id;
+-- a refund of 3 of the second charge: the wallet's 2 first, then 1 to the trial
+SELECT amount, refunded, refundable, balance_after, replayed
+  FROM billing_refund('gr-a', 'gr-a-c2', 3, 'gr-a-r1', reason => 'outage');
+SELECT * FROM pg_temp.buckets('gr-a');
+-- the same refund again is a replay; the rest of the charge can still go back ...
+SELECT amount, refunded, refundable, replayed FROM billing_refund('gr-a', 'gr-a-c2', 3, 'gr-a-r1', reason => 'outage');
+SELECT regress_error($$SELECT billing_refund('gr-a', 'gr-a-c2', 1.000001, 'gr-a-r2')$$);
+SELECT amount, refunded, refundable FROM billing_refund('gr-a', 'gr-a-c2', 1, 'gr-a-r2');
+-- ... and nothing more
+SELECT regress_error($$SELECT billing_refund('gr-a', 'gr-a-c2', 0.000001, 'gr-a-r3')$$);
+SELECT * FROM pg_temp.buckets('gr-a');
+SELECT charge_trace_id, charged, refunded, refundable, refunds FROM billing.refunded_charges
+ WHERE tenant_id = 'gr-a';
+SELECT count(*) AS problems FROM billing_verify('gr-a');
+
+--
+-- Burn order among grants: priority, then earliest expiry (never last),
+-- then oldest; the wallet after every grant.
+--
+SELECT tenant_id FROM billing_account_create('gr-b');
+SELECT kind FROM billing_credit('gr-b', 100, 'gr-b-wallet');
+SELECT amount FROM billing_grant('gr-b', 1, 'gr-b-low-never', priority => 0);
+SELECT amount FROM billing_grant('gr-b', 1, 'gr-b-low-late', priority => 0, expires_at => now() + interval '30 days');
+SELECT amount FROM billing_grant('gr-b', 1, 'gr-b-low-soon', priority => 0, expires_at => now() + interval '2 days');
+SELECT amount FROM billing_grant('gr-b', 1, 'gr-b-high', priority => 5, category => 'paid');
+SELECT amount FROM billing_grant('gr-b', 1, 'gr-b-low-never-2', priority => 0);
+-- five charges of 1: high, low-soon, low-late, low-never, low-never-2; then the wallet
+SELECT count(*) FROM (SELECT billing_deduct('gr-b', 1, 'gr-b-c' || g) FROM generate_series(1, 6) g) x;
+SELECT e.trace_id, g.trace_id AS drawn_from
+  FROM billing.entries e
+  LEFT JOIN billing.grants g ON g.tenant_id = e.tenant_id AND g.grant_id = e.draws[1]
+ WHERE e.tenant_id = 'gr-b' AND e.kind = 'deduct' ORDER BY e.entry_id;
+SELECT trace_id, status FROM pg_temp.buckets('gr-b');
+
+--
+-- Debt under a credit limit is paid back first by the next credit: a grant
+-- into debt fills its bucket with what is left after the debt.
+--
+SELECT tenant_id FROM billing_account_create('gr-c', credit_limit => 10);
+SELECT balance_after FROM billing_deduct('gr-c', 4, 'gr-c-c1');
+SELECT granted, amount, balance_after FROM billing_grant('gr-c', 6, 'gr-c-g1', expires_at => now() + interval '1 day');
+SELECT remaining, status FROM pg_temp.buckets('gr-c');
+SELECT balance_after FROM billing_deduct('gr-c', 2, 'gr-c-c2');
+SELECT remaining, status FROM pg_temp.buckets('gr-c');
+SELECT count(*) AS problems FROM billing_verify('gr-c');
+
+--
+-- Expiry: at expires_at what is left leaves the balance.  Every reader
+-- subtracts it at once, before the first call on the account writes the
+-- 'expire' entry.
+--
+SELECT tenant_id FROM billing_account_create('gr-d');
+SELECT kind FROM billing_credit('gr-d', 1, 'gr-d-wallet');
+SELECT amount FROM billing_grant('gr-d', 2.5, 'gr-d-short', expires_at => clock_timestamp() + interval '3 seconds');
+SELECT billing_balance('gr-d') AS before_expiry;
+SELECT pg_temp.sleep_past_expiry('gr-d');
+-- not written yet: the balance and the views already leave it out
+SELECT count(*) AS expire_entries FROM billing.entries WHERE tenant_id = 'gr-d' AND kind = 'expire';
+SELECT billing_balance('gr-d') AS balance, (SELECT balance FROM billing.balances WHERE tenant_id = 'gr-d') AS view_balance,
+       (SELECT available FROM billing.balances WHERE tenant_id = 'gr-d') AS available;
+SELECT remaining, expired, status FROM pg_temp.buckets('gr-d');
+-- expires_at is the first instant the credit is gone, in the history too
+SELECT billing_balance_at('gr-d', g.expires_at - interval '1 microsecond') AS just_before,
+       billing_balance_at('gr-d', g.expires_at) AS at_expires_at
+  FROM billing.grants g WHERE g.tenant_id = 'gr-d';
+-- a hold cannot reserve expired credit (the refusal rolls its expiry back too) ...
+SELECT regress_error($$SELECT billing_hold('gr-d', 2, 'gr-d-h1')$$);
+-- ... and the next call that commits writes the expiry, dated at the expiry time
+SELECT amount, balance_after FROM billing_deduct('gr-d', 0.5, 'gr-d-c1');
+SELECT kind, billing.to_amount(amount_micros) AS amount, billing.to_amount(balance_after_micros) AS balance_after,
+       grant_id IS NOT NULL AS of_grant, event_at < created_at AS dated_at_expiry
+  FROM billing.entries WHERE tenant_id = 'gr-d' ORDER BY entry_id;
+SELECT month IS NOT NULL AS has_month, category, expiries, expired FROM billing.breakage WHERE tenant_id = 'gr-d';
+-- the same history once the entry is written
+SELECT billing_balance_at('gr-d', g.expires_at - interval '1 microsecond') AS just_before,
+       billing_balance_at('gr-d', g.expires_at) AS at_expires_at
+  FROM billing.grants g WHERE g.tenant_id = 'gr-d';
+SELECT count(*) AS problems FROM billing_verify('gr-d');
+-- expires_at is the first instant the credit is gone (the boundary)
+SELECT billing.expired_micros(ARRAY[1, 5000000, 0, 789000000000000], '2025-01-01 00:00:00+00') AS at_expires_at,
+       billing.expired_micros(ARRAY[1, 5000000, 0, 789000000000001], '2025-01-01 00:00:00+00') AS one_microsecond_before,
+       '2000-01-01 00:00:00+00'::timestamptz + interval '789000000 seconds' AS expires_at;
+
+--
+-- A hold takes its share of the buckets when it is placed: a grant that
+-- expires while the hold is open cannot leave it unfunded; what the hold
+-- does not capture goes back, and a share of an expired grant expires then.
+--
+SELECT tenant_id FROM billing_account_create('gr-e');
+SELECT amount FROM billing_grant('gr-e', 3, 'gr-e-g', expires_at => clock_timestamp() + interval '3 seconds');
+SELECT status, amount FROM billing_hold('gr-e', 3, 'gr-e-h1');
+SELECT remaining, reserved, status FROM pg_temp.buckets('gr-e');
+SELECT pg_temp.sleep_past_expiry('gr-e');
+-- the grant expired; the hold still holds its 3 and captures 1 of them
+SELECT amount, balance_after, hold_status FROM billing_capture('gr-e', 'gr-e-h1', 1, 'gr-e-c1');
+-- releasing the rest gives 2 back to the expired grant: they expire on the spot
+SELECT status, released FROM billing_release('gr-e', 'gr-e-h1', 'gr-e-r1');
+SELECT kind, billing.to_amount(amount_micros) AS amount, billing.to_amount(balance_after_micros) AS balance_after
+  FROM billing.entries WHERE tenant_id = 'gr-e' ORDER BY entry_id;
+SELECT remaining, reserved, expired, status FROM pg_temp.buckets('gr-e');
+SELECT billing_balance('gr-e') AS balance, count(*) AS problems FROM billing_verify('gr-e');
+
+--
+-- A refund of a charge whose grant has expired since: that share comes
+-- back and expires again at once; the wallet's share stays.
+--
+SELECT tenant_id FROM billing_account_create('gr-f');
+SELECT kind FROM billing_credit('gr-f', 10, 'gr-f-wallet');
+SELECT amount FROM billing_grant('gr-f', 2, 'gr-f-g', expires_at => clock_timestamp() + interval '3 seconds');
+SELECT amount, balance_after FROM billing_deduct('gr-f', 3, 'gr-f-c1');
+SELECT pg_temp.sleep_past_expiry('gr-f');
+SELECT amount, balance_after FROM billing_refund('gr-f', 'gr-f-c1', 3, 'gr-f-r1');
+SELECT kind, billing.to_amount(amount_micros) AS amount, billing.to_amount(balance_after_micros) AS balance_after
+  FROM billing.entries WHERE tenant_id = 'gr-f' ORDER BY entry_id;
+SELECT billing_balance('gr-f') AS balance, count(*) AS problems FROM billing_verify('gr-f');
+
+--
+-- Refunds: what can be refunded, and the counters they give back.
+--
+SELECT tenant_id FROM billing_account_create('gr-g');
+SELECT daily_request_quota FROM billing_limits_set('gr-g', daily_spend => 5);
+SELECT kind FROM billing_credit('gr-g', 100, 'gr-g-top');
+SELECT amount FROM billing_deduct('gr-g', 5, 'gr-g-c1');
+SELECT regress_error($$SELECT billing_deduct('gr-g', 1, 'gr-g-c2')$$) ~ '^ZB042' AS cap_reached;
+SELECT amount FROM billing_refund('gr-g', 'gr-g-c1', 2, 'gr-g-r1');
+SELECT spent_today FROM billing.quota_usage WHERE tenant_id = 'gr-g';
+SELECT amount FROM billing_deduct('gr-g', 1, 'gr-g-c3');
+-- not a charge, no such charge, a trace id used for something else
+SELECT regress_error($$SELECT billing_refund('gr-g', 'gr-g-top', 1, 'gr-g-r2')$$);
+SELECT regress_error($$SELECT billing_refund('gr-g', 'gr-g-nope', 1, 'gr-g-r3')$$);
+SELECT regress_error($$SELECT billing_refund('gr-g', 'gr-g-c1', 1, 'gr-g-c3')$$);
+SELECT regress_error($$SELECT billing_refund('gr-g', 'gr-g-c1', 1, 'gr-g-r1')$$);
+SELECT regress_error($$SELECT billing_refund('gr-g', 'gr-g-c1', 0, 'gr-g-r4')$$);
+
+--
+-- Arguments and replays of grants.
+--
+SELECT granted, replayed FROM billing_grant('gr-g', 1, 'gr-g-g1', expires_at => '2030-01-01 00:00:00+00');
+SELECT granted, replayed FROM billing_grant('gr-g', 1, 'gr-g-g1', expires_at => '2030-01-01 00:00:00+00');
+SELECT regress_error($$SELECT billing_grant('gr-g', 1, 'gr-g-g1', expires_at => '2031-01-01 00:00:00+00', priority => 3)$$);
+SELECT regress_error($$SELECT billing_grant('gr-g', 1, 'gr-g-top')$$);
+SELECT split_part(regress_error($$SELECT billing_grant('gr-g', 1, 'gr-g-g2', expires_at => now() - interval '1 second')$$), E'\n', 1);
+SELECT regress_error($$SELECT billing_grant('gr-g', 1, 'gr-g-g2', priority => 1001)$$);
+SELECT regress_error($$SELECT billing_grant('gr-g', 1, 'gr-g-g2', category => 'gift')$$);
+SELECT regress_error($$SELECT billing_grant('gr-g', 1, 'gr-g-g2', priority => NULL)$$);
+SELECT regress_error($$SELECT billing_grant('gr-g', 1.0000001, 'gr-g-g2')$$);
+SELECT regress_error($$SELECT billing_grant('gr-g', 1, 'billing:expire:1:1')$$);
+SELECT regress_error($$SELECT billing_deduct('gr-g', 1, 'billing:mine')$$);
+-- at most 64 open grants per account
+SELECT tenant_id FROM billing_account_create('gr-h');
+SELECT count(*) FROM (SELECT billing_grant('gr-h', 1, 'gr-h-' || g) FROM generate_series(1, 64) g) x;
+SELECT regress_error($$SELECT billing_grant('gr-h', 1, 'gr-h-65')$$);
+SELECT kind FROM billing_deduct('gr-h', 1, 'gr-h-c1');
+SELECT granted FROM billing_grant('gr-h', 1, 'gr-h-65');
+
+SELECT count(*) AS problems FROM billing_verify();
