@@ -19,7 +19,7 @@
 
 /*
  * SQLSTATEs.  Class "ZB" (implementation-defined class letters start at I-Z).
- * Every code is documented in README.md; keep the two in sync.
+ * Every code has its row in docs/errors.md (test/t/015_docs.pl checks it).
  */
 #define ERRCODE_BILLING_ACCOUNT_NOT_FOUND	MAKE_SQLSTATE('Z','B','0','0','1')
 #define ERRCODE_BILLING_ACCOUNT_SUSPENDED	MAKE_SQLSTATE('Z','B','0','0','2')

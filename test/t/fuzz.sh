@@ -24,7 +24,7 @@
 # creates a fresh batch of tenants with money, limits, API keys, holds and
 # jobs in every state, so that many calls get deep into the code.
 #
-# Pass: every call succeeds or raises a ZB SQLSTATE listed in README.md's
+# Pass: every call succeeds or raises a ZB SQLSTATE listed in docs/errors.md's
 # error table, or 40001.  Anything else (XX000, 23505, 22003, 42883, P0001,
 # ...) is a failure and is printed with its statement.  Afterwards
 # billing_verify() must return no row, the server must accept a new
@@ -57,10 +57,10 @@ if [[ -n ${BILLING_TMP:-} && -r $pglog ]]; then
 	logsize=$(stat -c %s "$pglog")
 fi
 
-# documented SQLSTATEs: the ZB codes of README.md's error table
-mapfile -t zb < <(grep -oE '^\| ZB[0-9A-Z]{3} ' "$repo/README.md" | tr -d '| ' | sort -u)
+# documented SQLSTATEs: the ZB codes of docs/errors.md's error table
+mapfile -t zb < <(grep -oE '^\| ZB[0-9A-Z]{3} ' "$repo/docs/errors.md" | tr -d '| ' | sort -u)
 if ((${#zb[@]} < 10)); then
-	echo "not ok - could not read the ZB SQLSTATE table from $repo/README.md"
+	echo "not ok - could not read the ZB SQLSTATE table from $repo/docs/errors.md"
 	exit 1
 fi
 allowed="{40001,$(IFS=,; echo "${zb[*]}")}"
