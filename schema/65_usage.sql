@@ -101,6 +101,25 @@ SELECT g.tenant_id,
  WHERE ((SELECT billing.visible_tenants()) IS NULL OR g.tenant_id = ANY ((SELECT billing.visible_tenants())::text[]));
 COMMENT ON VIEW billing.grant_balances IS 'every grant: granted, left (remaining, reserved by open holds), expired, status (open, used, expired)';
 
+-- which grant buckets each charge drew from and each refund gave back to
+CREATE VIEW billing.grant_draws WITH (security_barrier) AS
+SELECT e.tenant_id,
+       e.entry_id,
+       e.trace_id,
+       e.kind,
+       g.grant_id,
+       g.trace_id AS grant_trace_id,
+       g.category,
+       billing.to_amount(CASE WHEN e.kind = 'refund' THEN e.draws[i + 1] ELSE -e.draws[i + 1] END) AS amount,
+       e.refund_of,
+       e.created_at
+  FROM billing.entries e
+ CROSS JOIN LATERAL generate_series(1, coalesce(array_length(e.draws, 1), 0), 2) AS i
+  JOIN billing.grants g ON g.tenant_id = e.tenant_id AND g.grant_id = e.draws[i]
+ WHERE e.draws IS NOT NULL
+   AND ((SELECT billing.visible_tenants()) IS NULL OR e.tenant_id = ANY ((SELECT billing.visible_tenants())::text[]));
+COMMENT ON VIEW billing.grant_draws IS 'what charges drew from grant buckets (negative) and refunds gave back to them (positive); the rest of each entry is the wallet''s';
+
 -- breakage: credit that expired unused, per tenant, month (account time zone)
 -- and category
 CREATE VIEW billing.breakage WITH (security_barrier) AS

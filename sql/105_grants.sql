@@ -61,6 +61,8 @@ SELECT regress_error($$SELECT billing_refund('gr-a', 'gr-a-c2', 0.000001, 'gr-a-
 SELECT * FROM pg_temp.buckets('gr-a');
 SELECT charge_trace_id, charged, refunded, refundable, refunds FROM billing.refunded_charges
  WHERE tenant_id = 'gr-a';
+-- what each entry took from the trial and gave back to it (the rest is the wallet's)
+SELECT trace_id, kind, grant_trace_id, amount FROM billing.grant_draws WHERE tenant_id = 'gr-a' ORDER BY entry_id;
 SELECT count(*) AS problems FROM billing_verify('gr-a');
 
 --
