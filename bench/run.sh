@@ -104,6 +104,8 @@ WORKLOADS=(
 	"job_lifecycle   | job_lifecycle.sql  | deduct                | billing_job_submit (hold of 1.00), billing_job_claim (any queued job), billing_job_complete (the cost), 1,000 tenants; one transaction = 3 commits"
 	"deduct_many     | deduct_many.sql    | deduct insert         | billing_deduct_many of $BENCH_BATCH_ITEMS items on random tenants of 1,000; one transaction = one call | -D items=$BENCH_BATCH_ITEMS | $BENCH_BATCH_ITEMS"
 	"deduct_worker   | deduct.sql         | deduct                | billing_deduct as deduct, the background worker pushing every commit to Redis (mirror compared with the database after the run)"
+	"deduct_13       | deduct.sql         | -                     | baseline: billing_deduct as deduct, on a database at extension version 1.3 (the path before grants: same library, no buckets)"
+	"deduct_grants3  | deduct.sql         | deduct_13 deduct      | billing_deduct as deduct, every account with three open grants (priorities 30, 20, 10; expiring in 31-33 days) over its top-up"
 )
 
 # Targets of the performance issue, one per line, by kind:
@@ -116,6 +118,8 @@ TARGETS=(
 	"ratio deduct_hot hot_update 0.80 billing_deduct hot tenant (deduct_hot) ≥ 0.80 × hot-row UPDATE (hot_update)"
 	"rate deduct_many 40000 batch API (deduct_many, $BENCH_BATCH_ITEMS items per call) ≥ 40,000 deductions/s"
 	"ratio deduct_worker deduct 0.90 billing_deduct with the Redis worker pushing (deduct_worker) ≥ 0.90 × worker idle (deduct)"
+	"ratio deduct deduct_13 0.97 a charge on an account with only paid top-ups (deduct) costs ≤ 3 % more than before grants (deduct_13): TPS ≥ 0.97 ×"
+	"ratio deduct_grants3 deduct_13 0.87 a charge on an account with three open grants (deduct_grants3) costs ≤ 15 % more than before grants (deduct_13): TPS ≥ 0.87 ×"
 )
 # billing_balance: p50 latency at BENCH_BALANCE_ENTRIES entries at most this
 # many times the p50 at 1,000 entries counts as "the same latency".
@@ -231,7 +235,7 @@ other_cpu() {
 # connected to its fresh copy, idle unless the workload turns it on.
 fresh_db() {
 	sql -d postgres -c "SET client_min_messages = warning" -c "DROP DATABASE IF EXISTS bench WITH (FORCE)" \
-		-c "CREATE DATABASE bench TEMPLATE bench_template" -c CHECKPOINT
+		-c "CREATE DATABASE bench TEMPLATE ${1:-bench_template}" -c CHECKPOINT
 	[[ -z $worker_conf ]] ||
 		wait_for 30 "the background worker to connect to the new database bench" \
 			"SELECT count(*) = 1 FROM pg_stat_activity WHERE backend_type = 'billing sync' AND datname = 'bench'"
@@ -314,6 +318,20 @@ worker_off() {
 	wait_for 30 "the worker to leave Redis" "SELECT NOT connected FROM billing_sync_status()"
 }
 
+# A workload named *_13 runs on bench13_template: the same data loaded into
+# the extension at version 1.3 (the library works with both; with 1.3's
+# tables it takes the path from before grants), as the baseline of what
+# grants cost.
+template_for() { case $1 in *_13) echo bench13_template ;; *) echo bench_template ;; esac; }
+
+# deduct_grants3: three open grants on every account, spent before the
+# top-up: the charges draw from the first (highest priority) one
+setup_deduct_grants3() {
+	sql -d bench -c "SELECT count(billing_grant('t' || t, 1000000, 'g3-' || t || '-' || k,
+			expires_at => now() + make_interval(days => 30 + k), priority => 10 * k))
+		FROM generate_series(1, $BENCH_TENANTS) t, generate_series(1, 3) k" -c "VACUUM ANALYZE billing.accounts" >/dev/null
+}
+
 setup_deduct_worker() { worker_on; }
 teardown_deduct_worker() { worker_off "$label"; }
 
@@ -364,10 +382,10 @@ run_pgbench() {
 	rm -rf "$dir"
 	mkdir -p "$dir"
 	out=$dir/pgbench.out
-	[[ ${BENCH_REUSE_DB:-0} == 1 ]] || fresh_db
 	# hooks of the workload (see WORKLOADS), by its name without decorations
 	hook=${label#sweep:}
 	hook=${hook%@*}
+	[[ ${BENCH_REUSE_DB:-0} == 1 ]] || fresh_db "$(template_for "$hook")"
 	if declare -F "setup_$hook" >/dev/null; then "setup_$hook"; fi
 	perf_pid=
 	if [[ $BENCH_PERF == 1 ]]; then perf_sample "$label-c$clients" "$secs"; fi
@@ -500,6 +518,12 @@ rm -f "$BILLING_TMP"/mirror-*.diff
 say "loading $BENCH_TENANTS tenants (billing and PL/pgSQL), $BENCH_SEEDS replayable charges, $BENCH_SEEDS settled holds and jobs"
 sql -d postgres -c "CREATE DATABASE bench_template"
 sql_file "$here/setup.sql" -d bench_template -v tenants="$BENCH_TENANTS" -v seeds="$BENCH_SEEDS"
+if [[ -z $BENCH_ONLY ]] || [[ ,$BENCH_ONLY, == *_13,* ]]; then
+	say "loading the same into bench13_template at extension version 1.3"
+	sql -d postgres -c "CREATE DATABASE bench13_template"
+	sql_file "$here/setup.sql" -d bench13_template -v tenants="$BENCH_TENANTS" -v seeds="$BENCH_SEEDS" \
+		-v billing_version=1.3
+fi
 
 # --- 3. workloads ------------------------------------------------------------
 names=()

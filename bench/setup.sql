@@ -6,7 +6,12 @@
 \set ON_ERROR_STOP 1
 SET client_min_messages = warning;
 
+-- :billing_version (optional) installs an earlier release, as a baseline
+\if :{?billing_version}
+CREATE EXTENSION billing VERSION :'billing_version';
+\else
 CREATE EXTENSION billing;
+\endif
 
 -- baseline (1): bare one-row INSERT with a unique text key
 CREATE TABLE bench_insert (id bigserial PRIMARY KEY, k text NOT NULL UNIQUE);
