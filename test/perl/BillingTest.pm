@@ -26,7 +26,10 @@ C<< preload => 0 >>) and a database with the extension created.  Redis
 servers are real redis-server processes on a free loopback port in the
 test's temporary directory, run as the test's own OS user.  Waits poll a
 condition with a generous bound and report how long it took: a slow machine
-makes a test slower, never red.
+makes a test slower, never red.  Clients that must know exactly which calls
+the server acknowledged (across crashes and restarts) use
+BillingTest::Session; background clients and pollers run in child processes
+(BillingTest::spawn) that report through files.
 
 =cut
 
@@ -38,6 +41,7 @@ use warnings FATAL => 'all';
 use Carp;
 use File::Basename qw(dirname);
 use File::Spec;
+use POSIX ();
 use PostgreSQL::Test::Cluster;
 use PostgreSQL::Test::Utils;
 use Test::More;
@@ -267,6 +271,148 @@ sub extversion
 	return $v;
 }
 
+=item BillingTest::mirror_converges(NODE, DB, REDIS, NAME [, SECONDS])
+
+A test: wait (default bound 120 s) until mirror_equals(NODE, DB, REDIS);
+passes as "NAME (converged in N ms)", or fails and shows the lines that
+differ.
+
+=cut
+
+sub mirror_converges
+{
+	my ($node, $db, $redis, $name, $timeout) = @_;
+	my $ok = wait_until($timeout // 120, sub { mirror_equals($node, $db, $redis) });
+	my $ms = int($waited * 1000);
+	if ($ok)
+	{
+		pass("$name (converged in $ms ms)");
+		return 1;
+	}
+	fail("$name (not converged after $ms ms)");
+	diag("database (<) vs Redis (>), first lines that differ:\n" . mirror_diff());
+	return 0;
+}
+
+=item BillingTest::mirror_diff()
+
+The lines of the last mirror_equals comparison found on one side only:
+"< line" in the database, "> line" in Redis (at most 20).
+
+=cut
+
+sub mirror_diff
+{
+	my %db    = map { $_ => 1 } split /\n/, $mirror_db // '';
+	my %redis = map { $_ => 1 } split /\n/, $mirror_redis // '';
+	my @d = ((map { "< $_" } grep { !$redis{$_} } split /\n/, $mirror_db // ''),
+		(map { "> $_" } grep { !$db{$_} } split /\n/, $mirror_redis // ''));
+	$#d = 19 if @d > 20;
+	return join("\n", @d);
+}
+
+=item BillingTest::log_size(NODE), BillingTest::log_since(NODE, OFFSET)
+
+The size of the node's server log, and what it logged after that offset.
+
+=cut
+
+sub log_size
+{
+	my ($node) = @_;
+	return -s $node->logfile // 0;
+}
+
+sub log_since
+{
+	my ($node, $offset) = @_;
+	my $log = slurp_file($node->logfile);
+	return length($log) > $offset ? substr($log, $offset) : '';
+}
+
+=item BillingTest::accepts_connections(NODE)
+
+True if a psql to the node's postgres database succeeds (false while the
+server is down or in crash recovery).
+
+=cut
+
+sub accepts_connections
+{
+	my ($node) = @_;
+	my ($rc) = $node->psql('postgres', 'SELECT 1');
+	return $rc == 0;
+}
+
+=item BillingTest::worker_pid(NODE)
+
+The pid of the running billing sync worker, '' if none runs, undef if the
+server did not answer.
+
+=cut
+
+sub worker_pid
+{
+	my ($node) = @_;
+	my $pid = query($node, 'postgres',
+		"SELECT pid FROM pg_stat_activity WHERE backend_type = 'billing sync'");
+	return $pid;
+}
+
+=item BillingTest::spawn(CODE), BillingTest::reap(PID), BillingTest::exited(PID)
+
+Run CODE in a forked child process (a background client, a poller); the
+child leaves through POSIX::_exit (0 if CODE returned, 1 if it died), so it
+never runs the test's END blocks.  reap waits for it and returns its exit
+status ($?); exited returns it if the child has exited, undef if it still
+runs.  Children not reaped by the end of the test get SIGTERM.  Children
+report through files, never through Test::More.
+
+=cut
+
+my @children;
+
+sub spawn
+{
+	my ($code) = @_;
+	my $pid = fork() // croak "fork: $!";
+	if ($pid == 0)
+	{
+		@children = ();
+		my $ok = eval { $code->(); 1 };
+		print STDERR "child $$: $@" unless $ok;
+		POSIX::_exit($ok ? 0 : 1);
+	}
+	push @children, $pid;
+	return $pid;
+}
+
+sub reap
+{
+	my ($pid) = @_;
+	waitpid($pid, 0);
+	my $rc = $?;
+	@children = grep { $_ != $pid } @children;
+	return $rc;
+}
+
+sub exited
+{
+	my ($pid) = @_;
+	return undef unless waitpid($pid, POSIX::WNOHANG()) == $pid;
+	my $rc = $?;
+	@children = grep { $_ != $pid } @children;
+	return $rc;
+}
+
+END
+{
+	my $rc = $?;
+	kill 'TERM', @children if @children;
+	waitpid($_, 0) for @children;
+	$? = $rc;
+}
+
 =back
 
 =cut
@@ -292,6 +438,9 @@ use Test::More;
   my ($out, $ok) = $r->cli_ok(...);          # no die
   $r->stop; $r->start; $r->kill9; $r->restart;
   $r->pause; $r->resume;                     # SIGSTOP / SIGCONT
+  $r->running;                               # the process runs (not a zombie)
+  $r->info_field('server', 'run_id');        # a field of INFO <section>
+  my $c = $r->connect;                       # a socket client, see below
 
 A real redis-server on 127.0.0.1 and a free port, persistence off, its
 directory and log under the test's tmp_check.  Stopped at the end of the
@@ -342,7 +491,11 @@ sub start
 sub running
 {
 	my ($self) = @_;
-	return $self->{pid} && kill(0, $self->{pid});
+	return 0 unless $self->{pid} && kill(0, $self->{pid});
+	# a daemonized redis-server that exited may stay a zombie for a while
+	# (its parent is init): that is not running
+	my $stat = eval { PostgreSQL::Test::Utils::slurp_file("/proc/$self->{pid}/stat") } // '';
+	return $stat !~ /^\d+ \(.*\) Z/s;
 }
 
 sub _wait_gone
@@ -378,8 +531,8 @@ sub restart
 	$self->start;
 }
 
-sub pause  { kill 'STOP', $_[0]->{pid} }
-sub resume { kill 'CONT', $_[0]->{pid} }
+sub pause  { kill 'STOP', $_[0]->{pid} if $_[0]->{pid} }
+sub resume { kill 'CONT', $_[0]->{pid} if $_[0]->{pid} }
 
 # (output, success) of redis-cli --raw ARGS
 sub cli_ok
@@ -413,6 +566,270 @@ END
 		eval { $r->stop };
 	}
 	$? = $rc;
+}
+
+# a RESP connection (BillingTest::Redis::Conn), undef if it cannot connect
+sub connect
+{
+	my ($self, %p) = @_;
+	return BillingTest::Redis::Conn->new($self->{port}, $p{timeout} // 2);
+}
+
+# a field of INFO <section>
+sub info_field
+{
+	my ($self, $section, $field) = @_;
+	my $out = $self->cli('INFO', $section);
+	return $out =~ /^\Q$field\E:(.*?)\r?$/m ? $1 : undef;
+}
+
+=head1 BillingTest::Redis::Conn
+
+  my $c = $redis->connect;                   # undef if it cannot connect
+  my $reply = $c->command('HGET', 'k', 'f'); # string, integer, array ref or undef;
+                                             # dies on an error reply, a lost
+                                             # connection or no reply in 2 s
+  $c->close;
+
+A minimal RESP client on one socket, for pollers that must not start a
+redis-cli per request (on a busy machine a process start costs more than
+the request).
+
+=cut
+
+package BillingTest::Redis::Conn;
+
+use strict;
+use warnings FATAL => 'all';
+
+use Carp;
+use IO::Select;
+use IO::Socket::INET;
+
+sub new
+{
+	my ($class, $port, $timeout) = @_;
+	my $sock = IO::Socket::INET->new(
+		PeerAddr => '127.0.0.1', PeerPort => $port, Proto => 'tcp',
+		Timeout => $timeout) or return undef;
+	$sock->autoflush(1);
+	return bless { sock => $sock, timeout => $timeout, buf => '' }, $class;
+}
+
+sub close
+{
+	my ($self) = @_;
+	close $self->{sock} if $self->{sock};
+	$self->{sock} = undef;
+}
+
+sub command
+{
+	my ($self, @args) = @_;
+	croak 'closed' unless $self->{sock};
+	my $req = '*' . scalar(@args) . "\r\n";
+	$req .= '$' . length($_) . "\r\n$_\r\n" for @args;
+	my $sent = syswrite($self->{sock}, $req);
+	croak "write: $!" unless defined $sent && $sent == length $req;
+	my $reply = $self->_reply;
+	croak "redis: $reply->[0]" if ref $reply eq 'BillingTest::Redis::Conn::Error';
+	return $reply;
+}
+
+sub _fill
+{
+	my ($self) = @_;
+	my $sel = IO::Select->new($self->{sock});
+	croak 'timeout' unless $sel->can_read($self->{timeout});
+	my $n = sysread($self->{sock}, $self->{buf}, 65536, length $self->{buf});
+	croak 'connection closed' unless $n;
+}
+
+sub _line
+{
+	my ($self) = @_;
+	my $i;
+	$self->_fill while ($i = index($self->{buf}, "\r\n")) < 0;
+	my $line = substr($self->{buf}, 0, $i);
+	substr($self->{buf}, 0, $i + 2) = '';
+	return $line;
+}
+
+sub _reply
+{
+	my ($self) = @_;
+	my $line = $self->_line;
+	my ($t, $rest) = (substr($line, 0, 1), substr($line, 1));
+	return $rest if $t eq '+';
+	return $rest + 0 if $t eq ':';
+	return bless [$rest], 'BillingTest::Redis::Conn::Error' if $t eq '-';
+	if ($t eq '$')
+	{
+		return undef if $rest < 0;
+		$self->_fill while length($self->{buf}) < $rest + 2;
+		my $s = substr($self->{buf}, 0, $rest);
+		substr($self->{buf}, 0, $rest + 2) = '';
+		return $s;
+	}
+	if ($t eq '*')
+	{
+		return undef if $rest < 0;
+		return [ map { $self->_reply } 1 .. $rest ];
+	}
+	croak "bad reply: $line";
+}
+
+package BillingTest::Session;
+
+use strict;
+use warnings FATAL => 'all';
+
+use Carp;
+use IPC::Run;
+
+=head1 BillingTest::Session
+
+  my $s = BillingTest::Session->new($node, 'app');   # no connection yet
+  my $r = $s->call("SELECT balance_after FROM billing_deduct('t1', 1, 'tr-1')");
+  $r->{status};    # 'ok', 'error', 'lost' or 'timeout' (see below)
+  $r->{rows};      # array ref of the result lines (psql -At: columns joined by |)
+  $r->{sqlstate};  # '00000' if ok, the error's SQLSTATE if error
+  $r->{message};   # the server's error message (psql's verbose stderr) if error
+  $s->pid;         # the backend's pid (a call; connects if needed), undef if it failed
+  $s->close;
+
+A client that records exactly which calls were acknowledged.  One psql
+process (psql -X -At, autocommit) per session, kept open across calls like
+an application's connection; each call is one statement (no trailing
+semicolon needed), followed by
+C<\echo> of a tag and C<:SQLSTATE>, which psql prints only after it has
+the server's answer to the statement, so:
+
+=over
+
+=item ok
+
+the server answered success: the statement committed (acknowledged);
+
+=item error
+
+the server answered with an SQL error (SQLSTATE): nothing committed;
+
+=item lost
+
+no answer, or one that does not say whether the statement committed: the
+connection was lost (a crash, a restart, a terminated backend) or could not
+be made, or the error was a connection exception (SQLSTATE class 08) or an
+operator's intervention (class 57: the backend terminated, the server
+shutting down or restarting after a crash).  The statement may or may not
+have committed.  The session is closed; the next call starts a new psql,
+i.e. reconnects;
+
+=item timeout
+
+no answer within the session's timeout (C<< timeout => SECONDS >>, default
+180): psql is killed, the next call reconnects.
+
+=back
+
+=cut
+
+sub new
+{
+	my ($class, $node, $db, %p) = @_;
+	return bless {
+		connstr => $node->connstr($db) . ' connect_timeout=10',
+		timeout => $p{timeout} // 180,
+		n => 0,
+	}, $class;
+}
+
+sub _start
+{
+	my ($self) = @_;
+	@$self{qw(in out err)} = ('', '', '');
+	$self->{timer} = IPC::Run::timer($self->{timeout});
+	$self->{h} = IPC::Run::start(
+		[ 'psql', '-X', '-q', '-A', '-t', '-v', 'VERBOSITY=verbose', '-d', $self->{connstr} ],
+		'<', \$self->{in}, '>', \$self->{out}, '2>', \$self->{err}, $self->{timer});
+}
+
+sub call
+{
+	my ($self, $sql) = @_;
+	$self->_start unless $self->{h};
+	my $tag = '@@billing-test-' . ++$self->{n} . '@@';
+	$self->{out} = '';
+	$self->{err} = '';
+	$self->{in} .= "$sql;\n\\echo $tag :SQLSTATE\n";
+	$self->{timer}->start($self->{timeout});
+	my $state;
+	while (1)
+	{
+		if ($self->{out} =~ /^\Q$tag\E ?(\S*)$/m)
+		{
+			$state = $1;
+			last;
+		}
+		last if $self->{timer}->is_expired || !$self->{h}->pumpable;
+		eval { $self->{h}->pump; 1 } or last;
+	}
+	my ($out, $err) = @$self{qw(out err)};
+	# No answer, or an answer that does not tell: psql's own error (the
+	# connection broke: no SQLSTATE), a connection exception (08) or an
+	# operator's intervention (57: terminated, shutting down, crash of
+	# another process) may come after the commit.
+	if (!defined $state || $state eq '' || $state =~ /^(08|57)/)
+	{
+		my $status = !defined $state && $self->{timer}->is_expired ? 'timeout' : 'lost';
+		eval { $self->{h}->pump_nb } for 1 .. 3;
+		$err = $self->{err};
+		$self->close;
+		return { status => $status, rows => [], sqlstate => $state, message => $err };
+	}
+	my ($text) = $out =~ /\A(.*?)^\Q$tag\E/ms;
+	# one line per row (a row of one NULL is an empty line)
+	my @rows = $text eq '' ? () : split(/\n/, $text, -1);
+	pop @rows if @rows && $rows[-1] eq '';
+	my $r = { sqlstate => $state, rows => \@rows };
+	if ($state eq '00000')
+	{
+		$r->{status} = 'ok';
+	}
+	else
+	{
+		$r->{status} = 'error';
+		# let psql's stderr catch up with its stdout (two pipes)
+		eval { $self->{h}->pump_nb } for 1 .. 3;
+		$r->{message} = $self->{err};
+	}
+	return $r;
+}
+
+sub pid
+{
+	my ($self) = @_;
+	my $r = $self->call('SELECT pg_backend_pid()');
+	return $r->{status} eq 'ok' ? $r->{rows}[0] : undef;
+}
+
+sub close
+{
+	my ($self) = @_;
+	my $h = delete $self->{h} or return;
+	if ($h->pumpable)
+	{
+		$self->{in} .= "\\q\n";
+		$self->{timer}->start(10);
+		eval { $h->pump while $h->pumpable && !$self->{timer}->is_expired; 1 };
+	}
+	eval { $h->kill_kill(grace => 2) };
+}
+
+sub DESTROY
+{
+	my ($self) = @_;
+	$self->close;
 }
 
 1;
