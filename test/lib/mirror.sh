@@ -1,5 +1,6 @@
-# test/lib/mirror.sh -- sourced by the Redis tests (redis_sync.sh, fault.sh):
-# "does Redis equal the database?" as one comparable text per side.
+# test/lib/mirror.sh -- sourced by bench/run.sh: "does Redis equal the
+# database?" as one comparable text per side (the TAP tests make the same
+# comparison with BillingTest::mirror_equals, test/perl/BillingTest.pm).
 # Needs the caller's q (psql on the test database) and rc (redis-cli)
 # functions.
 
