@@ -33,7 +33,8 @@ CREATE TABLE billing.accounts (
     created_at          timestamptz NOT NULL DEFAULT now(),
     updated_at          timestamptz NOT NULL DEFAULT now(),
     -- 1.4: the open grant buckets, in burn order: grant_id, remaining,
-    -- priority, expires_at (microseconds; never = 2^63-1) for each
+    -- reserved (by open holds), priority, expires_at (microseconds; never =
+    -- 2^63-1) for each
     grants_state        bigint[],
     grants_next_expiry  timestamptz,
     CONSTRAINT accounts_pkey PRIMARY KEY (tenant_id)
@@ -208,22 +209,49 @@ AS $$
 $$;
 REVOKE ALL ON FUNCTION billing.effective_holds(billing.accounts) FROM PUBLIC;
 
--- what the cached balance still holds of grants whose expiry time has passed
--- (their expire entries are written by the next call on the account): the
--- views subtract it, so expired credit never shows as spendable
-CREATE FUNCTION billing.expired_micros(grants_state bigint[], at timestamptz) RETURNS bigint
-    AS 'MODULE_PATHNAME', 'billing_expired_micros'
+-- What the cached balance still holds of grants that have expired, before
+-- their expire entries are written (by the next call on the account): what
+-- is left in them, and what holds that have expired themselves had reserved
+-- of them.  billing.balances and billing_balance_at() subtract it, so
+-- expired credit never shows as spendable; billing_balance() does the same
+-- in C.
+CREATE FUNCTION billing.grants_expired(grants_state bigint[], at timestamptz) RETURNS bigint
+    AS 'MODULE_PATHNAME', 'billing_grants_expired'
     LANGUAGE C IMMUTABLE PARALLEL SAFE;
-COMMENT ON FUNCTION billing.expired_micros(bigint[], timestamptz) IS 'what accounts.grants_state holds of grants expired by a time (the views subtract it from the balance)';
+COMMENT ON FUNCTION billing.grants_expired(bigint[], timestamptz) IS 'what accounts.grants_state holds of grants expired by a time';
+CREATE FUNCTION billing.shares_expired(grants_state bigint[], grant_draws bigint[],
+                                       hold_expires_at timestamptz, at timestamptz) RETURNS bigint
+    AS 'MODULE_PATHNAME', 'billing_shares_expired'
+    LANGUAGE C IMMUTABLE PARALLEL SAFE;
+COMMENT ON FUNCTION billing.shares_expired(bigint[], bigint[], timestamptz, timestamptz) IS 'of what a hold reserved of grants, what has expired by a time (the hold and the grant both expired)';
+
+-- both for one account (the holds are read only when one has expired)
+CREATE FUNCTION billing.expired_micros(a billing.accounts, at timestamptz) RETURNS bigint
+    LANGUAGE sql STABLE PARALLEL SAFE SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT CASE WHEN a.grants_state IS NULL THEN 0::bigint
+                ELSE billing.grants_expired(a.grants_state, at)
+                     + CASE WHEN a.holds_next_expiry IS NULL OR a.holds_next_expiry > at THEN 0::bigint
+                            ELSE (SELECT coalesce(sum(billing.shares_expired(a.grants_state, h.grant_draws,
+                                                                             h.expires_at, at)), 0)::bigint
+                                    FROM billing.holds h
+                                   WHERE h.tenant_id = a.tenant_id AND h.status = 'open'
+                                     AND h.expires_at <= at AND h.grant_draws IS NOT NULL)
+                       END
+           END
+$$;
+COMMENT ON FUNCTION billing.expired_micros(billing.accounts, timestamptz) IS 'what an account''s cached balance still holds of expired grants (the views and billing_balance_at subtract it)';
+REVOKE ALL ON FUNCTION billing.expired_micros(billing.accounts, timestamptz) FROM PUBLIC;
 
 CREATE VIEW billing.balances WITH (security_barrier) AS
 SELECT a.tenant_id,
        a.currency,
        a.status,
-       billing.to_amount(a.balance_micros - billing.expired_micros(a.grants_state, now())) AS balance,
+       billing.to_amount(a.balance_micros - billing.expired_micros(a, now())) AS balance,
        billing.to_amount(a.credit_limit_micros)                    AS credit_limit,
        billing.to_amount(billing.effective_holds(a))               AS on_hold,
-       billing.to_amount(a.balance_micros - billing.expired_micros(a.grants_state, now()))
+       billing.to_amount(a.balance_micros - billing.expired_micros(a, now()))
            + billing.to_amount(a.credit_limit_micros)
            - billing.to_amount(billing.effective_holds(a))          AS available,
        a.version,

@@ -183,13 +183,15 @@ BEGIN
     END IF;
     -- An expiry counts from the moment the grant expired (its event_at), even
     -- when its entry was written later; a grant that expired by then but whose
-    -- entry is not written yet still holds its remainder in grants_state.
+    -- entry is not written yet still holds its remainder in grants_state (and
+    -- holds that expired by then, what they had reserved of it).
     SELECT coalesce(sum(e.amount_micros), 0) INTO total
       FROM billing.entries e
      WHERE e.tenant_id = billing_balance_at.tenant_id
        AND CASE WHEN e.kind = 'expire' THEN LEAST(e.event_at, e.created_at)
                 ELSE e.created_at END <= billing_balance_at.at;
-    SELECT total - billing.expired_micros(a.grants_state, billing_balance_at.at) INTO total
+    SELECT total - billing.expired_micros(a, billing_balance_at.at)
+      INTO total
       FROM billing.accounts a
      WHERE a.tenant_id = billing_balance_at.tenant_id;
     RETURN billing.to_amount(total::bigint);
@@ -271,26 +273,33 @@ BEGIN
          WHERE h.status = 'open' AND (billing_verify.tenant_id IS NULL OR h.tenant_id = billing_verify.tenant_id)
          GROUP BY h.tenant_id
     )
-    -- what each grant bucket holds by the accounts and the open holds: the
-    -- ledger's replay (verify_entries) must say the same
-    , held AS (
-        SELECT s.tenant_id, s.g, sum(s.amount) AS amount
-          FROM (SELECT a.tenant_id, a.grants_state[i] AS g, a.grants_state[i + 1] AS amount
-                  FROM billing.accounts a,
-                       generate_series(1, coalesce(array_length(a.grants_state, 1), 0), 4) AS i
-                 WHERE billing_verify.tenant_id IS NULL OR a.tenant_id = billing_verify.tenant_id
-                UNION ALL
-                SELECT h.tenant_id, h.grant_draws[i], h.grant_draws[i + 1]
-                  FROM billing.holds h,
-                       generate_series(1, coalesce(array_length(h.grant_draws, 1), 0), 2) AS i
-                 WHERE h.status = 'open'
-                   AND (billing_verify.tenant_id IS NULL OR h.tenant_id = billing_verify.tenant_id)) s
-         GROUP BY 1, 2
-        HAVING sum(s.amount) <> 0
+    -- what each grant bucket holds by the account (remaining and reserved by
+    -- holds): the ledger's replay (verify_entries) must say the same
+    , state AS (
+        SELECT a.tenant_id, a.grants_state[i] AS g, a.grants_state[i + 1] AS remaining,
+               a.grants_state[i + 2] AS reserved
+          FROM billing.accounts a,
+               generate_series(1, coalesce(array_length(a.grants_state, 1), 0), 5) AS i
+         WHERE billing_verify.tenant_id IS NULL OR a.tenant_id = billing_verify.tenant_id
     )
     , grants AS (
-        SELECT held.tenant_id, array_agg(v.x ORDER BY held.g, v.k) AS state
-          FROM held, LATERAL (VALUES (1, held.g), (2, held.amount::bigint)) AS v(k, x)
+        SELECT s.tenant_id, array_agg(v.x ORDER BY s.g, v.k) AS state
+          FROM state s, LATERAL (VALUES (1, s.g), (2, s.remaining + s.reserved)) AS v(k, x)
+         WHERE s.remaining + s.reserved <> 0
+         GROUP BY 1
+    )
+    -- and what it says open holds reserved must be what they did
+    , reservations AS (
+        SELECT coalesce(s.tenant_id, o.tenant_id) AS tenant_id
+          FROM (SELECT * FROM state WHERE reserved <> 0) s
+          FULL JOIN (SELECT h.tenant_id, h.grant_draws[i] AS g, sum(h.grant_draws[i + 1]) AS reserved
+                       FROM billing.holds h,
+                            generate_series(1, coalesce(array_length(h.grant_draws, 1), 0), 2) AS i
+                      WHERE h.status = 'open'
+                        AND (billing_verify.tenant_id IS NULL OR h.tenant_id = billing_verify.tenant_id)
+                      GROUP BY 1, 2) o
+            ON o.tenant_id = s.tenant_id AND o.g = s.g
+         WHERE s.reserved IS DISTINCT FROM o.reserved
          GROUP BY 1
     )
     SELECT coalesce(a.tenant_id, p.tenant_id),
@@ -307,12 +316,14 @@ BEGIN
                WHEN coalesce(p.invalid, 0) > 0 THEN 'entries with an unknown kind, a zero amount or the wrong sign'
                WHEN coalesce(p.grants_negative, 0) > 0 THEN 'a grant bucket went below zero'
                WHEN coalesce(p.grants, '{}') <> coalesce(g.state, '{}') THEN 'grant buckets differ from the ledger'
+               WHEN r.tenant_id IS NOT NULL THEN 'grant reservations differ from the open holds'
                ELSE 'cached holds differ from the open holds'
            END
       FROM billing.accounts a
       FULL JOIN per_tenant p ON p.tenant_id = a.tenant_id
       LEFT JOIN holds h ON h.tenant_id = a.tenant_id
       LEFT JOIN grants g ON g.tenant_id = a.tenant_id
+      LEFT JOIN reservations r ON r.tenant_id = a.tenant_id
      WHERE (billing_verify.tenant_id IS NULL OR coalesce(a.tenant_id, p.tenant_id) = billing_verify.tenant_id)
        AND (a.tenant_id IS NULL
             OR a.balance_micros <> coalesce(p.total, 0)
@@ -321,10 +332,11 @@ BEGIN
             OR coalesce(p.invalid, 0) > 0
             OR coalesce(p.grants_negative, 0) > 0
             OR coalesce(p.grants, '{}') <> coalesce(g.state, '{}')
+            OR r.tenant_id IS NOT NULL
             OR a.holds_micros <> coalesce(h.open_micros, 0))
      ORDER BY 1;
 END;
 $$;
 COMMENT ON FUNCTION billing_verify(text) IS
-    'audit: one row per account whose cached balance differs from SUM(entries), whose balance_after chain is broken, whose version lags its entries, with invalid entries, whose grant buckets differ from what the ledger says (or went below zero), or whose cached holds differ from its open holds; no rows when consistent';
+    'audit: one row per account whose cached balance differs from SUM(entries), whose balance_after chain is broken, whose version lags its entries, with invalid entries, whose grant buckets differ from what the ledger says (or went below zero) or from what open holds reserved, or whose cached holds differ from its open holds; no rows when consistent';
 REVOKE ALL ON FUNCTION billing_verify(text) FROM PUBLIC;

@@ -60,14 +60,18 @@ SELECT e.tenant_id,
 COMMENT ON VIEW billing.usage_by_api_key IS 'charges per tenant, day and api key (the api_key argument, else metadata->>''api_key'')';
 
 -- grants: every grant with what is left of it (open ones: on the account
--- row; reserved: in open holds), what expired of it, and its status
+-- row), what open holds reserve of it, what expired of it, and its status.
+-- A share of an expired hold came back to its grant when the hold expired:
+-- spendable, or expired with the grant (as billing.balances counts it).
 CREATE VIEW billing.grant_balances WITH (security_barrier) AS
 WITH state AS (
     SELECT a.tenant_id, a.grants_state[i] AS grant_id, a.grants_state[i + 1] AS remaining
       FROM billing.accounts a,
-           generate_series(1, coalesce(array_length(a.grants_state, 1), 0), 4) AS i
-), reserved AS (
-    SELECT h.tenant_id, h.grant_draws[i] AS grant_id, sum(h.grant_draws[i + 1]) AS reserved
+           generate_series(1, coalesce(array_length(a.grants_state, 1), 0), 5) AS i
+), held AS (
+    SELECT h.tenant_id, h.grant_draws[i] AS grant_id,
+           coalesce(sum(h.grant_draws[i + 1]) FILTER (WHERE h.expires_at > now()), 0) AS reserved,
+           coalesce(sum(h.grant_draws[i + 1]) FILTER (WHERE h.expires_at <= now()), 0) AS freed
       FROM billing.holds h,
            generate_series(1, coalesce(array_length(h.grant_draws, 1), 0), 2) AS i
      WHERE h.status = 'open'
@@ -84,24 +88,28 @@ SELECT g.tenant_id,
        g.category,
        g.priority,
        billing.to_amount(g.granted_micros) AS granted,
-       billing.to_amount(CASE WHEN g.expires_at <= now() THEN 0 ELSE coalesce(s.remaining, 0) END) AS remaining,
+       billing.to_amount(CASE WHEN g.expires_at <= now() THEN 0
+                              ELSE coalesce(s.remaining, 0) + coalesce(r.freed, 0) END::bigint) AS remaining,
        billing.to_amount(coalesce(r.reserved, 0)::bigint) AS reserved,
-       billing.to_amount(coalesce(x.expired, 0)::bigint
-                         + CASE WHEN g.expires_at <= now() THEN coalesce(s.remaining, 0) ELSE 0 END) AS expired,
+       billing.to_amount((coalesce(x.expired, 0)
+                          + CASE WHEN g.expires_at <= now() THEN coalesce(s.remaining, 0) + coalesce(r.freed, 0)
+                                 ELSE 0 END)::bigint) AS expired,
        g.expires_at,
-       CASE WHEN g.expires_at <= now() THEN 'expired'
-            WHEN coalesce(s.remaining, 0) > 0 OR coalesce(r.reserved, 0) > 0 THEN 'open'
+       CASE WHEN coalesce(r.reserved, 0) > 0 THEN 'open'
+            WHEN g.expires_at <= now() THEN 'expired'
+            WHEN coalesce(s.remaining, 0) + coalesce(r.freed, 0) > 0 THEN 'open'
             ELSE 'used' END AS status,
        g.description,
        g.created_at
   FROM billing.grants g
   LEFT JOIN state s ON s.tenant_id = g.tenant_id AND s.grant_id = g.grant_id
-  LEFT JOIN reserved r ON r.tenant_id = g.tenant_id AND r.grant_id = g.grant_id
+  LEFT JOIN held r ON r.tenant_id = g.tenant_id AND r.grant_id = g.grant_id
   LEFT JOIN expired x ON x.tenant_id = g.tenant_id AND x.grant_id = g.grant_id
  WHERE ((SELECT billing.visible_tenants()) IS NULL OR g.tenant_id = ANY ((SELECT billing.visible_tenants())::text[]));
-COMMENT ON VIEW billing.grant_balances IS 'every grant: granted, left (remaining, reserved by open holds), expired, status (open, used, expired)';
+COMMENT ON VIEW billing.grant_balances IS 'every grant: granted, left (remaining, reserved by open holds), expired, status (open: something left or reserved; used; expired)';
 
--- which grant buckets each charge drew from and each refund gave back to
+-- which grant buckets each charge drew from, each refund gave back to, and
+-- each grant filled
 CREATE VIEW billing.grant_draws WITH (security_barrier) AS
 SELECT e.tenant_id,
        e.entry_id,
@@ -110,7 +118,7 @@ SELECT e.tenant_id,
        g.grant_id,
        g.trace_id AS grant_trace_id,
        g.category,
-       billing.to_amount(CASE WHEN e.kind = 'refund' THEN e.draws[i + 1] ELSE -e.draws[i + 1] END) AS amount,
+       billing.to_amount(CASE WHEN e.amount_micros > 0 THEN e.draws[i + 1] ELSE -e.draws[i + 1] END) AS amount,
        e.refund_of,
        e.created_at
   FROM billing.entries e
@@ -118,7 +126,7 @@ SELECT e.tenant_id,
   JOIN billing.grants g ON g.tenant_id = e.tenant_id AND g.grant_id = e.draws[i]
  WHERE e.draws IS NOT NULL
    AND ((SELECT billing.visible_tenants()) IS NULL OR e.tenant_id = ANY ((SELECT billing.visible_tenants())::text[]));
-COMMENT ON VIEW billing.grant_draws IS 'what charges drew from grant buckets (negative) and refunds gave back to them (positive); the rest of each entry is the wallet''s';
+COMMENT ON VIEW billing.grant_draws IS 'what charges drew from grant buckets (negative), and grants and refunds put into them (positive); the rest of each entry is the wallet''s';
 
 -- breakage: credit that expired unused, per tenant, month (account time zone)
 -- and category

@@ -25,9 +25,14 @@ BEGIN
               LIMIT max_accounts
               FOR UPDATE SKIP LOCKED
     LOOP
-        IF billing.expire_holds_of(t) THEN
-            n := n + 1;
-        END IF;
+        -- one account that cannot be swept must not stop the others
+        BEGIN
+            IF billing.expire_holds_of(t) THEN
+                n := n + 1;
+            END IF;
+        EXCEPTION WHEN OTHERS THEN
+            RAISE WARNING 'billing: the expiry sweep skipped account "%": %', t, SQLERRM;
+        END;
     END LOOP;
     RETURN n;
 END;

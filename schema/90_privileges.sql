@@ -66,11 +66,13 @@ AS $$
         '@extschema@.billing_balance_at(text, timestamptz)',
         '@extschema@.billing_verify(text)',
         '@extschema@.billing_sync_status()',
-        'billing.effective_holds(billing.accounts)'
+        'billing.effective_holds(billing.accounts)',
+        'billing.expired_micros(billing.accounts, timestamptz)'
     ]::regprocedure[]
     WHEN 'reporting' THEN ARRAY[
         -- the functions the views call (a view runs them with the reader's rights)
         'billing.effective_holds(billing.accounts)',
+        'billing.expired_micros(billing.accounts, timestamptz)',
         '@extschema@.billing_sync_status()'
     ]::regprocedure[]
     END

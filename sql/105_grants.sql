@@ -21,11 +21,16 @@ CREATE FUNCTION pg_temp.buckets(t text) RETURNS TABLE (grant_id bigint, trace_id
       FROM billing.grant_balances g WHERE g.tenant_id = t ORDER BY g.grant_id
 $$;
 
-CREATE FUNCTION pg_temp.sleep_past_expiry(t text) RETURNS void LANGUAGE plpgsql AS $$
+-- waits until the tenant's grants (and with holds => true, its holds) have
+-- expired, however slow the machine
+CREATE FUNCTION pg_temp.sleep_past_expiry(t text, holds boolean DEFAULT false) RETURNS void
+    LANGUAGE plpgsql AS $$
 DECLARE
     e timestamptz;
 BEGIN
-    SELECT max(g.expires_at) INTO e FROM billing.grants g WHERE g.tenant_id = t;
+    SELECT max(x) INTO e FROM (SELECT g.expires_at FROM billing.grants g WHERE g.tenant_id = t
+                               UNION ALL
+                               SELECT h.expires_at FROM billing.holds h WHERE h.tenant_id = t AND holds) y(x);
     WHILE clock_timestamp() <= e LOOP
         PERFORM pg_sleep(0.1);
     END LOOP;
@@ -46,7 +51,7 @@ SELECT * FROM pg_temp.buckets('gr-a');
 -- ... one of 4 takes the trial's last 2 and 2 of the wallet
 SELECT amount, balance_after FROM billing_deduct('gr-a', 4, 'gr-a-c2');
 SELECT * FROM pg_temp.buckets('gr-a');
-SELECT trace_id, kind, billing.to_amount(amount_micros) AS amount, draws IS NOT NULL AS from_grants FROM billing.entries
+SELECT trace_id, kind, billing.to_amount(amount_micros) AS amount, draws IS NOT NULL AS names_grants FROM billing.entries
  WHERE tenant_id = 'gr-a' ORDER BY entry_id;
 -- a refund of 3 of the second charge: the wallet's 2 first, then 1 to the trial
 SELECT amount, refunded, refundable, balance_after, replayed
@@ -123,14 +128,18 @@ SELECT kind, billing.to_amount(amount_micros) AS amount, billing.to_amount(balan
        grant_id IS NOT NULL AS of_grant, event_at < created_at AS dated_at_expiry
   FROM billing.entries WHERE tenant_id = 'gr-d' ORDER BY entry_id;
 SELECT month IS NOT NULL AS has_month, category, expiries, expired FROM billing.breakage WHERE tenant_id = 'gr-d';
+-- a retry of the grant after its expiry replays it
+SELECT replayed FROM billing_grant('gr-d', 2.5, 'gr-d-short',
+                                   expires_at => (SELECT expires_at FROM billing.grants WHERE trace_id = 'gr-d-short'));
 -- the same history once the entry is written
 SELECT billing_balance_at('gr-d', g.expires_at - interval '1 microsecond') AS just_before,
        billing_balance_at('gr-d', g.expires_at) AS at_expires_at
   FROM billing.grants g WHERE g.tenant_id = 'gr-d';
 SELECT count(*) AS problems FROM billing_verify('gr-d');
 -- expires_at is the first instant the credit is gone (the boundary)
-SELECT billing.expired_micros(ARRAY[1, 5000000, 0, 789000000000000], '2025-01-01 00:00:00+00') AS at_expires_at,
-       billing.expired_micros(ARRAY[1, 5000000, 0, 789000000000001], '2025-01-01 00:00:00+00') AS one_microsecond_before,
+-- (grants_state: grant id, remaining, reserved, priority, expires_at in microseconds since 2000)
+SELECT billing.grants_expired(ARRAY[1, 5000000, 0, 0, 789000000000000], '2025-01-01 00:00:00+00') AS at_expires_at,
+       billing.grants_expired(ARRAY[1, 5000000, 0, 0, 789000000000001], '2025-01-01 00:00:00+00') AS one_microsecond_before,
        '2000-01-01 00:00:00+00'::timestamptz + interval '789000000 seconds' AS expires_at;
 
 --
@@ -204,5 +213,73 @@ SELECT count(*) FROM (SELECT billing_grant('gr-h', 1, 'gr-h-' || g) FROM generat
 SELECT regress_error($$SELECT billing_grant('gr-h', 1, 'gr-h-65')$$);
 SELECT kind FROM billing_deduct('gr-h', 1, 'gr-h-c1');
 SELECT granted FROM billing_grant('gr-h', 1, 'gr-h-65');
+
+-- A grant a hold reserved in full is still open: it counts towards the 64,
+-- and the hold's expiry gives its share back whatever the count
+SELECT tenant_id FROM billing_account_create('gr-i');
+SELECT amount FROM billing_grant('gr-i', 1, 'gr-i-a');
+SELECT status FROM billing_hold('gr-i', 1, 'gr-i-h', expires_in => '3 seconds');
+SELECT count(*) FROM (SELECT billing_grant('gr-i', 1, 'gr-i-' || g) FROM generate_series(1, 63) g) x;
+SELECT regress_error($$SELECT billing_grant('gr-i', 1, 'gr-i-64')$$);
+SELECT pg_temp.sleep_past_expiry('gr-i', holds => true);
+SELECT balance_after FROM billing_deduct('gr-i', 0.1, 'gr-i-c1');
+SELECT trace_id, remaining, reserved, status FROM pg_temp.buckets('gr-i') WHERE trace_id IN ('gr-i-a', 'gr-i-1');
+SELECT count(*) AS problems FROM billing_verify('gr-i');
+
+-- A hold that expires before its grant: its share comes back when the hold
+-- expires and expires with the grant, one entry dated at the grant's
+-- expiry.  Every reader leaves it out before anything is written.
+SELECT tenant_id FROM billing_account_create('gr-j');
+SELECT amount FROM billing_grant('gr-j', 5, 'gr-j-g', expires_at => clock_timestamp() + interval '4 seconds');
+SELECT status FROM billing_hold('gr-j', 5, 'gr-j-h', expires_in => '3 seconds');
+SELECT pg_temp.sleep_past_expiry('gr-j', holds => true);
+SELECT billing_balance('gr-j') AS balance,
+       (SELECT balance FROM billing.balances WHERE tenant_id = 'gr-j') AS view_balance,
+       (SELECT available FROM billing.balances WHERE tenant_id = 'gr-j') AS available,
+       billing_balance_at('gr-j', clock_timestamp()) AS balance_at;
+SELECT remaining, reserved, expired, status FROM pg_temp.buckets('gr-j');
+SELECT billing.expire_holds_of('gr-j');
+SELECT kind, billing.to_amount(e.amount_micros) AS amount, e.event_at = g.expires_at AS dated_at_grant_expiry
+  FROM billing.entries e JOIN billing.grants g USING (tenant_id, grant_id)
+ WHERE e.tenant_id = 'gr-j' ORDER BY entry_id;
+SELECT billing_balance('gr-j') AS balance, count(*) AS problems FROM billing_verify('gr-j');
+
+-- A hold that expires after its grant: the grant's own remainder expires at
+-- the grant's expiry, the hold's share when the hold expires; the history
+-- (billing_balance_at) is the same before and after the entries are written
+SELECT tenant_id FROM billing_account_create('gr-k');
+SELECT kind FROM billing_credit('gr-k', 10, 'gr-k-top');
+SELECT amount FROM billing_grant('gr-k', 5, 'gr-k-g', expires_at => clock_timestamp() + interval '3 seconds');
+SELECT status FROM billing_hold('gr-k', 3, 'gr-k-h', expires_in => '5 seconds');
+SELECT pg_temp.sleep_past_expiry('gr-k', holds => true);
+CREATE TEMP TABLE gr_k_times AS
+SELECT g.expires_at AS grant_expiry, h.expires_at AS hold_expiry,
+       g.expires_at + (h.expires_at - g.expires_at) / 2 AS between
+  FROM billing.grants g JOIN billing.holds h USING (tenant_id) WHERE g.tenant_id = 'gr-k';
+SELECT billing_balance_at('gr-k', t.grant_expiry - interval '1 microsecond') AS before_grant_expiry,
+       billing_balance_at('gr-k', t.between) AS between,
+       billing_balance_at('gr-k', t.hold_expiry) AS at_hold_expiry,
+       billing_balance('gr-k') AS now
+  FROM gr_k_times t;
+SELECT billing.expire_holds_of('gr-k');
+SELECT billing_balance_at('gr-k', t.grant_expiry - interval '1 microsecond') AS before_grant_expiry,
+       billing_balance_at('gr-k', t.between) AS between,
+       billing_balance_at('gr-k', t.hold_expiry) AS at_hold_expiry,
+       billing_balance('gr-k') AS now
+  FROM gr_k_times t;
+SELECT kind, billing.to_amount(amount_micros) AS amount,
+       CASE e.event_at WHEN t.grant_expiry THEN 'grant expiry' WHEN t.hold_expiry THEN 'hold expiry' END AS dated_at
+  FROM billing.entries e, gr_k_times t WHERE e.tenant_id = 'gr-k' ORDER BY entry_id;
+SELECT count(*) AS problems FROM billing_verify('gr-k');
+
+-- Debt is the wallet's: a hold that reserved a grant does not hide it
+SELECT tenant_id FROM billing_account_create('gr-l', credit_limit => 10);
+SELECT amount FROM billing_grant('gr-l', 5, 'gr-l-a');
+SELECT status FROM billing_hold('gr-l', 5, 'gr-l-h');
+SELECT balance_after FROM billing_deduct('gr-l', 5, 'gr-l-c1');
+SELECT granted, amount, balance_after FROM billing_grant('gr-l', 5, 'gr-l-b');
+SELECT status FROM billing_release('gr-l', 'gr-l-h', 'gr-l-r');
+SELECT trace_id, remaining, status FROM pg_temp.buckets('gr-l');
+SELECT billing_balance('gr-l') AS balance, count(*) AS problems FROM billing_verify('gr-l');
 
 SELECT count(*) AS problems FROM billing_verify();

@@ -213,8 +213,6 @@ account_expire_holds(Account *acc)
 {
 	Datum		values[2];
 	Oid			types[2] = {TEXTOID, TIMESTAMPTZOID};
-	Draws		shares = {0};
-	Draws		expired = {0};
 
 	if (!acc->has_next_expiry || acc->next_expiry > acc->now)
 		return;
@@ -242,11 +240,12 @@ account_expire_holds(Account *acc)
 						  "  WHERE h.tenant_id = $1 AND h.status = 'open' AND h.expires_at <= $2 "
 						  "    AND o.tenant_id = h.tenant_id AND o.hold_id = h.hold_id "
 						  "  RETURNING h.hold_id, h.amount_micros - h.captured_micros AS freed, "
-						  "    o.grant_draws AS shares), "
+						  "    o.grant_draws AS shares, h.expires_at), "
 						  "ev AS (INSERT INTO billing.hold_events (tenant_id, hold_id, action, "
 						  "  amount_micros, created_at) "
 						  "  SELECT $1, hold_id, 'expire', freed, $2 FROM expired) "
-						  "SELECT shares FROM expired WHERE shares IS NOT NULL",
+						  "SELECT shares, expires_at FROM expired WHERE shares IS NOT NULL "
+						  "ORDER BY expires_at, hold_id",
 						  2, types);
 	values[0] = PointerGetDatum(acc->tenant_id);
 	values[1] = TimestampTzGetDatum(acc->now);
@@ -254,25 +253,38 @@ account_expire_holds(Account *acc)
 		billing_spi_exec(plan_expire, values, NULL, SPI_OK_INSERT, "expiring holds");
 	else
 	{
+		Draws	   *shares;
+		TimestampTz *when;
+		uint64		nrows;
+
 		billing_spi_exec(plan_expire_shares, values, NULL, SPI_OK_SELECT, "expiring holds");
-		/* what an expired hold had reserved of grant buckets goes back */
-		for (uint64 r = 0; r < SPI_processed; r++)
+		nrows = SPI_processed;
+		shares = palloc(sizeof(Draws) * Max(nrows, 1));
+		when = palloc(sizeof(TimestampTz) * Max(nrows, 1));
+		for (uint64 r = 0; r < nrows; r++)
 		{
 			bool		isnull;
-			Draws		one;
 
-			draws_from_datum(billing_col((int) r, 1, &isnull), &one);
-			for (int i = 0; i < one.n; i++)
-				draws_add(&shares, one.grant_id[i], one.amount[i]);
+			draws_from_datum(billing_col((int) r, 1, &isnull), &shares[r]);
+			when[r] = DatumGetTimestampTz(billing_col((int) r, 2, &isnull));
+		}
+
+		/*
+		 * What an expired hold had reserved of grant buckets goes back to
+		 * them at the moment the hold expired: spendable again if the grant
+		 * was still valid then (it then expires with the grant), else it
+		 * expires at that moment.
+		 */
+		for (uint64 r = 0; r < nrows; r++)
+		{
+			Draws		expired = {0};
+
+			grants_give_back(acc, &shares[r], true, when[r], &expired);
+			grants_write_expiries(acc, &expired, when[r], "grant expired (an expired hold's share)");
 		}
 	}
 	account_refresh_holds(acc);
 	acc->holds_changed = true;
-	if (shares.n > 0)
-	{
-		grants_give_back(acc, &shares, &expired);
-		grants_write_expiries(acc, &expired, "grant expired (an expired hold's share)");
-	}
 }
 
 /*
@@ -561,7 +573,15 @@ void
 account_apply_debit(Account *acc, ApiKey *key, Debit *debit)
 {
 	if (debit->draws)
-		grants_draw(acc, debit->charge - debit->covered + debit->reserve, debit->draws);
+	{
+		/* a hold reserves of the buckets; a charge spends them */
+		if (debit->reserve > 0 && debit->charge > 0)
+			elog(ERROR, "billing: a debit both reserves and charges");
+		if (debit->reserve > 0)
+			grants_draw(acc, debit->reserve, true, debit->draws);
+		else
+			grants_draw(acc, debit->charge - debit->covered, false, debit->draws);
+	}
 	acc->balance = billing_add_micros(acc->balance, -debit->charge, "account balance");
 	acc->holds = billing_add_micros(acc->holds, debit->reserve - debit->covered,
 									"open holds of the account");

@@ -69,6 +69,7 @@ struct Account
 	bool		grants_supported;	/* the schema has them (1.4) */
 	Bucket	   *buckets;
 	int			nbuckets;
+	int			maxbuckets;	/* allocated */
 	bool		has_grants_expiry;
 	TimestampTz grants_next_expiry; /* earliest expires_at of a bucket */
 	bool		holds_changed;	/* account_expire_holds() wrote something */

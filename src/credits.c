@@ -28,7 +28,8 @@
 
 PG_FUNCTION_INFO_V1(billing_grant);
 PG_FUNCTION_INFO_V1(billing_refund);
-PG_FUNCTION_INFO_V1(billing_expired_micros);
+PG_FUNCTION_INFO_V1(billing_grants_expired);
+PG_FUNCTION_INFO_V1(billing_shares_expired);
 
 /* highest priority a grant may have */
 #define GRANT_MAX_PRIORITY	1000
@@ -205,6 +206,27 @@ grant_replay(Account *acc, GrantReq *g)
 }
 
 /*
+ * ZB018 unless expires_at lies after `now` and at most GRANT_MAX_YEARS ahead
+ * of it (now = 0: only an infinite value is refused, before the lock)
+ */
+static void
+check_expires_at(GrantReq *g, TimestampTz now)
+{
+	if (TIMESTAMP_NOT_FINITE(g->expires_at) ||
+		(now != 0 && (g->expires_at <= now ||
+					  g->expires_at > now + (int64) GRANT_MAX_YEARS * 366 * USECS_PER_DAY)))
+		ereport(ERROR,
+				(errcode(ERRCODE_BILLING_INVALID_ARGUMENT),
+				 errmsg("expires_at must lie in the future, at most %d years ahead",
+						GRANT_MAX_YEARS),
+				 TIMESTAMP_NOT_FINITE(g->expires_at) ?
+				 errdetail("It is not finite.") :
+				 errdetail("It is %s; now is %s.",
+						   billing_format_ts(g->expires_at), billing_format_ts(now)),
+				 errhint("Pass NULL for a grant that never expires.")));
+}
+
+/*
  * billing_grant(tenant_id, amount, trace_id, expires_at, priority, category,
  *				 description, metadata) -> billing.grant_result
  *
@@ -222,6 +244,7 @@ billing_grant(PG_FUNCTION_ARGS)
 	int64		repaid;
 	int64		bucket;
 	EntryWrite	e = {0};
+	Draws		filled = {0};
 	int64		entry_id;
 	Datum		result;
 
@@ -231,19 +254,9 @@ billing_grant(PG_FUNCTION_ARGS)
 	g.expires = !PG_ARGISNULL(3);
 	if (g.expires)
 	{
-		TimestampTz now = GetCurrentTimestamp();
-
 		g.expires_at = PG_GETARG_TIMESTAMPTZ(3);
-		if (TIMESTAMP_NOT_FINITE(g.expires_at) || g.expires_at <= now ||
-			g.expires_at > now + (int64) GRANT_MAX_YEARS * 366 * USECS_PER_DAY)
-			ereport(ERROR,
-					(errcode(ERRCODE_BILLING_INVALID_ARGUMENT),
-					 errmsg("expires_at must lie in the future, at most %d years ahead",
-							GRANT_MAX_YEARS),
-					 errdetail("It is %s; now is %s.",
-							   TIMESTAMP_NOT_FINITE(g.expires_at) ? "not finite" :
-							   billing_format_ts(g.expires_at), billing_format_ts(now)),
-					 errhint("Pass NULL for a grant that never expires.")));
+		if (TIMESTAMP_NOT_FINITE(g.expires_at))
+			check_expires_at(&g, 0);
 	}
 	billing_check_not_null(fcinfo, 4, "priority");
 	g.priority = PG_GETARG_INT32(4);
@@ -271,6 +284,7 @@ billing_grant(PG_FUNCTION_ARGS)
 				 errmsg("grants need extension billing 1.4 or later"),
 				 errhint("Run ALTER EXTENSION billing UPDATE.")));
 
+	/* a replay wins over today's rules (an expires_at that has passed since) */
 	grant_id = grant_replay(&acc, &g);
 	if (grant_id != 0)
 	{
@@ -278,6 +292,9 @@ billing_grant(PG_FUNCTION_ARGS)
 		SPI_finish();
 		return result;
 	}
+	/* judged when the lock is ours: the grant's entry is written now */
+	if (g.expires)
+		check_expires_at(&g, acc.now);
 	billing_check_not_rejected(&acc, g.trace_id, "grant");
 	account_expire_due(&acc);
 	if (strcmp(acc.status, "closed") == 0)
@@ -288,13 +305,29 @@ billing_grant(PG_FUNCTION_ARGS)
 						   billing_format_micros(g.amount)),
 				 errhint("Closed is final: open a new account for this customer.")));
 
-	/* debt under the credit limit is paid back first */
-	repaid = Min(g.amount, Max(0, -acc.balance));
+	{
+		int			open = 0;
+
+		for (int i = 0; i < acc.nbuckets; i++)
+			if (acc.buckets[i].remaining > 0 || acc.buckets[i].reserved > 0)
+				open++;
+		if (open >= GRANTS_MAX_OPEN)
+			ereport(ERROR,
+					(errcode(ERRCODE_BILLING_TOO_MANY_GRANTS),
+					 errmsg("account \"%s\" has too many open grants", acc.tenant),
+					 errdetail("It has %d open grants (something left or reserved by a hold); the limit is %d.",
+							   open, GRANTS_MAX_OPEN),
+					 errhint("Let some grants run out or expire, or top up the wallet with billing_credit().")));
+	}
+
+	/* debt under the credit limit (a wallet below zero) is paid back first */
+	repaid = Min(g.amount, Max(0, -grants_wallet(&acc)));
 	bucket = g.amount - repaid;
 	grant_id = direct_nextval("grant_id_seq");
 	if (bucket > 0)
 		grants_add_bucket(&acc, grant_id, bucket, g.priority,
 						  g.expires ? g.expires_at : DT_NOEND);
+	draws_add(&filled, grant_id, bucket);
 
 	acc.balance = billing_add_micros(acc.balance, g.amount, "account balance");
 	acc.version++;
@@ -304,6 +337,7 @@ billing_grant(PG_FUNCTION_ARGS)
 	e.description = g.description;
 	e.metadata = g.metadata;
 	e.grant_id = grant_id;
+	e.draws = &filled;			/* its bucket, and what went into it */
 	entry_id = billing_post_entry(&acc, &e);
 	if (entry_id == 0)
 		elog(ERROR, "billing: trace id of a grant taken concurrently");	/* probed under the lock */
@@ -634,7 +668,7 @@ billing_refund(PG_FUNCTION_ARGS)
 			elog(ERROR, "billing: refund of charge " INT64_FORMAT " cannot be placed (" INT64_FORMAT " left)",
 				 c.entry_id, left);
 	}
-	grants_give_back(&acc, &restore, &expired);
+	grants_give_back(&acc, &restore, false, acc.now, &expired);
 
 	/* the spend counters of the periods the charge was made in */
 	{
@@ -689,7 +723,7 @@ billing_refund(PG_FUNCTION_ARGS)
 		billing_spi_exec(plan, values, NULL, SPI_OK_INSERT, "recording the refund");
 	}
 	/* a share of a grant that expired since: it expires again, now */
-	grants_write_expiries(&acc, &expired, "grant expired (a refunded share)");
+	grants_write_expiries(&acc, &expired, acc.now, "grant expired (a refunded share)");
 
 	result = refund_result(fcinfo, &acc, charge_trace, entry_id, false);
 	SPI_finish();
@@ -697,13 +731,12 @@ billing_refund(PG_FUNCTION_ARGS)
 }
 
 /*
- * billing.expired_micros(grants_state bigint[], at timestamptz) -> bigint:
- * what an account holds of grants whose expiry time had passed by `at`
- * (their 'expire' entries not written yet).  The views subtract it from the
- * cached balance, billing_balance_at() from the ledger's sum.
+ * billing.grants_expired(grants_state bigint[], at timestamptz) -> bigint:
+ * what an account's open grants still hold that had expired by `at` (their
+ * 'expire' entries not written yet).
  */
 Datum
-billing_expired_micros(PG_FUNCTION_ARGS)
+billing_grants_expired(PG_FUNCTION_ARGS)
 {
 	Account		acc;
 
@@ -714,4 +747,31 @@ billing_expired_micros(PG_FUNCTION_ARGS)
 	acc.tenant = "?";
 	grants_load(&acc, PG_GETARG_DATUM(0), false);
 	PG_RETURN_INT64(grants_expired_micros(&acc, PG_GETARG_TIMESTAMPTZ(1)));
+}
+
+/*
+ * billing.shares_expired(grants_state bigint[], grant_draws bigint[],
+ *						  hold_expires_at timestamptz, at timestamptz) -> bigint:
+ * of what a hold reserved of an account's grants, what has expired by `at`:
+ * the hold has expired (its shares came back) and so has the grant.
+ */
+Datum
+billing_shares_expired(PG_FUNCTION_ARGS)
+{
+	Bucket	   *buckets;
+	int			nbuckets;
+	Draws		shares;
+	Account		acc;
+
+	if (PG_ARGISNULL(0) || PG_ARGISNULL(1) || PG_ARGISNULL(2) || PG_ARGISNULL(3))
+		PG_RETURN_INT64(0);
+	memset(&acc, 0, sizeof(acc));
+	acc.cxt = CurrentMemoryContext;
+	acc.tenant = "?";
+	grants_load(&acc, PG_GETARG_DATUM(0), false);
+	buckets = acc.buckets;
+	nbuckets = acc.nbuckets;
+	draws_from_datum(PG_GETARG_DATUM(1), &shares);
+	PG_RETURN_INT64(grants_shares_expired(buckets, nbuckets, &shares,
+										  PG_GETARG_TIMESTAMPTZ(2), PG_GETARG_TIMESTAMPTZ(3)));
 }

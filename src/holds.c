@@ -312,23 +312,26 @@ save_hold(Account *acc, Hold *h)
 }
 
 /*
- * A hold is settled (captured in full, released, or expired): what it had
- * reserved of grant buckets and did not capture goes back to them; a share
- * of a bucket that has expired meanwhile expires now (after the caller's
- * own entry, if any).
+ * A hold is settled now (captured in full, released): what it had reserved
+ * of grant buckets and did not capture goes back to them; a share of a
+ * bucket that has expired meanwhile expires now (after the caller's own
+ * entry, if any).  (A hold's own expiry: account_expire_holds.)
  */
 static void
 give_back_shares(Account *acc, Hold *h, Draws *expired)
 {
 	if (h->shares.n == 0)
 		return;
-	grants_give_back(acc, &h->shares, expired);
+	grants_give_back(acc, &h->shares, true, acc->now, expired);
 	memset(&h->shares, 0, sizeof(h->shares));
 }
 
-/* take up to `amount` of the hold's shares, in the order they were taken */
+/*
+ * Take up to `amount` of the hold's shares, in the order they were taken:
+ * a capture spends what the hold reserved of those buckets.
+ */
 static void
-consume_shares(Hold *h, int64 amount, Draws *out)
+consume_shares(Account *acc, Hold *h, int64 amount, Draws *out)
 {
 	for (int i = 0; i < h->shares.n && amount > 0; i++)
 	{
@@ -337,6 +340,7 @@ consume_shares(Hold *h, int64 amount, Draws *out)
 		if (take <= 0)
 			continue;
 		draws_add(out, h->shares.grant_id[i], take);
+		grants_unreserve(acc, h->shares.grant_id[i], take);
 		h->shares.amount[i] -= take;
 		amount -= take;
 	}
@@ -736,7 +740,7 @@ billing_capture(PG_FUNCTION_ARGS)
 			billing_raise_rejection(&rej);
 		}
 		/* what the hold covers, from its shares of the buckets */
-		consume_shares(&h, take, &draws);
+		consume_shares(&acc, &h, take, &draws);
 		account_apply_debit(&acc, &key, &debit);
 
 		h.captured = billing_add_micros(h.captured, amount, "captured amount of the hold");
@@ -764,7 +768,7 @@ billing_capture(PG_FUNCTION_ARGS)
 		journal(&acc, &h, trace_id, "capture", amount, entry_id, final);
 		if (rest > 0)
 			journal(&acc, &h, NULL, "release", rest, 0, false);
-		grants_write_expiries(&acc, &expired, "grant expired (a hold's unused share)");
+		grants_write_expiries(&acc, &expired, acc.now, "grant expired (a hold's unused share)");
 		account_key_save(&acc, &key);
 	}
 
@@ -856,7 +860,7 @@ billing_release(PG_FUNCTION_ARGS)
 			save_hold(&acc, &h);
 			acc.version++;
 			account_save(&acc, false);
-			grants_write_expiries(&acc, &expired, "grant expired (a released hold's share)");
+			grants_write_expiries(&acc, &expired, acc.now, "grant expired (a released hold's share)");
 		}
 		journal(&acc, &h, trace_id, "release", rest, 0, false);
 	}

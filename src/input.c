@@ -14,7 +14,6 @@
 #include "postgres.h"
 
 #include "billing.h"
-#include "grants.h"
 #include "common/int.h"
 #include "mb/pg_wchar.h"
 #include "miscadmin.h"
@@ -273,16 +272,6 @@ billing_check_id(text *id, const char *argname, int sqlerrcode)
 				 errdetail("It has %d characters; the limit is %d.",
 						   nchars, BILLING_MAX_ID_CHARS),
 				 errhint("Use a shorter identifier, e.g. a UUID or a hash of the request.")));
-	/* the entries billing writes itself (a grant's expiry) have trace ids of their own */
-	if (sqlerrcode == ERRCODE_BILLING_INVALID_TRACE_ID &&
-		len >= (int) strlen(BILLING_TRACE_PREFIX) &&
-		memcmp(p, BILLING_TRACE_PREFIX, strlen(BILLING_TRACE_PREFIX)) == 0)
-		ereport(ERROR,
-				(errcode(sqlerrcode),
-				 errmsg("%s must not start with \"%s\"", argname, BILLING_TRACE_PREFIX),
-				 errdetail("Trace ids that start with \"%s\" are billing's own (the expiry of a grant).",
-						   BILLING_TRACE_PREFIX),
-				 errhint("Use another prefix.")));
 	return id;
 }
 

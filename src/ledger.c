@@ -317,6 +317,28 @@ probe_trace(Account *acc, EntryWrite *req, PostMode mode, LedgerOutcome *out)
 	return true;
 }
 
+/*
+ * ZB014 for a new entry or rejection whose trace id starts with "billing:":
+ * those are billing's own (a grant's expiry).  Only new ones are refused,
+ * and only once the schema has grants (1.4): a replay of an entry recorded
+ * before with such an id still works.
+ */
+void
+billing_check_own_trace(Account *acc, text *trace_id)
+{
+	int			len = VARSIZE_ANY_EXHDR(trace_id);
+	int			plen = strlen(BILLING_TRACE_PREFIX);
+
+	/* a database still at 1.3 writes no entries of its own */
+	if (acc->grants_supported && len >= plen && memcmp(VARDATA_ANY(trace_id), BILLING_TRACE_PREFIX, plen) == 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_BILLING_INVALID_TRACE_ID),
+				 errmsg("trace_id must not start with \"%s\"", BILLING_TRACE_PREFIX),
+				 errdetail("Trace ids that start with \"%s\" are billing's own (the expiry of a grant).",
+						   BILLING_TRACE_PREFIX),
+				 errhint("Use another prefix.")));
+}
+
 /* remember a business rejection so that replays of the trace id get it */
 static void
 record_rejection(Account *acc, EntryWrite *req, LedgerOutcome *out)
@@ -326,6 +348,8 @@ record_rejection(Account *acc, EntryWrite *req, LedgerOutcome *out)
 	Datum		values[11];
 	char		nulls[11];
 	bool		isnull;
+
+	billing_check_own_trace(acc, req->trace_id);
 
 	billing_keep_plan(&plan_reject,
 					  "INSERT INTO billing.rejections (tenant_id, trace_id, kind, "
@@ -455,6 +479,8 @@ billing_post_entry(Account *acc, EntryWrite *e)
 	if (direct_key_exists(&billing_entries_table, PointerGetDatum(acc->tenant_id),
 						  PointerGetDatum(e->trace_id)))
 		return 0;
+	if (strcmp(e->kind, "expire") != 0)
+		billing_check_own_trace(acc, e->trace_id);
 
 	entry_id = direct_nextval("entry_id_seq");
 	memset(nulls, false, sizeof(nulls));
@@ -498,7 +524,7 @@ ledger_post(text *tenant_id, LedgerRequest *req, PostMode mode,
 	MemoryContext outer;
 	Account		acc;
 	Account		before;
-	Bucket		saved[GRANTS_MAX_OPEN];
+	Bucket	   *saved;
 	int			nsaved;
 	Draws		draws = {0};
 	ApiKey		key;
@@ -543,8 +569,7 @@ ledger_post(text *tenant_id, LedgerRequest *req, PostMode mode,
 	account_key_lock(&acc, &key, e->api_key);
 	/* to undo the in-memory charge on a replay (the buckets are an array) */
 	before = acc;
-	nsaved = acc.nbuckets;
-	memcpy(saved, acc.buckets, sizeof(Bucket) * nsaved);
+	grants_copy(&acc, &saved, &nsaved);
 	if (req->is_debit)
 	{
 		Debit		debit = {0};
@@ -619,8 +644,7 @@ ledger_post(text *tenant_id, LedgerRequest *req, PostMode mode,
 					 errdetail("The entry was committed after this transaction's snapshot was taken."),
 					 errhint("Retry the transaction; the retry returns the recorded outcome.")));
 		acc = before;
-		memcpy(acc.buckets, saved, sizeof(Bucket) * nsaved);
-		acc.nbuckets = nsaved;
+		grants_restore(&acc, saved, nsaved);
 		account_finish(&acc);
 		SPI_finish();
 		return;
@@ -993,15 +1017,28 @@ billing_balance(PG_FUNCTION_ARGS)
 				 errhint("Create it first with billing_account_create(%s).",
 						 quote_literal_cstr(text_to_cstring(tenant)))));
 	balance = DatumGetInt64(values[AC_BALANCE]);
-	if (!nulls[AC_GRANTS_STATE])
+	if (billing_accounts_table.attnum[AC_GRANTS_STATE] != InvalidAttrNumber &&
+		!nulls[AC_GRANTS_STATE])
 	{
 		Account		acc;
+		TimestampTz now = GetCurrentTimestamp();
 
 		memset(&acc, 0, sizeof(acc));
 		acc.cxt = CurrentMemoryContext;
 		acc.tenant = text_to_cstring(tenant);
+		acc.tenant_id = tenant;
+		acc.has_next_expiry = !nulls[AC_HOLDS_NEXT_EXPIRY];
+		if (acc.has_next_expiry)
+			acc.next_expiry = DatumGetTimestampTz(values[AC_HOLDS_NEXT_EXPIRY]);
 		grants_load(&acc, values[AC_GRANTS_STATE], false);
-		balance -= grants_expired_micros(&acc, GetCurrentTimestamp());
+		balance = billing_add_micros(balance, -grants_expired_micros(&acc, now), "balance");
+		if (acc.has_next_expiry && acc.next_expiry <= now)
+		{
+			/* rare: holds that expired may have reserved expired credit */
+			billing_spi_connect();
+			balance = billing_add_micros(balance, -grants_held_expired(&acc, now), "balance");
+			SPI_finish();
+		}
 	}
 	PG_RETURN_NUMERIC(billing_micros_to_numeric(balance));
 }

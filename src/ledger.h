@@ -29,6 +29,7 @@ typedef struct EntryWrite
 } EntryWrite;
 
 extern int64 billing_post_entry(Account *acc, EntryWrite *entry);
+extern void billing_check_own_trace(Account *acc, text *trace_id);
 extern void billing_check_not_rejected(Account *acc, text *trace_id,
 									   const char *kind);
 

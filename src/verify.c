@@ -18,11 +18,13 @@
  * part of billing_verify() that reads every entry.
  *
  * Since 1.4 it also replays the grant buckets from the ledger alone: a
- * grant entry fills its bucket (less the debt it paid back), a debit's
- * draws take from buckets, a refund's draws give back, an expire entry
- * empties.  Every bucket must stay at zero or above, and what is left in it
- * must be what the account says it holds (accounts.grants_state) plus what
- * open holds reserved of it: billing_verify() compares the two.
+ * grant entry's draws say what went into its bucket (the rest paid debt
+ * back), a debit's draws take from buckets, a refund's draws give back, an
+ * expire entry takes out.  Every bucket must stay at zero or above (checked
+ * entry by entry when entry id order is version order, else on the final
+ * amounts), and what is left in it must be what the account says it holds,
+ * remaining and reserved by holds (accounts.grants_state): billing_verify()
+ * compares the two.
  *
  *-------------------------------------------------------------------------
  */
@@ -36,6 +38,7 @@
 #include "grants.h"
 #include "utils/array.h"
 #include "funcapi.h"
+#include "utils/hsearch.h"
 #include "utils/builtins.h"
 #include "utils/memutils.h"
 #include "utils/numeric.h"
@@ -60,13 +63,16 @@ typedef struct TenantFacts
 	int64		invalid;
 	int64		prev_balance;
 	int64		prev_version;
-	/* grant buckets replayed from the ledger: grant id, what is left */
-	int			ngrants;
-	int			maxgrants;
-	int64	   *grant_id;
-	int64	   *grant_left;
+	/* grant buckets replayed from the ledger (GrantLeft by grant id) */
+	HTAB	   *grants;
 	int64		grants_negative;	/* entries that took a bucket below zero */
 } TenantFacts;
+
+typedef struct GrantLeft
+{
+	int64		grant_id;		/* hash key */
+	int64		left;
+} GrantLeft;
 
 static bool
 kind_is(text *kind, const char *name)
@@ -121,30 +127,23 @@ chain_in_version_order(TenantFacts *f)
 static void
 bucket_add(TenantFacts *f, int64 g, int64 amount)
 {
-	int			i;
+	GrantLeft  *e;
+	bool		found;
 
-	for (i = 0; i < f->ngrants; i++)
-		if (f->grant_id[i] == g)
-			break;
-	if (i == f->ngrants)
+	if (f->grants == NULL)
 	{
-		if (f->ngrants == f->maxgrants)
-		{
-			MemoryContext old = MemoryContextSwitchTo(f->tenant_cxt);
+		HASHCTL		ctl;
 
-			f->maxgrants = f->maxgrants ? f->maxgrants * 2 : 8;
-			f->grant_id = f->grant_id ? repalloc(f->grant_id, sizeof(int64) * f->maxgrants) :
-				palloc(sizeof(int64) * f->maxgrants);
-			f->grant_left = f->grant_left ? repalloc(f->grant_left, sizeof(int64) * f->maxgrants) :
-				palloc(sizeof(int64) * f->maxgrants);
-			MemoryContextSwitchTo(old);
-		}
-		f->grant_id[i] = g;
-		f->grant_left[i] = 0;
-		f->ngrants++;
+		ctl.keysize = sizeof(int64);
+		ctl.entrysize = sizeof(GrantLeft);
+		ctl.hcxt = f->tenant_cxt;
+		f->grants = hash_create("billing verify grants", 64, &ctl,
+								HASH_ELEM | HASH_BLOBS | HASH_CONTEXT);
 	}
-	if (pg_add_s64_overflow(f->grant_left[i], amount, &f->grant_left[i]) ||
-		f->grant_left[i] < 0)
+	e = hash_search(f->grants, &g, HASH_ENTER, &found);
+	if (!found)
+		e->left = 0;
+	if (pg_add_s64_overflow(e->left, amount, &e->left) || e->left < 0)
 		f->grants_negative++;
 }
 
@@ -158,58 +157,83 @@ replay_grants(TenantFacts *f, TupleTableSlot *slot, text *kind, int64 amount)
 
 	if (att[EC_GRANT_ID] == InvalidAttrNumber)
 		return;					/* a 1.3 schema: no grants */
-	d = slot_getattr(slot, att[EC_GRANT_ID], &isnull);
-	if (!isnull)
+	if (kind_is(kind, "expire"))
 	{
-		int64		g = DatumGetInt64(d);
-
-		if (kind_is(kind, "grant"))
-		{
-			/* a credit into a bucket pays debt back first */
-			int64		repaid = Min(amount, Max(0, -f->prev_balance));
-
-			bucket_add(f, g, amount - repaid);
-		}
+		d = slot_getattr(slot, att[EC_GRANT_ID], &isnull);
+		if (isnull)
+			f->invalid++;		/* an expiry names its grant */
 		else
-			bucket_add(f, g, amount);	/* an expiry: negative */
+			bucket_add(f, DatumGetInt64(d), amount);	/* negative */
+		return;
 	}
 	d = slot_getattr(slot, att[EC_DRAWS], &isnull);
 	if (!isnull)
 	{
 		Draws		draws;
+		int64		total = 0;
 
 		draws_from_datum(d, &draws);
 		for (int i = 0; i < draws.n; i++)
+		{
+			/* a draw is a positive amount of a bucket, at most the entry's */
+			if (draws.amount[i] < 0 ||
+				pg_add_s64_overflow(total, draws.amount[i], &total) ||
+				total > (amount < 0 ? -amount : amount))
+			{
+				f->invalid++;
+				return;
+			}
 			bucket_add(f, draws.grant_id[i], amount < 0 ? -draws.amount[i] : draws.amount[i]);
+		}
 	}
 }
 
-/* the replayed buckets as grant id, left pairs (sorted, empty ones out) */
+static int
+cmp_grant_left(const void *a, const void *b)
+{
+	int64		x = ((const GrantLeft *) a)->grant_id;
+	int64		y = ((const GrantLeft *) b)->grant_id;
+
+	return x < y ? -1 : x > y ? 1 : 0;
+}
+
+/*
+ * The replayed buckets as grant id, left pairs (sorted, empty ones out).
+ * When the entries did not come in version order, a bucket counts as gone
+ * below zero only by its final amount.
+ */
 static Datum
 grants_datum(TenantFacts *f)
 {
-	Datum	   *elems = palloc(sizeof(Datum) * 2 * Max(f->ngrants, 1));
-	int			n = 0;
+	GrantLeft  *all;
+	Datum	   *elems;
+	long		n = 0;
+	int			k = 0;
+	HASH_SEQ_STATUS seq;
+	GrantLeft  *e;
 
-	/* insertion sort by grant id: a tenant has few grants */
-	for (int i = 1; i < f->ngrants; i++)
-		for (int k = i; k > 0 && f->grant_id[k - 1] > f->grant_id[k]; k--)
+	if (f->grants == NULL)
+		return PointerGetDatum(construct_empty_array(INT8OID));
+	all = palloc(sizeof(GrantLeft) * Max(hash_get_num_entries(f->grants), 1));
+	hash_seq_init(&seq, f->grants);
+	while ((e = hash_seq_search(&seq)) != NULL)
+		all[n++] = *e;
+	qsort(all, n, sizeof(GrantLeft), cmp_grant_left);
+	if (f->disorder)
+	{
+		f->grants_negative = 0;
+		for (long i = 0; i < n; i++)
+			if (all[i].left < 0)
+				f->grants_negative++;
+	}
+	elems = palloc(sizeof(Datum) * 2 * Max(n, 1));
+	for (long i = 0; i < n; i++)
+		if (all[i].left != 0)
 		{
-			int64		t = f->grant_id[k];
-			int64		l = f->grant_left[k];
-
-			f->grant_id[k] = f->grant_id[k - 1];
-			f->grant_left[k] = f->grant_left[k - 1];
-			f->grant_id[k - 1] = t;
-			f->grant_left[k - 1] = l;
+			elems[k++] = Int64GetDatum(all[i].grant_id);
+			elems[k++] = Int64GetDatum(all[i].left);
 		}
-	for (int i = 0; i < f->ngrants; i++)
-		if (f->grant_left[i] != 0)
-		{
-			elems[n++] = Int64GetDatum(f->grant_id[i]);
-			elems[n++] = Int64GetDatum(f->grant_left[i]);
-		}
-	return PointerGetDatum(construct_array(elems, n, INT8OID, 8, FLOAT8PASSBYVAL,
+	return PointerGetDatum(construct_array(elems, k, INT8OID, 8, FLOAT8PASSBYVAL,
 										   TYPALIGN_DOUBLE));
 }
 
@@ -285,8 +309,7 @@ visit_entry(TupleTableSlot *slot, void *arg)
 		f->sum = f->n = f->breaks = f->invalid = 0;
 		f->first_break = f->max_version = 0;
 		f->prev_balance = f->prev_version = 0;
-		f->ngrants = f->maxgrants = 0;
-		f->grant_id = f->grant_left = NULL;
+		f->grants = NULL;		/* its memory went with tenant_cxt */
 		f->grants_negative = 0;
 	}
 

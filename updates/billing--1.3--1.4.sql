@@ -17,6 +17,17 @@ BEGIN
 END
 $$;
 
+/*
+ * The tables first, in the order every charge takes them (the account row
+ * first): the ALTER TABLEs below would otherwise take entries before
+ * accounts while charges running during the upgrade hold accounts and wait
+ * for entries, a deadlock.  Charges wait for the upgrade instead.
+ */
+LOCK TABLE billing.accounts, billing.entries, billing.rejections, billing.holds,
+           billing.hold_events, billing.api_keys, billing.account_events, billing.prices,
+           billing.jobs, billing.job_events
+    IN ACCESS EXCLUSIVE MODE;
+
 -- ---------------------------------------------------------------------------
 -- issue 12: trust boundaries
 -- ---------------------------------------------------------------------------
@@ -1289,6 +1300,7 @@ ALTER TABLE billing.accounts ADD COLUMN grants_state bigint[],
                              ADD COLUMN grants_next_expiry timestamptz;
 CREATE INDEX accounts_grants_expiry_idx ON billing.accounts (grants_next_expiry)
     WHERE grants_next_expiry IS NOT NULL;
+COMMENT ON TABLE billing.accounts IS 'one account per tenant; balance_micros caches SUM(entries.amount_micros), kept in the same transaction';
 ALTER TABLE billing.entries ADD COLUMN grant_id bigint,
                             ADD COLUMN draws bigint[],
                             ADD COLUMN refund_of bigint;
@@ -1297,22 +1309,49 @@ COMMENT ON COLUMN billing.entries.draws IS 'a debit: the grant buckets it drew f
 COMMENT ON COLUMN billing.entries.refund_of IS 'a refund: the entry_id of the charge it refunds';
 ALTER TABLE billing.holds ADD COLUMN grant_draws bigint[];
 
--- what the cached balance still holds of grants whose expiry time has passed
--- (their expire entries are written by the next call on the account): the
--- views subtract it, so expired credit never shows as spendable
-CREATE FUNCTION billing.expired_micros(grants_state bigint[], at timestamptz) RETURNS bigint
-    AS 'MODULE_PATHNAME', 'billing_expired_micros'
+-- What the cached balance still holds of grants that have expired, before
+-- their expire entries are written (by the next call on the account): what
+-- is left in them, and what holds that have expired themselves had reserved
+-- of them.  billing.balances and billing_balance_at() subtract it, so
+-- expired credit never shows as spendable; billing_balance() does the same
+-- in C.
+CREATE FUNCTION billing.grants_expired(grants_state bigint[], at timestamptz) RETURNS bigint
+    AS 'MODULE_PATHNAME', 'billing_grants_expired'
     LANGUAGE C IMMUTABLE PARALLEL SAFE;
-COMMENT ON FUNCTION billing.expired_micros(bigint[], timestamptz) IS 'what accounts.grants_state holds of grants expired by a time (the views subtract it from the balance)';
+COMMENT ON FUNCTION billing.grants_expired(bigint[], timestamptz) IS 'what accounts.grants_state holds of grants expired by a time';
+CREATE FUNCTION billing.shares_expired(grants_state bigint[], grant_draws bigint[],
+                                       hold_expires_at timestamptz, at timestamptz) RETURNS bigint
+    AS 'MODULE_PATHNAME', 'billing_shares_expired'
+    LANGUAGE C IMMUTABLE PARALLEL SAFE;
+COMMENT ON FUNCTION billing.shares_expired(bigint[], bigint[], timestamptz, timestamptz) IS 'of what a hold reserved of grants, what has expired by a time (the hold and the grant both expired)';
+
+-- both for one account (the holds are read only when one has expired)
+CREATE FUNCTION billing.expired_micros(a billing.accounts, at timestamptz) RETURNS bigint
+    LANGUAGE sql STABLE PARALLEL SAFE SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT CASE WHEN a.grants_state IS NULL THEN 0::bigint
+                ELSE billing.grants_expired(a.grants_state, at)
+                     + CASE WHEN a.holds_next_expiry IS NULL OR a.holds_next_expiry > at THEN 0::bigint
+                            ELSE (SELECT coalesce(sum(billing.shares_expired(a.grants_state, h.grant_draws,
+                                                                             h.expires_at, at)), 0)::bigint
+                                    FROM billing.holds h
+                                   WHERE h.tenant_id = a.tenant_id AND h.status = 'open'
+                                     AND h.expires_at <= at AND h.grant_draws IS NOT NULL)
+                       END
+           END
+$$;
+COMMENT ON FUNCTION billing.expired_micros(billing.accounts, timestamptz) IS 'what an account''s cached balance still holds of expired grants (the views and billing_balance_at subtract it)';
+REVOKE ALL ON FUNCTION billing.expired_micros(billing.accounts, timestamptz) FROM PUBLIC;
 
 CREATE OR REPLACE VIEW billing.balances WITH (security_barrier) AS
 SELECT a.tenant_id,
        a.currency,
        a.status,
-       billing.to_amount(a.balance_micros - billing.expired_micros(a.grants_state, now())) AS balance,
+       billing.to_amount(a.balance_micros - billing.expired_micros(a, now())) AS balance,
        billing.to_amount(a.credit_limit_micros)                    AS credit_limit,
        billing.to_amount(billing.effective_holds(a))               AS on_hold,
-       billing.to_amount(a.balance_micros - billing.expired_micros(a.grants_state, now()))
+       billing.to_amount(a.balance_micros - billing.expired_micros(a, now()))
            + billing.to_amount(a.credit_limit_micros)
            - billing.to_amount(billing.effective_holds(a))          AS available,
        a.version,
@@ -1348,13 +1387,15 @@ BEGIN
     END IF;
     -- An expiry counts from the moment the grant expired (its event_at), even
     -- when its entry was written later; a grant that expired by then but whose
-    -- entry is not written yet still holds its remainder in grants_state.
+    -- entry is not written yet still holds its remainder in grants_state (and
+    -- holds that expired by then, what they had reserved of it).
     SELECT coalesce(sum(e.amount_micros), 0) INTO total
       FROM billing.entries e
      WHERE e.tenant_id = billing_balance_at.tenant_id
        AND CASE WHEN e.kind = 'expire' THEN LEAST(e.event_at, e.created_at)
                 ELSE e.created_at END <= billing_balance_at.at;
-    SELECT total - billing.expired_micros(a.grants_state, billing_balance_at.at) INTO total
+    SELECT total - billing.expired_micros(a, billing_balance_at.at)
+      INTO total
       FROM billing.accounts a
      WHERE a.tenant_id = billing_balance_at.tenant_id;
     RETURN billing.to_amount(total::bigint);
@@ -1425,26 +1466,33 @@ BEGIN
          WHERE h.status = 'open' AND (billing_verify.tenant_id IS NULL OR h.tenant_id = billing_verify.tenant_id)
          GROUP BY h.tenant_id
     )
-    -- what each grant bucket holds by the accounts and the open holds: the
-    -- ledger's replay (verify_entries) must say the same
-    , held AS (
-        SELECT s.tenant_id, s.g, sum(s.amount) AS amount
-          FROM (SELECT a.tenant_id, a.grants_state[i] AS g, a.grants_state[i + 1] AS amount
-                  FROM billing.accounts a,
-                       generate_series(1, coalesce(array_length(a.grants_state, 1), 0), 4) AS i
-                 WHERE billing_verify.tenant_id IS NULL OR a.tenant_id = billing_verify.tenant_id
-                UNION ALL
-                SELECT h.tenant_id, h.grant_draws[i], h.grant_draws[i + 1]
-                  FROM billing.holds h,
-                       generate_series(1, coalesce(array_length(h.grant_draws, 1), 0), 2) AS i
-                 WHERE h.status = 'open'
-                   AND (billing_verify.tenant_id IS NULL OR h.tenant_id = billing_verify.tenant_id)) s
-         GROUP BY 1, 2
-        HAVING sum(s.amount) <> 0
+    -- what each grant bucket holds by the account (remaining and reserved by
+    -- holds): the ledger's replay (verify_entries) must say the same
+    , state AS (
+        SELECT a.tenant_id, a.grants_state[i] AS g, a.grants_state[i + 1] AS remaining,
+               a.grants_state[i + 2] AS reserved
+          FROM billing.accounts a,
+               generate_series(1, coalesce(array_length(a.grants_state, 1), 0), 5) AS i
+         WHERE billing_verify.tenant_id IS NULL OR a.tenant_id = billing_verify.tenant_id
     )
     , grants AS (
-        SELECT held.tenant_id, array_agg(v.x ORDER BY held.g, v.k) AS state
-          FROM held, LATERAL (VALUES (1, held.g), (2, held.amount::bigint)) AS v(k, x)
+        SELECT s.tenant_id, array_agg(v.x ORDER BY s.g, v.k) AS state
+          FROM state s, LATERAL (VALUES (1, s.g), (2, s.remaining + s.reserved)) AS v(k, x)
+         WHERE s.remaining + s.reserved <> 0
+         GROUP BY 1
+    )
+    -- and what it says open holds reserved must be what they did
+    , reservations AS (
+        SELECT coalesce(s.tenant_id, o.tenant_id) AS tenant_id
+          FROM (SELECT * FROM state WHERE reserved <> 0) s
+          FULL JOIN (SELECT h.tenant_id, h.grant_draws[i] AS g, sum(h.grant_draws[i + 1]) AS reserved
+                       FROM billing.holds h,
+                            generate_series(1, coalesce(array_length(h.grant_draws, 1), 0), 2) AS i
+                      WHERE h.status = 'open'
+                        AND (billing_verify.tenant_id IS NULL OR h.tenant_id = billing_verify.tenant_id)
+                      GROUP BY 1, 2) o
+            ON o.tenant_id = s.tenant_id AND o.g = s.g
+         WHERE s.reserved IS DISTINCT FROM o.reserved
          GROUP BY 1
     )
     SELECT coalesce(a.tenant_id, p.tenant_id),
@@ -1461,12 +1509,14 @@ BEGIN
                WHEN coalesce(p.invalid, 0) > 0 THEN 'entries with an unknown kind, a zero amount or the wrong sign'
                WHEN coalesce(p.grants_negative, 0) > 0 THEN 'a grant bucket went below zero'
                WHEN coalesce(p.grants, '{}') <> coalesce(g.state, '{}') THEN 'grant buckets differ from the ledger'
+               WHEN r.tenant_id IS NOT NULL THEN 'grant reservations differ from the open holds'
                ELSE 'cached holds differ from the open holds'
            END
       FROM billing.accounts a
       FULL JOIN per_tenant p ON p.tenant_id = a.tenant_id
       LEFT JOIN holds h ON h.tenant_id = a.tenant_id
       LEFT JOIN grants g ON g.tenant_id = a.tenant_id
+      LEFT JOIN reservations r ON r.tenant_id = a.tenant_id
      WHERE (billing_verify.tenant_id IS NULL OR coalesce(a.tenant_id, p.tenant_id) = billing_verify.tenant_id)
        AND (a.tenant_id IS NULL
             OR a.balance_micros <> coalesce(p.total, 0)
@@ -1475,12 +1525,13 @@ BEGIN
             OR coalesce(p.invalid, 0) > 0
             OR coalesce(p.grants_negative, 0) > 0
             OR coalesce(p.grants, '{}') <> coalesce(g.state, '{}')
+            OR r.tenant_id IS NOT NULL
             OR a.holds_micros <> coalesce(h.open_micros, 0))
      ORDER BY 1;
 END;
 $$;
 COMMENT ON FUNCTION billing_verify(text) IS
-    'audit: one row per account whose cached balance differs from SUM(entries), whose balance_after chain is broken, whose version lags its entries, with invalid entries, whose grant buckets differ from what the ledger says (or went below zero), or whose cached holds differ from its open holds; no rows when consistent';
+    'audit: one row per account whose cached balance differs from SUM(entries), whose balance_after chain is broken, whose version lags its entries, with invalid entries, whose grant buckets differ from what the ledger says (or went below zero) or from what open holds reserved, or whose cached holds differ from its open holds; no rows when consistent';
 
 -- the grants and the refunds (schema/25_grants.sql)
 CREATE SEQUENCE billing.grant_id_seq;
@@ -1586,14 +1637,18 @@ COMMENT ON FUNCTION billing_refund(text, text, numeric, text, text) IS
 REVOKE ALL ON FUNCTION billing_refund(text, text, numeric, text, text) FROM PUBLIC;
 
 -- grants: every grant with what is left of it (open ones: on the account
--- row; reserved: in open holds), what expired of it, and its status
+-- row), what open holds reserve of it, what expired of it, and its status.
+-- A share of an expired hold came back to its grant when the hold expired:
+-- spendable, or expired with the grant (as billing.balances counts it).
 CREATE VIEW billing.grant_balances WITH (security_barrier) AS
 WITH state AS (
     SELECT a.tenant_id, a.grants_state[i] AS grant_id, a.grants_state[i + 1] AS remaining
       FROM billing.accounts a,
-           generate_series(1, coalesce(array_length(a.grants_state, 1), 0), 4) AS i
-), reserved AS (
-    SELECT h.tenant_id, h.grant_draws[i] AS grant_id, sum(h.grant_draws[i + 1]) AS reserved
+           generate_series(1, coalesce(array_length(a.grants_state, 1), 0), 5) AS i
+), held AS (
+    SELECT h.tenant_id, h.grant_draws[i] AS grant_id,
+           coalesce(sum(h.grant_draws[i + 1]) FILTER (WHERE h.expires_at > now()), 0) AS reserved,
+           coalesce(sum(h.grant_draws[i + 1]) FILTER (WHERE h.expires_at <= now()), 0) AS freed
       FROM billing.holds h,
            generate_series(1, coalesce(array_length(h.grant_draws, 1), 0), 2) AS i
      WHERE h.status = 'open'
@@ -1610,24 +1665,28 @@ SELECT g.tenant_id,
        g.category,
        g.priority,
        billing.to_amount(g.granted_micros) AS granted,
-       billing.to_amount(CASE WHEN g.expires_at <= now() THEN 0 ELSE coalesce(s.remaining, 0) END) AS remaining,
+       billing.to_amount(CASE WHEN g.expires_at <= now() THEN 0
+                              ELSE coalesce(s.remaining, 0) + coalesce(r.freed, 0) END::bigint) AS remaining,
        billing.to_amount(coalesce(r.reserved, 0)::bigint) AS reserved,
-       billing.to_amount(coalesce(x.expired, 0)::bigint
-                         + CASE WHEN g.expires_at <= now() THEN coalesce(s.remaining, 0) ELSE 0 END) AS expired,
+       billing.to_amount((coalesce(x.expired, 0)
+                          + CASE WHEN g.expires_at <= now() THEN coalesce(s.remaining, 0) + coalesce(r.freed, 0)
+                                 ELSE 0 END)::bigint) AS expired,
        g.expires_at,
-       CASE WHEN g.expires_at <= now() THEN 'expired'
-            WHEN coalesce(s.remaining, 0) > 0 OR coalesce(r.reserved, 0) > 0 THEN 'open'
+       CASE WHEN coalesce(r.reserved, 0) > 0 THEN 'open'
+            WHEN g.expires_at <= now() THEN 'expired'
+            WHEN coalesce(s.remaining, 0) + coalesce(r.freed, 0) > 0 THEN 'open'
             ELSE 'used' END AS status,
        g.description,
        g.created_at
   FROM billing.grants g
   LEFT JOIN state s ON s.tenant_id = g.tenant_id AND s.grant_id = g.grant_id
-  LEFT JOIN reserved r ON r.tenant_id = g.tenant_id AND r.grant_id = g.grant_id
+  LEFT JOIN held r ON r.tenant_id = g.tenant_id AND r.grant_id = g.grant_id
   LEFT JOIN expired x ON x.tenant_id = g.tenant_id AND x.grant_id = g.grant_id
  WHERE ((SELECT billing.visible_tenants()) IS NULL OR g.tenant_id = ANY ((SELECT billing.visible_tenants())::text[]));
-COMMENT ON VIEW billing.grant_balances IS 'every grant: granted, left (remaining, reserved by open holds), expired, status (open, used, expired)';
+COMMENT ON VIEW billing.grant_balances IS 'every grant: granted, left (remaining, reserved by open holds), expired, status (open: something left or reserved; used; expired)';
 
--- which grant buckets each charge drew from and each refund gave back to
+-- which grant buckets each charge drew from, each refund gave back to, and
+-- each grant filled
 CREATE VIEW billing.grant_draws WITH (security_barrier) AS
 SELECT e.tenant_id,
        e.entry_id,
@@ -1636,7 +1695,7 @@ SELECT e.tenant_id,
        g.grant_id,
        g.trace_id AS grant_trace_id,
        g.category,
-       billing.to_amount(CASE WHEN e.kind = 'refund' THEN e.draws[i + 1] ELSE -e.draws[i + 1] END) AS amount,
+       billing.to_amount(CASE WHEN e.amount_micros > 0 THEN e.draws[i + 1] ELSE -e.draws[i + 1] END) AS amount,
        e.refund_of,
        e.created_at
   FROM billing.entries e
@@ -1644,7 +1703,7 @@ SELECT e.tenant_id,
   JOIN billing.grants g ON g.tenant_id = e.tenant_id AND g.grant_id = e.draws[i]
  WHERE e.draws IS NOT NULL
    AND ((SELECT billing.visible_tenants()) IS NULL OR e.tenant_id = ANY ((SELECT billing.visible_tenants())::text[]));
-COMMENT ON VIEW billing.grant_draws IS 'what charges drew from grant buckets (negative) and refunds gave back to them (positive); the rest of each entry is the wallet''s';
+COMMENT ON VIEW billing.grant_draws IS 'what charges drew from grant buckets (negative), and grants and refunds put into them (positive); the rest of each entry is the wallet''s';
 
 -- breakage: credit that expired unused, per tenant, month (account time zone)
 -- and category
@@ -1679,7 +1738,8 @@ SELECT c.tenant_id,
  GROUP BY 1, 2, 3, 4, 5;
 COMMENT ON VIEW billing.refunded_charges IS 'charges that were refunded: charged, refunded so far, still refundable';
 
--- the worker's sweep also writes due expiries
+-- the worker's sweep also writes due expiries, one account's failure
+-- skipping only that account
 CREATE OR REPLACE FUNCTION billing.expire_due_holds(max_accounts integer DEFAULT 1000) RETURNS integer
     LANGUAGE plpgsql VOLATILE
     SET search_path = pg_catalog, pg_temp
@@ -1694,9 +1754,14 @@ BEGIN
               LIMIT max_accounts
               FOR UPDATE SKIP LOCKED
     LOOP
-        IF billing.expire_holds_of(t) THEN
-            n := n + 1;
-        END IF;
+        -- one account that cannot be swept must not stop the others
+        BEGIN
+            IF billing.expire_holds_of(t) THEN
+                n := n + 1;
+            END IF;
+        EXCEPTION WHEN OTHERS THEN
+            RAISE WARNING 'billing: the expiry sweep skipped account "%": %', t, SQLERRM;
+        END;
     END LOOP;
     RETURN n;
 END;
@@ -1757,11 +1822,13 @@ AS $$
         '@extschema@.billing_balance_at(text, timestamptz)',
         '@extschema@.billing_verify(text)',
         '@extschema@.billing_sync_status()',
-        'billing.effective_holds(billing.accounts)'
+        'billing.effective_holds(billing.accounts)',
+        'billing.expired_micros(billing.accounts, timestamptz)'
     ]::regprocedure[]
     WHEN 'reporting' THEN ARRAY[
         -- the functions the views call (a view runs them with the reader's rights)
         'billing.effective_holds(billing.accounts)',
+        'billing.expired_micros(billing.accounts, timestamptz)',
         '@extschema@.billing_sync_status()'
     ]::regprocedure[]
     END
@@ -1988,6 +2055,68 @@ BEGIN
                       r.rolname, pg_catalog.array_to_string(lost, ', ')
             USING HINT = pg_catalog.format('If it must: SELECT billing_grant_treasury(%L) for credits, SELECT billing_grant_admin(%L) for accounts, limits, keys and prices.',
                                            r.rolname, r.rolname);
+    END LOOP;
+END
+$$;
+
+-- 1.3's reporting roles (SELECT on every view 1.3 had) read 1.4's new views
+-- too, and billing.expired_micros(), which billing.balances now calls with
+-- the reader's rights (as billing.effective_holds(), which every reader of
+-- 1.3 was given).  The recorded privileges (pg_init_privs) are put back as
+-- above, so that pg_dump keeps dumping these grants as the user's.
+DO $$
+DECLARE
+    old_views regclass[] := ARRAY['billing.balances', 'billing.ledger', 'billing.open_holds',
+        'billing.quota_usage', 'billing.api_key_budgets', 'billing.price_list', 'billing.usage_daily',
+        'billing.usage_monthly', 'billing.usage_by_model', 'billing.usage_by_api_key',
+        'billing.jobs_by_state', 'billing.job_failures', 'billing.job_costs',
+        'billing.job_time_in_state', 'billing.sync_status']::regclass[];
+    owner oid := (SELECT e.extowner FROM pg_catalog.pg_extension e WHERE e.extname = 'billing');
+    r record;
+    v regclass;
+    init aclitem[];
+BEGIN
+    FOR r IN
+        SELECT ro.oid, ro.rolname FROM pg_catalog.pg_roles ro
+         WHERE ro.oid <> owner
+           AND (pg_catalog.has_function_privilege(ro.oid, 'billing.effective_holds(billing.accounts)', 'EXECUTE')
+                AND EXISTS (SELECT 1 FROM pg_catalog.pg_proc p, pg_catalog.aclexplode(p.proacl) a
+                             WHERE p.oid = 'billing.effective_holds(billing.accounts)'::regprocedure
+                               AND a.grantee = ro.oid))
+    LOOP
+        init := (SELECT ip.initprivs FROM pg_catalog.pg_init_privs ip
+                  WHERE ip.classoid = 'pg_catalog.pg_proc'::pg_catalog.regclass
+                    AND ip.objoid = 'billing.expired_micros(billing.accounts, timestamptz)'::regprocedure
+                    AND ip.objsubid = 0);
+        EXECUTE pg_catalog.format('GRANT EXECUTE ON FUNCTION billing.expired_micros(billing.accounts, timestamptz) TO %I',
+                                  r.rolname);
+        UPDATE pg_catalog.pg_init_privs ip SET initprivs = init
+         WHERE ip.classoid = 'pg_catalog.pg_proc'::pg_catalog.regclass
+           AND ip.objoid = 'billing.expired_micros(billing.accounts, timestamptz)'::regprocedure
+           AND ip.objsubid = 0;
+        IF (SELECT pg_catalog.bool_and(pg_catalog.has_table_privilege(r.oid, ov, 'SELECT'))
+              FROM pg_catalog.unnest(old_views) ov) THEN
+            FOR v IN SELECT c.oid::regclass FROM pg_catalog.pg_class c
+                      WHERE c.relnamespace = 'billing'::regnamespace AND c.relkind = 'v'
+                        AND NOT c.oid = ANY (old_views)
+                        AND NOT pg_catalog.has_table_privilege(r.oid, c.oid, 'SELECT')
+            LOOP
+                init := (SELECT ip.initprivs FROM pg_catalog.pg_init_privs ip
+                          WHERE ip.classoid = 'pg_catalog.pg_class'::pg_catalog.regclass
+                            AND ip.objoid = v AND ip.objsubid = 0);
+                EXECUTE pg_catalog.format('GRANT SELECT ON %s TO %I', v, r.rolname);
+                -- a view had no recorded privileges: the GRANT recorded some
+                IF init IS NULL THEN
+                    DELETE FROM pg_catalog.pg_init_privs ip
+                     WHERE ip.classoid = 'pg_catalog.pg_class'::pg_catalog.regclass
+                       AND ip.objoid = v AND ip.objsubid = 0;
+                ELSE
+                    UPDATE pg_catalog.pg_init_privs ip SET initprivs = init
+                     WHERE ip.classoid = 'pg_catalog.pg_class'::pg_catalog.regclass
+                       AND ip.objoid = v AND ip.objsubid = 0;
+                END IF;
+            END LOOP;
+        END IF;
     END LOOP;
 END
 $$;

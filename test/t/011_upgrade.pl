@@ -42,6 +42,7 @@ SELECT billing_deduct('up-' || (g % 20 + 1), 0.010001 * (g % 7 + 1), 'up-d-' || 
                       metadata => jsonb_build_object('model', 'm' || g % 3)) FROM generate_series(1, 500) g;
 SELECT billing_deduct_many(ARRAY['up-1', 'up-2'], ARRAY[0.5, 0.25], ARRAY['up-m-1', 'up-m-2']);
 SELECT billing_try_deduct('up-1', 100000, 'up-rejected');
+SELECT billing_deduct('up-9', 0.5, 'billing:legacy-1');
 SELECT billing_hold('up-2', 5, 'up-h1');
 SELECT billing_capture('up-2', 'up-h1', 2, 'up-c1');
 SELECT billing_hold('up-2', 1, 'up-h2');
@@ -168,6 +169,8 @@ for my $r (@releases)
 			'billing_deduct(text, numeric, text, text, jsonb, timestamptz, text, text)', 'EXECUTE')
 			AND has_table_privilege('up_app', 'billing.balances', 'SELECT')}),
 		't', "$r: the grants made to a role before the upgrade are kept");
+	is($node->safe_psql($db, q{SET ROLE up_app; SELECT count(*) > 0 FROM billing.balances; SELECT count(*) > 0 FROM billing.grant_balances}),
+		"t\nf", "$r: a reporting role of 1.3 reads billing.balances (which now leaves expired grants out) and 1.4's new views");
 	is($node->safe_psql($db, q{SELECT has_function_privilege('up_app',
 			'billing_credit(text, numeric, text, text, jsonb, timestamptz, text)', 'EXECUTE'),
 			has_function_privilege('up_app', 'billing_account_update(text, numeric, text, text, jsonb, text)', 'EXECUTE'),
@@ -175,6 +178,10 @@ for my $r (@releases)
 		'f|f|t', "$r: 1.3's application role can no longer mint money or change settings; a role granted billing_credit on purpose keeps it");
 	is($node->safe_psql($db, q{SELECT replayed FROM billing_deduct('up-2', 0.020002, 'up-d-1',
 			metadata => '{"model": "m1"}')}), 't', "$r: an old trace id replays");
+	is($node->safe_psql($db, q{SELECT replayed FROM billing_deduct('up-9', 0.5, 'billing:legacy-1')}), 't',
+		"$r: a charge whose trace id starts with billing: (billing's own since 1.4) still replays");
+	is($node->safe_psql($db, q{SELECT amount FROM billing_refund('up-9', 'billing:legacy-1', 0.5, 'up-r-legacy')}),
+		'0.500000', "$r: ... and can be refunded");
 	is($node->safe_psql($db, q{SELECT status, sqlstate FROM billing_try_deduct('up-1', 100000, 'up-rejected')}),
 		'rejected|ZB004', "$r: an old recorded rejection replays");
 	is($node->safe_psql($db, q{SELECT state FROM billing_job_complete('up-5',
