@@ -558,6 +558,49 @@ sub cli
 	return $out;
 }
 
+=pod
+
+  my $c = $redis->connect(timeout => 60);
+  print BillingTest::Redis::json($c->typed('EVALSHA', $sha, 1, $key));   # ["OK",9000000]
+
+C<BillingTest::Redis::json(REPLY)> renders a reply of C<typed> (see
+BillingTest::Redis::Conn) as C<redis-cli --json> does: integers bare,
+strings quoted, arrays in brackets without spaces, C<null> for a nil,
+C<error:"MESSAGE"> for an error.
+
+=cut
+
+sub json
+{
+	my ($r) = @_;
+	return 'null' unless defined $r;
+	return '[' . join(',', map { json($_) } @$r) . ']' if ref $r eq 'ARRAY';
+	return "$r" if ref $r eq 'BillingTest::Redis::Integer';
+	return 'error:' . _quote("$r") if ref $r eq 'BillingTest::Redis::Error';
+	return _quote($r);
+}
+
+sub _quote
+{
+	my ($s) = @_;
+	$s =~ s/(["\\])/\\$1/g;
+	$s =~ s/\n/\\n/g;
+	$s =~ s/\r/\\r/g;
+	$s =~ s/\t/\\t/g;
+	$s =~ s/([\x00-\x1f])/sprintf('\\u%04x', ord $1)/ge;
+	return '"' . $s . '"';
+}
+
+package BillingTest::Redis::Integer;
+use overload '""' => sub { ${ $_[0] } }, '0+' => sub { ${ $_[0] } }, fallback => 1;
+sub new { my ($class, $v) = @_; return bless \$v, $class }
+
+package BillingTest::Redis::Error;
+use overload '""' => sub { ${ $_[0] } }, fallback => 1;
+sub new { my ($class, $v) = @_; return bless \$v, $class }
+
+package BillingTest::Redis;
+
 END
 {
 	my $rc = $?;
@@ -595,6 +638,15 @@ A minimal RESP client on one socket, for pollers that must not start a
 redis-cli per request (on a busy machine a process start costs more than
 the request).
 
+  my $reply = $c->typed('EVALSHA', $sha, 1, $key);
+
+C<typed> sends a command like C<command> but returns the reply with its
+type kept, for tests that check what a script answers: an error reply is
+returned as a C<BillingTest::Redis::Error> and an integer as a
+C<BillingTest::Redis::Integer> (both compare and print as their value,
+the error as its message); strings, arrays and nil as C<command> returns
+them.  C<BillingTest::Redis::json> renders such a reply.
+
 =cut
 
 package BillingTest::Redis::Conn;
@@ -626,14 +678,31 @@ sub close
 sub command
 {
 	my ($self, @args) = @_;
-	croak 'closed' unless $self->{sock};
-	my $req = '*' . scalar(@args) . "\r\n";
-	$req .= '$' . length($_) . "\r\n$_\r\n" for @args;
-	my $sent = syswrite($self->{sock}, $req);
-	croak "write: $!" unless defined $sent && $sent == length $req;
+	$self->_send(@args);
 	my $reply = $self->_reply;
 	croak "redis: $reply->[0]" if ref $reply eq 'BillingTest::Redis::Conn::Error';
 	return $reply;
+}
+
+sub typed
+{
+	my ($self, @args) = @_;
+	$self->_send(@args);
+	return $self->_reply(1);
+}
+
+sub _send
+{
+	my ($self, @args) = @_;
+	croak 'closed' unless $self->{sock};
+	my $req = '*' . scalar(@args) . "\r\n";
+	$req .= '$' . length($_) . "\r\n$_\r\n" for @args;
+	while (length $req)
+	{
+		my $sent = syswrite($self->{sock}, $req);
+		croak "write: $!" unless defined $sent;
+		substr($req, 0, $sent) = '';
+	}
 }
 
 sub _fill
@@ -655,13 +724,16 @@ sub _line
 	return $line;
 }
 
+# typed: integers and errors as BillingTest::Redis::Integer and ::Error
 sub _reply
 {
-	my ($self) = @_;
+	my ($self, $typed) = @_;
 	my $line = $self->_line;
 	my ($t, $rest) = (substr($line, 0, 1), substr($line, 1));
 	return $rest if $t eq '+';
+	return BillingTest::Redis::Integer->new($rest) if $t eq ':' && $typed;
 	return $rest + 0 if $t eq ':';
+	return BillingTest::Redis::Error->new($rest) if $t eq '-' && $typed;
 	return bless [$rest], 'BillingTest::Redis::Conn::Error' if $t eq '-';
 	if ($t eq '$')
 	{
@@ -674,7 +746,7 @@ sub _reply
 	if ($t eq '*')
 	{
 		return undef if $rest < 0;
-		return [ map { $self->_reply } 1 .. $rest ];
+		return [ map { $self->_reply($typed) } 1 .. $rest ];
 	}
 	croak "bad reply: $line";
 }
