@@ -1,7 +1,6 @@
-#!/usr/bin/env bash
 # Bad-input fuzzing of every public billing_* function.
 #
-# Runs FUZZ_CALLS (default 12000) calls, spread over every billing_* function
+# FUZZ_CALLS calls (default 12000) are spread over every billing_* function
 # of the extension schema (found in pg_proc, so a new function is fuzzed
 # automatically; a parameter type the fuzzer has no pool for fails the test).
 # Each argument is drawn from a pool of hostile and valid values: NULLs, NaN,
@@ -13,73 +12,74 @@
 # Every pool value is checked to cast cleanly before the run, so every error
 # of a call comes from the extension itself.
 #
-# The fuzzer is PL/pgSQL inside the server (a procedure in the test's own
-# database billing_fuzz): per call it builds the statement as text and runs
-# it with EXECUTE inside BEGIN ... EXCEPTION WHEN OTHERS, tallying SQLSTATEs.
-# The pseudo-random choices are hashtextextended(call number / choice, seed):
-# deterministic for a FUZZ_SEED (default 20261122, printed); the state the
-# calls meet still depends on the clock (hold expiry, leases), so a failing
-# statement is printed in full rather than only its call number.  It commits
-# every 400 calls (so now() advances: holds expire, leases lapse) and then
-# creates a fresh batch of tenants with money, limits, API keys, holds and
-# jobs in every state, so that many calls get deep into the code.
+# The fuzzer is PL/pgSQL inside the server (a procedure in the database
+# billing_fuzz of the test's own node, billing preloaded): per call it builds
+# the statement as text and runs it with EXECUTE inside BEGIN ... EXCEPTION
+# WHEN OTHERS, tallying SQLSTATEs.  The pseudo-random choices are
+# hashtextextended(call number / choice, seed): deterministic for a FUZZ_SEED,
+# but the state the calls meet still depends on the clock (hold expiry,
+# leases), so a failing statement is printed in full rather than only its
+# call number.  It commits every 400 calls (so now() advances: holds expire,
+# leases lapse) and then creates a fresh batch of tenants with money, limits,
+# API keys, holds and jobs in every state, so that many calls get deep into
+# the code.
 #
-# Pass: every call succeeds or raises a ZB SQLSTATE listed in docs/errors.md's
-# error table, or 40001.  Anything else (XX000, 23505, 22003, 42883, P0001,
-# ...) is a failure and is printed with its statement.  Afterwards
-# billing_verify() must return no row, the server must accept a new
-# connection, and the part of $BILLING_TMP/postgres.log written during the
-# test must contain no "terminated by signal".
+# Pass: every call succeeds or raises a ZB SQLSTATE of the error table of
+# docs/errors.md (its "| ZBnnn |" rows), or 40001.  Anything else
+# (XX000, 23505, 22003, 42883, P0001, ...) is a failure and is printed with
+# its statement.  Also: every billing_* function was called, billing_verify()
+# returned no row after every chunk and at the end, the server accepts a new
+# connection, and its log shows no crashed process.  The counts per SQLSTATE,
+# per mode and per function are printed (note lines, prove -v shows them).
 #
-# Knobs: FUZZ_CALLS (default 12000), FUZZ_SEED (default 20261122), FUZZ_KEEP=1
-# (keep the database billing_fuzz afterwards, with every call in table fz_log).
-# Long form (about 7 minutes):  FUZZ_CALLS=200000 test/t/fuzz.sh
-# Replay a failing run:         FUZZ_SEED=<printed seed> FUZZ_CALLS=<n> test/t/fuzz.sh
-set -euo pipefail
+# Environment:
+#   FUZZ_CALLS  number of calls (default 12000); long form, about 7 minutes:
+#               FUZZ_CALLS=200000 BILLING_SKIP="regress isolation" \
+#               BILLING_TESTS=040_fuzz PROVE_FLAGS=-v make check
+#   FUZZ_SEED   the seed (default 20261122, printed); replay a failing run
+#               with the printed FUZZ_SEED and FUZZ_CALLS
+#   FUZZ_KEEP=1 keep the node's data directory (printed at the end; table
+#               fz_log of database billing_fuzz has every call)
+use strict;
+use warnings FATAL => 'all';
+use PostgreSQL::Test::Utils;
+use Test::More;
+use Time::HiRes qw(time);
+use BillingTest;
 
-here=$(cd "$(dirname "$(realpath "${BASH_SOURCE[0]}")")" && pwd)
-repo=$(dirname "$(dirname "$here")")
-PGBIN=${BILLING_PGBIN:-/usr/lib/postgresql/15/bin}
-: "${PGHOST:?PGHOST is not set (run under test/run.sh or eval test/cluster.sh env)}"
-: "${PGPORT:?PGPORT is not set}"
-export PGUSER=${PGUSER:-postgres}
-calls=${FUZZ_CALLS:-12000}
-seed=${FUZZ_SEED:-20261122}
-db=billing_fuzz
-[[ $calls =~ ^[0-9]+$ ]] || { echo "FUZZ_CALLS must be a number"; exit 2; }
-[[ $seed =~ ^-?[0-9]+$ ]] || { echo "FUZZ_SEED must be an integer"; exit 2; }
-
-psql_() { "$PGBIN/psql" -X -q -v ON_ERROR_STOP=1 "$@"; }
-
-pglog=${BILLING_TMP:-}/postgres.log
-logsize=0
-if [[ -n ${BILLING_TMP:-} && -r $pglog ]]; then
-	logsize=$(stat -c %s "$pglog")
-fi
+my $calls = $ENV{FUZZ_CALLS} // 12000;
+my $seed  = $ENV{FUZZ_SEED}  // 20261122;
+BAIL_OUT('FUZZ_CALLS must be a number') unless $calls =~ /^[0-9]+$/;
+BAIL_OUT('FUZZ_SEED must be an integer') unless $seed =~ /^-?[0-9]+$/;
+my $db   = 'billing_fuzz';
+my $repo = $ENV{BILLING_REPO} // $BillingTest::REPO;
 
 # documented SQLSTATEs: the ZB codes of docs/errors.md's error table
-mapfile -t zb < <(grep -oE '^\| ZB[0-9A-Z]{3} ' "$repo/docs/errors.md" | tr -d '| ' | sort -u)
-if ((${#zb[@]} < 10)); then
-	echo "not ok - could not read the ZB SQLSTATE table from $repo/docs/errors.md"
-	exit 1
-fi
-allowed="{40001,$(IFS=,; echo "${zb[*]}")}"
+my %zb = map { $_ => 1 } slurp_file("$repo/docs/errors.md") =~ /^\| (ZB[0-9A-Z]{3}) /mg;
+BAIL_OUT("could not read the ZB SQLSTATE table from $repo/docs/errors.md")
+  if keys(%zb) < 10;
+my $allowed = '{' . join(',', '40001', sort keys %zb) . '}';
 
-cleanup() {
-	if [[ ${FUZZ_KEEP:-0} == 1 ]]; then
-		echo "# FUZZ_KEEP=1: database $db left in place (fz_log has every call)"
-		return
-	fi
-	psql_ -d postgres -c "DROP DATABASE IF EXISTS $db WITH (FORCE)" >/dev/null 2>&1 || true
+my $started = time;
+note "fuzz: $calls calls, FUZZ_SEED=$seed, database $db";
+note "allowed SQLSTATEs: $allowed";
+my $node = BillingTest::node('fuzz', database => $db, extension => 0);
+
+# run SQL (psql -f -, ON_ERROR_STOP); dies on an error; returns its output
+# and notes what psql said on stderr (notices)
+sub run_sql
+{
+	my ($sql, @psql_args) = @_;
+	my ($out, $err) = ('', '');
+	my $rc = $node->psql($db, $sql, stdout => \$out, stderr => \$err,
+		extra_params => \@psql_args);
+	note s/^psql:<stdin>:\d+: //r for grep { length } split /\n/, $err;
+	die "psql failed (exit $rc)\n" if $rc != 0;
+	return $out;
 }
-trap cleanup EXIT
 
-echo "# fuzz: $calls calls, FUZZ_SEED=$seed, database $db"
-echo "# allowed SQLSTATEs: $allowed"
-started=$SECONDS
-psql_ -d postgres -c "SET client_min_messages = warning" -c "DROP DATABASE IF EXISTS $db WITH (FORCE)" -c "CREATE DATABASE $db"
-
-psql_ -d "$db" <<'SQL'
+# the value pools and the fuzzer (PL/pgSQL)
+run_sql(<<'SQL');
 SET client_min_messages = warning;
 CREATE EXTENSION billing;
 
@@ -675,40 +675,39 @@ BEGIN
 END;
 $$;
 SQL
-echo "# setup done ($((SECONDS - started)) s)"
+note sprintf('setup done (%d s)', time - $started);
 
-t0=$SECONDS
-psql_ -d "$db" -v calls="$calls" -v seed="$seed" -v allowed="$allowed" <<'SQL'
+my $t0 = time;
+run_sql(<<SQL);
 SET client_min_messages = notice;
 SET statement_timeout = '30min';
 SET lock_timeout = '30s';
-CALL fz_run(:calls, :seed, :'allowed');
+CALL fz_run($calls, $seed, '$allowed');
 SQL
-echo "# $calls calls in $((SECONDS - t0)) s"
+note sprintf('%d calls in %d s', $calls, time - $t0);
 
-rc=0
-psql_ -d "$db" -P pager=off <<'SQL'
-\echo '# SQLSTATE counts'
+# the figures, as psql tables
+note $_ for split /\n/, run_sql(<<'SQL', '-P', 'format=aligned', '-P', 'tuples_only=off', '-P', 'pager=off');
+\echo 'SQLSTATE counts'
 SELECT state AS sqlstate, count(*) AS calls,
        round(100.0 * count(*) / sum(count(*)) OVER (), 1) AS pct,
        CASE WHEN bool_and(ok) THEN 'ok' ELSE 'FAIL' END AS verdict
   FROM fz_log GROUP BY state ORDER BY state = 'ok' DESC, state;
-\echo '# per mode (chaos: all arguments from the whole pools, one-bad: one, good: none)'
+\echo 'per mode (chaos: all arguments from the whole pools, one-bad: one, good: none)'
 SELECT mode, count(*) AS calls, count(*) FILTER (WHERE state = 'ok') AS ok,
        count(DISTINCT state) AS sqlstates
   FROM fz_log GROUP BY mode ORDER BY mode;
-\echo '# per function: calls, successes, SQLSTATEs seen'
+\echo 'per function: calls, successes, SQLSTATEs seen'
 SELECT fn AS function, sum(c) AS calls, coalesce(sum(c) FILTER (WHERE state = 'ok'), 0) AS ok,
        string_agg(state || ':' || c, ' ' ORDER BY state) AS sqlstates
   FROM (SELECT fn, state, count(*) AS c FROM fz_log GROUP BY fn, state) s
  GROUP BY fn ORDER BY fn;
 SQL
 
-nfail=$(psql_ -At -d "$db" -c "SELECT count(*) FROM fz_log WHERE NOT ok")
-if ((nfail > 0)); then
-	rc=1
-	echo "not ok - $nfail call(s) ended in an undocumented SQLSTATE; the first of each (function, SQLSTATE):"
-	psql_ -At -d "$db" -P pager=off <<'SQL'
+my $nfail = run_sql('SELECT count(*) FROM fz_log WHERE NOT ok');
+is($nfail, 0, 'every call succeeded or raised a documented SQLSTATE')
+  or diag "$nfail call(s) ended in an undocumented SQLSTATE; the first of each (function, SQLSTATE):\n"
+  . run_sql(<<'SQL');
 SELECT format(E'--- call %s: %s -> SQLSTATE %s (%s calls like it)\n  %s\n  ERROR: %s',
               n, fn, state, c,
               CASE WHEN length(stmt) > 2000 THEN left(stmt, 2000) || ' ...[' || length(stmt) || ' chars]' ELSE stmt END,
@@ -718,11 +717,8 @@ SELECT format(E'--- call %s: %s -> SQLSTATE %s (%s calls like it)\n  %s\n  ERROR
           FROM fz_log WHERE NOT ok) s
  WHERE r <= 2 ORDER BY fn, state, n;
 SQL
-else
-	echo "ok - every call succeeded or raised a documented SQLSTATE"
-fi
 
-missing=$(psql_ -At -d "$db" <<'SQL'
+is(run_sql(<<'SQL'), '', 'every billing_* function of the extension schema was called');
 SELECT string_agg(p.proname, ' ' ORDER BY p.proname)
   FROM pg_proc p
   JOIN pg_depend d ON d.classid = 'pg_proc'::regclass AND d.objid = p.oid AND d.deptype = 'e'
@@ -730,42 +726,22 @@ SELECT string_agg(p.proname, ' ' ORDER BY p.proname)
  WHERE p.pronamespace = e.extnamespace AND p.proname LIKE 'billing\_%'
    AND p.proname NOT IN (SELECT fn FROM fz_log);
 SQL
-)
-if [[ -n $missing ]]; then
-	rc=1
-	echo "not ok - functions never called: $missing"
-else
-	echo "ok - every billing_* function of the extension schema was called"
-fi
 
-bad_chunk=$(psql_ -At -d "$db" -c "SELECT min(last_call) FROM fz_chunk WHERE verify_rows > 0")
-nverify=$(psql_ -At -d "$db" -c "SELECT count(*) FROM billing_verify()")
-if [[ $nverify != 0 || -n $bad_chunk ]]; then
-	rc=1
-	echo "not ok - billing_verify() returns $nverify row(s) (first seen after call ${bad_chunk:-?})"
-	psql_ -d "$db" -P pager=off -c "SELECT * FROM billing_verify() LIMIT 20"
-else
-	echo "ok - billing_verify() is empty (checked after every chunk)"
-fi
+my $bad_chunk = run_sql('SELECT min(last_call) FROM fz_chunk WHERE verify_rows > 0');
+my $nverify   = run_sql('SELECT count(*) FROM billing_verify()');
+ok($nverify eq '0' && $bad_chunk eq '', 'billing_verify() is empty (checked after every chunk)')
+  or diag "billing_verify() returns $nverify row(s) (first seen after call "
+  . ($bad_chunk eq '' ? '?' : $bad_chunk) . ")\n"
+  . run_sql('SELECT * FROM billing_verify() LIMIT 20', '-P', 'format=aligned', '-P', 'tuples_only=off');
 
-if [[ $(psql_ -At -d postgres -c "SELECT 1") == 1 ]]; then
-	echo "ok - the server accepts a new connection"
-else
-	rc=1
-	echo "not ok - the server does not accept a new connection"
-fi
+is($node->safe_psql('postgres', 'SELECT 1'), '1', 'the server accepts a new connection');
+BillingTest::no_crashes($node);
 
-if [[ -n ${BILLING_TMP:-} && -r $pglog ]]; then
-	if crashes=$(tail -c +"$((logsize + 1))" "$pglog" | grep -E 'terminated by signal|was terminated'); then
-		rc=1
-		echo "not ok - the server log has crash lines written during the test:"
-		printf '%s\n' "$crashes"
-	else
-		echo "ok - no 'terminated by signal' in the server log written during the test"
-	fi
-else
-	echo "# (no readable \$BILLING_TMP/postgres.log: crash check skipped)"
-fi
-
-echo "# FUZZ_SEED=$seed FUZZ_CALLS=$calls, $((SECONDS - started)) s"
-exit $rc
+if ($ENV{FUZZ_KEEP})
+{
+	$ENV{PG_TEST_NOCLEAN} = 1;
+	note 'FUZZ_KEEP=1: data directory ' . $node->data_dir . " kept (fz_log in database $db has every call)";
+}
+note sprintf('FUZZ_SEED=%s FUZZ_CALLS=%s, %d s', $seed, $calls, time - $started);
+$node->stop;
+done_testing();
