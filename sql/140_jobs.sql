@@ -577,6 +577,37 @@ SELECT idempotency_key, state,
        (SELECT count(*) FROM billing.job_events e WHERE e.tenant_id = j.tenant_id AND e.job_id = j.job_id) AS logged
   FROM billing.jobs j WHERE tenant_id = 'job-d' AND idempotency_key LIKE 'd-ins-%';
 ROLLBACK;
+-- The rows of a COPY billing.jobs FROM (what pg_restore sends; pg_restore -j
+-- loads the tables in no order) are checked against what is already there:
+-- a charge entry that is not there (yet) is no error, one that is there
+-- must be the job's own, a hold that is there must not be open.
+-- billing_verify() checks every finished job against its charge and hold.
+-- An INSERT naming a charge entry that does not exist is refused.  (Entry
+-- 990001 is a top-up; the entry sequence is put back afterwards.)
+SELECT last_value AS entry_last, is_called AS entry_called FROM billing.entry_id_seq \gset
+BEGIN;
+SELECT setval('billing.entry_id_seq', 990000);
+SELECT entry_id FROM billing_credit('job-d', 1, 'd-copy-topup');
+SELECT hold_id > 0 AS held FROM billing_hold('job-d', 1, 'd-copy-hold', expires_in => '1 hour');
+COPY billing.jobs (tenant_id, job_id, idempotency_key, kind, state, attempt, estimated_micros, actual_micros, charge_entry_id) FROM STDIN;
+job-d	990001	d-copy-1	job-misc	completed	1	1000000	1000000	990999
+\.
+SELECT state, charge_entry_id FROM billing.jobs WHERE tenant_id = 'job-d' AND idempotency_key = 'd-copy-1';
+SELECT tenant_id, problem FROM billing_verify('job-d');
+SAVEPOINT copy_own;
+COPY billing.jobs (tenant_id, job_id, idempotency_key, kind, state, attempt, estimated_micros, actual_micros, charge_entry_id) FROM STDIN;
+job-d	990002	d-copy-2	job-misc	completed	1	1000000	1000000	990001
+\.
+ROLLBACK TO SAVEPOINT copy_own;
+SAVEPOINT copy_hold;
+COPY billing.jobs (tenant_id, job_id, idempotency_key, kind, state, attempt, estimated_micros, hold_trace_id) FROM STDIN;
+job-d	990003	d-copy-3	job-misc	failed	1	1000000	d-copy-hold
+\.
+ROLLBACK TO SAVEPOINT copy_hold;
+SELECT regress_error($$INSERT INTO billing.jobs (tenant_id, job_id, idempotency_key, kind, state, attempt, estimated_micros, actual_micros, charge_entry_id)
+                       VALUES ('job-d', 990004, 'd-ins-6', 'job-misc', 'completed', 1, 1000000, 1000000, 990999)$$) AS error;
+ROLLBACK;
+SELECT setval('billing.entry_id_seq', :entry_last, :'entry_called') > 0 AS entry_seq_restored;
 -- jobs are never deleted, the job log never rewritten (ZB020)
 SELECT label, regress_error(sql) AS error
   FROM (VALUES

@@ -11,7 +11,8 @@
  *	     └──cancel──> cancelled <──cancel── processing
  *
  * Rules, checked on INSERT and UPDATE (the trigger is ENABLE ALWAYS, so a
- * direct UPDATE by the table owner is held to them too):
+ * direct UPDATE by the table owner is held to them too; see below for the
+ * rows of a COPY FROM, i.e. a restore):
  *	- a new job is queued, with attempt 0;
  *	- only the transitions above; completed and cancelled jobs never change
  *	  again, a failed job only goes back to queued (retry);
@@ -22,6 +23,17 @@
  *	  cost is exactly 0;
  *	- completed, failed or cancelled => its hold is not open any more.
  * Violations raise ZB070 (transition) or ZB072 (invariant).
+ *
+ * Restores: pg_restore loads billing.jobs with COPY FROM, and pg_restore -j
+ * loads each table in a session of its own, in no order (pg_dump records no
+ * dependency between the data of two tables, whatever their foreign keys),
+ * so a job may arrive before its charge entry and its hold.  A row of a
+ * COPY billing.jobs FROM statement is therefore checked against what is
+ * already there: a charge entry that is present must be this job's own, a
+ * hold that is present must not be open; one that is not (yet) present is
+ * no error.  billing_verify() checks every finished job against its charge
+ * and its hold, so the audit that ends every restore covers them.  A plain
+ * INSERT, and any write from inside a function, is checked in full.
  *
  * Every state change is logged in billing.job_events by this trigger, so
  * a direct UPDATE is logged too (billing_job_submit logs the submit).  The reason is the row's
@@ -35,11 +47,16 @@
 
 #include "access/htup_details.h"
 #include "account.h"
+#include "catalog/namespace.h"
 #include "catalog/pg_type.h"
 #include "commands/trigger.h"
 #include "executor/spi.h"
 #include "miscadmin.h"
+#include "nodes/parsenodes.h"
+#include "nodes/plannodes.h"
+#include "tcop/pquery.h"
 #include "utils/builtins.h"
+#include "utils/portal.h"
 #include "utils/rel.h"
 
 PG_FUNCTION_INFO_V1(billing_job_guard);
@@ -166,12 +183,40 @@ invariant_failed(JobRow *job, const char *what, const char *hint)
 			 errhint("%s", hint)));
 }
 
-/* completed => this job's own debit entry is its charge */
+/*
+ * Is this row one of a COPY billing.jobs FROM statement (what pg_restore
+ * sends), rather than of an INSERT or of a write inside a function?  The
+ * statement being run is that of the active portal: a multi-statement query
+ * string runs each statement in a portal of its own, and the statements of
+ * a function run inside the portal of the statement that called it.
+ */
+static bool
+copy_from_into(Relation rel)
+{
+	PlannedStmt *pstmt;
+	CopyStmt   *copy;
+
+	if (ActivePortal == NULL || list_length(ActivePortal->stmts) != 1)
+		return false;
+	pstmt = linitial_node(PlannedStmt, ActivePortal->stmts);
+	if (pstmt->commandType != CMD_UTILITY || pstmt->utilityStmt == NULL ||
+		!IsA(pstmt->utilityStmt, CopyStmt))
+		return false;
+	copy = (CopyStmt *) pstmt->utilityStmt;
+	return copy->is_from && copy->relation != NULL &&
+		RangeVarGetRelid(copy->relation, NoLock, true) == RelationGetRelid(rel);
+}
+
+/*
+ * completed => this job's own debit entry is its charge.  When restoring
+ * (see above), an entry that is not there yet is no error.
+ */
 static void
-check_charged(JobRow *job)
+check_charged(JobRow *job, bool restoring)
 {
 	Oid			types[4] = {TEXTOID, INT8OID, TEXTOID, INT8OID};
 	Datum		values[4];
+	bool		own = false;
 
 	if (!job->has_charge)
 	{
@@ -181,16 +226,28 @@ check_charged(JobRow *job)
 						 "Complete jobs with billing_job_complete(), which captures the cost "
 						 "and marks the job completed in one transaction.");
 	}
-	billing_keep_plan(&plan_entry,
-					  "SELECT 1 FROM billing.entries WHERE tenant_id = $1 AND entry_id = $2 "
-					  "AND trace_id = $3 AND amount_micros = -$4",
-					  4, types);
-	values[0] = PointerGetDatum(job->tenant_id);
-	values[1] = Int64GetDatum(job->charge_entry_id);
-	values[2] = CStringGetTextDatum(psprintf("job:" INT64_FORMAT ":charge", job->job_id));
-	values[3] = Int64GetDatum(job->actual_micros);
-	billing_spi_exec(plan_entry, values, NULL, SPI_OK_SELECT, "checking the job charge");
-	if (SPI_processed == 0)
+	if (job->has_actual)
+	{
+		billing_keep_plan(&plan_entry,
+						  "SELECT trace_id = $3 AND amount_micros = -$4 FROM billing.entries "
+						  "WHERE tenant_id = $1 AND entry_id = $2",
+						  4, types);
+		values[0] = PointerGetDatum(job->tenant_id);
+		values[1] = Int64GetDatum(job->charge_entry_id);
+		values[2] = CStringGetTextDatum(psprintf("job:" INT64_FORMAT ":charge", job->job_id));
+		values[3] = Int64GetDatum(job->actual_micros);
+		billing_spi_exec(plan_entry, values, NULL, SPI_OK_SELECT, "checking the job charge");
+		if (SPI_processed == 0 && restoring)
+			return;
+		if (SPI_processed > 0)
+		{
+			bool		isnull;
+			Datum		d = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull);
+
+			own = !isnull && DatumGetBool(d);
+		}
+	}
+	if (!own)
 		invariant_failed(job, "with a charge that is not its own",
 						 "charge_entry_id must name this job's debit entry (trace id "
 						 "job:<job_id>:charge) for exactly its actual cost.");
@@ -220,10 +277,10 @@ check_released(JobRow *job)
 
 /* the invariants of the state a row is in (SPI connected) */
 static void
-check_state_invariants(JobRow *job)
+check_state_invariants(JobRow *job, bool restoring)
 {
 	if (strcmp(job->state, "completed") == 0)
-		check_charged(job);
+		check_charged(job, restoring);
 	if (strcmp(job->state, "completed") == 0 ||
 		strcmp(job->state, "failed") == 0 ||
 		strcmp(job->state, "cancelled") == 0)
@@ -294,14 +351,16 @@ billing_job_guard(PG_FUNCTION_ARGS)
 	{
 		/*
 		 * Any state may be inserted as long as the invariants hold: that is
-		 * what pg_restore does (ledger, holds and the job log come first in
-		 * the dump).  billing_job_submit logs the submit itself; a direct
-		 * INSERT is not logged (a restore brings the log along).
+		 * what pg_restore does (against what is already loaded, see above).
+		 * billing_job_submit logs the submit itself; a direct INSERT is not
+		 * logged (a restore brings the log along).
 		 */
+		bool		restoring = copy_from_into(trigdata->tg_relation);
+
 		result = trigdata->tg_trigtuple;
 		read_job(result, desc, &newjob);
 		(void) billing_spi_connect();
-		check_state_invariants(&newjob);
+		check_state_invariants(&newjob, restoring);
 		SPI_finish();
 		return PointerGetDatum(result);
 	}
@@ -361,7 +420,7 @@ billing_job_guard(PG_FUNCTION_ARGS)
 					 errhint("Use billing_job_retry().")));
 
 		(void) billing_spi_connect();
-		check_state_invariants(&newjob);
+		check_state_invariants(&newjob, false);
 		if (strcmp(oldjob.state, newjob.state) != 0)
 			log_transition(&newjob, oldjob.state);
 		SPI_finish();

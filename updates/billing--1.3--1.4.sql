@@ -1424,7 +1424,9 @@ SELECT e.entry_id,
        e.refund_of
   FROM billing.entries e
  WHERE ((SELECT billing.visible_tenants()) IS NULL OR e.tenant_id = ANY ((SELECT billing.visible_tenants())::text[]));
--- billing_verify() also replays the buckets from the ledger
+-- billing_verify() also replays the buckets from the ledger (and checks
+-- finished jobs against their charge and hold: a restore loads jobs in no
+-- order, issue 13)
 DROP FUNCTION billing.verify_entries(text);
 CREATE FUNCTION billing.verify_entries(tenant_id text)
     RETURNS TABLE (tenant_id text, total numeric, n bigint, breaks bigint,
@@ -1495,6 +1497,25 @@ BEGIN
          WHERE s.reserved IS DISTINCT FROM o.reserved
          GROUP BY 1
     )
+    -- finished jobs against their charge and hold (what the job guard checks
+    -- as each job changes; a restore loads jobs without their order): one
+    -- index probe per finished job, not a second pass over the ledger
+    , jobs AS (
+        SELECT j.tenant_id, count(*) AS bad
+          FROM billing.jobs j
+         WHERE j.state IN ('completed', 'failed', 'cancelled')
+           AND (billing_verify.tenant_id IS NULL OR j.tenant_id = billing_verify.tenant_id)
+           AND ((j.state = 'completed'
+                 AND CASE WHEN j.charge_entry_id IS NULL THEN j.actual_micros IS DISTINCT FROM 0
+                          ELSE NOT EXISTS (SELECT FROM billing.entries e
+                                            WHERE e.tenant_id = j.tenant_id AND e.entry_id = j.charge_entry_id
+                                              AND e.trace_id = format('job:%s:charge', j.job_id)
+                                              AND e.amount_micros = -j.actual_micros) END)
+                OR EXISTS (SELECT FROM billing.holds h
+                            WHERE h.tenant_id = j.tenant_id AND h.trace_id = j.hold_trace_id
+                              AND h.status = 'open' AND h.expires_at > now()))
+         GROUP BY j.tenant_id
+    )
     SELECT coalesce(a.tenant_id, p.tenant_id),
            billing.to_amount(a.balance_micros),
            (coalesce(p.total, 0) / 1000000)::numeric(38, 6),
@@ -1510,13 +1531,15 @@ BEGIN
                WHEN coalesce(p.grants_negative, 0) > 0 THEN 'a grant bucket went below zero'
                WHEN coalesce(p.grants, '{}') <> coalesce(g.state, '{}') THEN 'grant buckets differ from the ledger'
                WHEN r.tenant_id IS NOT NULL THEN 'grant reservations differ from the open holds'
-               ELSE 'cached holds differ from the open holds'
+               WHEN a.holds_micros <> coalesce(h.open_micros, 0) THEN 'cached holds differ from the open holds'
+               ELSE 'finished jobs without their own charge or with their hold open'
            END
       FROM billing.accounts a
       FULL JOIN per_tenant p ON p.tenant_id = a.tenant_id
       LEFT JOIN holds h ON h.tenant_id = a.tenant_id
       LEFT JOIN grants g ON g.tenant_id = a.tenant_id
       LEFT JOIN reservations r ON r.tenant_id = a.tenant_id
+      LEFT JOIN jobs jb ON jb.tenant_id = a.tenant_id
      WHERE (billing_verify.tenant_id IS NULL OR coalesce(a.tenant_id, p.tenant_id) = billing_verify.tenant_id)
        AND (a.tenant_id IS NULL
             OR a.balance_micros <> coalesce(p.total, 0)
@@ -1526,12 +1549,13 @@ BEGIN
             OR coalesce(p.grants_negative, 0) > 0
             OR coalesce(p.grants, '{}') <> coalesce(g.state, '{}')
             OR r.tenant_id IS NOT NULL
-            OR a.holds_micros <> coalesce(h.open_micros, 0))
+            OR a.holds_micros <> coalesce(h.open_micros, 0)
+            OR jb.bad > 0)
      ORDER BY 1;
 END;
 $$;
 COMMENT ON FUNCTION billing_verify(text) IS
-    'audit: one row per account whose cached balance differs from SUM(entries), whose balance_after chain is broken, whose version lags its entries, with invalid entries, whose grant buckets differ from what the ledger says (or went below zero) or from what open holds reserved, or whose cached holds differ from its open holds; no rows when consistent';
+    'audit: one row per account whose cached balance differs from SUM(entries), whose balance_after chain is broken, whose version lags its entries, with invalid entries, whose grant buckets differ from what the ledger says (or went below zero) or from what open holds reserved, whose cached holds differ from its open holds, or with a finished job without its own charge or with its hold open; no rows when consistent';
 
 -- the grants and the refunds (schema/25_grants.sql)
 CREATE SEQUENCE billing.grant_id_seq;
