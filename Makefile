@@ -39,6 +39,9 @@ OBJS = \
 	src/append_only.o \
 	src/guard.o \
 	src/sync.o \
+	src/resp.o \
+	src/redis.o \
+	src/mirror.o \
 	src/worker.o
 
 # The install script of the current version is built from schema/*.sql (one
@@ -53,6 +56,28 @@ EXTRA_CLEAN = $(EXTENSION)--$(EXTVERSION).sql tmp_check_iso output_iso results r
 PG_CPPFLAGS = -I$(srcdir)/src
 PG_CFLAGS = -Wall -Wextra -Werror -Wno-unused-parameter -Wno-missing-field-initializers -Wno-sign-compare
 SHLIB_LINK = -lhiredis
+
+# Redis over TLS needs hiredis 1.0 or later with hiredis_ssl (Debian 13's
+# libhiredis-dev; Debian 12's hiredis 0.14 has none) and OpenSSL's headers.
+# Detected here; BILLING_TLS=no builds without.  Without it the worker
+# refuses billing.redis_tls = on (it never falls back to plain text).
+BILLING_TLS ?= auto
+ifneq ($(BILLING_TLS),no)
+BILLING_TLS_HASH := \#
+BILLING_TLS_FOUND := $(shell printf '$(BILLING_TLS_HASH)include <hiredis/hiredis.h>\n$(BILLING_TLS_HASH)include <hiredis/hiredis_ssl.h>\n$(BILLING_TLS_HASH)include <openssl/ssl.h>\n$(BILLING_TLS_HASH)if HIREDIS_MAJOR < 1\n$(BILLING_TLS_HASH)error old\n$(BILLING_TLS_HASH)endif\n' | $(CC) -E -x c - >/dev/null 2>&1 && echo yes)
+endif
+ifeq ($(BILLING_TLS_FOUND),yes)
+PG_CPPFLAGS += -DBILLING_REDIS_TLS
+SHLIB_LINK += -lhiredis_ssl -lssl -lcrypto
+BILLING_TLS_SAYS = Redis TLS: yes (hiredis_ssl)
+else
+BILLING_TLS_SAYS = Redis TLS: unavailable (needs hiredis >= 1.0 with hiredis_ssl and OpenSSL headers; billing.redis_tls = on will be refused)
+endif
+ifeq ($(BILLING_TLS),yes)
+ifneq ($(BILLING_TLS_FOUND),yes)
+$(error BILLING_TLS=yes but hiredis >= 1.0 with hiredis_ssl (and OpenSSL headers) was not found)
+endif
+endif
 
 # Regression tests (sql/, expected/) and isolation specs (test/isolation/).
 # make installcheck runs those that need nothing but default settings;
@@ -100,6 +125,12 @@ $(EXTENSION)--$(EXTVERSION).sql: $(sort $(wildcard schema/*.sql))
 # PGXS tracks no header dependencies: a changed struct in a header must
 # rebuild every object that uses it, or objects disagree on its layout.
 $(OBJS): $(wildcard src/*.h)
+
+# say once per build whether this build can talk TLS to Redis
+src/redis.o: billing-tls-note
+.PHONY: billing-tls-note
+billing-tls-note:
+	@echo "billing: $(BILLING_TLS_SAYS)"
 
 # the Redis Lua scripts, read by the worker (billing.lua_dir overrides)
 install: install-lua

@@ -15,6 +15,7 @@
 
 #include "billing.h"
 #include "fmgr.h"
+#include "guc.h"
 #include "miscadmin.h"
 #include "postmaster/bgworker.h"
 #include "sync.h"
@@ -25,13 +26,22 @@ PG_MODULE_MAGIC;
 void		_PG_init(void);
 
 char	   *billing_database = NULL;
+char	   *billing_worker_role = NULL;
 char	   *billing_redis_host = NULL;
 int			billing_redis_port = 6379;
+char	   *billing_redis_user = NULL;
 char	   *billing_redis_password = NULL;
+char	   *billing_redis_password_file = NULL;
 int			billing_redis_db = 0;
 char	   *billing_redis_prefix = NULL;
 int			billing_redis_connect_timeout = 1000;
 int			billing_redis_command_timeout = 1000;
+int			billing_redis_max_reply_size = 16384;
+bool		billing_redis_tls = false;
+char	   *billing_redis_tls_ca_file = NULL;
+char	   *billing_redis_tls_cert_file = NULL;
+char	   *billing_redis_tls_key_file = NULL;
+char	   *billing_redis_tls_server_name = NULL;
 int			billing_sync_batch_size = 500;
 int			billing_maintenance_interval = 1000;
 int			billing_check_interval = 60;
@@ -64,6 +74,18 @@ check_redis_prefix(char **newval, void **extra, GucSource source)
 	return true;
 }
 
+/*
+ * billing.redis_password is shown as ******** (SHOW, current_setting,
+ * pg_settings): GUC_SUPERUSER_ONLY still lets members of
+ * pg_read_all_settings read it.  billing.redis_password_file keeps the
+ * secret out of the settings altogether.
+ */
+static const char *
+show_redis_password(void)
+{
+	return billing_redis_password && billing_redis_password[0] ? "********" : "";
+}
+
 static void
 define_settings(void)
 {
@@ -74,10 +96,39 @@ define_settings(void)
 	DefineCustomIntVariable("billing.redis_port", "Redis port.", NULL,
 							&billing_redis_port, 6379, 1, 65535,
 							PGC_SIGHUP, 0, NULL, NULL, NULL);
+	DefineCustomStringVariable("billing.redis_user",
+							   "Redis ACL user (AUTH user password); empty: the default user.",
+							   NULL, &billing_redis_user, "",
+							   PGC_SIGHUP, 0, NULL, NULL, NULL);
 	DefineCustomStringVariable("billing.redis_password",
-							   "Redis password (AUTH); empty: none.",
+							   "Redis password (AUTH); empty: none.  Prefer billing.redis_password_file.",
 							   NULL, &billing_redis_password, "",
+							   PGC_SIGHUP, GUC_SUPERUSER_ONLY, NULL, NULL, show_redis_password);
+	DefineCustomStringVariable("billing.redis_password_file",
+							   "File holding the Redis password (first line), readable by the server's OS user only.",
+							   NULL, &billing_redis_password_file, "",
 							   PGC_SIGHUP, GUC_SUPERUSER_ONLY, NULL, NULL, NULL);
+	DefineCustomBoolVariable("billing.redis_tls",
+							 "Connect to Redis with TLS (the certificate is verified).",
+							 "Refused (the worker does not connect) by a build without TLS support.",
+							 &billing_redis_tls, false,
+							 PGC_SIGHUP, 0, NULL, NULL, NULL);
+	DefineCustomStringVariable("billing.redis_tls_ca_file",
+							   "CA certificates that sign Redis' certificate; empty: the system's.",
+							   NULL, &billing_redis_tls_ca_file, "",
+							   PGC_SIGHUP, GUC_SUPERUSER_ONLY, NULL, NULL, NULL);
+	DefineCustomStringVariable("billing.redis_tls_cert_file",
+							   "Client certificate for Redis (tls-auth-clients); empty: none.",
+							   NULL, &billing_redis_tls_cert_file, "",
+							   PGC_SIGHUP, GUC_SUPERUSER_ONLY, NULL, NULL, NULL);
+	DefineCustomStringVariable("billing.redis_tls_key_file",
+							   "Private key of the client certificate; empty: in the certificate file.",
+							   NULL, &billing_redis_tls_key_file, "",
+							   PGC_SIGHUP, GUC_SUPERUSER_ONLY, NULL, NULL, NULL);
+	DefineCustomStringVariable("billing.redis_tls_server_name",
+							   "Name Redis' certificate must carry (and SNI); empty: billing.redis_host.",
+							   NULL, &billing_redis_tls_server_name, "",
+							   PGC_SIGHUP, 0, NULL, NULL, NULL);
 	DefineCustomIntVariable("billing.redis_db", "Redis database number (SELECT).", NULL,
 							&billing_redis_db, 0, 0, 1024,
 							PGC_SIGHUP, 0, NULL, NULL, NULL);
@@ -90,9 +141,14 @@ define_settings(void)
 							&billing_redis_connect_timeout, 1000, 10, 60000,
 							PGC_SIGHUP, GUC_UNIT_MS, NULL, NULL, NULL);
 	DefineCustomIntVariable("billing.redis_command_timeout",
-							"Timeout of every Redis command (read and write).", NULL,
+							"Longest a Redis command or pipelined batch may take, from sending it to its last reply.",
+							"A batch of n commands gets 0.1 ms more per command.",
 							&billing_redis_command_timeout, 1000, 10, 60000,
 							PGC_SIGHUP, GUC_UNIT_MS, NULL, NULL, NULL);
+	DefineCustomIntVariable("billing.redis_max_reply_size",
+							"Largest Redis reply the worker accepts (a larger one closes the connection).",
+							NULL, &billing_redis_max_reply_size, 16384, 64, 1048576,
+							PGC_SIGHUP, GUC_UNIT_KB, NULL, NULL, NULL);
 	DefineCustomIntVariable("billing.sync_batch_size",
 							"Accounts read and pushed per pipelined batch.", NULL,
 							&billing_sync_batch_size, 500, 1, 100000,
@@ -133,8 +189,14 @@ define_settings(void)
 	{
 		DefineCustomStringVariable("billing.database",
 								   "Database the background worker mirrors to Redis.",
-								   NULL, &billing_database, "postgres",
-								   PGC_POSTMASTER, 0, NULL, NULL, NULL);
+								   "A change restarts the worker.",
+								   &billing_database, "postgres",
+								   PGC_SIGHUP, 0, NULL, NULL, NULL);
+		DefineCustomStringVariable("billing.worker_role",
+								   "Role the background worker connects as; empty: the bootstrap superuser.",
+								   "Needs the rights billing_grant_worker() grants.  A change restarts the worker.",
+								   &billing_worker_role, "",
+								   PGC_SIGHUP, 0, NULL, NULL, NULL);
 		DefineCustomIntVariable("billing.sync_max_dirty",
 								"Changed accounts remembered in shared memory between pushes (beyond: full resync).",
 								NULL, &billing_sync_max_dirty, 20000, 100, 10000000,

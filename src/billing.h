@@ -99,10 +99,6 @@ extern bool billing_check_event_at(FunctionCallInfo fcinfo, int argno,
 extern bool billing_event_at_in_window(TimestampTz event_at);
 extern void billing_check_event_at_window(TimestampTz event_at);
 
-/* billing.c: settings */
-extern bool billing_allow_drop;
-extern int	billing_event_at_window;
-
 /* guard.c */
 extern void billing_guard_init(void);
 

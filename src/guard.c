@@ -35,6 +35,7 @@
 #include "catalog/pg_extension.h"
 #include "commands/event_trigger.h"
 #include "commands/extension.h"
+#include "guc.h"
 
 static object_access_hook_type prev_object_access_hook = NULL;
 

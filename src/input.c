@@ -14,6 +14,7 @@
 #include "postgres.h"
 
 #include "billing.h"
+#include "guc.h"
 #include "common/int.h"
 #include "mb/pg_wchar.h"
 #include "miscadmin.h"

@@ -64,6 +64,8 @@ typedef struct SyncShared
 	int64		full_resyncs;
 	int64		repaired;
 	char		last_error[SYNC_ERROR_LEN];
+	/* the worker's probe of billing.database (a short-lived process) */
+	char		probe_problem[SYNC_ERROR_LEN];	/* "" when it can connect */
 	/*
 	 * The dirty tenants in the order they became dirty: a ring of pointers
 	 * to the hash entries (ring_size = billing.sync_max_dirty), so that the

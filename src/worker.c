@@ -2,392 +2,197 @@
  *
  * worker.c
  *	  The background worker that mirrors committed account state into
- *	  Redis, and runs the periodic maintenance (hold expiry, job rescue).
+ *	  Redis, and runs the periodic maintenance (hold expiry, job rescue):
+ *	  its main loop and its database side.
+ *
+ * The Redis client is redis.c (non-blocking, bounded), the mirror's
+ * protocol mirror.c; this file decides when to do what.
+ *
+ * Start: the worker waits until billing.database can be connected to (a
+ * short-lived probe process looks, since a worker can connect to one
+ * database only, once), connects as billing.worker_role (default: the
+ * bootstrap superuser), and pins every setting a database owner could have
+ * set with ALTER DATABASE/ROLE ... SET that would change what its SQL does
+ * (pin_environment).
  *
  * Loop (modelled on worker_spi and pg_cron): sleep on the latch (set by
  * committing backends, see sync.c) or a timeout; take the dirty tenants
- * out of shared memory; read their committed snapshots from the database
- * in a short transaction of our own (billing.sync_snapshot()); commit it;
- * only then talk to Redis: SCRIPT LOAD once per connection, then pipelined
- * EVALSHA of lua/apply_snapshot.lua, which applies a snapshot only if its
- * account version is newer than the one stored.  No transaction is ever
- * open during Redis I/O, and every Redis call runs with the connect and
- * command timeouts.
+ * out of shared memory; read their committed snapshots in a short
+ * transaction of our own; commit it; only then talk to Redis.  No
+ * transaction is ever open during Redis I/O.  Signals (SIGTERM, reloads)
+ * are honoured within REDIS_WAIT_SLICE_MS also while Redis is slow.
  *
- * Failures: when Redis is unreachable the tenants go back into the dirty
- * set and the worker retries with a bounded exponential backoff, logging
- * once per outage.  A full resync of every account runs at start (shared
- * memory knows nothing of what Redis has), when the dirty set overflowed,
- * when Redis restarted (INFO run_id changed) and when the marker key
- * vanished (FLUSHALL); a periodic check compares Redis with the database
- * and repairs drift with a forced apply.
+ * Failures: when Redis is unreachable or misbehaves the tenants go back
+ * into the dirty set and the worker retries with a bounded exponential
+ * backoff, logging once per outage.  A full resync of every account runs
+ * at start (shared memory knows nothing of what Redis has), when the dirty
+ * set overflowed, when Redis restarted and when the marker key vanished;
+ * a periodic check compares Redis with the database and repairs drift.
+ * Both go a page at a time and push the dirty tenants and run the
+ * maintenance between pages, so neither holds up the mirror.
  *
  *-------------------------------------------------------------------------
  */
 #include "postgres.h"
 
-#include <sys/time.h>
-
-#include <hiredis/hiredis.h>
-
+#include "access/htup_details.h"
 #include "access/xact.h"
 #include "access/xlog.h"
-#include "billing.h"
+#include "catalog/namespace.h"
+#include "catalog/pg_authid.h"
+#include "catalog/pg_database.h"
+#include "catalog/pg_namespace.h"
+#include "catalog/pg_proc.h"
 #include "catalog/pg_type.h"
+#include "commands/dbcommands.h"
 #include "commands/extension.h"
 #include "executor/spi.h"
+#include "fmgr.h"
+#include "guc.h"
 #include "lib/stringinfo.h"
 #include "miscadmin.h"
+#include "mirror.h"
+#include "nodes/makefuncs.h"
+#include "parser/parse_func.h"
 #include "pgstat.h"
 #include "postmaster/bgworker.h"
 #include "postmaster/interrupt.h"
+#include "redis.h"
 #include "storage/ipc.h"
 #include "storage/latch.h"
 #include "storage/proc.h"
 #include "sync.h"
 #include "tcop/tcopprot.h"
+#include "utils/acl.h"
 #include "utils/array.h"
 #include "utils/builtins.h"
 #include "utils/guc.h"
+#include "utils/lsyscache.h"
 #include "utils/memutils.h"
 #include "utils/snapmgr.h"
+#include "utils/syscache.h"
 #include "utils/timestamp.h"
 
 PGDLLEXPORT void billing_worker_main(Datum arg);
-
-/* GUCs, defined in billing.c */
-extern char *billing_database;
-extern char *billing_redis_host;
-extern int	billing_redis_port;
-extern char *billing_redis_password;
-extern int	billing_redis_db;
-extern char *billing_redis_prefix;
-extern int	billing_redis_connect_timeout;
-extern int	billing_redis_command_timeout;
-extern int	billing_sync_batch_size;
-extern int	billing_maintenance_interval;
-extern int	billing_check_interval;
-extern int	billing_sync_delay;
-extern char *billing_lua_dir;
+PGDLLEXPORT void billing_probe_main(Datum arg);
 
 #define MAX_BACKOFF_MS	5000
+#define PROBE_INTERVAL_MS 5000
 
-static redisContext *redis = NULL;
-static char apply_sha[64];
-static char run_id[48];
 static bool outage_logged = false;
 static int	backoff_ms = 0;
 static TimestampTz next_connect_at = 0;	/* backoff: no attempt before */
-static bool full_resync = true;
 static TimestampTz last_maintenance = 0;
 static TimestampTz last_check = 0;
+static TimestampTz last_run_id_check = 0;
 static MemoryContext cycle_cxt = NULL;
+static bool busy = false;		/* more to do at once: do not sleep */
+
+/* what we connected with: a change of either restarts the worker */
+static char connected_database[NAMEDATALEN];
+static char connected_role[NAMEDATALEN];
 
 /*
- * Tenants whose apply failed for a reason of their own (a key of theirs of
- * the wrong type, say): the rest of the batch goes on, and they are tried
- * again every RETRY_MS (strings in TopMemoryContext; beyond RETRY_MAX the
- * periodic check retries them).
+ * Tenants whose push failed for a reason of their own (a key of theirs of
+ * the wrong type, a snapshot that cannot be built): the rest of the batch
+ * goes on, and they are tried again every RETRY_MS (strings in
+ * TopMemoryContext; beyond RETRY_MAX the periodic check retries them).
  */
 #define RETRY_MS		5000
 #define RETRY_MAX		1000
 static List *retry_tenants = NIL;
 static TimestampTz retry_at = 0;
 
-/*
- * Which ledger the mirror shows: "<system id>:<database oid>:<extension
- * oid>", kept in the marker key.  Account versions start again at 0 when
- * the extension is dropped and created again (or the database restored
- * elsewhere), and the version guard would then keep the old hashes: a full
- * resync that finds another ledger's marker deletes the old hashes first.
- */
-static char epoch[64] = "";
+/* a full resync in progress (it may span cycles while an old mirror is wiped) */
+static bool resync_started = false;
+static bool resync_claimed = false;
 
 static void begin_xact(const char *what);
 static void end_xact(void);
-
-/* one snapshot to push */
+static void push_dirty(void);
+static void maintenance_if_due(void);
 
 /* ---------------------------------------------------------------------
- * Redis
+ * settings, reloads, backoff
  * ---------------------------------------------------------------------
  */
-static struct timeval
-ms_to_tv(int ms)
-{
-	struct timeval tv;
 
-	tv.tv_sec = ms / 1000;
-	tv.tv_usec = (ms % 1000) * 1000;
-	return tv;
-}
-
-static void
-redis_drop(const char *why)
-{
-	if (redis != NULL)
-		redisFree(redis);
-	redis = NULL;
-	apply_sha[0] = '\0';
-	if (billing_sync)
-	{
-		LWLockAcquire(billing_sync->lock, LW_EXCLUSIVE);
-		billing_sync->connected = false;
-		LWLockRelease(billing_sync->lock);
-	}
-	if (why != NULL)
-	{
-		billing_sync_record_error("%s", why);
-		if (!outage_logged)
-			ereport(LOG,
-					(errmsg("billing sync: Redis at %s:%d unavailable: %s",
-							billing_redis_host, billing_redis_port, why),
-					 errhint("Backends are not affected; the worker retries with backoff and catches up.")));
-		outage_logged = true;
-		backoff_ms = backoff_ms ? Min(backoff_ms * 2, MAX_BACKOFF_MS) : 100;
-		/* committing backends set our latch: that must not defeat the backoff */
-		next_connect_at = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), backoff_ms);
-	}
-}
-
-/*
- * Run one command; returns the reply (caller frees) or NULL after dropping
- * the connection.  An error reply is returned as is.
- */
-static redisReply *
-redis_cmd(int argc, const char **argv)
-{
-	redisReply *reply;
-
-	if (redis == NULL)
-		return NULL;
-	reply = redisCommandArgv(redis, argc, argv, NULL);
-	if (reply == NULL)
-	{
-		char		err[160];
-
-		strlcpy(err, redis->errstr, sizeof(err));
-		redis_drop(err);
-	}
-	return reply;
-}
-
-/*
- * Pipelining: queue a command / read the next reply.  On a transport error
- * the connection is dropped (replies would be misaligned) and false / NULL
- * returned.
- */
-static bool
-pipe_append(int argc, const char **argv)
-{
-	char		err[160];
-
-	if (redisAppendCommandArgv(redis, argc, argv, NULL) == REDIS_OK)
-		return true;
-	strlcpy(err, redis->errstr, sizeof(err));	/* redis_drop frees it */
-	redis_drop(err);
-	return false;
-}
-
-static redisReply *
-pipe_read(void)
-{
-	redisReply *r;
-	char		err[160];
-
-	if (redisGetReply(redis, (void **) &r) == REDIS_OK && r != NULL)
-		return r;
-	strlcpy(err, redis->errstr, sizeof(err));
-	redis_drop(err);
-	return NULL;
-}
-
-/* read a file of the lua/ directory installed with the extension */
+/* the settings that decide where and how we push: a change means reconnect + resync */
 static char *
-read_script(const char *name)
+redis_settings(void)
 {
-	char		path[MAXPGPATH];
-	char		sharepath[MAXPGPATH];
-	FILE	   *f;
-	StringInfoData buf;
-	char		chunk[4096];
-	size_t		n;
-
-	if (billing_lua_dir && billing_lua_dir[0])
-		snprintf(path, sizeof(path), "%s/%s", billing_lua_dir, name);
-	else
-	{
-		get_share_path(my_exec_path, sharepath);
-		snprintf(path, sizeof(path), "%s/extension/billing/%s", sharepath, name);
-	}
-	f = AllocateFile(path, "r");
-	if (f == NULL)
-		ereport(ERROR,
-				(errcode_for_file_access(),
-				 errmsg("billing sync: could not read Lua script \"%s\": %m", path),
-				 errhint("Run make install, or set billing.lua_dir.")));
-	initStringInfo(&buf);
-	while ((n = fread(chunk, 1, sizeof(chunk), f)) > 0)
-		appendBinaryStringInfo(&buf, chunk, n);
-	FreeFile(f);
-	return buf.data;
-}
-
-/* INFO server's run_id, or "" */
-static void
-redis_run_id(char *out, size_t outlen)
-{
-	const char *argv[] = {"INFO", "server"};
-	redisReply *r = redis_cmd(2, argv);
-
-	out[0] = '\0';
-	if (r == NULL)
-		return;
-	if (r->type == REDIS_REPLY_STRING)
-	{
-		char	   *p = strstr(r->str, "run_id:");
-
-		if (p)
-		{
-			size_t		i = 0;
-
-			p += 7;
-			while (p[i] && p[i] != '\r' && p[i] != '\n' && i + 1 < outlen)
-			{
-				out[i] = p[i];
-				i++;
-			}
-			out[i] = '\0';
-		}
-	}
-	freeReplyObject(r);
+	return psprintf("%s|%d|%s|%s|%s|%d|%s|%d|%s|%s|%s|%s",
+					billing_redis_host, billing_redis_port, billing_redis_user,
+					billing_redis_password, billing_redis_password_file,
+					billing_redis_db, billing_redis_prefix, (int) billing_redis_tls,
+					billing_redis_tls_ca_file, billing_redis_tls_cert_file,
+					billing_redis_tls_key_file, billing_redis_tls_server_name);
 }
 
 /*
- * A different server process than before (INFO server run_id) may have
- * lost everything: full resync.  Checked at every connect, and every
- * second on a live connection, which a proxy may keep across a restart.
- * An empty run_id (INFO refused by an ACL) is taken as "unknown".  False
- * if Redis failed.
+ * Process a reload (also while waiting for Redis: a reload must not wait
+ * for the current cycle).  False if the Redis settings changed: the
+ * connection is closed, the caller's command aborted.
  */
-static TimestampTz last_run_id_check = 0;
-
 static bool
-check_run_id(void)
+reload_config(void)
 {
-	char		now_id[48];
+	char	   *before = redis_settings();
+	char	   *after;
+	bool		same;
 
-	last_run_id_check = GetCurrentTimestamp();
-	redis_run_id(now_id, sizeof(now_id));
-	if (redis == NULL)
-		return false;
-	if (strcmp(now_id, run_id) != 0 && now_id[0] != '\0')
+	ConfigReloadPending = false;
+	ProcessConfigFile(PGC_SIGHUP);
+	if (connected_database[0] != '\0' &&
+		(strcmp(billing_database, connected_database) != 0 ||
+		 strcmp(billing_worker_role, connected_role) != 0))
 	{
-		if (run_id[0] != '\0')
-			ereport(LOG,
-					(errmsg("billing sync: Redis restarted (run_id %s, was %s): full resync",
-							now_id, run_id)));
-		full_resync = true;
-		strlcpy(run_id, now_id, sizeof(run_id));
-		LWLockAcquire(billing_sync->lock, LW_EXCLUSIVE);
-		strlcpy(billing_sync->redis_run_id, run_id, sizeof(billing_sync->redis_run_id));
-		LWLockRelease(billing_sync->lock);
+		ereport(LOG,
+				(errmsg("billing sync: billing.database or billing.worker_role changed; the worker restarts to connect anew")));
+		proc_exit(1);
 	}
+	after = redis_settings();
+	same = strcmp(before, after) == 0;
+	explicit_bzero(before, strlen(before));
+	explicit_bzero(after, strlen(after));
+	pfree(before);
+	pfree(after);
+	if (!same)
+	{
+		redis_close(NULL);		/* reconnect with the new settings */
+		next_connect_at = 0;
+		backoff_ms = 0;
+		mirror_request_resync();
+	}
+	return same;
+}
+
+/* redis.c calls this while it waits for Redis */
+static bool
+wait_hook(void)
+{
+	if (ConfigReloadPending)
+		return reload_config();
 	return true;
 }
 
-static bool
-redis_connect(void)
+/* the connection was lost: log once per outage, back off */
+static void
+note_redis_failure(void)
 {
-	char		err[160];
-	redisReply *r;
+	char		why[SYNC_ERROR_LEN];
 
-	char	   *script;
-
-	if (redis != NULL)
-		return true;
-	if (GetCurrentTimestamp() < next_connect_at)
-		return false;
-	/* before connecting: an error here must not leave a half-set-up link */
-	script = read_script("apply_snapshot.lua");
-	redis = redisConnectWithTimeout(billing_redis_host, billing_redis_port,
-									ms_to_tv(billing_redis_connect_timeout));
-	if (redis == NULL || redis->err)
-	{
-		strlcpy(err, redis ? redis->errstr : "out of memory", sizeof(err));
-		redis_drop(err);
-		return false;
-	}
-	if (redisSetTimeout(redis, ms_to_tv(billing_redis_command_timeout)) != REDIS_OK ||
-		redisEnableKeepAlive(redis) != REDIS_OK)
-	{
-		strlcpy(err, redis->errstr, sizeof(err));
-		redis_drop(err);
-		return false;
-	}
-	if (billing_redis_password && billing_redis_password[0])
-	{
-		const char *argv[] = {"AUTH", billing_redis_password};
-
-		r = redis_cmd(2, argv);
-		if (r == NULL)
-			return false;
-		if (r->type == REDIS_REPLY_ERROR)
-		{
-			snprintf(err, sizeof(err), "AUTH failed: %s", r->str);
-			freeReplyObject(r);
-			redis_drop(err);
-			return false;
-		}
-		freeReplyObject(r);
-	}
-	if (billing_redis_db != 0)
-	{
-		char		db[16];
-		const char *argv[] = {"SELECT", db};
-
-		snprintf(db, sizeof(db), "%d", billing_redis_db);
-		r = redis_cmd(2, argv);
-		if (r == NULL)
-			return false;
-		if (r->type == REDIS_REPLY_ERROR)
-		{
-			snprintf(err, sizeof(err), "SELECT failed: %s", r->str);
-			freeReplyObject(r);
-			redis_drop(err);
-			return false;
-		}
-		freeReplyObject(r);
-	}
-
-	/* load the apply script; pipelined EVALSHA cannot recover from NOSCRIPT */
-	{
-		const char *argv[] = {"SCRIPT", "LOAD", script};
-
-		r = redis_cmd(3, argv);
-		pfree(script);
-		if (r == NULL)
-			return false;
-		if (r->type != REDIS_REPLY_STRING)
-		{
-			snprintf(err, sizeof(err), "SCRIPT LOAD failed: %s",
-					 r->type == REDIS_REPLY_ERROR ? r->str : "unexpected reply");
-			freeReplyObject(r);
-			redis_drop(err);
-			return false;
-		}
-		strlcpy(apply_sha, r->str, sizeof(apply_sha));
-		freeReplyObject(r);
-	}
-
-	if (!check_run_id())
-		return false;
-
-	LWLockAcquire(billing_sync->lock, LW_EXCLUSIVE);
-	billing_sync->connected = true;
-	strlcpy(billing_sync->redis_run_id, run_id, sizeof(billing_sync->redis_run_id));
-	LWLockRelease(billing_sync->lock);
-	return true;
+	if (!redis_take_failure(why, sizeof(why)))
+		return;
+	if (!outage_logged)
+		ereport(LOG,
+				(errmsg("billing sync: Redis at %s:%d unavailable: %s",
+						billing_redis_host, billing_redis_port, why),
+				 errhint("Backends are not affected; the worker retries with backoff and catches up.")));
+	outage_logged = true;
+	backoff_ms = backoff_ms ? Min(backoff_ms * 2, MAX_BACKOFF_MS) : 100;
+	/* committing backends set our latch: that must not defeat the backoff */
+	next_connect_at = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), backoff_ms);
 }
 
 /*
@@ -406,7 +211,12 @@ redis_healthy(void)
 	backoff_ms = 0;
 }
 
-/* Remember a tenant whose apply failed on its own keys (see retry_tenants). */
+/* ---------------------------------------------------------------------
+ * tenants set aside
+ * ---------------------------------------------------------------------
+ */
+
+/* Remember a tenant whose push failed on its own (see retry_tenants). */
 static void
 retry_later(const char *tenant, const char *why)
 {
@@ -416,13 +226,13 @@ retry_later(const char *tenant, const char *why)
 	foreach(lc, retry_tenants)
 		if (strcmp(lfirst(lc), tenant) == 0)
 			return;
-	billing_sync_record_error("apply failed for tenant %s: %s", tenant, why);
+	billing_sync_record_error("push failed for tenant %s: %s", tenant, why);
 	ereport(LOG,
-			(errmsg("billing sync: could not apply the snapshot of tenant \"%s\": %s",
+			(errmsg("billing sync: could not push the snapshot of tenant \"%s\": %s",
 					tenant, why),
 			 errdetail("The other tenants are pushed; this one is tried again every %d s.",
 					   RETRY_MS / 1000),
-			 errhint("Remove or fix the Redis keys of that tenant (they must be hashes and a sorted set).")));
+			 errhint("A Redis key of that tenant of another type (they must be hashes and a sorted set), or an account whose snapshot cannot be built (see the message).")));
 	if (list_length(retry_tenants) >= RETRY_MAX)
 		return;					/* the periodic check will repair it */
 	old = MemoryContextSwitchTo(TopMemoryContext);
@@ -447,338 +257,6 @@ retry_due(TimestampTz now)
 	list_free_deep(retry_tenants);
 	retry_tenants = NIL;
 	retry_at = 0;
-}
-
-/*
- * An error reply that concerns the keys of one tenant only: the script's
- * own argument check, or a key of another type.  Anything else (NOSCRIPT,
- * READONLY, LOADING, OOM, BUSY, ...) concerns the server.
- */
-static bool
-tenant_error(const char *msg)
-{
-	return strncmp(msg, "WRONGTYPE", 9) == 0 || strncmp(msg, "BADARGS", 7) == 0;
-}
-
-static char *
-marker_key(void)
-{
-	return psprintf("%s:__sync__", billing_redis_prefix);
-}
-
-/* FLUSHALL (or anyone) removed the marker: everything must be pushed again */
-static void
-check_marker(void)
-{
-	char	   *key = marker_key();
-	const char *argv[] = {"EXISTS", key};
-	redisReply *r = redis_cmd(2, argv);
-
-	if (r == NULL)
-		return;
-	if (r->type == REDIS_REPLY_INTEGER && r->integer == 0 && !full_resync)
-	{
-		ereport(LOG, (errmsg("billing sync: marker key %s is gone (FLUSHALL?): full resync", key)));
-		full_resync = true;
-	}
-	freeReplyObject(r);
-}
-
-static void
-set_marker(void)
-{
-	char	   *key = marker_key();
-	const char *argv[] = {"SET", key, epoch};
-	redisReply *r;
-
-	r = redis_cmd(3, argv);
-	if (r)
-		freeReplyObject(r);
-}
-
-/*
- * Note the ledger we read (in a transaction): a new one (the extension
- * created again) needs a full resync, which compares it with the marker.
- */
-static void
-note_epoch(void)
-{
-	char		now[64];
-
-	snprintf(now, sizeof(now), UINT64_FORMAT ":%u:%u", GetSystemIdentifier(),
-			 MyDatabaseId, get_extension_oid("billing", true));
-	if (strcmp(now, epoch) != 0)
-	{
-		strlcpy(epoch, now, sizeof(epoch));
-		full_resync = true;
-	}
-}
-
-/* Delete every hash of the mirror (<prefix>:{...}); false if Redis failed. */
-static bool
-wipe_mirror(void)
-{
-	StringInfoData pattern;
-	char		cursor[32] = "0";
-
-	/* the prefix is literal: escape the glob characters of MATCH */
-	initStringInfo(&pattern);
-	for (const char *p = billing_redis_prefix; *p; p++)
-	{
-		if (strchr("*?[]\\", *p))
-			appendStringInfoChar(&pattern, '\\');
-		appendStringInfoChar(&pattern, *p);
-	}
-	appendStringInfoString(&pattern, ":{*");
-	do
-	{
-		const char *argv[] = {"SCAN", cursor, "MATCH", pattern.data, "COUNT", "1000"};
-		redisReply *r = redis_cmd(6, argv);
-		redisReply *keys;
-
-		if (r == NULL)
-			return false;
-		if (r->type != REDIS_REPLY_ARRAY || r->elements != 2 ||
-			r->element[0]->type != REDIS_REPLY_STRING ||
-			r->element[1]->type != REDIS_REPLY_ARRAY)
-		{
-			freeReplyObject(r);
-			redis_drop("SCAN: unexpected reply");
-			return false;
-		}
-		strlcpy(cursor, r->element[0]->str, sizeof(cursor));
-		keys = r->element[1];
-		if (keys->elements > 0 && keys->elements < (size_t) INT_MAX)
-		{
-			const char **del = palloc(sizeof(char *) * (keys->elements + 1));
-			redisReply *u;
-
-			del[0] = "UNLINK";
-			for (size_t i = 0; i < keys->elements; i++)
-				del[i + 1] = keys->element[i]->str;
-			u = redis_cmd((int) keys->elements + 1, del);
-			pfree(del);
-			if (u == NULL)
-			{
-				freeReplyObject(r);
-				return false;
-			}
-			freeReplyObject(u);
-		}
-		freeReplyObject(r);
-		CHECK_FOR_INTERRUPTS();
-	} while (strcmp(cursor, "0") != 0);
-	pfree(pattern.data);
-	return true;
-}
-
-/*
- * Before a full resync: does Redis hold the mirror of another ledger?  Then
- * delete it (see epoch).  A marker of the form of older versions (a number)
- * is taken as ours.  False if Redis failed.
- */
-static bool
-claim_mirror(void)
-{
-	char	   *key = marker_key();
-	const char *argv[] = {"GET", key};
-	redisReply *r;
-	char		theirs[64] = "";
-
-	begin_xact("billing sync: reading the ledger identity");
-	note_epoch();
-	end_xact();
-	r = redis_cmd(2, argv);
-	if (r == NULL)
-		return false;
-	if (r->type == REDIS_REPLY_STRING)
-		strlcpy(theirs, r->str, sizeof(theirs));
-	freeReplyObject(r);
-	if (theirs[0] == '\0' || strcmp(theirs, epoch) == 0 ||
-		strspn(theirs, "0123456789") == strlen(theirs))
-		return true;
-	ereport(LOG,
-			(errmsg("billing sync: Redis holds the mirror of another ledger (marker %s, ours %s): deleting its hashes before the full resync",
-					theirs, epoch),
-			 errdetail("The extension was created again, or the database restored: account versions started over.")));
-	return wipe_mirror();
-}
-
-/*
- * The pipeline of a push is written in Redis' protocol (RESP) into a buffer
- * handed to hiredis with redisAppendFormattedCommand about a megabyte at a
- * time: per argument a length prefix and the bytes, without hiredis'
- * printf-style formatting of every argument, which was a sixth of the
- * worker's time under load.
- */
-static void
-resp_head(StringInfo buf, char kind, size_t n)
-{
-	char		digits[MAXINT8LEN + 1];
-
-	appendStringInfoChar(buf, kind);
-	appendBinaryStringInfo(buf, digits, pg_ulltoa_n((uint64) n, digits));
-	appendBinaryStringInfo(buf, "\r\n", 2);
-}
-
-static void
-resp_arg(StringInfo buf, const char *s)
-{
-	size_t		len = strlen(s);
-
-	resp_head(buf, '$', len);
-	appendBinaryStringInfo(buf, s, len);
-	appendBinaryStringInfo(buf, "\r\n", 2);
-}
-
-/* bytes of RESP per hand-over (-DPUSH_CHUNK=64 tests the hand-over) */
-#ifndef PUSH_CHUNK
-#define PUSH_CHUNK (1024 * 1024)
-#endif
-
-/* queue the commands written into buf (then empty it); false: dropped */
-static bool
-pipe_append_resp(StringInfo buf)
-{
-	char		err[160];
-
-	if (buf->len == 0 ||
-		redisAppendFormattedCommand(redis, buf->data, buf->len) == REDIS_OK)
-	{
-		resetStringInfo(buf);
-		return true;
-	}
-	strlcpy(err, redis->errstr, sizeof(err));	/* redis_drop frees it */
-	redis_drop(err);
-	return false;
-}
-
-/* the Redis key of a snapshot: billing:{tenant} or billing:{tenant}:key:<id> */
-static char *
-snapshot_key(SyncSnap *s)
-{
-	if (s->key_id)
-		return psprintf("%s:{%s}:key:%s", billing_redis_prefix, s->tenant, s->key_id);
-	return psprintf("%s:{%s}", billing_redis_prefix, s->tenant);
-}
-
-/* the same key, or billing:{tenant}<suffix>, as a RESP argument */
-static void
-resp_key(StringInfo buf, SyncSnap *s, const char *suffix)
-{
-	size_t		plen = strlen(billing_redis_prefix);
-	size_t		tlen = strlen(s->tenant);
-
-	if (s->key_id)
-		suffix = ":key:";
-	resp_head(buf, '$', plen + 2 + tlen + 1 + strlen(suffix) +
-			  (s->key_id ? strlen(s->key_id) : 0));
-	appendBinaryStringInfo(buf, billing_redis_prefix, plen);
-	appendBinaryStringInfo(buf, ":{", 2);
-	appendBinaryStringInfo(buf, s->tenant, tlen);
-	appendStringInfoChar(buf, '}');
-	appendStringInfoString(buf, suffix);
-	if (s->key_id)
-		appendStringInfoString(buf, s->key_id);
-	appendBinaryStringInfo(buf, "\r\n", 2);
-}
-
-/*
- * Push snapshots, pipelined.  Returns false (connection dropped) on a
- * transport error or an error reply about the server; the caller puts the
- * tenants back.  An error about one tenant's keys sets that tenant aside
- * (retry_later) and the others go on.
- */
-static bool
-push(SyncSnap *snaps, int n, bool force)
-{
-	static const char *const pending[] = {":pending", ":pending_amt", ":pending_ver", ":pending_key"};
-	int			nfailed = 0;
-	bool	   *failed = palloc0(sizeof(bool) * Max(n, 1));
-	TimestampTz now;
-	char		version[MAXINT8LEN + 1];
-	StringInfoData buf;
-	int			sent = n;
-
-	initStringInfo(&buf);
-	for (int i = 0; i < n; i++)
-	{
-		SyncSnap   *s = &snaps[i];
-		int			nkeys = s->key_id ? 1 : 5;
-
-		/* hand over about a megabyte at a time, whatever the batch size */
-		if (buf.len >= PUSH_CHUNK && !pipe_append_resp(&buf))
-			return false;
-
-		resp_head(&buf, '*', 3 + nkeys + 2 + s->nfields);
-		resp_arg(&buf, "EVALSHA");
-		resp_arg(&buf, apply_sha);
-		resp_arg(&buf, s->key_id ? "1" : "5");
-		resp_key(&buf, s, "");
-		for (int k = 0; k < nkeys - 1; k++)
-			resp_key(&buf, s, pending[k]);
-		(void) pg_lltoa(s->version, version);
-		resp_arg(&buf, version);
-		resp_arg(&buf, force ? "1" : "0");
-		for (int f = 0; f < s->nfields; f++)
-			resp_arg(&buf, s->fields[f]);
-	}
-	if (!pipe_append_resp(&buf))
-		return false;
-	pfree(buf.data);
-
-	for (int i = 0; i < sent; i++)
-	{
-		redisReply *r = pipe_read();
-
-		if (r == NULL)
-			return false;
-		if (r->type == REDIS_REPLY_ERROR && r->str && tenant_error(r->str))
-		{
-			char		err[160];
-
-			strlcpy(err, r->str, sizeof(err));	/* then free, then report */
-			freeReplyObject(r);
-			retry_later(snaps[i].tenant, err);
-			failed[i] = true;
-			nfailed++;
-			continue;
-		}
-		if (r->type == REDIS_REPLY_ERROR)
-		{
-			/* read the rest of the pipeline first, then start over */
-			char		err[160];
-
-			snprintf(err, sizeof(err), "apply failed: %s", r->str);
-			freeReplyObject(r);
-			for (int j = i + 1; j < sent; j++)
-			{
-				if (redisGetReply(redis, (void **) &r) != REDIS_OK || r == NULL)
-					break;
-				freeReplyObject(r);
-			}
-			redis_drop(err);
-			return false;
-		}
-		freeReplyObject(r);
-	}
-
-	/* statistics: commit -> Redis lag of every tenant we knew the commit of */
-	now = GetCurrentTimestamp();
-	LWLockAcquire(billing_sync->lock, LW_EXCLUSIVE);
-	for (int i = 0; i < n; i++)
-	{
-		if (snaps[i].key_id || snaps[i].first_commit == 0 || failed[i])
-			continue;
-		billing_sync->lag_us[billing_sync->lag_next] = now - snaps[i].first_commit;
-		billing_sync->lag_next = (billing_sync->lag_next + 1) % SYNC_LAG_RING;
-		if (billing_sync->lag_count < SYNC_LAG_RING)
-			billing_sync->lag_count++;
-	}
-	billing_sync->pushed += n - nfailed;
-	billing_sync->last_push_at = now;
-	LWLockRelease(billing_sync->lock);
-	return true;
 }
 
 /* ---------------------------------------------------------------------
@@ -807,50 +285,180 @@ end_xact(void)
 	pgstat_report_activity(STATE_IDLE, NULL);
 }
 
+/* (in a transaction) the ledger we read: a new one needs a full resync */
+static void
+note_epoch(void)
+{
+	char		now[64];
+
+	snprintf(now, sizeof(now), UINT64_FORMAT ":%u:%u", GetSystemIdentifier(),
+			 MyDatabaseId, get_extension_oid("billing", true));
+	mirror_note_epoch(now);
+}
+
+/* the catalog, not SQL: nothing a database owner defines can run here */
 static bool
 extension_installed(void)
 {
 	bool		found;
 
 	begin_xact("billing sync: checking for the extension");
-	if (SPI_execute("SELECT 1 FROM pg_catalog.pg_extension WHERE extname = 'billing'",
-					true, 1) != SPI_OK_SELECT)
-		elog(ERROR, "billing sync: extension check failed");
-	found = SPI_processed > 0;
+	found = OidIsValid(get_extension_oid("billing", true));
 	end_xact();
 	return found;
 }
 
+#if PG_VERSION_NUM >= 160000
+#define namespace_aclcheck(oid, role, mode) object_aclcheck(NamespaceRelationId, oid, role, mode)
+#define proc_aclcheck(oid, role, mode) object_aclcheck(ProcedureRelationId, oid, role, mode)
+#define database_aclcheck(oid, role, mode) object_aclcheck(DatabaseRelationId, oid, role, mode)
+#else
+#define namespace_aclcheck(oid, role, mode) pg_namespace_aclcheck(oid, role, mode)
+#define proc_aclcheck(oid, role, mode) pg_proc_aclcheck(oid, role, mode)
+#define database_aclcheck(oid, role, mode) pg_database_aclcheck(oid, role, mode)
+#endif
+
 /*
- * Read snapshots (tenant hashes and key hashes) of the given tenants, or of
- * the tenants after `after` in tenant order when tenants is NULL (resync
- * in batches).  Everything is copied into cycle_cxt before commit.
+ * The rights a worker role needs (billing_grant_worker() grants them):
+ * NULL when it has them, else what is missing.  The bootstrap superuser
+ * has them all.
+ */
+static char *
+missing_rights(void)
+{
+	static const char *const tables[] = {"accounts", "api_keys", "holds"};
+	static const struct
+	{
+		const char *name;
+		int			nargs;
+		Oid			args[3];
+	}			functions[] =
+	{
+		{"sync_snapshot", 3, {TEXTARRAYOID, TEXTOID, INT4OID}},
+		{"sync_snapshot_of", 1, {TEXTARRAYOID}},
+		{"maintenance", 0, {InvalidOid}},
+	};
+	Oid			role = GetUserId();
+	Oid			nsp;
+	char	   *missing = NULL;
+
+	begin_xact("billing sync: checking its rights");
+	if (superuser())
+	{
+		end_xact();
+		return NULL;
+	}
+	nsp = get_namespace_oid("billing", true);
+	if (!OidIsValid(nsp) || namespace_aclcheck(nsp, role, ACL_USAGE) != ACLCHECK_OK)
+		missing = "USAGE on schema billing";
+	for (int i = 0; missing == NULL && i < lengthof(tables); i++)
+	{
+		Oid			rel = get_relname_relid(tables[i], nsp);
+
+		if (!OidIsValid(rel) || pg_class_aclcheck(rel, role, ACL_SELECT) != ACLCHECK_OK)
+			missing = psprintf("SELECT on billing.%s", tables[i]);
+	}
+	for (int i = 0; missing == NULL && i < lengthof(functions); i++)
+	{
+		Oid			fn = LookupFuncName(list_make2(makeString("billing"),
+												   makeString(unconstify(char *, functions[i].name))),
+										functions[i].nargs, functions[i].args, true);
+
+		if (!OidIsValid(fn) || proc_aclcheck(fn, role, ACL_EXECUTE) != ACLCHECK_OK)
+			missing = psprintf("EXECUTE on billing.%s()", functions[i].name);
+	}
+	if (missing != NULL)
+		missing = MemoryContextStrdup(cycle_cxt, missing);
+	end_xact();
+	return missing;
+}
+
+/*
+ * Pin every setting that a database owner (ALTER DATABASE ... SET), or
+ * whoever may set the worker role's settings, could have set and that
+ * changes what the worker's SQL does or whom it runs as.  Override level:
+ * neither the configuration file nor a later reload changes them; the SET
+ * clause of a function still applies inside it.  Planner settings
+ * (enable_*, costs, work_mem, parallelism) change plans, never results,
+ * and synchronous_commit only the durability of the maintenance's commits
+ * (which the next round redoes): those are left to the DBA.
+ */
+static void
+pin_environment(void)
+{
+	static const char *const pins[][2] = {
+		{"role", "none"},
+		{"search_path", "pg_catalog, pg_temp"},
+		{"default_transaction_read_only", "off"},
+		{"default_transaction_isolation", "read committed"},
+		{"default_transaction_deferrable", "off"},
+		{"statement_timeout", "0"},
+		{"lock_timeout", "0"},
+		{"idle_in_transaction_session_timeout", "0"},
+		{"idle_session_timeout", "0"},
+#if PG_VERSION_NUM >= 170000
+		{"transaction_timeout", "0"},
+#endif
+		{"row_security", "off"},	/* an error, never a silently filtered mirror */
+		{"session_replication_role", "origin"}, /* triggers fire */
+		{"exit_on_error", "off"},
+#if PG_VERSION_NUM >= 160000
+		{"debug_parallel_query", "off"},
+#else
+		{"force_parallel_mode", "off"},
+#endif
+		{"check_function_bodies", "on"},
+		{"DateStyle", "ISO, MDY"},
+		{"IntervalStyle", "postgres"},
+		{"TimeZone", "UTC"},
+		{"extra_float_digits", "1"},
+		{"bytea_output", "hex"},
+		{"standard_conforming_strings", "on"},
+		{"array_nulls", "on"},
+		{"transform_null_equals", "off"},
+		{"quote_all_identifiers", "off"},
+		{"lc_monetary", "C"},
+		{"lc_numeric", "C"},
+		{"lc_time", "C"},
+		{"plpgsql.extra_errors", "none"},
+		{"plpgsql.extra_warnings", "none"},
+		{"plpgsql.variable_conflict", "error"},
+		{"plpgsql.check_asserts", "on"},
+	};
+	char	   *authenticated;
+
+	StartTransactionCommand();
+	/* plpgsql's settings exist once it is loaded */
+	load_file("plpgsql", false);
+	authenticated = GetUserNameFromId(GetAuthenticatedUserId(), false);
+	SetConfigOption("session_authorization", authenticated, PGC_SUSET, PGC_S_OVERRIDE);
+	for (int i = 0; i < lengthof(pins); i++)
+		SetConfigOption(pins[i][0], pins[i][1], PGC_SUSET, PGC_S_OVERRIDE);
+	CommitTransactionCommand();
+
+	if (GetUserId() != GetAuthenticatedUserId() ||
+		GetSessionUserId() != GetAuthenticatedUserId())
+		ereport(FATAL,
+				(errmsg("billing sync: the worker does not run as the role it connected as")));
+}
+
+/*
+ * Read snapshots of the tenants after `after` in tenant order (a page of a
+ * resync or of the check).  Everything is copied into cycle_cxt before
+ * commit.  *last: the last tenant of the page, NULL at the end.
  */
 static int
-read_snapshots(char **tenants, TimestampTz *commits, int ntenants,
-			   const char *after, int limit, SyncSnap **out, char **last)
+read_page(const char *after, int limit, SyncSnap **out, char **last)
 {
 	static SPIPlanPtr plan = NULL;
 	Oid			types[3] = {TEXTARRAYOID, TEXTOID, INT4OID};
 	Datum		values[3];
-	char		nulls[3] = {' ', ' ', ' '};
+	char		nulls[3] = {'n', ' ', ' '};
 	SyncSnap   *snaps;
 	int			n;
 
 	begin_xact("billing sync: reading snapshots");
 	note_epoch();
-	if (tenants)
-	{
-		/* the dirty tenants of a push: built in C (snapshot.c) */
-		n = billing_snapshot_build(tenants, ntenants, cycle_cxt, &snaps);
-		for (int i = 0; i < n; i++)
-			snaps[i].first_commit = commits[snaps[i].input];
-		end_xact();
-		*out = snaps;
-		return n;
-	}
-
-	/* a page of all tenants, in tenant order (a resync) */
 	if (plan == NULL)
 	{
 		plan = SPI_prepare("SELECT tenant_id, key_id, version, fields "
@@ -859,13 +467,13 @@ read_snapshots(char **tenants, TimestampTz *commits, int ntenants,
 			elog(ERROR, "billing sync: preparing the snapshot query failed");
 	}
 	values[0] = (Datum) 0;
-	nulls[0] = 'n';
-	values[1] = CStringGetTextDatum(after ? after : "");
+	values[1] = CStringGetTextDatum(after);
 	values[2] = Int32GetDatum(limit);
 	if (SPI_execute_plan(plan, values, nulls, true, 0) != SPI_OK_SELECT)
 		elog(ERROR, "billing sync: reading snapshots failed");
 
 	n = SPI_processed;
+	*last = NULL;
 	snaps = MemoryContextAllocZero(cycle_cxt, sizeof(SyncSnap) * Max(n, 1));
 	for (int i = 0; i < n; i++)
 	{
@@ -889,13 +497,114 @@ read_snapshots(char **tenants, TimestampTz *commits, int ntenants,
 		snaps[i].fields = palloc(sizeof(char *) * Max(nelems, 1));
 		for (int f = 0; f < nelems; f++)
 			snaps[i].fields[f] = enulls[f] ? pstrdup("") : TextDatumGetCString(elems[f]);
-		if (last && !snaps[i].key_id)
+		if (!snaps[i].key_id)
 			*last = snaps[i].tenant;
 		MemoryContextSwitchTo(old);
 	}
 	end_xact();
 	*out = snaps;
 	return n;
+}
+
+/* the snapshots of the given tenants, in one transaction (snapshot.c) */
+static int
+read_tenants(char **tenants, TimestampTz *commits, int n, SyncSnap **out)
+{
+	int			nsnaps;
+
+	begin_xact("billing sync: reading snapshots");
+	note_epoch();
+	nsnaps = billing_snapshot_build(tenants, n, cycle_cxt, out);
+	if (commits != NULL)
+		for (int i = 0; i < nsnaps; i++)
+			(*out)[i].first_commit = commits[(*out)[i].input];
+	end_xact();
+	return nsnaps;
+}
+
+/* read_tenants, an error returned (copied) instead of raised */
+static bool
+try_read_tenants(char **tenants, TimestampTz *commits, int n, SyncSnap **out,
+				 int *nsnaps, ErrorData **error)
+{
+	MemoryContext cxt = CurrentMemoryContext;
+	volatile bool ok = true;
+
+	PG_TRY();
+	{
+		*nsnaps = read_tenants(tenants, commits, n, out);
+	}
+	PG_CATCH();
+	{
+		MemoryContextSwitchTo(cxt);
+		*error = CopyErrorData();
+		FlushErrorState();
+		AbortCurrentTransaction();
+		MemoryContextSwitchTo(cxt);
+		ok = false;
+	}
+	PG_END_TRY();
+	return ok;
+}
+
+/*
+ * The snapshots of a batch of dirty tenants.  When the batch fails, every
+ * tenant is read on its own: one whose snapshot cannot be built is set
+ * aside (retry_later) and the others go on.  If every one fails, the error
+ * concerns them all (the extension dropped, ...): it is raised.
+ */
+static int
+read_dirty(char **tenants, TimestampTz *commits, int n, SyncSnap **out)
+{
+	SyncSnap   *all;
+	int			nall = 0;
+	int			cap = 16;
+	ErrorData  *first = NULL;
+	int			nfailed = 0;
+
+	if (try_read_tenants(tenants, commits, n, out, &nall, &first))
+		return nall;
+	if (n == 1)
+	{
+		retry_later(tenants[0], first->message);
+		FreeErrorData(first);
+		return 0;
+	}
+
+	/* one by one */
+	all = MemoryContextAlloc(cycle_cxt, sizeof(SyncSnap) * cap);
+	nall = 0;
+	for (int i = 0; i < n; i++)
+	{
+		SyncSnap   *one = NULL;
+		int			none = 0;
+		ErrorData  *edata = NULL;
+
+		CHECK_FOR_INTERRUPTS();
+		if (!try_read_tenants(&tenants[i], &commits[i], 1, &one, &none, &edata))
+		{
+			nfailed++;
+			if (nfailed < n)
+				retry_later(tenants[i], edata->message);
+			FreeErrorData(edata);
+			continue;
+		}
+		for (int j = 0; j < none; j++)
+		{
+			if (nall == cap)
+			{
+				cap *= 2;
+				all = repalloc(all, sizeof(SyncSnap) * cap);
+			}
+			one[j].first_commit = commits[i];
+			all[nall++] = one[j];
+		}
+	}
+	if (nfailed == n)
+		ReThrowError(first);
+	FreeErrorData(first);
+	*out = all;
+	return nall;
 }
 
 /* Put tenants back into the dirty set (a failed push). */
@@ -930,125 +639,165 @@ drain(char ***tenants, TimestampTz **commits, int max)
 	return n;
 }
 
-/* Push every account, in batches; returns false if Redis failed meanwhile. */
+/* push; a tenant refused for its own keys is set aside */
 static bool
+push(SyncSnap *snaps, int n, bool force)
+{
+	char	  **errors = MemoryContextAllocZero(cycle_cxt, sizeof(char *) * Max(n, 1));
+
+	if (!mirror_push(snaps, n, force, errors))
+		return false;
+	for (int i = 0; i < n; i++)
+		if (errors[i] != NULL)
+			retry_later(snaps[i].tenant, errors[i]);
+	return true;
+}
+
+/* Push the dirty tenants; on failure they go back into the set. */
+static void
+push_dirty(void)
+{
+	for (;;)
+	{
+		char	  **tenants;
+		TimestampTz *commits;
+		SyncSnap   *snaps = NULL;
+		int			n;
+		int			nsnaps;
+
+		if (ConfigReloadPending)
+			(void) reload_config();
+		if (!mirror_connected())
+			return;
+		n = drain(&tenants, &commits, billing_sync_batch_size);
+		if (n == 0)
+			break;
+		PG_TRY();
+		{
+			nsnaps = read_dirty(tenants, commits, n, &snaps);
+		}
+		PG_CATCH();
+		{
+			requeue(tenants, commits, n);
+			PG_RE_THROW();
+		}
+		PG_END_TRY();
+		if (!push(snaps, nsnaps, false))
+		{
+			requeue(tenants, commits, n);
+			MemoryContextReset(cycle_cxt);
+			return;
+		}
+		LWLockAcquire(billing_sync->lock, LW_EXCLUSIVE);
+		billing_sync->inflight_oldest = 0;
+		LWLockRelease(billing_sync->lock);
+		MemoryContextReset(cycle_cxt);
+		CHECK_FOR_INTERRUPTS();
+	}
+}
+
+/* between the pages of a resync or a check: the mirror goes on */
+static void
+between_pages(void)
+{
+	CHECK_FOR_INTERRUPTS();
+	if (ConfigReloadPending)
+		(void) reload_config();
+	MemoryContextReset(cycle_cxt);
+	push_dirty();				/* resets cycle_cxt too */
+	maintenance_if_due();
+}
+
+static void
+resync_failed(void)
+{
+	LWLockAcquire(billing_sync->lock, LW_EXCLUSIVE);
+	billing_sync->overflow = true;	/* start over when Redis is back */
+	LWLockRelease(billing_sync->lock);
+	resync_started = false;
+	MemoryContextReset(cycle_cxt);
+}
+
+/*
+ * Push every account, a page at a time, the dirty tenants between pages.
+ * A wipe of another ledger's mirror may take several cycles (busy).
+ */
+static void
 resync_all(void)
 {
 	char		after[SYNC_TENANT_LEN] = "";
 
-	/*
-	 * Marks lost from now on set overflow again; until this resync is done,
-	 * full_resync stays set, so an error half-way (a cancel, a database
-	 * error) starts it over instead of forgetting it.
-	 */
-	full_resync = true;
-	LWLockAcquire(billing_sync->lock, LW_EXCLUSIVE);
-	billing_sync->overflow = false;
-	LWLockRelease(billing_sync->lock);
-
-	if (!claim_mirror())
+	if (!resync_started)
 	{
+		/*
+		 * Marks lost from now on set overflow again; until this resync is
+		 * done, the mirror's resync stays pending, so an error half-way (a
+		 * cancel, a database error) starts it over instead of forgetting it.
+		 */
+		mirror_request_resync();
 		LWLockAcquire(billing_sync->lock, LW_EXCLUSIVE);
-		billing_sync->overflow = true;	/* start over when Redis is back */
+		billing_sync->overflow = false;
 		LWLockRelease(billing_sync->lock);
-		return false;
+		begin_xact("billing sync: reading the ledger identity");
+		note_epoch();
+		end_xact();
+		resync_started = true;
+		resync_claimed = false;
 	}
-	/* set the marker first: a FLUSHALL during the resync removes it again */
-	set_marker();
+	if (!resync_claimed)
+	{
+		switch (mirror_claim())
+		{
+			case CLAIM_FAILED:
+				resync_failed();
+				return;
+			case CLAIM_MORE:
+				busy = true;	/* the main loop comes back at once */
+				return;
+			case CLAIM_DONE:
+				break;
+		}
+		resync_claimed = true;
+		/* set the marker first: a FLUSHALL during the resync removes it again */
+		if (!mirror_set_marker())
+		{
+			resync_failed();
+			return;
+		}
+	}
 	for (;;)
 	{
 		SyncSnap   *snaps;
 		char	   *last = NULL;
 		int			n;
 
-		CHECK_FOR_INTERRUPTS();
-		n = read_snapshots(NULL, NULL, 0, after, billing_sync_batch_size, &snaps, &last);
+		n = read_page(after, billing_sync_batch_size, &snaps, &last);
 		if (n == 0)
 			break;
-		if (redis == NULL || !push(snaps, n, false))
+		if (!push(snaps, n, false))
 		{
-			LWLockAcquire(billing_sync->lock, LW_EXCLUSIVE);
-			billing_sync->overflow = true;	/* start over when Redis is back */
-			LWLockRelease(billing_sync->lock);
-			MemoryContextReset(cycle_cxt);
-			return false;
+			resync_failed();
+			return;
 		}
 		if (last == NULL)
 			break;
 		strlcpy(after, last, sizeof(after));
-		MemoryContextReset(cycle_cxt);
+		between_pages();
+		if (!mirror_connected())
+		{
+			resync_failed();
+			return;
+		}
 	}
 	MemoryContextReset(cycle_cxt);
 	LWLockAcquire(billing_sync->lock, LW_EXCLUSIVE);
 	billing_sync->last_full_resync_at = GetCurrentTimestamp();
 	billing_sync->full_resyncs++;
 	LWLockRelease(billing_sync->lock);
-	full_resync = false;
+	resync_started = false;
+	mirror_resync_done();
 	ereport(DEBUG1, (errmsg("billing sync: full resync done")));
-	return true;
 }
-
-/* Is this HGETALL reply exactly the snapshot (every field but the push time)? */
-static bool
-reply_matches(redisReply *r, SyncSnap *snap)
-{
-	if (r->type != REDIS_REPLY_ARRAY || (size_t) snap->nfields + 2 != r->elements)
-		return false;
-	for (size_t e = 0; e + 1 < r->elements; e += 2)
-	{
-		const char *field = r->element[e]->str;
-		const char *value = r->element[e + 1]->str;
-		bool		found = false;
-
-		if (field == NULL || value == NULL)
-			return false;
-		if (strcmp(field, "synced_at_ms") == 0)
-			continue;
-		if (strcmp(field, "version") == 0)
-		{
-			if (strtoll(value, NULL, 10) != snap->version)
-				return false;
-			continue;
-		}
-		for (int f = 0; f + 1 < snap->nfields; f += 2)
-			if (strcmp(snap->fields[f], field) == 0)
-			{
-				found = strcmp(snap->fields[f + 1], value) == 0;
-				break;
-			}
-		if (!found)
-			return false;
-	}
-	return true;
-}
-
-/*
- * Which of these snapshots does Redis hold exactly?  One pipelined HGETALL
- * each; same[i] is the answer.  False if Redis failed (connection dropped).
- */
-static bool
-redis_match_all(SyncSnap *snaps, int n, bool *same)
-{
-	for (int i = 0; i < n; i++)
-	{
-		const char *argv[] = {"HGETALL", snapshot_key(&snaps[i])};
-
-		if (!pipe_append(2, argv))
-			return false;
-	}
-	for (int i = 0; i < n; i++)
-	{
-		redisReply *r = pipe_read();
-
-		if (r == NULL)
-			return false;
-		same[i] = reply_matches(r, &snaps[i]);
-		freeReplyObject(r);
-	}
-	return true;
-}
-
-static void push_dirty(void);
 
 /*
  * The periodic consistency check: compare what Redis holds with the
@@ -1056,13 +805,12 @@ static void push_dirty(void);
  * state where they differ: repairs hashes edited by hand or left newer than
  * the database (e.g. after a restore).  A hash that differs only because a
  * commit landed between our read and the comparison is not drift: suspects
- * are read again from the database and compared once more before anything
- * is forced, so a newer pushed state is never overwritten with an older one.
- * Comparisons are pipelined a page at a time, and the dirty tenants are
- * pushed between pages: a check of a million accounts does not hold up
- * the mirror for its duration.
+ * are read again from the database and compared once more; an older
+ * version in Redis is pushed as usual, never counted as a repair; a hash
+ * that differs only in the counters of a day or month that ended since it
+ * was pushed is not drift either (the gateways count them as 0).
  */
-static bool
+static void
 check_all(void)
 {
 	char		after[SYNC_TENANT_LEN] = "";
@@ -1075,48 +823,55 @@ check_all(void)
 		char	  **suspects;
 		int			nsuspects = 0;
 		int			n;
-		bool	   *same;
+		MirrorMatch *verdict;
 
-		CHECK_FOR_INTERRUPTS();
-		n = read_snapshots(NULL, NULL, 0, after, billing_sync_batch_size, &snaps, &last);
+		n = read_page(after, billing_sync_batch_size, &snaps, &last);
 		if (n == 0)
 			break;
 		suspects = MemoryContextAlloc(cycle_cxt, sizeof(char *) * n);
-		same = MemoryContextAlloc(cycle_cxt, sizeof(bool) * n);
-		if (!redis_match_all(snaps, n, same))
-			return false;
+		verdict = MemoryContextAlloc(cycle_cxt, sizeof(MirrorMatch) * n);
+		if (!mirror_match(snaps, n, verdict))
+			return;
 		for (int i = 0; i < n; i++)
-			if (!same[i] && (nsuspects == 0 || strcmp(suspects[nsuspects - 1], snaps[i].tenant) != 0))
+			if (verdict[i] != MATCH_SAME &&
+				(nsuspects == 0 || strcmp(suspects[nsuspects - 1], snaps[i].tenant) != 0))
 				suspects[nsuspects++] = snaps[i].tenant;
 		if (nsuspects > 0)
 		{
 			SyncSnap   *fresh;
-			SyncSnap   *bad;
-			TimestampTz *none = MemoryContextAllocZero(cycle_cxt, sizeof(TimestampTz) * nsuspects);
-			int			nfresh = read_snapshots(suspects, none, nsuspects, NULL, 0, &fresh, NULL);
-			int			nbad = 0;
+			SyncSnap   *drifted;
+			SyncSnap   *behind;
+			int			ndrifted = 0;
+			int			nbehind = 0;
+			int			nfresh = read_tenants(suspects, NULL, nsuspects, &fresh);
 
-			bad = MemoryContextAlloc(cycle_cxt, sizeof(SyncSnap) * Max(nfresh, 1));
-			same = MemoryContextAlloc(cycle_cxt, sizeof(bool) * Max(nfresh, 1));
-			if (!redis_match_all(fresh, nfresh, same))
-				return false;
+			drifted = MemoryContextAlloc(cycle_cxt, sizeof(SyncSnap) * Max(nfresh, 1));
+			behind = MemoryContextAlloc(cycle_cxt, sizeof(SyncSnap) * Max(nfresh, 1));
+			verdict = MemoryContextAlloc(cycle_cxt, sizeof(MirrorMatch) * Max(nfresh, 1));
+			if (!mirror_match(fresh, nfresh, verdict))
+				return;
 			for (int i = 0; i < nfresh; i++)
-				if (!same[i])
-					bad[nbad++] = fresh[i];
-			if (nbad > 0)
 			{
-				if (!push(bad, nbad, true))
-					return false;
-				repaired += nbad;
+				if (verdict[i] == MATCH_DRIFT)
+					drifted[ndrifted++] = fresh[i];
+				else if (verdict[i] == MATCH_BEHIND)
+					behind[nbehind++] = fresh[i];
 			}
+			if (ndrifted > 0)
+			{
+				if (!push(drifted, ndrifted, true))
+					return;
+				repaired += ndrifted;
+			}
+			if (nbehind > 0 && !push(behind, nbehind, false))
+				return;
 		}
 		if (last == NULL)
 			break;
 		strlcpy(after, last, sizeof(after));
-		MemoryContextReset(cycle_cxt);
-		push_dirty();			/* resets cycle_cxt too */
-		if (redis == NULL)
-			return false;
+		between_pages();
+		if (!mirror_connected())
+			return;
 	}
 	MemoryContextReset(cycle_cxt);
 	if (repaired > 0)
@@ -1125,46 +880,6 @@ check_all(void)
 	billing_sync->repaired += repaired;
 	billing_sync->last_check_at = GetCurrentTimestamp();
 	LWLockRelease(billing_sync->lock);
-	return true;
-}
-
-/* Push the dirty tenants; on failure they go back into the set. */
-static void
-push_dirty(void)
-{
-	for (;;)
-	{
-		char	  **tenants;
-		TimestampTz *commits;
-		SyncSnap   *snaps;
-		int			n;
-		int			nsnaps;
-
-		n = drain(&tenants, &commits, billing_sync_batch_size);
-		if (n == 0)
-			break;
-		PG_TRY();
-		{
-			nsnaps = read_snapshots(tenants, commits, n, NULL, 0, &snaps, NULL);
-		}
-		PG_CATCH();
-		{
-			requeue(tenants, commits, n);
-			PG_RE_THROW();
-		}
-		PG_END_TRY();
-		if (redis == NULL || !push(snaps, nsnaps, false))
-		{
-			requeue(tenants, commits, n);
-			MemoryContextReset(cycle_cxt);
-			return;
-		}
-		LWLockAcquire(billing_sync->lock, LW_EXCLUSIVE);
-		billing_sync->inflight_oldest = 0;
-		LWLockRelease(billing_sync->lock);
-		MemoryContextReset(cycle_cxt);
-		CHECK_FOR_INTERRUPTS();
-	}
 }
 
 /*
@@ -1211,21 +926,24 @@ maintenance(void)
 	PG_END_TRY();
 }
 
-/* the settings that decide where we push: a change means reconnect + resync */
-static char *
-redis_settings(void)
+static void
+maintenance_if_due(void)
 {
-	return psprintf("%s|%d|%s|%d|%s", billing_redis_host, billing_redis_port,
-					billing_redis_password, billing_redis_db, billing_redis_prefix);
+	TimestampTz now = GetCurrentTimestamp();
+
+	if (TimestampDifferenceExceeds(last_maintenance, now, billing_maintenance_interval))
+	{
+		last_maintenance = now;
+		maintenance();
+	}
 }
 
 /* on exit: billing_sync_status() must not show a dead worker as connected */
 static void
 worker_exit(int code, Datum arg)
 {
-	if (redis != NULL)
-		redisFree(redis);
-	redis = NULL;
+	redis_free_all();
+	redis_close(NULL);
 	if (billing_sync == NULL)
 		return;
 	LWLockAcquire(billing_sync->lock, LW_EXCLUSIVE);
@@ -1239,6 +957,163 @@ worker_exit(int code, Datum arg)
 }
 
 /* ---------------------------------------------------------------------
+ * waiting for billing.database
+ * ---------------------------------------------------------------------
+ */
+
+/*
+ * The probe: a short-lived worker connected to no database (shared
+ * catalogs only) that says whether the main worker can connect to
+ * billing.database as billing.worker_role, and if not why.  bgw_extra
+ * holds the two names.
+ */
+void
+billing_probe_main(Datum arg)
+{
+	const char *dbname = MyBgworkerEntry->bgw_extra;
+	const char *rolename = MyBgworkerEntry->bgw_extra + NAMEDATALEN;
+	char		problem[SYNC_ERROR_LEN] = "";
+	Oid			db;
+
+	pqsignal(SIGTERM, die);
+	BackgroundWorkerUnblockSignals();
+	BackgroundWorkerInitializeConnection(NULL, NULL, 0);
+	pgstat_report_appname("billing sync probe");
+
+	StartTransactionCommand();
+	db = get_database_oid(dbname, true);
+	if (!OidIsValid(db))
+		snprintf(problem, sizeof(problem),
+				 "database \"%s\" (billing.database) does not exist", dbname);
+	else
+	{
+		HeapTuple	tup = SearchSysCache1(DATABASEOID, ObjectIdGetDatum(db));
+
+		if (HeapTupleIsValid(tup))
+		{
+			if (!((Form_pg_database) GETSTRUCT(tup))->datallowconn)
+				snprintf(problem, sizeof(problem),
+						 "database \"%s\" (billing.database) does not allow connections", dbname);
+			ReleaseSysCache(tup);
+		}
+	}
+	if (problem[0] == '\0' && rolename[0] != '\0')
+	{
+		Oid			role = get_role_oid(rolename, true);
+		HeapTuple	tup;
+
+		if (!OidIsValid(role))
+			snprintf(problem, sizeof(problem),
+					 "role \"%s\" (billing.worker_role) does not exist", rolename);
+		else if ((tup = SearchSysCache1(AUTHOID, ObjectIdGetDatum(role))) != NULL)
+		{
+#ifndef BGWORKER_BYPASS_ROLELOGINCHECK
+			if (!((Form_pg_authid) GETSTRUCT(tup))->rolcanlogin)
+				snprintf(problem, sizeof(problem),
+						 "role \"%s\" (billing.worker_role) is not allowed to log in (LOGIN)", rolename);
+			else
+#endif
+			if (!superuser_arg(role) &&
+				database_aclcheck(db, role, ACL_CONNECT) != ACLCHECK_OK)
+				snprintf(problem, sizeof(problem),
+						 "role \"%s\" (billing.worker_role) has no CONNECT right on database \"%s\"",
+						 rolename, dbname);
+			ReleaseSysCache(tup);
+		}
+	}
+	CommitTransactionCommand();
+
+	LWLockAcquire(billing_sync->lock, LW_EXCLUSIVE);
+	strlcpy(billing_sync->probe_problem, problem, sizeof(billing_sync->probe_problem));
+	LWLockRelease(billing_sync->lock);
+	proc_exit(0);
+}
+
+/*
+ * Ask a probe; false with *problem set if the worker cannot connect now.
+ * True also when no probe could be started (no free worker slot): then
+ * connecting is the test.
+ */
+static bool
+probe_database(char *problem, size_t len)
+{
+	BackgroundWorker w;
+	BackgroundWorkerHandle *handle;
+
+	memset(&w, 0, sizeof(w));
+	w.bgw_flags = BGWORKER_SHMEM_ACCESS | BGWORKER_BACKEND_DATABASE_CONNECTION;
+	w.bgw_start_time = BgWorkerStart_RecoveryFinished;
+	w.bgw_restart_time = BGW_NEVER_RESTART;
+	strlcpy(w.bgw_library_name, "billing", BGW_MAXLEN);
+	strlcpy(w.bgw_function_name, "billing_probe_main", BGW_MAXLEN);
+	strlcpy(w.bgw_name, "billing sync probe", BGW_MAXLEN);
+	strlcpy(w.bgw_type, "billing sync probe", BGW_MAXLEN);
+	strlcpy(w.bgw_extra, billing_database, NAMEDATALEN);
+	strlcpy(w.bgw_extra + NAMEDATALEN, billing_worker_role, NAMEDATALEN);
+	w.bgw_notify_pid = MyProcPid;
+
+	LWLockAcquire(billing_sync->lock, LW_EXCLUSIVE);
+	strlcpy(billing_sync->probe_problem, "the probe did not answer",
+			sizeof(billing_sync->probe_problem));
+	LWLockRelease(billing_sync->lock);
+	if (!RegisterDynamicBackgroundWorker(&w, &handle))
+		return true;
+	if (WaitForBackgroundWorkerShutdown(handle) != BGWH_STOPPED)
+		return true;
+	pfree(handle);
+	LWLockAcquire(billing_sync->lock, LW_SHARED);
+	strlcpy(problem, billing_sync->probe_problem, len);
+	LWLockRelease(billing_sync->lock);
+	return problem[0] == '\0';
+}
+
+/*
+ * Wait until billing.database can be connected to: say why not once,
+ * clearly, and look again every PROBE_INTERVAL_MS and at every reload.
+ */
+static void
+wait_for_database(void)
+{
+	char		logged[SYNC_ERROR_LEN] = "";
+
+	for (;;)
+	{
+		char		problem[SYNC_ERROR_LEN];
+
+		if (ConfigReloadPending)
+		{
+			ConfigReloadPending = false;
+			ProcessConfigFile(PGC_SIGHUP);
+		}
+		if (strlen(billing_database) >= NAMEDATALEN)
+			snprintf(problem, sizeof(problem),
+					 "billing.database is longer than %d bytes", NAMEDATALEN - 1);
+		else if (strlen(billing_worker_role) >= NAMEDATALEN)
+			snprintf(problem, sizeof(problem),
+					 "billing.worker_role is longer than %d bytes", NAMEDATALEN - 1);
+		else if (probe_database(problem, sizeof(problem)))
+		{
+			if (logged[0] != '\0')
+				ereport(LOG, (errmsg("billing sync: connecting to database \"%s\" now", billing_database)));
+			return;
+		}
+		if (strcmp(problem, logged) != 0)
+		{
+			ereport(LOG,
+					(errmsg("billing sync: %s; the worker waits", problem),
+					 errdetail("It looks again every %d s and at every reload.", PROBE_INTERVAL_MS / 1000),
+					 errhint("Create the database (and CREATE EXTENSION billing in it), or set billing.database (and billing.worker_role) and reload.")));
+			billing_sync_record_error("%s", problem);
+			strlcpy(logged, problem, sizeof(logged));
+		}
+		(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
+						 PROBE_INTERVAL_MS, PG_WAIT_EXTENSION);
+		ResetLatch(MyLatch);
+		CHECK_FOR_INTERRUPTS();
+	}
+}
+
+/* ---------------------------------------------------------------------
  * main loop
  * ---------------------------------------------------------------------
  */
@@ -1247,23 +1122,39 @@ billing_worker_main(Datum arg)
 {
 	volatile bool installed = false;
 	volatile TimestampTz last_install_check = 0;
+	uint32		flags = 0;
 
 	pqsignal(SIGHUP, SignalHandlerForConfigReload);
 	pqsignal(SIGTERM, die);
 	BackgroundWorkerUnblockSignals();
 
-	BackgroundWorkerInitializeConnection(billing_database, NULL, 0);
+	before_shmem_exit(worker_exit, (Datum) 0);
+	LWLockAcquire(billing_sync->lock, LW_EXCLUSIVE);
+	billing_sync->worker_pid = MyProcPid;
+	billing_sync->connected = false;
+	LWLockRelease(billing_sync->lock);
+
+	wait_for_database();
+	strlcpy(connected_database, billing_database, sizeof(connected_database));
+	strlcpy(connected_role, billing_worker_role, sizeof(connected_role));
+#ifdef BGWORKER_BYPASS_ROLELOGINCHECK
+	flags |= BGWORKER_BYPASS_ROLELOGINCHECK;
+#endif
+	BackgroundWorkerInitializeConnection(connected_database,
+										 connected_role[0] ? connected_role : NULL,
+										 flags);
+	pin_environment();
 	pgstat_report_appname("billing sync");
 
 	cycle_cxt = AllocSetContextCreate(TopMemoryContext, "billing sync cycle",
 									  ALLOCSET_DEFAULT_SIZES);
+	redis_set_wait_hook(wait_hook);
 
-	before_shmem_exit(worker_exit, (Datum) 0);
 	LWLockAcquire(billing_sync->lock, LW_EXCLUSIVE);
-	billing_sync->worker_pid = MyProcPid;
 	billing_sync->worker_latch = MyLatch;
 	billing_sync->database = MyDatabaseId;	/* from now on, mark only ours */
 	billing_sync->overflow = true;	/* whatever happened before us: resync */
+	billing_sync->last_error[0] = '\0';
 	LWLockRelease(billing_sync->lock);
 
 	if (billing_redis_host == NULL || billing_redis_host[0] == '\0')
@@ -1280,22 +1171,8 @@ billing_worker_main(Datum arg)
 		MemoryContextSwitchTo(cycle_cxt);
 		CHECK_FOR_INTERRUPTS();
 		if (ConfigReloadPending)
-		{
-			char	   *before = redis_settings();
-			char	   *now_set;
-
-			ConfigReloadPending = false;
-			ProcessConfigFile(PGC_SIGHUP);
-			now_set = redis_settings();
-			if (strcmp(before, now_set) != 0)
-			{
-				redis_drop(NULL);	/* reconnect with the new settings */
-				next_connect_at = 0;
-				full_resync = true;
-			}
-			pfree(before);
-			pfree(now_set);
-		}
+			(void) reload_config();
+		busy = false;
 
 		now = GetCurrentTimestamp();
 		PG_TRY();
@@ -1303,59 +1180,78 @@ billing_worker_main(Datum arg)
 			if (!installed &&
 				TimestampDifferenceExceeds(last_install_check, now, 1000))
 			{
-				static bool logged = false;
+				static char logged[SYNC_ERROR_LEN] = "";
+				char	   *problem = NULL;
 
 				last_install_check = now;
-				installed = extension_installed();
-				if (!installed && !logged)
-					ereport(LOG,
-							(errmsg("billing sync: extension \"billing\" is not installed in database \"%s\"; the worker stays idle",
-									billing_database),
-							 errhint("CREATE EXTENSION billing in that database, or set billing.database.")));
-				logged = !installed;
+				if (!extension_installed())
+					problem = psprintf("extension \"billing\" is not installed in database \"%s\"",
+									   billing_database);
+				else
+					problem = missing_rights();
+				if (problem != NULL)
+				{
+					if (strcmp(problem, logged) != 0)
+					{
+						ereport(LOG,
+								(errmsg("billing sync: %s; the worker stays idle", problem),
+								 errhint("CREATE EXTENSION billing in that database, set billing.database, or grant the worker's role what it needs: SELECT billing_grant_worker('%s').",
+										 GetUserNameFromId(GetUserId(), false))));
+						billing_sync_record_error("%s", problem);
+						strlcpy(logged, problem, sizeof(logged));
+					}
+				}
+				else
+					logged[0] = '\0';
+				installed = problem == NULL;
 			}
 
 			if (installed)
 			{
-				if (billing_redis_host[0] != '\0' && redis_connect())
+				if (billing_redis_host[0] != '\0')
 				{
-					bool		overflow;
-
-					retry_due(now);
-					if (TimestampDifferenceExceeds(last_run_id_check, now, 1000))
-						(void) check_run_id();
-					if (redis)
-						check_marker();
-					LWLockAcquire(billing_sync->lock, LW_SHARED);
-					overflow = billing_sync->overflow;
-					LWLockRelease(billing_sync->lock);
-					if (redis && (full_resync || overflow))
-						resync_all();
-					if (redis)
-						push_dirty();
-					if (redis && billing_check_interval > 0 &&
-						TimestampDifferenceExceeds(last_check, now, billing_check_interval * 1000))
+					if (!mirror_connected() && now >= next_connect_at)
+						(void) mirror_connect();
+					if (mirror_connected())
 					{
-						last_check = now;
-						check_all();
+						bool		overflow;
+
+						retry_due(now);
+						if (TimestampDifferenceExceeds(last_run_id_check, now, 1000))
+						{
+							last_run_id_check = now;
+							(void) mirror_check_run_id();
+						}
+						if (mirror_connected())
+							(void) mirror_check_marker();
+						LWLockAcquire(billing_sync->lock, LW_SHARED);
+						overflow = billing_sync->overflow;
+						LWLockRelease(billing_sync->lock);
+						if (mirror_connected() && (mirror_resync_pending() || overflow || resync_started))
+							resync_all();
+						if (mirror_connected())
+							push_dirty();
+						if (mirror_connected() && !busy && billing_check_interval > 0 &&
+							TimestampDifferenceExceeds(last_check, now, billing_check_interval * 1000))
+						{
+							last_check = now;
+							check_all();
+						}
+						if (mirror_connected())
+							redis_healthy();
 					}
-					if (redis)
-						redis_healthy();
+					note_redis_failure();
 				}
 
 				/* after the pushes: a slow maintenance never delays them */
-				if (TimestampDifferenceExceeds(last_maintenance, now, billing_maintenance_interval))
-				{
-					last_maintenance = now;
-					maintenance();
-				}
-				if (redis == NULL && billing_redis_host[0] != '\0')
+				maintenance_if_due();
+				if (!mirror_connected() && billing_redis_host[0] != '\0')
 				{
 					long		secs;
 					int			usecs;
 
 					TimestampDifference(GetCurrentTimestamp(), next_connect_at, &secs, &usecs);
-					timeout = Max(secs * 1000 + usecs / 1000, 10);
+					timeout = Min(Max(secs * 1000 + usecs / 1000, 10), billing_maintenance_interval);
 				}
 			}
 			else
@@ -1370,11 +1266,13 @@ billing_worker_main(Datum arg)
 			edata = CopyErrorData();
 			FlushErrorState();
 			AbortCurrentTransaction();
+			redis_free_all();
 			billing_sync_record_error("database: %s", edata->message);
 			ereport(LOG, (errmsg("billing sync: %s", edata->message)));
 			FreeErrorData(edata);
 			installed = false;
 			last_install_check = 0;
+			resync_started = false;
 			MemoryContextReset(cycle_cxt);
 			timeout = 1000;
 		}
@@ -1382,6 +1280,8 @@ billing_worker_main(Datum arg)
 
 		MemoryContextSwitchTo(TopMemoryContext);
 		MemoryContextReset(cycle_cxt);
+		if (busy)
+			continue;
 		if (WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
 					  timeout, PG_WAIT_EXTENSION) & WL_LATCH_SET)
 		{

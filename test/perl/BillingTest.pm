@@ -904,4 +904,87 @@ sub DESTROY
 	$self->close;
 }
 
+package BillingTest::FakeRedis;
+
+use strict;
+use warnings FATAL => 'all';
+
+use Carp;
+use IO::Socket::INET;
+use IPC::Run;
+use PostgreSQL::Test::Cluster;
+use PostgreSQL::Test::Utils;
+
+=pod
+
+=head1 BillingTest::FakeRedis
+
+  my $f = BillingTest::FakeRedis->new('trickle');   # started
+  $f->port; $f->count('SCAN');                       # commands received
+  $f->stop;
+
+A hostile Redis (test/tools/fake_redis.pl, see its header for the modes) on
+127.0.0.1 and a free port: it lets the worker connect and then misbehaves.
+Its log of received commands is in the test's tmp_check.  Stopped at the
+end of the test.  A real redis-server (BillingTest::Redis) stays the
+reference for everything else.
+
+=cut
+
+my @fakes;
+
+sub new
+{
+	my ($class, $mode) = @_;
+	my $self = bless {
+		mode => $mode,
+		port => PostgreSQL::Test::Cluster::get_free_port(),
+		log  => PostgreSQL::Test::Utils::tempdir("fake_redis_$mode") . '/commands.log',
+	}, $class;
+	my $out = '';
+	$self->{h} = IPC::Run::start(
+		[ 'perl', "$BillingTest::REPO/test/tools/fake_redis.pl", '--port', $self->{port},
+		  '--mode', $mode, '--log', $self->{log} ],
+		'<', \undef, '>', \$out, '2>', \$out);
+	push @fakes, $self;
+	BillingTest::wait_until(60, sub {
+		my $s = IO::Socket::INET->new(PeerAddr => '127.0.0.1', PeerPort => $self->{port}, Timeout => 1);
+		return 0 unless $s;
+		close $s;
+		return 1;
+	}) or croak "fake_redis.pl ($mode) did not listen on $self->{port}: $out";
+	return $self;
+}
+
+sub port { $_[0]->{port} }
+
+# how many commands NAME (e.g. 'SCAN', 'INFO SERVER') it received
+sub count
+{
+	my ($self, $name) = @_;
+	return 0 unless -f $self->{log};
+	my $n = 0;
+	for my $line (split /\n/, PostgreSQL::Test::Utils::slurp_file($self->{log}))
+	{
+		$n++ if $line =~ /^\d+ \Q$name\E$/;
+	}
+	return $n;
+}
+
+sub stop
+{
+	my ($self) = @_;
+	return unless $self->{h};
+	eval { $self->{h}->signal('TERM'); $self->{h}->finish; };
+	delete $self->{h};
+}
+
+END
+{
+	my $rc = $?;
+	$_->stop for @fakes;
+	$? = $rc;
+}
+
+
 1;

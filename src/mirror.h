@@ -1,0 +1,60 @@
+/*-------------------------------------------------------------------------
+ *
+ * mirror.h
+ *	  The mirror's protocol with Redis (lua/README.md): snapshots applied
+ *	  with lua/apply_snapshot.lua, the marker key and the ledger identity
+ *	  (epoch) it holds, the wipe of another ledger's hashes, the comparison
+ *	  of the consistency check, Redis restarts (INFO run_id).
+ *
+ * Every function returns false when Redis failed (the connection is then
+ * closed and the failure recorded, see redis.h).
+ *
+ *-------------------------------------------------------------------------
+ */
+#ifndef BILLING_MIRROR_H
+#define BILLING_MIRROR_H
+
+#include "sync.h"
+
+/* connection: redis_open + SCRIPT LOAD of apply_snapshot.lua + run_id */
+extern bool mirror_connect(void);
+extern bool mirror_connected(void);
+
+/* does Redis need every account again (restart, FLUSHALL, new ledger)? */
+extern void mirror_request_resync(void);
+extern bool mirror_resync_pending(void);
+extern void mirror_resync_done(void);
+
+/* "<system id>:<database oid>:<extension oid>" of the ledger we read */
+extern void mirror_note_epoch(const char *epoch);
+
+extern bool mirror_check_run_id(void);
+extern bool mirror_check_marker(void);
+extern bool mirror_set_marker(void);
+
+/* before a full resync: delete another ledger's hashes, a step at a time */
+typedef enum MirrorClaim
+{
+	CLAIM_FAILED,				/* Redis failed */
+	CLAIM_MORE,					/* wiping: call again */
+	CLAIM_DONE					/* the mirror is ours */
+} MirrorClaim;
+extern MirrorClaim mirror_claim(void);
+
+/*
+ * Apply snapshots (pipelined EVALSHA).  errors[i] is set (palloc'd) for a
+ * snapshot refused for a reason of its tenant's own keys (WRONGTYPE,
+ * BADARGS): the others are applied.
+ */
+extern bool mirror_push(SyncSnap *snaps, int n, bool force, char **errors);
+
+/* what Redis holds for a snapshot (the consistency check) */
+typedef enum MirrorMatch
+{
+	MATCH_SAME,					/* equal, or equal but for a period that ended */
+	MATCH_BEHIND,				/* an older version or none: a push is due */
+	MATCH_DRIFT					/* differs at the same or a newer version */
+} MirrorMatch;
+extern bool mirror_match(SyncSnap *snaps, int n, MirrorMatch *verdict);
+
+#endif							/* BILLING_MIRROR_H */

@@ -1,0 +1,177 @@
+
+# A hostile Redis (test/tools/fake_redis.pl) against the worker: issue 12's
+# C1 (a SCAN reply with an integer key crashed the server), M5 (a 512 MiB
+# reply took the worker's memory to 1 GB), replies of wrong types, and
+# H2 (a trickling or silent Redis hung the worker: SIGTERM, reloads, a fast
+# shutdown, hold expiry all waited).  The worker must neither die by a
+# signal nor block: every surprise is "error -> disconnect -> back off ->
+# reconnect", and billing_sync_status() says what happened.
+
+use strict;
+use warnings FATAL => 'all';
+
+use PostgreSQL::Test::Utils;
+use Test::More;
+use Time::HiRes qw(time);
+use BillingTest;
+
+my $db = 'app';
+my $real = BillingTest::Redis->new('real');
+my $node = BillingTest::node('main', database => $db, redis => $real,
+	conf => join("\n",
+		"billing.redis_command_timeout = 1000",
+		"billing.redis_connect_timeout = 1000",
+		"billing.maintenance_interval = 200",
+		"billing.check_interval = 0"));
+
+sub status
+{
+	my ($col) = @_;
+	return BillingTest::query($node, $db, "SELECT $col FROM billing_sync_status()") // '';
+}
+sub worker_pid { status('worker_pid') }
+
+# point the worker at another Redis port (a reload)
+sub point_at
+{
+	my ($port) = @_;
+	$node->safe_psql($db, "ALTER SYSTEM SET billing.redis_port = $port; SELECT pg_reload_conf()");
+}
+
+# the worker's peak memory (VmHWM, kB) and its current pid
+sub vm_hwm
+{
+	my ($pid) = @_;
+	open(my $fh, '<', "/proc/$pid/status") or return -1;
+	while (<$fh>) { return $1 if /^VmHWM:\s+(\d+) kB/; }
+	return -1;
+}
+
+$node->safe_psql($db, "SELECT billing_account_create('t1'); SELECT billing_credit('t1', 10, 'c1')");
+ok(BillingTest::wait_until(120, sub { BillingTest::mirror_equals($node, $db, $real) }),
+	'the worker mirrors into a real Redis');
+my $pid = worker_pid();
+ok($pid, "worker pid $pid");
+
+# --- C1: SCAN reply with an integer element, during the wipe of another ledger's mirror
+{
+	my $fake = BillingTest::FakeRedis->new('scan_int');
+	point_at($fake->port);
+	ok(BillingTest::wait_until(120, sub { $fake->count('SCAN') >= 3 }),
+		'scan_int: the worker wiped, met the integer key, reconnected and tried again (' . $fake->count('SCAN') . ' SCANs)');
+	like(status('last_error'), qr/SCAN/, 'scan_int: last_error names SCAN: ' . status('last_error'));
+	is(worker_pid(), $pid, 'scan_int: the same worker process (it never died)');
+	is(status('connected'), 'f', 'scan_int: not shown as connected');
+	$fake->stop;
+}
+
+# --- replies of wrong types everywhere
+{
+	my $fake = BillingTest::FakeRedis->new('wrong_types');
+	point_at($fake->port);
+	$node->safe_psql($db, "SELECT billing_credit('t1', 1, 'c2')");
+	ok(BillingTest::wait_until(120, sub { $fake->count('INFO SERVER') >= 12 }),
+		'wrong_types: many connections with wrong replies (' . $fake->count('INFO SERVER') . ' INFOs, '
+		  . $fake->count('EVALSHA') . ' EVALSHAs)');
+	is(worker_pid(), $pid, 'wrong_types: the same worker process');
+	$fake->stop;
+}
+
+# --- M5: a reply of 512 MiB, an array of 10^8 elements, a nesting 10^5 deep
+for my $case ([ 'huge', qr/billing\.redis_max_reply_size/ ],
+	[ 'huge_array', qr/array of more than|billing\.redis_max_reply_size/ ],
+	[ 'deep', qr/nested deeper/ ])
+{
+	my ($mode, $why) = @$case;
+	my $fake = BillingTest::FakeRedis->new($mode);
+	point_at($fake->port);
+	ok(BillingTest::wait_until(120, sub { $fake->count('INFO SERVER') >= 2 && status('last_error') =~ $why }),
+		"$mode: refused, reconnected (" . $fake->count('INFO SERVER') . ' INFOs): ' . status('last_error'));
+	is(worker_pid(), $pid, "$mode: the same worker process");
+	my $hwm = vm_hwm($pid);
+	cmp_ok($hwm, '<', 160 * 1024, "$mode: the worker's peak memory stayed small ($hwm kB)");
+	$fake->stop;
+}
+
+# --- a SCAN cursor that never ends
+{
+	my $fake = BillingTest::FakeRedis->new('scan_forever');
+	point_at($fake->port);
+	ok(BillingTest::wait_until(120, sub { status('last_error') =~ /SCAN did not finish/ }),
+		'scan_forever: the wipe gave up: ' . status('last_error'));
+	my $before = $fake->count('SCAN');
+	ok(BillingTest::wait_until(120, sub { $fake->count('SCAN') > $before }),
+		'scan_forever: and starts over after a backoff');
+	is(worker_pid(), $pid, 'scan_forever: the same worker process');
+	$fake->stop;
+}
+
+# --- H2: a trickling Redis
+my @killed;
+{
+	my $fake = BillingTest::FakeRedis->new('trickle');
+	point_at($fake->port);
+	ok(BillingTest::wait_until(120, sub { $fake->count('INFO SERVER') >= 1 }), 'trickle: connected');
+	ok(BillingTest::wait_until(120, sub {
+		status('connected') eq 'f' && status('last_error') =~ /stalls|timeout/ }),
+		'trickle: billing_sync_status() shows the stall: ' . status('last_error'));
+
+	# the maintenance goes on: a hold of one second expires
+	$node->safe_psql($db, "SELECT billing_hold('t1', 1, 'h1', interval '1 second')");
+	ok(BillingTest::wait_until(120, sub {
+		(BillingTest::query($node, $db, "SELECT status FROM billing.holds WHERE trace_id = 'h1'") // '') eq 'expired' }),
+		'trickle: the hold expired (maintenance runs while Redis trickles)');
+
+	# a reload is honoured now, not after the current command
+	my $t0 = time;
+	point_at($real->port);
+	ok(BillingTest::wait_until(120, sub { status('connected') eq 't' }),
+		sprintf('trickle: a reload moved the worker to the real Redis (%.1f s)', time - $t0));
+	$node->safe_psql($db, "SELECT billing_credit('t1', 1, 'c3')");
+	ok(BillingTest::wait_until(120, sub { BillingTest::mirror_equals($node, $db, $real) }),
+		'trickle: the real Redis caught up');
+
+	# SIGTERM (pg_terminate_backend) while Redis trickles
+	point_at($fake->port);
+	ok(BillingTest::wait_until(120, sub { status('last_error') =~ /stalls|timeout/ && status('connected') eq 'f' }),
+		'trickle: back on the trickling Redis');
+	my $old = worker_pid();
+	$t0 = time;
+	$node->safe_psql($db, "SELECT pg_terminate_backend($old)");
+	ok(BillingTest::wait_until(60, sub { !kill(0, $old) }, 0.05),
+		sprintf('trickle: pg_terminate_backend ended the worker (%.2f s)', time - $t0));
+	cmp_ok(time - $t0, '<', 10, 'trickle: ... promptly');
+	push @killed, $old;
+	ok(BillingTest::wait_until(120, sub { my $p = worker_pid(); $p && $p != $old }),
+		'trickle: the postmaster started a new worker');
+
+	# a fast shutdown completes while Redis trickles
+	ok(BillingTest::wait_until(120, sub { $fake->count('INFO SERVER') >= 3 }), 'trickle: the new worker waits on Redis too');
+	$t0 = time;
+	$node->stop('fast');
+	my $took = time - $t0;
+	cmp_ok($took, '<', 10, sprintf('trickle: pg_ctl stop -m fast took %.1f s', $took));
+	$node->start;
+	$fake->stop;
+}
+
+# --- a server that accepts and never answers
+{
+	my $fake = BillingTest::FakeRedis->new('silent');
+	point_at($fake->port);
+	ok(BillingTest::wait_until(120, sub { status('last_error') =~ /timeout/ }),
+		'silent: the connection attempt times out: ' . status('last_error'));
+	my $old = worker_pid();
+	my $t0 = time;
+	$node->stop('fast');
+	cmp_ok(time - $t0, '<', 10, sprintf('silent: pg_ctl stop -m fast took %.1f s', time - $t0));
+	$node->start;
+	$fake->stop;
+	point_at($real->port);
+	$node->safe_psql($db, "SELECT billing_credit('t1', 1, 'c4')");
+	ok(BillingTest::wait_until(120, sub { BillingTest::mirror_equals($node, $db, $real) }),
+		'back on the real Redis, the mirror converges');
+}
+
+BillingTest::no_crashes($node, @killed);
+done_testing();
