@@ -20,7 +20,8 @@ DECLARE
     n integer := 0;
 BEGIN
     FOR t IN SELECT a.tenant_id FROM billing.accounts a
-              WHERE a.holds_next_expiry <= now() OR a.grants_next_expiry <= now()
+              WHERE a.holds_next_expiry OPERATOR(pg_catalog.<=) pg_catalog.now()
+                 OR a.grants_next_expiry OPERATOR(pg_catalog.<=) pg_catalog.now()
               ORDER BY least(a.holds_next_expiry, a.grants_next_expiry)
               LIMIT max_accounts
               FOR UPDATE SKIP LOCKED
@@ -28,7 +29,7 @@ BEGIN
         -- one account that cannot be swept must not stop the others
         BEGIN
             IF billing.expire_holds_of(t) THEN
-                n := n + 1;
+                n := n OPERATOR(pg_catalog.+) 1;
             END IF;
         EXCEPTION WHEN OTHERS THEN
             RAISE WARNING 'billing: the expiry sweep skipped account "%": %', t, SQLERRM;
@@ -40,16 +41,18 @@ $$;
 COMMENT ON FUNCTION billing.expire_due_holds(integer) IS 'expire due holds and grants of accounts nobody else has locked (the worker runs it; correctness never depends on it)';
 REVOKE ALL ON FUNCTION billing.expire_due_holds(integer) FROM PUBLIC;
 
+-- SECURITY DEFINER: a worker running as billing.worker_role (not a
+-- superuser) needs EXECUTE on this function only to do the maintenance
 CREATE FUNCTION billing.maintenance() RETURNS jsonb
-    LANGUAGE plpgsql VOLATILE
+    LANGUAGE plpgsql VOLATILE SECURITY DEFINER
     SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     expired integer := billing.expire_due_holds(1000);
     rescued integer;
 BEGIN
-    SELECT count(*) INTO rescued FROM @extschema@.billing_job_rescue(100);
-    RETURN jsonb_build_object('accounts_with_expired_holds', expired, 'jobs_rescued', rescued);
+    SELECT pg_catalog.count(*) INTO rescued FROM @extschema@.billing_job_rescue(100);
+    RETURN pg_catalog.jsonb_build_object('accounts_with_expired_holds', expired, 'jobs_rescued', rescued);
 END;
 $$;
 COMMENT ON FUNCTION billing.maintenance() IS 'periodic maintenance run by the background worker: expire holds, rescue stuck jobs';
@@ -76,7 +79,8 @@ BEGIN
     IF tenants IS NULL THEN
         -- a resync page: the tenants after `after`
         tenants := ARRAY(SELECT a.tenant_id FROM billing.accounts a
-                          WHERE a.tenant_id > after ORDER BY a.tenant_id LIMIT lim);
+                          WHERE a.tenant_id OPERATOR(pg_catalog.>) after
+                          ORDER BY a.tenant_id LIMIT lim);
     END IF;
     RETURN QUERY
         SELECT s.* FROM billing.sync_snapshot_of(tenants) AS s
@@ -113,3 +117,27 @@ REVOKE ALL ON FUNCTION billing_sync_status() FROM PUBLIC;
 
 CREATE VIEW billing.sync_status AS SELECT * FROM billing_sync_status();
 COMMENT ON VIEW billing.sync_status IS 'state of the Redis mirror (one row), for dashboards';
+
+/*
+ * The rights of a background worker that connects as billing.worker_role
+ * instead of the bootstrap superuser (README, docs/security.md): read the
+ * three tables a snapshot is built from, build snapshots, run the
+ * maintenance (SECURITY DEFINER).  The role also needs LOGIN (PostgreSQL 15
+ * and 16) and CONNECT on the database, which are not the extension's to
+ * grant.  Runs with the caller's rights, like the other grant helpers.
+ */
+CREATE FUNCTION billing_grant_worker(role regrole) RETURNS void
+    LANGUAGE plpgsql
+    SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF role IS NULL THEN
+        RAISE EXCEPTION 'role must not be null' USING ERRCODE = 'ZB015', HINT = 'Pass the role of billing.worker_role.';
+    END IF;
+    EXECUTE pg_catalog.format('GRANT USAGE ON SCHEMA billing TO %s', role);
+    EXECUTE pg_catalog.format('GRANT SELECT ON billing.accounts, billing.api_keys, billing.holds TO %s', role);
+    EXECUTE pg_catalog.format('GRANT EXECUTE ON FUNCTION billing.sync_snapshot(text[], text, integer), billing.sync_snapshot_of(text[]), billing.maintenance() TO %s', role);
+END;
+$$;
+COMMENT ON FUNCTION billing_grant_worker(regrole) IS 'grant the background worker''s role (billing.worker_role) what it needs: read the snapshot tables, build snapshots, run the maintenance';
+REVOKE ALL ON FUNCTION billing_grant_worker(regrole) FROM PUBLIC;

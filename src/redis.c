@@ -264,6 +264,7 @@ reply_nil(const redisReadTask *task)
 
 	if (r == NULL)
 		return NULL;
+	r->type = REDIS_REPLY_NIL;	/* the task says string or array ($-1, *-1) */
 	return reply_link(task, r);
 }
 

@@ -13,7 +13,8 @@
  * exposes the same rows to SQL (resync pages, tests comparing Redis with
  * the database).  Periods are those of the account's time zone, as the
  * charges count them (account.c); "now" is the transaction start, like
- * now() in SQL.
+ * now() in SQL.  The background worker runs the queries here: every
+ * function, operator and type in them is schema-qualified.
  *
  *-------------------------------------------------------------------------
  */
@@ -110,8 +111,11 @@ effective_holds(char *tenant, Datum *v, bool *nulls, TimestampTz now)
 		DatumGetTimestampTz(v[AC_HOLDS_NEXT_EXPIRY]) > now)
 		return DatumGetInt64(v[AC_HOLDS]);
 	billing_keep_plan(&plan,
-					  "SELECT coalesce(sum(amount_micros - captured_micros - released_micros), 0)::bigint "
-					  "FROM billing.holds WHERE tenant_id = $1 AND status = 'open' AND expires_at > now()",
+					  "SELECT coalesce(pg_catalog.sum(amount_micros OPERATOR(pg_catalog.-) captured_micros "
+					  "OPERATOR(pg_catalog.-) released_micros), 0)::pg_catalog.int8 "
+					  "FROM billing.holds WHERE tenant_id OPERATOR(pg_catalog.=) $1 "
+					  "AND status OPERATOR(pg_catalog.=) 'open' "
+					  "AND expires_at OPERATOR(pg_catalog.>) pg_catalog.now()",
 					  1, types);
 	values[0] = CStringGetTextDatum(tenant);
 	billing_spi_read(plan, values, NULL, "summing open holds");
@@ -230,11 +234,14 @@ key_snapshots(TenantFacts *facts, int nfacts, int64 synced_ms,
 					  "SELECT k.tenant_id, k.key_id, k.status, k.budget_micros, k.budget_period, "
 					  "       k.period_start, k.period_spend_micros, "
 					  "       CASE WHEN k.budget_micros IS NOT NULL THEN "
-					  "         (SELECT coalesce(sum(h.amount_micros - h.captured_micros - h.released_micros), 0)::bigint "
+					  "         (SELECT coalesce(pg_catalog.sum(h.amount_micros OPERATOR(pg_catalog.-) h.captured_micros "
+					  "                  OPERATOR(pg_catalog.-) h.released_micros), 0)::pg_catalog.int8 "
 					  "            FROM billing.holds h "
-					  "           WHERE h.tenant_id = k.tenant_id AND h.api_key = k.key_id "
-					  "             AND h.status = 'open' AND h.expires_at > now()) END "
-					  "FROM billing.api_keys k WHERE k.tenant_id = ANY ($1)",
+					  "           WHERE h.tenant_id OPERATOR(pg_catalog.=) k.tenant_id "
+					  "             AND h.api_key OPERATOR(pg_catalog.=) k.key_id "
+					  "             AND h.status OPERATOR(pg_catalog.=) 'open' "
+					  "             AND h.expires_at OPERATOR(pg_catalog.>) pg_catalog.now()) END "
+					  "FROM billing.api_keys k WHERE k.tenant_id OPERATOR(pg_catalog.=) ANY ($1)",
 					  1, types);
 	billing_spi_read(plan, values, NULL, "reading api keys");
 	if (SPI_processed > (uint64) INT_MAX)

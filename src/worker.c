@@ -35,7 +35,9 @@
  */
 #include "postgres.h"
 
+#include "access/heapam.h"
 #include "access/htup_details.h"
+#include "access/tableam.h"
 #include "access/xact.h"
 #include "access/xlog.h"
 #include "catalog/namespace.h"
@@ -91,6 +93,7 @@ static bool busy = false;		/* more to do at once: do not sleep */
 /* what we connected with: a change of either restarts the worker */
 static char connected_database[NAMEDATALEN];
 static char connected_role[NAMEDATALEN];
+static char worker_user[NAMEDATALEN];	/* the role it runs as */
 
 /*
  * Tenants whose push failed for a reason of their own (a key of theirs of
@@ -311,11 +314,9 @@ extension_installed(void)
 #if PG_VERSION_NUM >= 160000
 #define namespace_aclcheck(oid, role, mode) object_aclcheck(NamespaceRelationId, oid, role, mode)
 #define proc_aclcheck(oid, role, mode) object_aclcheck(ProcedureRelationId, oid, role, mode)
-#define database_aclcheck(oid, role, mode) object_aclcheck(DatabaseRelationId, oid, role, mode)
 #else
 #define namespace_aclcheck(oid, role, mode) pg_namespace_aclcheck(oid, role, mode)
 #define proc_aclcheck(oid, role, mode) pg_proc_aclcheck(oid, role, mode)
-#define database_aclcheck(oid, role, mode) pg_database_aclcheck(oid, role, mode)
 #endif
 
 /*
@@ -431,6 +432,7 @@ pin_environment(void)
 	/* plpgsql's settings exist once it is loaded */
 	load_file("plpgsql", false);
 	authenticated = GetUserNameFromId(GetAuthenticatedUserId(), false);
+	strlcpy(worker_user, authenticated, sizeof(worker_user));
 	SetConfigOption("session_authorization", authenticated, PGC_SUSET, PGC_S_OVERRIDE);
 	for (int i = 0; i < lengthof(pins); i++)
 		SetConfigOption(pins[i][0], pins[i][1], PGC_SUSET, PGC_S_OVERRIDE);
@@ -973,53 +975,64 @@ billing_probe_main(Datum arg)
 	const char *dbname = MyBgworkerEntry->bgw_extra;
 	const char *rolename = MyBgworkerEntry->bgw_extra + NAMEDATALEN;
 	char		problem[SYNC_ERROR_LEN] = "";
-	Oid			db;
+	bool		found = false;
+	Relation	rel;
+	TableScanDesc scan;
+	HeapTuple	tup;
 
 	pqsignal(SIGTERM, die);
 	BackgroundWorkerUnblockSignals();
 	BackgroundWorkerInitializeConnection(NULL, NULL, 0);
 	pgstat_report_appname("billing sync probe");
 
+	/*
+	 * Without a database only the nailed shared catalogs can be read, by
+	 * sequential scans (as the autovacuum launcher reads pg_database).
+	 */
 	StartTransactionCommand();
-	db = get_database_oid(dbname, true);
-	if (!OidIsValid(db))
+	(void) GetTransactionSnapshot();
+	rel = table_open(DatabaseRelationId, AccessShareLock);
+	scan = table_beginscan_catalog(rel, 0, NULL);
+	while ((tup = heap_getnext(scan, ForwardScanDirection)) != NULL)
+	{
+		Form_pg_database d = (Form_pg_database) GETSTRUCT(tup);
+
+		if (strcmp(NameStr(d->datname), dbname) != 0)
+			continue;
+		found = true;
+		if (!d->datallowconn)
+			snprintf(problem, sizeof(problem),
+					 "database \"%s\" (billing.database) does not allow connections", dbname);
+	}
+	table_endscan(scan);
+	table_close(rel, AccessShareLock);
+	if (!found)
 		snprintf(problem, sizeof(problem),
 				 "database \"%s\" (billing.database) does not exist", dbname);
-	else
-	{
-		HeapTuple	tup = SearchSysCache1(DATABASEOID, ObjectIdGetDatum(db));
 
-		if (HeapTupleIsValid(tup))
-		{
-			if (!((Form_pg_database) GETSTRUCT(tup))->datallowconn)
-				snprintf(problem, sizeof(problem),
-						 "database \"%s\" (billing.database) does not allow connections", dbname);
-			ReleaseSysCache(tup);
-		}
-	}
 	if (problem[0] == '\0' && rolename[0] != '\0')
 	{
-		Oid			role = get_role_oid(rolename, true);
-		HeapTuple	tup;
-
-		if (!OidIsValid(role))
-			snprintf(problem, sizeof(problem),
-					 "role \"%s\" (billing.worker_role) does not exist", rolename);
-		else if ((tup = SearchSysCache1(AUTHOID, ObjectIdGetDatum(role))) != NULL)
+		found = false;
+		rel = table_open(AuthIdRelationId, AccessShareLock);
+		scan = table_beginscan_catalog(rel, 0, NULL);
+		while ((tup = heap_getnext(scan, ForwardScanDirection)) != NULL)
 		{
+			Form_pg_authid a = (Form_pg_authid) GETSTRUCT(tup);
+
+			if (strcmp(NameStr(a->rolname), rolename) != 0)
+				continue;
+			found = true;
 #ifndef BGWORKER_BYPASS_ROLELOGINCHECK
-			if (!((Form_pg_authid) GETSTRUCT(tup))->rolcanlogin)
+			if (!a->rolcanlogin)
 				snprintf(problem, sizeof(problem),
 						 "role \"%s\" (billing.worker_role) is not allowed to log in (LOGIN)", rolename);
-			else
 #endif
-			if (!superuser_arg(role) &&
-				database_aclcheck(db, role, ACL_CONNECT) != ACLCHECK_OK)
-				snprintf(problem, sizeof(problem),
-						 "role \"%s\" (billing.worker_role) has no CONNECT right on database \"%s\"",
-						 rolename, dbname);
-			ReleaseSysCache(tup);
 		}
+		table_endscan(scan);
+		table_close(rel, AccessShareLock);
+		if (!found)
+			snprintf(problem, sizeof(problem),
+					 "role \"%s\" (billing.worker_role) does not exist", rolename);
 	}
 	CommitTransactionCommand();
 
@@ -1196,7 +1209,7 @@ billing_worker_main(Datum arg)
 						ereport(LOG,
 								(errmsg("billing sync: %s; the worker stays idle", problem),
 								 errhint("CREATE EXTENSION billing in that database, set billing.database, or grant the worker's role what it needs: SELECT billing_grant_worker('%s').",
-										 GetUserNameFromId(GetUserId(), false))));
+										 worker_user)));
 						billing_sync_record_error("%s", problem);
 						strlcpy(logged, problem, sizeof(logged));
 					}

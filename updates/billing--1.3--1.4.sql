@@ -1773,7 +1773,8 @@ DECLARE
     n integer := 0;
 BEGIN
     FOR t IN SELECT a.tenant_id FROM billing.accounts a
-              WHERE a.holds_next_expiry <= now() OR a.grants_next_expiry <= now()
+              WHERE a.holds_next_expiry OPERATOR(pg_catalog.<=) pg_catalog.now()
+                 OR a.grants_next_expiry OPERATOR(pg_catalog.<=) pg_catalog.now()
               ORDER BY least(a.holds_next_expiry, a.grants_next_expiry)
               LIMIT max_accounts
               FOR UPDATE SKIP LOCKED
@@ -1781,7 +1782,7 @@ BEGIN
         -- one account that cannot be swept must not stop the others
         BEGIN
             IF billing.expire_holds_of(t) THEN
-                n := n + 1;
+                n := n OPERATOR(pg_catalog.+) 1;
             END IF;
         EXCEPTION WHEN OTHERS THEN
             RAISE WARNING 'billing: the expiry sweep skipped account "%": %', t, SQLERRM;
@@ -2144,6 +2145,62 @@ BEGIN
     END LOOP;
 END
 $$;
+
+-- ---------------------------------------------------------------------------
+-- Issue 12, the background worker (wip/worker): every operator and function
+-- in the worker's SQL schema-qualified; billing.maintenance() SECURITY
+-- DEFINER, so that a worker running as billing.worker_role needs EXECUTE on
+-- it only; billing_grant_worker(role) grants that role what it needs.
+-- ---------------------------------------------------------------------------
+-- (billing.expire_due_holds(): see the issue 16 section)
+
+CREATE OR REPLACE FUNCTION billing.maintenance() RETURNS jsonb
+    LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    expired integer := billing.expire_due_holds(1000);
+    rescued integer;
+BEGIN
+    SELECT pg_catalog.count(*) INTO rescued FROM @extschema@.billing_job_rescue(100);
+    RETURN pg_catalog.jsonb_build_object('accounts_with_expired_holds', expired, 'jobs_rescued', rescued);
+END;
+$$;
+
+CREATE OR REPLACE FUNCTION billing.sync_snapshot(tenants text[], after text, lim integer)
+    RETURNS TABLE (tenant_id text, key_id text, version bigint, fields text[])
+    LANGUAGE plpgsql STABLE
+    SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF tenants IS NULL THEN
+        -- a resync page: the tenants after `after`
+        tenants := ARRAY(SELECT a.tenant_id FROM billing.accounts a
+                          WHERE a.tenant_id OPERATOR(pg_catalog.>) after
+                          ORDER BY a.tenant_id LIMIT lim);
+    END IF;
+    RETURN QUERY
+        SELECT s.* FROM billing.sync_snapshot_of(tenants) AS s
+         ORDER BY s.tenant_id, s.key_id NULLS LAST;
+END
+$$;
+
+CREATE FUNCTION billing_grant_worker(role regrole) RETURNS void
+    LANGUAGE plpgsql
+    SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF role IS NULL THEN
+        RAISE EXCEPTION 'role must not be null' USING ERRCODE = 'ZB015', HINT = 'Pass the role of billing.worker_role.';
+    END IF;
+    EXECUTE pg_catalog.format('GRANT USAGE ON SCHEMA billing TO %s', role);
+    EXECUTE pg_catalog.format('GRANT SELECT ON billing.accounts, billing.api_keys, billing.holds TO %s', role);
+    EXECUTE pg_catalog.format('GRANT EXECUTE ON FUNCTION billing.sync_snapshot(text[], text, integer), billing.sync_snapshot_of(text[]), billing.maintenance() TO %s', role);
+END;
+$$;
+COMMENT ON FUNCTION billing_grant_worker(regrole) IS 'grant the background worker''s role (billing.worker_role) what it needs: read the snapshot tables, build snapshots, run the maintenance';
+REVOKE ALL ON FUNCTION billing_grant_worker(regrole) FROM PUBLIC;
+-- (end of the worker's section)
 
 -- always last: back to the caller's role
 DO $$

@@ -150,9 +150,10 @@ sub query
 	return undef;
 }
 
-=item BillingTest::mirror_equals(NODE, DB, REDIS)
+=item BillingTest::mirror_equals(NODE, DB, REDIS [, SETUP])
 
-True if Redis holds exactly what the database says the mirror must hold:
+True if Redis holds exactly what the database says the mirror must hold
+(SETUP: SQL run first in the same session, e.g. SET commands):
 every tenant hash and API key hash of billing.sync_snapshot(), every field
 but synced_at_ms, and the version.  $BillingTest::mirror_db and
 $BillingTest::mirror_redis keep both sides of the last comparison.
@@ -188,9 +189,9 @@ return out};
 
 sub mirror_equals
 {
-	my ($node, $db, $redis) = @_;
+	my ($node, $db, $redis, $setup) = @_;
 	$mirror_redis = '';
-	$mirror_db = query($node, $db, $snapshot_sql);
+	$mirror_db = query($node, $db, ($setup // '') . $snapshot_sql);
 	return 0 unless defined $mirror_db;
 	my @keys = map { (split / /, $_, 2)[0] } grep { length } split /\n/, $mirror_db;
 	my ($out, $ok) = $redis->cli_ok('--raw', 'EVAL', $dump_lua, scalar(@keys), @keys);
