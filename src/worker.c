@@ -450,7 +450,7 @@ pin_environment(void)
  * commit.  *last: the last tenant of the page, NULL at the end.
  */
 static int
-read_page(const char *after, int limit, SyncSnap **out, char **last)
+read_page_sql(const char *after, int limit, SyncSnap **out, char **last)
 {
 	static SPIPlanPtr plan = NULL;
 	Oid			types[3] = {TEXTARRAYOID, TEXTOID, INT4OID};
@@ -607,6 +607,89 @@ read_dirty(char **tenants, TimestampTz *commits, int n, SyncSnap **out)
 	FreeErrorData(first);
 	*out = all;
 	return nall;
+}
+
+/* the tenant ids of a page (when reading its snapshots at once failed) */
+static int
+page_tenants(const char *after, int limit, char ***out)
+{
+	Oid			types[2] = {TEXTOID, INT4OID};
+	Datum		values[2];
+	char	  **tenants;
+	int			n;
+
+	begin_xact("billing sync: reading tenant ids");
+	values[0] = CStringGetTextDatum(after);
+	values[1] = Int32GetDatum(limit);
+	if (SPI_execute_with_args("SELECT a.tenant_id FROM billing.accounts a "
+							  "WHERE a.tenant_id OPERATOR(pg_catalog.>) $1 "
+							  "ORDER BY a.tenant_id LIMIT $2",
+							  2, types, values, NULL, true, 0) != SPI_OK_SELECT)
+		elog(ERROR, "billing sync: reading tenant ids failed");
+	n = SPI_processed;
+	tenants = MemoryContextAlloc(cycle_cxt, sizeof(char *) * Max(n, 1));
+	for (int i = 0; i < n; i++)
+	{
+		bool		isnull;
+
+		tenants[i] = MemoryContextStrdup(cycle_cxt,
+										 TextDatumGetCString(SPI_getbinval(SPI_tuptable->vals[i],
+																		   SPI_tuptable->tupdesc, 1, &isnull)));
+	}
+	end_xact();
+	*out = tenants;
+	return n;
+}
+
+/* read_page_sql, an error returned (copied) instead of raised */
+static bool
+try_read_page(const char *after, int limit, SyncSnap **out, char **last,
+			  int *n, ErrorData **error)
+{
+	MemoryContext cxt = CurrentMemoryContext;
+	volatile bool ok = true;
+
+	PG_TRY();
+	{
+		*n = read_page_sql(after, limit, out, last);
+	}
+	PG_CATCH();
+	{
+		MemoryContextSwitchTo(cxt);
+		*error = CopyErrorData();
+		FlushErrorState();
+		AbortCurrentTransaction();
+		MemoryContextSwitchTo(cxt);
+		ok = false;
+	}
+	PG_END_TRY();
+	return ok;
+}
+
+/*
+ * A page of a resync or of the check: the snapshots of the tenants after
+ * `after`.  *last is the page's last tenant, NULL at the end.  When the
+ * page cannot be read at once, its tenants are read one by one and a
+ * tenant whose snapshot fails is set aside (read_dirty): one account must
+ * not stop every resync.
+ */
+static int
+read_page(const char *after, int limit, SyncSnap **out, char **last)
+{
+	int			n = 0;
+	ErrorData  *error = NULL;
+	char	  **tenants;
+	TimestampTz *commits;
+
+	if (try_read_page(after, limit, out, last, &n, &error))
+		return n;
+	n = page_tenants(after, limit, &tenants);
+	if (n == 0)
+		ReThrowError(error);
+	FreeErrorData(error);
+	commits = MemoryContextAllocZero(cycle_cxt, sizeof(TimestampTz) * n);
+	*last = tenants[n - 1];
+	return read_dirty(tenants, commits, n, out);
 }
 
 /* Put tenants back into the dirty set (a failed push). */
@@ -774,7 +857,7 @@ resync_all(void)
 		int			n;
 
 		n = read_page(after, billing_sync_batch_size, &snaps, &last);
-		if (n == 0)
+		if (n == 0 && last == NULL)
 			break;
 		if (!push(snaps, n, false))
 		{
@@ -828,7 +911,7 @@ check_all(void)
 		MirrorMatch *verdict;
 
 		n = read_page(after, billing_sync_batch_size, &snaps, &last);
-		if (n == 0)
+		if (n == 0 && last == NULL)
 			break;
 		suspects = MemoryContextAlloc(cycle_cxt, sizeof(char *) * n);
 		verdict = MemoryContextAlloc(cycle_cxt, sizeof(MirrorMatch) * n);
@@ -845,7 +928,8 @@ check_all(void)
 			SyncSnap   *behind;
 			int			ndrifted = 0;
 			int			nbehind = 0;
-			int			nfresh = read_tenants(suspects, NULL, nsuspects, &fresh);
+			TimestampTz *none = MemoryContextAllocZero(cycle_cxt, sizeof(TimestampTz) * nsuspects);
+			int			nfresh = read_dirty(suspects, none, nsuspects, &fresh);
 
 			drifted = MemoryContextAlloc(cycle_cxt, sizeof(SyncSnap) * Max(nfresh, 1));
 			behind = MemoryContextAlloc(cycle_cxt, sizeof(SyncSnap) * Max(nfresh, 1));
