@@ -65,6 +65,10 @@
 
 static redisContext *ctx = NULL;
 
+#ifdef BILLING_REDIS_TLS
+static SSL *tls_ssl = NULL;		/* owned by ctx; for the reason of a failure */
+#endif
+
 /* the reason the connection was lost, until the worker takes it */
 static char failure[SYNC_ERROR_LEN];
 static bool failed = false;
@@ -468,6 +472,9 @@ set_connected(bool connected)
 void
 redis_close(const char *fmt,...)
 {
+#ifdef BILLING_REDIS_TLS
+	tls_ssl = NULL;
+#endif
 	if (ctx != NULL)
 		redisFree(ctx);
 	ctx = NULL;
@@ -503,6 +510,27 @@ close_with_context_error(const char *doing)
 {
 	char		err[160];
 
+#ifdef BILLING_REDIS_TLS
+	if (tls_ssl != NULL && SSL_get_verify_result(tls_ssl) != X509_V_OK)
+	{
+		const char *name = billing_redis_tls_server_name[0] ? billing_redis_tls_server_name : billing_redis_host;
+
+		strlcpy(err, X509_verify_cert_error_string(SSL_get_verify_result(tls_ssl)), sizeof(err));
+		ERR_clear_error();
+		redis_close("TLS: the certificate of Redis at %s:%d was refused: %s (expected name %s)",
+					billing_redis_host, billing_redis_port, err, name);
+		return;
+	}
+	if (tls_ssl != NULL && ERR_peek_last_error() != 0)
+	{
+		char		tls[128];
+
+		ERR_error_string_n(ERR_peek_last_error(), tls, sizeof(tls));
+		ERR_clear_error();
+		redis_close("TLS: %s %s: %s", doing, cmd_what, tls);
+		return;
+	}
+#endif
 	if (ctx != NULL && ctx->err == REDIS_ERR_OOM && reply_refusal[0] != '\0')
 		strlcpy(err, reply_refusal, sizeof(err));
 	else if (ctx != NULL && ctx->errstr[0] != '\0')
@@ -510,6 +538,17 @@ close_with_context_error(const char *doing)
 	else
 		strlcpy(err, "connection error", sizeof(err));
 	redis_close("%s %s: %s", doing, cmd_what, err);
+}
+
+/* what a timeout message adds when the TLS handshake is still going on */
+static const char *
+tls_note(void)
+{
+#ifdef BILLING_REDIS_TLS
+	if (tls_ssl != NULL && !SSL_is_init_finished(tls_ssl))
+		return " (the TLS handshake did not complete)";
+#endif
+	return "";
 }
 
 static int
@@ -534,10 +573,10 @@ wait_socket(int events, TimestampTz deadline, const char *doing)
 
 	if (left <= 0)
 	{
-		redis_close("timeout %s %s: no complete reply within %d ms (Redis answered %d of %d commands)",
+		redis_close("timeout %s %s: no complete reply within %d ms (Redis answered %d of %d commands)%s",
 					doing, cmd_what,
 					(int) ((GetCurrentTimestamp() - cmd_start) / 1000),
-					cmd_received, cmd_sent);
+					cmd_received, cmd_sent, tls_note());
 		return false;
 	}
 	(void) WaitLatchOrSocket(NULL, events | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
@@ -558,9 +597,9 @@ wait_socket(int events, TimestampTz deadline, const char *doing)
 	{
 		cmd_stalled = true;
 		set_connected(false);
-		billing_sync_record_error("Redis at %s:%d stalls: %s %s for more than %d ms",
+		billing_sync_record_error("Redis at %s:%d stalls: %s %s for more than %d ms%s",
 								  billing_redis_host, billing_redis_port,
-								  doing, cmd_what, stall_ms);
+								  doing, cmd_what, stall_ms, tls_note());
 	}
 	return true;
 }
@@ -633,11 +672,10 @@ tls_error(const char *what)
 
 /*
  * TLS on the connected socket: our own SSL object (host name verification,
- * TLS 1.2 or later), the handshake done here, non-blocking under the
- * deadline, then handed to hiredis.
+ * TLS 1.2 or later), handed to hiredis.
  */
 static bool
-tls_start(TimestampTz deadline)
+tls_start(void)
 {
 	static bool initialized = false;
 	SSL_CTX    *sctx;
@@ -699,54 +737,18 @@ tls_start(TimestampTz deadline)
 			}
 		}
 	}
-	if (SSL_set_fd(ssl, ctx->fd) != 1)
-	{
-		SSL_free(ssl);
-		tls_error("attaching the socket");
-		return false;
-	}
-	SSL_set_connect_state(ssl);
-	for (;;)
-	{
-		int			rc;
-		int			err;
-
-		ERR_clear_error();
-		rc = SSL_connect(ssl);
-		if (rc == 1)
-			break;
-		err = SSL_get_error(ssl, rc);
-		if (err == SSL_ERROR_WANT_READ || err == SSL_ERROR_WANT_WRITE)
-		{
-			if (!wait_socket(err == SSL_ERROR_WANT_READ ? WL_SOCKET_READABLE : WL_SOCKET_WRITEABLE,
-							 deadline, "waiting for"))
-			{
-				SSL_free(ssl);
-				return false;
-			}
-			continue;
-		}
-		if (SSL_get_verify_result(ssl) != X509_V_OK)
-		{
-			char		why[128];
-
-			strlcpy(why, X509_verify_cert_error_string(SSL_get_verify_result(ssl)), sizeof(why));
-			SSL_free(ssl);
-			ERR_clear_error();
-			redis_close("TLS: the certificate of Redis at %s:%d was refused: %s (expected name %s)",
-						billing_redis_host, billing_redis_port, why, name);
-			return false;
-		}
-		SSL_free(ssl);
-		tls_error("handshake");
-		return false;
-	}
+	/*
+	 * hiredis starts the handshake (non-blocking) and owns the SSL object
+	 * from now on; the handshake completes within the first command's
+	 * deadline.  We keep a pointer to say why a certificate was refused.
+	 */
 	if (redisInitiateSSL(ctx, ssl) != REDIS_OK)
 	{
 		SSL_free(ssl);
-		close_with_context_error("TLS for");
+		close_with_context_error("starting TLS for");
 		return false;
 	}
+	tls_ssl = ssl;
 	return true;
 }
 #endif
@@ -845,7 +847,7 @@ redis_open(void)
 	(void) redisEnableKeepAlive(ctx);
 
 #ifdef BILLING_REDIS_TLS
-	if (billing_redis_tls && !tls_start(deadline))
+	if (billing_redis_tls && !tls_start())
 	{
 		explicit_bzero(password, sizeof(password));
 		return false;
