@@ -664,7 +664,7 @@ compare(const redisReply *r, const SyncSnap *s, int64 now_ms)
 	int			nfields = 0;
 
 	if (r->elements == 0)
-		return MATCH_BEHIND;	/* no hash */
+		return MATCH_DRIFT;		/* no hash: deleted (a new account is dirty, pushed first) */
 	if (!reply_int64(v, &stored))
 		return MATCH_DRIFT;
 	if (stored < s->version)

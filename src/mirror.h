@@ -52,7 +52,7 @@ extern bool mirror_push(SyncSnap *snaps, int n, bool force, char **errors);
 typedef enum MirrorMatch
 {
 	MATCH_SAME,					/* equal, or equal but for a period that ended */
-	MATCH_BEHIND,				/* an older version or none: a push is due */
+	MATCH_BEHIND,				/* an older version: a push is due */
 	MATCH_DRIFT					/* differs at the same or a newer version */
 } MirrorMatch;
 extern bool mirror_match(SyncSnap *snaps, int n, MirrorMatch *verdict);
