@@ -43,7 +43,7 @@ sub restart_worker
 }
 
 $node->safe_psql($db, "SELECT billing_account_create('t0')");
-ok(BillingTest::wait_until(120, sub { status('connected') eq 't' && BillingTest::mirror_equals($node, $db, $redis) }),
+ok(BillingTest::wait_until(120, sub { status('connected') eq 't' && BillingTest::mirror_equals($node, $db, $redis, $undo) }),
 	'the worker runs');
 $node->safe_psql('postgres', "CREATE ROLE evil_owner LOGIN; ALTER DATABASE $db OWNER TO evil_owner");
 
@@ -80,10 +80,7 @@ $node->safe_psql($db, $trap, extra_params => [ '-U', 'evil_owner' ]);
 $node->safe_psql($db, join('', map { "ALTER DATABASE $db SET $_;\n" }
 	"search_path = evil, pg_catalog", "exit_on_error = on", "lock_timeout = '1ms'",
 	"default_transaction_isolation = 'serializable'", "transform_null_equals = on",
-	"role = 'evil_owner'", "default_transaction_read_only = on"),
-	extra_params => [ '-U', 'evil_owner' ]);
-# (not every setting may be set by an owner on every version: try)
-$node->psql($db, "SET default_transaction_read_only = off; ALTER DATABASE $db SET session_authorization = 'evil_owner'",
+	"default_transaction_read_only = on"),
 	extra_params => [ '-U', 'evil_owner' ]);
 
 sql("SELECT billing_account_create('t1'); SELECT billing_credit('t1', 10, 'c1')");
@@ -102,6 +99,23 @@ sql("SELECT billing_hold('t1', 1, 'h1', interval '1 second')");
 ok(BillingTest::wait_until(120, sub {
 	(BillingTest::query($node, $db, $undo . "SELECT status FROM billing.holds WHERE trace_id = 'h1'") // '') =~ /expired/ }),
 	'the maintenance expires holds (default_transaction_read_only = on for the database)');
+
+# --- the database also says whom to run as: the worker still runs as itself
+$node->safe_psql($db, "SET default_transaction_read_only = off; ALTER DATABASE $db SET role = 'evil_owner'",
+	extra_params => [ '-U', 'evil_owner' ]);
+# (not every setting may be set by an owner on every version: try)
+$node->psql($db, "SET default_transaction_read_only = off; ALTER DATABASE $db SET session_authorization = 'evil_owner'",
+	extra_params => [ '-U', 'evil_owner' ]);
+restart_worker();
+sql("SELECT billing_credit('t1', 1, 'c2')");
+ok(BillingTest::wait_until(120, sub { BillingTest::mirror_equals($node, $db, $redis, $undo) }),
+	'with role and session_authorization set by the database, the worker mirrors');
+sql("SELECT billing_hold('t1', 1, 'h0', interval '1 second')");
+ok(BillingTest::wait_until(120, sub {
+	(BillingTest::query($node, $db, $undo . "SELECT status FROM billing.holds WHERE trace_id = 'h0'") // '') =~ /expired/ }),
+	'and expires holds');
+unlike(BillingTest::slurp_logs($node), qr/LOG:  EVIL RAN as/, 'none of the owner\'s operators or functions ran');
+$pid = status('worker_pid');
 
 # --- the worker as a non-superuser role, with exactly billing_grant_worker()'s rights
 $node->safe_psql('postgres', 'CREATE ROLE billing_worker LOGIN');
