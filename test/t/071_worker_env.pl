@@ -77,18 +77,29 @@ CREATE FUNCTION evil.now() RETURNS timestamptz LANGUAGE plpgsql AS $f$
 BEGIN PERFORM evil.escalate(); RETURN pg_catalog.now(); END $f$;
 };
 $node->safe_psql($db, $trap, extra_params => [ '-U', 'evil_owner' ]);
+# the issue's escalation: the owner's schema first in the database's search_path
+$node->safe_psql($db, "ALTER DATABASE $db SET search_path = evil, pg_catalog",
+	extra_params => [ '-U', 'evil_owner' ]);
+sql("SELECT billing_account_create('t1'); SELECT billing_credit('t1', 10, 'c1')");
+restart_worker();
+ok(BillingTest::wait_until(120, sub { BillingTest::mirror_equals($node, $db, $redis, $undo) }),
+	'the worker mirrors under the owner\'s search_path');
+is($node->safe_psql('postgres', "SELECT rolsuper FROM pg_roles WHERE rolname = 'evil_owner'"), 'f',
+	'the owner did not become superuser');
+unlike(BillingTest::slurp_logs($node), qr/LOG:  EVIL RAN as/, 'none of the owner\'s operators or functions ran');
+
+# settings that would make the worker read-only, strict, or stop on the first error
 $node->safe_psql($db, join('', map { "ALTER DATABASE $db SET $_;\n" }
-	"search_path = evil, pg_catalog", "exit_on_error = on", "lock_timeout = '1ms'",
+	"exit_on_error = on", "lock_timeout = '1ms'",
 	"default_transaction_isolation = 'serializable'", "transform_null_equals = on",
 	"default_transaction_read_only = on"),
 	extra_params => [ '-U', 'evil_owner' ]);
-
-sql("SELECT billing_account_create('t1'); SELECT billing_credit('t1', 10, 'c1')");
+sql("SELECT billing_credit('t1', 1, 'c1b')");
 restart_worker();
 ok(BillingTest::wait_until(120, sub { BillingTest::mirror_equals($node, $db, $redis, $undo) }),
 	'the worker mirrors under the owner\'s settings');
 is($node->safe_psql('postgres', "SELECT rolsuper FROM pg_roles WHERE rolname = 'evil_owner'"), 'f',
-	'the owner did not become superuser');
+	'the owner is no superuser');
 unlike(BillingTest::slurp_logs($node), qr/LOG:  EVIL RAN as/, 'none of the owner\'s operators or functions ran');
 my $pid = status('worker_pid');
 # (pg_stat_activity shows the role of the connection, before the worker
