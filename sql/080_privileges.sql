@@ -100,8 +100,11 @@ SELECT status, credit_limit FROM billing_account_update('priv-a', credit_limit =
 SELECT key_id, status FROM billing_api_key_create('priv-b', 'priv-key', 5, 'lifetime');
 SELECT daily_request_quota, max_charge FROM billing_limits_set('priv-b', daily_requests => 100,
                                                                max_charge => 5);
-SELECT model, input_per_1k, output_per_1k
+SELECT model, input_per_1m, output_per_1m
   FROM billing_price_set('priv-model', 0.5, 1.5, '2024-01-01 00:00:00+00');
+SELECT tenant_id, model, input_per_1m, output_per_1m
+  FROM billing_price_override_set('priv-a', 'priv-model', input_per_1m => 400, output_per_1m => 1200,
+                                  effective_from => '2024-01-01 00:00:00+00');
 SELECT billing_balance('priv-a') AS balance, count(*) AS problems FROM billing_verify('priv-a');
 SELECT regress_error($$SELECT billing_credit('priv-a', 10, 'priv-admin-1')$$);
 SELECT regress_error($$SELECT billing_deduct('priv-a', 1, 'priv-admin-2')$$);
@@ -154,6 +157,8 @@ SELECT regress_error($$SELECT billing_limits_set('priv-b')$$);
 SELECT regress_error($$SELECT billing_api_key_create('priv-b', 'priv-key-2')$$);
 SELECT regress_error($$SELECT billing_api_key_update('priv-b', 'priv-key', status => 'revoked')$$);
 SELECT regress_error($$SELECT billing_price_set('priv-model', 0, 0)$$);
+SELECT regress_error($$SELECT billing_price_override_set('priv-b', 'priv-model', 0, 0)$$);
+SELECT regress_error($$SELECT billing_price_override_end('priv-a', 'priv-model')$$);
 SELECT regress_error($$SELECT billing_scope_role('regress_billing_report', ARRAY['priv-a'])$$);
 SELECT regress_error($$SELECT * FROM billing_verify()$$);
 SELECT regress_error($$SELECT count(*) FROM billing.entries$$);
@@ -193,7 +198,8 @@ SELECT charges, spent, credits, credited FROM billing.usage_daily WHERE tenant_i
 SELECT charges, spent FROM billing.usage_by_api_key WHERE tenant_id = 'priv-b' ORDER BY 1;
 SELECT requests_today, daily_request_quota FROM billing.quota_usage WHERE tenant_id = 'priv-b';
 SELECT key_id, status, budget, spent FROM billing.api_key_budgets WHERE tenant_id = 'priv-b';
-SELECT model, input_per_1k FROM billing.price_list WHERE model = 'priv-model';
+SELECT model, input_per_1m FROM billing.price_list WHERE model = 'priv-model';
+SELECT tenant_id, model, input_per_1m FROM billing.price_override_list WHERE model = 'priv-model';
 SELECT regress_error($$SELECT billing_deduct('priv-a', 1, 'priv-r-1')$$);
 SELECT regress_error($$SELECT billing_credit('priv-a', 1, 'priv-r-1')$$);
 SELECT regress_error($$SELECT billing_balance('priv-a')$$);
@@ -215,6 +221,7 @@ SELECT count(*) FROM billing.ledger WHERE tenant_id = 'priv-a';
 SELECT DISTINCT tenant_id FROM billing.usage_daily;
 SELECT DISTINCT tenant_id FROM billing.api_key_budgets;
 SELECT DISTINCT tenant_id FROM billing.jobs_by_state;
+SELECT count(*) AS overrides_of_others FROM billing.price_override_list;
 -- a function of its own that leaks what it is shown sees the visible rows
 -- only: the views are security barriers
 CREATE FUNCTION pg_temp.leak(t text) RETURNS boolean

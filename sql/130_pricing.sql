@@ -1,12 +1,15 @@
 --
--- 130_pricing: token prices per model and currency, with history.
--- billing_price_set() adds a price per 1,000 input and output tokens,
--- effective from a point in time (prices are never rewritten);
--- billing_cost() computes (input_tokens * input_per_1k + output_tokens *
--- output_per_1k) / 1000 exactly and rounds half up once, to micro-units;
+-- 130_pricing: token prices per model and currency, with history, through
+-- the API of 1.3 (billing_price_set with prices per 1,000 input and output
+-- tokens, billing_cost and billing_deduct_usage with input and output
+-- tokens), which 1.4 keeps: a price per 1,000 tokens is stored exactly as a
+-- price per 1M tokens (x 1000), billing.price_list shows it per 1M;
+-- billing_cost() computes (input_tokens * input_per_1m + output_tokens *
+-- output_per_1m) / 1M exactly and rounds half up once, to micro-units;
 -- billing_deduct_usage() charges a usage at the price effective at its
 -- event time and records model, tokens and unit prices in the entry's
--- metadata.  Models and tenants start with "prc-".
+-- metadata.  The other kinds of tokens, fees, per-second rates and
+-- overrides: 132_pricing_tokens.  Models and tenants start with "prc-".
 --
 \set VERBOSITY default
 \set SHOW_CONTEXT never
@@ -18,12 +21,12 @@ SET billing.event_at_window = '11000d';
 -- Price history.  billing_price_set returns the model's price list in
 -- that currency: each price is effective until the next one starts.
 --
-SELECT model, currency, input_per_1k, output_per_1k, effective_from, effective_until, is_current
+SELECT model, currency, input_per_1m, output_per_1m, effective_from, effective_until, is_current
   FROM billing_price_set('prc-gpt', 2.5, 10, '2024-01-01 00:00:00+00');
-SELECT model, currency, input_per_1k, output_per_1k, effective_from, effective_until, is_current
+SELECT model, currency, input_per_1m, output_per_1m, effective_from, effective_until, is_current
   FROM billing_price_set('prc-gpt', 1.25, 5, '2024-06-01 00:00:00+00');
 -- a price in the future is not current yet
-SELECT model, currency, input_per_1k, output_per_1k, effective_from, effective_until, is_current
+SELECT model, currency, input_per_1m, output_per_1m, effective_from, effective_until, is_current
   FROM billing_price_set('prc-gpt', 1, 4, '2100-01-01 00:00:00+00');
 -- the same price again changes nothing; another price at the same time is
 -- a conflict (ZB006): history is not rewritten
@@ -32,12 +35,12 @@ SELECT count(*) AS prices
 SELECT regress_error($$SELECT billing_price_set('prc-gpt', 1.25, 5.000001, '2024-06-01 00:00:00+00')$$);
 SELECT regress_error($$SELECT billing_price_set('prc-gpt', 1.3, 5, '2024-06-01 00:00:00+00')$$);
 -- each currency has its own history
-SELECT model, currency, input_per_1k, output_per_1k, effective_from, is_current
+SELECT model, currency, input_per_1m, output_per_1m, effective_from, is_current
   FROM billing_price_set('prc-gpt', 2, 8, '2024-01-01 00:00:00+00', 'EUR');
 SELECT count(*) AS prices FROM billing.prices WHERE model = 'prc-gpt';
 -- prices are append-only (ZB020), even for the owner
 BEGIN;
-SELECT regress_error($$UPDATE billing.prices SET input_per_1k_micros = 0 WHERE model = 'prc-gpt'$$);
+SELECT regress_error($$UPDATE billing.prices SET input_per_1m_micros = 0 WHERE model = 'prc-gpt'$$);
 SELECT regress_error($$DELETE FROM billing.prices WHERE model = 'prc-gpt'$$);
 ROLLBACK;
 
@@ -47,8 +50,9 @@ SELECT label, split_part(regress_error(sql), E'\n', 1) AS error
     ('model null',          $$SELECT billing_price_set(NULL, 1, 1, '2024-01-01 00:00:00+00')$$),
     ('model empty',         $$SELECT billing_price_set('', 1, 1, '2024-01-01 00:00:00+00')$$),
     ('model 256 chars',     $$SELECT billing_price_set(repeat('m', 256), 1, 1, '2024-01-01 00:00:00+00')$$),
-    ('input null',          $$SELECT billing_price_set('prc-x', NULL, 1, '2024-01-01 00:00:00+00')$$),
-    ('output null',         $$SELECT billing_price_set('prc-x', 1, NULL, '2024-01-01 00:00:00+00')$$),
+    ('no rate',             $$SELECT billing_price_set('prc-x', NULL, NULL, '2024-01-01 00:00:00+00')$$),
+    ('per 1k and per 1M',   $$SELECT billing_price_set('prc-x', 1, 1, '2024-01-01 00:00:00+00', input_per_1m => 1000)$$),
+    ('input 10^9 per 1k',   $$SELECT billing_price_set('prc-x', 1000000000.000001, 1, '2024-01-01 00:00:00+00')$$),
     ('input negative',      $$SELECT billing_price_set('prc-x', -0.000001, 1, '2024-01-01 00:00:00+00')$$),
     ('output NaN',          $$SELECT billing_price_set('prc-x', 1, 'NaN', '2024-01-01 00:00:00+00')$$),
     ('input 7 decimals',    $$SELECT billing_price_set('prc-x', 0.0000001, 1, '2024-01-01 00:00:00+00')$$),
@@ -78,7 +82,7 @@ SELECT billing_cost('prc-gpt', 0, 0) AS nothing,
 -- Rounding: exact arithmetic on the total, then half up to a micro-unit.
 -- At 0.000001 per 1,000 tokens, 500 tokens cost exactly half a micro-unit
 -- (rounded up to 0.000001) and 499 tokens a bit less (rounded down to 0).
-SELECT model, input_per_1k, output_per_1k
+SELECT model, input_per_1m, output_per_1m
   FROM billing_price_set('prc-round', 0.000001, 0.000001, '2024-01-01 00:00:00+00');
 SELECT t.input_tokens, t.output_tokens,
        billing_cost('prc-round', t.input_tokens, t.output_tokens) AS cost
@@ -86,7 +90,7 @@ SELECT t.input_tokens, t.output_tokens,
                (0, 500), (0, 499),
                -- rounded once on the total: two halves make one micro-unit, not two
                (500, 500), (499, 500), (250, 250)) AS t(input_tokens, output_tokens);
-SELECT model, input_per_1k, output_per_1k
+SELECT model, input_per_1m, output_per_1m
   FROM billing_price_set('prc-odd', 0.000003, 0.000007, '2024-01-01 00:00:00+00');
 SELECT billing_cost('prc-odd', 100, 50) AS "650/1000 micro",
        billing_cost('prc-odd', 100, 7) AS "349/1000 micro",
@@ -163,7 +167,7 @@ SELECT tenant_id, currency FROM billing_account_create('prc-e', currency => 'EUR
 SELECT balance_after FROM billing_credit('prc-e', 10, 'prc-e-topup');
 SELECT trace_id, amount
   FROM billing_deduct_usage('prc-e', 'prc-gpt', 1000, 0, 'prc-e-u1', event_at => '2024-03-01 00:00:00+00');
-SELECT trace_id, metadata->>'input_per_1k' AS input_per_1k, metadata->>'output_per_1k' AS output_per_1k
+SELECT trace_id, metadata->>'input_per_1m' AS input_per_1m, metadata->>'output_per_1m' AS output_per_1m
   FROM billing.entries WHERE tenant_id = 'prc-e' AND trace_id = 'prc-e-u1';
 SELECT regress_error($$SELECT billing_deduct_usage('prc-e', 'prc-round', 1000, 0, 'prc-e-u2')$$);
 
@@ -206,10 +210,10 @@ SELECT trace_id, kind, amount, balance_after FROM billing.ledger
 --
 -- billing.price_list: every price with its validity window.
 --
-SELECT model, currency, input_per_1k, output_per_1k, effective_from, effective_until, is_current
+SELECT model, currency, input_per_1m, output_per_1m, effective_from, effective_until, is_current
   FROM billing.price_list WHERE model LIKE 'prc-%' AND model <> 'prc-live'
  ORDER BY model, currency, effective_from;
-SELECT model, input_per_1k, effective_until IS NOT NULL AS ended, is_current
+SELECT model, input_per_1m, effective_until IS NOT NULL AS ended, is_current
   FROM billing.price_list WHERE model = 'prc-live' ORDER BY effective_from;
 
 SELECT * FROM billing_verify() WHERE tenant_id LIKE 'prc-%';

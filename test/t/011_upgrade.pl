@@ -30,7 +30,7 @@ plan skip_all => "no release before $current" unless @releases;
 
 my $node = BillingTest::node('upgrade', database => 'postgres', extension => 0);
 $node->safe_psql('postgres', 'CREATE ROLE upgrader SUPERUSER LOGIN; CREATE ROLE up_app LOGIN;
-	CREATE ROLE up_treasury LOGIN');
+	CREATE ROLE up_treasury LOGIN; CREATE ROLE up_pricer LOGIN');
 
 # the whole API of 1.3, every kind of state
 my $fill = q{
@@ -54,7 +54,10 @@ SELECT billing_account_update('up-8', status => 'suspended', reason => 'chargeba
 SELECT billing_api_key_create('up-4', 'k1', budget => 10, budget_period => 'month');
 SELECT billing_deduct('up-4', 1, 'up-key-1', api_key => 'k1');
 SELECT billing_price_set('m1', 0.001, 0.002, '2026-01-01');
+SELECT billing_price_set('m1', 0.0025, 0.010001, '2026-06-01');
+SELECT billing_price_set('m2', 0.000001, 999999999.999999, '2026-01-01', 'EUR');
 SELECT billing_deduct_usage('up-5', 'm1', 1000, 500, 'up-u-1');
+SELECT billing_deduct_usage('up-5', 'm1', 1234, 567, 'up-u-2');
 SELECT billing_job_submit('up-5', 'translate', 'up-j1', 3);
 SELECT billing_job_submit('up-5', 'translate', 'up-j2', 2);
 SELECT billing_job_submit('up-5', 'translate', 'up-j3', 2);
@@ -65,7 +68,21 @@ SELECT billing_grant_app('up_app');
 SELECT billing_grant_reporting('up_app');
 GRANT USAGE ON SCHEMA billing TO up_treasury;
 GRANT EXECUTE ON FUNCTION billing_credit(text, numeric, text, text, jsonb, timestamptz, text) TO up_treasury;
+GRANT EXECUTE ON FUNCTION billing_price_set(text, numeric, numeric, timestamptz, text) TO up_pricer;
+GRANT EXECUTE ON FUNCTION billing_cost(text, bigint, bigint, timestamptz, text) TO up_pricer WITH GRANT OPTION;
+GRANT USAGE ON SCHEMA billing TO up_pricer;
+GRANT SELECT ON billing.price_list, billing.usage_by_model TO up_pricer;
 };
+
+# 1.4 stores prices per 1M tokens (1.3: per 1,000): the upgrade converts
+# every price exactly, and prices a usage as 1.3 did
+my $prices_13 = q{SELECT (model, currency, effective_from, input_per_1k_micros * 1000,
+	output_per_1k_micros * 1000, created_at)::text FROM billing.prices ORDER BY 1};
+my $prices_14 = q{SELECT (model, currency, effective_from, input_per_1m_micros, output_per_1m_micros,
+	created_at)::text FROM billing.prices ORDER BY 1};
+my $costs = q{SELECT billing_cost('m1', 1000, 500, '2026-03-01 00:00+00'),
+	billing_cost('m1', 1234, 567, '2026-06-01 00:00+00'), billing_cost('m1', 999999, 1, '2026-07-01 00:00+00'),
+	billing_cost('m2', 500, 0, currency => 'EUR'), billing_cost('m2', 1, 1, currency => 'EUR')};
 
 # every table, as rows of the columns it has now (ordered), for comparing
 sub table_rows
@@ -112,7 +129,13 @@ for my $r (@releases)
 	is($node->safe_psql($db, 'SELECT count(*) FROM billing_verify()'), '0', "$r: filled, audit clean");
 
 	my $cols_before = table_columns($db);
+	# prices change their unit (checked below)
+	delete $cols_before->{prices};
 	my $before = table_rows($db, $cols_before);
+	my $prices_before = $node->safe_psql($db, $prices_13);
+	my $costs_before = $node->safe_psql($db, $costs);
+	my $usage_before = $node->safe_psql($db,
+		q{SELECT string_agg(amount_micros::text, ' ' ORDER BY trace_id) FROM billing.entries WHERE trace_id LIKE 'up-u-%'});
 
 	# charges from 4 clients for 8 seconds on tenants of their own (their
 	# rows change), the upgrade in the middle
@@ -165,6 +188,38 @@ for my $r (@releases)
 	}
 
 	is($node->safe_psql($db, 'SELECT count(*) FROM billing_verify()'), '0', "$r: billing_verify() clean after the upgrade");
+	is($node->safe_psql($db, $prices_14), $prices_before,
+		"$r: every price is converted exactly to a price per 1M tokens (x 1000)");
+	is($node->safe_psql($db, q{SELECT count(*) FROM billing.prices
+			WHERE num_nonnulls(cached_input_per_1m_micros, cache_write_per_1m_micros, reasoning_per_1m_micros,
+			                   per_request_micros, per_second_micros) > 0}),
+		'0', "$r: a converted price has no other rates (cached input at the input rate, reasoning at the output rate)");
+	is($node->safe_psql($db, $costs), $costs_before, "$r: billing_cost gives the costs of $r for input and output tokens");
+	is($node->safe_psql($db, q{SELECT string_agg((d.amount * 1000000)::bigint::text, ' ' ORDER BY e.trace_id)
+			FROM billing.entries e,
+			     LATERAL billing_deduct_usage('up-5', 'm1', (e.metadata->>'input_tokens')::bigint,
+			                                  (e.metadata->>'output_tokens')::bigint, e.trace_id || '-after',
+			                                  event_at => e.created_at) d
+			WHERE e.trace_id IN ('up-u-1', 'up-u-2')}),
+		$usage_before, "$r: billing_deduct_usage charges what $r charged for the same usage at the same time");
+	is($node->safe_psql($db, q{SELECT string_agg(d.replayed::text, ' ' ORDER BY e.trace_id) || '|'
+			       || string_agg((d.amount * 1000000)::bigint::text, ' ' ORDER BY e.trace_id)
+			FROM billing.entries e,
+			     LATERAL billing_deduct_usage('up-5', 'm1', (e.metadata->>'input_tokens')::bigint,
+			                                  (e.metadata->>'output_tokens')::bigint, e.trace_id) d
+			WHERE e.trace_id IN ('up-u-1', 'up-u-2')}),
+		"true true|$usage_before", "$r: a usage charged by $r replays after the upgrade (its metadata as $r wrote it)");
+	is($node->safe_psql($db, q{SELECT
+			has_function_privilege('up_app', 'billing_deduct_usage(text, text, bigint, bigint, text, text, jsonb, timestamptz, text, bigint, bigint, bigint, bigint, numeric)', 'EXECUTE'),
+			has_function_privilege('up_app', 'billing_cost(text, bigint, bigint, timestamptz, text, bigint, bigint, bigint, bigint, numeric, text)', 'EXECUTE'),
+			has_function_privilege('up_pricer', 'billing_price_set(text, numeric, numeric, timestamptz, text, numeric, numeric, numeric, numeric, numeric, numeric, numeric)', 'EXECUTE'),
+			has_function_privilege('up_pricer', 'billing_cost(text, bigint, bigint, timestamptz, text, bigint, bigint, bigint, bigint, numeric, text)', 'EXECUTE WITH GRANT OPTION'),
+			has_function_privilege('up_pricer', 'billing_deduct_usage(text, text, bigint, bigint, text, text, jsonb, timestamptz, text, bigint, bigint, bigint, bigint, numeric)', 'EXECUTE'),
+			has_table_privilege('up_pricer', 'billing.price_list', 'SELECT'),
+			has_table_privilege('up_pricer', 'billing.usage_by_model', 'SELECT'),
+			has_table_privilege('up_pricer', 'billing.usage_daily', 'SELECT'),
+			has_table_privilege('up_app', 'billing.usage_daily', 'SELECT')}),
+		't|t|t|t|f|t|t|f|t', "$r: the grants on the functions and views 1.4 replaces are on their replacements");
 	is($node->safe_psql($db, q{SELECT has_function_privilege('up_app',
 			'billing_deduct(text, numeric, text, text, jsonb, timestamptz, text, text)', 'EXECUTE')
 			AND has_table_privilege('up_app', 'billing.balances', 'SELECT')}),

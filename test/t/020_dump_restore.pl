@@ -95,6 +95,14 @@ SELECT billing_price_set('gpt-4o', 0.0025, 0.01, '2026-01-01 00:00+00');
 SELECT billing_price_set('gpt-4o', 0.002, 0.008, '2026-06-01 00:00+00');
 SELECT billing_price_set('gpt-4o', 0.0023, 0.0092, '2026-01-01 00:00+00', 'EUR');
 SELECT billing_price_set('claude', 0.003, 0.015, '2025-01-01 00:00+00');
+SELECT billing_price_set('sonnet', input_per_1m => 3, output_per_1m => 15, cached_input_per_1m => 0.30,
+                         cache_write_per_1m => 3.75, per_request => 0.0001, effective_from => '2025-01-01 00:00+00');
+-- a tenant's own price (an enterprise plan), with history
+SELECT billing_price_override_set('t-main', 'sonnet', input_per_1m => 2.5, output_per_1m => 12,
+                                  effective_from => '2025-06-01 00:00+00');
+SELECT billing_price_override_end('t-main', 'sonnet', '2026-01-01 00:00+00');
+SELECT billing_price_override_set('t-main', 'sonnet', input_per_1m => 2, output_per_1m => 10,
+                                  effective_from => '2026-02-01 00:00+00');
 -- entries of every kind: topup, grant, refund, adjustment (both ways), deduct, capture
 SELECT billing_credit('t-main', 500, 'pi-1', description => 'stripe', metadata => '{"pi": "pi_1"}');
 SELECT billing_credit('t-main', 10, 'promo-1', kind => 'grant', description => 'welcome');
@@ -109,6 +117,8 @@ SELECT billing_deduct('t-main', 0.75, 'trace-key-2', api_key => 'k-day');
 SELECT billing_deduct('t-main', 3, 'trace-key-3', api_key => 'k-life');
 SELECT billing_deduct_usage('t-main', 'gpt-4o', 1234, 567, 'usage-1', api_key => 'k-month');
 SELECT billing_deduct_usage('t-main', 'gpt-4o', 1000, 1000, 'usage-2', event_at => '2026-02-01 00:00+00');
+SELECT billing_deduct_usage('t-main', 'sonnet', 1000, 200, 'usage-3', cached_input_tokens => 5000,
+                            cache_write_tokens => 100, reasoning_tokens => 50);
 SELECT billing_credit('t-eur', 100, 'eur-1');
 SELECT billing_deduct_usage('t-eur', 'gpt-4o', 100, 200, 'eur-usage-1');
 SELECT billing_credit('t-limits', 100, 'lim-1');
@@ -191,10 +201,11 @@ check('source: hold events of every action', 'capture expire extend hold release
 	sql($src, q{SELECT string_agg(DISTINCT action, ' ' ORDER BY action) FROM billing.hold_events}));
 check('source: account events of every action', 'create limits update',
 	sql($src, q{SELECT string_agg(DISTINCT action, ' ' ORDER BY action) FROM billing.account_events}));
-check('source: rejections recorded, keys with usage, price history, job events', '2 true 4 true',
+check('source: rejections recorded, keys with usage, price history, overrides, job events', '2 true 5 3 true',
 	sql($src, q{SELECT (SELECT count(*) FROM billing.rejections) || ' ' ||
 	                 (SELECT bool_and(period_spend_micros > 0) FROM billing.api_keys WHERE key_id IN ('k-month', 'k-day', 'k-life')) || ' ' ||
 	                 (SELECT count(*) FROM billing.prices) || ' ' ||
+	                 (SELECT count(*) FROM billing.price_overrides) || ' ' ||
 	                 (SELECT count(DISTINCT to_state) = 5 FROM billing.job_events)}));
 check('source: billing_verify() is empty', 0, sql($src, 'SELECT count(*) FROM billing_verify()'));
 
@@ -295,7 +306,8 @@ sub still_enforces
 			[ 'UPDATE billing.account_events refused', 'ZB020', q{UPDATE billing.account_events SET reason = 'x'} ],
 			[ 'UPDATE billing.hold_events refused',    'ZB020', q{UPDATE billing.hold_events SET amount_micros = 0} ],
 			[ 'UPDATE billing.job_events refused',     'ZB020', q{UPDATE billing.job_events SET reason = 'x'} ],
-			[ 'UPDATE billing.prices refused',         'ZB020', q{UPDATE billing.prices SET input_per_1k_micros = 0} ],
+			[ 'UPDATE billing.prices refused',         'ZB020', q{UPDATE billing.prices SET input_per_1m_micros = 0} ],
+			[ 'DELETE FROM billing.price_overrides refused', 'ZB020', q{DELETE FROM billing.price_overrides} ],
 			[ 'DELETE FROM billing.accounts refused',  'ZB020', q{DELETE FROM billing.accounts} ],
 			[ 'DELETE FROM billing.holds refused',     'ZB020', q{DELETE FROM billing.holds} ],
 			[ 'DELETE FROM billing.jobs refused',      'ZB020', q{DELETE FROM billing.jobs} ],

@@ -359,7 +359,8 @@ BEGIN
         WHEN arg IN ('currency', 'status', 'timezone', 'budget_period', 'model', 'worker') THEN arg
         WHEN arg = 'idempotency_key' THEN 'idem'
         WHEN arg IN ('at', 'effective_from') THEN 'ts_req'
-        WHEN arg IN ('input_tokens', 'output_tokens') THEN 'tokens'
+        WHEN arg IN ('input_tokens', 'output_tokens', 'cached_input_tokens', 'cache_write_tokens',
+                     'reasoning_tokens', 'requests') THEN 'tokens'
         WHEN typ = 'numeric'::regtype THEN 'amount'
         WHEN typ = 'bigint'::regtype THEN 'count'
         WHEN typ = 'integer'::regtype THEN 'int'
@@ -389,6 +390,10 @@ BEGIN
         PERFORM billing_price_set('fz-model', 0.0025, 0.01, '2000-01-01 00:00+00');
         PERFORM billing_price_set('fz-model', 0.003, 0.012, '2026-01-01 00:00+00');
         PERFORM billing_price_set('fz-model-eur', 0.002, 0.008, '2000-01-01 00:00+00', 'EUR');
+        -- every kind of rate (per 1M tokens, per request, per second)
+        PERFORM billing_price_set('fz-model', effective_from => '2026-06-01 00:00+00', input_per_1m => 2.5,
+                                  output_per_1m => 10, cached_input_per_1m => 1.25, cache_write_per_1m => 3,
+                                  reasoning_per_1m => 12, per_request => 0.0001, per_second => 0.0002);
         -- the seed batches use models the fuzzer never touches (prices are global)
         PERFORM billing_price_set('fz-seed-model', 0.0025, 0.01, '2000-01-01 00:00+00');
         PERFORM billing_price_set('fz-seed-model', 0.002, 0.008, '2000-01-01 00:00+00', 'EUR');
@@ -417,6 +422,9 @@ BEGIN
     PERFORM billing_hold(a, 2, 'h-rel');
     PERFORM billing_release(a, 'h-rel', 'h-rel-1');
     PERFORM billing_deduct_usage(a, 'fz-seed-model', 1234, 567, 'seed-usage');
+    -- the tenant's own price for the fuzzed model
+    PERFORM billing_price_override_set(a, 'fz-model', input_per_1m => 2, output_per_1m => 8, per_second => 0.0001,
+                                       effective_from => '2026-01-01 00:00+00');
     SELECT array_agg(s.job_id ORDER BY s.job_id) INTO jid FROM (
         SELECT (billing_job_submit(a, 'translate', 'seed-job-' || i, 2, max_attempts => 2)).job_id
           FROM generate_series(1, 10) i) s;
