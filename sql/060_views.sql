@@ -60,8 +60,11 @@ SELECT sum(amount) AS ledger_sum, billing_balance('view-ny') AS balance
   FROM billing.ledger WHERE tenant_id = 'view-ny';
 
 -- billing.usage_daily: per day of the account's time zone.  charges/spent
--- count kind 'deduct' only (the 0.1 adjustment is in neither), credits/
--- credited every entry that added money.
+-- count every debit that counts as spend in the quotas: deducts and the
+-- 0.1 debit adjustment (captures too, see 100_holds), net of refunds tied
+-- to them (none here; see 066_usage_refunds); credits/credited every entry
+-- that added money (the refund view-ny-07 is billing_credit's: tied to no
+-- charge, it is a credit).
 SELECT day, charges, spent, credits, credited
   FROM billing.usage_daily WHERE tenant_id = 'view-ny' ORDER BY day;
 
@@ -89,7 +92,7 @@ SELECT (SELECT sum(spent) FROM billing.usage_daily WHERE tenant_id = 'view-ny') 
        (SELECT sum(spent) FROM billing.usage_by_model WHERE tenant_id = 'view-ny') AS by_model,
        (SELECT sum(spent) FROM billing.usage_by_api_key WHERE tenant_id = 'view-ny') AS by_api_key,
        (SELECT -sum(amount) FROM billing.ledger
-         WHERE tenant_id = 'view-ny' AND kind = 'deduct') AS ledger_deducts;
+         WHERE tenant_id = 'view-ny' AND amount < 0) AS ledger_debits;
 
 -- The grouping follows the account's current time zone: after a move to
 -- Tokyo (UTC+9) the same history falls on other days.

@@ -222,6 +222,7 @@ SELECT DISTINCT tenant_id FROM billing.usage_daily;
 SELECT DISTINCT tenant_id FROM billing.api_key_budgets;
 SELECT DISTINCT tenant_id FROM billing.jobs_by_state;
 SELECT count(*) AS overrides_of_others FROM billing.price_override_list;
+SELECT DISTINCT tenant_id FROM billing.usage_by_token_type;
 -- a function of its own that leaks what it is shown sees the visible rows
 -- only: the views are security barriers
 CREATE FUNCTION pg_temp.leak(t text) RETURNS boolean

@@ -283,6 +283,22 @@ SELECT tenant_id, model, currency, input_per_1m, cached_input_per_1m, cache_writ
   FROM billing.price_override_list WHERE tenant_id LIKE 'tok-%' ORDER BY tenant_id, model, effective_from;
 
 --
+-- billing.usage_by_token_type: the breakdown of the priced charges per day,
+-- model and type; cost is each part's exact share before the charge's one
+-- rounding, so per charge the parts add up to the amount within half a
+-- micro-unit.
+--
+SELECT day, model, token_type, charges, quantity, cost
+  FROM billing.usage_by_token_type WHERE tenant_id = 'tok-std' ORDER BY day, model, token_type;
+SELECT u.model, u.cost AS parts, -sum(e.amount_micros) * 0.000001 AS charged,
+       abs(u.cost + sum(e.amount_micros) * 0.000001) <= 0.0000005 * count(*) AS within_rounding
+  FROM (SELECT model, sum(cost) AS cost FROM billing.usage_by_token_type WHERE tenant_id IN ('tok-std', 'tok-ent')
+         GROUP BY model) u
+  JOIN billing.entries e ON e.metadata->>'model' = u.model AND e.tenant_id IN ('tok-std', 'tok-ent')
+                        AND e.kind = 'deduct'
+ GROUP BY u.model, u.cost ORDER BY u.model;
+
+--
 -- billing.price_list: the list prices per 1M tokens, per request, per
 -- second, with their windows.
 --
