@@ -185,29 +185,6 @@ if [[ $skip != *" tap "* ]]; then
 	done
 fi
 
-# 5b. (transitional) the integration scripts not yet ported to TAP: they run
-# against test/cluster.sh's cluster, as before
-legacy=$(find test/t -maxdepth 1 -name '*.sh' -perm -u+x | LC_ALL=C sort)
-if [[ -n $legacy && $skip != *" tap "* && -z ${BILLING_TESTS:-} ]]; then
-	export BILLING_TMP=$tmp/legacy
-	mkdir -p "$BILLING_TMP"
-	eval "$(bash test/cluster.sh env)"
-	bash test/cluster.sh start
-	for t in $legacy; do
-		name=$(basename "$t" .sh)
-		started=$SECONDS
-		if timeout -k 10 900 "$repo/$t" >"$tmp/legacy-$name.log" 2>&1 </dev/null; then
-			echo "t/$name.sh ... ok ($((SECONDS - started)) s)"
-			passed=$((passed + 1))
-		else
-			echo "t/$name.sh ... FAILED ($((SECONDS - started)) s); last 60 lines:"
-			tail -n 60 "$tmp/legacy-$name.log"
-			fail "t/$name.sh"
-		fi
-	done
-	bash test/cluster.sh stop
-fi
-
 # 6. did a backend of the regression or isolation instances crash?
 for log in "$tmp"/regress/log/postmaster.log "$tmp"/isolation/log/postmaster.log; do
 	[[ -f $log ]] || continue
