@@ -282,6 +282,24 @@ SELECT fz_good('desc', 2, $e$'fuzz'$e$);
 SELECT fz_good('desc', 1, $e$repeat('d', 1000)$e$, $e$repeat('é', 1000)$e$);
 SELECT fz_bad('desc', 1, $e$repeat('d', 1001)$e$);
 SELECT fz_bad('desc', 3, '@pool:junk@');
+
+-- grants and refunds
+SELECT fz_good('charge_trace', 3, $e$'seed-deduct'$e$, $e$'seed-key'$e$);
+SELECT fz_good('charge_trace', 1, $e$'seed-usage'$e$, $e$'h-cap-1'$e$, '@ctx_trace@::text');
+SELECT fz_bad('charge_trace', 1, $e$'seed'$e$, $e$'seed-grant'$e$, $e$'no-such-charge'$e$, $e$'seed-refund'$e$);
+SELECT fz_bad('charge_trace', 2, '@pool:junk@');
+SELECT fz_good('expires', 3, 'NULL::timestamptz');
+SELECT fz_good('expires', 2, $e$now() + interval '1 day'$e$, $e$clock_timestamp() + interval '2 seconds'$e$);
+SELECT fz_good('expires', 1, $e$now() + interval '9 years'$e$);
+SELECT fz_bad('expires', 1, $e$now() - interval '1 second'$e$, $e$'infinity'::timestamptz$e$,
+    $e$'-infinity'::timestamptz$e$, $e$now() + interval '11 years'$e$, $e$'epoch'::timestamptz$e$);
+SELECT fz_good('priority', 3, '0::integer');
+SELECT fz_good('priority', 1, '10::integer', '1000::integer');
+SELECT fz_bad('priority', 1, 'NULL::integer', '-1::integer', '1001::integer', '2147483647::integer');
+SELECT fz_good('category', 2, $e$'promotional'$e$);
+SELECT fz_good('category', 1, $e$'paid'$e$);
+SELECT fz_bad('category', 1, 'NULL::text', $e$'gift'$e$, $e$'PAID'$e$);
+SELECT fz_bad('category', 2, '@pool:junk@');
 \o
 
 UPDATE fz_pool p SET cum = s.cum, cum_good = s.cum_good
@@ -350,6 +368,9 @@ BEGIN
         WHEN arg = 'tenant_id' AND typ = 'text'::regtype THEN 'tenant'
         WHEN arg = 'trace_id' THEN 'trace'
         WHEN arg = 'hold_trace_id' THEN 'hold_trace'
+        WHEN arg = 'charge_trace_id' THEN 'charge_trace'
+        WHEN arg = 'expires_at' AND fn = 'billing_grant' THEN 'expires'
+        WHEN arg IN ('priority', 'category') THEN arg
         WHEN arg IN ('api_key', 'key_id') THEN arg
         WHEN arg = 'job_id' THEN 'job_id'
         WHEN arg = 'kind' AND fn = 'billing_job_submit' THEN 'job_kind'
@@ -422,6 +443,12 @@ BEGIN
     PERFORM billing_hold(a, 2, 'h-rel');
     PERFORM billing_release(a, 'h-rel', 'h-rel-1');
     PERFORM billing_deduct_usage(a, 'fz-seed-model', 1234, 567, 'seed-usage');
+    -- grants (one expires during the run) and a refund
+    PERFORM billing_grant(a, 20, 'seed-g1', expires_at => now() + interval '1 day', priority => 5);
+    PERFORM billing_grant(a, 3, 'seed-g2', expires_at => clock_timestamp() + interval '1 second',
+                          category => 'paid');
+    PERFORM billing_hold(a, 2, 'h-grant', expires_in => '2 seconds');
+    PERFORM billing_refund(a, 'seed-deduct', 0.5, 'seed-refund', reason => 'seed');
     -- the tenant's own price for the fuzzed model
     PERFORM billing_price_override_set(a, 'fz-model', input_per_1m => 2, output_per_1m => 8, per_second => 0.0001,
                                        effective_from => '2026-01-01 00:00+00');

@@ -97,6 +97,7 @@
 #                  named in the output is deleted (for poking around)
 # Long form:  FAULT_SECONDS=60 BILLING_TESTS=060_fault make check (or test/run.sh)
 use strict;
+use POSIX ();
 use warnings FATAL => 'all';
 use PostgreSQL::Test::Utils;
 use Test::More;
@@ -184,7 +185,7 @@ sub sql_check
 # outcome|sqlstate" (outcome rejected, failed, timeout or unexpected).
 # c<N>.n holds "<calls acknowledged> <calls made>", rewritten after each call.
 my %EXPECTED_CODES = map { $_ => 1 }
-  qw(ZB004 ZB030 ZB031 ZB032 ZB033 ZB040 ZB041 ZB042 ZB043 ZB044 ZB045 ZB052 ZB070 ZB073);
+  qw(ZB004 ZB030 ZB031 ZB032 ZB033 ZB040 ZB041 ZB042 ZB043 ZB044 ZB045 ZB052 ZB070 ZB073 ZB080 ZB091);
 
 sub client
 {
@@ -197,7 +198,7 @@ sub client
 	open my $unexpected, '>', "$W/c$c.unexpected.txt" or die $!;
 	$_->autoflush(1) for $acked, $calls, $failures, $unexpected;
 	my ($seq, $nacked) = (0, 0);
-	my (%ack, %rej, %fail, @replayable, @lost);
+	my (%ack, %rej, %fail, @replayable, @lost, @charges);
 	my ($OUT, $CODE);
 
 	# call KIND TENANT TRACE SQL: 0 = acknowledged ($OUT: the result row),
@@ -283,11 +284,35 @@ sub client
 			my $T = $tenant->();
 			my $KEY = $keyarg->($T);
 			my $A = $amount->(1, 400000);
-			$idem->('deduct', $T, "$tr-d", "SELECT tenant_id, trace_id, NULL, entry_id, amount, balance_after, NULL, replayed
+			my $r = $idem->('deduct', $T, "$tr-d", "SELECT tenant_id, trace_id, NULL, entry_id, amount, balance_after, NULL, replayed
 			                                FROM billing_deduct('$T', $A, '$tr-d'$KEY)");
+			push @charges, [ $T, "$tr-d", $micros->($A), 0 ] if $r == 0;
 		}
-		elsif ($op < 34)    # credit
+		elsif ($op < 30)    # a grant: spent before the top-ups, some expire during the load
 		{
+			my $T = $tenant->();
+			my $A = $amount->(100000, 3000000);
+			# a fixed time, so that a replay or recovery sends the same request
+			my $exp = "'" . POSIX::strftime('%Y-%m-%d %H:%M:%S+00', gmtime(time + (int(rand(3)) == 0 ? 3 : 86400))) . "'";
+			my $prio = int(rand(3));
+			$idem->('grant', $T, "$tr-g", "SELECT tenant_id, trace_id, NULL, entry_id, granted, balance_after, NULL, replayed
+			                               FROM billing_grant('$T', $A, '$tr-g', expires_at => $exp, priority => $prio)");
+		}
+		elsif ($op < 34)    # a refund of part of an acknowledged charge, or a credit
+		{
+			if (@charges && int(rand(2)))
+			{
+				my $ch = $charges[ int(rand(@charges)) ];
+				my ($T, $ctr, $charged, $refunded) = @$ch;
+				next if $refunded >= $charged;
+				my $A = $amount->(1, $charged - $refunded);
+				my $r = $idem->('refund', $T, "$tr-rf", "SELECT tenant_id, trace_id, charge_trace_id, entry_id, amount, balance_after, NULL, replayed
+				                                          FROM billing_refund('$T', '$ctr', $A, '$tr-rf')");
+				# counted as refunded unless refused: a lost refund may have
+				# committed (its recovery replays it)
+				$ch->[3] += $micros->($A) unless $r == 1;
+				next;
+			}
 			my $T = $tenant->();
 			my $A = $amount->(1, 2000000);
 			$idem->('credit', $T, "$tr-cr", "SELECT tenant_id, trace_id, NULL, entry_id, amount, balance_after, NULL, replayed
@@ -758,7 +783,7 @@ note(sprintf('total: %d acknowledged, %d rejected, %d failed (%.0f acknowledged 
 	$tot_acked, $tot_rej, $tot_failed, $tot_acked / ($load_end - $load_start)));
 note('rejections by SQLSTATE: ' . sql("SELECT string_agg(code || '=' || n, ' ' ORDER BY code) FROM
       (SELECT code, count(*) AS n FROM fault_calls WHERE outcome IN ('rejected', 'unexpected') GROUP BY code) x"));
-is(join(' ', grep { !($stats{$_}{acked} // 0) } qw(deduct credit try hold capture release submit claim complete fail)),
+is(join(' ', grep { !($stats{$_}{acked} // 0) } qw(deduct credit grant refund try hold capture release submit claim complete fail)),
 	'', 'every kind of operation was acknowledged at least once');
 ok($tot_failed > 0, 'some client calls failed during the faults (the faults hit the clients)');
 my %injected;
@@ -793,7 +818,7 @@ WITH a AS (SELECT DISTINCT regexp_replace(kind, '^(replay|recover)_', '') AS fam
                   CASE WHEN a.fam = 'complete' THEN '1 1 0 ' || CASE WHEN EXISTS (SELECT FROM billing.entries c
                               WHERE c.tenant_id = a.tenant AND c.trace_id = a.trace AND c.kind = 'capture') THEN 1 ELSE 0 END
                        WHEN a.fam = 'submit' THEN '0 0 0 0'
-                       WHEN a.fam IN ('deduct', 'credit') OR (a.fam = 'try' AND a.st = 'committed') THEN '1 1 0 0'
+                       WHEN a.fam IN ('deduct', 'credit', 'grant', 'refund') OR (a.fam = 'try' AND a.st = 'committed') THEN '1 1 0 0'
                        WHEN a.fam = 'try' THEN '0 0 1 0'
                        WHEN a.fam = 'capture' THEN '1 1 0 1'
                        ELSE '0 0 0 1' END AS want
@@ -808,10 +833,13 @@ SELECT format('%s %s/%s: acked entry %s amount %s balance_after %s; ledger entry
               billing.to_amount(e.amount_micros), billing.to_amount(e.balance_after_micros), e.kind)
   FROM fault_acked a
   JOIN billing.entries e ON e.tenant_id = a.tenant AND e.trace_id = a.trace
- WHERE (a.kind ~ '(deduct|credit|capture)$' OR (a.kind ~ 'try$' AND a.status = 'committed'))
+ WHERE (a.kind ~ '(deduct|credit|capture|grant|refund)$' OR (a.kind ~ 'try$' AND a.status = 'committed'))
    AND (e.entry_id IS DISTINCT FROM a.entry_id OR e.amount_micros <> a.amount * 1000000
         OR e.balance_after_micros <> a.balance_after * 1000000
-        OR e.kind <> CASE WHEN a.kind ~ 'credit' THEN 'topup' WHEN a.kind ~ 'capture' THEN 'capture' ELSE 'deduct' END)
+        OR e.kind <> CASE WHEN a.kind ~ 'credit' THEN 'topup' WHEN a.kind ~ 'capture' THEN 'capture'
+                          WHEN a.kind ~ 'grant' THEN 'grant' WHEN a.kind ~ 'refund' THEN 'refund' ELSE 'deduct' END
+        OR (a.kind ~ 'refund' AND e.refund_of IS DISTINCT FROM
+            (SELECT c.entry_id FROM billing.entries c WHERE c.tenant_id = a.tenant AND c.trace_id = a.ref)))
  ORDER BY 1
 SQL
 sql_check('acknowledged try_deduct rejections are in billing.rejections with their amount', <<'SQL');
@@ -842,7 +870,7 @@ SELECT format('%s %s/%s: %s acks, %s distinct results, %s with replayed = f', fa
   FROM (SELECT regexp_replace(kind, '^(replay|recover)_', '') AS fam, tenant, trace, count(*) AS n,
                count(*) FILTER (WHERE NOT replayed) AS nf,
                count(DISTINCT format('%s %s %s %s %s', ref, entry_id, amount,
-                     CASE WHEN kind ~ '(deduct|credit|try|capture)$' THEN balance_after END,
+                     CASE WHEN kind ~ '(deduct|credit|try|capture|grant|refund)$' THEN balance_after END,
                      CASE WHEN kind ~ '(try|release|complete)$' THEN status END)) AS d
           FROM fault_acked WHERE kind NOT IN ('claim', 'fail') GROUP BY 1, 2, 3) x
  WHERE d > 1 OR nf > 1 ORDER BY 1
@@ -888,6 +916,15 @@ SQL
 # accounts and holds
 # ---------------------------------------------------------------------------
 note('accounts and holds');
+sql_check('no charge was refunded beyond what it charged', <<'SQL');
+SELECT format('%s/%s: charged %s, refunded %s', tenant_id, charge_trace_id, charged, refunded)
+  FROM billing.refunded_charges WHERE refundable < 0
+SQL
+sql('SELECT billing.expire_due_holds(1000)');
+sql_check('after an expiry sweep no account holds expired grant credit', <<'SQL');
+SELECT format('%s: %s of expired grants', a.tenant_id, billing.expired_micros(a, now()))
+  FROM billing.accounts a WHERE billing.expired_micros(a, now()) > 0
+SQL
 sql_check('billing_verify() returns no rows', <<'SQL');
 SELECT row_to_json(v) FROM billing_verify() v
 SQL
