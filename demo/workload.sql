@@ -8,9 +8,12 @@
 --   lingua-gmbh  a translation shop in Berlin: EUR, days are Berlin days
 --   trial-7f3a   a trial tenant living on a 5 USD welcome grant
 --
--- Every money call passes event_at (when the usage happened), so the daily
--- reports come out the same on every run.  Statements that are meant to fail
--- are wrapped in ON_ERROR_STOP off/on; any other error stops the demo.
+-- The story happens the day before yesterday and yesterday (UTC): every
+-- money call passes event_at (when the usage happened), so the daily reports
+-- come out the same on every run but for the dates, and event_at stays in
+-- the accepted window (billing.event_at_window, 7 days).  Statements that are
+-- meant to fail are wrapped in ON_ERROR_STOP off/on; any other error stops
+-- the demo.
 --
 \pset footer off
 \pset pager off
@@ -18,6 +21,9 @@
 \set SHOW_CONTEXT never
 \set VERBOSITY default
 \set ON_ERROR_STOP on
+SET TIME ZONE 'UTC';
+SELECT to_char(current_date - 2, 'YYYY-MM-DD') AS d1, to_char(current_date - 1, 'YYYY-MM-DD') AS d2 \gset
+\echo 'The story: day 1 is' :d1 ', day 2 is' :d2 '(UTC).'
 
 \echo
 \echo '== 1. Three tenants sign up'
@@ -32,17 +38,17 @@ SELECT tenant_id, currency, status, balance, credit_limit, available, timezone
   FROM billing_account_create('trial-7f3a', metadata => '{"plan": "trial"}');
 
 \echo
-\echo '== 2. Money comes in: two Stripe top-ups and a welcome grant'
+\echo '== 2. Money comes in: two Stripe top-ups and a welcome grant that expires in 14 days'
 \echo '   The trace id is the payment id, so a re-delivered Stripe webhook cannot credit twice.'
 SELECT tenant_id, trace_id, kind, amount, balance_after, replayed
   FROM billing_credit('acme-ai', 100.00, 'stripe-pi_3QdemoA1acme',
-                      description => 'Stripe top-up', event_at => '2026-11-20 09:00+00');
+                      description => 'Stripe top-up', event_at => (:'d1' || ' 09:00+00')::timestamptz);
 SELECT tenant_id, trace_id, kind, amount, balance_after, replayed
   FROM billing_credit('lingua-gmbh', 150.00, 'stripe-pi_3QdemoB2lingua',
-                      description => 'Stripe top-up', event_at => '2026-11-20 09:15+00');
-SELECT tenant_id, trace_id, kind, amount, balance_after, replayed
-  FROM billing_credit('trial-7f3a', 5, 'grant-welcome-trial-7f3a', kind => 'grant',
-                      description => 'welcome credit', event_at => '2026-11-20 09:30+00');
+                      description => 'Stripe top-up', event_at => (:'d1' || ' 09:15+00')::timestamptz);
+SELECT tenant_id, trace_id, category, granted, expires_at::date AS expires, balance_after, replayed
+  FROM billing_grant('trial-7f3a', 5, 'grant-welcome-trial-7f3a', expires_at => current_date + 14,
+                     category => 'promotional', priority => 10, description => 'welcome credit');
 
 \echo
 \echo '== 3. A burst of 200 API calls, each charged by billing_deduct()'
@@ -65,7 +71,7 @@ WITH price(model, provider, usd_per_m_in, usd_per_m_out) AS (VALUES
                 t.api_keys[1 + g.i % cardinality(t.api_keys)]   AS api_key,
                 200 + g.i * 37 % 1800                           AS input_tokens,
                 50 + g.i * 53 % 700                             AS output_tokens,
-                timestamptz '2026-11-20 20:00+00' + g.i * interval '8 minutes' AS event_at
+                (:'d1' || ' 20:00+00')::timestamptz + g.i * interval '8 minutes' AS event_at
            FROM generate_series(1, 200) AS g(i)
            JOIN tenant t ON g.i % 10 BETWEEN t.slot_lo AND t.slot_hi)
 SELECT d.tenant_id,
@@ -141,12 +147,12 @@ SELECT entry_id, trace_id, amount, balance_after, version, replayed
   FROM billing_deduct('acme-ai', 0.003790, 'req-0201', description => 'chat completion',
                       metadata => '{"model": "gpt-4o", "provider": "openai", "api_key": "ak_acme_prod",
                                     "input_tokens": 812, "output_tokens": 176}',
-                      event_at => '2026-11-21 23:05+00');
+                      event_at => (:'d2' || ' 23:05+00')::timestamptz);
 SELECT entry_id, trace_id, amount, balance_after, version, replayed
   FROM billing_deduct('acme-ai', 0.003790, 'req-0201', description => 'chat completion',
                       metadata => '{"model": "gpt-4o", "provider": "openai", "api_key": "ak_acme_prod",
                                     "input_tokens": 812, "output_tokens": 176}',
-                      event_at => '2026-11-21 23:05+00');
+                      event_at => (:'d2' || ' 23:05+00')::timestamptz);
 SELECT billing_balance('acme-ai') AS acme_balance;
 
 \echo
@@ -157,7 +163,7 @@ SELECT entry_id, trace_id, amount, balance_after, replayed
   FROM billing_deduct('acme-ai', 0.037900, 'req-0201', description => 'chat completion',
                       metadata => '{"model": "gpt-4o", "provider": "openai", "api_key": "ak_acme_prod",
                                     "input_tokens": 812, "output_tokens": 176}',
-                      event_at => '2026-11-21 23:05+00');
+                      event_at => (:'d2' || ' 23:05+00')::timestamptz);
 \if :ERROR
 \echo '   -> refused with SQLSTATE' :LAST_ERROR_SQLSTATE
 \endif
@@ -169,14 +175,14 @@ SELECT entry_id, trace_id, amount, balance_after, replayed
 SELECT trace_id, amount, balance_after, replayed
   FROM billing_deduct('acme-ai', 120, 'ft-job-0042', description => 'fine-tuning run',
                       metadata => '{"model": "gpt-4o-mini", "provider": "openai", "api_key": "ak_acme_batch"}',
-                      event_at => '2026-11-21 23:10+00');
+                      event_at => (:'d2' || ' 23:10+00')::timestamptz);
 SELECT tenant_id, balance, credit_limit, available FROM billing.balances WHERE tenant_id = 'acme-ai';
 \echo '   The next 40 USD run does not fit. Expected: error ZB004 with required and available.'
 \set ON_ERROR_STOP off
 SELECT trace_id, amount, balance_after, replayed
   FROM billing_deduct('acme-ai', 40, 'ft-job-0043', description => 'fine-tuning run',
                       metadata => '{"model": "gpt-4o-mini", "provider": "openai", "api_key": "ak_acme_batch"}',
-                      event_at => '2026-11-21 23:12+00');
+                      event_at => (:'d2' || ' 23:12+00')::timestamptz);
 \if :ERROR
 \echo '   -> refused with SQLSTATE' :LAST_ERROR_SQLSTATE
 \endif
@@ -191,24 +197,24 @@ SELECT status, replayed, entry_id, trace_id, amount, balance_after, sqlstate, re
   FROM billing_try_deduct('trial-7f3a', 12, 'batch-emb-0007', description => 'embedding batch',
                           metadata => '{"model": "text-embedding-3-large", "provider": "openai",
                                         "api_key": "ak_trial_playground"}',
-                          event_at => '2026-11-21 23:20+00');
+                          event_at => (:'d2' || ' 23:20+00')::timestamptz);
 \x off
 \echo '   The customer upgrades and pays 20 USD.'
 SELECT tenant_id, trace_id, kind, amount, balance_after
   FROM billing_credit('trial-7f3a', 20, 'stripe-pi_3QdemoC3trial', description => 'Stripe top-up',
-                      event_at => '2026-11-21 23:25+00');
+                      event_at => (:'d2' || ' 23:25+00')::timestamptz);
 \echo '   A retry of batch-emb-0007 is a replay of the recorded rejection, even though the money is there now:'
 SELECT status, replayed, entry_id, trace_id, amount, sqlstate, reason
   FROM billing_try_deduct('trial-7f3a', 12, 'batch-emb-0007', description => 'embedding batch',
                           metadata => '{"model": "text-embedding-3-large", "provider": "openai",
                                         "api_key": "ak_trial_playground"}',
-                          event_at => '2026-11-21 23:20+00');
+                          event_at => (:'d2' || ' 23:20+00')::timestamptz);
 \echo '   The same batch sent as a new request (new trace id) is charged:'
 SELECT status, replayed, entry_id, trace_id, amount, balance_after
   FROM billing_try_deduct('trial-7f3a', 12, 'batch-emb-0008', description => 'embedding batch',
                           metadata => '{"model": "text-embedding-3-large", "provider": "openai",
                                         "api_key": "ak_trial_playground"}',
-                          event_at => '2026-11-21 23:26+00');
+                          event_at => (:'d2' || ' 23:26+00')::timestamptz);
 \echo '   The recorded rejection (table billing.rejections, append-only):'
 SELECT tenant_id, trace_id, kind, billing.to_amount(amount_micros) AS amount, sqlstate, reason
   FROM billing.rejections
@@ -226,7 +232,7 @@ SELECT trace_id, amount, balance_after, replayed
   FROM billing_deduct('lingua-gmbh', 0.004210, 'req-0202', description => 'segment translation',
                       metadata => '{"model": "claude-3-haiku", "provider": "anthropic", "api_key": "ak_lingua_cat",
                                     "input_tokens": 1480, "output_tokens": 3072}',
-                      event_at => '2026-11-21 23:30+00');
+                      event_at => (:'d2' || ' 23:30+00')::timestamptz);
 \if :ERROR
 \echo '   -> refused with SQLSTATE' :LAST_ERROR_SQLSTATE
 \endif
@@ -239,7 +245,7 @@ SELECT trace_id, amount, balance_after, replayed
   FROM billing_deduct('lingua-gmbh', 0.004210, 'req-0202', description => 'segment translation',
                       metadata => '{"model": "claude-3-haiku", "provider": "anthropic", "api_key": "ak_lingua_cat",
                                     "input_tokens": 1480, "output_tokens": 3072}',
-                      event_at => '2026-11-21 23:30+00');
+                      event_at => (:'d2' || ' 23:30+00')::timestamptz);
 
 \echo
 \echo '== 9. The ledger is append-only, even for a superuser'
@@ -255,10 +261,9 @@ DELETE FROM billing.entries WHERE tenant_id = 'acme-ai' AND trace_id = 'req-0201
 \endif
 \set ON_ERROR_STOP on
 \echo '   A correction is a new entry: refund the request (its upstream call timed out).'
-SELECT entry_id, trace_id, kind, amount, balance_after
-  FROM billing_credit('acme-ai', 0.003790, 'refund-req-0201', kind => 'refund',
-                      description => 'upstream timeout',
-                      event_at => '2026-11-21 23:45+00');
+\echo '   billing_refund() ties the refund to its charge and never gives back more than it took.'
+SELECT entry_id, trace_id, charge_trace_id, amount, refundable, balance_after
+  FROM billing_refund('acme-ai', 'req-0201', 0.003790, 'refund-req-0201', reason => 'upstream timeout');
 
 \echo
 \echo '== 10. The last 10 ledger entries (view billing.ledger)'
@@ -272,9 +277,13 @@ SELECT tenant_id, currency, status, balance, credit_limit, available, version, t
   FROM billing.balances
  ORDER BY tenant_id;
 
+\echo '   The trial''s welcome grant was spent before its top-up (view billing.grant_balances):'
+SELECT tenant_id, trace_id, category, granted, remaining, expires_at::date AS expires, status
+  FROM billing.grant_balances ORDER BY grant_id;
+
 \echo
 \echo '== 12. Usage per day (view billing.usage_daily), in each account''s time zone'
-\echo '   lingua-gmbh''s charges after 23:00 UTC on Nov 21 fall on Nov 22 in Berlin.'
+\echo '   lingua-gmbh''s charges after 23:00 UTC on day 2 (' :d2 ') fall on the next day in Berlin.'
 SELECT tenant_id, day, charges, spent, credits, credited
   FROM billing.usage_daily
  ORDER BY tenant_id, day;
