@@ -669,20 +669,41 @@ BEGIN
         RAISE EXCEPTION 'trace_id must not be null' USING ERRCODE = 'ZB015', HINT = 'Pass a value for trace_id.';
     END IF;
     PERFORM billing.check_json(billing_deduct_usage.metadata, 'metadata');
-    SELECT * INTO acc FROM billing.accounts a WHERE a.tenant_id = billing_deduct_usage.tenant_id;
+    -- the account row lock first, as billing_deduct takes it: the charge is
+    -- priced at the moment it is made (its created_at), not when the
+    -- transaction started
+    SELECT * INTO acc FROM billing.accounts a WHERE a.tenant_id = billing_deduct_usage.tenant_id FOR UPDATE;
     IF NOT FOUND THEN
         PERFORM billing.lock_account(billing_deduct_usage.tenant_id);   -- raises ZB015 / ZB001
     END IF;
-    -- price at the usage time; a replay is priced when the original was recorded
-    SELECT e.created_at, e.metadata INTO priced, was FROM billing.entries e
+    SELECT e.metadata INTO was FROM billing.entries e
      WHERE e.tenant_id = billing_deduct_usage.tenant_id AND e.trace_id = billing_deduct_usage.trace_id;
-    IF NOT FOUND THEN
-        -- a new charge: it is priced at its event time, which must be in the
-        -- accepted window (ZB019)
-        PERFORM billing.check_event_at(billing_deduct_usage.event_at);
+    IF FOUND AND (was ? 'input_per_1m' OR was ? 'input_per_1k') AND was ? 'price_effective_from' THEN
+        -- a replay: priced with the unit prices its entry records, whatever
+        -- the price history says since (a price set or backdated later, an
+        -- override ended), so the same request always replays
+        p := ROW(billing_deduct_usage.tenant_id, billing_deduct_usage.model, acc.currency,
+                 (was->>'price_effective_from')::timestamptz,
+                 NOT coalesce((was->>'price_override')::boolean, false),
+                 CASE WHEN was ? 'input_per_1m' THEN ((was->>'input_per_1m')::numeric * 1000000)::bigint
+                      ELSE ((was->>'input_per_1k')::numeric * 1000000000)::bigint END,
+                 ((was->>'cached_input_per_1m')::numeric * 1000000)::bigint,
+                 ((was->>'cache_write_per_1m')::numeric * 1000000)::bigint,
+                 CASE WHEN was ? 'output_per_1m' THEN ((was->>'output_per_1m')::numeric * 1000000)::bigint
+                      ELSE ((was->>'output_per_1k')::numeric * 1000000000)::bigint END,
+                 ((was->>'reasoning_per_1m')::numeric * 1000000)::bigint,
+                 ((was->>'per_request')::numeric * 1000000)::bigint,
+                 ((was->>'per_second')::numeric * 1000000)::bigint,
+                 NULL)::billing.price_overrides;
+    ELSE
+        IF NOT FOUND THEN
+            -- a new charge: it is priced at its event time, which must be in
+            -- the accepted window (ZB019)
+            PERFORM billing.check_event_at(billing_deduct_usage.event_at);
+        END IF;
+        priced := coalesce(billing_deduct_usage.event_at, clock_timestamp());
+        p := billing.price_for(billing_deduct_usage.tenant_id, billing_deduct_usage.model, acc.currency, priced);
     END IF;
-    priced := coalesce(billing_deduct_usage.event_at, priced, now());
-    p := billing.price_for(billing_deduct_usage.tenant_id, billing_deduct_usage.model, acc.currency, priced);
     q := ARRAY[billing_deduct_usage.input_tokens, billing_deduct_usage.cached_input_tokens,
                billing_deduct_usage.cache_write_tokens, billing_deduct_usage.output_tokens,
                billing_deduct_usage.reasoning_tokens, billing_deduct_usage.requests,

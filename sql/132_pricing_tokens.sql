@@ -306,6 +306,35 @@ SELECT model, currency, input_per_1m, cached_input_per_1m, cache_write_per_1m, o
        reasoning_per_1m, per_request, per_second, effective_from, effective_until, is_current
   FROM billing.price_list WHERE model LIKE 'tok-%' ORDER BY model, currency, effective_from;
 
+--
+-- A replay is priced with the unit prices its entry records: a price set,
+-- backdated or ended after the charge never turns the same request into a
+-- conflict (ZB005) or an unknown model (ZB060).
+--
+SELECT tenant_id FROM billing_account_create('tok-rp');
+SELECT kind FROM billing_credit('tok-rp', 100, 'tok-rp-top');
+SELECT model FROM billing_price_set('rp-model', input_per_1m => 1, output_per_1m => 2,
+                                    effective_from => '2020-01-01 00:00+00');
+SELECT amount, replayed FROM billing_deduct_usage('tok-rp', 'rp-model', 1000000, 0, 'tok-rp-u1');
+-- a new price from now on, and one backdated over the charge
+SELECT model FROM billing_price_set('rp-model', input_per_1m => 5, output_per_1m => 5);
+SELECT model FROM billing_price_set('rp-model', input_per_1m => 7, output_per_1m => 7,
+                                    effective_from => now() - interval '1 hour');
+SELECT amount, replayed FROM billing_deduct_usage('tok-rp', 'rp-model', 1000000, 0, 'tok-rp-u1');
+-- a new request is priced at today's price
+SELECT amount, replayed FROM billing_deduct_usage('tok-rp', 'rp-model', 1000000, 0, 'tok-rp-u2');
+-- the same trace id with other counts is still a conflict
+SELECT split_part(regress_error($$SELECT billing_deduct_usage('tok-rp', 'rp-model', 2000000, 0, 'tok-rp-u1')$$),
+                  E'\n', 1);
+-- an override for a model without a list price, ended after a charge
+SELECT model FROM billing_price_override_set('tok-rp', 'rp-private', per_request => 0.01,
+                                             effective_from => '2020-01-01 00:00+00');
+SELECT amount FROM billing_deduct_usage('tok-rp', 'rp-private', 0, 0, 'tok-rp-p1');
+SELECT model FROM billing_price_override_end('tok-rp', 'rp-private', now() - interval '1 minute');
+SELECT amount, replayed FROM billing_deduct_usage('tok-rp', 'rp-private', 0, 0, 'tok-rp-p1');
+SELECT split_part(regress_error($$SELECT billing_deduct_usage('tok-rp', 'rp-private', 0, 0, 'tok-rp-p2')$$),
+                  E'\n', 1);
+
 SELECT * FROM billing_verify() WHERE tenant_id LIKE 'tok-%';
 RESET timezone;
 RESET datestyle;

@@ -30,7 +30,7 @@ plan skip_all => "no release before $current" unless @releases;
 
 my $node = BillingTest::node('upgrade', database => 'postgres', extension => 0);
 $node->safe_psql('postgres', 'CREATE ROLE upgrader SUPERUSER LOGIN; CREATE ROLE up_app LOGIN;
-	CREATE ROLE up_treasury LOGIN; CREATE ROLE up_pricer LOGIN');
+	CREATE ROLE up_treasury LOGIN; CREATE ROLE up_pricer LOGIN; CREATE ROLE "gw-app" LOGIN');
 
 # the whole API of 1.3, every kind of state
 my $fill = q{
@@ -65,6 +65,8 @@ SELECT billing_job_claim('w1', max_jobs => 3);
 SELECT billing_job_complete('up-5', (SELECT job_id FROM billing.jobs WHERE idempotency_key = 'up-j2'), 1.5);
 SELECT billing_job_fail('up-5', (SELECT job_id FROM billing.jobs WHERE idempotency_key = 'up-j3'), 'boom', retryable => false);
 SELECT billing_grant_app('up_app');
+SELECT billing_grant_app('"gw-app"');
+GRANT SELECT ON billing.usage_daily TO "gw-app";
 SELECT billing_grant_reporting('up_app');
 GRANT USAGE ON SCHEMA billing TO up_treasury;
 GRANT EXECUTE ON FUNCTION billing_credit(text, numeric, text, text, jsonb, timestamptz, text) TO up_treasury;
@@ -220,6 +222,10 @@ for my $r (@releases)
 			has_table_privilege('up_pricer', 'billing.usage_daily', 'SELECT'),
 			has_table_privilege('up_app', 'billing.usage_daily', 'SELECT')}),
 		't|t|t|t|f|t|t|f|t', "$r: the grants on the functions and views 1.4 replaces are on their replacements");
+	is($node->safe_psql($db, q{SELECT
+			has_function_privilege('gw-app', 'billing_cost(text, bigint, bigint, timestamptz, text, bigint, bigint, bigint, bigint, numeric, text)', 'EXECUTE'),
+			has_table_privilege('gw-app', 'billing.usage_daily', 'SELECT')}),
+		't|t', "$r: ... also for a role whose name needs quoting");
 	is($node->safe_psql($db, q{SELECT has_function_privilege('up_app',
 			'billing_deduct(text, numeric, text, text, jsonb, timestamptz, text, text)', 'EXECUTE')
 			AND has_table_privilege('up_app', 'billing.balances', 'SELECT')}),
