@@ -26,6 +26,7 @@
 #include "catalog/namespace.h"
 #include "catalog/pg_collation.h"
 #include "commands/sequence.h"
+#include "compat.h"
 #include "direct.h"
 #include "executor/executor.h"
 #include "miscadmin.h"
@@ -244,7 +245,7 @@ lookup(Relation rel, Relation index, Snapshot snap, Datum key,
 	bool		found;
 
 	key_init(&skey, index, 1, &key);
-	scan = index_beginscan(rel, index, snap, 1, 0);
+	scan = billing_index_beginscan(rel, index, snap, 1, 0);
 	index_rescan(scan, &skey, 1, NULL, 0);
 	found = index_getnext_slot(scan, ForwardScanDirection, slot);
 	index_endscan(scan);
@@ -270,7 +271,7 @@ direct_reader_open(DirectTable *t)
 	r->rel = direct_open(t, nsp, AccessShareLock);
 	r->index = index_open(billing_relid(t->key_index, nsp), AccessShareLock);
 	r->slot = table_slot_create(r->rel, NULL);
-	r->scan = index_beginscan(r->rel, r->index, GetActiveSnapshot(), 1, 0);
+	r->scan = billing_index_beginscan(r->rel, r->index, GetActiveSnapshot(), 1, 0);
 	return r;
 }
 
@@ -397,7 +398,7 @@ direct_key_exists(DirectTable *t, Datum k1, Datum k2)
 	InitDirtySnapshot(dirty);
 	for (;;)
 	{
-		IndexScanDesc scan = index_beginscan(rel, index, &dirty, 2, 0);
+		IndexScanDesc scan = billing_index_beginscan(rel, index, &dirty, 2, 0);
 		TransactionId xwait = InvalidTransactionId;
 
 		index_rescan(scan, skey, 2, NULL, 0);
@@ -470,6 +471,7 @@ direct_write(DirectTable *ins, Datum *ivalues, bool *inulls,
 	Relation	urel = upd ? direct_open(upd, nsp, RowExclusiveLock) : NULL;
 	EState	   *estate = CreateExecutorState();
 	List	   *rtable = NIL;
+	List	   *perminfos = NIL;
 	ResultRelInfo *irri = NULL;
 	ResultRelInfo *urri = NULL;
 
@@ -478,6 +480,7 @@ direct_write(DirectTable *ins, Datum *ivalues, bool *inulls,
 	{
 		Relation	rel = i == 0 ? irel : urel;
 		RangeTblEntry *rte;
+		Bitmapset **updated;
 
 		if (rel == NULL)
 			continue;
@@ -486,6 +489,7 @@ direct_write(DirectTable *ins, Datum *ivalues, bool *inulls,
 		rte->relid = RelationGetRelid(rel);
 		rte->relkind = rel->rd_rel->relkind;
 		rte->rellockmode = RowExclusiveLock;
+		updated = billing_add_rte(&rtable, &perminfos, rte);
 
 		/*
 		 * The columns the update sets, as in a SQL UPDATE's range table
@@ -495,12 +499,11 @@ direct_write(DirectTable *ins, Datum *ivalues, bool *inulls,
 		if (rel == urel)
 			for (int c = 0; c < upd->ncols; c++)
 				if (uset[c] && upd->attnum[c] != InvalidAttrNumber)
-					rte->updatedCols =
-						bms_add_member(rte->updatedCols,
+					*updated =
+						bms_add_member(*updated,
 									   upd->attnum[c] - FirstLowInvalidHeapAttributeNumber);
-		rtable = lappend(rtable, rte);
 	}
-	ExecInitRangeTable(estate, rtable);
+	billing_init_range_table(estate, rtable, perminfos);
 	estate->es_output_cid = GetCurrentCommandId(true);
 	estate->es_snapshot = GetActiveSnapshot();
 	if (irel)
@@ -547,7 +550,7 @@ direct_write(DirectTable *ins, Datum *ivalues, bool *inulls,
 		}
 		ExecStoreVirtualTuple(newslot);
 		ItemPointerSetInvalid(&newslot->tts_tid);
-		EvalPlanQualInit(&epq, estate, NULL, NIL, -1);
+		billing_epq_init(&epq, estate);
 		ExecSimpleRelationUpdate(urri, estate, &epq, oldslot, newslot);
 		EvalPlanQualEnd(&epq);
 		if (!ItemPointerIsValid(&newslot->tts_tid))
@@ -579,7 +582,7 @@ direct_scan(DirectTable *t, const char *index_name, Datum *key,
 	ScanKeyData skey;
 	IndexScanDesc scan;
 
-	scan = index_beginscan(rel, index, GetActiveSnapshot(), key ? 1 : 0, 0);
+	scan = billing_index_beginscan(rel, index, GetActiveSnapshot(), key ? 1 : 0, 0);
 	if (key)
 		key_init(&skey, index, 1, key);
 	index_rescan(scan, key ? &skey : NULL, key ? 1 : 0, NULL, 0);

@@ -1,0 +1,90 @@
+/*-------------------------------------------------------------------------
+ *
+ * compat.h
+ *	  Every PostgreSQL version difference of the billing extension, in one
+ *	  place: the .c files call these wrappers and carry no version #if.
+ *
+ * Built and tested on PostgreSQL 15, 17 and 18.  The guards are by the
+ * version that changed the API (16 or 18), so 16 is covered too.
+ *
+ *-------------------------------------------------------------------------
+ */
+#ifndef BILLING_COMPAT_H
+#define BILLING_COMPAT_H
+
+#include "access/genam.h"
+#include "executor/executor.h"
+#include "nodes/parsenodes.h"
+#if PG_VERSION_NUM >= 160000
+#include "parser/parse_relation.h"
+#endif
+
+#if PG_VERSION_NUM < 150000
+#error "billing needs PostgreSQL 15 or later"
+#endif
+
+/*
+ * 18: index_beginscan() takes an IndexScanInstrumentation (EXPLAIN's
+ * counters) before nkeys; we have none to fill.
+ */
+static inline IndexScanDesc
+billing_index_beginscan(Relation heap, Relation index, Snapshot snapshot,
+						int nkeys, int norderbys)
+{
+#if PG_VERSION_NUM >= 180000
+	return index_beginscan(heap, index, snapshot, NULL, nkeys, norderbys);
+#else
+	return index_beginscan(heap, index, snapshot, nkeys, norderbys);
+#endif
+}
+
+/*
+ * 16: the permission fields of a range table entry (updatedCols among them,
+ * which BEFORE/AFTER UPDATE OF <column> triggers read) moved to an
+ * RTEPermissionInfo in a list of its own.  Appends `rte` to *rtable (and
+ * its permission info to *perminfos) and returns where the entry's
+ * updatedCols live.
+ */
+static inline Bitmapset **
+billing_add_rte(List **rtable, List **perminfos, RangeTblEntry *rte)
+{
+	*rtable = lappend(*rtable, rte);
+#if PG_VERSION_NUM >= 160000
+	return &addRTEPermissionInfo(perminfos, rte)->updatedCols;
+#else
+	return &rte->updatedCols;
+#endif
+}
+
+/*
+ * 16: ExecInitRangeTable() takes the permission infos; 18 also the range
+ * table indexes that partition pruning left (all of ours: no pruning).
+ */
+static inline void
+billing_init_range_table(EState *estate, List *rtable, List *perminfos)
+{
+#if PG_VERSION_NUM >= 180000
+	ExecInitRangeTable(estate, rtable, perminfos,
+					   bms_add_range(NULL, 1, list_length(rtable)));
+#elif PG_VERSION_NUM >= 160000
+	ExecInitRangeTable(estate, rtable, perminfos);
+#else
+	ExecInitRangeTable(estate, rtable);
+#endif
+}
+
+/*
+ * 16: EvalPlanQualInit() takes the result relations' range table indexes
+ * (NIL, as logical replication's apply passes: no plan to re-check).
+ */
+static inline void
+billing_epq_init(EPQState *epq, EState *estate)
+{
+#if PG_VERSION_NUM >= 160000
+	EvalPlanQualInit(epq, estate, NULL, NIL, -1, NIL);
+#else
+	EvalPlanQualInit(epq, estate, NULL, NIL, -1);
+#endif
+}
+
+#endif							/* BILLING_COMPAT_H */
