@@ -4,7 +4,8 @@
 #
 #   test/matrix.sh [VERSION...]      (default: 17 18)
 #
-# Versions and their Debian suites: 17 = trixie, 18 = sid (the mirror below).
+# Versions and their Debian suites: 17 = trixie, 18 = sid (the mirror
+# below); also 15 = bookworm, the native version, in a clean room.
 # For each version in turn:
 #   1. The chroot <cache>/<suite> is reused when its stamp matches this
 #      script's recipe (MATRIX_RECIPE, the package lists, the mirror);
@@ -31,7 +32,7 @@
 # BILLING_MATRIX_* (this script's knobs) and the per-cluster values of a
 # native run (BILLING_TMP, BILLING_PGPORT, BILLING_REDIS_PORT, BILLING_PGBIN:
 # host paths and host ports).  BILLING_PORT_BASE is set per version (17:
-# 61000, 18: 62000): the harness takes every TCP port it uses from there, so
+# 61000, 18: 62000, 15: 64000): the harness takes every TCP port it uses from there, so
 # a matrix run never shares a port with a native run (the chroot shares the
 # host's network).  Both lie above Linux's ephemeral port range
 # (32768-60999), where an outgoing connection could hold a port and make a
@@ -86,6 +87,7 @@ die() {
 # version -> "<Debian suite> <BILLING_PORT_BASE>"
 version_info() {
 	case $1 in
+	15) echo bookworm 64000 ;;
 	17) echo trixie 61000 ;;
 	18) echo sid 62000 ;;
 	*) return 1 ;;
@@ -115,9 +117,11 @@ procs_in() {
 
 # TERM, then (after 10 s) KILL every process rooted in $1.
 kill_procs_in() {
-	local pids i
+	local pids i p list=()
 	mapfile -t pids < <(procs_in "$1")
 	((${#pids[@]})) || return 0
+	for p in "${pids[@]}"; do list+=("$p($(cat "/proc/$p/comm" 2>/dev/null))"); done
+	say "stopping ${#pids[@]} process(es) left in $1: ${list[*]}"
 	kill -TERM "${pids[@]}" 2>/dev/null || true
 	for i in {1..100}; do
 		mapfile -t pids < <(procs_in "$1")
@@ -432,6 +436,18 @@ suite_env() {
 	env_args+=("BILLING_PORT_BASE=$(version_info "$v" | cut -d' ' -f2)")
 }
 
+# Run make check for version $1 in chroot $2; output to log $3 and, with a
+# prefix, to stdout.  Returns the status of make (124: timed out).
+run_suite() {
+	local v=$1 root=$2 log=$3 rc=0
+	# shellcheck disable=SC2016 # $1 is expanded by the chroot's bash
+	timeout -k 30 "$suite_timeout" chroot "$root" /usr/bin/env -i "${env_args[@]}" \
+		/bin/bash -c 'cd /build/billing && exec make check PG_CONFIG="$1"' \
+		bash "/usr/lib/postgresql/$v/bin/pg_config" </dev/null 2>&1 |
+		tee "$log" | sed -u "s/^/[pg$v] /" || rc=${PIPESTATUS[0]}
+	return "$rc"
+}
+
 # ---------------------------------------------------------------------------
 
 ((EUID == 0)) || die "run as root (debootstrap, chroot and mount need it)"
@@ -448,7 +464,7 @@ total_passed=0 total_failed=0 results=()
 for v in "${versions[@]}"; do
 	started=$SECONDS
 	if ! suite=$(suite_of "$v"); then
-		warn "pg$v: no Debian suite known for PostgreSQL '$v' (known: 17 18)"
+		warn "pg$v: no Debian suite known for PostgreSQL '$v' (known: 15 17 18)"
 		results+=("pg$v: FAILED: unknown version")
 		total_failed=$((total_failed + 1))
 		continue
@@ -481,11 +497,11 @@ for v in "${versions[@]}"; do
 	mount_chroot "$root"
 	suite_env "$v" "$root"
 	rc=0
-	# shellcheck disable=SC2016 # $1 is expanded by the chroot's bash
-	timeout -k 30 "$suite_timeout" chroot "$root" /usr/bin/env -i "${env_args[@]}" \
-		/bin/bash -c 'cd /build/billing && exec make check PG_CONFIG="$1"' \
-		bash "/usr/lib/postgresql/$v/bin/pg_config" </dev/null 2>&1 |
-		tee "$log" | sed -u "s/^/[pg$v] /" || rc=${PIPESTATUS[0]}
+	# in the background: a signal's trap runs at once, not after the suite
+	run_suite "$v" "$root" "$log" &
+	child=$!
+	wait "$child" || rc=$?
+	child=
 	suite_s=$((SECONDS - started - ready))
 	release "$root"
 	forget_active "$root"
