@@ -13,7 +13,8 @@
 #      temporary sibling directory and renamed into place when complete.
 #   2. The source tree that holds this script (tracked files plus untracked
 #      files git does not ignore, so uncommitted work is tested too) is copied
-#      to a fresh /build/billing inside the chroot.
+#      to a fresh /build/billing inside the chroot; what an earlier run
+#      installed there (billing.so, billing*.sql, the Lua scripts) is removed.
 #   3. /proc and a tmpfs on /dev/shm are mounted; as root inside the chroot,
 #      with a clean environment, it runs
 #        make check PG_CONFIG=/usr/lib/postgresql/<N>/bin/pg_config
@@ -32,15 +33,16 @@
 # BILLING_MATRIX_* (this script's knobs) and the per-cluster values of a
 # native run (BILLING_TMP, BILLING_PGPORT, BILLING_REDIS_PORT, BILLING_PGBIN:
 # host paths and host ports).  BILLING_PORT_BASE is set per version (17:
-# 61000, 18: 62000, 15: 64000): the harness takes every TCP port it uses from there, so
-# a matrix run never shares a port with a native run (the chroot shares the
-# host's network).  Both lie above Linux's ephemeral port range
-# (32768-60999), where an outgoing connection could hold a port and make a
-# server's bind fail.
+# 61000, 18: 62000, 15: 64000): the harness takes every TCP port it uses
+# from there, so a matrix run never shares a port with a native run (the
+# chroot shares the host's network).  All lie above Linux's ephemeral port
+# range (32768-60999), where an outgoing connection could hold a port and
+# make a server's bind fail.
+# Logs: <cache>/pgN.log (the suite's output), <cache>/<suite>.build.log.
 #
 # Knobs:
 #   BILLING_MATRIX_CACHE    chroot cache (default /var/cache/billing-matrix),
-#                           outside the work tree; about 0.9 GiB per suite
+#                           outside the work tree; 0.6-0.75 GiB per suite
 #   BILLING_MATRIX_MIRROR   Debian mirror (default http://deb.debian.org/debian)
 #   BILLING_MATRIX_TIMEOUT  seconds one version's suite may run (default 1500,
 #                           so that two hung versions still fit CI's 90 min)
@@ -58,8 +60,9 @@
 # and leftovers of an interrupted creation are removed (after unmounting)
 # by the next run.  One run at a time per chroot (flock on
 # <cache>/.<suite>.lock).  On every exit path (failure, timeout, Ctrl-C,
-# TERM) the processes inside the chroot are killed and its mounts removed;
-# no directory is ever removed while something is mounted below it.
+# TERM) the processes inside the chroot are killed and its mounts removed
+# (after a SIGKILL of this script, the next run does it first); no
+# directory is ever removed while something is mounted below it.
 # Maintainer scripts start no servers (policy-rc.d exits 101) and no
 # `main` cluster is created.  Nothing is installed on the host except the
 # Debian package debootstrap, when it is missing.
@@ -406,10 +409,14 @@ prepare_chroot() {
 	say "pg$v: $root ready ($(du -sh --one-file-system "$root" | cut -f1))"
 }
 
-# Copy the source tree into a fresh /build/billing of chroot $1.
+# Copy the source tree into a fresh /build/billing of chroot $1 (version
+# $2), and remove what an earlier run installed: make check installs again.
 copy_tree() {
-	local root=$1 f
-	rm -rf --one-file-system "$root/build"
+	local root=$1 v=$2 f
+	rm -rf --one-file-system "$root/build" \
+		"$root/usr/share/postgresql/$v/extension/billing"* \
+		"$root/usr/lib/postgresql/$v/lib/billing.so" \
+		"$root/usr/lib/postgresql/$v/lib/bitcode/billing"*
 	mkdir -p "$root/build/billing"
 	git -C "$repo" ls-files -z --cached --others --exclude-standard |
 		while IFS= read -r -d '' f; do
@@ -493,7 +500,7 @@ for v in "${versions[@]}"; do
 	say "pg$v: chroot $root ready after $ready s; running make check"
 	active+=("$root")
 	release "$root" # nothing left over from an earlier run
-	copy_tree "$root"
+	copy_tree "$root" "$v"
 	mount_chroot "$root"
 	suite_env "$v" "$root"
 	rc=0
