@@ -42,7 +42,9 @@
 #
 # Knobs:
 #   BILLING_MATRIX_CACHE    chroot cache (default /var/cache/billing-matrix),
-#                           outside the work tree; 0.6-0.75 GiB per suite
+#                           outside the work tree; 0.6-0.75 GiB per suite,
+#                           plus 0.3-0.4 GiB for the last run's /build
+#                           (kept for inspection: regression.diffs, logs)
 #   BILLING_MATRIX_MIRROR   Debian mirror (default http://deb.debian.org/debian)
 #   BILLING_MATRIX_TIMEOUT  seconds one version's suite may run (default 1500,
 #                           so that two hung versions still fit CI's 90 min)
@@ -380,7 +382,9 @@ prepare_chroot() {
 		$(head -n 1 "$root/$stamp_name") == "$(recipe_hash "$v")" ]]; then
 		return 0
 	fi
-	if [[ -e $root ]]; then
+	if [[ ${BILLING_MATRIX_REBUILD:-0} == 1 ]]; then
+		say "pg$v: rebuilding $root (BILLING_MATRIX_REBUILD=1)"
+	elif [[ -e $root ]]; then
 		say "pg$v: $root is out of date: rebuilding it"
 	fi
 	if ! command -v debootstrap >/dev/null; then
