@@ -234,7 +234,7 @@ in_chroot() {
 	local root=$1
 	shift
 	chroot "$root" /usr/bin/env -i PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
-		HOME=/root LANG=C DEBIAN_FRONTEND=noninteractive "$@"
+		HOME=/root LANG=C DEBIAN_FRONTEND=noninteractive "$@" {lockfd}>&-
 }
 
 # the hash that a current chroot of version $1 carries in its stamp
@@ -335,7 +335,7 @@ build_chroot() {
 	say "pg$v: debootstrap $suite into $t (log: $log)"
 	# in the background, so that on_exit can stop it
 	debootstrap --variant=minbase --include="$(base_packages "$v" | tr ' ' ,)" \
-		"$suite" "$t" "$mirror" >"$log" 2>&1 </dev/null &
+		"$suite" "$t" "$mirror" >"$log" 2>&1 </dev/null {lockfd}>&- &
 	child=$!
 	wait "$child" || rc=$?
 	child=
@@ -508,8 +508,10 @@ for v in "${versions[@]}"; do
 	mount_chroot "$root"
 	suite_env "$v" "$root"
 	rc=0
-	# in the background: a signal's trap runs at once, not after the suite
-	run_suite "$v" "$root" "$log" &
+	# in the background: a signal's trap runs at once, not after the suite.
+	# The lock's descriptor stays here: a server left behind by a killed run
+	# must not hold the lock against the next run, which stops it.
+	run_suite "$v" "$root" "$log" {lockfd}>&- &
 	child=$!
 	wait "$child" || rc=$?
 	child=
