@@ -21,7 +21,14 @@
 # <repo>/tmp_check), BILLING_TAP_TIMEOUT (seconds per TAP file, default 1200),
 # BILLING_TESTS (a space-separated subset of TAP files to run, e.g.
 # "001_no_preload"), BILLING_SKIP (any of: regress isolation tap),
-# PROVE_FLAGS (e.g. -v).
+# PROVE_FLAGS (e.g. -v), BILLING_PORT_BASE (below).
+#
+# TCP ports: by default the TAP framework picks free ports in 10200-32767,
+# reserved in /tmp/billing-test-ports (PG_TEST_PORT_DIR) for every run on
+# the machine.  With BILLING_PORT_BASE=B (test/matrix.sh sets it per
+# chroot, whose /tmp is its own) they come from B+100 .. B+999 instead
+# (test/perl/BillingTest.pm), so that a run in a chroot never shares a port
+# with a native run.
 set -euo pipefail
 
 here=$(cd "$(dirname "$(realpath "${BASH_SOURCE[0]}")")" && pwd)
@@ -97,6 +104,13 @@ skip=" ${BILLING_SKIP:-} "
 ports=${PG_TEST_PORT_DIR:-/tmp/billing-test-ports}
 mkdir -p "$ports"
 chmod 1777 "$ports" 2>/dev/null || true
+if [[ -n ${BILLING_PORT_BASE:-} ]]; then
+	if ! [[ $BILLING_PORT_BASE =~ ^[0-9]+$ ]] || ((BILLING_PORT_BASE < 1024 || BILLING_PORT_BASE > 64535)); then
+		echo "run.sh: BILLING_PORT_BASE must be a port number from 1024 to 64535" >&2
+		exit 1
+	fi
+	export BILLING_PORT_BASE
+fi
 
 # run_regress LABEL PROGRAM OUTDIR ARGS... -- pg_regress or
 # pg_isolation_regress on a temporary instance; counts its per-test lines.
@@ -164,9 +178,11 @@ if [[ $skip != *" tap "* ]]; then
 		started=$SECONDS
 		rc=0
 		as_tester mkdir -p "$tmp/tap/$name"
+		# TESTDIR for PostgreSQL 15, TESTDATADIR and TESTLOGDIR from 16 on
 		as_tester env -C "$src" TESTDIR="$tmp/tap/$name" PATH="$bindir:$PATH" \
+			TESTDATADIR="$tmp/tap/$name/tmp_check" TESTLOGDIR="$tmp/tap/$name/tmp_check/log" \
 			PG_REGRESS="$pgxs_src/test/regress/pg_regress" PG_CONFIG="$PG_CONFIG" \
-			PG_TEST_PORT_DIR="$ports" \
+			PG_TEST_PORT_DIR="$ports" BILLING_PORT_BASE="${BILLING_PORT_BASE:-}" \
 			BILLING_REPO="$src" CI="${CI:-}" \
 			timeout -k 10 "${BILLING_TAP_TIMEOUT:-1200}" \
 			prove -I "$pgxs_src/test/perl" -I "$src/test/perl" ${PROVE_FLAGS:-} "test/t/$name.pl" \

@@ -52,6 +52,43 @@ our $REPO = File::Spec->rel2abs(dirname(__FILE__) . '/../..');
 
 =pod
 
+=head1 PORTS
+
+Nodes and Redis servers take their TCP ports from
+C<PostgreSQL::Test::Cluster::get_free_port()>: by default a free port in
+10200-32767, reserved in the directory C<PG_TEST_PORT_DIR> (test/run.sh
+gives every run on the machine the same one).  With C<BILLING_PORT_BASE=B>
+in the environment (test/matrix.sh sets it for a run inside a chroot, whose
+reservation directory is its own) it is a free port in B+100 .. B+999
+instead, reserved the same way, so that runs in different chroots and a
+native run never pick the same port.
+
+=cut
+
+if (my $base = $ENV{BILLING_PORT_BASE})
+{
+	croak "BILLING_PORT_BASE must be a number from 1024 to 64535"
+	  unless $base =~ /^[0-9]+$/ && $base >= 1024 && $base <= 64535;
+	my ($first, $count) = ($base + 100, 900);
+	my $next = $first + int(rand($count));
+	no warnings 'redefine';
+	*PostgreSQL::Test::Cluster::get_free_port = sub {
+		for (1 .. $count)
+		{
+			my $port = $next;
+			$next = $next + 1 < $first + $count ? $next + 1 : $first;
+			next if grep { $_->port == $port } @PostgreSQL::Test::Cluster::all_nodes;
+			next unless PostgreSQL::Test::Cluster::can_bind('127.0.0.1', $port);
+			next unless PostgreSQL::Test::Cluster::_reserve_port($port);
+			note("port $port (BILLING_PORT_BASE=$base)");
+			return $port;
+		}
+		croak "no free port in $first .. " . ($first + $count - 1) . " (BILLING_PORT_BASE=$base)";
+	};
+}
+
+=pod
+
 =head1 FUNCTIONS
 
 =over
