@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Throwaway PostgreSQL 15 cluster + redis-server for the billing tests.
+# Throwaway PostgreSQL cluster + redis-server for the billing tests.
 #
 #   test/cluster.sh start          (re)create and start both (stops old ones first)
 #   test/cluster.sh stop           stop both (no-op if not running)
@@ -11,7 +11,9 @@
 # When sourced (". test/cluster.sh"), it only exports the `env` variables and
 # defines `billing_cluster <cmd> [args]`; the caller's shell options are untouched.
 #
-# Knobs: BILLING_TMP (default <repo>/tmp_check, or /tmp/billing-check-<hash> if
+# Knobs: BILLING_PGBIN (the PostgreSQL binaries; default: PG_CONFIG's bindir
+# if PG_CONFIG is set, else /usr/lib/postgresql/15/bin),
+# BILLING_TMP (default <repo>/tmp_check, or /tmp/billing-check-<hash> if
 # the postgres user cannot use that), BILLING_PGPORT (54329), BILLING_REDIS_PORT
 # (63799), BILLING_PRELOAD (1 = shared_preload_libraries='billing'),
 # BILLING_FSYNC (off|on), BILLING_EXTRA_CONF (lines appended to postgresql.conf),
@@ -32,7 +34,13 @@ fi
 
 set -euo pipefail
 
-PGBIN=/usr/lib/postgresql/15/bin
+if [[ -n ${BILLING_PGBIN:-} ]]; then
+	PGBIN=$BILLING_PGBIN
+elif [[ -n ${PG_CONFIG:-} ]]; then
+	PGBIN=$("$PG_CONFIG" --bindir) || { echo "cluster.sh: $PG_CONFIG --bindir failed" >&2; exit 1; }
+else
+	PGBIN=/usr/lib/postgresql/15/bin
+fi
 repo=$(cd "$(dirname "$(realpath "${BASH_SOURCE[0]}")")/.." && pwd)
 pgport=${BILLING_PGPORT:-54329}
 redis_port=${BILLING_REDIS_PORT:-63799}
