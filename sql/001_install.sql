@@ -14,12 +14,20 @@ SELECT extname, extversion, extnamespace::regnamespace AS schema, extrelocatable
   FROM pg_extension WHERE extname = 'billing';
 
 -- Every object that belongs to the extension.  A new, renamed or dropped
--- function, table, view, type or sequence shows up as a diff here.
+-- function, table, view, type or sequence shows up as a diff here.  From
+-- PostgreSQL 17 on, pg_depend also lists the row type of every table and
+-- view and every array type as members; they follow from their table or
+-- type and are left out, so that every version shows the same list.
 SELECT pg_describe_object(d.classid, d.objid, d.objsubid) AS object
   FROM pg_depend d
  WHERE d.refclassid = 'pg_extension'::regclass
    AND d.refobjid = (SELECT oid FROM pg_extension WHERE extname = 'billing')
    AND d.deptype = 'e'
+   AND NOT EXISTS (SELECT FROM pg_type t
+                    WHERE d.classid = 'pg_type'::regclass AND t.oid = d.objid
+                      AND (EXISTS (SELECT FROM pg_type e WHERE e.typarray = t.oid)
+                           OR EXISTS (SELECT FROM pg_class c
+                                       WHERE c.oid = t.typrelid AND c.relkind <> 'c')))
  ORDER BY 1;
 
 -- The SQL API: argument names, defaults and result types of the billing_*
