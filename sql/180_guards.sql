@@ -132,7 +132,7 @@ SELECT tenant_id, timezone FROM billing_account_create('gd-tz2', timezone => 'Et
 SELECT tenant_id, timezone FROM billing_account_create('gd-tz3', timezone => 'UTC');
 SELECT tenant_id, timezone FROM billing_account_create('gd-tz4', timezone => 'GMT');
 SELECT tenant_id, timezone FROM billing_account_create('gd-tz5', timezone => 'America/Los_Angeles');
-SELECT tenant_id, timezone FROM billing_account_update('gd-a', timezone => 'EST5EDT');
+SELECT tenant_id, timezone FROM billing_account_update('gd-a', timezone => 'America/New_York');
 SELECT tenant_id, timezone FROM billing_account_update('gd-a', timezone => 'UTC');
 
 -- an account that got an abbreviation before 1.3 keeps it and can still be
