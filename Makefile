@@ -59,19 +59,23 @@ SHLIB_LINK = -lhiredis
 
 # Redis over TLS needs hiredis 1.0 or later with hiredis_ssl (Debian 13's
 # libhiredis-dev; Debian 12's hiredis 0.14 has none) and OpenSSL's headers.
-# Detected here; BILLING_TLS=no builds without.  Without it the worker
-# refuses billing.redis_tls = on (it never falls back to plain text).
+# Detected here (a test program must compile and link against hiredis_ssl);
+# BILLING_TLS=no builds without, BILLING_TLS=yes fails when it is missing.
+# Without it the worker refuses billing.redis_tls = on (it never falls back
+# to plain text).  Every build says which it is, in one line.
 BILLING_TLS ?= auto
 ifneq ($(BILLING_TLS),no)
 BILLING_TLS_HASH := \#
-BILLING_TLS_FOUND := $(shell printf '$(BILLING_TLS_HASH)include <hiredis/hiredis.h>\n$(BILLING_TLS_HASH)include <hiredis/hiredis_ssl.h>\n$(BILLING_TLS_HASH)include <openssl/ssl.h>\n$(BILLING_TLS_HASH)if HIREDIS_MAJOR < 1\n$(BILLING_TLS_HASH)error old\n$(BILLING_TLS_HASH)endif\n' | $(CC) -E -x c - >/dev/null 2>&1 && echo yes)
+BILLING_TLS_FOUND := $(shell printf '$(BILLING_TLS_HASH)include <hiredis/hiredis.h>\n$(BILLING_TLS_HASH)include <hiredis/hiredis_ssl.h>\n$(BILLING_TLS_HASH)include <openssl/ssl.h>\n$(BILLING_TLS_HASH)if HIREDIS_MAJOR < 1\n$(BILLING_TLS_HASH)error old\n$(BILLING_TLS_HASH)endif\nint main(void) { return redisInitOpenSSL(); }\n' | $(CC) -x c - -o /dev/null -lhiredis_ssl -lhiredis -lssl -lcrypto >/dev/null 2>&1 && echo yes)
 endif
 ifeq ($(BILLING_TLS_FOUND),yes)
 PG_CPPFLAGS += -DBILLING_REDIS_TLS
 SHLIB_LINK += -lhiredis_ssl -lssl -lcrypto
-BILLING_TLS_SAYS = Redis TLS: yes (hiredis_ssl)
+BILLING_TLS_SAYS = Redis TLS: yes (hiredis >= 1.0 with hiredis_ssl)
+else ifeq ($(BILLING_TLS),no)
+BILLING_TLS_SAYS = Redis TLS: off (BILLING_TLS=no; billing.redis_tls = on will be refused)
 else
-BILLING_TLS_SAYS = Redis TLS: unavailable (needs hiredis >= 1.0 with hiredis_ssl and OpenSSL headers; billing.redis_tls = on will be refused)
+BILLING_TLS_SAYS = Redis TLS: unavailable (needs hiredis >= 1.0 with hiredis_ssl and OpenSSL headers, e.g. Debian 13's libhiredis-dev and libssl-dev; billing.redis_tls = on will be refused)
 endif
 ifeq ($(BILLING_TLS),yes)
 ifneq ($(BILLING_TLS_FOUND),yes)
@@ -126,8 +130,9 @@ $(EXTENSION)--$(EXTVERSION).sql: $(sort $(wildcard schema/*.sql))
 # rebuild every object that uses it, or objects disagree on its layout.
 $(OBJS): $(wildcard src/*.h)
 
-# say once per build whether this build can talk TLS to Redis
-src/redis.o: billing-tls-note
+# say once per build whether this build can talk TLS to Redis (order-only:
+# it never makes the library out of date)
+$(shlib): | billing-tls-note
 .PHONY: billing-tls-note
 billing-tls-note:
 	@echo "billing: $(BILLING_TLS_SAYS)"
