@@ -105,8 +105,11 @@ suite_of() {
 }
 
 # Packages debootstrap installs (it follows Depends, not Recommends).
+# libssl-dev: the Makefile builds Redis TLS where hiredis >= 1.0 has
+# hiredis_ssl (17, 18), which needs OpenSSL's headers; openssl: the TLS test
+# (072_redis_auth_tls) makes its certificates with it.
 base_packages() {
-	echo "postgresql-$1 libhiredis-dev redis-server redis-tools make gcc libc6-dev perl libipc-run-perl"
+	echo "postgresql-$1 libhiredis-dev libssl-dev openssl redis-server redis-tools make gcc libc6-dev perl libipc-run-perl"
 }
 
 # ---------------------------------------------------------------------------
@@ -319,6 +322,11 @@ check_chroot() {
 			command -v "$c" >/dev/null || { echo "no $c"; exit 1; }
 		done
 		test -f /usr/include/hiredis/hiredis.h || { echo "no hiredis.h"; exit 1; }
+		if ! grep -Eq "define HIREDIS_MAJOR 0\>" /usr/include/hiredis/hiredis.h; then
+			test -f /usr/include/hiredis/hiredis_ssl.h || { echo "hiredis >= 1.0 without hiredis_ssl.h"; exit 1; }
+			test -f /usr/include/openssl/ssl.h || { echo "no openssl/ssl.h"; exit 1; }
+			command -v openssl >/dev/null || { echo "no openssl command"; exit 1; }
+		fi
 		perl -MIPC::Run -e 1 || { echo "no IPC::Run"; exit 1; }
 		id postgres >/dev/null || { echo "no postgres user"; exit 1; }
 		test ! -e "/etc/postgresql/$1/main" || { echo "a main cluster exists"; exit 1; }
