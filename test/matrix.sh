@@ -2,7 +2,7 @@
 # Run the whole test suite (`make check`) on other PostgreSQL versions, each
 # inside a cached Debian chroot.  Run as root.
 #
-#   test/matrix.sh [VERSION...]      (default: 17 18)
+#   test/matrix.sh [VERSION...]      (default: $BILLING_MATRIX_VERSIONS, else 17 18)
 #
 # Versions and their Debian suites: 17 = trixie, 18 = sid (the mirror
 # below); also 15 = bookworm, the native version, in a clean room.
@@ -41,6 +41,8 @@
 # Logs: <cache>/pgN.log (the suite's output), <cache>/<suite>.build.log.
 #
 # Knobs:
+#   BILLING_MATRIX_VERSIONS the versions to run when none are given (default
+#                           "17 18"; `make matrix` passes none)
 #   BILLING_MATRIX_CACHE    chroot cache (default /var/cache/billing-matrix),
 #                           outside the work tree; 0.6-0.75 GiB per suite,
 #                           plus 0.3-0.4 GiB for the last run's /build
@@ -472,7 +474,8 @@ run_suite() {
 ((EUID == 0)) || die "run as root (debootstrap, chroot and mount need it)"
 [[ $suite_timeout =~ ^[0-9]+$ ]] || die "BILLING_MATRIX_TIMEOUT must be a number of seconds"
 versions=("$@")
-((${#versions[@]})) || versions=(17 18)
+((${#versions[@]})) || read -r -a versions <<<"${BILLING_MATRIX_VERSIONS:-17 18}"
+((${#versions[@]})) || die "BILLING_MATRIX_VERSIONS names no version"
 mkdir -p "$cache"
 cache=$(realpath "$cache")
 case $cache/ in
