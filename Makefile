@@ -32,6 +32,7 @@ OBJS = \
 	src/grants.o \
 	src/credits.o \
 	src/direct.o \
+	src/citus.o \
 	src/verify.o \
 	src/snapshot.o \
 	src/holds.o \

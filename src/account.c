@@ -637,7 +637,8 @@ account_write(Account *acc, bool wrote_entry, DirectTable *entries,
 		nulls[AC_GRANTS_NEXT_EXPIRY] = !acc->has_grants_expiry;
 	}
 #undef SET
-	direct_write(entries, evalues, enulls, &billing_accounts_table, &acc->tid,
+	direct_write(PointerGetDatum(acc->tenant_id), entries, evalues, enulls,
+				 &billing_accounts_table, &acc->tid,
 				 values, nulls, set);
 	billing_sync_mark(VARDATA_ANY(acc->tenant_id), VARSIZE_ANY_EXHDR(acc->tenant_id));
 	acc->holds_changed = false;

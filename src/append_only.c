@@ -16,6 +16,7 @@
 #include "postgres.h"
 
 #include "billing.h"
+#include "citus.h"
 #include "commands/trigger.h"
 #include "utils/builtins.h"
 #include "utils/lsyscache.h"
@@ -41,7 +42,18 @@ billing_append_only(PG_FUNCTION_ARGS)
 	else if (TRIGGER_FIRED_BY_DELETE(trigdata->tg_event))
 		op = "DELETE";
 	else if (TRIGGER_FIRED_BY_TRUNCATE(trigdata->tg_event))
+	{
+		/*
+		 * On Citus the local heap of a distributed table is read by no one:
+		 * rows create_distributed_table copied into the shards and left
+		 * here.  Emptying it is allowed (truncate_local_data_after_
+		 * distributing_table); a TRUNCATE of the table itself reaches the
+		 * shards too, whose own copy of this trigger refuses it.
+		 */
+		if (billing_is_citus_table(RelationGetRelid(trigdata->tg_relation)))
+			return PointerGetDatum(NULL);
 		op = "TRUNCATE";
+	}
 	else
 		return PointerGetDatum(NULL);	/* INSERT is what append-only allows */
 

@@ -14,6 +14,7 @@
 #include "postgres.h"
 
 #include "billing.h"
+#include "citus.h"
 #include "fmgr.h"
 #include "guc.h"
 #include "miscadmin.h"
@@ -229,6 +230,7 @@ _PG_init(void)
 		return;
 	define_settings();
 	billing_guard_init();
+	billing_citus_init();
 	billing_sync_init();
 	if (process_shared_preload_libraries_in_progress)
 		register_worker();

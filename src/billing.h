@@ -62,6 +62,12 @@
 #define ERRCODE_BILLING_CHARGE_NOT_FOUND	MAKE_SQLSTATE('Z','B','0','9','0')
 #define ERRCODE_BILLING_REFUND_EXCEEDS		MAKE_SQLSTATE('Z','B','0','9','1')
 #define ERRCODE_BILLING_NOT_REFUNDABLE		MAKE_SQLSTATE('Z','B','0','9','2')
+/* Citus (citus.c): the tenant's shard is on another node */
+#define ERRCODE_BILLING_WRONG_NODE			MAKE_SQLSTATE('Z','B','1','0','0')
+/* Citus: billing's tables are distributed in a way billing does not support */
+#define ERRCODE_BILLING_BAD_DISTRIBUTION	MAKE_SQLSTATE('Z','B','1','0','1')
+/* ZB102 (rows left in local tables), ZB103 (per-node work on a node without
+ * shards) and ZB104 (billing_verify() cannot reach a node) are raised by SQL */
 
 #define BILLING_MICROS_PER_UNIT		INT64CONST(1000000)
 #define BILLING_SCALE				6

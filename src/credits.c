@@ -344,19 +344,34 @@ billing_grant(PG_FUNCTION_ARGS)
 
 	{
 		static SPIPlanPtr plan = NULL;
-		Oid			types[11] = {TEXTOID, INT8OID, INT8OID, TEXTOID, TEXTOID, INT4OID,
-		INT8OID, INT8OID, TIMESTAMPTZOID, TEXTOID, JSONBOID};
-		Datum		values[11];
-		char		nulls[11] = {' ', ' ', ' ', ' ', ' ', ' ', ' ', ' ', ' ', ' ', ' '};
+		static SPIPlanPtr plan_created = NULL;
+		Oid			types[12] = {TEXTOID, INT8OID, INT8OID, TEXTOID, TEXTOID, INT4OID,
+		INT8OID, INT8OID, TIMESTAMPTZOID, TEXTOID, JSONBOID, TIMESTAMPTZOID};
+		Datum		values[12];
+		char		nulls[12] = {' ', ' ', ' ', ' ', ' ', ' ', ' ', ' ', ' ', ' ', ' ', ' '};
+		bool		isnull;
 
+		/*
+		 * The grant's time is its entry's.  Read first, not as a subquery
+		 * of the INSERT: on Citus a delegated call may only run queries
+		 * that Citus routes to the tenant's shard by a constant.
+		 */
+		billing_keep_plan(&plan_created,
+						  "SELECT e.created_at FROM billing.entries e "
+						  "WHERE e.tenant_id = $1 AND e.entry_id = $2",
+						  2, (Oid[]) {TEXTOID, INT8OID});
+		values[0] = PointerGetDatum(tenant_id);
+		values[1] = Int64GetDatum(entry_id);
+		billing_spi_exec(plan_created, values, NULL, SPI_OK_SELECT, "reading the grant's entry");
+		if (SPI_processed != 1)
+			elog(ERROR, "billing: the entry of grant " INT64_FORMAT " vanished", grant_id);
+		values[11] = billing_col(0, 1, &isnull);
 		billing_keep_plan(&plan,
 						  "INSERT INTO billing.grants (tenant_id, grant_id, entry_id, trace_id, "
 						  "  category, priority, granted_micros, amount_micros, expires_at, "
 						  "  description, metadata, created_at) "
-						  "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, "
-						  "  (SELECT e.created_at FROM billing.entries e "
-						  "    WHERE e.tenant_id = $1 AND e.entry_id = $3))",
-						  11, types);
+						  "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
+						  12, types);
 		values[0] = PointerGetDatum(tenant_id);
 		values[1] = Int64GetDatum(grant_id);
 		values[2] = Int64GetDatum(entry_id);

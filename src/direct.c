@@ -23,8 +23,10 @@
 #include "access/table.h"
 #include "access/tableam.h"
 #include "access/xact.h"
+#include "billing.h"
 #include "catalog/namespace.h"
 #include "catalog/pg_collation.h"
+#include "citus.h"
 #include "commands/sequence.h"
 #include "compat.h"
 #include "direct.h"
@@ -182,18 +184,122 @@ resolve_columns(DirectTable *t, Relation rel)
 	t->relid = RelationGetRelid(rel);
 }
 
-/* open a table of schema billing (its columns resolved) */
-static Relation
-direct_open(DirectTable *t, Oid nsp, LOCKMODE mode)
+/*
+ * Do the column numbers resolved for another relation fit rel?  The shards
+ * of a distributed table all have the layout of the CREATE TABLE Citus
+ * deparsed (no dropped columns), which may differ from the logical table's:
+ * a charge alternating between shards checks the names at the known
+ * positions instead of searching every column again.
+ */
+static bool
+same_layout(DirectTable *t, Relation rel)
 {
-	Relation	rel = table_open(billing_relid(t->name, nsp), mode);
+	TupleDesc	desc = RelationGetDescr(rel);
 
-	/* opening processed any pending invalidation: the cache is current */
-	if (t->relid != RelationGetRelid(rel))
+	if (t->complete)
+	{
+		int			live = 0;
+
+		for (int a = 0; a < desc->natts; a++)
+			if (!TupleDescAttr(desc, a)->attisdropped)
+				live++;
+		if (live != t->ncols)
+			return false;
+	}
+	for (int c = 0; c < t->ncols; c++)
+	{
+		Form_pg_attribute att;
+
+		if (t->attnum[c] <= 0 || t->attnum[c] > desc->natts)
+			return false;
+		att = TupleDescAttr(desc, t->attnum[c] - 1);
+		if (att->attisdropped || att->atttypid != t->types[c] ||
+			strcmp(NameStr(att->attname), t->cols[c]) != 0)
+			return false;
+	}
+	return true;
+}
+
+/* t's column numbers for rel (opening it processed pending invalidations) */
+static void
+ensure_columns(DirectTable *t, Relation rel)
+{
+	if (t->relid == RelationGetRelid(rel))
+		return;
+	if (t->relid == InvalidOid || !same_layout(t, rel))
 	{
 		t->relid = InvalidOid;
 		resolve_columns(t, rel);
 	}
+	else
+		t->relid = RelationGetRelid(rel);
+}
+
+/*
+ * Open the relation of a table of schema billing that holds `key` (a
+ * tenant id) on this node: the table itself, or on Citus the tenant's shard
+ * (ZB100 when it is on another node; see citus.h).  Its columns resolved;
+ * *shardid 0 for the table itself.
+ */
+static Relation
+direct_open(DirectTable *t, Oid nsp, Datum key, bool for_write, LOCKMODE mode,
+			int64 *shardid)
+{
+	Oid			logical = billing_relid(t->name, nsp);
+	Relation	rel;
+	bool		again = false;
+
+	/*
+	 * The relation is chosen before its lock is taken, and the lock may
+	 * wait: for billing.citus_distribute() (the table becomes a shell), or
+	 * for the end of a shard move (the shard is dropped).  Opening processes
+	 * the invalidations that came meanwhile: choose again if any did.
+	 */
+	for (;;)
+	{
+		uint64		generation = billing_shard_map_generation;
+		Oid			relid;
+
+		PG_TRY();
+		{
+			relid = billing_shard_relid(logical, key, for_write, shardid);
+		}
+		PG_CATCH();
+		{
+			ErrorData  *edata;
+
+			if (!again || geterrcode() != ERRCODE_BILLING_WRONG_NODE)
+				PG_RE_THROW();
+			/* it was here when the call started: a retry is routed anew */
+			edata = CopyErrorData();
+			FlushErrorState();
+			ereport(ERROR,
+					(errcode(ERRCODE_T_R_SERIALIZATION_FAILURE),
+					 errmsg("billing's tables were distributed or moved during this call"),
+					 errdetail("%s", edata->message),
+					 errhint("Retry the call: it is routed to the tenant's node.")));
+		}
+		PG_END_TRY();
+		rel = try_table_open(relid, mode);
+		if (rel != NULL && generation == billing_shard_map_generation)
+			break;
+		if (rel != NULL)
+			table_close(rel, mode);
+		if (again && rel == NULL)
+			elog(ERROR, "billing: relation %u of billing.%s disappeared", relid, t->name);
+		again = true;
+	}
+	ensure_columns(t, rel);
+	return rel;
+}
+
+/* the same for a relation chosen by the caller (a shard of a scan) */
+static Relation
+direct_open_relid(DirectTable *t, Oid relid, LOCKMODE mode)
+{
+	Relation	rel = table_open(relid, mode);
+
+	ensure_columns(t, rel);
 	return rel;
 }
 
@@ -252,49 +358,98 @@ lookup(Relation rel, Relation index, Snapshot snap, Datum key,
 	return found;
 }
 
-struct DirectReader
+/*
+ * A reader keeps each relation it reads (the table, or each shard it met)
+ * open with its key index and one index scan, for the whole batch.
+ */
+typedef struct ReaderRel
 {
-	DirectTable *t;
+	Oid			relid;
 	Relation	rel;
 	Relation	index;
 	TupleTableSlot *slot;
 	IndexScanDesc scan;
+} ReaderRel;
+
+#define READER_MAX_RELS 64
+
+struct DirectReader
+{
+	DirectTable *t;
+	Oid			nsp;
+	Oid			logical;
+	bool		remote_ok;		/* another node's key: DIRECT_NOT_HERE, not ZB100 */
+	int			nrels;
+	ReaderRel	rels[READER_MAX_RELS];
 };
 
 DirectReader *
-direct_reader_open(DirectTable *t)
+direct_reader_open(DirectTable *t, bool remote_ok)
 {
-	Oid			nsp = billing_namespace();
-	DirectReader *r = palloc(sizeof(DirectReader));
+	DirectReader *r = palloc0(sizeof(DirectReader));
 
 	r->t = t;
-	r->rel = direct_open(t, nsp, AccessShareLock);
-	r->index = index_open(billing_relid(t->key_index, nsp), AccessShareLock);
-	r->slot = table_slot_create(r->rel, NULL);
-	r->scan = billing_index_beginscan(r->rel, r->index, GetActiveSnapshot(), 1, 0);
+	r->nsp = billing_namespace();
+	r->logical = billing_relid(t->name, r->nsp);
+	r->remote_ok = remote_ok;
 	return r;
 }
 
-bool
+static ReaderRel *
+reader_rel(DirectReader *r, Oid relid, int64 shardid)
+{
+	ReaderRel  *rr;
+
+	for (int i = 0; i < r->nrels; i++)
+		if (r->rels[i].relid == relid)
+			return &r->rels[i];
+	if (r->nrels == READER_MAX_RELS)
+		elog(ERROR, "billing: a reader met more than %d shards", READER_MAX_RELS);
+	rr = &r->rels[r->nrels++];
+	rr->relid = relid;
+	rr->rel = direct_open_relid(r->t, relid, AccessShareLock);
+	rr->index = index_open(billing_shard_index(r->t->key_index, r->nsp, shardid),
+						   AccessShareLock);
+	rr->slot = table_slot_create(rr->rel, NULL);
+	rr->scan = billing_index_beginscan(rr->rel, rr->index, GetActiveSnapshot(), 1, 0);
+	return rr;
+}
+
+int
 direct_reader_fetch(DirectReader *r, Datum key, Datum *values, bool *nulls)
 {
 	ScanKeyData skey;
+	int64		shardid;
+	Oid			relid = r->remote_ok ?
+		billing_shard_relid_if_local(r->logical, key, &shardid) :
+		billing_shard_relid(r->logical, key, false, &shardid);
+	ReaderRel  *rr;
 
-	key_init(&skey, r->index, 1, &key);
-	index_rescan(r->scan, &skey, 1, NULL, 0);
-	if (!index_getnext_slot(r->scan, ForwardScanDirection, r->slot))
-		return false;
-	copy_columns(r->t, r->slot, values, nulls);
-	return true;
+	if (!OidIsValid(relid))
+		return DIRECT_NOT_HERE;
+	rr = reader_rel(r, relid, shardid);
+	/* another relation than the last one read: its column numbers */
+	ensure_columns(r->t, rr->rel);
+	key_init(&skey, rr->index, 1, &key);
+	index_rescan(rr->scan, &skey, 1, NULL, 0);
+	if (!index_getnext_slot(rr->scan, ForwardScanDirection, rr->slot))
+		return DIRECT_NOT_FOUND;
+	copy_columns(r->t, rr->slot, values, nulls);
+	return DIRECT_FOUND;
 }
 
 void
 direct_reader_close(DirectReader *r)
 {
-	index_endscan(r->scan);
-	ExecDropSingleTupleTableSlot(r->slot);
-	index_close(r->index, NoLock);
-	table_close(r->rel, NoLock);
+	for (int i = 0; i < r->nrels; i++)
+	{
+		ReaderRel  *rr = &r->rels[i];
+
+		index_endscan(rr->scan);
+		ExecDropSingleTupleTableSlot(rr->slot);
+		index_close(rr->index, NoLock);
+		table_close(rr->rel, NoLock);
+	}
 	pfree(r);
 }
 
@@ -303,13 +458,27 @@ direct_lock_row(DirectTable *t, Datum key, Datum *values, bool *nulls,
 				ItemPointer tid)
 {
 	Oid			nsp = billing_namespace();
-	Relation	rel = direct_open(t, nsp, RowExclusiveLock);
-	Relation	index = index_open(billing_relid(t->key_index, nsp), AccessShareLock);
+	int64		shardid;
+	Relation	rel = direct_open(t, nsp, key, true, RowExclusiveLock, &shardid);
+	Relation	index = index_open(billing_shard_index(t->key_index, nsp, shardid),
+								   AccessShareLock);
 	TupleTableSlot *slot = table_slot_create(rel, NULL);
 	Snapshot	snap;
 	bool		found;
 	TM_Result	res;
 	TM_FailureData tmfd;
+
+	/*
+	 * Citus: the two tables of a charge are distributed together, or a
+	 * charge would write one shard and one local table
+	 */
+	if (billing_is_distributed(billing_relid(billing_accounts_table.name, nsp)) !=
+		billing_is_distributed(billing_relid(billing_entries_table.name, nsp)))
+		ereport(ERROR,
+				(errcode(ERRCODE_BILLING_BAD_DISTRIBUTION),
+				 errmsg("billing's tables are partly distributed by Citus"),
+				 errdetail("billing.accounts and billing.entries must both be distributed (colocated), or neither."),
+				 errhint("Distribute them with billing.citus_distribute().")));
 
 	/* as SELECT ... FOR UPDATE: not in a read-only transaction or a standby */
 	PreventCommandIfReadOnly("a billing charge");
@@ -386,8 +555,10 @@ bool
 direct_key_exists(DirectTable *t, Datum k1, Datum k2)
 {
 	Oid			nsp = billing_namespace();
-	Relation	rel = direct_open(t, nsp, RowExclusiveLock);
-	Relation	index = index_open(billing_relid(t->key_index, nsp), AccessShareLock);
+	int64		shardid;
+	Relation	rel = direct_open(t, nsp, k1, true, RowExclusiveLock, &shardid);
+	Relation	index = index_open(billing_shard_index(t->key_index, nsp, shardid),
+								   AccessShareLock);
 	TupleTableSlot *slot = table_slot_create(rel, NULL);
 	Datum		k[2] = {k1, k2};
 	ScanKeyData skey[2];
@@ -462,13 +633,14 @@ fill_slot(EState *estate, Relation rel, DirectTable *t, Datum *values,
 }
 
 void
-direct_write(DirectTable *ins, Datum *ivalues, bool *inulls,
+direct_write(Datum key, DirectTable *ins, Datum *ivalues, bool *inulls,
 			 DirectTable *upd, ItemPointer tid, Datum *uvalues,
 			 bool *unulls, const bool *uset)
 {
 	Oid			nsp = billing_namespace();
-	Relation	irel = ins ? direct_open(ins, nsp, RowExclusiveLock) : NULL;
-	Relation	urel = upd ? direct_open(upd, nsp, RowExclusiveLock) : NULL;
+	int64		shardid;
+	Relation	irel = ins ? direct_open(ins, nsp, key, true, RowExclusiveLock, &shardid) : NULL;
+	Relation	urel = upd ? direct_open(upd, nsp, key, true, RowExclusiveLock, &shardid) : NULL;
 	EState	   *estate = CreateExecutorState();
 	List	   *rtable = NIL;
 	List	   *perminfos = NIL;
@@ -571,13 +743,12 @@ direct_write(DirectTable *ins, Datum *ivalues, bool *inulls,
 	CommandCounterIncrement();
 }
 
-void
-direct_scan(DirectTable *t, const char *index_name, Datum *key,
-			DirectRowFn fn, void *arg)
+static void
+scan_relation(DirectTable *t, Oid relid, Oid indexid, Datum *key,
+			  DirectRowFn fn, void *arg)
 {
-	Oid			nsp = billing_namespace();
-	Relation	rel = direct_open(t, nsp, AccessShareLock);
-	Relation	index = index_open(billing_relid(index_name, nsp), AccessShareLock);
+	Relation	rel = direct_open_relid(t, relid, AccessShareLock);
+	Relation	index = index_open(indexid, AccessShareLock);
 	TupleTableSlot *slot = table_slot_create(rel, NULL);
 	ScanKeyData skey;
 	IndexScanDesc scan;
@@ -597,8 +768,61 @@ direct_scan(DirectTable *t, const char *index_name, Datum *key,
 	table_close(rel, NoLock);
 }
 
+void
+direct_scan(DirectTable *t, const char *index_name, Datum *key,
+			DirectRowFn fn, void *arg)
+{
+	Oid			nsp = billing_namespace();
+	Oid			logical = billing_relid(t->name, nsp);
+	int64		shardid;
+	bool		distributed;
+	List	   *shards;
+	ListCell   *lc;
+
+	if (key)
+	{
+		/* one tenant: its relation (ZB100 when it is on another node) */
+		Oid			relid = billing_shard_relid(logical, *key, false, &shardid);
+
+		scan_relation(t, relid, billing_shard_index(index_name, nsp, shardid),
+					  key, fn, arg);
+		return;
+	}
+	/* every tenant on this node: the table, or each local shard in turn */
+	shards = billing_local_shards(logical, &distributed);
+	foreach(lc, shards)
+	{
+		Oid			relid = lfirst_oid(lc);
+		const char *relname = get_rel_name(relid);
+
+		/* a shard is <table>_<shardid>, its index <index>_<shardid> */
+		shardid = distributed ? pg_strtoint64(relname + strlen(t->name) + 1) : 0;
+		scan_relation(t, relid, billing_shard_index(index_name, nsp, shardid),
+					  NULL, fn, arg);
+	}
+}
+
 int64
 direct_nextval(const char *seqname)
 {
-	return nextval_internal(billing_relid(seqname, billing_namespace()), false);
+	Oid			nsp = billing_namespace();
+	int64		v = nextval_internal(billing_relid(seqname, nsp), false);
+
+	/*
+	 * Citus: every node numbers from its own range (group << 48), or two
+	 * nodes hand out the same ids (billing.citus_node_setup()).
+	 */
+	if (billing_is_distributed(billing_relid(billing_entries_table.name, nsp)))
+	{
+		int32		group = billing_local_group();
+
+		if (group >= 0 && (v >> 48) != group)
+			ereport(ERROR,
+					(errcode(ERRCODE_BILLING_BAD_DISTRIBUTION),
+					 errmsg("sequence billing.%s is not set up for this node", seqname),
+					 errdetail("It handed out " INT64_FORMAT ", outside the range of node group %d.",
+							   v, group),
+					 errhint("Run SELECT billing.citus_node_setup() on this node (billing.citus_distribute() does it on every node).")));
+	}
+	return v;
 }

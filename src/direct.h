@@ -69,8 +69,12 @@ extern bool direct_lock_row(DirectTable *t, Datum key, Datum *values,
  */
 typedef struct DirectReader DirectReader;
 
-extern DirectReader *direct_reader_open(DirectTable *t);
-extern bool direct_reader_fetch(DirectReader *r, Datum key, Datum *values,
+#define DIRECT_NOT_FOUND	0
+#define DIRECT_FOUND		1
+#define DIRECT_NOT_HERE		2	/* Citus: the key's shard is on another node */
+
+extern DirectReader *direct_reader_open(DirectTable *t, bool remote_ok);
+extern int	direct_reader_fetch(DirectReader *r, Datum key, Datum *values,
 								bool *nulls);
 extern void direct_reader_close(DirectReader *r);
 
@@ -81,12 +85,12 @@ extern void direct_reader_close(DirectReader *r);
 extern bool direct_key_exists(DirectTable *t, Datum k1, Datum k2);
 
 /*
- * One write of a charge, in one executor state: insert a row into `ins`
+ * One write of a charge of tenant `key`, in one executor state: insert a row into `ins`
  * (if not NULL; every column given) and update the row at *tid of `upd`
  * (if not NULL), replacing the columns whose `set` flag is true and keeping
  * the others.  *tid becomes the TID of the new row version.
  */
-extern void direct_write(DirectTable *ins, Datum *ivalues, bool *inulls,
+extern void direct_write(Datum key, DirectTable *ins, Datum *ivalues, bool *inulls,
 						 DirectTable *upd, ItemPointer tid, Datum *uvalues,
 						 bool *unulls, const bool *uset);
 

@@ -27,6 +27,8 @@
 
 #include "access/htup_details.h"
 #include "account.h"
+#include "catalog/namespace.h"
+#include "citus.h"
 #include "direct.h"
 #include "ledger.h"
 #include "spi.h"
@@ -801,6 +803,95 @@ cmp_items(const void *a, const void *b)
 	return x->index - y->index;
 }
 
+/*
+ * Citus: is the tenant stored on this node?  (Always, without Citus.)
+ */
+static bool
+tenant_is_local(text *tenant)
+{
+	Oid			nsp = get_namespace_oid("billing", false);
+	int64		shardid;
+
+	return OidIsValid(billing_shard_relid_if_local(get_relname_relid("accounts", nsp),
+												   PointerGetDatum(tenant), &shardid));
+}
+
+/*
+ * An item of a batch whose tenant is on another node (Citus): the same
+ * charge by billing_deduct / billing_try_deduct called through SQL, which
+ * Citus delegates to the tenant's node inside this transaction (the
+ * functions are force-delegated).  One round trip per item; when the batch
+ * wrote on several nodes Citus commits it with two-phase commit.
+ */
+static void
+remote_post(Oid nsp, BatchItem *it, PostMode mode, LedgerOutcome *out)
+{
+	static SPIPlanPtr plan_raise = NULL;
+	static SPIPlanPtr plan_record = NULL;
+	static Oid	plan_nsp = InvalidOid;
+	Oid			types[6] = {TEXTOID, NUMERICOID, TEXTOID, TEXTOID, JSONBOID, TEXTOID};
+	Datum		values[6];
+	char		nulls[6] = {' ', ' ', ' ', ' ', ' ', ' '};
+	EntryWrite *e = &it->req.entry;
+	SPIPlanPtr	plan;
+	bool		isnull;
+	const char *schema;
+	MemoryContext outer;
+
+	if (plan_nsp != nsp)
+	{
+		if (plan_raise)
+			SPI_freeplan(plan_raise);
+		if (plan_record)
+			SPI_freeplan(plan_record);
+		plan_raise = plan_record = NULL;
+		plan_nsp = nsp;
+	}
+	schema = quote_identifier(get_namespace_name(nsp));
+	outer = billing_spi_connect();
+	if (mode == POST_RAISE)
+		plan = billing_keep_plan(&plan_raise,
+								 psprintf("SELECT 'committed', replayed, entry_id, kind, "
+										  "(amount * 1000000)::bigint, (balance_after * 1000000)::bigint, "
+										  "version, created_at, NULL::text, NULL::text, NULL::text "
+										  "FROM %s.billing_deduct($1, $2, $3, $4, $5, NULL, 'deduct', $6)",
+										  schema), 6, types);
+	else
+		plan = billing_keep_plan(&plan_record,
+								 psprintf("SELECT status, replayed, entry_id, kind, "
+										  "(amount * 1000000)::bigint, (balance_after * 1000000)::bigint, "
+										  "version, created_at, sqlstate, reason, detail "
+										  "FROM %s.billing_try_deduct($1, $2, $3, $4, $5, NULL, 'deduct', $6)",
+										  schema), 6, types);
+	values[0] = PointerGetDatum(it->tenant_id);
+	values[1] = NumericGetDatum(billing_micros_to_numeric(-e->amount));
+	values[2] = PointerGetDatum(e->trace_id);
+	values[3] = PointerGetDatum(e->description);
+	nulls[3] = e->description ? ' ' : 'n';
+	values[4] = JsonbPGetDatum(e->metadata);
+	values[5] = PointerGetDatum(e->api_key);
+	nulls[5] = e->api_key ? ' ' : 'n';
+	billing_spi_exec(plan, values, nulls, SPI_OK_SELECT, "charging an item on another node");
+	if (SPI_processed != 1)
+		elog(ERROR, "billing: a charge on another node returned %d rows", (int) SPI_processed);
+	memset(out, 0, sizeof(*out));
+	out->committed = strcmp(billing_col_cstring(0, 1, outer), "committed") == 0;
+	out->replayed = DatumGetBool(billing_col(0, 2, &isnull));
+	out->id = billing_col_int64(0, 3, 0);
+	out->kind = billing_col_cstring(0, 4, outer);
+	out->amount = billing_col_int64(0, 5, 0);
+	out->balance_after = billing_col_int64(0, 6, 0);
+	out->version = billing_col_int64(0, 7, 0);
+	out->created_at = DatumGetTimestampTz(billing_col(0, 8, &isnull));
+	if (!out->committed)
+	{
+		out->rejection.sqlerrcode = sqlstate_from_text(billing_col_cstring(0, 9, outer));
+		out->rejection.message = billing_col_cstring(0, 10, outer);
+		out->rejection.detail = billing_col_cstring(0, 11, outer);
+	}
+	SPI_finish();
+}
+
 /* the elements of an optional array argument, or NULL; checks its length */
 static Datum *
 batch_array(FunctionCallInfo fcinfo, int argno, Oid elemtype, int n,
@@ -961,7 +1052,10 @@ billing_deduct_many(PG_FUNCTION_ARGS)
 
 			/* per-item scratch memory, so a big batch runs in constant space */
 			MemoryContextSwitchTo(item_cxt);
-			ledger_post(items[i].tenant_id, &items[i].req, mode, out);
+			if (tenant_is_local(items[i].tenant_id))
+				ledger_post(items[i].tenant_id, &items[i].req, mode, out);
+			else
+				remote_post(get_func_namespace(fcinfo->flinfo->fn_oid), &items[i], mode, out);
 			MemoryContextSwitchTo(batch_cxt);
 			out->kind = pstrdup(out->kind);
 			if (!out->committed)
@@ -1007,8 +1101,8 @@ billing_balance(PG_FUNCTION_ARGS)
 	tenant = billing_check_id(PG_GETARG_TEXT_PP(0), "tenant_id",
 							  ERRCODE_BILLING_INVALID_TENANT_ID);
 
-	r = direct_reader_open(&billing_accounts_table);
-	found = direct_reader_fetch(r, PointerGetDatum(tenant), values, nulls);
+	r = direct_reader_open(&billing_accounts_table, false);
+	found = direct_reader_fetch(r, PointerGetDatum(tenant), values, nulls) == DIRECT_FOUND;
 	direct_reader_close(r);
 	if (!found)
 		ereport(ERROR,

@@ -24,12 +24,17 @@
 #include "account.h"
 #include "catalog/pg_type.h"
 #include "common/int.h"
+#include "citus.h"
 #include "direct.h"
+#include "catalog/namespace.h"
+#include "utils/lsyscache.h"
 #include "funcapi.h"
 #include "miscadmin.h"
 #include "sync.h"
 #include "utils/array.h"
+#include "lib/stringinfo.h"
 #include "utils/builtins.h"
+#include "utils/datum.h"
 #include "utils/memutils.h"
 #include "utils/numeric.h"
 
@@ -46,6 +51,7 @@ typedef struct TenantFacts
 	DateADT		this_month;
 	List	   *keys;			/* SyncSnap * of its API keys */
 	SyncSnap   *snap;			/* the tenant hash */
+	bool		remote;			/* Citus: read through another node */
 } TenantFacts;
 
 /* Unix epoch milliseconds of a timestamptz, rounded like ::bigint */
@@ -149,6 +155,45 @@ add_limit(Fields *fl, const char *name, Datum *v, bool *nulls, int col)
 		add(fl, name, lua_int(DatumGetInt64(v[col])));
 }
 
+/*
+ * On Citus, a tenant marked on a node that does not hold it: a change made
+ * by SQL that Citus routed elsewhere (a PL/pgSQL function that ran on the
+ * coordinator), or a tenant whose shard moved away.  Read its account
+ * through Citus (a routed query) so the mirror gets it all the same.
+ */
+static bool
+remote_account(char *tenant, Datum *v, bool *nulls)
+{
+	static SPIPlanPtr plan = NULL;
+	Oid			types[1] = {TEXTOID};
+	Datum		values[1];
+
+	if (plan == NULL)
+	{
+		StringInfoData sql;
+
+		initStringInfo(&sql);
+		appendStringInfoString(&sql, "SELECT ");
+		for (int c = 0; c < AC_NCOLS; c++)
+			appendStringInfo(&sql, "%s%s", c ? ", " : "",
+							 quote_identifier(billing_accounts_table.cols[c]));
+		appendStringInfoString(&sql, " FROM billing.accounts WHERE tenant_id OPERATOR(pg_catalog.=) $1");
+		billing_keep_plan(&plan, sql.data, 1, types);
+	}
+	values[0] = CStringGetTextDatum(tenant);
+	billing_spi_read(plan, values, NULL, "reading an account of another node");
+	if (SPI_processed == 0)
+		return false;
+	for (int c = 0; c < AC_NCOLS; c++)
+	{
+		Datum		d = billing_col(0, c + 1, &nulls[c]);
+		Form_pg_attribute att = TupleDescAttr(SPI_tuptable->tupdesc, c);
+
+		v[c] = nulls[c] ? (Datum) 0 : datumCopy(d, att->attbyval, att->attlen);
+	}
+	return true;
+}
+
 /* the tenant hash; NULL when the account does not exist */
 static SyncSnap *
 tenant_snapshot(DirectReader *accounts, char *tenant, TenantFacts *facts,
@@ -163,8 +208,19 @@ tenant_snapshot(DirectReader *accounts, char *tenant, TenantFacts *facts,
 	bool		same_month;
 	MemoryContext old;
 
-	if (!direct_reader_fetch(accounts, CStringGetTextDatum(tenant), v, nulls))
-		return NULL;
+	switch (direct_reader_fetch(accounts, CStringGetTextDatum(tenant), v, nulls))
+	{
+		case DIRECT_FOUND:
+			break;
+		case DIRECT_NOT_HERE:
+			/* Citus: another node holds it (see remote_account) */
+			if (!remote_account(tenant, v, nulls))
+				return NULL;
+			facts->remote = true;
+			break;
+		default:
+			return NULL;
+	}
 	holds = effective_holds(tenant, v, nulls, now);
 
 	old = MemoryContextSwitchTo(out_cxt);
@@ -214,40 +270,122 @@ cmp_facts(const void *a, const void *b)
 	return strcmp(((const TenantFacts *) a)->tenant, ((const TenantFacts *) b)->tenant);
 }
 
+/*
+ * The query of the key hashes of tenants = ANY ($1): through
+ * billing.api_keys (single node, or tenants of other nodes: Citus routes
+ * it), or, for this node's tenants on Citus, over the union of the local
+ * shards of api_keys and holds (a parameter array is not pruned by Citus:
+ * the query would go to every shard of every node).  The local plan is
+ * kept until the set of local shards changes.
+ */
+static void key_rows(TenantFacts *facts, int nfacts, int nrows, int64 synced_ms,
+					 MemoryContext out_cxt);
+
+#define KEY_COLUMNS \
+	"SELECT k.tenant_id, k.key_id, k.status, k.budget_micros, k.budget_period, " \
+	"       k.period_start, k.period_spend_micros, " \
+	"       CASE WHEN k.budget_micros IS NOT NULL THEN " \
+	"         (SELECT coalesce(pg_catalog.sum(h.amount_micros OPERATOR(pg_catalog.-) h.captured_micros " \
+	"                  OPERATOR(pg_catalog.-) h.released_micros), 0)::pg_catalog.int8 " \
+	"            FROM %s h " \
+	"           WHERE h.tenant_id OPERATOR(pg_catalog.=) k.tenant_id " \
+	"             AND h.api_key OPERATOR(pg_catalog.=) k.key_id " \
+	"             AND h.status OPERATOR(pg_catalog.=) 'open' " \
+	"             AND h.expires_at OPERATOR(pg_catalog.>) pg_catalog.now()) END " \
+	"FROM %s k WHERE k.tenant_id OPERATOR(pg_catalog.=) ANY ($1)"
+
+static char *
+shard_union(Oid relid, StringInfo signature)
+{
+	bool		distributed;
+	List	   *shards = billing_local_shards(relid, &distributed);
+	StringInfoData u;
+	ListCell   *lc;
+
+	initStringInfo(&u);
+	appendStringInfoChar(&u, '(');
+	foreach(lc, shards)
+	{
+		appendStringInfo(&u, "%sSELECT * FROM %s", u.len > 1 ? " UNION ALL " : "",
+						 quote_qualified_identifier("billing", get_rel_name(lfirst_oid(lc))));
+		appendStringInfo(signature, "%u,", lfirst_oid(lc));
+	}
+	if (shards == NIL)
+		appendStringInfo(&u, "SELECT * FROM %s WHERE false",
+						 quote_qualified_identifier("billing", get_rel_name(relid)));
+	appendStringInfoChar(&u, ')');
+	return u.data;
+}
+
+static SPIPlanPtr
+key_plan(bool local)
+{
+	static SPIPlanPtr plan_routed = NULL;
+	static SPIPlanPtr plan_local = NULL;
+	static char *local_signature = NULL;
+	Oid			types[1] = {TEXTARRAYOID};
+	Oid			nsp;
+	StringInfoData sig;
+	char	   *keys_u;
+	char	   *holds_u;
+
+	if (!local)
+		return billing_keep_plan(&plan_routed,
+								 psprintf(KEY_COLUMNS, "billing.holds", "billing.api_keys"),
+								 1, types);
+	nsp = get_namespace_oid("billing", false);
+	initStringInfo(&sig);
+	keys_u = shard_union(get_relname_relid("api_keys", nsp), &sig);
+	holds_u = shard_union(get_relname_relid("holds", nsp), &sig);
+	if (plan_local != NULL && local_signature != NULL &&
+		strcmp(local_signature, sig.data) == 0)
+		return plan_local;
+	if (plan_local != NULL)
+		SPI_freeplan(plan_local);
+	plan_local = NULL;
+	if (local_signature)
+		pfree(local_signature);
+	local_signature = MemoryContextStrdup(TopMemoryContext, sig.data);
+	return billing_keep_plan(&plan_local, psprintf(KEY_COLUMNS, holds_u, keys_u), 1, types);
+}
+
 /* the hashes of the API keys of the tenants found, onto their facts */
 static void
 key_snapshots(TenantFacts *facts, int nfacts, int64 synced_ms,
 			  MemoryContext out_cxt)
 {
-	static SPIPlanPtr plan = NULL;
-	Oid			types[1] = {TEXTARRAYOID};
-	Datum		values[1];
-	Datum	   *elems = palloc(sizeof(Datum) * Max(nfacts, 1));
-	int			nrows;
+	bool		distributed = billing_is_distributed(get_relname_relid("api_keys",
+																	   get_namespace_oid("billing", false)));
 
-	for (int i = 0; i < nfacts; i++)
-		elems[i] = CStringGetTextDatum(facts[i].tenant);
-	values[0] = PointerGetDatum(construct_array(elems, nfacts, TEXTOID, -1, false,
-												TYPALIGN_INT));
-	/* a budget counts the key's open holds (account.c): only then needed */
-	billing_keep_plan(&plan,
-					  "SELECT k.tenant_id, k.key_id, k.status, k.budget_micros, k.budget_period, "
-					  "       k.period_start, k.period_spend_micros, "
-					  "       CASE WHEN k.budget_micros IS NOT NULL THEN "
-					  "         (SELECT coalesce(pg_catalog.sum(h.amount_micros OPERATOR(pg_catalog.-) h.captured_micros "
-					  "                  OPERATOR(pg_catalog.-) h.released_micros), 0)::pg_catalog.int8 "
-					  "            FROM billing.holds h "
-					  "           WHERE h.tenant_id OPERATOR(pg_catalog.=) k.tenant_id "
-					  "             AND h.api_key OPERATOR(pg_catalog.=) k.key_id "
-					  "             AND h.status OPERATOR(pg_catalog.=) 'open' "
-					  "             AND h.expires_at OPERATOR(pg_catalog.>) pg_catalog.now()) END "
-					  "FROM billing.api_keys k WHERE k.tenant_id OPERATOR(pg_catalog.=) ANY ($1)",
-					  1, types);
-	billing_spi_read(plan, values, NULL, "reading api keys");
-	if (SPI_processed > (uint64) INT_MAX)
-		elog(ERROR, "billing: too many api keys in one snapshot batch");
-	nrows = (int) SPI_processed;
+	/* this node's tenants, then (Citus) those read through other nodes */
+	for (int pass = 0; pass < (distributed ? 2 : 1); pass++)
+	{
+		Datum		values[1];
+		Datum	   *elems = palloc(sizeof(Datum) * Max(nfacts, 1));
+		int			n = 0;
+		int			nrows;
 
+		for (int i = 0; i < nfacts; i++)
+			if (facts[i].remote == (pass == 1))
+				elems[n++] = CStringGetTextDatum(facts[i].tenant);
+		if (n == 0)
+			continue;
+		values[0] = PointerGetDatum(construct_array(elems, n, TEXTOID, -1, false,
+													TYPALIGN_INT));
+		/* a budget counts the key's open holds (account.c): only then needed */
+		billing_spi_read(key_plan(distributed && pass == 0), values, NULL, "reading api keys");
+		if (SPI_processed > (uint64) INT_MAX)
+			elog(ERROR, "billing: too many api keys in one snapshot batch");
+		nrows = (int) SPI_processed;
+		key_rows(facts, nfacts, nrows, synced_ms, out_cxt);
+	}
+}
+
+/* the key hashes of the SPI result rows, onto their tenants' facts */
+static void
+key_rows(TenantFacts *facts, int nfacts, int nrows, int64 synced_ms,
+		 MemoryContext out_cxt)
+{
 	for (int r = 0; r < nrows; r++)
 	{
 		TenantFacts probe = {0};
@@ -324,7 +462,7 @@ billing_snapshot_build(char **tenants, int ntenants, MemoryContext out_cxt,
 	int			nfacts = 0;
 	int			nsnaps = 0;
 	SyncSnap   *snaps;
-	DirectReader *accounts = direct_reader_open(&billing_accounts_table);
+	DirectReader *accounts = direct_reader_open(&billing_accounts_table, true);
 
 	for (int i = 0; i < ntenants; i++)
 	{
