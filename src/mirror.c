@@ -17,7 +17,8 @@
  *   would then keep the old hashes: a full resync that finds another
  *   ledger's marker deletes the old hashes first (SCAN + UNLINK, a bounded
  *   number of SCAN calls per step and in all).  A marker that vanished
- *   (FLUSHALL) means everything must be pushed again.
+ *   (FLUSHALL) means everything must be pushed again.  On Citus each node
+ *   has a marker of its own and wipes only its own tenants' hashes.
  * - A different Redis server process than before (INFO server run_id) may
  *   have lost everything: full resync.
  * - The consistency check compares a hash with its snapshot, field by
@@ -30,6 +31,7 @@
  */
 #include "postgres.h"
 
+#include "citus.h"
 #include "guc.h"
 #include "miscadmin.h"
 #include "mirror.h"
@@ -37,6 +39,7 @@
 #include "resp.h"
 #include "storage/fd.h"
 #include "utils/builtins.h"
+#include "utils/memutils.h"
 #include "utils/timestamp.h"
 
 static char apply_sha[41] = "";
@@ -44,6 +47,19 @@ static bool ready = false;		/* connected, script loaded */
 static char run_id[48] = "";
 static char epoch[64] = "";
 static bool full_resync = true;
+
+/*
+ * On Citus every node mirrors the tenants of its own shards into the same
+ * Redis: each has its own marker key, <prefix>:__sync__:<group>, holding
+ * its own ledger identity, and a wipe deletes only the hashes of tenants
+ * whose hash falls in one of this node's shard ranges (the other nodes'
+ * hashes are theirs).  node_group -1: not distributed, one marker, a wipe
+ * deletes every hash of the prefix.
+ */
+static int32 node_group = -1;
+static int	node_nranges = 0;
+static int32 *node_min = NULL;
+static int32 *node_max = NULL;
 
 /* the wipe of another ledger's hashes, across steps */
 static bool wiping = false;
@@ -85,6 +101,51 @@ mirror_note_epoch(const char *now)
 		strlcpy(epoch, now, sizeof(epoch));
 		full_resync = true;
 	}
+}
+
+void
+mirror_note_node(int32 group, int nranges, const int32 *min, const int32 *max)
+{
+	if (node_min)
+		pfree(node_min);
+	if (node_max)
+		pfree(node_max);
+	node_min = node_max = NULL;
+	node_nranges = 0;
+	node_group = group;
+	if (group >= 0 && nranges > 0)
+	{
+		node_min = MemoryContextAlloc(TopMemoryContext, sizeof(int32) * nranges);
+		node_max = MemoryContextAlloc(TopMemoryContext, sizeof(int32) * nranges);
+		memcpy(node_min, min, sizeof(int32) * nranges);
+		memcpy(node_max, max, sizeof(int32) * nranges);
+		node_nranges = nranges;
+	}
+}
+
+/* is key <prefix>:{tenant}... of a tenant of this node (see node_group)? */
+static bool
+key_is_ours(const char *key, size_t len)
+{
+	size_t		plen = strlen(billing_redis_prefix);
+	const char *open;
+	const char *close;
+	int32		hash;
+
+	if (node_group < 0)
+		return true;
+	if (len < plen + 2 || memcmp(key, billing_redis_prefix, plen) != 0 ||
+		key[plen] != ':' || key[plen + 1] != '{')
+		return false;
+	open = key + plen + 2;
+	close = memchr(open, '}', len - plen - 2);
+	if (close == NULL)
+		return false;
+	hash = billing_tenant_hash(open, (int) (close - open));
+	for (int i = 0; i < node_nranges; i++)
+		if (hash >= node_min[i] && hash <= node_max[i])
+			return true;
+	return false;
 }
 
 /* read a file of the lua/ directory installed with the extension */
@@ -245,6 +306,8 @@ mirror_check_run_id(void)
 static char *
 marker_key(void)
 {
+	if (node_group >= 0)
+		return psprintf("%s:__sync__:%d", billing_redis_prefix, node_group);
 	return psprintf("%s:__sync__", billing_redis_prefix);
 }
 
@@ -297,6 +360,7 @@ wipe_one(const char *pattern, bool *done)
 	redisReply *r = redis_command("SCAN", 6, argv, NULL);
 	redisReply *keys;
 	StringInfoData buf;
+	size_t		nours = 0;
 
 	if (r == NULL)
 		return false;
@@ -312,7 +376,11 @@ wipe_one(const char *pattern, bool *done)
 			return redis_unexpected(r, "SCAN (a key of its list is not a string)");
 	strlcpy(wipe_cursor, r->element[0]->str, sizeof(wipe_cursor));
 	*done = strcmp(wipe_cursor, "0") == 0;
-	if (keys->elements == 0)
+	/* Citus: only the hashes of this node's tenants (see node_group) */
+	for (size_t i = 0; i < keys->elements; i++)
+		if (key_is_ours(keys->element[i]->str, keys->element[i]->len))
+			nours++;
+	if (nours == 0)
 	{
 		redis_free(r);
 		return true;
@@ -320,10 +388,11 @@ wipe_one(const char *pattern, bool *done)
 
 	/* UNLINK key...: the key names byte for byte, lengths explicit */
 	initStringInfo(&buf);
-	resp_head(&buf, '*', keys->elements + 1);
+	resp_head(&buf, '*', nours + 1);
 	resp_str(&buf, "UNLINK");
 	for (size_t i = 0; i < keys->elements; i++)
-		resp_bulk(&buf, keys->element[i]->str, keys->element[i]->len);
+		if (key_is_ours(keys->element[i]->str, keys->element[i]->len))
+			resp_bulk(&buf, keys->element[i]->str, keys->element[i]->len);
 	redis_free(r);
 	redis_begin("UNLINK");
 	if (!redis_send(&buf, 1))

@@ -28,6 +28,10 @@ extern void mirror_resync_done(void);
 /* "<system id>:<database oid>:<extension oid>" of the ledger we read */
 extern void mirror_note_epoch(const char *epoch);
 
+/* Citus: this node's group and the hash ranges of its shards (group -1: none) */
+extern void mirror_note_node(int32 group, int nranges, const int32 *min,
+							 const int32 *max);
+
 extern bool mirror_check_run_id(void);
 extern bool mirror_check_marker(void);
 extern bool mirror_set_marker(void);

@@ -19,10 +19,12 @@
  * and marking is a no-op (no worker either).  Commits in another database
  * than the worker's are not marked: the mirror shows one database.
  *
- * A transaction that changed billing state cannot be PREPAREd: its COMMIT
- * PREPARED would run later, in a backend that knows nothing of its marks,
- * so the change would never be pushed.  (Like LISTEN or temporary tables,
- * billing calls do not mix with two-phase commit.)
+ * A transaction that changed billing state may be PREPAREd (Citus does so
+ * for every node a distributed transaction wrote on): its marks wait in
+ * shared memory under its transaction id until the worker sees it resolved
+ * (prepare_marks, billing_sync_resolve_prepared).  Its COMMIT PREPARED may
+ * run in any backend, and calls no callback: every commit while marks
+ * wait sets the worker's latch, and the worker looks at them every cycle.
  *
  *-------------------------------------------------------------------------
  */
@@ -36,6 +38,7 @@
 #include "miscadmin.h"
 #include "nodes/pg_list.h"
 #include "storage/ipc.h"
+#include "storage/procarray.h"
 #include "storage/shmem.h"
 #include "sync.h"
 #include "utils/builtins.h"
@@ -58,7 +61,6 @@ static shmem_startup_hook_type prev_shmem_startup_hook = NULL;
 static List *xact_marks = NIL;
 static HTAB *xact_mark_set = NULL;
 static bool xact_unmarkable = false;	/* a tenant id too long for the table */
-static bool xact_changed = false;	/* billing state changed (even unmirrored) */
 
 static void
 sync_shmem_request(void)
@@ -68,6 +70,7 @@ sync_shmem_request(void)
 	RequestAddinShmemSpace(MAXALIGN(sizeof(SyncShared)));
 	RequestAddinShmemSpace(hash_estimate_size(billing_sync_max_dirty, sizeof(SyncDirty)));
 	RequestAddinShmemSpace(MAXALIGN(sizeof(SyncDirty *) * billing_sync_max_dirty));
+	RequestAddinShmemSpace(MAXALIGN(sizeof(SyncPrepared) * SYNC_PREPARED_MAX));
 	RequestNamedLWLockTranche("billing", 1);
 }
 
@@ -89,6 +92,7 @@ sync_shmem_startup(void)
 		/* a fresh start knows nothing of what Redis has: resync everything */
 		billing_sync->overflow = true;
 		billing_sync->ring = ShmemAlloc(sizeof(SyncDirty *) * billing_sync_max_dirty);
+		billing_sync->prepared = ShmemAlloc(sizeof(SyncPrepared) * SYNC_PREPARED_MAX);
 	}
 	info.keysize = sizeof(((SyncDirty *) NULL)->tenant);
 	info.entrysize = sizeof(SyncDirty);
@@ -154,6 +158,120 @@ billing_sync_dequeue(char **tenants, TimestampTz *commits, int max,
 	return n;
 }
 
+/*
+ * PREPARE TRANSACTION (Citus prepares the transaction of every node a
+ * distributed transaction wrote on): the marks wait in shared memory,
+ * under the transaction id, until the worker sees the transaction
+ * resolved; pushed if it committed, dropped if it rolled back.  What does
+ * not fit refuses the PREPARE (the transaction rolls back).
+ */
+static void
+prepare_marks(void)
+{
+	TransactionId xid = GetTopTransactionIdIfAny();
+	int			need = list_length(xact_marks) + (xact_unmarkable ? 1 : 0);
+	ListCell   *lc;
+	bool		fits;
+
+	if (!TransactionIdIsValid(xid))
+		return;					/* wrote nothing: nothing to push */
+	LWLockAcquire(billing_sync->lock, LW_EXCLUSIVE);
+	if (OidIsValid(billing_sync->database) && billing_sync->database != MyDatabaseId)
+	{
+		/* not the mirrored database (see the commit case below) */
+		LWLockRelease(billing_sync->lock);
+		return;
+	}
+	fits = billing_sync->nprepared + need <= SYNC_PREPARED_MAX;
+	if (fits)
+	{
+		foreach(lc, xact_marks)
+		{
+			SyncPrepared *p = &billing_sync->prepared[billing_sync->nprepared++];
+
+			p->xid = xid;
+			strlcpy(p->tenant, lfirst(lc), SYNC_TENANT_LEN);
+		}
+		if (xact_unmarkable)
+		{
+			SyncPrepared *p = &billing_sync->prepared[billing_sync->nprepared++];
+
+			p->xid = xid;
+			p->tenant[0] = '\0';
+		}
+	}
+	LWLockRelease(billing_sync->lock);
+	if (!fits)
+		ereport(ERROR,
+				(errcode(ERRCODE_PROGRAM_LIMIT_EXCEEDED),
+				 errmsg("too many billing accounts changed by prepared transactions"),
+				 errdetail("Prepared transactions not yet committed or rolled back changed more than %d accounts.",
+						   SYNC_PREPARED_MAX),
+				 errhint("Commit or roll back prepared transactions (pg_prepared_xacts), or change fewer accounts per transaction.")));
+}
+
+/*
+ * The worker: push the marks of prepared transactions that committed since,
+ * forget those that rolled back.  Returns how many are still waiting.
+ */
+int
+billing_sync_resolve_prepared(void)
+{
+	int			waiting;
+
+	if (billing_sync->nprepared == 0)
+		return 0;
+	LWLockAcquire(billing_sync->lock, LW_EXCLUSIVE);
+	for (int i = 0; i < billing_sync->nprepared;)
+	{
+		SyncPrepared *p = &billing_sync->prepared[i];
+
+		/* a prepared transaction is in progress until COMMIT/ROLLBACK PREPARED */
+		if (TransactionIdIsInProgress(p->xid))
+		{
+			i++;
+			continue;
+		}
+		if (TransactionIdDidCommit(p->xid))
+		{
+			if (p->tenant[0] == '\0')
+				billing_sync->overflow = true;	/* full resync */
+			else
+				billing_sync_enqueue(p->tenant, GetCurrentTimestamp());
+		}
+		*p = billing_sync->prepared[--billing_sync->nprepared];
+	}
+	waiting = billing_sync->nprepared;
+	LWLockRelease(billing_sync->lock);
+	return waiting;
+}
+
+/*
+ * A prepared transaction the worker knows nothing of (it was prepared
+ * before a server restart): resync everything once it is resolved.
+ */
+void
+billing_sync_track_prepared(TransactionId xid)
+{
+	LWLockAcquire(billing_sync->lock, LW_EXCLUSIVE);
+	for (int i = 0; i < billing_sync->nprepared; i++)
+		if (billing_sync->prepared[i].xid == xid)
+		{
+			LWLockRelease(billing_sync->lock);
+			return;
+		}
+	if (billing_sync->nprepared < SYNC_PREPARED_MAX)
+	{
+		SyncPrepared *p = &billing_sync->prepared[billing_sync->nprepared++];
+
+		p->xid = xid;
+		p->tenant[0] = '\0';
+	}
+	else
+		billing_sync->overflow = true;
+	LWLockRelease(billing_sync->lock);
+}
+
 /* At commit, publish this transaction's marks; at abort, forget them. */
 static void
 sync_xact_callback(XactEvent event, void *arg)
@@ -166,8 +284,18 @@ sync_xact_callback(XactEvent event, void *arg)
 	{
 		case XACT_EVENT_COMMIT:
 		case XACT_EVENT_PARALLEL_COMMIT:
-			if ((xact_marks == NIL && !xact_unmarkable) || billing_sync == NULL)
+			if (billing_sync == NULL)
 				break;
+			if (xact_marks == NIL && !xact_unmarkable)
+			{
+				/*
+				 * Perhaps a COMMIT PREPARED (it calls no callback of its
+				 * own): let the worker look at the waiting marks.
+				 */
+				if (billing_sync->nprepared > 0 && billing_sync->worker_latch)
+					SetLatch(billing_sync->worker_latch);
+				break;
+			}
 			now = GetCurrentTimestamp();
 			latch = NULL;
 			LWLockAcquire(billing_sync->lock, LW_EXCLUSIVE);
@@ -185,12 +313,8 @@ sync_xact_callback(XactEvent event, void *arg)
 				SetLatch(latch);
 			break;
 		case XACT_EVENT_PRE_PREPARE:
-			if (xact_changed)
-				ereport(ERROR,
-						(errcode(ERRCODE_FEATURE_NOT_SUPPORTED),
-						 errmsg("cannot PREPARE a transaction that changed a billing account"),
-						 errdetail("The Redis mirror learns of a change when its transaction commits; COMMIT PREPARED would bypass that."),
-						 errhint("Run billing calls in a transaction of their own, outside two-phase commit.")));
+			if ((xact_marks != NIL || xact_unmarkable) && billing_sync != NULL)
+				prepare_marks();
 			break;
 		default:
 			break;
@@ -203,7 +327,6 @@ sync_xact_callback(XactEvent event, void *arg)
 		xact_marks = NIL;
 		xact_mark_set = NULL;
 		xact_unmarkable = false;
-		xact_changed = false;
 	}
 }
 
@@ -230,7 +353,6 @@ billing_sync_mark(const char *tenant, int len)
 	char	   *key;
 	ListCell   *lc;
 
-	xact_changed = true;
 	if (billing_sync == NULL)
 		return;
 	if (len >= SYNC_TENANT_LEN)

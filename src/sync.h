@@ -10,6 +10,7 @@
 #ifndef BILLING_SYNC_H
 #define BILLING_SYNC_H
 
+#include "access/transam.h"
 #include "datatype/timestamp.h"
 #include "storage/latch.h"
 #include "storage/lwlock.h"
@@ -30,6 +31,20 @@ typedef struct SyncDirty
 	char		tenant[SYNC_TENANT_LEN];	/* hash key */
 	TimestampTz first_commit;	/* oldest commit not yet pushed */
 } SyncDirty;
+
+/*
+ * A mark of a PREPAREd transaction (two-phase commit, e.g. Citus committing
+ * a transaction that wrote on several nodes): pushed when the transaction
+ * is committed (COMMIT PREPARED), dropped when it is rolled back.  An empty
+ * tenant means "full resync once it is resolved".
+ */
+#define SYNC_PREPARED_MAX	1024
+
+typedef struct SyncPrepared
+{
+	TransactionId xid;
+	char		tenant[SYNC_TENANT_LEN];
+} SyncPrepared;
 
 /* what one Redis hash of the mirror holds (snapshot.c builds them) */
 typedef struct SyncSnap
@@ -78,6 +93,8 @@ typedef struct SyncShared
 	int			lag_next;		/* ring of recent commit->Redis lags, microseconds */
 	int			lag_count;		/* entries filled, at most SYNC_LAG_RING */
 	int64		lag_us[SYNC_LAG_RING];
+	int			nprepared;		/* entries of prepared[] in use */
+	SyncPrepared *prepared;		/* SYNC_PREPARED_MAX */
 } SyncShared;
 
 extern SyncShared *billing_sync;
@@ -91,6 +108,8 @@ extern int	billing_sync_dequeue(char **tenants, TimestampTz *commits, int max,
 								 MemoryContext cxt);
 extern int	billing_snapshot_build(char **tenants, int ntenants,
 								   MemoryContext out_cxt, SyncSnap **out);
+extern int	billing_sync_resolve_prepared(void);
+extern void billing_sync_track_prepared(TransactionId xid);
 extern void billing_sync_record_error(const char *fmt,...) pg_attribute_printf(1, 2);
 
 #endif							/* BILLING_SYNC_H */

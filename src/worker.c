@@ -46,6 +46,7 @@
 #include "catalog/pg_namespace.h"
 #include "catalog/pg_proc.h"
 #include "catalog/pg_type.h"
+#include "citus.h"
 #include "commands/dbcommands.h"
 #include "commands/extension.h"
 #include "executor/spi.h"
@@ -109,6 +110,9 @@ static TimestampTz retry_at = 0;
 /* a full resync in progress (it may span cycles while an old mirror is wiped) */
 static bool resync_started = false;
 static bool resync_claimed = false;
+
+/* pg_prepared_xacts read since the worker started (two-phase commit) */
+static bool prepared_checked = false;
 
 static void begin_xact(const char *what);
 static void end_xact(void);
@@ -288,14 +292,25 @@ end_xact(void)
 	pgstat_report_activity(STATE_IDLE, NULL);
 }
 
-/* (in a transaction) the ledger we read: a new one needs a full resync */
+/*
+ * (in a transaction) the ledger we read: a new one needs a full resync.  On
+ * Citus also this node's group and the hash ranges of its shards: the
+ * mirror's marker and wipe are per node (mirror.c).
+ */
 static void
 note_epoch(void)
 {
 	char		now[64];
+	Oid			ext = get_extension_oid("billing", true);
+	Oid			nsp = OidIsValid(ext) ? get_namespace_oid("billing", true) : InvalidOid;
+	Oid			accounts = OidIsValid(nsp) ? get_relname_relid("accounts", nsp) : InvalidOid;
+	int32	   *min = NULL;
+	int32	   *max = NULL;
+	int			n = OidIsValid(accounts) ? billing_local_ranges(accounts, &min, &max) : -1;
 
+	mirror_note_node(n >= 0 ? billing_local_group() : -1, Max(n, 0), min, max);
 	snprintf(now, sizeof(now), UINT64_FORMAT ":%u:%u", GetSystemIdentifier(),
-			 MyDatabaseId, get_extension_oid("billing", true));
+			 MyDatabaseId, ext);
 	mirror_note_epoch(now);
 }
 
@@ -338,6 +353,7 @@ missing_rights(void)
 		{"sync_snapshot", 3, {TEXTARRAYOID, TEXTOID, INT4OID}},
 		{"sync_snapshot_of", 1, {TEXTARRAYOID}},
 		{"maintenance", 0, {InvalidOid}},
+		{"local_shards", 1, {REGCLASSOID}},
 	};
 	Oid			role = GetUserId();
 	Oid			nsp;
@@ -804,6 +820,34 @@ resync_failed(void)
 }
 
 /*
+ * Transactions prepared before this worker started (two-phase commit, e.g.
+ * Citus committing a transaction that wrote on several nodes) may have
+ * changed accounts; their marks were in the old shared memory, or are not
+ * known to a new worker: resync once more when each is resolved (sync.c).
+ */
+static void
+track_prepared(void)
+{
+	if (prepared_checked)
+		return;
+	begin_xact("billing sync: looking for prepared transactions");
+	if (SPI_execute("SELECT transaction FROM pg_catalog.pg_prepared_xacts "
+					"WHERE database OPERATOR(pg_catalog.=) pg_catalog.current_database()",
+					true, 0) != SPI_OK_SELECT)
+		elog(ERROR, "billing sync: reading pg_prepared_xacts failed");
+	for (uint64 i = 0; i < SPI_processed; i++)
+	{
+		bool		isnull;
+		Datum		d = SPI_getbinval(SPI_tuptable->vals[i], SPI_tuptable->tupdesc, 1, &isnull);
+
+		if (!isnull)
+			billing_sync_track_prepared(DatumGetTransactionId(d));
+	}
+	end_xact();
+	prepared_checked = true;
+}
+
+/*
  * Push every account, a page at a time, the dirty tenants between pages.
  * A wipe of another ledger's mirror may take several cycles (busy).
  */
@@ -826,6 +870,7 @@ resync_all(void)
 		begin_xact("billing sync: reading the ledger identity");
 		note_epoch();
 		end_xact();
+		track_prepared();
 		resync_started = true;
 		resync_claimed = false;
 	}
@@ -1305,6 +1350,9 @@ billing_worker_main(Datum arg)
 
 			if (installed)
 			{
+				/* marks of prepared transactions resolved since (sync.c) */
+				if (billing_sync_resolve_prepared() > 0)
+					timeout = Min(timeout, 100);
 				if (billing_redis_host[0] != '\0')
 				{
 					if (!mirror_connected() && now >= next_connect_at)
