@@ -195,17 +195,23 @@ $$;
 REVOKE ALL ON FUNCTION billing.lock_account(text) FROM PUBLIC;
 
 -- what remains on an account's open holds right now: the cached sum, unless
--- a hold has expired since anything ran on the account (then from the holds)
+-- a hold has expired since anything ran on the account (then from the holds).
+-- (PL/pgSQL, not SQL: Citus cannot plan an SQL function's query with
+-- parameters on a distributed table.  billing.balances spells the same out
+-- instead of calling it: Citus runs a view's query on the shards, whose row
+-- type is not billing.accounts.)
 CREATE FUNCTION billing.effective_holds(a billing.accounts) RETURNS bigint
-    LANGUAGE sql STABLE PARALLEL SAFE SECURITY DEFINER
+    LANGUAGE plpgsql STABLE PARALLEL SAFE SECURITY DEFINER
     SET search_path = pg_catalog, pg_temp
 AS $$
-    SELECT CASE
-               WHEN a.holds_next_expiry IS NULL OR a.holds_next_expiry > now() THEN a.holds_micros
-               ELSE (SELECT coalesce(sum(h.amount_micros - h.captured_micros - h.released_micros), 0)::bigint
-                       FROM billing.holds h
-                      WHERE h.tenant_id = a.tenant_id AND h.status = 'open' AND h.expires_at > now())
-           END
+BEGIN
+    IF a.holds_next_expiry IS NULL OR a.holds_next_expiry > now() THEN
+        RETURN a.holds_micros;
+    END IF;
+    RETURN (SELECT coalesce(sum(h.amount_micros - h.captured_micros - h.released_micros), 0)::bigint
+              FROM billing.holds h
+             WHERE h.tenant_id = a.tenant_id AND h.status = 'open' AND h.expires_at > now());
+END;
 $$;
 REVOKE ALL ON FUNCTION billing.effective_holds(billing.accounts) FROM PUBLIC;
 
@@ -225,25 +231,31 @@ CREATE FUNCTION billing.shares_expired(grants_state bigint[], grant_draws bigint
     LANGUAGE C IMMUTABLE PARALLEL SAFE;
 COMMENT ON FUNCTION billing.shares_expired(bigint[], bigint[], timestamptz, timestamptz) IS 'of what a hold reserved of grants, what has expired by a time (the hold and the grant both expired)';
 
--- both for one account (the holds are read only when one has expired)
+-- both for one account (the holds are read only when one has expired;
+-- PL/pgSQL and spelled out in billing.balances, as billing.effective_holds)
 CREATE FUNCTION billing.expired_micros(a billing.accounts, at timestamptz) RETURNS bigint
-    LANGUAGE sql STABLE PARALLEL SAFE SECURITY DEFINER
+    LANGUAGE plpgsql STABLE PARALLEL SAFE SECURITY DEFINER
     SET search_path = pg_catalog, pg_temp
 AS $$
-    SELECT CASE WHEN a.grants_state IS NULL THEN 0::bigint
-                ELSE billing.grants_expired(a.grants_state, at)
-                     + CASE WHEN a.holds_next_expiry IS NULL OR a.holds_next_expiry > at THEN 0::bigint
-                            ELSE (SELECT coalesce(sum(billing.shares_expired(a.grants_state, h.grant_draws,
-                                                                             h.expires_at, at)), 0)::bigint
-                                    FROM billing.holds h
-                                   WHERE h.tenant_id = a.tenant_id AND h.status = 'open'
-                                     AND h.expires_at <= at AND h.grant_draws IS NOT NULL)
-                       END
-           END
+BEGIN
+    IF a.grants_state IS NULL THEN
+        RETURN 0;
+    END IF;
+    RETURN billing.grants_expired(a.grants_state, at)
+           + CASE WHEN a.holds_next_expiry IS NULL OR a.holds_next_expiry > at THEN 0::bigint
+                  ELSE (SELECT coalesce(sum(billing.shares_expired(a.grants_state, h.grant_draws,
+                                                                   h.expires_at, at)), 0)::bigint
+                          FROM billing.holds h
+                         WHERE h.tenant_id = a.tenant_id AND h.status = 'open'
+                           AND h.expires_at <= at AND h.grant_draws IS NOT NULL)
+             END;
+END;
 $$;
 COMMENT ON FUNCTION billing.expired_micros(billing.accounts, timestamptz) IS 'what an account''s cached balance still holds of expired grants (the views and billing_balance_at subtract it)';
 REVOKE ALL ON FUNCTION billing.expired_micros(billing.accounts, timestamptz) FROM PUBLIC;
 
+-- the accounts as the API returns them (spelled out again in 30_holds.sql,
+-- once billing.holds exists, for Citus)
 CREATE VIEW billing.balances WITH (security_barrier) AS
 SELECT a.tenant_id,
        a.currency,
@@ -371,6 +383,10 @@ DECLARE
     p_limit    bigint;
     acc        billing.accounts;
     changes    jsonb := '{}';
+    old_day    date;
+    old_month  date;
+    new_day    date;
+    new_month  date;
 BEGIN
     PERFORM billing.check_account_settings(p_tenant, NULL,
                                            billing_account_update.status,
@@ -410,22 +426,23 @@ BEGIN
         -- The usage of the current day and month carries over into the new
         -- zone's current day and month: a zone change never starts a period
         -- afresh, so switching zones back and forth cannot reset a quota.
-        IF acc.usage_day = (now() AT TIME ZONE acc.timezone)::date THEN
-            acc.usage_day := (now() AT TIME ZONE billing_account_update.timezone)::date;
+        -- (The periods are computed first: Citus refuses now() inside a
+        -- CASE of an UPDATE.)
+        old_day := (now() AT TIME ZONE acc.timezone)::date;
+        old_month := date_trunc('month', now() AT TIME ZONE acc.timezone)::date;
+        new_day := (now() AT TIME ZONE billing_account_update.timezone)::date;
+        new_month := date_trunc('month', now() AT TIME ZONE billing_account_update.timezone)::date;
+        IF acc.usage_day = old_day THEN
+            acc.usage_day := new_day;
         END IF;
-        IF acc.usage_month = date_trunc('month', now() AT TIME ZONE acc.timezone)::date THEN
-            acc.usage_month := date_trunc('month', now() AT TIME ZONE billing_account_update.timezone)::date;
+        IF acc.usage_month = old_month THEN
+            acc.usage_month := new_month;
         END IF;
         UPDATE billing.api_keys k
-           SET period_start = CASE k.budget_period
-                                  WHEN 'day' THEN (now() AT TIME ZONE billing_account_update.timezone)::date
-                                  ELSE date_trunc('month', now() AT TIME ZONE billing_account_update.timezone)::date
-                              END
+           SET period_start = CASE WHEN k.budget_period = 'day' THEN new_day ELSE new_month END
          WHERE k.tenant_id = p_tenant
-           AND k.period_start = CASE k.budget_period
-                                    WHEN 'day' THEN (now() AT TIME ZONE acc.timezone)::date
-                                    WHEN 'month' THEN date_trunc('month', now() AT TIME ZONE acc.timezone)::date
-                                END;
+           AND k.period_start = CASE WHEN k.budget_period = 'day' THEN old_day
+                                     WHEN k.budget_period = 'month' THEN old_month END;
         acc.timezone := billing_account_update.timezone;
     END IF;
     IF billing_account_update.metadata IS NOT NULL AND billing_account_update.metadata <> acc.metadata THEN

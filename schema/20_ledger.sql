@@ -165,6 +165,7 @@ CREATE FUNCTION billing_balance_at(tenant_id text, at timestamptz) RETURNS numer
 AS $$
 DECLARE
     total numeric;
+    acc   billing.accounts;
 BEGIN
     IF billing_balance_at.tenant_id IS NULL THEN
         RAISE EXCEPTION 'tenant_id must not be null'
@@ -175,7 +176,7 @@ BEGIN
             USING ERRCODE = 'ZB015', HINT = 'Pass the point in time, e.g. now() - interval ''1 day''.';
     END IF;
     PERFORM billing.check_account_settings(billing_balance_at.tenant_id, NULL, NULL, NULL, NULL);
-    PERFORM FROM billing.accounts a WHERE a.tenant_id = billing_balance_at.tenant_id;
+    SELECT * INTO acc FROM billing.accounts a WHERE a.tenant_id = billing_balance_at.tenant_id;
     IF NOT FOUND THEN
         RAISE EXCEPTION 'account "%" does not exist', billing_balance_at.tenant_id
             USING ERRCODE = 'ZB001',
@@ -190,11 +191,8 @@ BEGIN
      WHERE e.tenant_id = billing_balance_at.tenant_id
        AND CASE WHEN e.kind = 'expire' THEN LEAST(e.event_at, e.created_at)
                 ELSE e.created_at END <= billing_balance_at.at;
-    SELECT total - billing.expired_micros(a, billing_balance_at.at)
-      INTO total
-      FROM billing.accounts a
-     WHERE a.tenant_id = billing_balance_at.tenant_id;
-    RETURN billing.to_amount(total::bigint);
+    -- (of the row read above: on Citus a query's rows are of the shard's type)
+    RETURN billing.to_amount((total - billing.expired_micros(acc, billing_balance_at.at))::bigint);
 END;
 $$;
 COMMENT ON FUNCTION billing_balance_at(text, timestamptz) IS
@@ -245,32 +243,39 @@ COMMENT ON FUNCTION billing.verify_entries(text) IS
 
 REVOKE ALL ON FUNCTION billing.verify_entries(text) FROM PUBLIC;
 
-CREATE FUNCTION billing_verify(tenant_id text DEFAULT NULL)
+-- the checks of billing_verify() on this node's tenants (all, or one): over
+-- the tables, or on Citus over the shards placed on this node (each tenant
+-- lives in one shard of each table, all on one node); on Citus also one row
+-- per local table of a Citus table that still holds rows, outside every
+-- shard (nothing reads them; a migration left them)
+CREATE FUNCTION billing.verify_local(tenant_id text)
     RETURNS SETOF billing.verify_result
-    LANGUAGE plpgsql STABLE SECURITY DEFINER
+    LANGUAGE plpgsql STABLE
     SET search_path = pg_catalog, pg_temp
 AS $$
+DECLARE
+    src  text[] := '{}';
+    t    regclass;
+    n    bigint;
 BEGIN
-    IF billing_verify.tenant_id IS NOT NULL THEN
-        PERFORM billing.check_account_settings(billing_verify.tenant_id, NULL, NULL, NULL, NULL);
-    END IF;
-    IF billing_verify.tenant_id IS NOT NULL
-       AND NOT EXISTS (SELECT FROM billing.accounts a WHERE a.tenant_id = billing_verify.tenant_id)
-       AND NOT EXISTS (SELECT FROM billing.entries e WHERE e.tenant_id = billing_verify.tenant_id) THEN
-        RAISE EXCEPTION 'account "%" does not exist', billing_verify.tenant_id
-            USING ERRCODE = 'ZB001',
-                  HINT = 'Call billing_verify() without an argument to check every account.';
-    END IF;
-    RETURN QUERY
-
+    -- each table as this node holds it: the table itself, or the union of
+    -- its shards placed here (colocated: a tenant's rows are all here or
+    -- all elsewhere); none, no tenant of this node to check
+    FOREACH t IN ARRAY ARRAY['billing.accounts', 'billing.holds', 'billing.jobs', 'billing.entries']::regclass[] LOOP
+        src := src || (SELECT CASE WHEN NOT billing.is_distributed(t) THEN t::text
+                                   ELSE '(' || string_agg(format('SELECT * FROM %s', s), ' UNION ALL ') || ')' END
+                         FROM billing.local_shards(t) s);
+    END LOOP;
+    IF array_position(src, NULL) IS NULL THEN
+        RETURN QUERY EXECUTE format($q$
     WITH per_tenant AS (
-        SELECT * FROM billing.verify_entries(billing_verify.tenant_id)
+        SELECT * FROM billing.verify_entries($1)
     )
     , holds AS (
         SELECT h.tenant_id,
                sum(h.amount_micros - h.captured_micros - h.released_micros) AS open_micros
-          FROM billing.holds h
-         WHERE h.status = 'open' AND (billing_verify.tenant_id IS NULL OR h.tenant_id = billing_verify.tenant_id)
+          FROM %2$s h
+         WHERE h.status = 'open' AND ($1 IS NULL OR h.tenant_id = $1)
          GROUP BY h.tenant_id
     )
     -- what each grant bucket holds by the account (remaining and reserved by
@@ -278,9 +283,9 @@ BEGIN
     , state AS (
         SELECT a.tenant_id, a.grants_state[i] AS g, a.grants_state[i + 1] AS remaining,
                a.grants_state[i + 2] AS reserved
-          FROM billing.accounts a,
+          FROM %1$s a,
                generate_series(1, coalesce(array_length(a.grants_state, 1), 0), 5) AS i
-         WHERE billing_verify.tenant_id IS NULL OR a.tenant_id = billing_verify.tenant_id
+         WHERE $1 IS NULL OR a.tenant_id = $1
     )
     , grants AS (
         SELECT s.tenant_id, array_agg(v.x ORDER BY s.g, v.k) AS state
@@ -293,10 +298,10 @@ BEGIN
         SELECT coalesce(s.tenant_id, o.tenant_id) AS tenant_id
           FROM (SELECT * FROM state WHERE reserved <> 0) s
           FULL JOIN (SELECT h.tenant_id, h.grant_draws[i] AS g, sum(h.grant_draws[i + 1]) AS reserved
-                       FROM billing.holds h,
+                       FROM %2$s h,
                             generate_series(1, coalesce(array_length(h.grant_draws, 1), 0), 2) AS i
                       WHERE h.status = 'open'
-                        AND (billing_verify.tenant_id IS NULL OR h.tenant_id = billing_verify.tenant_id)
+                        AND ($1 IS NULL OR h.tenant_id = $1)
                       GROUP BY 1, 2) o
             ON o.tenant_id = s.tenant_id AND o.g = s.g
          WHERE s.reserved IS DISTINCT FROM o.reserved
@@ -307,16 +312,16 @@ BEGIN
     -- index probe per finished job, not a second pass over the ledger
     , jobs AS (
         SELECT j.tenant_id, count(*) AS bad
-          FROM billing.jobs j
+          FROM %3$s j
          WHERE j.state IN ('completed', 'failed', 'cancelled')
-           AND (billing_verify.tenant_id IS NULL OR j.tenant_id = billing_verify.tenant_id)
+           AND ($1 IS NULL OR j.tenant_id = $1)
            AND ((j.state = 'completed'
                  AND CASE WHEN j.charge_entry_id IS NULL THEN j.actual_micros IS DISTINCT FROM 0
-                          ELSE NOT EXISTS (SELECT FROM billing.entries e
+                          ELSE NOT EXISTS (SELECT FROM %4$s e
                                             WHERE e.tenant_id = j.tenant_id AND e.entry_id = j.charge_entry_id
-                                              AND e.trace_id = format('job:%s:charge', j.job_id)
+                                              AND e.trace_id = format('job:%%s:charge', j.job_id)
                                               AND e.amount_micros = -j.actual_micros) END)
-                OR EXISTS (SELECT FROM billing.holds h
+                OR EXISTS (SELECT FROM %2$s h
                             WHERE h.tenant_id = j.tenant_id AND h.trace_id = j.hold_trace_id
                               AND h.status = 'open' AND h.expires_at > now()))
          GROUP BY j.tenant_id
@@ -339,13 +344,13 @@ BEGIN
                WHEN a.holds_micros <> coalesce(h.open_micros, 0) THEN 'cached holds differ from the open holds'
                ELSE 'finished jobs without their own charge or with their hold open'
            END
-      FROM billing.accounts a
+      FROM %1$s a
       FULL JOIN per_tenant p ON p.tenant_id = a.tenant_id
       LEFT JOIN holds h ON h.tenant_id = a.tenant_id
       LEFT JOIN grants g ON g.tenant_id = a.tenant_id
       LEFT JOIN reservations r ON r.tenant_id = a.tenant_id
       LEFT JOIN jobs jb ON jb.tenant_id = a.tenant_id
-     WHERE (billing_verify.tenant_id IS NULL OR coalesce(a.tenant_id, p.tenant_id) = billing_verify.tenant_id)
+     WHERE ($1 IS NULL OR coalesce(a.tenant_id, p.tenant_id) = $1)
        AND (a.tenant_id IS NULL
             OR a.balance_micros <> coalesce(p.total, 0)
             OR coalesce(p.breaks, 0) > 0
@@ -356,9 +361,71 @@ BEGIN
             OR r.tenant_id IS NOT NULL
             OR a.holds_micros <> coalesce(h.open_micros, 0)
             OR jb.bad > 0)
-     ORDER BY 1;
+     ORDER BY 1
+    $q$, src[1], src[2], src[3], src[4]) USING verify_local.tenant_id;
+    END IF;
+    -- Citus: rows in a Citus table's local heap are read by no one
+    IF billing.is_distributed('billing.accounts') THEN
+        FOREACH t IN ARRAY billing.tenant_tables() || ARRAY['billing.prices', 'billing.tenant_scopes']::regclass[] LOOP
+            n := billing.shell_rows(t);
+            IF n > 0 THEN
+                RETURN NEXT ROW(NULL, NULL, NULL, n, 0, NULL,
+                                format('%s rows left in the local table %s of node group %s, outside every shard: SELECT billing.citus_clear_local_rows() on that node',
+                                       n, t, billing.local_group()))::billing.verify_result;
+            END IF;
+        END LOOP;
+    END IF;
+END;
+$$;
+COMMENT ON FUNCTION billing.verify_local(text) IS
+    'the checks of billing_verify() on this node''s tenants (internal); on Citus also rows left in local tables';
+REVOKE ALL ON FUNCTION billing.verify_local(text) FROM PUBLIC;
+
+CREATE FUNCTION billing_verify(tenant_id text DEFAULT NULL)
+    RETURNS SETOF billing.verify_result
+    LANGUAGE plpgsql STABLE SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    r      record;
+    found  jsonb := '[]';
+    failed text;
+BEGIN
+    IF billing_verify.tenant_id IS NOT NULL THEN
+        PERFORM billing.check_account_settings(billing_verify.tenant_id, NULL, NULL, NULL, NULL);
+    END IF;
+    IF billing_verify.tenant_id IS NOT NULL
+       AND NOT EXISTS (SELECT FROM billing.accounts a WHERE a.tenant_id = billing_verify.tenant_id)
+       AND NOT EXISTS (SELECT FROM billing.entries e WHERE e.tenant_id = billing_verify.tenant_id) THEN
+        RAISE EXCEPTION 'account "%" does not exist', billing_verify.tenant_id
+            USING ERRCODE = 'ZB001',
+                  HINT = 'Call billing_verify() without an argument to check every account.';
+    END IF;
+    -- one tenant (on Citus the call runs on its node), or a single node
+    IF billing_verify.tenant_id IS NOT NULL OR NOT billing.is_distributed('billing.accounts') THEN
+        RETURN QUERY SELECT * FROM billing.verify_local(billing_verify.tenant_id);
+        RETURN;
+    END IF;
+    -- Citus: every node checks its own shards (and its local tables); a
+    -- node that cannot be asked fails the audit, which must not look clean
+    FOR r IN SELECT * FROM run_command_on_all_nodes(
+                 'SELECT coalesce(pg_catalog.json_agg(v), ''[]'') FROM billing.verify_local(NULL) v')
+    LOOP
+        IF r.success THEN
+            found := found || r.result::jsonb;
+        ELSE
+            failed := concat_ws('; ', failed, format('node %s: %s', r.nodeid, r.result));
+        END IF;
+    END LOOP;
+    IF failed IS NOT NULL THEN
+        RAISE EXCEPTION 'billing_verify() could not check every node'
+            USING ERRCODE = 'ZB104', DETAIL = billing.show(failed, 1000),
+                  HINT = 'Bring the node back (or remove it from the cluster) and verify again.';
+    END IF;
+    RETURN QUERY
+        SELECT v.* FROM jsonb_populate_recordset(NULL::billing.verify_result, found) v ORDER BY 1, 7;
 END;
 $$;
 COMMENT ON FUNCTION billing_verify(text) IS
-    'audit: one row per account whose cached balance differs from SUM(entries), whose balance_after chain is broken, whose version lags its entries, with invalid entries, whose grant buckets differ from what the ledger says (or went below zero) or from what open holds reserved, whose cached holds differ from its open holds, or with a finished job without its own charge or with its hold open; no rows when consistent';
+    'audit: one row per account whose cached balance differs from SUM(entries), whose balance_after chain is broken, whose version lags its entries, with invalid entries, whose grant buckets differ from what the ledger says (or went below zero) or from what open holds reserved, whose cached holds differ from its open holds, or with a finished job without its own charge or with its hold open; on Citus also rows left in local tables; no rows when consistent';
 REVOKE ALL ON FUNCTION billing_verify(text) FROM PUBLIC;

@@ -60,6 +60,54 @@ ALTER TABLE billing.hold_events ENABLE ALWAYS TRIGGER hold_events_append_only;
 SELECT pg_catalog.pg_extension_config_dump('billing.hold_events', '');
 SELECT pg_catalog.pg_extension_config_dump('billing.hold_event_id_seq', '');
 
+-- billing.balances (10_accounts.sql) again, now that billing.holds exists:
+-- balance and on hold as billing.expired_micros(a, now()) and
+-- billing.effective_holds(a) compute them, spelled out with a join of the
+-- open holds grouped by tenant.  On Citus the query runs on the shards,
+-- whose row type is not billing.accounts; a function that queried
+-- billing.holds from there, or a correlated subquery inside a call Citus
+-- delegated in a transaction block, would be a nested distributed query,
+-- while a join on tenant_id is one query on one shard of each table.
+CREATE OR REPLACE VIEW billing.balances WITH (security_barrier) AS
+SELECT a.tenant_id,
+       a.currency,
+       a.status,
+       billing.to_amount(a.balance_micros
+           - CASE WHEN a.grants_state IS NULL THEN 0::bigint
+                ELSE billing.grants_expired(a.grants_state, now())
+                     + CASE WHEN a.holds_next_expiry IS NULL OR a.holds_next_expiry > now() THEN 0::bigint
+                            ELSE coalesce(h.expired_shares, 0) END END) AS balance,
+       billing.to_amount(a.credit_limit_micros) AS credit_limit,
+       billing.to_amount(
+           CASE WHEN a.holds_next_expiry IS NULL OR a.holds_next_expiry > now() THEN a.holds_micros
+                ELSE coalesce(h.open_micros, 0) END) AS on_hold,
+       billing.to_amount(a.balance_micros
+           - CASE WHEN a.grants_state IS NULL THEN 0::bigint
+                ELSE billing.grants_expired(a.grants_state, now())
+                     + CASE WHEN a.holds_next_expiry IS NULL OR a.holds_next_expiry > now() THEN 0::bigint
+                            ELSE coalesce(h.expired_shares, 0) END END)
+       + billing.to_amount(a.credit_limit_micros)
+       - billing.to_amount(
+           CASE WHEN a.holds_next_expiry IS NULL OR a.holds_next_expiry > now() THEN a.holds_micros
+                ELSE coalesce(h.open_micros, 0) END) AS available,
+       a.version,
+       a.last_entry_at,
+       a.timezone,
+       a.metadata,
+       a.created_at,
+       a.updated_at
+  FROM billing.accounts a
+  LEFT JOIN (SELECT h.tenant_id,
+                    sum(h.amount_micros - h.captured_micros - h.released_micros)
+                        FILTER (WHERE h.expires_at > now())::bigint AS open_micros,
+                    sum(billing.shares_expired(o.grants_state, h.grant_draws, h.expires_at, now()))
+                        FILTER (WHERE h.expires_at <= now() AND h.grant_draws IS NOT NULL)::bigint AS expired_shares
+               FROM billing.holds h
+               JOIN billing.accounts o ON o.tenant_id = h.tenant_id
+              WHERE h.status = 'open'
+              GROUP BY h.tenant_id) h ON h.tenant_id = a.tenant_id
+ WHERE ((SELECT billing.visible_tenants()) IS NULL OR a.tenant_id = ANY ((SELECT billing.visible_tenants())::text[]));
+
 CREATE TYPE billing.hold_result AS (
     hold_id       bigint,
     tenant_id     text,

@@ -32,14 +32,20 @@ WITH k AS (
       JOIN billing.accounts a ON a.tenant_id = k.tenant_id
      WHERE ((SELECT billing.visible_tenants()) IS NULL OR k.tenant_id = ANY ((SELECT billing.visible_tenants())::text[]))
 ), s AS (
+    -- the key's open holds joined, grouped by key, not a correlated
+    -- subquery: on Citus that is one query on one shard of each table, also
+    -- inside a call Citus delegated in a transaction block
     SELECT k.*,
            CASE WHEN k.budget_period IS NULL OR k.budget_period = 'lifetime' OR k.period_start = k.current_start
                 THEN k.period_spend_micros ELSE 0 END AS spent_micros,
-           (SELECT coalesce(sum(h.amount_micros - h.captured_micros - h.released_micros), 0)::bigint
-              FROM billing.holds h
-             WHERE h.tenant_id = k.tenant_id AND h.api_key = k.key_id
-               AND h.status = 'open' AND h.expires_at > now()) AS on_hold_micros
+           coalesce(h.open_micros, 0)::bigint AS on_hold_micros
       FROM k
+      LEFT JOIN (SELECT h.tenant_id, h.api_key,
+                        sum(h.amount_micros - h.captured_micros - h.released_micros) AS open_micros
+                   FROM billing.holds h
+                  WHERE h.status = 'open' AND h.expires_at > now() AND h.api_key IS NOT NULL
+                  GROUP BY h.tenant_id, h.api_key) h
+        ON h.tenant_id = k.tenant_id AND h.api_key = k.key_id
 )
 SELECT s.tenant_id,
        s.key_id,

@@ -138,14 +138,17 @@ END;
 $$;
 REVOKE ALL ON FUNCTION billing.job_lock(text, bigint) FROM PUBLIC;
 
--- is the job's hold open, safely before its expiry?
+-- is the job's hold open, safely before its expiry?  (PL/pgSQL: Citus
+-- cannot plan an SQL function's query with parameters on a distributed table)
 CREATE FUNCTION billing.job_hold_open(j billing.jobs, margin interval DEFAULT '1 second') RETURNS boolean
-    LANGUAGE sql STABLE
+    LANGUAGE plpgsql STABLE
     SET search_path = pg_catalog, pg_temp
 AS $$
-    SELECT EXISTS (SELECT FROM billing.holds h
+BEGIN
+    RETURN EXISTS (SELECT FROM billing.holds h
                     WHERE h.tenant_id = j.tenant_id AND h.trace_id = j.hold_trace_id
-                      AND h.status = 'open' AND h.expires_at > clock_timestamp() + margin)
+                      AND h.status = 'open' AND h.expires_at > clock_timestamp() + margin);
+END;
 $$;
 REVOKE ALL ON FUNCTION billing.job_hold_open(billing.jobs, interval) FROM PUBLIC;
 
@@ -157,10 +160,14 @@ AS $$
 DECLARE
     wanted interval := least(until - now() + j.hold_ttl, interval '31 days');
 BEGIN
-    IF billing.job_hold_open(j) AND EXISTS (
-        SELECT FROM billing.holds h
-         WHERE h.tenant_id = j.tenant_id AND h.trace_id = j.hold_trace_id
-           AND h.expires_at < now() + wanted) THEN
+    -- two tests, not one expression: with Citus a query on billing.holds
+    -- that calls a function querying it again is a nested distributed query
+    IF NOT billing.job_hold_open(j) THEN
+        RETURN;
+    END IF;
+    IF EXISTS (SELECT FROM billing.holds h
+                WHERE h.tenant_id = j.tenant_id AND h.trace_id = j.hold_trace_id
+                  AND h.expires_at < now() + wanted) THEN
         PERFORM @extschema@.billing_hold_extend(j.tenant_id, j.hold_trace_id, wanted);
     END IF;
 END;
@@ -334,6 +341,10 @@ AS $$
 DECLARE
     j       billing.jobs;
     claimed billing.jobs[] := '{}';
+    shards  regclass[];
+    s       regclass;
+    k       record;
+    start   integer;
 BEGIN
     IF billing_job_claim.worker IS NULL OR billing_job_claim.max_jobs IS NULL OR billing_job_claim.lease IS NULL THEN
         RAISE EXCEPTION 'worker, max_jobs and lease must not be null'
@@ -347,28 +358,82 @@ BEGIN
                   DETAIL = format('max_jobs %s, lease %s.', billing_job_claim.max_jobs, billing_job_claim.lease),
                   HINT = 'Keep leases short and renew them with billing_job_heartbeat().';
     END IF;
-    FOR j IN
-        WITH due AS (
-            SELECT x.tenant_id, x.job_id
-              FROM billing.jobs x
-             WHERE x.state = 'queued' AND x.run_at <= now()
-               AND (billing_job_claim.kinds IS NULL OR x.kind = ANY (billing_job_claim.kinds))
-               AND (billing_job_claim.tenant_id IS NULL OR x.tenant_id = billing_job_claim.tenant_id)
-             ORDER BY x.run_at, x.job_id
-             LIMIT billing_job_claim.max_jobs
-               FOR UPDATE SKIP LOCKED
-        )
-        UPDATE billing.jobs x
-           SET state = 'processing', attempt = x.attempt + 1, worker = billing_job_claim.worker,
-               lease_until = now() + billing_job_claim.lease, heartbeat_at = now(), updated_at = now(),
-               note = 'claimed'
-          FROM due
-         WHERE x.tenant_id = due.tenant_id AND x.job_id = due.job_id
-        RETURNING x.*
-    LOOP
-        j.note := NULL;
-        claimed := claimed || j;
-    END LOOP;
+    IF billing_job_claim.tenant_id IS NOT NULL THEN
+        -- one tenant (on Citus the call runs on its node, and every query of
+        -- a delegated call must name the tenant: no "tenant_id IS NULL OR")
+        FOR j IN
+            WITH due AS (
+                SELECT x.tenant_id, x.job_id
+                  FROM billing.jobs x
+                 WHERE x.tenant_id = billing_job_claim.tenant_id
+                   AND x.state = 'queued' AND x.run_at <= now()
+                   AND (billing_job_claim.kinds IS NULL OR x.kind = ANY (billing_job_claim.kinds))
+                 ORDER BY x.run_at, x.job_id
+                 LIMIT billing_job_claim.max_jobs
+                   FOR UPDATE SKIP LOCKED
+            )
+            UPDATE billing.jobs x
+               SET state = 'processing', attempt = x.attempt + 1, worker = billing_job_claim.worker,
+                   lease_until = now() + billing_job_claim.lease, heartbeat_at = now(), updated_at = now(),
+                   note = 'claimed'
+              FROM due
+             WHERE x.tenant_id = billing_job_claim.tenant_id
+               AND x.tenant_id = due.tenant_id AND x.job_id = due.job_id
+            RETURNING x.*
+        LOOP
+            j.note := NULL;
+            claimed := claimed || j;
+        END LOOP;
+    ELSIF NOT billing.is_distributed('billing.jobs') THEN
+        -- a single node: every tenant's due jobs
+        FOR j IN
+            WITH due AS (
+                SELECT x.tenant_id, x.job_id
+                  FROM billing.jobs x
+                 WHERE x.state = 'queued' AND x.run_at <= now()
+                   AND (billing_job_claim.kinds IS NULL OR x.kind = ANY (billing_job_claim.kinds))
+                 ORDER BY x.run_at, x.job_id
+                 LIMIT billing_job_claim.max_jobs
+                   FOR UPDATE SKIP LOCKED
+            )
+            UPDATE billing.jobs x
+               SET state = 'processing', attempt = x.attempt + 1, worker = billing_job_claim.worker,
+                   lease_until = now() + billing_job_claim.lease, heartbeat_at = now(), updated_at = now(),
+                   note = 'claimed'
+              FROM due
+             WHERE x.tenant_id = due.tenant_id AND x.job_id = due.job_id
+            RETURNING x.*
+        LOOP
+            j.note := NULL;
+            claimed := claimed || j;
+        END LOOP;
+    ELSE
+        -- Citus, no tenant: the due jobs of this node's shards, from a random
+        -- shard on (claimers of one node spread over its shards); each is
+        -- locked in its shard (SKIP LOCKED) and claimed through Citus
+        PERFORM billing.require_local_shards('billing.jobs', 'billing_job_claim() without a tenant_id');
+        shards := ARRAY(SELECT billing.local_shards('billing.jobs'));
+        start := floor(random() * cardinality(shards))::integer;
+        FOR i IN 0 .. cardinality(shards) - 1 LOOP
+            EXIT WHEN cardinality(claimed) >= billing_job_claim.max_jobs;
+            s := shards[1 + (start + i) % cardinality(shards)];
+            FOR k IN EXECUTE format('SELECT x.tenant_id, x.job_id FROM %s x '
+                                    'WHERE x.state = ''queued'' AND x.run_at <= now() '
+                                    '  AND ($1 IS NULL OR x.kind = ANY ($1)) '
+                                    'ORDER BY x.run_at, x.job_id LIMIT $2 FOR UPDATE SKIP LOCKED', s)
+                     USING billing_job_claim.kinds, billing_job_claim.max_jobs - cardinality(claimed)
+            LOOP
+                UPDATE billing.jobs x
+                   SET state = 'processing', attempt = x.attempt + 1, worker = billing_job_claim.worker,
+                       lease_until = now() + billing_job_claim.lease, heartbeat_at = now(), updated_at = now(),
+                       note = 'claimed'
+                 WHERE x.tenant_id = k.tenant_id AND x.job_id = k.job_id
+                RETURNING x.* INTO j;
+                j.note := NULL;
+                claimed := claimed || j;
+            END LOOP;
+        END LOOP;
+    END IF;
     -- keep the holds alive past the leases, locking the accounts in tenant
     -- order: two claimers never wait on each other's accounts in a cycle
     FOR j IN SELECT * FROM unnest(claimed) c ORDER BY c.tenant_id, c.job_id LOOP
@@ -380,7 +445,7 @@ BEGIN
 END;
 $$;
 COMMENT ON FUNCTION billing_job_claim(text, text[], integer, interval, text) IS
-    'hand due queued jobs to a worker (FOR UPDATE SKIP LOCKED): attempt + 1, lease set; two workers never get the same job';
+    'hand due queued jobs to a worker (FOR UPDATE SKIP LOCKED): attempt + 1, lease set; two workers never get the same job; on Citus without a tenant: the jobs of this node';
 REVOKE ALL ON FUNCTION billing_job_claim(text, text[], integer, interval, text) FROM PUBLIC;
 
 CREATE FUNCTION billing_job_heartbeat(tenant_id text, job_id bigint, worker text,
@@ -559,13 +624,58 @@ $$;
 COMMENT ON FUNCTION billing_job_retry(text, bigint) IS 'requeue a failed job with a new hold for its estimate (attempts start over)';
 REVOKE ALL ON FUNCTION billing_job_retry(text, bigint) FROM PUBLIC;
 
+-- the jobs of this node whose lease expired, as failed attempts (the table,
+-- or on Citus each shard placed here); the background worker of every node
+-- runs it (billing.maintenance)
+CREATE FUNCTION billing.job_rescue_local(max_jobs integer) RETURNS SETOF billing.job_result
+    LANGUAGE plpgsql VOLATILE
+    SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    s    regclass;
+    j    billing.jobs;
+    seen integer := 0;
+BEGIN
+    FOR s IN SELECT billing.local_shards('billing.jobs') LOOP
+        FOR j IN EXECUTE pg_catalog.format(
+                     'SELECT * FROM %s x '
+                     'WHERE x.state OPERATOR(pg_catalog.=) ''processing'' '
+                     '  AND x.lease_until OPERATOR(pg_catalog.<) pg_catalog.now() '
+                     'ORDER BY x.lease_until LIMIT $1 FOR UPDATE SKIP LOCKED', s)
+                 USING max_jobs OPERATOR(pg_catalog.-) seen
+        LOOP
+            seen := seen OPERATOR(pg_catalog.+) 1;
+            j := billing.job_fail_attempt(j, pg_catalog.format('lease expired (worker %s, attempt %s)', j.worker, j.attempt), true);
+            RETURN NEXT billing.job_result(j, false);
+        END LOOP;
+        EXIT WHEN seen OPERATOR(pg_catalog.>=) max_jobs;
+    END LOOP;
+END;
+$$;
+COMMENT ON FUNCTION billing.job_rescue_local(integer) IS 'the jobs of this node whose lease expired count as failed attempts (internal: billing_job_rescue, billing.maintenance)';
+REVOKE ALL ON FUNCTION billing.job_rescue_local(integer) FROM PUBLIC;
+
+-- per-node work on a node without shards of a distributed table: ZB103
+CREATE FUNCTION billing.require_local_shards(tbl regclass, what text) RETURNS void
+    LANGUAGE plpgsql STABLE
+    SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF billing.is_distributed(tbl) AND NOT EXISTS (SELECT FROM billing.local_shards(tbl)) THEN
+        RAISE EXCEPTION '% runs per node, and this node holds no shard of %', what, tbl
+            USING ERRCODE = 'ZB103',
+                  DETAIL = format('This is Citus node group %s.', billing.local_group()),
+                  HINT = 'Call it on the worker nodes (each works on its own shards), or pass a tenant_id.';
+    END IF;
+END;
+$$;
+REVOKE ALL ON FUNCTION billing.require_local_shards(regclass, text) FROM PUBLIC;
+
 CREATE FUNCTION billing_job_rescue(max_jobs integer DEFAULT 100)
     RETURNS SETOF billing.job_result
     LANGUAGE plpgsql VOLATILE SECURITY DEFINER
     SET search_path = pg_catalog, pg_temp
 AS $$
-DECLARE
-    j billing.jobs;
 BEGIN
     IF max_jobs IS NULL THEN
         RAISE EXCEPTION 'max_jobs must not be null' USING ERRCODE = 'ZB015', HINT = 'Leave it out for 100.';
@@ -573,20 +683,12 @@ BEGIN
     IF max_jobs NOT BETWEEN 1 AND 10000 THEN
         RAISE EXCEPTION 'max_jobs must be 1 to 10000' USING ERRCODE = 'ZB018', HINT = 'Rescue in batches.';
     END IF;
-    FOR j IN
-        SELECT * FROM billing.jobs x
-         WHERE x.state = 'processing' AND x.lease_until < now()
-         ORDER BY x.lease_until
-         LIMIT max_jobs
-           FOR UPDATE SKIP LOCKED
-    LOOP
-        j := billing.job_fail_attempt(j, format('lease expired (worker %s, attempt %s)', j.worker, j.attempt), true);
-        RETURN NEXT billing.job_result(j, false);
-    END LOOP;
+    PERFORM billing.require_local_shards('billing.jobs', 'billing_job_rescue()');
+    RETURN QUERY SELECT * FROM billing.job_rescue_local(max_jobs);
 END;
 $$;
 COMMENT ON FUNCTION billing_job_rescue(integer) IS
-    'jobs whose lease expired count as a failed attempt: queued again with backoff, or failed with the hold released';
+    'jobs whose lease expired count as a failed attempt: queued again with backoff, or failed with the hold released; on Citus the jobs of this node';
 REVOKE ALL ON FUNCTION billing_job_rescue(integer) FROM PUBLIC;
 
 CREATE VIEW billing.jobs_by_state WITH (security_barrier) AS

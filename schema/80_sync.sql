@@ -16,24 +16,32 @@ CREATE FUNCTION billing.expire_due_holds(max_accounts integer DEFAULT 1000) RETU
     SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    t text;
-    n integer := 0;
+    s    regclass;
+    t    text;
+    n    integer := 0;
+    seen integer := 0;
 BEGIN
-    FOR t IN SELECT a.tenant_id FROM billing.accounts a
-              WHERE a.holds_next_expiry OPERATOR(pg_catalog.<=) pg_catalog.now()
-                 OR a.grants_next_expiry OPERATOR(pg_catalog.<=) pg_catalog.now()
-              ORDER BY least(a.holds_next_expiry, a.grants_next_expiry)
-              LIMIT max_accounts
-              FOR UPDATE SKIP LOCKED
-    LOOP
-        -- one account that cannot be swept must not stop the others
-        BEGIN
-            IF billing.expire_holds_of(t) THEN
-                n := n OPERATOR(pg_catalog.+) 1;
-            END IF;
-        EXCEPTION WHEN OTHERS THEN
-            RAISE WARNING 'billing: the expiry sweep skipped account "%": %', t, SQLERRM;
-        END;
+    -- this node's accounts: the table, or on Citus each shard placed here
+    FOR s IN SELECT billing.local_shards('billing.accounts') LOOP
+        FOR t IN EXECUTE pg_catalog.format(
+                     'SELECT a.tenant_id FROM %s a '
+                     'WHERE a.holds_next_expiry OPERATOR(pg_catalog.<=) pg_catalog.now() '
+                     '   OR a.grants_next_expiry OPERATOR(pg_catalog.<=) pg_catalog.now() '
+                     'ORDER BY least(a.holds_next_expiry, a.grants_next_expiry) '
+                     'LIMIT $1 FOR UPDATE SKIP LOCKED', s)
+                 USING max_accounts OPERATOR(pg_catalog.-) seen
+        LOOP
+            seen := seen OPERATOR(pg_catalog.+) 1;
+            -- one account that cannot be swept must not stop the others
+            BEGIN
+                IF billing.expire_holds_of(t) THEN
+                    n := n OPERATOR(pg_catalog.+) 1;
+                END IF;
+            EXCEPTION WHEN OTHERS THEN
+                RAISE WARNING 'billing: the expiry sweep skipped account "%": %', t, SQLERRM;
+            END;
+        END LOOP;
+        EXIT WHEN seen OPERATOR(pg_catalog.>=) max_accounts;
     END LOOP;
     RETURN n;
 END;
@@ -48,14 +56,21 @@ CREATE FUNCTION billing.maintenance() RETURNS jsonb
     SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    expired integer := billing.expire_due_holds(1000);
+    expired integer;
     rescued integer;
 BEGIN
-    SELECT pg_catalog.count(*) INTO rescued FROM @extschema@.billing_job_rescue(100);
+    -- Citus: a node added after billing.citus_distribute() gets its own id
+    -- range here (its charges refuse until then)
+    IF billing.is_distributed('billing.accounts') THEN
+        PERFORM billing.citus_node_setup();
+    END IF;
+    -- this node's accounts and jobs (on Citus: its shards)
+    expired := billing.expire_due_holds(1000);
+    SELECT pg_catalog.count(*) INTO rescued FROM billing.job_rescue_local(100);
     RETURN pg_catalog.jsonb_build_object('accounts_with_expired_holds', expired, 'jobs_rescued', rescued);
 END;
 $$;
-COMMENT ON FUNCTION billing.maintenance() IS 'periodic maintenance run by the background worker: expire holds, rescue stuck jobs';
+COMMENT ON FUNCTION billing.maintenance() IS 'periodic maintenance run by the background worker: expire holds, rescue stuck jobs (on Citus: of this node, and its id range)';
 REVOKE ALL ON FUNCTION billing.maintenance() FROM PUBLIC;
 
 CREATE FUNCTION billing.sync_snapshot_of(tenants text[])
@@ -75,12 +90,21 @@ CREATE FUNCTION billing.sync_snapshot(tenants text[], after text, lim integer)
     LANGUAGE plpgsql STABLE
     SET search_path = pg_catalog, pg_temp
 AS $$
+DECLARE
+    src text;
 BEGIN
     IF tenants IS NULL THEN
-        -- a resync page: the tenants after `after`
-        tenants := ARRAY(SELECT a.tenant_id FROM billing.accounts a
-                          WHERE a.tenant_id OPERATOR(pg_catalog.>) after
-                          ORDER BY a.tenant_id LIMIT lim);
+        -- a resync page: the tenants after `after` of this node (the table,
+        -- or on Citus the shards placed here)
+        SELECT pg_catalog.string_agg(pg_catalog.format('SELECT a.tenant_id FROM %s a '
+                                                       'WHERE a.tenant_id OPERATOR(pg_catalog.>) $1', s),
+                                     ' UNION ALL ')
+          INTO src FROM billing.local_shards('billing.accounts') s;
+        IF src IS NULL THEN
+            RETURN;
+        END IF;
+        EXECUTE pg_catalog.format('SELECT ARRAY(SELECT t.tenant_id FROM (%s) t ORDER BY 1 LIMIT $2)', src)
+           INTO tenants USING after, lim;
     END IF;
     RETURN QUERY
         SELECT s.* FROM billing.sync_snapshot_of(tenants) AS s
@@ -136,7 +160,7 @@ BEGIN
     END IF;
     EXECUTE pg_catalog.format('GRANT USAGE ON SCHEMA billing TO %s', role);
     EXECUTE pg_catalog.format('GRANT SELECT ON billing.accounts, billing.api_keys, billing.holds TO %s', role);
-    EXECUTE pg_catalog.format('GRANT EXECUTE ON FUNCTION billing.sync_snapshot(text[], text, integer), billing.sync_snapshot_of(text[]), billing.maintenance() TO %s', role);
+    EXECUTE pg_catalog.format('GRANT EXECUTE ON FUNCTION billing.sync_snapshot(text[], text, integer), billing.sync_snapshot_of(text[]), billing.maintenance(), billing.local_shards(regclass) TO %s', role);
 END;
 $$;
 COMMENT ON FUNCTION billing_grant_worker(regrole) IS 'grant the background worker''s role (billing.worker_role) what it needs: read the snapshot tables, build snapshots, run the maintenance';

@@ -2811,6 +2811,1015 @@ $$;
 -- end of issue 16, part 3 and 4 (usage)
 
 -- ---------------------------------------------------------------------------
+-- issue 15: billing on a Citus cluster, distributed by tenant (see
+-- schema/95_citus.sql and docs/scaling.md).  Nothing changes on a single
+-- node; on Citus every function that takes a tenant runs on the tenant's
+-- node, and what is not about one tenant runs per node on its own shards.
+-- (billing.maintenance(), billing.sync_snapshot() and billing_grant_worker()
+-- are per node too: the worker's section below defines them last.)
+-- ---------------------------------------------------------------------------
+
+-- the relations of a table on this node: the table itself, or (Citus) its
+-- shards placed here, nothing on a node without any
+CREATE FUNCTION billing.local_shards(tbl regclass) RETURNS SETOF regclass
+    AS 'MODULE_PATHNAME', 'billing_local_shards_sql'
+    LANGUAGE C STABLE;
+COMMENT ON FUNCTION billing.local_shards(regclass) IS 'the relations of a billing table on this node: the table itself, or (Citus) its shards placed here';
+REVOKE ALL ON FUNCTION billing.local_shards(regclass) FROM PUBLIC;
+
+CREATE FUNCTION billing.is_distributed(tbl regclass) RETURNS boolean
+    AS 'MODULE_PATHNAME', 'billing_is_distributed_sql'
+    LANGUAGE C STABLE;
+COMMENT ON FUNCTION billing.is_distributed(regclass) IS 'is the table distributed by Citus (by hash)?';
+REVOKE ALL ON FUNCTION billing.is_distributed(regclass) FROM PUBLIC;
+
+CREATE FUNCTION billing.is_citus_table(tbl regclass) RETURNS boolean
+    AS 'MODULE_PATHNAME', 'billing_is_citus_table_sql'
+    LANGUAGE C STABLE;
+COMMENT ON FUNCTION billing.is_citus_table(regclass) IS 'is the table any Citus table (distributed or reference)?';
+REVOKE ALL ON FUNCTION billing.is_citus_table(regclass) FROM PUBLIC;
+
+CREATE FUNCTION billing.shell_rows(tbl regclass) RETURNS bigint
+    AS 'MODULE_PATHNAME', 'billing_shell_rows'
+    LANGUAGE C STABLE STRICT;
+COMMENT ON FUNCTION billing.shell_rows(regclass) IS 'rows in the local heap of a table, read directly (for a Citus table: rows nothing reads, left by a migration)';
+REVOKE ALL ON FUNCTION billing.shell_rows(regclass) FROM PUBLIC;
+
+-- the tables distributed by tenant_id, billing.accounts first (the others
+-- are colocated with it)
+CREATE FUNCTION billing.tenant_tables() RETURNS regclass[]
+    LANGUAGE sql IMMUTABLE
+    SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT ARRAY['billing.accounts', 'billing.entries', 'billing.rejections',
+                 'billing.account_events', 'billing.holds', 'billing.hold_events',
+                 'billing.api_keys', 'billing.jobs', 'billing.job_events',
+                 'billing.grants', 'billing.refunds', 'billing.price_overrides']::regclass[]
+$$;
+COMMENT ON FUNCTION billing.tenant_tables() IS 'the tables Citus distributes by tenant_id (billing.accounts first; the others colocated with it)';
+REVOKE ALL ON FUNCTION billing.tenant_tables() FROM PUBLIC;
+
+-- this node's Citus group (0: the coordinator), NULL without Citus
+CREATE FUNCTION billing.local_group() RETURNS integer
+    LANGUAGE plpgsql STABLE
+    SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF pg_catalog.to_regclass('pg_catalog.pg_dist_local_group') IS NULL THEN
+        RETURN NULL;
+    END IF;
+    RETURN (SELECT g.groupid FROM pg_catalog.pg_dist_local_group g);
+END;
+$$;
+COMMENT ON FUNCTION billing.local_group() IS 'this node''s Citus group id (0 on the coordinator), NULL without Citus';
+REVOKE ALL ON FUNCTION billing.local_group() FROM PUBLIC;
+
+-- functions and views whose queries Citus can run on the shards: no
+-- whole-row function of a table's row type in a query, no LANGUAGE sql
+-- function with parameters querying a distributed table, no correlated
+-- subquery on one inside a delegated call, no nested distributed query
+-- the tenants the calling role may see, or NULL when it is not scoped; the
+-- views call it once per query (an InitPlan).  On Citus (a reference table)
+-- it reads this node's copy directly: the views' queries run on the shards,
+-- where a query through Citus would be a nested distributed query.
+CREATE OR REPLACE FUNCTION billing.visible_tenants() RETURNS text[]
+    LANGUAGE plpgsql STABLE SECURITY DEFINER PARALLEL SAFE
+    SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    copy   regclass;
+    result text[];
+BEGIN
+    IF billing.is_citus_table('billing.tenant_scopes') THEN
+        SELECT c INTO copy FROM billing.local_shards('billing.tenant_scopes') c;
+        IF copy IS NOT NULL THEN
+            EXECUTE format('SELECT CASE WHEN count(*) = 0 THEN NULL ELSE array_agg(s.tenant_id ORDER BY s.tenant_id) END '
+                           'FROM %s s WHERE s.role_name = billing.actor()', copy)
+               INTO result;
+            RETURN result;
+        END IF;
+    END IF;
+    RETURN (SELECT CASE WHEN count(*) = 0 THEN NULL ELSE array_agg(s.tenant_id ORDER BY s.tenant_id) END
+              FROM billing.tenant_scopes s
+             WHERE s.role_name = billing.actor());
+END;
+$$;
+COMMENT ON FUNCTION billing.visible_tenants() IS 'tenants the calling role may see in the views (NULL: all)';
+
+-- what remains on an account's open holds right now: the cached sum, unless
+-- a hold has expired since anything ran on the account (then from the holds).
+-- (PL/pgSQL, not SQL: Citus cannot plan an SQL function's query with
+-- parameters on a distributed table.  billing.balances spells the same out
+-- instead of calling it: Citus runs a view's query on the shards, whose row
+-- type is not billing.accounts.)
+CREATE OR REPLACE FUNCTION billing.effective_holds(a billing.accounts) RETURNS bigint
+    LANGUAGE plpgsql STABLE PARALLEL SAFE SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF a.holds_next_expiry IS NULL OR a.holds_next_expiry > now() THEN
+        RETURN a.holds_micros;
+    END IF;
+    RETURN (SELECT coalesce(sum(h.amount_micros - h.captured_micros - h.released_micros), 0)::bigint
+              FROM billing.holds h
+             WHERE h.tenant_id = a.tenant_id AND h.status = 'open' AND h.expires_at > now());
+END;
+$$;
+
+-- both for one account (the holds are read only when one has expired;
+-- PL/pgSQL and spelled out in billing.balances, as billing.effective_holds)
+CREATE OR REPLACE FUNCTION billing.expired_micros(a billing.accounts, at timestamptz) RETURNS bigint
+    LANGUAGE plpgsql STABLE PARALLEL SAFE SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF a.grants_state IS NULL THEN
+        RETURN 0;
+    END IF;
+    RETURN billing.grants_expired(a.grants_state, at)
+           + CASE WHEN a.holds_next_expiry IS NULL OR a.holds_next_expiry > at THEN 0::bigint
+                  ELSE (SELECT coalesce(sum(billing.shares_expired(a.grants_state, h.grant_draws,
+                                                                   h.expires_at, at)), 0)::bigint
+                          FROM billing.holds h
+                         WHERE h.tenant_id = a.tenant_id AND h.status = 'open'
+                           AND h.expires_at <= at AND h.grant_draws IS NOT NULL)
+             END;
+END;
+$$;
+COMMENT ON FUNCTION billing.expired_micros(billing.accounts, timestamptz) IS 'what an account''s cached balance still holds of expired grants (the views and billing_balance_at subtract it)';
+
+-- billing.balances (10_accounts.sql) again, now that billing.holds exists:
+-- balance and on hold as billing.expired_micros(a, now()) and
+-- billing.effective_holds(a) compute them, spelled out with a join of the
+-- open holds grouped by tenant.  On Citus the query runs on the shards,
+-- whose row type is not billing.accounts; a function that queried
+-- billing.holds from there, or a correlated subquery inside a call Citus
+-- delegated in a transaction block, would be a nested distributed query,
+-- while a join on tenant_id is one query on one shard of each table.
+CREATE OR REPLACE VIEW billing.balances WITH (security_barrier) AS
+SELECT a.tenant_id,
+       a.currency,
+       a.status,
+       billing.to_amount(a.balance_micros
+           - CASE WHEN a.grants_state IS NULL THEN 0::bigint
+                ELSE billing.grants_expired(a.grants_state, now())
+                     + CASE WHEN a.holds_next_expiry IS NULL OR a.holds_next_expiry > now() THEN 0::bigint
+                            ELSE coalesce(h.expired_shares, 0) END END) AS balance,
+       billing.to_amount(a.credit_limit_micros) AS credit_limit,
+       billing.to_amount(
+           CASE WHEN a.holds_next_expiry IS NULL OR a.holds_next_expiry > now() THEN a.holds_micros
+                ELSE coalesce(h.open_micros, 0) END) AS on_hold,
+       billing.to_amount(a.balance_micros
+           - CASE WHEN a.grants_state IS NULL THEN 0::bigint
+                ELSE billing.grants_expired(a.grants_state, now())
+                     + CASE WHEN a.holds_next_expiry IS NULL OR a.holds_next_expiry > now() THEN 0::bigint
+                            ELSE coalesce(h.expired_shares, 0) END END)
+       + billing.to_amount(a.credit_limit_micros)
+       - billing.to_amount(
+           CASE WHEN a.holds_next_expiry IS NULL OR a.holds_next_expiry > now() THEN a.holds_micros
+                ELSE coalesce(h.open_micros, 0) END) AS available,
+       a.version,
+       a.last_entry_at,
+       a.timezone,
+       a.metadata,
+       a.created_at,
+       a.updated_at
+  FROM billing.accounts a
+  LEFT JOIN (SELECT h.tenant_id,
+                    sum(h.amount_micros - h.captured_micros - h.released_micros)
+                        FILTER (WHERE h.expires_at > now())::bigint AS open_micros,
+                    sum(billing.shares_expired(o.grants_state, h.grant_draws, h.expires_at, now()))
+                        FILTER (WHERE h.expires_at <= now() AND h.grant_draws IS NOT NULL)::bigint AS expired_shares
+               FROM billing.holds h
+               JOIN billing.accounts o ON o.tenant_id = h.tenant_id
+              WHERE h.status = 'open'
+              GROUP BY h.tenant_id) h ON h.tenant_id = a.tenant_id
+ WHERE ((SELECT billing.visible_tenants()) IS NULL OR a.tenant_id = ANY ((SELECT billing.visible_tenants())::text[]));
+
+CREATE OR REPLACE VIEW billing.api_key_budgets WITH (security_barrier) AS
+WITH k AS (
+    SELECT k.*,
+           CASE k.budget_period
+               WHEN 'day' THEN (now() AT TIME ZONE a.timezone)::date
+               WHEN 'month' THEN date_trunc('month', now() AT TIME ZONE a.timezone)::date
+           END AS current_start,
+           a.timezone
+      FROM billing.api_keys k
+      JOIN billing.accounts a ON a.tenant_id = k.tenant_id
+     WHERE ((SELECT billing.visible_tenants()) IS NULL OR k.tenant_id = ANY ((SELECT billing.visible_tenants())::text[]))
+), s AS (
+    -- the key's open holds joined, grouped by key, not a correlated
+    -- subquery: on Citus that is one query on one shard of each table, also
+    -- inside a call Citus delegated in a transaction block
+    SELECT k.*,
+           CASE WHEN k.budget_period IS NULL OR k.budget_period = 'lifetime' OR k.period_start = k.current_start
+                THEN k.period_spend_micros ELSE 0 END AS spent_micros,
+           coalesce(h.open_micros, 0)::bigint AS on_hold_micros
+      FROM k
+      LEFT JOIN (SELECT h.tenant_id, h.api_key,
+                        sum(h.amount_micros - h.captured_micros - h.released_micros) AS open_micros
+                   FROM billing.holds h
+                  WHERE h.status = 'open' AND h.expires_at > now() AND h.api_key IS NOT NULL
+                  GROUP BY h.tenant_id, h.api_key) h
+        ON h.tenant_id = k.tenant_id AND h.api_key = k.key_id
+)
+SELECT s.tenant_id,
+       s.key_id,
+       s.status,
+       billing.to_amount(s.budget_micros) AS budget,
+       s.budget_period,
+       billing.to_amount(s.spent_micros) AS spent,
+       billing.to_amount(s.on_hold_micros) AS on_hold,
+       billing.to_amount(s.budget_micros - s.spent_micros - s.on_hold_micros) AS remaining,
+       CASE s.budget_period
+           WHEN 'day' THEN ((s.current_start + 1)::timestamp AT TIME ZONE s.timezone)
+           WHEN 'month' THEN ((s.current_start + interval '1 month')::timestamp AT TIME ZONE s.timezone)
+       END AS resets_at,
+       s.last_used_at,
+       s.metadata
+  FROM s;
+COMMENT ON VIEW billing.api_key_budgets IS 'per API key: budget, spent in the current period, on hold, remaining, reset time';
+
+CREATE OR REPLACE FUNCTION billing_account_update(tenant_id text,
+                                       credit_limit numeric DEFAULT NULL,
+                                       status text DEFAULT NULL,
+                                       timezone text DEFAULT NULL,
+                                       metadata jsonb DEFAULT NULL,
+                                       reason text DEFAULT NULL)
+    RETURNS SETOF billing.balances
+    LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    p_tenant   text := billing_account_update.tenant_id;
+    p_limit    bigint;
+    acc        billing.accounts;
+    changes    jsonb := '{}';
+    old_day    date;
+    old_month  date;
+    new_day    date;
+    new_month  date;
+BEGIN
+    PERFORM billing.check_account_settings(p_tenant, NULL,
+                                           billing_account_update.status,
+                                           billing_account_update.timezone,
+                                           billing_account_update.metadata);
+    PERFORM billing.check_text(billing_account_update.reason, 'reason');
+    IF billing_account_update.credit_limit IS NOT NULL THEN
+        p_limit := billing.to_micros(billing_account_update.credit_limit, 'credit_limit', true);
+    END IF;
+
+    SELECT * INTO acc FROM billing.accounts a WHERE a.tenant_id = p_tenant FOR UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'account "%" does not exist', p_tenant
+            USING ERRCODE = 'ZB001',
+                  HINT = format('Create it first with billing_account_create(%L).', p_tenant);
+    END IF;
+    IF acc.status = 'closed' THEN
+        RAISE EXCEPTION 'account "%" is closed', p_tenant
+            USING ERRCODE = 'ZB003',
+                  DETAIL = 'A closed account cannot be changed or reopened.',
+                  HINT = 'Closed is final: open a new account for this customer.';
+    END IF;
+
+    IF p_limit IS NOT NULL AND p_limit <> acc.credit_limit_micros THEN
+        changes := changes || jsonb_build_object('credit_limit', jsonb_build_object(
+                       'old', billing.to_amount(acc.credit_limit_micros), 'new', billing.to_amount(p_limit)));
+        acc.credit_limit_micros := p_limit;
+    END IF;
+    IF billing_account_update.status IS NOT NULL AND billing_account_update.status <> acc.status THEN
+        changes := changes || jsonb_build_object('status', jsonb_build_object(
+                       'old', acc.status, 'new', billing_account_update.status));
+        acc.status := billing_account_update.status;
+    END IF;
+    IF billing_account_update.timezone IS NOT NULL AND billing_account_update.timezone <> acc.timezone THEN
+        changes := changes || jsonb_build_object('timezone', jsonb_build_object(
+                       'old', acc.timezone, 'new', billing_account_update.timezone));
+        -- The usage of the current day and month carries over into the new
+        -- zone's current day and month: a zone change never starts a period
+        -- afresh, so switching zones back and forth cannot reset a quota.
+        -- (The periods are computed first: Citus refuses now() inside a
+        -- CASE of an UPDATE.)
+        old_day := (now() AT TIME ZONE acc.timezone)::date;
+        old_month := date_trunc('month', now() AT TIME ZONE acc.timezone)::date;
+        new_day := (now() AT TIME ZONE billing_account_update.timezone)::date;
+        new_month := date_trunc('month', now() AT TIME ZONE billing_account_update.timezone)::date;
+        IF acc.usage_day = old_day THEN
+            acc.usage_day := new_day;
+        END IF;
+        IF acc.usage_month = old_month THEN
+            acc.usage_month := new_month;
+        END IF;
+        UPDATE billing.api_keys k
+           SET period_start = CASE WHEN k.budget_period = 'day' THEN new_day ELSE new_month END
+         WHERE k.tenant_id = p_tenant
+           AND k.period_start = CASE WHEN k.budget_period = 'day' THEN old_day
+                                     WHEN k.budget_period = 'month' THEN old_month END;
+        acc.timezone := billing_account_update.timezone;
+    END IF;
+    IF billing_account_update.metadata IS NOT NULL AND billing_account_update.metadata <> acc.metadata THEN
+        changes := changes || jsonb_build_object('metadata', jsonb_build_object(
+                       'old', acc.metadata, 'new', billing_account_update.metadata));
+        acc.metadata := billing_account_update.metadata;
+    END IF;
+
+    IF changes <> '{}' THEN
+        UPDATE billing.accounts a
+           SET credit_limit_micros = acc.credit_limit_micros,
+               status = acc.status,
+               timezone = acc.timezone,
+               usage_day = acc.usage_day,
+               usage_month = acc.usage_month,
+               metadata = acc.metadata,
+               version = a.version + 1,
+               updated_at = now()
+         WHERE a.tenant_id = p_tenant;
+        INSERT INTO billing.account_events (tenant_id, action, changes, reason)
+        VALUES (p_tenant, 'update', changes, billing_account_update.reason);
+        PERFORM billing.sync_mark(p_tenant);
+    END IF;
+
+    RETURN QUERY SELECT * FROM billing.balances b WHERE b.tenant_id = p_tenant;
+END;
+$$;
+COMMENT ON FUNCTION billing_account_update(text, numeric, text, text, jsonb, text) IS
+    'change credit limit, status, time zone or metadata; every change is recorded in billing.account_events';
+
+CREATE OR REPLACE FUNCTION billing_balance_at(tenant_id text, at timestamptz) RETURNS numeric
+    LANGUAGE plpgsql STABLE SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    total numeric;
+    acc   billing.accounts;
+BEGIN
+    IF billing_balance_at.tenant_id IS NULL THEN
+        RAISE EXCEPTION 'tenant_id must not be null'
+            USING ERRCODE = 'ZB015', HINT = 'Pass a value for tenant_id.';
+    END IF;
+    IF billing_balance_at.at IS NULL THEN
+        RAISE EXCEPTION 'at must not be null'
+            USING ERRCODE = 'ZB015', HINT = 'Pass the point in time, e.g. now() - interval ''1 day''.';
+    END IF;
+    PERFORM billing.check_account_settings(billing_balance_at.tenant_id, NULL, NULL, NULL, NULL);
+    SELECT * INTO acc FROM billing.accounts a WHERE a.tenant_id = billing_balance_at.tenant_id;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'account "%" does not exist', billing_balance_at.tenant_id
+            USING ERRCODE = 'ZB001',
+                  HINT = format('Create it first with billing_account_create(%L).', billing_balance_at.tenant_id);
+    END IF;
+    -- An expiry counts from the moment the grant expired (its event_at), even
+    -- when its entry was written later; a grant that expired by then but whose
+    -- entry is not written yet still holds its remainder in grants_state (and
+    -- holds that expired by then, what they had reserved of it).
+    SELECT coalesce(sum(e.amount_micros), 0) INTO total
+      FROM billing.entries e
+     WHERE e.tenant_id = billing_balance_at.tenant_id
+       AND CASE WHEN e.kind = 'expire' THEN LEAST(e.event_at, e.created_at)
+                ELSE e.created_at END <= billing_balance_at.at;
+    -- (of the row read above: on Citus a query's rows are of the shard's type)
+    RETURN billing.to_amount((total - billing.expired_micros(acc, billing_balance_at.at))::bigint);
+END;
+$$;
+COMMENT ON FUNCTION billing_balance_at(text, timestamptz) IS
+    'balance at a point in time: SUM of the entries created up to then, grants that had expired by then taken off';
+
+-- billing_verify(): per node, gathered on the coordinator
+-- the checks of billing_verify() on this node's tenants (all, or one): over
+-- the tables, or on Citus over the shards placed on this node (each tenant
+-- lives in one shard of each table, all on one node); on Citus also one row
+-- per local table of a Citus table that still holds rows, outside every
+-- shard (nothing reads them; a migration left them)
+CREATE FUNCTION billing.verify_local(tenant_id text)
+    RETURNS SETOF billing.verify_result
+    LANGUAGE plpgsql STABLE
+    SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    src  text[] := '{}';
+    t    regclass;
+    n    bigint;
+BEGIN
+    -- each table as this node holds it: the table itself, or the union of
+    -- its shards placed here (colocated: a tenant's rows are all here or
+    -- all elsewhere); none, no tenant of this node to check
+    FOREACH t IN ARRAY ARRAY['billing.accounts', 'billing.holds', 'billing.jobs', 'billing.entries']::regclass[] LOOP
+        src := src || (SELECT CASE WHEN NOT billing.is_distributed(t) THEN t::text
+                                   ELSE '(' || string_agg(format('SELECT * FROM %s', s), ' UNION ALL ') || ')' END
+                         FROM billing.local_shards(t) s);
+    END LOOP;
+    IF array_position(src, NULL) IS NULL THEN
+        RETURN QUERY EXECUTE format($q$
+    WITH per_tenant AS (
+        SELECT * FROM billing.verify_entries($1)
+    )
+    , holds AS (
+        SELECT h.tenant_id,
+               sum(h.amount_micros - h.captured_micros - h.released_micros) AS open_micros
+          FROM %2$s h
+         WHERE h.status = 'open' AND ($1 IS NULL OR h.tenant_id = $1)
+         GROUP BY h.tenant_id
+    )
+    -- what each grant bucket holds by the account (remaining and reserved by
+    -- holds): the ledger's replay (verify_entries) must say the same
+    , state AS (
+        SELECT a.tenant_id, a.grants_state[i] AS g, a.grants_state[i + 1] AS remaining,
+               a.grants_state[i + 2] AS reserved
+          FROM %1$s a,
+               generate_series(1, coalesce(array_length(a.grants_state, 1), 0), 5) AS i
+         WHERE $1 IS NULL OR a.tenant_id = $1
+    )
+    , grants AS (
+        SELECT s.tenant_id, array_agg(v.x ORDER BY s.g, v.k) AS state
+          FROM state s, LATERAL (VALUES (1, s.g), (2, s.remaining + s.reserved)) AS v(k, x)
+         WHERE s.remaining + s.reserved <> 0
+         GROUP BY 1
+    )
+    -- and what it says open holds reserved must be what they did
+    , reservations AS (
+        SELECT coalesce(s.tenant_id, o.tenant_id) AS tenant_id
+          FROM (SELECT * FROM state WHERE reserved <> 0) s
+          FULL JOIN (SELECT h.tenant_id, h.grant_draws[i] AS g, sum(h.grant_draws[i + 1]) AS reserved
+                       FROM %2$s h,
+                            generate_series(1, coalesce(array_length(h.grant_draws, 1), 0), 2) AS i
+                      WHERE h.status = 'open'
+                        AND ($1 IS NULL OR h.tenant_id = $1)
+                      GROUP BY 1, 2) o
+            ON o.tenant_id = s.tenant_id AND o.g = s.g
+         WHERE s.reserved IS DISTINCT FROM o.reserved
+         GROUP BY 1
+    )
+    -- finished jobs against their charge and hold (what the job guard checks
+    -- as each job changes; a restore loads jobs without their order): one
+    -- index probe per finished job, not a second pass over the ledger
+    , jobs AS (
+        SELECT j.tenant_id, count(*) AS bad
+          FROM %3$s j
+         WHERE j.state IN ('completed', 'failed', 'cancelled')
+           AND ($1 IS NULL OR j.tenant_id = $1)
+           AND ((j.state = 'completed'
+                 AND CASE WHEN j.charge_entry_id IS NULL THEN j.actual_micros IS DISTINCT FROM 0
+                          ELSE NOT EXISTS (SELECT FROM %4$s e
+                                            WHERE e.tenant_id = j.tenant_id AND e.entry_id = j.charge_entry_id
+                                              AND e.trace_id = format('job:%%s:charge', j.job_id)
+                                              AND e.amount_micros = -j.actual_micros) END)
+                OR EXISTS (SELECT FROM %2$s h
+                            WHERE h.tenant_id = j.tenant_id AND h.trace_id = j.hold_trace_id
+                              AND h.status = 'open' AND h.expires_at > now()))
+         GROUP BY j.tenant_id
+    )
+    SELECT coalesce(a.tenant_id, p.tenant_id),
+           billing.to_amount(a.balance_micros),
+           (coalesce(p.total, 0) / 1000000)::numeric(38, 6),
+           coalesce(p.n, 0),
+           coalesce(p.breaks, 0),
+           p.first_break,
+           CASE
+               WHEN a.tenant_id IS NULL THEN 'entries without an account'
+               WHEN a.balance_micros <> coalesce(p.total, 0) THEN 'cached balance differs from SUM(entries)'
+               WHEN coalesce(p.breaks, 0) > 0 THEN 'balance_after chain is broken'
+               WHEN a.version < coalesce(p.max_version, 0) THEN 'account version is behind its entries'
+               WHEN coalesce(p.invalid, 0) > 0 THEN 'entries with an unknown kind, a zero amount or the wrong sign'
+               WHEN coalesce(p.grants_negative, 0) > 0 THEN 'a grant bucket went below zero'
+               WHEN coalesce(p.grants, '{}') <> coalesce(g.state, '{}') THEN 'grant buckets differ from the ledger'
+               WHEN r.tenant_id IS NOT NULL THEN 'grant reservations differ from the open holds'
+               WHEN a.holds_micros <> coalesce(h.open_micros, 0) THEN 'cached holds differ from the open holds'
+               ELSE 'finished jobs without their own charge or with their hold open'
+           END
+      FROM %1$s a
+      FULL JOIN per_tenant p ON p.tenant_id = a.tenant_id
+      LEFT JOIN holds h ON h.tenant_id = a.tenant_id
+      LEFT JOIN grants g ON g.tenant_id = a.tenant_id
+      LEFT JOIN reservations r ON r.tenant_id = a.tenant_id
+      LEFT JOIN jobs jb ON jb.tenant_id = a.tenant_id
+     WHERE ($1 IS NULL OR coalesce(a.tenant_id, p.tenant_id) = $1)
+       AND (a.tenant_id IS NULL
+            OR a.balance_micros <> coalesce(p.total, 0)
+            OR coalesce(p.breaks, 0) > 0
+            OR a.version < coalesce(p.max_version, 0)
+            OR coalesce(p.invalid, 0) > 0
+            OR coalesce(p.grants_negative, 0) > 0
+            OR coalesce(p.grants, '{}') <> coalesce(g.state, '{}')
+            OR r.tenant_id IS NOT NULL
+            OR a.holds_micros <> coalesce(h.open_micros, 0)
+            OR jb.bad > 0)
+     ORDER BY 1
+    $q$, src[1], src[2], src[3], src[4]) USING verify_local.tenant_id;
+    END IF;
+    -- Citus: rows in a Citus table's local heap are read by no one
+    IF billing.is_distributed('billing.accounts') THEN
+        FOREACH t IN ARRAY billing.tenant_tables() || ARRAY['billing.prices', 'billing.tenant_scopes']::regclass[] LOOP
+            n := billing.shell_rows(t);
+            IF n > 0 THEN
+                RETURN NEXT ROW(NULL, NULL, NULL, n, 0, NULL,
+                                format('%s rows left in the local table %s of node group %s, outside every shard: SELECT billing.citus_clear_local_rows() on that node',
+                                       n, t, billing.local_group()))::billing.verify_result;
+            END IF;
+        END LOOP;
+    END IF;
+END;
+$$;
+COMMENT ON FUNCTION billing.verify_local(text) IS
+    'the checks of billing_verify() on this node''s tenants (internal); on Citus also rows left in local tables';
+REVOKE ALL ON FUNCTION billing.verify_local(text) FROM PUBLIC;
+
+CREATE OR REPLACE FUNCTION billing_verify(tenant_id text DEFAULT NULL)
+    RETURNS SETOF billing.verify_result
+    LANGUAGE plpgsql STABLE SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    r      record;
+    found  jsonb := '[]';
+    failed text;
+BEGIN
+    IF billing_verify.tenant_id IS NOT NULL THEN
+        PERFORM billing.check_account_settings(billing_verify.tenant_id, NULL, NULL, NULL, NULL);
+    END IF;
+    IF billing_verify.tenant_id IS NOT NULL
+       AND NOT EXISTS (SELECT FROM billing.accounts a WHERE a.tenant_id = billing_verify.tenant_id)
+       AND NOT EXISTS (SELECT FROM billing.entries e WHERE e.tenant_id = billing_verify.tenant_id) THEN
+        RAISE EXCEPTION 'account "%" does not exist', billing_verify.tenant_id
+            USING ERRCODE = 'ZB001',
+                  HINT = 'Call billing_verify() without an argument to check every account.';
+    END IF;
+    -- one tenant (on Citus the call runs on its node), or a single node
+    IF billing_verify.tenant_id IS NOT NULL OR NOT billing.is_distributed('billing.accounts') THEN
+        RETURN QUERY SELECT * FROM billing.verify_local(billing_verify.tenant_id);
+        RETURN;
+    END IF;
+    -- Citus: every node checks its own shards (and its local tables); a
+    -- node that cannot be asked fails the audit, which must not look clean
+    FOR r IN SELECT * FROM run_command_on_all_nodes(
+                 'SELECT coalesce(pg_catalog.json_agg(v), ''[]'') FROM billing.verify_local(NULL) v')
+    LOOP
+        IF r.success THEN
+            found := found || r.result::jsonb;
+        ELSE
+            failed := concat_ws('; ', failed, format('node %s: %s', r.nodeid, r.result));
+        END IF;
+    END LOOP;
+    IF failed IS NOT NULL THEN
+        RAISE EXCEPTION 'billing_verify() could not check every node'
+            USING ERRCODE = 'ZB104', DETAIL = billing.show(failed, 1000),
+                  HINT = 'Bring the node back (or remove it from the cluster) and verify again.';
+    END IF;
+    RETURN QUERY
+        SELECT v.* FROM jsonb_populate_recordset(NULL::billing.verify_result, found) v ORDER BY 1, 7;
+END;
+$$;
+COMMENT ON FUNCTION billing_verify(text) IS
+    'audit: one row per account whose cached balance differs from SUM(entries), whose balance_after chain is broken, whose version lags its entries, with invalid entries, whose grant buckets differ from what the ledger says (or went below zero) or from what open holds reserved, whose cached holds differ from its open holds, or with a finished job without its own charge or with its hold open; on Citus also rows left in local tables; no rows when consistent';
+
+-- jobs: per-node rescue and untargeted claims
+-- is the job's hold open, safely before its expiry?  (PL/pgSQL: Citus
+-- cannot plan an SQL function's query with parameters on a distributed table)
+CREATE OR REPLACE FUNCTION billing.job_hold_open(j billing.jobs, margin interval DEFAULT '1 second') RETURNS boolean
+    LANGUAGE plpgsql STABLE
+    SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    RETURN EXISTS (SELECT FROM billing.holds h
+                    WHERE h.tenant_id = j.tenant_id AND h.trace_id = j.hold_trace_id
+                      AND h.status = 'open' AND h.expires_at > clock_timestamp() + margin);
+END;
+$$;
+
+-- keep the job's hold alive until `until` + the job's hold_ttl (if it is still open)
+CREATE OR REPLACE FUNCTION billing.job_keep_hold(j billing.jobs, until timestamptz) RETURNS void
+    LANGUAGE plpgsql
+    SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    wanted interval := least(until - now() + j.hold_ttl, interval '31 days');
+BEGIN
+    -- two tests, not one expression: with Citus a query on billing.holds
+    -- that calls a function querying it again is a nested distributed query
+    IF NOT billing.job_hold_open(j) THEN
+        RETURN;
+    END IF;
+    IF EXISTS (SELECT FROM billing.holds h
+                WHERE h.tenant_id = j.tenant_id AND h.trace_id = j.hold_trace_id
+                  AND h.expires_at < now() + wanted) THEN
+        PERFORM @extschema@.billing_hold_extend(j.tenant_id, j.hold_trace_id, wanted);
+    END IF;
+END;
+$$;
+
+-- the jobs of this node whose lease expired, as failed attempts (the table,
+-- or on Citus each shard placed here); the background worker of every node
+-- runs it (billing.maintenance)
+CREATE FUNCTION billing.job_rescue_local(max_jobs integer) RETURNS SETOF billing.job_result
+    LANGUAGE plpgsql VOLATILE
+    SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    s    regclass;
+    j    billing.jobs;
+    seen integer := 0;
+BEGIN
+    FOR s IN SELECT billing.local_shards('billing.jobs') LOOP
+        FOR j IN EXECUTE pg_catalog.format(
+                     'SELECT * FROM %s x '
+                     'WHERE x.state OPERATOR(pg_catalog.=) ''processing'' '
+                     '  AND x.lease_until OPERATOR(pg_catalog.<) pg_catalog.now() '
+                     'ORDER BY x.lease_until LIMIT $1 FOR UPDATE SKIP LOCKED', s)
+                 USING max_jobs OPERATOR(pg_catalog.-) seen
+        LOOP
+            seen := seen OPERATOR(pg_catalog.+) 1;
+            j := billing.job_fail_attempt(j, pg_catalog.format('lease expired (worker %s, attempt %s)', j.worker, j.attempt), true);
+            RETURN NEXT billing.job_result(j, false);
+        END LOOP;
+        EXIT WHEN seen OPERATOR(pg_catalog.>=) max_jobs;
+    END LOOP;
+END;
+$$;
+COMMENT ON FUNCTION billing.job_rescue_local(integer) IS 'the jobs of this node whose lease expired count as failed attempts (internal: billing_job_rescue, billing.maintenance)';
+REVOKE ALL ON FUNCTION billing.job_rescue_local(integer) FROM PUBLIC;
+
+-- per-node work on a node without shards of a distributed table: ZB103
+CREATE FUNCTION billing.require_local_shards(tbl regclass, what text) RETURNS void
+    LANGUAGE plpgsql STABLE
+    SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF billing.is_distributed(tbl) AND NOT EXISTS (SELECT FROM billing.local_shards(tbl)) THEN
+        RAISE EXCEPTION '% runs per node, and this node holds no shard of %', what, tbl
+            USING ERRCODE = 'ZB103',
+                  DETAIL = format('This is Citus node group %s.', billing.local_group()),
+                  HINT = 'Call it on the worker nodes (each works on its own shards), or pass a tenant_id.';
+    END IF;
+END;
+$$;
+REVOKE ALL ON FUNCTION billing.require_local_shards(regclass, text) FROM PUBLIC;
+
+CREATE OR REPLACE FUNCTION billing_job_rescue(max_jobs integer DEFAULT 100)
+    RETURNS SETOF billing.job_result
+    LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF max_jobs IS NULL THEN
+        RAISE EXCEPTION 'max_jobs must not be null' USING ERRCODE = 'ZB015', HINT = 'Leave it out for 100.';
+    END IF;
+    IF max_jobs NOT BETWEEN 1 AND 10000 THEN
+        RAISE EXCEPTION 'max_jobs must be 1 to 10000' USING ERRCODE = 'ZB018', HINT = 'Rescue in batches.';
+    END IF;
+    PERFORM billing.require_local_shards('billing.jobs', 'billing_job_rescue()');
+    RETURN QUERY SELECT * FROM billing.job_rescue_local(max_jobs);
+END;
+$$;
+COMMENT ON FUNCTION billing_job_rescue(integer) IS
+    'jobs whose lease expired count as a failed attempt: queued again with backoff, or failed with the hold released; on Citus the jobs of this node';
+
+CREATE OR REPLACE FUNCTION billing_job_claim(worker text,
+                                  kinds text[] DEFAULT NULL,
+                                  max_jobs integer DEFAULT 1,
+                                  lease interval DEFAULT '5 minutes',
+                                  tenant_id text DEFAULT NULL)
+    RETURNS SETOF billing.job_result
+    LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    j       billing.jobs;
+    claimed billing.jobs[] := '{}';
+    shards  regclass[];
+    s       regclass;
+    k       record;
+    start   integer;
+BEGIN
+    IF billing_job_claim.worker IS NULL OR billing_job_claim.max_jobs IS NULL OR billing_job_claim.lease IS NULL THEN
+        RAISE EXCEPTION 'worker, max_jobs and lease must not be null'
+            USING ERRCODE = 'ZB015', HINT = 'Name the worker, e.g. its host and pid.';
+    END IF;
+    PERFORM billing.check_id(billing_job_claim.worker, 'worker', 'ZB018');
+    IF billing_job_claim.max_jobs NOT BETWEEN 1 AND 1000
+       OR billing_job_claim.lease <= interval '0' OR billing_job_claim.lease > interval '1 day' THEN
+        RAISE EXCEPTION 'max_jobs must be 1 to 1000 and lease in (0, 1 day]'
+            USING ERRCODE = 'ZB018',
+                  DETAIL = format('max_jobs %s, lease %s.', billing_job_claim.max_jobs, billing_job_claim.lease),
+                  HINT = 'Keep leases short and renew them with billing_job_heartbeat().';
+    END IF;
+    IF billing_job_claim.tenant_id IS NOT NULL THEN
+        -- one tenant (on Citus the call runs on its node, and every query of
+        -- a delegated call must name the tenant: no "tenant_id IS NULL OR")
+        FOR j IN
+            WITH due AS (
+                SELECT x.tenant_id, x.job_id
+                  FROM billing.jobs x
+                 WHERE x.tenant_id = billing_job_claim.tenant_id
+                   AND x.state = 'queued' AND x.run_at <= now()
+                   AND (billing_job_claim.kinds IS NULL OR x.kind = ANY (billing_job_claim.kinds))
+                 ORDER BY x.run_at, x.job_id
+                 LIMIT billing_job_claim.max_jobs
+                   FOR UPDATE SKIP LOCKED
+            )
+            UPDATE billing.jobs x
+               SET state = 'processing', attempt = x.attempt + 1, worker = billing_job_claim.worker,
+                   lease_until = now() + billing_job_claim.lease, heartbeat_at = now(), updated_at = now(),
+                   note = 'claimed'
+              FROM due
+             WHERE x.tenant_id = billing_job_claim.tenant_id
+               AND x.tenant_id = due.tenant_id AND x.job_id = due.job_id
+            RETURNING x.*
+        LOOP
+            j.note := NULL;
+            claimed := claimed || j;
+        END LOOP;
+    ELSIF NOT billing.is_distributed('billing.jobs') THEN
+        -- a single node: every tenant's due jobs
+        FOR j IN
+            WITH due AS (
+                SELECT x.tenant_id, x.job_id
+                  FROM billing.jobs x
+                 WHERE x.state = 'queued' AND x.run_at <= now()
+                   AND (billing_job_claim.kinds IS NULL OR x.kind = ANY (billing_job_claim.kinds))
+                 ORDER BY x.run_at, x.job_id
+                 LIMIT billing_job_claim.max_jobs
+                   FOR UPDATE SKIP LOCKED
+            )
+            UPDATE billing.jobs x
+               SET state = 'processing', attempt = x.attempt + 1, worker = billing_job_claim.worker,
+                   lease_until = now() + billing_job_claim.lease, heartbeat_at = now(), updated_at = now(),
+                   note = 'claimed'
+              FROM due
+             WHERE x.tenant_id = due.tenant_id AND x.job_id = due.job_id
+            RETURNING x.*
+        LOOP
+            j.note := NULL;
+            claimed := claimed || j;
+        END LOOP;
+    ELSE
+        -- Citus, no tenant: the due jobs of this node's shards, from a random
+        -- shard on (claimers of one node spread over its shards); each is
+        -- locked in its shard (SKIP LOCKED) and claimed through Citus
+        PERFORM billing.require_local_shards('billing.jobs', 'billing_job_claim() without a tenant_id');
+        shards := ARRAY(SELECT billing.local_shards('billing.jobs'));
+        start := floor(random() * cardinality(shards))::integer;
+        FOR i IN 0 .. cardinality(shards) - 1 LOOP
+            EXIT WHEN cardinality(claimed) >= billing_job_claim.max_jobs;
+            s := shards[1 + (start + i) % cardinality(shards)];
+            FOR k IN EXECUTE format('SELECT x.tenant_id, x.job_id FROM %s x '
+                                    'WHERE x.state = ''queued'' AND x.run_at <= now() '
+                                    '  AND ($1 IS NULL OR x.kind = ANY ($1)) '
+                                    'ORDER BY x.run_at, x.job_id LIMIT $2 FOR UPDATE SKIP LOCKED', s)
+                     USING billing_job_claim.kinds, billing_job_claim.max_jobs - cardinality(claimed)
+            LOOP
+                UPDATE billing.jobs x
+                   SET state = 'processing', attempt = x.attempt + 1, worker = billing_job_claim.worker,
+                       lease_until = now() + billing_job_claim.lease, heartbeat_at = now(), updated_at = now(),
+                       note = 'claimed'
+                 WHERE x.tenant_id = k.tenant_id AND x.job_id = k.job_id
+                RETURNING x.* INTO j;
+                j.note := NULL;
+                claimed := claimed || j;
+            END LOOP;
+        END LOOP;
+    END IF;
+    -- keep the holds alive past the leases, locking the accounts in tenant
+    -- order: two claimers never wait on each other's accounts in a cycle
+    FOR j IN SELECT * FROM unnest(claimed) c ORDER BY c.tenant_id, c.job_id LOOP
+        PERFORM billing.job_keep_hold(j, j.lease_until);
+    END LOOP;
+    FOR j IN SELECT * FROM unnest(claimed) c ORDER BY c.run_at, c.job_id LOOP
+        RETURN NEXT billing.job_result(j, false);
+    END LOOP;
+END;
+$$;
+COMMENT ON FUNCTION billing_job_claim(text, text[], integer, interval, text) IS
+    'hand due queued jobs to a worker (FOR UPDATE SKIP LOCKED): attempt + 1, lease set; two workers never get the same job; on Citus without a tenant: the jobs of this node';
+
+-- hold and grant expiry: this node's accounts
+CREATE OR REPLACE FUNCTION billing.expire_due_holds(max_accounts integer DEFAULT 1000) RETURNS integer
+    LANGUAGE plpgsql VOLATILE
+    SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    s    regclass;
+    t    text;
+    n    integer := 0;
+    seen integer := 0;
+BEGIN
+    -- this node's accounts: the table, or on Citus each shard placed here
+    FOR s IN SELECT billing.local_shards('billing.accounts') LOOP
+        FOR t IN EXECUTE pg_catalog.format(
+                     'SELECT a.tenant_id FROM %s a '
+                     'WHERE a.holds_next_expiry OPERATOR(pg_catalog.<=) pg_catalog.now() '
+                     '   OR a.grants_next_expiry OPERATOR(pg_catalog.<=) pg_catalog.now() '
+                     'ORDER BY least(a.holds_next_expiry, a.grants_next_expiry) '
+                     'LIMIT $1 FOR UPDATE SKIP LOCKED', s)
+                 USING max_accounts OPERATOR(pg_catalog.-) seen
+        LOOP
+            seen := seen OPERATOR(pg_catalog.+) 1;
+            -- one account that cannot be swept must not stop the others
+            BEGIN
+                IF billing.expire_holds_of(t) THEN
+                    n := n OPERATOR(pg_catalog.+) 1;
+                END IF;
+            EXCEPTION WHEN OTHERS THEN
+                RAISE WARNING 'billing: the expiry sweep skipped account "%": %', t, SQLERRM;
+            END;
+        END LOOP;
+        EXIT WHEN seen OPERATOR(pg_catalog.>=) max_accounts;
+    END LOOP;
+    RETURN n;
+END;
+$$;
+COMMENT ON FUNCTION billing.expire_due_holds(integer) IS 'expire due holds and grants of accounts nobody else has locked (the worker runs it; correctness never depends on it)';
+
+-- distribution and per-node setup
+CREATE FUNCTION billing.citus_node_setup() RETURNS jsonb
+    LANGUAGE plpgsql VOLATILE
+    SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    g      bigint := billing.local_group();
+    seq    regclass;
+    lo     bigint;
+    hi     bigint;
+    last   bigint;
+    called boolean;
+    nxt    bigint;
+    result jsonb := '{}';
+BEGIN
+    IF g IS NULL OR g OPERATOR(pg_catalog.<) 0 THEN
+        RETURN pg_catalog.jsonb_build_object('group', g);
+    END IF;
+    lo := g OPERATOR(pg_catalog.*) (1::bigint OPERATOR(pg_catalog.<<) 48) OPERATOR(pg_catalog.+) 1;
+    hi := (g OPERATOR(pg_catalog.+) 1) OPERATOR(pg_catalog.*) (1::bigint OPERATOR(pg_catalog.<<) 48)
+          OPERATOR(pg_catalog.-) 1;
+    IF NOT EXISTS (SELECT FROM pg_catalog.pg_sequence s
+                     JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) s.seqrelid
+                    WHERE c.relnamespace OPERATOR(pg_catalog.=) 'billing'::regnamespace
+                      AND (s.seqmin OPERATOR(pg_catalog.<>) lo OR s.seqmax OPERATOR(pg_catalog.<>) hi)) THEN
+        RETURN pg_catalog.jsonb_build_object('group', g, 'next', 'unchanged');
+    END IF;
+    -- the extension's sequences, on this node only
+    PERFORM pg_catalog.set_config('citus.enable_ddl_propagation', 'off', true);
+    FOR seq IN SELECT c.oid FROM pg_catalog.pg_class c
+                WHERE c.relnamespace OPERATOR(pg_catalog.=) 'billing'::regnamespace
+                  AND c.relkind OPERATOR(pg_catalog.=) 'S'
+                ORDER BY c.relname
+    LOOP
+        EXECUTE pg_catalog.format('SELECT last_value, is_called FROM %s', seq) INTO last, called;
+        nxt := pg_catalog.int8larger(lo, CASE WHEN called THEN last OPERATOR(pg_catalog.+) 1 ELSE last END);
+        IF nxt OPERATOR(pg_catalog.>) hi THEN
+            RAISE EXCEPTION 'sequence % is beyond the id range of node group %', seq, g
+                USING ERRCODE = 'ZB101',
+                      DETAIL = pg_catalog.format('Its next value is %s; the range is %s to %s.', nxt, lo, hi),
+                      HINT = 'Each node numbers from group * 2^48; see docs/scaling.md.';
+        END IF;
+        EXECUTE pg_catalog.format('ALTER SEQUENCE %s MINVALUE %s MAXVALUE %s START WITH %s RESTART WITH %s',
+                                  seq, lo, hi, nxt, nxt);
+        result := result OPERATOR(pg_catalog.||) pg_catalog.jsonb_build_object(seq::text, nxt);
+    END LOOP;
+    RETURN pg_catalog.jsonb_build_object('group', g, 'next', result);
+END;
+$$;
+COMMENT ON FUNCTION billing.citus_node_setup() IS 'Citus: give this node its own range of billing''s ids (group * 2^48 on); idempotent';
+REVOKE ALL ON FUNCTION billing.citus_node_setup() FROM PUBLIC;
+
+CREATE FUNCTION billing.citus_clear_local_rows() RETURNS jsonb
+    LANGUAGE plpgsql VOLATILE
+    SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    t       regclass;
+    n       bigint;
+    cleared jsonb := '{}';
+BEGIN
+    PERFORM pg_catalog.set_config('citus.enable_ddl_propagation', 'off', true);
+    FOREACH t IN ARRAY billing.tenant_tables()
+                       OPERATOR(pg_catalog.||) ARRAY['billing.prices', 'billing.tenant_scopes']::regclass[] LOOP
+        IF billing.is_citus_table(t) THEN
+            n := billing.shell_rows(t);
+            IF n OPERATOR(pg_catalog.>) 0 THEN
+                EXECUTE pg_catalog.format('TRUNCATE %s', t);
+                cleared := cleared OPERATOR(pg_catalog.||) pg_catalog.jsonb_build_object(t::text, n);
+            END IF;
+        END IF;
+    END LOOP;
+    RETURN cleared;
+END;
+$$;
+COMMENT ON FUNCTION billing.citus_clear_local_rows() IS 'Citus: remove the rows of this node''s local tables of billing''s Citus tables (rows nothing reads, left by a migration)';
+REVOKE ALL ON FUNCTION billing.citus_clear_local_rows() FROM PUBLIC;
+
+CREATE FUNCTION billing.citus_distribute(shard_count integer DEFAULT NULL)
+    RETURNS jsonb
+    LANGUAGE plpgsql VOLATILE
+    SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    t      regclass;
+    f      regprocedure;
+    nfun   integer := 0;
+    left_  bigint;
+    setup  jsonb;
+    failed text;
+BEGIN
+    IF pg_catalog.to_regclass('pg_catalog.pg_dist_partition') IS NULL THEN
+        RAISE EXCEPTION 'Citus is not installed in this database'
+            USING ERRCODE = 'ZB101',
+                  DETAIL = 'billing.citus_distribute() distributes billing''s tables with Citus.',
+                  HINT = 'CREATE EXTENSION citus on every node and add the workers (citus_add_node) first.';
+    END IF;
+    IF billing.local_group() OPERATOR(pg_catalog.<>) 0 THEN
+        RAISE EXCEPTION 'billing.citus_distribute() runs on the coordinator'
+            USING ERRCODE = 'ZB101',
+                  DETAIL = pg_catalog.format('This node is in Citus group %s; the coordinator is group 0.', billing.local_group()),
+                  HINT = 'Connect to the coordinator.';
+    END IF;
+    -- billing's triggers (append-only tables, the job state machine) must
+    -- be created on the shards and fire there: every node needs the setting
+    SELECT pg_catalog.string_agg(pg_catalog.format('node %s: %s', r.nodeid, r.result), '; ' ORDER BY r.nodeid)
+      INTO failed
+      FROM run_command_on_all_nodes('SHOW citus.enable_unsafe_triggers') r
+     WHERE NOT r.success OR r.result OPERATOR(pg_catalog.<>) 'on';
+    IF failed IS NOT NULL THEN
+        RAISE EXCEPTION 'citus.enable_unsafe_triggers must be on on every node'
+            USING ERRCODE = 'ZB101',
+                  DETAIL = pg_catalog.format('billing''s append-only and job triggers must fire on the shards; found: %s.', failed),
+                  HINT = 'Set citus.enable_unsafe_triggers = on in postgresql.conf of every node and reload.';
+    END IF;
+    -- one placement per shard: the direct path writes a tenant's rows on its node
+    PERFORM pg_catalog.set_config('citus.shard_replication_factor', '1', true);
+    -- no charge writes while the tables move (they wait, then are routed)
+    LOCK TABLE billing.accounts, billing.entries, billing.rejections, billing.holds,
+               billing.hold_events, billing.api_keys, billing.account_events, billing.prices,
+               billing.jobs, billing.job_events, billing.grants, billing.refunds,
+               billing.price_overrides, billing.tenant_scopes
+        IN EXCLUSIVE MODE;
+    IF NOT billing.is_citus_table('billing.prices') THEN
+        PERFORM create_reference_table('billing.prices');
+    END IF;
+    IF NOT billing.is_citus_table('billing.tenant_scopes') THEN
+        PERFORM create_reference_table('billing.tenant_scopes');
+    END IF;
+    IF NOT billing.is_distributed('billing.accounts') THEN
+        PERFORM create_distributed_table('billing.accounts', 'tenant_id',
+                                         shard_count => coalesce(shard_count,
+                                                                 pg_catalog.current_setting('citus.shard_count')::integer));
+    END IF;
+    FOREACH t IN ARRAY (billing.tenant_tables())[2:] LOOP
+        IF NOT billing.is_distributed(t) THEN
+            PERFORM create_distributed_table(t, 'tenant_id', colocate_with => 'billing.accounts');
+        END IF;
+    END LOOP;
+    -- every billing_* function that takes a tenant runs on the tenant's node
+    FOR f IN
+        SELECT p.oid::regprocedure
+          FROM pg_catalog.pg_proc p
+          JOIN pg_catalog.pg_depend d ON d.classid OPERATOR(pg_catalog.=) 'pg_catalog.pg_proc'::regclass
+               AND d.objid OPERATOR(pg_catalog.=) p.oid AND d.deptype OPERATOR(pg_catalog.=) 'e'
+          JOIN pg_catalog.pg_extension e ON e.oid OPERATOR(pg_catalog.=) d.refobjid
+               AND e.extname OPERATOR(pg_catalog.=) 'billing'
+         WHERE 'tenant_id' OPERATOR(pg_catalog.=) ANY (p.proargnames)
+           AND p.pronamespace OPERATOR(pg_catalog.=) e.extnamespace
+         ORDER BY 1
+    LOOP
+        PERFORM create_distributed_function(f, 'tenant_id', colocate_with => 'billing.accounts',
+                                            force_delegation => true);
+        nfun := nfun OPERATOR(pg_catalog.+) 1;
+    END LOOP;
+    -- the rows create_distributed_table copied stay in the local heaps
+    FOREACH t IN ARRAY billing.tenant_tables()
+                       OPERATOR(pg_catalog.||) ARRAY['billing.prices', 'billing.tenant_scopes']::regclass[] LOOP
+        PERFORM truncate_local_data_after_distributing_table(t);
+    END LOOP;
+    SELECT pg_catalog.sum(billing.shell_rows(x)) INTO left_
+      FROM pg_catalog.unnest(billing.tenant_tables()
+                             OPERATOR(pg_catalog.||) ARRAY['billing.prices', 'billing.tenant_scopes']::regclass[]) x;
+    IF left_ OPERATOR(pg_catalog.>) 0 THEN
+        RAISE EXCEPTION '% rows are still in local tables after the distribution', left_
+            USING ERRCODE = 'ZB102',
+                  DETAIL = 'A charge must never read or write a row outside the shards.',
+                  HINT = 'Nothing was distributed (the transaction rolled back); look for a trigger or rule that writes billing''s tables.';
+    END IF;
+    -- every node its own range of ids
+    SELECT pg_catalog.jsonb_object_agg(r.nodeid, CASE WHEN r.success THEN r.result::jsonb ELSE pg_catalog.to_jsonb(r.result) END),
+           pg_catalog.string_agg(pg_catalog.format('node %s: %s', r.nodeid, r.result), '; ')
+               FILTER (WHERE NOT r.success)
+      INTO setup, failed
+      FROM run_command_on_all_nodes('SELECT billing.citus_node_setup()') r;
+    IF failed IS NOT NULL THEN
+        RAISE EXCEPTION 'billing.citus_node_setup() failed on a node'
+            USING ERRCODE = 'ZB101', DETAIL = failed,
+                  HINT = 'Nothing was distributed (the transaction rolled back); fix that node and call billing.citus_distribute() again.';
+    END IF;
+    RETURN pg_catalog.jsonb_build_object('tables', pg_catalog.cardinality(billing.tenant_tables()) OPERATOR(pg_catalog.+) 2,
+                                         'functions', nfun, 'nodes', setup);
+END;
+$$;
+COMMENT ON FUNCTION billing.citus_distribute(integer) IS 'Citus: distribute billing by tenant (tables, reference tables, functions), remove the rows left in local tables, give every node its id range; on the coordinator, once';
+REVOKE ALL ON FUNCTION billing.citus_distribute(integer) FROM PUBLIC;
+
+-- end of issue 15 (Citus)
+
+-- ---------------------------------------------------------------------------
 -- the roles (issue 12), after every other section: billing.role_functions()
 -- names the functions the sections create
 -- ---------------------------------------------------------------------------
@@ -3169,34 +4178,52 @@ $$;
 -- Issue 12, the background worker (wip/worker): every operator and function
 -- in the worker's SQL schema-qualified; billing.maintenance() SECURITY
 -- DEFINER, so that a worker running as billing.worker_role needs EXECUTE on
--- it only; billing_grant_worker(role) grants that role what it needs.
+-- it only; billing_grant_worker(role) grants that role what it needs.  With
+-- issue 15 (Citus) the maintenance and the resync pages are per node.
 -- ---------------------------------------------------------------------------
--- (billing.expire_due_holds(): see the issue 16 section)
+-- (billing.expire_due_holds(): see the issue 16 and issue 15 sections)
 
 CREATE OR REPLACE FUNCTION billing.maintenance() RETURNS jsonb
     LANGUAGE plpgsql VOLATILE SECURITY DEFINER
     SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    expired integer := billing.expire_due_holds(1000);
+    expired integer;
     rescued integer;
 BEGIN
-    SELECT pg_catalog.count(*) INTO rescued FROM @extschema@.billing_job_rescue(100);
+    -- Citus: a node added after billing.citus_distribute() gets its own id
+    -- range here (its charges refuse until then)
+    IF billing.is_distributed('billing.accounts') THEN
+        PERFORM billing.citus_node_setup();
+    END IF;
+    -- this node's accounts and jobs (on Citus: its shards)
+    expired := billing.expire_due_holds(1000);
+    SELECT pg_catalog.count(*) INTO rescued FROM billing.job_rescue_local(100);
     RETURN pg_catalog.jsonb_build_object('accounts_with_expired_holds', expired, 'jobs_rescued', rescued);
 END;
 $$;
+COMMENT ON FUNCTION billing.maintenance() IS 'periodic maintenance run by the background worker: expire holds, rescue stuck jobs (on Citus: of this node, and its id range)';
 
 CREATE OR REPLACE FUNCTION billing.sync_snapshot(tenants text[], after text, lim integer)
     RETURNS TABLE (tenant_id text, key_id text, version bigint, fields text[])
     LANGUAGE plpgsql STABLE
     SET search_path = pg_catalog, pg_temp
 AS $$
+DECLARE
+    src text;
 BEGIN
     IF tenants IS NULL THEN
-        -- a resync page: the tenants after `after`
-        tenants := ARRAY(SELECT a.tenant_id FROM billing.accounts a
-                          WHERE a.tenant_id OPERATOR(pg_catalog.>) after
-                          ORDER BY a.tenant_id LIMIT lim);
+        -- a resync page: the tenants after `after` of this node (the table,
+        -- or on Citus the shards placed here)
+        SELECT pg_catalog.string_agg(pg_catalog.format('SELECT a.tenant_id FROM %s a '
+                                                       'WHERE a.tenant_id OPERATOR(pg_catalog.>) $1', s),
+                                     ' UNION ALL ')
+          INTO src FROM billing.local_shards('billing.accounts') s;
+        IF src IS NULL THEN
+            RETURN;
+        END IF;
+        EXECUTE pg_catalog.format('SELECT ARRAY(SELECT t.tenant_id FROM (%s) t ORDER BY 1 LIMIT $2)', src)
+           INTO tenants USING after, lim;
     END IF;
     RETURN QUERY
         SELECT s.* FROM billing.sync_snapshot_of(tenants) AS s
@@ -3214,7 +4241,7 @@ BEGIN
     END IF;
     EXECUTE pg_catalog.format('GRANT USAGE ON SCHEMA billing TO %s', role);
     EXECUTE pg_catalog.format('GRANT SELECT ON billing.accounts, billing.api_keys, billing.holds TO %s', role);
-    EXECUTE pg_catalog.format('GRANT EXECUTE ON FUNCTION billing.sync_snapshot(text[], text, integer), billing.sync_snapshot_of(text[]), billing.maintenance() TO %s', role);
+    EXECUTE pg_catalog.format('GRANT EXECUTE ON FUNCTION billing.sync_snapshot(text[], text, integer), billing.sync_snapshot_of(text[]), billing.maintenance(), billing.local_shards(regclass) TO %s', role);
 END;
 $$;
 COMMENT ON FUNCTION billing_grant_worker(regrole) IS 'grant the background worker''s role (billing.worker_role) what it needs: read the snapshot tables, build snapshots, run the maintenance';
