@@ -7,7 +7,9 @@
 #      configured by test/check.conf: billing preloaded, prepared transactions)
 #   4. pg_isolation_regress: every test/isolation/specs/*.spec, likewise
 #   5. the TAP tests test/t/*.pl (PostgreSQL::Test::Cluster + test/perl/
-#      BillingTest.pm): each starts its own nodes and Redis servers
+#      BillingTest.pm): each starts its own nodes and Redis servers; before
+#      t/080_citus, Citus is built (test/citus/build.sh, cached outside the
+#      work tree) and installed into the PostgreSQL under test
 #   6. no server log of steps 3-4 shows a crashed backend (the TAP tests check
 #      their own nodes, allowing only what they killed on purpose)
 # and prints "N passed, N failed" last: one per regression test, isolation
@@ -21,7 +23,9 @@
 # <repo>/tmp_check), BILLING_TAP_TIMEOUT (seconds per TAP file, default 1200),
 # BILLING_TESTS (a space-separated subset of TAP files to run, e.g.
 # "001_no_preload"), BILLING_SKIP (any of: regress isolation tap),
-# PROVE_FLAGS (e.g. -v), BILLING_PORT_BASE (below).
+# PROVE_FLAGS (e.g. -v), BILLING_PORT_BASE (below), BILLING_CITUS_SRC (the
+# Citus source for t/080_citus, default <repo>/../shared/citus; absent: that
+# test skips).
 #
 # TCP ports: by default the TAP framework picks free ports in 10200-32767,
 # reserved in /tmp/billing-test-ports (PG_TEST_PORT_DIR) for every run on
@@ -171,6 +175,22 @@ if [[ $skip != *" tap "* ]]; then
 	if [[ -n ${BILLING_TESTS:-} ]]; then
 		read -r -a tests <<<"$BILLING_TESTS"
 	fi
+	# Citus for t/080_citus (as the invoking user: as root the build script
+	# installs its Debian build dependencies); the test skips only when the
+	# source is absent, and fails when the build failed
+	export BILLING_CITUS_SRC=${BILLING_CITUS_SRC:-$(realpath -m "$repo/../shared/citus")}
+	BILLING_CITUS_BUILD=
+	if [[ " ${tests[*]} " == *" 080_citus "* || " ${tests[*]} " == *" 080_citus.pl "* ]]; then
+		echo "== Citus for t/080_citus (test/citus/build.sh)"
+		crc=0
+		cerr=$(bash "$here/citus/build.sh" 2>&1 >/dev/null) || crc=$?
+		case $crc in
+		0) BILLING_CITUS_BUILD=ok ;;
+		2) BILLING_CITUS_BUILD="skip: $(tail -n 1 <<<"$cerr")" ;;
+		*) BILLING_CITUS_BUILD="fail: test/citus/build.sh exited $crc: $(tail -n 30 <<<"$cerr")" ;;
+		esac
+		printf '%s\n' "$cerr" | tail -n 3
+	fi
 	as_tester mkdir -p "$tmp/tap"
 	for name in "${tests[@]}"; do
 		name=${name%.pl}
@@ -184,6 +204,7 @@ if [[ $skip != *" tap "* ]]; then
 			PG_REGRESS="$pgxs_src/test/regress/pg_regress" PG_CONFIG="$PG_CONFIG" \
 			PG_TEST_PORT_DIR="$ports" BILLING_PORT_BASE="${BILLING_PORT_BASE:-}" \
 			BILLING_REPO="$src" CI="${CI:-}" \
+			BILLING_CITUS_SRC="$BILLING_CITUS_SRC" BILLING_CITUS_BUILD="$BILLING_CITUS_BUILD" \
 			timeout -k 10 "${BILLING_TAP_TIMEOUT:-1200}" \
 			prove -I "$pgxs_src/test/perl" -I "$src/test/perl" ${PROVE_FLAGS:-} "test/t/$name.pl" \
 			>"$log" 2>&1 </dev/null || rc=$?

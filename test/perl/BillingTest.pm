@@ -97,6 +97,8 @@ if (my $base = $ENV{BILLING_PORT_BASE})
 
 Create, configure and start a node.  Parameters:
 C<preload> (default 1: shared_preload_libraries = 'billing'),
+C<libraries> (the shared_preload_libraries of a preloaded node, default
+'billing'; 'citus,billing' for a Citus node: Citus must come first),
 C<database> (default 'billing_test': created, with the extension unless
 C<< extension => 0 >>), C<redis> (a BillingTest::Redis the worker mirrors
 into), C<conf> (more postgresql.conf lines), C<start> (default 1).
@@ -120,7 +122,7 @@ sub node
 		"fsync = " . ($p{durable} ? 'on' : 'off'));
 	if ($p{preload} // 1)
 	{
-		push @conf, "shared_preload_libraries = 'billing'",
+		push @conf, "shared_preload_libraries = '" . ($p{libraries} // 'billing') . "'",
 		  "billing.database = '$db'";
 	}
 	if ($p{redis})
