@@ -16,6 +16,9 @@
 #      holds (capture, release, expiry by the tenant's node), grants and a
 #      refund, a job's lifecycle, per-node claims and rescue, the refusals
 #      (ZB100, ZB103, ZB104, ZB015 without a crash, ZB020 on the shards);
+#   4b. a node that held billing data of its own joins: its old rows are
+#      neither read nor written, billing_verify() reports them, and
+#      billing.citus_clear_local_rows() removes them;
 #   5. after each load: every acknowledged charge is in the ledger exactly
 #      once, no call that failed committed anything, no row is left in a
 #      local table on any node, billing_verify() finds nothing (balance =
@@ -296,7 +299,7 @@ sub ledger_checks
 sub shells_empty
 {
 	my ($what) = @_;
-	for my $name (qw(coord w1 w2))
+	for my $name (sort keys %node)
 	{
 		is(q_ok($node{$name}, q{SELECT coalesce(sum(billing.shell_rows(t)), 0)
 		    FROM unnest(billing.tenant_tables() || ARRAY['billing.prices', 'billing.tenant_scopes']::regclass[]) t}),
@@ -470,13 +473,44 @@ is(sqlstate_of($coord, 'SELECT * FROM billing_verify()'), 'ZB104',
 $w1->start;
 
 ############################################################################
+# 4b. a node that held billing data of its own joins the cluster: nothing
+#     reads or writes its old rows, billing_verify() reports them, and
+#     billing.citus_clear_local_rows() removes them on that node only
+############################################################################
+
+$node{old} = BillingTest::node('old', libraries => 'citus,billing', database => $db,
+	redis => $redis, conf => $conf);
+my $old = $node{old};
+q_ok($old, q{
+	SELECT billing_account_create('t' || i) FROM generate_series(1, 5) i;
+	SELECT billing_credit('t' || i, 5, 'old-' || i) FROM generate_series(1, 5) i;
+	CREATE EXTENSION citus;});
+q_ok($coord, sprintf(q{SELECT citus_add_node('127.0.0.1', %d)}, $old->port));
+$group{old} = q_ok($old, 'SELECT groupid FROM pg_dist_local_group');
+$node_of_port{ $old->port } = 'old';
+like(q_ok($coord, q{SELECT string_agg(problem, '; ') FROM billing_verify() WHERE tenant_id IS NULL}),
+	qr/rows left in the local table billing\.entries of node group $group{old}/,
+	"billing_verify() reports the joined node's old rows");
+my $before = q_ok($coord, "SELECT balance_micros FROM billing.accounts WHERE tenant_id = 't03'");
+q_ok($old, "SELECT billing_deduct('t03', 1, 'join-1')");
+is(q_ok($coord, "SELECT balance_micros FROM billing.accounts WHERE tenant_id = 't03'"), $before - 1_000_000,
+	'a charge made on the joined node went to the tenant (on its node), not to an old row');
+is(q_ok($old, "SELECT billing.shell_rows('billing.entries')"), '5', "the joined node's old rows are untouched");
+like(q_ok($old, 'SELECT billing.citus_clear_local_rows()'), qr/"billing.entries": 5/,
+	'billing.citus_clear_local_rows() on the joined node');
+ok(BillingTest::wait_until(120, sub {
+		q_ok($old, q{SELECT count(*) FROM pg_sequences WHERE schemaname = 'billing'
+			AND min_value = } . "$group{old}::bigint * (1::bigint << 48) + 1") eq '8' }),
+	"the joined node's maintenance gave it its own id range");
+
+############################################################################
 # 5. the end state
 ############################################################################
 
 shells_empty('the end');
 is(q_ok($coord, 'SELECT count(*) FROM billing_verify()'), '0', 'billing_verify() finds nothing at the end');
 is(q_ok($coord, 'SELECT count(*) FROM billing.accounts'), '40', 'every account, once');
-for my $name (qw(coord w1 w2))
+for my $name (sort keys %node)
 {
 	is(q_ok($node{$name}, q{SELECT count(*) FROM pg_sequences WHERE schemaname = 'billing'
 		AND min_value = } . "$group{$name}::bigint * (1::bigint << 48) + 1"),
@@ -501,7 +535,7 @@ sub exits_of
 	return $log =~ /background worker "$what" \(PID (\d+)\) exited with exit code 1/g;
 }
 my %stopped = (w1 => $w1_log, w2 => $w2_log);
-for my $name (qw(coord w1 w2))
+for my $name (sort keys %node)
 {
 	my @allowed = exits_of($node{$name}, 0, 'logical replication worker');
 	push @allowed, exits_of($node{$name}, $stopped{$name}, '[^"]+') if defined $stopped{$name};
