@@ -981,12 +981,13 @@ billing_planner(Query *parse, const char *query_string, int cursorOptions,
 	FuncExpr   *fe;
 	int			argno;
 
+	/* only where Citus is there (its planner is the previous hook) */
 	if (prev_planner_hook != NULL && IsTransactionState() &&
+		billing_local_group() >= 0 &&
 		(((fe = delegation_candidate(parse)) != NULL &&
 		  (argno = tenant_argno(fe->funcid)) >= 0 &&
 		  null_tenant(fe, argno, boundParams)) ||
-		 (fe == NULL && pulled_up_call(parse))) &&
-		billing_local_group() >= 0)	/* Citus is there */
+		 (fe == NULL && pulled_up_call(parse))))
 		return standard_planner(parse, query_string, cursorOptions, boundParams);
 	if (prev_planner_hook)
 		return prev_planner_hook(parse, query_string, cursorOptions, boundParams);
