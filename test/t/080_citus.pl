@@ -334,6 +334,12 @@ is(q_ok($coord, q{SELECT count(*) FROM pg_dist_partition
 is(q_ok($coord, q{SELECT count(*) FROM pg_dist_partition
 		WHERE logicalrelid IN ('billing.prices'::regclass, 'billing.tenant_scopes'::regclass) AND partmethod = 'n'}),
 	'2', 'prices and tenant scopes are reference tables');
+# a charge acknowledged before the distribution, replayed through the coordinator
+my ($rtrace) = map { /^ok (mig-\d+-1) /m ? $1 : () } map { slurp_file($_) } glob("$W/mig-*.log");
+my ($rtenant) = q_ok($coord, "SELECT tenant_id FROM billing.entries WHERE trace_id = '$rtrace'");
+is(q_ok($coord, "SELECT replayed FROM billing_deduct('$rtenant', 0.000001, '$rtrace', api_key => 'k-$rtenant')"),
+	't', "a charge acknowledged before the distribution replays on the tenant's node");
+is(q_ok($coord, "SELECT count(*) FROM billing.entries WHERE trace_id = '$rtrace'"), '1', 'and is still charged once');
 is(q_ok($coord, "SELECT status || ' ' || replayed FROM billing_try_deduct('t07', 1000000, 't07-rejected')"),
 	'rejected true', 'a rejection recorded before the migration replays as rejected');
 is(q_ok($coord, "SELECT count(*) FROM billing.holds WHERE trace_id LIKE '%-hold' AND status = 'open'"),
