@@ -33,12 +33,13 @@
 /*
  * The relation of logical table `relid` that holds the row(s) of `tenant`
  * (a text datum) on this node: relid itself when Citus does not distribute
- * it, else the tenant's shard.  Raises ZB100 (ERRCODE_BILLING_WRONG_NODE) when that shard is not on this
- * node.  With `for_write`, the shard's Citus metadata lock is taken in
- * ShareLock first, as Citus's executor does before a modification: a shard
- * move or split (which takes it in ExclusiveLock on every node) waits for
- * this transaction, and a charge that waited for a move sees where the
- * shard went.  *shardid is 0 when the table is not distributed.
+ * it, else the tenant's shard.  Raises ZB100 (ERRCODE_BILLING_WRONG_NODE)
+ * when that shard is not on this node.  With `for_write`, the shard's Citus
+ * metadata lock is taken in ShareLock first, as Citus's executor does
+ * before a modification: a shard move or split (which takes it in
+ * ExclusiveLock on every node) waits for this transaction, and a charge
+ * that waited for a move sees where the shard went.  *shardid is 0 when
+ * the table is not distributed.
  */
 extern Oid	billing_shard_relid(Oid relid, Datum tenant, bool for_write,
 								int64 *shardid);
