@@ -450,11 +450,15 @@ suite_env() {
 	while IFS= read -r -d '' kv; do
 		name=${kv%%=*}
 		case $name in
-		BILLING_MATRIX_* | BILLING_PORT_BASE | BILLING_TMP | BILLING_PGPORT | BILLING_REDIS_PORT | BILLING_PGBIN) ;;
+		BILLING_MATRIX_* | BILLING_PORT_BASE | BILLING_TMP | BILLING_PGPORT | BILLING_REDIS_PORT | BILLING_PGBIN | \
+			BILLING_CITUS_*) ;;
 		BILLING_*) env_args+=("$kv") ;;
 		esac
 	done < <(env -0)
 	env_args+=("BILLING_PORT_BASE=$(version_info "$v" | cut -d' ' -f2)")
+	# t/080_citus runs natively only (the chroots have no Citus source, and
+	# Citus 13.2 does not build on 18): it skips here, also in CI
+	env_args+=("BILLING_CITUS_REQUIRED=0")
 }
 
 # Run make check for version $1 in chroot $2; output to log $3 and, with a
