@@ -6,9 +6,16 @@
 -- KEYS[6]      optional: API key hash billing:{T}:key:K
 -- ARGV[1]      trace id (non-empty)
 -- ARGV[2]      amount in micro-units (positive integer)
--- ARGV[3]      now_ms (epoch ms, integer >= 0)
+-- ARGV[3]      now_ms (epoch ms, integer >= 0): the gateway's clock
 -- ARGV[4]      ttl_ms (positive integer): how long an unsettled reservation counts
 -- ARGV[5]      API key id: required iff KEYS[6] is given ('' = none)
+--
+-- Time: reservations live by Redis' clock (TIME): a reservation expires at
+-- Redis time + ttl_ms, and is purged and stops counting once Redis' clock
+-- passes it, whatever the gateways' clocks say.  now_ms only ever makes a
+-- check stricter: day and month counters start over once both clocks have
+-- passed the reset time, and grant credit is gone once either clock has
+-- passed its expiry (grants_expiries).
 --
 -- Returns (integers as integer replies):
 --   {'NO_STATE'}                                   no tenant snapshot
@@ -21,13 +28,14 @@
 --   {'NO_STATE', 'key'}                            no key snapshot
 --   {'KEY_INACTIVE', status}                       key status is not 'active'
 --   {'KEY_BUDGET_EXCEEDED', budget, used}
---   {'INSUFFICIENT', amount, available - pending}
+--   {'INSUFFICIENT', amount, available - expired - pending}
 --   {'OK', available_after}                        reserved
 -- `used` is the consumption before this request (requests: count; spend and
 -- budget: micro-units, open holds and pending reservations included); the
 -- request is refused when used + it > the limit.  Sums for these checks
 -- saturate at 2^53 (beyond any limit Lua can hold), so a huge counter is a
--- refusal, not an error.
+-- refusal, not an error.  `expired`: grant credit the snapshot still counts
+-- in available whose expiry has passed since (grants_expiries).
 -- Errors: BADARGS <what>; BADSTATE <field> for a malformed stored value.
 
 local MAX = 9007199254740991 -- 2^53 - 1: Lua numbers are exact up to here
@@ -84,6 +92,32 @@ local function load(key, fields)
 	return t
 end
 
+-- Redis' clock, epoch ms
+local function redis_now()
+	local t = redis.call('TIME')
+	return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+-- Grant credit of the snapshot that has expired by `at`: the entries
+-- "ms:amount,..." of grants_expiries (or grants_expire_at_ms with
+-- grants_expire_amount alone) whose time is <= at.
+local function expired_credit(t, at)
+	local sum = 0
+	local list = t.grants_expiries
+	if list == nil then
+		if t.grants_expire_at_ms == nil then return 0 end
+		list = t.grants_expire_at_ms .. ':' .. (t.grants_expire_amount or '')
+	end
+	if #list > 4096 then fail('BADSTATE', 'tenant grants_expiries') end
+	for entry in string.gmatch(list, '[^,]+') do
+		local ms, amount = string.match(entry, '^(%d+):(%d+)$')
+		local when, a = int(ms), int(amount)
+		if not when or not a then fail('BADSTATE', 'tenant grants_expiries') end
+		if when <= at then sum = add(sum, a) end
+	end
+	return sum
+end
+
 -- Optional integer field: nil if absent, BADSTATE if malformed.
 local function num(t, f, what)
 	local v = t[f]
@@ -94,6 +128,8 @@ local function num(t, f, what)
 end
 
 local function main()
+	-- TIME before writes: Redis 3.2/4 need effects replication (5+ default to it)
+	if redis.replicate_commands then pcall(redis.replicate_commands) end
 	if #KEYS ~= 5 and #KEYS ~= 6 then
 		fail('BADARGS', 'expected 5 keys (tenant, pending, pending_amt, pending_ver, pending_key) + optional key hash, got ' .. #KEYS)
 	end
@@ -110,9 +146,10 @@ local function main()
 	if key_id and not keyed then fail('BADARGS', 'key id (ARGV[5]) given without a key hash (KEYS[6])') end
 
 	local th, pz, pamt, pver, pkey = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
-	local now_s = str(now)
+	local rnow = redis_now()
+	local now_s = str(rnow)
 
-	-- 1. purge expired reservations (score <= now) from all four structures
+	-- 1. purge expired reservations (score <= Redis' now) from all four structures
 	local expired = redis.call('ZRANGEBYSCORE', pz, '-inf', now_s, 'LIMIT', 0, PURGE_MAX)
 	for i = 1, #expired, BATCH do
 		local j = math.min(i + BATCH - 1, #expired)
@@ -129,13 +166,16 @@ local function main()
 		'daily_requests_quota', 'monthly_requests_quota', 'daily_spend_cap', 'monthly_spend_cap',
 		'day_requests', 'day_spend', 'month_requests', 'month_spend',
 		'day_resets_at_ms', 'month_resets_at_ms',
+		'grants_expiries', 'grants_expire_at_ms', 'grants_expire_amount',
 	})
 	local available = num(t, 'available', 'tenant')
 	if not available then fail('BADSTATE', 'tenant available missing') end
+	-- expired grant credit is not spendable, pushed again or not
+	available = add(available, -expired_credit(t, math.max(now, rnow)))
 
-	-- 3. live reservations (score > now; settled ones have score +inf)
+	-- 3. live reservations (score > Redis' now; settled ones have score +inf)
 	local score = redis.call('ZSCORE', pz, trace)
-	local replay = score and tonumber(score) > now
+	local replay = score and tonumber(score) > rnow
 	local live = redis.call('ZRANGEBYSCORE', pz, '(' .. now_s, '+inf')
 	local psum, pcount, ksum = 0, #live, 0
 	for i = 1, #live, BATCH do
@@ -157,10 +197,12 @@ local function main()
 	if max_charge and amount > max_charge then
 		return { 'QUOTA_EXCEEDED', 'max_charge', max_charge, amount }
 	end
+	-- a period is over once both clocks say so
+	local clock = math.min(now, rnow)
 	local day_end = num(t, 'day_resets_at_ms', 'tenant')
 	local month_end = num(t, 'month_resets_at_ms', 'tenant')
-	local day_over = day_end ~= nil and now >= day_end
-	local month_over = month_end ~= nil and now >= month_end
+	local day_over = day_end ~= nil and clock >= day_end
+	local month_over = month_end ~= nil and clock >= month_end
 	local function counter(f, over)
 		local v = num(t, f, 'tenant')
 		if over or not v then return 0 end
@@ -201,7 +243,7 @@ local function main()
 		if budget then
 			local resets = num(k, 'resets_at_ms', 'key')
 			local spent = num(k, 'spent', 'key') or 0
-			if k.period ~= 'lifetime' and resets and now >= resets then spent = 0 end
+			if k.period ~= 'lifetime' and resets and clock >= resets then spent = 0 end
 			-- the key's open holds count, as in the database
 			local used = usage(usage(spent, num(k, 'holds', 'key') or 0), ksum)
 			if usage(used, amount) > budget then return { 'KEY_BUDGET_EXCEEDED', budget, used } end
@@ -212,8 +254,8 @@ local function main()
 	local free = add(available, -psum)
 	if amount > free then return { 'INSUFFICIENT', amount, free } end
 
-	-- 7. reserve
-	redis.call('ZADD', pz, str(now + ttl), trace)
+	-- 7. reserve, until Redis' now + ttl
+	redis.call('ZADD', pz, str(rnow + ttl), trace)
 	redis.call('HSET', pamt, trace, str(amount))
 	redis.call('HDEL', pver, trace)
 	if keyed then

@@ -7,9 +7,12 @@
 -- KEYS[2..5]   billing:{T}:pending (zset), :pending_amt, :pending_ver, :pending_key
 -- ARGV[1]      trace id (non-empty)
 -- ARGV[2]      amount in micro-units (positive integer)
--- ARGV[3]      now_ms (epoch ms, integer >= 0)
+-- ARGV[3]      now_ms (epoch ms, integer >= 0): the gateway's clock
 -- ARGV[4]      ttl_ms (positive integer): how long an unsettled reservation counts
 -- ARGV[5]      API key id K (non-empty)
+--
+-- Time, as in charge.lua: reservations live by Redis' clock (TIME); the
+-- key's budget period starts over once both clocks have passed resets_at_ms.
 --
 -- Returns (integers as integer replies):
 --   {'NO_STATE', 'key'}                      no key snapshot
@@ -67,6 +70,8 @@ local function usage(a, b)
 end
 
 local function main()
+	-- TIME before writes: Redis 3.2/4 need effects replication (5+ default to it)
+	if redis.replicate_commands then pcall(redis.replicate_commands) end
 	if #KEYS ~= 5 then
 		fail('BADARGS', 'expected 5 keys (key hash, pending, pending_amt, pending_ver, pending_key), got ' .. #KEYS)
 	end
@@ -80,9 +85,11 @@ local function main()
 	if key_id == '' then fail('BADARGS', 'key id must not be empty') end
 
 	local kh, pz, pamt, pver, pkey = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
-	local now_s = str(now)
+	local t = redis.call('TIME')
+	local rnow = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+	local now_s = str(rnow)
 
-	-- purge expired reservations (score <= now) from all four structures
+	-- purge expired reservations (score <= Redis' now) from all four structures
 	local expired = redis.call('ZRANGEBYSCORE', pz, '-inf', now_s, 'LIMIT', 0, PURGE_MAX)
 	for i = 1, #expired, BATCH do
 		local j = math.min(i + BATCH - 1, #expired)
@@ -103,11 +110,11 @@ local function main()
 	end
 	local budget, spent, resets = num(2, 'budget'), num(4, 'spent') or 0, num(5, 'resets_at_ms')
 	local holds = num(6, 'holds') or 0
-	if period ~= 'lifetime' and resets and now >= resets then spent = 0 end
+	if period ~= 'lifetime' and resets and math.min(now, rnow) >= resets then spent = 0 end
 
-	-- this key's live reservations (score > now; settled ones have score +inf)
+	-- this key's live reservations (score > Redis' now; settled ones have score +inf)
 	local score = redis.call('ZSCORE', pz, trace)
-	local replay = score and tonumber(score) > now
+	local replay = score and tonumber(score) > rnow
 	local live = redis.call('ZRANGEBYSCORE', pz, '(' .. now_s, '+inf')
 	local ksum = 0
 	for i = 1, #live, BATCH do
@@ -131,7 +138,7 @@ local function main()
 		return { 'KEY_BUDGET_EXCEEDED', budget, used }
 	end
 
-	redis.call('ZADD', pz, str(now + ttl), trace)
+	redis.call('ZADD', pz, str(rnow + ttl), trace)
 	redis.call('HSET', pamt, trace, str(amount))
 	redis.call('HDEL', pver, trace)
 	redis.call('HSET', pkey, trace, key_id)

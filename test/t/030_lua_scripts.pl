@@ -3,14 +3,23 @@
 # charge.lua, key_charge.lua and settle.lua, the version guard, the pruning
 # of settled reservations, expiry, replays, day/month rollover, API key
 # budgets, the magnitudes at 2^53, wrong key types, the guarantee that a
-# stale snapshot never gives reserved funds back, and NOSCRIPT recovery.
+# stale snapshot never gives reserved funds back, NOSCRIPT recovery; the
+# refresh mode of apply_snapshot.lua, purge.lua (the worker's sweep of
+# expired reservations), reservations that live by Redis' clock whatever
+# the gateway's clock says, and grant credit that expires in charge.lua.
 #
 # The scripts run against Redis alone (no PostgreSQL node): each check sends
 # EVALSHA with hand-made snapshots (over one connection,
 # BillingTest::Redis::Conn) and compares the reply, rendered as
 # redis-cli --json renders it (integers bare, strings quoted), with what the
-# script must answer.  Amounts are micro-units; "now" is a fixed epoch time
-# T0 plus offsets, so every expiry and rollover is exact.
+# script must answer.  Amounts are micro-units.  Reservations live by
+# Redis' clock (TIME): a reservation that must keep counting gets a ttl of
+# ten minutes ($TTL), and one that must expire a short ttl, after which the
+# test waits until Redis' clock has passed it (decided by what Redis says,
+# never by a sleep).  The gateway's now_ms only makes checks stricter: day
+# and month rollovers use the earlier of both clocks, so a fixed epoch time
+# T0 (long past) plus offsets makes every rollover exact; grant expiries use
+# the later, so they are dated from Redis' clock.
 #
 # pending(TENANT) shows a tenant's reservations from all four structures
 # (the sorted set, amounts, settle versions, API keys) and any orphan, so a
@@ -29,7 +38,8 @@ my $P     = 't-lua';             # every key starts with this
 my $M     = 1_000_000;           # 1 unit in micros
 my $T0    = 1700000000000;       # a "now" in epoch ms
 my $MX    = 9007199254740991;    # 2^53 - 1
-my @scripts = qw(apply_snapshot charge key_charge settle);
+my $TTL   = 600000;              # a reservation that keeps counting (10 min)
+my @scripts = qw(apply_snapshot charge key_charge settle purge);
 
 # the reply as redis-cli --json shows it; rc: the value as plain text
 sub r { BillingTest::Redis::json($conn->typed(@_)) }
@@ -42,6 +52,14 @@ sub rc
 sub hget { rc('HGET', @_) }
 
 sub check { my ($what, $expected, $got) = @_; is($got, $expected, $what) }
+
+# Redis' clock in epoch ms, and a wait until it has passed MS
+sub redis_ms { my $t = $conn->command('TIME'); return $t->[0] * 1000 + int($t->[1] / 1000) }
+sub wait_redis_past
+{
+	my ($ms) = @_;
+	return BillingTest::wait_until(60, sub { redis_ms() > $ms }, 0.01);
+}
 
 # an error reply whose first word is CODE
 sub check_err
@@ -84,6 +102,9 @@ sub key_charge
 	my @K = K($t);
 	return r('EVALSHA', $sha{key_charge}, 5, kh($t, $k), @K[ 1 .. 4 ], @a, $k);
 }
+# purge TENANT (4 keys); purge5: the tenant hash as 5th key
+sub purge { my @K = K(shift); return r('EVALSHA', $sha{purge}, 4, @K[ 1 .. 4 ]) }
+sub purge5 { my @K = K(shift); return r('EVALSHA', $sha{purge}, 5, @K[ 1 .. 4 ], $K[0]) }
 # settle TENANT TRACE VERSION (4 keys); settle5: the tenant hash as 5th key
 sub settle { my ($t, @a) = @_; my @K = K($t); return r('EVALSHA', $sha{settle}, 4, @K[ 1 .. 4 ], @a) }
 sub settle5
@@ -170,16 +191,25 @@ note 'apply_snapshot.lua';
 	check_err('apply BADARGS: negative version', 'BADARGS', apply_t('A', -1, 0, status => 'active'));
 	check_err('apply BADARGS: version above 2^53', 'BADARGS',
 		apply_t('A', '9007199254740993', 0, status => 'active'));
-	check_err('apply BADARGS: force 2', 'BADARGS', apply_t('A', 10, 2, status => 'active'));
-	check_err('apply BADARGS: force empty', 'BADARGS', apply_t('A', 10, '', status => 'active'));
+	check_err('apply BADARGS: mode 3', 'BADARGS', apply_t('A', 10, 3, status => 'active'));
+	check_err('apply BADARGS: mode empty', 'BADARGS', apply_t('A', 10, '', status => 'active'));
 	check_err('apply BADARGS: odd field/value count', 'BADARGS',
 		apply_t('A', 10, 0, 'status', 'active', 'available'));
 	check_err('apply BADARGS: version pair differs from ARGV[1]', 'BADARGS',
 		apply_t('A', 10, 0, version => 11, status => 'active'));
-	check_err('apply BADARGS: no force argument', 'BADARGS', apply_t('A', 10));
+	check_err('apply BADARGS: no mode argument', 'BADARGS', apply_t('A', 10));
 	check_err('apply BADARGS: 2 keys', 'BADARGS', r('EVALSHA', $sha{apply_snapshot}, 2, @K[ 0, 1 ], 10, 0));
 	check_err('apply BADARGS: 0 keys', 'BADARGS', r('EVALSHA', $sha{apply_snapshot}, 0, 10, 0));
 	check('apply: bad arguments changed nothing', 9, hget($K[0], 'version'));
+
+	# mode 2, a refresh: the same version again replaces the hash (what
+	# expired since is left out), an older one does not
+	check('apply refresh: the same version is applied (1)', 1,
+		apply_t('A', 9, 2, status => 'active', available => 4));
+	check('apply refresh: replaced', 'available=4 status=active version=9', hash_sorted($K[0]));
+	check('apply refresh: an older version is stale (0)', 0, apply_t('A', 8, 2, status => 'active', available => 3));
+	check('apply refresh: a newer one is applied (1)', 1, apply_t('A', 10, 2, status => 'active', available => 2));
+	check('apply refresh: unchanged by the stale one', 'available=2 status=active version=10', hash_sorted($K[0]));
 }
 
 note 'apply_snapshot.lua: pruning settled reservations';
@@ -214,134 +244,159 @@ note 'apply_snapshot.lua: pruning settled reservations';
 note 'charge.lua: basic codes';
 {
 	my @K = K('C');
-	check('charge: NO_STATE without a tenant snapshot', '["NO_STATE"]', charge('C', 't1', $M, $T0, 1000));
+	check('charge: NO_STATE without a tenant snapshot', '["NO_STATE"]', charge('C', 't1', $M, $T0, $TTL));
 	snap_basic('C', 1, 10 * $M, status => 'suspended');
-	check('charge: SUSPENDED (suspended)', '["SUSPENDED","suspended"]', charge('C', 't1', $M, $T0, 1000));
+	check('charge: SUSPENDED (suspended)', '["SUSPENDED","suspended"]', charge('C', 't1', $M, $T0, $TTL));
 	snap_basic('C', 2, 10 * $M, status => 'closed');
-	check('charge: SUSPENDED (closed)', '["SUSPENDED","closed"]', charge('C', 't1', $M, $T0, 1000));
+	check('charge: SUSPENDED (closed)', '["SUSPENDED","closed"]', charge('C', 't1', $M, $T0, $TTL));
 	apply_t('C', 3, 0, available => 5);
-	check('charge: SUSPENDED (no status field)', '["SUSPENDED",""]', charge('C', 't1', $M, $T0, 1000));
+	check('charge: SUSPENDED (no status field)', '["SUSPENDED",""]', charge('C', 't1', $M, $T0, $TTL));
 	check('charge: nothing reserved by refusals', '', pending('C'));
 	snap_basic('C', 4, 10 * $M);
-	check('charge: OK with available_after (integer reply)', '["OK",9000000]', charge('C', 't1', $M, $T0, 1000));
+	my $before = redis_ms();
+	check('charge: OK with available_after (integer reply)', '["OK",9000000]', charge('C', 't1', $M, $T0, $TTL));
+	my $after = redis_ms();
 	check('charge: reservation in all structures', 't1=1000000/-/-', pending('C'));
-	check('charge: expiry score = now + ttl', $T0 + 1000, rc('ZSCORE', $K[1], 't1'));
+	my $score = rc('ZSCORE', $K[1], 't1');
+	ok($score >= $before + $TTL && $score <= $after + $TTL,
+		"charge: expiry score = Redis' TIME + ttl, not now_ms + ttl ($before + $TTL <= $score <= $after + $TTL)");
 	check('charge: replay of a pending trace', '["OK",9000000,"replay"]',
-		charge('C', 't1', $M, $T0 + 10, 1000));
+		charge('C', 't1', $M, $T0 + 10, $TTL));
 	check('charge: replay with another amount counts once (original amount)', '["OK",9000000,"replay"]',
-		charge('C', 't1', 7 * $M, $T0 + 10, 1000));
-	check('charge: replay did not extend the expiry', $T0 + 1000, rc('ZSCORE', $K[1], 't1'));
-	check('charge: second trace sees the first', '["OK",6500000]', charge('C', 't2', 2500000, $T0 + 10, 5000));
+		charge('C', 't1', 7 * $M, $T0 + 10, $TTL));
+	check('charge: replay did not extend the expiry', $score, rc('ZSCORE', $K[1], 't1'));
+	check('charge: second trace sees the first', '["OK",6500000]', charge('C', 't2', 2500000, $T0 + 10, $TTL));
 	check('charge: INSUFFICIENT (amount, available - pending)', '["INSUFFICIENT",6500001,6500000]',
-		charge('C', 't3', 6500001, $T0 + 20, 1000));
-	check('charge: amount = available - pending is OK', '["OK",0]', charge('C', 't3', 6500000, $T0 + 20, 1000));
-	check('charge: then INSUFFICIENT for 1 micro', '["INSUFFICIENT",1,0]', charge('C', 't4', 1, $T0 + 20, 1000));
-	check('charge: t1 still counts at now = expiry - 1', '["INSUFFICIENT",1,0]',
-		charge('C', 't4', 1, $T0 + 999, 1000));
-	check('charge: t1 expired at now = expiry (purged, funds back)', '["OK",999999]',
-		charge('C', 't4', 1, $T0 + 1000, 1000));
-	check('charge: t1 purged from all four structures', 't2=2500000/-/- t3=6500000/-/- t4=1/-/-', pending('C'));
-	check('charge: after all ttls only snapshot funds count', '["OK",9000000]',
-		charge('C', 't5', $M, $T0 + 10000, 1000));
-	check('charge: expired ones purged', 't5=1000000/-/-', pending('C'));
-	check('charge: an expired trace is charged anew, not replayed', '["OK",9000000]',
-		charge('C', 't1', $M, $T0 + 20000, 1000));
+		charge('C', 't3', 6500001, $T0 + 20, $TTL));
+	check('charge: amount = available - pending is OK', '["OK",0]', charge('C', 't3', 6500000, $T0 + 20, $TTL));
+	check('charge: then INSUFFICIENT for 1 micro', '["INSUFFICIENT",1,0]', charge('C', 't4', 1, $T0 + 20, $TTL));
+}
+
+note "reservations live by Redis' clock: a gateway's clock cannot purge, lengthen or shorten them";
+{
+	my @K = K('E');
+	snap_basic('E', 1, 12 * $M);
+	check('clock: reserve e1 (4) for a minute', '["OK",8000000]', charge('E', 'e1', 4 * $M, $T0, 60000));
+	check('clock: reserve e2 (5)', '["OK",3000000]', charge('E', 'e2', 5 * $M, $T0, $TTL));
+	check("clock: a gateway whose clock runs a day ahead does not purge e1 (Redis' clock decides)",
+		'["INSUFFICIENT",4000000,3000000]', charge('E', 'e3', 4 * $M, redis_ms() + 86400000, $TTL));
+	check('clock: nor a year ahead', '["INSUFFICIENT",4000000,3000000]',
+		charge('E', 'e3', 4 * $M, redis_ms() + 86400000 * 365, $TTL));
+	check('clock: e1 and e2 still pending', 'e1=4000000/-/- e2=5000000/-/-', pending('E'));
+	my $before = redis_ms();
+	check('clock: reserve e3 (1) with a clock an hour behind', '["OK",2000000]',
+		charge('E', 'e3', $M, $before - 3600000, 300));
+	my $e3 = rc('ZSCORE', $K[1], 'e3');
+	ok($e3 >= $before + 300, "clock: it lasts its ttl by Redis' clock ($e3 >= $before + 300)");
+	check('clock: reserve e4 (1) with a clock a year ahead', '["OK",1000000]',
+		charge('E', 'e4', $M, redis_ms() + 86400000 * 365, 1000));
+	my $e4 = rc('ZSCORE', $K[1], 'e4');
+	my $after = redis_ms();
+	ok($e4 <= $after + 1000, "clock: it lasts its ttl, no more ($e4 <= $after + 1000)");
+	ok(wait_redis_past($e4), "clock: Redis' clock passed e3's and e4's expiry");
+	check('clock: e3 and e4 purged, their funds back (the gateway clock an hour behind)', '["OK",2000000]',
+		charge('E', 'e5', $M, redis_ms() - 3600000, 300));
+	check('clock: e3 and e4 gone from all four structures', 'e1=4000000/-/- e2=5000000/-/- e5=1000000/-/-',
+		pending('E'));
+	ok(wait_redis_past(rc('ZSCORE', $K[1], 'e5')), "clock: Redis' clock passed e5's expiry");
+	check('clock: an expired trace is charged anew, not replayed', '["OK",2000000]',
+		charge('E', 'e5', $M, $T0, $TTL));
 }
 
 note 'charge.lua: tenant limits';
 # max_charge
 snap_basic('MC', 1, 100 * $M, max_charge => 5 * $M);
 check('charge: QUOTA_EXCEEDED max_charge (limit, amount)', '["QUOTA_EXCEEDED","max_charge",5000000,5000001]',
-	charge('MC', 'm1', 5000001, $T0, 1000));
-check('charge: amount = max_charge is OK', '["OK",95000000]', charge('MC', 'm1', 5 * $M, $T0, 1000));
+	charge('MC', 'm1', 5000001, $T0, $TTL));
+check('charge: amount = max_charge is OK', '["OK",95000000]', charge('MC', 'm1', 5 * $M, $T0, $TTL));
 
 # daily requests: quota 3, 1 used today, resets at T0+1000
 snap_basic('DR', 1, 100 * $M, daily_requests_quota => 3, day_requests => 1, month_requests => 1,
 	day_resets_at_ms => $T0 + 1000, month_resets_at_ms => $T0 + 100000);
 check('charge: daily_requests 1 used + 0 pending + 1 <= 3', '["OK",99000000]',
-	charge('DR', 'd1', $M, $T0, 100000));
+	charge('DR', 'd1', $M, $T0, $TTL));
 check('charge: daily_requests 1 used + 1 pending + 1 <= 3', '["OK",98000000]',
-	charge('DR', 'd2', $M, $T0, 100000));
+	charge('DR', 'd2', $M, $T0, $TTL));
 check('charge: QUOTA_EXCEEDED daily_requests (quota, used)', '["QUOTA_EXCEEDED","daily_requests",3,3]',
-	charge('DR', 'd3', $M, $T0, 100000));
+	charge('DR', 'd3', $M, $T0, $TTL));
 check('charge: day rollover at now = day_resets_at_ms (0 + 2 pending + 1 <= 3)', '["OK",97000000]',
-	charge('DR', 'd3', $M, $T0 + 1000, 100000));
+	charge('DR', 'd3', $M, $T0 + 1000, $TTL));
 check('charge: after rollover pending still counts', '["QUOTA_EXCEEDED","daily_requests",3,3]',
-	charge('DR', 'd4', $M, $T0 + 1000, 100000));
+	charge('DR', 'd4', $M, $T0 + 1000, $TTL));
 
 # monthly requests: quota 2, 1 used this month, resets at T0+1000
 snap_basic('MR', 1, 100 * $M, monthly_requests_quota => 2, month_requests => 1, day_requests => 0,
 	month_resets_at_ms => $T0 + 1000);
-check('charge: monthly_requests 1 + 0 + 1 <= 2', '["OK",99000000]', charge('MR', 'q1', $M, $T0, 100000));
+check('charge: monthly_requests 1 + 0 + 1 <= 2', '["OK",99000000]', charge('MR', 'q1', $M, $T0, $TTL));
 check('charge: QUOTA_EXCEEDED monthly_requests', '["QUOTA_EXCEEDED","monthly_requests",2,2]',
-	charge('MR', 'q2', $M, $T0 + 999, 100000));
-check('charge: month rollover', '["OK",98000000]', charge('MR', 'q2', $M, $T0 + 1000, 100000));
+	charge('MR', 'q2', $M, $T0 + 999, $TTL));
+check('charge: month rollover', '["OK",98000000]', charge('MR', 'q2', $M, $T0 + 1000, $TTL));
 
 # daily spend: cap 10, 4 spent today, holds 1 -> 5 free
 snap_basic('DS', 1, 100 * $M, daily_spend_cap => 10 * $M, day_spend => 4 * $M, holds => $M,
 	day_resets_at_ms => $T0 + 1000);
 check('charge: daily_spend 4 + holds 1 + 0 + 3 <= 10', '["OK",97000000]',
-	charge('DS', 's1', 3 * $M, $T0, 100000));
+	charge('DS', 's1', 3 * $M, $T0, $TTL));
 check('charge: QUOTA_EXCEEDED daily_spend (cap, spent + holds + pending)',
-	'["QUOTA_EXCEEDED","daily_spend",10000000,8000000]', charge('DS', 's2', 2000001, $T0, 100000));
-check('charge: daily_spend exactly at the cap is OK', '["OK",95000000]', charge('DS', 's2', 2 * $M, $T0, 100000));
+	'["QUOTA_EXCEEDED","daily_spend",10000000,8000000]', charge('DS', 's2', 2000001, $T0, $TTL));
+check('charge: daily_spend exactly at the cap is OK', '["OK",95000000]', charge('DS', 's2', 2 * $M, $T0, $TTL));
 check('charge: day rollover zeroes day_spend (0 + holds 1 + pending 5 + 4 <= 10)', '["OK",91000000]',
-	charge('DS', 's3', 4 * $M, $T0 + 1000, 100000));
+	charge('DS', 's3', 4 * $M, $T0 + 1000, $TTL));
 check('charge: after rollover holds and pending still count',
-	'["QUOTA_EXCEEDED","daily_spend",10000000,10000000]', charge('DS', 's4', 1, $T0 + 1000, 100000));
+	'["QUOTA_EXCEEDED","daily_spend",10000000,10000000]', charge('DS', 's4', 1, $T0 + 1000, $TTL));
 
 # monthly spend: cap 10, 9 spent this month
 snap_basic('MS', 1, 100 * $M, monthly_spend_cap => 10 * $M, month_spend => 9 * $M,
 	month_resets_at_ms => $T0 + 1000);
 check('charge: QUOTA_EXCEEDED monthly_spend', '["QUOTA_EXCEEDED","monthly_spend",10000000,9000000]',
-	charge('MS', 'x1', 2000000, $T0, 100000));
-check('charge: monthly_spend within the cap', '["OK",99000000]', charge('MS', 'x1', $M, $T0, 100000));
+	charge('MS', 'x1', 2000000, $T0, $TTL));
+check('charge: monthly_spend within the cap', '["OK",99000000]', charge('MS', 'x1', $M, $T0, $TTL));
 check('charge: month rollover zeroes month_spend', '["OK",91000000]',
-	charge('MS', 'x2', 8 * $M, $T0 + 1000, 100000));
+	charge('MS', 'x2', 8 * $M, $T0 + 1000, $TTL));
 snap_basic('NL', 1, 10 * $M);
-check('charge: limit fields absent = no limit', '["OK",9000000]', charge('NL', 'n1', $M, $T0, 1000));
+check('charge: limit fields absent = no limit', '["OK",9000000]', charge('NL', 'n1', $M, $T0, $TTL));
 
 note 'charge.lua: API key';
 snap_basic('K', 1, 100 * $M);
 check('charge+key: NO_STATE key without a key snapshot', '["NO_STATE","key"]',
-	charge_k('K', 'k1', 'a1', $M, $T0, 100000));
+	charge_k('K', 'k1', 'a1', $M, $T0, $TTL));
 apply_h(kh('K', 'k1'), 1, 0, status => 'suspended', budget => 5 * $M, period => 'day', spent => 0,
 	resets_at_ms => $T0 + 1000);
 check('charge+key: KEY_INACTIVE (suspended)', '["KEY_INACTIVE","suspended"]',
-	charge_k('K', 'k1', 'a1', $M, $T0, 100000));
+	charge_k('K', 'k1', 'a1', $M, $T0, $TTL));
 apply_h(kh('K', 'k1'), 2, 0, status => 'revoked', budget => 5 * $M, period => 'day', spent => 0,
 	resets_at_ms => $T0 + 1000);
 check('charge+key: KEY_INACTIVE (revoked)', '["KEY_INACTIVE","revoked"]',
-	charge_k('K', 'k1', 'a1', $M, $T0, 100000));
+	charge_k('K', 'k1', 'a1', $M, $T0, $TTL));
 apply_h(kh('K', 'k1'), 3, 0, status => 'active', budget => 5 * $M, period => 'day', spent => 2 * $M,
 	resets_at_ms => $T0 + 1000);
 check('charge+key: within budget (2 spent + 2)', '["OK",98000000]',
-	charge_k('K', 'k1', 'a1', 2 * $M, $T0, 100000));
+	charge_k('K', 'k1', 'a1', 2 * $M, $T0, $TTL));
 check('charge+key: pending_key recorded', 'a1=2000000/-/k1', pending('K'));
 check('charge+key: KEY_BUDGET_EXCEEDED (budget, spent + key pending)', '["KEY_BUDGET_EXCEEDED",5000000,4000000]',
-	charge_k('K', 'k1', 'a2', 1000001, $T0, 100000));
-check('charge+key: budget reached exactly', '["OK",97000000]', charge_k('K', 'k1', 'a2', $M, $T0, 100000));
+	charge_k('K', 'k1', 'a2', 1000001, $T0, $TTL));
+check('charge+key: budget reached exactly', '["OK",97000000]', charge_k('K', 'k1', 'a2', $M, $T0, $TTL));
 check('charge+key: tenant charge without key not limited by the key', '["OK",87000000]',
-	charge('K', 'a3', 10 * $M, $T0, 100000));
+	charge('K', 'a3', 10 * $M, $T0, $TTL));
 apply_h(kh('K', 'k2'), 1, 0, status => 'active', budget => 5 * $M, period => 'month', spent => 0,
 	resets_at_ms => $T0 + 1000);
 check("charge+key: other key's pending does not count", '["OK",82000000]',
-	charge_k('K', 'k2', 'b1', 5 * $M, $T0, 100000));
+	charge_k('K', 'k2', 'b1', 5 * $M, $T0, $TTL));
 check('charge+key: k1 still exhausted', '["KEY_BUDGET_EXCEEDED",5000000,5000000]',
-	charge_k('K', 'k1', 'a4', 1, $T0, 100000));
+	charge_k('K', 'k1', 'a4', 1, $T0, $TTL));
 check('charge+key: key period rollover zeroes spent (pending stays)', '["OK",80000000]',
-	charge_k('K', 'k1', 'a4', 2 * $M, $T0 + 1000, 100000));
+	charge_k('K', 'k1', 'a4', 2 * $M, $T0 + 1000, $TTL));
 apply_h(kh('K', 'k3'), 1, 0, status => 'active', budget => 3 * $M, period => 'lifetime', spent => 2 * $M,
 	resets_at_ms => $T0);
 check('charge+key: lifetime budget never rolls over', '["KEY_BUDGET_EXCEEDED",3000000,2000000]',
-	charge_k('K', 'k3', 'c1', 2000000, $T0 + 5000, 100000));
+	charge_k('K', 'k3', 'c1', 2000000, $T0 + 5000, $TTL));
 apply_h(kh('K', 'k4'), 1, 0, status => 'active', period => 'lifetime', spent => 999 * $M);
 check('charge+key: key without budget is unlimited', '["OK",79000000]',
-	charge_k('K', 'k4', 'd1', $M, $T0, 100000));
+	charge_k('K', 'k4', 'd1', $M, $T0, $TTL));
 check('charge+key: tenant limits are checked before the key', '["INSUFFICIENT",80000000,79000000]',
-	charge_k('K', 'k4', 'd2', 80 * $M, $T0, 100000));
+	charge_k('K', 'k4', 'd2', 80 * $M, $T0, $TTL));
 check('charge+key: replay of a pending trace', '["OK",79000000,"replay"]',
-	charge_k('K', 'k1', 'a1', 2 * $M, $T0, 100000));
+	charge_k('K', 'k1', 'a1', 2 * $M, $T0, $TTL));
 
 note 'charge.lua: bad arguments and state';
 {
@@ -365,8 +420,9 @@ note 'charge.lua: bad arguments and state';
 	check_err('charge BADARGS: empty key id with key hash', 'BADARGS',
 		r('EVALSHA', $sha{charge}, 6, @K, kh('C', 'k1'), 't', 1, $T0, 1000, ''));
 	check_err('charge BADARGS: too many arguments', 'BADARGS', charge('C', 't', 1, $T0, 1000, '', 'extra'));
-	check('charge: empty key id without key hash = no key', '["OK",8999999]',
-		charge('C', 't6', 1, $T0 + 20000, 1000, ''));
+	snap_basic('C2', 1, 10 * $M);
+	check('charge: empty key id without key hash = no key', '["OK",9999999]',
+		charge('C2', 't6', 1, $T0, $TTL, ''));
 }
 apply_t('BS', 1, 0, status => 'active', available => '12.5');
 check_err('charge BADSTATE: malformed available', 'BADSTATE', charge('BS', 't', 1, $T0, 1000));
@@ -391,31 +447,39 @@ note 'key_charge.lua';
 	check('key_charge: KEY_INACTIVE', '["KEY_INACTIVE","suspended"]', key_charge('KC', 'k1', 'e1', $M, $T0, 1000));
 	apply_h(kh('KC', 'k1'), 2, 0, status => 'active', budget => 5 * $M, period => 'day', spent => 1 * $M,
 		resets_at_ms => $T0 + 1000);
-	check('key_charge: OK with remaining budget', '["OK",2000000]', key_charge('KC', 'k1', 'e1', 2 * $M, $T0, 2000));
+	check('key_charge: OK with remaining budget', '["OK",2000000]', key_charge('KC', 'k1', 'e1', 2 * $M, $T0, $TTL));
 	check('key_charge: reservation with key id', 'e1=2000000/-/k1', pending('KC'));
-	check('key_charge: replay', '["OK",2000000,"replay"]', key_charge('KC', 'k1', 'e1', 2 * $M, $T0, 2000));
+	check('key_charge: replay', '["OK",2000000,"replay"]', key_charge('KC', 'k1', 'e1', 2 * $M, $T0, $TTL));
 	check('key_charge: KEY_BUDGET_EXCEEDED', '["KEY_BUDGET_EXCEEDED",5000000,3000000]',
-		key_charge('KC', 'k1', 'e2', 2000001, $T0, 2000));
-	check('key_charge: budget reached exactly', '["OK",0]', key_charge('KC', 'k1', 'e2', 2 * $M, $T0, 2000));
+		key_charge('KC', 'k1', 'e2', 2000001, $T0, $TTL));
+	check('key_charge: budget reached exactly', '["OK",0]', key_charge('KC', 'k1', 'e2', 2 * $M, $T0, $TTL));
 	check('key_charge: period rollover (spent 0, pending 4)', '["OK",0]',
-		key_charge('KC', 'k1', 'e3', $M, $T0 + 1000, 2000));
-	check('key_charge: reservations expire after ttl', '["OK",4000000]',
-		key_charge('KC', 'k1', 'e4', $M, $T0 + 3000, 2000));
-	check('key_charge: expired purged', 'e4=1000000/-/k1', pending('KC'));
+		key_charge('KC', 'k1', 'e3', $M, $T0 + 1000, $TTL));
+	check("key_charge: no rollover while the gateway's clock is before the reset", '["KEY_BUDGET_EXCEEDED",5000000,6000000]',
+		key_charge('KC', 'k1', 'e4', $M, $T0 + 999, $TTL));
+	apply_h(kh('KC', 'k5'), 1, 0, status => 'active', budget => 2 * $M, period => 'lifetime', spent => 0);
+	check('key_charge: reserve x1 (2) for 300 ms', '["OK",0]', key_charge('KC', 'k5', 'x1', 2 * $M, $T0, 300));
+	check('key_charge: x1 counts', '["KEY_BUDGET_EXCEEDED",2000000,2000000]',
+		key_charge('KC', 'k5', 'x2', 1, $T0, $TTL));
+	ok(wait_redis_past(rc('ZSCORE', $K[1], 'x1')), "key_charge: Redis' clock passed x1's expiry");
+	check('key_charge: reservations expire after ttl', '["OK",1999999]', key_charge('KC', 'k5', 'x2', 1, $T0, $TTL));
+	check('key_charge: expired purged', 'e1=2000000/-/k1 e2=2000000/-/k1 e3=1000000/-/k1 x2=1/-/k5',
+		pending('KC'));
 	apply_h(kh('KC', 'k2'), 1, 0, status => 'active', period => 'lifetime', spent => 0);
 	check('key_charge: no budget -> remaining -1', '["OK",-1]',
-		key_charge('KC', 'k2', 'f1', 1000 * $M, $T0 + 3000, 2000));
+		key_charge('KC', 'k2', 'f1', 1000 * $M, $T0 + 3000, $TTL));
 	check('key_charge: no budget replay -> -1', '["OK",-1,"replay"]',
-		key_charge('KC', 'k2', 'f1', 1000 * $M, $T0 + 3000, 2000));
+		key_charge('KC', 'k2', 'f1', 1000 * $M, $T0 + 3000, $TTL));
 	apply_h(kh('KC', 'k4'), 1, 0, status => 'active', budget => 3 * $M, period => 'lifetime', spent => 2 * $M,
 		resets_at_ms => $T0);
 	check('key_charge: lifetime budget never rolls over', '["KEY_BUDGET_EXCEEDED",3000000,2000000]',
-		key_charge('KC', 'k4', 'h1', 2 * $M, $T0 + 3000, 2000));
+		key_charge('KC', 'k4', 'h1', 2 * $M, $T0 + 3000, $TTL));
 	snap_basic('KC', 1, 10 * $M);
-	check('key_charge reservations count against the tenant in charge.lua', '["INSUFFICIENT",1,-991000000]',
-		charge('KC', 'g1', 1, $T0 + 3000, 2000));
-	check('charge.lua replays a key_charge trace', '["OK",-991000000,"replay"]',
-		charge('KC', 'f1', 1, $T0 + 3000, 2000));
+	# pending: e1 2 + e2 2 + e3 1 + x2 0.000001 + f1 1000
+	check('key_charge reservations count against the tenant in charge.lua', '["INSUFFICIENT",1,-995000001]',
+		charge('KC', 'g1', 1, $T0 + 3000, $TTL));
+	check('charge.lua replays a key_charge trace', '["OK",-995000001,"replay"]',
+		charge('KC', 'f1', 1, $T0 + 3000, $TTL));
 	check_err('key_charge BADARGS: empty key id', 'BADARGS',
 		r('EVALSHA', $sha{key_charge}, 5, kh('KC', 'k1'), @K[ 1 .. 4 ], 'e9', 1, $T0, 1000, ''));
 	check_err('key_charge BADARGS: key id missing', 'BADARGS',
@@ -436,24 +500,26 @@ note 'settle.lua';
 	snap_basic('S', 5, 10 * $M);
 	check('settle: unknown trace -> 0', 0, settle('S', 'nope', 6));
 	check('settle: unknown trace, refused -> 0', 0, settle('S', 'nope', 0));
-	charge('S', 's1', $M, $T0, 1000);
-	charge('S', 's2', 2 * $M, $T0, 1000);
-	charge('S', 's3', 3 * $M, $T0, 1000);
+	charge('S', 's1', $M, $T0, $TTL);
+	charge('S', 's2', 2 * $M, $T0, 300);
+	charge('S', 's3', 3 * $M, $T0, 300);
 	check('settle: refused (version 0) drops the reservation -> 1', 1, settle('S', 's1', 0));
 	check('settle: refused trace gone from all structures', 's2=2000000/-/- s3=3000000/-/-', pending('S'));
 	check('settle: committed -> 1', 1, settle('S', 's2', 6));
 	check('settle: pending_ver set, score +inf', '6 inf', hget($K[3], 's2') . ' ' . rc('ZSCORE', $K[1], 's2'));
 	check('settle: settled again with a lower version keeps the higher', 1, settle('S', 's2', 4));
 	check('settle: pending_ver still 6', 6, hget($K[3], 's2'));
-	check('settle: settled reservation outlives its ttl', '["OK",7000000]', charge('S', 's5', $M, $T0 + 50000, 1));
+	ok(wait_redis_past(rc('ZSCORE', $K[1], 's3')), "settle: Redis' clock passed the ttl of s2 and s3");
+	check('settle: settled reservation outlives its ttl', '["OK",7000000]', charge('S', 's5', $M, $T0, 1));
 	check('settle: unsettled s3 expired, settled s2 kept', 's2=2000000/6/- s5=1000000/-/-', pending('S'));
+	ok(wait_redis_past(rc('ZSCORE', $K[1], 's5')), "settle: Redis' clock passed the ttl of s5");
 	check('settle: settled trace still replays', '["OK",8000000,"replay"]',
-		charge('S', 's2', 2 * $M, $T0 + 60000, 1));
+		charge('S', 's2', 2 * $M, $T0, 1));
 	check('settle: after expiry -> 0', 0, settle('S', 's5', 7));
-	charge('S', 's6', $M, $T0 + 60000, 100000);
+	charge('S', 's6', $M, $T0 + 60000, $TTL);
 	check('settle (5 keys): snapshot 5 older than version 7 -> kept', 1, settle5('S', 's6', 7));
 	check('settle (5 keys): kept with pending_ver 7', 's2=2000000/6/- s6=1000000/7/-', pending('S'));
-	charge('S', 's7', $M, $T0 + 60000, 100000);
+	charge('S', 's7', $M, $T0 + 60000, $TTL);
 	check('settle (5 keys): snapshot 5 already contains version 5 -> dropped, 1', 1, settle5('S', 's7', 5));
 	check('settle (5 keys): s7 gone', 's2=2000000/6/- s6=1000000/7/-', pending('S'));
 	check('settle: snapshot 6 prunes s2 only', 1, snap_basic('S', 6, 8 * $M));
@@ -557,26 +623,122 @@ note 'the guarantee: a stale snapshot never resurrects reserved funds';
 # commits the charge at version 11, but the worker first pushes a snapshot
 # taken before that commit (version 10 again, then a forced 10), then 11.
 snap_basic('G', 10, 10 * $M);
-check('guarantee: reserve 4', '["OK",6000000]', charge('G', 'g1', 4 * $M, $T0, 1000));
+check('guarantee: reserve 4', '["OK",6000000]', charge('G', 'g1', 4 * $M, $T0, 300));
+my $g1_expiry = rc('ZSCORE', (K('G'))[1], 'g1');
 check('guarantee: settle at version 11', 1, settle('G', 'g1', 11));
+ok(wait_redis_past($g1_expiry), "guarantee: Redis' clock passed g1's ttl");
 check('guarantee: re-push of the pre-commit snapshot is stale', 0, snap_basic('G', 10, 10 * $M));
 check('guarantee: forced pre-commit snapshot keeps the reservation', 1,
 	apply_t('G', 10, 1, status => 'active', available => 10 * $M));
-check('guarantee: 4 still reserved long after the ttl', '["INSUFFICIENT",6000001,6000000]',
-	charge('G', 'g2', 6000001, $T0 + 3600000, 1000));
+check('guarantee: 4 still reserved after the ttl', '["INSUFFICIENT",6000001,6000000]',
+	charge('G', 'g2', 6000001, redis_ms() + 3600000, $TTL));
 check('guarantee: snapshot 11 (balance 6) prunes it', 1, snap_basic('G', 11, 6 * $M));
-check('guarantee: funds counted once', '["OK",0]', charge('G', 'g2', 6 * $M, $T0 + 3600000, 1000));
+check('guarantee: funds counted once', '["OK",0]', charge('G', 'g2', 6 * $M, redis_ms() + 3600000, $TTL));
+
+note "rollovers wait for both clocks: a gateway's clock ahead gets no extra quota";
+{
+	my $now = redis_ms();
+	snap_basic('RO', 1, 100 * $M, daily_requests_quota => 1, day_requests => 1,
+		day_resets_at_ms => $now + 3600000, month_resets_at_ms => $now + 7200000);
+	check("rollover: a gateway clock past the reset, Redis' before it: the day is not over",
+		'["QUOTA_EXCEEDED","daily_requests",1,1]', charge('RO', 'r1', $M, $now + 86400000, $TTL));
+	apply_h(kh('RO', 'k1'), 1, 0, status => 'active', budget => $M, period => 'day', spent => $M,
+		resets_at_ms => $now + 3600000);
+	check("rollover: nor a key's budget period (key_charge.lua)", '["KEY_BUDGET_EXCEEDED",1000000,1000000]',
+		key_charge('RO', 'k1', 'r2', 1, $now + 86400000, $TTL));
+}
+
+note 'apply_snapshot.lua: a push purges expired reservations of its tenant';
+{
+	my @K = K('AP');
+	snap_basic('AP', 1, 10 * $M);
+	check('apply purge: reserve a1 for 300 ms', '["OK",9000000]', charge('AP', 'a1', $M, $T0, 300));
+	check('apply purge: reserve a2 (long)', '["OK",8000000]', charge('AP', 'a2', $M, $T0, $TTL));
+	check('apply purge: reserve a3, settled at 5', '["OK",7000000]', charge('AP', 'a3', $M, $T0, 300));
+	settle('AP', 'a3', 5);
+	ok(wait_redis_past(rc('ZSCORE', $K[1], 'a1')), "apply purge: Redis' clock passed a1's expiry");
+	check('apply purge: a1 still there (nobody charged since)', 'a1=1000000/-/- a2=1000000/-/- a3=1000000/5/-',
+		pending('AP'));
+	check('apply purge: a stale push', 0, snap_basic('AP', 1, 10 * $M));
+	check('apply purge: removed the expired a1 only (a3 is settled: until version 5)',
+		'a2=1000000/-/- a3=1000000/5/-', pending('AP'));
+	check('apply purge: a hash-only apply purges nothing', 1, apply_h($K[0], 2, 0, status => 'active', available => 1));
+}
+
+note 'purge.lua: the worker sweep of expired and settled reservations';
+{
+	my @K = K('PU');
+	check('purge: nothing there -> 0', 0, purge('PU'));
+	snap_basic('PU', 3, 10 * $M);
+	charge('PU', 'p1', $M, $T0, 300);
+	charge('PU', 'p2', $M, $T0, 300);
+	charge('PU', 'p3', $M, $T0, $TTL);
+	charge('PU', 'p4', $M, $T0, 300);
+	charge('PU', 'p5', $M, $T0, 300);
+	settle('PU', 'p4', 3);
+	settle('PU', 'p5', 9);
+	ok(wait_redis_past(rc('ZSCORE', $K[1], 'p2')), "purge: Redis' clock passed the expiry of p1, p2");
+	check('purge: without the tenant hash, the expired unsettled ones -> 2', 2, purge('PU'));
+	check('purge: p3 (live), p4 and p5 (settled) kept', 'p3=1000000/-/- p4=1000000/3/- p5=1000000/9/-',
+		pending('PU'));
+	check('purge: with the tenant hash, also the settled at version <= 3 -> 1', 1, purge5('PU'));
+	check('purge: p3 and p5 (settled at 9) kept', 'p3=1000000/-/- p5=1000000/9/-', pending('PU'));
+	check('purge: nothing more -> 0', 0, purge5('PU'));
+	check_err('purge BADARGS: 3 keys', 'BADARGS', r('EVALSHA', $sha{purge}, 3, @K[ 1 .. 3 ]));
+	check_err('purge BADARGS: 6 keys', 'BADARGS', r('EVALSHA', $sha{purge}, 6, @K, 'x'));
+	check_err('purge BADARGS: an argument', 'BADARGS', r('EVALSHA', $sha{purge}, 4, @K[ 1 .. 4 ], 'x'));
+	rc('SET', "$P:{PW}:pending_amt", 'x');
+	rc('ZADD', "$P:{PW}:pending", 1, 'old');
+	check_err('purge: a key of the wrong type fails before any write', 'WRONGTYPE', purge('PW'));
+	check('purge: the zset is untouched', 'old', join(' ', @{ rc('ZRANGE', "$P:{PW}:pending", 0, -1) }));
+}
+
+note 'charge.lua: grant credit that expires (grants_expiries)';
+{
+	my $now = redis_ms();
+	my ($past, $soon, $later) = ($now - 1000, $now + 3600000, $now + 7200000);
+	# available 30 of which 5 expired a second ago (not pushed again yet), 3
+	# expire in an hour, 2 in two hours
+	snap_basic('GR', 1, 30 * $M, grants_expire_at_ms => $past, grants_expire_amount => 5 * $M,
+		grants_expiries => "$past:5000000,$soon:3000000,$later:2000000");
+	check("grants: credit past its expiry by Redis' clock is not spendable", '["INSUFFICIENT",25000001,25000000]',
+		charge('GR', 'g1', 25000001, $T0, $TTL));
+	check('grants: the rest is', '["OK",0]', charge('GR', 'g1', 25 * $M, $T0, $TTL));
+	settle('GR', 'g1', 0);
+	check("grants: a gateway clock past the next expiry leaves it out too (stricter)",
+		'["INSUFFICIENT",22000001,22000000]', charge('GR', 'g2', 22000001, $soon, $TTL));
+	check('grants: ... and past both', '["INSUFFICIENT",20000001,20000000]',
+		charge('GR', 'g2', 20000001, $later, $TTL));
+	check('grants: reserve g2', '["OK",24999999]', charge('GR', 'g2', 1, $T0, $TTL));
+	check('grants: its replay leaves the expired credit out too', '["OK",24999999,"replay"]',
+		charge('GR', 'g2', 1, $T0, $TTL));
+	# the next expiry alone (a hash written without the list)
+	snap_basic('GN', 1, 30 * $M, grants_expire_at_ms => $past, grants_expire_amount => 5 * $M);
+	check('grants: grants_expire_at_ms with grants_expire_amount alone', '["INSUFFICIENT",25000001,25000000]',
+		charge('GN', 'n1', 25000001, $T0, $TTL));
+	snap_basic('GF', 1, 30 * $M, grants_expiries => "$soon:5000000");
+	check('grants: credit expiring later is spendable now', '["OK",0]', charge('GF', 'f1', 30 * $M, $T0, $TTL));
+	for my $bad ("$past", "$past:", "$past:5.5", ":5", "$past:5;$soon:1", "-$past:5", 'x' x 5000)
+	{
+		apply_t('GB', 1, 1, status => 'active', available => 10, grants_expiries => $bad);
+		check_err("grants BADSTATE: grants_expiries '" . substr($bad, 0, 20) . "'", 'BADSTATE',
+			charge('GB', 'b', 1, $T0, $TTL));
+	}
+	apply_t('GB', 2, 1, status => 'active', available => 10, grants_expire_at_ms => $past);
+	check_err('grants BADSTATE: grants_expire_at_ms without the amount', 'BADSTATE', charge('GB', 'b', 1, $T0, $TTL));
+}
 
 note 'NOSCRIPT';
+snap_basic('N', 1, 10 * $M);
 rc('SCRIPT', 'FLUSH');
-my $after_flush        = charge('C', 'n1', 1, $T0, 1000);
+my $after_flush        = charge('N', 'n1', 1, $T0, $TTL);
 my $exists_after_flush = join(' ', @{ rc('SCRIPT', 'EXISTS', $sha{charge}) });
 my $reloaded           = rc('SCRIPT', 'LOAD', slurp_file("$lua/charge.lua"));
 load_all();
 check_err('EVALSHA after SCRIPT FLUSH fails with NOSCRIPT', 'NOSCRIPT', $after_flush);
 check('SCRIPT EXISTS after SCRIPT FLUSH is 0', 0, $exists_after_flush);
 check('SCRIPT LOAD again returns the same sha', $sha{charge}, $reloaded);
-check('EVALSHA works after reloading', '["OK",8999998]', charge('C', 'n1', 1, $T0 + 20000, 1000));
+check('EVALSHA works after reloading', '["OK",9999999]', charge('N', 'n1', 1, $T0, $TTL));
 check('all scripts reloaded and callable', 0, settle('C', 'none', 1));
 
 $conn->close;
