@@ -443,6 +443,8 @@ BEGIN
          WHERE k.tenant_id = p_tenant
            AND k.period_start = CASE WHEN k.budget_period = 'day' THEN old_day
                                      WHEN k.budget_period = 'month' THEN old_month END;
+        -- every key's Redis hash says when its budget period ends: all change
+        UPDATE billing.api_keys k SET version = acc.version + 1 WHERE k.tenant_id = p_tenant;
         acc.timezone := billing_account_update.timezone;
     END IF;
     IF billing_account_update.metadata IS NOT NULL AND billing_account_update.metadata <> acc.metadata THEN
@@ -464,7 +466,9 @@ BEGIN
          WHERE a.tenant_id = p_tenant;
         INSERT INTO billing.account_events (tenant_id, action, changes, reason)
         VALUES (p_tenant, 'update', changes, billing_account_update.reason);
-        PERFORM billing.sync_mark(p_tenant);
+        -- the key hashes changed with the time zone only (found by their version)
+        PERFORM billing.sync_mark_keys(p_tenant, acc.version,
+                                       CASE WHEN changes ? 'timezone' THEN NULL ELSE '{}'::text[] END);
     END IF;
 
     RETURN QUERY SELECT * FROM billing.balances b WHERE b.tenant_id = p_tenant;

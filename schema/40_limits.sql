@@ -98,7 +98,7 @@ BEGIN
      WHERE a.tenant_id = acc.tenant_id;
     INSERT INTO billing.account_events (tenant_id, action, changes, reason)
     VALUES (acc.tenant_id, 'limits', lim, billing_limits_set.reason);
-    PERFORM billing.sync_mark(acc.tenant_id);
+    PERFORM billing.sync_mark_keys(acc.tenant_id, acc.version, '{}');  -- no key hash changed
 
     RETURN QUERY SELECT * FROM billing.quota_usage q WHERE q.tenant_id = acc.tenant_id;
 END;

@@ -12,12 +12,14 @@ CREATE TABLE billing.api_keys (
     last_used_at        timestamptz,
     created_at          timestamptz NOT NULL DEFAULT now(),
     updated_at          timestamptz NOT NULL DEFAULT now(),
+    version             bigint      NOT NULL DEFAULT 0,
     CONSTRAINT api_keys_pkey PRIMARY KEY (tenant_id, key_id),
     CONSTRAINT api_keys_status_check CHECK (status IN ('active', 'suspended', 'revoked')),
     CONSTRAINT api_keys_budget_check CHECK ((budget_micros IS NULL) = (budget_period IS NULL) AND budget_micros >= 0),
     CONSTRAINT api_keys_period_check CHECK (budget_period IN ('day', 'month', 'lifetime'))
 );
 COMMENT ON TABLE billing.api_keys IS 'API keys of an account, with an optional budget per day, month or lifetime';
+COMMENT ON COLUMN billing.api_keys.version IS 'the account version of the last change of the key''s Redis hash (its version there): the worker pushes the keys that changed, not every key of the account';
 SELECT pg_catalog.pg_extension_config_dump('billing.api_keys', '');
 
 CREATE VIEW billing.api_key_budgets WITH (security_barrier) AS
@@ -114,15 +116,15 @@ DECLARE
     k       billing.api_keys;
 BEGIN
     PERFORM billing.check_account_settings(acc.tenant_id, NULL, NULL, NULL, billing_api_key_create.metadata);
-    INSERT INTO billing.api_keys AS t (tenant_id, key_id, budget_micros, budget_period, metadata)
+    INSERT INTO billing.api_keys AS t (tenant_id, key_id, budget_micros, budget_period, metadata, version)
     VALUES (acc.tenant_id, billing_api_key_create.key_id, micros, billing_api_key_create.budget_period,
-            coalesce(billing_api_key_create.metadata, '{}'))
+            coalesce(billing_api_key_create.metadata, '{}'), acc.version + 1)
     ON CONFLICT (tenant_id, key_id) DO NOTHING
     RETURNING * INTO k;
     IF FOUND THEN
-        -- the key's Redis hash carries the account version: bump it
+        -- the key's Redis hash carries the account version of its last change
         UPDATE billing.accounts a SET version = a.version + 1 WHERE a.tenant_id = acc.tenant_id;
-        PERFORM billing.sync_mark(acc.tenant_id);
+        PERFORM billing.sync_mark_keys(acc.tenant_id, acc.version, ARRAY[k.key_id]);
     ELSE
         SELECT * INTO k FROM billing.api_keys t
          WHERE t.tenant_id = acc.tenant_id AND t.key_id = billing_api_key_create.key_id;
@@ -200,10 +202,11 @@ BEGIN
            budget_period = k.budget_period,
            period_start = k.period_start,
            period_spend_micros = k.period_spend_micros,
-           updated_at = now()
+           updated_at = now(),
+           version = acc.version + 1
      WHERE t.tenant_id = acc.tenant_id AND t.key_id = k.key_id;
     UPDATE billing.accounts a SET version = a.version + 1 WHERE a.tenant_id = acc.tenant_id;
-    PERFORM billing.sync_mark(acc.tenant_id);
+    PERFORM billing.sync_mark_keys(acc.tenant_id, acc.version, ARRAY[k.key_id]);
     RETURN QUERY SELECT * FROM billing.api_key_budgets b
                   WHERE b.tenant_id = acc.tenant_id AND b.key_id = k.key_id;
 END;

@@ -6,6 +6,12 @@ CREATE FUNCTION billing.sync_mark(tenant_id text) RETURNS void
 COMMENT ON FUNCTION billing.sync_mark(text) IS 'mark a tenant changed: pushed to Redis after this transaction commits';
 REVOKE ALL ON FUNCTION billing.sync_mark(text) FROM PUBLIC;
 
+CREATE FUNCTION billing.sync_mark_keys(tenant_id text, since bigint, key_ids text[]) RETURNS void
+    AS 'MODULE_PATHNAME', 'billing_sync_mark_keys_sql'
+    LANGUAGE C VOLATILE;
+COMMENT ON FUNCTION billing.sync_mark_keys(text, bigint, text[]) IS 'mark a tenant changed from account version since on, and the API keys whose Redis hashes changed (NULL: those whose api_keys.version is above since)';
+REVOKE ALL ON FUNCTION billing.sync_mark_keys(text, bigint, text[]) FROM PUBLIC;
+
 CREATE FUNCTION billing.expire_holds_of(tenant_id text) RETURNS boolean
     AS 'MODULE_PATHNAME', 'billing_expire_holds_of'
     LANGUAGE C VOLATILE;

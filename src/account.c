@@ -38,6 +38,8 @@ static SPIPlanPtr plan_open_holds = NULL;
 static SPIPlanPtr plan_key_lock = NULL;
 static SPIPlanPtr plan_key_holds = NULL;
 static SPIPlanPtr plan_key_save = NULL;
+static SPIPlanPtr plan_key_save_v = NULL;
+static SPIPlanPtr plan_key_touch = NULL;
 
 char *
 billing_format_ts(TimestampTz ts)
@@ -157,6 +159,7 @@ account_lock(Account *acc, text *tenant_id, MemoryContext cxt)
 	acc->credit_limit = int64_or(values, nulls, AC_CREDIT_LIMIT, 0);
 	acc->balance = int64_or(values, nulls, AC_BALANCE, 0);
 	acc->version = int64_or(values, nulls, AC_VERSION, 0);
+	acc->locked_version = acc->version;
 	acc->holds = int64_or(values, nulls, AC_HOLDS, 0);
 	acc->has_next_expiry = !nulls[AC_HOLDS_NEXT_EXPIRY];
 	if (acc->has_next_expiry)
@@ -240,11 +243,12 @@ account_expire_holds(Account *acc)
 						  "  WHERE h.tenant_id = $1 AND h.status = 'open' AND h.expires_at <= $2 "
 						  "    AND o.tenant_id = h.tenant_id AND o.hold_id = h.hold_id "
 						  "  RETURNING h.hold_id, h.amount_micros - h.captured_micros AS freed, "
-						  "    o.grant_draws AS shares, h.expires_at), "
+						  "    o.grant_draws AS shares, h.expires_at, h.api_key), "
 						  "ev AS (INSERT INTO billing.hold_events (tenant_id, hold_id, action, "
 						  "  amount_micros, created_at) "
 						  "  SELECT $1, hold_id, 'expire', freed, $2 FROM expired) "
-						  "SELECT shares, expires_at FROM expired WHERE shares IS NOT NULL "
+						  "SELECT shares, expires_at, api_key FROM expired "
+						  "WHERE shares IS NOT NULL OR api_key IS NOT NULL "
 						  "ORDER BY expires_at, hold_id",
 						  2, types);
 	values[0] = PointerGetDatum(acc->tenant_id);
@@ -255,18 +259,38 @@ account_expire_holds(Account *acc)
 	{
 		Draws	   *shares;
 		TimestampTz *when;
+		text	  **keys;
 		uint64		nrows;
 
 		billing_spi_exec(plan_expire_shares, values, NULL, SPI_OK_SELECT, "expiring holds");
 		nrows = SPI_processed;
-		shares = palloc(sizeof(Draws) * Max(nrows, 1));
+		shares = palloc0(sizeof(Draws) * Max(nrows, 1));
 		when = palloc(sizeof(TimestampTz) * Max(nrows, 1));
+		keys = palloc0(sizeof(text *) * Max(nrows, 1));
 		for (uint64 r = 0; r < nrows; r++)
 		{
 			bool		isnull;
+			Datum		d;
 
-			draws_from_datum(billing_col((int) r, 1, &isnull), &shares[r]);
+			d = billing_col((int) r, 1, &isnull);
+			if (!isnull)
+				draws_from_datum(d, &shares[r]);
 			when[r] = DatumGetTimestampTz(billing_col((int) r, 2, &isnull));
+			d = billing_col((int) r, 3, &isnull);
+			if (!isnull)
+				keys[r] = DatumGetTextPCopy(d);
+		}
+
+		/* the open holds of these keys changed: their Redis hashes too */
+		for (uint64 r = 0; r < nrows; r++)
+		{
+			bool		seen = false;
+
+			for (uint64 q = 0; q < r && keys[r] && !seen; q++)
+				seen = keys[q] && VARSIZE_ANY_EXHDR(keys[q]) == VARSIZE_ANY_EXHDR(keys[r]) &&
+					memcmp(VARDATA_ANY(keys[q]), VARDATA_ANY(keys[r]), VARSIZE_ANY_EXHDR(keys[r])) == 0;
+			if (keys[r] && !seen)
+				account_key_touch(acc, keys[r]);
 		}
 
 		/*
@@ -640,7 +664,8 @@ account_write(Account *acc, bool wrote_entry, DirectTable *entries,
 	direct_write(PointerGetDatum(acc->tenant_id), entries, evalues, enulls,
 				 &billing_accounts_table, &acc->tid,
 				 values, nulls, set);
-	billing_sync_mark(VARDATA_ANY(acc->tenant_id), VARSIZE_ANY_EXHDR(acc->tenant_id));
+	billing_sync_mark_account(VARDATA_ANY(acc->tenant_id), VARSIZE_ANY_EXHDR(acc->tenant_id),
+							  acc->locked_version);
 	acc->holds_changed = false;
 	acc->grants_changed = false;
 }
@@ -666,25 +691,73 @@ account_finish(Account *acc)
 	}
 }
 
+/*
+ * Save the key's counters.  Its Redis hash changes with them: the key row
+ * gets a new version (1.4's api_keys.version; the schema of 1.3 has none,
+ * whose worker pushes every key), locked_version + 1, which the call's own
+ * version bump covers, and the key is marked for the mirror, so that the
+ * worker pushes this key's hash and not every key of the tenant.
+ */
 void
 account_key_save(Account *acc, ApiKey *key)
 {
-	Oid			types[5] = {TEXTOID, TEXTOID, DATEOID, INT8OID, TIMESTAMPTZOID};
-	Datum		values[5];
+	Oid			types[6] = {TEXTOID, TEXTOID, DATEOID, INT8OID, TIMESTAMPTZOID, INT8OID};
+	Datum		values[6];
 
 	if (!key->present)
 		return;
-	billing_keep_plan(&plan_key_save,
-					  "UPDATE billing.api_keys SET period_start = $3, "
-					  "  period_spend_micros = $4, last_used_at = $5 "
-					  "WHERE tenant_id = $1 AND key_id = $2",
-					  5, types);
+	if (acc->grants_supported)
+		billing_keep_plan(&plan_key_save_v,
+						  "UPDATE billing.api_keys SET period_start = $3, "
+						  "  period_spend_micros = $4, last_used_at = $5, version = $6 "
+						  "WHERE tenant_id = $1 AND key_id = $2",
+						  6, types);
+	else
+		billing_keep_plan(&plan_key_save,
+						  "UPDATE billing.api_keys SET period_start = $3, "
+						  "  period_spend_micros = $4, last_used_at = $5 "
+						  "WHERE tenant_id = $1 AND key_id = $2",
+						  5, types);
 	values[0] = PointerGetDatum(acc->tenant_id);
 	values[1] = PointerGetDatum(key->key_id);
 	values[2] = DateADTGetDatum(key->period_start);
 	values[3] = Int64GetDatum(key->period_spend);
 	values[4] = TimestampTzGetDatum(acc->now);
-	billing_spi_exec(plan_key_save, values, NULL, SPI_OK_UPDATE, "saving the api key");
+	values[5] = Int64GetDatum(acc->locked_version + 1);
+	billing_spi_exec(acc->grants_supported ? plan_key_save_v : plan_key_save, values,
+					 NULL, SPI_OK_UPDATE, "saving the api key");
+	billing_sync_mark_key(VARDATA_ANY(acc->tenant_id), VARSIZE_ANY_EXHDR(acc->tenant_id),
+						  VARDATA_ANY(key->key_id), VARSIZE_ANY_EXHDR(key->key_id),
+						  acc->locked_version);
+}
+
+/*
+ * The hash of a key changed without its counters (a hold of the key
+ * released or expired: its open holds): a new version and a mark, as
+ * account_key_save gives.  The caller bumps the account version.
+ */
+void
+account_key_touch(Account *acc, text *key_id)
+{
+	Oid			types[3] = {TEXTOID, TEXTOID, INT8OID};
+	Datum		values[3];
+
+	if (key_id == NULL)
+		return;
+	if (acc->grants_supported)
+	{
+		billing_keep_plan(&plan_key_touch,
+						  "UPDATE billing.api_keys SET version = $3 "
+						  "WHERE tenant_id = $1 AND key_id = $2",
+						  3, types);
+		values[0] = PointerGetDatum(acc->tenant_id);
+		values[1] = PointerGetDatum(key_id);
+		values[2] = Int64GetDatum(acc->locked_version + 1);
+		billing_spi_exec(plan_key_touch, values, NULL, SPI_OK_UPDATE, "saving the api key");
+	}
+	billing_sync_mark_key(VARDATA_ANY(acc->tenant_id), VARSIZE_ANY_EXHDR(acc->tenant_id),
+						  VARDATA_ANY(key_id), VARSIZE_ANY_EXHDR(key_id),
+						  acc->locked_version);
 }
 
 /*

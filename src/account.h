@@ -45,6 +45,9 @@ struct Account
 	int64		credit_limit;
 	int64		balance;
 	int64		version;
+	int64		locked_version; /* the version account_lock found (Redis
+								 * key hashes changed by this call get
+								 * locked_version + 1: api_keys.version) */
 	int64		holds;			/* remaining on open holds */
 	bool		has_next_expiry;
 	TimestampTz next_expiry;	/* earliest expires_at of an open hold */
@@ -121,6 +124,7 @@ extern void account_write(Account *acc, bool wrote_entry,
 						  DirectTable *entries, Datum *evalues,
 						  bool *enulls);
 extern void account_key_save(Account *acc, ApiKey *key);
+extern void account_key_touch(Account *acc, text *key_id);
 extern void billing_raise_rejection(Rejection *rej);
 
 /* calendar periods in an account's time zone */

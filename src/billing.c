@@ -46,6 +46,7 @@ char	   *billing_redis_tls_server_name = NULL;
 int			billing_sync_batch_size = 500;
 int			billing_maintenance_interval = 1000;
 int			billing_check_interval = 60;
+int			billing_purge_interval = 60;
 int			billing_sync_delay = 5;
 char	   *billing_lua_dir = NULL;
 bool		billing_allow_drop = false;
@@ -165,6 +166,11 @@ define_settings(void)
 	DefineCustomIntVariable("billing.check_interval",
 							"How often the worker compares Redis with the database and repairs drift (0: never).",
 							NULL, &billing_check_interval, 60, 0, 86400,
+							PGC_SIGHUP, GUC_UNIT_S, NULL, NULL, NULL);
+	DefineCustomIntVariable("billing.purge_interval",
+							"How often the worker removes expired gateway reservations of every account from Redis (0: never).",
+							"Gateways' scripts remove them too, on the accounts they charge.",
+							&billing_purge_interval, 60, 0, 86400,
 							PGC_SIGHUP, GUC_UNIT_S, NULL, NULL, NULL);
 	DefineCustomStringVariable("billing.lua_dir",
 							   "Directory of the Lua scripts; empty: SHAREDIR/extension/billing.",

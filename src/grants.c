@@ -265,7 +265,9 @@ grants_held_expired(Account *acc, TimestampTz now)
 		return 0;
 	billing_keep_plan(&plan,
 					  "SELECT grant_draws, expires_at FROM billing.holds "
-					  "WHERE tenant_id = $1 AND status = 'open' AND expires_at <= $2 "
+					  "WHERE tenant_id OPERATOR(pg_catalog.=) $1 "
+					  "  AND status OPERATOR(pg_catalog.=) 'open' "
+					  "  AND expires_at OPERATOR(pg_catalog.<=) $2 "
 					  "  AND grant_draws IS NOT NULL",
 					  2, types);
 	values[0] = PointerGetDatum(acc->tenant_id);

@@ -37,6 +37,7 @@ extern char *billing_redis_tls_server_name;
 extern int	billing_sync_batch_size;
 extern int	billing_maintenance_interval;
 extern int	billing_check_interval;
+extern int	billing_purge_interval;
 extern int	billing_sync_delay;
 extern char *billing_lua_dir;
 

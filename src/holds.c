@@ -858,6 +858,7 @@ billing_release(PG_FUNCTION_ARGS)
 			acc.holds = billing_add_micros(acc.holds, -rest, "open holds of the account");
 			give_back_shares(&acc, &h, &expired);
 			save_hold(&acc, &h);
+			account_key_touch(&acc, h.api_key);	/* the key's open holds */
 			acc.version++;
 			account_save(&acc, false);
 			grants_write_expiries(&acc, &expired, acc.now, "grant expired (a released hold's share)");

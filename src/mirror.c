@@ -43,6 +43,7 @@
 #include "utils/timestamp.h"
 
 static char apply_sha[41] = "";
+static char purge_sha[41] = "";
 static bool ready = false;		/* connected, script loaded */
 static char run_id[48] = "";
 static char epoch[64] = "";
@@ -188,40 +189,52 @@ is_hex(const char *s, size_t len)
 	return true;
 }
 
+/* SCRIPT LOAD: the sha1 into sha[41]; false if Redis failed */
+static bool
+load_script(const char *script, char *sha)
+{
+	const char *argv[] = {"SCRIPT", "LOAD", script};
+	redisReply *r = redis_command("SCRIPT LOAD", 3, argv, NULL);
+
+	if (r == NULL)
+		return false;
+	if (r->type != REDIS_REPLY_STRING || r->len != 40 || !is_hex(r->str, 40))
+		return redis_unexpected(r, "SCRIPT LOAD");
+	memcpy(sha, r->str, 40);
+	sha[40] = '\0';
+	redis_free(r);
+	return true;
+}
+
 /*
- * Connect and get ready to push: the script is read before connecting (an
- * error there must not leave a half set-up link), loaded, and the run_id
- * noted.
+ * Connect and get ready to push: the scripts are read before connecting
+ * (an error there must not leave a half set-up link), loaded, and the
+ * run_id noted.
  */
 bool
 mirror_connect(void)
 {
-	char	   *script;
-	redisReply *r;
+	char	   *apply;
+	char	   *purge;
+	bool		loaded;
 
 	if (ready && redis_is_open())
 		return true;
 	ready = false;
 	wiping = false;
-	script = read_script("apply_snapshot.lua");
+	apply = read_script("apply_snapshot.lua");
+	purge = read_script("purge.lua");
 	if (!redis_open())
 	{
-		pfree(script);
+		pfree(apply);
+		pfree(purge);
 		return false;
 	}
-	{
-		const char *argv[] = {"SCRIPT", "LOAD", script};
-
-		r = redis_command("SCRIPT LOAD", 3, argv, NULL);
-		pfree(script);
-	}
-	if (r == NULL)
+	loaded = load_script(apply, apply_sha) && load_script(purge, purge_sha);
+	pfree(apply);
+	pfree(purge);
+	if (!loaded)
 		return false;
-	if (r->type != REDIS_REPLY_STRING || r->len != 40 || !is_hex(r->str, 40))
-		return redis_unexpected(r, "SCRIPT LOAD");
-	memcpy(apply_sha, r->str, 40);
-	apply_sha[40] = '\0';
-	redis_free(r);
 	if (!mirror_check_run_id())
 		return false;
 	ready = true;
@@ -562,7 +575,7 @@ tenant_error(const redisReply *r)
 }
 
 bool
-mirror_push(SyncSnap *snaps, int n, bool force, char **errors)
+mirror_push(SyncSnap *snaps, int n, MirrorApply mode, char **errors)
 {
 	static const char *const pending[] = {":pending", ":pending_amt", ":pending_ver", ":pending_key"};
 	int			nfailed = 0;
@@ -601,7 +614,7 @@ mirror_push(SyncSnap *snaps, int n, bool force, char **errors)
 			resp_key(&buf, s, pending[k]);
 		(void) pg_lltoa(s->version, version);
 		resp_str(&buf, version);
-		resp_str(&buf, force ? "1" : "0");
+		resp_str(&buf, mode == APPLY_FORCE ? "1" : mode == APPLY_REFRESH ? "2" : "0");
 		for (int f = 0; f < s->nfields; f++)
 			resp_str(&buf, s->fields[f]);
 	}
@@ -649,6 +662,67 @@ mirror_push(SyncSnap *snaps, int n, bool force, char **errors)
 	billing_sync->pushed += n - nfailed;
 	billing_sync->last_push_at = now;
 	LWLockRelease(billing_sync->lock);
+	return true;
+}
+
+/*
+ * The reservation sweep: one pipelined EVALSHA of lua/purge.lua per tenant
+ * (its four pending structures and its hash).  A tenant whose keys have
+ * another type (an error of its own) is skipped: its pushes fail too, and
+ * say so.
+ */
+bool
+mirror_purge(char **tenants, int n, int64 *removed)
+{
+	static const char *const pending[] = {":pending", ":pending_amt", ":pending_ver", ":pending_key"};
+	StringInfoData buf;
+	SyncSnap	s = {0};
+
+	*removed = 0;
+	if (n == 0)
+		return true;
+	if (!mirror_connected())
+		return false;
+	initStringInfo(&buf);
+	redis_begin("EVALSHA");
+	for (int i = 0; i < n; i++)
+	{
+		if (buf.len >= PUSH_CHUNK && !redis_send(&buf, 0))
+		{
+			pfree(buf.data);
+			return false;
+		}
+		s.tenant = tenants[i];
+		resp_head(&buf, '*', 3 + 5);
+		resp_str(&buf, "EVALSHA");
+		resp_bulk(&buf, purge_sha, 40);
+		resp_str(&buf, "5");
+		for (int k = 0; k < 4; k++)
+			resp_key(&buf, &s, pending[k]);
+		resp_key(&buf, &s, "");
+	}
+	if (!redis_send(&buf, n))
+	{
+		pfree(buf.data);
+		return false;
+	}
+	pfree(buf.data);
+	for (int i = 0; i < n; i++)
+	{
+		redisReply *r = redis_receive();
+
+		if (r == NULL)
+			return false;
+		if (tenant_error(r))
+		{
+			redis_free(r);
+			continue;
+		}
+		if (r->type != REDIS_REPLY_INTEGER || r->integer < 0)
+			return redis_unexpected(r, "EVALSHA of purge.lua");
+		*removed += r->integer;
+		redis_free(r);
+	}
 	return true;
 }
 
@@ -725,12 +799,48 @@ period_ended(const redisReply *r, const SyncSnap *s, const char *field, int64 no
 	return false;
 }
 
+/*
+ * Fields that change with the time alone, at one version: holds expire
+ * (holds, and available with them), grant credit expires (balance,
+ * available), and the times of the next ones.  A hash whose own
+ * holds_expire_at_ms or grants_expire_at_ms has passed may differ from a
+ * snapshot of the same version there: it is due for a refresh (the gateway
+ * scripts leave expired credit out by themselves), not drift.
+ */
+static const char *const timed_fields[] = {
+	"balance", "available", "holds", "holds_expire_at_ms",
+	"grants_expire_at_ms", "grants_expire_amount", "grants_expiries",
+};
+
+static bool
+is_timed(const char *field)
+{
+	for (int i = 0; i < lengthof(timed_fields); i++)
+		if (strcmp(timed_fields[i], field) == 0)
+			return true;
+	return false;
+}
+
+/* has one of the hash's own expiry times passed? */
+static bool
+timed_out(const redisReply *r, int64 now_ms)
+{
+	static const char *const times[] = {"holds_expire_at_ms", "grants_expire_at_ms"};
+	int64		at;
+
+	for (int i = 0; i < lengthof(times); i++)
+		if (reply_int64(hash_field(r, times[i]), &at) && at <= now_ms)
+			return true;
+	return false;
+}
+
 static MirrorMatch
 compare(const redisReply *r, const SyncSnap *s, int64 now_ms)
 {
 	const redisReply *v = hash_field(r, "version");
 	int64		stored;
-	int			nfields = 0;
+	bool		timed = false;
+	bool		refresh = false;
 
 	if (r->elements == 0)
 		return MATCH_DRIFT;		/* no hash: deleted (a new account is dirty, pushed first) */
@@ -740,6 +850,7 @@ compare(const redisReply *r, const SyncSnap *s, int64 now_ms)
 		return MATCH_BEHIND;
 	if (stored > s->version)
 		return MATCH_DRIFT;
+	timed = timed_out(r, now_ms);
 	/* every field of Redis is in the snapshot, equal or explained */
 	for (size_t e = 0; e + 1 < r->elements; e += 2)
 	{
@@ -748,21 +859,35 @@ compare(const redisReply *r, const SyncSnap *s, int64 now_ms)
 
 		if (strcmp(field, "synced_at_ms") == 0 || strcmp(field, "version") == 0)
 			continue;
-		nfields++;
 		want = snap_field(s, field);
 		if (want != NULL && strlen(want) == r->element[e + 1]->len &&
 			memcmp(want, r->element[e + 1]->str, r->element[e + 1]->len) == 0)
 			continue;
 		if (want != NULL && period_ended(r, s, field, now_ms))
 			continue;
+		if (timed && is_timed(field))
+		{
+			refresh = true;
+			continue;
+		}
 		return MATCH_DRIFT;
 	}
-	/* and no field of the snapshot is missing */
+	/* and every field of the snapshot is in Redis */
 	for (int f = 0; f + 1 < s->nfields; f += 2)
-		if (strcmp(s->fields[f], "synced_at_ms") != 0 &&
-			strcmp(s->fields[f], "version") != 0)
-			nfields--;
-	return nfields == 0 ? MATCH_SAME : MATCH_DRIFT;
+	{
+		const char *field = s->fields[f];
+
+		if (strcmp(field, "synced_at_ms") == 0 || strcmp(field, "version") == 0 ||
+			hash_field(r, field) != NULL)
+			continue;
+		if (timed && is_timed(field))
+		{
+			refresh = true;
+			continue;
+		}
+		return MATCH_DRIFT;
+	}
+	return refresh ? MATCH_BEHIND : MATCH_SAME;
 }
 
 /*

@@ -16,7 +16,7 @@
 
 #include "sync.h"
 
-/* connection: redis_open + SCRIPT LOAD of apply_snapshot.lua + run_id */
+/* connection: redis_open + SCRIPT LOAD of apply_snapshot.lua and purge.lua + run_id */
 extern bool mirror_connect(void);
 extern bool mirror_connected(void);
 
@@ -48,15 +48,32 @@ extern MirrorClaim mirror_claim(void);
 /*
  * Apply snapshots (pipelined EVALSHA).  errors[i] is set (palloc'd) for a
  * snapshot refused for a reason of its tenant's own keys (WRONGTYPE,
- * BADARGS): the others are applied.
+ * BADARGS): the others are applied.  A snapshot replaces a hash whose
+ * version is older (APPLY_NEWER), not newer (APPLY_REFRESH: also one of the
+ * same version, whose fields that depend on the time, such as expired
+ * credit, are out of date), or whatever it holds (APPLY_FORCE: a repair).
  */
-extern bool mirror_push(SyncSnap *snaps, int n, bool force, char **errors);
+typedef enum MirrorApply
+{
+	APPLY_NEWER,
+	APPLY_FORCE,
+	APPLY_REFRESH
+} MirrorApply;
+extern bool mirror_push(SyncSnap *snaps, int n, MirrorApply mode, char **errors);
+
+/*
+ * The reservation sweep (lua/purge.lua): remove the tenants' gateway
+ * reservations that expired by Redis' clock and those settled at a version
+ * the tenant hash holds.  *removed counts them.
+ */
+extern bool mirror_purge(char **tenants, int n, int64 *removed);
 
 /* what Redis holds for a snapshot (the consistency check) */
 typedef enum MirrorMatch
 {
 	MATCH_SAME,					/* equal, or equal but for a period that ended */
-	MATCH_BEHIND,				/* an older version: a push is due */
+	MATCH_BEHIND,				/* an older version, or one whose expiries passed:
+								 * a push is due (APPLY_REFRESH) */
 	MATCH_DRIFT					/* differs at the same or a newer version */
 } MirrorMatch;
 extern bool mirror_match(SyncSnap *snaps, int n, MirrorMatch *verdict);

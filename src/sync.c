@@ -4,7 +4,9 @@
  *	  Change capture for the Redis mirror, and billing_sync_status().
  *
  * Every function that changes what the mirror shows (balance, holds,
- * status, limits, counters, keys) calls billing_sync_mark(tenant).  The
+ * status, limits, counters, keys) marks the tenant, and names the API keys
+ * whose hashes it changed (billing_sync_mark_key): a tenant with 20,000 keys
+ * must not have them all pushed for a charge through one of them.  The
  * mark is kept in backend memory until the transaction ends: on COMMIT the
  * tenants are added to a hash table in shared memory (with the time of the
  * first unpushed commit) and the worker's latch is set, so the worker wakes
@@ -32,6 +34,7 @@
 
 #include "access/xact.h"
 #include "billing.h"
+#include "catalog/pg_type.h"
 #include "common/hashfn.h"
 #include "fmgr.h"
 #include "funcapi.h"
@@ -41,6 +44,7 @@
 #include "storage/procarray.h"
 #include "storage/shmem.h"
 #include "sync.h"
+#include "utils/array.h"
 #include "utils/builtins.h"
 #include "utils/memutils.h"
 #include "utils/timestamp.h"
@@ -54,9 +58,25 @@ static shmem_startup_hook_type prev_shmem_startup_hook = NULL;
 
 /*
  * Tenants changed by the current transaction (in TopTransactionContext): a
- * list, and beyond MARKS_LIST_MAX also a hash table for the duplicate check
- * (a batch may touch thousands of tenants).
+ * list of marks, and beyond MARKS_LIST_MAX also a hash table for the
+ * duplicate check (a batch may touch thousands of tenants).
  */
+typedef struct SyncMark
+{
+	char	   *tenant;
+	int64		since;			/* lowest account version a change started from */
+	int64		scan_since;		/* find keys by version above it (SYNC_NO_SCAN: no) */
+	List	   *keys;			/* ids of the keys named (char *) */
+	int			keys_bytes;		/* their length, NULs included */
+} SyncMark;
+
+/* an entry of the mark set: the tenant id (hashed by content) and its mark */
+typedef struct SyncMarkEntry
+{
+	char	   *tenant;
+	SyncMark   *mark;
+} SyncMarkEntry;
+
 #define MARKS_LIST_MAX 16
 static List *xact_marks = NIL;
 static HTAB *xact_mark_set = NULL;
@@ -102,14 +122,28 @@ sync_shmem_startup(void)
 	LWLockRelease(AddinShmemInitLock);
 }
 
+/* is `key` one of the NUL-terminated ids of buf[0 .. len)? */
+static bool
+keys_contain(const char *buf, int len, const char *key)
+{
+	for (int off = 0; off < len; off += strlen(buf + off) + 1)
+		if (strcmp(buf + off, key) == 0)
+			return true;
+	return false;
+}
+
 /*
  * Mark a tenant dirty in shared memory (caller holds billing_sync->lock
- * exclusively).  A tenant already dirty keeps its place and the older of
- * the two commit times.  When the set is full the mark is lost and a full
- * resync is requested instead; returns false then.
+ * exclusively), with the key hashes to push: scan_since and the named keys
+ * (SyncDirty).  Keys that do not fit into the entry are found by version
+ * instead: above `since`, the account version the change started from.  A
+ * tenant already dirty keeps its place, the older of the two commit times,
+ * and gets the union of what to push.  When the set is full the mark is
+ * lost and a full resync is requested instead; returns false then.
  */
 bool
-billing_sync_enqueue(const char *tenant, TimestampTz commit)
+billing_sync_enqueue(const char *tenant, TimestampTz commit, int64 scan_since,
+					 int nkeys, char **keys, int64 since)
 {
 	bool		found;
 	SyncDirty  *d;
@@ -125,32 +159,58 @@ billing_sync_enqueue(const char *tenant, TimestampTz commit)
 	if (!found)
 	{
 		d->first_commit = commit;
+		d->scan_since = SYNC_NO_SCAN;
+		d->keys_len = 0;
 		billing_sync->ring[(billing_sync->ring_head + billing_sync->ring_count) %
 						   billing_sync_max_dirty] = d;
 		billing_sync->ring_count++;
 	}
 	else if (commit < d->first_commit)
 		d->first_commit = commit;
+	d->scan_since = Min(d->scan_since, scan_since);
+	for (int i = 0; i < nkeys; i++)
+	{
+		int			len = strlen(keys[i]);
+
+		if (keys_contain(d->keys, d->keys_len, keys[i]))
+			continue;
+		if (d->keys_len + len + 1 > SYNC_KEYS_LEN)
+		{
+			d->scan_since = Min(d->scan_since, since);
+			continue;
+		}
+		memcpy(d->keys + d->keys_len, keys[i], len + 1);
+		d->keys_len += len + 1;
+	}
 	return true;
 }
 
 /*
  * Take up to `max` dirty tenants, oldest first, out of the set (caller
- * holds billing_sync->lock exclusively); their ids are copied into cxt.
+ * holds billing_sync->lock exclusively); their ids and keys are copied
+ * into cxt.
  */
 int
-billing_sync_dequeue(char **tenants, TimestampTz *commits, int max,
-					 MemoryContext cxt)
+billing_sync_dequeue(SyncWant *wants, int max, MemoryContext cxt)
 {
 	int			n = 0;
 
 	while (n < max && billing_sync->ring_count > 0)
 	{
 		SyncDirty  *d = billing_sync->ring[billing_sync->ring_head];
+		SyncWant   *w = &wants[n];
+		int			k = 0;
 
-		tenants[n] = MemoryContextStrdup(cxt, d->tenant);
-		commits[n] = d->first_commit;
-		hash_search(billing_sync_dirty, tenants[n], HASH_REMOVE, NULL);
+		memset(w, 0, sizeof(SyncWant));
+		w->tenant = MemoryContextStrdup(cxt, d->tenant);
+		w->first_commit = d->first_commit;
+		w->scan_since = d->scan_since;
+		for (int off = 0; off < d->keys_len; off += strlen(d->keys + off) + 1)
+			w->nkeys++;
+		w->keys = MemoryContextAlloc(cxt, sizeof(char *) * Max(w->nkeys, 1));
+		for (int off = 0; off < d->keys_len; off += strlen(d->keys + off) + 1)
+			w->keys[k++] = MemoryContextStrdup(cxt, d->keys + off);
+		hash_search(billing_sync_dirty, w->tenant, HASH_REMOVE, NULL);
 		billing_sync->ring_head = (billing_sync->ring_head + 1) % billing_sync_max_dirty;
 		billing_sync->ring_count--;
 		n++;
@@ -190,7 +250,7 @@ prepare_marks(void)
 			SyncPrepared *p = &billing_sync->prepared[billing_sync->nprepared++];
 
 			p->xid = xid;
-			strlcpy(p->tenant, lfirst(lc), SYNC_TENANT_LEN);
+			strlcpy(p->tenant, ((SyncMark *) lfirst(lc))->tenant, SYNC_TENANT_LEN);
 		}
 		if (xact_unmarkable)
 		{
@@ -237,7 +297,14 @@ billing_sync_resolve_prepared(void)
 			if (p->tenant[0] == '\0')
 				billing_sync->overflow = true;	/* full resync */
 			else
-				billing_sync_enqueue(p->tenant, GetCurrentTimestamp());
+			{
+				/*
+				 * Only the tenant waited, not which of its key hashes
+				 * changed: every one of them is pushed.
+				 */
+				billing_sync_enqueue(p->tenant, GetCurrentTimestamp(),
+									 SYNC_SCAN_ALL, 0, NULL, SYNC_SCAN_ALL);
+			}
 		}
 		*p = billing_sync->prepared[--billing_sync->nprepared];
 	}
@@ -305,7 +372,16 @@ sync_xact_callback(XactEvent event, void *arg)
 				if (xact_unmarkable)
 					billing_sync->overflow = true;
 				foreach(lc, xact_marks)
-					billing_sync_enqueue(lfirst(lc), now);
+				{
+					SyncMark   *m = lfirst(lc);
+					char	   *keys[SYNC_KEYS_LEN / 2];
+					int			nkeys = 0;
+					ListCell   *kc;
+
+					foreach(kc, m->keys)
+						keys[nkeys++] = lfirst(kc);
+					billing_sync_enqueue(m->tenant, now, m->scan_since, nkeys, keys, m->since);
+				}
 				latch = billing_sync->worker_latch;
 			}
 			LWLockRelease(billing_sync->lock);
@@ -345,39 +421,43 @@ mark_match(const void *key1, const void *key2, Size keysize)
 	return strcmp(*(char *const *) key1, *(char *const *) key2);
 }
 
-/* Remember that this transaction changed the mirrored state of a tenant. */
-void
-billing_sync_mark(const char *tenant, int len)
+/* this transaction's mark of a tenant, created if new; NULL if unmarkable */
+static SyncMark *
+get_mark(const char *tenant, int len)
 {
 	MemoryContext old;
+	SyncMark   *m;
 	char	   *key;
 	ListCell   *lc;
 
 	if (billing_sync == NULL)
-		return;
+		return NULL;
 	if (len >= SYNC_TENANT_LEN)
 	{
 		xact_unmarkable = true;
-		return;
+		return NULL;
 	}
 	old = MemoryContextSwitchTo(TopTransactionContext);
 	key = pnstrdup(tenant, len);	/* not SYNC_TENANT_LEN: a batch may mark 10^5 */
 	if (xact_mark_set == NULL)
 	{
 		foreach(lc, xact_marks)
-			if (strcmp(lfirst(lc), key) == 0)
+		{
+			m = lfirst(lc);
+			if (strcmp(m->tenant, key) == 0)
 			{
 				pfree(key);
 				MemoryContextSwitchTo(old);
-				return;
+				return m;
 			}
+		}
 		if (list_length(xact_marks) >= MARKS_LIST_MAX)
 		{
 			HASHCTL		info;
 
-			/* entries are the list's strings (pointers), hashed by content */
+			/* entries point at the marks' strings, hashed by content */
 			info.keysize = sizeof(char *);
-			info.entrysize = sizeof(char *);
+			info.entrysize = sizeof(SyncMarkEntry);
 			info.hash = mark_hash;
 			info.match = mark_match;
 			info.hcxt = TopTransactionContext;
@@ -385,26 +465,96 @@ billing_sync_mark(const char *tenant, int len)
 										HASH_ELEM | HASH_FUNCTION | HASH_COMPARE | HASH_CONTEXT);
 			foreach(lc, xact_marks)
 			{
-				char	   *mark = lfirst(lc);
+				SyncMark   *each = lfirst(lc);
+				SyncMarkEntry *e = hash_search(xact_mark_set, &each->tenant, HASH_ENTER, NULL);
 
-				(void) hash_search(xact_mark_set, &mark, HASH_ENTER, NULL);
+				e->mark = each;
 			}
 		}
 	}
 	if (xact_mark_set != NULL)
 	{
 		bool		found;
+		SyncMarkEntry *e = hash_search(xact_mark_set, &key, HASH_ENTER, &found);
 
-		(void) hash_search(xact_mark_set, &key, HASH_ENTER, &found);
 		if (found)
 		{
 			pfree(key);
 			MemoryContextSwitchTo(old);
-			return;
+			return e->mark;
 		}
+		m = palloc0(sizeof(SyncMark));
+		e->mark = m;
 	}
-	xact_marks = lappend(xact_marks, key);
+	else
+		m = palloc0(sizeof(SyncMark));
+	m->tenant = key;
+	m->since = PG_INT64_MAX;
+	m->scan_since = SYNC_NO_SCAN;
+	xact_marks = lappend(xact_marks, m);
 	MemoryContextSwitchTo(old);
+	return m;
+}
+
+/*
+ * Remember that this transaction changed the mirrored state of a tenant
+ * whose account was at version `since` before the change (the API keys it
+ * changed are marked with billing_sync_mark_key).
+ */
+void
+billing_sync_mark_account(const char *tenant, int len, int64 since)
+{
+	SyncMark   *m = get_mark(tenant, len);
+
+	if (m != NULL)
+		m->since = Min(m->since, since);
+}
+
+/* ... and the hash of one of its API keys (changed from account version since on) */
+void
+billing_sync_mark_key(const char *tenant, int len, const char *key, int keylen,
+					  int64 since)
+{
+	SyncMark   *m = get_mark(tenant, len);
+	ListCell   *lc;
+	MemoryContext old;
+
+	if (m == NULL)
+		return;
+	m->since = Min(m->since, since);
+	if (m->scan_since <= m->since)
+		return;					/* found by version anyway */
+	foreach(lc, m->keys)
+	{
+		const char *k = lfirst(lc);
+
+		if (strlen(k) == keylen && memcmp(k, key, keylen) == 0)
+			return;
+	}
+	if (m->keys_bytes + keylen + 1 > SYNC_KEYS_LEN)
+	{
+		/* too many to name: by version, from the first change on */
+		m->scan_since = m->since;
+		return;
+	}
+	old = MemoryContextSwitchTo(TopTransactionContext);
+	m->keys = lappend(m->keys, pnstrdup(key, keylen));
+	m->keys_bytes += keylen + 1;
+	MemoryContextSwitchTo(old);
+}
+
+/*
+ * Remember that this transaction changed the mirrored state of a tenant,
+ * maybe of any of its keys (the SQL-level billing.sync_mark(tenant), which
+ * cannot say which): every key hash is pushed.
+ */
+void
+billing_sync_mark(const char *tenant, int len)
+{
+	SyncMark   *m = get_mark(tenant, len);
+
+	if (m != NULL)
+		m->scan_since = SYNC_SCAN_ALL;
 }
 
 void
@@ -438,7 +588,10 @@ billing_sync_record_error(const char *fmt,...)
 	LWLockRelease(billing_sync->lock);
 }
 
-/* billing.sync_mark(tenant_id): for the SQL-level functions */
+/*
+ * billing.sync_mark(tenant_id): for the SQL-level functions of 1.3, which
+ * cannot say which keys they changed (every key hash is pushed).
+ */
 PG_FUNCTION_INFO_V1(billing_sync_mark_sql);
 Datum
 billing_sync_mark_sql(PG_FUNCTION_ARGS)
@@ -449,6 +602,54 @@ billing_sync_mark_sql(PG_FUNCTION_ARGS)
 		PG_RETURN_VOID();
 	t = PG_GETARG_TEXT_PP(0);
 	billing_sync_mark(VARDATA_ANY(t), VARSIZE_ANY_EXHDR(t));
+	PG_RETURN_VOID();
+}
+
+/*
+ * billing.sync_mark_keys(tenant_id, since, key_ids): the SQL-level
+ * functions' mark.  since: the account version the transaction found
+ * (before its change); key_ids: the keys whose hashes it changed ('{}':
+ * none), NULL: every key it changed, found by version (api_keys.version >
+ * since), e.g. all of them after a time zone change.
+ */
+PG_FUNCTION_INFO_V1(billing_sync_mark_keys_sql);
+Datum
+billing_sync_mark_keys_sql(PG_FUNCTION_ARGS)
+{
+	text	   *t;
+	int64		since;
+
+	if (PG_ARGISNULL(0) || PG_ARGISNULL(1))
+		PG_RETURN_VOID();
+	t = PG_GETARG_TEXT_PP(0);
+	since = PG_GETARG_INT64(1);
+	billing_sync_mark_account(VARDATA_ANY(t), VARSIZE_ANY_EXHDR(t), since);
+	if (PG_ARGISNULL(2))
+	{
+		SyncMark   *m = get_mark(VARDATA_ANY(t), VARSIZE_ANY_EXHDR(t));
+
+		if (m != NULL)
+			m->scan_since = Min(m->scan_since, since);
+	}
+	else
+	{
+		Datum	   *elems;
+		bool	   *enulls;
+		int			n;
+
+		deconstruct_array(PG_GETARG_ARRAYTYPE_P(2), TEXTOID, -1, false, TYPALIGN_INT,
+						  &elems, &enulls, &n);
+		for (int i = 0; i < n; i++)
+		{
+			text	   *k;
+
+			if (enulls[i])
+				continue;
+			k = DatumGetTextPP(elems[i]);
+			billing_sync_mark_key(VARDATA_ANY(t), VARSIZE_ANY_EXHDR(t),
+								  VARDATA_ANY(k), VARSIZE_ANY_EXHDR(k), since);
+		}
+	}
 	PG_RETURN_VOID();
 }
 

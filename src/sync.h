@@ -25,11 +25,27 @@
 #define SYNC_LAG_RING		1024
 #define SYNC_ERROR_LEN		256
 
+/*
+ * Which API key hashes of a dirty tenant must be pushed.  A transaction
+ * names the keys it changed (up to SYNC_KEYS_LEN bytes of ids per tenant);
+ * beyond that, or when it cannot say which (the SQL-level
+ * billing.sync_mark(tenant)), it asks for every key whose version
+ * (api_keys.version, the account version of the key's last change) is
+ * above scan_since: the account version the first such transaction found.
+ * SYNC_NO_SCAN: the named keys only (maybe none: the tenant hash alone).
+ */
+#define SYNC_KEYS_LEN		256
+#define SYNC_NO_SCAN		PG_INT64_MAX
+#define SYNC_SCAN_ALL		INT64CONST(-1)
+
 /* one dirty tenant: committed changes not yet pushed to Redis */
 typedef struct SyncDirty
 {
 	char		tenant[SYNC_TENANT_LEN];	/* hash key */
 	TimestampTz first_commit;	/* oldest commit not yet pushed */
+	int64		scan_since;		/* keys with a version above it, or SYNC_NO_SCAN */
+	int			keys_len;		/* bytes of keys used */
+	char		keys[SYNC_KEYS_LEN];	/* ids of changed keys, each NUL-terminated */
 } SyncDirty;
 
 /*
@@ -45,6 +61,25 @@ typedef struct SyncPrepared
 	TransactionId xid;
 	char		tenant[SYNC_TENANT_LEN];
 } SyncPrepared;
+
+/*
+ * What the worker pushes of a tenant: its hash, and the key hashes named
+ * or found by version (above).  A tenant with more keys to push than one
+ * batch may take carries on where it stopped (resume: keys after
+ * (after_version, after_key) in that order), round-robin with the others.
+ */
+typedef struct SyncWant
+{
+	char	   *tenant;
+	TimestampTz first_commit;	/* 0 when unknown (resync) */
+	int64		scan_since;
+	int			nkeys;
+	char	  **keys;
+	bool		resume;			/* a scan that stopped at (after_version, after_key) */
+	int64		after_version;
+	char	   *after_key;
+	bool		more;			/* (out) keys left for another batch */
+} SyncWant;
 
 /* what one Redis hash of the mirror holds (snapshot.c builds them) */
 typedef struct SyncSnap
@@ -103,10 +138,14 @@ extern int	billing_sync_max_dirty;
 
 extern void billing_sync_init(void);
 extern void billing_sync_mark(const char *tenant, int len);
-extern bool billing_sync_enqueue(const char *tenant, TimestampTz commit);
-extern int	billing_sync_dequeue(char **tenants, TimestampTz *commits, int max,
-								 MemoryContext cxt);
-extern int	billing_snapshot_build(char **tenants, int ntenants,
+extern void billing_sync_mark_account(const char *tenant, int len, int64 since);
+extern void billing_sync_mark_key(const char *tenant, int len, const char *key,
+								  int keylen, int64 since);
+extern bool billing_sync_enqueue(const char *tenant, TimestampTz commit,
+								 int64 scan_since, int nkeys, char **keys,
+								 int64 since);
+extern int	billing_sync_dequeue(SyncWant *wants, int max, MemoryContext cxt);
+extern int	billing_snapshot_build(SyncWant *wants, int nwants, int max_keys,
 								   MemoryContext out_cxt, SyncSnap **out);
 extern int	billing_sync_resolve_prepared(void);
 extern void billing_sync_track_prepared(TransactionId xid);

@@ -61,6 +61,7 @@
 #include "postmaster/bgworker.h"
 #include "postmaster/interrupt.h"
 #include "redis.h"
+#include "spi.h"
 #include "storage/ipc.h"
 #include "storage/latch.h"
 #include "storage/proc.h"
@@ -88,7 +89,9 @@ static TimestampTz next_connect_at = 0;	/* backoff: no attempt before */
 static TimestampTz last_maintenance = 0;
 static TimestampTz last_check = 0;
 static TimestampTz last_run_id_check = 0;
+static TimestampTz last_purge = 0;
 static MemoryContext cycle_cxt = NULL;
+static MemoryContext page_cxt = NULL;	/* a page of a resync, check or sweep */
 static bool busy = false;		/* more to do at once: do not sleep */
 
 /* what we connected with: a change of either restarts the worker */
@@ -106,6 +109,16 @@ static char worker_user[NAMEDATALEN];	/* the role it runs as */
 #define RETRY_MAX		1000
 static List *retry_tenants = NIL;
 static TimestampTz retry_at = 0;
+
+/*
+ * Tenants with more key hashes to push than a batch takes (SyncWant), in
+ * TopMemoryContext: one of them goes into each batch, round-robin.
+ */
+static List *continuing = NIL;
+
+/* expiries of grants and holds up to this time have been looked for */
+#define REFRESH_MS		250
+static TimestampTz expiry_scan_from = 0;
 
 /* a full resync in progress (it may span cycles while an old mirror is wiped) */
 static bool resync_started = false;
@@ -259,7 +272,7 @@ retry_due(TimestampTz now)
 		return;
 	LWLockAcquire(billing_sync->lock, LW_EXCLUSIVE);
 	foreach(lc, retry_tenants)
-		billing_sync_enqueue(lfirst(lc), now);
+		billing_sync_enqueue(lfirst(lc), now, SYNC_SCAN_ALL, 0, NULL, SYNC_SCAN_ALL);
 	LWLockRelease(billing_sync->lock);
 	list_free_deep(retry_tenants);
 	retry_tenants = NIL;
@@ -462,11 +475,13 @@ pin_environment(void)
 
 /*
  * Read snapshots of the tenants after `after` in tenant order (a page of a
- * resync or of the check).  Everything is copied into cycle_cxt before
- * commit.  *last: the last tenant of the page, NULL at the end.
+ * resync or of the check), every key hash of each.  Everything is copied
+ * into cxt before commit.  *last: the last tenant of the page, NULL at the
+ * end.
  */
 static int
-read_page_sql(const char *after, int limit, SyncSnap **out, char **last)
+read_page_sql(const char *after, int limit, MemoryContext cxt, SyncSnap **out,
+			  char **last)
 {
 	static SPIPlanPtr plan = NULL;
 	Oid			types[3] = {TEXTARRAYOID, TEXTOID, INT4OID};
@@ -492,7 +507,7 @@ read_page_sql(const char *after, int limit, SyncSnap **out, char **last)
 
 	n = SPI_processed;
 	*last = NULL;
-	snaps = MemoryContextAllocZero(cycle_cxt, sizeof(SyncSnap) * Max(n, 1));
+	snaps = MemoryContextAllocZero(cxt, sizeof(SyncSnap) * Max(n, 1));
 	for (int i = 0; i < n; i++)
 	{
 		HeapTuple	tup = SPI_tuptable->vals[i];
@@ -502,7 +517,7 @@ read_page_sql(const char *after, int limit, SyncSnap **out, char **last)
 		Datum	   *elems;
 		bool	   *enulls;
 		int			nelems;
-		MemoryContext old = MemoryContextSwitchTo(cycle_cxt);
+		MemoryContext old = MemoryContextSwitchTo(cxt);
 
 		snaps[i].tenant = TextDatumGetCString(SPI_getbinval(tup, desc, 1, &isnull));
 		d = SPI_getbinval(tup, desc, 2, &isnull);
@@ -524,41 +539,41 @@ read_page_sql(const char *after, int limit, SyncSnap **out, char **last)
 	return n;
 }
 
-/* the snapshots of the given tenants, in one transaction (snapshot.c) */
+/*
+ * The snapshots the wants ask for, in one transaction (snapshot.c), at
+ * most a batch's worth of key hashes per tenant (max_keys; 0: every one).
+ */
 static int
-read_tenants(char **tenants, TimestampTz *commits, int n, SyncSnap **out)
+read_tenants(SyncWant *wants, int n, int max_keys, MemoryContext cxt, SyncSnap **out)
 {
 	int			nsnaps;
 
 	begin_xact("billing sync: reading snapshots");
 	note_epoch();
-	nsnaps = billing_snapshot_build(tenants, n, cycle_cxt, out);
-	if (commits != NULL)
-		for (int i = 0; i < nsnaps; i++)
-			(*out)[i].first_commit = commits[(*out)[i].input];
+	nsnaps = billing_snapshot_build(wants, n, max_keys, cxt, out);
 	end_xact();
 	return nsnaps;
 }
 
 /* read_tenants, an error returned (copied) instead of raised */
 static bool
-try_read_tenants(char **tenants, TimestampTz *commits, int n, SyncSnap **out,
-				 int *nsnaps, ErrorData **error)
+try_read_tenants(SyncWant *wants, int n, int max_keys, MemoryContext cxt,
+				 SyncSnap **out, int *nsnaps, ErrorData **error)
 {
-	MemoryContext cxt = CurrentMemoryContext;
+	MemoryContext old = CurrentMemoryContext;
 	volatile bool ok = true;
 
 	PG_TRY();
 	{
-		*nsnaps = read_tenants(tenants, commits, n, out);
+		*nsnaps = read_tenants(wants, n, max_keys, cxt, out);
 	}
 	PG_CATCH();
 	{
-		MemoryContextSwitchTo(cxt);
+		MemoryContextSwitchTo(old);
 		*error = CopyErrorData();
 		FlushErrorState();
 		AbortCurrentTransaction();
-		MemoryContextSwitchTo(cxt);
+		MemoryContextSwitchTo(old);
 		ok = false;
 	}
 	PG_END_TRY();
@@ -566,13 +581,13 @@ try_read_tenants(char **tenants, TimestampTz *commits, int n, SyncSnap **out,
 }
 
 /*
- * The snapshots of a batch of dirty tenants.  When the batch fails, every
- * tenant is read on its own: one whose snapshot cannot be built is set
- * aside (retry_later) and the others go on.  If every one fails, the error
+ * The snapshots of a batch of wants.  When the batch fails, every tenant
+ * is read on its own: one whose snapshot cannot be built is set aside
+ * (retry_later) and the others go on.  If every one fails, the error
  * concerns them all (the extension dropped, ...): it is raised.
  */
 static int
-read_dirty(char **tenants, TimestampTz *commits, int n, SyncSnap **out)
+read_dirty(SyncWant *wants, int n, int max_keys, MemoryContext cxt, SyncSnap **out)
 {
 	SyncSnap   *all;
 	int			nall = 0;
@@ -580,17 +595,17 @@ read_dirty(char **tenants, TimestampTz *commits, int n, SyncSnap **out)
 	ErrorData  *first = NULL;
 	int			nfailed = 0;
 
-	if (try_read_tenants(tenants, commits, n, out, &nall, &first))
+	if (try_read_tenants(wants, n, max_keys, cxt, out, &nall, &first))
 		return nall;
 	if (n == 1)
 	{
-		retry_later(tenants[0], first->message);
+		retry_later(wants[0].tenant, first->message);
 		FreeErrorData(first);
 		return 0;
 	}
 
 	/* one by one */
-	all = MemoryContextAlloc(cycle_cxt, sizeof(SyncSnap) * cap);
+	all = MemoryContextAlloc(cxt, sizeof(SyncSnap) * cap);
 	nall = 0;
 	for (int i = 0; i < n; i++)
 	{
@@ -599,11 +614,12 @@ read_dirty(char **tenants, TimestampTz *commits, int n, SyncSnap **out)
 		ErrorData  *edata = NULL;
 
 		CHECK_FOR_INTERRUPTS();
-		if (!try_read_tenants(&tenants[i], &commits[i], 1, &one, &none, &edata))
+		if (!try_read_tenants(&wants[i], 1, max_keys, cxt, &one, &none, &edata))
 		{
 			nfailed++;
+			wants[i].more = false;
 			if (nfailed < n)
-				retry_later(tenants[i], edata->message);
+				retry_later(wants[i].tenant, edata->message);
 			FreeErrorData(edata);
 			continue;
 		}
@@ -614,7 +630,6 @@ read_dirty(char **tenants, TimestampTz *commits, int n, SyncSnap **out)
 				cap *= 2;
 				all = repalloc(all, sizeof(SyncSnap) * cap);
 			}
-			one[j].first_commit = commits[i];
 			all[nall++] = one[j];
 		}
 	}
@@ -625,9 +640,9 @@ read_dirty(char **tenants, TimestampTz *commits, int n, SyncSnap **out)
 	return nall;
 }
 
-/* the tenant ids of a page (when reading its snapshots at once failed) */
+/* the tenant ids of a page (when reading its snapshots at once failed; the sweep) */
 static int
-page_tenants(const char *after, int limit, char ***out)
+page_tenants(const char *after, int limit, MemoryContext cxt, char ***out)
 {
 	Oid			types[2] = {TEXTOID, INT4OID};
 	Datum		values[2];
@@ -643,12 +658,12 @@ page_tenants(const char *after, int limit, char ***out)
 							  2, types, values, NULL, true, 0) != SPI_OK_SELECT)
 		elog(ERROR, "billing sync: reading tenant ids failed");
 	n = SPI_processed;
-	tenants = MemoryContextAlloc(cycle_cxt, sizeof(char *) * Max(n, 1));
+	tenants = MemoryContextAlloc(cxt, sizeof(char *) * Max(n, 1));
 	for (int i = 0; i < n; i++)
 	{
 		bool		isnull;
 
-		tenants[i] = MemoryContextStrdup(cycle_cxt,
+		tenants[i] = MemoryContextStrdup(cxt,
 										 TextDatumGetCString(SPI_getbinval(SPI_tuptable->vals[i],
 																		   SPI_tuptable->tupdesc, 1, &isnull)));
 	}
@@ -659,23 +674,23 @@ page_tenants(const char *after, int limit, char ***out)
 
 /* read_page_sql, an error returned (copied) instead of raised */
 static bool
-try_read_page(const char *after, int limit, SyncSnap **out, char **last,
-			  int *n, ErrorData **error)
+try_read_page(const char *after, int limit, MemoryContext cxt, SyncSnap **out,
+			  char **last, int *n, ErrorData **error)
 {
-	MemoryContext cxt = CurrentMemoryContext;
+	MemoryContext old = CurrentMemoryContext;
 	volatile bool ok = true;
 
 	PG_TRY();
 	{
-		*n = read_page_sql(after, limit, out, last);
+		*n = read_page_sql(after, limit, cxt, out, last);
 	}
 	PG_CATCH();
 	{
-		MemoryContextSwitchTo(cxt);
+		MemoryContextSwitchTo(old);
 		*error = CopyErrorData();
 		FlushErrorState();
 		AbortCurrentTransaction();
-		MemoryContextSwitchTo(cxt);
+		MemoryContextSwitchTo(old);
 		ok = false;
 	}
 	PG_END_TRY();
@@ -684,10 +699,11 @@ try_read_page(const char *after, int limit, SyncSnap **out, char **last,
 
 /*
  * A page of a resync or of the check: the snapshots of the tenants after
- * `after`.  *last is the page's last tenant, NULL at the end.  When the
- * page cannot be read at once, its tenants are read one by one and a
- * tenant whose snapshot fails is set aside (read_dirty): one account must
- * not stop every resync.
+ * `after` (in page_cxt, which the pushes between its slices leave alone).
+ * *last is the page's last tenant, NULL at the end.  When the page cannot
+ * be read at once, its tenants are read one by one and a tenant whose
+ * snapshot fails is set aside (read_dirty): one account must not stop
+ * every resync.
  */
 static int
 read_page(const char *after, int limit, SyncSnap **out, char **last)
@@ -695,58 +711,168 @@ read_page(const char *after, int limit, SyncSnap **out, char **last)
 	int			n = 0;
 	ErrorData  *error = NULL;
 	char	  **tenants;
-	TimestampTz *commits;
+	SyncWant   *wants;
 
-	if (try_read_page(after, limit, out, last, &n, &error))
+	MemoryContextReset(page_cxt);
+	if (try_read_page(after, limit, page_cxt, out, last, &n, &error))
 		return n;
-	n = page_tenants(after, limit, &tenants);
+	n = page_tenants(after, limit, page_cxt, &tenants);
 	if (n == 0)
 		ReThrowError(error);
 	FreeErrorData(error);
-	commits = MemoryContextAllocZero(cycle_cxt, sizeof(TimestampTz) * n);
+	wants = MemoryContextAllocZero(page_cxt, sizeof(SyncWant) * n);
+	for (int i = 0; i < n; i++)
+	{
+		wants[i].tenant = tenants[i];
+		wants[i].scan_since = SYNC_SCAN_ALL;
+	}
 	*last = tenants[n - 1];
-	return read_dirty(tenants, commits, n, out);
+	return read_dirty(wants, n, 0, page_cxt, out);
 }
 
-/* Put tenants back into the dirty set (a failed push). */
+/* ---------------------------------------------------------------------
+ * the dirty tenants
+ * ---------------------------------------------------------------------
+ */
+
+/* a copy of a want in cxt */
+static SyncWant *
+copy_want(const SyncWant *w, MemoryContext cxt)
+{
+	SyncWant   *c = MemoryContextAlloc(cxt, sizeof(SyncWant));
+
+	*c = *w;
+	c->tenant = MemoryContextStrdup(cxt, w->tenant);
+	c->keys = MemoryContextAlloc(cxt, sizeof(char *) * Max(w->nkeys, 1));
+	for (int k = 0; k < w->nkeys; k++)
+		c->keys[k] = MemoryContextStrdup(cxt, w->keys[k]);
+	c->after_key = w->after_key ? MemoryContextStrdup(cxt, w->after_key) : NULL;
+	return c;
+}
+
 static void
-requeue(char **tenants, TimestampTz *commits, int n)
+free_want(SyncWant *w)
+{
+	for (int k = 0; k < w->nkeys; k++)
+		pfree(w->keys[k]);
+	pfree(w->keys);
+	if (w->after_key)
+		pfree(w->after_key);
+	pfree(w->tenant);
+	pfree(w);
+}
+
+/* the oldest commit of the tenants in progress (continuing), 0 if none */
+static TimestampTz
+continuing_oldest(void)
+{
+	TimestampTz oldest = 0;
+	ListCell   *lc;
+
+	foreach(lc, continuing)
+	{
+		SyncWant   *w = lfirst(lc);
+
+		if (w->first_commit != 0 && (oldest == 0 || w->first_commit < oldest))
+			oldest = w->first_commit;
+	}
+	return oldest;
+}
+
+/* Put wants back into the dirty set (a failed push). */
+static void
+requeue(SyncWant *wants, int n)
 {
 	LWLockAcquire(billing_sync->lock, LW_EXCLUSIVE);
 	for (int i = 0; i < n; i++)
-		billing_sync_enqueue(tenants[i], commits[i]);
-	billing_sync->inflight_oldest = 0;
+		billing_sync_enqueue(wants[i].tenant, wants[i].first_commit, wants[i].scan_since,
+							 wants[i].nkeys, wants[i].keys, SYNC_SCAN_ALL);
+	billing_sync->inflight_oldest = continuing_oldest();
 	LWLockRelease(billing_sync->lock);
 }
 
-/* Take up to `max` dirty tenants out of shared memory. */
+/*
+ * The next batch: up to `max` dirty tenants out of shared memory, and a
+ * tenant in progress (continuing, round-robin: the batch after it takes
+ * the next one).  A dirty tenant that is in progress goes on where it
+ * stopped: every key its new commits changed has a version above the
+ * last one pushed (they committed after that read), so the scan finds
+ * them after the stop.
+ */
 static int
-drain(char ***tenants, TimestampTz **commits, int max)
+drain(SyncWant **wants, int max)
 {
 	int			n;
-	char	  **t = MemoryContextAlloc(cycle_cxt, sizeof(char *) * max);
-	TimestampTz *c = MemoryContextAlloc(cycle_cxt, sizeof(TimestampTz) * max);
+	SyncWant   *w = MemoryContextAllocZero(cycle_cxt, sizeof(SyncWant) * (max + 1));
 	TimestampTz oldest = 0;
+	bool		taken = false;
 
 	LWLockAcquire(billing_sync->lock, LW_EXCLUSIVE);
-	n = billing_sync_dequeue(t, c, max, cycle_cxt);
+	n = billing_sync_dequeue(w, max, cycle_cxt);
+	LWLockRelease(billing_sync->lock);
+
 	for (int i = 0; i < n; i++)
-		if (oldest == 0 || c[i] < oldest)
-			oldest = c[i];
+	{
+		ListCell   *lc;
+
+		foreach(lc, continuing)
+		{
+			SyncWant   *c = lfirst(lc);
+
+			if (strcmp(c->tenant, w[i].tenant) != 0)
+				continue;
+			w[i].scan_since = Min(w[i].scan_since, c->scan_since);
+			w[i].resume = c->resume;
+			w[i].after_version = c->after_version;
+			w[i].after_key = c->after_key ? MemoryContextStrdup(cycle_cxt, c->after_key) : NULL;
+			if (c->first_commit != 0 && c->first_commit < w[i].first_commit)
+				w[i].first_commit = c->first_commit;
+			continuing = foreach_delete_current(continuing, lc);
+			free_want(c);
+			taken = true;
+			break;
+		}
+	}
+	if (!taken && continuing != NIL)
+	{
+		SyncWant   *c = linitial(continuing);
+		SyncWant   *copy = copy_want(c, cycle_cxt);
+
+		continuing = list_delete_first(continuing);
+		free_want(c);
+		w[n++] = *copy;
+	}
+
+	for (int i = 0; i < n; i++)
+		if (w[i].first_commit != 0 && (oldest == 0 || w[i].first_commit < oldest))
+			oldest = w[i].first_commit;
+	LWLockAcquire(billing_sync->lock, LW_EXCLUSIVE);
 	billing_sync->inflight_oldest = oldest;
 	LWLockRelease(billing_sync->lock);
-	*tenants = t;
-	*commits = c;
+	*wants = w;
 	return n;
+}
+
+/* a want with keys left goes on in a later batch, after the others in progress */
+static void
+continue_later(SyncWant *w)
+{
+	MemoryContext old = MemoryContextSwitchTo(TopMemoryContext);
+	SyncWant   *c = copy_want(w, TopMemoryContext);
+
+	c->more = false;
+	c->nkeys = 0;				/* the named keys went with this batch */
+	continuing = lappend(continuing, c);
+	MemoryContextSwitchTo(old);
 }
 
 /* push; a tenant refused for its own keys is set aside */
 static bool
-push(SyncSnap *snaps, int n, bool force)
+push(SyncSnap *snaps, int n, MirrorApply mode)
 {
 	char	  **errors = MemoryContextAllocZero(cycle_cxt, sizeof(char *) * Max(n, 1));
 
-	if (!mirror_push(snaps, n, force, errors))
+	if (!mirror_push(snaps, n, mode, errors))
 		return false;
 	for (int i = 0; i < n; i++)
 		if (errors[i] != NULL)
@@ -754,14 +880,24 @@ push(SyncSnap *snaps, int n, bool force)
 	return true;
 }
 
-/* Push the dirty tenants; on failure they go back into the set. */
+/*
+ * Push the dirty tenants; on failure they go back into the set.  At most
+ * billing.sync_batch_size key hashes of one tenant go into a batch: a
+ * tenant with more (20,000 keys after a time zone change) goes on in the
+ * batches after, one of its turns per batch, so that it never holds up the
+ * other tenants by more than a batch.  Pushes replace a hash of the same
+ * version too (APPLY_REFRESH: a tenant marked for an expiry that passed,
+ * see refresh_expired, has its expired credit and holds left out).  After
+ * a second of tenants in progress, the main loop gets a turn (busy).
+ */
 static void
 push_dirty(void)
 {
+	TimestampTz started = GetCurrentTimestamp();
+
 	for (;;)
 	{
-		char	  **tenants;
-		TimestampTz *commits;
+		SyncWant   *wants;
 		SyncSnap   *snaps = NULL;
 		int			n;
 		int			nsnaps;
@@ -770,34 +906,43 @@ push_dirty(void)
 			(void) reload_config();
 		if (!mirror_connected())
 			return;
-		n = drain(&tenants, &commits, billing_sync_batch_size);
+		n = drain(&wants, billing_sync_batch_size);
 		if (n == 0)
 			break;
 		PG_TRY();
 		{
-			nsnaps = read_dirty(tenants, commits, n, &snaps);
+			nsnaps = read_dirty(wants, n, billing_sync_batch_size, cycle_cxt, &snaps);
 		}
 		PG_CATCH();
 		{
-			requeue(tenants, commits, n);
+			requeue(wants, n);
 			PG_RE_THROW();
 		}
 		PG_END_TRY();
-		if (!push(snaps, nsnaps, false))
+		if (!push(snaps, nsnaps, APPLY_REFRESH))
 		{
-			requeue(tenants, commits, n);
+			requeue(wants, n);
 			MemoryContextReset(cycle_cxt);
 			return;
 		}
+		for (int i = 0; i < n; i++)
+			if (wants[i].more)
+				continue_later(&wants[i]);
 		LWLockAcquire(billing_sync->lock, LW_EXCLUSIVE);
-		billing_sync->inflight_oldest = 0;
+		billing_sync->inflight_oldest = continuing_oldest();
 		LWLockRelease(billing_sync->lock);
 		MemoryContextReset(cycle_cxt);
 		CHECK_FOR_INTERRUPTS();
+		if (continuing != NIL &&
+			TimestampDifferenceExceeds(started, GetCurrentTimestamp(), 1000))
+		{
+			busy = true;
+			return;
+		}
 	}
 }
 
-/* between the pages of a resync or a check: the mirror goes on */
+/* between the pages (or slices) of a resync, a check or a sweep: the mirror goes on */
 static void
 between_pages(void)
 {
@@ -809,6 +954,28 @@ between_pages(void)
 	maintenance_if_due();
 }
 
+/*
+ * Push a page's snapshots, billing.sync_batch_size at a time with the
+ * dirty tenants between (a tenant's keys still go before its hash): one
+ * tenant with many keys must not hold up the mirror for a whole page.
+ */
+static bool
+push_sliced(SyncSnap *snaps, int n, MirrorApply mode)
+{
+	for (int at = 0; at < n; at += billing_sync_batch_size)
+	{
+		if (at > 0)
+		{
+			between_pages();
+			if (!mirror_connected())
+				return false;
+		}
+		if (!push(snaps + at, Min(billing_sync_batch_size, n - at), mode))
+			return false;
+	}
+	return true;
+}
+
 static void
 resync_failed(void)
 {
@@ -817,6 +984,7 @@ resync_failed(void)
 	LWLockRelease(billing_sync->lock);
 	resync_started = false;
 	MemoryContextReset(cycle_cxt);
+	MemoryContextReset(page_cxt);
 }
 
 /*
@@ -862,6 +1030,7 @@ resync_all(void)
 		 * Marks lost from now on set overflow again; until this resync is
 		 * done, the mirror's resync stays pending, so an error half-way (a
 		 * cancel, a database error) starts it over instead of forgetting it.
+		 * The tenants in progress are pushed whole by it.
 		 */
 		mirror_request_resync();
 		LWLockAcquire(billing_sync->lock, LW_EXCLUSIVE);
@@ -873,6 +1042,11 @@ resync_all(void)
 		track_prepared();
 		resync_started = true;
 		resync_claimed = false;
+		while (continuing != NIL)
+		{
+			free_want(linitial(continuing));
+			continuing = list_delete_first(continuing);
+		}
 	}
 	if (!resync_claimed)
 	{
@@ -904,14 +1078,15 @@ resync_all(void)
 		n = read_page(after, billing_sync_batch_size, &snaps, &last);
 		if (n == 0 && last == NULL)
 			break;
-		if (!push(snaps, n, false))
+		if (last != NULL)
+			strlcpy(after, last, sizeof(after));
+		if (!push_sliced(snaps, n, APPLY_NEWER))
 		{
 			resync_failed();
 			return;
 		}
 		if (last == NULL)
 			break;
-		strlcpy(after, last, sizeof(after));
 		between_pages();
 		if (!mirror_connected())
 		{
@@ -920,6 +1095,7 @@ resync_all(void)
 		}
 	}
 	MemoryContextReset(cycle_cxt);
+	MemoryContextReset(page_cxt);
 	LWLockAcquire(billing_sync->lock, LW_EXCLUSIVE);
 	billing_sync->last_full_resync_at = GetCurrentTimestamp();
 	billing_sync->full_resyncs++;
@@ -930,15 +1106,75 @@ resync_all(void)
 }
 
 /*
+ * Check one slice of a page (check_all): compare, read the suspects again,
+ * repair what drifted, push what is behind.  False if Redis failed.
+ */
+static bool
+check_slice(SyncSnap *snaps, int n, int64 *repaired)
+{
+	char	  **suspects = MemoryContextAlloc(cycle_cxt, sizeof(char *) * Max(n, 1));
+	MirrorMatch *verdict = MemoryContextAlloc(cycle_cxt, sizeof(MirrorMatch) * Max(n, 1));
+	int			nsuspects = 0;
+	SyncWant   *wants;
+	SyncSnap   *fresh;
+	SyncSnap   *drifted;
+	SyncSnap   *behind;
+	int			ndrifted = 0;
+	int			nbehind = 0;
+	int			nfresh;
+
+	if (!mirror_match(snaps, n, verdict))
+		return false;
+	for (int i = 0; i < n; i++)
+		if (verdict[i] != MATCH_SAME &&
+			(nsuspects == 0 || strcmp(suspects[nsuspects - 1], snaps[i].tenant) != 0))
+			suspects[nsuspects++] = snaps[i].tenant;
+	if (nsuspects == 0)
+		return true;
+
+	wants = MemoryContextAllocZero(cycle_cxt, sizeof(SyncWant) * nsuspects);
+	for (int i = 0; i < nsuspects; i++)
+	{
+		wants[i].tenant = suspects[i];
+		wants[i].scan_since = SYNC_SCAN_ALL;
+	}
+	nfresh = read_dirty(wants, nsuspects, 0, cycle_cxt, &fresh);
+	drifted = MemoryContextAlloc(cycle_cxt, sizeof(SyncSnap) * Max(nfresh, 1));
+	behind = MemoryContextAlloc(cycle_cxt, sizeof(SyncSnap) * Max(nfresh, 1));
+	verdict = MemoryContextAlloc(cycle_cxt, sizeof(MirrorMatch) * Max(nfresh, 1));
+	if (!mirror_match(fresh, nfresh, verdict))
+		return false;
+	for (int i = 0; i < nfresh; i++)
+	{
+		if (verdict[i] == MATCH_DRIFT)
+			drifted[ndrifted++] = fresh[i];
+		else if (verdict[i] == MATCH_BEHIND)
+			behind[nbehind++] = fresh[i];
+	}
+	if (ndrifted > 0)
+	{
+		if (!push(drifted, ndrifted, APPLY_FORCE))
+			return false;
+		*repaired += ndrifted;
+	}
+	if (nbehind > 0 && !push(behind, nbehind, APPLY_REFRESH))
+		return false;
+	return true;
+}
+
+/*
  * The periodic consistency check: compare what Redis holds with the
  * database for every account and key hash, and force-apply the database
  * state where they differ: repairs hashes edited by hand or left newer than
  * the database (e.g. after a restore).  A hash that differs only because a
  * commit landed between our read and the comparison is not drift: suspects
  * are read again from the database and compared once more; an older
- * version in Redis is pushed as usual, never counted as a repair; a hash
- * that differs only in the counters of a day or month that ended since it
- * was pushed is not drift either (the gateways count them as 0).
+ * version in Redis is pushed as usual, never counted as a repair; nor is a
+ * hash that differs only in the counters of a day or month that ended
+ * since it was pushed (the gateways count them as 0), or in what expired
+ * since (holds, grant credit: pushed again, APPLY_REFRESH).  A page goes a
+ * slice of billing.sync_batch_size hashes at a time, the dirty tenants
+ * pushed between.
  */
 static void
 check_all(void)
@@ -950,67 +1186,144 @@ check_all(void)
 	{
 		SyncSnap   *snaps;
 		char	   *last = NULL;
-		char	  **suspects;
-		int			nsuspects = 0;
 		int			n;
-		MirrorMatch *verdict;
+		bool		ok = true;
 
 		n = read_page(after, billing_sync_batch_size, &snaps, &last);
 		if (n == 0 && last == NULL)
 			break;
-		suspects = MemoryContextAlloc(cycle_cxt, sizeof(char *) * n);
-		verdict = MemoryContextAlloc(cycle_cxt, sizeof(MirrorMatch) * n);
-		if (!mirror_match(snaps, n, verdict))
-			return;
-		for (int i = 0; i < n; i++)
-			if (verdict[i] != MATCH_SAME &&
-				(nsuspects == 0 || strcmp(suspects[nsuspects - 1], snaps[i].tenant) != 0))
-				suspects[nsuspects++] = snaps[i].tenant;
-		if (nsuspects > 0)
+		if (last != NULL)
+			strlcpy(after, last, sizeof(after));
+		for (int at = 0; at < n && ok; at += billing_sync_batch_size)
 		{
-			SyncSnap   *fresh;
-			SyncSnap   *drifted;
-			SyncSnap   *behind;
-			int			ndrifted = 0;
-			int			nbehind = 0;
-			TimestampTz *none = MemoryContextAllocZero(cycle_cxt, sizeof(TimestampTz) * nsuspects);
-			int			nfresh = read_dirty(suspects, none, nsuspects, &fresh);
-
-			drifted = MemoryContextAlloc(cycle_cxt, sizeof(SyncSnap) * Max(nfresh, 1));
-			behind = MemoryContextAlloc(cycle_cxt, sizeof(SyncSnap) * Max(nfresh, 1));
-			verdict = MemoryContextAlloc(cycle_cxt, sizeof(MirrorMatch) * Max(nfresh, 1));
-			if (!mirror_match(fresh, nfresh, verdict))
-				return;
-			for (int i = 0; i < nfresh; i++)
+			if (at > 0)
 			{
-				if (verdict[i] == MATCH_DRIFT)
-					drifted[ndrifted++] = fresh[i];
-				else if (verdict[i] == MATCH_BEHIND)
-					behind[nbehind++] = fresh[i];
-			}
-			if (ndrifted > 0)
-			{
-				if (!push(drifted, ndrifted, true))
+				between_pages();
+				if (!mirror_connected())
 					return;
-				repaired += ndrifted;
 			}
-			if (nbehind > 0 && !push(behind, nbehind, false))
-				return;
+			ok = check_slice(snaps + at, Min(billing_sync_batch_size, n - at), &repaired);
 		}
+		if (!ok)
+			return;
 		if (last == NULL)
 			break;
-		strlcpy(after, last, sizeof(after));
 		between_pages();
 		if (!mirror_connected())
 			return;
 	}
 	MemoryContextReset(cycle_cxt);
+	MemoryContextReset(page_cxt);
 	if (repaired > 0)
 		ereport(LOG, (errmsg("billing sync: consistency check repaired " INT64_FORMAT " Redis hashes", repaired)));
 	LWLockAcquire(billing_sync->lock, LW_EXCLUSIVE);
 	billing_sync->repaired += repaired;
 	billing_sync->last_check_at = GetCurrentTimestamp();
 	LWLockRelease(billing_sync->lock);
+}
+
+/*
+ * Tenants whose grant credit or holds expired since we last looked are
+ * dirty: their hashes show what they hold now (expired credit and holds
+ * left out, APPLY_REFRESH at the same version) even if nothing else
+ * happens on them; the maintenance's expiry entries, when it gets to
+ * them, are pushed as any change.  Gateways leave expired credit out by
+ * Redis' clock before that (grants_expiries); this bounds how long a hash
+ * itself shows it.  The indexes on both columns make this a short range
+ * scan.
+ */
+static void
+refresh_expired(void)
+{
+	static SPIPlanPtr plan = NULL;
+	static SPIPlanPtr plan13 = NULL;
+	Oid			types[2] = {TIMESTAMPTZOID, TIMESTAMPTZOID};
+	Datum		values[2];
+	TimestampTz now = GetCurrentTimestamp();
+	SPIPlanPtr	p;
+	uint64		n;
+
+	if (expiry_scan_from == 0)
+	{
+		expiry_scan_from = now; /* what expired before: the start's resync */
+		return;
+	}
+	if (!TimestampDifferenceExceeds(expiry_scan_from, now, REFRESH_MS))
+		return;
+	begin_xact("billing sync: looking for expiries");
+	if (OidIsValid(get_relname_relid("accounts", get_namespace_oid("billing", false))) &&
+		get_attnum(get_relname_relid("accounts", get_namespace_oid("billing", false)),
+				   "grants_next_expiry") != InvalidAttrNumber)
+		p = billing_keep_plan(&plan,
+							  "SELECT a.tenant_id FROM billing.accounts a "
+							  "WHERE (a.grants_next_expiry OPERATOR(pg_catalog.>) $1 "
+							  "       AND a.grants_next_expiry OPERATOR(pg_catalog.<=) $2) "
+							  "   OR (a.holds_next_expiry OPERATOR(pg_catalog.>) $1 "
+							  "       AND a.holds_next_expiry OPERATOR(pg_catalog.<=) $2)",
+							  2, types);
+	else
+		p = billing_keep_plan(&plan13,	/* 1.3: no grants */
+							  "SELECT a.tenant_id FROM billing.accounts a "
+							  "WHERE a.holds_next_expiry OPERATOR(pg_catalog.>) $1 "
+							  "  AND a.holds_next_expiry OPERATOR(pg_catalog.<=) $2",
+							  2, types);
+	values[0] = TimestampTzGetDatum(expiry_scan_from);
+	values[1] = TimestampTzGetDatum(now);
+	billing_spi_read(p, values, NULL, "looking for expiries");
+	n = SPI_processed;
+	if (n > 0)
+	{
+		LWLockAcquire(billing_sync->lock, LW_EXCLUSIVE);
+		for (uint64 i = 0; i < n; i++)
+		{
+			char	   *t = billing_col_cstring((int) i, 1, CurrentMemoryContext);
+
+			if (strlen(t) < SYNC_TENANT_LEN)
+				billing_sync_enqueue(t, now, SYNC_NO_SCAN, 0, NULL, SYNC_SCAN_ALL);
+		}
+		LWLockRelease(billing_sync->lock);
+	}
+	end_xact();
+	expiry_scan_from = now;
+}
+
+/*
+ * The reservation sweep (lua/purge.lua): every account's expired gateway
+ * reservations, and those settled at a version its hash holds, leave
+ * Redis, also for tenants nobody charges any more (the gateway scripts
+ * remove them only from the tenants they charge).  A page of accounts at a
+ * time, the dirty tenants pushed between.
+ */
+static void
+purge_all(void)
+{
+	char		after[SYNC_TENANT_LEN] = "";
+	int64		removed = 0;
+
+	for (;;)
+	{
+		char	  **tenants;
+		int64		n_removed;
+		int			n;
+
+		MemoryContextReset(page_cxt);
+		n = page_tenants(after, billing_sync_batch_size, page_cxt, &tenants);
+		if (n == 0)
+			break;
+		if (!mirror_purge(tenants, n, &n_removed))
+			return;
+		removed += n_removed;
+		if (n < billing_sync_batch_size)
+			break;
+		strlcpy(after, tenants[n - 1], sizeof(after));
+		between_pages();
+		if (!mirror_connected())
+			return;
+	}
+	MemoryContextReset(page_cxt);
+	ereport(DEBUG1,
+			(errmsg("billing sync: reservation sweep removed " INT64_FORMAT " expired or settled reservations",
+					removed)));
 }
 
 /*
@@ -1290,6 +1603,8 @@ billing_worker_main(Datum arg)
 
 	cycle_cxt = AllocSetContextCreate(TopMemoryContext, "billing sync cycle",
 									  ALLOCSET_DEFAULT_SIZES);
+	page_cxt = AllocSetContextCreate(TopMemoryContext, "billing sync page",
+									 ALLOCSET_DEFAULT_SIZES);
 	redis_set_wait_hook(wait_hook);
 
 	LWLockAcquire(billing_sync->lock, LW_EXCLUSIVE);
@@ -1375,12 +1690,20 @@ billing_worker_main(Datum arg)
 						if (mirror_connected() && (mirror_resync_pending() || overflow || resync_started))
 							resync_all();
 						if (mirror_connected())
+							refresh_expired();
+						if (mirror_connected())
 							push_dirty();
 						if (mirror_connected() && !busy && billing_check_interval > 0 &&
 							TimestampDifferenceExceeds(last_check, now, billing_check_interval * 1000))
 						{
 							last_check = now;
 							check_all();
+						}
+						if (mirror_connected() && !busy && billing_purge_interval > 0 &&
+							TimestampDifferenceExceeds(last_purge, now, billing_purge_interval * 1000))
+						{
+							last_purge = now;
+							purge_all();
 						}
 						if (mirror_connected())
 							redis_healthy();
@@ -1419,6 +1742,7 @@ billing_worker_main(Datum arg)
 			last_install_check = 0;
 			resync_started = false;
 			MemoryContextReset(cycle_cxt);
+			MemoryContextReset(page_cxt);
 			timeout = 1000;
 		}
 		PG_END_TRY();

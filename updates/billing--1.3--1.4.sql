@@ -4248,6 +4248,307 @@ COMMENT ON FUNCTION billing_grant_worker(regrole) IS 'grant the background worke
 REVOKE ALL ON FUNCTION billing_grant_worker(regrole) FROM PUBLIC;
 -- (end of the worker's section)
 
+-- ---------------------------------------------------------------------------
+-- issue 12 (M6) and 16 (the Redis hash and expiry): the mirror pushes the API
+-- key hashes that changed, not every key of a tenant
+-- ---------------------------------------------------------------------------
+
+-- the account version of the last change of a key's Redis hash; the hashes
+-- in Redis carry at most the account's version now
+ALTER TABLE billing.api_keys ADD COLUMN version bigint NOT NULL DEFAULT 0;
+COMMENT ON COLUMN billing.api_keys.version IS 'the account version of the last change of the key''s Redis hash (its version there): the worker pushes the keys that changed, not every key of the account';
+UPDATE billing.api_keys k SET version = a.version
+  FROM billing.accounts a WHERE a.tenant_id = k.tenant_id;
+
+CREATE FUNCTION billing.sync_mark_keys(tenant_id text, since bigint, key_ids text[]) RETURNS void
+    AS 'MODULE_PATHNAME', 'billing_sync_mark_keys_sql'
+    LANGUAGE C VOLATILE;
+COMMENT ON FUNCTION billing.sync_mark_keys(text, bigint, text[]) IS 'mark a tenant changed from account version since on, and the API keys whose Redis hashes changed (NULL: those whose api_keys.version is above since)';
+REVOKE ALL ON FUNCTION billing.sync_mark_keys(text, bigint, text[]) FROM PUBLIC;
+
+-- the SQL functions that change a key or the time zone: the key's version,
+-- and a mark that names what changed
+CREATE OR REPLACE FUNCTION billing_account_update(tenant_id text,
+                                       credit_limit numeric DEFAULT NULL,
+                                       status text DEFAULT NULL,
+                                       timezone text DEFAULT NULL,
+                                       metadata jsonb DEFAULT NULL,
+                                       reason text DEFAULT NULL)
+    RETURNS SETOF billing.balances
+    LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    p_tenant   text := billing_account_update.tenant_id;
+    p_limit    bigint;
+    acc        billing.accounts;
+    changes    jsonb := '{}';
+    old_day    date;
+    old_month  date;
+    new_day    date;
+    new_month  date;
+BEGIN
+    PERFORM billing.check_account_settings(p_tenant, NULL,
+                                           billing_account_update.status,
+                                           billing_account_update.timezone,
+                                           billing_account_update.metadata);
+    PERFORM billing.check_text(billing_account_update.reason, 'reason');
+    IF billing_account_update.credit_limit IS NOT NULL THEN
+        p_limit := billing.to_micros(billing_account_update.credit_limit, 'credit_limit', true);
+    END IF;
+
+    SELECT * INTO acc FROM billing.accounts a WHERE a.tenant_id = p_tenant FOR UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'account "%" does not exist', p_tenant
+            USING ERRCODE = 'ZB001',
+                  HINT = format('Create it first with billing_account_create(%L).', p_tenant);
+    END IF;
+    IF acc.status = 'closed' THEN
+        RAISE EXCEPTION 'account "%" is closed', p_tenant
+            USING ERRCODE = 'ZB003',
+                  DETAIL = 'A closed account cannot be changed or reopened.',
+                  HINT = 'Closed is final: open a new account for this customer.';
+    END IF;
+
+    IF p_limit IS NOT NULL AND p_limit <> acc.credit_limit_micros THEN
+        changes := changes || jsonb_build_object('credit_limit', jsonb_build_object(
+                       'old', billing.to_amount(acc.credit_limit_micros), 'new', billing.to_amount(p_limit)));
+        acc.credit_limit_micros := p_limit;
+    END IF;
+    IF billing_account_update.status IS NOT NULL AND billing_account_update.status <> acc.status THEN
+        changes := changes || jsonb_build_object('status', jsonb_build_object(
+                       'old', acc.status, 'new', billing_account_update.status));
+        acc.status := billing_account_update.status;
+    END IF;
+    IF billing_account_update.timezone IS NOT NULL AND billing_account_update.timezone <> acc.timezone THEN
+        changes := changes || jsonb_build_object('timezone', jsonb_build_object(
+                       'old', acc.timezone, 'new', billing_account_update.timezone));
+        -- The usage of the current day and month carries over into the new
+        -- zone's current day and month: a zone change never starts a period
+        -- afresh, so switching zones back and forth cannot reset a quota.
+        -- (The periods are computed first: Citus refuses now() inside a
+        -- CASE of an UPDATE.)
+        old_day := (now() AT TIME ZONE acc.timezone)::date;
+        old_month := date_trunc('month', now() AT TIME ZONE acc.timezone)::date;
+        new_day := (now() AT TIME ZONE billing_account_update.timezone)::date;
+        new_month := date_trunc('month', now() AT TIME ZONE billing_account_update.timezone)::date;
+        IF acc.usage_day = old_day THEN
+            acc.usage_day := new_day;
+        END IF;
+        IF acc.usage_month = old_month THEN
+            acc.usage_month := new_month;
+        END IF;
+        UPDATE billing.api_keys k
+           SET period_start = CASE WHEN k.budget_period = 'day' THEN new_day ELSE new_month END
+         WHERE k.tenant_id = p_tenant
+           AND k.period_start = CASE WHEN k.budget_period = 'day' THEN old_day
+                                     WHEN k.budget_period = 'month' THEN old_month END;
+        -- every key's Redis hash says when its budget period ends: all change
+        UPDATE billing.api_keys k SET version = acc.version + 1 WHERE k.tenant_id = p_tenant;
+        acc.timezone := billing_account_update.timezone;
+    END IF;
+    IF billing_account_update.metadata IS NOT NULL AND billing_account_update.metadata <> acc.metadata THEN
+        changes := changes || jsonb_build_object('metadata', jsonb_build_object(
+                       'old', acc.metadata, 'new', billing_account_update.metadata));
+        acc.metadata := billing_account_update.metadata;
+    END IF;
+
+    IF changes <> '{}' THEN
+        UPDATE billing.accounts a
+           SET credit_limit_micros = acc.credit_limit_micros,
+               status = acc.status,
+               timezone = acc.timezone,
+               usage_day = acc.usage_day,
+               usage_month = acc.usage_month,
+               metadata = acc.metadata,
+               version = a.version + 1,
+               updated_at = now()
+         WHERE a.tenant_id = p_tenant;
+        INSERT INTO billing.account_events (tenant_id, action, changes, reason)
+        VALUES (p_tenant, 'update', changes, billing_account_update.reason);
+        -- the key hashes changed with the time zone only (found by their version)
+        PERFORM billing.sync_mark_keys(p_tenant, acc.version,
+                                       CASE WHEN changes ? 'timezone' THEN NULL ELSE '{}'::text[] END);
+    END IF;
+
+    RETURN QUERY SELECT * FROM billing.balances b WHERE b.tenant_id = p_tenant;
+END;
+$$;
+COMMENT ON FUNCTION billing_account_update(text, numeric, text, text, jsonb, text) IS
+    'change credit limit, status, time zone or metadata; every change is recorded in billing.account_events';
+
+CREATE OR REPLACE FUNCTION billing_limits_set(tenant_id text,
+                                   daily_requests bigint DEFAULT NULL,
+                                   monthly_requests bigint DEFAULT NULL,
+                                   daily_spend numeric DEFAULT NULL,
+                                   monthly_spend numeric DEFAULT NULL,
+                                   max_charge numeric DEFAULT NULL,
+                                   per_minute bigint DEFAULT NULL,
+                                   reason text DEFAULT NULL)
+    RETURNS SETOF billing.quota_usage
+    LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    acc  billing.accounts := billing.lock_account(billing_limits_set.tenant_id);
+    lim  jsonb;
+BEGIN
+    PERFORM billing.check_text(billing_limits_set.reason, 'reason');
+    acc.daily_request_quota      := billing.check_count(billing_limits_set.daily_requests, 'daily_requests');
+    acc.monthly_request_quota    := billing.check_count(billing_limits_set.monthly_requests, 'monthly_requests');
+    acc.minute_request_limit     := billing.check_count(billing_limits_set.per_minute, 'per_minute');
+    acc.daily_spend_cap_micros   := billing.to_micros(billing_limits_set.daily_spend, 'daily_spend', true);
+    acc.monthly_spend_cap_micros := billing.to_micros(billing_limits_set.monthly_spend, 'monthly_spend', true);
+    acc.max_charge_micros        := billing.to_micros(billing_limits_set.max_charge, 'max_charge', false);
+    IF acc.status = 'closed' THEN
+        RAISE EXCEPTION 'account "%" is closed', acc.tenant_id
+            USING ERRCODE = 'ZB003', HINT = 'Closed is final: open a new account for this customer.';
+    END IF;
+
+    lim := jsonb_build_object(
+        'daily_requests', acc.daily_request_quota,
+        'monthly_requests', acc.monthly_request_quota,
+        'daily_spend', billing.to_amount(acc.daily_spend_cap_micros),
+        'monthly_spend', billing.to_amount(acc.monthly_spend_cap_micros),
+        'max_charge', billing.to_amount(acc.max_charge_micros),
+        'per_minute', acc.minute_request_limit);
+
+    UPDATE billing.accounts a
+       SET daily_request_quota = acc.daily_request_quota,
+           monthly_request_quota = acc.monthly_request_quota,
+           minute_request_limit = acc.minute_request_limit,
+           daily_spend_cap_micros = acc.daily_spend_cap_micros,
+           monthly_spend_cap_micros = acc.monthly_spend_cap_micros,
+           max_charge_micros = acc.max_charge_micros,
+           version = a.version + 1,
+           updated_at = now()
+     WHERE a.tenant_id = acc.tenant_id;
+    INSERT INTO billing.account_events (tenant_id, action, changes, reason)
+    VALUES (acc.tenant_id, 'limits', lim, billing_limits_set.reason);
+    PERFORM billing.sync_mark_keys(acc.tenant_id, acc.version, '{}');  -- no key hash changed
+
+    RETURN QUERY SELECT * FROM billing.quota_usage q WHERE q.tenant_id = acc.tenant_id;
+END;
+$$;
+COMMENT ON FUNCTION billing_limits_set(text, bigint, bigint, numeric, numeric, numeric, bigint, text) IS
+    'set all limits of an account at once (NULL = no limit); recorded in billing.account_events';
+
+CREATE OR REPLACE FUNCTION billing_api_key_create(tenant_id text, key_id text,
+                                       budget numeric DEFAULT NULL,
+                                       budget_period text DEFAULT NULL,
+                                       metadata jsonb DEFAULT NULL)
+    RETURNS SETOF billing.api_key_budgets
+    LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    acc     billing.accounts := billing.lock_account(billing_api_key_create.tenant_id);
+    micros  bigint := billing.check_key_settings(billing_api_key_create.key_id,
+                                                 billing_api_key_create.budget,
+                                                 billing_api_key_create.budget_period);
+    k       billing.api_keys;
+BEGIN
+    PERFORM billing.check_account_settings(acc.tenant_id, NULL, NULL, NULL, billing_api_key_create.metadata);
+    INSERT INTO billing.api_keys AS t (tenant_id, key_id, budget_micros, budget_period, metadata, version)
+    VALUES (acc.tenant_id, billing_api_key_create.key_id, micros, billing_api_key_create.budget_period,
+            coalesce(billing_api_key_create.metadata, '{}'), acc.version + 1)
+    ON CONFLICT (tenant_id, key_id) DO NOTHING
+    RETURNING * INTO k;
+    IF FOUND THEN
+        -- the key's Redis hash carries the account version of its last change
+        UPDATE billing.accounts a SET version = a.version + 1 WHERE a.tenant_id = acc.tenant_id;
+        PERFORM billing.sync_mark_keys(acc.tenant_id, acc.version, ARRAY[k.key_id]);
+    ELSE
+        SELECT * INTO k FROM billing.api_keys t
+         WHERE t.tenant_id = acc.tenant_id AND t.key_id = billing_api_key_create.key_id;
+        -- like billing_account_create: only the settings given are compared
+        IF (billing_api_key_create.budget IS NOT NULL
+            AND (k.budget_micros IS DISTINCT FROM micros OR k.budget_period IS DISTINCT FROM billing_api_key_create.budget_period))
+           OR (billing_api_key_create.metadata IS NOT NULL AND k.metadata <> billing_api_key_create.metadata) THEN
+            RAISE EXCEPTION 'api key "%" already exists with different settings', k.key_id
+                USING ERRCODE = 'ZB006',
+                      DETAIL = format('Existing: budget %s, metadata of %s bytes; requested: budget %s, metadata %s.',
+                                      coalesce(billing.to_amount(k.budget_micros) || ' per ' || k.budget_period, 'none'),
+                                      pg_column_size(k.metadata),
+                                      coalesce(billing.to_amount(micros) || ' per ' || billing_api_key_create.budget_period, 'none'),
+                                      coalesce('of ' || pg_column_size(billing_api_key_create.metadata) || ' bytes', '(not given)')),
+                      HINT = 'Change it with billing_api_key_update(), or leave the settings out to get the existing key.';
+        END IF;
+    END IF;
+    RETURN QUERY SELECT * FROM billing.api_key_budgets b
+                  WHERE b.tenant_id = acc.tenant_id AND b.key_id = billing_api_key_create.key_id;
+END;
+$$;
+COMMENT ON FUNCTION billing_api_key_create(text, text, numeric, text, jsonb) IS
+    'create an API key for an account, optionally with a budget per day, month or lifetime';
+
+CREATE OR REPLACE FUNCTION billing_api_key_update(tenant_id text, key_id text,
+                                       status text DEFAULT NULL,
+                                       budget numeric DEFAULT NULL,
+                                       budget_period text DEFAULT NULL,
+                                       remove_budget boolean DEFAULT false)
+    RETURNS SETOF billing.api_key_budgets
+    LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    acc     billing.accounts := billing.lock_account(billing_api_key_update.tenant_id);
+    k       billing.api_keys;
+    micros  bigint;
+BEGIN
+    SELECT * INTO k FROM billing.api_keys t
+     WHERE t.tenant_id = acc.tenant_id AND t.key_id = billing_api_key_update.key_id FOR UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'api key "%" does not exist for account "%"', billing_api_key_update.key_id, acc.tenant_id
+            USING ERRCODE = 'ZB050',
+                  HINT = format('Create it with billing_api_key_create(%L, %L).', acc.tenant_id, billing_api_key_update.key_id);
+    END IF;
+    IF billing_api_key_update.status IS NOT NULL AND billing_api_key_update.status NOT IN ('active', 'suspended', 'revoked') THEN
+        RAISE EXCEPTION 'invalid api key status %', billing.show(billing_api_key_update.status)
+            USING ERRCODE = 'ZB018', DETAIL = 'Allowed statuses: active, suspended, revoked.',
+                  HINT = 'Suspend a key temporarily; revoke it for good.';
+    END IF;
+    IF k.status = 'revoked' AND billing_api_key_update.status IS DISTINCT FROM 'revoked' AND billing_api_key_update.status IS NOT NULL THEN
+        RAISE EXCEPTION 'api key "%" is revoked', k.key_id
+            USING ERRCODE = 'ZB051', DETAIL = 'A revoked key cannot be reactivated.',
+                  HINT = 'Create a new key.';
+    END IF;
+    IF billing_api_key_update.remove_budget THEN
+        k.budget_micros := NULL;
+        k.budget_period := NULL;
+    ELSIF billing_api_key_update.budget IS NOT NULL OR billing_api_key_update.budget_period IS NOT NULL THEN
+        micros := billing.check_key_settings(k.key_id,
+                                             coalesce(billing_api_key_update.budget, billing.to_amount(k.budget_micros)),
+                                             coalesce(billing_api_key_update.budget_period, k.budget_period));
+        IF coalesce(billing_api_key_update.budget_period, k.budget_period) IS DISTINCT FROM k.budget_period THEN
+            k.period_start := NULL;         -- a new period kind starts counting afresh
+            k.period_spend_micros := 0;
+        END IF;
+        k.budget_micros := micros;
+        k.budget_period := coalesce(billing_api_key_update.budget_period, k.budget_period);
+    END IF;
+    UPDATE billing.api_keys t
+       SET status = coalesce(billing_api_key_update.status, t.status),
+           budget_micros = k.budget_micros,
+           budget_period = k.budget_period,
+           period_start = k.period_start,
+           period_spend_micros = k.period_spend_micros,
+           updated_at = now(),
+           version = acc.version + 1
+     WHERE t.tenant_id = acc.tenant_id AND t.key_id = k.key_id;
+    UPDATE billing.accounts a SET version = a.version + 1 WHERE a.tenant_id = acc.tenant_id;
+    PERFORM billing.sync_mark_keys(acc.tenant_id, acc.version, ARRAY[k.key_id]);
+    RETURN QUERY SELECT * FROM billing.api_key_budgets b
+                  WHERE b.tenant_id = acc.tenant_id AND b.key_id = k.key_id;
+END;
+$$;
+COMMENT ON FUNCTION billing_api_key_update(text, text, text, numeric, text, boolean) IS
+    'change an API key: status (active, suspended, revoked — final), budget and period, or remove_budget';
+-- (end of the mirror's section)
+
 -- always last: back to the caller's role
 DO $$
 BEGIN
