@@ -858,11 +858,11 @@ static void
 continue_later(SyncWant *w)
 {
 	MemoryContext old = MemoryContextSwitchTo(TopMemoryContext);
-	SyncWant   *c = copy_want(w, TopMemoryContext);
+	SyncWant	rest = *w;
 
-	c->more = false;
-	c->nkeys = 0;				/* the named keys went with this batch */
-	continuing = lappend(continuing, c);
+	rest.more = false;
+	rest.nkeys = 0;				/* the named keys went with this batch */
+	continuing = lappend(continuing, copy_want(&rest, TopMemoryContext));
 	MemoryContextSwitchTo(old);
 }
 
