@@ -4259,6 +4259,50 @@ ALTER TABLE billing.api_keys ADD COLUMN version bigint NOT NULL DEFAULT 0;
 COMMENT ON COLUMN billing.api_keys.version IS 'the account version of the last change of the key''s Redis hash (its version there): the worker pushes the keys that changed, not every key of the account';
 UPDATE billing.api_keys k SET version = a.version
   FROM billing.accounts a WHERE a.tenant_id = k.tenant_id;
+-- the view's k.* (the CTE) takes in the new column, as in a fresh install
+CREATE OR REPLACE VIEW billing.api_key_budgets WITH (security_barrier) AS
+WITH k AS (
+    SELECT k.*,
+           CASE k.budget_period
+               WHEN 'day' THEN (now() AT TIME ZONE a.timezone)::date
+               WHEN 'month' THEN date_trunc('month', now() AT TIME ZONE a.timezone)::date
+           END AS current_start,
+           a.timezone
+      FROM billing.api_keys k
+      JOIN billing.accounts a ON a.tenant_id = k.tenant_id
+     WHERE ((SELECT billing.visible_tenants()) IS NULL OR k.tenant_id = ANY ((SELECT billing.visible_tenants())::text[]))
+), s AS (
+    -- the key's open holds joined, grouped by key, not a correlated
+    -- subquery: on Citus that is one query on one shard of each table, also
+    -- inside a call Citus delegated in a transaction block
+    SELECT k.*,
+           CASE WHEN k.budget_period IS NULL OR k.budget_period = 'lifetime' OR k.period_start = k.current_start
+                THEN k.period_spend_micros ELSE 0 END AS spent_micros,
+           coalesce(h.open_micros, 0)::bigint AS on_hold_micros
+      FROM k
+      LEFT JOIN (SELECT h.tenant_id, h.api_key,
+                        sum(h.amount_micros - h.captured_micros - h.released_micros) AS open_micros
+                   FROM billing.holds h
+                  WHERE h.status = 'open' AND h.expires_at > now() AND h.api_key IS NOT NULL
+                  GROUP BY h.tenant_id, h.api_key) h
+        ON h.tenant_id = k.tenant_id AND h.api_key = k.key_id
+)
+SELECT s.tenant_id,
+       s.key_id,
+       s.status,
+       billing.to_amount(s.budget_micros) AS budget,
+       s.budget_period,
+       billing.to_amount(s.spent_micros) AS spent,
+       billing.to_amount(s.on_hold_micros) AS on_hold,
+       billing.to_amount(s.budget_micros - s.spent_micros - s.on_hold_micros) AS remaining,
+       CASE s.budget_period
+           WHEN 'day' THEN ((s.current_start + 1)::timestamp AT TIME ZONE s.timezone)
+           WHEN 'month' THEN ((s.current_start + interval '1 month')::timestamp AT TIME ZONE s.timezone)
+       END AS resets_at,
+       s.last_used_at,
+       s.metadata
+  FROM s;
+
 
 CREATE FUNCTION billing.sync_mark_keys(tenant_id text, since bigint, key_ids text[]) RETURNS void
     AS 'MODULE_PATHNAME', 'billing_sync_mark_keys_sql'
