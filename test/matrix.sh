@@ -52,6 +52,9 @@
 #                           so that two hung versions still fit CI's 90 min)
 #   BILLING_MATRIX_REBUILD  1 = rebuild the chroots even if their stamp matches
 #                           (sid moves daily; a cached sid chroot does not)
+#   BILLING_MATRIX_TARGET   the make target run in each chroot (default check;
+#                           bench: `make bench` there, its RESULTS.md copied to
+#                           <cache>/pgN-RESULTS.md; the verdict is make's status)
 #   BILLING_MATRIX_LLVM     1 = install clang/LLVM and build the JIT bitcode
 #                           too (+0.65 GiB per chroot).  Default 0: a stand-in
 #                           package satisfies postgresql-server-dev's clang
@@ -81,6 +84,7 @@ cache=${BILLING_MATRIX_CACHE:-/var/cache/billing-matrix}
 mirror=${BILLING_MATRIX_MIRROR:-http://deb.debian.org/debian}
 suite_timeout=${BILLING_MATRIX_TIMEOUT:-1500}
 llvm=${BILLING_MATRIX_LLVM:-0}
+target=${BILLING_MATRIX_TARGET:-check}
 stamp_name=.billing-matrix-stamp
 umask 022
 
@@ -461,14 +465,14 @@ suite_env() {
 	env_args+=("BILLING_CITUS_REQUIRED=0")
 }
 
-# Run make check for version $1 in chroot $2; output to log $3 and, with a
+# Run make $target for version $1 in chroot $2; output to log $3 and, with a
 # prefix, to stdout.  Returns the status of make (124: timed out).
 run_suite() {
 	local v=$1 root=$2 log=$3 rc=0
-	# shellcheck disable=SC2016 # $1 is expanded by the chroot's bash
+	# shellcheck disable=SC2016 # $1 and $2 are expanded by the chroot's bash
 	timeout -k 30 "$suite_timeout" chroot "$root" /usr/bin/env -i "${env_args[@]}" \
-		/bin/bash -c 'cd /build/billing && exec make check PG_CONFIG="$1"' \
-		bash "/usr/lib/postgresql/$v/bin/pg_config" </dev/null 2>&1 |
+		/bin/bash -c 'cd /build/billing && exec make "$2" PG_CONFIG="$1"' \
+		bash "/usr/lib/postgresql/$v/bin/pg_config" "$target" </dev/null 2>&1 |
 		tee "$log" | sed -u "s/^/[pg$v] /" || rc=${PIPESTATUS[0]}
 	return "$rc"
 }
@@ -477,6 +481,7 @@ run_suite() {
 
 ((EUID == 0)) || die "run as root (debootstrap, chroot and mount need it)"
 [[ $suite_timeout =~ ^[0-9]+$ ]] || die "BILLING_MATRIX_TIMEOUT must be a number of seconds"
+[[ $target == check || $target == bench ]] || die "BILLING_MATRIX_TARGET must be check or bench"
 versions=("$@")
 ((${#versions[@]})) || read -r -a versions <<<"${BILLING_MATRIX_VERSIONS:-17 18}"
 ((${#versions[@]})) || die "BILLING_MATRIX_VERSIONS names no version"
@@ -516,7 +521,7 @@ for v in "${versions[@]}"; do
 		continue
 	fi
 	ready=$((SECONDS - started))
-	say "pg$v: chroot $root ready after $ready s; running make check"
+	say "pg$v: chroot $root ready after $ready s; running make $target"
 	active+=("$root")
 	release "$root" # nothing left over from an earlier run
 	copy_tree "$root" "$v"
@@ -535,6 +540,17 @@ for v in "${versions[@]}"; do
 	forget_active "$root"
 	exec {lockfd}>&-
 
+	if [[ $target == bench ]]; then
+		# no "N passed" line: make's status, and the results kept
+		if ((rc == 0)) && cp "$root/build/billing/bench/RESULTS.md" "$cache/pg$v-RESULTS.md"; then
+			results+=("pg$v ($suite): bench ok -- $cache/pg$v-RESULTS.md, wall $((SECONDS - started)) s")
+			total_passed=$((total_passed + 1))
+		else
+			results+=("pg$v ($suite): bench FAILED (exit status $rc; log: $log)")
+			total_failed=$((total_failed + 1))
+		fi
+		continue
+	fi
 	# the suite's final line; make's own complaint about a failed recipe
 	# ("make: *** [Makefile:46: check] Error 1") may follow it
 	last=$(grep -Ev '^[[:space:]]*$|^make(\[[0-9]+\])?: ' "$log" | tail -n 1 || true)
