@@ -43,7 +43,10 @@ OBJS = \
 	src/resp.o \
 	src/redis.o \
 	src/mirror.o \
-	src/worker.o
+	src/worker.o \
+	src/events.o \
+	src/metrics.o \
+	src/outbox.o
 
 # The install script of the current version is built from schema/*.sql (one
 # file per area, concatenated in name order); released versions keep their

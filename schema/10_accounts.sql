@@ -37,6 +37,22 @@ CREATE TABLE billing.accounts (
     -- 2^63-1) for each
     grants_state        bigint[],
     grants_next_expiry  timestamptz,
+    -- 1.4: events (schema/75_events.sql): the last per-tenant event sequence
+    -- number, the alert thresholds (billing_alerts_set) and what of them has
+    -- been announced, so that a charge checks them without another statement
+    events_seq               bigint NOT NULL DEFAULT 0,
+    alert_low_balance_micros bigint,
+    alert_percents           integer[],
+    alert_grant_lead         interval,
+    -- bit 0: balance.low announced; 4 bits each from bit 4 on: how many of
+    -- alert_percents were announced for the daily requests, monthly
+    -- requests, daily spend, monthly spend (in the current day and month)
+    alert_state              integer NOT NULL DEFAULT 0,
+    -- grant.expiring: grants expiring up to this time, and up to this
+    -- grant_id, were announced; when the next one is due
+    alert_grants_until       timestamptz,
+    alert_grants_gid         bigint,
+    alert_next_at            timestamptz,
     CONSTRAINT accounts_pkey PRIMARY KEY (tenant_id)
     -- No CHECK constraints on the two hot tables: the executor re-reads
     -- and re-plans every CHECK expression on every INSERT/UPDATE statement
@@ -46,6 +62,8 @@ CREATE INDEX accounts_holds_expiry_idx ON billing.accounts (holds_next_expiry)
     WHERE holds_next_expiry IS NOT NULL;
 CREATE INDEX accounts_grants_expiry_idx ON billing.accounts (grants_next_expiry)
     WHERE grants_next_expiry IS NOT NULL;
+CREATE INDEX accounts_alert_next_idx ON billing.accounts (alert_next_at)
+    WHERE alert_next_at IS NOT NULL;
 COMMENT ON TABLE billing.accounts IS 'one account per tenant; balance_micros caches SUM(entries.amount_micros), kept in the same transaction';
 
 CREATE TRIGGER accounts_no_delete
@@ -67,7 +85,7 @@ CREATE TABLE billing.account_events (
     changed_by  text        NOT NULL DEFAULT billing.actor(),
     created_at  timestamptz NOT NULL DEFAULT now(),
     CONSTRAINT account_events_pkey PRIMARY KEY (tenant_id, event_id),
-    CONSTRAINT account_events_action_check CHECK (action IN ('create', 'update', 'limits'))
+    CONSTRAINT account_events_action_check CHECK (action IN ('create', 'update', 'limits', 'alerts'))
 );
 ALTER SEQUENCE billing.account_event_id_seq OWNED BY billing.account_events.event_id;
 COMMENT ON TABLE billing.account_events IS 'append-only audit trail of account settings (creation, credit limit, status, ...)';
@@ -469,6 +487,12 @@ BEGIN
         -- the key hashes changed with the time zone only (found by their version)
         PERFORM billing.sync_mark_keys(p_tenant, acc.version,
                                        CASE WHEN changes ? 'timezone' THEN NULL ELSE '{}'::text[] END);
+        -- the outbox (schema/75_events.sql), in this transaction
+        IF changes ? 'status' THEN
+            PERFORM billing.event_write(p_tenant, 'account.status_changed',
+                jsonb_build_object('from', changes->'status'->'old', 'to', changes->'status'->'new',
+                                   'reason', billing_account_update.reason, 'changed_by', billing.actor()));
+        END IF;
     END IF;
 
     RETURN QUERY SELECT * FROM billing.balances b WHERE b.tenant_id = p_tenant;

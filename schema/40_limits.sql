@@ -93,6 +93,12 @@ BEGIN
            daily_spend_cap_micros = acc.daily_spend_cap_micros,
            monthly_spend_cap_micros = acc.monthly_spend_cap_micros,
            max_charge_micros = acc.max_charge_micros,
+           -- a changed quota or cap: its alert thresholds are announced afresh
+           alert_state = a.alert_state
+               & ~(CASE WHEN a.daily_request_quota IS DISTINCT FROM acc.daily_request_quota THEN 15 << 4 ELSE 0 END)
+               & ~(CASE WHEN a.monthly_request_quota IS DISTINCT FROM acc.monthly_request_quota THEN 15 << 8 ELSE 0 END)
+               & ~(CASE WHEN a.daily_spend_cap_micros IS DISTINCT FROM acc.daily_spend_cap_micros THEN 15 << 12 ELSE 0 END)
+               & ~(CASE WHEN a.monthly_spend_cap_micros IS DISTINCT FROM acc.monthly_spend_cap_micros THEN 15 << 16 ELSE 0 END),
            version = a.version + 1,
            updated_at = now()
      WHERE a.tenant_id = acc.tenant_id;

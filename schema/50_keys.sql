@@ -12,6 +12,9 @@ CREATE TABLE billing.api_keys (
     last_used_at        timestamptz,
     created_at          timestamptz NOT NULL DEFAULT now(),
     updated_at          timestamptz NOT NULL DEFAULT now(),
+    -- 1.4: how many of the account's alert_percents of the budget were
+    -- announced (quota.threshold) in the current budget period
+    alert_levels        integer     NOT NULL DEFAULT 0,
     version             bigint      NOT NULL DEFAULT 0,
     CONSTRAINT api_keys_pkey PRIMARY KEY (tenant_id, key_id),
     CONSTRAINT api_keys_status_check CHECK (status IN ('active', 'suspended', 'revoked')),
@@ -202,6 +205,10 @@ BEGIN
            budget_period = k.budget_period,
            period_start = k.period_start,
            period_spend_micros = k.period_spend_micros,
+           -- a new budget: its alert thresholds are announced afresh
+           alert_levels = CASE WHEN t.budget_micros IS DISTINCT FROM k.budget_micros
+                                 OR t.budget_period IS DISTINCT FROM k.budget_period
+                               THEN 0 ELSE t.alert_levels END,
            updated_at = now(),
            version = acc.version + 1
      WHERE t.tenant_id = acc.tenant_id AND t.key_id = k.key_id;

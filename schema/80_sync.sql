@@ -136,12 +136,21 @@ CREATE TYPE billing.sync_info AS (
     full_resyncs        bigint,
     repaired            bigint,       -- hashes fixed by the periodic consistency check
     recent_lag_p50_ms   double precision,
-    recent_lag_p99_ms   double precision
+    recent_lag_p99_ms   double precision,
+    -- 1.4: the outbox (schema/75_events.sql)
+    events_backlog      bigint,       -- events not yet delivered to Redis
+    events_lag          interval,     -- age of the oldest of them (0 when none)
+    events_delivered    bigint,       -- delivered since the server started
+    events_last_delivered_at timestamptz,
+    events_recent_lag_p50_ms double precision,
+    events_recent_lag_p99_ms double precision
 );
 
+-- SECURITY DEFINER: it reads the outbox's backlog for every caller
 CREATE FUNCTION billing_sync_status() RETURNS billing.sync_info
     AS 'MODULE_PATHNAME', 'billing_sync_status'
-    LANGUAGE C VOLATILE;
+    LANGUAGE C VOLATILE SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp;
 COMMENT ON FUNCTION billing_sync_status() IS 'state of the Redis mirror: connected, lag, pushes, errors, last full resync';
 REVOKE ALL ON FUNCTION billing_sync_status() FROM PUBLIC;
 
@@ -167,7 +176,10 @@ BEGIN
     EXECUTE pg_catalog.format('GRANT USAGE ON SCHEMA billing TO %s', role);
     EXECUTE pg_catalog.format('GRANT SELECT ON billing.accounts, billing.api_keys, billing.holds TO %s', role);
     EXECUTE pg_catalog.format('GRANT EXECUTE ON FUNCTION billing.sync_snapshot(text[], text, integer), billing.sync_snapshot_of(text[]), billing.maintenance(), billing.local_shards(regclass) TO %s', role);
+    -- the events (schema/75_events.sql): deliver, mark, prune; the sweep; mirror.repaired
+    EXECUTE pg_catalog.format('GRANT SELECT, UPDATE, DELETE ON billing.events TO %s', role);
+    EXECUTE pg_catalog.format('GRANT EXECUTE ON FUNCTION billing.alerts_due(integer), billing.event_write(text, text, jsonb) TO %s', role);
 END;
 $$;
-COMMENT ON FUNCTION billing_grant_worker(regrole) IS 'grant the background worker''s role (billing.worker_role) what it needs: read the snapshot tables, build snapshots, run the maintenance';
+COMMENT ON FUNCTION billing_grant_worker(regrole) IS 'grant the background worker''s role (billing.worker_role) what it needs: read the snapshot tables, build snapshots, run the maintenance, deliver and prune the events';
 REVOKE ALL ON FUNCTION billing_grant_worker(regrole) FROM PUBLIC;

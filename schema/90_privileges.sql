@@ -68,14 +68,19 @@ AS $$
         '@extschema@.billing_balance_at(text, timestamptz)',
         '@extschema@.billing_verify(text)',
         '@extschema@.billing_sync_status()',
+        '@extschema@.billing_alerts_set(text, numeric, integer[], interval, text)',
+        '@extschema@.billing_metrics()',
         'billing.effective_holds(billing.accounts)',
-        'billing.expired_micros(billing.accounts, timestamptz)'
+        'billing.expired_micros(billing.accounts, timestamptz)',
+        'billing.metric_samples()'
     ]::regprocedure[]
     WHEN 'reporting' THEN ARRAY[
         -- the functions the views call (a view runs them with the reader's rights)
         'billing.effective_holds(billing.accounts)',
         'billing.expired_micros(billing.accounts, timestamptz)',
-        '@extschema@.billing_sync_status()'
+        '@extschema@.billing_sync_status()',
+        'billing.metric_samples()',
+        '@extschema@.billing_metrics()'
     ]::regprocedure[]
     END
 $$;

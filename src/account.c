@@ -30,15 +30,15 @@
 #include "utils/builtins.h"
 #include "utils/date.h"
 #include "utils/datetime.h"
+#include "utils/array.h"
 #include "utils/timestamp.h"
 
 static SPIPlanPtr plan_expire = NULL;
 static SPIPlanPtr plan_expire_shares = NULL;
 static SPIPlanPtr plan_open_holds = NULL;
-static SPIPlanPtr plan_key_lock = NULL;
+static SPIPlanPtr plan_key_lock[2];
 static SPIPlanPtr plan_key_holds = NULL;
-static SPIPlanPtr plan_key_save = NULL;
-static SPIPlanPtr plan_key_save_v = NULL;
+static SPIPlanPtr plan_key_save[4];	/* [1.4's version column * 2 + alert_levels] */
 static SPIPlanPtr plan_key_touch = NULL;
 
 char *
@@ -107,7 +107,9 @@ static const char *const account_cols[AC_NCOLS] = {
 	"minute_request_limit", "usage_day", "day_requests", "day_spend_micros",
 	"usage_month", "month_requests", "month_spend_micros", "usage_minute",
 	"minute_requests", "rejections", "last_entry_at",
-	"grants_state", "grants_next_expiry"
+	"grants_state", "grants_next_expiry",
+	"events_seq", "alert_low_balance_micros", "alert_percents", "alert_grant_lead",
+	"alert_state", "alert_grants_until", "alert_grants_gid", "alert_next_at"
 };
 
 static const Oid account_types[AC_NCOLS] = {
@@ -117,11 +119,13 @@ static const Oid account_types[AC_NCOLS] = {
 	INT8OID, DATEOID, INT8OID, INT8OID,
 	DATEOID, INT8OID, INT8OID, TIMESTAMPTZOID,
 	INT8OID, INT8OID, TIMESTAMPTZOID,
-	INT8ARRAYOID, TIMESTAMPTZOID
+	INT8ARRAYOID, TIMESTAMPTZOID,
+	INT8OID, INT8OID, INT4ARRAYOID, INTERVALOID,
+	INT4OID, TIMESTAMPTZOID, INT8OID, TIMESTAMPTZOID
 };
 
 DirectTable billing_accounts_table = {
-	"accounts", "accounts_pkey", AC_NCOLS, account_cols, account_types, false, 2
+	"accounts", "accounts_pkey", AC_NCOLS, account_cols, account_types, false, 10
 };
 
 static int64
@@ -181,6 +185,7 @@ account_lock(Account *acc, text *tenant_id, MemoryContext cxt)
 	acc->rejections = int64_or(values, nulls, AC_REJECTIONS, 0);
 	acc->grants_supported = billing_accounts_table.attnum[AC_GRANTS_STATE] != InvalidAttrNumber;
 	grants_load(acc, values[AC_GRANTS_STATE], nulls[AC_GRANTS_STATE]);
+	events_load(acc, values, nulls);
 
 	/* the periods we are in now; counters of older periods start over */
 	acc->now = GetCurrentTimestamp();
@@ -192,12 +197,14 @@ account_lock(Account *acc, text *tenant_id, MemoryContext cxt)
 		acc->usage_day = acc->today;
 		acc->day_requests = 0;
 		acc->day_spend = 0;
+		events_new_period(acc, true, false);
 	}
 	if (acc->usage_month != acc->this_month)
 	{
 		acc->usage_month = acc->this_month;
 		acc->month_requests = 0;
 		acc->month_spend = 0;
+		events_new_period(acc, false, true);
 	}
 	if (acc->usage_minute != acc->this_minute)
 	{
@@ -243,12 +250,13 @@ account_expire_holds(Account *acc)
 						  "  WHERE h.tenant_id = $1 AND h.status = 'open' AND h.expires_at <= $2 "
 						  "    AND o.tenant_id = h.tenant_id AND o.hold_id = h.hold_id "
 						  "  RETURNING h.hold_id, h.amount_micros - h.captured_micros AS freed, "
-						  "    o.grant_draws AS shares, h.expires_at, h.api_key), "
+						  "    o.grant_draws AS shares, h.expires_at, h.trace_id, h.amount_micros, "
+						  "    h.captured_micros, h.api_key), "
 						  "ev AS (INSERT INTO billing.hold_events (tenant_id, hold_id, action, "
 						  "  amount_micros, created_at) "
 						  "  SELECT $1, hold_id, 'expire', freed, $2 FROM expired) "
-						  "SELECT shares, expires_at, api_key FROM expired "
-						  "WHERE shares IS NOT NULL OR api_key IS NOT NULL "
+						  "SELECT shares, expires_at, hold_id, trace_id, amount_micros, "
+						  "  captured_micros, freed, api_key FROM expired "
 						  "ORDER BY expires_at, hold_id",
 						  2, types);
 	values[0] = PointerGetDatum(acc->tenant_id);
@@ -260,6 +268,7 @@ account_expire_holds(Account *acc)
 		Draws	   *shares;
 		TimestampTz *when;
 		text	  **keys;
+		StringInfoData *payloads;
 		uint64		nrows;
 
 		billing_spi_exec(plan_expire_shares, values, NULL, SPI_OK_SELECT, "expiring holds");
@@ -267,18 +276,31 @@ account_expire_holds(Account *acc)
 		shares = palloc0(sizeof(Draws) * Max(nrows, 1));
 		when = palloc(sizeof(TimestampTz) * Max(nrows, 1));
 		keys = palloc0(sizeof(text *) * Max(nrows, 1));
+		payloads = palloc(sizeof(StringInfoData) * Max(nrows, 1));
 		for (uint64 r = 0; r < nrows; r++)
 		{
 			bool		isnull;
 			Datum		d;
+			StringInfo	p = &payloads[r];
 
 			d = billing_col((int) r, 1, &isnull);
 			if (!isnull)
 				draws_from_datum(d, &shares[r]);
 			when[r] = DatumGetTimestampTz(billing_col((int) r, 2, &isnull));
-			d = billing_col((int) r, 3, &isnull);
+			d = billing_col((int) r, 8, &isnull);
 			if (!isnull)
 				keys[r] = DatumGetTextPCopy(d);
+			/* hold.expired (events.h) */
+			ej_begin(p);
+			ej_int(p, "hold_id", billing_col_int64((int) r, 3, 0));
+			ej_str(p, "trace_id", billing_col_cstring((int) r, 4, CurrentMemoryContext));
+			ej_money(p, "amount", billing_col_int64((int) r, 5, 0));
+			ej_money(p, "captured", billing_col_int64((int) r, 6, 0));
+			ej_money(p, "released", billing_col_int64((int) r, 7, 0));
+			ej_str(p, "currency", acc->currency);
+			ej_ts(p, "expires_at", when[r]);
+			ej_str(p, "api_key", billing_col_cstring((int) r, 8, CurrentMemoryContext));
+			ej_end(p);
 		}
 
 		/* the open holds of these keys changed: their Redis hashes too */
@@ -303,6 +325,9 @@ account_expire_holds(Account *acc)
 		{
 			Draws		expired = {0};
 
+			events_emit(acc, "hold.expired", &payloads[r]);
+			if (shares[r].n == 0)
+				continue;
 			grants_give_back(acc, &shares[r], true, when[r], &expired);
 			grants_write_expiries(acc, &expired, when[r], "grant expired (an expired hold's share)");
 		}
@@ -355,18 +380,25 @@ account_key_lock(Account *acc, ApiKey *key, text *key_id)
 	bool		isnull;
 	Datum		d;
 
+	int			v = acc->events_supported;
+
 	memset(key, 0, sizeof(*key));
+	acc->key = key;
 	if (key_id == NULL)
 		return;
 
-	billing_keep_plan(&plan_key_lock,
+	/* [1]: 1.4's, with the key's announced alert thresholds */
+	billing_keep_plan(&plan_key_lock[v],
+					  v ? "SELECT status, budget_micros, budget_period, period_start, "
+					  "  period_spend_micros, alert_levels "
+					  "FROM billing.api_keys WHERE tenant_id = $1 AND key_id = $2 FOR UPDATE" :
 					  "SELECT status, budget_micros, budget_period, period_start, "
 					  "  period_spend_micros "
 					  "FROM billing.api_keys WHERE tenant_id = $1 AND key_id = $2 FOR UPDATE",
 					  2, types);
 	values[0] = PointerGetDatum(acc->tenant_id);
 	values[1] = PointerGetDatum(key_id);
-	billing_spi_exec(plan_key_lock, values, NULL, SPI_OK_SELECT, "api key lock");
+	billing_spi_exec(plan_key_lock[v], values, NULL, SPI_OK_SELECT, "api key lock");
 	if (SPI_processed == 0)
 		ereport(ERROR,
 				(errcode(ERRCODE_BILLING_KEY_NOT_FOUND),
@@ -385,6 +417,9 @@ account_key_lock(Account *acc, ApiKey *key, text *key_id)
 	d = billing_col(0, 4, &isnull);
 	key->period_start = isnull ? DATEVAL_NOBEGIN : DatumGetDateADT(d);
 	key->period_spend = billing_col_int64(0, 5, 0);
+	key->levels_supported = v;
+	if (v)
+		key->alert_levels = (int32) billing_col_int64(0, 6, 0);
 
 	/* budget periods start over like the account's */
 	if (key->period != NULL && strcmp(key->period, "lifetime") != 0)
@@ -396,6 +431,7 @@ account_key_lock(Account *acc, ApiKey *key, text *key_id)
 		{
 			key->period_start = start;
 			key->period_spend = 0;
+			key->alert_levels = 0;
 		}
 	}
 
@@ -426,6 +462,7 @@ set_rejection(Rejection *rej, int sqlerrcode, char *message, char *detail,
 void
 billing_raise_rejection(Rejection *rej)
 {
+	metrics_count_refusal(rej->sqlerrcode);
 	ereport(ERROR,
 			(errcode(rej->sqlerrcode),
 			 errmsg_internal("%s", rej->message),
@@ -617,8 +654,34 @@ account_apply_debit(Account *acc, ApiKey *key, Debit *debit)
 	}
 	acc->day_spend = usage_add(acc->day_spend, debit->charge);
 	acc->month_spend = usage_add(acc->month_spend, debit->charge);
-	if (key->present)
+	if (key->present && debit->charge > 0)
+	{
 		key->period_spend = usage_add(key->period_spend, debit->charge);
+		key->spend_changed = true;
+	}
+}
+
+/* the datums of an int4[] */
+static Datum *
+int32_datums(int32 *v, int n)
+{
+	Datum	   *d = palloc(sizeof(Datum) * Max(n, 1));
+
+	for (int i = 0; i < n; i++)
+		d[i] = Int32GetDatum(v[i]);
+	return d;
+}
+
+/* microseconds as an interval of days and time */
+static Interval *
+lead_interval(int64 usecs)
+{
+	Interval   *iv = palloc(sizeof(Interval));
+
+	iv->month = 0;
+	iv->day = usecs / USECS_PER_DAY;
+	iv->time = usecs % USECS_PER_DAY;
+	return iv;
 }
 
 /*
@@ -634,6 +697,9 @@ account_write(Account *acc, bool wrote_entry, DirectTable *entries,
 	Datum		values[AC_NCOLS];
 	bool		nulls[AC_NCOLS];
 	bool		set[AC_NCOLS];
+
+	/* thresholds the new state crosses: their events first (events.c) */
+	events_before_write(acc);
 
 	memset(nulls, false, sizeof(nulls));
 	memset(set, false, sizeof(set));
@@ -660,6 +726,30 @@ account_write(Account *acc, bool wrote_entry, DirectTable *entries,
 		SET(AC_GRANTS_NEXT_EXPIRY, TimestampTzGetDatum(acc->grants_next_expiry));
 		nulls[AC_GRANTS_NEXT_EXPIRY] = !acc->has_grants_expiry;
 	}
+	if (acc->events_dirty)
+		SET(AC_EVENTS_SEQ, Int64GetDatum(acc->events_seq));
+	if (acc->alerts_dirty)
+	{
+		SET(AC_ALERT_STATE, Int32GetDatum(acc->alert_state));
+		SET(AC_ALERT_GRANTS_UNTIL, TimestampTzGetDatum(acc->alert_grants_until));
+		nulls[AC_ALERT_GRANTS_UNTIL] = !acc->has_grants_until;
+		SET(AC_ALERT_GRANTS_GID, Int64GetDatum(acc->alert_grants_gid));
+		nulls[AC_ALERT_GRANTS_GID] = !acc->has_grants_until;
+		SET(AC_ALERT_NEXT_AT, TimestampTzGetDatum(acc->alert_next_at));
+		nulls[AC_ALERT_NEXT_AT] = !acc->has_alert_next;
+	}
+	if (acc->alerts_config_dirty)
+	{
+		SET(AC_ALERT_LOW, Int64GetDatum(acc->alert_low));
+		nulls[AC_ALERT_LOW] = !acc->has_alert_low;
+		SET(AC_ALERT_PERCENTS, acc->nalert_percents == 0 ? (Datum) 0 :
+			PointerGetDatum(construct_array(int32_datums(acc->alert_percents, acc->nalert_percents),
+											acc->nalert_percents, INT4OID, 4, true, TYPALIGN_INT)));
+		nulls[AC_ALERT_PERCENTS] = acc->nalert_percents == 0;
+		SET(AC_ALERT_GRANT_LEAD, acc->alert_grant_lead == 0 ? (Datum) 0 :
+			IntervalPGetDatum(lead_interval(acc->alert_grant_lead)));
+		nulls[AC_ALERT_GRANT_LEAD] = acc->alert_grant_lead == 0;
+	}
 #undef SET
 	direct_write(PointerGetDatum(acc->tenant_id), entries, evalues, enulls,
 				 &billing_accounts_table, &acc->tid,
@@ -668,6 +758,9 @@ account_write(Account *acc, bool wrote_entry, DirectTable *entries,
 							  acc->locked_version);
 	acc->holds_changed = false;
 	acc->grants_changed = false;
+	acc->events_dirty = false;
+	acc->alerts_dirty = false;
+	acc->alerts_config_dirty = false;
 }
 
 void
@@ -689,6 +782,8 @@ account_finish(Account *acc)
 		acc->version++;
 		account_save(acc, false);
 	}
+	else if (acc->events_dirty || acc->alerts_dirty)
+		account_save(acc, false);	/* the mirror shows neither */
 }
 
 /*
@@ -701,31 +796,36 @@ account_finish(Account *acc)
 void
 account_key_save(Account *acc, ApiKey *key)
 {
-	Oid			types[6] = {TEXTOID, TEXTOID, DATEOID, INT8OID, TIMESTAMPTZOID, INT8OID};
-	Datum		values[6];
+	Oid			types[7] = {TEXTOID, TEXTOID, DATEOID, INT8OID, TIMESTAMPTZOID, INT8OID, INT4OID};
+	Datum		values[7];
+	int			g = acc->grants_supported ? 1 : 0;	/* api_keys.version (1.4) */
+	int			v = key->levels_supported ? 1 : 0;	/* api_keys.alert_levels (1.4) */
+	int			nargs = 5 + g + v;
+	char		sql[512];
 
+	if (acc->key == key)
+		acc->key = NULL;
 	if (!key->present)
 		return;
-	if (acc->grants_supported)
-		billing_keep_plan(&plan_key_save_v,
-						  "UPDATE billing.api_keys SET period_start = $3, "
-						  "  period_spend_micros = $4, last_used_at = $5, version = $6 "
-						  "WHERE tenant_id = $1 AND key_id = $2",
-						  6, types);
-	else
-		billing_keep_plan(&plan_key_save,
-						  "UPDATE billing.api_keys SET period_start = $3, "
-						  "  period_spend_micros = $4, last_used_at = $5 "
-						  "WHERE tenant_id = $1 AND key_id = $2",
-						  5, types);
+	snprintf(sql, sizeof(sql),
+			 "UPDATE billing.api_keys SET period_start = $3, "
+			 "  period_spend_micros = $4, last_used_at = $5%s%s "
+			 "WHERE tenant_id = $1 AND key_id = $2",
+			 g ? ", version = $6" : "",
+			 v ? (g ? ", alert_levels = $7" : ", alert_levels = $6") : "");
+	if (!g)
+		types[5] = INT4OID;
+	billing_keep_plan(&plan_key_save[g * 2 + v], sql, nargs, types);
 	values[0] = PointerGetDatum(acc->tenant_id);
 	values[1] = PointerGetDatum(key->key_id);
 	values[2] = DateADTGetDatum(key->period_start);
 	values[3] = Int64GetDatum(key->period_spend);
 	values[4] = TimestampTzGetDatum(acc->now);
-	values[5] = Int64GetDatum(acc->locked_version + 1);
-	billing_spi_exec(acc->grants_supported ? plan_key_save_v : plan_key_save, values,
-					 NULL, SPI_OK_UPDATE, "saving the api key");
+	if (g)
+		values[5] = Int64GetDatum(acc->locked_version + 1);
+	values[5 + g] = Int32GetDatum(key->alert_levels);
+	billing_spi_exec(plan_key_save[g * 2 + v], values, NULL, SPI_OK_UPDATE,
+					 "saving the api key");
 	billing_sync_mark_key(VARDATA_ANY(acc->tenant_id), VARSIZE_ANY_EXHDR(acc->tenant_id),
 						  VARDATA_ANY(key->key_id), VARSIZE_ANY_EXHDR(key->key_id),
 						  acc->locked_version);

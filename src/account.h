@@ -15,6 +15,7 @@
 
 #include "billing.h"
 #include "direct.h"
+#include "events.h"
 #include "grants.h"
 #include "spi.h"
 #include "storage/itemptr.h"
@@ -77,6 +78,24 @@ struct Account
 	TimestampTz grants_next_expiry; /* earliest expires_at of a bucket */
 	bool		holds_changed;	/* account_expire_holds() wrote something */
 	bool		grants_changed; /* the buckets changed since the last write */
+	/* the outbox and the alert thresholds (events.c); 1.4 */
+	bool		events_supported;	/* the schema has them */
+	int64		events_seq;		/* the tenant's last event sequence number */
+	bool		events_dirty;	/* events_seq changed since the last write */
+	bool		has_alert_low;
+	int64		alert_low;		/* balance.low below this */
+	int			nalert_percents;
+	int32		alert_percents[EVENTS_MAX_PERCENTS];	/* ascending */
+	int64		alert_grant_lead;	/* grant.expiring this long ahead; 0: off */
+	int32		alert_state;	/* what is announced (see events.h) */
+	bool		has_grants_until;
+	TimestampTz alert_grants_until; /* grant.expiring: announced up to */
+	int64		alert_grants_gid;	/* ... and up to this grant id */
+	bool		has_alert_next;
+	TimestampTz alert_next_at;	/* the next grant.expiring is due then */
+	bool		alerts_dirty;	/* the alert state changed since the last write */
+	bool		alerts_config_dirty;	/* billing_alerts_set changed them */
+	struct ApiKey *key;			/* the key this call charges (account_key_lock) */
 	/* this call's clock reading: created_at of what it writes */
 	TimestampTz now;
 	DateADT		today;
@@ -87,6 +106,9 @@ struct Account
 typedef struct ApiKey
 {
 	bool		present;		/* false: the call named no key */
+	bool		levels_supported;	/* api_keys.alert_levels exists (1.4) */
+	int32		alert_levels;	/* alert_percents of the budget announced */
+	bool		spend_changed;	/* period_spend changed in this call */
 	text	   *key_id;
 	char	   *key;
 	char	   *status;

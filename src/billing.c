@@ -15,6 +15,7 @@
 
 #include "billing.h"
 #include "citus.h"
+#include "events.h"
 #include "fmgr.h"
 #include "guc.h"
 #include "miscadmin.h"
@@ -49,6 +50,9 @@ int			billing_check_interval = 60;
 int			billing_purge_interval = 60;
 int			billing_sync_delay = 5;
 char	   *billing_lua_dir = NULL;
+int			billing_events_retention = 7 * 24 * 3600;
+int			billing_events_maxlen = 1000;
+int			billing_events_all_maxlen = 100000;
 bool		billing_allow_drop = false;
 int			billing_event_at_window = 7 * 24 * 3600;
 
@@ -176,6 +180,19 @@ define_settings(void)
 							   "Directory of the Lua scripts; empty: SHAREDIR/extension/billing.",
 							   NULL, &billing_lua_dir, "",
 							   PGC_SIGHUP, GUC_SUPERUSER_ONLY, NULL, NULL, NULL);
+	DefineCustomIntVariable("billing.events_retention",
+							"How long delivered events stay in the outbox (billing.events) before the worker prunes them (0: forever).",
+							"Events not yet delivered to Redis are kept, unless billing.redis_host is empty.",
+							&billing_events_retention, 7 * 24 * 3600, 0, INT_MAX,
+							PGC_SIGHUP, GUC_UNIT_S, NULL, NULL, NULL);
+	DefineCustomIntVariable("billing.events_maxlen",
+							"Approximate length a tenant's Redis stream of events is trimmed to (XADD MAXLEN ~).",
+							NULL, &billing_events_maxlen, 1000, 1, 100000000,
+							PGC_SIGHUP, 0, NULL, NULL, NULL);
+	DefineCustomIntVariable("billing.events_all_maxlen",
+							"Approximate length the Redis stream of every tenant's events is trimmed to (XADD MAXLEN ~).",
+							NULL, &billing_events_all_maxlen, 100000, 1, 1000000000,
+							PGC_SIGHUP, 0, NULL, NULL, NULL);
 	DefineCustomIntVariable("billing.event_at_window",
 							"How far back a charge may date its usage (event_at).",
 							"Usage is bucketed and priced by its event time; older times are refused with ZB019.",
@@ -238,6 +255,7 @@ _PG_init(void)
 	billing_guard_init();
 	billing_citus_init();
 	billing_sync_init();
+	events_init();
 	if (process_shared_preload_libraries_in_progress)
 		register_worker();
 }

@@ -706,6 +706,7 @@ billing_refund(PG_FUNCTION_ARGS)
 				key.period_spend = counter_less(key.period_spend, amount);
 				account_key_save(&acc, &key);
 			}
+			acc.key = NULL;		/* key goes out of scope here */
 		}
 	}
 

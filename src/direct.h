@@ -26,7 +26,7 @@
 #include "executor/tuptable.h"
 #include "storage/itemptr.h"
 
-#define DIRECT_MAX_COLS 32
+#define DIRECT_MAX_COLS 48
 
 /*
  * A table of schema billing and the columns C code reads or writes, in the
@@ -135,6 +135,9 @@ typedef enum AccountCol
 	AC_MINUTE_REQUESTS, AC_REJECTIONS, AC_LAST_ENTRY_AT,
 	/* 1.4, optional: */
 	AC_GRANTS_STATE, AC_GRANTS_NEXT_EXPIRY,
+	/* 1.4, optional: events and alerts (events.c) */
+	AC_EVENTS_SEQ, AC_ALERT_LOW, AC_ALERT_PERCENTS, AC_ALERT_GRANT_LEAD,
+	AC_ALERT_STATE, AC_ALERT_GRANTS_UNTIL, AC_ALERT_GRANTS_GID, AC_ALERT_NEXT_AT,
 	AC_NCOLS
 } AccountCol;
 

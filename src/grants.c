@@ -363,6 +363,21 @@ write_expiry(Account *acc, int64 grant_id, int64 amount, TimestampTz expired_at,
 	e.has_event_at = true;
 	e.event_at = expired_at;
 	e.grant_id = grant_id;
+	/* grant.expired (events.h), before the write that saves its sequence */
+	{
+		StringInfoData p;
+
+		ej_begin(&p);
+		ej_int(&p, "grant_id", grant_id);
+		ej_money(&p, "amount", amount);
+		ej_str(&p, "currency", acc->currency);
+		ej_ts(&p, "expired_at", expired_at);
+		ej_str(&p, "entry_trace_id", trace);
+		ej_str(&p, "reason", why);
+		ej_money(&p, "balance", acc->balance);
+		ej_end(&p);
+		events_emit(acc, "grant.expired", &p);
+	}
 	if (billing_post_entry(acc, &e) == 0)
 		elog(ERROR, "billing: expiry entry %s exists already", trace);
 }

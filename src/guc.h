@@ -41,6 +41,11 @@ extern int	billing_purge_interval;
 extern int	billing_sync_delay;
 extern char *billing_lua_dir;
 
+/* the events' delivery (outbox.c) */
+extern int	billing_events_retention;
+extern int	billing_events_maxlen;
+extern int	billing_events_all_maxlen;
+
 /* sessions */
 extern bool billing_allow_drop;
 extern int	billing_event_at_window;

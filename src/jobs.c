@@ -313,6 +313,54 @@ log_transition(JobRow *newjob, const char *from_state)
 	billing_spi_exec(plan_log, values, nulls, SPI_OK_INSERT, "logging the job transition");
 }
 
+/*
+ * job.completed and job.failed (events.h), in the outbox in this
+ * transaction (SPI connected).  A database still at 1.3 has no outbox.
+ */
+static void
+job_event(JobRow *job, const char *from_state, HeapTuple tuple, TupleDesc desc)
+{
+	StringInfoData p;
+	bool		isnull;
+	Datum		d;
+
+	if (!events_table_exists())
+		return;
+	ej_begin(&p);
+	ej_int(&p, "job_id", job->job_id);
+	ej_text(&p, "kind", job->kind);
+	ej_text(&p, "idempotency_key", job->idempotency_key);
+	ej_str(&p, "from_state", from_state);
+	ej_int(&p, "attempt", job->attempt);
+	d = get(tuple, desc, "estimated_micros", &isnull);
+	if (isnull)
+		ej_null(&p, "estimated_cost");
+	else
+		ej_money(&p, "estimated_cost", DatumGetInt64(d));
+	if (strcmp(job->state, "completed") == 0)
+	{
+		if (job->has_actual)
+			ej_money(&p, "actual_cost", job->actual_micros);
+		else
+			ej_null(&p, "actual_cost");
+		if (job->has_charge)
+			ej_int(&p, "charge_entry_id", job->charge_entry_id);
+		else
+			ej_null(&p, "charge_entry_id");
+	}
+	else
+	{
+		d = get(tuple, desc, "last_error", &isnull);
+		ej_str(&p, "error", isnull ? NULL : TextDatumGetCString(d));
+	}
+	ej_text(&p, "worker", job->worker);
+	ej_text(&p, "hold_trace_id", job->hold_trace_id);
+	ej_end(&p);
+	(void) events_write_sql(job->tenant_id,
+							strcmp(job->state, "completed") == 0 ? "job.completed" : "job.failed",
+							&p);
+}
+
 /* the note is consumed by the log: store NULL */
 static HeapTuple
 clear_note(HeapTuple tuple, TupleDesc desc, JobRow *job)
@@ -422,7 +470,12 @@ billing_job_guard(PG_FUNCTION_ARGS)
 		(void) billing_spi_connect();
 		check_state_invariants(&newjob, false);
 		if (strcmp(oldjob.state, newjob.state) != 0)
+		{
 			log_transition(&newjob, oldjob.state);
+			metrics_count_job(newjob.state);
+			if (strcmp(newjob.state, "completed") == 0 || strcmp(newjob.state, "failed") == 0)
+				job_event(&newjob, oldjob.state, result, desc);
+		}
 		SPI_finish();
 		return PointerGetDatum(clear_note(result, desc, &newjob));
 	}

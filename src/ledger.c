@@ -390,6 +390,7 @@ record_rejection(Account *acc, EntryWrite *req, LedgerOutcome *out)
 				 errmsg("could not serialize access due to a concurrent charge with trace id \"%s\"",
 						text_to_cstring(req->trace_id)),
 				 errhint("Retry the transaction; the retry returns the recorded outcome.")));
+	metrics_count_refusal(out->rejection.sqlerrcode);
 	out->committed = false;
 	out->id = billing_col_int64(0, 1, 0);
 	out->kind = MemoryContextStrdup(acc->cxt, req->kind);
@@ -511,6 +512,7 @@ billing_post_entry(Account *acc, EntryWrite *e)
 	values[EC_REFUND_OF] = Int64GetDatum(e->refund_of);
 	nulls[EC_REFUND_OF] = e->refund_of == 0;
 	account_write(acc, true, &billing_entries_table, values, nulls);
+	metrics_count_entry(e->kind, e->amount);
 	return entry_id;
 }
 

@@ -35,6 +35,7 @@
 #include "access/xact.h"
 #include "billing.h"
 #include "catalog/pg_type.h"
+#include "events.h"
 #include "common/hashfn.h"
 #include "fmgr.h"
 #include "funcapi.h"
@@ -662,6 +663,10 @@ cmp_int64(const void *a, const void *b)
 	return x < y ? -1 : x > y ? 1 : 0;
 }
 
+/* billing.sync_info: the mirror's columns (1.3), then the events' (1.4) */
+#define SYNC_MIRROR_COLS	17
+#define SYNC_STATUS_COLS	23
+
 /*
  * billing_sync_status() -> one row: is the mirror alive and how far behind.
  * lag = age of the oldest committed change not yet in Redis (0 when none).
@@ -671,8 +676,8 @@ Datum
 billing_sync_status(PG_FUNCTION_ARGS)
 {
 	TupleDesc	tupdesc;
-	Datum		values[17];
-	bool		nulls[17] = {0};
+	Datum		values[SYNC_STATUS_COLS];
+	bool		nulls[SYNC_STATUS_COLS] = {0};
 	TimestampTz now = GetCurrentTimestamp();
 	TimestampTz oldest = 0;
 	int64		dirty = 0;
@@ -683,12 +688,18 @@ billing_sync_status(PG_FUNCTION_ARGS)
 	if (get_call_result_type(fcinfo, NULL, &tupdesc) != TYPEFUNC_COMPOSITE)
 		elog(ERROR, "billing: return type must be a row type");
 	tupdesc = BlessTupleDesc(tupdesc);
+	if (tupdesc->natts > SYNC_STATUS_COLS)
+		elog(ERROR, "billing: billing.sync_info has more columns than this library knows");
+	/* 1.4: the events' columns after the mirror's (metrics.c) */
+	if (tupdesc->natts > SYNC_MIRROR_COLS)
+		metrics_sync_status(values + SYNC_MIRROR_COLS, nulls + SYNC_MIRROR_COLS,
+							tupdesc->natts - SYNC_MIRROR_COLS);
 
 	if (billing_sync == NULL)
 	{
 		/* not preloaded: no worker, no mirror */
 		values[0] = BoolGetDatum(false);
-		for (int i = 1; i < 17; i++)
+		for (int i = 1; i < SYNC_MIRROR_COLS; i++)
 			nulls[i] = true;
 		PG_RETURN_DATUM(HeapTupleGetDatum(heap_form_tuple(tupdesc, values, nulls)));
 	}

@@ -49,6 +49,7 @@
 #include "citus.h"
 #include "commands/dbcommands.h"
 #include "commands/extension.h"
+#include "events.h"
 #include "executor/spi.h"
 #include "fmgr.h"
 #include "guc.h"
@@ -952,6 +953,7 @@ between_pages(void)
 	MemoryContextReset(cycle_cxt);
 	push_dirty();				/* resets cycle_cxt too */
 	maintenance_if_due();
+	(void) outbox_cycle(mirror_connected());	/* the events go on too */
 }
 
 /*
@@ -1153,8 +1155,11 @@ check_slice(SyncSnap *snaps, int n, int64 *repaired)
 	}
 	if (ndrifted > 0)
 	{
+		/* mirror.repaired (outbox.c): what Redis held, then the repair */
+		outbox_note_drift(drifted, ndrifted);
 		if (!push(drifted, ndrifted, APPLY_FORCE))
 			return false;
+		outbox_drift_repaired();
 		*repaired += ndrifted;
 	}
 	if (nbehind > 0 && !push(behind, nbehind, APPLY_REFRESH))
@@ -1713,6 +1718,9 @@ billing_worker_main(Datum arg)
 
 				/* after the pushes: a slow maintenance never delays them */
 				maintenance_if_due();
+				/* the events (outbox.c): delivery, pruning, the alerts' sweep */
+				if (outbox_cycle(mirror_connected()))
+					busy = true;
 				if (!mirror_connected() && billing_redis_host[0] != '\0')
 				{
 					long		secs;

@@ -3820,6 +3820,216 @@ REVOKE ALL ON FUNCTION billing.citus_distribute(integer) FROM PUBLIC;
 -- end of issue 15 (Citus)
 
 -- ---------------------------------------------------------------------------
+-- issue 17: events out of the database (wip/events): the transactional
+-- outbox, alert thresholds on the account row, metrics; schema/75_events.sql
+-- ---------------------------------------------------------------------------
+
+-- the per-tenant event sequence and the alert thresholds live on the account
+-- row that every charge locks and writes anyway (schema/10_accounts.sql), a
+-- key's announced thresholds on its row (schema/50_keys.sql)
+ALTER TABLE billing.accounts ADD COLUMN events_seq bigint NOT NULL DEFAULT 0,
+                             ADD COLUMN alert_low_balance_micros bigint,
+                             ADD COLUMN alert_percents integer[],
+                             ADD COLUMN alert_grant_lead interval,
+                             ADD COLUMN alert_state integer NOT NULL DEFAULT 0,
+                             ADD COLUMN alert_grants_until timestamptz,
+                             ADD COLUMN alert_grants_gid bigint,
+                             ADD COLUMN alert_next_at timestamptz;
+CREATE INDEX accounts_alert_next_idx ON billing.accounts (alert_next_at)
+    WHERE alert_next_at IS NOT NULL;
+ALTER TABLE billing.api_keys ADD COLUMN alert_levels integer NOT NULL DEFAULT 0;
+-- its k.* takes the new column in, as in a fresh install
+CREATE OR REPLACE VIEW billing.api_key_budgets WITH (security_barrier) AS
+WITH k AS (
+    SELECT k.*,
+           CASE k.budget_period
+               WHEN 'day' THEN (now() AT TIME ZONE a.timezone)::date
+               WHEN 'month' THEN date_trunc('month', now() AT TIME ZONE a.timezone)::date
+           END AS current_start,
+           a.timezone
+      FROM billing.api_keys k
+      JOIN billing.accounts a ON a.tenant_id = k.tenant_id
+     WHERE ((SELECT billing.visible_tenants()) IS NULL OR k.tenant_id = ANY ((SELECT billing.visible_tenants())::text[]))
+), s AS (
+    -- the key's open holds joined, grouped by key, not a correlated
+    -- subquery: on Citus that is one query on one shard of each table, also
+    -- inside a call Citus delegated in a transaction block
+    SELECT k.*,
+           CASE WHEN k.budget_period IS NULL OR k.budget_period = 'lifetime' OR k.period_start = k.current_start
+                THEN k.period_spend_micros ELSE 0 END AS spent_micros,
+           coalesce(h.open_micros, 0)::bigint AS on_hold_micros
+      FROM k
+      LEFT JOIN (SELECT h.tenant_id, h.api_key,
+                        sum(h.amount_micros - h.captured_micros - h.released_micros) AS open_micros
+                   FROM billing.holds h
+                  WHERE h.status = 'open' AND h.expires_at > now() AND h.api_key IS NOT NULL
+                  GROUP BY h.tenant_id, h.api_key) h
+        ON h.tenant_id = k.tenant_id AND h.api_key = k.key_id
+)
+SELECT s.tenant_id,
+       s.key_id,
+       s.status,
+       billing.to_amount(s.budget_micros) AS budget,
+       s.budget_period,
+       billing.to_amount(s.spent_micros) AS spent,
+       billing.to_amount(s.on_hold_micros) AS on_hold,
+       billing.to_amount(s.budget_micros - s.spent_micros - s.on_hold_micros) AS remaining,
+       CASE s.budget_period
+           WHEN 'day' THEN ((s.current_start + 1)::timestamp AT TIME ZONE s.timezone)
+           WHEN 'month' THEN ((s.current_start + interval '1 month')::timestamp AT TIME ZONE s.timezone)
+       END AS resets_at,
+       s.last_used_at,
+       s.metadata
+  FROM s;
+-- billing_alerts_set() records its changes as action 'alerts'
+ALTER TABLE billing.account_events DROP CONSTRAINT account_events_action_check,
+    ADD CONSTRAINT account_events_action_check CHECK (action IN ('create', 'update', 'limits', 'alerts'));
+
+CREATE SEQUENCE billing.event_id_seq;
+CREATE TABLE billing.events (
+    tenant_id    text        NOT NULL,
+    seq          bigint      NOT NULL,   -- per tenant: 1, 2, 3, ... in commit order
+    event_id     bigint      NOT NULL DEFAULT nextval('billing.event_id_seq'),
+    type         text        NOT NULL,
+    payload      jsonb       NOT NULL,
+    created_at   timestamptz NOT NULL DEFAULT now(),
+    delivered_at timestamptz,            -- NULL until the worker delivered it to Redis
+    CONSTRAINT events_pkey PRIMARY KEY (tenant_id, seq)
+);
+ALTER SEQUENCE billing.event_id_seq OWNED BY billing.events.event_id;
+-- the worker's queue: undelivered events in event_id order (a tenant's
+-- event ids grow with its seq: both are taken under its account lock)
+CREATE INDEX events_undelivered_idx ON billing.events (event_id) WHERE delivered_at IS NULL;
+-- the pruning after billing.events_retention
+CREATE INDEX events_created_idx ON billing.events (created_at);
+COMMENT ON TABLE billing.events IS 'the outbox: events written in the transaction of their change, numbered per tenant, delivered to Redis Streams by the worker';
+SELECT pg_catalog.pg_extension_config_dump('billing.events', '');
+SELECT pg_catalog.pg_extension_config_dump('billing.event_id_seq', '');
+
+CREATE VIEW billing.event_log WITH (security_barrier) AS
+SELECT e.tenant_id, e.seq, e.event_id, e.type, e.payload, e.created_at, e.delivered_at
+  FROM billing.events e
+ WHERE ((SELECT billing.visible_tenants()) IS NULL OR e.tenant_id = ANY ((SELECT billing.visible_tenants())::text[]));
+COMMENT ON VIEW billing.event_log IS 'the events still in the outbox (undelivered, or delivered within billing.events_retention)';
+
+CREATE VIEW billing.alerts WITH (security_barrier) AS
+WITH a AS (
+    SELECT a.*,
+           (now() AT TIME ZONE a.timezone)::date AS today,
+           date_trunc('month', now() AT TIME ZONE a.timezone)::date AS this_month
+      FROM billing.accounts a
+     WHERE ((SELECT billing.visible_tenants()) IS NULL OR a.tenant_id = ANY ((SELECT billing.visible_tenants())::text[]))
+)
+SELECT a.tenant_id,
+       billing.to_amount(a.alert_low_balance_micros) AS low_balance,
+       a.alert_percents AS quota_percents,
+       a.alert_grant_lead AS grant_expiring,
+       (a.alert_state & 1) = 1 AS low_balance_announced,
+       CASE WHEN a.usage_day = a.today THEN a.alert_percents[(a.alert_state >> 4) & 15] END AS daily_requests_announced,
+       CASE WHEN a.usage_month = a.this_month THEN a.alert_percents[(a.alert_state >> 8) & 15] END AS monthly_requests_announced,
+       CASE WHEN a.usage_day = a.today THEN a.alert_percents[(a.alert_state >> 12) & 15] END AS daily_spend_announced,
+       CASE WHEN a.usage_month = a.this_month THEN a.alert_percents[(a.alert_state >> 16) & 15] END AS monthly_spend_announced,
+       a.alert_grants_until AS grants_announced_until,
+       a.alert_next_at AS next_grant_alert_at,
+       a.events_seq AS last_event_seq
+  FROM a;
+COMMENT ON VIEW billing.alerts IS 'per account: the alert thresholds (billing_alerts_set) and what of them has been announced';
+
+CREATE FUNCTION billing_alerts_set(tenant_id text,
+                                   low_balance numeric DEFAULT NULL,
+                                   quota_percents integer[] DEFAULT NULL,
+                                   grant_expiring interval DEFAULT NULL,
+                                   reason text DEFAULT NULL)
+    RETURNS SETOF billing.alerts
+    AS 'MODULE_PATHNAME', 'billing_alerts_set'
+    LANGUAGE C VOLATILE SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp;
+COMMENT ON FUNCTION billing_alerts_set(text, numeric, integer[], interval, text) IS
+    'set the alert thresholds of an account (NULL = off): low balance, percentages of its quotas, caps and key budgets, grant expiry lead; recorded in billing.account_events';
+REVOKE ALL ON FUNCTION billing_alerts_set(text, numeric, integer[], interval, text) FROM PUBLIC;
+
+-- an event of a tenant, in this transaction (billing_account_update, the
+-- worker's mirror.repaired): takes the account lock and the next seq
+CREATE FUNCTION billing.event_write(tenant_id text, type text, payload jsonb) RETURNS bigint
+    AS 'MODULE_PATHNAME', 'billing_event_write'
+    LANGUAGE C VOLATILE SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp;
+COMMENT ON FUNCTION billing.event_write(text, text, jsonb) IS 'write an event of a tenant into the outbox, in this transaction; returns its sequence number (internal)';
+REVOKE ALL ON FUNCTION billing.event_write(text, text, jsonb) FROM PUBLIC;
+
+CREATE FUNCTION billing.alerts_check(tenant_id text) RETURNS boolean
+    AS 'MODULE_PATHNAME', 'billing_alerts_check'
+    LANGUAGE C VOLATILE;
+COMMENT ON FUNCTION billing.alerts_check(text) IS 'what falls due by itself on one account (expiries, grant.expiring); true when an event was written (internal)';
+REVOKE ALL ON FUNCTION billing.alerts_check(text) FROM PUBLIC;
+
+-- SECURITY DEFINER: the worker's role needs EXECUTE on it only
+CREATE FUNCTION billing.alerts_due(max_accounts integer DEFAULT 1000) RETURNS integer
+    LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    t text;
+    n integer := 0;
+BEGIN
+    FOR t IN SELECT a.tenant_id FROM billing.accounts a
+              WHERE a.alert_next_at OPERATOR(pg_catalog.<=) pg_catalog.now()
+              ORDER BY a.alert_next_at
+              LIMIT max_accounts
+              FOR UPDATE SKIP LOCKED
+    LOOP
+        -- one account that cannot be checked must not stop the others
+        BEGIN
+            IF billing.alerts_check(t) THEN
+                n := n OPERATOR(pg_catalog.+) 1;
+            END IF;
+        EXCEPTION WHEN OTHERS THEN
+            RAISE WARNING 'billing: the alerts'' sweep skipped account "%": %', t, SQLERRM;
+        END;
+    END LOOP;
+    RETURN n;
+END;
+$$;
+COMMENT ON FUNCTION billing.alerts_due(integer) IS 'announce the grant.expiring events due on accounts nobody else has locked (the worker runs it)';
+REVOKE ALL ON FUNCTION billing.alerts_due(integer) FROM PUBLIC;
+
+CREATE FUNCTION billing.metric_samples()
+    RETURNS TABLE (name text, labels jsonb, value double precision, type text, help text)
+    AS 'MODULE_PATHNAME', 'billing_metric_samples'
+    LANGUAGE C VOLATILE SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp;
+COMMENT ON FUNCTION billing.metric_samples() IS 'the samples of billing_metrics() as rows (the view billing.metrics)';
+REVOKE ALL ON FUNCTION billing.metric_samples() FROM PUBLIC;
+
+CREATE VIEW billing.metrics AS SELECT * FROM billing.metric_samples();
+COMMENT ON VIEW billing.metrics IS 'the samples of billing_metrics() as rows, for postgres_exporter and dashboards';
+
+CREATE FUNCTION billing_metrics() RETURNS text
+    AS 'MODULE_PATHNAME', 'billing_metrics'
+    LANGUAGE C VOLATILE SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp;
+COMMENT ON FUNCTION billing_metrics() IS 'charges, refusals, entries, holds, jobs, the Redis mirror and the outbox in the Prometheus text exposition format';
+REVOKE ALL ON FUNCTION billing_metrics() FROM PUBLIC;
+
+-- billing_sync_status(): the outbox's backlog and delivery lag after the
+-- mirror's columns; SECURITY DEFINER, as it reads the outbox for every caller
+ALTER TYPE billing.sync_info ADD ATTRIBUTE events_backlog bigint,
+                             ADD ATTRIBUTE events_lag interval,
+                             ADD ATTRIBUTE events_delivered bigint,
+                             ADD ATTRIBUTE events_last_delivered_at timestamptz,
+                             ADD ATTRIBUTE events_recent_lag_p50_ms double precision,
+                             ADD ATTRIBUTE events_recent_lag_p99_ms double precision;
+CREATE OR REPLACE VIEW billing.sync_status AS SELECT * FROM billing_sync_status();
+ALTER FUNCTION billing_sync_status() SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
+
+-- account.status_changed (billing_account_update), a changed quota or cap
+-- (billing_limits_set) or key budget (billing_api_key_update) announced
+-- afresh: the mirror's section below defines these three last, as in
+-- schema/, with the events' changes
+
+-- end of issue 17 (events)
+
+-- ---------------------------------------------------------------------------
 -- the roles (issue 12), after every other section: billing.role_functions()
 -- names the functions the sections create
 -- ---------------------------------------------------------------------------
@@ -3875,14 +4085,19 @@ AS $$
         '@extschema@.billing_balance_at(text, timestamptz)',
         '@extschema@.billing_verify(text)',
         '@extschema@.billing_sync_status()',
+        '@extschema@.billing_alerts_set(text, numeric, integer[], interval, text)',
+        '@extschema@.billing_metrics()',
         'billing.effective_holds(billing.accounts)',
-        'billing.expired_micros(billing.accounts, timestamptz)'
+        'billing.expired_micros(billing.accounts, timestamptz)',
+        'billing.metric_samples()'
     ]::regprocedure[]
     WHEN 'reporting' THEN ARRAY[
         -- the functions the views call (a view runs them with the reader's rights)
         'billing.effective_holds(billing.accounts)',
         'billing.expired_micros(billing.accounts, timestamptz)',
-        '@extschema@.billing_sync_status()'
+        '@extschema@.billing_sync_status()',
+        'billing.metric_samples()',
+        '@extschema@.billing_metrics()'
     ]::regprocedure[]
     END
 $$;
@@ -4127,6 +4342,7 @@ DECLARE
     owner oid := (SELECT e.extowner FROM pg_catalog.pg_extension e WHERE e.extname = 'billing');
     r record;
     v regclass;
+    fn regprocedure;
     init aclitem[];
 BEGIN
     FOR r IN
@@ -4168,6 +4384,19 @@ BEGIN
                      WHERE ip.classoid = 'pg_catalog.pg_class'::pg_catalog.regclass
                        AND ip.objoid = v AND ip.objsubid = 0;
                 END IF;
+            END LOOP;
+            -- issue 17: the view billing.metrics calls billing.metric_samples()
+            -- with the reader's rights; billing_metrics() is the same as text
+            FOR fn IN SELECT f FROM pg_catalog.unnest(ARRAY['billing.metric_samples()',
+                                   '@extschema@.billing_metrics()']::regprocedure[]) f
+            LOOP
+                init := (SELECT ip.initprivs FROM pg_catalog.pg_init_privs ip
+                          WHERE ip.classoid = 'pg_catalog.pg_proc'::pg_catalog.regclass
+                            AND ip.objoid = fn AND ip.objsubid = 0);
+                EXECUTE pg_catalog.format('GRANT EXECUTE ON FUNCTION %s TO %I', fn, r.rolname);
+                UPDATE pg_catalog.pg_init_privs ip SET initprivs = init
+                 WHERE ip.classoid = 'pg_catalog.pg_proc'::pg_catalog.regclass
+                   AND ip.objoid = fn AND ip.objsubid = 0;
             END LOOP;
         END IF;
     END LOOP;
@@ -4242,9 +4471,12 @@ BEGIN
     EXECUTE pg_catalog.format('GRANT USAGE ON SCHEMA billing TO %s', role);
     EXECUTE pg_catalog.format('GRANT SELECT ON billing.accounts, billing.api_keys, billing.holds TO %s', role);
     EXECUTE pg_catalog.format('GRANT EXECUTE ON FUNCTION billing.sync_snapshot(text[], text, integer), billing.sync_snapshot_of(text[]), billing.maintenance(), billing.local_shards(regclass) TO %s', role);
+    -- the events (schema/75_events.sql): deliver, mark, prune; the sweep; mirror.repaired
+    EXECUTE pg_catalog.format('GRANT SELECT, UPDATE, DELETE ON billing.events TO %s', role);
+    EXECUTE pg_catalog.format('GRANT EXECUTE ON FUNCTION billing.alerts_due(integer), billing.event_write(text, text, jsonb) TO %s', role);
 END;
 $$;
-COMMENT ON FUNCTION billing_grant_worker(regrole) IS 'grant the background worker''s role (billing.worker_role) what it needs: read the snapshot tables, build snapshots, run the maintenance';
+COMMENT ON FUNCTION billing_grant_worker(regrole) IS 'grant the background worker''s role (billing.worker_role) what it needs: read the snapshot tables, build snapshots, run the maintenance, deliver and prune the events';
 REVOKE ALL ON FUNCTION billing_grant_worker(regrole) FROM PUBLIC;
 -- (end of the worker's section)
 
@@ -4414,6 +4646,12 @@ BEGIN
         -- the key hashes changed with the time zone only (found by their version)
         PERFORM billing.sync_mark_keys(p_tenant, acc.version,
                                        CASE WHEN changes ? 'timezone' THEN NULL ELSE '{}'::text[] END);
+        -- the outbox (schema/75_events.sql), in this transaction
+        IF changes ? 'status' THEN
+            PERFORM billing.event_write(p_tenant, 'account.status_changed',
+                jsonb_build_object('from', changes->'status'->'old', 'to', changes->'status'->'new',
+                                   'reason', billing_account_update.reason, 'changed_by', billing.actor()));
+        END IF;
     END IF;
 
     RETURN QUERY SELECT * FROM billing.balances b WHERE b.tenant_id = p_tenant;
@@ -4465,6 +4703,12 @@ BEGIN
            daily_spend_cap_micros = acc.daily_spend_cap_micros,
            monthly_spend_cap_micros = acc.monthly_spend_cap_micros,
            max_charge_micros = acc.max_charge_micros,
+           -- a changed quota or cap: its alert thresholds are announced afresh
+           alert_state = a.alert_state
+               & ~(CASE WHEN a.daily_request_quota IS DISTINCT FROM acc.daily_request_quota THEN 15 << 4 ELSE 0 END)
+               & ~(CASE WHEN a.monthly_request_quota IS DISTINCT FROM acc.monthly_request_quota THEN 15 << 8 ELSE 0 END)
+               & ~(CASE WHEN a.daily_spend_cap_micros IS DISTINCT FROM acc.daily_spend_cap_micros THEN 15 << 12 ELSE 0 END)
+               & ~(CASE WHEN a.monthly_spend_cap_micros IS DISTINCT FROM acc.monthly_spend_cap_micros THEN 15 << 16 ELSE 0 END),
            version = a.version + 1,
            updated_at = now()
      WHERE a.tenant_id = acc.tenant_id;
@@ -4580,6 +4824,10 @@ BEGIN
            budget_period = k.budget_period,
            period_start = k.period_start,
            period_spend_micros = k.period_spend_micros,
+           -- a new budget: its alert thresholds are announced afresh
+           alert_levels = CASE WHEN t.budget_micros IS DISTINCT FROM k.budget_micros
+                                 OR t.budget_period IS DISTINCT FROM k.budget_period
+                               THEN 0 ELSE t.alert_levels END,
            updated_at = now(),
            version = acc.version + 1
      WHERE t.tenant_id = acc.tenant_id AND t.key_id = k.key_id;

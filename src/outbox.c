@@ -1,0 +1,1037 @@
+/*-------------------------------------------------------------------------
+ *
+ * outbox.c
+ *	  The background worker's side of the events (see events.h): deliver
+ *	  committed events to Redis Streams, prune delivered ones after
+ *	  billing.events_retention, sweep the accounts whose grant.expiring is
+ *	  due, and write mirror.repaired for the drift the consistency check
+ *	  repairs.  Called from the worker's loop (worker.c), with no
+ *	  transaction open.
+ *
+ * Delivery, at least once and in per-tenant order:
+ *	- read a batch of undelivered events in event_id order in a short
+ *	  transaction (a tenant's event ids grow with its sequence numbers:
+ *	  both are taken under its account lock), and commit it;
+ *	- one pipeline: for each event XADD to the tenant's stream
+ *	  <prefix>:{tenant}:events with the explicit id <seq>-0 (so a repeat is
+ *	  refused by Redis as "equal or smaller than the top item": the tenant's
+ *	  stream holds each event once, in order) and to the stream of every
+ *	  tenant, <prefix>:events (its own ids; a repeat there is a duplicate
+ *	  that consumers drop by event_id);
+ *	- mark the events Redis accepted delivered (a short transaction).  A
+ *	  crash between the XADD and the mark sends them again.
+ * A tenant whose stream key has another type (WRONGTYPE) is set aside for
+ * RETRY_MS, its later events with it (their order); the others go on.
+ * Redis restarted empty or flushed: the all-tenants stream is gone, which
+ * the worker checks before every batch; it then sends every event still in
+ * the outbox (delivered or not) again, in order, so the new streams hold
+ * the retention window.  No transaction is open during Redis I/O.
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include "access/xact.h"
+#include "catalog/namespace.h"
+#include "catalog/pg_namespace.h"
+#include "catalog/pg_proc.h"
+#include "catalog/pg_type.h"
+#include "events.h"
+#include "executor/spi.h"
+#include "guc.h"
+#include "miscadmin.h"
+#include "mirror.h"
+#include "nodes/makefuncs.h"
+#include "parser/parse_func.h"
+#include "pgstat.h"
+#include "redis.h"
+#include "resp.h"
+#include "sync.h"
+#include "utils/acl.h"
+#include "utils/array.h"
+#include "utils/builtins.h"
+#include "utils/guc.h"
+#include "utils/lsyscache.h"
+#include "utils/memutils.h"
+#include "utils/snapmgr.h"
+#include "utils/timestamp.h"
+
+#define RETRY_MS			5000	/* a tenant set aside, an outbox not usable */
+#define POLL_MS				1000	/* look for events even without a wake-up */
+#define PRUNE_MS			10000	/* prune delivered events this often */
+#define PRUNE_BATCH			10000
+#define PRUNE_BATCHES		10		/* per round, at most */
+#define BATCHES_PER_CYCLE	20		/* then the mirror's turn (busy) */
+#define MAX_DRIFT_FIELDS	32		/* mirror.repaired lists at most these */
+#define LOCK_TIMEOUT		"200ms"
+
+static MemoryContext outbox_cxt = NULL;
+
+/* is the outbox there and may we use it? (checked now and then) */
+static bool usable = false;
+static TimestampTz usable_checked_at = 0;
+static char unusable_logged[EVENTS_ERROR_LEN] = "";
+
+static uint64 seen_committed = 0;
+static bool polled_once = false;
+static TimestampTz last_poll = 0;
+static TimestampTz last_prune = 0;
+static TimestampTz last_sweep = 0;
+static TimestampTz failed_until = 0;	/* a failed delivery: wait */
+static bool failure_logged = false;
+
+/* Redis lost the streams: everything in the outbox again, after this id */
+static bool redeliver = false;
+static int64 redeliver_after = 0;
+
+/* tenants set aside (their stream key has another type) */
+static List *aside = NIL;
+static TimestampTz aside_until = 0;
+
+/* mirror.repaired events to write (TopMemoryContext) */
+typedef struct Repair
+{
+	char	   *tenant;
+	char	   *payload;
+	int			attempts;
+} Repair;
+static List *repairs = NIL;
+static List *noted = NIL;		/* measured, the repair not pushed yet */
+
+/* one event of a batch */
+typedef struct OutEvent
+{
+	int64		event_id;
+	char	   *tenant;
+	int64		seq;
+	char	   *type;
+	char	   *payload;
+	char	   *created;		/* ISO 8601 */
+	TimestampTz created_at;
+	bool		delivered;		/* already marked (a redelivery) */
+	bool		accepted;		/* Redis took it (or had it) */
+} OutEvent;
+
+/* ---------------------------------------------------------------------
+ * transactions
+ * ---------------------------------------------------------------------
+ */
+static void
+begin_xact(const char *what)
+{
+	SetCurrentStatementStartTimestamp();
+	StartTransactionCommand();
+	SPI_connect();
+	PushActiveSnapshot(GetTransactionSnapshot());
+	pgstat_report_activity(STATE_RUNNING, what);
+}
+
+static void
+end_xact(void)
+{
+	SPI_finish();
+	PopActiveSnapshot();
+	CommitTransactionCommand();
+	MemoryContextSwitchTo(outbox_cxt);
+	pgstat_report_stat(false);
+	pgstat_report_activity(STATE_IDLE, NULL);
+}
+
+static void
+lock_timeout(void)
+{
+	(void) set_config_option("lock_timeout", LOCK_TIMEOUT, PGC_SUSET, PGC_S_SESSION,
+							 GUC_ACTION_LOCAL, true, 0, false);
+}
+
+static void
+note_error(const char *fmt,...) pg_attribute_printf(1, 2);
+
+/* a failure, for billing_sync_status() and billing_metrics() */
+static void
+note_error(const char *fmt,...)
+{
+	va_list		ap;
+	char		buf[EVENTS_ERROR_LEN];
+
+	va_start(ap, fmt);
+	vsnprintf(buf, sizeof(buf), fmt, ap);
+	va_end(ap);
+	if (billing_events == NULL)
+		return;
+	LWLockAcquire(billing_events->lock, LW_EXCLUSIVE);
+	strlcpy(billing_events->last_error, buf, sizeof(billing_events->last_error));
+	billing_events->failed++;
+	LWLockRelease(billing_events->lock);
+}
+
+#if PG_VERSION_NUM >= 160000
+#define proc_aclcheck(oid, role, mode) object_aclcheck(ProcedureRelationId, oid, role, mode)
+#else
+#define proc_aclcheck(oid, role, mode) pg_proc_aclcheck(oid, role, mode)
+#endif
+
+/*
+ * Is the outbox there (a database still at 1.3 has none) and does the
+ * worker's role have what it needs (billing_grant_worker)?  NULL if so,
+ * else why not.  In a transaction; the catalog, no SQL.
+ */
+static char *
+outbox_problem(void)
+{
+	static const struct
+	{
+		const char *name;
+		int			nargs;
+		Oid			args[3];
+	}			functions[] =
+	{
+		{"alerts_due", 1, {INT4OID}},
+		{"event_write", 3, {TEXTOID, TEXTOID, JSONBOID}},
+	};
+	Oid			nsp = get_namespace_oid("billing", true);
+	Oid			rel;
+
+	if (!OidIsValid(nsp) || !OidIsValid(rel = get_relname_relid("events", nsp)))
+		return "";				/* 1.3: nothing to do, nothing to say */
+	if (superuser())
+		return NULL;
+	if (pg_class_aclcheck(rel, GetUserId(), ACL_SELECT | ACL_UPDATE | ACL_DELETE) != ACLCHECK_OK)
+		return "SELECT, UPDATE and DELETE on billing.events";
+	for (int i = 0; i < lengthof(functions); i++)
+	{
+		Oid			fn = LookupFuncName(list_make2(makeString("billing"),
+												   makeString(unconstify(char *, functions[i].name))),
+										functions[i].nargs, functions[i].args, true);
+
+		if (!OidIsValid(fn) || proc_aclcheck(fn, GetUserId(), ACL_EXECUTE) != ACLCHECK_OK)
+			return psprintf("EXECUTE on billing.%s()", functions[i].name);
+	}
+	return NULL;
+}
+
+static bool
+check_usable(TimestampTz now)
+{
+	char	   *problem;
+
+	if (usable || !TimestampDifferenceExceeds(usable_checked_at, now, RETRY_MS))
+		return usable;
+	usable_checked_at = now;
+	begin_xact("billing events: checking the outbox");
+	problem = outbox_problem();
+	if (problem != NULL)
+		problem = MemoryContextStrdup(outbox_cxt, problem);
+	end_xact();
+	usable = problem == NULL;
+	if (problem != NULL && problem[0] != '\0' && strcmp(problem, unusable_logged) != 0)
+	{
+		ereport(LOG,
+				(errmsg("billing events: the worker's role lacks %s; events are not delivered", problem),
+				 errhint("SELECT billing_grant_worker('%s') gives it what it needs.",
+						 GetUserNameFromId(GetUserId(), false))));
+		note_error("the worker's role lacks %s", problem);
+		strlcpy(unusable_logged, problem, sizeof(unusable_logged));
+	}
+	if (usable)
+		unusable_logged[0] = '\0';
+	return usable;
+}
+
+/* ---------------------------------------------------------------------
+ * delivery
+ * ---------------------------------------------------------------------
+ */
+static char *
+stream_all_key(void)
+{
+	return psprintf("%s:events", billing_redis_prefix);
+}
+
+/* does the all-tenants stream exist?  -1: Redis failed */
+static int
+stream_exists(void)
+{
+	char	   *key = stream_all_key();
+	const char *argv[] = {"EXISTS", key};
+	redisReply *r = redis_command("EXISTS of the events stream", 2, argv, NULL);
+	int			exists;
+
+	if (r == NULL)
+		return -1;
+	if (r->type != REDIS_REPLY_INTEGER)
+	{
+		(void) redis_unexpected(r, "EXISTS of the events stream");
+		return -1;
+	}
+	exists = r->integer != 0;
+	redis_free(r);
+	return exists;
+}
+
+static bool
+is_aside(const char *tenant)
+{
+	ListCell   *lc;
+
+	foreach(lc, aside)
+		if (strcmp(lfirst(lc), tenant) == 0)
+			return true;
+	return false;
+}
+
+static void
+set_aside(const char *tenant, const char *why)
+{
+	MemoryContext old;
+
+	if (is_aside(tenant))
+		return;
+	ereport(LOG,
+			(errmsg("billing events: could not deliver the events of tenant \"%s\": %s", tenant, why),
+			 errdetail("The other tenants' events are delivered; this tenant's are tried again every %d s, in order.",
+					   RETRY_MS / 1000),
+			 errhint("Its stream key must be a Redis stream (or not exist).")));
+	note_error("delivery failed for tenant %s: %s", tenant, why);
+	old = MemoryContextSwitchTo(TopMemoryContext);
+	aside = lappend(aside, pstrdup(tenant));
+	MemoryContextSwitchTo(old);
+	if (aside_until == 0)
+		aside_until = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), RETRY_MS);
+}
+
+/* the next batch: undelivered events, or (redelivering) every one */
+static int
+fetch(int limit, OutEvent **out)
+{
+	Oid			types[3] = {INT8OID, INT4OID, TEXTARRAYOID};
+	Datum		values[3];
+	OutEvent   *ev;
+	int			n;
+	Datum	   *skip;
+	int			nskip = 0;
+	ListCell   *lc;
+
+	skip = palloc(sizeof(Datum) * Max(list_length(aside), 1));
+	foreach(lc, aside)
+		skip[nskip++] = CStringGetTextDatum(lfirst(lc));
+	begin_xact("billing events: reading the outbox");
+	values[0] = Int64GetDatum(redeliver ? redeliver_after : 0);
+	values[1] = Int32GetDatum(limit);
+	values[2] = PointerGetDatum(construct_array(skip, nskip, TEXTOID, -1, false, TYPALIGN_INT));
+	if (SPI_execute_with_args(redeliver ?
+							  "SELECT e.event_id, e.tenant_id, e.seq, e.type, e.payload::pg_catalog.text, "
+							  "  e.created_at, e.delivered_at IS NOT NULL "
+							  "FROM billing.events e "
+							  "WHERE e.event_id OPERATOR(pg_catalog.>) $1 "
+							  "  AND NOT e.tenant_id OPERATOR(pg_catalog.=) ANY ($3) "
+							  "ORDER BY e.event_id LIMIT $2" :
+							  "SELECT e.event_id, e.tenant_id, e.seq, e.type, e.payload::pg_catalog.text, "
+							  "  e.created_at, false "
+							  "FROM billing.events e "
+							  "WHERE e.delivered_at IS NULL AND e.event_id OPERATOR(pg_catalog.>) $1 "
+							  "  AND NOT e.tenant_id OPERATOR(pg_catalog.=) ANY ($3) "
+							  "ORDER BY e.event_id LIMIT $2",
+							  3, types, values, NULL, true, 0) != SPI_OK_SELECT)
+		elog(ERROR, "billing events: reading the outbox failed");
+	n = SPI_processed;
+	ev = MemoryContextAllocZero(outbox_cxt, sizeof(OutEvent) * Max(n, 1));
+	for (int i = 0; i < n; i++)
+	{
+		HeapTuple	tup = SPI_tuptable->vals[i];
+		TupleDesc	desc = SPI_tuptable->tupdesc;
+		bool		isnull;
+		MemoryContext old = MemoryContextSwitchTo(outbox_cxt);
+
+		ev[i].event_id = DatumGetInt64(SPI_getbinval(tup, desc, 1, &isnull));
+		ev[i].tenant = TextDatumGetCString(SPI_getbinval(tup, desc, 2, &isnull));
+		ev[i].seq = DatumGetInt64(SPI_getbinval(tup, desc, 3, &isnull));
+		ev[i].type = TextDatumGetCString(SPI_getbinval(tup, desc, 4, &isnull));
+		ev[i].payload = TextDatumGetCString(SPI_getbinval(tup, desc, 5, &isnull));
+		ev[i].created_at = DatumGetTimestampTz(SPI_getbinval(tup, desc, 6, &isnull));
+		ev[i].created = events_iso_time(ev[i].created_at);
+		ev[i].delivered = DatumGetBool(SPI_getbinval(tup, desc, 7, &isnull));
+		MemoryContextSwitchTo(old);
+	}
+	end_xact();
+	*out = ev;
+	return n;
+}
+
+/* XADD key MAXLEN ~ max id event_id .. tenant_id .. seq .. type .. created_at .. payload .. */
+static void
+append_xadd(StringInfo buf, const char *key, int maxlen, const char *id, OutEvent *e)
+{
+	char		num[32];
+
+	resp_head(buf, '*', 18);
+	resp_str(buf, "XADD");
+	resp_str(buf, key);
+	resp_str(buf, "MAXLEN");
+	resp_str(buf, "~");
+	snprintf(num, sizeof(num), "%d", maxlen);
+	resp_str(buf, num);
+	resp_str(buf, id);
+	resp_str(buf, "event_id");
+	snprintf(num, sizeof(num), INT64_FORMAT, e->event_id);
+	resp_str(buf, num);
+	resp_str(buf, "tenant_id");
+	resp_str(buf, e->tenant);
+	resp_str(buf, "seq");
+	snprintf(num, sizeof(num), INT64_FORMAT, e->seq);
+	resp_str(buf, num);
+	resp_str(buf, "type");
+	resp_str(buf, e->type);
+	resp_str(buf, "created_at");
+	resp_str(buf, e->created ? e->created : "");
+	resp_str(buf, "payload");
+	resp_str(buf, e->payload);
+}
+
+/* a repeat: Redis refuses an id not above the stream's top item */
+static bool
+is_repeat(const redisReply *r)
+{
+	return r->type == REDIS_REPLY_ERROR && r->str != NULL &&
+		strstr(r->str, "equal or smaller") != NULL;
+}
+
+static bool
+is_wrongtype(const redisReply *r)
+{
+	return r->type == REDIS_REPLY_ERROR && r->str != NULL && r->len >= 9 &&
+		strncmp(r->str, "WRONGTYPE", 9) == 0;
+}
+
+/*
+ * Send a batch; sets `accepted` on the events Redis took.  False: Redis
+ * failed (the connection is closed), or the all-tenants stream cannot be
+ * written (its key has another type): nothing is marked.
+ */
+static bool
+send_batch(OutEvent *ev, int n)
+{
+	StringInfoData buf;
+	char	   *all_key = stream_all_key();
+	char	   *blocked = NULL;	/* a tenant that failed in this batch */
+	bool		all_failed = false;
+	char		why[128] = "";
+
+	initStringInfo(&buf);
+	redis_begin("XADD");
+	for (int i = 0; i < n; i++)
+	{
+		char	   *key = psprintf("%s:{%s}:events", billing_redis_prefix, ev[i].tenant);
+		char		id[32];
+
+		snprintf(id, sizeof(id), INT64_FORMAT "-0", ev[i].seq);
+		append_xadd(&buf, key, billing_events_maxlen, id, &ev[i]);
+		append_xadd(&buf, all_key, billing_events_all_maxlen, "*", &ev[i]);
+		pfree(key);
+		if (buf.len >= 1024 * 1024 && !redis_send(&buf, 0))
+			return false;
+	}
+	if (!redis_send(&buf, 2 * n))
+		return false;
+	pfree(buf.data);
+
+	for (int i = 0; i < n; i++)
+	{
+		redisReply *mine = redis_receive();
+		redisReply *all;
+		bool		ok;
+
+		if (mine == NULL)
+			return false;
+		if (mine->type != REDIS_REPLY_STRING && !is_repeat(mine) && !is_wrongtype(mine))
+		{
+			if (mine->type == REDIS_REPLY_ERROR)
+			{
+				redis_reply_text(mine, why, sizeof(why));
+				redis_close("XADD: %s", why);
+				redis_free(mine);
+				return false;
+			}
+			return redis_unexpected(mine, "XADD");
+		}
+		ok = !is_wrongtype(mine);
+		if (!ok)
+		{
+			redis_reply_text(mine, why, sizeof(why));
+			if (blocked == NULL || strcmp(blocked, ev[i].tenant) != 0)
+				set_aside(ev[i].tenant, why);
+			blocked = ev[i].tenant;
+		}
+		redis_free(mine);
+
+		all = redis_receive();
+		if (all == NULL)
+			return false;
+		if (all->type != REDIS_REPLY_STRING)
+		{
+			if (!is_wrongtype(all))
+			{
+				if (all->type != REDIS_REPLY_ERROR)
+					return redis_unexpected(all, "XADD to the events stream");
+				/* OOM, READONLY, ...: the server's, like any command's */
+				redis_reply_text(all, why, sizeof(why));
+				redis_free(all);
+				redis_close("XADD to the events stream: %s", why);
+				return false;
+			}
+			redis_reply_text(all, why, sizeof(why));
+			redis_free(all);
+			all_failed = true;
+			continue;
+		}
+		redis_free(all);
+		/* a tenant that failed: its later events wait too (their order) */
+		ev[i].accepted = ok && !is_aside(ev[i].tenant);
+	}
+	if (all_failed)
+	{
+		if (!failure_logged)
+			ereport(LOG,
+					(errmsg("billing events: could not add to the stream %s: %s", all_key, why),
+					 errhint("The key must be a Redis stream (or not exist); the worker tries again every %d s.",
+							 RETRY_MS / 1000)));
+		failure_logged = true;
+		note_error("XADD to %s: %s", all_key, why);
+		failed_until = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), RETRY_MS);
+		return false;
+	}
+	return true;
+}
+
+/* mark what Redis accepted delivered; statistics */
+static void
+mark_delivered(OutEvent *ev, int n)
+{
+	Oid			types[3] = {TEXTARRAYOID, INT8ARRAYOID, TIMESTAMPTZOID};
+	Datum		values[3];
+	Datum	   *tenants = palloc(sizeof(Datum) * Max(n, 1));
+	Datum	   *seqs = palloc(sizeof(Datum) * Max(n, 1));
+	int			m = 0;
+	int64		marked;
+	TimestampTz now = GetCurrentTimestamp();
+
+	for (int i = 0; i < n; i++)
+		if (ev[i].accepted && !ev[i].delivered)
+		{
+			tenants[m] = CStringGetTextDatum(ev[i].tenant);
+			seqs[m] = Int64GetDatum(ev[i].seq);
+			m++;
+		}
+	if (m == 0)
+		return;
+	begin_xact("billing events: marking events delivered");
+	values[0] = PointerGetDatum(construct_array(tenants, m, TEXTOID, -1, false, TYPALIGN_INT));
+	values[1] = PointerGetDatum(construct_array(seqs, m, INT8OID, 8, FLOAT8PASSBYVAL, TYPALIGN_DOUBLE));
+	values[2] = TimestampTzGetDatum(now);
+	if (SPI_execute_with_args("UPDATE billing.events e SET delivered_at = $3 "
+							  "FROM ROWS FROM (pg_catalog.unnest($1), pg_catalog.unnest($2)) AS u(t, s) "
+							  "WHERE e.tenant_id OPERATOR(pg_catalog.=) u.t "
+							  "  AND e.seq OPERATOR(pg_catalog.=) u.s AND e.delivered_at IS NULL",
+							  3, types, values, NULL, false, 0) != SPI_OK_UPDATE)
+		elog(ERROR, "billing events: marking events delivered failed");
+	marked = SPI_processed;
+	end_xact();
+
+	if (billing_events == NULL)
+		return;
+	LWLockAcquire(billing_events->lock, LW_EXCLUSIVE);
+	billing_events->delivered += marked;
+	billing_events->last_delivered_at = now;
+	for (int i = 0; i < n; i++)
+	{
+		if (!ev[i].accepted || ev[i].delivered)
+			continue;
+		billing_events->lag_us[billing_events->lag_next] = Max(now - ev[i].created_at, 0);
+		billing_events->lag_next = (billing_events->lag_next + 1) % EVENTS_LAG_RING;
+		if (billing_events->lag_count < EVENTS_LAG_RING)
+			billing_events->lag_count++;
+	}
+	LWLockRelease(billing_events->lock);
+}
+
+/*
+ * Deliver what there is, at most BATCHES_PER_CYCLE batches; true when more
+ * is waiting (the worker comes back at once).
+ */
+static bool
+deliver(void)
+{
+	int			batch = billing_sync_batch_size;
+
+	for (int b = 0; b < BATCHES_PER_CYCLE; b++)
+	{
+		OutEvent   *ev;
+		int			n;
+		int			exists;
+		uint64		committed = billing_events ?
+			pg_atomic_read_u64(&billing_events->committed) : 0;
+
+		if (!mirror_connected())
+			return false;
+		/* Redis lost the streams (a restart, FLUSHALL): send everything again */
+		exists = stream_exists();
+		if (exists < 0)
+			return false;
+		if (!exists && !redeliver)
+		{
+			redeliver = true;
+			redeliver_after = 0;
+		}
+		n = fetch(batch, &ev);
+		seen_committed = committed;
+		polled_once = true;
+		if (n == 0)
+		{
+			if (redeliver)
+			{
+				redeliver = false;
+				continue;
+			}
+			return false;
+		}
+		if (!send_batch(ev, n))
+			return false;
+		mark_delivered(ev, n);
+		if (redeliver)
+			redeliver_after = ev[n - 1].event_id;
+		if (failure_logged)
+			ereport(LOG, (errmsg("billing events: delivering again")));
+		failure_logged = false;
+		MemoryContextReset(outbox_cxt);
+		CHECK_FOR_INTERRUPTS();
+		if (n < batch && !redeliver)
+			return false;
+	}
+	return true;
+}
+
+/* ---------------------------------------------------------------------
+ * pruning and the sweep
+ * ---------------------------------------------------------------------
+ */
+
+/*
+ * Delivered events older than billing.events_retention leave the outbox,
+ * PRUNE_BATCH at a time; with no Redis to deliver to (billing.redis_host
+ * empty), undelivered ones too.  True when more are due.
+ */
+static bool
+prune(void)
+{
+	Oid			types[2] = {TIMESTAMPTZOID, BOOLOID};
+	Datum		values[2];
+	int64		pruned = 0;
+	bool		more = false;
+
+	if (billing_events_retention <= 0)
+		return false;
+	values[0] = TimestampTzGetDatum(TimestampTzPlusMilliseconds(GetCurrentTimestamp(),
+																 -(int64) billing_events_retention * 1000));
+	values[1] = BoolGetDatum(billing_redis_host == NULL || billing_redis_host[0] == '\0');
+	for (int i = 0; i < PRUNE_BATCHES; i++)
+	{
+		int64		n;
+
+		CHECK_FOR_INTERRUPTS();
+		begin_xact("billing events: pruning the outbox");
+		lock_timeout();
+		if (SPI_execute_with_args("DELETE FROM billing.events e WHERE e.ctid OPERATOR(pg_catalog.=) ANY (ARRAY("
+								  "  SELECT o.ctid FROM billing.events o "
+								  "  WHERE o.created_at OPERATOR(pg_catalog.<) $1 "
+								  "    AND (o.delivered_at IS NOT NULL OR $2) "
+								  "  ORDER BY o.created_at LIMIT " CppAsString2(PRUNE_BATCH) "))",
+								  2, types, values, NULL, false, 0) != SPI_OK_DELETE)
+			elog(ERROR, "billing events: pruning the outbox failed");
+		n = SPI_processed;
+		end_xact();
+		pruned += n;
+		if (n < PRUNE_BATCH)
+			break;
+		more = i == PRUNE_BATCHES - 1;
+	}
+	if (billing_events != NULL)
+	{
+		LWLockAcquire(billing_events->lock, LW_EXCLUSIVE);
+		billing_events->pruned += pruned;
+		billing_events->last_prune_at = GetCurrentTimestamp();
+		LWLockRelease(billing_events->lock);
+	}
+	return more;
+}
+
+/* grant.expiring of accounts nobody touches (billing.alerts_due) */
+static void
+sweep(void)
+{
+	begin_xact("billing events: the alerts' sweep");
+	lock_timeout();
+	if (SPI_execute("SELECT billing.alerts_due(1000)", false, 0) != SPI_OK_SELECT)
+		elog(ERROR, "billing events: the alerts' sweep failed");
+	end_xact();
+}
+
+/* ---------------------------------------------------------------------
+ * mirror.repaired
+ * ---------------------------------------------------------------------
+ */
+static const char *
+hash_value(const redisReply *r, const char *name)
+{
+	for (size_t e = 0; e + 1 < r->elements; e += 2)
+		if (strcmp(r->element[e]->str, name) == 0)
+			return r->element[e + 1]->str;
+	return NULL;
+}
+
+static const char *
+snap_value(const SyncSnap *s, const char *name)
+{
+	for (int f = 0; f + 1 < s->nfields; f += 2)
+		if (strcmp(s->fields[f], name) == 0)
+			return s->fields[f + 1];
+	return NULL;
+}
+
+static bool
+parse_int64(const char *s, int64 *out)
+{
+	char	   *end;
+
+	if (s == NULL || *s == '\0' || strlen(s) > 20)
+		return false;
+	errno = 0;
+	*out = strtoi64(s, &end, 10);
+	return errno == 0 && *end == '\0';
+}
+
+/* one differing field: {"redis": .., "database": .., "difference": ..} */
+static void
+add_difference(StringInfo diffs, const char *field, const char *redis, const char *db)
+{
+	StringInfoData d;
+	int64		a;
+	int64		b;
+
+	ej_begin(&d);
+	ej_str(&d, "redis", redis ? pnstrdup(redis, 64) : NULL);
+	ej_str(&d, "database", db ? pnstrdup(db, 64) : NULL);
+	if (parse_int64(redis, &a) && parse_int64(db, &b) &&
+		!((a > 0 && b < 0 && a > PG_INT64_MAX + b) || (a < 0 && b > 0 && a < PG_INT64_MIN + b)))
+		ej_int(&d, "difference", a - b);
+	ej_end(&d);
+	ej_raw(diffs, field, d.data);
+}
+
+/*
+ * The drift the consistency check is about to repair (before the forced
+ * push): what Redis holds for each hash against the database's snapshot,
+ * field by field.  Noted in TopMemoryContext; written by
+ * outbox_drift_repaired() once the push went through.  A Redis failure
+ * here notes nothing (the push fails the same way).
+ */
+void
+outbox_note_drift(SyncSnap *snaps, int n)
+{
+	StringInfoData buf;
+	MemoryContext old;
+	ListCell   *lc;
+
+	/* what an earlier check noted and did not repair (Redis failed) */
+	foreach(lc, noted)
+	{
+		Repair	   *rep = lfirst(lc);
+
+		pfree(rep->tenant);
+		pfree(rep->payload);
+		pfree(rep);
+	}
+	list_free(noted);
+	noted = NIL;
+	if (!usable || n == 0 || !mirror_connected())
+		return;
+	initStringInfo(&buf);
+	redis_begin("HGETALL");
+	for (int i = 0; i < n; i++)
+	{
+		char	   *key = snaps[i].key_id ?
+			psprintf("%s:{%s}:key:%s", billing_redis_prefix, snaps[i].tenant, snaps[i].key_id) :
+			psprintf("%s:{%s}", billing_redis_prefix, snaps[i].tenant);
+
+		resp_head(&buf, '*', 2);
+		resp_str(&buf, "HGETALL");
+		resp_str(&buf, key);
+		pfree(key);
+	}
+	if (!redis_send(&buf, n))
+		return;
+	pfree(buf.data);
+	for (int i = 0; i < n; i++)
+	{
+		SyncSnap   *s = &snaps[i];
+		redisReply *r = redis_receive();
+		StringInfoData p;
+		StringInfoData diffs;
+		int			ndiff = 0;
+		int			listed = 0;
+		Repair	   *rep;
+
+		if (r == NULL)
+			return;
+		ej_begin(&p);
+		ej_str(&p, "key", s->key_id ?
+			   psprintf("%s:{%s}:key:%s", billing_redis_prefix, s->tenant, s->key_id) :
+			   psprintf("%s:{%s}", billing_redis_prefix, s->tenant));
+		ej_str(&p, "api_key", s->key_id);
+		ej_begin(&diffs);
+		if (r->type == REDIS_REPLY_ERROR)
+		{
+			char		why[128];
+
+			redis_reply_text(r, why, sizeof(why));
+			ej_str(&p, "problem", why);
+			ndiff = s->nfields / 2;
+		}
+		else if (r->type != REDIS_REPLY_ARRAY || r->elements % 2 != 0)
+		{
+			(void) redis_unexpected(r, "HGETALL");
+			return;
+		}
+		else
+		{
+			for (size_t e = 0; e < r->elements; e++)
+				if (r->element[e]->type != REDIS_REPLY_STRING)
+				{
+					(void) redis_unexpected(r, "HGETALL (an element)");
+					return;
+				}
+			if (r->elements == 0)
+				ej_str(&p, "problem", "the hash was missing");
+			/* fields of the database: missing or different in Redis */
+			for (int f = 0; f + 1 < s->nfields; f += 2)
+			{
+				const char *want = s->fields[f + 1];
+				const char *have = hash_value(r, s->fields[f]);
+
+				if (strcmp(s->fields[f], "synced_at_ms") == 0)
+					continue;
+				if (have != NULL && strcmp(have, want) == 0)
+					continue;
+				ndiff++;
+				if (listed++ < MAX_DRIFT_FIELDS)
+					add_difference(&diffs, s->fields[f], have, want);
+			}
+			/* fields only Redis has */
+			for (size_t e = 0; e + 1 < r->elements; e += 2)
+			{
+				const char *name = r->element[e]->str;
+
+				if (strcmp(name, "synced_at_ms") == 0 || strcmp(name, "version") == 0 ||
+					snap_value(s, name) != NULL)
+					continue;
+				ndiff++;
+				if (listed++ < MAX_DRIFT_FIELDS)
+					add_difference(&diffs, name, r->element[e + 1]->str, NULL);
+			}
+			{
+				int64		v;
+
+				if (parse_int64(hash_value(r, "version"), &v))
+					ej_int(&p, "redis_version", v);
+			}
+		}
+		ej_end(&diffs);
+		ej_int(&p, "database_version", s->version);
+		ej_int(&p, "fields", ndiff);
+		ej_raw(&p, "differences", diffs.data);
+		ej_end(&p);
+		redis_free(r);
+
+		old = MemoryContextSwitchTo(TopMemoryContext);
+		rep = palloc0(sizeof(Repair));
+		rep->tenant = pstrdup(s->tenant);
+		rep->payload = pstrdup(p.data);
+		noted = lappend(noted, rep);
+		MemoryContextSwitchTo(old);
+	}
+}
+
+/* the forced push went through: the drift noted is repaired */
+void
+outbox_drift_repaired(void)
+{
+	MemoryContext old = MemoryContextSwitchTo(TopMemoryContext);
+
+	repairs = list_concat(repairs, noted);
+	MemoryContextSwitchTo(old);
+	list_free(noted);
+	noted = NIL;
+}
+
+/* write one mirror.repaired event; false if it must wait (or failed for good) */
+static bool
+write_repair(Repair *rep)
+{
+	Oid			types[2] = {TEXTOID, TEXTOID};
+	Datum		values[2];
+	MemoryContext cxt = CurrentMemoryContext;
+	volatile bool ok = true;
+
+	PG_TRY();
+	{
+		begin_xact("billing events: writing mirror.repaired");
+		lock_timeout();
+		values[0] = CStringGetTextDatum(rep->tenant);
+		values[1] = CStringGetTextDatum(rep->payload);
+		if (SPI_execute_with_args("SELECT billing.event_write($1, 'mirror.repaired', $2::pg_catalog.jsonb)",
+								  2, types, values, NULL, false, 0) != SPI_OK_SELECT)
+			elog(ERROR, "billing events: writing mirror.repaired failed");
+		end_xact();
+	}
+	PG_CATCH();
+	{
+		ErrorData  *edata;
+
+		MemoryContextSwitchTo(cxt);
+		edata = CopyErrorData();
+		FlushErrorState();
+		AbortCurrentTransaction();
+		MemoryContextSwitchTo(cxt);
+		ok = false;
+		if (++rep->attempts >= 10 || edata->sqlerrcode != ERRCODE_LOCK_NOT_AVAILABLE)
+		{
+			ereport(LOG,
+					(errmsg("billing events: could not write mirror.repaired of tenant \"%s\": %s",
+							rep->tenant, edata->message)));
+			rep->attempts = 10;
+		}
+		FreeErrorData(edata);
+		pgstat_report_activity(STATE_IDLE, NULL);
+	}
+	PG_END_TRY();
+	return ok;
+}
+
+/*
+ * Write the mirror.repaired events (billing.event_write, which takes the
+ * account's lock: at most LOCK_TIMEOUT, else the next round).
+ */
+static void
+write_repairs(void)
+{
+	List	   *left = NIL;
+	ListCell   *lc;
+
+	foreach(lc, repairs)
+	{
+		Repair	   *rep = lfirst(lc);
+
+		if (write_repair(rep) || rep->attempts >= 10)
+		{
+			pfree(rep->tenant);
+			pfree(rep->payload);
+			pfree(rep);
+		}
+		else
+		{
+			MemoryContext old = MemoryContextSwitchTo(TopMemoryContext);
+
+			left = lappend(left, rep);
+			MemoryContextSwitchTo(old);
+		}
+	}
+	list_free(repairs);
+	repairs = left;
+}
+
+/* ---------------------------------------------------------------------
+ * the worker's entry point
+ * ---------------------------------------------------------------------
+ */
+
+/*
+ * One round of the events' work (worker.c, after the mirror's pushes and
+ * the maintenance): write mirror.repaired, run the sweep and the pruning
+ * when due, deliver what was committed since the last round (or every
+ * POLL_MS).  An error here is logged and retried after RETRY_MS: the
+ * mirror goes on.  True when more is waiting.
+ */
+bool
+outbox_cycle(bool redis_ready)
+{
+	MemoryContext cxt = CurrentMemoryContext;
+	volatile bool more = false;
+	TimestampTz now = GetCurrentTimestamp();
+
+	if (outbox_cxt == NULL)
+		outbox_cxt = AllocSetContextCreate(TopMemoryContext, "billing events",
+										   ALLOCSET_DEFAULT_SIZES);
+	if (now < failed_until)
+		return false;
+	MemoryContextSwitchTo(outbox_cxt);
+	PG_TRY();
+	{
+		if (check_usable(now))
+		{
+			if (aside != NIL && now >= aside_until)
+			{
+				list_free_deep(aside);
+				aside = NIL;
+				aside_until = 0;
+			}
+			if (repairs != NIL)
+				write_repairs();
+			if (TimestampDifferenceExceeds(last_sweep, now, billing_maintenance_interval))
+			{
+				last_sweep = now;
+				sweep();
+			}
+			if (TimestampDifferenceExceeds(last_prune, now, PRUNE_MS))
+			{
+				last_prune = now;
+				if (prune())
+				{
+					last_prune = 0;
+					more = true;
+				}
+			}
+			if (redis_ready && billing_events != NULL &&
+				(!polled_once || redeliver ||
+				 pg_atomic_read_u64(&billing_events->committed) != seen_committed ||
+				 TimestampDifferenceExceeds(last_poll, now, POLL_MS)))
+			{
+				last_poll = now;
+				if (deliver())
+					more = true;
+			}
+		}
+	}
+	PG_CATCH();
+	{
+		ErrorData  *edata;
+
+		MemoryContextSwitchTo(cxt);
+		edata = CopyErrorData();
+		FlushErrorState();
+		AbortCurrentTransaction();
+		redis_free_all();
+		if (edata->sqlerrcode != ERRCODE_LOCK_NOT_AVAILABLE)
+		{
+			ereport(LOG, (errmsg("billing events: %s", edata->message)));
+			note_error("%s", edata->message);
+		}
+		FreeErrorData(edata);
+		failed_until = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), RETRY_MS);
+		usable = false;
+		more = false;
+		pgstat_report_activity(STATE_IDLE, NULL);
+	}
+	PG_END_TRY();
+	MemoryContextSwitchTo(cxt);
+	MemoryContextReset(outbox_cxt);
+	return more;
+}
