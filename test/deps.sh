@@ -37,6 +37,8 @@ command -v redis-cli >/dev/null 2>&1 || need redis-tools
 # PostgreSQL's Perl TAP framework (PostgreSQL::Test::Cluster) runs on IPC::Run
 perl -MIPC::Run -e 1 >/dev/null 2>&1 || need libipc-run-perl
 command -v prove >/dev/null 2>&1 || need perl
+# promtool checks billing_metrics() (test/t/080_events.pl)
+command -v promtool >/dev/null 2>&1 || need prometheus
 command -v make >/dev/null 2>&1 || need make
 command -v gcc >/dev/null 2>&1 || need gcc
 [[ -f /usr/include/stdio.h ]] || need libc6-dev
@@ -51,5 +53,14 @@ fi
 
 echo "deps.sh: installing: ${missing[*]}"
 export DEBIAN_FRONTEND=noninteractive
+# the packages' maintainer scripts must not start services (prometheus,
+# redis-server, postgresql): a policy-rc.d saying "no", unless there is one
+policy=
+if [[ ! -e /usr/sbin/policy-rc.d ]]; then
+	policy=/usr/sbin/policy-rc.d
+	printf '#!/bin/sh\nexit 101\n' >"$policy"
+	chmod 755 "$policy"
+	trap 'rm -f "$policy"' EXIT
+fi
 apt-get update </dev/null
 apt-get install -y --no-install-recommends "${missing[@]}" </dev/null

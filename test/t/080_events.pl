@@ -1,0 +1,393 @@
+# Events out of the database: delivery to Redis Streams, NOTIFY, the
+# retention, mirror.repaired, a tenant whose stream key has another type,
+# billing_metrics() checked by promtool, and a fault test.
+#
+# Part 1 (one node, one redis-server on loopback): events written by
+# charges reach <prefix>:{tenant}:events (id <seq>-0, each event once, in
+# order) and <prefix>:events; NOTIFY billing_events announces committed
+# events and none of a rolled-back transaction; a key of another type sets
+# that tenant aside (the others are delivered) until it is fixed; an edited
+# hash gives mirror.repaired with the fields that differed; delivered events
+# are pruned after billing.events_retention, undelivered ones are not;
+# `promtool check metrics` accepts billing_metrics().
+#
+# Part 2, the fault test: 4 clients charge and credit 8 tenants around their
+# low-balance threshold (every crossing below is a balance.low event; a tenth
+# of the charges run in a transaction that rolls back), and a consumer
+# follows <prefix>:events with XREAD the whole time (reconnecting, and
+# reading from the start, after a failure).  During the burst the worker is
+# terminated, Redis is killed and started again empty, and the worker is
+# killed with SIGKILL (crash recovery) while Redis is down and comes back
+# empty.  Faults are injected by progress (events committed since the last
+# one), never by the clock.  Then:
+#   - the events in the outbox are exactly the crossings of the committed
+#     ledger (replayed per tenant from balance_after): none for rolled-back
+#     work, none missing;
+#   - the consumer saw every committed event at least once, and per tenant
+#     the first sight of each sequence number came in order 1, 2, 3, ...;
+#   - each tenant's stream holds every event of the tenant once, in order;
+#   - no crash in the server log but the ones the test caused.
+#
+# Knobs: EVENTS_FAULT_EVENTS (events committed before each fault and after
+# the last, default 500), EVENTS_STALL (seconds without any committed event
+# before the test gives up, default 300).
+use strict;
+use warnings FATAL => 'all';
+use PostgreSQL::Test::Utils;
+use Test::More;
+use IPC::Run;
+use Time::HiRes qw(time usleep);
+use BillingTest;
+
+my $DB = 'events_test';
+my $STEP = $ENV{EVENTS_FAULT_EVENTS} // 500;
+my $STALL = $ENV{EVENTS_STALL} // 300;
+
+my $redis = BillingTest::Redis->new('events');
+my $node = BillingTest::node('events', redis => $redis, database => $DB, conf => join("\n",
+	"billing.maintenance_interval = 200",
+	"billing.check_interval = 1",
+	"synchronous_commit = on",
+	"restart_after_crash = on",
+	"log_statement = 'none'"));
+my $W = PostgreSQL::Test::Utils::tempdir('work');
+my (@allowed);    # pids the test killed or terminated
+
+sub sql { return $node->safe_psql($DB, shift) }
+sub qv { return BillingTest::query($node, $DB, shift) }
+sub wait_for { return BillingTest::wait_until(@_) }
+
+# the entries of a stream: [ [id, {field => value}], ... ]
+sub stream
+{
+	my ($key) = @_;
+	my $c = $redis->connect(timeout => 30) or return undef;
+	my $r = eval { $c->command('XRANGE', $key, '-', '+') };
+	$c->close;
+	return undef unless defined $r;
+	return [ map { [ $_->[0], { @{ $_->[1] } } ] } @$r ];
+}
+
+# the outbox of a tenant: "seq|event_id|type|payload" lines, in seq order
+sub outbox
+{
+	my ($t) = @_;
+	return sql("SELECT seq || '|' || event_id || '|' || type || '|' || payload::text
+	              FROM billing.events WHERE tenant_id = '$t' ORDER BY seq");
+}
+
+# the tenant's stream, in the same form
+sub tenant_stream
+{
+	my ($t) = @_;
+	my $s = stream("billing:{$t}:events") // [];
+	return join("\n", map { "$_->[1]{seq}|$_->[1]{event_id}|$_->[1]{type}|$_->[1]{payload}" } @$s);
+}
+
+sub delivered_all
+{
+	my $n = qv("SELECT count(*) FROM billing.events WHERE delivered_at IS NULL");
+	return defined $n && $n eq '0';
+}
+
+# ---------------------------------------------------------------------------
+# part 1
+# ---------------------------------------------------------------------------
+for my $t ('a1', 'a2')
+{
+	sql("SELECT count(*) FROM billing_account_create('$t');
+	     SELECT count(*) FROM billing_credit('$t', 100, '$t-c');
+	     SELECT count(*) FROM billing_alerts_set('$t', low_balance => 50);");
+}
+
+# NOTIFY: a listener sees the committed crossing, not the rolled-back one
+my $listener = BillingTest::Session->new($node, $DB);
+is($listener->call('LISTEN billing_events')->{status}, 'ok', 'LISTEN billing_events');
+sql(q{
+	BEGIN;
+	SELECT billing_deduct('a2', 60, 'a2-rolled-back');
+	ROLLBACK;
+});
+sql("SELECT billing_deduct('a1', 60, 'a1-d1')");
+my $heard = '';
+ok(wait_for(60, sub {
+	my $r = $listener->call('SELECT 1');
+	$heard .= join("\n", @{ $r->{rows} }) . "\n";
+	return $heard =~ /Asynchronous notification "billing_events"/;
+}), 'the listener was notified');
+like($heard, qr/payload "\{"tenant_id": "a1", "seq": 1, "event_id": \d+, "type": "balance.low"\}"/,
+	'its payload names the tenant, the sequence number, the event id and the type');
+unlike($heard, qr/"a2"/, 'nothing for the rolled-back crossing');
+$listener->close;
+
+# delivery: the tenant's stream and the stream of every tenant
+ok(wait_for(120, \&delivered_all), 'the worker delivered the event (waited ' . int($BillingTest::waited * 1000) . ' ms)');
+my $s1 = stream('billing:{a1}:events');
+is(scalar(@{ $s1 // [] }), 1, "a1's stream holds its event");
+is($s1->[0][0], '1-0', 'with the id <seq>-0');
+is_deeply([ sort keys %{ $s1->[0][1] } ], [qw(created_at event_id payload seq tenant_id type)],
+	'and the fields event_id, tenant_id, seq, type, created_at, payload');
+like($s1->[0][1]{payload}, qr/"threshold": 50\.000000/, 'the payload has the numbers');
+my $all = stream('billing:events');
+ok((grep { $_->[1]{tenant_id} eq 'a1' && $_->[1]{seq} eq '1' } @{ $all // [] }), 'the all-tenants stream has it');
+is(qv("SELECT count(*) FROM billing.events WHERE tenant_id = 'a2'"), '0', 'no event for the rolled-back charge');
+
+# a tenant whose stream key has another type: set aside, the others go on
+$redis->cli('SET', 'billing:{a2}:events', 'not a stream');
+sql("SELECT billing_deduct('a2', 60, 'a2-d1')");            # a2 seq 1
+sql("SELECT billing_credit('a1', 60, 'a1-c2'); SELECT billing_deduct('a1', 60, 'a1-d2')");    # a1 seq 2
+ok(wait_for(120, sub { (qv("SELECT delivered_at IS NOT NULL FROM billing.events WHERE tenant_id = 'a1' AND seq = 2") // '') eq 't' }),
+	"a1's event is delivered while a2's stream key is a string");
+is(qv("SELECT delivered_at IS NULL FROM billing.events WHERE tenant_id = 'a2' AND seq = 1"), 't', "a2's event waits");
+like(slurp_file($node->logfile), qr/could not deliver the events of tenant "a2": WRONGTYPE/, 'the log says why');
+$redis->cli('DEL', 'billing:{a2}:events');
+ok(wait_for(120, \&delivered_all), "a2's event is delivered once the key is gone (the retry comes every 5 s)");
+is(tenant_stream('a2'), outbox('a2'), "a2's stream holds its event");
+is(tenant_stream('a1'), outbox('a1'), "a1's stream holds its events, in order, each once");
+
+# mirror.repaired: what the consistency check found different
+$redis->cli('HSET', 'billing:{a1}', 'balance', '1');
+ok(wait_for(120, sub { (qv("SELECT count(*) FROM billing.events WHERE tenant_id = 'a1' AND type = 'mirror.repaired'") // 0) > 0 }),
+	'an edited hash gives mirror.repaired');
+my $rep = qv("SELECT payload->'differences'->'balance'->>'redis' || ' ' || (payload->'differences'->'balance'->>'difference')
+              || ' ' || (payload->>'fields') FROM billing.events WHERE tenant_id = 'a1' AND type = 'mirror.repaired' LIMIT 1");
+my $bal = qv("SELECT balance_micros FROM billing.accounts WHERE tenant_id = 'a1'");
+is($rep, '1 ' . (1 - $bal) . ' 1', 'naming the field, what Redis held and the difference');
+
+# billing_metrics() in the exposition format: promtool accepts it
+sub promtool_check
+{
+	my ($name) = @_;
+	my $text = sql('SELECT billing_metrics()') . "\n";
+	my ($out, $err) = ('', '');
+	my $ok = IPC::Run::run([ 'promtool', 'check', 'metrics' ], '<', \$text, '>', \$out, '2>', \$err);
+	ok($ok, "$name: promtool check metrics accepts billing_metrics()") or diag("$out$err\n$text");
+	return $text;
+}
+my $metrics = promtool_check('after part 1');
+like($metrics, qr/^billing_events_delivered_total [1-9]/m, 'it counts the deliveries');
+like($metrics, qr/^billing_events_written_total\{type="balance.low"\} [1-9]/m, 'and the events written, by type');
+like($metrics, qr/^billing_events_recent_delivery_lag_p99_seconds [0-9.e-]+$/m, 'and the delivery lag');
+
+# the retention: delivered events are pruned, undelivered ones kept
+$redis->stop;
+sql("SELECT billing_credit('a2', 60, 'a2-c2'); SELECT billing_deduct('a2', 60, 'a2-d2')");    # undelivered
+sql("ALTER SYSTEM SET billing.events_retention = 1; SELECT pg_reload_conf()");
+ok(wait_for(120, sub { (qv("SELECT count(*) FROM billing.events WHERE delivered_at IS NOT NULL") // 1) eq '0' }),
+	'delivered events are pruned after billing.events_retention');
+is(qv("SELECT count(*) FROM billing.events WHERE delivered_at IS NULL"), '1', 'the undelivered one is kept');
+sql("ALTER SYSTEM RESET billing.events_retention; SELECT pg_reload_conf()");
+$redis->start;
+ok(wait_for(120, \&delivered_all), 'and delivered when Redis is back');
+
+# ---------------------------------------------------------------------------
+# part 2: the fault test
+# ---------------------------------------------------------------------------
+# no consistency check from here on: a hash it finds missing while the
+# mirror resyncs after a Redis restart would add mirror.repaired events
+sql("ALTER SYSTEM SET billing.check_interval = 0; SELECT pg_reload_conf()");
+my @T = map { "e$_" } 1 .. 8;
+sql(join("\n", map { "SELECT count(*) FROM billing_account_create('$_', credit_limit => 1000000);
+                      SELECT count(*) FROM billing_credit('$_', 60, '$_-c0');
+                      SELECT count(*) FROM billing_alerts_set('$_', low_balance => 50);" } @T));
+my $first_event = qv("SELECT coalesce(max(event_id), 0) FROM billing.events") // 0;
+
+sub client
+{
+	my ($c) = @_;
+	srand($c * 7919 + $$);
+	my $s = BillingTest::Session->new($node, $DB, timeout => 120);
+	my $n = 0;
+	my %bal = map { $_ => 60 } @T;    # as last seen: charge above 50, credit below
+	until (-e "$W/stop")
+	{
+		my $t = $T[ int(rand(@T)) ];
+		my $tr = "c$c-" . ++$n;
+		my $r;
+		if (rand() < 0.1)        # a crossing that rolls back
+		{
+			$s->call("BEGIN; SELECT billing_deduct('$t', 7, '$tr'); ROLLBACK");
+			next;
+		}
+		elsif ($bal{$t} >= 50)
+		{
+			$r = $s->call("SELECT balance_after FROM billing_deduct('$t', 7, '$tr')");
+		}
+		else
+		{
+			$r = $s->call("SELECT balance_after FROM billing_credit('$t', 7, '$tr')");
+		}
+		$bal{$t} = $r->{rows}[0] if $r->{status} eq 'ok' && @{ $r->{rows} };
+		usleep(200_000) if $r->{status} eq 'lost' || $r->{status} eq 'timeout';
+	}
+	$s->close;
+}
+
+# the consumer: XREAD on billing:events; "tenant seq event_id" per entry seen
+sub consumer
+{
+	open my $out, '>', "$W/seen" or die $!;
+	$out->autoflush(1);
+	my $last = '0';
+	my $c;
+	until (-e "$W/consumer_stop")
+	{
+		if (!$c)
+		{
+			$c = $redis->connect(timeout => 5);
+			if (!$c) { usleep(200_000); next; }
+			$last = '0';    # a new connection: everything again
+		}
+		my $r = eval { $c->command('XREAD', 'COUNT', '1000', 'BLOCK', '500', 'STREAMS', 'billing:events', $last) };
+		if ($@)
+		{
+			eval { $c->close };
+			$c = undef;
+			usleep(200_000);
+			next;
+		}
+		next unless defined $r;
+		for my $e (@{ $r->[0][1] })
+		{
+			my %f = @{ $e->[1] };
+			print $out "$f{tenant_id} $f{seq} $f{event_id}\n";
+			$last = $e->[0];
+		}
+	}
+	close $out;
+}
+
+my $consumer = BillingTest::spawn(\&consumer);
+my @clients = map { my $c = $_; BillingTest::spawn(sub { client($c) }) } 1 .. 4;
+
+my $last_progress = time;
+my $seen_count = 0;
+sub events_now { return qv("SELECT count(*) FROM billing.events WHERE event_id > $first_event") }
+
+# wait until STEP more events were committed (or give up after STALL s without any)
+sub progress
+{
+	my ($what) = @_;
+	my $base;
+	ok(wait_for(24 * 3600, sub {
+		my $n = events_now();
+		return 0 unless defined $n;
+		$base //= $n;
+		if ($n > $seen_count) { $seen_count = $n; $last_progress = time; }
+		die "no event committed for $STALL s before $what\n" if time - $last_progress > $STALL;
+		return $n - $base >= $STEP;
+	}, 0.2), "$STEP events committed before $what");
+}
+
+# the running worker's pid (it restarts 5 s after it exits)
+sub running_worker
+{
+	my $pid;
+	ok(wait_for(300, sub { $pid = BillingTest::worker_pid($node); return defined $pid && $pid ne '' }),
+		'the worker runs');
+	return $pid;
+}
+
+progress('the worker is terminated');
+my $wpid = running_worker();
+push @allowed, $wpid;
+sql("SELECT pg_terminate_backend($wpid)");
+note("terminated worker $wpid");
+
+progress('Redis is killed');
+$redis->kill9;
+usleep(1_000_000);
+$redis->start;
+note('Redis killed and started again, empty');
+
+progress('the worker is killed (SIGKILL) and Redis with it');
+$wpid = running_worker();
+$redis->kill9;
+push @allowed, $wpid;
+kill 'KILL', $wpid;
+note("killed worker $wpid (crash recovery) and Redis");
+ok(wait_for(300, sub { slurp_file($node->logfile) =~ /\(PID $wpid\) was terminated by signal 9/ }),
+	'the postmaster saw the worker die (crash recovery)');
+ok(wait_for(300, sub { BillingTest::accepts_connections($node) }), 'the server is back after the crash recovery');
+$redis->start;
+
+progress('the end of the burst');
+open my $stop, '>', "$W/stop" or die $!;
+close $stop;
+BillingTest::reap($_) for @clients;
+
+ok(wait_for(600, \&delivered_all), 'every committed event delivered after the burst (waited ' . int($BillingTest::waited) . ' s)');
+my $total = qv("SELECT count(*) FROM billing.events WHERE event_id > $first_event");
+note("events committed during the burst: $total");
+# the consumer has seen the last event of every tenant
+my %last = map { split /\|/ } split /\n/,
+  sql("SELECT tenant_id || '|' || max(seq) FROM billing.events WHERE tenant_id LIKE 'e%' GROUP BY tenant_id");
+ok(wait_for(300, sub {
+	my %max;
+	for (split /\n/, slurp_file("$W/seen"))
+	{
+		my ($t, $s) = split / /;
+		$max{$t} = $s if !defined $max{$t} || $s > $max{$t};
+	}
+	return !grep { ($max{$_} // 0) < $last{$_} } keys %last;
+}), 'the consumer caught up');
+open $stop, '>', "$W/consumer_stop" or die $!;
+close $stop;
+BillingTest::reap($consumer);
+
+# the outbox equals the crossings of the committed ledger
+my $expected = '';
+for my $t (@T)
+{
+	my $armed = 1;
+	my $seq = 0;
+	for my $bal (split /\n/, sql("SELECT balance_after_micros FROM billing.entries WHERE tenant_id = '$t' ORDER BY version"))
+	{
+		my $below = $bal < 50_000_000;
+		if ($below && $armed)
+		{
+			$seq++;
+			$expected .= sprintf("%s|%d|%d.%06d\n", $t, $seq, int($bal / 1e6), $bal % 1_000_000);
+			$armed = 0;
+		}
+		$armed = 1 unless $below;
+	}
+}
+my $got = sql("SELECT tenant_id || '|' || seq || '|' || (payload->>'balance') FROM billing.events
+                WHERE tenant_id LIKE 'e%' AND type = 'balance.low' ORDER BY tenant_id, seq") . "\n";
+is($got, $expected, 'the outbox holds exactly the crossings of the committed ledger (none for rolled-back work)');
+is(qv("SELECT count(*) FROM billing.events WHERE tenant_id LIKE 'e%' AND type <> 'balance.low'"), '0', 'and nothing else');
+
+# at least once, per-tenant order
+my (%first, @order_problems, %seen);
+for (split /\n/, slurp_file("$W/seen"))
+{
+	my ($t, $s, $id) = split / /;
+	next unless $t =~ /^e\d$/;
+	$seen{"$t $s"} = 1;
+	my $next = ($first{$t} // 0) + 1;
+	next if $s < $next;                     # a duplicate
+	push @order_problems, "$t: seq $s came after " . ($next - 1) if $s != $next;
+	$first{$t} = $s;
+}
+my @missing = grep { !$seen{$_} } map { my ($t, $s) = split /\|/; "$t $s" } split /\n/, $expected;
+is(scalar(@missing), 0, 'the consumer saw every committed event at least once') or diag("missing: @missing[0 .. ($#missing < 9 ? $#missing : 9)]");
+is(join("\n", @order_problems[0 .. ($#order_problems < 9 ? $#order_problems : 9)]), '',
+	'per tenant, in order (first sights 1, 2, 3, ...)');
+note('entries the consumer read: ' . scalar(split /\n/, slurp_file("$W/seen")));
+
+# each tenant's stream: every event once, in order, id <seq>-0
+my @bad;
+for my $t (@T)
+{
+	my $s = stream("billing:{$t}:events") // [];
+	my @ids = map { $_->[0] } @$s;
+	my $want = join(' ', map { "$_-0" } 1 .. ($last{$t} // 0));
+	push @bad, "$t: @ids" if join(' ', @ids) ne $want;
+}
+is(join("\n", @bad), '', "each tenant's stream holds its events once, in order");
+
+promtool_check('after the faults');
+running_worker();
+BillingTest::no_crashes($node, @allowed);
+done_testing();
