@@ -161,7 +161,9 @@ is(sql(q{
 	   WHERE p.pronamespace IN ('billing'::regnamespace, 'public'::regnamespace)
 	     AND has_function_privilege('billing_worker', p.oid, 'EXECUTE')
 	     AND NOT has_function_privilege('public', p.oid, 'EXECUTE')) s}),
-	'EXECUTE on local_shards, EXECUTE on maintenance, EXECUTE on sync_snapshot, EXECUTE on sync_snapshot_of, SELECT on accounts, SELECT on api_keys, SELECT on holds',
+	'EXECUTE on alerts_due, EXECUTE on event_write, EXECUTE on local_shards, EXECUTE on maintenance, '
+	. 'EXECUTE on sync_snapshot, EXECUTE on sync_snapshot_of, SELECT on accounts, SELECT on api_keys, '
+	. 'SELECT on events, SELECT on holds',
 	'billing_worker holds exactly the documented rights');
 
 BillingTest::no_crashes($node, @restarted);
