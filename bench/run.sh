@@ -48,6 +48,9 @@ BENCH_SYNC_SECONDS=${BENCH_SYNC_SECONDS:-15}
 BENCH_CPU=${BENCH_CPU:-1}                       # 0 skips the CPU-per-call step
 BENCH_CPU_ROUNDS=${BENCH_CPU_ROUNDS:-5}         # interleaved rounds of it
 BENCH_CPU_CALLS=${BENCH_CPU_CALLS:-20000}       # billing_deduct calls per measurement
+BENCH_EVENTS_LAG=${BENCH_EVENTS_LAG:-1}         # 0 skips the commit -> stream lag run of the events
+BENCH_EVENTS_RATE=${BENCH_EVENTS_RATE:-5000}    # paced transactions/s of it (pgbench -R), one in 10 writes an event
+BENCH_EVENTS_SECONDS=${BENCH_EVENTS_SECONDS:-15}
 
 # The cluster: test/cluster.sh with its own directory and ports, so that a
 # benchmark never touches the cluster of a running `make check`.
@@ -109,6 +112,7 @@ WORKLOADS=(
 	"deduct_worker   | deduct.sql         | deduct                | billing_deduct as deduct, the background worker pushing every commit to Redis (mirror compared with the database after the run)"
 	"deduct_13       | deduct.sql         | -                     | baseline: billing_deduct as deduct, on a database at extension version 1.3 (the path before grants: same library, no buckets)"
 	"deduct_grants3  | deduct.sql         | deduct_13 deduct      | billing_deduct as deduct, every account with three open grants (priorities 30, 20, 10; expiring in 31-33 days) over its top-up"
+	"deduct_alerts   | deduct.sql         | deduct_13 deduct      | billing_deduct as deduct, every account with alert thresholds (billing_alerts_set: low_balance 1.00, quota_percents 80, 90, 100, grant_expiring 3 days) that no charge crosses"
 )
 
 # Targets of the performance issue, one per line, by kind:
@@ -123,6 +127,8 @@ TARGETS=(
 	"ratio deduct_worker deduct 0.90 billing_deduct with the Redis worker pushing (deduct_worker) ≥ 0.90 × worker idle (deduct)"
 	"cpu deduct deduct_13 1.03 a charge on an account with only paid top-ups (deduct) costs ≤ 3 % more than before grants (deduct_13)"
 	"cpu deduct_grants3 deduct_13 1.15 a charge on an account with three open grants (deduct_grants3) costs ≤ 15 % more than before grants (deduct_13)"
+	"cpu deduct_alerts deduct_13 1.03 a charge that crosses no alert threshold (deduct_alerts) costs ≤ 3 % more than the path before events and grants (deduct_13)"
+	"cpu deduct_alerts deduct 1.03 a charge that crosses no alert threshold (deduct_alerts) costs ≤ 3 % more than one on an account without thresholds (deduct)"
 )
 # (cpu WORKLOAD BASELINE MAX TEXT -- the server CPU time one billing_deduct
 # call takes on WORKLOAD's data, at most MAX x BASELINE's: step 3b)
@@ -131,6 +137,8 @@ TARGETS=(
 BALANCE_SAME_LATENCY=1.25
 # commit -> Redis lag: p99 below this many ms at BENCH_SYNC_RATE deducts/s
 SYNC_LAG_P99_MS=50
+# commit -> stream lag of the events: p99 below this many ms at BENCH_EVENTS_RATE/s
+EVENTS_LAG_P99_MS=50
 
 # --- helpers -----------------------------------------------------------------
 t_start=$SECONDS
@@ -139,7 +147,8 @@ die() { say "ERROR: $*" >&2; exit 1; }
 trim() { local s=$1; s=${s#"${s%%[![:space:]]*}"}; printf '%s' "${s%"${s##*[![:space:]]}"}"; }
 
 for v in BENCH_SECONDS BENCH_CLIENTS BENCH_JOBS BENCH_ROUNDS BENCH_SWEEP_SECONDS BENCH_TENANTS BENCH_SEEDS \
-	BENCH_BALANCE_ENTRIES BENCH_BALANCE_BATCH BENCH_BALANCE_SECONDS BENCH_BATCH_ITEMS BENCH_SYNC_RATE BENCH_SYNC_SECONDS; do
+	BENCH_BALANCE_ENTRIES BENCH_BALANCE_BATCH BENCH_BALANCE_SECONDS BENCH_BATCH_ITEMS BENCH_SYNC_RATE BENCH_SYNC_SECONDS \
+	BENCH_EVENTS_RATE BENCH_EVENTS_SECONDS; do
 	[[ ${!v} =~ ^[1-9][0-9]*$ ]] || die "$v must be a positive integer (got '${!v}')"
 done
 ((BENCH_SEEDS >= BENCH_TENANTS)) || die "BENCH_SEEDS must be >= BENCH_TENANTS"
@@ -337,6 +346,14 @@ setup_deduct_grants3() {
 		FROM generate_series(1, $BENCH_TENANTS) t, generate_series(1, 3) k" -c "VACUUM ANALYZE billing.accounts" >/dev/null
 }
 
+# deduct_alerts: thresholds on every account that the run never crosses
+# (balances of about 1e9, no limits: the percentages have nothing to count)
+setup_deduct_alerts() {
+	sql -d bench -c "SELECT count(*) FROM billing.accounts a,
+			billing_alerts_set(a.tenant_id, low_balance => 1, quota_percents => ARRAY[80, 90, 100],
+			                   grant_expiring => interval '3 days')" -c "VACUUM ANALYZE billing.accounts" >/dev/null
+}
+
 setup_deduct_worker() { worker_on; }
 teardown_deduct_worker() { worker_off "$label"; }
 
@@ -359,6 +376,50 @@ teardown_sync_lag() {
 	kill "$sampler_pid" 2>/dev/null || true
 	wait "$sampler_pid" 2>/dev/null || true
 	worker_off "$label"
+}
+
+# The events lag run: deduct.sql and deduct_cross.sql 9:1 (one event per 10
+# transactions), the worker on (mirror pushes and event deliveries), a
+# sampler of billing_sync_status()'s events columns every 0.2 s.  The
+# x-accounts sit below their threshold: each deduct_cross re-arms and
+# crosses it.
+setup_events_lag() {
+	sql -d bench -c "SELECT count(*) FROM generate_series(1, 100) x, billing_account_create('x' || x)" \
+		-c "SELECT count(billing_credit('x' || x, 0.5, 'x-load-' || x)) FROM generate_series(1, 100) x" \
+		-c "SELECT count(*) FROM generate_series(1, 100) x, billing_alerts_set('x' || x, low_balance => 1)" \
+		-c "VACUUM ANALYZE billing.accounts" >/dev/null
+	worker_on
+	# the events already in the outbox (bench_template's expired holds, the
+	# x-accounts' first balance.low) delivered before the measurement
+	wait_for 120 "the worker to deliver the events already in the outbox" \
+		"SELECT events_backlog = 0 FROM billing_sync_status()"
+	events0=$(sql -c "SELECT count(*) FROM billing.events")
+	(
+		while :; do
+			sql -F ' ' -c "SELECT events_delivered, coalesce(events_recent_lag_p50_ms, 0), coalesce(events_recent_lag_p99_ms, 0),
+			                      extract(epoch FROM events_lag) * 1000, events_backlog FROM billing_sync_status()" || true
+			sleep 0.2
+		done
+	) >"$logs/events_lag.samples" 2>/dev/null &
+	sampler_pid=$!
+}
+teardown_events_lag() {
+	local deadline=$((SECONDS + 60))
+	kill "$sampler_pid" 2>/dev/null || true
+	wait "$sampler_pid" 2>/dev/null || true
+	# every event of the run delivered (a worker that falls behind shows here)
+	until [[ $(sql -c "SELECT events_backlog FROM billing_sync_status()") == 0 ]]; do
+		((SECONDS < deadline)) || { hook_status=EVENTS_UNDELIVERED; break; }
+		sleep 0.1
+	done
+	events_written=$(($(sql -c "SELECT count(*) FROM billing.events") - events0))
+	events_streamed=$(rc XLEN billing:events 2>/dev/null || echo 0)
+	# entries of the stream of every tenant, and how many distinct events they are
+	events_distinct=$(rc --raw XRANGE billing:events - + 2>/dev/null |
+		awk 'prev == "event_id" { seen[$0] = 1 } { prev = $0 } END { print length(seen) }')
+	local note="events written $events_written (plus $events0 before the run), in the stream of every tenant $events_streamed entries of $events_distinct distinct events, backlog after the run $(sql -c "SELECT events_backlog FROM billing_sync_status()")"
+	worker_off "$label"
+	hook_note="$note; $hook_note"
 }
 
 # After the job lifecycle: an empty claim (see workloads/job_lifecycle.sql)
@@ -547,6 +608,10 @@ if [[ $BENCH_SYNC_LAG == 1 && -z $worker_conf ]]; then
 	say "BENCH_PRELOAD=0: no background worker, so no lag run (BENCH_SYNC_LAG)"
 	BENCH_SYNC_LAG=0
 fi
+if [[ $BENCH_EVENTS_LAG == 1 && -z $worker_conf ]]; then
+	say "BENCH_PRELOAD=0: no background worker, so no events lag run (BENCH_EVENTS_LAG)"
+	BENCH_EVENTS_LAG=0
+fi
 
 # per run: a fresh database, and the worker's restart after it (5 s)
 per_run=4
@@ -557,6 +622,9 @@ if [[ $BENCH_SWEEP == 1 ]]; then
 fi
 if [[ $BENCH_SYNC_LAG == 1 ]]; then
 	est=$((est + BENCH_SYNC_SECONDS + per_run + 5))
+fi
+if [[ $BENCH_EVENTS_LAG == 1 ]]; then
+	est=$((est + BENCH_EVENTS_SECONDS + per_run + 5))
 fi
 if [[ $BENCH_BALANCE == 1 ]]; then
 	est=$((est + BENCH_BALANCE_ENTRIES / 20000 + 2 * BENCH_BALANCE_SECONDS + 20))
@@ -714,6 +782,28 @@ cpu_median() {
 		printf "%.1f\n", (n % 2 ? v[(n + 1) / 2] : (v[n / 2] + v[n / 2 + 1]) / 2) }' "$cpu_results"
 }
 
+# commit -> stream lag of the events under a paced load: 5,000 transactions/s,
+# one in 10 writing a balance.low event (deduct_cross.sql), the worker on.
+# events_recent_lag_p50/p99_ms are over the last 1,024 events delivered:
+# about 2 s at 500 events/s, so the samples overlap.
+events_p50=- events_p99=- events_max_pending=- events_samples=0 events_tps=- events_written=- events_streamed=- events_distinct=- events0=-
+if [[ $BENCH_EVENTS_LAG == 1 ]]; then
+	say "events lag: deduct.sql and deduct_cross.sql 9:1 paced at $BENCH_EVENTS_RATE/s ($BENCH_CLIENTS clients, $BENCH_EVENTS_SECONDS s), the worker on"
+	run_pgbench events_lag "$here/workloads/deduct.sql@9" "$BENCH_CLIENTS" "$BENCH_JOBS" "$BENCH_EVENTS_SECONDS" \
+		-f "$here/workloads/deduct_cross.sql@1" -R "$BENCH_EVENTS_RATE"
+	# samples whose ring holds only this run's deliveries (1,024 after the first)
+	read -r events_samples events_p50 events_p99 events_max_pending < <(awk '
+		NR == 1 { d0 = $1 } NF == 5 && $1 - d0 >= 1024 { n++; p50[n] = $2; if ($3 > p99) p99 = $3 }
+		NF == 5 && $4 > maxp { maxp = $4 }
+		END {
+			if (n == 0) { print 0, "-", "-", (maxp == "" ? "-" : sprintf("%.1f", maxp)); exit }
+			for (i = 2; i <= n; i++) { v = p50[i]; for (j = i - 1; j >= 1 && p50[j] > v; j--) p50[j + 1] = p50[j]; p50[j + 1] = v }
+			printf "%d %.3f %.3f %.1f\n", n, p50[int((n + 1) / 2)], p99, maxp
+		}' "$logs/events_lag.samples")
+	events_tps=$(result events_lag "$BENCH_CLIENTS" 5)
+	say "  events lag at $(printf '%.0f' "${events_tps/-/0}") transactions/s: p50 $events_p50 ms, p99 $events_p99 ms (worst of $events_samples samples), oldest undelivered event at most $events_max_pending ms"
+fi
+
 # --- 4. billing_balance at two ledger sizes, billing_verify throughput -------
 bal_small_n=1000
 verify_tenant_s= verify_small_s= verify_all_s= verify_all_n=
@@ -794,7 +884,7 @@ for v in BENCH_CLIENTS:8 BENCH_JOBS:2 BENCH_ROUNDS:3 BENCH_ONLY: BENCH_SWEEP:1 B
 	"BENCH_SWEEP_CLIENTS:1 2 4 8 16" "BENCH_SWEEP_WORKLOADS:insert plpgsql_deduct deduct" \
 	BENCH_TENANTS:1000 BENCH_SEEDS:10000 BENCH_BALANCE:1 BENCH_BALANCE_ENTRIES:1000000 \
 	BENCH_BALANCE_BATCH:250 BENCH_BALANCE_SECONDS:5 BENCH_BATCH_ITEMS:100 BENCH_SYNC_LAG:1 BENCH_SYNC_RATE:5000 \
-	BENCH_SYNC_SECONDS:15 BENCH_BUILD:1 BENCH_FSYNC:on BENCH_PRELOAD:1 BENCH_EXTRA_CONF:; do
+	BENCH_SYNC_SECONDS:15 BENCH_EVENTS_LAG:1 BENCH_EVENTS_RATE:5000 BENCH_EVENTS_SECONDS:15 BENCH_BUILD:1 BENCH_FSYNC:on BENCH_PRELOAD:1 BENCH_EXTRA_CONF:; do
 	k=${v%%:*}
 	val=${!k:-${v#*:}}
 	[[ $val == "${v#*:}" ]] && continue
@@ -975,6 +1065,21 @@ fi
 	else
 		echo "| commit → Redis lag p99 < $SYNC_LAG_P99_MS ms at 5,000 deducts/s | not run (BENCH_SYNC_LAG=0, or BENCH_PRELOAD=0: no worker) | - | not measured |"
 	fi
+	if [[ $BENCH_EVENTS_LAG == 1 ]]; then
+		if [[ $events_p99 == - ]]; then
+			met="not measured (too few events delivered: see $logs/events_lag.samples)"
+		elif awk -v r="$events_p99" -v m="$EVENTS_LAG_P99_MS" 'BEGIN { exit !(r < m) }'; then
+			met="met"
+		else
+			met="**not met**"
+		fi
+		if awk -v t="${events_tps/-/0}" -v r="$BENCH_EVENTS_RATE" 'BEGIN { exit !(t < 0.95 * r) }'; then
+			met+=", but at only $(printf '%.0f' "${events_tps/-/0}") transactions/s"
+		fi
+		echo "| event commit → stream p99 < $EVENTS_LAG_P99_MS ms at $BENCH_EVENTS_RATE charges/s, one event per 10 (worst sample, see below) | ${events_p99} ms | one run | $met |"
+	else
+		echo "| event commit → stream p99 < $EVENTS_LAG_P99_MS ms at 5,000 charges/s | not run (BENCH_EVENTS_LAG=0, or BENCH_PRELOAD=0: no worker) | - | not measured |"
+	fi
 	if [[ $BENCH_BALANCE == 1 ]]; then
 		p_small=$(result balance:bal-small 1 6)
 		p_big=$(result balance:bal-big 1 6)
@@ -1034,6 +1139,16 @@ fi
 			echo "| ---: | ---: | ---: | --- |"
 			echo "| $sync_p50 | $sync_p99 | $sync_max_pending | p99 < $SYNC_LAG_P99_MS ms at 5,000 deducts/s |"
 		fi
+	fi
+	if [[ $BENCH_EVENTS_LAG == 1 ]]; then
+		echo
+		echo "## Events: commit → stream lag"
+		echo
+		echo "Run \`events_lag\`: \`deduct.sql\` and \`deduct_cross.sql\` 9:1 (the latter, on 100 accounts below their low-balance threshold, credits 1.00 and charges 1.00 in one transaction: one \`balance.low\` event each), paced at $BENCH_EVENTS_RATE transactions/s in all (\`pgbench -R\`, $BENCH_CLIENTS clients, $BENCH_EVENTS_SECONDS s), reached **$(printf '%.0f' "${events_tps/-/0}") transactions/s**; the worker pushing the mirror and delivering the events to Redis Streams. $events_written events written during the run ($events0 before it, when the thresholds were set), $events_streamed entries of $events_distinct distinct events in the stream of every tenant after the run (more entries than events: deliveries repeated after a failure). \`billing_sync_status()\` sampled every 0.2 s; its events_recent_lag_p50_ms / events_recent_lag_p99_ms cover the last 1,024 events delivered (from the event's \`created_at\`, the charge's clock just before its commit, to the XADD's reply); $events_samples samples held only this run's events:"
+		echo
+		echo "| p50 ms (median of the samples' p50) | p99 ms (worst sample's p99) | oldest undelivered event, max ms | target |"
+		echo "| ---: | ---: | ---: | --- |"
+		echo "| $events_p50 | $events_p99 | $events_max_pending | p99 < $EVENTS_LAG_P99_MS ms at 5,000 charges/s, one event per 10 |"
 	fi
 	if [[ $BENCH_BALANCE == 1 ]]; then
 		echo
