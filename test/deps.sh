@@ -37,7 +37,7 @@ command -v redis-cli >/dev/null 2>&1 || need redis-tools
 # PostgreSQL's Perl TAP framework (PostgreSQL::Test::Cluster) runs on IPC::Run
 perl -MIPC::Run -e 1 >/dev/null 2>&1 || need libipc-run-perl
 command -v prove >/dev/null 2>&1 || need perl
-# promtool checks billing_metrics() (test/t/080_events.pl)
+# promtool checks billing_metrics() (test/t/090_events.pl)
 command -v promtool >/dev/null 2>&1 || need prometheus
 command -v make >/dev/null 2>&1 || need make
 command -v gcc >/dev/null 2>&1 || need gcc
