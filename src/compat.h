@@ -13,8 +13,11 @@
 #define BILLING_COMPAT_H
 
 #include "access/genam.h"
+#include "catalog/pg_namespace.h"
+#include "catalog/pg_proc.h"
 #include "executor/executor.h"
 #include "nodes/parsenodes.h"
+#include "utils/acl.h"
 #if PG_VERSION_NUM >= 160000
 #include "parser/parse_relation.h"
 #endif
@@ -86,5 +89,47 @@ billing_epq_init(EPQState *epq, EState *estate)
 	EvalPlanQualInit(epq, estate, NULL, NIL, -1);
 #endif
 }
+
+/*
+ * 16: pg_proc_aclcheck() and pg_namespace_aclcheck() became
+ * object_aclcheck() with the catalog's OID.
+ */
+static inline AclResult
+billing_proc_aclcheck(Oid proc, Oid role, AclMode mode)
+{
+#if PG_VERSION_NUM >= 160000
+	return object_aclcheck(ProcedureRelationId, proc, role, mode);
+#else
+	return pg_proc_aclcheck(proc, role, mode);
+#endif
+}
+
+static inline AclResult
+billing_namespace_aclcheck(Oid nsp, Oid role, AclMode mode)
+{
+#if PG_VERSION_NUM >= 160000
+	return object_aclcheck(NamespaceRelationId, nsp, role, mode);
+#else
+	return pg_namespace_aclcheck(nsp, role, mode);
+#endif
+}
+
+/*
+ * The settings the background worker pins (worker.c) that differ by
+ * version, as entries of its {name, value} table: 16 renamed
+ * force_parallel_mode to debug_parallel_query; 17 added
+ * transaction_timeout.
+ */
+#if PG_VERSION_NUM >= 170000
+#define BILLING_PINNED_BY_VERSION \
+	{"debug_parallel_query", "off"}, \
+	{"transaction_timeout", "0"},
+#elif PG_VERSION_NUM >= 160000
+#define BILLING_PINNED_BY_VERSION \
+	{"debug_parallel_query", "off"},
+#else
+#define BILLING_PINNED_BY_VERSION \
+	{"force_parallel_mode", "off"},
+#endif
 
 #endif							/* BILLING_COMPAT_H */

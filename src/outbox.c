@@ -36,6 +36,7 @@
 #include "catalog/pg_namespace.h"
 #include "catalog/pg_proc.h"
 #include "catalog/pg_type.h"
+#include "compat.h"
 #include "events.h"
 #include "executor/spi.h"
 #include "guc.h"
@@ -165,12 +166,6 @@ note_error(const char *fmt,...)
 	LWLockRelease(billing_events->lock);
 }
 
-#if PG_VERSION_NUM >= 160000
-#define proc_aclcheck(oid, role, mode) object_aclcheck(ProcedureRelationId, oid, role, mode)
-#else
-#define proc_aclcheck(oid, role, mode) pg_proc_aclcheck(oid, role, mode)
-#endif
-
 /*
  * Is the outbox there (a database still at 1.3 has none) and does the
  * worker's role have what it needs (billing_grant_worker)?  NULL if so,
@@ -204,7 +199,7 @@ outbox_problem(void)
 												   makeString(unconstify(char *, functions[i].name))),
 										functions[i].nargs, functions[i].args, true);
 
-		if (!OidIsValid(fn) || proc_aclcheck(fn, GetUserId(), ACL_EXECUTE) != ACLCHECK_OK)
+		if (!OidIsValid(fn) || billing_proc_aclcheck(fn, GetUserId(), ACL_EXECUTE) != ACLCHECK_OK)
 			return psprintf("EXECUTE on billing.%s()", functions[i].name);
 	}
 	return NULL;

@@ -49,6 +49,7 @@
 #include "citus.h"
 #include "commands/dbcommands.h"
 #include "commands/extension.h"
+#include "compat.h"
 #include "events.h"
 #include "executor/spi.h"
 #include "fmgr.h"
@@ -340,14 +341,6 @@ extension_installed(void)
 	return found;
 }
 
-#if PG_VERSION_NUM >= 160000
-#define namespace_aclcheck(oid, role, mode) object_aclcheck(NamespaceRelationId, oid, role, mode)
-#define proc_aclcheck(oid, role, mode) object_aclcheck(ProcedureRelationId, oid, role, mode)
-#else
-#define namespace_aclcheck(oid, role, mode) pg_namespace_aclcheck(oid, role, mode)
-#define proc_aclcheck(oid, role, mode) pg_proc_aclcheck(oid, role, mode)
-#endif
-
 /*
  * The rights a worker role needs (billing_grant_worker() grants them):
  * NULL when it has them, else what is missing.  The bootstrap superuser
@@ -380,7 +373,7 @@ missing_rights(void)
 		return NULL;
 	}
 	nsp = get_namespace_oid("billing", true);
-	if (!OidIsValid(nsp) || namespace_aclcheck(nsp, role, ACL_USAGE) != ACLCHECK_OK)
+	if (!OidIsValid(nsp) || billing_namespace_aclcheck(nsp, role, ACL_USAGE) != ACLCHECK_OK)
 		missing = "USAGE on schema billing";
 	for (int i = 0; missing == NULL && i < lengthof(tables); i++)
 	{
@@ -395,7 +388,7 @@ missing_rights(void)
 												   makeString(unconstify(char *, functions[i].name))),
 										functions[i].nargs, functions[i].args, true);
 
-		if (!OidIsValid(fn) || proc_aclcheck(fn, role, ACL_EXECUTE) != ACLCHECK_OK)
+		if (!OidIsValid(fn) || billing_proc_aclcheck(fn, role, ACL_EXECUTE) != ACLCHECK_OK)
 			missing = psprintf("EXECUTE on billing.%s()", functions[i].name);
 	}
 	if (missing != NULL)
@@ -427,17 +420,10 @@ pin_environment(void)
 		{"lock_timeout", "0"},
 		{"idle_in_transaction_session_timeout", "0"},
 		{"idle_session_timeout", "0"},
-#if PG_VERSION_NUM >= 170000
-		{"transaction_timeout", "0"},
-#endif
 		{"row_security", "off"},	/* an error, never a silently filtered mirror */
 		{"session_replication_role", "origin"}, /* triggers fire */
 		{"exit_on_error", "off"},
-#if PG_VERSION_NUM >= 160000
-		{"debug_parallel_query", "off"},
-#else
-		{"force_parallel_mode", "off"},
-#endif
+		BILLING_PINNED_BY_VERSION	/* compat.h */
 		{"check_function_bodies", "on"},
 		{"DateStyle", "ISO, MDY"},
 		{"IntervalStyle", "postgres"},
