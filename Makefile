@@ -4,7 +4,8 @@
 #                        (default: the pg_config on PATH); never installs packages
 #   make installcheck    the regression and isolation suites against a running
 #                        server (PGHOST, PGPORT, ...), default settings, the
-#                        extension installed (make install)
+#                        extension installed (make install); TAP_TESTS=1 adds
+#                        the TAP tests (below)
 #   make check           every test (test/run.sh): installs missing Debian
 #                        packages when run as root, builds, installs, runs the
 #                        regression and isolation suites on a throwaway
@@ -96,6 +97,13 @@ REGRESS_OPTS = --encoding=UTF8 --no-locale
 ISOLATION = $(sort $(patsubst test/isolation/specs/%.spec,%,$(wildcard test/isolation/specs/*.spec)))
 ISOLATION_OPTS = --inputdir=test/isolation --encoding=UTF8 --no-locale
 
+# make installcheck TAP_TESTS=1 runs the TAP tests (test/t/*.pl) too, by
+# PGXS's prove_installcheck: their PostgreSQL::Test::Cluster nodes run the
+# installed PostgreSQL and billing (not the running server), as a non-root
+# user; they need redis-server and libipc-run-perl (make deps).  t/080_citus
+# skips unless Citus is installed (make check builds it).
+PROVE_TESTS ?= $(sort $(wildcard test/t/*.pl))
+
 .PHONY: check matrix demo bench deps dist
 
 # The entry points that run scripts do not include PGXS: PGXS defines its
@@ -126,6 +134,9 @@ ifeq ($(PGXS),)
 $(error pg_config not found or not working (PG_CONFIG=$(PG_CONFIG)): install the PostgreSQL server development package (Debian: postgresql-server-dev-15, or run "make deps" as root), or pass PG_CONFIG=/path/to/pg_config)
 endif
 include $(PGXS)
+
+PG_PROVE_FLAGS += -I $(srcdir)/test/perl
+installcheck: export BILLING_INSTALLCHECK = 1
 
 $(EXTENSION)--$(EXTVERSION).sql: $(sort $(wildcard schema/*.sql))
 	cat $^ > $@

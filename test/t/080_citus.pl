@@ -53,6 +53,14 @@ my $started = time;
 my $pg_config = $ENV{PG_CONFIG} // 'pg_config';
 my $build = $ENV{BILLING_CITUS_BUILD};
 undef $build if defined $build && $build eq '';
+if (!defined $build && $ENV{BILLING_INSTALLCHECK})
+{
+	# make installcheck TAP_TESTS=1 installs nothing: Citus must be there
+	my $lib = `$pg_config --pkglibdir`;
+	chomp $lib;
+	$build = -f "$lib/citus.so" ? 'ok'
+	  : "skip: make installcheck does not build Citus: install it (bash test/citus/build.sh) or run make check";
+}
 if (!defined $build)
 {
 	my $src = $ENV{BILLING_CITUS_SRC} // "$BillingTest::REPO/../shared/citus";
