@@ -949,6 +949,50 @@ write_repairs(void)
  */
 
 /*
+ * Run one housekeeping step of the cycle (the sweep, the pruning) in an
+ * error block of its own: its failure is logged and shown in
+ * billing_sync_status() (and waits for the step's next turn), but never
+ * holds up the delivery of events.
+ */
+static bool
+outbox_step(const char *what, bool (*step) (void))
+{
+	MemoryContext cxt = CurrentMemoryContext;
+	volatile bool result = false;
+
+	PG_TRY();
+	{
+		result = step();
+	}
+	PG_CATCH();
+	{
+		ErrorData  *edata;
+
+		MemoryContextSwitchTo(cxt);
+		edata = CopyErrorData();
+		FlushErrorState();
+		AbortCurrentTransaction();
+		if (edata->sqlerrcode != ERRCODE_LOCK_NOT_AVAILABLE)
+		{
+			ereport(LOG, (errmsg("billing events: %s: %s", what, edata->message)));
+			note_error("%s: %s", what, edata->message);
+		}
+		FreeErrorData(edata);
+		pgstat_report_activity(STATE_IDLE, NULL);
+		result = false;
+	}
+	PG_END_TRY();
+	return result;
+}
+
+static bool
+sweep_step(void)
+{
+	sweep();
+	return false;
+}
+
+/*
  * One round of the events' work (worker.c, after the mirror's pushes and
  * the maintenance): write mirror.repaired, run the sweep and the pruning
  * when due, deliver what was committed since the last round (or every
@@ -983,12 +1027,12 @@ outbox_cycle(bool redis_ready)
 			if (TimestampDifferenceExceeds(last_sweep, now, billing_maintenance_interval))
 			{
 				last_sweep = now;
-				sweep();
+				(void) outbox_step("the alerts' sweep", sweep_step);
 			}
 			if (TimestampDifferenceExceeds(last_prune, now, PRUNE_MS))
 			{
 				last_prune = now;
-				if (prune())
+				if (outbox_step("pruning the outbox", prune))
 				{
 					last_prune = 0;
 					more = true;

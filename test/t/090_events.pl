@@ -145,6 +145,19 @@ ok(wait_for(120, \&delivered_all), "a2's event is delivered once the key is gone
 is(tenant_stream('a2'), outbox('a2'), "a2's stream holds its event");
 is(tenant_stream('a1'), outbox('a1'), "a1's stream holds its events, in order, each once");
 
+# a housekeeping step that fails (here the grant.expiring sweep) is logged
+# and never holds up the delivery of events
+my $sweep_def = qv("SELECT pg_get_functiondef('billing.alerts_due(integer)'::regprocedure)");
+sql(q{CREATE OR REPLACE FUNCTION billing.alerts_due(max_accounts integer DEFAULT 1000) RETURNS integer
+      LANGUAGE plpgsql AS $$ BEGIN RAISE EXCEPTION 'the sweep is broken (a test)'; END $$});
+ok(wait_for(120, sub { slurp_file($node->logfile) =~ /billing events: the alerts' sweep: the sweep is broken/ }),
+	'a failing sweep is logged, naming the step');
+sql("SELECT billing_credit('a1', 60, 'a1-c3'); SELECT billing_deduct('a1', 60, 'a1-d3')");    # a1 seq 3
+ok(wait_for(120, sub { (qv("SELECT delivered_at IS NOT NULL FROM billing.events WHERE tenant_id = 'a1' AND seq = 3") // '') eq 't' }),
+	'events are delivered while the sweep fails');
+sql($sweep_def);
+is(tenant_stream('a1'), outbox('a1'), "a1's stream holds its events, in order, each once");
+
 # mirror.repaired: what the consistency check found different
 $redis->cli('HSET', 'billing:{a1}', 'balance', '1');
 ok(wait_for(120, sub { (qv("SELECT count(*) FROM billing.events WHERE tenant_id = 'a1' AND type = 'mirror.repaired'") // 0) > 0 }),
