@@ -960,7 +960,9 @@ use PostgreSQL::Test::Utils;
 =head1 BillingTest::FakeRedis
 
   my $f = BillingTest::FakeRedis->new('trickle');   # started
+  BillingTest::FakeRedis->new('huge', '--delay', 0.1);  # more options
   $f->port; $f->count('SCAN');                       # commands received
+  $f->last_count('SCAN');                            # ... on the newest connection
   $f->stop;
 
 A hostile Redis (test/tools/fake_redis.pl, see its header for the modes) on
@@ -975,7 +977,7 @@ my @fakes;
 
 sub new
 {
-	my ($class, $mode) = @_;
+	my ($class, $mode, @options) = @_;
 	my $self = bless {
 		mode => $mode,
 		port => PostgreSQL::Test::Cluster::get_free_port(),
@@ -984,7 +986,7 @@ sub new
 	my $out = '';
 	$self->{h} = IPC::Run::start(
 		[ 'perl', "$BillingTest::REPO/test/tools/fake_redis.pl", '--port', $self->{port},
-		  '--mode', $mode, '--log', $self->{log} ],
+		  '--mode', $mode, '--log', $self->{log}, @options ],
 		'<', \undef, '>', \$out, '2>', \$out);
 	push @fakes, $self;
 	BillingTest::wait_until(60, sub {
@@ -1009,6 +1011,18 @@ sub count
 		$n++ if $line =~ /^\d+ \Q$name\E$/;
 	}
 	return $n;
+}
+
+# how many lines NAME the connection that logged last has logged: how far
+# the worker got on it (5 SCANs into a wipe, 3 MiB into a huge reply)
+sub last_count
+{
+	my ($self, $name) = @_;
+	return 0 unless -f $self->{log};
+	my @lines = split /\n/, PostgreSQL::Test::Utils::slurp_file($self->{log});
+	return 0 unless @lines && $lines[-1] =~ /^(\d+) /;
+	my $pid = $1;
+	return scalar(grep { /^$pid \Q$name\E$/ } @lines);
 }
 
 sub stop

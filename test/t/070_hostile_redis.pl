@@ -5,7 +5,11 @@
 # H2 (a trickling or silent Redis hung the worker: SIGTERM, reloads, a fast
 # shutdown, hold expiry all waited).  The worker must neither die by a
 # signal nor block: every surprise is "error -> disconnect -> back off ->
-# reconnect", and billing_sync_status() says what happened.
+# reconnect", and billing_sync_status() says what happened.  A fast
+# shutdown completes within 10 s whatever Redis does: checked while Redis
+# trickles, says nothing, is in the middle of a huge reply and of a SCAN
+# that never ends (the other modes' replies are refused as they arrive: the
+# worker is then backing off, as after the silent server).
 
 use strict;
 use warnings FATAL => 'all';
@@ -105,6 +109,26 @@ for my $case ([ 'huge', qr/billing\.redis_max_reply_size/ ],
 	$fake->stop;
 }
 
+# --- a fast shutdown in the middle of a huge reply, sent slowly (64 KiB
+# every 0.1 s: the worker closes the connection at 16 MiB,
+# billing.redis_max_reply_size, after 25 s) and with the longest command
+# timeout (60 s): only the worker's sliced wait can make the stop prompt
+{
+	my $fake = BillingTest::FakeRedis->new('huge', '--delay', 0.1);
+	$node->safe_psql($db, "ALTER SYSTEM SET billing.redis_command_timeout = 60000; "
+		  . "ALTER SYSTEM SET billing.redis_port = " . $fake->port . "; SELECT pg_reload_conf()");
+	ok(BillingTest::wait_until(120, sub { my $k = $fake->last_count('MIB'); $k >= 1 && $k <= 4 }, 0.05),
+		'huge, slowly: the worker is in the middle of the reply (' . $fake->last_count('MIB') . ' MiB)');
+	my $took = stop_fast();
+	cmp_ok($took, '<', 10, sprintf('huge, slowly: pg_ctl stop -m fast took %.1f s (%d MiB into the reply)',
+			$took, $fake->last_count('MIB')));
+	$fake->stop;
+	$node->start;
+	$node->safe_psql($db, "ALTER SYSTEM RESET billing.redis_command_timeout; SELECT pg_reload_conf()");
+	ok(BillingTest::wait_until(120, sub { worker_pid() }), 'huge, slowly: the worker started again');
+	$pid = worker_pid();
+}
+
 # --- a SCAN cursor that never ends
 {
 	my $fake = BillingTest::FakeRedis->new('scan_forever');
@@ -116,6 +140,20 @@ for my $case ([ 'huge', qr/billing\.redis_max_reply_size/ ],
 		'scan_forever: and starts over after a backoff');
 	is(worker_pid(), $pid, 'scan_forever: the same worker process');
 	$fake->stop;
+
+	# a fast shutdown in the middle of a wipe whose SCANs take 0.3 s each: a
+	# worker that looked at interrupts only between the wipe's steps (50
+	# SCANs, then the main loop) would stop up to 15 s later, one that
+	# finished the wipe (104 SCANs: DBSIZE says 10) up to 31 s later
+	$fake = BillingTest::FakeRedis->new('scan_forever', '--delay', 0.3);
+	point_at($fake->port);
+	ok(BillingTest::wait_until(120, sub { my $k = $fake->last_count('SCAN'); $k >= 1 && $k <= 10 }, 0.05),
+		'scan_forever, slowly: the worker is in the middle of a wipe (' . $fake->last_count('SCAN') . ' SCANs)');
+	my $took = stop_fast();
+	cmp_ok($took, '<', 10, sprintf('scan_forever, slowly: pg_ctl stop -m fast took %.1f s (%d SCANs into the wipe)',
+			$took, $fake->last_count('SCAN')));
+	$fake->stop;
+	$node->start;
 }
 
 # --- H2: a trickling Redis
@@ -132,6 +170,7 @@ for my $case ([ 'huge', qr/billing\.redis_max_reply_size/ ],
 	ok(BillingTest::wait_until(120, sub {
 		(BillingTest::query($node, $db, "SELECT status FROM billing.holds WHERE trace_id = 'h1'") // '') eq 'expired' }),
 		'trickle: the hold expired (maintenance runs while Redis trickles)');
+
 
 	# a reload is honoured now, not after the current command
 	my $t0 = time;

@@ -2,6 +2,7 @@
 # test/tools/fake_redis.pl -- a hostile Redis for the worker's tests.
 #
 #   perl test/tools/fake_redis.pl --port PORT --mode MODE [--log FILE]
+#                                 [--delay SECONDS]
 #
 # A TCP server on 127.0.0.1 that speaks just enough RESP to let the billing
 # worker connect (PING, AUTH, SELECT, SCRIPT LOAD, INFO, EXISTS, GET, SET,
@@ -16,17 +17,20 @@
 #   trickle       every reply but those of PING/AUTH/SELECT/SCRIPT LOAD is
 #                 sent one byte every 0.5 s
 #   huge          the reply to INFO is a string of 512 MiB, streamed (never
-#                 held in memory)
+#                 held in memory) in 64 KiB chunks, --delay apart; "MIB" is
+#                 logged for every MiB sent
 #   huge_array    the reply to INFO is an array of 100,000,000 integers,
 #                 streamed
 #   deep          the reply to INFO is an array nested 100,000 levels deep
 #   scan_forever  the marker names another ledger; SCAN's cursor never
-#                 comes back to 0
+#                 comes back to 0 (each SCAN answered after --delay)
 #   silent        accepts connections and reads, never answers
 #   ok            answers everything plausibly (EVALSHA 1, HGETALL empty)
 #
 # Each connection is served by a child process; --log FILE gets one line
 # per command received ("<pid> <COMMAND>"), for the tests to wait on.
+# --delay (default 0) slows huge and scan_forever down, so that a test can
+# find the worker in the middle of that reply or of that wipe.
 # Only core Perl modules.  SIGTERM stops the server and its children.
 use strict;
 use warnings;
@@ -38,9 +42,9 @@ use IO::Socket::INET;
 use POSIX ();
 use Time::HiRes qw(sleep);
 
-my ($port, $mode, $logfile) = (0, 'ok', undef);
-GetOptions('port=i' => \$port, 'mode=s' => \$mode, 'log=s' => \$logfile)
-  or die "usage: $0 --port PORT --mode MODE [--log FILE]\n";
+my ($port, $mode, $logfile, $delay) = (0, 'ok', undef, 0);
+GetOptions('port=i' => \$port, 'mode=s' => \$mode, 'log=s' => \$logfile, 'delay=f' => \$delay)
+  or die "usage: $0 --port PORT --mode MODE [--log FILE] [--delay SECONDS]\n";
 my %modes = map { $_ => 1 }
   qw(scan_int wrong_types trickle huge huge_array deep scan_forever silent ok);
 die "unknown mode $mode\n" unless $modes{$mode};
@@ -142,6 +146,7 @@ sub answer
 		{
 			return send_all($sock, arr(bulk('0'), arr(bulk('billing:{a}'), int_(42))))
 			  if $mode eq 'scan_int';
+			sleep $delay if $delay > 0;
 			return send_all($sock, arr(bulk('17'), arr()));
 		}
 	}
@@ -166,6 +171,8 @@ sub answer
 		for (my $sent = 0; $sent < $size; $sent += length $chunk)
 		{
 			return 0 unless send_all($sock, $chunk);
+			logline('MIB') if ($sent + length $chunk) % (1024 * 1024) == 0;
+			sleep $delay if $delay > 0;
 		}
 		return send_all($sock, "\r\n");
 	}
