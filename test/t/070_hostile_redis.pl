@@ -3,9 +3,9 @@
 # C1 (a SCAN reply with an integer key crashed the server), M5 (a 512 MiB
 # reply took the worker's memory to 1 GB), replies of wrong types, and
 # H2 (a trickling or silent Redis hung the worker: SIGTERM, reloads, a fast
-# shutdown, hold expiry all waited).  The worker must neither die by a
-# signal nor block: every surprise is "error -> disconnect -> back off ->
-# reconnect", and billing_sync_status() says what happened.  A fast
+# shutdown, hold expiry and job rescue all waited).  The worker must neither
+# die by a signal nor block: every surprise is "error -> disconnect -> back
+# off -> reconnect", and billing_sync_status() says what happened.  A fast
 # shutdown completes within 10 s whatever Redis does: checked while Redis
 # trickles, says nothing, is in the middle of a huge reply and of a SCAN
 # that never ends (the other modes' replies are refused as they arrive: the
@@ -171,6 +171,17 @@ for my $case ([ 'huge', qr/billing\.redis_max_reply_size/ ],
 		(BillingTest::query($node, $db, "SELECT status FROM billing.holds WHERE trace_id = 'h1'") // '') eq 'expired' }),
 		'trickle: the hold expired (maintenance runs while Redis trickles)');
 
+	# and so does the job rescue (the same maintenance): a job claimed with a
+	# lease of one second that nobody renews is queued again
+	$node->safe_psql($db, "SELECT billing_job_submit('t1', 'render', 'j1', 1)");
+	my $job = $node->safe_psql($db,
+		"SELECT job_id FROM billing_job_claim('w1', tenant_id => 't1', lease => interval '1 second')");
+	ok($job, "trickle: job $job claimed");
+	my $rescued = sub {
+		BillingTest::query($node, $db, "SELECT state || ', ' || last_error FROM billing.jobs "
+			  . "WHERE tenant_id = 't1' AND job_id = $job") // '' };
+	ok(BillingTest::wait_until(120, sub { $rescued->() =~ /^queued, lease expired \(worker w1, attempt 1\)$/ }),
+		'trickle: the job whose lease expired was rescued (' . $rescued->() . ')');
 
 	# a reload is honoured now, not after the current command
 	my $t0 = time;
