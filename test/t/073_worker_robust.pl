@@ -104,13 +104,23 @@ cmp_ok($zzzz, '<', $last_page,
 	"the change of zzzz (last in tenant order) was pushed between the resync's pages, "
 	  . ($last_page - $zzzz) . ' ms before the resync reached the last page');
 
-# the same when a client deletes only the marker: resync, the mirror goes on
+# the same when a client deletes only the marker: resync, the mirror goes on.
+# The hashes are all still there and a resync writes only those Redis lacks
+# or holds older (APPLY_NEWER): so that its last page writes one to compare
+# with, the hash of m03000 (on the last page, with zzzz) goes with the marker
 $resyncs = status('full_resyncs');
-$redis->cli('DEL', 'billing:__sync__');
+$redis->cli('DEL', 'billing:__sync__', 'billing:{m03000}');
 $node->safe_psql($db, "SELECT billing_credit('zzzz', 1, 'z2')");
 ok(BillingTest::wait_until(120, sub { ($redis->cli_ok('HGET', 'billing:{zzzz}', 'balance'))[0] eq '8000000' }),
 	'a deleted marker: the dirty tenant is pushed');
 ok(BillingTest::wait_until(300, sub { status('full_resyncs') > $resyncs }), 'and the resync completes');
+ok(BillingTest::wait_until(120, sub { BillingTest::mirror_equals($node, $db, $redis) }),
+	'a deleted marker: the mirror converged');
+$zzzz = $redis->cli('HGET', 'billing:{zzzz}', 'synced_at_ms');
+$last_page = $redis->cli('HGET', 'billing:{m03000}', 'synced_at_ms');
+cmp_ok($zzzz, '<', $last_page,
+	"a deleted marker: the change of zzzz was pushed between the resync's pages, "
+	  . ($last_page - $zzzz) . ' ms before the resync reached the last page');
 
 BillingTest::no_crashes($node);
 done_testing();
