@@ -19,8 +19,9 @@
  * committing backends, see sync.c) or a timeout; take the dirty tenants
  * out of shared memory; read their committed snapshots in a short
  * transaction of our own; commit it; only then talk to Redis.  No
- * transaction is ever open during Redis I/O.  Signals (SIGTERM, reloads)
- * are honoured within REDIS_WAIT_SLICE_MS also while Redis is slow.
+ * transaction is ever open during Redis I/O.  While it waits for Redis,
+ * signals (SIGTERM, reloads) are handled between wait slices of
+ * REDIS_WAIT_SLICE_MS, however slow Redis is.
  *
  * Failures: when Redis is unreachable or misbehaves the tenants go back
  * into the dirty set and the worker retries with a bounded exponential
