@@ -93,9 +93,24 @@ $node->safe_psql($db, "ALTER SYSTEM SET billing.check_interval = 0; SELECT pg_re
 $node->safe_psql($db, "SELECT billing_account_create('m' || lpad(i::text, 5, '0')) FROM generate_series(1, 3000) AS i");
 $node->safe_psql($db, "SELECT billing_account_create('zzzz')");
 ok(BillingTest::wait_until(300, sub { BillingTest::mirror_equals($node, $db, $redis) }), '3,000 more accounts');
+# The flush and the change happen while the worker is away from Redis, so
+# that the change is waiting when the resync starts, however slow this
+# machine is (else a fast resync could end before the change commits)
+my $redis_host = $node->safe_psql($db, 'SHOW billing.redis_host');
+sub away_from_redis
+{
+	$node->safe_psql($db, "ALTER SYSTEM SET billing.redis_host = ''; SELECT pg_reload_conf()");
+	ok(BillingTest::wait_until(120, sub { status('connected') eq 'f' }), 'the worker left Redis');
+}
+sub back_to_redis
+{
+	$node->safe_psql($db, "ALTER SYSTEM SET billing.redis_host = '$redis_host'; SELECT pg_reload_conf()");
+}
 my $resyncs = status('full_resyncs');
+away_from_redis();
 $redis->cli('FLUSHALL');
 $node->safe_psql($db, "SELECT billing_credit('zzzz', 7, 'z1')");
+back_to_redis();
 ok(BillingTest::wait_until(300, sub { status('full_resyncs') > $resyncs }), 'the full resync ran');
 ok(BillingTest::wait_until(120, sub { BillingTest::mirror_equals($node, $db, $redis) }), 'the mirror converged');
 my $zzzz = $redis->cli('HGET', 'billing:{zzzz}', 'synced_at_ms');
@@ -109,8 +124,10 @@ cmp_ok($zzzz, '<', $last_page,
 # or holds older (APPLY_NEWER): so that its last page writes one to compare
 # with, the hash of m03000 (on the last page, with zzzz) goes with the marker
 $resyncs = status('full_resyncs');
+away_from_redis();
 $redis->cli('DEL', 'billing:__sync__', 'billing:{m03000}');
 $node->safe_psql($db, "SELECT billing_credit('zzzz', 1, 'z2')");
+back_to_redis();
 ok(BillingTest::wait_until(120, sub { ($redis->cli_ok('HGET', 'billing:{zzzz}', 'balance'))[0] eq '8000000' }),
 	'a deleted marker: the dirty tenant is pushed');
 ok(BillingTest::wait_until(300, sub { status('full_resyncs') > $resyncs }), 'and the resync completes');
