@@ -43,6 +43,10 @@
 #include "utils/lsyscache.h"
 #include "utils/rel.h"
 #include "utils/snapmgr.h"
+#include "utils/syscache.h"
+#include "common/hashfn.h"
+#include "access/heapam.h"
+#include "access/htup_details.h"
 
 #define MAX_TABLES 4
 
@@ -51,6 +55,31 @@ static DirectTable *known[MAX_TABLES];
 static int	nknown = 0;
 static bool callback_registered = false;
 
+/*
+ * The OIDs of schema billing and of the relations opened here by name,
+ * looked up once and kept until an invalidation of pg_namespace or pg_class
+ * (a schema or relation created, renamed or dropped: DROP/CREATE EXTENSION,
+ * ALTER EXTENSION UPDATE) or a relcache invalidation of one of them says
+ * they may have changed.  A charge opens four or five relations: looking
+ * each up by name cost a catalog cache probe every time.
+ */
+#define MAX_RELIDS 16
+static Oid	cached_nsp = InvalidOid;
+static struct
+{
+	const char *name;			/* a string constant of the caller */
+	Oid			relid;
+}			cached_relids[MAX_RELIDS];
+static int	ncached_relids = 0;
+static bool oid_callbacks_registered = false;
+
+static void
+oid_cache_reset(Datum arg, int cacheid, uint32 hashvalue)
+{
+	cached_nsp = InvalidOid;
+	ncached_relids = 0;
+}
+
 /* a relcache invalidation: resolve the column numbers again next time */
 static void
 direct_relcache_callback(Datum arg, Oid relid)
@@ -58,25 +87,192 @@ direct_relcache_callback(Datum arg, Oid relid)
 	for (int i = 0; i < nknown; i++)
 		if (relid == InvalidOid || known[i]->relid == relid)
 			known[i]->relid = InvalidOid;
+	for (int i = 0; i < ncached_relids; i++)
+		if (relid == InvalidOid || cached_relids[i].relid == relid)
+		{
+			ncached_relids = 0;
+			break;
+		}
+}
+
+static void
+register_callbacks(void)
+{
+	if (!callback_registered)
+	{
+		CacheRegisterRelcacheCallback(direct_relcache_callback, (Datum) 0);
+		callback_registered = true;
+	}
+	if (!oid_callbacks_registered)
+	{
+		CacheRegisterSyscacheCallback(NAMESPACEOID, oid_cache_reset, (Datum) 0);
+		CacheRegisterSyscacheCallback(NAMESPACENAME, oid_cache_reset, (Datum) 0);
+		CacheRegisterSyscacheCallback(RELNAMENSP, oid_cache_reset, (Datum) 0);
+		oid_callbacks_registered = true;
+	}
 }
 
 static Oid
 billing_namespace(void)
 {
-	return get_namespace_oid("billing", false);
+	if (!OidIsValid(cached_nsp))
+	{
+		register_callbacks();
+		cached_nsp = get_namespace_oid("billing", false);
+		ncached_relids = 0;
+	}
+	return cached_nsp;
 }
 
 static Oid
 billing_relid(const char *name, Oid nsp)
 {
-	Oid			relid = get_relname_relid(name, nsp);
+	Oid			relid;
 
+	/* callers pass string constants: compare pointers first */
+	for (int i = 0; i < ncached_relids; i++)
+		if (cached_relids[i].name == name || strcmp(cached_relids[i].name, name) == 0)
+			return cached_relids[i].relid;
+	relid = get_relname_relid(name, nsp);
 	if (!OidIsValid(relid))
 		ereport(ERROR,
 				(errcode(ERRCODE_UNDEFINED_TABLE),
 				 errmsg("relation \"billing.%s\" does not exist", name),
 				 errhint("Reinstall the extension with ALTER EXTENSION billing UPDATE or CREATE EXTENSION billing.")));
+	if (nsp == cached_nsp && ncached_relids < MAX_RELIDS)
+	{
+		cached_relids[ncached_relids].name = name;
+		cached_relids[ncached_relids].relid = relid;
+		ncached_relids++;
+	}
 	return relid;
+}
+
+/*
+ * The newest version of each row this transaction locked and updated
+ * (direct_write), by table and key.  Locking such a row again needs no
+ * index scan: an index scan visits every version this transaction wrote
+ * (none of them can be pruned before it ends), so a transaction that
+ * charged one account n times paid O(n) per lock and O(n^2) in all (10,000
+ * credits in one statement: 1.6 s, 50,000: 34 s).  The version found here
+ * is ours and the newest one, and an update keeps the row locked until the
+ * transaction ends: nobody else can have changed it.  Checked before use
+ * (created by a transaction or subtransaction of ours that did not abort,
+ * not updated since), else the index is used as before.  Forgotten at the
+ * end of the transaction (TopTransactionContext).
+ */
+typedef struct RowKey
+{
+	Oid			relid;
+	int			len;
+	const char *key;
+} RowKey;
+
+typedef struct RowVersion
+{
+	RowKey		k;				/* hash key: k.key is copied into the table's context */
+	ItemPointerData tid;
+} RowVersion;
+
+static HTAB *row_versions = NULL;
+static bool xact_callback_registered = false;
+
+static uint32
+row_key_hash(const void *key, Size keysize)
+{
+	const RowKey *k = key;
+
+	return hash_bytes((const unsigned char *) k->key, k->len) ^ k->relid;
+}
+
+static int
+row_key_match(const void *key1, const void *key2, Size keysize)
+{
+	const RowKey *a = key1;
+	const RowKey *b = key2;
+
+	return !(a->relid == b->relid && a->len == b->len &&
+			 memcmp(a->key, b->key, a->len) == 0);
+}
+
+static void
+row_versions_xact_callback(XactEvent event, void *arg)
+{
+	/* the memory goes with TopTransactionContext */
+	if (event == XACT_EVENT_COMMIT || event == XACT_EVENT_ABORT ||
+		event == XACT_EVENT_PARALLEL_COMMIT || event == XACT_EVENT_PARALLEL_ABORT ||
+		event == XACT_EVENT_PREPARE)
+		row_versions = NULL;
+}
+
+static RowVersion *
+row_version_find(Oid relid, Datum key, bool create)
+{
+	text	   *t = (text *) pg_detoast_datum_packed((struct varlena *) DatumGetPointer(key));
+	RowKey		k;
+	RowVersion *rv;
+	bool		found;
+
+	if (row_versions == NULL)
+	{
+		HASHCTL		info;
+
+		if (!create)
+			return NULL;
+		if (!xact_callback_registered)
+		{
+			RegisterXactCallback(row_versions_xact_callback, NULL);
+			xact_callback_registered = true;
+		}
+		info.keysize = sizeof(RowKey);
+		info.entrysize = sizeof(RowVersion);
+		info.hash = row_key_hash;
+		info.match = row_key_match;
+		info.hcxt = TopTransactionContext;
+		row_versions = hash_create("billing row versions", 64, &info,
+								   HASH_ELEM | HASH_FUNCTION | HASH_COMPARE | HASH_CONTEXT);
+	}
+	k.relid = relid;
+	k.len = VARSIZE_ANY_EXHDR(t);
+	k.key = VARDATA_ANY(t);
+	rv = hash_search(row_versions, &k, create ? HASH_ENTER : HASH_FIND, &found);
+	if (rv != NULL && create && !found)
+	{
+		char	   *copy = MemoryContextAlloc(TopTransactionContext, Max(k.len, 1));
+
+		memcpy(copy, k.key, k.len);
+		rv->k.key = copy;
+	}
+	return rv;
+}
+
+/*
+ * The version at *tid, if it is the newest version of the row whose key is
+ * `key`, written by this transaction (not by an aborted subtransaction):
+ * then it is in `slot` and true is returned.
+ */
+static bool
+fetch_own_version(DirectTable *t, Relation rel, ItemPointer tid, Datum key,
+				  TupleTableSlot *slot)
+{
+	HeapTuple	tup;
+	bool		isnull;
+	Datum		k;
+
+	if (!table_tuple_fetch_row_version(rel, tid, SnapshotAny, slot))
+		return false;
+	tup = ExecFetchSlotHeapTuple(slot, false, NULL);
+	if (tup == NULL || tup->t_data == NULL)
+		return false;
+	if (!TransactionIdIsCurrentTransactionId(HeapTupleHeaderGetRawXmin(tup->t_data)))
+		return false;
+	/* not updated or deleted since (a lock of ours on it does not matter) */
+	if (!(tup->t_data->t_infomask & HEAP_XMAX_INVALID) &&
+		!HEAP_XMAX_IS_LOCKED_ONLY(tup->t_data->t_infomask))
+		return false;
+	k = slot_getattr(slot, t->attnum[0], &isnull);
+	return !isnull && DatumGetBool(DirectFunctionCall2Coll(texteq, C_COLLATION_OID,
+														   k, key));
 }
 
 /*
@@ -162,11 +358,7 @@ resolve_columns(DirectTable *t, Relation rel)
 								t->name, t->cols[c]),
 						 errhint("Do not alter the extension's tables; install the billing library that matches the extension version.")));
 
-	if (!callback_registered)
-	{
-		CacheRegisterRelcacheCallback(direct_relcache_callback, (Datum) 0);
-		callback_registered = true;
-	}
+	register_callbacks();
 	if (t->relid == InvalidOid)
 	{
 		int			i;
@@ -457,6 +649,13 @@ bool
 direct_lock_row(DirectTable *t, Datum key, Datum *values, bool *nulls,
 				ItemPointer tid)
 {
+	return direct_lock_row_nowait(t, key, values, nulls, tid, false, NULL);
+}
+
+bool
+direct_lock_row_nowait(DirectTable *t, Datum key, Datum *values, bool *nulls,
+					   ItemPointer tid, bool nowait, bool *busy)
+{
 	Oid			nsp = billing_namespace();
 	int64		shardid;
 	Relation	rel = direct_open(t, nsp, key, true, RowExclusiveLock, &shardid);
@@ -467,6 +666,9 @@ direct_lock_row(DirectTable *t, Datum key, Datum *values, bool *nulls,
 	bool		found;
 	TM_Result	res;
 	TM_FailureData tmfd;
+
+	if (busy)
+		*busy = false;
 
 	/*
 	 * Citus: the two tables of a charge are distributed together, or a
@@ -494,6 +696,22 @@ direct_lock_row(DirectTable *t, Datum key, Datum *values, bool *nulls,
 	UpdateActiveSnapshotCommandId();
 	snap = GetActiveSnapshot();
 
+	/* a row this transaction updated already: its newest version, locked */
+	{
+		RowVersion *rv = row_version_find(RelationGetRelid(rel), key, false);
+
+		if (rv != NULL && fetch_own_version(t, rel, &rv->tid, key, slot))
+		{
+			index_close(index, NoLock);
+			copy_columns(t, slot, values, nulls);
+			ItemPointerCopy(&rv->tid, tid);
+			PopActiveSnapshot();
+			ExecDropSingleTupleTableSlot(slot);
+			table_close(rel, NoLock);
+			return true;
+		}
+	}
+
 	found = lookup(rel, index, snap, key, slot);
 	index_close(index, NoLock);
 
@@ -501,13 +719,18 @@ direct_lock_row(DirectTable *t, Datum key, Datum *values, bool *nulls,
 	{
 		res = table_tuple_lock(rel, &slot->tts_tid, snap, slot,
 							   GetCurrentCommandId(true), LockTupleExclusive,
-							   LockWaitBlock,
+							   nowait ? LockWaitSkip : LockWaitBlock,
 							   IsolationUsesXactSnapshot() ? 0 :
 							   TUPLE_LOCK_FLAG_FIND_LAST_VERSION,
 							   &tmfd);
 		switch (res)
 		{
 			case TM_Ok:
+				break;
+			case TM_WouldBlock:
+				/* nowait: another transaction holds the row */
+				*busy = true;
+				found = false;
 				break;
 			case TM_Updated:
 			case TM_Deleted:
@@ -530,7 +753,7 @@ direct_lock_row(DirectTable *t, Datum key, Datum *values, bool *nulls,
 	}
 
 	/* a followed update might have changed the key: check it again */
-	if (found && tmfd.traversed)
+	if (found && res == TM_Ok && tmfd.traversed)
 	{
 		bool		isnull;
 		Datum		k = slot_getattr(slot, t->attnum[0], &isnull);
@@ -728,6 +951,16 @@ direct_write(Datum key, DirectTable *ins, Datum *ivalues, bool *inulls,
 		if (!ItemPointerIsValid(&newslot->tts_tid))
 			skipped_by_trigger(urel);
 		ItemPointerCopy(&newslot->tts_tid, tid);
+
+		/* the row's newest version, for the next lock of it (direct_lock_row) */
+		if (!newslot->tts_isnull[upd->attnum[0] - 1])
+		{
+			RowVersion *rv = row_version_find(RelationGetRelid(urel),
+											  newslot->tts_values[upd->attnum[0] - 1],
+											  true);
+
+			ItemPointerCopy(tid, &rv->tid);
+		}
 	}
 	AfterTriggerEndQuery(estate);
 

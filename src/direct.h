@@ -62,6 +62,16 @@ extern bool direct_lock_row(DirectTable *t, Datum key, Datum *values,
 							bool *nulls, ItemPointer tid);
 
 /*
+ * The same; with nowait, a row locked by another transaction is not waited
+ * for: false is returned with *busy set (as SELECT ... FOR UPDATE SKIP
+ * LOCKED).  The charge engine uses it not to hold up a batch for one
+ * tenant.
+ */
+extern bool direct_lock_row_nowait(DirectTable *t, Datum key, Datum *values,
+								   bool *nulls, ItemPointer tid, bool nowait,
+								   bool *busy);
+
+/*
  * Read rows by key as the active snapshot sees them (no lock), as
  * direct_lock_row otherwise.  A reader keeps the table, its key index and
  * one index scan open, so that reading many rows (the background worker's
