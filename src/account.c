@@ -137,21 +137,47 @@ int64_or(Datum *values, bool *nulls, int col, int64 if_null)
 void
 account_lock(Account *acc, text *tenant_id, MemoryContext cxt)
 {
+	if (account_try_lock(acc, tenant_id, cxt, false) == ACCOUNT_MISSING)
+	{
+		Rejection	rej;
+
+		account_missing(acc->tenant, &rej);
+		billing_raise_rejection(&rej);
+	}
+}
+
+/* ZB001 for an account that does not exist */
+void
+account_missing(const char *tenant, Rejection *rej)
+{
+	rej->sqlerrcode = ERRCODE_BILLING_ACCOUNT_NOT_FOUND;
+	rej->message = psprintf("account \"%s\" does not exist", tenant);
+	rej->detail = NULL;
+	rej->hint = psprintf("Create it first with billing_account_create(%s).",
+						 quote_literal_cstr(tenant));
+}
+
+/*
+ * account_lock, but an account that does not exist is ACCOUNT_MISSING (with
+ * acc->tenant set) instead of an error, and with nowait an account locked by
+ * another transaction is ACCOUNT_BUSY instead of waited for.
+ */
+AccountLockResult
+account_try_lock(Account *acc, text *tenant_id, MemoryContext cxt, bool nowait)
+{
 	Datum		values[AC_NCOLS];
 	bool		nulls[AC_NCOLS];
 	MemoryContext old = MemoryContextSwitchTo(cxt);
 	char	   *tenant = text_to_cstring(tenant_id);
+	bool		busy = false;
 
 	memset(acc, 0, sizeof(*acc));
 	acc->cxt = cxt;				/* the caller's: survives SPI_finish */
+	acc->tenant = tenant;
 	MemoryContextSwitchTo(old); /* the row's values: temporary */
-	if (!direct_lock_row(&billing_accounts_table, PointerGetDatum(tenant_id), values,
-						 nulls, &acc->tid))
-		ereport(ERROR,
-				(errcode(ERRCODE_BILLING_ACCOUNT_NOT_FOUND),
-				 errmsg("account \"%s\" does not exist", tenant),
-				 errhint("Create it first with billing_account_create(%s).",
-						 quote_literal_cstr(tenant))));
+	if (!direct_lock_row_nowait(&billing_accounts_table, PointerGetDatum(tenant_id),
+								values, nulls, &acc->tid, nowait, &busy))
+		return busy ? ACCOUNT_BUSY : ACCOUNT_MISSING;
 
 	acc->tenant_id = tenant_id;
 	acc->tenant = tenant;
@@ -211,6 +237,7 @@ account_lock(Account *acc, text *tenant_id, MemoryContext cxt)
 		acc->usage_minute = acc->this_minute;
 		acc->minute_count = 0;
 	}
+	return ACCOUNT_LOCKED;
 }
 
 /*

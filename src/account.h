@@ -130,7 +130,17 @@ typedef struct Debit
 	Draws	   *draws;			/* if set: the grant buckets drawn from */
 } Debit;
 
+typedef enum AccountLockResult
+{
+	ACCOUNT_LOCKED,
+	ACCOUNT_MISSING,			/* no such account */
+	ACCOUNT_BUSY				/* nowait: locked by another transaction */
+} AccountLockResult;
+
 extern void account_lock(Account *acc, text *tenant_id, MemoryContext cxt);
+extern AccountLockResult account_try_lock(Account *acc, text *tenant_id,
+										  MemoryContext cxt, bool nowait);
+extern void account_missing(const char *tenant, Rejection *rej);
 extern void account_expire_holds(Account *acc);
 extern void account_expire_due(Account *acc);
 extern void account_refresh_holds(Account *acc);

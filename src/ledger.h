@@ -1,8 +1,10 @@
 /*-------------------------------------------------------------------------
  *
  * ledger.h
- *	  Writing one ledger entry under the account lock (ledger.c), for the
- *	  other writers of entries (holds.c: captures).
+ *	  Writing ledger entries under the account lock (ledger.c): one entry
+ *	  for the other writers of entries (holds.c: captures), groups of
+ *	  requests of one tenant for billing_deduct_many and the charge engine
+ *	  (engine.c).
  *
  *-------------------------------------------------------------------------
  */
@@ -26,7 +28,48 @@ typedef struct EntryWrite
 	int64		grant_id;		/* 0: none (the wallet) */
 	Draws	   *draws;			/* explicit buckets drawn or given back to */
 	int64		refund_of;		/* 0: not a refund of a charge */
+	text	   *actor;			/* NULL: billing_actor() (the charge engine
+								 * writes for its callers) */
 } EntryWrite;
+
+typedef enum PostMode
+{
+	POST_RAISE,					/* business rejection -> ERROR */
+	POST_RECORD,				/* business rejection -> recorded outcome */
+	POST_RETURN					/* business rejection, trace id conflict or
+								 * unknown account -> outcome, nothing
+								 * recorded (the charge engine raises it in
+								 * its caller) */
+} PostMode;
+
+typedef struct LedgerRequest
+{
+	bool		is_debit;
+	EntryWrite	entry;
+} LedgerRequest;
+
+typedef struct LedgerOutcome
+{
+	bool		committed;		/* false: rejected (POST_RETURN: failed) */
+	bool		replayed;
+	int64		id;				/* entry_id, or rejection_id when rejected */
+	const char *kind;
+	int64		amount;
+	int64		balance_after;	/* valid when committed */
+	int64		version;		/* valid when committed */
+	TimestampTz created_at;
+	Rejection	rejection;		/* valid when not committed */
+} LedgerOutcome;
+
+extern int	ledger_item;
+
+extern void ledger_parse_request(FunctionCallInfo fcinfo, bool is_debit,
+								 LedgerRequest *req);
+extern bool ledger_post_many(text *tenant_id, LedgerRequest **reqs,
+							 LedgerOutcome **outs, int n, PostMode mode,
+							 bool nowait);
+extern Datum ledger_entry_result(FunctionCallInfo fcinfo, text *tenant_id,
+								 text *trace_id, LedgerOutcome *out);
 
 extern int64 billing_post_entry(Account *acc, EntryWrite *entry);
 extern void billing_check_own_trace(Account *acc, text *trace_id);
