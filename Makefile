@@ -47,7 +47,9 @@ OBJS = \
 	src/worker.o \
 	src/events.o \
 	src/metrics.o \
-	src/outbox.o
+	src/outbox.o \
+	src/engine.o \
+	src/engine_worker.o
 
 # The install script of the current version is built from schema/*.sql (one
 # file per area, concatenated in name order); released versions keep their

@@ -29,6 +29,7 @@ AS $$
         '@extschema@.billing_try_deduct(text, numeric, text, text, jsonb, timestamptz, text, text)',
         '@extschema@.billing_deduct_usage(text, text, bigint, bigint, text, text, jsonb, timestamptz, text, bigint, bigint, bigint, bigint, numeric)',
         '@extschema@.billing_deduct_many(text[], numeric[], text[], text[], jsonb[], text[], text)',
+        '@extschema@.billing_charge(text, numeric, text, text, jsonb, timestamptz, text, text)',
         '@extschema@.billing_hold(text, numeric, text, interval, text, jsonb, text)',
         '@extschema@.billing_capture(text, text, numeric, text, boolean, text, jsonb, timestamptz)',
         '@extschema@.billing_release(text, text, text)',
@@ -70,6 +71,7 @@ AS $$
         '@extschema@.billing_sync_status()',
         '@extschema@.billing_alerts_set(text, numeric, integer[], interval, text)',
         '@extschema@.billing_metrics()',
+        '@extschema@.billing_engine_status()',
         'billing.effective_holds(billing.accounts)',
         'billing.expired_micros(billing.accounts, timestamptz)',
         'billing.metric_samples()'
@@ -80,7 +82,8 @@ AS $$
         'billing.expired_micros(billing.accounts, timestamptz)',
         '@extschema@.billing_sync_status()',
         'billing.metric_samples()',
-        '@extschema@.billing_metrics()'
+        '@extschema@.billing_metrics()',
+        '@extschema@.billing_engine_status()'
     ]::regprocedure[]
     END
 $$;

@@ -7,7 +7,8 @@
  * The SQL-callable functions live in one file per concern (input.c,
  * ledger.c, account.c, holds.c, jobs.c, append_only.c, guard.c).  The
  * ledger works without shared_preload_libraries; preloading adds the Redis
- * mirror (sync.c, worker.c).
+ * mirror (sync.c, worker.c) and the charge engine (engine.c,
+ * engine_worker.c).
  *
  *-------------------------------------------------------------------------
  */
@@ -16,6 +17,7 @@
 #include "billing.h"
 #include "citus.h"
 #include "events.h"
+#include "engine.h"
 #include "fmgr.h"
 #include "guc.h"
 #include "miscadmin.h"
@@ -221,6 +223,26 @@ define_settings(void)
 								   "Needs the rights billing_grant_worker() grants.  A change restarts the worker.",
 								   &billing_worker_role, "",
 								   PGC_SIGHUP, 0, NULL, NULL, NULL);
+		DefineCustomIntVariable("billing.engine_workers",
+								"Charge engine workers per database that uses billing_charge().",
+								"A tenant's charges always go to the same worker.",
+								&billing_engine_workers, 1, 1, ENGINE_MAX_PER_DATABASE,
+								PGC_SIGHUP, 0, NULL, NULL, NULL);
+		DefineCustomIntVariable("billing.engine_queue_size",
+								"Charges that can wait for the charge engine at once (shared memory: 24 kB each).",
+								"A caller that finds every place taken waits for one.",
+								&billing_engine_queue_size, 128, 8, 65536,
+								PGC_POSTMASTER, 0, NULL, NULL, NULL);
+		DefineCustomIntVariable("billing.engine_idle_timeout",
+								"How long a charge engine worker stays without work before it stops.",
+								"The next billing_charge() starts it again.",
+								&billing_engine_idle_timeout, 300, 1, 86400,
+								PGC_SIGHUP, GUC_UNIT_S, NULL, NULL, NULL);
+		DefineCustomIntVariable("billing.engine_lock_wait",
+								"How long the charge engine puts off the charges of an account another transaction has locked before it waits for the lock.",
+								"Until then the other tenants' charges go ahead without them.",
+								&billing_engine_lock_wait, 20, 0, 60000,
+								PGC_SIGHUP, GUC_UNIT_MS, NULL, NULL, NULL);
 		DefineCustomIntVariable("billing.sync_max_dirty",
 								"Changed accounts remembered in shared memory between pushes (beyond: full resync).",
 								NULL, &billing_sync_max_dirty, 20000, 100, 10000000,
@@ -256,6 +278,7 @@ _PG_init(void)
 	billing_citus_init();
 	billing_sync_init();
 	events_init();
+	billing_engine_init();
 	if (process_shared_preload_libraries_in_progress)
 		register_worker();
 }

@@ -82,6 +82,7 @@
 
 PGDLLEXPORT void billing_worker_main(Datum arg);
 PGDLLEXPORT void billing_probe_main(Datum arg);
+extern void billing_pin_settings(void);
 
 #define MAX_BACKOFF_MS	5000
 #define PROBE_INTERVAL_MS 5000
@@ -408,51 +409,59 @@ missing_rights(void)
  * and synchronous_commit only the durability of the maintenance's commits
  * (which the next round redoes): those are left to the DBA.
  */
+static const char *const pins[][2] = {
+	{"role", "none"},
+	{"search_path", "pg_catalog, pg_temp"},
+	{"default_transaction_read_only", "off"},
+	{"default_transaction_isolation", "read committed"},
+	{"default_transaction_deferrable", "off"},
+	{"statement_timeout", "0"},
+	{"lock_timeout", "0"},
+	{"idle_in_transaction_session_timeout", "0"},
+	{"idle_session_timeout", "0"},
+	{"row_security", "off"},	/* an error, never a silently filtered mirror */
+	{"session_replication_role", "origin"}, /* triggers fire */
+	{"exit_on_error", "off"},
+	BILLING_PINNED_BY_VERSION	/* compat.h */
+	{"check_function_bodies", "on"},
+	{"DateStyle", "ISO, MDY"},
+	{"IntervalStyle", "postgres"},
+	{"TimeZone", "UTC"},
+	{"extra_float_digits", "1"},
+	{"bytea_output", "hex"},
+	{"standard_conforming_strings", "on"},
+	{"array_nulls", "on"},
+	{"transform_null_equals", "off"},
+	{"quote_all_identifiers", "off"},
+	{"lc_monetary", "C"},
+	{"lc_numeric", "C"},
+	{"lc_time", "C"},
+	{"plpgsql.extra_errors", "none"},
+	{"plpgsql.extra_warnings", "none"},
+	{"plpgsql.variable_conflict", "error"},
+	{"plpgsql.check_asserts", "on"},
+};
+
+/* (in a transaction) the pins above; the charge engine's workers use them too */
+void
+billing_pin_settings(void)
+{
+	/* plpgsql's settings exist once it is loaded */
+	load_file("plpgsql", false);
+	for (int i = 0; i < lengthof(pins); i++)
+		SetConfigOption(pins[i][0], pins[i][1], PGC_SUSET, PGC_S_OVERRIDE);
+}
+
 static void
 pin_environment(void)
 {
-	static const char *const pins[][2] = {
-		{"role", "none"},
-		{"search_path", "pg_catalog, pg_temp"},
-		{"default_transaction_read_only", "off"},
-		{"default_transaction_isolation", "read committed"},
-		{"default_transaction_deferrable", "off"},
-		{"statement_timeout", "0"},
-		{"lock_timeout", "0"},
-		{"idle_in_transaction_session_timeout", "0"},
-		{"idle_session_timeout", "0"},
-		{"row_security", "off"},	/* an error, never a silently filtered mirror */
-		{"session_replication_role", "origin"}, /* triggers fire */
-		{"exit_on_error", "off"},
-		BILLING_PINNED_BY_VERSION	/* compat.h */
-		{"check_function_bodies", "on"},
-		{"DateStyle", "ISO, MDY"},
-		{"IntervalStyle", "postgres"},
-		{"TimeZone", "UTC"},
-		{"extra_float_digits", "1"},
-		{"bytea_output", "hex"},
-		{"standard_conforming_strings", "on"},
-		{"array_nulls", "on"},
-		{"transform_null_equals", "off"},
-		{"quote_all_identifiers", "off"},
-		{"lc_monetary", "C"},
-		{"lc_numeric", "C"},
-		{"lc_time", "C"},
-		{"plpgsql.extra_errors", "none"},
-		{"plpgsql.extra_warnings", "none"},
-		{"plpgsql.variable_conflict", "error"},
-		{"plpgsql.check_asserts", "on"},
-	};
 	char	   *authenticated;
 
 	StartTransactionCommand();
-	/* plpgsql's settings exist once it is loaded */
-	load_file("plpgsql", false);
 	authenticated = GetUserNameFromId(GetAuthenticatedUserId(), false);
 	strlcpy(worker_user, authenticated, sizeof(worker_user));
 	SetConfigOption("session_authorization", authenticated, PGC_SUSET, PGC_S_OVERRIDE);
-	for (int i = 0; i < lengthof(pins); i++)
-		SetConfigOption(pins[i][0], pins[i][1], PGC_SUSET, PGC_S_OVERRIDE);
+	billing_pin_settings();
 	CommitTransactionCommand();
 
 	if (GetUserId() != GetAuthenticatedUserId() ||

@@ -4039,6 +4039,55 @@ ALTER FUNCTION billing_sync_status() SECURITY DEFINER SET search_path = pg_catal
 -- end of issue 17 (events)
 
 -- ---------------------------------------------------------------------------
+-- issue 18: the charge engine (wip/engine): billing_charge(), batched by
+-- engine workers; billing_engine_status(); billing.engine_test_gate() for
+-- tests.  Their rights: billing.role_functions() in the roles section below.
+-- ---------------------------------------------------------------------------
+CREATE FUNCTION billing_charge(tenant_id text, amount numeric, trace_id text,
+                               description text DEFAULT NULL,
+                               metadata jsonb DEFAULT NULL,
+                               event_at timestamptz DEFAULT NULL,
+                               kind text DEFAULT 'deduct',
+                               api_key text DEFAULT NULL)
+    RETURNS billing.entry_result
+    AS 'MODULE_PATHNAME', 'billing_charge'
+    LANGUAGE C VOLATILE SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp;
+COMMENT ON FUNCTION billing_charge(text, numeric, text, text, jsonb, timestamptz, text, text) IS
+    'billing_deduct committed by the charge engine, batched with other callers'' charges; outside transaction blocks only; idempotent by trace_id';
+REVOKE ALL ON FUNCTION billing_charge(text, numeric, text, text, jsonb, timestamptz, text, text) FROM PUBLIC;
+
+CREATE TYPE billing.engine_info AS (
+    database      text,
+    worker        integer,      -- 1 .. billing.engine_workers
+    pid           integer,      -- NULL unless running
+    state         text,         -- running, starting, stopped
+    queued        integer,      -- charges waiting for this worker now
+    free_slots    integer,      -- places left in the shared queue (all workers)
+    batches       bigint,       -- since the server started
+    charges       bigint,       -- results handed back
+    largest_batch bigint,
+    retries       bigint,       -- batches applied again after an error
+    deferrals     bigint,       -- tenants put off to the next batch (account locked elsewhere)
+    last_batch_at timestamptz
+);
+
+CREATE FUNCTION billing_engine_status() RETURNS SETOF billing.engine_info
+    AS 'MODULE_PATHNAME', 'billing_engine_status'
+    LANGUAGE C VOLATILE;
+COMMENT ON FUNCTION billing_engine_status() IS 'the charge engine''s workers: state, queue, batches';
+REVOKE ALL ON FUNCTION billing_engine_status() FROM PUBLIC;
+
+-- for tests only (superuser): make the charges queued meanwhile one batch
+CREATE FUNCTION billing.engine_test_gate(on_ boolean) RETURNS void
+    AS 'MODULE_PATHNAME', 'billing_engine_test_gate'
+    LANGUAGE C VOLATILE;
+COMMENT ON FUNCTION billing.engine_test_gate(boolean) IS
+    'tests only: true holds the charge engine (and billing_charge''s callers, on an advisory lock) until false, so that what was queued meanwhile is one batch';
+REVOKE ALL ON FUNCTION billing.engine_test_gate(boolean) FROM PUBLIC;
+-- end of issue 18 (the charge engine)
+
+-- ---------------------------------------------------------------------------
 -- the roles (issue 12), after every other section: billing.role_functions()
 -- names the functions the sections create
 -- ---------------------------------------------------------------------------
@@ -4055,6 +4104,7 @@ AS $$
         '@extschema@.billing_try_deduct(text, numeric, text, text, jsonb, timestamptz, text, text)',
         '@extschema@.billing_deduct_usage(text, text, bigint, bigint, text, text, jsonb, timestamptz, text, bigint, bigint, bigint, bigint, numeric)',
         '@extschema@.billing_deduct_many(text[], numeric[], text[], text[], jsonb[], text[], text)',
+        '@extschema@.billing_charge(text, numeric, text, text, jsonb, timestamptz, text, text)',
         '@extschema@.billing_hold(text, numeric, text, interval, text, jsonb, text)',
         '@extschema@.billing_capture(text, text, numeric, text, boolean, text, jsonb, timestamptz)',
         '@extschema@.billing_release(text, text, text)',
@@ -4096,6 +4146,7 @@ AS $$
         '@extschema@.billing_sync_status()',
         '@extschema@.billing_alerts_set(text, numeric, integer[], interval, text)',
         '@extschema@.billing_metrics()',
+        '@extschema@.billing_engine_status()',
         'billing.effective_holds(billing.accounts)',
         'billing.expired_micros(billing.accounts, timestamptz)',
         'billing.metric_samples()'
@@ -4106,7 +4157,8 @@ AS $$
         'billing.expired_micros(billing.accounts, timestamptz)',
         '@extschema@.billing_sync_status()',
         'billing.metric_samples()',
-        '@extschema@.billing_metrics()'
+        '@extschema@.billing_metrics()',
+        '@extschema@.billing_engine_status()'
     ]::regprocedure[]
     END
 $$;
