@@ -236,7 +236,7 @@ define_settings(void)
 		DefineCustomIntVariable("billing.engine_idle_timeout",
 								"How long a charge engine worker stays without work before it stops.",
 								"The next billing_charge() starts it again.",
-								&billing_engine_idle_timeout, 300, 1, 86400,
+								&billing_engine_idle_timeout, 60, 1, 86400,
 								PGC_SIGHUP, GUC_UNIT_S, NULL, NULL, NULL);
 		DefineCustomIntVariable("billing.engine_lock_wait",
 								"How long the charge engine puts off the charges of an account another transaction has locked before it waits for the lock.",

@@ -54,7 +54,7 @@ EngineShared *billing_engine = NULL;
 
 int			billing_engine_workers = 1;
 int			billing_engine_queue_size = 128;
-int			billing_engine_idle_timeout = 300;
+int			billing_engine_idle_timeout = 60;
 int			billing_engine_lock_wait = 20;
 
 static shmem_request_hook_type prev_shmem_request_hook = NULL;
@@ -504,7 +504,16 @@ billing_charge(PG_FUNCTION_ARGS)
 				 errmsg("the billing charge engine is not available"),
 				 errdetail("billing is not in shared_preload_libraries, so there are no engine workers; nothing was charged."),
 				 errhint("Add billing to shared_preload_libraries and restart, or use billing_deduct().")));
-	if (IsTransactionBlock())
+	/*
+	 * A transaction block: BEGIN ... (or several statements in one query
+	 * string).  In a subtransaction (a savepoint, a PL/pgSQL block with an
+	 * EXCEPTION clause) IsTransactionBlock() is true either way, and
+	 * xact.c does not tell whether the top level is a block; a transaction
+	 * that started before this statement is one.
+	 */
+	if (IsSubTransaction() ?
+		GetCurrentTransactionStartTimestamp() != GetCurrentStatementStartTimestamp() :
+		IsTransactionBlock())
 		ereport(ERROR,
 				(errcode(ERRCODE_BILLING_ENGINE_IN_TRANSACTION),
 				 errmsg("billing_charge cannot run inside a transaction block"),
@@ -530,6 +539,8 @@ billing_charge(PG_FUNCTION_ARGS)
 	slot->amount = e->amount;
 	slot->has_event_at = e->has_event_at;
 	slot->event_at = e->event_at;
+	/* the window of the caller's session (a superuser may widen it) */
+	slot->event_at_checked = e->has_event_at && billing_event_at_in_window(e->event_at);
 	strlcpy(slot->kind, e->kind, sizeof(slot->kind));
 	{
 		int			alen = Min(VARSIZE_ANY_EXHDR(actor), NAMEDATALEN - 1);

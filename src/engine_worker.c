@@ -197,6 +197,7 @@ item_from_slot(EngineItem *it, int i)
 	}
 	e->has_event_at = slot->has_event_at;
 	e->event_at = slot->event_at;
+	e->event_at_checked = slot->event_at_checked;
 	e->actor = cstring_to_text(slot->actor);
 }
 
@@ -221,6 +222,7 @@ item_copy(EngineItem *dst, EngineItem *src)
 	d->api_key = s->api_key ? DatumGetTextPCopy(PointerGetDatum(s->api_key)) : NULL;
 	d->has_event_at = s->has_event_at;
 	d->event_at = s->event_at;
+	d->event_at_checked = s->event_at_checked;
 	d->actor = DatumGetTextPCopy(PointerGetDatum(s->actor));
 }
 
@@ -290,15 +292,25 @@ typedef struct TenantGroup
 	bool		deferred;
 } TenantGroup;
 
-/* the extension's owner: the batch runs as it, as SECURITY DEFINER would */
+/*
+ * The extension's owner: the batch runs as it, as SECURITY DEFINER would.
+ * Read from pg_extension at most once a second (a catalog scan per batch
+ * cost more than a small batch's charges).
+ */
 static Oid
 extension_owner(void)
 {
+	static Oid	cached = InvalidOid;
+	static TimestampTz cached_at = 0;
 	Relation	rel;
 	ScanKeyData key;
 	SysScanDesc scan;
 	HeapTuple	tup;
 	Oid			owner = InvalidOid;
+	TimestampTz now = GetCurrentTimestamp();
+
+	if (OidIsValid(cached) && !TimestampDifferenceExceeds(cached_at, now, 1000))
+		return cached;
 
 	rel = table_open(ExtensionRelationId, AccessShareLock);
 	ScanKeyInit(&key, Anum_pg_extension_extname, BTEqualStrategyNumber, F_NAMEEQ,
@@ -314,6 +326,8 @@ extension_owner(void)
 				(errcode(ERRCODE_BILLING_ENGINE_UNAVAILABLE),
 				 errmsg("extension \"billing\" is not installed in this database"),
 				 errhint("CREATE EXTENSION billing first.")));
+	cached = owner;
+	cached_at = now;
 	return owner;
 }
 

@@ -621,7 +621,7 @@ post_one(Account *acc, KeyCache *kc, LedgerRequest *req, LedgerOutcome *out,
 	 * An event time outside the accepted window is refused, unless this is
 	 * a replay: the original outcome wins over today's rules, as below.
 	 */
-	if (e->has_event_at && !billing_event_at_in_window(e->event_at))
+	if (e->has_event_at && !e->event_at_checked && !billing_event_at_in_window(e->event_at))
 	{
 		if (acc->rejections == 0 && probe_trace(acc, e, mode, out))
 			return;

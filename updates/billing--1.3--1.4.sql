@@ -4051,8 +4051,7 @@ CREATE FUNCTION billing_charge(tenant_id text, amount numeric, trace_id text,
                                api_key text DEFAULT NULL)
     RETURNS billing.entry_result
     AS 'MODULE_PATHNAME', 'billing_charge'
-    LANGUAGE C VOLATILE SECURITY DEFINER
-    SET search_path = pg_catalog, pg_temp;
+    LANGUAGE C VOLATILE;
 COMMENT ON FUNCTION billing_charge(text, numeric, text, text, jsonb, timestamptz, text, text) IS
     'billing_deduct committed by the charge engine, batched with other callers'' charges; outside transaction blocks only; idempotent by trace_id';
 REVOKE ALL ON FUNCTION billing_charge(text, numeric, text, text, jsonb, timestamptz, text, text) FROM PUBLIC;
