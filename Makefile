@@ -93,10 +93,12 @@ endif
 # Regression tests (sql/, expected/) and isolation specs (test/isolation/).
 # make installcheck runs those that need nothing but default settings;
 # make check runs them all on an instance configured by test/check.conf.
-REGRESS_CHECK_ONLY = 170_two_phase
+REGRESS_CHECK_ONLY = 170_two_phase 200_engine
 REGRESS = $(filter-out $(REGRESS_CHECK_ONLY),$(sort $(patsubst sql/%.sql,%,$(wildcard sql/*.sql))))
 REGRESS_OPTS = --encoding=UTF8 --no-locale
-ISOLATION = $(sort $(patsubst test/isolation/specs/%.spec,%,$(wildcard test/isolation/specs/*.spec)))
+# the charge engine needs billing in shared_preload_libraries
+ISOLATION_CHECK_ONLY = $(patsubst test/isolation/specs/%.spec,%,$(wildcard test/isolation/specs/engine_*.spec))
+ISOLATION = $(filter-out $(ISOLATION_CHECK_ONLY),$(sort $(patsubst test/isolation/specs/%.spec,%,$(wildcard test/isolation/specs/*.spec))))
 ISOLATION_OPTS = --inputdir=test/isolation --encoding=UTF8 --no-locale
 
 # make installcheck TAP_TESTS=1 runs the TAP tests (test/t/*.pl) too, by
