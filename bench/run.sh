@@ -27,8 +27,8 @@ BENCH_JOBS=${BENCH_JOBS:-2}
 BENCH_ONLY=${BENCH_ONLY:-}                 # e.g. "insert,deduct": run only these workloads
 BENCH_SWEEP=${BENCH_SWEEP:-1}
 BENCH_SWEEP_SECONDS=${BENCH_SWEEP_SECONDS:-10}
-BENCH_SWEEP_CLIENTS=${BENCH_SWEEP_CLIENTS:-1 2 4 8 16}
-BENCH_SWEEP_WORKLOADS=${BENCH_SWEEP_WORKLOADS:-insert plpgsql_deduct deduct}
+BENCH_SWEEP_CLIENTS=${BENCH_SWEEP_CLIENTS:-1 2 4 8 16 32 64}
+BENCH_SWEEP_WORKLOADS=${BENCH_SWEEP_WORKLOADS:-insert plpgsql_deduct deduct charge deduct_hot charge_hot}
 BENCH_TENANTS=${BENCH_TENANTS:-1000}
 BENCH_SEEDS=${BENCH_SEEDS:-10000}
 BENCH_BALANCE=${BENCH_BALANCE:-1}
@@ -104,6 +104,8 @@ WORKLOADS=(
 	"plpgsql_deduct  | plpgsql_deduct.sql | insert                | baseline: PL/pgSQL deduct (bench/plpgsql_deduct.sql), 1,000 tenants"
 	"deduct          | deduct.sql         | insert plpgsql_deduct | billing_deduct, 1,000 tenants"
 	"deduct_hot      | deduct_hot.sql     | hot_update            | billing_deduct, one hot tenant"
+	"charge          | charge.sql         | insert deduct         | billing_charge (the charge engine: batched group commits), 1,000 tenants"
+	"charge_hot      | charge_hot.sql     | hot_update deduct_hot | billing_charge (the charge engine), one hot tenant"
 	"deduct_mix      | deduct_mix.sql     | insert                | billing_deduct, 1,000 tenants, 20 % replays"
 	"try_deduct      | try_deduct.sql     | insert                | billing_try_deduct, 1,000 tenants"
 	"hold_capture    | hold_capture.sql   | deduct insert         | billing_hold of 1.00, then billing_capture (final) of the cost, 1,000 tenants; one transaction = 2 commits"
@@ -118,11 +120,19 @@ WORKLOADS=(
 # Targets of the performance issue, one per line, by kind:
 #   ratio WORKLOAD BASELINE MIN TEXT -- TPS (items/s) of WORKLOAD >= MIN x that of BASELINE
 #   rate  WORKLOAD MIN TEXT          -- items/s of WORKLOAD (TPS x its items per transaction) >= MIN
+#   p99   WORKLOAD BASELINE MAX TEXT -- p99 latency of WORKLOAD <= MAX x that of BASELINE
+#   sweep_p50 CLIENTS WORKLOAD BASELINE MAX TEXT -- p50 latency of WORKLOAD at CLIENTS clients
+#                                      in the client sweep <= MAX x that of BASELINE
 # (the billing_balance and the Redis lag targets come from their own steps)
 TARGETS=(
 	"ratio deduct insert 0.70 billing_deduct spread (deduct) ≥ 0.70 × bare INSERT (insert)"
 	"ratio deduct plpgsql_deduct 2 billing_deduct spread (deduct) ≥ 2 × PL/pgSQL deduct (plpgsql_deduct)"
 	"ratio deduct_hot hot_update 0.80 billing_deduct hot tenant (deduct_hot) ≥ 0.80 × hot-row UPDATE (hot_update)"
+	"ratio charge insert 1.5 billing_charge spread (charge) ≥ 1.5 × bare INSERT (insert)"
+	"ratio charge_hot hot_update 3 billing_charge hot tenant (charge_hot) ≥ 3 × hot-row UPDATE (hot_update)"
+	"p99 charge deduct 2 billing_charge p99 latency (charge) ≤ 2 × billing_deduct's (deduct)"
+	"sweep_p50 1 charge deduct 1.2 billing_charge p50 latency at 1 client ≤ 1.2 × billing_deduct's (client sweep)"
+	"ratio hold_capture deduct 0.5 hold→capture (hold_capture) ≥ 0.5 × billing_deduct (deduct)"
 	"rate deduct_many 40000 batch API (deduct_many, $BENCH_BATCH_ITEMS items per call) ≥ 40,000 deductions/s"
 	"ratio deduct_worker deduct 0.90 billing_deduct with the Redis worker pushing (deduct_worker) ≥ 0.90 × worker idle (deduct)"
 	"cpu deduct deduct_13 1.03 a charge on an account with only paid top-ups (deduct) costs ≤ 3 % more than before grants (deduct_13)"
@@ -506,13 +516,17 @@ items() { local n; n=$(workload_field "$1" 6 || true); echo "${n:-1}"; }
 # rate NAME -- items/s of a workload in the BENCH_CLIENTS table: TPS x items ("-" if not measured)
 rate() { awk -v t="$(result "$1" "$BENCH_CLIENTS" 5)" -v n="$(items "$1")" 'BEGIN { if (t == "-") print "-"; else printf "%.3f\n", t * n }'; }
 
-# round_ratios W B -- "r1, r2, ... (median m)": TPS x items of W over that of
-# B in each round (W@k against B@k, run minutes apart), "-" with one round
+# round_ratios W B [FIELD] -- "r1, r2, ... (median m)": TPS x items of W over
+# that of B in each round (W@k against B@k, run minutes apart), "-" with one
+# round; FIELD 7: the p99 latencies' ratio instead
 round_ratios() {
 	((BENCH_ROUNDS > 1)) || { echo -; return; }
-	awk -F'\t' -v w="$1" -v b="$2" -v c="$BENCH_CLIENTS" -v iw="$(items "$1")" -v ib="$(items "$2")" \
+	local f=${3:-5} iw ib
+	iw=$(items "$1") ib=$(items "$2")
+	[[ $f == 5 ]] || iw=1 ib=1
+	awk -F'\t' -v w="$1" -v b="$2" -v c="$BENCH_CLIENTS" -v iw="$iw" -v ib="$ib" -v f="$f" \
 		-v n="$BENCH_ROUNDS" '
-		$2 == c { tps[$1] = $5 }
+		$2 == c { tps[$1] = $f }
 		END {
 			for (k = 1; k <= n; k++) {
 				a = tps[w "@" k]; z = tps[b "@" k]
@@ -599,6 +613,10 @@ for line in "${WORKLOADS[@]}"; do
 	selected "$name" || continue
 	if [[ $name == deduct_worker && -z $worker_conf ]]; then
 		say "BENCH_PRELOAD=0: no background worker, so no deduct_worker"
+		continue
+	fi
+	if [[ $name == charge* && -z $worker_conf ]]; then
+		say "BENCH_PRELOAD=0: no charge engine, so no $name"
 		continue
 	fi
 	names+=("$name")
@@ -881,7 +899,7 @@ entries_template=$(sql -d bench_template -c "SELECT count(*) FROM billing.entrie
 cmd="make bench"
 knobs="BENCH_SECONDS=$BENCH_SECONDS"
 for v in BENCH_CLIENTS:8 BENCH_JOBS:2 BENCH_ROUNDS:3 BENCH_ONLY: BENCH_SWEEP:1 BENCH_SWEEP_SECONDS:10 \
-	"BENCH_SWEEP_CLIENTS:1 2 4 8 16" "BENCH_SWEEP_WORKLOADS:insert plpgsql_deduct deduct" \
+	"BENCH_SWEEP_CLIENTS:1 2 4 8 16 32 64" "BENCH_SWEEP_WORKLOADS:insert plpgsql_deduct deduct charge deduct_hot charge_hot" \
 	BENCH_TENANTS:1000 BENCH_SEEDS:10000 BENCH_BALANCE:1 BENCH_BALANCE_ENTRIES:1000000 \
 	BENCH_BALANCE_BATCH:250 BENCH_BALANCE_SECONDS:5 BENCH_BATCH_ITEMS:100 BENCH_SYNC_LAG:1 BENCH_SYNC_RATE:5000 \
 	BENCH_SYNC_SECONDS:15 BENCH_EVENTS_LAG:1 BENCH_EVENTS_RATE:5000 BENCH_EVENTS_SECONDS:15 BENCH_BUILD:1 BENCH_FSYNC:on BENCH_PRELOAD:1 BENCH_EXTRA_CONF:; do
@@ -913,6 +931,10 @@ if ((${#sweep_names[@]})) && [[ -z $chart_note ]]; then
 		insert) title="bare INSERT (baseline)" ;;
 		plpgsql_deduct) title="PL/pgSQL deduct (baseline)" ;;
 		deduct) title="billing_deduct, 1,000 tenants" ;;
+		charge) title="billing_charge (engine), 1,000 tenants" ;;
+		hot_update) title="hot-row UPDATE (baseline)" ;;
+		deduct_hot) title="billing_deduct, one hot tenant" ;;
+		charge_hot) title="billing_charge (engine), one hot tenant" ;;
 		*) title=$name ;;
 		esac
 		plot+="${plot:+, }'$dat' using 1:$col with linespoints lw 2 pt 7 title '$title'"
@@ -1036,11 +1058,25 @@ fi
 				END { for (i = 1; i in a; i++) if (i in c && c[i] > 0) out = out (out == "" ? "" : ", ") sprintf("%.2f", a[i] / c[i]); print (out == "" ? "-" : out) }' "$cpu_results")
 			text+=", server CPU per call"
 			;;
+		p99) # p99 of w <= max x p99 of b (the best rounds' latencies, and each round's)
+			read -r w b min text <<<"$t"
+			r=$(ratio "$(result "$w" "$BENCH_CLIENTS" 7)" "$(result "$b" "$BENCH_CLIENTS" 7)")
+			shown=$r
+			[[ $r == - ]] || shown="$r × ($(result "$w" "$BENCH_CLIENTS" 7) / $(result "$b" "$BENCH_CLIENTS" 7) ms)"
+			rounds=$(round_ratios "$w" "$b" 7)
+			;;
+		sweep_p50) # p50 of w at c clients in the sweep <= max x that of b
+			read -r c w b min text <<<"$t"
+			r=$(ratio "$(result "sweep:$w" "$c" 6)" "$(result "sweep:$b" "$c" 6)")
+			shown=$r
+			[[ $r == - ]] || shown="$r × ($(result "sweep:$w" "$c" 6) / $(result "sweep:$b" "$c" 6) ms)"
+			rounds="sweep"
+			;;
 		*) die "TARGETS: unknown kind $kind" ;;
 		esac
 		if [[ $r == - ]]; then
 			met="not measured"
-		elif [[ $kind == cpu ]]; then
+		elif [[ $kind == cpu || $kind == p99 || $kind == sweep_p50 ]]; then
 			if awk -v r="$r" -v m="$min" 'BEGIN { exit !(r <= m) }'; then met="met"; else met="**not met**"; fi
 		elif awk -v r="$r" -v m="$min" 'BEGIN { exit !(r >= m) }'; then
 			met="met"
@@ -1099,7 +1135,7 @@ fi
 	fi
 	if ((${#sweep_names[@]})); then
 		echo
-		echo "## Client sweep ($BENCH_SWEEP_SECONDS s per point, TPS; p99 ms in parentheses)"
+		echo "## Client sweep ($BENCH_SWEEP_SECONDS s per point, TPS; p50 / p99 ms in parentheses)"
 		echo
 		printf '| clients |'
 		printf ' %s |' "${sweep_names[@]}"
@@ -1110,8 +1146,8 @@ fi
 		for c in $BENCH_SWEEP_CLIENTS; do
 			printf '| %s |' "$c"
 			for name in "${sweep_names[@]}"; do
-				printf ' %s (%s) |' "$(awk -v t="$(result "sweep:$name" "$c" 5)" 'BEGIN { if (t == "-") print "-"; else printf "%.0f", t }')" \
-					"$(result "sweep:$name" "$c" 7)"
+				printf ' %s (%s / %s) |' "$(awk -v t="$(result "sweep:$name" "$c" 5)" 'BEGIN { if (t == "-") print "-"; else printf "%.0f", t }')" \
+					"$(result "sweep:$name" "$c" 6)" "$(result "sweep:$name" "$c" 7)"
 			done
 			echo
 		done
