@@ -40,6 +40,7 @@
 #include "storage/lock.h"
 #include "storage/proc.h"
 #include "storage/shmem.h"
+#include "nodes/parsenodes.h"
 #include "tcop/utility.h"
 #include "utils/builtins.h"
 #include "utils/jsonb.h"
@@ -59,6 +60,16 @@ int			billing_engine_lock_wait = 20;
 
 static shmem_request_hook_type prev_shmem_request_hook = NULL;
 static shmem_startup_hook_type prev_shmem_startup_hook = NULL;
+static ProcessUtility_hook_type prev_process_utility_hook = NULL;
+
+/*
+ * This transaction was opened by BEGIN / START TRANSACTION.  In a
+ * subtransaction (a savepoint, a PL/pgSQL block with an EXCEPTION clause)
+ * IsTransactionBlock() is true whether or not the top level is a block, and
+ * xact.c does not say which: so the BEGIN is seen here (ProcessUtility),
+ * and forgotten when the transaction ends.
+ */
+static bool explicit_block = false;
 
 /* how often a waiting caller looks whether its engine is alive */
 #define ENGINE_CHECK_MS			1000
@@ -124,11 +135,43 @@ engine_shmem_startup(void)
 	LWLockRelease(AddinShmemInitLock);
 }
 
+static void
+engine_process_utility(PlannedStmt *pstmt, const char *queryString,
+					   bool readOnlyTree, ProcessUtilityContext context,
+					   ParamListInfo params, QueryEnvironment *queryEnv,
+					   DestReceiver *dest, QueryCompletion *qc)
+{
+	Node	   *stmt = pstmt->utilityStmt;
+
+	if (prev_process_utility_hook)
+		prev_process_utility_hook(pstmt, queryString, readOnlyTree, context,
+								  params, queryEnv, dest, qc);
+	else
+		standard_ProcessUtility(pstmt, queryString, readOnlyTree, context,
+								params, queryEnv, dest, qc);
+	if (stmt && IsA(stmt, TransactionStmt) &&
+		(((TransactionStmt *) stmt)->kind == TRANS_STMT_BEGIN ||
+		 ((TransactionStmt *) stmt)->kind == TRANS_STMT_START))
+		explicit_block = true;
+}
+
+static void
+engine_xact_callback(XactEvent event, void *arg)
+{
+	if (event == XACT_EVENT_COMMIT || event == XACT_EVENT_ABORT ||
+		event == XACT_EVENT_PARALLEL_COMMIT || event == XACT_EVENT_PARALLEL_ABORT ||
+		event == XACT_EVENT_PREPARE)
+		explicit_block = false;
+}
+
 void
 billing_engine_init(void)
 {
 	if (!process_shared_preload_libraries_in_progress)
 		return;
+	prev_process_utility_hook = ProcessUtility_hook;
+	ProcessUtility_hook = engine_process_utility;
+	RegisterXactCallback(engine_xact_callback, NULL);
 	prev_shmem_request_hook = shmem_request_hook;
 	shmem_request_hook = engine_shmem_request;
 	prev_shmem_startup_hook = shmem_startup_hook;
@@ -505,15 +548,10 @@ billing_charge(PG_FUNCTION_ARGS)
 				 errdetail("billing is not in shared_preload_libraries, so there are no engine workers; nothing was charged."),
 				 errhint("Add billing to shared_preload_libraries and restart, or use billing_deduct().")));
 	/*
-	 * A transaction block: BEGIN ... (or several statements in one query
-	 * string).  In a subtransaction (a savepoint, a PL/pgSQL block with an
-	 * EXCEPTION clause) IsTransactionBlock() is true either way, and
-	 * xact.c does not tell whether the top level is a block; a transaction
-	 * that started before this statement is one.
+	 * A transaction block: BEGIN ... (also from a savepoint or an EXCEPTION
+	 * block in one), or several statements in one query string.
 	 */
-	if (IsSubTransaction() ?
-		GetCurrentTransactionStartTimestamp() != GetCurrentStatementStartTimestamp() :
-		IsTransactionBlock())
+	if (explicit_block || (IsTransactionBlock() && !IsSubTransaction()))
 		ereport(ERROR,
 				(errcode(ERRCODE_BILLING_ENGINE_IN_TRANSACTION),
 				 errmsg("billing_charge cannot run inside a transaction block"),
