@@ -750,6 +750,8 @@ billing_engine_main(Datum arg)
 		bool		queued;
 
 		ResetLatch(MyLatch);
+		/* a cancel means "apply the batch again" (run_transaction); idle, nothing */
+		QueryCancelPending = false;
 		CHECK_FOR_INTERRUPTS();
 		if (ConfigReloadPending)
 		{
