@@ -243,6 +243,11 @@ define_settings(void)
 								"Until then the other tenants' charges go ahead without them.",
 								&billing_engine_lock_wait, 20, 0, 60000,
 								PGC_SIGHUP, GUC_UNIT_MS, NULL, NULL, NULL);
+		DefineCustomIntVariable("billing.engine_gather",
+								"How long the charge engine may wait for the charges of concurrent callers to gather into one batch (0: never).",
+								"Only when the recent batches had several charges: a lone caller's charge is never held back.",
+								&billing_engine_gather, 0, 0, 100,
+								PGC_SIGHUP, GUC_UNIT_MS, NULL, NULL, NULL);
 		DefineCustomIntVariable("billing.sync_max_dirty",
 								"Changed accounts remembered in shared memory between pushes (beyond: full resync).",
 								NULL, &billing_sync_max_dirty, 20000, 100, 10000000,

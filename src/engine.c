@@ -57,6 +57,7 @@ int			billing_engine_workers = 1;
 int			billing_engine_queue_size = 128;
 int			billing_engine_idle_timeout = 60;
 int			billing_engine_lock_wait = 20;
+int			billing_engine_gather = 0;
 
 static shmem_request_hook_type prev_shmem_request_hook = NULL;
 static shmem_startup_hook_type prev_shmem_startup_hook = NULL;

@@ -44,6 +44,7 @@ extern int	billing_engine_workers;
 extern int	billing_engine_queue_size;
 extern int	billing_engine_idle_timeout;
 extern int	billing_engine_lock_wait;
+extern int	billing_engine_gather;
 
 /* registry entries: engine workers of all databases together */
 #define ENGINE_MAX				16

@@ -94,6 +94,9 @@ static MemoryContext carry_cxt = NULL;
 /* error attribution while a batch runs */
 static int	cur_group = -1;
 
+/* items carried over into the batch being taken (take_batch) */
+static int	ncarried_taken = 0;
+
 #define MAX_ATTEMPTS_TRANSIENT	3
 
 /* ---------------------------------------------------------------------
@@ -258,6 +261,7 @@ take_batch(EngineItem **out)
 		item_from_slot(&items[n++], taken[k]);
 		inflight[ninflight++] = taken[k];
 	}
+	ncarried_taken = ncarried;
 	ncarried = 0;
 	carried = NULL;
 	MemoryContextReset(carry_cxt);
@@ -684,6 +688,61 @@ deliver(EngineItem *items, int n, TenantGroup *groups, int ngroups, int retries)
 }
 
 /* ---------------------------------------------------------------------
+ * gathering
+ * ---------------------------------------------------------------------
+ */
+
+/*
+ * The sizes of the last batches: how many callers charge at once.  A lone
+ * caller's charge is never held back (its batches are of one), so the
+ * engine adds no wait at one client.
+ */
+#define RECENT_BATCHES 16
+static int	recent[RECENT_BATCHES];
+static int	recent_next = 0;
+
+static void
+note_batch(int n)
+{
+	recent[recent_next] = n;
+	recent_next = (recent_next + 1) % RECENT_BATCHES;
+}
+
+/*
+ * Wait (at most billing.engine_gather ms) until as many charges are
+ * queued as the largest of the last batches had: the callers of the last
+ * batch come back with their next charges while we would otherwise commit
+ * a batch of one or two.  Fewer, larger batches: fewer commits and wake-ups
+ * per charge, for at most that much more latency.
+ */
+static void
+gather(EngineInfo *info)
+{
+	int			want = 0;
+	TimestampTz deadline;
+
+	for (int i = 0; i < RECENT_BATCHES; i++)
+		want = Max(want, recent[i]);
+	if (want <= 1)
+		return;
+	deadline = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), billing_engine_gather);
+	for (;;)
+	{
+		int			queued;
+
+		LWLockAcquire(billing_engine->lock, LW_SHARED);
+		queued = info->queued;
+		LWLockRelease(billing_engine->lock);
+		if (queued + ncarried >= want || GetCurrentTimestamp() >= deadline)
+			return;
+		(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
+						 1, PG_WAIT_EXTENSION);
+		ResetLatch(MyLatch);
+		CHECK_FOR_INTERRUPTS();
+	}
+}
+
+/* ---------------------------------------------------------------------
  * main loop
  * ---------------------------------------------------------------------
  */
@@ -795,10 +854,15 @@ billing_engine_main(Datum arg)
 			ResetLatch(MyLatch);
 		}
 
+		/* with several callers at once, let their charges gather */
+		if (queued && billing_engine_gather > 0)
+			gather(info);
+
 		engine_gate_pass();
 
 		MemoryContextSwitchTo(batch_cxt);
 		n = take_batch(&items);
+		note_batch(n - ncarried_taken);
 		if (n > 0)
 		{
 			apply_batch(items, n, &groups, &ngroups, &retries);
