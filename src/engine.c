@@ -540,6 +540,7 @@ billing_charge(PG_FUNCTION_ARGS)
 	int			off = 0;
 	uint32		generation = 0;
 	bool		start = false;
+	volatile int starts = 0;
 	ErrorContextCallback errcb;
 
 	if (billing_engine == NULL)
@@ -648,6 +649,16 @@ billing_charge(PG_FUNCTION_ARGS)
 			if (start)
 			{
 				start = false;
+				/* an engine that keeps stopping before it takes our charge */
+				if (++starts > 3)
+				{
+					LWLockAcquire(billing_engine->lock, LW_SHARED);
+					state = slot->state;
+					LWLockRelease(billing_engine->lock);
+					if (state == SLOT_QUEUED)
+						engine_unavailable("the engine worker stopped three times before it took the charge (see the server log)",
+										   "Check that the database accepts connections and the server log for the engine's errors, or use billing_deduct().");
+				}
 				if (!engine_start(engine, generation, &why))
 				{
 					LWLockAcquire(billing_engine->lock, LW_SHARED);
