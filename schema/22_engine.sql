@@ -3,7 +3,7 @@
  * billing_deduct's arguments and returns its result; the charge is applied
  * and committed by an engine worker that batches the charges of many
  * callers into one transaction (src/engine.c, src/engine_worker.c).  It
- * needs billing in shared_preload_libraries (ZB102 without).
+ * needs billing in shared_preload_libraries (ZB112 without).
  *
  * billing_charge is not SECURITY DEFINER: in the caller it only checks the
  * arguments and waits (no table, no SQL); the engine applies the charge as

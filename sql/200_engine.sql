@@ -57,7 +57,7 @@ SELECT replayed FROM billing_charge('eng-a', 0.01, 'eng-a-6', event_at => (SELEC
 -- kind 'adjustment' as with billing_deduct
 SELECT kind, amount, balance_after FROM billing_charge('eng-a', 0.25, 'eng-a-7', kind => 'adjustment');
 
--- refused inside a transaction block (ZB100): the charge would commit on its
+-- refused inside a transaction block (ZB110): the charge would commit on its
 -- own, not with the transaction; nothing is charged
 BEGIN;
 SELECT regress_error($$SELECT billing_charge('eng-a', 1, 'eng-a-8')$$);

@@ -69,9 +69,9 @@
 /* ZB102 (rows left in local tables), ZB103 (per-node work on a node without
  * shards) and ZB104 (billing_verify() cannot reach a node) are raised by SQL */
 /* the charge engine (engine.c) */
-#define ERRCODE_BILLING_ENGINE_IN_TRANSACTION	MAKE_SQLSTATE('Z','B','1','0','0')
-#define ERRCODE_BILLING_ENGINE_OUTCOME_UNKNOWN	MAKE_SQLSTATE('Z','B','1','0','1')
-#define ERRCODE_BILLING_ENGINE_UNAVAILABLE	MAKE_SQLSTATE('Z','B','1','0','2')
+#define ERRCODE_BILLING_ENGINE_IN_TRANSACTION	MAKE_SQLSTATE('Z','B','1','1','0')
+#define ERRCODE_BILLING_ENGINE_OUTCOME_UNKNOWN	MAKE_SQLSTATE('Z','B','1','1','1')
+#define ERRCODE_BILLING_ENGINE_UNAVAILABLE	MAKE_SQLSTATE('Z','B','1','1','2')
 
 #define BILLING_MICROS_PER_UNIT		INT64CONST(1000000)
 #define BILLING_SCALE				6

@@ -11,11 +11,11 @@
  * own that commits many callers' charges at once, before billing_charge()
  * returns.  Hence:
  *	- it is refused inside a transaction block and in a transaction that has
- *	  written anything (ZB100): the charge would not be part of it, and the
+ *	  written anything (ZB110): the charge would not be part of it, and the
  *	  engine could wait for a lock this transaction holds while we wait for
  *	  the engine;
  *	- a caller that loses the answer (a lost connection, a cancel while the
- *	  engine applies the charge, an engine that stopped: ZB101) retries with
+ *	  engine applies the charge, an engine that stopped: ZB111) retries with
  *	  the same trace id: the retry returns the charge if it was made
  *	  (replayed = true) or makes it.
  *

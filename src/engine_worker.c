@@ -32,7 +32,7 @@
  * as the extension's owner, as the SECURITY DEFINER billing_deduct does;
  * entries record the role of the caller (billing.actor()).  It stops after
  * billing.engine_idle_timeout without work; a caller starts it again.  On
- * SIGTERM (or any exit) the callers of the batch in progress get ZB101
+ * SIGTERM (or any exit) the callers of the batch in progress get ZB111
  * (outcome unknown: retry with the same trace id); those still queued are
  * served by a new worker.
  *

@@ -20,7 +20,7 @@
 # but the state the calls meet still depends on the clock (hold expiry,
 # leases), so a failing statement is printed in full rather than only its
 # call number.  It commits before each call of billing_charge (the charge
-# engine refuses a transaction that has written: ZB100) and every 400 calls
+# engine refuses a transaction that has written: ZB110) and every 400 calls
 # (so now() advances: holds expire,
 # leases lapse) and then creates a fresh batch of tenants with money, limits,
 # API keys, holds and jobs in every state, so that many calls get deep into
@@ -684,7 +684,7 @@ BEGIN
         END LOOP;
         stmt := format('SELECT * FROM %I(%s)', f.proname, array_to_string(args, ', '));
         -- billing_charge commits on its own and refuses a transaction that
-        -- has written (ZB100): its calls get a transaction of their own
+        -- has written (ZB110): its calls get a transaction of their own
         IF f.proname = 'billing_charge' THEN
             COMMIT;
         END IF;

@@ -6,8 +6,8 @@
 # calls), each with a new trace id.  A call the server answers with a result
 # is acknowledged: the client logs it.  A call without an answer that tells
 # (the connection lost, the server restarting, a cancel: SQLSTATE class 08
-# or 57) or answered ZB101 (the engine stopped while it was applying the
-# charge: outcome unknown) or ZB102 (no engine for now) is made again with
+# or 57) or answered ZB111 (the engine stopped while it was applying the
+# charge: outcome unknown) or ZB112 (no engine for now) is made again with
 # the same trace id and arguments until it is answered; that is what the
 # documentation tells callers to do.  A DBA's trigger on billing.entries
 # sleeps 1 ms per entry, so the engine spends most of its time inside a
@@ -16,7 +16,7 @@
 # Faults, each once the clients had ENGINE_FAULT_OPS calls acknowledged
 # since the last one (never "within N seconds"):
 #   engine_term    pg_terminate_backend() of a running engine worker; again
-#                  (up to 10 times) until a caller was answered ZB101, so
+#                  (up to 10 times) until a caller was answered ZB111, so
 #                  that an engine stopped mid-batch is what the test saw
 #   engine_cancel  pg_cancel_backend() of an engine worker: its batch is
 #                  applied again (nobody notices)
@@ -29,7 +29,7 @@
 # with the acknowledged entry_id, amount and balance_after; the answers for
 # one trace id agree and at most one says replayed = f; no entry for a trace
 # id nobody sent; billing_verify() finds nothing; no unexpected SQLSTATE; a
-# caller did get ZB101; the server log shows no crash but those the test
+# caller did get ZB111; the server log shows no crash but those the test
 # caused.
 #
 # Alone: BILLING_SKIP="regress isolation" BILLING_TESTS=062_engine_fault make check
@@ -81,8 +81,8 @@ sql(qq{
 # ---------------------------------------------------------------------------
 # c<N>.acked: "trace|tenant|entry_id|amount|balance_after|replayed" per
 # acknowledged call; c<N>.sent: every trace id sent; c<N>.codes: "trace|code"
-# per answer that was not a result; c<N>.n: "<acknowledged> <ZB101 answers>".
-my %RETRY = map { $_ => 1 } qw(ZB101 ZB102);
+# per answer that was not a result; c<N>.n: "<acknowledged> <ZB111 answers>".
+my %RETRY = map { $_ => 1 } qw(ZB111 ZB112);
 
 sub write_file
 {
@@ -121,7 +121,7 @@ sub client
 			}
 			my $code = $r->{status} eq 'error' ? $r->{sqlstate} : $r->{status};
 			print $codes "$trace|$code\n";
-			$unknown++ if $code eq 'ZB101';
+			$unknown++ if $code eq 'ZB111';
 			write_file("$W/c$c.n", "$nacked $unknown\n");
 			# an error that is an answer: the charge was not made; done
 			last if $r->{status} eq 'error' && !$RETRY{$code};
@@ -270,9 +270,9 @@ note("acknowledged $nacked calls (" . scalar(keys %acks) . ' trace ids) of '
 cmp_ok(scalar(keys %acks), '>=', $OPS * (@plan + 1), 'the clients got answers throughout');
 
 my %unexpected = map { $_ => $codes{$_} }
-  grep { !/^(ZB101|ZB102|lost|timeout)$/ && !/^(08|57)/ } keys %codes;
-is_deeply(\%unexpected, {}, 'no answer but results, ZB101, ZB102 and lost connections');
-cmp_ok($codes{ZB101} // 0, '>', 0, 'a caller was told ZB101: an engine stopped mid-batch');
+  grep { !/^(ZB111|ZB112|lost|timeout)$/ && !/^(08|57)/ } keys %codes;
+is_deeply(\%unexpected, {}, 'no answer but results, ZB111, ZB112 and lost connections');
+cmp_ok($codes{ZB111} // 0, '>', 0, 'a caller was told ZB111: an engine stopped mid-batch');
 
 # the ledger
 my %ledger;
