@@ -25,6 +25,8 @@
 
 #include "access/xact.h"
 #include "access/xlog.h"
+#include "catalog/namespace.h"
+#include "citus.h"
 #include "commands/dbcommands.h"
 #include "common/hashfn.h"
 #include "engine.h"
@@ -44,6 +46,7 @@
 #include "tcop/utility.h"
 #include "utils/builtins.h"
 #include "utils/jsonb.h"
+#include "utils/lsyscache.h"
 #include "utils/memutils.h"
 #include "utils/timestamp.h"
 
@@ -549,6 +552,20 @@ billing_charge(PG_FUNCTION_ARGS)
 				 errmsg("the billing charge engine is not available"),
 				 errdetail("billing is not in shared_preload_libraries, so there are no engine workers; nothing was charged."),
 				 errhint("Add billing to shared_preload_libraries and restart, or use billing_deduct().")));
+	/*
+	 * Citus: the engine's workers apply a batch on the node that runs them,
+	 * while a batch's tenants may be stored on any node; routing each
+	 * charge to its node's engine is not done (docs/scaling.md).
+	 */
+	{
+		Oid			nsp = get_namespace_oid("billing", true);
+		Oid			accounts = OidIsValid(nsp) ? get_relname_relid("accounts", nsp) : InvalidOid;
+
+		if (OidIsValid(accounts) && billing_is_distributed(accounts))
+			engine_unavailable("billing's tables are distributed by Citus, and the charge engine does not route charges to the tenants' nodes",
+							   "Use billing_deduct(), which Citus runs on the tenant's node.");
+	}
+
 	/*
 	 * A transaction block: BEGIN ... (also from a savepoint or an EXCEPTION
 	 * block in one), or several statements in one query string.

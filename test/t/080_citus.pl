@@ -15,7 +15,8 @@
 #   4. the rest through the coordinator: billing_deduct_many across nodes,
 #      holds (capture, release, expiry by the tenant's node), grants and a
 #      refund, a job's lifecycle, per-node claims and rescue, the refusals
-#      (ZB100, ZB103, ZB104, ZB015 without a crash, ZB020 on the shards);
+#      (ZB100, ZB103, ZB104, ZB015 without a crash, ZB020 on the shards,
+#      ZB112: billing_charge, the charge engine, is not for Citus);
 #   4b. a node that held billing data of its own joins: its old rows are
 #      neither read nor written, billing_verify() reports them, and
 #      billing.citus_clear_local_rows() removes them;
@@ -493,6 +494,13 @@ is(sqlstate_of($coord, "SELECT * FROM billing_deduct(NULL, 1, 'null-1')"), 'ZB01
 is(sqlstate_of($coord, "UPDATE billing.entries SET amount_micros = 0 WHERE tenant_id = 't01'"), 'ZB020',
 	"UPDATE of the ledger: refused by the shards' trigger");
 is(sqlstate_of($coord, 'TRUNCATE billing.entries'), 'ZB020', "TRUNCATE of the ledger: refused on the shards");
+# the charge engine does not route charges to the tenants' nodes
+is(sqlstate_of($coord, "SELECT * FROM billing_charge('t01', 1, 'engine-1')"), 'ZB112',
+	'billing_charge through the coordinator: ZB112 (the engine does not run on Citus)');
+is(sqlstate_of($w1, "SELECT * FROM billing_charge('t01', 1, 'engine-2')"), 'ZB112',
+	'billing_charge on a worker: ZB112');
+is(q_ok($coord, "SELECT count(*) FROM billing.entries WHERE trace_id LIKE 'engine-%'"), '0',
+	'a refused billing_charge charged nothing');
 my $w1_log = BillingTest::log_size($w1);
 $w1->stop('fast');
 is(sqlstate_of($coord, 'SELECT * FROM billing_verify()'), 'ZB104',
