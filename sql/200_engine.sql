@@ -5,7 +5,7 @@
 -- before billing_charge returns.  Needs billing in shared_preload_libraries
 -- (test/check.conf): make installcheck skips this file.  The batching of
 -- concurrent callers is tested by test/isolation/specs/engine_*.spec, the
--- engine's crashes by test/t/062_engine_fault.pl.  Tenants start with "eng-".
+-- engine's crashes by test/t/095_engine_fault.pl.  Tenants start with "eng-".
 --
 \set VERBOSITY default
 \set SHOW_CONTEXT never

@@ -32,7 +32,7 @@
 # caller did get ZB111; the server log shows no crash but those the test
 # caused.
 #
-# Alone: BILLING_SKIP="regress isolation" BILLING_TESTS=062_engine_fault make check
+# Alone: BILLING_SKIP="regress isolation" BILLING_TESTS=095_engine_fault make check
 # Environment: ENGINE_FAULT_OPS (acknowledged calls before each fault and
 # after the last, default 100), ENGINE_FAULT_STALL (seconds without any
 # acknowledged call that fail the test, default 600).
