@@ -1,6 +1,7 @@
 # The Redis mirror (background worker, src/worker.c + src/sync.c) against a
 # real redis-server, with faults: commit -> Redis visibility, rolled-back and
-# stale changes never visible, holds/limits/API keys, hold expiry by the
+# stale changes never visible, holds/limits/API keys (also charged through
+# the charge engine), hold expiry by the
 # maintenance, Redis killed / restarted / FLUSHALL'd during a stream of
 # deductions, the worker terminated and kill -9'd, the server crashed
 # (pg_ctl stop -m immediate), drift repair by the periodic check, and the lag
@@ -331,6 +332,17 @@ else
 		  . '; database status=' . sql("SELECT status FROM billing.api_keys WHERE tenant_id = 's4' AND key_id = 'k1'")
 		  . ' account version=' . acc('s4', 'version'));
 }
+# the charge engine (billing_charge) marks the tenant and the API key as
+# billing_deduct does: with the check still off, only those marks push them
+sql("SELECT billing_account_create('s4e'); SELECT billing_credit('s4e', 100, 's4e-topup');
+   SELECT billing_api_key_create('s4e', 'ke', budget => 20, budget_period => 'month')");
+converges('4e: s4e and its key mirrored');
+sql("SELECT 1 FROM billing_charge('s4e', 1.25, 's4e-c$_', api_key => 'ke')") for 1 .. 3;
+my $ve = acc('s4e', 'version');
+ok(wait_for(120, sub { hash_is('billing:{s4e}', 'version', $ve) && hash_is('billing:{s4e}:key:ke', 'spent', '3750000') }),
+	'4e: billing_charge through a key reaches Redis by the normal push (the tenant hash and the key hash)');
+is(hget('billing:{s4e}', 'balance'), '96250000', '4e: billing:{s4e} balance after three engine charges');
+converges('4e: Redis equals the database after billing_charge');
 $off = BillingTest::log_size($node);
 sql("ALTER SYSTEM RESET billing.check_interval; SELECT pg_reload_conf()");
 ok(worker_saw_reload($off, 'billing.check_interval', '2'), '4: the worker applied the reload (check_interval = 2 again)');
