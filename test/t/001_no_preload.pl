@@ -1,6 +1,7 @@
 # The ledger works with a plain CREATE EXTENSION, without billing in
 # shared_preload_libraries: no worker, no shared memory, no PGC_POSTMASTER
-# settings (defining one after startup would be FATAL).
+# settings (defining one after startup would be FATAL); the charge engine
+# refuses (ZB112).
 use strict;
 use warnings FATAL => 'all';
 use PostgreSQL::Test::Utils;
@@ -28,6 +29,12 @@ is($q->("SELECT state FROM billing_job_complete('np-1',
 is($q->('SELECT enabled FROM billing_sync_status()'), 'f', 'the mirror reports itself disabled');
 is($q->("SELECT current_setting('billing.database', true)"), '',
 	'worker settings exist only when preloaded');
+# the charge engine needs the preload: ZB112, nothing charged
+my ($rc, $out, $err) = $node->psql('app', "SELECT billing_charge('np-1', 0.5, 'np-e1')",
+	extra_params => [ '-v', 'VERBOSITY=verbose' ]);
+like($err, qr/ERROR:\s+ZB112:/, 'billing_charge without the preload: ZB112');
+is($q->("SELECT count(*) FROM billing.entries WHERE trace_id = 'np-e1'"), '0', 'and nothing charged');
+is($q->('SELECT count(*) FROM billing_engine_status()'), '0', 'billing_engine_status(): no engine');
 is($q->('SELECT count(*) FROM billing_verify()'), '0', 'billing_verify() is clean');
 
 BillingTest::no_crashes($node);
