@@ -22,6 +22,9 @@
 #                  applied again (nobody notices)
 #   caller_cancel  pg_cancel_backend() of a client's backend waiting for
 #                  the engine (57014: the client calls again)
+#   caller_term    pg_terminate_backend() of two clients' backends waiting
+#                  for the engine (the connection is lost: the client
+#                  connects again and calls again with the same trace id)
 #   engine_kill9   kill -9 of an engine worker: crash recovery of the server
 #   pg_immediate   pg_ctl stop -m immediate, then start
 #
@@ -219,6 +222,14 @@ my %fault = (
 		sql("SELECT pg_cancel_backend($_)") for @p[0 .. ($#p < 2 ? $#p : 2)];
 		note("caller_cancel: pg_cancel_backend of " . (@p ? "@p[0 .. ($#p < 2 ? $#p : 2)]" : 'nobody'));
 	},
+	caller_term => sub {
+		my $pids = sql("SELECT string_agg(pid::text, ' ') FROM pg_stat_activity "
+			  . "WHERE datname = '$DB' AND backend_type = 'client backend' "
+			  . "AND query LIKE '%billing_charge%' AND pid <> pg_backend_pid()");
+		my @p = split ' ', $pids // '';
+		sql("SELECT pg_terminate_backend($_)") for @p[0 .. ($#p < 1 ? $#p : 1)];
+		note("caller_term: pg_terminate_backend of " . (@p ? "@p[0 .. ($#p < 1 ? $#p : 1)]" : 'nobody'));
+	},
 	engine_kill9 => sub {
 		my $pid = running_engine() // return note('engine_kill9: no engine ran');
 		kill 'KILL', $pid;
@@ -233,7 +244,7 @@ my %fault = (
 	},
 );
 
-my @plan = qw(engine_term engine_cancel caller_cancel engine_term engine_kill9 pg_immediate);
+my @plan = qw(engine_term engine_cancel caller_cancel caller_term engine_term engine_kill9 pg_immediate);
 for my $kind (@plan)
 {
 	wait_ops($OPS, "before $kind") or last;
