@@ -142,7 +142,7 @@ account_lock(Account *acc, text *tenant_id, MemoryContext cxt)
 		Rejection	rej;
 
 		account_missing(acc->tenant, &rej);
-		billing_raise_rejection(&rej);
+		billing_raise_error(&rej);
 	}
 }
 
@@ -490,6 +490,17 @@ void
 billing_raise_rejection(Rejection *rej)
 {
 	metrics_count_refusal(rej->sqlerrcode);
+	billing_raise_error(rej);
+}
+
+/*
+ * billing_raise_rejection, but not counted as a refusal by billing_metrics():
+ * an unknown account or a trace id conflict, which billing_deduct has always
+ * raised as plain errors
+ */
+void
+billing_raise_error(Rejection *rej)
+{
 	ereport(ERROR,
 			(errcode(rej->sqlerrcode),
 			 errmsg_internal("%s", rej->message),

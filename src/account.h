@@ -158,6 +158,7 @@ extern void account_write(Account *acc, bool wrote_entry,
 extern void account_key_save(Account *acc, ApiKey *key);
 extern void account_key_touch(Account *acc, text *key_id);
 extern void billing_raise_rejection(Rejection *rej);
+extern void billing_raise_error(Rejection *rej);
 
 /* calendar periods in an account's time zone */
 extern DateADT billing_local_date(const char *tz, TimestampTz ts);

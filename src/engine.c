@@ -534,6 +534,7 @@ billing_charge(PG_FUNCTION_ARGS)
 {
 	LedgerRequest req;
 	LedgerOutcome out;
+	volatile bool slot_refused = false;
 	EntryWrite *e = &req.entry;
 	text	   *tenant;
 	text	   *actor;
@@ -737,6 +738,7 @@ billing_charge(PG_FUNCTION_ARGS)
 	}
 	else if (slot->result == RESULT_ERROR)
 	{
+		slot_refused = slot->refused;
 		out.rejection.sqlerrcode = slot->sqlerrcode;
 		out.rejection.message = pnstrdup(slot->data, slot->message_len);
 		out.rejection.detail = slot->detail_len < 0 ? NULL :
@@ -756,8 +758,11 @@ billing_charge(PG_FUNCTION_ARGS)
 	(void) slot_release(i);
 	my_slot = -1;
 
-	if (!out.committed)
+	/* counted by billing_metrics() only when billing_deduct's would be */
+	if (!out.committed && slot_refused)
 		billing_raise_rejection(&out.rejection);
+	else if (!out.committed)
+		billing_raise_error(&out.rejection);
 	return ledger_entry_result(fcinfo, tenant, e->trace_id, &out);
 }
 

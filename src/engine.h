@@ -105,6 +105,9 @@ typedef struct EngineSlot
 	/* the result */
 	EngineResult result;
 	bool		replayed;
+	bool		refused;		/* RESULT_ERROR: a business rule's rejection,
+								 * counted by billing_metrics() as
+								 * billing_deduct's are */
 	int64		entry_id;
 	int64		out_amount;
 	int64		balance_after;

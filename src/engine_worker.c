@@ -594,6 +594,7 @@ write_result(EngineItem *it)
 		hint = it->out.rejection.hint;
 	}
 	slot->result = RESULT_ERROR;
+	slot->refused = it->error == NULL && it->out.refused;
 	slot->sqlerrcode = sqlerrcode;
 	slot->message_len = put_text(slot, 0, message, ENGINE_MESSAGE_BYTES);
 	slot->detail_len = detail ? put_text(slot, slot->message_len, detail, ENGINE_DETAIL_BYTES) : -1;

@@ -276,7 +276,7 @@ probe_trace(Account *acc, EntryWrite *req, PostMode mode, LedgerOutcome *out)
 	if (!check_same_request(req, acc->cxt, &out->rejection))
 	{
 		if (mode != POST_RETURN)
-			billing_raise_rejection(&out->rejection);
+			billing_raise_error(&out->rejection);
 		out->committed = false;
 		out->replayed = false;
 		return true;
@@ -304,6 +304,7 @@ probe_trace(Account *acc, EntryWrite *req, PostMode mode, LedgerOutcome *out)
 		MemoryContextSwitchTo(old);
 		if (mode == POST_RAISE)
 			billing_raise_rejection(rej);
+		out->refused = true;	/* POST_RETURN: raised (and counted) later */
 	}
 	return true;
 }
@@ -669,6 +670,7 @@ post_one(Account *acc, KeyCache *kc, LedgerRequest *req, LedgerOutcome *out,
 			return;
 		if (mode == POST_RAISE)
 			billing_raise_rejection(&out->rejection);
+		out->refused = true;
 		if (mode == POST_RETURN)
 			return;				/* the rejection is the outcome; nothing recorded */
 		record_rejection(acc, e, out);
@@ -685,8 +687,13 @@ post_one(Account *acc, KeyCache *kc, LedgerRequest *req, LedgerOutcome *out,
 		return;
 	}
 
-	/* 4. write the entry (and, for the last request, the account with it) */
+	/*
+	 * 4. write the entry (and, for the last request, the account with it).
+	 * The thresholds see this request's key (events_before_write: its
+	 * budget's quota.threshold), as billing_deduct's account_write does.
+	 */
 	acc->version++;
+	acc->key = key;
 	if (last)
 		out->id = insert_entry(acc, e, true);
 	else
@@ -716,6 +723,16 @@ post_one(Account *acc, KeyCache *kc, LedgerRequest *req, LedgerOutcome *out,
 	{
 		gs->save = true;
 		gs->wrote_entry = true;
+
+		/*
+		 * The thresholds this request crossed, announced now with the state
+		 * it left (balance, usage, its key's spend), not once for the group
+		 * at the account's write: the same events, payloads and order as n
+		 * billing_deduct calls (balance.low once per crossing, a
+		 * quota.threshold per percentage and per key).  The account's write
+		 * at the end runs it again, which announces nothing new.
+		 */
+		events_before_write(acc);
 	}
 	*key_charged = true;
 
@@ -776,7 +793,7 @@ ledger_post_many(text *tenant_id, LedgerRequest **reqs, LedgerOutcome **outs,
 				account_missing(acc.tenant, &rej);
 				MemoryContextSwitchTo(old);
 				if (mode != POST_RETURN)
-					billing_raise_rejection(&rej);
+					billing_raise_error(&rej);
 				for (int i = 0; i < n; i++)
 				{
 					memset(outs[i], 0, sizeof(LedgerOutcome));

@@ -62,6 +62,9 @@ typedef struct LedgerOutcome
 	int64		version;		/* valid when committed */
 	TimestampTz created_at;
 	Rejection	rejection;		/* valid when not committed */
+	bool		refused;		/* the rejection is a business rule's (or the
+								 * replay of one): billing_metrics() counts it
+								 * when it is raised or recorded */
 } LedgerOutcome;
 
 extern int	ledger_item;
