@@ -127,6 +127,70 @@ SELECT billing_revoke_all('eng_app');
 DROP ROLE eng_app;
 DROP ROLE eng_other;
 
+-- events (issue 17): a billing_charge announces the thresholds it crosses
+-- as billing_deduct does.  eng-ev-d is charged by billing_deduct, eng-ev-c
+-- by billing_charge, the same charges: the same events, payloads and seqs
+-- (balance.low once per crossing, quota.threshold per percentage, per key).
+-- One batch of several charges: test/isolation/specs/engine_events.spec.
+SELECT count(*) FROM billing_account_create('eng-ev-d');
+SELECT count(*) FROM billing_account_create('eng-ev-c');
+SELECT count(*) FROM unnest('{eng-ev-d,eng-ev-c}'::text[]) t, LATERAL billing_credit(t, 10, t || '-top') r;
+SELECT count(*) FROM unnest('{eng-ev-d,eng-ev-c}'::text[]) t, LATERAL billing_alerts_set(t, low_balance => 5, quota_percents => '{50, 100}') r;
+SELECT count(*) FROM unnest('{eng-ev-d,eng-ev-c}'::text[]) t, LATERAL billing_limits_set(t, daily_requests => 4) r;
+SELECT count(*) FROM unnest('{eng-ev-d,eng-ev-c}'::text[]) t, LATERAL billing_api_key_create(t, 'k', budget => 4, budget_period => 'month') r;
+-- 3 of the key's 4 (its 50 %); 1 of 4 requests
+SELECT balance_after FROM billing_deduct('eng-ev-d', 3, 'ev-1', api_key => 'k');
+SELECT balance_after FROM billing_charge('eng-ev-c', 3, 'ev-1', api_key => 'k');
+-- below 5: balance.low; 2 of 4 requests (50 %)
+SELECT balance_after FROM billing_deduct('eng-ev-d', 3, 'ev-2');
+SELECT balance_after FROM billing_charge('eng-ev-c', 3, 'ev-2');
+-- still below: no second balance.low; the key's 100 %
+SELECT balance_after FROM billing_deduct('eng-ev-d', 1, 'ev-3', api_key => 'k');
+SELECT balance_after FROM billing_charge('eng-ev-c', 1, 'ev-3', api_key => 'k');
+-- a refusal writes no event
+SELECT regress_error($$SELECT billing_deduct('eng-ev-d', 5, 'ev-4')$$);
+SELECT regress_error($$SELECT billing_charge('eng-ev-c', 5, 'ev-4')$$);
+-- a top-up re-arms balance.low; the next crossing is announced again, and
+-- the 4th request of 4 is the quota's 100 %
+SELECT balance_after FROM billing_credit('eng-ev-d', 10, 'ev-top2');
+SELECT balance_after FROM billing_credit('eng-ev-c', 10, 'ev-top2');
+SELECT balance_after FROM billing_deduct('eng-ev-d', 9, 'ev-5');
+SELECT balance_after FROM billing_charge('eng-ev-c', 9, 'ev-5');
+SELECT seq, type, payload->>'quota' AS quota, payload->>'api_key' AS api_key,
+       payload->>'percent' AS percent, payload->>'used' AS used, payload->>'balance' AS balance
+  FROM billing.events WHERE tenant_id = 'eng-ev-c' ORDER BY seq;
+SELECT count(*) AS differences
+  FROM (SELECT seq, type, payload FROM billing.events WHERE tenant_id = 'eng-ev-c') c
+  FULL JOIN (SELECT seq, type, payload FROM billing.events WHERE tenant_id = 'eng-ev-d') d USING (seq)
+ WHERE c.type IS DISTINCT FROM d.type OR c.payload IS DISTINCT FROM d.payload;
+SELECT tenant_id, low_balance_announced, daily_requests_announced, last_event_seq
+  FROM billing.alerts WHERE tenant_id LIKE 'eng-ev-%' ORDER BY tenant_id;
+
+-- billing_metrics() counts the engine's charges (committed by the engine
+-- worker) and its refusals (raised in the caller) as billing_deduct's: by
+-- entry kind and by SQLSTATE; an unknown account or a trace id conflict is
+-- no refusal, as with billing_deduct
+SELECT count(*) FROM billing_account_create('eng-m');
+SELECT balance_after FROM billing_credit('eng-m', 10, 'eng-m-top');
+SELECT key_id FROM billing_api_key_create('eng-m', 'k', budget => 1, budget_period => 'month');
+CREATE TEMP TABLE eng_m AS
+SELECT name, labels, value FROM billing.metrics
+ WHERE name IN ('billing_charges_total', 'billing_entries_total', 'billing_charge_refusals_total');
+SELECT balance_after FROM billing_charge('eng-m', 0.5, 'ev-m1');
+SELECT balance_after FROM billing_charge('eng-m', 0.5, 'ev-m2');
+SELECT replayed FROM billing_charge('eng-m', 0.5, 'ev-m2');
+SELECT regress_error($$SELECT billing_charge('eng-m', 100, 'ev-m3')$$);
+SELECT regress_error($$SELECT billing_charge('eng-m', 2, 'ev-m3', api_key => 'k')$$);
+SELECT regress_error($$SELECT billing_charge('eng-nobody', 1, 'ev-m4')$$);
+SELECT regress_error($$SELECT billing_charge('eng-m', 0.6, 'ev-m2')$$);
+SELECT m.name, m.labels, m.value - coalesce(b.value, 0) AS counted
+  FROM billing.metrics m LEFT JOIN eng_m b USING (name, labels)
+ WHERE m.name IN ('billing_charges_total', 'billing_entries_total', 'billing_charge_refusals_total')
+   AND m.value - coalesce(b.value, 0) <> 0
+   AND coalesce(m.labels->>'kind', 'deduct') = 'deduct'  -- not the worker's expiries
+ ORDER BY 1, 2::text;
+DROP TABLE eng_m;
+
 -- the ledger is consistent, and the engine worker of this database ran
 SELECT * FROM billing_verify();
 SELECT worker, state, queued, batches > 0 AS batched, charges > 0 AS charged
