@@ -29,7 +29,7 @@
 # (at least) one failure.  Exit status 0 only if every version passed.
 #
 # Environment inside the chroot: PATH, HOME=/root, LANG=C.UTF-8 (C if the
-# chroot lacks it), CI and the caller's BILLING_* variables, except
+# chroot lacks it), CI and the caller's BILLING_* and BENCH_* variables, except
 # BILLING_MATRIX_* (this script's knobs) and the per-cluster values of a
 # native run (BILLING_TMP, BILLING_PGPORT, BILLING_REDIS_PORT, BILLING_PGBIN:
 # host paths and host ports).  BILLING_PORT_BASE is set per version (17:
@@ -456,7 +456,7 @@ suite_env() {
 		case $name in
 		BILLING_MATRIX_* | BILLING_PORT_BASE | BILLING_TMP | BILLING_PGPORT | BILLING_REDIS_PORT | BILLING_PGBIN | \
 			BILLING_CITUS_*) ;;
-		BILLING_*) env_args+=("$kv") ;;
+		BILLING_* | BENCH_*) env_args+=("$kv") ;;
 		esac
 	done < <(env -0)
 	env_args+=("BILLING_PORT_BASE=$(version_info "$v" | cut -d' ' -f2)")
