@@ -949,6 +949,30 @@ write_repairs(void)
  */
 
 /*
+ * In a PG_CATCH of the cycle: back to cxt, end the failed transaction, and
+ * log and note the error (of step `what`, NULL: the cycle) unless it is a
+ * lock wait that timed out, which the next turn retries quietly.
+ */
+static void
+outbox_caught(MemoryContext cxt, const char *what)
+{
+	ErrorData  *edata;
+
+	MemoryContextSwitchTo(cxt);
+	edata = CopyErrorData();
+	FlushErrorState();
+	AbortCurrentTransaction();
+	if (edata->sqlerrcode != ERRCODE_LOCK_NOT_AVAILABLE)
+	{
+		ereport(LOG, (errmsg("billing events: %s%s%s", what ? what : "", what ? ": " : "",
+							 edata->message)));
+		note_error("%s%s%s", what ? what : "", what ? ": " : "", edata->message);
+	}
+	FreeErrorData(edata);
+	pgstat_report_activity(STATE_IDLE, NULL);
+}
+
+/*
  * Run one housekeeping step of the cycle (the sweep, the pruning) in an
  * error block of its own: its failure is logged and shown in
  * billing_sync_status() (and waits for the step's next turn), but never
@@ -966,19 +990,7 @@ outbox_step(const char *what, bool (*step) (void))
 	}
 	PG_CATCH();
 	{
-		ErrorData  *edata;
-
-		MemoryContextSwitchTo(cxt);
-		edata = CopyErrorData();
-		FlushErrorState();
-		AbortCurrentTransaction();
-		if (edata->sqlerrcode != ERRCODE_LOCK_NOT_AVAILABLE)
-		{
-			ereport(LOG, (errmsg("billing events: %s: %s", what, edata->message)));
-			note_error("%s: %s", what, edata->message);
-		}
-		FreeErrorData(edata);
-		pgstat_report_activity(STATE_IDLE, NULL);
+		outbox_caught(cxt, what);
 		result = false;
 	}
 	PG_END_TRY();
@@ -1051,23 +1063,11 @@ outbox_cycle(bool redis_ready)
 	}
 	PG_CATCH();
 	{
-		ErrorData  *edata;
-
-		MemoryContextSwitchTo(cxt);
-		edata = CopyErrorData();
-		FlushErrorState();
-		AbortCurrentTransaction();
+		outbox_caught(cxt, NULL);
 		redis_free_all();
-		if (edata->sqlerrcode != ERRCODE_LOCK_NOT_AVAILABLE)
-		{
-			ereport(LOG, (errmsg("billing events: %s", edata->message)));
-			note_error("%s", edata->message);
-		}
-		FreeErrorData(edata);
 		failed_until = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), RETRY_MS);
 		usable = false;
 		more = false;
-		pgstat_report_activity(STATE_IDLE, NULL);
 	}
 	PG_END_TRY();
 	MemoryContextSwitchTo(cxt);
