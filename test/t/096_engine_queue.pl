@@ -1,0 +1,158 @@
+
+# The charge engine's queue is bounded, and so is the engine's memory
+# (issue 18):
+#
+# - a full queue is back-pressure, as docs/sql-api.md says: with
+#   billing.engine_queue_size = 8 and the engine held (the test gate), 12
+#   callers of billing_charge give 8 queued charges (the queue's places)
+#   and 4 callers waiting for a place; none is refused.  A waiting caller
+#   that is cancelled gets 57014 and one that is terminated loses its
+#   connection, and neither charge is made; when the engine goes on, every
+#   other caller gets its own charge, once, and the places are all free
+#   again;
+# - the engine worker's memory stays flat: its memory contexts
+#   (pg_log_backend_memory_contexts: the grand total in the server log)
+#   after 40,000 more charges, batched from 4 sessions, are within 128 kB
+#   of what they were after the first 10,000 (a leak of 4 bytes a charge
+#   would pass that).
+
+use strict;
+use warnings FATAL => 'all';
+
+use PostgreSQL::Test::Utils;
+use Test::More;
+use BillingTest;
+
+my $DB = 'engine_queue';
+my $QUEUE = 8;
+my $CALLERS = 12;
+my $node = BillingTest::node('queue', database => $DB, conf => join("\n",
+	"billing.engine_workers = 1",
+	"billing.engine_queue_size = $QUEUE"));
+
+sub sql { return $node->safe_psql($DB, shift) }
+sub engine { return BillingTest::query($node, $DB, "SELECT $_[0] FROM billing_engine_status()") // '' }
+
+sql("SELECT billing_account_create('q'), billing_credit('q', 1000, 'q-top-up');
+     SELECT billing_account_create('m' || i) FROM generate_series(1, 20) i;
+     SELECT billing_credit('m' || i, 1000000, 'm-top-up-' || i) FROM generate_series(1, 20) i;");
+
+# the engine is running before the gate is taken (a caller starts it)
+is(sql("SELECT replayed FROM billing_charge('q', 0.5, 'q-first')"), 'f', 'a first charge starts the engine');
+is(engine('state'), 'running', 'the engine worker runs');
+is(engine('free_slots'), $QUEUE, "the queue has its $QUEUE places");
+
+note 'a full queue';
+my $gate = BillingTest::Session->new($node, $DB);
+is($gate->call('SELECT billing.engine_test_gate(true)')->{status}, 'ok', 'the engine is held');
+
+my $dir = PostgreSQL::Test::Utils::tempdir();
+my %callers;
+for my $i (1 .. $CALLERS)
+{
+	$callers{$i} = BillingTest::spawn(sub {
+		my $s = BillingTest::Session->new($node, $DB, timeout => 300);
+		my $pid = $s->pid;
+		PostgreSQL::Test::Utils::append_to_file("$dir/pid-$i", $pid);
+		my $r = $s->call("SELECT entry_id || ' ' || replayed FROM billing_charge('q', 1, 'q-$i')");
+		PostgreSQL::Test::Utils::append_to_file("$dir/result-$i",
+			join(' ', $r->{status}, $r->{sqlstate} // '-', @{ $r->{rows} }));
+		$s->close;
+	});
+}
+my %pid_of;
+ok(BillingTest::wait_until(180, sub {
+	%pid_of = map { -s "$dir/pid-$_" ? ($_ => slurp_file("$dir/pid-$_")) : () } 1 .. $CALLERS;
+	keys %pid_of == $CALLERS }), 'every caller is connected');
+my %caller_of = reverse %pid_of;
+my $in = join(',', values %pid_of);
+my $waiting = sub {    # wait_event_type/wait_event => the callers waiting so
+	my %w;
+	for (split /\n/, sql("SELECT pid, wait_event_type || '/' || wait_event FROM pg_stat_activity WHERE pid IN ($in)"))
+	{
+		my ($pid, $w) = split /\|/;
+		push @{ $w{$w} }, $caller_of{$pid};
+	}
+	return \%w;
+};
+my $w;
+ok(BillingTest::wait_until(180, sub {
+	$w = $waiting->();
+	@{ $w->{'Lock/advisory'} // [] } == $QUEUE && @{ $w->{'Extension/Extension'} // [] } == $CALLERS - $QUEUE }),
+	"$QUEUE callers have a place in the queue (held at the gate), " . ($CALLERS - $QUEUE) . ' wait for one')
+  or diag(explain($w));
+is(engine('free_slots'), 0, 'no place is free');
+ok(engine('queued') <= $QUEUE, 'at most the queue size is queued (' . engine('queued') . ')');
+is(sql("SELECT count(*) FROM billing.entries WHERE tenant_id = 'q' AND trace_id LIKE 'q-%' AND trace_id <> 'q-first' AND trace_id <> 'q-top-up'"),
+	'0', 'nothing is charged while the engine is held');
+
+my @for_place = sort { $a <=> $b } @{ $w->{'Extension/Extension'} };
+my ($cancelled, $terminated) = @for_place[ 0, 1 ];
+sql("SELECT pg_cancel_backend($pid_of{$cancelled})");
+sql("SELECT pg_terminate_backend($pid_of{$terminated})");
+for my $i ($cancelled, $terminated)
+{
+	ok(BillingTest::wait_until(180, sub { defined BillingTest::exited($callers{$i}) }), "caller $i is answered");
+}
+like(slurp_file("$dir/result-$cancelled"), qr/^lost 57014/, 'a cancelled caller waiting for a place gets 57014');
+like(slurp_file("$dir/result-$terminated"), qr/^lost /, 'a terminated one loses its connection');
+is(engine('free_slots'), 0, 'the queue is still full (the callers that left had no place)');
+
+is($gate->call('SELECT billing.engine_test_gate(false)')->{status}, 'ok', 'the engine goes on');
+my @rest = grep { $_ != $cancelled && $_ != $terminated } 1 .. $CALLERS;
+for my $i (@rest)
+{
+	ok(BillingTest::wait_until(300, sub { defined BillingTest::exited($callers{$i}) }), "caller $i is answered");
+}
+my @charged = grep { slurp_file("$dir/result-$_") =~ /^ok 00000 \d+ false$/ } @rest;
+is(scalar(@charged), scalar(@rest), 'every other caller got its own charge (' . scalar(@rest) . ')')
+  or diag(join("\n", map { "$_: " . slurp_file("$dir/result-$_") } @rest));
+is(sql("SELECT string_agg(trace_id, ' ' ORDER BY trace_id) FROM billing.entries
+         WHERE tenant_id = 'q' AND kind = 'deduct' AND trace_id <> 'q-first'"),
+	join(' ', sort map { "q-$_" } @rest),
+	'the ledger holds exactly those charges, once each: not the cancelled nor the terminated caller\'s');
+is(sql("SELECT balance FROM billing.balances WHERE tenant_id = 'q'"),
+	sprintf('%.6f', 1000 - 0.5 - scalar(@rest)), 'and the balance says so');
+ok(BillingTest::wait_until(60, sub { engine('free_slots') == $QUEUE }), 'every place is free again');
+$gate->close;
+
+note 'the engine worker\'s memory';
+my $load = sub {    # 4 sessions, each charging 20 tenants in turn
+	my ($round, $per) = @_;
+	my @kids = map {
+		my $c = $_;
+		BillingTest::spawn(sub {
+			$node->safe_psql($DB, "SELECT count(*) FROM generate_series(1, $per) g,
+				LATERAL billing_charge('m' || (g % 20 + 1), 0.000001, 'mem-$round-$c-' || g)");
+		});
+	} 1 .. 4;
+	BillingTest::reap($_) == 0 or return 0 for @kids;
+	return 1;
+};
+# the grand total of the engine's memory contexts, as the engine logs it
+my $contexts = sub {
+	my $pid = engine('pid');
+	my $from = BillingTest::log_size($node);
+	sql("SELECT pg_log_backend_memory_contexts($pid)");
+	my $total;
+	BillingTest::wait_until(120, sub {
+		($total) = BillingTest::log_since($node, $from) =~ /\[$pid\] LOG:\s+Grand total: (\d+) bytes/;
+		defined $total });
+	return $total;
+};
+ok($load->(1, 2500), 'warm-up: 10,000 charges from 4 sessions');
+my $pid = engine('pid');
+my $before = $contexts->();
+ok(defined $before, "the engine (pid $pid) logged its memory contexts: " . ($before // '?') . ' bytes');
+ok($load->($_, 2500), "10,000 more charges (" . ($_ - 1) . " of 4)") for 2 .. 5;
+is(engine('pid'), $pid, 'the same engine worker applied them');
+my $after = $contexts->();
+ok(defined $after && defined $before && $after <= $before + 128 * 1024,
+	'its memory contexts grew by at most 128 kB: ' . ($before // '?') . ' then ' . ($after // '?') . ' bytes');
+is(sql("SELECT count(*) FROM billing.entries WHERE trace_id LIKE 'mem-%'"), '50000', 'every charge is in the ledger');
+is(sql("SELECT count(*) FROM billing_verify()"), '0', 'billing_verify() finds nothing');
+ok(engine('largest_batch') > 1, 'the engine batched (largest batch ' . engine('largest_batch') . ')');
+
+BillingTest::no_crashes($node);
+$node->stop;
+done_testing();
