@@ -7,7 +7,9 @@
 # Load: each client is a background process with one connection
 # (BillingTest::Session: one psql kept open, one statement per call,
 # autocommit; a new connection after a lost one), making calls in a loop:
-# deducts (unique trace ids, some through an API key), credits,
+# charges (unique trace ids, some through an API key; half billing_deduct,
+# half billing_charge, the charge engine, whose ZB111 "outcome unknown" and
+# ZB112 "no engine now" count as calls without an answer), credits,
 # billing_try_deduct (poor tenants f41..f50 get rejections), holds ->
 # captures (partial, final, over the hold) -> releases, abandoned 2-second
 # holds (expired by the worker's maintenance), replays of earlier trace ids
@@ -225,7 +227,7 @@ sub client
 				$rc = 0;
 			}
 		}
-		elsif ($r->{status} eq 'error')
+		elsif ($r->{status} eq 'error' && $r->{sqlstate} !~ /^ZB11[12]$/)
 		{
 			$CODE = $r->{sqlstate};
 			$rej{$kind}++;
@@ -240,7 +242,7 @@ sub client
 			}
 			$rc = 1;
 		}
-		else
+		else    # no answer that tells; or billing_charge's ZB111 (outcome unknown) or ZB112 (no engine now)
 		{
 			$fail{$kind}++;
 			my $outcome = $r->{status} eq 'timeout' ? 'timeout' : 'failed';
@@ -279,13 +281,14 @@ sub client
 	{
 		my $op = int(rand(100));
 		my $tr = "c$c-" . ($seq + 1);
-		if ($op < 26)    # deduct
+		if ($op < 26)    # a charge: billing_deduct, or billing_charge (the engine) half the time
 		{
 			my $T = $tenant->();
 			my $KEY = $keyarg->($T);
 			my $A = $amount->(1, 400000);
-			my $r = $idem->('deduct', $T, "$tr-d", "SELECT tenant_id, trace_id, NULL, entry_id, amount, balance_after, NULL, replayed
-			                                FROM billing_deduct('$T', $A, '$tr-d'$KEY)");
+			my $fn = int(rand(2)) ? 'charge' : 'deduct';
+			my $r = $idem->($fn, $T, "$tr-d", "SELECT tenant_id, trace_id, NULL, entry_id, amount, balance_after, NULL, replayed
+			                                FROM billing_$fn('$T', $A, '$tr-d'$KEY)");
 			push @charges, [ $T, "$tr-d", $micros->($A), 0 ] if $r == 0;
 		}
 		elsif ($op < 30)    # a grant: spent before the top-ups, some expire during the load
@@ -783,7 +786,7 @@ note(sprintf('total: %d acknowledged, %d rejected, %d failed (%.0f acknowledged 
 	$tot_acked, $tot_rej, $tot_failed, $tot_acked / ($load_end - $load_start)));
 note('rejections by SQLSTATE: ' . sql("SELECT string_agg(code || '=' || n, ' ' ORDER BY code) FROM
       (SELECT code, count(*) AS n FROM fault_calls WHERE outcome IN ('rejected', 'unexpected') GROUP BY code) x"));
-is(join(' ', grep { !($stats{$_}{acked} // 0) } qw(deduct credit grant refund try hold capture release submit claim complete fail)),
+is(join(' ', grep { !($stats{$_}{acked} // 0) } qw(deduct charge credit grant refund try hold capture release submit claim complete fail)),
 	'', 'every kind of operation was acknowledged at least once');
 ok($tot_failed > 0, 'some client calls failed during the faults (the faults hit the clients)');
 my %injected;
@@ -818,7 +821,7 @@ WITH a AS (SELECT DISTINCT regexp_replace(kind, '^(replay|recover)_', '') AS fam
                   CASE WHEN a.fam = 'complete' THEN '1 1 0 ' || CASE WHEN EXISTS (SELECT FROM billing.entries c
                               WHERE c.tenant_id = a.tenant AND c.trace_id = a.trace AND c.kind = 'capture') THEN 1 ELSE 0 END
                        WHEN a.fam = 'submit' THEN '0 0 0 0'
-                       WHEN a.fam IN ('deduct', 'credit', 'grant', 'refund') OR (a.fam = 'try' AND a.st = 'committed') THEN '1 1 0 0'
+                       WHEN a.fam IN ('deduct', 'charge', 'credit', 'grant', 'refund') OR (a.fam = 'try' AND a.st = 'committed') THEN '1 1 0 0'
                        WHEN a.fam = 'try' THEN '0 0 1 0'
                        WHEN a.fam = 'capture' THEN '1 1 0 1'
                        ELSE '0 0 0 1' END AS want
@@ -833,7 +836,7 @@ SELECT format('%s %s/%s: acked entry %s amount %s balance_after %s; ledger entry
               billing.to_amount(e.amount_micros), billing.to_amount(e.balance_after_micros), e.kind)
   FROM fault_acked a
   JOIN billing.entries e ON e.tenant_id = a.tenant AND e.trace_id = a.trace
- WHERE (a.kind ~ '(deduct|credit|capture|grant|refund)$' OR (a.kind ~ 'try$' AND a.status = 'committed'))
+ WHERE (a.kind ~ '(deduct|charge|credit|capture|grant|refund)$' OR (a.kind ~ 'try$' AND a.status = 'committed'))
    AND (e.entry_id IS DISTINCT FROM a.entry_id OR e.amount_micros <> a.amount * 1000000
         OR e.balance_after_micros <> a.balance_after * 1000000
         OR e.kind <> CASE WHEN a.kind ~ 'credit' THEN 'topup' WHEN a.kind ~ 'capture' THEN 'capture'
@@ -870,7 +873,7 @@ SELECT format('%s %s/%s: %s acks, %s distinct results, %s with replayed = f', fa
   FROM (SELECT regexp_replace(kind, '^(replay|recover)_', '') AS fam, tenant, trace, count(*) AS n,
                count(*) FILTER (WHERE NOT replayed) AS nf,
                count(DISTINCT format('%s %s %s %s %s', ref, entry_id, amount,
-                     CASE WHEN kind ~ '(deduct|credit|try|capture|grant|refund)$' THEN balance_after END,
+                     CASE WHEN kind ~ '(deduct|charge|credit|try|capture|grant|refund)$' THEN balance_after END,
                      CASE WHEN kind ~ '(try|release|complete)$' THEN status END)) AS d
           FROM fault_acked WHERE kind NOT IN ('claim', 'fail') GROUP BY 1, 2, 3) x
  WHERE d > 1 OR nf > 1 ORDER BY 1
