@@ -46,7 +46,7 @@ BENCH_SYNC_LAG=${BENCH_SYNC_LAG:-1}             # 0 skips the commit -> Redis la
 BENCH_SYNC_RATE=${BENCH_SYNC_RATE:-5000}        # paced deducts/s of the lag run (pgbench -R)
 BENCH_SYNC_SECONDS=${BENCH_SYNC_SECONDS:-15}
 BENCH_CPU=${BENCH_CPU:-1}                       # 0 skips the CPU-per-call step
-BENCH_CPU_ROUNDS=${BENCH_CPU_ROUNDS:-5}         # interleaved rounds of it
+BENCH_CPU_ROUNDS=${BENCH_CPU_ROUNDS:-15}        # interleaved rounds of it (a round's ratio varies by +-10 %)
 BENCH_CPU_CALLS=${BENCH_CPU_CALLS:-20000}       # billing_deduct calls per measurement
 BENCH_EVENTS_LAG=${BENCH_EVENTS_LAG:-1}         # 0 skips the commit -> stream lag run of the events
 BENCH_EVENTS_RATE=${BENCH_EVENTS_RATE:-5000}    # paced transactions/s of it (pgbench -R), one in 10 writes an event
@@ -1053,9 +1053,12 @@ fi
 			read -r w b min text <<<"$t"
 			r=$(awk -v a="$(cpu_median "$w")" -v b="$(cpu_median "$b")" 'BEGIN { if (a == "-" || b == "-" || b + 0 == 0) print "-"; else printf "%.3f\n", a / b }')
 			shown=$r
-			[[ $r == - ]] || shown="$r × ($(cpu_median "$w") vs $(cpu_median "$b") µs per call, medians)"
 			rounds=$(awk -F'\t' -v w="$w" -v b="$b" '$1 == w { a[$2] = $3 } $1 == b { c[$2] = $3 }
 				END { for (i = 1; i in a; i++) if (i in c && c[i] > 0) out = out (out == "" ? "" : ", ") sprintf("%.2f", a[i] / c[i]); print (out == "" ? "-" : out) }' "$cpu_results")
+			# the median of the rounds' own ratios (each round measures both back to back)
+			paired=$(tr -d ' ' <<<"$rounds" | tr ',' '\n' | sort -n | awk '{ v[++n] = $1 } END {
+				if (n == 0 || v[1] == "-") print "-"; else printf "%.2f\n", (n % 2 ? v[(n + 1) / 2] : (v[n / 2] + v[n / 2 + 1]) / 2) }')
+			[[ $r == - ]] || shown="$r × ($(cpu_median "$w") vs $(cpu_median "$b") µs per call, medians; median of the rounds' ratios $paired)"
 			text+=", server CPU per call"
 			;;
 		p99) # p99 of w <= max x p99 of b (the best rounds' latencies, and each round's)
