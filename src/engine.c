@@ -374,6 +374,32 @@ slot_release(int i)
 	return state;
 }
 
+/*
+ * Withdraw our charge if no engine has taken it yet (under the lock, so
+ * that no engine can take it in between): true if withdrawn, and the slot
+ * is no longer ours.
+ */
+static bool
+slot_withdraw(int i)
+{
+	bool		withdrawn = false;
+
+	LWLockAcquire(billing_engine->lock, LW_EXCLUSIVE);
+	if (engine_slot(i)->state == SLOT_QUEUED)
+	{
+		slot_unqueue(i);
+		slot_free(i);
+		withdrawn = true;
+	}
+	LWLockRelease(billing_engine->lock);
+	if (withdrawn)
+	{
+		my_slot = -1;
+		ConditionVariableSignal(&billing_engine->slot_freed);
+	}
+	return withdrawn;
+}
+
 /* a backend that exits while it waits (pg_terminate_backend) */
 static void
 engine_backend_exit(int code, Datum arg)
@@ -545,6 +571,7 @@ billing_charge(PG_FUNCTION_ARGS)
 	uint32		generation = 0;
 	bool		start = false;
 	volatile int starts = 0;
+	volatile bool withdrawn = false;
 	ErrorContextCallback errcb;
 
 	if (billing_engine == NULL)
@@ -668,23 +695,23 @@ billing_charge(PG_FUNCTION_ARGS)
 			{
 				start = false;
 				/* an engine that keeps stopping before it takes our charge */
-				if (++starts > 3)
+				/*
+				 * Refused only if the charge is withdrawn, atomically: an
+				 * engine that took it meanwhile makes it, and we wait.
+				 */
+				if (++starts > 3 && slot_withdraw(i))
 				{
-					LWLockAcquire(billing_engine->lock, LW_SHARED);
-					state = slot->state;
-					LWLockRelease(billing_engine->lock);
-					if (state == SLOT_QUEUED)
-						engine_unavailable("the engine worker stopped three times before it took the charge (see the server log)",
-										   "Check that the database accepts connections and the server log for the engine's errors, or use billing_deduct().");
+					withdrawn = true;
+					error_context_stack = errcb.previous;
+					engine_unavailable("the engine worker stopped three times before it took the charge (see the server log)",
+									   "Check that the database accepts connections and the server log for the engine's errors, or use billing_deduct().");
 				}
-				if (!engine_start(engine, generation, &why))
+				if (!engine_start(engine, generation, &why) && slot_withdraw(i))
 				{
-					LWLockAcquire(billing_engine->lock, LW_SHARED);
-					state = slot->state;
-					LWLockRelease(billing_engine->lock);
-					if (state == SLOT_QUEUED)
-						engine_unavailable(psprintf("the engine worker could not be started: %s", why),
-										   "Raise max_worker_processes (each database that uses billing_charge needs billing.engine_workers of them), or use billing_deduct().");
+					withdrawn = true;
+					error_context_stack = errcb.previous;
+					engine_unavailable(psprintf("the engine worker could not be started: %s", why),
+									   "Raise max_worker_processes (each database that uses billing_charge needs billing.engine_workers of them), or use billing_deduct().");
 				}
 			}
 
@@ -716,7 +743,8 @@ billing_charge(PG_FUNCTION_ARGS)
 	PG_CATCH();
 	{
 		error_context_stack = errcb.previous;
-		(void) slot_release(i);
+		if (!withdrawn)
+			(void) slot_release(i);
 		my_slot = -1;
 		PG_RE_THROW();
 	}

@@ -11,10 +11,12 @@
 #   other caller gets its own charge, once, and the places are all free
 #   again;
 # - the engine worker's memory stays flat: its memory contexts
-#   (pg_log_backend_memory_contexts: the grand total in the server log)
-#   after 40,000 more charges, batched from 4 sessions, are within 128 kB
-#   of what they were after the first 10,000 (a leak of 4 bytes a charge
-#   would pass that).
+#   (pg_log_backend_memory_contexts: the bytes used, from the grand total
+#   in the server log) after 40,000 more charges, batched from 4 sessions,
+#   are within 128 kB of what they were after the first 10,000 (a leak of
+#   4 bytes a charge would exceed that);
+# - an engine worker that cannot be started (no background worker slot)
+#   refuses the charge with ZB112, and nothing is charged.
 
 use strict;
 use warnings FATAL => 'all';
@@ -68,7 +70,8 @@ my %caller_of = reverse %pid_of;
 my $in = join(',', values %pid_of);
 my $waiting = sub {    # wait_event_type/wait_event => the callers waiting so
 	my %w;
-	for (split /\n/, sql("SELECT pid, wait_event_type || '/' || wait_event FROM pg_stat_activity WHERE pid IN ($in)"))
+	for (split /\n/, sql("SELECT pid, coalesce(wait_event_type, '-') || '/' || coalesce(wait_event, '-')
+	                         FROM pg_stat_activity WHERE pid IN ($in)"))
 	{
 		my ($pid, $w) = split /\|/;
 		push @{ $w{$w} }, $caller_of{$pid};
@@ -82,7 +85,7 @@ ok(BillingTest::wait_until(180, sub {
 	"$QUEUE callers have a place in the queue (held at the gate), " . ($CALLERS - $QUEUE) . ' wait for one')
   or diag(explain($w));
 is(engine('free_slots'), 0, 'no place is free');
-ok(engine('queued') <= $QUEUE, 'at most the queue size is queued (' . engine('queued') . ')');
+is(engine('queued') + engine('free_slots'), $QUEUE, 'the places are the queued charges and the free places, no more');
 is(sql("SELECT count(*) FROM billing.entries WHERE tenant_id = 'q' AND trace_id LIKE 'q-%' AND trace_id <> 'q-first' AND trace_id <> 'q-top-up'"),
 	'0', 'nothing is charged while the engine is held');
 
@@ -136,23 +139,43 @@ my $contexts = sub {
 	sql("SELECT pg_log_backend_memory_contexts($pid)");
 	my $total;
 	BillingTest::wait_until(120, sub {
-		($total) = BillingTest::log_since($node, $from) =~ /\[$pid\] LOG:\s+Grand total: (\d+) bytes/;
+		($total) = BillingTest::log_since($node, $from) =~ /\[$pid\] LOG:\s+Grand total: \d+ bytes in \d+ blocks; \d+ free \(\d+ chunks\); (\d+) used/;
 		defined $total });
 	return $total;
 };
 ok($load->(1, 2500), 'warm-up: 10,000 charges from 4 sessions');
 my $pid = engine('pid');
+my ($batches0, $charges0) = split /\|/, sql('SELECT batches, charges FROM billing_engine_status()');
 my $before = $contexts->();
-ok(defined $before, "the engine (pid $pid) logged its memory contexts: " . ($before // '?') . ' bytes');
+ok(defined $before, "the engine (pid $pid) logged its memory contexts: " . ($before // '?') . ' bytes used');
 ok($load->($_, 2500), "10,000 more charges (" . ($_ - 1) . " of 4)") for 2 .. 5;
 is(engine('pid'), $pid, 'the same engine worker applied them');
 my $after = $contexts->();
 ok(defined $after && defined $before && $after <= $before + 128 * 1024,
-	'its memory contexts grew by at most 128 kB: ' . ($before // '?') . ' then ' . ($after // '?') . ' bytes');
+	'the memory its contexts use grew by at most 128 kB: ' . ($before // '?') . ' then ' . ($after // '?') . ' bytes');
 is(sql("SELECT count(*) FROM billing.entries WHERE trace_id LIKE 'mem-%'"), '50000', 'every charge is in the ledger');
 is(sql("SELECT count(*) FROM billing_verify()"), '0', 'billing_verify() finds nothing');
-ok(engine('largest_batch') > 1, 'the engine batched (largest batch ' . engine('largest_batch') . ')');
+my ($batches1, $charges1) = split /\|/, sql('SELECT batches, charges FROM billing_engine_status()');
+is($charges1 - $charges0, 40000, 'the engine answered the 40,000 charges');
+ok($batches1 - $batches0 < 40000, 'in fewer batches: ' . ($batches1 - $batches0) . ' (the memory above is that of batches, not only of single charges)');
 
 BillingTest::no_crashes($node);
 $node->stop;
+
+note 'no background worker slot for the engine';
+# the logical replication launcher and billing's sync worker take what
+# max_worker_processes allows: the engine worker cannot be registered
+my $full = BillingTest::node('no_slot', database => $DB, conf => 'max_worker_processes = 1');
+$full->safe_psql($DB, "SELECT billing_account_create('z'), billing_credit('z', 10, 'z-top-up')");
+my ($rc, $out, $err) = $full->psql($DB, "SELECT billing_charge('z', 1, 'z-1')",
+	extra_params => [ '-v', 'VERBOSITY=verbose' ]);
+like($err, qr/ERROR:\s+ZB112:.*\n.*DETAIL:\s+the engine worker could not be started: .*nothing was charged/,
+	'billing_charge: ZB112, the engine worker could not be started, nothing was charged');
+is($full->safe_psql($DB, "SELECT count(*) FROM billing.entries WHERE trace_id = 'z-1'"), '0', 'and nothing was charged');
+is($full->safe_psql($DB, "SELECT (SELECT count(*) FROM billing_verify()) || ' ' || balance FROM billing.balances WHERE tenant_id = 'z'"),
+	'0 10.000000', 'the balance is untouched, billing_verify() clean');
+is($full->safe_psql($DB, "SELECT replayed FROM billing_deduct('z', 1, 'z-1')"), 'f',
+	'billing_deduct makes the charge with that trace id');
+BillingTest::no_crashes($full);
+$full->stop;
 done_testing();
