@@ -106,13 +106,15 @@ ok(BillingTest::wait_until(120, sub { hget('billing:{big}:key:kb', 'holds') eq '
 ok(BillingTest::wait_until(120, sub { hget('billing:{big}:key:kb', 'holds') eq '0' }),
 	"its expiry leaves kb's hash without a client call");
 # Reads leave an expired hold out at once; the worker's maintenance writes
-# its expiry a moment later, which moves kb's version and pushes kb again.
-# Wait for that push, so that it is not counted with the time zone change.
+# its expiry a moment later, which moves kb's and big's versions and pushes
+# both again.  Wait for that push, so that it is not counted with the time
+# zone change.
 ok(BillingTest::wait_until(120, sub {
 	sql("SELECT status FROM billing.holds WHERE tenant_id = 'big' AND trace_id = 'h2'") eq 'expired'
 	  && hget('billing:{big}:key:kb', 'version') eq
-		sql("SELECT version FROM billing.api_keys WHERE tenant_id = 'big' AND key_id = 'kb'") }),
-	"the maintenance wrote the hold's expiry and kb's hash carries the version it left");
+		sql("SELECT version FROM billing.api_keys WHERE tenant_id = 'big' AND key_id = 'kb'")
+	  && hget('billing:{big}', 'version') eq sql("SELECT version FROM billing.accounts WHERE tenant_id = 'big'") }),
+	"the maintenance wrote the hold's expiry, and kb's hash and big's carry the versions it left");
 @w = written();
 @other_keys = grep { /^billing:\{big\}:key:/ && $_ ne 'billing:{big}:key:kb' } @w;
 is(scalar(@other_keys), 0, 'no other key hash was pushed for the holds');
