@@ -246,7 +246,7 @@ sub client
 		{
 			$fail{$kind}++;
 			my $outcome = $r->{status} eq 'timeout' ? 'timeout' : 'failed';
-			print $calls "$c|$seq|$kind|$tenant|$trace|$outcome|\n";
+			print $calls "$c|$seq|$kind|$tenant|$trace|$outcome|" . ($r->{sqlstate} // '') . "\n";
 			my @m = split /\n/, $r->{message} // '';
 			print $failures join("\n", "call $seq ($kind): $r->{status}", @m[0 .. ($#m < 1 ? $#m : 1)]), "\n";
 			usleep(200_000);    # the server is restarting: do not spin
@@ -786,6 +786,8 @@ note(sprintf('total: %d acknowledged, %d rejected, %d failed (%.0f acknowledged 
 	$tot_acked, $tot_rej, $tot_failed, $tot_acked / ($load_end - $load_start)));
 note('rejections by SQLSTATE: ' . sql("SELECT string_agg(code || '=' || n, ' ' ORDER BY code) FROM
       (SELECT code, count(*) AS n FROM fault_calls WHERE outcome IN ('rejected', 'unexpected') GROUP BY code) x"));
+note('calls without an answer that tells, by SQLSTATE (none: the connection was lost): ' . sql("SELECT string_agg(coalesce(nullif(code, ''), 'none') || '=' || n, ' ' ORDER BY code) FROM
+      (SELECT code, count(*) AS n FROM fault_calls WHERE outcome IN ('failed', 'timeout') GROUP BY code) x"));
 is(join(' ', grep { !($stats{$_}{acked} // 0) } qw(deduct charge credit grant refund try hold capture release submit claim complete fail)),
 	'', 'every kind of operation was acknowledged at least once');
 ok($tot_failed > 0, 'some client calls failed during the faults (the faults hit the clients)');
