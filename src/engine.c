@@ -694,10 +694,11 @@ billing_charge(PG_FUNCTION_ARGS)
 			if (start)
 			{
 				start = false;
-				/* an engine that keeps stopping before it takes our charge */
 				/*
-				 * Refused only if the charge is withdrawn, atomically: an
-				 * engine that took it meanwhile makes it, and we wait.
+				 * An engine that keeps stopping before it takes our charge,
+				 * or none can be started: refused only if the charge is
+				 * withdrawn, atomically (an engine that took it meanwhile
+				 * makes it, and we wait for its answer).
 				 */
 				if (++starts > 3 && slot_withdraw(i))
 				{
