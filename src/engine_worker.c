@@ -278,14 +278,10 @@ cmp_items(const void *a, const void *b)
 {
 	const EngineItem *x = (const EngineItem *) a;
 	const EngineItem *y = (const EngineItem *) b;
-	int			lx = VARSIZE_ANY_EXHDR(x->tenant);
-	int			ly = VARSIZE_ANY_EXHDR(y->tenant);
-	int			c = memcmp(VARDATA_ANY(x->tenant), VARDATA_ANY(y->tenant), Min(lx, ly));
+	int			c = ledger_tenant_cmp(x->tenant, y->tenant);
 
 	if (c != 0)
 		return c;
-	if (lx != ly)
-		return lx < ly ? -1 : 1;
 	return x->seq < y->seq ? -1 : x->seq > y->seq ? 1 : 0;
 }
 

@@ -979,20 +979,26 @@ typedef struct BatchItem
 	LedgerOutcome out;
 } BatchItem;
 
+int
+ledger_tenant_cmp(const text *a, const text *b)
+{
+	int			la = VARSIZE_ANY_EXHDR(a);
+	int			lb = VARSIZE_ANY_EXHDR(b);
+	int			c = memcmp(VARDATA_ANY(a), VARDATA_ANY(b), Min(la, lb));
+
+	if (c != 0)
+		return c;
+	return la == lb ? 0 : la < lb ? -1 : 1;
+}
+
 static int
 cmp_items(const void *a, const void *b)
 {
 	const BatchItem *x = (const BatchItem *) a;
 	const BatchItem *y = (const BatchItem *) b;
-	int			lx = VARSIZE_ANY_EXHDR(x->tenant_id);
-	int			ly = VARSIZE_ANY_EXHDR(y->tenant_id);
-	int			c = memcmp(VARDATA_ANY(x->tenant_id), VARDATA_ANY(y->tenant_id), Min(lx, ly));
+	int			c = ledger_tenant_cmp(x->tenant_id, y->tenant_id);
 
-	if (c != 0)
-		return c;
-	if (lx != ly)
-		return lx < ly ? -1 : 1;
-	return x->index - y->index;
+	return c != 0 ? c : x->index - y->index;
 }
 
 /*

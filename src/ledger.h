@@ -77,6 +77,9 @@ extern bool ledger_post_many(text *tenant_id, LedgerRequest **reqs,
 extern Datum ledger_entry_result(FunctionCallInfo fcinfo, text *tenant_id,
 								 text *trace_id, LedgerOutcome *out);
 
+/* the order in which a batch applies its tenants (bytewise), for qsort */
+extern int	ledger_tenant_cmp(const text *a, const text *b);
+
 extern int64 billing_post_entry(Account *acc, EntryWrite *entry);
 extern void billing_check_own_trace(Account *acc, text *trace_id);
 extern void billing_check_not_rejected(Account *acc, text *trace_id,

@@ -399,6 +399,23 @@ sub worker_pid
 	return $pid;
 }
 
+=item BillingTest::write_atomic(FILE, TEXT)
+
+Write TEXT to FILE through a temporary file and a rename, so that a reader
+polling FILE (a background client's progress) never sees half of it.
+
+=cut
+
+sub write_atomic
+{
+	my ($f, $text) = @_;
+	open my $fh, '>', "$f.tmp" or croak "$f.tmp: $!";
+	print $fh $text;
+	close $fh or croak "$f.tmp: $!";
+	rename "$f.tmp", $f or croak "$f: $!";
+	return;
+}
+
 =item BillingTest::spawn(CODE), BillingTest::reap(PID), BillingTest::exited(PID)
 
 Run CODE in a forked child process (a background client, a poller); the

@@ -137,14 +137,7 @@ sub wait_for { return BillingTest::wait_until(@_) }
 sub now_ms { return int(time * 1000) }
 sub worker_pid { return BillingTest::worker_pid($node) }
 sub worker_runs { my $p = worker_pid(); return defined $p && $p ne '' }
-sub write_file
-{
-	my ($f, $text) = @_;
-	open my $fh, '>', "$f.tmp" or die "$f.tmp: $!";
-	print $fh $text;
-	close $fh;
-	rename "$f.tmp", $f or die "$f: $!";
-}
+sub write_file { return BillingTest::write_atomic(@_) }
 
 # sql_check DESCRIPTION QUERY: the query lists violations, one per row; none = ok.
 sub sql_check

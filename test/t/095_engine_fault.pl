@@ -87,14 +87,7 @@ sql(qq{
 # per answer that was not a result; c<N>.n: "<acknowledged> <ZB111 answers>".
 my %RETRY = map { $_ => 1 } qw(ZB111 ZB112);
 
-sub write_file
-{
-	my ($f, $text) = @_;
-	open my $fh, '>', "$f.tmp" or die "$f.tmp: $!";
-	print $fh $text;
-	close $fh;
-	rename "$f.tmp", $f or die "$f: $!";
-}
+sub write_file { return BillingTest::write_atomic(@_) }
 
 sub client
 {
