@@ -581,20 +581,6 @@ billing_charge(PG_FUNCTION_ARGS)
 				 errdetail("billing is not in shared_preload_libraries, so there are no engine workers; nothing was charged."),
 				 errhint("Add billing to shared_preload_libraries and restart, or use billing_deduct().")));
 	/*
-	 * Citus: the engine's workers apply a batch on the node that runs them,
-	 * while a batch's tenants may be stored on any node; routing each
-	 * charge to its node's engine is not done (docs/scaling.md).
-	 */
-	{
-		Oid			nsp = get_namespace_oid("billing", true);
-		Oid			accounts = OidIsValid(nsp) ? get_relname_relid("accounts", nsp) : InvalidOid;
-
-		if (OidIsValid(accounts) && billing_is_distributed(accounts))
-			engine_unavailable("billing's tables are distributed by Citus, and the charge engine does not route charges to the tenants' nodes",
-							   "Use billing_deduct(), which Citus runs on the tenant's node.");
-	}
-
-	/*
 	 * A transaction block: BEGIN ... (also from a savepoint or an EXCEPTION
 	 * block in one), or several statements in one query string.
 	 */
@@ -615,6 +601,21 @@ billing_charge(PG_FUNCTION_ARGS)
 	ledger_parse_request(fcinfo, true, &req);
 	tenant = PG_GETARG_TEXT_PP(0);
 	actor = billing_actor();
+
+	/*
+	 * Citus: Citus runs the call on the tenant's node (billing_charge is a
+	 * distributed function, as billing_deduct), whose engine applies it to
+	 * the tenant's shard there.  A call that reached another node (a form
+	 * Citus does not delegate) is refused here, nothing queued: ZB100.
+	 */
+	{
+		Oid			nsp = get_namespace_oid("billing", true);
+		Oid			accounts = OidIsValid(nsp) ? get_relname_relid("accounts", nsp) : InvalidOid;
+		int64		shardid;
+
+		if (OidIsValid(accounts))
+			(void) billing_shard_relid(accounts, PointerGetDatum(tenant), false, &shardid);
+	}
 
 	i = slot_acquire();
 	slot = engine_slot(i);
@@ -775,6 +776,23 @@ billing_charge(PG_FUNCTION_ARGS)
 		out.rejection.hint = slot->hint_len < 0 ? NULL :
 			pnstrdup(slot->data + slot->message_len + Max(slot->detail_len, 0),
 					 slot->hint_len);
+
+		/*
+		 * Citus: the tenant was stored here when the charge was queued (see
+		 * above), so a ZB100 of the engine means its shard moved away (or
+		 * billing.citus_distribute() ran) before the engine applied it:
+		 * nothing was charged, and a retry is routed to the tenant's node,
+		 * as for a billing_deduct that waited for a move.
+		 */
+		if (out.rejection.sqlerrcode == ERRCODE_BILLING_WRONG_NODE)
+		{
+			out.rejection.sqlerrcode = ERRCODE_T_R_SERIALIZATION_FAILURE;
+			out.rejection.detail = psprintf("The charge engine found the tenant's shard elsewhere when it applied the charge: %s",
+											out.rejection.detail ? out.rejection.detail : out.rejection.message);
+			out.rejection.message = psprintf("the shard of tenant \"%s\" moved to another node while the charge was queued",
+											 text_to_cstring(tenant));
+			out.rejection.hint = pstrdup("Retry the call with the same trace id: it is routed to the tenant's new node. Nothing was charged.");
+		}
 	}
 	else
 	{

@@ -6,7 +6,8 @@
 #   1. migration: a single-node billing database (accounts, holds, API keys
 #      with budgets, jobs, a recorded rejection, a grant, a tenant's price)
 #      is distributed by billing.citus_distribute() while 4 clients charge
-#      through the coordinator;
+#      through the coordinator (in phases 1 and 2, two of them through
+#      billing_charge: the charge engine of the node that runs the call);
 #   2. shard moves under load: the shard group of one tenant moves to the
 #      other worker (block_writes) and back (logical replication) while 4
 #      clients charge;
@@ -15,8 +16,8 @@
 #   4. the rest through the coordinator: billing_deduct_many across nodes,
 #      holds (capture, release, expiry by the tenant's node), grants and a
 #      refund, a job's lifecycle, per-node claims and rescue, the refusals
-#      (ZB100, ZB103, ZB104, ZB015 without a crash, ZB020 on the shards,
-#      ZB112: billing_charge, the charge engine, is not for Citus);
+#      (ZB100, ZB103, ZB104, ZB015 without a crash, ZB020 on the shards);
+#      billing_charge (the charge engine) runs on the tenant's node;
 #   4b. a node that held billing data of its own joins: its old rows are
 #      neither read nor written, billing_verify() reports them, and
 #      billing.citus_clear_local_rows() removes them;
@@ -209,8 +210,11 @@ sub start_load
 				}
 				else
 				{
+					# half the clients through the charge engine of the
+					# tenant's node, half through billing_deduct
 					my $t = $tenants[ int(rand(@tenants)) ];
-					$sql = "SELECT entry_id FROM billing_deduct('$t', 0.000001, '$trace', api_key => 'k-$t')";
+					my $fn = $c % 2 ? 'billing_charge' : 'billing_deduct';
+					$sql = "SELECT entry_id FROM $fn('$t', 0.000001, '$trace', api_key => 'k-$t')";
 				}
 				my $r = $s->call($sql);
 				print $log "$r->{status} $trace " . ($r->{sqlstate} // '') . "\n";
@@ -297,6 +301,10 @@ sub ledger_checks
 		}
 	}
 	ok(@{ $by->{ok} // [] } > 0, "$phase: charges were acknowledged (" . scalar(@{ $by->{ok} // [] }) . ')');
+	# single charges fail only as documented for a migration or a move:
+	# retryable, nothing charged (no ZB111 "outcome unknown", no internal error)
+	is(join(' ', grep { $_ ne '40001' && $_ ne 'ZB100' } sort keys %$codes), '',
+		"$phase: every failed call failed with 40001 or ZB100") unless $pair;
 	is(scalar(@missing), 0, "$phase: every acknowledged charge is in the ledger")
 	  or diag("missing: @missing[0 .. ($#missing < 9 ? $#missing : 9)]");
 	is(scalar(@ghost), 0, "$phase: no call that failed left a charge")
@@ -494,12 +502,25 @@ is(sqlstate_of($coord, "SELECT * FROM billing_deduct(NULL, 1, 'null-1')"), 'ZB01
 is(sqlstate_of($coord, "UPDATE billing.entries SET amount_micros = 0 WHERE tenant_id = 't01'"), 'ZB020',
 	"UPDATE of the ledger: refused by the shards' trigger");
 is(sqlstate_of($coord, 'TRUNCATE billing.entries'), 'ZB020', "TRUNCATE of the ledger: refused on the shards");
-# the charge engine does not route charges to the tenants' nodes
-is(sqlstate_of($coord, "SELECT * FROM billing_charge('t01', 1, 'engine-1')"), 'ZB112',
-	'billing_charge through the coordinator: ZB112 (the engine does not run on Citus)');
-is(sqlstate_of($w1, "SELECT * FROM billing_charge('t01', 1, 'engine-2')"), 'ZB112',
-	'billing_charge on a worker: ZB112');
-is(q_ok($coord, "SELECT count(*) FROM billing.entries WHERE trace_id LIKE 'engine-%'"), '0',
+# the charge engine: Citus runs billing_charge on the tenant's node, whose
+# engine applies it there; a form Citus does not delegate is refused
+for my $t ($on1[0], $on2[0])
+{
+	my $node = node_of_tenant($t);
+	my $charged = q_ok($coord, "SELECT entry_id || ' ' || replayed FROM billing_charge('$t', 1, 'engine-$t')");
+	like($charged, qr/^\d+ false$/, "billing_charge through the coordinator, tenant $t on $node: charged");
+	is(q_ok($coord, "SELECT entry_id || ' ' || replayed FROM billing_charge('$t', 1, 'engine-$t')"),
+		($charged =~ s/ false$/ true/r), 'its retry replays the same entry');
+	is(q_ok($node{$node}, "SELECT count(*) FROM billing.entries WHERE trace_id = 'engine-$t'"), '1',
+		"the entry is on $node, once");
+}
+is(q_ok($w1, "SELECT replayed FROM billing_charge('$on2[0]', 1, 'engine-$on2[0]')"), 't',
+	'a call on the other worker is delegated too (replayed on the tenant\'s node)');
+is(sqlstate_of($coord, "BEGIN; SELECT * FROM billing_charge('$on1[0]', 1, 'engine-blk'); COMMIT"), 'ZB110',
+	'billing_charge in a transaction block through the coordinator: ZB110, as on a single node');
+is(sqlstate_of($coord, qq{DO \$\$ DECLARE t text := '$on1[0]'; BEGIN PERFORM billing_charge(t, 1, 'engine-nd'); END \$\$}),
+	'ZB100', 'billing_charge not delegated (a PL/pgSQL variable) on a node without the tenant: ZB100');
+is(q_ok($coord, "SELECT count(*) FROM billing.entries WHERE trace_id IN ('engine-blk', 'engine-nd')"), '0',
 	'a refused billing_charge charged nothing');
 my $w1_log = BillingTest::log_size($w1);
 $w1->stop('fast');
