@@ -248,10 +248,14 @@ prepare_marks(void)
 	{
 		foreach(lc, xact_marks)
 		{
+			SyncMark   *m = lfirst(lc);
 			SyncPrepared *p = &billing_sync->prepared[billing_sync->nprepared++];
 
 			p->xid = xid;
-			strlcpy(p->tenant, ((SyncMark *) lfirst(lc))->tenant, SYNC_TENANT_LEN);
+			strlcpy(p->tenant, m->tenant, SYNC_TENANT_LEN);
+			/* named keys: found by version instead, as when they overflow */
+			p->scan_since = m->keys != NIL ? Min(m->scan_since, m->since) : m->scan_since;
+			p->since = m->since;
 		}
 		if (xact_unmarkable)
 		{
@@ -298,14 +302,8 @@ billing_sync_resolve_prepared(void)
 			if (p->tenant[0] == '\0')
 				billing_sync->overflow = true;	/* full resync */
 			else
-			{
-				/*
-				 * Only the tenant waited, not which of its key hashes
-				 * changed: every one of them is pushed.
-				 */
 				billing_sync_enqueue(p->tenant, GetCurrentTimestamp(),
-									 SYNC_SCAN_ALL, 0, NULL, SYNC_SCAN_ALL);
-			}
+									 p->scan_since, 0, NULL, p->since);
 		}
 		*p = billing_sync->prepared[--billing_sync->nprepared];
 	}

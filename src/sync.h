@@ -52,7 +52,8 @@ typedef struct SyncDirty
  * A mark of a PREPAREd transaction (two-phase commit, e.g. Citus committing
  * a transaction that wrote on several nodes): pushed when the transaction
  * is committed (COMMIT PREPARED), dropped when it is rolled back.  An empty
- * tenant means "full resync once it is resolved".
+ * tenant means "full resync once it is resolved".  The key hashes to push
+ * are found by version (scan_since; the ids of named keys are not kept).
  */
 #define SYNC_PREPARED_MAX	1024
 
@@ -60,6 +61,8 @@ typedef struct SyncPrepared
 {
 	TransactionId xid;
 	char		tenant[SYNC_TENANT_LEN];
+	int64		scan_since;		/* keys with a version above it, or SYNC_NO_SCAN */
+	int64		since;			/* the account version the change started from */
 } SyncPrepared;
 
 /*

@@ -4,8 +4,8 @@
 #
 # - a tenant with many API keys: a charge through one key pushes that key's
 #   hash and the tenant's, not every key (counted: Redis' keyspace events
-#   name every hash a push writes); a hold of a key released or expired
-#   pushes that key;
+#   name every hash a push writes), also when the charge is committed by
+#   COMMIT PREPARED; a hold of a key released or expired pushes that key;
 # - a change of all its keys at once (a time zone change) goes at most
 #   billing.sync_batch_size keys per batch, and another tenant committed in
 #   the same transaction reaches Redis before the rest of them (decided by
@@ -33,7 +33,8 @@ my $batch = 100;
 my $redis = BillingTest::Redis->new('mirror');
 my $node  = BillingTest::node('main', database => $db, redis => $redis,
 	conf => join("\n", "billing.check_interval = 0", "billing.purge_interval = 0",
-		"billing.sync_batch_size = $batch", "billing.maintenance_interval = 200"));
+		"billing.sync_batch_size = $batch", "billing.maintenance_interval = 200",
+		"max_prepared_transactions = 4"));
 my $lua = ($ENV{BILLING_REPO} // $BillingTest::REPO) . '/lua';
 
 sub sql { return $node->safe_psql($db, shift) }
@@ -92,6 +93,22 @@ is(hget('billing:{big}:key:k7', 'version'),
 	sql("SELECT version FROM billing.api_keys WHERE tenant_id = 'big' AND key_id = 'k7'"),
 	"k7's hash carries the key's version");
 converges('Redis equals the database');
+
+# --- the same through two-phase commit (Citus prepares the transaction of
+# every node a distributed transaction writes on): the marks wait for COMMIT
+# PREPARED, and then still push only the key charged
+sql("BEGIN; SELECT billing_deduct('big', 0.01, 'b-2pc', api_key => 'k7'); PREPARE TRANSACTION 'charge-2pc'");
+sql("COMMIT PREPARED 'charge-2pc'");
+$v_big = sql("SELECT version FROM billing.accounts WHERE tenant_id = 'big'");
+ok(BillingTest::wait_until(120, sub {
+	hget('billing:{big}', 'version') eq $v_big
+	  && hget('billing:{big}:key:k7', 'version') eq
+		sql("SELECT version FROM billing.api_keys WHERE tenant_id = 'big' AND key_id = 'k7'") }),
+	'a charge through k7 committed by COMMIT PREPARED reached Redis');
+@w = written();
+@other_keys = grep { /^billing:\{big\}:key:/ && $_ ne 'billing:{big}:key:k7' } @w;
+is(scalar(@other_keys), 0, "and pushed no other key hash of big (of $keys)");
+is(hget('billing:{big}:key:k7', 'spent'), '110000', 'k7 shows the charge');
 
 # a hold of a key with a budget: placed, released, expired
 sql("SELECT billing_hold('big', 5, 'h1', api_key => 'kb', expires_in => '1 hour')");
