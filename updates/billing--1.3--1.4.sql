@@ -80,13 +80,31 @@ CREATE TABLE billing.tenant_scopes (
 );
 COMMENT ON TABLE billing.tenant_scopes IS 'reporting roles that may see only some tenants (no rows for a role: it sees every tenant)';
 SELECT pg_catalog.pg_extension_config_dump('billing.tenant_scopes', '');
+-- the tenants the calling role may see, or NULL when it is not scoped; the
+-- views call it once per query (an InitPlan).  On Citus (a reference table)
+-- it reads this node's copy directly: the views' queries run on the shards,
+-- where a query through Citus would be a nested distributed query.
 CREATE FUNCTION billing.visible_tenants() RETURNS text[]
-    LANGUAGE sql STABLE SECURITY DEFINER PARALLEL SAFE
+    LANGUAGE plpgsql STABLE SECURITY DEFINER PARALLEL SAFE
     SET search_path = pg_catalog, pg_temp
 AS $$
-    SELECT CASE WHEN count(*) = 0 THEN NULL ELSE array_agg(s.tenant_id ORDER BY s.tenant_id) END
-      FROM billing.tenant_scopes s
-     WHERE s.role_name = billing.actor()
+DECLARE
+    copy   regclass;
+    result text[];
+BEGIN
+    IF billing.is_citus_table('billing.tenant_scopes') THEN
+        SELECT c INTO copy FROM billing.local_shards('billing.tenant_scopes') c;
+        IF copy IS NOT NULL THEN
+            EXECUTE format('SELECT CASE WHEN count(*) = 0 THEN NULL ELSE array_agg(s.tenant_id ORDER BY s.tenant_id) END '
+                           'FROM %s s WHERE s.role_name = billing.actor()', copy)
+               INTO result;
+            RETURN result;
+        END IF;
+    END IF;
+    RETURN (SELECT CASE WHEN count(*) = 0 THEN NULL ELSE array_agg(s.tenant_id ORDER BY s.tenant_id) END
+              FROM billing.tenant_scopes s
+             WHERE s.role_name = billing.actor());
+END;
 $$;
 COMMENT ON FUNCTION billing.visible_tenants() IS 'tenants the calling role may see in the views (NULL: all)';
 
@@ -494,107 +512,6 @@ $$;
 COMMENT ON FUNCTION billing_account_create(text, text, numeric, text, text, jsonb) IS
     'create an account, or return the existing one if the given settings match (ZB006 otherwise)';
 
-CREATE OR REPLACE FUNCTION billing_account_update(tenant_id text,
-                                       credit_limit numeric DEFAULT NULL,
-                                       status text DEFAULT NULL,
-                                       timezone text DEFAULT NULL,
-                                       metadata jsonb DEFAULT NULL,
-                                       reason text DEFAULT NULL)
-    RETURNS SETOF billing.balances
-    LANGUAGE plpgsql VOLATILE SECURITY DEFINER
-    SET search_path = pg_catalog, pg_temp
-AS $$
-#variable_conflict use_column
-DECLARE
-    p_tenant   text := billing_account_update.tenant_id;
-    p_limit    bigint;
-    acc        billing.accounts;
-    changes    jsonb := '{}';
-BEGIN
-    PERFORM billing.check_account_settings(p_tenant, NULL,
-                                           billing_account_update.status,
-                                           billing_account_update.timezone,
-                                           billing_account_update.metadata);
-    PERFORM billing.check_text(billing_account_update.reason, 'reason');
-    IF billing_account_update.credit_limit IS NOT NULL THEN
-        p_limit := billing.to_micros(billing_account_update.credit_limit, 'credit_limit', true);
-    END IF;
-
-    SELECT * INTO acc FROM billing.accounts a WHERE a.tenant_id = p_tenant FOR UPDATE;
-    IF NOT FOUND THEN
-        RAISE EXCEPTION 'account "%" does not exist', p_tenant
-            USING ERRCODE = 'ZB001',
-                  HINT = format('Create it first with billing_account_create(%L).', p_tenant);
-    END IF;
-    IF acc.status = 'closed' THEN
-        RAISE EXCEPTION 'account "%" is closed', p_tenant
-            USING ERRCODE = 'ZB003',
-                  DETAIL = 'A closed account cannot be changed or reopened.',
-                  HINT = 'Closed is final: open a new account for this customer.';
-    END IF;
-
-    IF p_limit IS NOT NULL AND p_limit <> acc.credit_limit_micros THEN
-        changes := changes || jsonb_build_object('credit_limit', jsonb_build_object(
-                       'old', billing.to_amount(acc.credit_limit_micros), 'new', billing.to_amount(p_limit)));
-        acc.credit_limit_micros := p_limit;
-    END IF;
-    IF billing_account_update.status IS NOT NULL AND billing_account_update.status <> acc.status THEN
-        changes := changes || jsonb_build_object('status', jsonb_build_object(
-                       'old', acc.status, 'new', billing_account_update.status));
-        acc.status := billing_account_update.status;
-    END IF;
-    IF billing_account_update.timezone IS NOT NULL AND billing_account_update.timezone <> acc.timezone THEN
-        changes := changes || jsonb_build_object('timezone', jsonb_build_object(
-                       'old', acc.timezone, 'new', billing_account_update.timezone));
-        -- The usage of the current day and month carries over into the new
-        -- zone's current day and month: a zone change never starts a period
-        -- afresh, so switching zones back and forth cannot reset a quota.
-        IF acc.usage_day = (now() AT TIME ZONE acc.timezone)::date THEN
-            acc.usage_day := (now() AT TIME ZONE billing_account_update.timezone)::date;
-        END IF;
-        IF acc.usage_month = date_trunc('month', now() AT TIME ZONE acc.timezone)::date THEN
-            acc.usage_month := date_trunc('month', now() AT TIME ZONE billing_account_update.timezone)::date;
-        END IF;
-        UPDATE billing.api_keys k
-           SET period_start = CASE k.budget_period
-                                  WHEN 'day' THEN (now() AT TIME ZONE billing_account_update.timezone)::date
-                                  ELSE date_trunc('month', now() AT TIME ZONE billing_account_update.timezone)::date
-                              END
-         WHERE k.tenant_id = p_tenant
-           AND k.period_start = CASE k.budget_period
-                                    WHEN 'day' THEN (now() AT TIME ZONE acc.timezone)::date
-                                    WHEN 'month' THEN date_trunc('month', now() AT TIME ZONE acc.timezone)::date
-                                END;
-        acc.timezone := billing_account_update.timezone;
-    END IF;
-    IF billing_account_update.metadata IS NOT NULL AND billing_account_update.metadata <> acc.metadata THEN
-        changes := changes || jsonb_build_object('metadata', jsonb_build_object(
-                       'old', acc.metadata, 'new', billing_account_update.metadata));
-        acc.metadata := billing_account_update.metadata;
-    END IF;
-
-    IF changes <> '{}' THEN
-        UPDATE billing.accounts a
-           SET credit_limit_micros = acc.credit_limit_micros,
-               status = acc.status,
-               timezone = acc.timezone,
-               usage_day = acc.usage_day,
-               usage_month = acc.usage_month,
-               metadata = acc.metadata,
-               version = a.version + 1,
-               updated_at = now()
-         WHERE a.tenant_id = p_tenant;
-        INSERT INTO billing.account_events (tenant_id, action, changes, reason)
-        VALUES (p_tenant, 'update', changes, billing_account_update.reason);
-        PERFORM billing.sync_mark(p_tenant);
-    END IF;
-
-    RETURN QUERY SELECT * FROM billing.balances b WHERE b.tenant_id = p_tenant;
-END;
-$$;
-COMMENT ON FUNCTION billing_account_update(text, numeric, text, text, jsonb, text) IS
-    'change credit limit, status, time zone or metadata; every change is recorded in billing.account_events';
-
 CREATE OR REPLACE FUNCTION billing.check_count(value bigint, argname text) RETURNS bigint
     LANGUAGE plpgsql IMMUTABLE
     SET search_path = pg_catalog, pg_temp
@@ -610,62 +527,6 @@ BEGIN
 END;
 $$;
 REVOKE ALL ON FUNCTION billing.check_count(bigint, text) FROM PUBLIC;
-
-CREATE OR REPLACE FUNCTION billing_limits_set(tenant_id text,
-                                   daily_requests bigint DEFAULT NULL,
-                                   monthly_requests bigint DEFAULT NULL,
-                                   daily_spend numeric DEFAULT NULL,
-                                   monthly_spend numeric DEFAULT NULL,
-                                   max_charge numeric DEFAULT NULL,
-                                   per_minute bigint DEFAULT NULL,
-                                   reason text DEFAULT NULL)
-    RETURNS SETOF billing.quota_usage
-    LANGUAGE plpgsql VOLATILE SECURITY DEFINER
-    SET search_path = pg_catalog, pg_temp
-AS $$
-DECLARE
-    acc  billing.accounts := billing.lock_account(billing_limits_set.tenant_id);
-    lim  jsonb;
-BEGIN
-    PERFORM billing.check_text(billing_limits_set.reason, 'reason');
-    acc.daily_request_quota      := billing.check_count(billing_limits_set.daily_requests, 'daily_requests');
-    acc.monthly_request_quota    := billing.check_count(billing_limits_set.monthly_requests, 'monthly_requests');
-    acc.minute_request_limit     := billing.check_count(billing_limits_set.per_minute, 'per_minute');
-    acc.daily_spend_cap_micros   := billing.to_micros(billing_limits_set.daily_spend, 'daily_spend', true);
-    acc.monthly_spend_cap_micros := billing.to_micros(billing_limits_set.monthly_spend, 'monthly_spend', true);
-    acc.max_charge_micros        := billing.to_micros(billing_limits_set.max_charge, 'max_charge', false);
-    IF acc.status = 'closed' THEN
-        RAISE EXCEPTION 'account "%" is closed', acc.tenant_id
-            USING ERRCODE = 'ZB003', HINT = 'Closed is final: open a new account for this customer.';
-    END IF;
-
-    lim := jsonb_build_object(
-        'daily_requests', acc.daily_request_quota,
-        'monthly_requests', acc.monthly_request_quota,
-        'daily_spend', billing.to_amount(acc.daily_spend_cap_micros),
-        'monthly_spend', billing.to_amount(acc.monthly_spend_cap_micros),
-        'max_charge', billing.to_amount(acc.max_charge_micros),
-        'per_minute', acc.minute_request_limit);
-
-    UPDATE billing.accounts a
-       SET daily_request_quota = acc.daily_request_quota,
-           monthly_request_quota = acc.monthly_request_quota,
-           minute_request_limit = acc.minute_request_limit,
-           daily_spend_cap_micros = acc.daily_spend_cap_micros,
-           monthly_spend_cap_micros = acc.monthly_spend_cap_micros,
-           max_charge_micros = acc.max_charge_micros,
-           version = a.version + 1,
-           updated_at = now()
-     WHERE a.tenant_id = acc.tenant_id;
-    INSERT INTO billing.account_events (tenant_id, action, changes, reason)
-    VALUES (acc.tenant_id, 'limits', lim, billing_limits_set.reason);
-    PERFORM billing.sync_mark(acc.tenant_id);
-
-    RETURN QUERY SELECT * FROM billing.quota_usage q WHERE q.tenant_id = acc.tenant_id;
-END;
-$$;
-COMMENT ON FUNCTION billing_limits_set(text, bigint, bigint, numeric, numeric, numeric, bigint, text) IS
-    'set all limits of an account at once (NULL = no limit); recorded in billing.account_events';
 
 CREATE OR REPLACE FUNCTION billing.check_key_settings(key_id text, budget numeric, budget_period text,
                                            OUT budget_micros bigint)
@@ -698,119 +559,6 @@ BEGIN
 END;
 $$;
 REVOKE ALL ON FUNCTION billing.check_key_settings(text, numeric, text) FROM PUBLIC;
-
-CREATE OR REPLACE FUNCTION billing_api_key_create(tenant_id text, key_id text,
-                                       budget numeric DEFAULT NULL,
-                                       budget_period text DEFAULT NULL,
-                                       metadata jsonb DEFAULT NULL)
-    RETURNS SETOF billing.api_key_budgets
-    LANGUAGE plpgsql VOLATILE SECURITY DEFINER
-    SET search_path = pg_catalog, pg_temp
-AS $$
-#variable_conflict use_column
-DECLARE
-    acc     billing.accounts := billing.lock_account(billing_api_key_create.tenant_id);
-    micros  bigint := billing.check_key_settings(billing_api_key_create.key_id,
-                                                 billing_api_key_create.budget,
-                                                 billing_api_key_create.budget_period);
-    k       billing.api_keys;
-BEGIN
-    PERFORM billing.check_account_settings(acc.tenant_id, NULL, NULL, NULL, billing_api_key_create.metadata);
-    INSERT INTO billing.api_keys AS t (tenant_id, key_id, budget_micros, budget_period, metadata)
-    VALUES (acc.tenant_id, billing_api_key_create.key_id, micros, billing_api_key_create.budget_period,
-            coalesce(billing_api_key_create.metadata, '{}'))
-    ON CONFLICT (tenant_id, key_id) DO NOTHING
-    RETURNING * INTO k;
-    IF FOUND THEN
-        -- the key's Redis hash carries the account version: bump it
-        UPDATE billing.accounts a SET version = a.version + 1 WHERE a.tenant_id = acc.tenant_id;
-        PERFORM billing.sync_mark(acc.tenant_id);
-    ELSE
-        SELECT * INTO k FROM billing.api_keys t
-         WHERE t.tenant_id = acc.tenant_id AND t.key_id = billing_api_key_create.key_id;
-        -- like billing_account_create: only the settings given are compared
-        IF (billing_api_key_create.budget IS NOT NULL
-            AND (k.budget_micros IS DISTINCT FROM micros OR k.budget_period IS DISTINCT FROM billing_api_key_create.budget_period))
-           OR (billing_api_key_create.metadata IS NOT NULL AND k.metadata <> billing_api_key_create.metadata) THEN
-            RAISE EXCEPTION 'api key "%" already exists with different settings', k.key_id
-                USING ERRCODE = 'ZB006',
-                      DETAIL = format('Existing: budget %s, metadata of %s bytes; requested: budget %s, metadata %s.',
-                                      coalesce(billing.to_amount(k.budget_micros) || ' per ' || k.budget_period, 'none'),
-                                      pg_column_size(k.metadata),
-                                      coalesce(billing.to_amount(micros) || ' per ' || billing_api_key_create.budget_period, 'none'),
-                                      coalesce('of ' || pg_column_size(billing_api_key_create.metadata) || ' bytes', '(not given)')),
-                      HINT = 'Change it with billing_api_key_update(), or leave the settings out to get the existing key.';
-        END IF;
-    END IF;
-    RETURN QUERY SELECT * FROM billing.api_key_budgets b
-                  WHERE b.tenant_id = acc.tenant_id AND b.key_id = billing_api_key_create.key_id;
-END;
-$$;
-COMMENT ON FUNCTION billing_api_key_create(text, text, numeric, text, jsonb) IS
-    'create an API key for an account, optionally with a budget per day, month or lifetime';
-
-CREATE OR REPLACE FUNCTION billing_api_key_update(tenant_id text, key_id text,
-                                       status text DEFAULT NULL,
-                                       budget numeric DEFAULT NULL,
-                                       budget_period text DEFAULT NULL,
-                                       remove_budget boolean DEFAULT false)
-    RETURNS SETOF billing.api_key_budgets
-    LANGUAGE plpgsql VOLATILE SECURITY DEFINER
-    SET search_path = pg_catalog, pg_temp
-AS $$
-#variable_conflict use_column
-DECLARE
-    acc     billing.accounts := billing.lock_account(billing_api_key_update.tenant_id);
-    k       billing.api_keys;
-    micros  bigint;
-BEGIN
-    SELECT * INTO k FROM billing.api_keys t
-     WHERE t.tenant_id = acc.tenant_id AND t.key_id = billing_api_key_update.key_id FOR UPDATE;
-    IF NOT FOUND THEN
-        RAISE EXCEPTION 'api key "%" does not exist for account "%"', billing_api_key_update.key_id, acc.tenant_id
-            USING ERRCODE = 'ZB050',
-                  HINT = format('Create it with billing_api_key_create(%L, %L).', acc.tenant_id, billing_api_key_update.key_id);
-    END IF;
-    IF billing_api_key_update.status IS NOT NULL AND billing_api_key_update.status NOT IN ('active', 'suspended', 'revoked') THEN
-        RAISE EXCEPTION 'invalid api key status %', billing.show(billing_api_key_update.status)
-            USING ERRCODE = 'ZB018', DETAIL = 'Allowed statuses: active, suspended, revoked.',
-                  HINT = 'Suspend a key temporarily; revoke it for good.';
-    END IF;
-    IF k.status = 'revoked' AND billing_api_key_update.status IS DISTINCT FROM 'revoked' AND billing_api_key_update.status IS NOT NULL THEN
-        RAISE EXCEPTION 'api key "%" is revoked', k.key_id
-            USING ERRCODE = 'ZB051', DETAIL = 'A revoked key cannot be reactivated.',
-                  HINT = 'Create a new key.';
-    END IF;
-    IF billing_api_key_update.remove_budget THEN
-        k.budget_micros := NULL;
-        k.budget_period := NULL;
-    ELSIF billing_api_key_update.budget IS NOT NULL OR billing_api_key_update.budget_period IS NOT NULL THEN
-        micros := billing.check_key_settings(k.key_id,
-                                             coalesce(billing_api_key_update.budget, billing.to_amount(k.budget_micros)),
-                                             coalesce(billing_api_key_update.budget_period, k.budget_period));
-        IF coalesce(billing_api_key_update.budget_period, k.budget_period) IS DISTINCT FROM k.budget_period THEN
-            k.period_start := NULL;         -- a new period kind starts counting afresh
-            k.period_spend_micros := 0;
-        END IF;
-        k.budget_micros := micros;
-        k.budget_period := coalesce(billing_api_key_update.budget_period, k.budget_period);
-    END IF;
-    UPDATE billing.api_keys t
-       SET status = coalesce(billing_api_key_update.status, t.status),
-           budget_micros = k.budget_micros,
-           budget_period = k.budget_period,
-           period_start = k.period_start,
-           period_spend_micros = k.period_spend_micros,
-           updated_at = now()
-     WHERE t.tenant_id = acc.tenant_id AND t.key_id = k.key_id;
-    UPDATE billing.accounts a SET version = a.version + 1 WHERE a.tenant_id = acc.tenant_id;
-    PERFORM billing.sync_mark(acc.tenant_id);
-    RETURN QUERY SELECT * FROM billing.api_key_budgets b
-                  WHERE b.tenant_id = acc.tenant_id AND b.key_id = k.key_id;
-END;
-$$;
-COMMENT ON FUNCTION billing_api_key_update(text, text, text, numeric, text, boolean) IS
-    'change an API key: status (active, suspended, revoked — final), budget and period, or remove_budget';
 
 CREATE OR REPLACE FUNCTION billing_price_set(model text, input_per_1k numeric, output_per_1k numeric,
                                   effective_from timestamptz DEFAULT now(),
@@ -991,15 +739,6 @@ BEGIN
     RETURN j;
 END;
 $$;
-
-CREATE OR REPLACE FUNCTION billing.job_hold_open(j billing.jobs, margin interval DEFAULT '1 second') RETURNS boolean
-    LANGUAGE sql STABLE
-    SET search_path = pg_catalog, pg_temp
-AS $$
-    SELECT EXISTS (SELECT FROM billing.holds h
-                    WHERE h.tenant_id = j.tenant_id AND h.trace_id = j.hold_trace_id
-                      AND h.status = 'open' AND h.expires_at > clock_timestamp() + margin)
-$$;
 REVOKE ALL ON FUNCTION billing.job_hold_open(billing.jobs, interval) FROM PUBLIC;
 
 CREATE OR REPLACE FUNCTION billing.job_check_lease(j billing.jobs, worker text, wanted text) RETURNS void
@@ -1112,67 +851,6 @@ END;
 $$;
 COMMENT ON FUNCTION billing_job_submit(text, text, text, numeric, jsonb, integer, timestamptz, interval) IS
     'create a job and hold its estimated cost in one transaction; a duplicate idempotency key returns the existing job';
-
-CREATE OR REPLACE FUNCTION billing_job_claim(worker text,
-                                  kinds text[] DEFAULT NULL,
-                                  max_jobs integer DEFAULT 1,
-                                  lease interval DEFAULT '5 minutes',
-                                  tenant_id text DEFAULT NULL)
-    RETURNS SETOF billing.job_result
-    LANGUAGE plpgsql VOLATILE SECURITY DEFINER
-    SET search_path = pg_catalog, pg_temp
-AS $$
-#variable_conflict use_column
-DECLARE
-    j       billing.jobs;
-    claimed billing.jobs[] := '{}';
-BEGIN
-    IF billing_job_claim.worker IS NULL OR billing_job_claim.max_jobs IS NULL OR billing_job_claim.lease IS NULL THEN
-        RAISE EXCEPTION 'worker, max_jobs and lease must not be null'
-            USING ERRCODE = 'ZB015', HINT = 'Name the worker, e.g. its host and pid.';
-    END IF;
-    PERFORM billing.check_id(billing_job_claim.worker, 'worker', 'ZB018');
-    IF billing_job_claim.max_jobs NOT BETWEEN 1 AND 1000
-       OR billing_job_claim.lease <= interval '0' OR billing_job_claim.lease > interval '1 day' THEN
-        RAISE EXCEPTION 'max_jobs must be 1 to 1000 and lease in (0, 1 day]'
-            USING ERRCODE = 'ZB018',
-                  DETAIL = format('max_jobs %s, lease %s.', billing_job_claim.max_jobs, billing_job_claim.lease),
-                  HINT = 'Keep leases short and renew them with billing_job_heartbeat().';
-    END IF;
-    FOR j IN
-        WITH due AS (
-            SELECT x.tenant_id, x.job_id
-              FROM billing.jobs x
-             WHERE x.state = 'queued' AND x.run_at <= now()
-               AND (billing_job_claim.kinds IS NULL OR x.kind = ANY (billing_job_claim.kinds))
-               AND (billing_job_claim.tenant_id IS NULL OR x.tenant_id = billing_job_claim.tenant_id)
-             ORDER BY x.run_at, x.job_id
-             LIMIT billing_job_claim.max_jobs
-               FOR UPDATE SKIP LOCKED
-        )
-        UPDATE billing.jobs x
-           SET state = 'processing', attempt = x.attempt + 1, worker = billing_job_claim.worker,
-               lease_until = now() + billing_job_claim.lease, heartbeat_at = now(), updated_at = now(),
-               note = 'claimed'
-          FROM due
-         WHERE x.tenant_id = due.tenant_id AND x.job_id = due.job_id
-        RETURNING x.*
-    LOOP
-        j.note := NULL;
-        claimed := claimed || j;
-    END LOOP;
-    -- keep the holds alive past the leases, locking the accounts in tenant
-    -- order: two claimers never wait on each other's accounts in a cycle
-    FOR j IN SELECT * FROM unnest(claimed) c ORDER BY c.tenant_id, c.job_id LOOP
-        PERFORM billing.job_keep_hold(j, j.lease_until);
-    END LOOP;
-    FOR j IN SELECT * FROM unnest(claimed) c ORDER BY c.run_at, c.job_id LOOP
-        RETURN NEXT billing.job_result(j, false);
-    END LOOP;
-END;
-$$;
-COMMENT ON FUNCTION billing_job_claim(text, text[], integer, interval, text) IS
-    'hand due queued jobs to a worker (FOR UPDATE SKIP LOCKED): attempt + 1, lease set; two workers never get the same job';
 
 CREATE OR REPLACE FUNCTION billing_job_complete(tenant_id text, job_id bigint, actual_cost numeric,
                                      output jsonb DEFAULT NULL, worker text DEFAULT NULL)
@@ -1325,21 +1003,25 @@ CREATE FUNCTION billing.shares_expired(grants_state bigint[], grant_draws bigint
     LANGUAGE C IMMUTABLE PARALLEL SAFE;
 COMMENT ON FUNCTION billing.shares_expired(bigint[], bigint[], timestamptz, timestamptz) IS 'of what a hold reserved of grants, what has expired by a time (the hold and the grant both expired)';
 
--- both for one account (the holds are read only when one has expired)
+-- both for one account (the holds are read only when one has expired;
+-- PL/pgSQL and spelled out in billing.balances, as billing.effective_holds)
 CREATE FUNCTION billing.expired_micros(a billing.accounts, at timestamptz) RETURNS bigint
-    LANGUAGE sql STABLE PARALLEL SAFE SECURITY DEFINER
+    LANGUAGE plpgsql STABLE PARALLEL SAFE SECURITY DEFINER
     SET search_path = pg_catalog, pg_temp
 AS $$
-    SELECT CASE WHEN a.grants_state IS NULL THEN 0::bigint
-                ELSE billing.grants_expired(a.grants_state, at)
-                     + CASE WHEN a.holds_next_expiry IS NULL OR a.holds_next_expiry > at THEN 0::bigint
-                            ELSE (SELECT coalesce(sum(billing.shares_expired(a.grants_state, h.grant_draws,
-                                                                             h.expires_at, at)), 0)::bigint
-                                    FROM billing.holds h
-                                   WHERE h.tenant_id = a.tenant_id AND h.status = 'open'
-                                     AND h.expires_at <= at AND h.grant_draws IS NOT NULL)
-                       END
-           END
+BEGIN
+    IF a.grants_state IS NULL THEN
+        RETURN 0;
+    END IF;
+    RETURN billing.grants_expired(a.grants_state, at)
+           + CASE WHEN a.holds_next_expiry IS NULL OR a.holds_next_expiry > at THEN 0::bigint
+                  ELSE (SELECT coalesce(sum(billing.shares_expired(a.grants_state, h.grant_draws,
+                                                                   h.expires_at, at)), 0)::bigint
+                          FROM billing.holds h
+                         WHERE h.tenant_id = a.tenant_id AND h.status = 'open'
+                           AND h.expires_at <= at AND h.grant_draws IS NOT NULL)
+             END;
+END;
 $$;
 COMMENT ON FUNCTION billing.expired_micros(billing.accounts, timestamptz) IS 'what an account''s cached balance still holds of expired grants (the views and billing_balance_at subtract it)';
 REVOKE ALL ON FUNCTION billing.expired_micros(billing.accounts, timestamptz) FROM PUBLIC;
@@ -1362,47 +1044,6 @@ SELECT a.tenant_id,
        a.updated_at
   FROM billing.accounts a
  WHERE ((SELECT billing.visible_tenants()) IS NULL OR a.tenant_id = ANY ((SELECT billing.visible_tenants())::text[]));
--- an expiry dates from its grant's expires_at
-CREATE OR REPLACE FUNCTION billing_balance_at(tenant_id text, at timestamptz) RETURNS numeric
-    LANGUAGE plpgsql STABLE SECURITY DEFINER
-    SET search_path = pg_catalog, pg_temp
-AS $$
-DECLARE
-    total numeric;
-BEGIN
-    IF billing_balance_at.tenant_id IS NULL THEN
-        RAISE EXCEPTION 'tenant_id must not be null'
-            USING ERRCODE = 'ZB015', HINT = 'Pass a value for tenant_id.';
-    END IF;
-    IF billing_balance_at.at IS NULL THEN
-        RAISE EXCEPTION 'at must not be null'
-            USING ERRCODE = 'ZB015', HINT = 'Pass the point in time, e.g. now() - interval ''1 day''.';
-    END IF;
-    PERFORM billing.check_account_settings(billing_balance_at.tenant_id, NULL, NULL, NULL, NULL);
-    PERFORM FROM billing.accounts a WHERE a.tenant_id = billing_balance_at.tenant_id;
-    IF NOT FOUND THEN
-        RAISE EXCEPTION 'account "%" does not exist', billing_balance_at.tenant_id
-            USING ERRCODE = 'ZB001',
-                  HINT = format('Create it first with billing_account_create(%L).', billing_balance_at.tenant_id);
-    END IF;
-    -- An expiry counts from the moment the grant expired (its event_at), even
-    -- when its entry was written later; a grant that expired by then but whose
-    -- entry is not written yet still holds its remainder in grants_state (and
-    -- holds that expired by then, what they had reserved of it).
-    SELECT coalesce(sum(e.amount_micros), 0) INTO total
-      FROM billing.entries e
-     WHERE e.tenant_id = billing_balance_at.tenant_id
-       AND CASE WHEN e.kind = 'expire' THEN LEAST(e.event_at, e.created_at)
-                ELSE e.created_at END <= billing_balance_at.at;
-    SELECT total - billing.expired_micros(a, billing_balance_at.at)
-      INTO total
-      FROM billing.accounts a
-     WHERE a.tenant_id = billing_balance_at.tenant_id;
-    RETURN billing.to_amount(total::bigint);
-END;
-$$;
-COMMENT ON FUNCTION billing_balance_at(text, timestamptz) IS
-    'balance at a point in time: SUM of the entries created up to then, grants that had expired by then taken off';
 
 CREATE OR REPLACE VIEW billing.ledger WITH (security_barrier) AS
 SELECT e.entry_id,
@@ -1439,123 +1080,6 @@ COMMENT ON FUNCTION billing.verify_entries(text) IS
     'per-tenant facts of the ledger in one pass (internal: billing_verify); NULL: every tenant';
 
 REVOKE ALL ON FUNCTION billing.verify_entries(text) FROM PUBLIC;
-
-CREATE OR REPLACE FUNCTION billing_verify(tenant_id text DEFAULT NULL)
-    RETURNS SETOF billing.verify_result
-    LANGUAGE plpgsql STABLE SECURITY DEFINER
-    SET search_path = pg_catalog, pg_temp
-AS $$
-BEGIN
-    IF billing_verify.tenant_id IS NOT NULL THEN
-        PERFORM billing.check_account_settings(billing_verify.tenant_id, NULL, NULL, NULL, NULL);
-    END IF;
-    IF billing_verify.tenant_id IS NOT NULL
-       AND NOT EXISTS (SELECT FROM billing.accounts a WHERE a.tenant_id = billing_verify.tenant_id)
-       AND NOT EXISTS (SELECT FROM billing.entries e WHERE e.tenant_id = billing_verify.tenant_id) THEN
-        RAISE EXCEPTION 'account "%" does not exist', billing_verify.tenant_id
-            USING ERRCODE = 'ZB001',
-                  HINT = 'Call billing_verify() without an argument to check every account.';
-    END IF;
-    RETURN QUERY
-
-    WITH per_tenant AS (
-        SELECT * FROM billing.verify_entries(billing_verify.tenant_id)
-    )
-    , holds AS (
-        SELECT h.tenant_id,
-               sum(h.amount_micros - h.captured_micros - h.released_micros) AS open_micros
-          FROM billing.holds h
-         WHERE h.status = 'open' AND (billing_verify.tenant_id IS NULL OR h.tenant_id = billing_verify.tenant_id)
-         GROUP BY h.tenant_id
-    )
-    -- what each grant bucket holds by the account (remaining and reserved by
-    -- holds): the ledger's replay (verify_entries) must say the same
-    , state AS (
-        SELECT a.tenant_id, a.grants_state[i] AS g, a.grants_state[i + 1] AS remaining,
-               a.grants_state[i + 2] AS reserved
-          FROM billing.accounts a,
-               generate_series(1, coalesce(array_length(a.grants_state, 1), 0), 5) AS i
-         WHERE billing_verify.tenant_id IS NULL OR a.tenant_id = billing_verify.tenant_id
-    )
-    , grants AS (
-        SELECT s.tenant_id, array_agg(v.x ORDER BY s.g, v.k) AS state
-          FROM state s, LATERAL (VALUES (1, s.g), (2, s.remaining + s.reserved)) AS v(k, x)
-         WHERE s.remaining + s.reserved <> 0
-         GROUP BY 1
-    )
-    -- and what it says open holds reserved must be what they did
-    , reservations AS (
-        SELECT coalesce(s.tenant_id, o.tenant_id) AS tenant_id
-          FROM (SELECT * FROM state WHERE reserved <> 0) s
-          FULL JOIN (SELECT h.tenant_id, h.grant_draws[i] AS g, sum(h.grant_draws[i + 1]) AS reserved
-                       FROM billing.holds h,
-                            generate_series(1, coalesce(array_length(h.grant_draws, 1), 0), 2) AS i
-                      WHERE h.status = 'open'
-                        AND (billing_verify.tenant_id IS NULL OR h.tenant_id = billing_verify.tenant_id)
-                      GROUP BY 1, 2) o
-            ON o.tenant_id = s.tenant_id AND o.g = s.g
-         WHERE s.reserved IS DISTINCT FROM o.reserved
-         GROUP BY 1
-    )
-    -- finished jobs against their charge and hold (what the job guard checks
-    -- as each job changes; a restore loads jobs without their order): one
-    -- index probe per finished job, not a second pass over the ledger
-    , jobs AS (
-        SELECT j.tenant_id, count(*) AS bad
-          FROM billing.jobs j
-         WHERE j.state IN ('completed', 'failed', 'cancelled')
-           AND (billing_verify.tenant_id IS NULL OR j.tenant_id = billing_verify.tenant_id)
-           AND ((j.state = 'completed'
-                 AND CASE WHEN j.charge_entry_id IS NULL THEN j.actual_micros IS DISTINCT FROM 0
-                          ELSE NOT EXISTS (SELECT FROM billing.entries e
-                                            WHERE e.tenant_id = j.tenant_id AND e.entry_id = j.charge_entry_id
-                                              AND e.trace_id = format('job:%s:charge', j.job_id)
-                                              AND e.amount_micros = -j.actual_micros) END)
-                OR EXISTS (SELECT FROM billing.holds h
-                            WHERE h.tenant_id = j.tenant_id AND h.trace_id = j.hold_trace_id
-                              AND h.status = 'open' AND h.expires_at > now()))
-         GROUP BY j.tenant_id
-    )
-    SELECT coalesce(a.tenant_id, p.tenant_id),
-           billing.to_amount(a.balance_micros),
-           (coalesce(p.total, 0) / 1000000)::numeric(38, 6),
-           coalesce(p.n, 0),
-           coalesce(p.breaks, 0),
-           p.first_break,
-           CASE
-               WHEN a.tenant_id IS NULL THEN 'entries without an account'
-               WHEN a.balance_micros <> coalesce(p.total, 0) THEN 'cached balance differs from SUM(entries)'
-               WHEN coalesce(p.breaks, 0) > 0 THEN 'balance_after chain is broken'
-               WHEN a.version < coalesce(p.max_version, 0) THEN 'account version is behind its entries'
-               WHEN coalesce(p.invalid, 0) > 0 THEN 'entries with an unknown kind, a zero amount or the wrong sign'
-               WHEN coalesce(p.grants_negative, 0) > 0 THEN 'a grant bucket went below zero'
-               WHEN coalesce(p.grants, '{}') <> coalesce(g.state, '{}') THEN 'grant buckets differ from the ledger'
-               WHEN r.tenant_id IS NOT NULL THEN 'grant reservations differ from the open holds'
-               WHEN a.holds_micros <> coalesce(h.open_micros, 0) THEN 'cached holds differ from the open holds'
-               ELSE 'finished jobs without their own charge or with their hold open'
-           END
-      FROM billing.accounts a
-      FULL JOIN per_tenant p ON p.tenant_id = a.tenant_id
-      LEFT JOIN holds h ON h.tenant_id = a.tenant_id
-      LEFT JOIN grants g ON g.tenant_id = a.tenant_id
-      LEFT JOIN reservations r ON r.tenant_id = a.tenant_id
-      LEFT JOIN jobs jb ON jb.tenant_id = a.tenant_id
-     WHERE (billing_verify.tenant_id IS NULL OR coalesce(a.tenant_id, p.tenant_id) = billing_verify.tenant_id)
-       AND (a.tenant_id IS NULL
-            OR a.balance_micros <> coalesce(p.total, 0)
-            OR coalesce(p.breaks, 0) > 0
-            OR a.version < coalesce(p.max_version, 0)
-            OR coalesce(p.invalid, 0) > 0
-            OR coalesce(p.grants_negative, 0) > 0
-            OR coalesce(p.grants, '{}') <> coalesce(g.state, '{}')
-            OR r.tenant_id IS NOT NULL
-            OR a.holds_micros <> coalesce(h.open_micros, 0)
-            OR jb.bad > 0)
-     ORDER BY 1;
-END;
-$$;
-COMMENT ON FUNCTION billing_verify(text) IS
-    'audit: one row per account whose cached balance differs from SUM(entries), whose balance_after chain is broken, whose version lags its entries, with invalid entries, whose grant buckets differ from what the ledger says (or went below zero) or from what open holds reserved, whose cached holds differ from its open holds, or with a finished job without its own charge or with its hold open; no rows when consistent';
 
 -- the grants and the refunds (schema/25_grants.sql)
 CREATE SEQUENCE billing.grant_id_seq;
@@ -1761,37 +1285,6 @@ SELECT c.tenant_id,
  WHERE ((SELECT billing.visible_tenants()) IS NULL OR r.tenant_id = ANY ((SELECT billing.visible_tenants())::text[]))
  GROUP BY 1, 2, 3, 4, 5;
 COMMENT ON VIEW billing.refunded_charges IS 'charges that were refunded: charged, refunded so far, still refundable';
-
--- the worker's sweep also writes due expiries, one account's failure
--- skipping only that account
-CREATE OR REPLACE FUNCTION billing.expire_due_holds(max_accounts integer DEFAULT 1000) RETURNS integer
-    LANGUAGE plpgsql VOLATILE
-    SET search_path = pg_catalog, pg_temp
-AS $$
-DECLARE
-    t text;
-    n integer := 0;
-BEGIN
-    FOR t IN SELECT a.tenant_id FROM billing.accounts a
-              WHERE a.holds_next_expiry OPERATOR(pg_catalog.<=) pg_catalog.now()
-                 OR a.grants_next_expiry OPERATOR(pg_catalog.<=) pg_catalog.now()
-              ORDER BY least(a.holds_next_expiry, a.grants_next_expiry)
-              LIMIT max_accounts
-              FOR UPDATE SKIP LOCKED
-    LOOP
-        -- one account that cannot be swept must not stop the others
-        BEGIN
-            IF billing.expire_holds_of(t) THEN
-                n := n OPERATOR(pg_catalog.+) 1;
-            END IF;
-        EXCEPTION WHEN OTHERS THEN
-            RAISE WARNING 'billing: the expiry sweep skipped account "%": %', t, SQLERRM;
-        END;
-    END LOOP;
-    RETURN n;
-END;
-$$;
-COMMENT ON FUNCTION billing.expire_due_holds(integer) IS 'expire due holds and grants of accounts nobody else has locked (the worker runs it; correctness never depends on it)';
 
 -- ---------------------------------------------------------------------------
 -- issue 16, part 3 and 4 (usage): prices the way providers bill
@@ -2878,33 +2371,6 @@ REVOKE ALL ON FUNCTION billing.local_group() FROM PUBLIC;
 -- whole-row function of a table's row type in a query, no LANGUAGE sql
 -- function with parameters querying a distributed table, no correlated
 -- subquery on one inside a delegated call, no nested distributed query
--- the tenants the calling role may see, or NULL when it is not scoped; the
--- views call it once per query (an InitPlan).  On Citus (a reference table)
--- it reads this node's copy directly: the views' queries run on the shards,
--- where a query through Citus would be a nested distributed query.
-CREATE OR REPLACE FUNCTION billing.visible_tenants() RETURNS text[]
-    LANGUAGE plpgsql STABLE SECURITY DEFINER PARALLEL SAFE
-    SET search_path = pg_catalog, pg_temp
-AS $$
-DECLARE
-    copy   regclass;
-    result text[];
-BEGIN
-    IF billing.is_citus_table('billing.tenant_scopes') THEN
-        SELECT c INTO copy FROM billing.local_shards('billing.tenant_scopes') c;
-        IF copy IS NOT NULL THEN
-            EXECUTE format('SELECT CASE WHEN count(*) = 0 THEN NULL ELSE array_agg(s.tenant_id ORDER BY s.tenant_id) END '
-                           'FROM %s s WHERE s.role_name = billing.actor()', copy)
-               INTO result;
-            RETURN result;
-        END IF;
-    END IF;
-    RETURN (SELECT CASE WHEN count(*) = 0 THEN NULL ELSE array_agg(s.tenant_id ORDER BY s.tenant_id) END
-              FROM billing.tenant_scopes s
-             WHERE s.role_name = billing.actor());
-END;
-$$;
-COMMENT ON FUNCTION billing.visible_tenants() IS 'tenants the calling role may see in the views (NULL: all)';
 
 -- what remains on an account's open holds right now: the cached sum, unless
 -- a hold has expired since anything ran on the account (then from the holds).
@@ -2925,28 +2391,6 @@ BEGIN
              WHERE h.tenant_id = a.tenant_id AND h.status = 'open' AND h.expires_at > now());
 END;
 $$;
-
--- both for one account (the holds are read only when one has expired;
--- PL/pgSQL and spelled out in billing.balances, as billing.effective_holds)
-CREATE OR REPLACE FUNCTION billing.expired_micros(a billing.accounts, at timestamptz) RETURNS bigint
-    LANGUAGE plpgsql STABLE PARALLEL SAFE SECURITY DEFINER
-    SET search_path = pg_catalog, pg_temp
-AS $$
-BEGIN
-    IF a.grants_state IS NULL THEN
-        RETURN 0;
-    END IF;
-    RETURN billing.grants_expired(a.grants_state, at)
-           + CASE WHEN a.holds_next_expiry IS NULL OR a.holds_next_expiry > at THEN 0::bigint
-                  ELSE (SELECT coalesce(sum(billing.shares_expired(a.grants_state, h.grant_draws,
-                                                                   h.expires_at, at)), 0)::bigint
-                          FROM billing.holds h
-                         WHERE h.tenant_id = a.tenant_id AND h.status = 'open'
-                           AND h.expires_at <= at AND h.grant_draws IS NOT NULL)
-             END;
-END;
-$$;
-COMMENT ON FUNCTION billing.expired_micros(billing.accounts, timestamptz) IS 'what an account''s cached balance still holds of expired grants (the views and billing_balance_at subtract it)';
 
 -- billing.balances (10_accounts.sql) again, now that billing.holds exists:
 -- balance and on hold as billing.expired_micros(a, now()) and
@@ -3040,112 +2484,7 @@ SELECT s.tenant_id,
   FROM s;
 COMMENT ON VIEW billing.api_key_budgets IS 'per API key: budget, spent in the current period, on hold, remaining, reset time';
 
-CREATE OR REPLACE FUNCTION billing_account_update(tenant_id text,
-                                       credit_limit numeric DEFAULT NULL,
-                                       status text DEFAULT NULL,
-                                       timezone text DEFAULT NULL,
-                                       metadata jsonb DEFAULT NULL,
-                                       reason text DEFAULT NULL)
-    RETURNS SETOF billing.balances
-    LANGUAGE plpgsql VOLATILE SECURITY DEFINER
-    SET search_path = pg_catalog, pg_temp
-AS $$
-#variable_conflict use_column
-DECLARE
-    p_tenant   text := billing_account_update.tenant_id;
-    p_limit    bigint;
-    acc        billing.accounts;
-    changes    jsonb := '{}';
-    old_day    date;
-    old_month  date;
-    new_day    date;
-    new_month  date;
-BEGIN
-    PERFORM billing.check_account_settings(p_tenant, NULL,
-                                           billing_account_update.status,
-                                           billing_account_update.timezone,
-                                           billing_account_update.metadata);
-    PERFORM billing.check_text(billing_account_update.reason, 'reason');
-    IF billing_account_update.credit_limit IS NOT NULL THEN
-        p_limit := billing.to_micros(billing_account_update.credit_limit, 'credit_limit', true);
-    END IF;
-
-    SELECT * INTO acc FROM billing.accounts a WHERE a.tenant_id = p_tenant FOR UPDATE;
-    IF NOT FOUND THEN
-        RAISE EXCEPTION 'account "%" does not exist', p_tenant
-            USING ERRCODE = 'ZB001',
-                  HINT = format('Create it first with billing_account_create(%L).', p_tenant);
-    END IF;
-    IF acc.status = 'closed' THEN
-        RAISE EXCEPTION 'account "%" is closed', p_tenant
-            USING ERRCODE = 'ZB003',
-                  DETAIL = 'A closed account cannot be changed or reopened.',
-                  HINT = 'Closed is final: open a new account for this customer.';
-    END IF;
-
-    IF p_limit IS NOT NULL AND p_limit <> acc.credit_limit_micros THEN
-        changes := changes || jsonb_build_object('credit_limit', jsonb_build_object(
-                       'old', billing.to_amount(acc.credit_limit_micros), 'new', billing.to_amount(p_limit)));
-        acc.credit_limit_micros := p_limit;
-    END IF;
-    IF billing_account_update.status IS NOT NULL AND billing_account_update.status <> acc.status THEN
-        changes := changes || jsonb_build_object('status', jsonb_build_object(
-                       'old', acc.status, 'new', billing_account_update.status));
-        acc.status := billing_account_update.status;
-    END IF;
-    IF billing_account_update.timezone IS NOT NULL AND billing_account_update.timezone <> acc.timezone THEN
-        changes := changes || jsonb_build_object('timezone', jsonb_build_object(
-                       'old', acc.timezone, 'new', billing_account_update.timezone));
-        -- The usage of the current day and month carries over into the new
-        -- zone's current day and month: a zone change never starts a period
-        -- afresh, so switching zones back and forth cannot reset a quota.
-        -- (The periods are computed first: Citus refuses now() inside a
-        -- CASE of an UPDATE.)
-        old_day := (now() AT TIME ZONE acc.timezone)::date;
-        old_month := date_trunc('month', now() AT TIME ZONE acc.timezone)::date;
-        new_day := (now() AT TIME ZONE billing_account_update.timezone)::date;
-        new_month := date_trunc('month', now() AT TIME ZONE billing_account_update.timezone)::date;
-        IF acc.usage_day = old_day THEN
-            acc.usage_day := new_day;
-        END IF;
-        IF acc.usage_month = old_month THEN
-            acc.usage_month := new_month;
-        END IF;
-        UPDATE billing.api_keys k
-           SET period_start = CASE WHEN k.budget_period = 'day' THEN new_day ELSE new_month END
-         WHERE k.tenant_id = p_tenant
-           AND k.period_start = CASE WHEN k.budget_period = 'day' THEN old_day
-                                     WHEN k.budget_period = 'month' THEN old_month END;
-        acc.timezone := billing_account_update.timezone;
-    END IF;
-    IF billing_account_update.metadata IS NOT NULL AND billing_account_update.metadata <> acc.metadata THEN
-        changes := changes || jsonb_build_object('metadata', jsonb_build_object(
-                       'old', acc.metadata, 'new', billing_account_update.metadata));
-        acc.metadata := billing_account_update.metadata;
-    END IF;
-
-    IF changes <> '{}' THEN
-        UPDATE billing.accounts a
-           SET credit_limit_micros = acc.credit_limit_micros,
-               status = acc.status,
-               timezone = acc.timezone,
-               usage_day = acc.usage_day,
-               usage_month = acc.usage_month,
-               metadata = acc.metadata,
-               version = a.version + 1,
-               updated_at = now()
-         WHERE a.tenant_id = p_tenant;
-        INSERT INTO billing.account_events (tenant_id, action, changes, reason)
-        VALUES (p_tenant, 'update', changes, billing_account_update.reason);
-        PERFORM billing.sync_mark(p_tenant);
-    END IF;
-
-    RETURN QUERY SELECT * FROM billing.balances b WHERE b.tenant_id = p_tenant;
-END;
-$$;
-COMMENT ON FUNCTION billing_account_update(text, numeric, text, text, jsonb, text) IS
-    'change credit limit, status, time zone or metadata; every change is recorded in billing.account_events';
-
+-- an expiry dates from its grant's expires_at
 CREATE OR REPLACE FUNCTION billing_balance_at(tenant_id text, at timestamptz) RETURNS numeric
     LANGUAGE plpgsql STABLE SECURITY DEFINER
     SET search_path = pg_catalog, pg_temp
@@ -3598,6 +2937,8 @@ COMMENT ON FUNCTION billing_job_claim(text, text[], integer, interval, text) IS
     'hand due queued jobs to a worker (FOR UPDATE SKIP LOCKED): attempt + 1, lease set; two workers never get the same job; on Citus without a tenant: the jobs of this node';
 
 -- hold and grant expiry: this node's accounts
+-- the worker's sweep also writes due expiries, one account's failure
+-- skipping only that account
 CREATE OR REPLACE FUNCTION billing.expire_due_holds(max_accounts integer DEFAULT 1000) RETURNS integer
     LANGUAGE plpgsql VOLATILE
     SET search_path = pg_catalog, pg_temp
