@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# test/citus/bench.sh: billing_deduct through the Citus coordinator vs a single
-# node, in the same run, on the lab of test/citus/lab.sh (which must be running
+# test/citus/bench.sh: billing_deduct (or billing_charge, the charge engine)
+# through the Citus coordinator vs a single node, in the same run, on the lab of test/citus/lab.sh (which must be running
 # with `lab.sh billing N` done).  Prints one line per measurement and a summary.
 #
 #   PG_CONFIG=... bash test/citus/bench.sh [rounds]
@@ -9,7 +9,8 @@
 # then on the coordinator; then 1 client on each.  Calls are
 # SELECT entry_id FROM billing_deduct('t<random 1..N>', 0.000001, '<random trace>')
 # in simple protocol (a constant tenant: Citus delegates the call).
-# Environment: BENCH_SECONDS (15), BENCH_CLIENTS (8), BENCH_TENANTS (100),
+# Environment: BENCH_FUNCTION (billing_deduct | billing_charge), BENCH_SECONDS
+# (15), BENCH_CLIENTS (8), BENCH_TENANTS (100),
 # BENCH_PROTOCOL (simple | prepared), BENCH_SYNC (synchronous_commit of the
 # database billing on every node during the run, default: unchanged).
 set -euo pipefail
@@ -21,12 +22,17 @@ secs=${BENCH_SECONDS:-15}
 clients=${BENCH_CLIENTS:-8}
 tenants=${BENCH_TENANTS:-100}
 protocol=${BENCH_PROTOCOL:-simple}
+fn=${BENCH_FUNCTION:-billing_deduct}
+case $fn in
+billing_deduct | billing_charge) ;;
+*) echo "BENCH_FUNCTION must be billing_deduct or billing_charge" >&2; exit 2 ;;
+esac
 script=$(mktemp /tmp/billing-citus-bench.XXXXXX.sql)
 trap 'rm -f "$script"' EXIT
 cat >"$script" <<EOF
 \\set t random(1, $tenants)
 \\set r random(1, 9000000000000000000)
-SELECT entry_id FROM billing_deduct('t:t', 0.000001, 'b:r');
+SELECT entry_id FROM $fn('t:t', 0.000001, 'b:r');
 EOF
 chmod a+r "$script"
 
@@ -63,7 +69,7 @@ for ((r = 1; r <= rounds; r++)); do
 	echo "round $r coordinator 1 client:  $t tps, $l ms, failed $f"
 	c_lat+=("$l")
 done
-echo "summary: single ${s_tps[*]} tps / coordinator ${c_tps[*]} tps ($clients clients);" \
+echo "summary ($fn): single ${s_tps[*]} tps / coordinator ${c_tps[*]} tps ($clients clients);" \
 	"1 client: single ${s_lat[*]} ms / coordinator ${c_lat[*]} ms per call"
 for n in coord w1 w2 single; do
 	bash "$here/lab.sh" psql "$n" -d billing -Atc "SELECT '$n: verify problems', count(*) FROM billing_verify()" 2>/dev/null || true
