@@ -6,9 +6,10 @@
  * needs billing in shared_preload_libraries (ZB112 without).
  *
  * billing_charge is not SECURITY DEFINER: in the caller it only checks the
- * arguments and waits (no table, no SQL); the engine applies the charge as
- * the extension's owner.  (A SECURITY DEFINER call with its SET search_path
- * cost a tenth of the caller's CPU.)
+ * arguments (on Citus also, from Citus's catalogs, that the tenant is
+ * stored on this node) and waits (no table of billing, no SQL); the engine
+ * applies the charge as the extension's owner.  (A SECURITY DEFINER call
+ * with its SET search_path cost a tenth of the caller's CPU.)
  */
 CREATE FUNCTION billing_charge(tenant_id text, amount numeric, trace_id text,
                                description text DEFAULT NULL,

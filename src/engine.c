@@ -789,7 +789,7 @@ billing_charge(PG_FUNCTION_ARGS)
 			out.rejection.sqlerrcode = ERRCODE_T_R_SERIALIZATION_FAILURE;
 			out.rejection.detail = psprintf("The charge engine found the tenant's shard elsewhere when it applied the charge: %s",
 											out.rejection.detail ? out.rejection.detail : out.rejection.message);
-			out.rejection.message = psprintf("the shard of tenant \"%s\" moved to another node while the charge was queued",
+			out.rejection.message = psprintf("the shard of tenant \"%s\" left this node while the charge was queued",
 											 text_to_cstring(tenant));
 			out.rejection.hint = pstrdup("Retry the call with the same trace id: it is routed to the tenant's new node. Nothing was charged.");
 		}

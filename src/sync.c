@@ -255,7 +255,6 @@ prepare_marks(void)
 			strlcpy(p->tenant, m->tenant, SYNC_TENANT_LEN);
 			/* named keys: found by version instead, as when they overflow */
 			p->scan_since = m->keys != NIL ? Min(m->scan_since, m->since) : m->scan_since;
-			p->since = m->since;
 		}
 		if (xact_unmarkable)
 		{
@@ -303,7 +302,7 @@ billing_sync_resolve_prepared(void)
 				billing_sync->overflow = true;	/* full resync */
 			else
 				billing_sync_enqueue(p->tenant, GetCurrentTimestamp(),
-									 p->scan_since, 0, NULL, p->since);
+									 p->scan_since, 0, NULL, p->scan_since);
 		}
 		*p = billing_sync->prepared[--billing_sync->nprepared];
 	}

@@ -62,7 +62,6 @@ typedef struct SyncPrepared
 	TransactionId xid;
 	char		tenant[SYNC_TENANT_LEN];
 	int64		scan_since;		/* keys with a version above it, or SYNC_NO_SCAN */
-	int64		since;			/* the account version the change started from */
 } SyncPrepared;
 
 /*

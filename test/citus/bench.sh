@@ -7,7 +7,7 @@
 #
 # Each round: BENCH_CLIENTS clients (-j 2) for BENCH_SECONDS on the single node,
 # then on the coordinator; then 1 client on each.  Calls are
-# SELECT entry_id FROM billing_deduct('t<random 1..N>', 0.000001, '<random trace>')
+# SELECT entry_id FROM <function>('t<random 1..N>', 0.000001, '<random trace>')
 # in simple protocol (a constant tenant: Citus delegates the call).
 # Environment: BENCH_FUNCTION (billing_deduct | billing_charge), BENCH_SECONDS
 # (15), BENCH_CLIENTS (8), BENCH_TENANTS (100),

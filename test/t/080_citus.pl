@@ -301,6 +301,9 @@ sub ledger_checks
 		}
 	}
 	ok(@{ $by->{ok} // [] } > 0, "$phase: charges were acknowledged (" . scalar(@{ $by->{ok} // [] }) . ')');
+	# the odd clients charge through billing_charge (start_load)
+	my $engine_ok = grep { (split /-/)[1] % 2 } @{ $by->{ok} // [] };
+	ok($engine_ok > 0, "$phase: charges through billing_charge were acknowledged ($engine_ok)") unless $pair;
 	# single charges fail only as documented for a migration or a move:
 	# retryable, nothing charged (no ZB111 "outcome unknown", no internal error)
 	is(join(' ', grep { $_ ne '40001' && $_ ne 'ZB100' } sort keys %$codes), '',
@@ -504,6 +507,7 @@ is(sqlstate_of($coord, "UPDATE billing.entries SET amount_micros = 0 WHERE tenan
 is(sqlstate_of($coord, 'TRUNCATE billing.entries'), 'ZB020', "TRUNCATE of the ledger: refused on the shards");
 # the charge engine: Citus runs billing_charge on the tenant's node, whose
 # engine applies it there; a form Citus does not delegate is refused
+# (an entry id tells which node wrote it: group g numbers from g * 2^48 + 1)
 for my $t ($on1[0], $on2[0])
 {
 	my $node = node_of_tenant($t);
@@ -511,17 +515,61 @@ for my $t ($on1[0], $on2[0])
 	like($charged, qr/^\d+ false$/, "billing_charge through the coordinator, tenant $t on $node: charged");
 	is(q_ok($coord, "SELECT entry_id || ' ' || replayed FROM billing_charge('$t', 1, 'engine-$t')"),
 		($charged =~ s/ false$/ true/r), 'its retry replays the same entry');
-	is(q_ok($node{$node}, "SELECT count(*) FROM billing.entries WHERE trace_id = 'engine-$t'"), '1',
-		"the entry is on $node, once");
+	is(q_ok($coord, "SELECT count(*) || ' ' || max(entry_id >> 48) FROM billing.entries WHERE trace_id = 'engine-$t'"),
+		"1 $group{$node}", "the entry is there once, written on $node");
 }
 is(q_ok($w1, "SELECT replayed FROM billing_charge('$on2[0]', 1, 'engine-$on2[0]')"), 't',
 	'a call on the other worker is delegated too (replayed on the tenant\'s node)');
-is(sqlstate_of($coord, "BEGIN; SELECT * FROM billing_charge('$on1[0]', 1, 'engine-blk'); COMMIT"), 'ZB110',
-	'billing_charge in a transaction block through the coordinator: ZB110, as on a single node');
+{
+	my ($rc, $out, $err) = $coord->psql($db, "BEGIN; SELECT * FROM billing_charge('$on1[0]', 1, 'engine-blk'); COMMIT",
+		extra_params => [ '-v', 'VERBOSITY=verbose' ]);
+	like($err, qr/ERROR:\s+ZB110:/, 'billing_charge in a transaction block through the coordinator: ZB110, as on a single node');
+	my $port = $node{ node_of_tenant($on1[0]) }->port;
+	like($err, qr/while executing command on 127\.0\.0\.1:$port/, "raised on the tenant's node (Citus sent the call into the block there)");
+}
 is(sqlstate_of($coord, qq{DO \$\$ DECLARE t text := '$on1[0]'; BEGIN PERFORM billing_charge(t, 1, 'engine-nd'); END \$\$}),
 	'ZB100', 'billing_charge not delegated (a PL/pgSQL variable) on a node without the tenant: ZB100');
 is(q_ok($coord, "SELECT count(*) FROM billing.entries WHERE trace_id IN ('engine-blk', 'engine-nd')"), '0',
 	'a refused billing_charge charged nothing');
+
+# a charge queued for the engine of the tenant's node while the tenant's
+# shard group moves away: nothing charged, 40001 (retry), and the retry is
+# charged on the new node.  The engine of w1 is held (the test gate) until
+# the move is done.
+my $mt = $on1[-1];
+is(node_of_tenant($mt), 'w1', "$mt is on w1");
+my $mgate = BillingTest::Session->new($w1, $db);
+is($mgate->call('SELECT billing.engine_test_gate(true)')->{status}, 'ok', "w1's engine is held");
+my $mfile = "$W/engine-moved.result";
+my $mcaller = BillingTest::spawn(sub {
+	my $s = BillingTest::Session->new($coord, $db, timeout => 300);
+	my $r = $s->call("SELECT entry_id FROM billing_charge('$mt', 1, 'engine-moved')");
+	BillingTest::write_atomic($mfile, join(' ', $r->{status}, $r->{sqlstate} // '-'));
+	$s->close;
+});
+ok(BillingTest::wait_until(180, sub {
+		q_ok($w1, 'SELECT coalesce(sum(queued), 0) FROM billing_engine_status()') ne '0' }),
+	"the charge of $mt is queued for w1's engine");
+ok(BillingTest::wait_until(120, sub {
+		$coord->psql($db, 'CALL citus_cleanup_orphaned_resources()');
+		q_ok($coord, 'SELECT count(*) FROM pg_dist_cleanup') eq '0';
+	}, 0.5), 'no orphaned shards before the move');
+{
+	my ($rc, $out, $err) = $coord->psql($db, sprintf(
+			q{SELECT citus_move_shard_placement(%s, '127.0.0.1', %d, '127.0.0.1', %d, shard_transfer_mode => 'block_writes')},
+			q_ok($coord, "SELECT get_shard_id_for_distribution_column('billing.accounts', '$mt')"),
+			$w1->port, $w2->port));
+	is($rc, 0, "${mt}'s shard group moved to w2 while its charge was queued on w1") or diag($err);
+}
+ok(!-e $mfile, 'the caller still waits');
+is($mgate->call('SELECT billing.engine_test_gate(false)')->{status}, 'ok', "w1's engine goes on");
+is(BillingTest::reap($mcaller), 0, 'the caller returned');
+is(slurp_file($mfile), 'error 40001', 'the queued charge failed with 40001 (its shard moved; retry)');
+is(q_ok($coord, "SELECT count(*) FROM billing.entries WHERE trace_id = 'engine-moved'"), '0', 'nothing was charged');
+is(q_ok($coord, "SELECT replayed FROM billing_charge('$mt', 1, 'engine-moved')"), 'f', 'the retry is charged');
+is(q_ok($coord, "SELECT count(*) || ' ' || max(entry_id >> 48) FROM billing.entries WHERE trace_id = 'engine-moved'"),
+	"1 $group{w2}", '... once, on w2');
+$mgate->close;
 my $w1_log = BillingTest::log_size($w1);
 $w1->stop('fast');
 is(sqlstate_of($coord, 'SELECT * FROM billing_verify()'), 'ZB104',
