@@ -348,6 +348,23 @@ sub node_of_tenant
 	return $node_of_port{$port};
 }
 
+# move the shard group of tenant $t from node $from to node $to; the
+# previous move's source shards are dropped later (deferred), and a move of
+# the same shards refuses to start while they exist.  Returns psql's
+# (rc, stdout, stderr) of the move.
+sub move_group
+{
+	my ($t, $from, $to, $mode, $what) = @_;
+	ok(BillingTest::wait_until(120, sub {
+			$coord->psql($db, 'CALL citus_cleanup_orphaned_resources()');
+			q_ok($coord, 'SELECT count(*) FROM pg_dist_cleanup') eq '0';
+		}, 0.5), "no orphaned shards before the $what");
+	return $coord->psql($db, sprintf(
+			q{SELECT citus_move_shard_placement(%s, '127.0.0.1', %d, '127.0.0.1', %d, shard_transfer_mode => '%s')},
+			q_ok($coord, "SELECT get_shard_id_for_distribution_column('billing.accounts', '$t')"),
+			$node{$from}->port, $node{$to}->port, $mode));
+}
+
 ############################################################################
 # 1. migration under load
 ############################################################################
@@ -385,23 +402,14 @@ isnt(node_of_tenant('t01'), 'coord', 'tenants live on the workers');
 # 2. shard moves under load
 ############################################################################
 
-my $shard = q_ok($coord, "SELECT get_shard_id_for_distribution_column('billing.accounts', 't01')");
 start_load('move', 4, 'single');
 wait_acked('move', 40, 'before the first move');
 for my $mode (qw(block_writes force_logical))
 {
 	my $from = node_of_tenant('t01');
 	my $to = $from eq 'w1' ? 'w2' : 'w1';
-	# the previous move's source shards are dropped later (deferred), and a
-	# move of the same shards refuses to start while they exist
-	ok(BillingTest::wait_until(120, sub {
-			$coord->psql($db, 'CALL citus_cleanup_orphaned_resources()');
-			q_ok($coord, 'SELECT count(*) FROM pg_dist_cleanup') eq '0';
-		}, 0.5), "no orphaned shards before the $mode move");
 	$t0 = time;
-	my ($rc, $out, $err) = $coord->psql($db, sprintf(
-			q{SELECT citus_move_shard_placement(%s, '127.0.0.1', %d, '127.0.0.1', %d, shard_transfer_mode => '%s')},
-			$shard, $node{$from}->port, $node{$to}->port, $mode));
+	my ($rc, $out, $err) = move_group('t01', $from, $to, $mode, "$mode move");
 	is($rc, 0, "t01's shard group moved from $from to $to ($mode) under load") or diag($err);
 	note(sprintf('the %s move took %.1f s', $mode, time - $t0));
 	is(node_of_tenant('t01'), $to, "t01 is on $to now");
@@ -550,15 +558,8 @@ my $mcaller = BillingTest::spawn(sub {
 ok(BillingTest::wait_until(180, sub {
 		q_ok($w1, 'SELECT coalesce(sum(queued), 0) FROM billing_engine_status()') ne '0' }),
 	"the charge of $mt is queued for w1's engine");
-ok(BillingTest::wait_until(120, sub {
-		$coord->psql($db, 'CALL citus_cleanup_orphaned_resources()');
-		q_ok($coord, 'SELECT count(*) FROM pg_dist_cleanup') eq '0';
-	}, 0.5), 'no orphaned shards before the move');
 {
-	my ($rc, $out, $err) = $coord->psql($db, sprintf(
-			q{SELECT citus_move_shard_placement(%s, '127.0.0.1', %d, '127.0.0.1', %d, shard_transfer_mode => 'block_writes')},
-			q_ok($coord, "SELECT get_shard_id_for_distribution_column('billing.accounts', '$mt')"),
-			$w1->port, $w2->port));
+	my ($rc, $out, $err) = move_group($mt, 'w1', 'w2', 'block_writes', 'move');
 	is($rc, 0, "${mt}'s shard group moved to w2 while its charge was queued on w1") or diag($err);
 }
 ok(!-e $mfile, 'the caller still waits');
