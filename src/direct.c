@@ -48,7 +48,7 @@
 #include "access/heapam.h"
 #include "access/htup_details.h"
 
-#define MAX_TABLES 4
+#define MAX_TABLES 8
 
 /* the tables whose column numbers this backend has resolved */
 static DirectTable *known[MAX_TABLES];
@@ -495,18 +495,24 @@ direct_open_relid(DirectTable *t, Oid relid, LOCKMODE mode)
 	return rel;
 }
 
-/* equality scan keys on the first nkeys columns of a btree index */
+/* equality scan keys on the first nkeys columns (text or bigint) of a btree index */
 static void
 key_init(ScanKey keys, Relation index, int nkeys, const Datum *k)
 {
 	for (int i = 0; i < nkeys; i++)
 	{
-		if (TupleDescAttr(RelationGetDescr(index), i)->atttypid != TEXTOID)
-			elog(ERROR, "billing: index \"%s\" is not on text columns",
+		Oid			typid = TupleDescAttr(RelationGetDescr(index), i)->atttypid;
+		RegProcedure eq;
+
+		if (typid == TEXTOID)
+			eq = F_TEXTEQ;
+		else if (typid == INT8OID)
+			eq = F_INT8EQ;
+		else
+			elog(ERROR, "billing: index \"%s\" is not on text or bigint columns",
 				 RelationGetRelationName(index));
 		ScanKeyEntryInitialize(&keys[i], 0, (AttrNumber) (i + 1), BTEqualStrategyNumber,
-							   InvalidOid, index->rd_indcollation[i],
-							   F_TEXTEQ, k[i]);
+							   InvalidOid, index->rd_indcollation[i], eq, k[i]);
 	}
 }
 
@@ -811,16 +817,54 @@ direct_key_exists(DirectTable *t, Datum k1, Datum k2)
 	return found;
 }
 
-/* a BEFORE ROW trigger returned NULL: the charge would be half-written */
+bool
+direct_fetch(DirectTable *t, const char *index_name, Datum k1, Datum k2,
+			 Datum *values, bool *nulls, ItemPointer tid)
+{
+	Oid			nsp = billing_namespace();
+	int64		shardid;
+	Relation	rel = direct_open(t, nsp, k1, false, AccessShareLock, &shardid);
+	Relation	index = index_open(billing_shard_index(index_name, nsp, shardid),
+								   AccessShareLock);
+	TupleTableSlot *slot = table_slot_create(rel, NULL);
+	Datum		k[2] = {k1, k2};
+	ScanKeyData skey[2];
+	IndexScanDesc scan;
+	bool		found;
+
+	/* what SPI does before a statement (see direct_lock_row) */
+	CommandCounterIncrement();
+	PushActiveSnapshot(GetTransactionSnapshot());
+	UpdateActiveSnapshotCommandId();
+
+	key_init(skey, index, 2, k);
+	scan = billing_index_beginscan(rel, index, GetActiveSnapshot(), 2, 0);
+	index_rescan(scan, skey, 2, NULL, 0);
+	found = index_getnext_slot(scan, ForwardScanDirection, slot);
+	if (found)
+	{
+		copy_columns(t, slot, values, nulls);
+		if (tid)
+			ItemPointerCopy(&slot->tts_tid, tid);
+	}
+	index_endscan(scan);
+	PopActiveSnapshot();
+	ExecDropSingleTupleTableSlot(slot);
+	index_close(index, NoLock);
+	table_close(rel, NoLock);
+	return found;
+}
+
+/* a BEFORE ROW trigger returned NULL: the call would be half-written */
 static void
 skipped_by_trigger(Relation rel)
 {
 	ereport(ERROR,
 			(errcode(ERRCODE_TRIGGERED_ACTION_EXCEPTION),
-			 errmsg("a trigger on billing.%s skipped a row of this charge",
+			 errmsg("a trigger on billing.%s skipped a row of this call",
 					RelationGetRelationName(rel)),
-			 errdetail("A BEFORE ROW trigger returned NULL; the ledger entry and the account balance are written together or not at all."),
-			 errhint("Raise an error in the trigger to refuse a charge instead of returning NULL.")));
+			 errdetail("A BEFORE ROW trigger returned NULL; what one call writes (a ledger entry and the account balance, a hold and its journal) is written together or not at all."),
+			 errhint("Raise an error in the trigger to refuse the call instead of returning NULL.")));
 }
 
 static ResultRelInfo *
@@ -953,7 +997,7 @@ direct_write(Datum key, DirectTable *ins, Datum *ivalues, bool *inulls,
 		ItemPointerCopy(&newslot->tts_tid, tid);
 
 		/* the row's newest version, for the next lock of it (direct_lock_row) */
-		if (!newslot->tts_isnull[upd->attnum[0] - 1])
+		if (!upd->many_per_key && !newslot->tts_isnull[upd->attnum[0] - 1])
 		{
 			RowVersion *rv = row_version_find(RelationGetRelid(urel),
 											  newslot->tts_values[upd->attnum[0] - 1],

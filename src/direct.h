@@ -2,7 +2,9 @@
  *
  * direct.h
  *	  Direct heap and index access to the two tables every charge writes
- *	  (billing.accounts and billing.entries), without the SQL executor.
+ *	  (billing.accounts and billing.entries), and to a hold's two
+ *	  (billing.holds and billing.hold_events, holds.c), without the SQL
+ *	  executor.
  *
  * A charge is: lock the account row, check that the trace id is new, insert
  * one entry, update the account.  Through SPI that is two or three planned
@@ -45,6 +47,9 @@ typedef struct DirectTable
 	int			noptional;		/* the last noptional columns may be missing
 								 * (an older schema): attnum InvalidAttrNumber,
 								 * read as NULL, not written */
+	bool		many_per_key;	/* the first column names many rows (a hold's
+								 * tenant): direct_write keeps no row version
+								 * for direct_lock_row */
 	/* per backend */
 	Oid			relid;			/* InvalidOid: resolve again */
 	AttrNumber	attnum[DIRECT_MAX_COLS];
@@ -93,6 +98,17 @@ extern void direct_reader_close(DirectReader *r);
  * inserted?  An insert in progress is waited for, as a unique index does.
  */
 extern bool direct_key_exists(DirectTable *t, Datum k1, Datum k2);
+
+/*
+ * Read the row of t whose first two columns of `index` (a unique btree index
+ * of t on text or bigint columns) equal (k1, k2), as a statement started
+ * now sees it: this transaction's earlier writes, and in READ COMMITTED a
+ * fresh snapshot (what SPI gives each statement).  Fills values/nulls (in
+ * enum order, copied into the current memory context) and, if tid is not
+ * NULL, the row's TID; returns false when there is no such row.
+ */
+extern bool direct_fetch(DirectTable *t, const char *index, Datum k1, Datum k2,
+						 Datum *values, bool *nulls, ItemPointer tid);
 
 /*
  * One write of a charge of tenant `key`, in one executor state: insert a row into `ins`

@@ -27,6 +27,7 @@
 
 #include "access/htup_details.h"
 #include "account.h"
+#include "direct.h"
 #include "ledger.h"
 #include "catalog/pg_type.h"
 #include "funcapi.h"
@@ -52,15 +53,65 @@ typedef struct Hold
 	TimestampTz expires_at;
 	text	   *api_key;		/* may be NULL */
 	Draws		shares;			/* reserved of grant buckets, not yet captured */
+	ItemPointerData tid;		/* the row version read (save_hold updates it) */
 } Hold;
 
-static SPIPlanPtr plan_probe_event = NULL;
+/*
+ * The hold and its journal are read and written by direct heap and index
+ * access (direct.h), as a charge's account and entry are: under the account
+ * lock, which every writer of a tenant's holds takes first, a probe is
+ * exact and a row read stays as it was read.  Only the replay paths (a
+ * request sent again) still ask SQL for what they compare.
+ */
+typedef enum HoldCol
+{
+	HC_TENANT_ID, HC_HOLD_ID, HC_TRACE_ID, HC_AMOUNT, HC_CAPTURED, HC_RELEASED,
+	HC_STATUS, HC_EXPIRES_AT, HC_API_KEY, HC_DESCRIPTION, HC_METADATA,
+	HC_CREATED_AT, HC_UPDATED_AT,
+	/* 1.4, optional: */
+	HC_GRANT_DRAWS,
+	HC_NCOLS
+} HoldCol;
+
+static const char *const hold_cols[HC_NCOLS] = {
+	"tenant_id", "hold_id", "trace_id", "amount_micros", "captured_micros",
+	"released_micros", "status", "expires_at", "api_key", "description",
+	"metadata", "created_at", "updated_at", "grant_draws"
+};
+
+static const Oid hold_types[HC_NCOLS] = {
+	TEXTOID, INT8OID, TEXTOID, INT8OID, INT8OID,
+	INT8OID, TEXTOID, TIMESTAMPTZOID, TEXTOID, TEXTOID,
+	JSONBOID, TIMESTAMPTZOID, TIMESTAMPTZOID, INT8ARRAYOID
+};
+
+static DirectTable holds_table = {
+	"holds", "holds_trace_key", HC_NCOLS, hold_cols, hold_types, true, 1, true
+};
+
+typedef enum JournalCol
+{
+	JC_TENANT_ID, JC_EVENT_ID, JC_HOLD_ID, JC_TRACE_ID, JC_ACTION, JC_AMOUNT,
+	JC_ENTRY_ID, JC_EXPIRES_AT, JC_FINAL, JC_CREATED_AT,
+	JC_NCOLS
+} JournalCol;
+
+static const char *const journal_cols[JC_NCOLS] = {
+	"tenant_id", "event_id", "hold_id", "trace_id", "action", "amount_micros",
+	"entry_id", "expires_at", "final", "created_at"
+};
+
+static const Oid journal_types[JC_NCOLS] = {
+	TEXTOID, INT8OID, INT8OID, TEXTOID, TEXTOID, INT8OID,
+	INT8OID, TIMESTAMPTZOID, BOOLOID, TIMESTAMPTZOID
+};
+
+static DirectTable journal_table = {
+	"hold_events", "hold_events_trace_key", JC_NCOLS, journal_cols, journal_types,
+	true, 0, true
+};
+
 static SPIPlanPtr plan_probe_entry = NULL;
-static SPIPlanPtr plan_load[2];
-static SPIPlanPtr plan_load_id[2];
-static SPIPlanPtr plan_insert_hold[2];
-static SPIPlanPtr plan_update_hold[2];
-static SPIPlanPtr plan_event = NULL;
 
 static int64
 hold_remaining(Hold *h)
@@ -105,35 +156,32 @@ get_id(FunctionCallInfo fcinfo, int argno, const char *argname, int sqlerrcode)
  * Probe the hold journal for a trace id.  Returns false when unused; when
  * used by another kind of hold operation (or another hold), raises ZB005.
  * On a match, *hold_id and *entry_id (captures) are set.
- * Columns: 1 action, 2 hold_id, 3 amount, 4 entry_id, 5 hold trace id.
  */
 static bool
 probe_event(Account *acc, text *trace_id, const char *action,
 			text *hold_trace, int64 amount, int64 *hold_id, int64 *entry_id)
 {
-	Oid			types[2] = {TEXTOID, TEXTOID};
-	Datum		values[2];
+	Datum		jv[JC_NCOLS];
+	bool		jn[JC_NCOLS];
+	Datum		hv[HC_NCOLS];
+	bool		hn[HC_NCOLS];
 	char	   *was_action;
 	char	   *was_hold;
 	int64		was_amount;
 
-	billing_keep_plan(&plan_probe_event,
-					  "SELECT e.action, e.hold_id, e.amount_micros, e.entry_id, h.trace_id "
-					  "FROM billing.hold_events e JOIN billing.holds h "
-					  "  ON h.tenant_id = e.tenant_id AND h.hold_id = e.hold_id "
-					  "WHERE e.tenant_id = $1 AND e.trace_id = $2",
-					  2, types);
-	values[0] = PointerGetDatum(acc->tenant_id);
-	values[1] = PointerGetDatum(trace_id);
-	billing_spi_exec(plan_probe_event, values, NULL, SPI_OK_SELECT, "hold journal probe");
-	if (SPI_processed == 0)
+	if (!direct_fetch(&journal_table, journal_table.key_index,
+					  PointerGetDatum(acc->tenant_id), PointerGetDatum(trace_id),
+					  jv, jn, NULL))
 		return false;
-
-	was_action = billing_col_cstring(0, 1, CurrentMemoryContext);
-	was_hold = billing_col_cstring(0, 5, CurrentMemoryContext);
-	was_amount = billing_col_int64(0, 3, 0);
-	*hold_id = billing_col_int64(0, 2, 0);
-	*entry_id = billing_col_int64(0, 4, 0);
+	was_action = TextDatumGetCString(jv[JC_ACTION]);
+	was_amount = DatumGetInt64(jv[JC_AMOUNT]);
+	*hold_id = DatumGetInt64(jv[JC_HOLD_ID]);
+	*entry_id = jn[JC_ENTRY_ID] ? 0 : DatumGetInt64(jv[JC_ENTRY_ID]);
+	/* the hold's own trace id */
+	if (!direct_fetch(&holds_table, "holds_pkey", PointerGetDatum(acc->tenant_id),
+					  Int64GetDatum(*hold_id), hv, hn, NULL))
+		elog(ERROR, "billing: hold " INT64_FORMAT " of the journal vanished", *hold_id);
+	was_hold = TextDatumGetCString(hv[HC_TRACE_ID]);
 
 	if (strcmp(was_action, action) != 0 ||
 		(hold_trace != NULL && strcmp(was_hold, text_to_cstring(hold_trace)) != 0) ||
@@ -174,88 +222,54 @@ entry_conflict(Account *acc, text *trace_id)
 			 errhint("Use a new trace id for the capture.")));
 }
 
-static void
-fill_hold(Hold *h, MemoryContext cxt)
+/*
+ * Read a hold by (tenant_id, trace id) or (tenant_id, hold_id) into *h,
+ * its strings in the account's context.  False when there is none.
+ */
+static bool
+read_hold(Account *acc, const char *index, Datum k2, Hold *h)
 {
-	bool		isnull;
-	Datum		d;
-	MemoryContext old;
+	Datum		v[HC_NCOLS];
+	bool		n[HC_NCOLS];
+	MemoryContext old = MemoryContextSwitchTo(acc->cxt);
+	bool		found = direct_fetch(&holds_table, index, PointerGetDatum(acc->tenant_id),
+									 k2, v, n, &h->tid);
 
-	h->hold_id = billing_col_int64(0, 1, 0);
-	old = MemoryContextSwitchTo(cxt);
-	h->trace_id = DatumGetTextPCopy(billing_col(0, 2, &isnull));
-	h->amount = billing_col_int64(0, 3, 0);
-	h->captured = billing_col_int64(0, 4, 0);
-	h->released = billing_col_int64(0, 5, 0);
-	h->status = billing_col_cstring(0, 6, cxt);
-	h->expires_at = DatumGetTimestampTz(billing_col(0, 7, &isnull));
-	d = billing_col(0, 8, &isnull);
-	h->api_key = isnull ? NULL : DatumGetTextPCopy(d);
-	memset(&h->shares, 0, sizeof(h->shares));
-	if (SPI_tuptable->tupdesc->natts >= 9)
+	if (found)
 	{
-		d = billing_col(0, 9, &isnull);
-		if (!isnull)
-			draws_from_datum(d, &h->shares);
+		h->hold_id = DatumGetInt64(v[HC_HOLD_ID]);
+		h->trace_id = DatumGetTextPP(v[HC_TRACE_ID]);
+		h->amount = DatumGetInt64(v[HC_AMOUNT]);
+		h->captured = DatumGetInt64(v[HC_CAPTURED]);
+		h->released = DatumGetInt64(v[HC_RELEASED]);
+		h->status = TextDatumGetCString(v[HC_STATUS]);
+		h->expires_at = DatumGetTimestampTz(v[HC_EXPIRES_AT]);
+		h->api_key = n[HC_API_KEY] ? NULL : DatumGetTextPP(v[HC_API_KEY]);
+		memset(&h->shares, 0, sizeof(h->shares));
+		if (!n[HC_GRANT_DRAWS])
+			draws_from_datum(v[HC_GRANT_DRAWS], &h->shares);
 	}
 	MemoryContextSwitchTo(old);
+	return found;
 }
-
-/*
- * The columns of a hold; since 1.4 also its shares of grant buckets.  The
- * plans come in two versions, [0] for a database still at 1.3.
- */
-#define HOLD_COLUMNS "hold_id, trace_id, amount_micros, captured_micros, " \
-	"released_micros, status, expires_at, api_key"
-#define HOLD_COLUMNS_14 HOLD_COLUMNS ", grant_draws"
 
 /* the hold named by its trace id, or ZB030 */
 static void
 load_hold(Account *acc, text *hold_trace, Hold *h)
 {
-	Oid			types[2] = {TEXTOID, TEXTOID};
-	Datum		values[2];
-
-	int			v = acc->grants_supported;
-
-	billing_keep_plan(&plan_load[v],
-					  v ? "SELECT " HOLD_COLUMNS_14 " FROM billing.holds "
-					  "WHERE tenant_id = $1 AND trace_id = $2" :
-					  "SELECT " HOLD_COLUMNS " FROM billing.holds "
-					  "WHERE tenant_id = $1 AND trace_id = $2",
-					  2, types);
-	values[0] = PointerGetDatum(acc->tenant_id);
-	values[1] = PointerGetDatum(hold_trace);
-	billing_spi_exec(plan_load[v], values, NULL, SPI_OK_SELECT, "loading the hold");
-	if (SPI_processed == 0)
+	if (!read_hold(acc, holds_table.key_index, PointerGetDatum(hold_trace), h))
 		ereport(ERROR,
 				(errcode(ERRCODE_BILLING_HOLD_NOT_FOUND),
 				 errmsg("hold \"%s\" does not exist for account \"%s\"",
 						text_to_cstring(hold_trace), acc->tenant),
 				 errhint("Pass the trace id that billing_hold() was called with.")));
-	fill_hold(h, acc->cxt);
 }
 
 static void
 load_hold_by_id(Account *acc, int64 hold_id, Hold *h)
 {
-	Oid			types[2] = {TEXTOID, INT8OID};
-	Datum		values[2];
-
-	int			v = acc->grants_supported;
-
-	billing_keep_plan(&plan_load_id[v],
-					  v ? "SELECT " HOLD_COLUMNS_14 " FROM billing.holds "
-					  "WHERE tenant_id = $1 AND hold_id = $2" :
-					  "SELECT " HOLD_COLUMNS " FROM billing.holds "
-					  "WHERE tenant_id = $1 AND hold_id = $2",
-					  2, types);
-	values[0] = PointerGetDatum(acc->tenant_id);
-	values[1] = Int64GetDatum(hold_id);
-	billing_spi_exec(plan_load_id[v], values, NULL, SPI_OK_SELECT, "loading the hold");
-	if (SPI_processed != 1)
+	if (!read_hold(acc, "holds_pkey", Int64GetDatum(hold_id), h))
 		elog(ERROR, "billing: hold " INT64_FORMAT " vanished", hold_id);
-	fill_hold(h, acc->cxt);
 }
 
 /* a hold that is no longer open: ZB031 when expired, ZB032 when settled */
@@ -282,33 +296,27 @@ raise_not_open(Account *acc, Hold *h, const char *what)
 			 errhint("A settled hold cannot be %s; create a new hold.", what)));
 }
 
+/* write the hold's changed columns (its row as read by load_hold) */
 static void
 save_hold(Account *acc, Hold *h)
 {
-	Oid			types[8] = {TEXTOID, INT8OID, INT8OID, INT8OID, TEXTOID,
-	TIMESTAMPTZOID, TIMESTAMPTZOID, INT8ARRAYOID};
-	Datum		values[8];
-	char		nulls[8] = {' ', ' ', ' ', ' ', ' ', ' ', ' ', ' '};
-	int			v = acc->grants_supported;
+	Datum		values[HC_NCOLS];
+	bool		nulls[HC_NCOLS] = {0};
+	bool		set[HC_NCOLS] = {0};
 
-	billing_keep_plan(&plan_update_hold[v],
-					  v ? "UPDATE billing.holds SET captured_micros = $3, released_micros = $4, "
-					  "  status = $5, expires_at = $6, updated_at = $7, grant_draws = $8 "
-					  "WHERE tenant_id = $1 AND hold_id = $2" :
-					  "UPDATE billing.holds SET captured_micros = $3, released_micros = $4, "
-					  "  status = $5, expires_at = $6, updated_at = $7 "
-					  "WHERE tenant_id = $1 AND hold_id = $2",
-					  v ? 8 : 7, types);
-	values[0] = PointerGetDatum(acc->tenant_id);
-	values[1] = Int64GetDatum(h->hold_id);
-	values[2] = Int64GetDatum(h->captured);
-	values[3] = Int64GetDatum(h->released);
-	values[4] = CStringGetTextDatum(h->status);
-	values[5] = TimestampTzGetDatum(h->expires_at);
-	values[6] = TimestampTzGetDatum(acc->now);
-	nulls[7] = h->shares.n == 0 ? 'n' : ' ';
-	values[7] = h->shares.n == 0 ? (Datum) 0 : draws_datum(&h->shares);
-	billing_spi_exec(plan_update_hold[v], values, nulls, SPI_OK_UPDATE, "updating the hold");
+	values[HC_CAPTURED] = Int64GetDatum(h->captured);
+	values[HC_RELEASED] = Int64GetDatum(h->released);
+	values[HC_STATUS] = CStringGetTextDatum(h->status);
+	values[HC_EXPIRES_AT] = TimestampTzGetDatum(h->expires_at);
+	values[HC_UPDATED_AT] = TimestampTzGetDatum(acc->now);
+	nulls[HC_GRANT_DRAWS] = h->shares.n == 0;
+	values[HC_GRANT_DRAWS] = h->shares.n == 0 ? (Datum) 0 : draws_datum(&h->shares);
+	set[HC_CAPTURED] = set[HC_RELEASED] = set[HC_STATUS] = true;
+	set[HC_EXPIRES_AT] = set[HC_UPDATED_AT] = true;
+	/* a database still at 1.3 has no grant_draws (direct_write skips it) */
+	set[HC_GRANT_DRAWS] = true;
+	direct_write(PointerGetDatum(acc->tenant_id), NULL, NULL, NULL,
+				 &holds_table, &h->tid, values, nulls, set);
 }
 
 /*
@@ -363,37 +371,37 @@ static void
 journal(Account *acc, Hold *h, text *trace_id, const char *action,
 		int64 amount, int64 entry_id, bool final)
 {
-	Oid			types[9] = {TEXTOID, INT8OID, TEXTOID, TEXTOID, INT8OID, INT8OID,
-	TIMESTAMPTZOID, TIMESTAMPTZOID, BOOLOID};
-	Datum		values[9];
-	char		nulls[9];
+	Datum		values[JC_NCOLS];
+	bool		nulls[JC_NCOLS] = {0};
 
-	billing_keep_plan(&plan_event,
-					  "INSERT INTO billing.hold_events (tenant_id, hold_id, trace_id, "
-					  "  action, amount_micros, entry_id, expires_at, created_at, final) "
-					  "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) "
-					  "ON CONFLICT (tenant_id, trace_id) DO NOTHING",
-					  9, types);
-	memset(nulls, ' ', sizeof(nulls));
-	values[0] = PointerGetDatum(acc->tenant_id);
-	values[1] = Int64GetDatum(h->hold_id);
-	values[2] = PointerGetDatum(trace_id);
-	nulls[2] = trace_id ? ' ' : 'n';
-	values[3] = CStringGetTextDatum(action);
-	values[4] = Int64GetDatum(amount);
-	values[5] = Int64GetDatum(entry_id);
-	nulls[5] = entry_id ? ' ' : 'n';
-	values[6] = TimestampTzGetDatum(h->expires_at);
-	values[7] = TimestampTzGetDatum(acc->now);
-	values[8] = BoolGetDatum(final);
-	billing_spi_exec(plan_event, values, nulls, SPI_OK_INSERT, "journalling the hold");
-	/* see record_rejection() in ledger.c: REPEATABLE READ and up only */
-	if (SPI_processed != 1)
+	/*
+	 * Under the account lock the probe before was exact in READ COMMITTED;
+	 * under a transaction snapshot, an operation committed since that
+	 * snapshot may have taken the trace id (as record_rejection() in
+	 * ledger.c: REPEATABLE READ and up only).
+	 */
+	if (trace_id != NULL &&
+		direct_key_exists(&journal_table, PointerGetDatum(acc->tenant_id),
+						  PointerGetDatum(trace_id)))
 		ereport(ERROR,
 				(errcode(ERRCODE_T_R_SERIALIZATION_FAILURE),
 				 errmsg("could not serialize access due to a concurrent hold operation with trace id \"%s\"",
 						text_to_cstring(trace_id)),
 				 errhint("Retry the transaction; the retry returns the recorded outcome.")));
+	values[JC_TENANT_ID] = PointerGetDatum(acc->tenant_id);
+	values[JC_EVENT_ID] = Int64GetDatum(direct_nextval("hold_event_id_seq"));
+	values[JC_HOLD_ID] = Int64GetDatum(h->hold_id);
+	values[JC_TRACE_ID] = PointerGetDatum(trace_id);
+	nulls[JC_TRACE_ID] = trace_id == NULL;
+	values[JC_ACTION] = CStringGetTextDatum(action);
+	values[JC_AMOUNT] = Int64GetDatum(amount);
+	values[JC_ENTRY_ID] = Int64GetDatum(entry_id);
+	nulls[JC_ENTRY_ID] = entry_id == 0;
+	values[JC_EXPIRES_AT] = TimestampTzGetDatum(h->expires_at);
+	values[JC_FINAL] = BoolGetDatum(final);
+	values[JC_CREATED_AT] = TimestampTzGetDatum(acc->now);
+	direct_write(PointerGetDatum(acc->tenant_id), &journal_table, values, nulls,
+				 NULL, NULL, NULL, NULL, NULL);
 }
 
 /* ZB005 for a replayed trace id whose request differs in `fields` */
@@ -614,38 +622,29 @@ billing_hold(PG_FUNCTION_ARGS)
 	h.expires_at = acc.now + expires_in;
 	h.api_key = api_key;
 	{
-		Oid			types[10] = {TEXTOID, TEXTOID, INT8OID, TIMESTAMPTZOID, TEXTOID,
-		TEXTOID, JSONBOID, TIMESTAMPTZOID, TIMESTAMPTZOID, INT8ARRAYOID};
-		Datum		values[10];
-		char		nulls[10];
-		int			v = acc.grants_supported;
+		Datum		values[HC_NCOLS];
+		bool		nulls[HC_NCOLS] = {0};
 
-		billing_keep_plan(&plan_insert_hold[v],
-						  v ? "INSERT INTO billing.holds (tenant_id, trace_id, amount_micros, "
-						  "  expires_at, api_key, description, metadata, created_at, updated_at, "
-						  "  grant_draws) "
-						  "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) RETURNING hold_id" :
-						  "INSERT INTO billing.holds (tenant_id, trace_id, amount_micros, "
-						  "  expires_at, api_key, description, metadata, created_at, updated_at) "
-						  "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) RETURNING hold_id",
-						  v ? 10 : 9, types);
-		memset(nulls, ' ', sizeof(nulls));
-		values[0] = PointerGetDatum(tenant_id);
-		values[1] = PointerGetDatum(trace_id);
-		values[2] = Int64GetDatum(amount);
-		values[3] = TimestampTzGetDatum(h.expires_at);
-		values[4] = PointerGetDatum(api_key);
-		nulls[4] = api_key ? ' ' : 'n';
-		values[5] = PointerGetDatum(description);
-		nulls[5] = description ? ' ' : 'n';
-		values[6] = JsonbPGetDatum(metadata);
-		values[7] = TimestampTzGetDatum(acc.now);
-		values[8] = TimestampTzGetDatum(acc.now);
-		nulls[9] = h.shares.n == 0 ? 'n' : ' ';
-		values[9] = h.shares.n == 0 ? (Datum) 0 : draws_datum(&h.shares);
-		billing_spi_exec(plan_insert_hold[v], values, nulls, SPI_OK_INSERT_RETURNING,
-						 "inserting the hold");
-		h.hold_id = billing_col_int64(0, 1, 0);
+		h.hold_id = direct_nextval("hold_id_seq");
+		values[HC_TENANT_ID] = PointerGetDatum(tenant_id);
+		values[HC_HOLD_ID] = Int64GetDatum(h.hold_id);
+		values[HC_TRACE_ID] = PointerGetDatum(trace_id);
+		values[HC_AMOUNT] = Int64GetDatum(amount);
+		values[HC_CAPTURED] = Int64GetDatum(0);
+		values[HC_RELEASED] = Int64GetDatum(0);
+		values[HC_STATUS] = CStringGetTextDatum(h.status);
+		values[HC_EXPIRES_AT] = TimestampTzGetDatum(h.expires_at);
+		values[HC_API_KEY] = PointerGetDatum(api_key);
+		nulls[HC_API_KEY] = api_key == NULL;
+		values[HC_DESCRIPTION] = PointerGetDatum(description);
+		nulls[HC_DESCRIPTION] = description == NULL;
+		values[HC_METADATA] = JsonbPGetDatum(metadata);
+		values[HC_CREATED_AT] = TimestampTzGetDatum(acc.now);
+		values[HC_UPDATED_AT] = TimestampTzGetDatum(acc.now);
+		nulls[HC_GRANT_DRAWS] = h.shares.n == 0;
+		values[HC_GRANT_DRAWS] = h.shares.n == 0 ? (Datum) 0 : draws_datum(&h.shares);
+		direct_write(PointerGetDatum(tenant_id), &holds_table, values, nulls,
+					 NULL, NULL, NULL, NULL, NULL);
 	}
 	journal(&acc, &h, trace_id, "hold", amount, 0, false);
 
@@ -764,6 +763,10 @@ billing_capture(PG_FUNCTION_ARGS)
 		entry_id = billing_post_entry(&acc, &e);
 		if (entry_id == 0)
 			entry_conflict(&acc, trace_id);
+		/* the entry as written (a grant expiry below may add entries) */
+		values[4] = NumericGetDatum(billing_micros_to_numeric(e.amount));
+		values[5] = NumericGetDatum(billing_micros_to_numeric(acc.balance));
+		values[9] = TimestampTzGetDatum(acc.now);
 		save_hold(&acc, &h);
 		journal(&acc, &h, trace_id, "capture", amount, entry_id, final);
 		if (rest > 0)
@@ -772,7 +775,8 @@ billing_capture(PG_FUNCTION_ARGS)
 		account_key_save(&acc, &key);
 	}
 
-	/* the entry as recorded (on a replay: the original one) */
+	/* a replay: the entry as the original capture recorded it */
+	if (replayed)
 	{
 		Oid			types[2] = {TEXTOID, INT8OID};
 		static SPIPlanPtr plan_entry = NULL;
