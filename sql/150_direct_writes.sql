@@ -217,6 +217,27 @@ RESET enable_seqscan;
 RESET enable_bitmapscan;
 SELECT * FROM billing_verify('dw-h');
 
+-- A CHECK constraint a DBA adds is enforced on every direct write (23514,
+-- nothing written), and a changed or dropped one takes effect at once
+-- (the planned constraints are kept per backend until the table changes).
+-- NOT VALID: the rows already there are not checked, new ones are.  Only
+-- the first line of each error is shown (its DETAIL names the whole row).
+ALTER TABLE billing.entries ADD CONSTRAINT dw_max_debit CHECK (amount_micros >= -5000000) NOT VALID;
+SELECT split_part(regress_error($$SELECT billing_deduct('dw-h', 6, 'dw-h-big')$$), E'\n', 1) AS error;
+SELECT amount FROM billing_deduct('dw-h', 2, 'dw-h-small');
+ALTER TABLE billing.entries DROP CONSTRAINT dw_max_debit;
+ALTER TABLE billing.entries ADD CONSTRAINT dw_max_debit CHECK (amount_micros >= -1000000) NOT VALID;
+SELECT split_part(regress_error($$SELECT billing_deduct('dw-h', 2, 'dw-h-small-2')$$), E'\n', 1) AS error;
+ALTER TABLE billing.entries DROP CONSTRAINT dw_max_debit;
+SELECT amount FROM billing_deduct('dw-h', 2, 'dw-h-small-2');
+ALTER TABLE billing.holds ADD CONSTRAINT dw_max_hold CHECK (amount_micros <= 50000000) NOT VALID;
+SELECT split_part(regress_error($$SELECT billing_hold('dw-h', 51, 'dw-h-big')$$), E'\n', 1) AS error;
+SELECT status FROM billing_hold('dw-h', 50, 'dw-h-50');
+ALTER TABLE billing.holds DROP CONSTRAINT dw_max_hold;
+SELECT (SELECT count(*) FROM billing.entries WHERE trace_id = 'dw-h-big') AS big_entries,
+       (SELECT count(*) FROM billing.entries WHERE trace_id = 'dw-h-small-2') AS small_2_entries,
+       (SELECT count(*) FROM billing.holds WHERE trace_id = 'dw-h-big') AS big_holds;
+
 -- A column added to billing.holds by hand: a hold is refused (55000)
 -- rather than leaving it NULL.
 BEGIN;

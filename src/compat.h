@@ -18,8 +18,13 @@
 #include "executor/executor.h"
 #include "nodes/parsenodes.h"
 #include "utils/acl.h"
+#include "nodes/readfuncs.h"
+#include "utils/rel.h"
 #if PG_VERSION_NUM >= 160000
 #include "parser/parse_relation.h"
+#endif
+#if PG_VERSION_NUM >= 180000
+#include "rewrite/rewriteHandler.h"
 #endif
 
 #if PG_VERSION_NUM < 150000
@@ -131,5 +136,36 @@ billing_namespace_aclcheck(Oid nsp, Oid role, AclMode mode)
 #define BILLING_PINNED_BY_VERSION \
 	{"force_parallel_mode", "off"},
 #endif
+
+/*
+ * A result relation's CHECK constraints as ExecRelCheck() prepares them
+ * (direct.c keeps them planned).  18 renamed ri_ConstraintExprs to
+ * ri_CheckConstraintExprs, skips a NOT ENFORCED constraint and expands
+ * virtual generated columns in the expression before planning it.
+ */
+static inline ExprState ***
+billing_rri_check_exprs(ResultRelInfo *rri)
+{
+#if PG_VERSION_NUM >= 180000
+	return &rri->ri_CheckConstraintExprs;
+#else
+	return &rri->ri_ConstraintExprs;
+#endif
+}
+
+/* constraint i of rel, not yet planned; NULL when the executor skips it */
+static inline Expr *
+billing_check_expr(Relation rel, int i)
+{
+	ConstrCheck *check = &rel->rd_att->constr->check[i];
+
+#if PG_VERSION_NUM >= 180000
+	if (!check->ccenforced)
+		return NULL;
+	return (Expr *) expand_generated_columns_in_expr(stringToNode(check->ccbin), rel, 1);
+#else
+	return (Expr *) stringToNode(check->ccbin);
+#endif
+}
 
 #endif							/* BILLING_COMPAT_H */

@@ -35,6 +35,7 @@
 #include "commands/trigger.h"
 #include "rewrite/prs2lock.h"
 #include "nodes/makefuncs.h"
+#include "optimizer/optimizer.h"
 #include "storage/lmgr.h"
 #include "utils/builtins.h"
 #include "utils/datum.h"
@@ -80,10 +81,45 @@ oid_cache_reset(Datum arg, int cacheid, uint32 hashvalue)
 	ncached_relids = 0;
 }
 
+/*
+ * The CHECK constraints of the relations written here, planned once.  The
+ * executor prepares a result relation's CHECK constraints when it first
+ * checks a row: it reads each expression from its catalog string
+ * (stringToNode) and plans it (expression_planner).  A direct write makes a
+ * new ResultRelInfo for every call, so that was done again for every hold
+ * and journal row (about 7 % of a hold -> capture pair's CPU: the reason
+ * billing.accounts and billing.entries have no CHECK constraints).  The
+ * planned expressions are kept per relation until a relcache invalidation
+ * of it; each write initializes copies of them in its own EState, as
+ * ExecRelCheck() would (see prepare_checks).
+ */
+typedef struct CheckCache
+{
+	Oid			relid;
+	int			ncheck;
+	MemoryContext cxt;			/* a child of CacheMemoryContext */
+	Expr	  **exprs;			/* planned; NULL where the executor skips one */
+} CheckCache;
+
+#define MAX_CHECK_CACHE 16
+static CheckCache check_cache[MAX_CHECK_CACHE];
+static int	ncheck_cache = 0;
+
+static void
+check_cache_forget(int i)
+{
+	/* nothing points into it: every write works on copies */
+	MemoryContextDelete(check_cache[i].cxt);
+	check_cache[i] = check_cache[--ncheck_cache];
+}
+
 /* a relcache invalidation: resolve the column numbers again next time */
 static void
 direct_relcache_callback(Datum arg, Oid relid)
 {
+	for (int i = ncheck_cache - 1; i >= 0; i--)
+		if (relid == InvalidOid || check_cache[i].relid == relid)
+			check_cache_forget(i);
 	for (int i = 0; i < nknown; i++)
 		if (relid == InvalidOid || known[i]->relid == relid)
 			known[i]->relid = InvalidOid;
@@ -867,6 +903,77 @@ skipped_by_trigger(Relation rel)
 			 errhint("Raise an error in the trigger to refuse the call instead of returning NULL.")));
 }
 
+/*
+ * Give rri its CHECK constraints ready to run, from the planned ones kept
+ * for its relation (planned now if there are none), so that
+ * ExecConstraints() does not read and plan them again.  What ExecRelCheck()
+ * would build itself, built the same way (compat.h), in the EState's query
+ * memory.
+ */
+static void
+prepare_checks(ResultRelInfo *rri, EState *estate)
+{
+	Relation	rel = rri->ri_RelationDesc;
+	TupleConstr *constr = rel->rd_att->constr;
+	CheckCache *cc = NULL;
+	ExprState **states;
+	MemoryContext old;
+
+	/* none, or a catalog out of step: ExecRelCheck() raises its own error */
+	if (constr == NULL || constr->num_check == 0 ||
+		constr->num_check != rel->rd_rel->relchecks)
+		return;
+	for (int i = 0; i < ncheck_cache; i++)
+		if (check_cache[i].relid == RelationGetRelid(rel))
+		{
+			cc = &check_cache[i];
+			break;
+		}
+	if (cc != NULL && cc->ncheck != constr->num_check)
+	{
+		/* changed without an invalidation we saw: cannot be, but plan again */
+		check_cache_forget(cc - check_cache);
+		cc = NULL;
+	}
+	if (cc == NULL)
+	{
+		int			ncheck = constr->num_check;
+		MemoryContext cxt = AllocSetContextCreate(CurrentMemoryContext,
+												  "billing CHECK constraints",
+												  ALLOCSET_SMALL_SIZES);
+		Expr	  **exprs;
+
+		/*
+		 * Built aside, kept only when complete: planning may process
+		 * invalidations (and an error leaves nothing half-made behind)
+		 */
+		old = MemoryContextSwitchTo(cxt);
+		exprs = palloc0(sizeof(Expr *) * ncheck);
+		for (int i = 0; i < ncheck; i++)
+			exprs[i] = billing_check_expr(rel, i);
+		for (int i = 0; i < ncheck; i++)
+			if (exprs[i] != NULL)
+				exprs[i] = expression_planner(exprs[i]);
+		MemoryContextSwitchTo(old);
+		if (ncheck_cache == MAX_CHECK_CACHE)
+			check_cache_forget(0);
+		MemoryContextSetParent(cxt, CacheMemoryContext);
+		cc = &check_cache[ncheck_cache++];
+		cc->relid = RelationGetRelid(rel);
+		cc->ncheck = ncheck;
+		cc->cxt = cxt;
+		cc->exprs = exprs;
+	}
+
+	old = MemoryContextSwitchTo(estate->es_query_cxt);
+	states = palloc0(sizeof(ExprState *) * cc->ncheck);
+	for (int i = 0; i < cc->ncheck; i++)
+		if (cc->exprs[i] != NULL)
+			states[i] = ExecInitExpr(copyObject(cc->exprs[i]), NULL);
+	MemoryContextSwitchTo(old);
+	*billing_rri_check_exprs(rri) = states;
+}
+
 static ResultRelInfo *
 result_rel(EState *estate, Relation rel, Index rti)
 {
@@ -874,6 +981,7 @@ result_rel(EState *estate, Relation rel, Index rti)
 
 	InitResultRelInfo(rri, rel, rti, NULL, 0);
 	ExecOpenIndices(rri, false);
+	prepare_checks(rri, estate);
 	/* where ExecGetTriggerResultRel() looks for it (after-row triggers) */
 	estate->es_opened_result_relations =
 		lappend(estate->es_opened_result_relations, rri);
