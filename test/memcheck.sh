@@ -334,7 +334,11 @@ awk -v srcre="/src/($srcre)\\.c:[0-9]+" -v report="$report" '
 			total++
 			# errors inside postgres connecting the worker (it writes the
 			# relcache init file with uninitialised padding) are postgres
-			# noise: billing only appears as the caller of its startup
+			# noise: billing only appears as the caller of its startup.
+			# So are errors under a utility statement whose only billing
+			# frame is our ProcessUtility hook handing it on to
+			# standard_ProcessUtility (postgres writes WAL with padding
+			# of its own at COMMIT PREPARED and after a DROP): see below.
 			if (ours && !pginit) {
 				attributed++
 				sig = kind " @ " first
@@ -355,10 +359,12 @@ awk -v srcre="/src/($srcre)\\.c:[0-9]+" -v report="$report" '
 		blk = blk "    " body "\n"
 		if (body ~ /^ +(at|by) 0x/) frames++
 		if (index(body, "BackgroundWorkerInitializeConnection") && !ours) pginit = 1
-		if (index(body, "billing.so") || body ~ srcre) {
+		if ((index(body, "billing.so") || body ~ srcre) &&
+			!(body ~ /engine_process_utility/ && prev ~ /standard_ProcessUtility/)) {
 			if (!ours) { first = body; sub(/^ +(at|by) 0x[0-9A-Fa-f]+: /, "", first) }
 			ours = 1
 		}
+		prev = body
 		if (body ~ /^Process terminating/) killed = killed FILENAME ": " body "\n"
 	}
 	END {
