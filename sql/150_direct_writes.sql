@@ -230,6 +230,15 @@ ALTER TABLE billing.entries ADD CONSTRAINT dw_max_debit CHECK (amount_micros >= 
 SELECT split_part(regress_error($$SELECT billing_deduct('dw-h', 2, 'dw-h-small-2')$$), E'\n', 1) AS error;
 ALTER TABLE billing.entries DROP CONSTRAINT dw_max_debit;
 SELECT amount FROM billing_deduct('dw-h', 2, 'dw-h-small-2');
+-- A constraint calling a function: planning folds the function's body
+-- into the constraint, so replacing the function plans it again.
+CREATE FUNCTION dw_max_debit() RETURNS bigint LANGUAGE sql IMMUTABLE AS 'SELECT 5000000::bigint';
+ALTER TABLE billing.entries ADD CONSTRAINT dw_max_debit CHECK (amount_micros >= -dw_max_debit()) NOT VALID;
+SELECT amount FROM billing_deduct('dw-h', 2, 'dw-h-fn-1');
+CREATE OR REPLACE FUNCTION dw_max_debit() RETURNS bigint LANGUAGE sql IMMUTABLE AS 'SELECT 1000000::bigint';
+SELECT split_part(regress_error($$SELECT billing_deduct('dw-h', 2, 'dw-h-fn-2')$$), E'\n', 1) AS error;
+ALTER TABLE billing.entries DROP CONSTRAINT dw_max_debit;
+DROP FUNCTION dw_max_debit();
 ALTER TABLE billing.holds ADD CONSTRAINT dw_max_hold CHECK (amount_micros <= 50000000) NOT VALID;
 SELECT split_part(regress_error($$SELECT billing_hold('dw-h', 51, 'dw-h-big')$$), E'\n', 1) AS error;
 SELECT status FROM billing_hold('dw-h', 50, 'dw-h-50');

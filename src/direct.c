@@ -114,6 +114,17 @@ check_cache_forget(int i)
 	check_cache[i] = check_cache[--ncheck_cache];
 }
 
+/*
+ * A function changed: planning inlines SQL functions and folds immutable
+ * ones, so a planned constraint may hold its old body.  Plan them all again.
+ */
+static void
+check_cache_proc_callback(Datum arg, int cacheid, uint32 hashvalue)
+{
+	while (ncheck_cache > 0)
+		check_cache_forget(ncheck_cache - 1);
+}
+
 /* a relcache invalidation: resolve the column numbers again next time */
 static void
 direct_relcache_callback(Datum arg, Oid relid)
@@ -145,6 +156,7 @@ register_callbacks(void)
 		CacheRegisterSyscacheCallback(NAMESPACEOID, oid_cache_reset, (Datum) 0);
 		CacheRegisterSyscacheCallback(NAMESPACENAME, oid_cache_reset, (Datum) 0);
 		CacheRegisterSyscacheCallback(RELNAMENSP, oid_cache_reset, (Datum) 0);
+		CacheRegisterSyscacheCallback(PROCOID, check_cache_proc_callback, (Datum) 0);
 		oid_callbacks_registered = true;
 	}
 }
@@ -918,6 +930,8 @@ prepare_checks(ResultRelInfo *rri, EState *estate)
 	TupleConstr *constr = rel->rd_att->constr;
 	CheckCache *cc = NULL;
 	ExprState **states;
+	Expr	  **copies;
+	int			ncheck;
 	MemoryContext old;
 
 	/* none, or a catalog out of step: ExecRelCheck() raises its own error */
@@ -938,11 +952,12 @@ prepare_checks(ResultRelInfo *rri, EState *estate)
 	}
 	if (cc == NULL)
 	{
-		int			ncheck = constr->num_check;
 		MemoryContext cxt = AllocSetContextCreate(CurrentMemoryContext,
 												  "billing CHECK constraints",
 												  ALLOCSET_SMALL_SIZES);
 		Expr	  **exprs;
+
+		ncheck = constr->num_check;
 
 		/*
 		 * Built aside, kept only when complete: planning may process
@@ -966,11 +981,20 @@ prepare_checks(ResultRelInfo *rri, EState *estate)
 		cc->exprs = exprs;
 	}
 
+	/*
+	 * Copies first: initializing one may look up a function, process
+	 * invalidations and drop the cache entry
+	 */
 	old = MemoryContextSwitchTo(estate->es_query_cxt);
-	states = palloc0(sizeof(ExprState *) * cc->ncheck);
-	for (int i = 0; i < cc->ncheck; i++)
+	ncheck = cc->ncheck;
+	copies = palloc0(sizeof(Expr *) * ncheck);
+	for (int i = 0; i < ncheck; i++)
 		if (cc->exprs[i] != NULL)
-			states[i] = ExecInitExpr(copyObject(cc->exprs[i]), NULL);
+			copies[i] = copyObject(cc->exprs[i]);
+	states = palloc0(sizeof(ExprState *) * ncheck);
+	for (int i = 0; i < ncheck; i++)
+		if (copies[i] != NULL)
+			states[i] = ExecInitExpr(copies[i], NULL);
 	MemoryContextSwitchTo(old);
 	*billing_rri_check_exprs(rri) = states;
 }
@@ -987,9 +1011,12 @@ prepare_checks(ResultRelInfo *rri, EState *estate)
  * times paid O(n) each time the row moved to another page, O(n^2) in all
  * (100,000 credits in one statement: 5.5 s).  So such indexes are withheld
  * from the executor's index maintenance for this one update and given their
- * entry here, unchecked, when the update was not HOT.  Only plain unique
- * indexes (no expression, predicate or exclusion operator), and only when
- * no BEFORE UPDATE row trigger could change the columns after us.
+ * entry here, unchecked, when the update was not HOT.  Only valid plain
+ * unique indexes checked at once (no expression, predicate or exclusion
+ * operator; not deferrable: a deferred check is queued by the executor; not
+ * one being built or rebuilt concurrently), and only when nothing but the
+ * columns we set can change: no BEFORE UPDATE row trigger, no stored
+ * generated column.
  */
 #define MAX_WITHHELD 4
 
@@ -1005,8 +1032,8 @@ typedef struct Withheld
 } Withheld;
 
 static void
-withhold_unchanged_unique(ResultRelInfo *rri, DirectTable *t, const bool *uset,
-						  Withheld *w)
+withhold_unchanged_unique(ResultRelInfo *rri, EState *estate, DirectTable *t,
+						  const bool *uset, Withheld *w)
 {
 	Relation	rel = rri->ri_RelationDesc;
 	Bitmapset  *changed = NULL;
@@ -1017,21 +1044,25 @@ withhold_unchanged_unique(ResultRelInfo *rri, DirectTable *t, const bool *uset,
 	w->descs = rri->ri_IndexRelationDescs;
 	w->infos = rri->ri_IndexRelationInfo;
 	if (rri->ri_NumIndices == 0 ||
-		(rel->trigdesc && rel->trigdesc->trig_update_before_row))
+		(rel->trigdesc && rel->trigdesc->trig_update_before_row) ||
+		(rel->rd_att->constr && rel->rd_att->constr->has_generated_stored))
 		return;
 	for (int c = 0; c < t->ncols; c++)
 		if (uset[c] && t->attnum[c] != InvalidAttrNumber)
 			changed = bms_add_member(changed, t->attnum[c]);
-	rri->ri_IndexRelationDescs = palloc(sizeof(Relation) * w->num);
-	rri->ri_IndexRelationInfo = palloc(sizeof(IndexInfo *) * w->num);
+	rri->ri_IndexRelationDescs = MemoryContextAlloc(estate->es_query_cxt,
+													sizeof(Relation) * w->num);
+	rri->ri_IndexRelationInfo = MemoryContextAlloc(estate->es_query_cxt,
+												   sizeof(IndexInfo *) * w->num);
 	for (int i = 0; i < w->num; i++)
 	{
 		Relation	index = w->descs[i];
 		IndexInfo  *ii = w->infos[i];
 		bool		unchanged = index != NULL && ii != NULL &&
-			index->rd_index->indisunique && ii->ii_Expressions == NIL &&
-			ii->ii_Predicate == NIL && ii->ii_ExclusionOps == NULL &&
-			w->n < MAX_WITHHELD;
+			index->rd_index->indisunique && index->rd_index->indimmediate &&
+			index->rd_index->indisvalid && ii->ii_ReadyForInserts &&
+			ii->ii_Expressions == NIL && ii->ii_Predicate == NIL &&
+			ii->ii_ExclusionOps == NULL && w->n < MAX_WITHHELD;
 
 		for (int k = 0; unchanged && k < ii->ii_NumIndexAttrs; k++)
 			if (ii->ii_IndexAttrNumbers[k] <= 0 ||
@@ -1218,7 +1249,7 @@ direct_write(Datum key, DirectTable *ins, Datum *ivalues, bool *inulls,
 		ExecStoreVirtualTuple(newslot);
 		ItemPointerSetInvalid(&newslot->tts_tid);
 		billing_epq_init(&epq, estate);
-		withhold_unchanged_unique(urri, upd, uset, &withheld);
+		withhold_unchanged_unique(urri, estate, upd, uset, &withheld);
 		ExecSimpleRelationUpdate(urri, estate, &epq, oldslot, newslot);
 		insert_withheld(urri, estate, newslot, &withheld);
 		EvalPlanQualEnd(&epq);

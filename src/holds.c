@@ -231,26 +231,26 @@ read_hold(Account *acc, const char *index, Datum k2, Hold *h)
 {
 	Datum		v[HC_NCOLS];
 	bool		n[HC_NCOLS];
-	MemoryContext old = MemoryContextSwitchTo(acc->cxt);
-	bool		found = direct_fetch(&holds_table, index, PointerGetDatum(acc->tenant_id),
-									 k2, v, n, &h->tid);
+	MemoryContext old;
 
-	if (found)
-	{
-		h->hold_id = DatumGetInt64(v[HC_HOLD_ID]);
-		h->trace_id = DatumGetTextPP(v[HC_TRACE_ID]);
-		h->amount = DatumGetInt64(v[HC_AMOUNT]);
-		h->captured = DatumGetInt64(v[HC_CAPTURED]);
-		h->released = DatumGetInt64(v[HC_RELEASED]);
-		h->status = TextDatumGetCString(v[HC_STATUS]);
-		h->expires_at = DatumGetTimestampTz(v[HC_EXPIRES_AT]);
-		h->api_key = n[HC_API_KEY] ? NULL : DatumGetTextPP(v[HC_API_KEY]);
-		memset(&h->shares, 0, sizeof(h->shares));
-		if (!n[HC_GRANT_DRAWS])
-			draws_from_datum(v[HC_GRANT_DRAWS], &h->shares);
-	}
+	/* read in the call's (SPI) memory; keep only what the hold needs */
+	if (!direct_fetch(&holds_table, index, PointerGetDatum(acc->tenant_id),
+					  k2, v, n, &h->tid))
+		return false;
+	old = MemoryContextSwitchTo(acc->cxt);
+	h->hold_id = DatumGetInt64(v[HC_HOLD_ID]);
+	h->trace_id = DatumGetTextPCopy(v[HC_TRACE_ID]);
+	h->amount = DatumGetInt64(v[HC_AMOUNT]);
+	h->captured = DatumGetInt64(v[HC_CAPTURED]);
+	h->released = DatumGetInt64(v[HC_RELEASED]);
+	h->status = TextDatumGetCString(v[HC_STATUS]);
+	h->expires_at = DatumGetTimestampTz(v[HC_EXPIRES_AT]);
+	h->api_key = n[HC_API_KEY] ? NULL : DatumGetTextPCopy(v[HC_API_KEY]);
+	memset(&h->shares, 0, sizeof(h->shares));
+	if (!n[HC_GRANT_DRAWS])
+		draws_from_datum(v[HC_GRANT_DRAWS], &h->shares);
 	MemoryContextSwitchTo(old);
-	return found;
+	return true;
 }
 
 /* the hold named by its trace id, or ZB030 */
@@ -763,7 +763,11 @@ billing_capture(PG_FUNCTION_ARGS)
 		entry_id = billing_post_entry(&acc, &e);
 		if (entry_id == 0)
 			entry_conflict(&acc, trace_id);
-		/* the entry as written (a grant expiry below may add entries) */
+		/*
+		 * The entry as written (a grant expiry below may add entries; a
+		 * BEFORE INSERT trigger on the ledger that changed these columns is
+		 * not seen here: a replay reads the entry back)
+		 */
 		values[4] = NumericGetDatum(billing_micros_to_numeric(e.amount));
 		values[5] = NumericGetDatum(billing_micros_to_numeric(acc.balance));
 		values[9] = TimestampTzGetDatum(acc.now);
