@@ -314,6 +314,7 @@ worker_on() {
 		"SELECT connected AND full_resyncs > $resyncs AND NOT full_resync_pending AND dirty_accounts = 0
 		   FROM billing_sync_status()"
 	pushed0=$(sql -c "SELECT pushed FROM billing_sync_status()")
+	rc CONFIG RESETSTAT >/dev/null
 	mirror_cpu_start
 }
 
@@ -328,6 +329,8 @@ worker_off() {
 	done
 	pushes=$(($(sql -c "SELECT pushed FROM billing_sync_status()") - pushed0))
 	cpu_per_push=$(mirror_cpu_per_push "$pushes")
+	# where redis-server's time went (per command, the scripts' own calls too)
+	rc INFO commandstats | tr -d '\r' | grep '^cmdstat_' >"$BILLING_TMP/redis-commandstats-$label.txt" || true
 	n=$(grep -c . <<<"$CONV_DB" || true)
 	if [[ $converged_in == - ]]; then
 		hook_status=MIRROR_DIFFERS

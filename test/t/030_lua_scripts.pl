@@ -665,6 +665,28 @@ note 'apply_snapshot.lua: a push purges expired reservations of its tenant';
 	check('apply purge: a hash-only apply purges nothing', 1, apply_h($K[0], 2, 0, status => 'active', available => 1));
 }
 
+note 'apply_snapshot.lua: a tenant with unsettled reservations only, or none (one EXISTS decides)';
+{
+	my @K = K('AQ');
+	snap_basic('AQ', 1, 10 * $M);
+	check('apply quick: reserve q1 for 300 ms', '["OK",9000000]', charge('AQ', 'q1', $M, $T0, 300));
+	check('apply quick: only the zset and pending_amt name it (no pending_ver)', '1 1 0',
+		join(' ', map { rc('EXISTS', $_) } @K[ 1 .. 3 ]));
+	ok(wait_redis_past(rc('ZSCORE', $K[1], 'q1')), "apply quick: Redis' clock passed q1's expiry");
+	check('apply quick: a push removes the expired q1', 1, snap_basic('AQ', 2, 10 * $M));
+	check('apply quick: nothing pending, no pending key left', '0', rc('EXISTS', @K[ 1 .. 4 ]));
+	check('apply quick: a push with nothing pending', 1, snap_basic('AQ', 3, 10 * $M));
+	rc('SET', $K[1], 'x');
+	check_err('apply quick: a pending zset of the wrong type still fails the push', 'WRONGTYPE',
+		snap_basic('AQ', 4, 9 * $M));
+	check('apply quick: the hash was not replaced', 3, hget($K[0], 'version'));
+	rc('DEL', $K[1]);
+	rc('SET', $K[2], 'x');
+	check('apply quick: a pending_amt of another type with nothing to prune is not read (as ever)', 1,
+		snap_basic('AQ', 4, 9 * $M));
+	rc('DEL', $K[2]);
+}
+
 note 'purge.lua: the worker sweep of expired and settled reservations';
 {
 	my @K = K('PU');
