@@ -1156,6 +1156,42 @@ fill_slot(EState *estate, Relation rel, DirectTable *t, Datum *values,
 	return ExecStoreVirtualTuple(slot);
 }
 
+/*
+ * Lock a row that direct_fetch read but nothing locked (a hold: billing's
+ * own writers serialize on the account row, but an UPDATE by hand does
+ * not), so that the update cannot fail halfway with "tuple concurrently
+ * updated".  A row changed since it was read is a serialization failure in
+ * every isolation level: what the call decided, it decided on the old row.
+ */
+static void
+lock_to_update(Relation rel, DirectTable *t, ItemPointer tid, TupleTableSlot *slot)
+{
+	TM_FailureData tmfd;
+	TM_Result	res;
+
+	res = table_tuple_lock(rel, tid, GetActiveSnapshot(), slot,
+						   GetCurrentCommandId(true), LockTupleNoKeyExclusive,
+						   LockWaitBlock, 0, &tmfd);
+	ExecClearTuple(slot);
+	switch (res)
+	{
+		case TM_Ok:
+			return;
+		case TM_Updated:
+		case TM_Deleted:
+			ereport(ERROR,
+					(errcode(ERRCODE_T_R_SERIALIZATION_FAILURE),
+					 errmsg("could not serialize access due to concurrent update of billing.%s",
+							t->name),
+					 errdetail("Another transaction changed the row this call read, outside billing's functions."),
+					 errhint("Retry the call with the same trace id.")));
+			break;
+		default:
+			elog(ERROR, "billing: unexpected result %d locking a row of billing.%s",
+				 (int) res, t->name);
+	}
+}
+
 void
 direct_write(Datum key, DirectTable *ins, Datum *ivalues, bool *inulls,
 			 DirectTable *upd, ItemPointer tid, Datum *uvalues,
@@ -1232,7 +1268,9 @@ direct_write(Datum key, DirectTable *ins, Datum *ivalues, bool *inulls,
 		EPQState	epq;
 		int			natts = RelationGetDescr(urel)->natts;
 
-		/* the row we locked: nobody else can have changed it */
+		/* a row locked by direct_lock_row, or now: nobody else can change it */
+		if (upd->many_per_key)
+			lock_to_update(urel, upd, tid, oldslot);
 		if (!table_tuple_fetch_row_version(urel, tid, SnapshotAny, oldslot))
 			elog(ERROR, "billing: locked row of billing.%s is gone", upd->name);
 		slot_getallattrs(oldslot);

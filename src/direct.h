@@ -49,7 +49,9 @@ typedef struct DirectTable
 								 * read as NULL, not written */
 	bool		many_per_key;	/* the first column names many rows (a hold's
 								 * tenant): direct_write keeps no row version
-								 * for direct_lock_row */
+								 * for direct_lock_row, and locks a row itself
+								 * before updating it (read by direct_fetch,
+								 * not locked) */
 	/* per backend */
 	Oid			relid;			/* InvalidOid: resolve again */
 	AttrNumber	attnum[DIRECT_MAX_COLS];
