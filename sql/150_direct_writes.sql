@@ -275,6 +275,22 @@ DROP TRIGGER dw_rekey ON billing.accounts;
 SELECT tenant_id, count(*) FROM billing.accounts WHERE tenant_id IN ('dw-a', 'dw-h')
  GROUP BY tenant_id ORDER BY tenant_id;
 
+-- Every index of the four tables billing writes directly holds an entry
+-- for every row version its table has (amcheck's heapallindexed): the
+-- unique indexes src/direct.c inserts into itself when an update keeps
+-- their columns (the 500 credits above moved the account across pages), and
+-- the executor's own for entries, holds and the journal.  A missing entry
+-- fails here, before any query could miss the row.
+CREATE EXTENSION amcheck;
+SELECT i.indexrelid::regclass AS index, bt_index_check(i.indexrelid, true) IS NOT NULL AS checked
+  FROM pg_index i
+  JOIN pg_class t ON t.oid = i.indrelid
+ WHERE t.relnamespace = 'billing'::regnamespace
+   AND t.relname IN ('accounts', 'entries', 'holds', 'hold_events')
+   AND i.indisvalid
+ ORDER BY i.indexrelid::regclass::text;
+DROP EXTENSION amcheck;
+
 -- A column added to billing.holds by hand: a hold is refused (55000)
 -- rather than leaving it NULL.
 BEGIN;
