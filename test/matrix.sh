@@ -15,6 +15,10 @@
 #      files git does not ignore, so uncommitted work is tested too) is copied
 #      to a fresh /build/billing inside the chroot; what an earlier run
 #      installed there (billing.so, billing*.sql, the Lua scripts) is removed.
+#      The Citus source for t/080_citus (BILLING_CITUS_SRC, default
+#      ../shared/citus, as test/run.sh finds it) goes to /build/citus; the
+#      test builds it into the chroot's /var/cache/billing-citus (installing
+#      its Debian build dependencies in the chroot), once per chroot.
 #   3. /proc and a tmpfs on /dev/shm are mounted; as root inside the chroot,
 #      with a clean environment, it runs
 #        make check PG_CONFIG=/usr/lib/postgresql/<N>/bin/pg_config
@@ -30,7 +34,8 @@
 #
 # Environment inside the chroot: PATH, HOME=/root, LANG=C.UTF-8 (C if the
 # chroot lacks it), CI and the caller's BILLING_* and BENCH_* variables, except
-# BILLING_MATRIX_* (this script's knobs) and the per-cluster values of a
+# BILLING_MATRIX_* (this script's knobs), BILLING_CITUS_* (the chroot gets
+# BILLING_CITUS_SRC=/build/citus) and the per-cluster values of a
 # native run (BILLING_TMP, BILLING_PGPORT, BILLING_REDIS_PORT, BILLING_PGBIN:
 # host paths and host ports).  BILLING_PORT_BASE is set per version (17:
 # 61000, 18: 62000, 15: 64000): the harness takes every TCP port it uses
@@ -81,6 +86,8 @@ MATRIX_RECIPE=1
 here=$(cd "$(dirname "$(realpath "${BASH_SOURCE[0]}")")" && pwd)
 repo=$(dirname "$here")
 cache=${BILLING_MATRIX_CACHE:-/var/cache/billing-matrix}
+# the Citus source copied into each chroot (as test/run.sh finds it)
+citus_src=${BILLING_CITUS_SRC:-$(realpath -m "$repo/../shared/citus")}
 mirror=${BILLING_MATRIX_MIRROR:-http://deb.debian.org/debian}
 suite_timeout=${BILLING_MATRIX_TIMEOUT:-1500}
 llvm=${BILLING_MATRIX_LLVM:-0}
@@ -435,7 +442,11 @@ copy_tree() {
 		"$root/usr/share/postgresql/$v/extension/billing"* \
 		"$root/usr/lib/postgresql/$v/lib/billing.so" \
 		"$root/usr/lib/postgresql/$v/lib/bitcode/billing"*
-	mkdir -p "$root/build/billing"
+	mkdir -p "$root/build/billing" "$root/build/citus"
+	# the Citus source for t/080_citus, if the host has it
+	for f in "$citus_src"/citus-v*-notests.tar.gz "$citus_src"/citus-pg*.patch; do
+		if [[ -f $f ]]; then cp "$f" "$root/build/citus/"; fi
+	done
 	git -C "$repo" ls-files -z --cached --others --exclude-standard |
 		while IFS= read -r -d '' f; do
 			# a tracked file deleted in the work tree is not part of it
@@ -460,9 +471,11 @@ suite_env() {
 		esac
 	done < <(env -0)
 	env_args+=("BILLING_PORT_BASE=$(version_info "$v" | cut -d' ' -f2)")
-	# t/080_citus runs natively only (the chroots have no Citus source, and
-	# Citus 13.2 supports 15-17 only): it skips here, also in CI
-	env_args+=("BILLING_CITUS_REQUIRED=0")
+	# t/080_citus: the Citus source copy_tree put in the chroot (built into
+	# the chroot's /var/cache/billing-citus, which lasts as long as the
+	# chroot); required in CI as natively, skipped where Citus does not
+	# support the version (18 with Citus 13.2)
+	env_args+=("BILLING_CITUS_SRC=/build/citus")
 }
 
 # Run make $target for version $1 in chroot $2; output to log $3 and, with a

@@ -23,7 +23,9 @@
 # server's lib and share directories, so it needs the rights to do that.
 #
 # Exit status: 0 installed; 2 the Citus source is missing (one line on stderr,
-# "skipped: ..." for a test to report); 1 any other failure.
+# "skipped: ..." for a test to report); 3 this Citus does not support the
+# server's major version (its configure.ac's check, read before anything is
+# installed; one line "unsupported: ..."); 1 any other failure.
 set -euo pipefail
 
 here=$(cd "$(dirname "$(realpath "${BASH_SOURCE[0]}")")" && pwd)
@@ -54,13 +56,24 @@ pg_version=$("$PG_CONFIG" --version)
 pg_major=$(sed -E 's/^PostgreSQL ([0-9]+).*/\1/' <<<"$pg_version")
 [[ $pg_major =~ ^[0-9]+$ ]] || die "cannot parse the version of $PG_CONFIG: $pg_version"
 
+# --- the versions this Citus supports (configure.ac refuses the others) --------
+# the line: elif test "$version_num" != '15' -a  "$version_num" != '16' ...
+supported=$(tar xzf "$tarball" -O configure.ac 2>/dev/null |
+	grep -m1 'version_num" != ' | grep -o "!= '[0-9]*'" | tr -dc '0-9 \n' | xargs || true)
+if [[ -n $supported && " $supported " != *" $pg_major "* ]]; then
+	echo "unsupported: Citus $(basename "$tarball" | sed -E 's/^citus-v(.*)-notests\.tar\.gz$/\1/') supports PostgreSQL ${supported// /, } only, not $pg_major" >&2
+	exit 3
+fi
+
 # --- build dependencies (Debian) ----------------------------------------------
 # configure (default options) needs libcurl, lz4 and zstd; the server's
 # libpq/libpq-be.h includes <gssapi/gssapi.h> (Debian builds PostgreSQL with
-# GSSAPI): libkrb5-dev; the link needs libpq (-lpq).  libselinux1-dev,
+# GSSAPI): libkrb5-dev; utils/pg_locale.h includes <unicode/ucol.h> (built
+# with ICU; postgresql-server-dev pulls it in, the matrix chroots' PGXS does
+# not): libicu-dev; the link needs libpq (-lpq).  libselinux1-dev,
 # libpam0g-dev, autoconf, flex and bison are NOT needed (tried): configure is
 # shipped generated and Citus has no grammar files.
-deps=(gcc make patch libcurl4-openssl-dev liblz4-dev libzstd-dev libkrb5-dev libpq-dev)
+deps=(gcc make patch libcurl4-openssl-dev liblz4-dev libzstd-dev libkrb5-dev libpq-dev libicu-dev)
 missing=()
 for p in "${deps[@]}"; do
 	dpkg-query -W -f='${Status}\n' "$p" 2>/dev/null | grep -q '^install ok installed$' || missing+=("$p")
