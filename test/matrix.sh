@@ -16,9 +16,10 @@
 #      to a fresh /build/billing inside the chroot; what an earlier run
 #      installed there (billing.so, billing*.sql, the Lua scripts) is removed.
 #      The Citus source for t/080_citus (BILLING_CITUS_SRC, default
-#      ../shared/citus, as test/run.sh finds it) goes to /build/citus; the
-#      test builds it into the chroot's /var/cache/billing-citus (installing
-#      its Debian build dependencies in the chroot), once per chroot.
+#      ../shared/citus, as test/run.sh finds it) goes to /build/citus;
+#      test/run.sh builds it into the chroot's /var/cache/billing-citus
+#      (installing its Debian build dependencies in the chroot), once per
+#      chroot.
 #   3. /proc and a tmpfs on /dev/shm are mounted; as root inside the chroot,
 #      with a clean environment, it runs
 #        make check PG_CONFIG=/usr/lib/postgresql/<N>/bin/pg_config

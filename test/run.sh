@@ -176,8 +176,9 @@ if [[ $skip != *" tap "* ]]; then
 		read -r -a tests <<<"$BILLING_TESTS"
 	fi
 	# Citus for t/080_citus (as the invoking user: as root the build script
-	# installs its Debian build dependencies); the test skips only when the
-	# source is absent, and fails when the build failed
+	# installs its Debian build dependencies); the test skips when the
+	# source is absent or does not support this server version (exit 3),
+	# and fails when the build failed
 	export BILLING_CITUS_SRC=${BILLING_CITUS_SRC:-$(realpath -m "$repo/../shared/citus")}
 	# in CI (CI=true) the source must be there: the test fails instead of
 	# skipping; a server version the Citus source does not support skips
