@@ -1162,6 +1162,7 @@ fill_slot(EState *estate, Relation rel, DirectTable *t, Datum *values,
  * not), so that the update cannot fail halfway with "tuple concurrently
  * updated".  A row changed since it was read is a serialization failure in
  * every isolation level: what the call decided, it decided on the old row.
+ * Leaves the locked version in slot.
  */
 static void
 lock_to_update(Relation rel, DirectTable *t, ItemPointer tid, TupleTableSlot *slot)
@@ -1172,7 +1173,6 @@ lock_to_update(Relation rel, DirectTable *t, ItemPointer tid, TupleTableSlot *sl
 	res = table_tuple_lock(rel, tid, GetActiveSnapshot(), slot,
 						   GetCurrentCommandId(true), LockTupleNoKeyExclusive,
 						   LockWaitBlock, 0, &tmfd);
-	ExecClearTuple(slot);
 	switch (res)
 	{
 		case TM_Ok:
@@ -1271,7 +1271,7 @@ direct_write(Datum key, DirectTable *ins, Datum *ivalues, bool *inulls,
 		/* a row locked by direct_lock_row, or now: nobody else can change it */
 		if (upd->many_per_key)
 			lock_to_update(urel, upd, tid, oldslot);
-		if (!table_tuple_fetch_row_version(urel, tid, SnapshotAny, oldslot))
+		else if (!table_tuple_fetch_row_version(urel, tid, SnapshotAny, oldslot))
 			elog(ERROR, "billing: locked row of billing.%s is gone", upd->name);
 		slot_getallattrs(oldslot);
 		ExecClearTuple(newslot);
