@@ -55,6 +55,7 @@ char	   *billing_lua_dir = NULL;
 int			billing_events_retention = 7 * 24 * 3600;
 int			billing_events_maxlen = 1000;
 int			billing_events_all_maxlen = 100000;
+bool		billing_events_notify = false;
 bool		billing_allow_drop = false;
 int			billing_event_at_window = 7 * 24 * 3600;
 
@@ -195,6 +196,11 @@ define_settings(void)
 							"Approximate length the Redis stream of every tenant's events is trimmed to (XADD MAXLEN ~).",
 							NULL, &billing_events_all_maxlen, 100000, 1, 1000000000,
 							PGC_SIGHUP, 0, NULL, NULL, NULL);
+	DefineCustomBoolVariable("billing.events_notify",
+							 "Announce the events a transaction writes with NOTIFY billing_events when it commits.",
+							 "Off by default: PostgreSQL serializes the commits of every transaction that notifies, so announcing each job.completed caps job completions at one commit flush at a time.",
+							 &billing_events_notify, false,
+							 PGC_USERSET, 0, NULL, NULL, NULL);
 	DefineCustomIntVariable("billing.event_at_window",
 							"How far back a charge may date its usage (event_at).",
 							"Usage is bucketed and priced by its event time; older times are refused with ZB019.",

@@ -36,6 +36,7 @@
 #include "commands/async.h"
 #include "events.h"
 #include "funcapi.h"
+#include "guc.h"
 #include "miscadmin.h"
 #include "spi.h"
 #include "sync.h"
@@ -183,12 +184,21 @@ events_iso_time(TimestampTz ts)
  * ---------------------------------------------------------------------
  */
 
-/* NOTIFY billing_events, '{"tenant_id": ..., "seq": ..., "event_id": ..., "type": ...}' */
+/*
+ * NOTIFY billing_events, '{"tenant_id": ..., "seq": ..., "event_id": ..., "type": ...}'
+ * when billing.events_notify is on.  It is off by default: a transaction
+ * that notifies holds PostgreSQL's notification queue lock from before its
+ * commit record until its end, so the commits of all notifying
+ * transactions (every job completion writes job.completed) would wait for
+ * each other's WAL flush, one at a time.
+ */
 static void
 notify(const char *tenant, int64 seq, int64 event_id, const char *type)
 {
 	StringInfoData buf;
 
+	if (!billing_events_notify)
+		return;
 	ej_begin(&buf);
 	ej_str(&buf, "tenant_id", tenant);
 	ej_int(&buf, "seq", seq);

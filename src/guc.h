@@ -45,6 +45,7 @@ extern char *billing_lua_dir;
 extern int	billing_events_retention;
 extern int	billing_events_maxlen;
 extern int	billing_events_all_maxlen;
+extern bool billing_events_notify;
 
 /* sessions */
 extern bool billing_allow_drop;

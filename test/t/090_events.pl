@@ -5,7 +5,8 @@
 # Part 1 (one node, one redis-server on loopback): events written by
 # charges reach <prefix>:{tenant}:events (id <seq>-0, each event once, in
 # order) and <prefix>:events; NOTIFY billing_events announces committed
-# events and none of a rolled-back transaction; a key of another type sets
+# events (with billing.events_notify on; nothing when it is off) and none of
+# a rolled-back transaction; a key of another type sets
 # that tenant aside (the others are delivered) until it is fixed; an edited
 # hash gives mirror.repaired with the fields that differed; delivered events
 # are pruned after billing.events_retention, undelivered ones are not;
@@ -93,22 +94,28 @@ sub delivered_all
 # ---------------------------------------------------------------------------
 # part 1
 # ---------------------------------------------------------------------------
-for my $t ('a1', 'a2')
+for my $t ('a1', 'a2', 'a3')
 {
 	sql("SELECT count(*) FROM billing_account_create('$t');
 	     SELECT count(*) FROM billing_credit('$t', 100, '$t-c');
 	     SELECT count(*) FROM billing_alerts_set('$t', low_balance => 50);");
 }
 
-# NOTIFY: a listener sees the committed crossing, not the rolled-back one
+# NOTIFY, with billing.events_notify = on: a listener sees the committed
+# crossing, not the rolled-back one.  With the setting off (the default) a
+# transaction notifies nothing: a3's crossing commits before a1's, and
+# notifications arrive in commit order, so had it notified, the listener
+# would have heard it first.
 my $listener = BillingTest::Session->new($node, $DB);
 is($listener->call('LISTEN billing_events')->{status}, 'ok', 'LISTEN billing_events');
 sql(q{
 	BEGIN;
+	SET LOCAL billing.events_notify = on;
 	SELECT billing_deduct('a2', 60, 'a2-rolled-back');
 	ROLLBACK;
 });
-sql("SELECT billing_deduct('a1', 60, 'a1-d1')");
+sql("SELECT billing_deduct('a3', 60, 'a3-d1')");
+sql("SET billing.events_notify = on; SELECT billing_deduct('a1', 60, 'a1-d1')");
 my $heard = '';
 ok(wait_for(60, sub {
 	my $r = $listener->call('SELECT 1');
@@ -118,6 +125,8 @@ ok(wait_for(60, sub {
 like($heard, qr/payload "\{"tenant_id": "a1", "seq": 1, "event_id": \d+, "type": "balance.low"\}"/,
 	'its payload names the tenant, the sequence number, the event id and the type');
 unlike($heard, qr/"a2"/, 'nothing for the rolled-back crossing');
+unlike($heard, qr/"a3"/, 'nothing from a transaction with billing.events_notify off, which committed first');
+is(qv("SELECT count(*) FROM billing.events WHERE tenant_id = 'a3'"), '1', 'though its event is in the outbox');
 $listener->close;
 
 # delivery: the tenant's stream and the stream of every tenant
