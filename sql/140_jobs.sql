@@ -106,14 +106,36 @@ SELECT balance, on_hold, available FROM billing.balances WHERE tenant_id = 'job-
 --
 -- Claim: hands out due queued jobs (oldest run_at first): attempt + 1, the
 -- worker, a lease (5 minutes by default).  The hold is kept alive past the
--- lease (until lease_until + hold_ttl).  A claimed job is not handed out
--- again.
+-- lease: one that outlives the lease by half the hold_ttl or more is left
+-- as it is, one that does not is extended to lease_until + hold_ttl.  a1's
+-- hold (hold_ttl 1 hour, submitted a moment ago) ends 55 minutes after the
+-- lease: not extended.  A claimed job is not handed out again.
 --
 SELECT job_id = jid('job-a', 'a1') AS is_a1, state, attempt, worker,
        lease_until - now() AS lease, replayed
   FROM billing_job_claim('job-w1', tenant_id => 'job-a');
 SELECT j.state, j.worker, j.attempt, j.lease_until - j.heartbeat_at AS lease,
-       h.expires_at >= j.lease_until + j.hold_ttl AS hold_outlives_lease
+       h.expires_at >= j.lease_until + j.hold_ttl / 2 AS hold_outlives_lease_by_half_ttl,
+       h.expires_at = h.created_at + j.hold_ttl AS not_extended,
+       (SELECT count(*) FROM billing.hold_events e
+         WHERE e.tenant_id = h.tenant_id AND e.hold_id = h.hold_id AND e.action = 'extend') AS extends
+  FROM billing.jobs j JOIN billing.holds h ON h.tenant_id = j.tenant_id AND h.trace_id = j.hold_trace_id
+ WHERE j.tenant_id = 'job-a' AND j.idempotency_key = 'a1';
+-- The edge, with heartbeats of a1: a 25 minute lease leaves the hold 35
+-- minutes after it, more than half the hold_ttl: not extended; a 35 minute
+-- lease leaves it 25 minutes after, less than half: extended to the lease's
+-- end + 1 hour.
+SELECT lease_until - now() AS lease
+  FROM billing_job_heartbeat('job-a', jid('job-a', 'a1'), 'job-w1', lease => '25 minutes');
+SELECT h.expires_at = h.created_at + j.hold_ttl AS not_extended
+  FROM billing.jobs j JOIN billing.holds h ON h.tenant_id = j.tenant_id AND h.trace_id = j.hold_trace_id
+ WHERE j.tenant_id = 'job-a' AND j.idempotency_key = 'a1';
+SELECT lease_until - now() AS lease
+  FROM billing_job_heartbeat('job-a', jid('job-a', 'a1'), 'job-w1', lease => '35 minutes');
+SELECT h.expires_at >= j.lease_until + j.hold_ttl
+           AND h.expires_at < j.lease_until + j.hold_ttl + interval '1 minute' AS extended_to_lease_plus_ttl,
+       (SELECT count(*) FROM billing.hold_events e
+         WHERE e.tenant_id = h.tenant_id AND e.hold_id = h.hold_id AND e.action = 'extend') AS extends
   FROM billing.jobs j JOIN billing.holds h ON h.tenant_id = j.tenant_id AND h.trace_id = j.hold_trace_id
  WHERE j.tenant_id = 'job-a' AND j.idempotency_key = 'a1';
 SELECT count(*) AS second_claim FROM billing_job_claim('job-w2', tenant_id => 'job-a');
@@ -152,6 +174,25 @@ SELECT h.expires_at >= j.run_at + j.hold_ttl
            AND h.expires_at < j.run_at + j.hold_ttl + interval '1 minute' AS hold_until_run_at_plus_ttl
   FROM billing.jobs j JOIN billing.holds h ON h.tenant_id = j.tenant_id AND h.trace_id = j.hold_trace_id
  WHERE j.tenant_id = 'job-b' AND j.idempotency_key = 'b3';
+
+-- billing.job_result, which builds every job function's result row, is
+-- inlined where it is called (a SET clause would prevent that and make each
+-- call parse its body again): the plan shows the row, not a call.
+CREATE FUNCTION plan_text(q text) RETURNS text
+    LANGUAGE plpgsql
+AS $$
+DECLARE
+    line text;
+    plan text := '';
+BEGIN
+    FOR line IN EXECUTE 'EXPLAIN (VERBOSE, COSTS OFF) ' || q LOOP
+        plan := plan || line || E'\n';
+    END LOOP;
+    RETURN plan;
+END;
+$$;
+SELECT plan LIKE '%ROW(job_id, tenant_id, %' AS inlined, plan LIKE '%job_result(%' AS called
+  FROM plan_text('SELECT billing.job_result(j, true) FROM billing.jobs j') AS plan;
 
 --
 -- Heartbeat: the lease becomes now() + lease, and the hold is extended to
@@ -755,3 +796,4 @@ SELECT state, count(*) AS jobs FROM billing.jobs WHERE tenant_id LIKE 'job-%' GR
 DROP FUNCTION jid(text, text);
 DROP FUNCTION job_holds(text, text);
 DROP FUNCTION job_history(text, text);
+DROP FUNCTION plan_text(text);

@@ -707,9 +707,11 @@ $$;
 COMMENT ON FUNCTION billing_deduct_usage(text, text, bigint, bigint, text, text, jsonb, timestamptz, text) IS
     'charge token usage at the model price effective at event time; model, tokens and unit prices go into the entry metadata';
 
+-- the result row of a job.  No SET search_path (its body names everything
+-- with its schema): a function with settings is never inlined, and run as a
+-- function of its own it would parse its body again at every call.
 CREATE OR REPLACE FUNCTION billing.job_result(j billing.jobs, replayed boolean) RETURNS billing.job_result
     LANGUAGE sql IMMUTABLE
-    SET search_path = pg_catalog, pg_temp
 AS $$
     SELECT ROW(j.job_id, j.tenant_id, j.idempotency_key, j.kind, j.state, j.attempt, j.max_attempts,
                j.run_at, j.worker, j.lease_until, billing.to_amount(j.estimated_micros),
@@ -2730,7 +2732,11 @@ BEGIN
 END;
 $$;
 
--- keep the job's hold alive until `until` + the job's hold_ttl (if it is still open)
+-- keep the job's hold alive past `until` (if it is still open): a hold that
+-- outlives `until` by less than half the job's hold_ttl is extended to
+-- `until` + hold_ttl (at most 31 days from now).  The half is the slack
+-- that spares most claims and heartbeats an extension (a hold update, a
+-- journal row and an account write each).
 CREATE OR REPLACE FUNCTION billing.job_keep_hold(j billing.jobs, until timestamptz) RETURNS void
     LANGUAGE plpgsql
     SET search_path = pg_catalog, pg_temp
@@ -2745,7 +2751,7 @@ BEGIN
     END IF;
     IF EXISTS (SELECT FROM billing.holds h
                 WHERE h.tenant_id = j.tenant_id AND h.trace_id = j.hold_trace_id
-                  AND h.expires_at < now() + wanted) THEN
+                  AND h.expires_at < least(until + j.hold_ttl / 2, now() + wanted)) THEN
         PERFORM @extschema@.billing_hold_extend(j.tenant_id, j.hold_trace_id, wanted);
     END IF;
 END;
