@@ -300,8 +300,15 @@ SELECT state, attempt, last_error, lease_until,
        run_at - now() BETWEEN interval '0.9 seconds' AND interval '1.1 seconds' AS backoff_1s,
        replayed
   FROM billing_job_fail('job-r', jid('job-r', 'r1'), 'upstream 503', retryable => true, worker => 'job-w5');
--- the hold stays, and the job is not due yet
+-- the hold stays, extended to outlive run_at by the whole hold_ttl, as at
+-- submit (claims and heartbeats leave a hold that outlives the lease by half
+-- the hold_ttl as it is; a retry's wait gets all of it), and the job is not
+-- due yet
 SELECT * FROM job_holds('job-r', 'r1');
+SELECT h.expires_at >= j.run_at + j.hold_ttl
+           AND h.expires_at < j.run_at + j.hold_ttl + interval '1 minute' AS hold_until_run_at_plus_ttl
+  FROM billing.jobs j JOIN billing.holds h ON h.tenant_id = j.tenant_id AND h.trace_id = j.hold_trace_id
+ WHERE j.tenant_id = 'job-r' AND j.idempotency_key = 'r1';
 SELECT on_hold, available FROM billing.balances WHERE tenant_id = 'job-r';
 SELECT count(*) AS claimed FROM billing_job_claim('job-w5', tenant_id => 'job-r');
 -- the failed attempt's worker has no lease any more (ZB073; message and

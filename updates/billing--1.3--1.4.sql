@@ -2732,18 +2732,25 @@ BEGIN
 END;
 $$;
 
--- keep the job's hold alive past `until` (if it is still open): a hold that
--- outlives `until` by less than half the job's hold_ttl is extended to
--- `until` + hold_ttl (at most 31 days from now).  The half is the slack
--- that spares most claims and heartbeats an extension (a hold update, a
--- journal row and an account write each).
+-- keep the job's hold alive past `until` (if it is still open), to `until`
+-- + hold_ttl (at most 31 days from now).  A queued job (a retry waiting for
+-- run_at = until) always gets that, as at submit.  A processing job (a claim
+-- or a heartbeat: until is the lease's end) keeps a hold that outlives the
+-- lease by half its hold_ttl or more as it is: the slack that spares most
+-- claims and heartbeats an extension (a hold update, a journal row and an
+-- account write each).  A lease that runs out is rescued into a retry, which
+-- extends the hold again.
 CREATE OR REPLACE FUNCTION billing.job_keep_hold(j billing.jobs, until timestamptz) RETURNS void
     LANGUAGE plpgsql
     SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     wanted interval := least(until - now() + j.hold_ttl, interval '31 days');
+    short_of timestamptz := now() + wanted;
 BEGIN
+    IF j.state = 'processing' THEN
+        short_of := least(until + j.hold_ttl / 2, short_of);
+    END IF;
     -- two tests, not one expression: with Citus a query on billing.holds
     -- that calls a function querying it again is a nested distributed query
     IF NOT billing.job_hold_open(j) THEN
@@ -2751,7 +2758,7 @@ BEGIN
     END IF;
     IF EXISTS (SELECT FROM billing.holds h
                 WHERE h.tenant_id = j.tenant_id AND h.trace_id = j.hold_trace_id
-                  AND h.expires_at < least(until + j.hold_ttl / 2, now() + wanted)) THEN
+                  AND h.expires_at < short_of) THEN
         PERFORM @extschema@.billing_hold_extend(j.tenant_id, j.hold_trace_id, wanted);
     END IF;
 END;
