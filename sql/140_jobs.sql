@@ -195,10 +195,10 @@ SELECT plan LIKE '%ROW(job_id, tenant_id, %' AS inlined, plan LIKE '%job_result(
   FROM plan_text('SELECT billing.job_result(j, true) FROM billing.jobs j') AS plan;
 
 --
--- Heartbeat: the lease becomes now() + lease, and the hold is extended to
--- outlive it by hold_ttl.  A short hold_ttl (1 minute) shows the hold
--- following the lease: claim with a 10 minute lease, then a heartbeat of
--- 20 minutes.
+-- Heartbeat: the lease becomes now() + lease, and a hold that would end
+-- less than half its hold_ttl after it is extended to outlive it by
+-- hold_ttl.  A short hold_ttl (1 minute) shows the hold following the
+-- lease: claim with a 10 minute lease, then a heartbeat of 20 minutes.
 --
 SELECT idempotency_key FROM billing_job_submit('job-b', 'job-translate', 'b4', 1, hold_ttl => '1 minute');
 SELECT expires_at < now() + interval '1 minute 1 second' AS hold_for_1_minute
