@@ -375,12 +375,15 @@ journal(Account *acc, Hold *h, text *trace_id, const char *action,
 	bool		nulls[JC_NCOLS] = {0};
 
 	/*
-	 * Under the account lock the probe before was exact in READ COMMITTED;
-	 * under a transaction snapshot, an operation committed since that
-	 * snapshot may have taken the trace id (as record_rejection() in
-	 * ledger.c: REPEATABLE READ and up only).
+	 * Under the account lock the probe before (probe_event, a fresh
+	 * snapshot) was exact in READ COMMITTED: every billing writer of this
+	 * tenant's journal holds the lock, so this second probe is needed only
+	 * under a transaction snapshot, where an operation committed since
+	 * that snapshot may have taken the trace id (as record_rejection() in
+	 * ledger.c: REPEATABLE READ and up only).  A row inserted by hand is
+	 * still refused by the unique index.
 	 */
-	if (trace_id != NULL &&
+	if (trace_id != NULL && IsolationUsesXactSnapshot() &&
 		direct_key_exists(&journal_table, PointerGetDatum(acc->tenant_id),
 						  PointerGetDatum(trace_id)))
 		ereport(ERROR,
