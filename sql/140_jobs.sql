@@ -208,8 +208,18 @@ SELECT idempotency_key, attempt, lease_until - now() AS lease
 SELECT h.expires_at >= j.lease_until + interval '1 minute' AS hold_outlives_lease
   FROM billing.jobs j JOIN billing.holds h ON h.tenant_id = j.tenant_id AND h.trace_id = j.hold_trace_id
  WHERE j.tenant_id = 'job-b' AND j.idempotency_key = 'b4';
+-- (With track_functions = all the heartbeat below also shows that the job
+-- functions, PL/pgSQL, run billing.job_result inlined: its calls are not
+-- counted, those of billing.job_check_lease are.)
+SET track_functions = 'all';
 SELECT state, attempt, worker, lease_until - now() AS lease, replayed
   FROM billing_job_heartbeat('job-b', jid('job-b', 'b4'), 'job-w4', lease => '20 minutes');
+SELECT pg_stat_force_next_flush();
+SELECT coalesce(pg_stat_get_function_calls('billing.job_result(billing.jobs,boolean)'::regprocedure), 0)
+           AS job_result_calls,
+       pg_stat_get_function_calls('billing.job_check_lease(billing.jobs,text,text)'::regprocedure) > 0
+           AS job_check_lease_counted;
+RESET track_functions;
 SELECT j.lease_until - j.heartbeat_at AS lease,
        h.expires_at >= j.lease_until + interval '1 minute'
            AND h.expires_at < j.lease_until + interval '2 minutes' AS hold_outlives_lease
