@@ -641,7 +641,10 @@ is($redis->cli('EXISTS', 'billing:__sync__:' . $group{w1}, 'billing:__sync__:' .
 
 # background workers that exit with code 1 on purpose: at a fast or
 # immediate stop, and Citus's logical replication workers when a shard
-# move drops its subscription
+# move drops its subscription ("terminating logical replication worker due
+# to administrator command"; PostgreSQL 16 and later name them "logical
+# replication apply worker", "... tablesync worker", "... parallel apply
+# worker", 15 "logical replication worker")
 sub exits_of
 {
 	my ($n, $offset, $what) = @_;
@@ -651,7 +654,7 @@ sub exits_of
 my %stopped = (w1 => $w1_log, w2 => $w2_log);
 for my $name (sort keys %node)
 {
-	my @allowed = exits_of($node{$name}, 0, 'logical replication worker');
+	my @allowed = exits_of($node{$name}, 0, 'logical replication (?:apply |tablesync |parallel apply )?worker');
 	push @allowed, exits_of($node{$name}, $stopped{$name}, '[^"]+') if defined $stopped{$name};
 	BillingTest::no_crashes($node{$name}, @allowed);
 }
