@@ -295,7 +295,15 @@ set_aside(const char *tenant, const char *why)
 		aside_until = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), RETRY_MS);
 }
 
-/* the next batch: undelivered events, or (redelivering) every one */
+/*
+ * The next batch: undelivered events, or (redelivering) every one after
+ * the last batch's, and every undelivered one.  Event ids are taken before
+ * commit, so an event may commit after a batch with higher ids was read:
+ * the cursor alone would skip it, and the tenant's next event (which
+ * commits after it: both hold the account lock) would reach the stream
+ * first, after which Redis refuses the skipped one's lower id.  In event
+ * id order the undelivered one comes first.
+ */
 static int
 fetch(int limit, OutEvent **out)
 {
@@ -318,7 +326,7 @@ fetch(int limit, OutEvent **out)
 							  "SELECT e.event_id, e.tenant_id, e.seq, e.type, e.payload::pg_catalog.text, "
 							  "  e.created_at, e.delivered_at IS NOT NULL "
 							  "FROM billing.events e "
-							  "WHERE e.event_id OPERATOR(pg_catalog.>) $1 "
+							  "WHERE (e.event_id OPERATOR(pg_catalog.>) $1 OR e.delivered_at IS NULL) "
 							  "  AND NOT e.tenant_id OPERATOR(pg_catalog.=) ANY ($3) "
 							  "ORDER BY e.event_id LIMIT $2" :
 							  "SELECT e.event_id, e.tenant_id, e.seq, e.type, e.payload::pg_catalog.text, "
