@@ -124,6 +124,12 @@ mirror_note_node(int32 group, int nranges, const int32 *min, const int32 *max)
 	}
 }
 
+int32
+mirror_node_group(void)
+{
+	return node_group;
+}
+
 /* is key <prefix>:{tenant}... of a tenant of this node (see node_group)? */
 static bool
 key_is_ours(const char *key, size_t len)

@@ -31,6 +31,7 @@ extern void mirror_note_epoch(const char *epoch);
 /* Citus: this node's group and the hash ranges of its shards (group -1: none) */
 extern void mirror_note_node(int32 group, int nranges, const int32 *min,
 							 const int32 *max);
+extern int32 mirror_node_group(void);
 
 extern bool mirror_check_run_id(void);
 extern bool mirror_check_marker(void);

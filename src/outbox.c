@@ -22,10 +22,24 @@
  *	  crash between the XADD and the mark sends them again.
  * A tenant whose stream key has another type (WRONGTYPE) is set aside for
  * RETRY_MS, its later events with it (their order); the others go on.
- * Redis restarted empty or flushed: the all-tenants stream is gone, which
- * the worker checks before every batch; it then sends every event still in
- * the outbox (delivered or not) again, in order, so the new streams hold
- * the retention window.  No transaction is open during Redis I/O.
+ *
+ * What Redis holds: the watermark key <prefix>:events:watermark (on Citus
+ * :<node group>) holds a time W such that every event marked delivered at
+ * or before W is in the streams.  Each batch picks its delivered_at T
+ * before it sends, ends its pipeline with SET watermark T, and marks with
+ * T: Redis applies (and persists, replicates) a pipeline in order, so a
+ * Redis that has T has the batch.  Before each batch the worker reads the
+ * watermark back.  Missing (a restart without persistence, FLUSHALL) or
+ * older than the last one written (a restart from an older RDB or AOF, a
+ * failover to a replica that lagged), and at the worker's start: a
+ * redelivery sends again, in event_id order, every event delivered after
+ * what Redis holds, with the undelivered ones.  During it the watermark
+ * stays where it was, so a worker that dies or a Redis that is lost again
+ * mid-way starts over from it; it moves when everything is sent.  A tenant
+ * set aside during a redelivery is owed its events: it is skipped until
+ * the redelivery is over and it is no longer aside, then a redelivery of
+ * its own sends them, and only then does the watermark move.  No
+ * transaction is open during Redis I/O.
  *
  *-------------------------------------------------------------------------
  */
@@ -81,13 +95,32 @@ static TimestampTz last_sweep = 0;
 static TimestampTz failed_until = 0;	/* a failed delivery: wait */
 static bool failure_logged = false;
 
-/* Redis lost the streams: everything in the outbox again, after this id */
+/*
+ * The watermark (see above).  started: read once since the worker started.
+ * written: the last value this worker wrote, what Redis must hold unless
+ * frozen (a redelivery running or tenants owed), when it must hold floor.
+ * A missing watermark reads as WATERMARK_NONE, below every time; a
+ * redelivery that starts from nothing writes WATERMARK_FROM_ALL first, so
+ * that losing Redis again mid-way is seen.
+ */
+#define WATERMARK_NONE		PG_INT64_MIN
+#define WATERMARK_FROM_ALL	(PG_INT64_MIN + 1)
+static bool started = false;
+static TimestampTz written = WATERMARK_NONE;
+static TimestampTz floor_at = WATERMARK_NONE;	/* redelivery: what Redis held */
+static TimestampTz top = WATERMARK_NONE;	/* the latest delivered_at written, read or sent */
+
+/* a redelivery: events after floor_at from this event_id on (of `only`) */
 static bool redeliver = false;
 static int64 redeliver_after = 0;
+static List *only = NIL;		/* NIL: every tenant */
 
 /* tenants set aside (their stream key has another type) */
 static List *aside = NIL;
 static TimestampTz aside_until = 0;
+
+/* tenants skipped by a redelivery: their own comes later (see above) */
+static List *owed = NIL;
 
 /* mirror.repaired events to write (TopMemoryContext) */
 typedef struct Repair
@@ -110,6 +143,7 @@ typedef struct OutEvent
 	char	   *created;		/* ISO 8601 */
 	TimestampTz created_at;
 	bool		delivered;		/* already marked (a redelivery) */
+	TimestampTz delivered_at;	/* then when */
 	bool		accepted;		/* Redis took it (or had it) */
 } OutEvent;
 
@@ -243,43 +277,168 @@ stream_all_key(void)
 	return psprintf("%s:events", billing_redis_prefix);
 }
 
-/* does the all-tenants stream exist?  -1: Redis failed */
-static int
-stream_exists(void)
+static char *
+watermark_key(void)
 {
-	char	   *key = stream_all_key();
-	const char *argv[] = {"EXISTS", key};
-	redisReply *r = redis_command("EXISTS of the events stream", 2, argv, NULL);
-	int			exists;
+	int32		group = mirror_node_group();
+
+	if (group >= 0)
+		return psprintf("%s:events:watermark:%d", billing_redis_prefix, group);
+	return psprintf("%s:events:watermark", billing_redis_prefix);
+}
+
+/*
+ * The watermark Redis holds: WATERMARK_NONE when missing or not a number
+ * we wrote (Redis is untrusted: anything else is as good as missing).
+ * False: Redis failed, or the key has another type (logged; the delivery
+ * waits RETRY_MS).
+ */
+static bool
+watermark_read(TimestampTz *out)
+{
+	char	   *key = watermark_key();
+	const char *argv[] = {"GET", key};
+	redisReply *r = redis_command("GET of the events watermark", 2, argv, NULL);
+	char		why[128];
+
+	*out = WATERMARK_NONE;
+	if (r == NULL)
+		return false;
+	if (r->type == REDIS_REPLY_ERROR)
+	{
+		redis_reply_text(r, why, sizeof(why));
+		redis_free(r);
+		if (!failure_logged)
+			ereport(LOG,
+					(errmsg("billing events: could not read the watermark %s: %s", key, why),
+					 errhint("The key must be a Redis string (or not exist); the worker tries again every %d s.",
+							 RETRY_MS / 1000)));
+		failure_logged = true;
+		note_error("GET of %s: %s", key, why);
+		failed_until = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), RETRY_MS);
+		return false;
+	}
+	if (r->type == REDIS_REPLY_STRING && r->len > 0 && r->len <= 20)
+	{
+		char		buf[21];
+		char	   *end;
+		long long	v;
+
+		memcpy(buf, r->str, r->len);
+		buf[r->len] = '\0';
+		errno = 0;
+		v = strtoll(buf, &end, 10);
+		if (errno == 0 && *end == '\0' && (isdigit((unsigned char) buf[0]) || buf[0] == '-') &&
+			v > WATERMARK_NONE)
+			*out = (TimestampTz) v;
+	}
+	else if (r->type != REDIS_REPLY_NIL && r->type != REDIS_REPLY_STRING)
+		return redis_unexpected(r, "GET of the events watermark");
+	redis_free(r);
+	pfree(key);
+	return true;
+}
+
+static void
+append_watermark(StringInfo buf, TimestampTz at)
+{
+	char	   *key = watermark_key();
+	char		num[32];
+
+	snprintf(num, sizeof(num), INT64_FORMAT, (int64) at);
+	resp_head(buf, '*', 3);
+	resp_str(buf, "SET");
+	resp_str(buf, key);
+	resp_str(buf, num);
+	pfree(key);
+}
+
+/* the reply to SET of the watermark; false: Redis failed (closed) */
+static bool
+watermark_reply(redisReply *r)
+{
+	char		why[128];
 
 	if (r == NULL)
-		return -1;
-	if (r->type != REDIS_REPLY_INTEGER)
+		return false;
+	if (r->type == REDIS_REPLY_STATUS)
 	{
-		(void) redis_unexpected(r, "EXISTS of the events stream");
-		return -1;
+		redis_free(r);
+		return true;
 	}
-	exists = r->integer != 0;
+	if (r->type != REDIS_REPLY_ERROR)
+		return redis_unexpected(r, "SET of the events watermark");
+	/* OOM, READONLY, ...: the server's, like any command's */
+	redis_reply_text(r, why, sizeof(why));
 	redis_free(r);
-	return exists;
+	redis_close("SET of the events watermark: %s", why);
+	return false;
 }
 
 static bool
-is_aside(const char *tenant)
+watermark_write(TimestampTz at)
+{
+	StringInfoData buf;
+
+	initStringInfo(&buf);
+	redis_begin("SET");
+	append_watermark(&buf, at);
+	if (!redis_send(&buf, 1))
+		return false;
+	pfree(buf.data);
+	if (!watermark_reply(redis_receive()))
+		return false;
+	written = at;
+	top = Max(top, at);
+	return true;
+}
+
+/* a time for the next delivered_at (or watermark): after every one seen */
+static TimestampTz
+next_mark(void)
+{
+	TimestampTz now = GetCurrentTimestamp();
+
+	top = Max(now, top + 1);
+	return top;
+}
+
+static bool
+in_list(List *list, const char *tenant)
 {
 	ListCell   *lc;
 
-	foreach(lc, aside)
+	foreach(lc, list)
 		if (strcmp(lfirst(lc), tenant) == 0)
 			return true;
 	return false;
 }
 
-static void
-set_aside(const char *tenant, const char *why)
+static List *
+add_tenant(List *list, const char *tenant)
 {
 	MemoryContext old;
 
+	if (in_list(list, tenant))
+		return list;
+	old = MemoryContextSwitchTo(TopMemoryContext);
+	list = lappend(list, pstrdup(tenant));
+	MemoryContextSwitchTo(old);
+	return list;
+}
+
+static bool
+is_aside(const char *tenant)
+{
+	return in_list(aside, tenant);
+}
+
+static void
+set_aside(const char *tenant, const char *why)
+{
+	/* a redelivery passes it by: it is owed what the redelivery sends */
+	if (redeliver && (only == NIL || in_list(only, tenant)))
+		owed = add_tenant(owed, tenant);
 	if (is_aside(tenant))
 		return;
 	ereport(LOG,
@@ -288,54 +447,72 @@ set_aside(const char *tenant, const char *why)
 					   RETRY_MS / 1000),
 			 errhint("Its stream key must be a Redis stream (or not exist).")));
 	note_error("delivery failed for tenant %s: %s", tenant, why);
-	old = MemoryContextSwitchTo(TopMemoryContext);
-	aside = lappend(aside, pstrdup(tenant));
-	MemoryContextSwitchTo(old);
+	aside = add_tenant(aside, tenant);
 	if (aside_until == 0)
 		aside_until = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), RETRY_MS);
 }
 
 /*
- * The next batch: undelivered events, or (redelivering) every one after
- * the last batch's, and every undelivered one.  Event ids are taken before
- * commit, so an event may commit after a batch with higher ids was read:
- * the cursor alone would skip it, and the tenant's next event (which
- * commits after it: both hold the account lock) would reach the stream
- * first, after which Redis refuses the skipped one's lower id.  In event
- * id order the undelivered one comes first.
+ * The next batch: undelivered events, and (redelivering) those delivered
+ * after floor_at (of the tenants in `only`) from the cursor on.  Event ids
+ * are taken before commit, so an event may commit after a batch with
+ * higher ids was read: the cursor alone would skip it, and the tenant's
+ * next event (which commits after it: both hold the account lock) would
+ * reach the stream first, after which Redis refuses the skipped one's
+ * lower id.  In event id order the undelivered one comes first.  Tenants
+ * aside or owed are skipped.
  */
 static int
 fetch(int limit, OutEvent **out)
 {
-	Oid			types[3] = {INT8OID, INT4OID, TEXTARRAYOID};
-	Datum		values[3];
+	Oid			types[5] = {INT8OID, INT4OID, TEXTARRAYOID, TIMESTAMPTZOID, TEXTARRAYOID};
+	Datum		values[5];
+	char		nulls[5] = "     ";
 	OutEvent   *ev;
 	int			n;
 	Datum	   *skip;
 	int			nskip = 0;
 	ListCell   *lc;
 
-	skip = palloc(sizeof(Datum) * Max(list_length(aside), 1));
+	skip = palloc(sizeof(Datum) * Max(list_length(aside) + list_length(owed), 1));
 	foreach(lc, aside)
 		skip[nskip++] = CStringGetTextDatum(lfirst(lc));
-	begin_xact("billing events: reading the outbox");
+	foreach(lc, owed)
+		skip[nskip++] = CStringGetTextDatum(lfirst(lc));
 	values[0] = Int64GetDatum(redeliver ? redeliver_after : 0);
 	values[1] = Int32GetDatum(limit);
 	values[2] = PointerGetDatum(construct_array(skip, nskip, TEXTOID, -1, false, TYPALIGN_INT));
+	values[3] = TimestampTzGetDatum(floor_at);
+	values[4] = (Datum) 0;
+	nulls[4] = 'n';
+	if (only != NIL)
+	{
+		Datum	   *tenants = palloc(sizeof(Datum) * list_length(only));
+		int			m = 0;
+
+		foreach(lc, only)
+			tenants[m++] = CStringGetTextDatum(lfirst(lc));
+		values[4] = PointerGetDatum(construct_array(tenants, m, TEXTOID, -1, false, TYPALIGN_INT));
+		nulls[4] = ' ';
+	}
+	begin_xact("billing events: reading the outbox");
 	if (SPI_execute_with_args(redeliver ?
 							  "SELECT e.event_id, e.tenant_id, e.seq, e.type, e.payload::pg_catalog.text, "
-							  "  e.created_at, e.delivered_at IS NOT NULL "
+							  "  e.created_at, e.delivered_at "
 							  "FROM billing.events e "
-							  "WHERE (e.event_id OPERATOR(pg_catalog.>) $1 OR e.delivered_at IS NULL) "
+							  "WHERE (e.delivered_at IS NULL "
+							  "       OR (e.event_id OPERATOR(pg_catalog.>) $1 "
+							  "           AND e.delivered_at OPERATOR(pg_catalog.>) $4 "
+							  "           AND ($5 IS NULL OR e.tenant_id OPERATOR(pg_catalog.=) ANY ($5)))) "
 							  "  AND NOT e.tenant_id OPERATOR(pg_catalog.=) ANY ($3) "
 							  "ORDER BY e.event_id LIMIT $2" :
 							  "SELECT e.event_id, e.tenant_id, e.seq, e.type, e.payload::pg_catalog.text, "
-							  "  e.created_at, false "
+							  "  e.created_at, NULL::pg_catalog.timestamptz "
 							  "FROM billing.events e "
 							  "WHERE e.delivered_at IS NULL AND e.event_id OPERATOR(pg_catalog.>) $1 "
 							  "  AND NOT e.tenant_id OPERATOR(pg_catalog.=) ANY ($3) "
 							  "ORDER BY e.event_id LIMIT $2",
-							  3, types, values, NULL, true, 0) != SPI_OK_SELECT)
+							  5, types, values, nulls, true, 0) != SPI_OK_SELECT)
 		elog(ERROR, "billing events: reading the outbox failed");
 	n = SPI_processed;
 	ev = MemoryContextAllocZero(outbox_cxt, sizeof(OutEvent) * Max(n, 1));
@@ -345,6 +522,7 @@ fetch(int limit, OutEvent **out)
 		TupleDesc	desc = SPI_tuptable->tupdesc;
 		bool		isnull;
 		MemoryContext old = MemoryContextSwitchTo(outbox_cxt);
+		Datum		at;
 
 		ev[i].event_id = DatumGetInt64(SPI_getbinval(tup, desc, 1, &isnull));
 		ev[i].tenant = TextDatumGetCString(SPI_getbinval(tup, desc, 2, &isnull));
@@ -353,7 +531,10 @@ fetch(int limit, OutEvent **out)
 		ev[i].payload = TextDatumGetCString(SPI_getbinval(tup, desc, 5, &isnull));
 		ev[i].created_at = DatumGetTimestampTz(SPI_getbinval(tup, desc, 6, &isnull));
 		ev[i].created = events_iso_time(ev[i].created_at);
-		ev[i].delivered = DatumGetBool(SPI_getbinval(tup, desc, 7, &isnull));
+		at = SPI_getbinval(tup, desc, 7, &isnull);
+		ev[i].delivered = !isnull;
+		if (!isnull)
+			ev[i].delivered_at = DatumGetTimestampTz(at);
 		MemoryContextSwitchTo(old);
 	}
 	end_xact();
@@ -407,12 +588,13 @@ is_wrongtype(const redisReply *r)
 }
 
 /*
- * Send a batch; sets `accepted` on the events Redis took.  False: Redis
+ * Send a batch; sets `accepted` on the events Redis took.  The pipeline
+ * ends with SET of the watermark to mark_at, unless frozen.  False: Redis
  * failed (the connection is closed), or the all-tenants stream cannot be
  * written (its key has another type): nothing is marked.
  */
 static bool
-send_batch(OutEvent *ev, int n)
+send_batch(OutEvent *ev, int n, TimestampTz mark_at, bool frozen)
 {
 	StringInfoData buf;
 	char	   *all_key = stream_all_key();
@@ -434,7 +616,9 @@ send_batch(OutEvent *ev, int n)
 		if (buf.len >= 1024 * 1024 && !redis_send(&buf, 0))
 			return false;
 	}
-	if (!redis_send(&buf, 2 * n))
+	if (!frozen)
+		append_watermark(&buf, mark_at);
+	if (!redis_send(&buf, 2 * n + (frozen ? 0 : 1)))
 		return false;
 	pfree(buf.data);
 
@@ -491,6 +675,12 @@ send_batch(OutEvent *ev, int n)
 		/* a tenant that failed: its later events wait too (their order) */
 		ev[i].accepted = ok && !is_aside(ev[i].tenant);
 	}
+	if (!frozen)
+	{
+		if (!watermark_reply(redis_receive()))
+			return false;
+		written = mark_at;
+	}
 	if (all_failed)
 	{
 		if (!failure_logged)
@@ -506,9 +696,9 @@ send_batch(OutEvent *ev, int n)
 	return true;
 }
 
-/* mark what Redis accepted delivered; statistics */
+/* mark what Redis accepted delivered at mark_at; statistics */
 static void
-mark_delivered(OutEvent *ev, int n)
+mark_delivered(OutEvent *ev, int n, TimestampTz mark_at)
 {
 	Oid			types[3] = {TEXTARRAYOID, INT8ARRAYOID, TIMESTAMPTZOID};
 	Datum		values[3];
@@ -530,7 +720,7 @@ mark_delivered(OutEvent *ev, int n)
 	begin_xact("billing events: marking events delivered");
 	values[0] = PointerGetDatum(construct_array(tenants, m, TEXTOID, -1, false, TYPALIGN_INT));
 	values[1] = PointerGetDatum(construct_array(seqs, m, INT8OID, 8, FLOAT8PASSBYVAL, TYPALIGN_DOUBLE));
-	values[2] = TimestampTzGetDatum(now);
+	values[2] = TimestampTzGetDatum(mark_at);
 	if (SPI_execute_with_args("UPDATE billing.events e SET delivered_at = $3 "
 							  "FROM ROWS FROM (pg_catalog.unnest($1), pg_catalog.unnest($2)) AS u(t, s) "
 							  "WHERE e.tenant_id OPERATOR(pg_catalog.=) u.t "
@@ -558,6 +748,76 @@ mark_delivered(OutEvent *ev, int n)
 }
 
 /*
+ * Redis holds less than it should (held: the watermark read back): send
+ * again, in event_id order, every event delivered after it.  From nothing,
+ * WATERMARK_FROM_ALL is written first, so that a Redis lost again mid-way
+ * is seen.  Tenants aside now are owed their events.
+ */
+static bool
+start_redelivery(TimestampTz held)
+{
+	ListCell   *lc;
+
+	if (held == WATERMARK_NONE)
+	{
+		if (!watermark_write(WATERMARK_FROM_ALL))
+			return false;
+		held = WATERMARK_FROM_ALL;
+	}
+	if (started)
+		ereport(LOG,
+				(errmsg("billing events: Redis lost events it was sent: sending again every event delivered %s",
+						held == WATERMARK_FROM_ALL ? "(its watermark key is gone)" :
+						psprintf("after %s (its watermark)", timestamptz_to_str(held))),
+				 errdetail("Redis restarted empty or from an older copy, was flushed, or failed over to a replica that lagged.")));
+	started = true;
+	floor_at = held;
+	top = Max(top, held);
+	redeliver = true;
+	redeliver_after = 0;
+	list_free_deep(only);
+	only = NIL;
+	foreach(lc, aside)
+		owed = add_tenant(owed, lfirst(lc));
+	return true;
+}
+
+/* the tenants owed a redelivery that are no longer aside get theirs */
+static void
+start_owed(void)
+{
+	List	   *still = NIL;
+	ListCell   *lc;
+
+	foreach(lc, owed)
+	{
+		if (is_aside(lfirst(lc)))
+			still = add_tenant(still, lfirst(lc));
+		else
+			only = add_tenant(only, lfirst(lc));
+	}
+	list_free_deep(owed);
+	owed = still;
+	if (only != NIL)
+	{
+		redeliver = true;
+		redeliver_after = 0;
+	}
+}
+
+/* a redelivery sent everything: unless tenants are owed, move the watermark */
+static bool
+end_redelivery(void)
+{
+	redeliver = false;
+	list_free_deep(only);
+	only = NIL;
+	if (owed != NIL)
+		return true;
+	return watermark_write(next_mark());
+}
+
+/*
  * Deliver what there is, at most BATCHES_PER_CYCLE batches; true when more
  * is waiting (the worker comes back at once).
  */
@@ -570,36 +830,42 @@ deliver(void)
 	{
 		OutEvent   *ev;
 		int			n;
-		int			exists;
+		TimestampTz held;
+		TimestampTz mark_at;
+		bool		frozen;
 		uint64		committed = billing_events ?
 			pg_atomic_read_u64(&billing_events->committed) : 0;
 
 		if (!mirror_connected())
 			return false;
-		/* Redis lost the streams (a restart, FLUSHALL): send everything again */
-		exists = stream_exists();
-		if (exists < 0)
+		/* does Redis hold what it was sent? */
+		if (!watermark_read(&held))
 			return false;
-		if (!exists && !redeliver)
+		frozen = redeliver || owed != NIL;
+		if (!started || held < (frozen ? floor_at : written))
 		{
-			redeliver = true;
-			redeliver_after = 0;
+			if (!start_redelivery(held))
+				return false;
 		}
+		else if (!redeliver && owed != NIL)
+			start_owed();
+		frozen = redeliver || owed != NIL;
 		n = fetch(batch, &ev);
 		seen_committed = committed;
 		polled_once = true;
 		if (n == 0)
 		{
-			if (redeliver)
-			{
-				redeliver = false;
-				continue;
-			}
+			if (redeliver && !end_redelivery())
+				return false;
 			return false;
 		}
-		if (!send_batch(ev, n))
+		mark_at = next_mark();
+		if (!send_batch(ev, n, mark_at, frozen))
 			return false;
-		mark_delivered(ev, n);
+		for (int i = 0; i < n; i++)
+			if (ev[i].accepted && ev[i].delivered)
+				top = Max(top, ev[i].delivered_at);
+		mark_delivered(ev, n, mark_at);
 		if (redeliver)
 			redeliver_after = ev[n - 1].event_id;
 		if (failure_logged)
@@ -607,8 +873,12 @@ deliver(void)
 		failure_logged = false;
 		MemoryContextReset(outbox_cxt);
 		CHECK_FOR_INTERRUPTS();
-		if (n < batch && !redeliver)
+		if (n < batch)
+		{
+			if (redeliver && !end_redelivery())
+				return false;
 			return false;
+		}
 	}
 	return true;
 }

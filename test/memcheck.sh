@@ -17,7 +17,9 @@
 #    billing.database): pushes, API-key hashes, hold expiry by the
 #    maintenance, FLUSHALL (full resync), a hand-edited hash (consistency
 #    check repair), a Redis outage, a reload with new Redis settings and a
-#    terminated worker: worker.c and sync.c run under memcheck too;
+#    terminated worker, events crossing low-balance thresholds (sent again
+#    after the FLUSHALL, one tenant's stream key of another type meanwhile):
+#    worker.c, sync.c and outbox.c run under memcheck too;
 # 5. stop the cluster, then read every valgrind log: every error block is
 #    counted; the blocks whose stack (or allocation / origin stack) is in
 #    billing.so (a frame in src/*.c) are printed, grouped by error kind + first
@@ -268,7 +270,8 @@ q -c "SELECT count(*) FROM generate_series(1, 20) AS i, LATERAL billing_account_
 	-c "SELECT count(*) FROM generate_series(1, 20) AS i, LATERAL billing_credit('m-' || i, 1000, 'm-' || i || '-topup')" \
 	-c "SELECT count(*) FROM billing_limits_set('m-1', daily_requests => 1000, monthly_spend => 500, max_charge => 50)" \
 	-c "SELECT count(*) FROM billing_api_key_create('m-1', 'k1', 100, 'day')" \
-	-c "SELECT count(*) FROM billing_api_key_create('m-2', 'k2')" >/dev/null
+	-c "SELECT count(*) FROM billing_api_key_create('m-2', 'k2')" \
+	-c "SELECT count(*) FROM generate_series(1, 20) AS i, LATERAL billing_alerts_set('m-' || i, low_balance => 999.9)" >/dev/null
 # deducts in many small transactions (the worker wakes per commit) and in batches
 for i in $(seq 1 30); do
 	q -c "SELECT count(*) FROM billing_deduct('m-$((i % 20 + 1))', 0.5, 'm-d-$i')" >/dev/null
@@ -282,10 +285,15 @@ q -c "SELECT count(*) FROM billing_hold('m-3', 5, 'm-h1', expires_in => '1 secon
 	-c "SELECT count(*) FROM billing_capture('m-4', 'm-h2', 2, 'm-h2-c1', final => true)" >/dev/null
 converge
 sleep 3 # the maintenance expires m-h1 and the consistency check runs
-say "worker: FLUSHALL (full resync)"
+say "worker: FLUSHALL (full resync; the events sent again, one tenant's stream key of another type meanwhile)"
 rcli FLUSHALL >/dev/null
+rcli SET 'billing:{m-2}:events' 'not a stream' >/dev/null
 q -c "SELECT count(*) FROM billing_deduct('m-5', 0.25, 'm-after-flush')" >/dev/null
+q -c "SELECT count(*) FROM billing_deduct('m-2', 0.25, 'm-2-after-flush')" >/dev/null
 converge
+sleep 2
+rcli DEL 'billing:{m-2}:events' >/dev/null
+wait_for 120 "events_backlog = 0 AND events_delivered > 0"
 say "worker: a hand-edited hash (repair by the consistency check)"
 rcli HSET 'billing:{m-6}' balance 1 >/dev/null
 wait_for 60 "repaired > 0"

@@ -7,7 +7,10 @@
 # order) and <prefix>:events; NOTIFY billing_events announces committed
 # events (with billing.events_notify on; nothing when it is off) and none of
 # a rolled-back transaction; a key of another type sets
-# that tenant aside (the others are delivered) until it is fixed; an edited
+# that tenant aside (the others are delivered) until it is fixed; the
+# watermark: a Redis restarted from an older copy, or flushed, gets the
+# events it lost again, and a tenant set aside meanwhile gets all of its
+# own once it is fixed; an edited
 # hash gives mirror.repaired with the fields that differed; delivered events
 # are pruned after billing.events_retention, undelivered ones are not;
 # `promtool check metrics` accepts billing_metrics().
@@ -153,6 +156,84 @@ $redis->cli('DEL', 'billing:{a2}:events');
 ok(wait_for(120, \&delivered_all), "a2's event is delivered once the key is gone (the retry comes every 5 s)");
 is(tenant_stream('a2'), outbox('a2'), "a2's stream holds its event");
 is(tenant_stream('a1'), outbox('a1'), "a1's stream holds its events, in order, each once");
+
+# What Redis holds: its watermark.  Each batch ends its pipeline with SET
+# billing:events:watermark T and marks its events delivered at T (PostgreSQL
+# microseconds), so every event marked at or before the watermark is in the
+# streams.  A watermark that is missing or older than the last one written
+# makes the worker send again what was delivered after it.
+sub watermark { return $redis->cli('GET', 'billing:events:watermark') }
+sub streams_complete
+{
+	for my $t (@_)
+	{
+		return 0 unless tenant_stream($t) eq outbox($t);
+	}
+	return 1;
+}
+sub log_count
+{
+	my ($re) = @_;
+	my @m = slurp_file($node->logfile) =~ /$re/g;
+	return scalar @m;
+}
+my $micros = "(extract(epoch FROM delivered_at) * 1000000)::bigint - 946684800000000";
+my $wm = watermark();
+like($wm, qr/^\d+$/, 'Redis holds the watermark of the events it has');
+is(qv("SELECT count(*) FROM billing.events WHERE $micros > $wm"), '0', 'no event was marked delivered after it');
+
+# a Redis restarted from an older copy (an RDB file here; an AOF that lost
+# its tail, or a replica that lagged, are the same): the events delivered
+# after the copy are sent again, the ones before are not
+$redis->cli('SAVE');
+ok(-s "$redis->{dir}/dump.rdb", 'a copy of Redis (SAVE)');
+sql("SELECT billing_credit('a1', 60, 'a1-c3'); SELECT billing_deduct('a1', 60, 'a1-d3')");    # a1 seq 3
+sql("SELECT billing_credit('a3', 60, 'a3-c2'); SELECT billing_deduct('a3', 60, 'a3-d2')");    # a3 seq 2
+ok(wait_for(120, \&delivered_all), 'the events after the copy are delivered');
+ok(streams_complete('a1', 'a3'), "a1's and a3's streams have them");
+my $lost_before = log_count(qr/Redis lost events it was sent/);
+$redis->kill9;
+$redis->start;
+unlink "$redis->{dir}/dump.rdb";    # the later restarts start empty
+ok(wait_for(120, sub { streams_complete('a1', 'a2', 'a3') }),
+	'a Redis restarted from an older copy gets the events delivered after it, each tenant in order');
+my $all2 = stream('billing:events') // [];
+ok((grep { $_->[1]{tenant_id} eq 'a1' && $_->[1]{seq} eq '3' } @$all2), 'the all-tenants stream has them too');
+is(scalar(grep { $_->[1]{tenant_id} eq 'a1' && $_->[1]{seq} eq '1' } @$all2), 1,
+	'and what the copy had once (nothing delivered before its watermark is sent again)');
+ok(log_count(qr/Redis lost events it was sent: sending again every event delivered after /) > $lost_before, 'the log says so');
+
+# the state a worker that died during a redelivery (or a Redis flushed with
+# a client writing to billing:events) leaves: the all-tenants stream is
+# there, the tenants' streams and the watermark are not.  That the stream
+# exists says nothing: everything is sent again.
+my $rc = $redis->connect(timeout => 30);
+$rc->command('MULTI');
+$rc->command('FLUSHALL');
+$rc->command('XADD', 'billing:events', '*', 'note', 'left by a redelivery cut short');
+$rc->command('EXEC');
+$rc->close;
+ok(wait_for(120, sub { streams_complete('a1', 'a2', 'a3') }),
+	'with the all-tenants stream there but the watermark gone, every tenant gets its events again');
+ok(wait_for(120, sub { watermark() =~ /^\d+$/ }), 'and the watermark is written again when all are sent');
+
+# a tenant set aside during a redelivery is owed its events: once its key
+# is fixed it gets every one of them, not only undelivered ones, and the
+# watermark stays at "from the start" until then
+my $aside_before = log_count(qr/could not deliver the events of tenant "a2"/);
+$rc = $redis->connect(timeout => 30);
+$rc->command('MULTI');
+$rc->command('FLUSHALL');
+$rc->command('SET', 'billing:{a2}:events', 'not a stream');
+$rc->command('EXEC');
+$rc->close;
+ok(wait_for(120, sub { streams_complete('a1', 'a3') && log_count(qr/could not deliver the events of tenant "a2"/) > $aside_before }),
+	'the other tenants get their events again; a2 is set aside');
+is(watermark(), '-9223372036854775807', 'the watermark stays at "from the start" while a2 is owed its events');
+$redis->cli('DEL', 'billing:{a2}:events');
+ok(wait_for(120, sub { streams_complete('a2') }), "once its key is gone a2 gets every event it had (the retry comes every 5 s)");
+ok(wait_for(120, sub { watermark() =~ /^\d+$/ }), 'then the watermark moves');
+is(qv("SELECT count(*) FROM billing.events WHERE $micros > " . watermark()), '0', 'past every event marked delivered');
 
 # a housekeeping step that fails (here the grant.expiring sweep) is logged
 # and never holds up the delivery of events
