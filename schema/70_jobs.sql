@@ -173,13 +173,13 @@ BEGIN
     IF j.state = 'processing' THEN
         short_of := least(until + j.hold_ttl / 2, short_of);
     END IF;
-    -- two tests, not one expression: with Citus a query on billing.holds
-    -- that calls a function querying it again is a nested distributed query
-    IF NOT billing.job_hold_open(j) THEN
-        RETURN;
-    END IF;
+    -- open, safely before its expiry (as billing.job_hold_open), and short:
+    -- one lookup, with no function call in it (with Citus a query on
+    -- billing.holds that calls a function querying it again is a nested
+    -- distributed query)
     IF EXISTS (SELECT FROM billing.holds h
                 WHERE h.tenant_id = j.tenant_id AND h.trace_id = j.hold_trace_id
+                  AND h.status = 'open' AND h.expires_at > clock_timestamp() + interval '1 second'
                   AND h.expires_at < short_of) THEN
         PERFORM @extschema@.billing_hold_extend(j.tenant_id, j.hold_trace_id, wanted);
     END IF;
@@ -210,9 +210,11 @@ BEGIN
     j.lease_until := NULL;
     j.updated_at := now();
     IF retryable AND j.attempt < j.max_attempts THEN
-        -- River-style backoff: attempt^4 seconds, +-10 % jitter
+        -- River-style backoff: attempt^4 seconds, +-10 % jitter, at most 30
+        -- days (as submit's run_at: the hold, at most 31 days, outlives it)
         j.state := 'queued';
-        j.run_at := now() + make_interval(secs => power(j.attempt, 4) * (0.9 + 0.2 * random()));
+        j.run_at := now() + least(make_interval(secs => power(j.attempt, 4) * (0.9 + 0.2 * random())),
+                                  interval '30 days');
         PERFORM billing.job_keep_hold(j, j.run_at);
     ELSE
         PERFORM billing.job_release_hold(j);

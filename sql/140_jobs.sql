@@ -783,6 +783,24 @@ SELECT kind, state, spans, avg_time >= interval '0' AS has_times
 SELECT idempotency_key, state FROM billing_job_cancel('job-f', jid('job-f', 'f2'));
 
 --
+-- The backoff waits at most 30 days, as submit's run_at may: the hold (at
+-- most 31 days from now) then outlives the wait.  Attempt 45 of 100 (set by
+-- hand; attempt^4 seconds would be about 47 days) waits exactly 30 days.
+--
+SELECT tenant_id FROM billing_account_create('job-bk');
+SELECT balance_after FROM billing_credit('job-bk', 20, 'job-bk-topup');
+SELECT idempotency_key FROM billing_job_submit('job-bk', 'job-video', 'bk1', 4, max_attempts => 100);
+SELECT attempt FROM billing_job_claim('job-wb', tenant_id => 'job-bk');
+UPDATE billing.jobs SET attempt = 45 WHERE tenant_id = 'job-bk' AND idempotency_key = 'bk1';
+SELECT state, attempt, run_at - now() AS backoff
+  FROM billing_job_fail('job-bk', jid('job-bk', 'bk1'), 'upstream 503', retryable => true, worker => 'job-wb');
+SELECT h.expires_at >= j.run_at + j.hold_ttl
+           AND h.expires_at < j.run_at + j.hold_ttl + interval '1 minute' AS hold_until_run_at_plus_ttl,
+       h.expires_at - now() <= interval '31 days' AS at_most_31_days
+  FROM billing.jobs j JOIN billing.holds h ON h.tenant_id = j.tenant_id AND h.trace_id = j.hold_trace_id
+ WHERE j.tenant_id = 'job-bk' AND j.idempotency_key = 'bk1';
+
+--
 -- The ledger of this file's tenants is consistent, and the job invariants
 -- hold for every job of this file: a completed job's charge is a debit of its tenant for exactly
 -- its actual cost under trace id job:<job_id>:charge (or there is no

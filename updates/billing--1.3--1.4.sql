@@ -2751,16 +2751,45 @@ BEGIN
     IF j.state = 'processing' THEN
         short_of := least(until + j.hold_ttl / 2, short_of);
     END IF;
-    -- two tests, not one expression: with Citus a query on billing.holds
-    -- that calls a function querying it again is a nested distributed query
-    IF NOT billing.job_hold_open(j) THEN
-        RETURN;
-    END IF;
+    -- open, safely before its expiry (as billing.job_hold_open), and short:
+    -- one lookup, with no function call in it (with Citus a query on
+    -- billing.holds that calls a function querying it again is a nested
+    -- distributed query)
     IF EXISTS (SELECT FROM billing.holds h
                 WHERE h.tenant_id = j.tenant_id AND h.trace_id = j.hold_trace_id
+                  AND h.status = 'open' AND h.expires_at > clock_timestamp() + interval '1 second'
                   AND h.expires_at < short_of) THEN
         PERFORM @extschema@.billing_hold_extend(j.tenant_id, j.hold_trace_id, wanted);
     END IF;
+END;
+$$;
+
+-- a failed attempt: retry with backoff while attempts remain, else failed (hold released)
+CREATE OR REPLACE FUNCTION billing.job_fail_attempt(j billing.jobs, error text, retryable boolean) RETURNS billing.jobs
+    LANGUAGE plpgsql
+    SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    j.last_error := error;
+    j.lease_until := NULL;
+    j.updated_at := now();
+    IF retryable AND j.attempt < j.max_attempts THEN
+        -- River-style backoff: attempt^4 seconds, +-10 % jitter, at most 30
+        -- days (as submit's run_at: the hold, at most 31 days, outlives it)
+        j.state := 'queued';
+        j.run_at := now() + least(make_interval(secs => power(j.attempt, 4) * (0.9 + 0.2 * random())),
+                                  interval '30 days');
+        PERFORM billing.job_keep_hold(j, j.run_at);
+    ELSE
+        PERFORM billing.job_release_hold(j);
+        j.state := 'failed';
+        j.finished_at := now();
+    END IF;
+    UPDATE billing.jobs x
+       SET state = j.state, run_at = j.run_at, lease_until = NULL, last_error = j.last_error,
+           updated_at = j.updated_at, finished_at = j.finished_at, note = error
+     WHERE x.tenant_id = j.tenant_id AND x.job_id = j.job_id;
+    RETURN j;
 END;
 $$;
 
