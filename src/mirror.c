@@ -64,6 +64,7 @@ static int32 *node_max = NULL;
 
 /* the wipe of another ledger's hashes, across steps */
 static bool wiping = false;
+static uint64 wipes = 0;			/* wipes started (outbox.c sends the events again) */
 static char wipe_cursor[32];
 static int64 wipe_calls;
 static int64 wipe_limit;
@@ -128,6 +129,18 @@ int32
 mirror_node_group(void)
 {
 	return node_group;
+}
+
+bool
+mirror_wiping(void)
+{
+	return wiping;
+}
+
+uint64
+mirror_wipes(void)
+{
+	return wipes;
 }
 
 /* is key <prefix>:{tenant}... of a tenant of this node (see node_group)? */
@@ -453,6 +466,7 @@ wipe_start(void)
 	wipe_calls = 0;
 	strlcpy(wipe_cursor, "0", sizeof(wipe_cursor));
 	wiping = true;
+	wipes++;
 	return true;
 }
 

@@ -33,6 +33,13 @@ extern void mirror_note_node(int32 group, int nranges, const int32 *min,
 							 const int32 *max);
 extern int32 mirror_node_group(void);
 
+/*
+ * A wipe of another ledger's keys deletes every <prefix>:{…} key, the
+ * tenants' event streams too: is one running, and how many have started?
+ */
+extern bool mirror_wiping(void);
+extern uint64 mirror_wipes(void);
+
 extern bool mirror_check_run_id(void);
 extern bool mirror_check_marker(void);
 extern bool mirror_set_marker(void);

@@ -24,22 +24,27 @@
  * RETRY_MS, its later events with it (their order); the others go on.
  *
  * What Redis holds: the watermark key <prefix>:events:watermark (on Citus
- * :<node group>) holds a time W such that every event marked delivered at
- * or before W is in the streams.  Each batch picks its delivered_at T
- * before it sends, ends its pipeline with SET watermark T, and marks with
- * T: Redis applies (and persists, replicates) a pipeline in order, so a
- * Redis that has T has the batch.  Before each batch the worker reads the
- * watermark back.  Missing (a restart without persistence, FLUSHALL) or
- * older than the last one written (a restart from an older RDB or AOF, a
- * failover to a replica that lagged), and at the worker's start: a
- * redelivery sends again, in event_id order, every event delivered after
- * what Redis holds, with the undelivered ones.  During it the watermark
- * stays where it was, so a worker that dies or a Redis that is lost again
- * mid-way starts over from it; it moves when everything is sent.  A tenant
- * set aside during a redelivery is owed its events: it is skipped until
- * the redelivery is over and it is no longer aside, then a redelivery of
- * its own sends them, and only then does the watermark move.  No
- * transaction is open during Redis I/O.
+ * :<node group>) holds "W S": every event marked delivered at or before W
+ * is in the streams, and S is the stamp of the last write.  Each batch
+ * picks its delivered_at T before it sends, ends its pipeline with GETSET
+ * of the watermark to "T T", and marks with T: Redis applies (persists,
+ * replicates) a pipeline in order, so a Redis that has the watermark has
+ * the batch.  The old value GETSET returns must be what the worker wrote
+ * last: missing (a restart without persistence, FLUSHALL), lower (a
+ * restart from an older RDB or AOF, a failover to a replica that lagged)
+ * or not a watermark, Redis lost events, even between the check and the
+ * write.  The worker also reads it (GET) before each batch, so a loss is
+ * seen when there is nothing to send.  Then, and at the worker's start, a
+ * redelivery sends
+ * again, in event_id order, every event delivered after W, with the
+ * undelivered ones.  During it W stays (the batches write "W T"), so a
+ * worker that dies or a Redis that is lost again mid-way starts over from
+ * it; it moves when everything is sent.  A tenant set aside during a
+ * redelivery is owed its events: it is skipped until the redelivery is
+ * over and it is no longer aside, then a redelivery of its own sends them,
+ * and only then does W move.  A wipe of another ledger's keys by the
+ * mirror (mirror.c) deletes the tenants' streams: delivery waits for it,
+ * then sends everything.  No transaction is open during Redis I/O.
  *
  *-------------------------------------------------------------------------
  */
@@ -82,6 +87,8 @@
 
 static MemoryContext outbox_cxt = NULL;
 
+static bool is_wrongtype(const redisReply *r);
+
 /* is the outbox there and may we use it? (checked now and then) */
 static bool usable = false;
 static TimestampTz usable_checked_at = 0;
@@ -97,18 +104,25 @@ static bool failure_logged = false;
 
 /*
  * The watermark (see above).  started: read once since the worker started.
- * written: the last value this worker wrote, what Redis must hold unless
- * frozen (a redelivery running or tenants owed), when it must hold floor.
- * A missing watermark reads as WATERMARK_NONE, below every time; a
- * redelivery that starts from nothing writes WATERMARK_FROM_ALL first, so
- * that losing Redis again mid-way is seen.
+ * written: what Redis must hold (the last value written).  A missing one
+ * (or not a watermark) reads as WATERMARK_NONE, below every time; a
+ * redelivery that starts from nothing writes WATERMARK_FROM_ALL, so that
+ * losing Redis again mid-way is seen.
  */
 #define WATERMARK_NONE		PG_INT64_MIN
 #define WATERMARK_FROM_ALL	(PG_INT64_MIN + 1)
+typedef struct Watermark
+{
+	TimestampTz upto;			/* W: every event marked at or before it is there */
+	TimestampTz stamp;			/* S: the last write's */
+} Watermark;
 static bool started = false;
-static TimestampTz written = WATERMARK_NONE;
-static TimestampTz floor_at = WATERMARK_NONE;	/* redelivery: what Redis held */
-static TimestampTz top = WATERMARK_NONE;	/* the latest delivered_at written, read or sent */
+static Watermark written = {WATERMARK_NONE, WATERMARK_NONE};
+static TimestampTz floor_at = WATERMARK_NONE;	/* redelivery: W it started from */
+static TimestampTz top = WATERMARK_NONE;	/* the latest time written or marked */
+static uint64 seen_wipes = 0;
+static bool pending = false;	/* Redis lost events: a redelivery is due */
+static TimestampTz pending_from = WATERMARK_NONE;
 
 /* a redelivery: events after floor_at from this event_id on (of `only`) */
 static bool redeliver = false;
@@ -288,74 +302,106 @@ watermark_key(void)
 }
 
 /*
- * The watermark Redis holds: WATERMARK_NONE when missing or not a number
- * we wrote (Redis is untrusted: anything else is as good as missing).
- * False: Redis failed, or the key has another type (logged; the delivery
- * waits RETRY_MS).
+ * A watermark from a reply (GET, GETSET): "W S", two numbers.  Anything
+ * else, nil included, is WATERMARK_NONE: Redis is untrusted, and taking a
+ * value for missing sends too much, never too little.  An error reply
+ * (WRONGTYPE: the key is not a string) too; the next write, a SET,
+ * replaces it.  False: another type of reply (the connection is closed).
  */
 static bool
-watermark_read(TimestampTz *out)
+watermark_parse(redisReply *r, Watermark *out, const char *what)
 {
-	char	   *key = watermark_key();
-	const char *argv[] = {"GET", key};
-	redisReply *r = redis_command("GET of the events watermark", 2, argv, NULL);
-	char		why[128];
-
-	*out = WATERMARK_NONE;
-	if (r == NULL)
-		return false;
-	if (r->type == REDIS_REPLY_ERROR)
+	out->upto = out->stamp = WATERMARK_NONE;
+	if (r->type == REDIS_REPLY_STRING && r->len >= 3 && r->len <= 41)
 	{
-		redis_reply_text(r, why, sizeof(why));
-		redis_free(r);
-		if (!failure_logged)
-			ereport(LOG,
-					(errmsg("billing events: could not read the watermark %s: %s", key, why),
-					 errhint("The key must be a Redis string (or not exist); the worker tries again every %d s.",
-							 RETRY_MS / 1000)));
-		failure_logged = true;
-		note_error("GET of %s: %s", key, why);
-		failed_until = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), RETRY_MS);
-		return false;
-	}
-	if (r->type == REDIS_REPLY_STRING && r->len > 0 && r->len <= 20)
-	{
-		char		buf[21];
+		char		buf[42];
 		char	   *end;
-		long long	v;
+		long long	w,
+					st;
 
 		memcpy(buf, r->str, r->len);
 		buf[r->len] = '\0';
 		errno = 0;
-		v = strtoll(buf, &end, 10);
-		if (errno == 0 && *end == '\0' && (isdigit((unsigned char) buf[0]) || buf[0] == '-') &&
-			v > WATERMARK_NONE)
-			*out = (TimestampTz) v;
+		w = strtoll(buf, &end, 10);
+		if (errno == 0 && end != buf && *end == ' ' && w > WATERMARK_NONE)
+		{
+			char	   *s2 = end + 1;
+
+			st = strtoll(s2, &end, 10);
+			if (errno == 0 && end != s2 && *end == '\0' && st > WATERMARK_NONE)
+			{
+				out->upto = (TimestampTz) w;
+				out->stamp = (TimestampTz) st;
+			}
+		}
+	}
+	else if (r->type == REDIS_REPLY_ERROR)
+	{
+		char		why[128];
+
+		redis_reply_text(r, why, sizeof(why));
+		if (!is_wrongtype(r))
+		{
+			redis_free(r);
+			redis_close("%s: %s", what, why);
+			return false;
+		}
+		ereport(LOG,
+				(errmsg("billing events: the watermark key is not a string (%s): it is replaced, and every event sent again",
+						why)));
 	}
 	else if (r->type != REDIS_REPLY_NIL && r->type != REDIS_REPLY_STRING)
-		return redis_unexpected(r, "GET of the events watermark");
+		return redis_unexpected(r, what);
 	redis_free(r);
-	pfree(key);
 	return true;
 }
 
+/*
+ * What Redis held before a write (old): less than written last, Redis
+ * lost events; a redelivery from what it held is due.
+ */
 static void
-append_watermark(StringInfo buf, TimestampTz at)
+check_held(Watermark old)
+{
+	if (old.upto != WATERMARK_NONE &&
+		old.upto >= written.upto && old.stamp >= written.stamp)
+		return;
+	pending_from = pending ? Min(pending_from, old.upto) : old.upto;
+	pending = true;
+}
+
+/* what Redis holds (GET before each batch) */
+static bool
+watermark_read(Watermark *out)
 {
 	char	   *key = watermark_key();
-	char		num[32];
+	const char *argv[] = {"GET", key};
+	redisReply *r = redis_command("GET of the events watermark", 2, argv, NULL);
 
-	snprintf(num, sizeof(num), INT64_FORMAT, (int64) at);
+	out->upto = out->stamp = WATERMARK_NONE;
+	if (r == NULL)
+		return false;
+	return watermark_parse(r, out, "GET of the events watermark");
+}
+
+/* GETSET (check: the old value comes back) or SET (replaces any type) */
+static void
+append_watermark(StringInfo buf, Watermark w, bool check)
+{
+	char	   *key = watermark_key();
+	char		num[64];
+
+	snprintf(num, sizeof(num), INT64_FORMAT " " INT64_FORMAT, (int64) w.upto, (int64) w.stamp);
 	resp_head(buf, '*', 3);
-	resp_str(buf, "SET");
+	resp_str(buf, check ? "GETSET" : "SET");
 	resp_str(buf, key);
 	resp_str(buf, num);
 	pfree(key);
 }
 
-/* the reply to SET of the watermark; false: Redis failed (closed) */
+/* the reply to SET; false: Redis failed (closed) */
 static bool
-watermark_reply(redisReply *r)
+watermark_set_reply(redisReply *r)
 {
 	char		why[128];
 
@@ -375,21 +421,33 @@ watermark_reply(redisReply *r)
 	return false;
 }
 
+/*
+ * Write the watermark w: SET, or (check) GETSET and check what Redis held.
+ * False: Redis failed.
+ */
 static bool
-watermark_write(TimestampTz at)
+watermark_write(Watermark w, bool check)
 {
 	StringInfoData buf;
 
 	initStringInfo(&buf);
-	redis_begin("SET");
-	append_watermark(&buf, at);
+	redis_begin(check ? "GETSET" : "SET");
+	append_watermark(&buf, w, check);
 	if (!redis_send(&buf, 1))
 		return false;
 	pfree(buf.data);
-	if (!watermark_reply(redis_receive()))
+	if (check)
+	{
+		redisReply *r = redis_receive();
+		Watermark	old;
+
+		if (r == NULL || !watermark_parse(r, &old, "GETSET of the events watermark"))
+			return false;
+		check_held(old);
+	}
+	else if (!watermark_set_reply(redis_receive()))
 		return false;
-	written = at;
-	top = Max(top, at);
+	written = w;
 	return true;
 }
 
@@ -454,7 +512,10 @@ set_aside(const char *tenant, const char *why)
 
 /*
  * The next batch: undelivered events, and (redelivering) those delivered
- * after floor_at (of the tenants in `only`) from the cursor on.  Event ids
+ * after floor_at (of the tenants in `only`) from the cursor on: two index
+ * scans (events_undelivered_idx, events_id_idx from the cursor), merged in
+ * event_id order, so a batch costs the same at the end of a large outbox
+ * as at its start.  Event ids
  * are taken before commit, so an event may commit after a batch with
  * higher ids was read: the cursor alone would skip it, and the tenant's
  * next event (which commits after it: both hold the account lock) would
@@ -497,15 +558,23 @@ fetch(int limit, OutEvent **out)
 	}
 	begin_xact("billing events: reading the outbox");
 	if (SPI_execute_with_args(redeliver ?
-							  "SELECT e.event_id, e.tenant_id, e.seq, e.type, e.payload::pg_catalog.text, "
-							  "  e.created_at, e.delivered_at "
-							  "FROM billing.events e "
-							  "WHERE (e.delivered_at IS NULL "
-							  "       OR (e.event_id OPERATOR(pg_catalog.>) $1 "
-							  "           AND e.delivered_at OPERATOR(pg_catalog.>) $4 "
-							  "           AND ($5 IS NULL OR e.tenant_id OPERATOR(pg_catalog.=) ANY ($5)))) "
-							  "  AND NOT e.tenant_id OPERATOR(pg_catalog.=) ANY ($3) "
-							  "ORDER BY e.event_id LIMIT $2" :
+							  "SELECT * FROM ("
+							  " (SELECT e.event_id, e.tenant_id, e.seq, e.type, e.payload::pg_catalog.text, "
+							  "    e.created_at, e.delivered_at "
+							  "  FROM billing.events e "
+							  "  WHERE e.delivered_at IS NULL "
+							  "    AND NOT e.tenant_id OPERATOR(pg_catalog.=) ANY ($3) "
+							  "  ORDER BY e.event_id LIMIT $2) "
+							  " UNION ALL "
+							  " (SELECT e.event_id, e.tenant_id, e.seq, e.type, e.payload::pg_catalog.text, "
+							  "    e.created_at, e.delivered_at "
+							  "  FROM billing.events e "
+							  "  WHERE e.event_id OPERATOR(pg_catalog.>) $1 "
+							  "    AND e.delivered_at OPERATOR(pg_catalog.>) $4 "
+							  "    AND ($5 IS NULL OR e.tenant_id OPERATOR(pg_catalog.=) ANY ($5)) "
+							  "    AND NOT e.tenant_id OPERATOR(pg_catalog.=) ANY ($3) "
+							  "  ORDER BY e.event_id LIMIT $2)) AS u "
+							  "ORDER BY u.event_id LIMIT $2" :
 							  "SELECT e.event_id, e.tenant_id, e.seq, e.type, e.payload::pg_catalog.text, "
 							  "  e.created_at, NULL::pg_catalog.timestamptz "
 							  "FROM billing.events e "
@@ -589,12 +658,12 @@ is_wrongtype(const redisReply *r)
 
 /*
  * Send a batch; sets `accepted` on the events Redis took.  The pipeline
- * ends with SET of the watermark to mark_at, unless frozen.  False: Redis
- * failed (the connection is closed), or the all-tenants stream cannot be
- * written (its key has another type): nothing is marked.
+ * ends with GETSET of the watermark to w (check_held: what Redis held).
+ * False: Redis failed (the connection is closed), or the all-tenants
+ * stream cannot be written (its key has another type): nothing is marked.
  */
 static bool
-send_batch(OutEvent *ev, int n, TimestampTz mark_at, bool frozen)
+send_batch(OutEvent *ev, int n, Watermark w)
 {
 	StringInfoData buf;
 	char	   *all_key = stream_all_key();
@@ -616,9 +685,8 @@ send_batch(OutEvent *ev, int n, TimestampTz mark_at, bool frozen)
 		if (buf.len >= 1024 * 1024 && !redis_send(&buf, 0))
 			return false;
 	}
-	if (!frozen)
-		append_watermark(&buf, mark_at);
-	if (!redis_send(&buf, 2 * n + (frozen ? 0 : 1)))
+	append_watermark(&buf, w, true);
+	if (!redis_send(&buf, 2 * n + 1))
 		return false;
 	pfree(buf.data);
 
@@ -675,11 +743,14 @@ send_batch(OutEvent *ev, int n, TimestampTz mark_at, bool frozen)
 		/* a tenant that failed: its later events wait too (their order) */
 		ev[i].accepted = ok && !is_aside(ev[i].tenant);
 	}
-	if (!frozen)
 	{
-		if (!watermark_reply(redis_receive()))
+		redisReply *r = redis_receive();
+		Watermark	old;
+
+		if (r == NULL || !watermark_parse(r, &old, "GETSET of the events watermark"))
 			return false;
-		written = mark_at;
+		check_held(old);
+		written = w;
 	}
 	if (all_failed)
 	{
@@ -748,31 +819,36 @@ mark_delivered(OutEvent *ev, int n, TimestampTz mark_at)
 }
 
 /*
- * Redis holds less than it should (held: the watermark read back): send
- * again, in event_id order, every event delivered after it.  From nothing,
- * WATERMARK_FROM_ALL is written first, so that a Redis lost again mid-way
- * is seen.  Tenants aside now are owed their events.
+ * Redis holds less than it should (pending_from: the W it held; also at
+ * the worker's start): send again, in event_id order, every event
+ * delivered after it.  The watermark says so first: "W S", W the floor
+ * (WATERMARK_FROM_ALL from nothing, so that losing it again is seen), and
+ * it stays while the redelivery runs.  Tenants aside now are owed their
+ * events.
  */
 static bool
-start_redelivery(TimestampTz held)
+start_redelivery(void)
 {
+	TimestampTz held = pending_from == WATERMARK_NONE ? WATERMARK_FROM_ALL : pending_from;
+	Watermark	w;
 	ListCell   *lc;
 
-	if (held == WATERMARK_NONE)
-	{
-		if (!watermark_write(WATERMARK_FROM_ALL))
-			return false;
-		held = WATERMARK_FROM_ALL;
-	}
 	if (started)
 		ereport(LOG,
 				(errmsg("billing events: Redis lost events it was sent: sending again every event delivered %s",
-						held == WATERMARK_FROM_ALL ? "(its watermark key is gone)" :
+						held == WATERMARK_FROM_ALL ? "(all of them: its watermark is gone)" :
 						psprintf("after %s (its watermark)", timestamptz_to_str(held))),
-				 errdetail("Redis restarted empty or from an older copy, was flushed, or failed over to a replica that lagged.")));
+				 errdetail("Redis restarted empty or from an older copy, was flushed, failed over to a replica that lagged, or its keys were wiped.")));
+	/* a plausible time of ours: later marks come after it */
+	if (held <= TimestampTzPlusMilliseconds(GetCurrentTimestamp(), (int64) 24 * 3600 * 1000))
+		top = Max(top, held);
+	w.upto = held;
+	w.stamp = next_mark();
+	if (!watermark_write(w, false))
+		return false;
+	pending = false;
 	started = true;
 	floor_at = held;
-	top = Max(top, held);
 	redeliver = true;
 	redeliver_after = 0;
 	list_free_deep(only);
@@ -805,16 +881,25 @@ start_owed(void)
 	}
 }
 
-/* a redelivery sent everything: unless tenants are owed, move the watermark */
+/*
+ * A redelivery sent everything: unless tenants are owed, move W (a failure
+ * leaves the redelivery on: the next batch ends it again).
+ */
 static bool
 end_redelivery(void)
 {
+	if (owed == NIL)
+	{
+		Watermark	w;
+
+		w.upto = w.stamp = next_mark();
+		if (!watermark_write(w, true))
+			return false;
+	}
 	redeliver = false;
 	list_free_deep(only);
 	only = NIL;
-	if (owed != NIL)
-		return true;
-	return watermark_write(next_mark());
+	return true;
 }
 
 /*
@@ -830,42 +915,59 @@ deliver(void)
 	{
 		OutEvent   *ev;
 		int			n;
-		TimestampTz held;
-		TimestampTz mark_at;
-		bool		frozen;
+		Watermark	w;
 		uint64		committed = billing_events ?
 			pg_atomic_read_u64(&billing_events->committed) : 0;
 
-		if (!mirror_connected())
+		/* a wipe of another ledger's keys deletes the tenants' streams */
+		if (!mirror_connected() || mirror_wiping())
 			return false;
-		/* does Redis hold what it was sent? */
-		if (!watermark_read(&held))
-			return false;
-		frozen = redeliver || owed != NIL;
-		if (!started || held < (frozen ? floor_at : written))
+		if (mirror_wipes() != seen_wipes)
 		{
-			if (!start_redelivery(held))
+			seen_wipes = mirror_wipes();
+			pending = true;
+			pending_from = WATERMARK_NONE;
+		}
+		/* what Redis holds (also when there is nothing to send) */
+		{
+			Watermark	held;
+
+			if (!watermark_read(&held))
+				return false;
+			if (!started)
+			{
+				/* the worker's start: whatever was delivered after it */
+				written = held;
+				pending_from = pending ? Min(pending_from, held.upto) : held.upto;
+				pending = true;
+			}
+			else
+				check_held(held);
+		}
+		if (pending)
+		{
+			if (!start_redelivery())
 				return false;
 		}
 		else if (!redeliver && owed != NIL)
 			start_owed();
-		frozen = redeliver || owed != NIL;
 		n = fetch(batch, &ev);
 		seen_committed = committed;
 		polled_once = true;
 		if (n == 0)
 		{
-			if (redeliver && !end_redelivery())
-				return false;
+			if (redeliver)
+				(void) end_redelivery();
 			return false;
 		}
-		mark_at = next_mark();
-		if (!send_batch(ev, n, mark_at, frozen))
+		w.stamp = next_mark();
+		w.upto = (redeliver || owed != NIL) ? floor_at : w.stamp;
+		if (!send_batch(ev, n, w))
 			return false;
 		for (int i = 0; i < n; i++)
 			if (ev[i].accepted && ev[i].delivered)
 				top = Max(top, ev[i].delivered_at);
-		mark_delivered(ev, n, mark_at);
+		mark_delivered(ev, n, w.stamp);
 		if (redeliver)
 			redeliver_after = ev[n - 1].event_id;
 		if (failure_logged)
@@ -873,10 +975,12 @@ deliver(void)
 		failure_logged = false;
 		MemoryContextReset(outbox_cxt);
 		CHECK_FOR_INTERRUPTS();
+		if (pending)
+			continue;			/* Redis lost events: start over at once */
 		if (n < batch)
 		{
-			if (redeliver && !end_redelivery())
-				return false;
+			if (redeliver)
+				(void) end_redelivery();
 			return false;
 		}
 	}

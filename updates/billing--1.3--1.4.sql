@@ -3290,6 +3290,9 @@ ALTER SEQUENCE billing.event_id_seq OWNED BY billing.events.event_id;
 CREATE INDEX events_undelivered_idx ON billing.events (event_id) WHERE delivered_at IS NULL;
 -- the pruning after billing.events_retention
 CREATE INDEX events_created_idx ON billing.events (created_at);
+-- a redelivery (Redis lost events: see src/outbox.c) walks the delivered
+-- ones in event_id order, a batch at a time from where the last one ended
+CREATE INDEX events_id_idx ON billing.events (event_id);
 COMMENT ON TABLE billing.events IS 'the outbox: events written in the transaction of their change, numbered per tenant, delivered to Redis Streams by the worker';
 SELECT pg_catalog.pg_extension_config_dump('billing.events', '');
 SELECT pg_catalog.pg_extension_config_dump('billing.event_id_seq', '');

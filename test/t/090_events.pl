@@ -157,12 +157,14 @@ ok(wait_for(120, \&delivered_all), "a2's event is delivered once the key is gone
 is(tenant_stream('a2'), outbox('a2'), "a2's stream holds its event");
 is(tenant_stream('a1'), outbox('a1'), "a1's stream holds its events, in order, each once");
 
-# What Redis holds: its watermark.  Each batch ends its pipeline with SET
-# billing:events:watermark T and marks its events delivered at T (PostgreSQL
-# microseconds), so every event marked at or before the watermark is in the
-# streams.  A watermark that is missing or older than the last one written
-# makes the worker send again what was delivered after it.
+# What Redis holds: its watermark "W S".  Each batch ends its pipeline with
+# GETSET billing:events:watermark "T T" and marks its events delivered at T
+# (PostgreSQL microseconds), so every event marked at or before W is in the
+# streams.  A watermark that is missing or less than the last one written
+# (W, or the stamp S) makes the worker send again what was delivered after
+# W.
 sub watermark { return $redis->cli('GET', 'billing:events:watermark') }
+sub watermark_w { return (split / /, watermark())[0] }
 sub streams_complete
 {
 	for my $t (@_)
@@ -179,8 +181,8 @@ sub log_count
 }
 my $micros = "(extract(epoch FROM delivered_at) * 1000000)::bigint - 946684800000000";
 my $wm = watermark();
-like($wm, qr/^\d+$/, 'Redis holds the watermark of the events it has');
-is(qv("SELECT count(*) FROM billing.events WHERE $micros > $wm"), '0', 'no event was marked delivered after it');
+like($wm, qr/^(\d+) \1$/, 'Redis holds the watermark of the events it has');
+is(qv("SELECT count(*) FROM billing.events WHERE $micros > " . watermark_w()), '0', 'no event was marked delivered after it');
 
 # a Redis restarted from an older copy (an RDB file here; an AOF that lost
 # its tail, or a replica that lagged, are the same): the events delivered
@@ -215,7 +217,7 @@ $rc->command('EXEC');
 $rc->close;
 ok(wait_for(120, sub { streams_complete('a1', 'a2', 'a3') }),
 	'with the all-tenants stream there but the watermark gone, every tenant gets its events again');
-ok(wait_for(120, sub { watermark() =~ /^\d+$/ }), 'and the watermark is written again when all are sent');
+ok(wait_for(120, sub { watermark() =~ /^\d+ \d+$/ }), 'and the watermark is written again when all are sent');
 
 # a tenant set aside during a redelivery is owed its events: once its key
 # is fixed it gets every one of them, not only undelivered ones, and the
@@ -229,11 +231,35 @@ $rc->command('EXEC');
 $rc->close;
 ok(wait_for(120, sub { streams_complete('a1', 'a3') && log_count(qr/could not deliver the events of tenant "a2"/) > $aside_before }),
 	'the other tenants get their events again; a2 is set aside');
-is(watermark(), '-9223372036854775807', 'the watermark stays at "from the start" while a2 is owed its events');
+like(watermark(), qr/^-9223372036854775807 \d+$/, 'the watermark stays at "from the start" while a2 is owed its events');
+
+# a copy taken while W stays says less than the worker wrote since (its
+# stamp): a Redis restarted from it is seen too
+$redis->cli('SAVE');
+sql("SELECT billing_credit('a1', 60, 'a1-c4'); SELECT billing_deduct('a1', 60, 'a1-d4')");    # a1 seq 4
+ok(wait_for(120, sub { (qv("SELECT delivered_at IS NOT NULL FROM billing.events WHERE tenant_id = 'a1' AND seq = 4") // '') eq 't' }),
+	"a1's next event is delivered meanwhile");
+$redis->kill9;
+$redis->start;
+unlink "$redis->{dir}/dump.rdb";
+ok(wait_for(120, sub { streams_complete('a1', 'a3') }),
+	'a Redis restarted from a copy taken during a redelivery gets what was delivered after the copy');
 $redis->cli('DEL', 'billing:{a2}:events');
 ok(wait_for(120, sub { streams_complete('a2') }), "once its key is gone a2 gets every event it had (the retry comes every 5 s)");
-ok(wait_for(120, sub { watermark() =~ /^\d+$/ }), 'then the watermark moves');
-is(qv("SELECT count(*) FROM billing.events WHERE $micros > " . watermark()), '0', 'past every event marked delivered');
+ok(wait_for(120, sub { watermark() =~ /^\d+ \d+$/ }), 'then the watermark moves');
+is(qv("SELECT count(*) FROM billing.events WHERE $micros > " . watermark_w()), '0', 'past every event marked delivered');
+
+# the mirror finds another ledger's marker (the database restored into
+# another cluster) and deletes every billing:{...} key, the tenants' streams
+# too: the events are sent again once that is done.  A Redis restarted from
+# a copy holding such a marker and an up-to-date watermark shows it.
+$redis->cli('SET', 'billing:__sync__', '1:1:1');
+$redis->cli('SAVE');
+$redis->kill9;
+$redis->start;
+unlink "$redis->{dir}/dump.rdb";
+ok(wait_for(120, sub { slurp_file($node->logfile) =~ /Redis holds the mirror of another ledger/ }), 'the mirror wipes the other ledger\'s keys');
+ok(wait_for(120, sub { streams_complete('a1', 'a2', 'a3') }), 'then the tenants get their events again');
 
 # a housekeeping step that fails (here the grant.expiring sweep) is logged
 # and never holds up the delivery of events
