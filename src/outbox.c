@@ -136,6 +136,13 @@ static TimestampTz aside_until = 0;
 /* tenants skipped by a redelivery: their own comes later (see above) */
 static List *owed = NIL;
 
+/*
+ * Tenants back from aside: their first event goes alone (a batch ends
+ * before a second one), so that a key still of the wrong type costs
+ * billing:events one duplicate per retry, not a batch of them.
+ */
+static List *probing = NIL;
+
 /* mirror.repaired events to write (TopMemoryContext) */
 typedef struct Repair
 {
@@ -528,13 +535,14 @@ fetch(int limit, OutEvent **out)
 {
 	Oid			types[5] = {INT8OID, INT4OID, TEXTARRAYOID, TIMESTAMPTZOID, TEXTARRAYOID};
 	Datum		values[5];
-	char		nulls[5] = "     ";
+	char		nulls[5];
 	OutEvent   *ev;
 	int			n;
 	Datum	   *skip;
 	int			nskip = 0;
 	ListCell   *lc;
 
+	memset(nulls, ' ', sizeof(nulls));
 	skip = palloc(sizeof(Datum) * Max(list_length(aside) + list_length(owed), 1));
 	foreach(lc, aside)
 		skip[nskip++] = CStringGetTextDatum(lfirst(lc));
@@ -903,6 +911,45 @@ end_redelivery(void)
 }
 
 /*
+ * How many of the n events fetched to send: all, or those before the
+ * second event of a tenant being probed.  The tenants probed in them are
+ * probed no more (they failed again: aside; or they are back).
+ */
+static int
+probe_cut(OutEvent *ev, int n)
+{
+	List	   *seen = NIL;
+	int			k = n;
+
+	if (probing == NIL)
+		return n;
+	for (int i = 0; i < n; i++)
+	{
+		if (!in_list(probing, ev[i].tenant))
+			continue;
+		if (in_list(seen, ev[i].tenant))
+		{
+			k = i;
+			break;
+		}
+		seen = lappend(seen, ev[i].tenant);
+	}
+	if (seen != NIL)
+	{
+		List	   *rest = NIL;
+		ListCell   *lc;
+
+		foreach(lc, probing)
+			if (!in_list(seen, lfirst(lc)))
+				rest = add_tenant(rest, lfirst(lc));
+		list_free_deep(probing);
+		probing = rest;
+	}
+	list_free(seen);
+	return k;
+}
+
+/*
  * Deliver what there is, at most BATCHES_PER_CYCLE batches; true when more
  * is waiting (the worker comes back at once).
  */
@@ -915,6 +962,7 @@ deliver(void)
 	{
 		OutEvent   *ev;
 		int			n;
+		int			sent;
 		Watermark	w;
 		uint64		committed = billing_events ?
 			pg_atomic_read_u64(&billing_events->committed) : 0;
@@ -960,25 +1008,29 @@ deliver(void)
 				(void) end_redelivery();
 			return false;
 		}
+		sent = probe_cut(ev, n);
 		w.stamp = next_mark();
 		w.upto = (redeliver || owed != NIL) ? floor_at : w.stamp;
-		if (!send_batch(ev, n, w))
+		if (!send_batch(ev, sent, w))
 			return false;
-		for (int i = 0; i < n; i++)
+		for (int i = 0; i < sent; i++)
 			if (ev[i].accepted && ev[i].delivered)
 				top = Max(top, ev[i].delivered_at);
-		mark_delivered(ev, n, w.stamp);
+		mark_delivered(ev, sent, w.stamp);
 		if (redeliver)
-			redeliver_after = ev[n - 1].event_id;
+			redeliver_after = ev[sent - 1].event_id;
 		if (failure_logged)
 			ereport(LOG, (errmsg("billing events: delivering again")));
 		failure_logged = false;
 		MemoryContextReset(outbox_cxt);
 		CHECK_FOR_INTERRUPTS();
-		if (pending)
-			continue;			/* Redis lost events: start over at once */
+		if (pending || sent < n)
+			continue;			/* Redis lost events: start over; a probe: go on */
 		if (n < batch)
 		{
+			/* every event waiting was seen: a tenant probed is back or has none */
+			list_free_deep(probing);
+			probing = NIL;
 			if (redeliver)
 				(void) end_redelivery();
 			return false;
@@ -1412,6 +1464,10 @@ outbox_cycle(bool redis_ready)
 		{
 			if (aside != NIL && now >= aside_until)
 			{
+				ListCell   *lc;
+
+				foreach(lc, aside)
+					probing = add_tenant(probing, lfirst(lc));
 				list_free_deep(aside);
 				aside = NIL;
 				aside_until = 0;

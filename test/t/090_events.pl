@@ -152,9 +152,21 @@ ok(wait_for(120, sub { (qv("SELECT delivered_at IS NOT NULL FROM billing.events 
 	"a1's event is delivered while a2's stream key is a string");
 is(qv("SELECT delivered_at IS NULL FROM billing.events WHERE tenant_id = 'a2' AND seq = 1"), 't', "a2's event waits");
 like(slurp_file($node->logfile), qr/could not deliver the events of tenant "a2": WRONGTYPE/, 'the log says why');
+# a retry sends the tenant's first event alone (a probe): while the key is
+# wrong, each retry adds one duplicate to the all-tenants stream, not all
+# of the tenant's events (two more wait from now on)
+sql("SELECT billing_credit('a2', 60, 'a2-c1b'); SELECT billing_deduct('a2', 60, 'a2-d1b')");    # a2 seq 2
+sql("SELECT billing_credit('a2', 60, 'a2-c1c'); SELECT billing_deduct('a2', 60, 'a2-d1c')");    # a2 seq 3
+ok(wait_for(120, sub { my @m = slurp_file($node->logfile) =~ /could not deliver the events of tenant "a2"/g; @m >= 2 }),
+	'a retry (5 s later) fails again');
 $redis->cli('DEL', 'billing:{a2}:events');
-ok(wait_for(120, \&delivered_all), "a2's event is delivered once the key is gone (the retry comes every 5 s)");
-is(tenant_stream('a2'), outbox('a2'), "a2's stream holds its event");
+ok(wait_for(120, \&delivered_all), "a2's events are delivered once the key is gone (the retry comes every 5 s)");
+is(tenant_stream('a2'), outbox('a2'), "a2's stream holds its events");
+my $all_a2 = stream('billing:events') // [];
+my %sent_a2;
+$sent_a2{ $_->[1]{seq} }++ for grep { $_->[1]{tenant_id} eq 'a2' } @$all_a2;
+is(($sent_a2{2} // 0) . '/' . ($sent_a2{3} // 0), '1/1',
+	"a2's later events reached the all-tenants stream once each (its first: " . ($sent_a2{1} // 0) . ' times, once per attempt)');
 is(tenant_stream('a1'), outbox('a1'), "a1's stream holds its events, in order, each once");
 
 # What Redis holds: its watermark "W S".  Each batch ends its pipeline with
