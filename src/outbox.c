@@ -12,12 +12,12 @@
  *	- read a batch of undelivered events in event_id order in a short
  *	  transaction (a tenant's event ids grow with its sequence numbers:
  *	  both are taken under its account lock), and commit it;
- *	- one pipeline: for each event XADD to the tenant's stream
- *	  <prefix>:{tenant}:events with the explicit id <seq>-0 (so a repeat is
- *	  refused by Redis as "equal or smaller than the top item": the tenant's
- *	  stream holds each event once, in order) and to the stream of every
- *	  tenant, <prefix>:events (its own ids; a repeat there is a duplicate
- *	  that consumers drop by event_id);
+ *	- one Redis transaction (below): for each event XADD to the tenant's
+ *	  stream <prefix>:{tenant}:events with the explicit id <seq>-0 (so a
+ *	  repeat is refused by Redis as "equal or smaller than the top item":
+ *	  the tenant's stream holds each event once, in order) and to the
+ *	  stream of every tenant, <prefix>:events (its own ids; a repeat there
+ *	  is a duplicate that consumers drop by event_id);
  *	- mark the events Redis accepted delivered (a short transaction).  A
  *	  crash between the XADD and the mark sends them again.
  * A tenant whose stream key has another type (WRONGTYPE) is set aside for
@@ -25,17 +25,19 @@
  *
  * What Redis holds: the watermark key <prefix>:events:watermark (on Citus
  * :<node group>) holds "W S": every event marked delivered at or before W
- * is in the streams, and S is the stamp of the last write.  Each batch
- * picks its delivered_at T before it sends, ends its pipeline with GETSET
- * of the watermark to "T T", and marks with T: Redis applies (persists,
- * replicates) a pipeline in order, so a Redis that has the watermark has
- * the batch.  The old value GETSET returns must be what the worker wrote
- * last: missing (a restart without persistence, FLUSHALL), lower (a
- * restart from an older RDB or AOF, a failover to a replica that lagged)
- * or not a watermark, Redis lost events, even between the check and the
- * write.  The worker also reads it (GET) before each batch, so a loss is
- * seen when there is nothing to send.  Then, and at the worker's start, a
- * redelivery sends
+ * is in the streams, and S is the stamp of the last write.  Before each
+ * batch the worker reads it, watched (WATCH, GET); it must be what the
+ * worker wrote last.  The batch picks its delivered_at T, sends one
+ * transaction (MULTI, the XADDs, SET of the watermark to "T T", EXEC) and
+ * marks with T: Redis applies, persists and replicates a transaction as a
+ * whole, so a Redis that has the watermark has the batch; and EXEC applies
+ * nothing if the watermark was touched since the read (a FLUSHALL), so a
+ * tenant's stream never starts again from a batch that follows a loss, and
+ * the watermark keeps showing the loss until the redelivery writes its
+ * floor.  A watermark that is missing (a restart without persistence,
+ * FLUSHALL), lower (a restart from an older RDB or AOF, a failover to a
+ * replica that lagged) or not a watermark means Redis lost events.  Then,
+ * and at the worker's start, a redelivery sends
  * again, in event_id order, every event delivered after W, with the
  * undelivered ones.  During it W stays (the batches write "W T"), so a
  * worker that dies or a Redis that is lost again mid-way starts over from
@@ -44,7 +46,8 @@
  * over and it is no longer aside, then a redelivery of its own sends them,
  * and only then does W move.  A wipe of another ledger's keys by the
  * mirror (mirror.c) deletes the tenants' streams: delivery waits for it,
- * then sends everything.  No transaction is open during Redis I/O.
+ * then sends everything.  No PostgreSQL transaction is open during Redis
+ * I/O.
  *
  *-------------------------------------------------------------------------
  */
@@ -121,6 +124,9 @@ static Watermark written = {WATERMARK_NONE, WATERMARK_NONE};
 static TimestampTz floor_at = WATERMARK_NONE;	/* redelivery: W it started from */
 static TimestampTz top = WATERMARK_NONE;	/* the latest time written or marked */
 static uint64 seen_wipes = 0;
+static bool unanswered = false;	/* a write's reply never came: it may have happened */
+static Watermark unanswered_value;
+static bool in_multi = false;	/* MULTI sent, EXEC not yet: close on an error */
 static bool pending = false;	/* Redis lost events: a redelivery is due */
 static TimestampTz pending_from = WATERMARK_NONE;
 
@@ -363,97 +369,200 @@ watermark_parse(redisReply *r, Watermark *out, const char *what)
 	return true;
 }
 
+static bool
+same_watermark(Watermark a, Watermark b)
+{
+	return a.upto == b.upto && a.stamp == b.stamp;
+}
+
 /*
- * What Redis held before a write (old): less than written last, Redis
- * lost events; a redelivery from what it held is due.
+ * Is what Redis holds (held) what the worker wrote last?  A write whose
+ * reply never came (the connection failed) may have happened: its value
+ * counts too.  Anything else (missing, lower, not a watermark, not ours)
+ * means Redis lost events: a redelivery from the lower of the two is due.
  */
 static void
-check_held(Watermark old)
+check_held(Watermark held)
 {
-	if (old.upto != WATERMARK_NONE &&
-		old.upto >= written.upto && old.stamp >= written.stamp)
+	if (unanswered && same_watermark(held, unanswered_value))
+		written = held;
+	unanswered = false;
+	if (same_watermark(held, written))
 		return;
-	pending_from = pending ? Min(pending_from, old.upto) : old.upto;
+	held.upto = Min(held.upto, written.upto);
+	pending_from = pending ? Min(pending_from, held.upto) : held.upto;
 	pending = true;
 }
 
-/* what Redis holds (GET before each batch) */
+static void
+append_command(StringInfo buf, const char *command, const char *key)
+{
+	resp_head(buf, '*', key ? 2 : 1);
+	resp_str(buf, command);
+	if (key)
+		resp_str(buf, key);
+}
+
+/* a status reply of that text (OK, QUEUED) */
+static bool
+is_status(const redisReply *r, const char *text)
+{
+	return r->type == REDIS_REPLY_STATUS && r->str != NULL && strcmp(r->str, text) == 0;
+}
+
+/*
+ * What Redis holds (before each batch), watched: a transaction that writes
+ * the watermark (a batch, the end of a redelivery) then applies only if
+ * nothing touched the key since (a FLUSHALL, another writer, the worker's
+ * own SET).  UNWATCH first: a key touched since an earlier WATCH would
+ * abort the next transaction for nothing.
+ */
 static bool
 watermark_read(Watermark *out)
 {
+	StringInfoData buf;
 	char	   *key = watermark_key();
-	const char *argv[] = {"GET", key};
-	redisReply *r = redis_command("GET of the events watermark", 2, argv, NULL);
 
 	out->upto = out->stamp = WATERMARK_NONE;
-	if (r == NULL)
+	initStringInfo(&buf);
+	redis_begin("GET of the events watermark");
+	append_command(&buf, "UNWATCH", NULL);
+	append_command(&buf, "WATCH", key);
+	append_command(&buf, "GET", key);
+	pfree(key);
+	if (!redis_send(&buf, 3))
 		return false;
-	return watermark_parse(r, out, "GET of the events watermark");
+	pfree(buf.data);
+	for (int i = 0; i < 3; i++)
+	{
+		redisReply *r = redis_receive();
+
+		if (r == NULL)
+			return false;
+		if (i == 2)
+			return watermark_parse(r, out, "GET of the events watermark");
+		if (!is_status(r, "OK"))
+			return redis_unexpected(r, i == 0 ? "UNWATCH" : "WATCH of the events watermark");
+		redis_free(r);
+	}
+	return false;				/* not reached */
 }
 
-/* GETSET (check: the old value comes back) or SET (replaces any type) */
+/* SET of the watermark to w; it may happen even if no reply comes */
 static void
-append_watermark(StringInfo buf, Watermark w, bool check)
+append_watermark(StringInfo buf, Watermark w)
 {
 	char	   *key = watermark_key();
 	char		num[64];
 
 	snprintf(num, sizeof(num), INT64_FORMAT " " INT64_FORMAT, (int64) w.upto, (int64) w.stamp);
 	resp_head(buf, '*', 3);
-	resp_str(buf, check ? "GETSET" : "SET");
+	resp_str(buf, "SET");
 	resp_str(buf, key);
 	resp_str(buf, num);
 	pfree(key);
-}
-
-/* the reply to SET; false: Redis failed (closed) */
-static bool
-watermark_set_reply(redisReply *r)
-{
-	char		why[128];
-
-	if (r == NULL)
-		return false;
-	if (r->type == REDIS_REPLY_STATUS)
-	{
-		redis_free(r);
-		return true;
-	}
-	if (r->type != REDIS_REPLY_ERROR)
-		return redis_unexpected(r, "SET of the events watermark");
-	/* OOM, READONLY, ...: the server's, like any command's */
-	redis_reply_text(r, why, sizeof(why));
-	redis_free(r);
-	redis_close("SET of the events watermark: %s", why);
-	return false;
+	unanswered = true;
+	unanswered_value = w;
 }
 
 /*
- * Write the watermark w: SET, or (check) GETSET and check what Redis held.
- * False: Redis failed.
+ * The replies to MULTI and the `queued` commands after it: OK, then QUEUED
+ * each.  False: anything else (a command Redis refused, OOM say, makes it
+ * discard them all); the connection is closed.
  */
 static bool
-watermark_write(Watermark w, bool check)
+receive_queued(int queued, const char *what)
 {
-	StringInfoData buf;
-
-	initStringInfo(&buf);
-	redis_begin(check ? "GETSET" : "SET");
-	append_watermark(&buf, w, check);
-	if (!redis_send(&buf, 1))
-		return false;
-	pfree(buf.data);
-	if (check)
+	for (int i = 0; i <= queued; i++)
 	{
 		redisReply *r = redis_receive();
-		Watermark	old;
 
-		if (r == NULL || !watermark_parse(r, &old, "GETSET of the events watermark"))
+		if (r == NULL)
 			return false;
-		check_held(old);
+		if (!is_status(r, i == 0 ? "OK" : "QUEUED"))
+			return redis_unexpected(r, what);
+		redis_free(r);
 	}
-	else if (!watermark_set_reply(redis_receive()))
+	return true;
+}
+
+/*
+ * The reply to EXEC: the array of the n commands' replies (the caller
+ * frees it), or NULL: with *aborted, the watched watermark was touched
+ * since the worker read it, and nothing was applied; else the connection
+ * is closed.
+ */
+static redisReply *
+receive_exec(int n, bool *aborted)
+{
+	redisReply *r = redis_receive();
+
+	*aborted = false;
+	if (r == NULL)
+		return NULL;
+	if (r->type == REDIS_REPLY_NIL)
+	{
+		redis_free(r);
+		*aborted = true;
+		unanswered = false;
+		return NULL;
+	}
+	if (r->type != REDIS_REPLY_ARRAY || r->elements != (size_t) n)
+	{
+		redis_unexpected(r, "EXEC");
+		return NULL;
+	}
+	return r;
+}
+
+/* the reply to SET (alone or in EXEC's): OK, or false (closed; whole freed) */
+static bool
+watermark_set_reply(redisReply *whole, redisReply *r)
+{
+	if (!is_status(r, "OK"))
+		return redis_unexpected_in(whole, r, "SET of the events watermark");
+	unanswered = false;
+	return true;
+}
+
+/*
+ * Write the watermark w: SET (start_redelivery: whatever Redis holds), or
+ * (watched) MULTI, SET, EXEC: only if Redis still holds what
+ * watermark_read saw (*aborted, when not: nothing written).  False: not
+ * written.
+ */
+static bool
+watermark_write(Watermark w, bool watched, bool *aborted)
+{
+	StringInfoData buf;
+	redisReply *r;
+
+	*aborted = false;
+	initStringInfo(&buf);
+	redis_begin("SET of the events watermark");
+	if (watched)
+		append_command(&buf, "MULTI", NULL);
+	append_watermark(&buf, w);
+	if (watched)
+		append_command(&buf, "EXEC", NULL);
+	if (!redis_send(&buf, watched ? 3 : 1))
 		return false;
+	pfree(buf.data);
+	if (watched)
+	{
+		if (!receive_queued(1, "SET of the events watermark"))
+			return false;
+		r = receive_exec(1, aborted);
+		if (r == NULL || !watermark_set_reply(r, r->element[0]))
+			return false;
+	}
+	else
+	{
+		r = redis_receive();
+		if (r == NULL || !watermark_set_reply(r, r))
+			return false;
+	}
+	redis_free(r);
 	written = w;
 	return true;
 }
@@ -665,22 +774,32 @@ is_wrongtype(const redisReply *r)
 }
 
 /*
- * Send a batch; sets `accepted` on the events Redis took.  The pipeline
- * ends with GETSET of the watermark to w (check_held: what Redis held).
- * False: Redis failed (the connection is closed), or the all-tenants
- * stream cannot be written (its key has another type): nothing is marked.
+ * Send a batch; sets `accepted` on the events Redis took.  One
+ * transaction: MULTI, the XADDs, SET of the watermark to w, EXEC.  It
+ * applies only if the watermark is still what watermark_read saw (the
+ * WATCH): a Redis that lost events since gets none of the batch, so a
+ * tenant's stream cannot start again from the batch's events, and the
+ * watermark keeps saying what Redis lost until the redelivery writes its
+ * floor (*aborted: read it again).  False: aborted, Redis failed (the
+ * connection is closed), or the all-tenants stream cannot be written (its
+ * key has another type): nothing is marked.
  */
 static bool
-send_batch(OutEvent *ev, int n, Watermark w)
+send_batch(OutEvent *ev, int n, Watermark w, bool *aborted)
 {
 	StringInfoData buf;
 	char	   *all_key = stream_all_key();
 	char	   *blocked = NULL;	/* a tenant that failed in this batch */
 	bool		all_failed = false;
 	char		why[128] = "";
+	redisReply *exec;
+	bool		sent;
 
+	*aborted = false;
 	initStringInfo(&buf);
 	redis_begin("XADD");
+	append_command(&buf, "MULTI", NULL);
+	in_multi = true;
 	for (int i = 0; i < n; i++)
 	{
 		char	   *key = psprintf("%s:{%s}:events", billing_redis_prefix, ev[i].tenant);
@@ -691,32 +810,32 @@ send_batch(OutEvent *ev, int n, Watermark w)
 		append_xadd(&buf, all_key, billing_events_all_maxlen, "*", &ev[i]);
 		pfree(key);
 		if (buf.len >= 1024 * 1024 && !redis_send(&buf, 0))
+		{
+			in_multi = false;	/* closed */
 			return false;
+		}
 	}
-	append_watermark(&buf, w, true);
-	if (!redis_send(&buf, 2 * n + 1))
+	append_watermark(&buf, w);
+	append_command(&buf, "EXEC", NULL);
+	sent = redis_send(&buf, 2 * n + 3);
+	in_multi = false;			/* EXEC sent, or closed */
+	if (!sent)
 		return false;
 	pfree(buf.data);
+	if (!receive_queued(2 * n + 1, "XADD"))
+		return false;
+	exec = receive_exec(2 * n + 1, aborted);
+	if (exec == NULL)
+		return false;
 
 	for (int i = 0; i < n; i++)
 	{
-		redisReply *mine = redis_receive();
-		redisReply *all;
+		redisReply *mine = exec->element[2 * i];
+		redisReply *all = exec->element[2 * i + 1];
 		bool		ok;
 
-		if (mine == NULL)
-			return false;
 		if (mine->type != REDIS_REPLY_STRING && !is_repeat(mine) && !is_wrongtype(mine))
-		{
-			if (mine->type == REDIS_REPLY_ERROR)
-			{
-				redis_reply_text(mine, why, sizeof(why));
-				redis_close("XADD: %s", why);
-				redis_free(mine);
-				return false;
-			}
-			return redis_unexpected(mine, "XADD");
-		}
+			return redis_unexpected_in(exec, mine, "XADD");
 		ok = !is_wrongtype(mine);
 		if (!ok)
 		{
@@ -725,41 +844,22 @@ send_batch(OutEvent *ev, int n, Watermark w)
 				set_aside(ev[i].tenant, why);
 			blocked = ev[i].tenant;
 		}
-		redis_free(mine);
-
-		all = redis_receive();
-		if (all == NULL)
-			return false;
 		if (all->type != REDIS_REPLY_STRING)
 		{
+			/* OOM, READONLY, ...: the server's, like any command's */
 			if (!is_wrongtype(all))
-			{
-				if (all->type != REDIS_REPLY_ERROR)
-					return redis_unexpected(all, "XADD to the events stream");
-				/* OOM, READONLY, ...: the server's, like any command's */
-				redis_reply_text(all, why, sizeof(why));
-				redis_free(all);
-				redis_close("XADD to the events stream: %s", why);
-				return false;
-			}
+				return redis_unexpected_in(exec, all, "XADD to the events stream");
 			redis_reply_text(all, why, sizeof(why));
-			redis_free(all);
 			all_failed = true;
 			continue;
 		}
-		redis_free(all);
 		/* a tenant that failed: its later events wait too (their order) */
 		ev[i].accepted = ok && !is_aside(ev[i].tenant);
 	}
-	{
-		redisReply *r = redis_receive();
-		Watermark	old;
-
-		if (r == NULL || !watermark_parse(r, &old, "GETSET of the events watermark"))
-			return false;
-		check_held(old);
-		written = w;
-	}
+	if (!watermark_set_reply(exec, exec->element[2 * n]))
+		return false;
+	redis_free(exec);
+	written = w;
 	if (all_failed)
 	{
 		if (!failure_logged)
@@ -839,6 +939,7 @@ start_redelivery(void)
 {
 	TimestampTz held = pending_from == WATERMARK_NONE ? WATERMARK_FROM_ALL : pending_from;
 	Watermark	w;
+	bool		aborted;
 	ListCell   *lc;
 
 	if (started)
@@ -852,7 +953,7 @@ start_redelivery(void)
 		top = Max(top, held);
 	w.upto = held;
 	w.stamp = next_mark();
-	if (!watermark_write(w, false))
+	if (!watermark_write(w, false, &aborted))
 		return false;
 	pending = false;
 	started = true;
@@ -890,8 +991,9 @@ start_owed(void)
 }
 
 /*
- * A redelivery sent everything: unless tenants are owed, move W (a failure
- * leaves the redelivery on: the next batch ends it again).
+ * A redelivery sent everything: unless tenants are owed, move W, if Redis
+ * still holds what watermark_read saw just before (a failure leaves the
+ * redelivery on: the next round ends it again).
  */
 static bool
 end_redelivery(void)
@@ -899,9 +1001,10 @@ end_redelivery(void)
 	if (owed == NIL)
 	{
 		Watermark	w;
+		bool		aborted;
 
 		w.upto = w.stamp = next_mark();
-		if (!watermark_write(w, true))
+		if (!watermark_write(w, true, &aborted))
 			return false;
 	}
 	redeliver = false;
@@ -957,6 +1060,7 @@ static bool
 deliver(void)
 {
 	int			batch = billing_sync_batch_size;
+	bool		retried = false;
 
 	for (int b = 0; b < BATCHES_PER_CYCLE; b++)
 	{
@@ -964,6 +1068,7 @@ deliver(void)
 		int			n;
 		int			sent;
 		Watermark	w;
+		bool		aborted;
 		uint64		committed = billing_events ?
 			pg_atomic_read_u64(&billing_events->committed) : 0;
 
@@ -976,7 +1081,7 @@ deliver(void)
 			pending = true;
 			pending_from = WATERMARK_NONE;
 		}
-		/* what Redis holds (also when there is nothing to send) */
+		/* what Redis holds, watched (also when there is nothing to send) */
 		{
 			Watermark	held;
 
@@ -986,6 +1091,7 @@ deliver(void)
 			{
 				/* the worker's start: whatever was delivered after it */
 				written = held;
+				unanswered = false;
 				pending_from = pending ? Min(pending_from, held.upto) : held.upto;
 				pending = true;
 			}
@@ -996,8 +1102,9 @@ deliver(void)
 		{
 			if (!start_redelivery())
 				return false;
+			continue;			/* its SET touched the watched key: read it again */
 		}
-		else if (!redeliver && owed != NIL)
+		if (!redeliver && owed != NIL)
 			start_owed();
 		n = fetch(batch, &ev);
 		seen_committed = committed;
@@ -1011,8 +1118,16 @@ deliver(void)
 		sent = probe_cut(ev, n);
 		w.stamp = next_mark();
 		w.upto = (redeliver || owed != NIL) ? floor_at : w.stamp;
-		if (!send_batch(ev, sent, w))
+		if (!send_batch(ev, sent, w, &aborted))
+		{
+			MemoryContextReset(outbox_cxt);
+			if (aborted && !retried)
+			{
+				retried = true;
+				continue;		/* the watermark changed: read it again */
+			}
 			return false;
+		}
 		for (int i = 0; i < sent; i++)
 			if (ev[i].accepted && ev[i].delivered)
 				top = Max(top, ev[i].delivered_at);
@@ -1024,15 +1139,15 @@ deliver(void)
 		failure_logged = false;
 		MemoryContextReset(outbox_cxt);
 		CHECK_FOR_INTERRUPTS();
-		if (pending || sent < n)
-			continue;			/* Redis lost events: start over; a probe: go on */
+		if (sent < n)
+			continue;			/* a probe: go on */
 		if (n < batch)
 		{
 			/* every event waiting was seen: a tenant probed is back or has none */
 			list_free_deep(probing);
 			probing = NIL;
 			if (redeliver)
-				(void) end_redelivery();
+				continue;		/* ended after a read of the watermark (watched) */
 			return false;
 		}
 	}
@@ -1503,6 +1618,10 @@ outbox_cycle(bool redis_ready)
 	{
 		outbox_caught(cxt, NULL);
 		redis_free_all();
+		/* a transaction left open would take the mirror's commands in */
+		if (in_multi)
+			redis_close("billing events: an error in the middle of a transaction");
+		in_multi = false;
 		failed_until = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), RETRY_MS);
 		usable = false;
 		more = false;

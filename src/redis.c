@@ -407,11 +407,21 @@ redis_reply_text(const redisReply *r, char *out, size_t outlen)
 bool
 redis_unexpected(redisReply *r, const char *what)
 {
-	char		text[96];
-	bool		error = r != NULL && r->type == REDIS_REPLY_ERROR;
+	return redis_unexpected_in(r, r, what);
+}
 
-	redis_reply_text(r, text, sizeof(text));
-	redis_free(r);
+/*
+ * The same for part, one element of the array reply whole (EXEC's): whole
+ * is freed.
+ */
+bool
+redis_unexpected_in(redisReply *whole, const redisReply *part, const char *what)
+{
+	char		text[96];
+	bool		error = part != NULL && part->type == REDIS_REPLY_ERROR;
+
+	redis_reply_text(part, text, sizeof(text));
+	redis_free(whole);
 	if (error)
 		redis_close("%s failed: %s", what, text);
 	else

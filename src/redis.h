@@ -63,6 +63,8 @@ extern redisReply *redis_command(const char *what, int argc,
 extern void redis_free(redisReply *r);
 extern void redis_free_all(void);
 extern bool redis_unexpected(redisReply *r, const char *what);
+extern bool redis_unexpected_in(redisReply *whole, const redisReply *part,
+								const char *what);
 extern const char *redis_type_name(int type);
 extern void redis_reply_text(const redisReply *r, char *out, size_t outlen);
 extern bool redis_is_string(const redisReply *r);

@@ -18,9 +18,13 @@ use BillingTest;
 my $db = 'app';
 my $tmp = PostgreSQL::Test::Utils::tempdir('auth');
 
-# an ACL user for the worker; the default user stays open for the tests' redis-cli
+# an ACL user for the worker with exactly the commands docs/security.md
+# lists; the default user stays open for the tests' redis-cli
+my @worker_acl = ('~billing:*', map { "+$_" }
+	  qw(evalsha script|load hgetall exists get set scan unlink dbsize info select xadd watch unwatch multi exec
+	  hset hget hdel hlen del type zcard zrangebyscore zrem time));
 my $redis = BillingTest::Redis->new('acl',
-	args => [ '--user', 'billing', 'on', '>s3cret', '~billing:*', '+@all' ]);
+	args => [ '--user', 'billing', 'on', '>s3cret', @worker_acl ]);
 my $node = BillingTest::node('main', database => $db,
 	conf => "billing.redis_host = '127.0.0.1'\nbilling.redis_port = " . $redis->port
 	  . "\nbilling.check_interval = 0");
@@ -55,6 +59,14 @@ set_conf('billing.redis_password' => 's3cret');
 ok(BillingTest::wait_until(120, sub { BillingTest::mirror_equals($node, $db, $redis) }),
 	'AUTH billing s3cret: the mirror converges');
 is(worker_user_in_redis(), 'billing', 'the worker is connected as ACL user billing');
+# an event (t1 crosses its low-balance threshold) reaches its stream with these commands
+$node->safe_psql($db, "SELECT billing_credit('t1', 100, 'c-ev'); SELECT billing_alerts_set('t1', low_balance => 50);
+                       SELECT billing_deduct('t1', 100, 'd-ev')");
+ok(BillingTest::wait_until(120, sub { ($redis->cli('XLEN', 'billing:{t1}:events') // 0) >= 1 }),
+	"the ACL user's commands deliver events too");
+ok(BillingTest::wait_until(120, sub {
+	BillingTest::query($node, $db, "SELECT count(*) FROM billing.events WHERE delivered_at IS NULL") eq '0' }),
+	'and marked delivered');
 is($node->safe_psql($db, 'SHOW billing.redis_password'), '********', 'SHOW masks the password (superuser)');
 $node->safe_psql($db, 'CREATE ROLE mon LOGIN IN ROLE pg_monitor');
 is($node->safe_psql($db, "SELECT current_setting('billing.redis_password')", extra_params => [ '-U', 'mon' ]),

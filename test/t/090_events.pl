@@ -8,9 +8,11 @@
 # events (with billing.events_notify on; nothing when it is off) and none of
 # a rolled-back transaction; a key of another type sets
 # that tenant aside (the others are delivered) until it is fixed; the
-# watermark: a Redis restarted from an older copy, or flushed, gets the
-# events it lost again, and a tenant set aside meanwhile gets all of its
-# own once it is fixed; an edited
+# watermark: a Redis restarted from an older copy, or flushed (also right
+# before a batch reaches it: a proxy, test/tools/redis_proxy.pl, runs the
+# FLUSHALL at that instant), gets the events it lost again, in order, and
+# a tenant set aside meanwhile gets all of its own once it is fixed; an
+# edited
 # hash gives mirror.repaired with the fields that differed; delivered events
 # are pruned after billing.events_retention, undelivered ones are not;
 # `promtool check metrics` accepts billing_metrics().
@@ -230,6 +232,45 @@ $rc->close;
 ok(wait_for(120, sub { streams_complete('a1', 'a2', 'a3') }),
 	'with the all-tenants stream there but the watermark gone, every tenant gets its events again');
 ok(wait_for(120, sub { watermark() =~ /^\d+ \d+$/ }), 'and the watermark is written again when all are sent');
+
+# Redis loses its keys in the instant between the worker's read of the
+# watermark and its batch (a FLUSHALL by someone else, injected here by a
+# proxy between the worker and Redis right before the batch reaches
+# Redis).  The batch is one MULTI/EXEC watching the watermark, so none of
+# it is applied: the tenant's stream does not start again at the new
+# event, which would make Redis refuse the earlier ones, sent again after
+# it, as repeats; and the watermark stays gone (a worker killed now would
+# still see the loss).  The redelivery then sends every event in order.
+{
+	my $proxy_port = PostgreSQL::Test::Cluster::get_free_port();
+	my $trigger = "$W/inject";
+	my $plog = "$W/proxy.log";
+	my $proxy_out = '';
+	my $proxy = IPC::Run::start(
+		[ 'perl', "$BillingTest::REPO/test/tools/redis_proxy.pl", '--port', $proxy_port,
+		  '--upstream', $redis->port, '--trigger', $trigger, '--before', 'XADD', '--log', $plog ],
+		'<', \undef, '>', \$proxy_out, '2>', \$proxy_out);
+	my $seen = sub { my ($what) = @_; return scalar(() = (-e $plog ? slurp_file($plog) : '') =~ /^$what/mg) };
+	my $connected = sub { (qv("SELECT connected FROM billing_sync_status()") // '') eq 't' };
+	ok(wait_for(60, sub { $seen->('listen') }), 'a proxy in front of Redis');
+	sql("ALTER SYSTEM SET billing.redis_port = $proxy_port; SELECT pg_reload_conf()");
+	ok(wait_for(120, sub { $seen->('accept') > $seen->('close') && $connected->() }), 'the worker connects through it');
+	my $lost_before_inject = log_count(qr/Redis lost events it was sent: sending again every event delivered \(all/);
+	BillingTest::write_atomic($trigger, "FLUSHALL\n");
+	sql("SELECT billing_credit('a1', 60, 'a1-cp'); SELECT billing_deduct('a1', 60, 'a1-dp')");    # a1's next event
+	ok(wait_for(120, sub { $seen->('inject FLUSHALL before XADD: \+OK') }),
+		'Redis is flushed right before the batch with that event reaches it');
+	ok(wait_for(120, sub { streams_complete('a1', 'a2', 'a3') }),
+		"every tenant's stream gets all its events again, in order, the new one last");
+	ok(log_count(qr/Redis lost events it was sent: sending again every event delivered \(all/) > $lost_before_inject,
+		'the worker saw the loss (the batch was not applied)');
+	ok(wait_for(120, sub { watermark() =~ /^\d+ \d+$/ }), 'and wrote the watermark again');
+	sql("ALTER SYSTEM RESET billing.redis_port; SELECT pg_reload_conf()");
+	ok(wait_for(120, sub { $seen->('accept') == $seen->('close') && $connected->() }),
+		'the worker goes back to Redis itself');
+	$proxy->signal('TERM');
+	$proxy->finish;
+}
 
 # a tenant set aside during a redelivery is owed its events: once its key
 # is fixed it gets every one of them, not only undelivered ones, and the

@@ -1,0 +1,137 @@
+#!/usr/bin/perl
+# test/tools/redis_proxy.pl -- a TCP proxy in front of a real redis-server
+# that can run one command on the server at a chosen instant: a fault
+# injector for the worker's tests.
+#
+#   perl test/tools/redis_proxy.pl --port PORT --upstream PORT
+#                                  --trigger FILE --before WORD --log FILE
+#
+# Every connection to 127.0.0.1:PORT is forwarded, byte for byte both
+# ways, to the redis-server on 127.0.0.1:UPSTREAM.  While FILE exists, the
+# first chunk a client sends that holds the command WORD (as a RESP bulk
+# string, e.g. XADD) is held back: the proxy first runs the command written
+# in FILE (one line, words separated by spaces, e.g. FLUSHALL) on a
+# connection of its own, waits for its reply, deletes FILE, and only then
+# forwards the chunk.  So the command lands between the client's earlier
+# commands and that one, whatever the timing: what a FLUSHALL by someone
+# else in that instant would do.
+#
+# --log FILE gets a line per event: "listen", "accept", "close", "inject
+# <command> before <word>: <reply>",
+# for the tests to wait on.  Each connection is served by a child process;
+# SIGTERM stops the server and its children.  Only core Perl modules.
+use strict;
+use warnings;
+
+use Getopt::Long;
+use IO::Select;
+use IO::Socket::INET;
+use POSIX ();
+
+my ($port, $upstream, $trigger, $before, $logfile) = (0, 0, undef, 'XADD', undef);
+GetOptions('port=i' => \$port, 'upstream=i' => \$upstream,
+	'trigger=s' => \$trigger, 'before=s' => \$before, 'log=s' => \$logfile)
+  or die "usage: $0 --port PORT --upstream PORT --trigger FILE --before WORD --log FILE\n";
+die "--port, --upstream, --trigger and --log are required\n"
+  unless $port && $upstream && defined $trigger && defined $logfile;
+
+sub logline
+{
+	my ($line) = @_;
+	open(my $fh, '>>', $logfile) or return;
+	print $fh "$line\n";
+	close $fh;
+}
+
+my $listen = IO::Socket::INET->new(LocalAddr => '127.0.0.1', LocalPort => $port,
+	Listen => 16, ReuseAddr => 1) or die "listen on $port: $!\n";
+logline('listen');
+my %children;
+$SIG{TERM} = $SIG{INT} = sub {
+	kill 'TERM', keys %children;
+	exit 0;
+};
+$SIG{CHLD} = sub {
+	while ((my $pid = waitpid(-1, POSIX::WNOHANG())) > 0) { delete $children{$pid} }
+};
+
+my $word = '$' . length($before) . "\r\n" . $before . "\r\n";
+
+sub upstream
+{
+	return IO::Socket::INET->new(PeerAddr => '127.0.0.1', PeerPort => $upstream, Timeout => 30);
+}
+
+# run the command of the trigger file on a connection of our own
+sub inject
+{
+	open(my $fh, '<', $trigger) or return;
+	my $line = <$fh> // '';
+	close $fh;
+	my @words = split ' ', $line;
+	return unless @words;
+	my $c = upstream() or die "inject: connect: $!\n";
+	print $c '*' . scalar(@words) . "\r\n" . join('', map { '$' . length($_) . "\r\n$_\r\n" } @words);
+	my $reply = <$c>;    # the first line is enough: a status or an error
+	close $c;
+	unlink $trigger;
+	$reply //= '(no reply)';
+	$reply =~ s/\r?\n$//;
+	logline("inject @words before $before: $reply");
+}
+
+sub write_all
+{
+	my ($fh, $buf) = @_;
+	while (length $buf)
+	{
+		my $n = syswrite($fh, $buf) or exit 0;
+		substr($buf, 0, $n) = '';
+	}
+}
+
+sub serve
+{
+	my ($client) = @_;
+	my $server = upstream() or exit 1;
+	my $sel = IO::Select->new($client, $server);
+	for (;;)
+	{
+		for my $fh ($sel->can_read)
+		{
+			my $buf;
+			my $n = sysread($fh, $buf, 65536);
+			if (!$n)
+			{
+				logline('close');
+				exit 0;
+			}
+			if ($fh == $client)
+			{
+				inject() if -e $trigger && index(uc($buf), $word) >= 0;
+				write_all($server, $buf);
+			}
+			else
+			{
+				write_all($client, $buf);
+			}
+		}
+	}
+}
+
+for (;;)
+{
+	my $client = $listen->accept or next;
+	my $pid = fork;
+	if (!defined $pid) { close $client; next }
+	if ($pid == 0)
+	{
+		$SIG{TERM} = 'DEFAULT';
+		close $listen;
+		logline('accept');
+		serve($client);
+		exit 0;
+	}
+	$children{$pid} = 1;
+	close $client;
+}
