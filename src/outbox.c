@@ -515,7 +515,7 @@ receive_exec(int n, bool *aborted)
 	return r;
 }
 
-/* the reply to SET (alone or in EXEC's): OK, or false (closed; whole freed) */
+/* the reply to SET in EXEC's (whole): OK, or false (closed; whole freed) */
 static bool
 watermark_set_reply(redisReply *whole, redisReply *r)
 {
@@ -526,13 +526,14 @@ watermark_set_reply(redisReply *whole, redisReply *r)
 }
 
 /*
- * Write the watermark w: SET (start_redelivery: whatever Redis holds), or
- * (watched) MULTI, SET, EXEC: only if Redis still holds what
- * watermark_read saw (*aborted, when not: nothing written).  False: not
- * written.
+ * Write the watermark w (the start or the end of a redelivery): MULTI,
+ * SET, EXEC, so only if Redis still holds what watermark_read saw just
+ * before (*aborted when not: nothing written).  Then a FLUSHALL in between
+ * cannot leave a floor that claims what Redis no longer has.  SET replaces
+ * a key of another type.  False: not written.
  */
 static bool
-watermark_write(Watermark w, bool watched, bool *aborted)
+watermark_write(Watermark w, bool *aborted)
 {
 	StringInfoData buf;
 	redisReply *r;
@@ -540,28 +541,17 @@ watermark_write(Watermark w, bool watched, bool *aborted)
 	*aborted = false;
 	initStringInfo(&buf);
 	redis_begin("SET of the events watermark");
-	if (watched)
-		append_command(&buf, "MULTI", NULL);
+	append_command(&buf, "MULTI", NULL);
 	append_watermark(&buf, w);
-	if (watched)
-		append_command(&buf, "EXEC", NULL);
-	if (!redis_send(&buf, watched ? 3 : 1))
+	append_command(&buf, "EXEC", NULL);
+	if (!redis_send(&buf, 3))
 		return false;
 	pfree(buf.data);
-	if (watched)
-	{
-		if (!receive_queued(1, "SET of the events watermark"))
-			return false;
-		r = receive_exec(1, aborted);
-		if (r == NULL || !watermark_set_reply(r, r->element[0]))
-			return false;
-	}
-	else
-	{
-		r = redis_receive();
-		if (r == NULL || !watermark_set_reply(r, r))
-			return false;
-	}
+	if (!receive_queued(1, "SET of the events watermark"))
+		return false;
+	r = receive_exec(1, aborted);
+	if (r == NULL || !watermark_set_reply(r, r->element[0]))
+		return false;
 	redis_free(r);
 	written = w;
 	return true;
@@ -931,15 +921,16 @@ mark_delivered(OutEvent *ev, int n, TimestampTz mark_at)
  * the worker's start): send again, in event_id order, every event
  * delivered after it.  The watermark says so first: "W S", W the floor
  * (WATERMARK_FROM_ALL from nothing, so that losing it again is seen), and
- * it stays while the redelivery runs.  Tenants aside now are owed their
+ * it stays while the redelivery runs; written watched, so that a FLUSHALL
+ * since the read aborts it (*aborted: read again) instead of leaving a
+ * floor that claims what Redis lost.  Tenants aside now are owed their
  * events.
  */
 static bool
-start_redelivery(void)
+start_redelivery(bool *aborted)
 {
 	TimestampTz held = pending_from == WATERMARK_NONE ? WATERMARK_FROM_ALL : pending_from;
 	Watermark	w;
-	bool		aborted;
 	ListCell   *lc;
 
 	if (started)
@@ -953,7 +944,7 @@ start_redelivery(void)
 		top = Max(top, held);
 	w.upto = held;
 	w.stamp = next_mark();
-	if (!watermark_write(w, false, &aborted))
+	if (!watermark_write(w, aborted))
 		return false;
 	pending = false;
 	started = true;
@@ -1004,7 +995,7 @@ end_redelivery(void)
 		bool		aborted;
 
 		w.upto = w.stamp = next_mark();
-		if (!watermark_write(w, true, &aborted))
+		if (!watermark_write(w, &aborted))
 			return false;
 	}
 	redeliver = false;
@@ -1053,6 +1044,30 @@ probe_cut(OutEvent *ev, int n)
 }
 
 /*
+ * Read what Redis holds, watched, and compare it with what was written: a
+ * loss makes `pending`.  At the worker's start, whatever was delivered
+ * after it is sent again.  False: Redis failed.
+ */
+static bool
+read_held(void)
+{
+	Watermark	held;
+
+	if (!watermark_read(&held))
+		return false;
+	if (!started)
+	{
+		written = held;
+		unanswered = false;
+		pending_from = pending ? Min(pending_from, held.upto) : held.upto;
+		pending = true;
+	}
+	else
+		check_held(held);
+	return true;
+}
+
+/*
  * Deliver what there is, at most BATCHES_PER_CYCLE batches; true when more
  * is waiting (the worker comes back at once).
  */
@@ -1061,6 +1076,7 @@ deliver(void)
 {
 	int			batch = billing_sync_batch_size;
 	bool		retried = false;
+	int			starts = 0;
 
 	for (int b = 0; b < BATCHES_PER_CYCLE; b++)
 	{
@@ -1082,27 +1098,19 @@ deliver(void)
 			pending_from = WATERMARK_NONE;
 		}
 		/* what Redis holds, watched (also when there is nothing to send) */
-		{
-			Watermark	held;
-
-			if (!watermark_read(&held))
-				return false;
-			if (!started)
-			{
-				/* the worker's start: whatever was delivered after it */
-				written = held;
-				unanswered = false;
-				pending_from = pending ? Min(pending_from, held.upto) : held.upto;
-				pending = true;
-			}
-			else
-				check_held(held);
-		}
+		if (!read_held())
+			return false;
 		if (pending)
 		{
-			if (!start_redelivery())
+			/* lost again at once, again and again: a Redis that does not keep it */
+			if (++starts > 3)
+			{
+				failed_until = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), RETRY_MS);
 				return false;
-			continue;			/* its SET touched the watched key: read it again */
+			}
+			if (!start_redelivery(&aborted) && !aborted)
+				return false;
+			continue;			/* EXEC ended the WATCH: read it again */
 		}
 		if (!redeliver && owed != NIL)
 			start_owed();
@@ -1146,8 +1154,9 @@ deliver(void)
 			/* every event waiting was seen: a tenant probed is back or has none */
 			list_free_deep(probing);
 			probing = NIL;
-			if (redeliver)
-				continue;		/* ended after a read of the watermark (watched) */
+			/* EXEC ended the WATCH: end the redelivery after a new read */
+			if (redeliver && read_held() && !pending)
+				(void) end_redelivery();
 			return false;
 		}
 	}
@@ -1618,9 +1627,12 @@ outbox_cycle(bool redis_ready)
 	{
 		outbox_caught(cxt, NULL);
 		redis_free_all();
-		/* a transaction left open would take the mirror's commands in */
-		if (in_multi)
-			redis_close("billing events: an error in the middle of a transaction");
+		/*
+		 * A transaction left open, or replies not read, would take the
+		 * mirror's commands in or answer them
+		 */
+		if (in_multi || redis_replies_owed())
+			redis_close("billing events: an error in the middle of an exchange with Redis");
 		in_multi = false;
 		failed_until = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), RETRY_MS);
 		usable = false;

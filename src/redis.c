@@ -1008,6 +1008,13 @@ unread_bytes(void)
 	return ctx->reader->len - ctx->reader->pos;
 }
 
+/* Were commands sent whose replies were not read yet? */
+bool
+redis_replies_owed(void)
+{
+	return ctx != NULL && cmd_received < cmd_sent;
+}
+
 /*
  * The next reply (the caller frees it with redis_free), or NULL: the
  * connection is closed (transport error, deadline, a reply beyond the

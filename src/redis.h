@@ -56,6 +56,7 @@ extern bool redis_take_failure(char *msg, size_t len);
 extern void redis_begin(const char *what);
 extern bool redis_send(StringInfo buf, int ncommands);
 extern redisReply *redis_receive(void);
+extern bool redis_replies_owed(void);
 extern redisReply *redis_command(const char *what, int argc,
 								 const char *const *argv, const size_t *lens);
 

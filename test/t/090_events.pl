@@ -248,7 +248,7 @@ ok(wait_for(120, sub { watermark() =~ /^\d+ \d+$/ }), 'and the watermark is writ
 	my $proxy_out = '';
 	my $proxy = IPC::Run::start(
 		[ 'perl', "$BillingTest::REPO/test/tools/redis_proxy.pl", '--port', $proxy_port,
-		  '--upstream', $redis->port, '--trigger', $trigger, '--before', 'XADD', '--log', $plog ],
+		  '--upstream', $redis->port, '--trigger', $trigger, '--log', $plog ],
 		'<', \undef, '>', \$proxy_out, '2>', \$proxy_out);
 	my $seen = sub { my ($what) = @_; return scalar(() = (-e $plog ? slurp_file($plog) : '') =~ /^$what/mg) };
 	my $connected = sub { (qv("SELECT connected FROM billing_sync_status()") // '') eq 't' };
@@ -256,7 +256,7 @@ ok(wait_for(120, sub { watermark() =~ /^\d+ \d+$/ }), 'and the watermark is writ
 	sql("ALTER SYSTEM SET billing.redis_port = $proxy_port; SELECT pg_reload_conf()");
 	ok(wait_for(120, sub { $seen->('accept') > $seen->('close') && $connected->() }), 'the worker connects through it');
 	my $lost_before_inject = log_count(qr/Redis lost events it was sent: sending again every event delivered \(all/);
-	BillingTest::write_atomic($trigger, "FLUSHALL\n");
+	BillingTest::write_atomic($trigger, "XADD FLUSHALL\n");
 	sql("SELECT billing_credit('a1', 60, 'a1-cp'); SELECT billing_deduct('a1', 60, 'a1-dp')");    # a1's next event
 	ok(wait_for(120, sub { $seen->('inject FLUSHALL before XADD: \+OK') }),
 		'Redis is flushed right before the batch with that event reaches it');
@@ -265,6 +265,24 @@ ok(wait_for(120, sub { watermark() =~ /^\d+ \d+$/ }), 'and the watermark is writ
 	ok(log_count(qr/Redis lost events it was sent: sending again every event delivered \(all/) > $lost_before_inject,
 		'the worker saw the loss (the batch was not applied)');
 	ok(wait_for(120, sub { watermark() =~ /^\d+ \d+$/ }), 'and wrote the watermark again');
+
+	# the same instant before the redelivery's first write, its floor: a
+	# watermark just below the one written (a copy a moment older) makes
+	# the worker send again what was delivered after it; Redis is flushed
+	# right before the floor reaches it.  That write is watched too, so it
+	# does not put into the empty Redis a floor that claims every event
+	# before it: the worker reads again and sends everything.
+	ok(wait_for(120, sub { watermark() =~ /^\d+ \d+$/ && delivered_all() }), 'everything delivered, Redis idle');
+	my ($w0, $s0) = split / /, watermark();
+	$lost_before_inject = log_count(qr/Redis lost events it was sent: sending again every event delivered \(all/);
+	BillingTest::write_atomic($trigger, "SET FLUSHALL\n");
+	$redis->cli('SET', 'billing:events:watermark', ($w0 - 1) . ' ' . ($s0 - 1));
+	ok(wait_for(120, sub { $seen->('inject FLUSHALL before SET: \+OK') }),
+		'Redis is flushed right before the floor of the redelivery reaches it');
+	ok(wait_for(120, sub { streams_complete('a1', 'a2', 'a3') }),
+		"every tenant's stream gets all its events again, not only the last ones");
+	ok(log_count(qr/Redis lost events it was sent: sending again every event delivered \(all/) > $lost_before_inject,
+		'the worker read the watermark again and found it gone');
 	sql("ALTER SYSTEM RESET billing.redis_port; SELECT pg_reload_conf()");
 	ok(wait_for(120, sub { $seen->('accept') == $seen->('close') && $connected->() }),
 		'the worker goes back to Redis itself');

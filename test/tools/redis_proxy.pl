@@ -4,15 +4,14 @@
 # injector for the worker's tests.
 #
 #   perl test/tools/redis_proxy.pl --port PORT --upstream PORT
-#                                  --trigger FILE --before WORD --log FILE
+#                                  --trigger FILE --log FILE
 #
 # Every connection to 127.0.0.1:PORT is forwarded, byte for byte both
-# ways, to the redis-server on 127.0.0.1:UPSTREAM.  While FILE exists, the
-# first chunk a client sends that holds the command WORD (as a RESP bulk
-# string, e.g. XADD) is held back: the proxy first runs the command written
-# in FILE (one line, words separated by spaces, e.g. FLUSHALL) on a
-# connection of its own, waits for its reply, deletes FILE, and only then
-# forwards the chunk.  So the command lands between the client's earlier
+# ways, to the redis-server on 127.0.0.1:UPSTREAM.  While FILE exists (one
+# line: "WORD COMMAND [ARG ...]", e.g. "XADD FLUSHALL"), the first chunk a
+# client sends that holds the command WORD (as a RESP bulk string) is held
+# back: the proxy first runs COMMAND on a connection of its own, waits for
+# its reply, deletes FILE, and only then forwards the chunk.  So the command lands between the client's earlier
 # commands and that one, whatever the timing: what a FLUSHALL by someone
 # else in that instant would do.
 #
@@ -28,10 +27,9 @@ use IO::Select;
 use IO::Socket::INET;
 use POSIX ();
 
-my ($port, $upstream, $trigger, $before, $logfile) = (0, 0, undef, 'XADD', undef);
-GetOptions('port=i' => \$port, 'upstream=i' => \$upstream,
-	'trigger=s' => \$trigger, 'before=s' => \$before, 'log=s' => \$logfile)
-  or die "usage: $0 --port PORT --upstream PORT --trigger FILE --before WORD --log FILE\n";
+my ($port, $upstream, $trigger, $logfile) = (0, 0, undef, undef);
+GetOptions('port=i' => \$port, 'upstream=i' => \$upstream, 'trigger=s' => \$trigger, 'log=s' => \$logfile)
+  or die "usage: $0 --port PORT --upstream PORT --trigger FILE --log FILE\n";
 die "--port, --upstream, --trigger and --log are required\n"
   unless $port && $upstream && defined $trigger && defined $logfile;
 
@@ -55,21 +53,26 @@ $SIG{CHLD} = sub {
 	while ((my $pid = waitpid(-1, POSIX::WNOHANG())) > 0) { delete $children{$pid} }
 };
 
-my $word = '$' . length($before) . "\r\n" . $before . "\r\n";
-
 sub upstream
 {
 	return IO::Socket::INET->new(PeerAddr => '127.0.0.1', PeerPort => $upstream, Timeout => 30);
 }
 
-# run the command of the trigger file on a connection of our own
-sub inject
+# the trigger: (WORD as RESP, the command's words), or () when there is none
+sub trigger
 {
-	open(my $fh, '<', $trigger) or return;
+	open(my $fh, '<', $trigger) or return ();
 	my $line = <$fh> // '';
 	close $fh;
-	my @words = split ' ', $line;
-	return unless @words;
+	my ($before, @words) = split ' ', $line;
+	return () unless @words;
+	return ('$' . length($before) . "\r\n" . uc($before) . "\r\n", $before, @words);
+}
+
+# run the trigger's command on a connection of our own
+sub inject
+{
+	my ($before, @words) = @_;
 	my $c = upstream() or die "inject: connect: $!\n";
 	print $c '*' . scalar(@words) . "\r\n" . join('', map { '$' . length($_) . "\r\n$_\r\n" } @words);
 	my $reply = <$c>;    # the first line is enough: a status or an error
@@ -108,7 +111,11 @@ sub serve
 			}
 			if ($fh == $client)
 			{
-				inject() if -e $trigger && index(uc($buf), $word) >= 0;
+				if (-e $trigger)
+				{
+					my ($word, @what) = trigger();
+					inject(@what) if defined $word && index(uc($buf), $word) >= 0;
+				}
 				write_all($server, $buf);
 			}
 			else
