@@ -11,7 +11,11 @@
 # line: "WORD COMMAND [ARG ...]", e.g. "XADD FLUSHALL"), the first chunk a
 # client sends that holds the command WORD (as a RESP bulk string) is held
 # back: the proxy first runs COMMAND on a connection of its own, waits for
-# its reply, deletes FILE, and only then forwards the chunk.  So the command lands between the client's earlier
+# its reply, deletes FILE, and only then forwards the chunk.  COMMAND
+# DROP-REPLY instead forwards the chunk, waits until Redis has answered it
+# (its first bytes, then 0.5 s for the rest), and closes both connections
+# without passing the answer on: a connection that breaks after Redis
+# applied the commands, before the client learnt it.  So the command lands between the client's earlier
 # commands and that one, whatever the timing: what a FLUSHALL by someone
 # else in that instant would do.
 #
@@ -93,6 +97,31 @@ sub write_all
 	}
 }
 
+# forward buf, swallow the answer, close (the child exits)
+sub drop_reply
+{
+	my ($server, $before, $buf) = @_;
+	write_all($server, $buf);
+	my $sel = IO::Select->new($server);
+	my $got = 0;
+	if ($sel->can_read(60))
+	{
+		my $reply;
+		$got += sysread($server, $reply, 1 << 20) // 0;
+		select(undef, undef, undef, 0.5);
+		while ($sel->can_read(0))
+		{
+			my $n = sysread($server, $reply, 1 << 20);
+			last unless $n;
+			$got += $n;
+		}
+	}
+	unlink $trigger;
+	logline("inject DROP-REPLY before $before: dropped $got bytes");
+	logline('close');
+	exit 0;
+}
+
 sub serve
 {
 	my ($client) = @_;
@@ -113,8 +142,12 @@ sub serve
 			{
 				if (-e $trigger)
 				{
-					my ($word, @what) = trigger();
-					inject(@what) if defined $word && index(uc($buf), $word) >= 0;
+					my ($word, $before, @what) = trigger();
+					if (defined $word && index(uc($buf), $word) >= 0)
+					{
+						drop_reply($server, $before, $buf) if $what[0] eq 'DROP-REPLY';
+						inject($before, @what);
+					}
 				}
 				write_all($server, $buf);
 			}
