@@ -958,7 +958,12 @@ start_redelivery(bool *aborted)
 	return true;
 }
 
-/* the tenants owed a redelivery that are no longer aside get theirs */
+/*
+ * The tenants owed a redelivery that are no longer aside get theirs, each
+ * probed (the list of tenants to probe is cleared when a batch sees every
+ * waiting event, and an owed tenant's are not among them: a redelivery
+ * that outlasted its time aside would have sent all of its events at once)
+ */
 static void
 start_owed(void)
 {
@@ -970,7 +975,11 @@ start_owed(void)
 		if (is_aside(lfirst(lc)))
 			still = add_tenant(still, lfirst(lc));
 		else
+		{
 			only = add_tenant(only, lfirst(lc));
+			/* back from aside: its first event goes alone */
+			probing = add_tenant(probing, lfirst(lc));
+		}
 	}
 	list_free_deep(owed);
 	owed = still;
