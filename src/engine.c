@@ -370,7 +370,7 @@ slot_release(int i)
 		slot_free(i);
 	LWLockRelease(billing_engine->lock);
 	if (state != SLOT_TAKEN)
-		ConditionVariableSignal(&billing_engine->slot_freed);
+		ConditionVariableBroadcast(&billing_engine->slot_freed);
 	return state;
 }
 
@@ -395,7 +395,7 @@ slot_withdraw(int i)
 	if (withdrawn)
 	{
 		my_slot = -1;
-		ConditionVariableSignal(&billing_engine->slot_freed);
+		ConditionVariableBroadcast(&billing_engine->slot_freed);
 	}
 	return withdrawn;
 }
@@ -511,17 +511,23 @@ billing_engine_test_gate(PG_FUNCTION_ARGS)
  * ---------------------------------------------------------------------
  */
 
-/* while we wait: what an error (a cancel) means for the charge */
-static void
-wait_error_context(void *arg)
+/*
+ * What an error while we waited (a cancel) means for the charge, by the
+ * state our slot was in when we gave it up (slot_release, under the lock:
+ * an engine may take the charge until that instant)
+ */
+static const char *
+ended_context(EngineSlotState state)
 {
-	EngineSlot *slot = engine_slot(*(int *) arg);
-
-	if (slot->state == SLOT_TAKEN)
-		errcontext("billing_charge: the charge engine was applying this charge when the call ended, so it may have been made; "
-				   "call billing_charge again with the same trace id to get its outcome");
-	else if (slot->state == SLOT_QUEUED)
-		errcontext("billing_charge: the call ended before the charge engine took the charge: nothing was charged");
+	if (state == SLOT_QUEUED)
+		return "billing_charge: the call ended before the charge engine took the charge: nothing was charged";
+	if (state == SLOT_TAKEN)
+		return "billing_charge: the charge engine was applying this charge when the call ended, so it may have been made; "
+			"call billing_charge again with the same trace id to get its outcome";
+	if (state == SLOT_DONE)
+		return "billing_charge: the charge engine had finished this charge when the call ended, so it may have been made; "
+			"call billing_charge again with the same trace id to get its outcome";
+	return NULL;
 }
 
 static void
@@ -572,7 +578,7 @@ billing_charge(PG_FUNCTION_ARGS)
 	bool		start = false;
 	volatile int starts = 0;
 	volatile bool withdrawn = false;
-	ErrorContextCallback errcb;
+	MemoryContext cxt = CurrentMemoryContext;
 
 	if (billing_engine == NULL)
 		ereport(ERROR,
@@ -646,11 +652,6 @@ billing_charge(PG_FUNCTION_ARGS)
 	slot->latch = MyLatch;
 	slot->caller_pid = MyProcPid;
 
-	errcb.callback = wait_error_context;
-	errcb.arg = &i;
-	errcb.previous = error_context_stack;
-	error_context_stack = &errcb;
-
 	PG_TRY();
 	{
 		/* link it into the queue of the engine of this tenant */
@@ -704,14 +705,12 @@ billing_charge(PG_FUNCTION_ARGS)
 				if (++starts > 3 && slot_withdraw(i))
 				{
 					withdrawn = true;
-					error_context_stack = errcb.previous;
 					engine_unavailable("the engine worker stopped three times before it took the charge (see the server log)",
 									   "Check that the database accepts connections and the server log for the engine's errors, or use billing_deduct().");
 				}
 				if (!engine_start(engine, generation, &why) && slot_withdraw(i))
 				{
 					withdrawn = true;
-					error_context_stack = errcb.previous;
 					engine_unavailable(psprintf("the engine worker could not be started: %s", why),
 									   "Raise max_worker_processes (each database that uses billing_charge needs billing.engine_workers of them), or use billing_deduct().");
 				}
@@ -744,14 +743,26 @@ billing_charge(PG_FUNCTION_ARGS)
 	}
 	PG_CATCH();
 	{
-		error_context_stack = errcb.previous;
+		const char *what = NULL;
+
 		if (!withdrawn)
-			(void) slot_release(i);
+			what = ended_context(slot_release(i));
 		my_slot = -1;
+		if (what != NULL)
+		{
+			ErrorData  *edata;
+
+			/* the error says what became of the charge (its first CONTEXT line) */
+			MemoryContextSwitchTo(cxt);
+			edata = CopyErrorData();
+			FlushErrorState();
+			edata->context = edata->context ?
+				psprintf("%s\n%s", what, edata->context) : pstrdup(what);
+			ReThrowError(edata);
+		}
 		PG_RE_THROW();
 	}
 	PG_END_TRY();
-	error_context_stack = errcb.previous;
 
 	/* DONE: the slot is ours again; read the result, then free it */
 	memset(&out, 0, sizeof(out));

@@ -15,6 +15,10 @@
 #   in the server log) after 40,000 more charges, batched from 4 sessions,
 #   are within 128 kB of what they were after the first 10,000 (a leak of
 #   4 bytes a charge would exceed that);
+# - a cancelled caller is told what became of its charge (the CONTEXT of
+#   the 57014): nothing was charged if the engine had not taken it (held
+#   at the gate), "it may have been made" if it had (waiting for an account
+#   lock), and it is then made once, which the same trace id replays;
 # - an engine worker that cannot be started (no background worker slot)
 #   refuses the charge with ZB112, and nothing is charged.
 
@@ -118,6 +122,44 @@ is(sql("SELECT balance FROM billing.balances WHERE tenant_id = 'q'"),
 	sprintf('%.6f', 1000 - 0.5 - scalar(@rest)), 'and the balance says so');
 ok(BillingTest::wait_until(60, sub { engine('free_slots') == $QUEUE }), 'every place is free again');
 $gate->close;
+
+note 'what a cancelled caller is told';
+# The CONTEXT of the 57014 says what became of the charge, decided as the
+# caller gives its place up (under the queue's lock).  Queued, not taken
+# (the engine held at the gate): nothing was charged.
+sql("SELECT billing_account_create('k'), billing_credit('k', 100, 'k-top-up')");
+$gate = BillingTest::Session->new($node, $DB);
+is($gate->call('SELECT billing.engine_test_gate(true)')->{status}, 'ok', 'the engine is held');
+my $caller = BillingTest::Session->new($node, $DB, timeout => 300);
+$caller->call("SET statement_timeout = '3s'");
+my $r = $caller->call("SELECT replayed FROM billing_charge('k', 1, 'k-queued')");
+is($r->{sqlstate}, '57014', 'a caller whose charge waits in the queue is cancelled (statement_timeout)');
+like($r->{message}, qr/CONTEXT:\s+billing_charge: the call ended before the charge engine took the charge: nothing was charged/,
+	'its CONTEXT: nothing was charged');
+is($gate->call('SELECT billing.engine_test_gate(false)')->{status}, 'ok', 'the engine goes on');
+$gate->close;
+is(sql("SELECT replayed FROM billing_charge('k', 1, 'k-after')"), 'f', 'a later charge is made');
+is(sql("SELECT count(*) FROM billing.entries WHERE trace_id = 'k-queued'"), '0', 'the cancelled one was not');
+
+# Taken: another transaction holds the account, so the engine, having
+# taken the charge, waits for the lock (after billing.engine_lock_wait).
+# A caller cancelled now is told it may have been made, and it is once
+# the lock is free: the same trace id then replays it.
+my $holder = BillingTest::Session->new($node, $DB);
+$holder->call('BEGIN');
+is($holder->call("SELECT count(*) FROM billing_deduct('k', 1, 'k-holder')")->{status}, 'ok',
+	'another transaction holds the account');
+$caller = BillingTest::Session->new($node, $DB, timeout => 300);
+$caller->call("SET statement_timeout = '3s'");
+$r = $caller->call("SELECT replayed FROM billing_charge('k', 1, 'k-taken')");
+is($r->{sqlstate}, '57014', 'a caller whose charge the engine is applying is cancelled');
+like($r->{message}, qr/CONTEXT:\s+billing_charge: the charge engine was applying this charge when the call ended, so it may have been made; call billing_charge again with the same trace id/,
+	'its CONTEXT: it may have been made, call again with the same trace id');
+is($holder->call('COMMIT')->{status}, 'ok', 'the other transaction commits');
+ok(BillingTest::wait_until(120, sub { sql("SELECT count(*) FROM billing.entries WHERE trace_id = 'k-taken'") eq '1' }),
+	'the engine makes the charge');
+is(sql("SELECT replayed FROM billing_charge('k', 1, 'k-taken')"), 't', 'calling again with the same trace id replays it');
+$holder->close;
 
 note 'the engine worker\'s memory';
 my $load = sub {    # 4 sessions, each charging 20 tenants in turn
