@@ -80,6 +80,7 @@ static const char *cmd_what = "";
 static TimestampTz cmd_start = 0;
 static int	cmd_sent = 0;		/* commands sent */
 static int	cmd_received = 0;	/* replies received */
+static bool uncounted = false;	/* a pipeline's chunk sent, its end not yet */
 static bool cmd_stalled = false;	/* billing_sync_status() shows the stall */
 
 /* replies handed to callers and not yet freed (see redis_free_all) */
@@ -791,6 +792,7 @@ redis_open(void)
 										   billing_redis_connect_timeout);
 	cmd_start = GetCurrentTimestamp();
 	cmd_sent = cmd_received = 0;
+	uncounted = false;
 	{
 #if HIREDIS_MAJOR >= 1
 		redisOptions options = {0};
@@ -937,6 +939,7 @@ redis_begin(const char *what)
 	cmd_sent = 0;
 	cmd_received = 0;
 	reply_used = 0;
+	uncounted = false;
 }
 
 static TimestampTz
@@ -999,6 +1002,8 @@ redis_send(StringInfo buf, int ncommands)
 	}
 	resetStringInfo(buf);
 	cmd_sent += ncommands;
+	/* a chunk of a pipeline: its commands are counted with the last one */
+	uncounted = ncommands == 0;
 	return flush_output(false);
 }
 
@@ -1008,11 +1013,16 @@ unread_bytes(void)
 	return ctx->reader->len - ctx->reader->pos;
 }
 
-/* Were commands sent whose replies were not read yet? */
+/*
+ * Were commands sent (or queued, or a chunk of a pipeline handed over)
+ * whose replies were not read yet?  Then the connection is out of step:
+ * after an error, close it.
+ */
 bool
 redis_replies_owed(void)
 {
-	return ctx != NULL && cmd_received < cmd_sent;
+	return ctx != NULL &&
+		(cmd_received < cmd_sent || uncounted || sdslen(ctx->obuf) > 0);
 }
 
 /*

@@ -1739,6 +1739,9 @@ billing_worker_main(Datum arg)
 			FlushErrorState();
 			AbortCurrentTransaction();
 			redis_free_all();
+			/* replies not read (a cancel while waiting): out of step, close */
+			if (redis_replies_owed())
+				redis_close("an error while replies were owed: %s", edata->message);
 			billing_sync_record_error("database: %s", edata->message);
 			ereport(LOG, (errmsg("billing sync: %s", edata->message)));
 			FreeErrorData(edata);
