@@ -351,17 +351,19 @@ mirror_check_marker(void)
 	char	   *key = marker_key();
 	const char *argv[] = {"EXISTS", key};
 	redisReply *r = redis_command("EXISTS", 2, argv, NULL);
+	bool		gone;
 
 	if (r == NULL)
 		return false;
 	if (r->type != REDIS_REPLY_INTEGER)
 		return redis_unexpected(r, "EXISTS");
-	if (r->integer == 0 && !full_resync)
+	gone = r->integer == 0;
+	redis_free(r);				/* before any ereport */
+	if (gone && !full_resync)
 	{
 		ereport(LOG, (errmsg("billing sync: marker key %s is gone (FLUSHALL?): full resync", key)));
 		full_resync = true;
 	}
-	redis_free(r);
 	pfree(key);
 	return true;
 }

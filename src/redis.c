@@ -572,6 +572,19 @@ remaining_ms(TimestampTz deadline)
 	return (int) Min((deadline - now + 999) / 1000, INT_MAX);
 }
 
+/* Is the deadline past?  Then the connection is closed (a timeout). */
+static bool
+deadline_passed(TimestampTz deadline, const char *doing)
+{
+	if (remaining_ms(deadline) > 0)
+		return false;
+	redis_close("timeout %s %s: no complete reply within %d ms (Redis answered %d of %d commands)%s",
+				doing, cmd_what,
+				(int) ((GetCurrentTimestamp() - cmd_start) / 1000),
+				cmd_received, cmd_sent, tls_note());
+	return true;
+}
+
 /*
  * Wait until the socket is ready for `events` or a slice passes; false
  * (connection closed) at the deadline or when the hook says so.
@@ -582,14 +595,8 @@ wait_socket(int events, TimestampTz deadline, const char *doing)
 	int			left = remaining_ms(deadline);
 	int			stall_ms = Min(1000, billing_redis_command_timeout / 2);
 
-	if (left <= 0)
-	{
-		redis_close("timeout %s %s: no complete reply within %d ms (Redis answered %d of %d commands)%s",
-					doing, cmd_what,
-					(int) ((GetCurrentTimestamp() - cmd_start) / 1000),
-					cmd_received, cmd_sent, tls_note());
+	if (deadline_passed(deadline, doing))
 		return false;
-	}
 	(void) WaitLatchOrSocket(NULL, events | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
 							 ctx->fd, Min(left, REDIS_WAIT_SLICE_MS),
 							 PG_WAIT_EXTENSION);
@@ -977,8 +984,17 @@ flush_output(bool all)
 			return true;
 		if (!all && sdslen(ctx->obuf) < OUTPUT_HIGH_WATER)
 			return true;
-		/* TLS may want to read before it can write: do not spin */
-		writable_useless = sdslen(ctx->obuf) == before;
+		/*
+		 * TLS may want to read before it can write: do not spin.  Plain
+		 * TCP that took nothing waits until the socket is writable (not
+		 * readable: a server that answered a little and stopped reading
+		 * would make that a spin).
+		 */
+#ifdef BILLING_REDIS_TLS
+		writable_useless = tls_ssl != NULL && sdslen(ctx->obuf) == before;
+#else
+		(void) before;
+#endif
 		if (!wait_socket(writable_useless ? WL_SOCKET_READABLE : WL_SOCKET_WRITEABLE,
 						 cmd_deadline(), "sending"))
 			return false;
@@ -1073,7 +1089,22 @@ redis_receive(void)
 			return NULL;
 		}
 		if (unread_bytes() != before)
-			continue;			/* more may be buffered (TLS): read again */
+		{
+			/*
+			 * More may be buffered (TLS): read again.  A server that keeps
+			 * the socket full never lets us wait: the deadline, signals
+			 * and SIGTERM are checked here too.
+			 */
+			if (deadline_passed(cmd_deadline(), "waiting for the reply to"))
+				return NULL;
+			CHECK_FOR_INTERRUPTS();
+			if (wait_hook != NULL && !wait_hook())
+			{
+				redis_close(NULL);
+				return NULL;
+			}
+			continue;
+		}
 		if (!wait_socket(WL_SOCKET_READABLE, cmd_deadline(), "waiting for the reply to"))
 			return NULL;
 	}
