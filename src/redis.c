@@ -1092,11 +1092,11 @@ redis_receive(void)
 		{
 			/*
 			 * More may be buffered (TLS): read again.  A server that keeps
-			 * the socket full never lets us wait: the deadline, signals
-			 * and SIGTERM are checked here too.
+			 * the socket full never lets us wait: signals and SIGTERM are
+			 * checked here too.  The deadline is not: a reply that keeps
+			 * coming ends at billing.redis_max_reply_size (or the limits
+			 * on elements and depth) instead, whatever the machine's speed.
 			 */
-			if (deadline_passed(cmd_deadline(), "waiting for the reply to"))
-				return NULL;
 			CHECK_FOR_INTERRUPTS();
 			if (wait_hook != NULL && !wait_hook())
 			{
