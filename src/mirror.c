@@ -75,8 +75,9 @@ static int64 wipe_limit;
 /* bytes of RESP per hand-over (-DPUSH_CHUNK=64 tests the hand-over) */
 #ifndef PUSH_CHUNK
 #define PUSH_CHUNK (1024 * 1024)
-#define MAX_HASH_FIELDS	128		/* a hash the worker writes has fewer than 40 */
 #endif
+
+#define MAX_HASH_FIELDS	128		/* a hash the worker writes has fewer than 40 */
 
 void
 mirror_request_resync(void)
