@@ -572,19 +572,6 @@ remaining_ms(TimestampTz deadline)
 	return (int) Min((deadline - now + 999) / 1000, INT_MAX);
 }
 
-/* Is the deadline past?  Then the connection is closed (a timeout). */
-static bool
-deadline_passed(TimestampTz deadline, const char *doing)
-{
-	if (remaining_ms(deadline) > 0)
-		return false;
-	redis_close("timeout %s %s: no complete reply within %d ms (Redis answered %d of %d commands)%s",
-				doing, cmd_what,
-				(int) ((GetCurrentTimestamp() - cmd_start) / 1000),
-				cmd_received, cmd_sent, tls_note());
-	return true;
-}
-
 /*
  * Wait until the socket is ready for `events` or a slice passes; false
  * (connection closed) at the deadline or when the hook says so.
@@ -595,8 +582,14 @@ wait_socket(int events, TimestampTz deadline, const char *doing)
 	int			left = remaining_ms(deadline);
 	int			stall_ms = Min(1000, billing_redis_command_timeout / 2);
 
-	if (deadline_passed(deadline, doing))
+	if (left <= 0)
+	{
+		redis_close("timeout %s %s: no complete reply within %d ms (Redis answered %d of %d commands)%s",
+					doing, cmd_what,
+					(int) ((GetCurrentTimestamp() - cmd_start) / 1000),
+					cmd_received, cmd_sent, tls_note());
 		return false;
+	}
 	(void) WaitLatchOrSocket(NULL, events | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
 							 ctx->fd, Min(left, REDIS_WAIT_SLICE_MS),
 							 PG_WAIT_EXTENSION);

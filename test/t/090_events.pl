@@ -255,14 +255,23 @@ ok(wait_for(120, sub { watermark() =~ /^\d+ \d+$/ }), 'and the watermark is writ
 	ok(wait_for(60, sub { $seen->('listen') }), 'a proxy in front of Redis');
 	sql("ALTER SYSTEM SET billing.redis_port = $proxy_port; SELECT pg_reload_conf()");
 	ok(wait_for(120, sub { $seen->('accept') > $seen->('close') && $connected->() }), 'the worker connects through it');
-	my $lost_before_inject = log_count(qr/Redis lost events it was sent: sending again every event delivered \(all/);
-	BillingTest::write_atomic($trigger, "XADD FLUSHALL\n");
-	sql("SELECT billing_credit('a1', 60, 'a1-cp'); SELECT billing_deduct('a1', 60, 'a1-dp')");    # a1's next event
-	ok(wait_for(120, sub { $seen->('inject FLUSHALL before XADD: \+OK') }),
-		'Redis is flushed right before the batch with that event reaches it');
-	ok(wait_for(120, sub { streams_complete('a1', 'a2', 'a3') }),
-		"every tenant's stream gets all its events again, in order, the new one last");
-	ok(log_count(qr/Redis lost events it was sent: sending again every event delivered \(all/) > $lost_before_inject,
+	# FLUSHALL right before the worker's next WORD reaches Redis, which
+	# $cause brings about; then every stream is whole again, and the log
+	# says the worker saw the loss (names: the three checks)
+	my $from_all = qr/Redis lost events it was sent: sending again every event delivered \(all/;
+	my $flush_before = sub {
+		my ($word, $cause, @names) = @_;
+		my $lost_before = log_count($from_all);
+		BillingTest::write_atomic($trigger, "$word FLUSHALL\n");
+		$cause->();
+		ok(wait_for(120, sub { $seen->("inject FLUSHALL before $word: \\+OK") }), $names[0]);
+		ok(wait_for(120, sub { streams_complete('a1', 'a2', 'a3') }), $names[1]);
+		ok(log_count($from_all) > $lost_before, $names[2]);
+	};
+	$flush_before->('XADD',
+		sub { sql("SELECT billing_credit('a1', 60, 'a1-cp'); SELECT billing_deduct('a1', 60, 'a1-dp')") },    # a1's next event
+		'Redis is flushed right before the batch with that event reaches it',
+		"every tenant's stream gets all its events again, in order, the new one last",
 		'the worker saw the loss (the batch was not applied)');
 	ok(wait_for(120, sub { watermark() =~ /^\d+ \d+$/ }), 'and wrote the watermark again');
 
@@ -274,14 +283,10 @@ ok(wait_for(120, sub { watermark() =~ /^\d+ \d+$/ }), 'and the watermark is writ
 	# before it: the worker reads again and sends everything.
 	ok(wait_for(120, sub { watermark() =~ /^\d+ \d+$/ && delivered_all() }), 'everything delivered, Redis idle');
 	my ($w0, $s0) = split / /, watermark();
-	$lost_before_inject = log_count(qr/Redis lost events it was sent: sending again every event delivered \(all/);
-	BillingTest::write_atomic($trigger, "SET FLUSHALL\n");
-	$redis->cli('SET', 'billing:events:watermark', ($w0 - 1) . ' ' . ($s0 - 1));
-	ok(wait_for(120, sub { $seen->('inject FLUSHALL before SET: \+OK') }),
-		'Redis is flushed right before the floor of the redelivery reaches it');
-	ok(wait_for(120, sub { streams_complete('a1', 'a2', 'a3') }),
-		"every tenant's stream gets all its events again, not only the last ones");
-	ok(log_count(qr/Redis lost events it was sent: sending again every event delivered \(all/) > $lost_before_inject,
+	$flush_before->('SET',
+		sub { $redis->cli('SET', 'billing:events:watermark', ($w0 - 1) . ' ' . ($s0 - 1)) },
+		'Redis is flushed right before the floor of the redelivery reaches it',
+		"every tenant's stream gets all its events again, not only the last ones",
 		'the worker read the watermark again and found it gone');
 
 	# the connection breaks after Redis applied a batch, before its reply
