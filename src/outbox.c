@@ -315,7 +315,7 @@ watermark_key(void)
 }
 
 /*
- * A watermark from a reply (GET, GETSET): "W S", two numbers.  Anything
+ * A watermark from a reply (GET): "W S", two numbers.  Anything
  * else, nil included, is WATERMARK_NONE: Redis is untrusted, and taking a
  * value for missing sends too much, never too little.  An error reply
  * (WRONGTYPE: the key is not a string) too; the next write, a SET,
