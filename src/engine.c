@@ -13,7 +13,10 @@
  *	- it is refused inside a transaction block and in a transaction that has
  *	  written anything (ZB110): the charge would not be part of it, and the
  *	  engine could wait for a lock this transaction holds while we wait for
- *	  the engine;
+ *	  the engine; a statement that holds locks without writing (it reads a
+ *	  billing table) can still be waited for, through a DDL queued behind
+ *	  it: the caller looks for that deadlock while it waits (40P01,
+ *	  engine_waits_for_us);
  *	- a caller that loses the answer (a lost connection, a cancel while the
  *	  engine applies the charge, an engine that stopped: ZB111) retries with
  *	  the same trace id: the retry returns the charge if it was made
@@ -26,6 +29,7 @@
 #include "access/xact.h"
 #include "access/xlog.h"
 #include "catalog/namespace.h"
+#include "catalog/pg_type.h"
 #include "citus.h"
 #include "commands/dbcommands.h"
 #include "common/hashfn.h"
@@ -44,6 +48,7 @@
 #include "storage/shmem.h"
 #include "nodes/parsenodes.h"
 #include "tcop/utility.h"
+#include "utils/array.h"
 #include "utils/builtins.h"
 #include "utils/jsonb.h"
 #include "utils/lsyscache.h"
@@ -530,6 +535,67 @@ ended_context(EngineSlotState state)
 	return NULL;
 }
 
+/*
+ * Does the engine wait for a lock this session holds, directly or through
+ * the processes queued between?  We wait for the engine on our latch, which
+ * PostgreSQL's deadlock detector does not see: a statement that holds a lock
+ * on a billing table (SELECT billing_charge(...) FROM billing.accounts ...)
+ * while a DDL queues behind it for that table, and the engine behind the
+ * DDL, would otherwise wait for ever.  pg_blocking_pids() follows the lock
+ * waits, one step at a time, from the engine to at most ENGINE_BLOCKERS_MAX
+ * processes.  Only after ENGINE_CHECK_MS of waiting.  Returns the process
+ * the engine waits for first on the way to us (the engine's own pid when
+ * it waits for us directly), or 0.
+ */
+#define ENGINE_BLOCKERS_MAX 32
+
+static int
+engine_waits_for_us(int engine_pid)
+{
+	MemoryContext tmp = AllocSetContextCreate(CurrentMemoryContext, "billing engine blockers",
+											  ALLOCSET_SMALL_SIZES);
+	MemoryContext old = MemoryContextSwitchTo(tmp);
+	int			pids[ENGINE_BLOCKERS_MAX];
+	int			via[ENGINE_BLOCKERS_MAX];	/* the first step from the engine */
+	int			n = 1;
+	int			found = 0;
+
+	pids[0] = engine_pid;
+	via[0] = engine_pid;
+	for (int i = 0; i < n && found == 0; i++)
+	{
+		ArrayType  *a = DatumGetArrayTypeP(DirectFunctionCall1(pg_blocking_pids,
+															   Int32GetDatum(pids[i])));
+		Datum	   *elems;
+		int			nelems;
+
+		deconstruct_array(a, INT4OID, sizeof(int32), true, TYPALIGN_INT,
+						  &elems, NULL, &nelems);
+		for (int j = 0; j < nelems; j++)
+		{
+			int			pid = DatumGetInt32(elems[j]);
+			bool		seen = false;
+
+			if (pid == MyProcPid)
+			{
+				found = via[i];
+				break;
+			}
+			for (int k = 0; k < n && !seen; k++)
+				seen = pids[k] == pid;
+			if (!seen && n < ENGINE_BLOCKERS_MAX)
+			{
+				pids[n] = pid;
+				via[n] = i == 0 ? pid : via[i];
+				n++;
+			}
+		}
+	}
+	MemoryContextSwitchTo(old);
+	MemoryContextDelete(tmp);
+	return found;
+}
+
 static void
 engine_unavailable(const char *why, const char *hint)
 {
@@ -725,10 +791,27 @@ billing_charge(PG_FUNCTION_ARGS)
 						  ENGINE_CHECK_MS, PG_WAIT_EXTENSION) & WL_TIMEOUT)
 			{
 				/* is our engine alive?  (one that stops wakes us at once) */
+				int			engine_pid = 0;
+				int			blocker;
+
 				LWLockAcquire(billing_engine->lock, LW_EXCLUSIVE);
 				if (slot->state == SLOT_QUEUED)
 					start = engine_claim_start(engine, &generation);
+				if (billing_engine->engines[engine].state == ENGINE_RUNNING)
+					engine_pid = billing_engine->engines[engine].pid;
 				LWLockRelease(billing_engine->lock);
+
+				/* a deadlock through our own locks (engine_waits_for_us) */
+				if (engine_pid != 0 && (blocker = engine_waits_for_us(engine_pid)) != 0)
+					ereport(ERROR,
+							(errcode(ERRCODE_T_R_DEADLOCK_DETECTED),
+							 errmsg("billing_charge waits for the charge engine, which waits for a lock this session holds"),
+							 blocker == engine_pid ?
+							 errdetail("The engine worker (process %d) waits for a lock held by this session (process %d).",
+									   engine_pid, MyProcPid) :
+							 errdetail("The engine worker (process %d) waits for process %d, which waits, directly or not, for a lock held by this session (process %d).",
+									   engine_pid, blocker, MyProcPid),
+							 errhint("Call billing_charge in a statement that reads no billing table and holds no lock the engine needs, or use billing_deduct().")));
 			}
 			else
 			{

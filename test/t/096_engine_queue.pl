@@ -19,6 +19,10 @@
 #   the 57014): nothing was charged if the engine had not taken it (held
 #   at the gate), "it may have been made" if it had (waiting for an account
 #   lock), and it is then made once, which the same trace id replays;
+# - a caller whose statement holds a lock the engine needs (it reads
+#   billing.accounts) while a LOCK TABLE waits for that lock and the engine
+#   for the LOCK TABLE gets 40P01 instead of waiting for ever, and its
+#   charge is made once;
 # - an engine worker that cannot be started (no background worker slot)
 #   refuses the charge with ZB112, and nothing is charged.
 
@@ -160,6 +164,62 @@ ok(BillingTest::wait_until(120, sub { sql("SELECT count(*) FROM billing.entries 
 	'the engine makes the charge');
 is(sql("SELECT replayed FROM billing_charge('k', 1, 'k-taken')"), 't', 'calling again with the same trace id replays it');
 $holder->close;
+
+note 'a statement that holds a lock the engine needs';
+# SELECT ... FROM billing.accounts, LATERAL billing_charge(...) holds a lock
+# on billing.accounts while it waits for the engine.  A LOCK TABLE queued
+# behind that lock, and the engine behind the LOCK TABLE: a deadlock that
+# PostgreSQL's detector cannot see, since the caller waits on its latch.
+# The caller finds it (the engine's lock waits, followed back to its own
+# locks) and gets 40P01, saying which process is in between; the charge,
+# which the engine had taken, is made once the LOCK TABLE is through, and
+# the same trace id replays it.
+sql("SELECT billing_account_create('d'), billing_credit('d', 100, 'd-top-up')");
+$gate = BillingTest::Session->new($node, $DB);
+is($gate->call('SELECT billing.engine_test_gate(true)')->{status}, 'ok', 'the engine is held');
+my $locked = BillingTest::spawn(sub {
+	my $s = BillingTest::Session->new($node, $DB, timeout => 300);
+	PostgreSQL::Test::Utils::append_to_file("$dir/locked-pid", $s->pid);
+	my $r = $s->call("SELECT c.replayed FROM billing.accounts a, LATERAL billing_charge(a.tenant_id, 1, 'd-locked') c
+	                  WHERE a.tenant_id = 'd'");
+	PostgreSQL::Test::Utils::append_to_file("$dir/locked-result",
+		join("\n", $r->{status}, $r->{sqlstate} // '-', $r->{message} // ''));
+	$s->close;
+});
+my $locked_pid;
+ok(BillingTest::wait_until(180, sub {
+	$locked_pid = -s "$dir/locked-pid" ? slurp_file("$dir/locked-pid") : undef;
+	defined $locked_pid && sql("SELECT wait_event_type || '/' || wait_event FROM pg_stat_activity WHERE pid = $locked_pid") eq 'Lock/advisory' }),
+	'the caller, holding billing.accounts, is held at the gate');
+my $ddl = BillingTest::spawn(sub {
+	my $s = BillingTest::Session->new($node, $DB, timeout => 300);
+	PostgreSQL::Test::Utils::append_to_file("$dir/ddl-pid", $s->pid);
+	my $r = $s->call('BEGIN; LOCK TABLE billing.accounts IN ACCESS EXCLUSIVE MODE; COMMIT');
+	PostgreSQL::Test::Utils::append_to_file("$dir/ddl-result", $r->{status});
+	$s->close;
+});
+my $ddl_pid;
+ok(BillingTest::wait_until(180, sub {
+	$ddl_pid = -s "$dir/ddl-pid" ? slurp_file("$dir/ddl-pid") : undef;
+	defined $ddl_pid && sql("SELECT pg_blocking_pids($ddl_pid) = ARRAY[$locked_pid]") eq 't' }),
+	'a LOCK TABLE waits for the caller');
+is($gate->call('SELECT billing.engine_test_gate(false)')->{status}, 'ok', 'the engine goes on, and waits behind the LOCK TABLE');
+ok(BillingTest::wait_until(180, sub { defined BillingTest::exited($locked) }), 'the caller is answered');
+my ($status, $sqlstate, $message) = split /\n/, slurp_file("$dir/locked-result"), 3;
+is("$status $sqlstate", 'error 40P01', 'it gets 40P01 (deadlock detected)');
+like($message, qr/ERROR:\s+40P01: billing_charge waits for the charge engine, which waits for a lock this session holds/,
+	'its message');
+like($message, qr/DETAIL:\s+The engine worker \(process \d+\) waits for process $ddl_pid, which waits, directly or not, for a lock held by this session \(process $locked_pid\)/,
+	'its DETAIL names the LOCK TABLE\'s process');
+like($message, qr/CONTEXT:\s+billing_charge: the charge engine was applying this charge when the call ended, so it may have been made/,
+	'its CONTEXT: the charge may have been made');
+ok(BillingTest::wait_until(180, sub { defined BillingTest::exited($ddl) }), 'the LOCK TABLE is through');
+is(slurp_file("$dir/ddl-result"), 'ok', 'and committed');
+ok(BillingTest::wait_until(120, sub { sql("SELECT count(*) FROM billing.entries WHERE trace_id = 'd-locked'") eq '1' }),
+	'the engine makes the charge, once');
+is(sql("SELECT replayed FROM billing_charge('d', 1, 'd-locked')"), 't', 'calling again with the same trace id replays it');
+is(sql("SELECT balance FROM billing.balances WHERE tenant_id = 'd'"), '99.000000', 'the balance holds it once');
+$gate->close;
 
 note 'the engine worker\'s memory';
 my $load = sub {    # 4 sessions, each charging 20 tenants in turn
