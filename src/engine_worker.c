@@ -247,6 +247,8 @@ take_batch(EngineItem **out)
 	{
 		engine_slot(i)->state = SLOT_TAKEN;
 		taken[ntaken++] = i;
+		/* answered by engine_exit from now on, even if a palloc below fails */
+		inflight[ninflight++] = i;
 	}
 	info->head = info->tail = -1;
 	info->queued = 0;
@@ -257,10 +259,7 @@ take_batch(EngineItem **out)
 	for (int k = 0; k < ncarried; k++)
 		item_copy(&items[n++], &carried[k]);
 	for (int k = 0; k < ntaken; k++)
-	{
 		item_from_slot(&items[n++], taken[k]);
-		inflight[ninflight++] = taken[k];
-	}
 	ncarried_taken = ncarried;
 	ncarried = 0;
 	carried = NULL;
@@ -670,8 +669,11 @@ deliver(EngineItem *items, int n, TenantGroup *groups, int ngroups, int retries)
 	if (freed)
 		ConditionVariableBroadcast(&billing_engine->slot_freed);
 
-	/* what is still in flight: the items put off */
+	/* what is still in flight: the items put off (recorded before a palloc) */
 	ninflight = 0;
+	for (int k = 0; k < n; k++)
+		if (items[k].deferred)
+			inflight[ninflight++] = items[k].slot;
 	old = MemoryContextSwitchTo(carry_cxt);
 	for (int k = 0; k < n; k++)
 		if (items[k].deferred)
@@ -679,7 +681,6 @@ deliver(EngineItem *items, int n, TenantGroup *groups, int ngroups, int retries)
 			if (items[k].first_deferred == 0)
 				items[k].first_deferred = now;
 			item_copy(&carried[ncarried++], &items[k]);
-			inflight[ninflight++] = items[k].slot;
 		}
 	MemoryContextSwitchTo(old);
 }
@@ -735,6 +736,8 @@ gather(EngineInfo *info)
 		(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
 						 1, PG_WAIT_EXTENSION);
 		ResetLatch(MyLatch);
+		/* nothing is taken yet: a cancel means nothing here (see the main loop) */
+		QueryCancelPending = false;
 		CHECK_FOR_INTERRUPTS();
 	}
 }
@@ -762,6 +765,14 @@ billing_engine_main(Datum arg)
 		proc_exit(0);
 	info = &billing_engine->engines[my_engine];
 
+	/*
+	 * The exit callback first: once we are RUNNING, callers rely on it to
+	 * answer them and to free the registry's entry (a RUNNING entry is
+	 * never started again).
+	 */
+	inflight = MemoryContextAlloc(TopMemoryContext, sizeof(int) * billing_engine_queue_size);
+	before_shmem_exit(engine_exit, (Datum) 0);
+
 	/* are we still wanted?  (a start that took too long was started again) */
 	LWLockAcquire(billing_engine->lock, LW_EXCLUSIVE);
 	ok = info->generation == my_generation && info->state == ENGINE_STARTING;
@@ -778,9 +789,6 @@ billing_engine_main(Datum arg)
 		my_engine = -1;
 		proc_exit(0);
 	}
-	inflight = MemoryContextAlloc(TopMemoryContext, sizeof(int) * billing_engine_queue_size);
-	before_shmem_exit(engine_exit, (Datum) 0);
-
 	BackgroundWorkerInitializeConnectionByOid(database, InvalidOid, 0);
 	pgstat_report_appname("billing charge engine");
 	StartTransactionCommand();
