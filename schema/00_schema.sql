@@ -1,5 +1,15 @@
 \echo Use "CREATE EXTENSION billing" to load this file. \quit
 
+-- Every name this script binds is in pg_catalog or qualified.  The schema
+-- of the SQL API (public by default) is writable by the database owner, who
+-- must not be able to plant a function or operator there (an exact match
+-- for a call in this script, such as public.nextval(text) for the defaults'
+-- nextval('...')) that defaults, constraints and views would then run for
+-- their callers, the SECURITY DEFINER functions and the worker included.
+-- CREATE EXTENSION and ALTER EXTENSION restore search_path after the script
+-- (a SET LOCAL; a plain SET would outlive it).
+SET LOCAL search_path TO pg_catalog, pg_temp;
+
 /*
  * billing: the install script of the current version, built by `make` from
  * the files schema/NN_area.sql in name order (see the Makefile); one file per area.

@@ -294,7 +294,7 @@ SELECT a.tenant_id,
  WHERE ((SELECT billing.visible_tenants()) IS NULL OR a.tenant_id = ANY ((SELECT billing.visible_tenants())::text[]));
 COMMENT ON VIEW billing.balances IS 'one row per account: balance, credit limit, on hold, available funds, version';
 
-CREATE FUNCTION billing_account_create(tenant_id text,
+CREATE FUNCTION @extschema@.billing_account_create(tenant_id text,
                                        currency text DEFAULT NULL,
                                        credit_limit numeric DEFAULT NULL,
                                        status text DEFAULT NULL,
@@ -381,11 +381,11 @@ BEGIN
     RETURN QUERY SELECT * FROM billing.balances b WHERE b.tenant_id = p_tenant;
 END;
 $$;
-COMMENT ON FUNCTION billing_account_create(text, text, numeric, text, text, jsonb) IS
+COMMENT ON FUNCTION @extschema@.billing_account_create(text, text, numeric, text, text, jsonb) IS
     'create an account, or return the existing one if the given settings match (ZB006 otherwise)';
-REVOKE ALL ON FUNCTION billing_account_create(text, text, numeric, text, text, jsonb) FROM PUBLIC;
+REVOKE ALL ON FUNCTION @extschema@.billing_account_create(text, text, numeric, text, text, jsonb) FROM PUBLIC;
 
-CREATE FUNCTION billing_account_update(tenant_id text,
+CREATE FUNCTION @extschema@.billing_account_update(tenant_id text,
                                        credit_limit numeric DEFAULT NULL,
                                        status text DEFAULT NULL,
                                        timezone text DEFAULT NULL,
@@ -498,6 +498,6 @@ BEGIN
     RETURN QUERY SELECT * FROM billing.balances b WHERE b.tenant_id = p_tenant;
 END;
 $$;
-COMMENT ON FUNCTION billing_account_update(text, numeric, text, text, jsonb, text) IS
+COMMENT ON FUNCTION @extschema@.billing_account_update(text, numeric, text, text, jsonb, text) IS
     'change credit limit, status, time zone or metadata; every change is recorded in billing.account_events';
-REVOKE ALL ON FUNCTION billing_account_update(text, numeric, text, text, jsonb, text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION @extschema@.billing_account_update(text, numeric, text, text, jsonb, text) FROM PUBLIC;

@@ -97,7 +97,7 @@ CREATE TYPE billing.charge_outcome AS (
     detail        text
 );
 
-CREATE FUNCTION billing_credit(tenant_id text, amount numeric, trace_id text,
+CREATE FUNCTION @extschema@.billing_credit(tenant_id text, amount numeric, trace_id text,
                                description text DEFAULT NULL,
                                metadata jsonb DEFAULT NULL,
                                event_at timestamptz DEFAULT NULL,
@@ -106,12 +106,12 @@ CREATE FUNCTION billing_credit(tenant_id text, amount numeric, trace_id text,
     AS 'MODULE_PATHNAME', 'billing_credit'
     LANGUAGE C VOLATILE SECURITY DEFINER
     SET search_path = pg_catalog, pg_temp;
-COMMENT ON FUNCTION billing_credit(text, numeric, text, text, jsonb, timestamptz, text) IS
+COMMENT ON FUNCTION @extschema@.billing_credit(text, numeric, text, text, jsonb, timestamptz, text) IS
     'add money (kind topup, grant, refund or adjustment); idempotent by trace_id';
 
-REVOKE ALL ON FUNCTION billing_credit(text, numeric, text, text, jsonb, timestamptz, text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION @extschema@.billing_credit(text, numeric, text, text, jsonb, timestamptz, text) FROM PUBLIC;
 
-CREATE FUNCTION billing_deduct(tenant_id text, amount numeric, trace_id text,
+CREATE FUNCTION @extschema@.billing_deduct(tenant_id text, amount numeric, trace_id text,
                                description text DEFAULT NULL,
                                metadata jsonb DEFAULT NULL,
                                event_at timestamptz DEFAULT NULL,
@@ -121,11 +121,30 @@ CREATE FUNCTION billing_deduct(tenant_id text, amount numeric, trace_id text,
     AS 'MODULE_PATHNAME', 'billing_deduct'
     LANGUAGE C VOLATILE SECURITY DEFINER
     SET search_path = pg_catalog, pg_temp;
-COMMENT ON FUNCTION billing_deduct(text, numeric, text, text, jsonb, timestamptz, text, text) IS
+COMMENT ON FUNCTION @extschema@.billing_deduct(text, numeric, text, text, jsonb, timestamptz, text, text) IS
     'charge an account (optionally through an API key); idempotent by trace_id; raises on insufficient funds, quotas, caps';
-REVOKE ALL ON FUNCTION billing_deduct(text, numeric, text, text, jsonb, timestamptz, text, text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION @extschema@.billing_deduct(text, numeric, text, text, jsonb, timestamptz, text, text) FROM PUBLIC;
 
-CREATE FUNCTION billing_try_deduct(tenant_id text, amount numeric, trace_id text,
+-- billing_deduct under a name in schema billing, for the extension's own
+-- SQL (the job functions): the schema of the SQL API is the database
+-- owner's, who could rename it and put a function of that name in its
+-- place, which SECURITY DEFINER code calling it by name would run as the
+-- extension's owner.  No role is granted it.
+CREATE FUNCTION billing.internal_deduct(tenant_id text, amount numeric, trace_id text,
+                                  description text DEFAULT NULL,
+                                  metadata jsonb DEFAULT NULL,
+                                  event_at timestamptz DEFAULT NULL,
+                                  kind text DEFAULT 'deduct',
+                                  api_key text DEFAULT NULL)
+    RETURNS billing.entry_result
+    AS 'MODULE_PATHNAME', 'billing_deduct'
+    LANGUAGE C VOLATILE SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp;
+COMMENT ON FUNCTION billing.internal_deduct(text, numeric, text, text, jsonb, timestamptz, text, text) IS
+    'billing_deduct for the extension''s own SQL (internal)';
+REVOKE ALL ON FUNCTION billing.internal_deduct(text, numeric, text, text, jsonb, timestamptz, text, text) FROM PUBLIC;
+
+CREATE FUNCTION @extschema@.billing_try_deduct(tenant_id text, amount numeric, trace_id text,
                                    description text DEFAULT NULL,
                                    metadata jsonb DEFAULT NULL,
                                    event_at timestamptz DEFAULT NULL,
@@ -135,11 +154,11 @@ CREATE FUNCTION billing_try_deduct(tenant_id text, amount numeric, trace_id text
     AS 'MODULE_PATHNAME', 'billing_try_deduct'
     LANGUAGE C VOLATILE SECURITY DEFINER
     SET search_path = pg_catalog, pg_temp;
-COMMENT ON FUNCTION billing_try_deduct(text, numeric, text, text, jsonb, timestamptz, text, text) IS
+COMMENT ON FUNCTION @extschema@.billing_try_deduct(text, numeric, text, text, jsonb, timestamptz, text, text) IS
     'like billing_deduct, but a business rejection is returned and recorded (a replay returns it again)';
-REVOKE ALL ON FUNCTION billing_try_deduct(text, numeric, text, text, jsonb, timestamptz, text, text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION @extschema@.billing_try_deduct(text, numeric, text, text, jsonb, timestamptz, text, text) FROM PUBLIC;
 
-CREATE FUNCTION billing_deduct_many(tenant_ids text[], amounts numeric[], trace_ids text[],
+CREATE FUNCTION @extschema@.billing_deduct_many(tenant_ids text[], amounts numeric[], trace_ids text[],
                                     descriptions text[] DEFAULT NULL,
                                     metadata jsonb[] DEFAULT NULL,
                                     api_keys text[] DEFAULT NULL,
@@ -148,18 +167,18 @@ CREATE FUNCTION billing_deduct_many(tenant_ids text[], amounts numeric[], trace_
     AS 'MODULE_PATHNAME', 'billing_deduct_many'
     LANGUAGE C VOLATILE SECURITY DEFINER
     SET search_path = pg_catalog, pg_temp;
-COMMENT ON FUNCTION billing_deduct_many(text[], numeric[], text[], text[], jsonb[], text[], text) IS
+COMMENT ON FUNCTION @extschema@.billing_deduct_many(text[], numeric[], text[], text[], jsonb[], text[], text) IS
     'charge many items in one call (same rules per item); on_reject raise: a rejection aborts the batch, record: returned per item';
-REVOKE ALL ON FUNCTION billing_deduct_many(text[], numeric[], text[], text[], jsonb[], text[], text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION @extschema@.billing_deduct_many(text[], numeric[], text[], text[], jsonb[], text[], text) FROM PUBLIC;
 
-CREATE FUNCTION billing_balance(tenant_id text) RETURNS numeric
+CREATE FUNCTION @extschema@.billing_balance(tenant_id text) RETURNS numeric
     AS 'MODULE_PATHNAME', 'billing_balance'
     LANGUAGE C STABLE SECURITY DEFINER
     SET search_path = pg_catalog, pg_temp;
-COMMENT ON FUNCTION billing_balance(text) IS 'cached balance of an account, O(1)';
-REVOKE ALL ON FUNCTION billing_balance(text) FROM PUBLIC;
+COMMENT ON FUNCTION @extschema@.billing_balance(text) IS 'cached balance of an account, O(1)';
+REVOKE ALL ON FUNCTION @extschema@.billing_balance(text) FROM PUBLIC;
 
-CREATE FUNCTION billing_balance_at(tenant_id text, at timestamptz) RETURNS numeric
+CREATE FUNCTION @extschema@.billing_balance_at(tenant_id text, at timestamptz) RETURNS numeric
     LANGUAGE plpgsql STABLE SECURITY DEFINER
     SET search_path = pg_catalog, pg_temp
 AS $$
@@ -195,9 +214,9 @@ BEGIN
     RETURN billing.to_amount((total - billing.expired_micros(acc, billing_balance_at.at))::bigint);
 END;
 $$;
-COMMENT ON FUNCTION billing_balance_at(text, timestamptz) IS
+COMMENT ON FUNCTION @extschema@.billing_balance_at(text, timestamptz) IS
     'balance at a point in time: SUM of the entries created up to then, grants that had expired by then taken off';
-REVOKE ALL ON FUNCTION billing_balance_at(text, timestamptz) FROM PUBLIC;
+REVOKE ALL ON FUNCTION @extschema@.billing_balance_at(text, timestamptz) FROM PUBLIC;
 
 CREATE VIEW billing.ledger WITH (security_barrier) AS
 SELECT e.entry_id,
@@ -386,7 +405,7 @@ COMMENT ON FUNCTION billing.verify_local(text) IS
     'the checks of billing_verify() on this node''s tenants (internal); on Citus also rows left in local tables';
 REVOKE ALL ON FUNCTION billing.verify_local(text) FROM PUBLIC;
 
-CREATE FUNCTION billing_verify(tenant_id text DEFAULT NULL)
+CREATE FUNCTION @extschema@.billing_verify(tenant_id text DEFAULT NULL)
     RETURNS SETOF billing.verify_result
     LANGUAGE plpgsql STABLE SECURITY DEFINER
     SET search_path = pg_catalog, pg_temp
@@ -431,6 +450,6 @@ BEGIN
         SELECT v.* FROM jsonb_populate_recordset(NULL::billing.verify_result, found) v ORDER BY 1, 7;
 END;
 $$;
-COMMENT ON FUNCTION billing_verify(text) IS
+COMMENT ON FUNCTION @extschema@.billing_verify(text) IS
     'audit: one row per account whose cached balance differs from SUM(entries), whose balance_after chain is broken, whose version lags its entries, with invalid entries, whose grant buckets differ from what the ledger says (or went below zero) or from what open holds reserved, whose cached holds differ from its open holds, or with a finished job without its own charge or with its hold open; on Citus also rows left in local tables; no rows when consistent';
-REVOKE ALL ON FUNCTION billing_verify(text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION @extschema@.billing_verify(text) FROM PUBLIC;

@@ -11,7 +11,7 @@
  * applies the charge as the extension's owner.  (A SECURITY DEFINER call
  * with its SET search_path cost a tenth of the caller's CPU.)
  */
-CREATE FUNCTION billing_charge(tenant_id text, amount numeric, trace_id text,
+CREATE FUNCTION @extschema@.billing_charge(tenant_id text, amount numeric, trace_id text,
                                description text DEFAULT NULL,
                                metadata jsonb DEFAULT NULL,
                                event_at timestamptz DEFAULT NULL,
@@ -20,9 +20,9 @@ CREATE FUNCTION billing_charge(tenant_id text, amount numeric, trace_id text,
     RETURNS billing.entry_result
     AS 'MODULE_PATHNAME', 'billing_charge'
     LANGUAGE C VOLATILE;
-COMMENT ON FUNCTION billing_charge(text, numeric, text, text, jsonb, timestamptz, text, text) IS
+COMMENT ON FUNCTION @extschema@.billing_charge(text, numeric, text, text, jsonb, timestamptz, text, text) IS
     'billing_deduct committed by the charge engine, batched with other callers'' charges; outside transaction blocks only; idempotent by trace_id';
-REVOKE ALL ON FUNCTION billing_charge(text, numeric, text, text, jsonb, timestamptz, text, text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION @extschema@.billing_charge(text, numeric, text, text, jsonb, timestamptz, text, text) FROM PUBLIC;
 
 CREATE TYPE billing.engine_info AS (
     database      text,
@@ -39,11 +39,11 @@ CREATE TYPE billing.engine_info AS (
     last_batch_at timestamptz
 );
 
-CREATE FUNCTION billing_engine_status() RETURNS SETOF billing.engine_info
+CREATE FUNCTION @extschema@.billing_engine_status() RETURNS SETOF billing.engine_info
     AS 'MODULE_PATHNAME', 'billing_engine_status'
     LANGUAGE C VOLATILE;
-COMMENT ON FUNCTION billing_engine_status() IS 'the charge engine''s workers: state, queue, batches';
-REVOKE ALL ON FUNCTION billing_engine_status() FROM PUBLIC;
+COMMENT ON FUNCTION @extschema@.billing_engine_status() IS 'the charge engine''s workers: state, queue, batches';
+REVOKE ALL ON FUNCTION @extschema@.billing_engine_status() FROM PUBLIC;
 
 -- for tests only (superuser): make the charges queued meanwhile one batch
 CREATE FUNCTION billing.engine_test_gate(on_ boolean) RETURNS void

@@ -85,7 +85,7 @@ CREATE TYPE billing.refund_result AS (
     replayed         boolean
 );
 
-CREATE FUNCTION billing_grant(tenant_id text, amount numeric, trace_id text,
+CREATE FUNCTION @extschema@.billing_grant(tenant_id text, amount numeric, trace_id text,
                               expires_at timestamptz DEFAULT NULL,
                               priority integer DEFAULT 0,
                               category text DEFAULT 'promotional',
@@ -95,16 +95,16 @@ CREATE FUNCTION billing_grant(tenant_id text, amount numeric, trace_id text,
     AS 'MODULE_PATHNAME', 'billing_grant'
     LANGUAGE C VOLATILE SECURITY DEFINER
     SET search_path = pg_catalog, pg_temp;
-COMMENT ON FUNCTION billing_grant(text, numeric, text, timestamptz, integer, text, text, jsonb) IS
+COMMENT ON FUNCTION @extschema@.billing_grant(text, numeric, text, timestamptz, integer, text, text, jsonb) IS
     'credit a bucket of its own: spent before the wallet in burn order (priority, then earliest expiry, then oldest); what is left of it at expires_at leaves the balance; idempotent by trace_id';
-REVOKE ALL ON FUNCTION billing_grant(text, numeric, text, timestamptz, integer, text, text, jsonb) FROM PUBLIC;
+REVOKE ALL ON FUNCTION @extschema@.billing_grant(text, numeric, text, timestamptz, integer, text, text, jsonb) FROM PUBLIC;
 
-CREATE FUNCTION billing_refund(tenant_id text, charge_trace_id text, amount numeric, trace_id text,
+CREATE FUNCTION @extschema@.billing_refund(tenant_id text, charge_trace_id text, amount numeric, trace_id text,
                                reason text DEFAULT NULL)
     RETURNS billing.refund_result
     AS 'MODULE_PATHNAME', 'billing_refund'
     LANGUAGE C VOLATILE SECURITY DEFINER
     SET search_path = pg_catalog, pg_temp;
-COMMENT ON FUNCTION billing_refund(text, text, numeric, text, text) IS
+COMMENT ON FUNCTION @extschema@.billing_refund(text, text, numeric, text, text) IS
     'give back (part of) a charge, to the buckets it came from; never more than it charged minus earlier refunds (ZB091); idempotent by trace_id';
-REVOKE ALL ON FUNCTION billing_refund(text, text, numeric, text, text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION @extschema@.billing_refund(text, text, numeric, text, text) FROM PUBLIC;

@@ -136,7 +136,7 @@ CREATE TYPE billing.capture_result AS (
     replayed       boolean
 );
 
-CREATE FUNCTION billing_hold(tenant_id text, amount numeric, trace_id text,
+CREATE FUNCTION @extschema@.billing_hold(tenant_id text, amount numeric, trace_id text,
                              expires_in interval DEFAULT '15 minutes',
                              description text DEFAULT NULL,
                              metadata jsonb DEFAULT NULL,
@@ -145,11 +145,29 @@ CREATE FUNCTION billing_hold(tenant_id text, amount numeric, trace_id text,
     AS 'MODULE_PATHNAME', 'billing_hold'
     LANGUAGE C VOLATILE SECURITY DEFINER
     SET search_path = pg_catalog, pg_temp;
-COMMENT ON FUNCTION billing_hold(text, numeric, text, interval, text, jsonb, text) IS
+COMMENT ON FUNCTION @extschema@.billing_hold(text, numeric, text, interval, text, jsonb, text) IS
     'reserve funds (lowers available, not the balance) until captured, released or expired; idempotent by trace_id';
-REVOKE ALL ON FUNCTION billing_hold(text, numeric, text, interval, text, jsonb, text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION @extschema@.billing_hold(text, numeric, text, interval, text, jsonb, text) FROM PUBLIC;
 
-CREATE FUNCTION billing_capture(tenant_id text, hold_trace_id text, amount numeric, trace_id text,
+-- billing_hold under a name in schema billing, for the extension's own
+-- SQL (the job functions): the schema of the SQL API is the database
+-- owner's, who could rename it and put a function of that name in its
+-- place, which SECURITY DEFINER code calling it by name would run as the
+-- extension's owner.  No role is granted it.
+CREATE FUNCTION billing.internal_hold(tenant_id text, amount numeric, trace_id text,
+                                expires_in interval DEFAULT '15 minutes',
+                                description text DEFAULT NULL,
+                                metadata jsonb DEFAULT NULL,
+                                api_key text DEFAULT NULL)
+    RETURNS billing.hold_result
+    AS 'MODULE_PATHNAME', 'billing_hold'
+    LANGUAGE C VOLATILE SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp;
+COMMENT ON FUNCTION billing.internal_hold(text, numeric, text, interval, text, jsonb, text) IS
+    'billing_hold for the extension''s own SQL (internal)';
+REVOKE ALL ON FUNCTION billing.internal_hold(text, numeric, text, interval, text, jsonb, text) FROM PUBLIC;
+
+CREATE FUNCTION @extschema@.billing_capture(tenant_id text, hold_trace_id text, amount numeric, trace_id text,
                                 final boolean DEFAULT false,
                                 description text DEFAULT NULL,
                                 metadata jsonb DEFAULT NULL,
@@ -158,28 +176,75 @@ CREATE FUNCTION billing_capture(tenant_id text, hold_trace_id text, amount numer
     AS 'MODULE_PATHNAME', 'billing_capture'
     LANGUAGE C VOLATILE SECURITY DEFINER
     SET search_path = pg_catalog, pg_temp;
-COMMENT ON FUNCTION billing_capture(text, text, numeric, text, boolean, text, jsonb, timestamptz) IS
+COMMENT ON FUNCTION @extschema@.billing_capture(text, text, numeric, text, boolean, text, jsonb, timestamptz) IS
     'charge against a hold (a ledger entry of kind capture); final => release the rest; idempotent by trace_id';
-REVOKE ALL ON FUNCTION billing_capture(text, text, numeric, text, boolean, text, jsonb, timestamptz) FROM PUBLIC;
+REVOKE ALL ON FUNCTION @extschema@.billing_capture(text, text, numeric, text, boolean, text, jsonb, timestamptz) FROM PUBLIC;
 
-CREATE FUNCTION billing_release(tenant_id text, hold_trace_id text, trace_id text)
+-- billing_capture under a name in schema billing, for the extension's own
+-- SQL (the job functions): the schema of the SQL API is the database
+-- owner's, who could rename it and put a function of that name in its
+-- place, which SECURITY DEFINER code calling it by name would run as the
+-- extension's owner.  No role is granted it.
+CREATE FUNCTION billing.internal_capture(tenant_id text, hold_trace_id text, amount numeric, trace_id text,
+                                   final boolean DEFAULT false,
+                                   description text DEFAULT NULL,
+                                   metadata jsonb DEFAULT NULL,
+                                   event_at timestamptz DEFAULT NULL)
+    RETURNS billing.capture_result
+    AS 'MODULE_PATHNAME', 'billing_capture'
+    LANGUAGE C VOLATILE SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp;
+COMMENT ON FUNCTION billing.internal_capture(text, text, numeric, text, boolean, text, jsonb, timestamptz) IS
+    'billing_capture for the extension''s own SQL (internal)';
+REVOKE ALL ON FUNCTION billing.internal_capture(text, text, numeric, text, boolean, text, jsonb, timestamptz) FROM PUBLIC;
+
+CREATE FUNCTION @extschema@.billing_release(tenant_id text, hold_trace_id text, trace_id text)
     RETURNS billing.hold_result
     AS 'MODULE_PATHNAME', 'billing_release'
     LANGUAGE C VOLATILE SECURITY DEFINER
     SET search_path = pg_catalog, pg_temp;
-COMMENT ON FUNCTION billing_release(text, text, text) IS
+COMMENT ON FUNCTION @extschema@.billing_release(text, text, text) IS
     'free what is left on a hold; idempotent by trace_id; a settled or expired hold releases nothing';
-REVOKE ALL ON FUNCTION billing_release(text, text, text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION @extschema@.billing_release(text, text, text) FROM PUBLIC;
 
-CREATE FUNCTION billing_hold_extend(tenant_id text, hold_trace_id text,
+-- billing_release under a name in schema billing, for the extension's own
+-- SQL (the job functions): the schema of the SQL API is the database
+-- owner's, who could rename it and put a function of that name in its
+-- place, which SECURITY DEFINER code calling it by name would run as the
+-- extension's owner.  No role is granted it.
+CREATE FUNCTION billing.internal_release(tenant_id text, hold_trace_id text, trace_id text)
+    RETURNS billing.hold_result
+    AS 'MODULE_PATHNAME', 'billing_release'
+    LANGUAGE C VOLATILE SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp;
+COMMENT ON FUNCTION billing.internal_release(text, text, text) IS
+    'billing_release for the extension''s own SQL (internal)';
+REVOKE ALL ON FUNCTION billing.internal_release(text, text, text) FROM PUBLIC;
+
+CREATE FUNCTION @extschema@.billing_hold_extend(tenant_id text, hold_trace_id text,
                                     expires_in interval DEFAULT '15 minutes')
     RETURNS billing.hold_result
     AS 'MODULE_PATHNAME', 'billing_hold_extend'
     LANGUAGE C VOLATILE SECURITY DEFINER
     SET search_path = pg_catalog, pg_temp;
-COMMENT ON FUNCTION billing_hold_extend(text, text, interval) IS
+COMMENT ON FUNCTION @extschema@.billing_hold_extend(text, text, interval) IS
     'heartbeat: an open hold now expires at now() + expires_in';
-REVOKE ALL ON FUNCTION billing_hold_extend(text, text, interval) FROM PUBLIC;
+REVOKE ALL ON FUNCTION @extschema@.billing_hold_extend(text, text, interval) FROM PUBLIC;
+
+-- billing_hold_extend under a name in schema billing, for the extension's own
+-- SQL (the job functions): the schema of the SQL API is the database
+-- owner's, who could rename it and put a function of that name in its
+-- place, which SECURITY DEFINER code calling it by name would run as the
+-- extension's owner.  No role is granted it.
+CREATE FUNCTION billing.internal_hold_extend(tenant_id text, hold_trace_id text,
+                                       expires_in interval DEFAULT '15 minutes')
+    RETURNS billing.hold_result
+    AS 'MODULE_PATHNAME', 'billing_hold_extend'
+    LANGUAGE C VOLATILE SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp;
+COMMENT ON FUNCTION billing.internal_hold_extend(text, text, interval) IS
+    'billing_hold_extend for the extension''s own SQL (internal)';
+REVOKE ALL ON FUNCTION billing.internal_hold_extend(text, text, interval) FROM PUBLIC;
 
 CREATE VIEW billing.open_holds WITH (security_barrier) AS
 SELECT h.tenant_id,

@@ -50,7 +50,7 @@ END;
 $$;
 REVOKE ALL ON FUNCTION billing.check_count(bigint, text) FROM PUBLIC;
 
-CREATE FUNCTION billing_limits_set(tenant_id text,
+CREATE FUNCTION @extschema@.billing_limits_set(tenant_id text,
                                    daily_requests bigint DEFAULT NULL,
                                    monthly_requests bigint DEFAULT NULL,
                                    daily_spend numeric DEFAULT NULL,
@@ -109,6 +109,6 @@ BEGIN
     RETURN QUERY SELECT * FROM billing.quota_usage q WHERE q.tenant_id = acc.tenant_id;
 END;
 $$;
-COMMENT ON FUNCTION billing_limits_set(text, bigint, bigint, numeric, numeric, numeric, bigint, text) IS
+COMMENT ON FUNCTION @extschema@.billing_limits_set(text, bigint, bigint, numeric, numeric, numeric, bigint, text) IS
     'set all limits of an account at once (NULL = no limit); recorded in billing.account_events';
-REVOKE ALL ON FUNCTION billing_limits_set(text, bigint, bigint, numeric, numeric, numeric, bigint, text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION @extschema@.billing_limits_set(text, bigint, bigint, numeric, numeric, numeric, bigint, text) FROM PUBLIC;

@@ -102,7 +102,7 @@ END;
 $$;
 REVOKE ALL ON FUNCTION billing.check_key_settings(text, numeric, text) FROM PUBLIC;
 
-CREATE FUNCTION billing_api_key_create(tenant_id text, key_id text,
+CREATE FUNCTION @extschema@.billing_api_key_create(tenant_id text, key_id text,
                                        budget numeric DEFAULT NULL,
                                        budget_period text DEFAULT NULL,
                                        metadata jsonb DEFAULT NULL)
@@ -149,11 +149,11 @@ BEGIN
                   WHERE b.tenant_id = acc.tenant_id AND b.key_id = billing_api_key_create.key_id;
 END;
 $$;
-COMMENT ON FUNCTION billing_api_key_create(text, text, numeric, text, jsonb) IS
+COMMENT ON FUNCTION @extschema@.billing_api_key_create(text, text, numeric, text, jsonb) IS
     'create an API key for an account, optionally with a budget per day, month or lifetime';
-REVOKE ALL ON FUNCTION billing_api_key_create(text, text, numeric, text, jsonb) FROM PUBLIC;
+REVOKE ALL ON FUNCTION @extschema@.billing_api_key_create(text, text, numeric, text, jsonb) FROM PUBLIC;
 
-CREATE FUNCTION billing_api_key_update(tenant_id text, key_id text,
+CREATE FUNCTION @extschema@.billing_api_key_update(tenant_id text, key_id text,
                                        status text DEFAULT NULL,
                                        budget numeric DEFAULT NULL,
                                        budget_period text DEFAULT NULL,
@@ -218,6 +218,6 @@ BEGIN
                   WHERE b.tenant_id = acc.tenant_id AND b.key_id = k.key_id;
 END;
 $$;
-COMMENT ON FUNCTION billing_api_key_update(text, text, text, numeric, text, boolean) IS
+COMMENT ON FUNCTION @extschema@.billing_api_key_update(text, text, text, numeric, text, boolean) IS
     'change an API key: status (active, suspended, revoked — final), budget and period, or remove_budget';
-REVOKE ALL ON FUNCTION billing_api_key_update(text, text, text, numeric, text, boolean) FROM PUBLIC;
+REVOKE ALL ON FUNCTION @extschema@.billing_api_key_update(text, text, text, numeric, text, boolean) FROM PUBLIC;

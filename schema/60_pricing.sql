@@ -187,7 +187,7 @@ AS $$
 $$;
 REVOKE ALL ON FUNCTION billing.rates_differ(bigint[], bigint[]) FROM PUBLIC;
 
-CREATE FUNCTION billing_price_set(model text, input_per_1k numeric DEFAULT NULL,
+CREATE FUNCTION @extschema@.billing_price_set(model text, input_per_1k numeric DEFAULT NULL,
                                   output_per_1k numeric DEFAULT NULL,
                                   effective_from timestamptz DEFAULT now(),
                                   currency text DEFAULT 'USD',
@@ -262,9 +262,9 @@ BEGIN
                   WHERE l.model = billing_price_set.model AND l.currency = billing_price_set.currency;
 END;
 $$;
-COMMENT ON FUNCTION billing_price_set(text, numeric, numeric, timestamptz, text, numeric, numeric, numeric, numeric, numeric, numeric, numeric) IS
+COMMENT ON FUNCTION @extschema@.billing_price_set(text, numeric, numeric, timestamptz, text, numeric, numeric, numeric, numeric, numeric, numeric, numeric) IS
     'add a list price for a model (per 1M input, cached input, cache write, output and reasoning tokens, per request, per second), effective from a time (history is kept)';
-REVOKE ALL ON FUNCTION billing_price_set(text, numeric, numeric, timestamptz, text, numeric, numeric, numeric, numeric, numeric, numeric, numeric) FROM PUBLIC;
+REVOKE ALL ON FUNCTION @extschema@.billing_price_set(text, numeric, numeric, timestamptz, text, numeric, numeric, numeric, numeric, numeric, numeric, numeric) FROM PUBLIC;
 
 -- the account of an override, or ZB001 / ZB003; its currency
 CREATE FUNCTION billing.override_account(tenant_id text) RETURNS text
@@ -343,7 +343,7 @@ END;
 $$;
 REVOKE ALL ON FUNCTION billing.override_insert(billing.price_overrides) FROM PUBLIC;
 
-CREATE FUNCTION billing_price_override_set(tenant_id text, model text,
+CREATE FUNCTION @extschema@.billing_price_override_set(tenant_id text, model text,
                                            input_per_1m numeric DEFAULT NULL,
                                            output_per_1m numeric DEFAULT NULL,
                                            cached_input_per_1m numeric DEFAULT NULL,
@@ -392,11 +392,11 @@ BEGIN
                   WHERE l.tenant_id = o.tenant_id AND l.model = o.model AND l.currency = o.currency;
 END;
 $$;
-COMMENT ON FUNCTION billing_price_override_set(text, text, numeric, numeric, numeric, numeric, numeric, numeric, numeric, timestamptz) IS
+COMMENT ON FUNCTION @extschema@.billing_price_override_set(text, text, numeric, numeric, numeric, numeric, numeric, numeric, numeric, timestamptz) IS
     'give a tenant its own price for a model (wins over the list price), effective from a time (history is kept)';
-REVOKE ALL ON FUNCTION billing_price_override_set(text, text, numeric, numeric, numeric, numeric, numeric, numeric, numeric, timestamptz) FROM PUBLIC;
+REVOKE ALL ON FUNCTION @extschema@.billing_price_override_set(text, text, numeric, numeric, numeric, numeric, numeric, numeric, numeric, timestamptz) FROM PUBLIC;
 
-CREATE FUNCTION billing_price_override_end(tenant_id text, model text,
+CREATE FUNCTION @extschema@.billing_price_override_end(tenant_id text, model text,
                                            effective_from timestamptz DEFAULT now())
     RETURNS SETOF billing.price_override_list
     LANGUAGE plpgsql VOLATILE SECURITY DEFINER
@@ -439,9 +439,9 @@ BEGIN
                   WHERE l.tenant_id = o.tenant_id AND l.model = o.model AND l.currency = o.currency;
 END;
 $$;
-COMMENT ON FUNCTION billing_price_override_end(text, text, timestamptz) IS
+COMMENT ON FUNCTION @extschema@.billing_price_override_end(text, text, timestamptz) IS
     'end a tenant''s own price for a model: from effective_from on it pays the list price again';
-REVOKE ALL ON FUNCTION billing_price_override_end(text, text, timestamptz) FROM PUBLIC;
+REVOKE ALL ON FUNCTION @extschema@.billing_price_override_end(text, text, timestamptz) FROM PUBLIC;
 
 -- the price a tenant (NULL: anyone) pays for a model at a time: its override
 -- effective then, else the list price (list_price true, tenant_id NULL);
@@ -591,7 +591,7 @@ END;
 $$;
 REVOKE ALL ON FUNCTION billing.cost_micros(billing.price_overrides, numeric[]) FROM PUBLIC;
 
-CREATE FUNCTION billing_cost(model text, input_tokens bigint DEFAULT 0, output_tokens bigint DEFAULT 0,
+CREATE FUNCTION @extschema@.billing_cost(model text, input_tokens bigint DEFAULT 0, output_tokens bigint DEFAULT 0,
                              at timestamptz DEFAULT now(), currency text DEFAULT NULL,
                              cached_input_tokens bigint DEFAULT 0, cache_write_tokens bigint DEFAULT 0,
                              reasoning_tokens bigint DEFAULT 0, requests bigint DEFAULT 1,
@@ -632,11 +632,11 @@ BEGIN
               billing_cost.seconds]));
 END;
 $$;
-COMMENT ON FUNCTION billing_cost(text, bigint, bigint, timestamptz, text, bigint, bigint, bigint, bigint, numeric, text) IS
+COMMENT ON FUNCTION @extschema@.billing_cost(text, bigint, bigint, timestamptz, text, bigint, bigint, bigint, bigint, numeric, text) IS
     'exact cost of a usage at the price effective at `at` (a tenant''s override, else the list price): each count times its rate, summed, rounded half up to 6 decimals once';
-REVOKE ALL ON FUNCTION billing_cost(text, bigint, bigint, timestamptz, text, bigint, bigint, bigint, bigint, numeric, text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION @extschema@.billing_cost(text, bigint, bigint, timestamptz, text, bigint, bigint, bigint, bigint, numeric, text) FROM PUBLIC;
 
-CREATE FUNCTION billing_deduct_usage(tenant_id text, model text,
+CREATE FUNCTION @extschema@.billing_deduct_usage(tenant_id text, model text,
                                      input_tokens bigint, output_tokens bigint,
                                      trace_id text,
                                      description text DEFAULT NULL,
@@ -756,13 +756,13 @@ BEGIN
             to_char(p.effective_from AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'),
             'price_override', NOT p.list_price);
     END IF;
-    RETURN @extschema@.billing_deduct(billing_deduct_usage.tenant_id, billing.to_amount(cost), billing_deduct_usage.trace_id,
+    RETURN billing.internal_deduct(billing_deduct_usage.tenant_id, billing.to_amount(cost), billing_deduct_usage.trace_id,
                           description => billing_deduct_usage.description,
                           metadata => coalesce(billing_deduct_usage.metadata, '{}') || usage,
                           event_at => billing_deduct_usage.event_at,
                           api_key => billing_deduct_usage.api_key);
 END;
 $$;
-COMMENT ON FUNCTION billing_deduct_usage(text, text, bigint, bigint, text, text, jsonb, timestamptz, text, bigint, bigint, bigint, bigint, numeric) IS
+COMMENT ON FUNCTION @extschema@.billing_deduct_usage(text, text, bigint, bigint, text, text, jsonb, timestamptz, text, bigint, bigint, bigint, bigint, numeric) IS
     'charge a usage (tokens of each kind, requests, seconds) at the price effective at event time (the tenant''s override, else the list price); the breakdown and the unit prices go into the entry metadata';
-REVOKE ALL ON FUNCTION billing_deduct_usage(text, text, bigint, bigint, text, text, jsonb, timestamptz, text, bigint, bigint, bigint, bigint, numeric) FROM PUBLIC;
+REVOKE ALL ON FUNCTION @extschema@.billing_deduct_usage(text, text, bigint, bigint, text, text, jsonb, timestamptz, text, bigint, bigint, bigint, bigint, numeric) FROM PUBLIC;

@@ -181,7 +181,7 @@ BEGIN
                 WHERE h.tenant_id = j.tenant_id AND h.trace_id = j.hold_trace_id
                   AND h.status = 'open' AND h.expires_at > clock_timestamp() + interval '1 second'
                   AND h.expires_at < short_of) THEN
-        PERFORM @extschema@.billing_hold_extend(j.tenant_id, j.hold_trace_id, wanted);
+        PERFORM billing.internal_hold_extend(j.tenant_id, j.hold_trace_id, wanted);
     END IF;
 END;
 $$;
@@ -194,7 +194,7 @@ CREATE FUNCTION billing.job_release_hold(j billing.jobs) RETURNS void
 AS $$
 BEGIN
     IF j.hold_trace_id IS NOT NULL THEN
-        PERFORM @extschema@.billing_release(j.tenant_id, j.hold_trace_id, j.hold_trace_id || ':release');
+        PERFORM billing.internal_release(j.tenant_id, j.hold_trace_id, j.hold_trace_id || ':release');
     END IF;
 END;
 $$;
@@ -253,7 +253,7 @@ END;
 $$;
 REVOKE ALL ON FUNCTION billing.job_check_lease(billing.jobs, text, text) FROM PUBLIC;
 
-CREATE FUNCTION billing_job_submit(tenant_id text, kind text, idempotency_key text,
+CREATE FUNCTION @extschema@.billing_job_submit(tenant_id text, kind text, idempotency_key text,
                                    estimated_cost numeric,
                                    input jsonb DEFAULT NULL,
                                    max_attempts integer DEFAULT 3,
@@ -328,7 +328,7 @@ BEGIN
     END IF;
 
     -- reserve the estimate; not enough funds -> the error aborts the submit: no job
-    PERFORM @extschema@.billing_hold(j.tenant_id, billing.to_amount(est), j.hold_trace_id,
+    PERFORM billing.internal_hold(j.tenant_id, billing.to_amount(est), j.hold_trace_id,
                                     expires_in => least(greatest(j.run_at - now(), interval '0') + j.hold_ttl,
                                                         interval '31 days'),
                                     description => format('job %s (%s)', j.job_id, j.kind));
@@ -339,11 +339,11 @@ BEGIN
     RETURN billing.job_result(j, false);
 END;
 $$;
-COMMENT ON FUNCTION billing_job_submit(text, text, text, numeric, jsonb, integer, timestamptz, interval) IS
+COMMENT ON FUNCTION @extschema@.billing_job_submit(text, text, text, numeric, jsonb, integer, timestamptz, interval) IS
     'create a job and hold its estimated cost in one transaction; a duplicate idempotency key returns the existing job';
-REVOKE ALL ON FUNCTION billing_job_submit(text, text, text, numeric, jsonb, integer, timestamptz, interval) FROM PUBLIC;
+REVOKE ALL ON FUNCTION @extschema@.billing_job_submit(text, text, text, numeric, jsonb, integer, timestamptz, interval) FROM PUBLIC;
 
-CREATE FUNCTION billing_job_claim(worker text,
+CREATE FUNCTION @extschema@.billing_job_claim(worker text,
                                   kinds text[] DEFAULT NULL,
                                   max_jobs integer DEFAULT 1,
                                   lease interval DEFAULT '5 minutes',
@@ -459,11 +459,11 @@ BEGIN
     END LOOP;
 END;
 $$;
-COMMENT ON FUNCTION billing_job_claim(text, text[], integer, interval, text) IS
+COMMENT ON FUNCTION @extschema@.billing_job_claim(text, text[], integer, interval, text) IS
     'hand due queued jobs to a worker (FOR UPDATE SKIP LOCKED): attempt + 1, lease set; two workers never get the same job; on Citus without a tenant: the jobs of this node';
-REVOKE ALL ON FUNCTION billing_job_claim(text, text[], integer, interval, text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION @extschema@.billing_job_claim(text, text[], integer, interval, text) FROM PUBLIC;
 
-CREATE FUNCTION billing_job_heartbeat(tenant_id text, job_id bigint, worker text,
+CREATE FUNCTION @extschema@.billing_job_heartbeat(tenant_id text, job_id bigint, worker text,
                                       lease interval DEFAULT '5 minutes')
     RETURNS billing.job_result
     LANGUAGE plpgsql VOLATILE SECURITY DEFINER
@@ -489,11 +489,11 @@ BEGIN
     RETURN billing.job_result(j, false);
 END;
 $$;
-COMMENT ON FUNCTION billing_job_heartbeat(text, bigint, text, interval) IS
+COMMENT ON FUNCTION @extschema@.billing_job_heartbeat(text, bigint, text, interval) IS
     'extend the lease of a processing job (and the expiry of its hold)';
-REVOKE ALL ON FUNCTION billing_job_heartbeat(text, bigint, text, interval) FROM PUBLIC;
+REVOKE ALL ON FUNCTION @extschema@.billing_job_heartbeat(text, bigint, text, interval) FROM PUBLIC;
 
-CREATE FUNCTION billing_job_complete(tenant_id text, job_id bigint, actual_cost numeric,
+CREATE FUNCTION @extschema@.billing_job_complete(tenant_id text, job_id bigint, actual_cost numeric,
                                      output jsonb DEFAULT NULL, worker text DEFAULT NULL)
     RETURNS billing.job_result
     LANGUAGE plpgsql VOLATILE SECURITY DEFINER
@@ -518,14 +518,14 @@ BEGIN
     -- the charge; if it fails, the error leaves the job processing
     IF actual > 0 AND billing.job_hold_open(j) THEN
         SELECT c.entry_id INTO entry
-          FROM @extschema@.billing_capture(j.tenant_id, j.hold_trace_id, billing.to_amount(actual),
+          FROM billing.internal_capture(j.tenant_id, j.hold_trace_id, billing.to_amount(actual),
                                           format('job:%s:charge', j.job_id), final => true,
                                           description => format('job %s (%s)', j.job_id, j.kind)) c;
     ELSE
         PERFORM billing.job_release_hold(j);         -- hold expired or nothing to charge
         IF actual > 0 THEN
             SELECT d.entry_id INTO entry
-              FROM @extschema@.billing_deduct(j.tenant_id, billing.to_amount(actual), format('job:%s:charge', j.job_id),
+              FROM billing.internal_deduct(j.tenant_id, billing.to_amount(actual), format('job:%s:charge', j.job_id),
                                              description => format('job %s (%s)', j.job_id, j.kind),
                                              metadata => jsonb_build_object('job_id', j.job_id, 'kind', j.kind)) d;
         END IF;
@@ -545,11 +545,11 @@ BEGIN
     RETURN billing.job_result(j, false);
 END;
 $$;
-COMMENT ON FUNCTION billing_job_complete(text, bigint, numeric, jsonb, text) IS
+COMMENT ON FUNCTION @extschema@.billing_job_complete(text, bigint, numeric, jsonb, text) IS
     'capture the actual cost and mark the job completed in one transaction; if the charge fails nothing changes';
-REVOKE ALL ON FUNCTION billing_job_complete(text, bigint, numeric, jsonb, text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION @extschema@.billing_job_complete(text, bigint, numeric, jsonb, text) FROM PUBLIC;
 
-CREATE FUNCTION billing_job_fail(tenant_id text, job_id bigint, error text,
+CREATE FUNCTION @extschema@.billing_job_fail(tenant_id text, job_id bigint, error text,
                                  retryable boolean DEFAULT true, worker text DEFAULT NULL)
     RETURNS billing.job_result
     LANGUAGE plpgsql VOLATILE SECURITY DEFINER
@@ -567,11 +567,11 @@ BEGIN
     RETURN billing.job_result(j, false);
 END;
 $$;
-COMMENT ON FUNCTION billing_job_fail(text, bigint, text, boolean, text) IS
+COMMENT ON FUNCTION @extschema@.billing_job_fail(text, bigint, text, boolean, text) IS
     'a failed attempt: queued again with backoff while attempts remain (hold kept), else failed with the hold released';
-REVOKE ALL ON FUNCTION billing_job_fail(text, bigint, text, boolean, text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION @extschema@.billing_job_fail(text, bigint, text, boolean, text) FROM PUBLIC;
 
-CREATE FUNCTION billing_job_cancel(tenant_id text, job_id bigint, reason text DEFAULT NULL)
+CREATE FUNCTION @extschema@.billing_job_cancel(tenant_id text, job_id bigint, reason text DEFAULT NULL)
     RETURNS billing.job_result
     LANGUAGE plpgsql VOLATILE SECURITY DEFINER
     SET search_path = pg_catalog, pg_temp
@@ -601,10 +601,10 @@ BEGIN
     RETURN billing.job_result(j, false);
 END;
 $$;
-COMMENT ON FUNCTION billing_job_cancel(text, bigint, text) IS 'cancel a queued or processing job and release its hold';
-REVOKE ALL ON FUNCTION billing_job_cancel(text, bigint, text) FROM PUBLIC;
+COMMENT ON FUNCTION @extschema@.billing_job_cancel(text, bigint, text) IS 'cancel a queued or processing job and release its hold';
+REVOKE ALL ON FUNCTION @extschema@.billing_job_cancel(text, bigint, text) FROM PUBLIC;
 
-CREATE FUNCTION billing_job_retry(tenant_id text, job_id bigint)
+CREATE FUNCTION @extschema@.billing_job_retry(tenant_id text, job_id bigint)
     RETURNS billing.job_result
     LANGUAGE plpgsql VOLATILE SECURITY DEFINER
     SET search_path = pg_catalog, pg_temp
@@ -621,7 +621,7 @@ BEGIN
     j.hold_seq := j.hold_seq + 1;
     j.hold_trace_id := format('job:%s:%s', j.job_id, j.hold_seq);
     -- a new hold for the estimate; not enough funds -> error, the job stays failed
-    PERFORM @extschema@.billing_hold(j.tenant_id, billing.to_amount(j.estimated_micros), j.hold_trace_id,
+    PERFORM billing.internal_hold(j.tenant_id, billing.to_amount(j.estimated_micros), j.hold_trace_id,
                                     expires_in => j.hold_ttl,
                                     description => format('job %s (%s), retry %s', j.job_id, j.kind, j.hold_seq - 1));
     j.state := 'queued';
@@ -636,8 +636,8 @@ BEGIN
     RETURN billing.job_result(j, false);
 END;
 $$;
-COMMENT ON FUNCTION billing_job_retry(text, bigint) IS 'requeue a failed job with a new hold for its estimate (attempts start over)';
-REVOKE ALL ON FUNCTION billing_job_retry(text, bigint) FROM PUBLIC;
+COMMENT ON FUNCTION @extschema@.billing_job_retry(text, bigint) IS 'requeue a failed job with a new hold for its estimate (attempts start over)';
+REVOKE ALL ON FUNCTION @extschema@.billing_job_retry(text, bigint) FROM PUBLIC;
 
 -- the jobs of this node whose lease expired, as failed attempts (the table,
 -- or on Citus each shard placed here); the background worker of every node
@@ -686,7 +686,7 @@ END;
 $$;
 REVOKE ALL ON FUNCTION billing.require_local_shards(regclass, text) FROM PUBLIC;
 
-CREATE FUNCTION billing_job_rescue(max_jobs integer DEFAULT 100)
+CREATE FUNCTION @extschema@.billing_job_rescue(max_jobs integer DEFAULT 100)
     RETURNS SETOF billing.job_result
     LANGUAGE plpgsql VOLATILE SECURITY DEFINER
     SET search_path = pg_catalog, pg_temp
@@ -702,9 +702,9 @@ BEGIN
     RETURN QUERY SELECT * FROM billing.job_rescue_local(max_jobs);
 END;
 $$;
-COMMENT ON FUNCTION billing_job_rescue(integer) IS
+COMMENT ON FUNCTION @extschema@.billing_job_rescue(integer) IS
     'jobs whose lease expired count as a failed attempt: queued again with backoff, or failed with the hold released; on Citus the jobs of this node';
-REVOKE ALL ON FUNCTION billing_job_rescue(integer) FROM PUBLIC;
+REVOKE ALL ON FUNCTION @extschema@.billing_job_rescue(integer) FROM PUBLIC;
 
 CREATE VIEW billing.jobs_by_state WITH (security_barrier) AS
 SELECT j.tenant_id, j.kind, j.state,

@@ -63,7 +63,7 @@ SELECT a.tenant_id,
   FROM a;
 COMMENT ON VIEW billing.alerts IS 'per account: the alert thresholds (billing_alerts_set) and what of them has been announced';
 
-CREATE FUNCTION billing_alerts_set(tenant_id text,
+CREATE FUNCTION @extschema@.billing_alerts_set(tenant_id text,
                                    low_balance numeric DEFAULT NULL,
                                    quota_percents integer[] DEFAULT NULL,
                                    grant_expiring interval DEFAULT NULL,
@@ -72,9 +72,9 @@ CREATE FUNCTION billing_alerts_set(tenant_id text,
     AS 'MODULE_PATHNAME', 'billing_alerts_set'
     LANGUAGE C VOLATILE SECURITY DEFINER
     SET search_path = pg_catalog, pg_temp;
-COMMENT ON FUNCTION billing_alerts_set(text, numeric, integer[], interval, text) IS
+COMMENT ON FUNCTION @extschema@.billing_alerts_set(text, numeric, integer[], interval, text) IS
     'set the alert thresholds of an account (NULL = off): low balance, percentages of its quotas, caps and key budgets, grant expiry lead; recorded in billing.account_events';
-REVOKE ALL ON FUNCTION billing_alerts_set(text, numeric, integer[], interval, text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION @extschema@.billing_alerts_set(text, numeric, integer[], interval, text) FROM PUBLIC;
 
 -- an event of a tenant, in this transaction (billing_account_update, the
 -- worker's mirror.repaired): takes the account lock and the next seq
@@ -141,9 +141,9 @@ REVOKE ALL ON FUNCTION billing.metric_samples() FROM PUBLIC;
 CREATE VIEW billing.metrics AS SELECT * FROM billing.metric_samples();
 COMMENT ON VIEW billing.metrics IS 'the samples of billing_metrics() as rows, for postgres_exporter and dashboards';
 
-CREATE FUNCTION billing_metrics() RETURNS text
+CREATE FUNCTION @extschema@.billing_metrics() RETURNS text
     AS 'MODULE_PATHNAME', 'billing_metrics'
     LANGUAGE C VOLATILE SECURITY DEFINER
     SET search_path = pg_catalog, pg_temp;
-COMMENT ON FUNCTION billing_metrics() IS 'charges, refusals, entries, holds, jobs, the Redis mirror and the outbox in the Prometheus text exposition format';
-REVOKE ALL ON FUNCTION billing_metrics() FROM PUBLIC;
+COMMENT ON FUNCTION @extschema@.billing_metrics() IS 'charges, refusals, entries, holds, jobs, the Redis mirror and the outbox in the Prometheus text exposition format';
+REVOKE ALL ON FUNCTION @extschema@.billing_metrics() FROM PUBLIC;

@@ -147,14 +147,14 @@ CREATE TYPE billing.sync_info AS (
 );
 
 -- SECURITY DEFINER: it reads the outbox's backlog for every caller
-CREATE FUNCTION billing_sync_status() RETURNS billing.sync_info
+CREATE FUNCTION @extschema@.billing_sync_status() RETURNS billing.sync_info
     AS 'MODULE_PATHNAME', 'billing_sync_status'
     LANGUAGE C VOLATILE SECURITY DEFINER
     SET search_path = pg_catalog, pg_temp;
-COMMENT ON FUNCTION billing_sync_status() IS 'state of the Redis mirror: connected, lag, pushes, errors, last full resync';
-REVOKE ALL ON FUNCTION billing_sync_status() FROM PUBLIC;
+COMMENT ON FUNCTION @extschema@.billing_sync_status() IS 'state of the Redis mirror: connected, lag, pushes, errors, last full resync';
+REVOKE ALL ON FUNCTION @extschema@.billing_sync_status() FROM PUBLIC;
 
-CREATE VIEW billing.sync_status AS SELECT * FROM billing_sync_status();
+CREATE VIEW billing.sync_status AS SELECT * FROM @extschema@.billing_sync_status();
 COMMENT ON VIEW billing.sync_status IS 'state of the Redis mirror (one row), for dashboards';
 
 /*
@@ -165,7 +165,7 @@ COMMENT ON VIEW billing.sync_status IS 'state of the Redis mirror (one row), for
  * and 16) and CONNECT on the database, which are not the extension's to
  * grant.  Runs with the caller's rights, like the other grant helpers.
  */
-CREATE FUNCTION billing_grant_worker(role regrole) RETURNS void
+CREATE FUNCTION @extschema@.billing_grant_worker(role regrole) RETURNS void
     LANGUAGE plpgsql
     SET search_path = pg_catalog, pg_temp
 AS $$
@@ -181,5 +181,5 @@ BEGIN
     EXECUTE pg_catalog.format('GRANT EXECUTE ON FUNCTION billing.alerts_due(integer), billing.event_write(text, text, jsonb) TO %s', role);
 END;
 $$;
-COMMENT ON FUNCTION billing_grant_worker(regrole) IS 'grant the background worker''s role (billing.worker_role) what it needs: read the snapshot tables, build snapshots, run the maintenance, deliver and prune the events';
-REVOKE ALL ON FUNCTION billing_grant_worker(regrole) FROM PUBLIC;
+COMMENT ON FUNCTION @extschema@.billing_grant_worker(regrole) IS 'grant the background worker''s role (billing.worker_role) what it needs: read the snapshot tables, build snapshots, run the maintenance, deliver and prune the events';
+REVOKE ALL ON FUNCTION @extschema@.billing_grant_worker(regrole) FROM PUBLIC;

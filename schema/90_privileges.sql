@@ -117,44 +117,44 @@ END;
 $$;
 REVOKE ALL ON FUNCTION billing.grant_role(regrole, text) FROM PUBLIC;
 
-CREATE FUNCTION billing_grant_charging(role regrole) RETURNS void
+CREATE FUNCTION @extschema@.billing_grant_charging(role regrole) RETURNS void
     LANGUAGE sql
     SET search_path = pg_catalog, pg_temp
 AS $$ SELECT billing.grant_role(role, 'charging') $$;
-COMMENT ON FUNCTION billing_grant_charging(regrole) IS 'grant a role the charging API: charges, holds, jobs, balance reads (no credits, no settings, no tables)';
-REVOKE ALL ON FUNCTION billing_grant_charging(regrole) FROM PUBLIC;
+COMMENT ON FUNCTION @extschema@.billing_grant_charging(regrole) IS 'grant a role the charging API: charges, holds, jobs, balance reads (no credits, no settings, no tables)';
+REVOKE ALL ON FUNCTION @extschema@.billing_grant_charging(regrole) FROM PUBLIC;
 
-CREATE FUNCTION billing_grant_treasury(role regrole) RETURNS void
+CREATE FUNCTION @extschema@.billing_grant_treasury(role regrole) RETURNS void
     LANGUAGE sql
     SET search_path = pg_catalog, pg_temp
 AS $$ SELECT billing.grant_role(role, 'treasury') $$;
-COMMENT ON FUNCTION billing_grant_treasury(regrole) IS 'grant a role the treasury API: credits of every kind, balance reads';
-REVOKE ALL ON FUNCTION billing_grant_treasury(regrole) FROM PUBLIC;
+COMMENT ON FUNCTION @extschema@.billing_grant_treasury(regrole) IS 'grant a role the treasury API: credits of every kind, balance reads';
+REVOKE ALL ON FUNCTION @extschema@.billing_grant_treasury(regrole) FROM PUBLIC;
 
-CREATE FUNCTION billing_grant_admin(role regrole) RETURNS void
+CREATE FUNCTION @extschema@.billing_grant_admin(role regrole) RETURNS void
     LANGUAGE sql
     SET search_path = pg_catalog, pg_temp
 AS $$ SELECT billing.grant_role(role, 'admin') $$;
-COMMENT ON FUNCTION billing_grant_admin(regrole) IS 'grant a role the admin API: accounts, limits, API keys, prices, tenant scopes, the audit';
-REVOKE ALL ON FUNCTION billing_grant_admin(regrole) FROM PUBLIC;
+COMMENT ON FUNCTION @extschema@.billing_grant_admin(regrole) IS 'grant a role the admin API: accounts, limits, API keys, prices, tenant scopes, the audit';
+REVOKE ALL ON FUNCTION @extschema@.billing_grant_admin(regrole) FROM PUBLIC;
 
-CREATE FUNCTION billing_grant_reporting(role regrole) RETURNS void
+CREATE FUNCTION @extschema@.billing_grant_reporting(role regrole) RETURNS void
     LANGUAGE sql
     SET search_path = pg_catalog, pg_temp
 AS $$ SELECT billing.grant_role(role, 'reporting') $$;
-COMMENT ON FUNCTION billing_grant_reporting(regrole) IS 'grant a reporting role SELECT on the billing views (no tables); see billing_scope_role() to limit it to some tenants';
-REVOKE ALL ON FUNCTION billing_grant_reporting(regrole) FROM PUBLIC;
+COMMENT ON FUNCTION @extschema@.billing_grant_reporting(regrole) IS 'grant a reporting role SELECT on the billing views (no tables); see billing_scope_role() to limit it to some tenants';
+REVOKE ALL ON FUNCTION @extschema@.billing_grant_reporting(regrole) FROM PUBLIC;
 
 -- 1.3's name for the application role: now the charging role only
-CREATE FUNCTION billing_grant_app(role regrole) RETURNS void
+CREATE FUNCTION @extschema@.billing_grant_app(role regrole) RETURNS void
     LANGUAGE sql
     SET search_path = pg_catalog, pg_temp
 AS $$ SELECT billing.grant_role(role, 'charging') $$;
-COMMENT ON FUNCTION billing_grant_app(regrole) IS 'deprecated: billing_grant_charging() (since 1.4 the application role cannot credit or change settings)';
-REVOKE ALL ON FUNCTION billing_grant_app(regrole) FROM PUBLIC;
+COMMENT ON FUNCTION @extschema@.billing_grant_app(regrole) IS 'deprecated: billing_grant_charging() (since 1.4 the application role cannot credit or change settings)';
+REVOKE ALL ON FUNCTION @extschema@.billing_grant_app(regrole) FROM PUBLIC;
 
 -- take every billing right away from a role
-CREATE FUNCTION billing_revoke_all(role regrole) RETURNS void
+CREATE FUNCTION @extschema@.billing_revoke_all(role regrole) RETURNS void
     LANGUAGE plpgsql
     SET search_path = pg_catalog, pg_temp
 AS $$
@@ -178,11 +178,11 @@ BEGIN
     EXECUTE format('REVOKE USAGE ON SCHEMA billing FROM %s', role);
 END;
 $$;
-COMMENT ON FUNCTION billing_revoke_all(regrole) IS 'revoke every right the grant helpers give from a role';
-REVOKE ALL ON FUNCTION billing_revoke_all(regrole) FROM PUBLIC;
+COMMENT ON FUNCTION @extschema@.billing_revoke_all(regrole) IS 'revoke every right the grant helpers give from a role';
+REVOKE ALL ON FUNCTION @extschema@.billing_revoke_all(regrole) FROM PUBLIC;
 
 -- tenant scopes of reporting roles (admin)
-CREATE FUNCTION billing_scope_role(role regrole, tenant_ids text[])
+CREATE FUNCTION @extschema@.billing_scope_role(role regrole, tenant_ids text[])
     RETURNS SETOF billing.tenant_scopes
     LANGUAGE plpgsql VOLATILE SECURITY DEFINER
     SET search_path = pg_catalog, pg_temp
@@ -211,10 +211,10 @@ BEGIN
     RETURN QUERY SELECT * FROM billing.tenant_scopes s WHERE s.role_name = name ORDER BY s.tenant_id;
 END;
 $$;
-COMMENT ON FUNCTION billing_scope_role(regrole, text[]) IS 'let a reporting role see only these tenants in the billing views (replaces its scope)';
-REVOKE ALL ON FUNCTION billing_scope_role(regrole, text[]) FROM PUBLIC;
+COMMENT ON FUNCTION @extschema@.billing_scope_role(regrole, text[]) IS 'let a reporting role see only these tenants in the billing views (replaces its scope)';
+REVOKE ALL ON FUNCTION @extschema@.billing_scope_role(regrole, text[]) FROM PUBLIC;
 
-CREATE FUNCTION billing_unscope_role(role regrole) RETURNS void
+CREATE FUNCTION @extschema@.billing_unscope_role(role regrole) RETURNS void
     LANGUAGE plpgsql VOLATILE SECURITY DEFINER
     SET search_path = pg_catalog, pg_temp
 AS $$
@@ -226,5 +226,5 @@ BEGIN
      WHERE s.role_name = (SELECT r.rolname FROM pg_catalog.pg_roles r WHERE r.oid = role);
 END;
 $$;
-COMMENT ON FUNCTION billing_unscope_role(regrole) IS 'let a reporting role see every tenant again';
-REVOKE ALL ON FUNCTION billing_unscope_role(regrole) FROM PUBLIC;
+COMMENT ON FUNCTION @extschema@.billing_unscope_role(regrole) IS 'let a reporting role see every tenant again';
+REVOKE ALL ON FUNCTION @extschema@.billing_unscope_role(regrole) FROM PUBLIC;

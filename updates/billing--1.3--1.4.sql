@@ -2,6 +2,16 @@
 
 \echo Use "ALTER EXTENSION billing UPDATE TO '1.4'" to load this file. \quit
 
+-- Every name this script binds is in pg_catalog or qualified.  The schema
+-- of the SQL API (public by default) is writable by the database owner, who
+-- must not be able to plant a function or operator there (an exact match
+-- for a call in this script, such as public.nextval(text) for the defaults'
+-- nextval('...')) that defaults, constraints and views would then run for
+-- their callers, the SECURITY DEFINER functions and the worker included.
+-- CREATE EXTENSION and ALTER EXTENSION restore search_path after the script
+-- (a SET LOCAL; a plain SET would outlive it).
+SET LOCAL search_path TO pg_catalog, pg_temp;
+
 /*
  * Run as the extension's owner, whoever runs ALTER EXTENSION UPDATE (another
  * superuser, say): what this script creates must belong to the owner, and
@@ -422,7 +432,7 @@ BEGIN
 END;
 $$;
 
-CREATE OR REPLACE FUNCTION billing_account_create(tenant_id text,
+CREATE OR REPLACE FUNCTION @extschema@.billing_account_create(tenant_id text,
                                        currency text DEFAULT NULL,
                                        credit_limit numeric DEFAULT NULL,
                                        status text DEFAULT NULL,
@@ -509,7 +519,7 @@ BEGIN
     RETURN QUERY SELECT * FROM billing.balances b WHERE b.tenant_id = p_tenant;
 END;
 $$;
-COMMENT ON FUNCTION billing_account_create(text, text, numeric, text, text, jsonb) IS
+COMMENT ON FUNCTION @extschema@.billing_account_create(text, text, numeric, text, text, jsonb) IS
     'create an account, or return the existing one if the given settings match (ZB006 otherwise)';
 
 CREATE OR REPLACE FUNCTION billing.check_count(value bigint, argname text) RETURNS bigint
@@ -560,7 +570,7 @@ END;
 $$;
 REVOKE ALL ON FUNCTION billing.check_key_settings(text, numeric, text) FROM PUBLIC;
 
-CREATE OR REPLACE FUNCTION billing_price_set(model text, input_per_1k numeric, output_per_1k numeric,
+CREATE OR REPLACE FUNCTION @extschema@.billing_price_set(model text, input_per_1k numeric, output_per_1k numeric,
                                   effective_from timestamptz DEFAULT now(),
                                   currency text DEFAULT 'USD')
     RETURNS SETOF billing.price_list
@@ -609,7 +619,7 @@ BEGIN
                   WHERE l.model = billing_price_set.model AND l.currency = billing_price_set.currency;
 END;
 $$;
-COMMENT ON FUNCTION billing_price_set(text, numeric, numeric, timestamptz, text) IS
+COMMENT ON FUNCTION @extschema@.billing_price_set(text, numeric, numeric, timestamptz, text) IS
     'add a price per 1,000 input/output tokens for a model, effective from a time (history is kept)';
 
 CREATE OR REPLACE FUNCTION billing.cost_micros(p billing.prices, input_tokens bigint, output_tokens bigint) RETURNS bigint
@@ -643,7 +653,7 @@ END;
 $$;
 REVOKE ALL ON FUNCTION billing.cost_micros(billing.prices, bigint, bigint) FROM PUBLIC;
 
-CREATE OR REPLACE FUNCTION billing_deduct_usage(tenant_id text, model text,
+CREATE OR REPLACE FUNCTION @extschema@.billing_deduct_usage(tenant_id text, model text,
                                      input_tokens bigint, output_tokens bigint,
                                      trace_id text,
                                      description text DEFAULT NULL,
@@ -690,7 +700,7 @@ BEGIN
                                   billing_deduct_usage.model),
                   HINT = 'Skip the charge for empty usage.';
     END IF;
-    RETURN @extschema@.billing_deduct(billing_deduct_usage.tenant_id, billing.to_amount(cost), billing_deduct_usage.trace_id,
+    RETURN billing.internal_deduct(billing_deduct_usage.tenant_id, billing.to_amount(cost), billing_deduct_usage.trace_id,
                           description => billing_deduct_usage.description,
                           metadata => coalesce(billing_deduct_usage.metadata, '{}') || jsonb_build_object(
                               'model', billing_deduct_usage.model,
@@ -704,7 +714,7 @@ BEGIN
                           api_key => billing_deduct_usage.api_key);
 END;
 $$;
-COMMENT ON FUNCTION billing_deduct_usage(text, text, bigint, bigint, text, text, jsonb, timestamptz, text) IS
+COMMENT ON FUNCTION @extschema@.billing_deduct_usage(text, text, bigint, bigint, text, text, jsonb, timestamptz, text) IS
     'charge token usage at the model price effective at event time; model, tokens and unit prices go into the entry metadata';
 
 -- the result row of a job.  No SET search_path (its body names everything
@@ -765,7 +775,7 @@ END;
 $$;
 REVOKE ALL ON FUNCTION billing.job_check_lease(billing.jobs, text, text) FROM PUBLIC;
 
-CREATE OR REPLACE FUNCTION billing_job_submit(tenant_id text, kind text, idempotency_key text,
+CREATE OR REPLACE FUNCTION @extschema@.billing_job_submit(tenant_id text, kind text, idempotency_key text,
                                    estimated_cost numeric,
                                    input jsonb DEFAULT NULL,
                                    max_attempts integer DEFAULT 3,
@@ -840,7 +850,7 @@ BEGIN
     END IF;
 
     -- reserve the estimate; not enough funds -> the error aborts the submit: no job
-    PERFORM @extschema@.billing_hold(j.tenant_id, billing.to_amount(est), j.hold_trace_id,
+    PERFORM billing.internal_hold(j.tenant_id, billing.to_amount(est), j.hold_trace_id,
                                     expires_in => least(greatest(j.run_at - now(), interval '0') + j.hold_ttl,
                                                         interval '31 days'),
                                     description => format('job %s (%s)', j.job_id, j.kind));
@@ -851,10 +861,10 @@ BEGIN
     RETURN billing.job_result(j, false);
 END;
 $$;
-COMMENT ON FUNCTION billing_job_submit(text, text, text, numeric, jsonb, integer, timestamptz, interval) IS
+COMMENT ON FUNCTION @extschema@.billing_job_submit(text, text, text, numeric, jsonb, integer, timestamptz, interval) IS
     'create a job and hold its estimated cost in one transaction; a duplicate idempotency key returns the existing job';
 
-CREATE OR REPLACE FUNCTION billing_job_complete(tenant_id text, job_id bigint, actual_cost numeric,
+CREATE OR REPLACE FUNCTION @extschema@.billing_job_complete(tenant_id text, job_id bigint, actual_cost numeric,
                                      output jsonb DEFAULT NULL, worker text DEFAULT NULL)
     RETURNS billing.job_result
     LANGUAGE plpgsql VOLATILE SECURITY DEFINER
@@ -879,14 +889,14 @@ BEGIN
     -- the charge; if it fails, the error leaves the job processing
     IF actual > 0 AND billing.job_hold_open(j) THEN
         SELECT c.entry_id INTO entry
-          FROM @extschema@.billing_capture(j.tenant_id, j.hold_trace_id, billing.to_amount(actual),
+          FROM billing.internal_capture(j.tenant_id, j.hold_trace_id, billing.to_amount(actual),
                                           format('job:%s:charge', j.job_id), final => true,
                                           description => format('job %s (%s)', j.job_id, j.kind)) c;
     ELSE
         PERFORM billing.job_release_hold(j);         -- hold expired or nothing to charge
         IF actual > 0 THEN
             SELECT d.entry_id INTO entry
-              FROM @extschema@.billing_deduct(j.tenant_id, billing.to_amount(actual), format('job:%s:charge', j.job_id),
+              FROM billing.internal_deduct(j.tenant_id, billing.to_amount(actual), format('job:%s:charge', j.job_id),
                                              description => format('job %s (%s)', j.job_id, j.kind),
                                              metadata => jsonb_build_object('job_id', j.job_id, 'kind', j.kind)) d;
         END IF;
@@ -906,10 +916,10 @@ BEGIN
     RETURN billing.job_result(j, false);
 END;
 $$;
-COMMENT ON FUNCTION billing_job_complete(text, bigint, numeric, jsonb, text) IS
+COMMENT ON FUNCTION @extschema@.billing_job_complete(text, bigint, numeric, jsonb, text) IS
     'capture the actual cost and mark the job completed in one transaction; if the charge fails nothing changes';
 
-CREATE OR REPLACE FUNCTION billing_job_fail(tenant_id text, job_id bigint, error text,
+CREATE OR REPLACE FUNCTION @extschema@.billing_job_fail(tenant_id text, job_id bigint, error text,
                                  retryable boolean DEFAULT true, worker text DEFAULT NULL)
     RETURNS billing.job_result
     LANGUAGE plpgsql VOLATILE SECURITY DEFINER
@@ -927,10 +937,10 @@ BEGIN
     RETURN billing.job_result(j, false);
 END;
 $$;
-COMMENT ON FUNCTION billing_job_fail(text, bigint, text, boolean, text) IS
+COMMENT ON FUNCTION @extschema@.billing_job_fail(text, bigint, text, boolean, text) IS
     'a failed attempt: queued again with backoff while attempts remain (hold kept), else failed with the hold released';
 
-CREATE OR REPLACE FUNCTION billing_job_cancel(tenant_id text, job_id bigint, reason text DEFAULT NULL)
+CREATE OR REPLACE FUNCTION @extschema@.billing_job_cancel(tenant_id text, job_id bigint, reason text DEFAULT NULL)
     RETURNS billing.job_result
     LANGUAGE plpgsql VOLATILE SECURITY DEFINER
     SET search_path = pg_catalog, pg_temp
@@ -960,7 +970,7 @@ BEGIN
     RETURN billing.job_result(j, false);
 END;
 $$;
-COMMENT ON FUNCTION billing_job_cancel(text, bigint, text) IS 'cancel a queued or processing job and release its hold';
+COMMENT ON FUNCTION @extschema@.billing_job_cancel(text, bigint, text) IS 'cancel a queued or processing job and release its hold';
 
 -- the DROP guard of 1.1 matched the statement's text ("DROP EXTENSION x
 -- /* billing */" was refused); the library's hook (1.3) checks what is
@@ -1162,7 +1172,7 @@ CREATE TYPE billing.refund_result AS (
     replayed         boolean
 );
 
-CREATE FUNCTION billing_grant(tenant_id text, amount numeric, trace_id text,
+CREATE FUNCTION @extschema@.billing_grant(tenant_id text, amount numeric, trace_id text,
                               expires_at timestamptz DEFAULT NULL,
                               priority integer DEFAULT 0,
                               category text DEFAULT 'promotional',
@@ -1172,19 +1182,19 @@ CREATE FUNCTION billing_grant(tenant_id text, amount numeric, trace_id text,
     AS 'MODULE_PATHNAME', 'billing_grant'
     LANGUAGE C VOLATILE SECURITY DEFINER
     SET search_path = pg_catalog, pg_temp;
-COMMENT ON FUNCTION billing_grant(text, numeric, text, timestamptz, integer, text, text, jsonb) IS
+COMMENT ON FUNCTION @extschema@.billing_grant(text, numeric, text, timestamptz, integer, text, text, jsonb) IS
     'credit a bucket of its own: spent before the wallet in burn order (priority, then earliest expiry, then oldest); what is left of it at expires_at leaves the balance; idempotent by trace_id';
-REVOKE ALL ON FUNCTION billing_grant(text, numeric, text, timestamptz, integer, text, text, jsonb) FROM PUBLIC;
+REVOKE ALL ON FUNCTION @extschema@.billing_grant(text, numeric, text, timestamptz, integer, text, text, jsonb) FROM PUBLIC;
 
-CREATE FUNCTION billing_refund(tenant_id text, charge_trace_id text, amount numeric, trace_id text,
+CREATE FUNCTION @extschema@.billing_refund(tenant_id text, charge_trace_id text, amount numeric, trace_id text,
                                reason text DEFAULT NULL)
     RETURNS billing.refund_result
     AS 'MODULE_PATHNAME', 'billing_refund'
     LANGUAGE C VOLATILE SECURITY DEFINER
     SET search_path = pg_catalog, pg_temp;
-COMMENT ON FUNCTION billing_refund(text, text, numeric, text, text) IS
+COMMENT ON FUNCTION @extschema@.billing_refund(text, text, numeric, text, text) IS
     'give back (part of) a charge, to the buckets it came from; never more than it charged minus earlier refunds (ZB091); idempotent by trace_id';
-REVOKE ALL ON FUNCTION billing_refund(text, text, numeric, text, text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION @extschema@.billing_refund(text, text, numeric, text, text) FROM PUBLIC;
 
 -- grants: every grant with what is left of it (open ones: on the account
 -- row), what open holds reserve of it, what expired of it, and its status.
@@ -1316,9 +1326,9 @@ SELECT pg_catalog.set_config('billing_upgrade.pricing_acl', coalesce((
                      ON ip.classoid = 'pg_catalog.pg_class'::pg_catalog.regclass AND ip.objoid = c.oid AND ip.objsubid = 0
              WHERE c.oid IN ('billing.price_list'::pg_catalog.regclass, 'billing.usage_daily'::pg_catalog.regclass, 'billing.usage_monthly'::pg_catalog.regclass, 'billing.usage_by_model'::pg_catalog.regclass, 'billing.usage_by_api_key'::pg_catalog.regclass)) AS x), '[]'), true);
 
-DROP FUNCTION billing_deduct_usage(text, text, bigint, bigint, text, text, jsonb, timestamptz, text);
-DROP FUNCTION billing_cost(text, bigint, bigint, timestamptz, text);
-DROP FUNCTION billing_price_set(text, numeric, numeric, timestamptz, text);
+DROP FUNCTION @extschema@.billing_deduct_usage(text, text, bigint, bigint, text, text, jsonb, timestamptz, text);
+DROP FUNCTION @extschema@.billing_cost(text, bigint, bigint, timestamptz, text);
+DROP FUNCTION @extschema@.billing_price_set(text, numeric, numeric, timestamptz, text);
 DROP FUNCTION billing.cost_micros(billing.prices, bigint, bigint);
 DROP FUNCTION billing.price_at(text, text, timestamptz);
 DROP VIEW billing.price_list;
@@ -1509,7 +1519,7 @@ AS $$
 $$;
 REVOKE ALL ON FUNCTION billing.rates_differ(bigint[], bigint[]) FROM PUBLIC;
 
-CREATE FUNCTION billing_price_set(model text, input_per_1k numeric DEFAULT NULL,
+CREATE FUNCTION @extschema@.billing_price_set(model text, input_per_1k numeric DEFAULT NULL,
                                   output_per_1k numeric DEFAULT NULL,
                                   effective_from timestamptz DEFAULT now(),
                                   currency text DEFAULT 'USD',
@@ -1584,9 +1594,9 @@ BEGIN
                   WHERE l.model = billing_price_set.model AND l.currency = billing_price_set.currency;
 END;
 $$;
-COMMENT ON FUNCTION billing_price_set(text, numeric, numeric, timestamptz, text, numeric, numeric, numeric, numeric, numeric, numeric, numeric) IS
+COMMENT ON FUNCTION @extschema@.billing_price_set(text, numeric, numeric, timestamptz, text, numeric, numeric, numeric, numeric, numeric, numeric, numeric) IS
     'add a list price for a model (per 1M input, cached input, cache write, output and reasoning tokens, per request, per second), effective from a time (history is kept)';
-REVOKE ALL ON FUNCTION billing_price_set(text, numeric, numeric, timestamptz, text, numeric, numeric, numeric, numeric, numeric, numeric, numeric) FROM PUBLIC;
+REVOKE ALL ON FUNCTION @extschema@.billing_price_set(text, numeric, numeric, timestamptz, text, numeric, numeric, numeric, numeric, numeric, numeric, numeric) FROM PUBLIC;
 
 -- the account of an override, or ZB001 / ZB003; its currency
 CREATE FUNCTION billing.override_account(tenant_id text) RETURNS text
@@ -1665,7 +1675,7 @@ END;
 $$;
 REVOKE ALL ON FUNCTION billing.override_insert(billing.price_overrides) FROM PUBLIC;
 
-CREATE FUNCTION billing_price_override_set(tenant_id text, model text,
+CREATE FUNCTION @extschema@.billing_price_override_set(tenant_id text, model text,
                                            input_per_1m numeric DEFAULT NULL,
                                            output_per_1m numeric DEFAULT NULL,
                                            cached_input_per_1m numeric DEFAULT NULL,
@@ -1714,11 +1724,11 @@ BEGIN
                   WHERE l.tenant_id = o.tenant_id AND l.model = o.model AND l.currency = o.currency;
 END;
 $$;
-COMMENT ON FUNCTION billing_price_override_set(text, text, numeric, numeric, numeric, numeric, numeric, numeric, numeric, timestamptz) IS
+COMMENT ON FUNCTION @extschema@.billing_price_override_set(text, text, numeric, numeric, numeric, numeric, numeric, numeric, numeric, timestamptz) IS
     'give a tenant its own price for a model (wins over the list price), effective from a time (history is kept)';
-REVOKE ALL ON FUNCTION billing_price_override_set(text, text, numeric, numeric, numeric, numeric, numeric, numeric, numeric, timestamptz) FROM PUBLIC;
+REVOKE ALL ON FUNCTION @extschema@.billing_price_override_set(text, text, numeric, numeric, numeric, numeric, numeric, numeric, numeric, timestamptz) FROM PUBLIC;
 
-CREATE FUNCTION billing_price_override_end(tenant_id text, model text,
+CREATE FUNCTION @extschema@.billing_price_override_end(tenant_id text, model text,
                                            effective_from timestamptz DEFAULT now())
     RETURNS SETOF billing.price_override_list
     LANGUAGE plpgsql VOLATILE SECURITY DEFINER
@@ -1761,9 +1771,9 @@ BEGIN
                   WHERE l.tenant_id = o.tenant_id AND l.model = o.model AND l.currency = o.currency;
 END;
 $$;
-COMMENT ON FUNCTION billing_price_override_end(text, text, timestamptz) IS
+COMMENT ON FUNCTION @extschema@.billing_price_override_end(text, text, timestamptz) IS
     'end a tenant''s own price for a model: from effective_from on it pays the list price again';
-REVOKE ALL ON FUNCTION billing_price_override_end(text, text, timestamptz) FROM PUBLIC;
+REVOKE ALL ON FUNCTION @extschema@.billing_price_override_end(text, text, timestamptz) FROM PUBLIC;
 
 -- the price a tenant (NULL: anyone) pays for a model at a time: its override
 -- effective then, else the list price (list_price true, tenant_id NULL);
@@ -1913,7 +1923,7 @@ END;
 $$;
 REVOKE ALL ON FUNCTION billing.cost_micros(billing.price_overrides, numeric[]) FROM PUBLIC;
 
-CREATE FUNCTION billing_cost(model text, input_tokens bigint DEFAULT 0, output_tokens bigint DEFAULT 0,
+CREATE FUNCTION @extschema@.billing_cost(model text, input_tokens bigint DEFAULT 0, output_tokens bigint DEFAULT 0,
                              at timestamptz DEFAULT now(), currency text DEFAULT NULL,
                              cached_input_tokens bigint DEFAULT 0, cache_write_tokens bigint DEFAULT 0,
                              reasoning_tokens bigint DEFAULT 0, requests bigint DEFAULT 1,
@@ -1954,11 +1964,11 @@ BEGIN
               billing_cost.seconds]));
 END;
 $$;
-COMMENT ON FUNCTION billing_cost(text, bigint, bigint, timestamptz, text, bigint, bigint, bigint, bigint, numeric, text) IS
+COMMENT ON FUNCTION @extschema@.billing_cost(text, bigint, bigint, timestamptz, text, bigint, bigint, bigint, bigint, numeric, text) IS
     'exact cost of a usage at the price effective at `at` (a tenant''s override, else the list price): each count times its rate, summed, rounded half up to 6 decimals once';
-REVOKE ALL ON FUNCTION billing_cost(text, bigint, bigint, timestamptz, text, bigint, bigint, bigint, bigint, numeric, text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION @extschema@.billing_cost(text, bigint, bigint, timestamptz, text, bigint, bigint, bigint, bigint, numeric, text) FROM PUBLIC;
 
-CREATE FUNCTION billing_deduct_usage(tenant_id text, model text,
+CREATE FUNCTION @extschema@.billing_deduct_usage(tenant_id text, model text,
                                      input_tokens bigint, output_tokens bigint,
                                      trace_id text,
                                      description text DEFAULT NULL,
@@ -2078,16 +2088,16 @@ BEGIN
             to_char(p.effective_from AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'),
             'price_override', NOT p.list_price);
     END IF;
-    RETURN @extschema@.billing_deduct(billing_deduct_usage.tenant_id, billing.to_amount(cost), billing_deduct_usage.trace_id,
+    RETURN billing.internal_deduct(billing_deduct_usage.tenant_id, billing.to_amount(cost), billing_deduct_usage.trace_id,
                           description => billing_deduct_usage.description,
                           metadata => coalesce(billing_deduct_usage.metadata, '{}') || usage,
                           event_at => billing_deduct_usage.event_at,
                           api_key => billing_deduct_usage.api_key);
 END;
 $$;
-COMMENT ON FUNCTION billing_deduct_usage(text, text, bigint, bigint, text, text, jsonb, timestamptz, text, bigint, bigint, bigint, bigint, numeric) IS
+COMMENT ON FUNCTION @extschema@.billing_deduct_usage(text, text, bigint, bigint, text, text, jsonb, timestamptz, text, bigint, bigint, bigint, bigint, numeric) IS
     'charge a usage (tokens of each kind, requests, seconds) at the price effective at event time (the tenant''s override, else the list price); the breakdown and the unit prices go into the entry metadata';
-REVOKE ALL ON FUNCTION billing_deduct_usage(text, text, bigint, bigint, text, text, jsonb, timestamptz, text, bigint, bigint, bigint, bigint, numeric) FROM PUBLIC;
+REVOKE ALL ON FUNCTION @extschema@.billing_deduct_usage(text, text, bigint, bigint, text, text, jsonb, timestamptz, text, bigint, bigint, bigint, bigint, numeric) FROM PUBLIC;
 
 -- the usage views (schema/65_usage.sql)
 -- Usage = charges, net of their refunds.  A charge is every debit that counts
@@ -2487,7 +2497,7 @@ SELECT s.tenant_id,
 COMMENT ON VIEW billing.api_key_budgets IS 'per API key: budget, spent in the current period, on hold, remaining, reset time';
 
 -- an expiry dates from its grant's expires_at
-CREATE OR REPLACE FUNCTION billing_balance_at(tenant_id text, at timestamptz) RETURNS numeric
+CREATE OR REPLACE FUNCTION @extschema@.billing_balance_at(tenant_id text, at timestamptz) RETURNS numeric
     LANGUAGE plpgsql STABLE SECURITY DEFINER
     SET search_path = pg_catalog, pg_temp
 AS $$
@@ -2523,7 +2533,7 @@ BEGIN
     RETURN billing.to_amount((total - billing.expired_micros(acc, billing_balance_at.at))::bigint);
 END;
 $$;
-COMMENT ON FUNCTION billing_balance_at(text, timestamptz) IS
+COMMENT ON FUNCTION @extschema@.billing_balance_at(text, timestamptz) IS
     'balance at a point in time: SUM of the entries created up to then, grants that had expired by then taken off';
 
 -- billing_verify(): per node, gathered on the coordinator
@@ -2670,7 +2680,7 @@ COMMENT ON FUNCTION billing.verify_local(text) IS
     'the checks of billing_verify() on this node''s tenants (internal); on Citus also rows left in local tables';
 REVOKE ALL ON FUNCTION billing.verify_local(text) FROM PUBLIC;
 
-CREATE OR REPLACE FUNCTION billing_verify(tenant_id text DEFAULT NULL)
+CREATE OR REPLACE FUNCTION @extschema@.billing_verify(tenant_id text DEFAULT NULL)
     RETURNS SETOF billing.verify_result
     LANGUAGE plpgsql STABLE SECURITY DEFINER
     SET search_path = pg_catalog, pg_temp
@@ -2715,7 +2725,7 @@ BEGIN
         SELECT v.* FROM jsonb_populate_recordset(NULL::billing.verify_result, found) v ORDER BY 1, 7;
 END;
 $$;
-COMMENT ON FUNCTION billing_verify(text) IS
+COMMENT ON FUNCTION @extschema@.billing_verify(text) IS
     'audit: one row per account whose cached balance differs from SUM(entries), whose balance_after chain is broken, whose version lags its entries, with invalid entries, whose grant buckets differ from what the ledger says (or went below zero) or from what open holds reserved, whose cached holds differ from its open holds, or with a finished job without its own charge or with its hold open; on Citus also rows left in local tables; no rows when consistent';
 
 -- jobs: per-node rescue and untargeted claims
@@ -2759,7 +2769,7 @@ BEGIN
                 WHERE h.tenant_id = j.tenant_id AND h.trace_id = j.hold_trace_id
                   AND h.status = 'open' AND h.expires_at > clock_timestamp() + interval '1 second'
                   AND h.expires_at < short_of) THEN
-        PERFORM @extschema@.billing_hold_extend(j.tenant_id, j.hold_trace_id, wanted);
+        PERFORM billing.internal_hold_extend(j.tenant_id, j.hold_trace_id, wanted);
     END IF;
 END;
 $$;
@@ -2840,7 +2850,7 @@ END;
 $$;
 REVOKE ALL ON FUNCTION billing.require_local_shards(regclass, text) FROM PUBLIC;
 
-CREATE OR REPLACE FUNCTION billing_job_rescue(max_jobs integer DEFAULT 100)
+CREATE OR REPLACE FUNCTION @extschema@.billing_job_rescue(max_jobs integer DEFAULT 100)
     RETURNS SETOF billing.job_result
     LANGUAGE plpgsql VOLATILE SECURITY DEFINER
     SET search_path = pg_catalog, pg_temp
@@ -2856,10 +2866,10 @@ BEGIN
     RETURN QUERY SELECT * FROM billing.job_rescue_local(max_jobs);
 END;
 $$;
-COMMENT ON FUNCTION billing_job_rescue(integer) IS
+COMMENT ON FUNCTION @extschema@.billing_job_rescue(integer) IS
     'jobs whose lease expired count as a failed attempt: queued again with backoff, or failed with the hold released; on Citus the jobs of this node';
 
-CREATE OR REPLACE FUNCTION billing_job_claim(worker text,
+CREATE OR REPLACE FUNCTION @extschema@.billing_job_claim(worker text,
                                   kinds text[] DEFAULT NULL,
                                   max_jobs integer DEFAULT 1,
                                   lease interval DEFAULT '5 minutes',
@@ -2975,7 +2985,7 @@ BEGIN
     END LOOP;
 END;
 $$;
-COMMENT ON FUNCTION billing_job_claim(text, text[], integer, interval, text) IS
+COMMENT ON FUNCTION @extschema@.billing_job_claim(text, text[], integer, interval, text) IS
     'hand due queued jobs to a worker (FOR UPDATE SKIP LOCKED): attempt + 1, lease set; two workers never get the same job; on Citus without a tenant: the jobs of this node';
 
 -- hold and grant expiry: this node's accounts
@@ -3326,7 +3336,7 @@ SELECT a.tenant_id,
   FROM a;
 COMMENT ON VIEW billing.alerts IS 'per account: the alert thresholds (billing_alerts_set) and what of them has been announced';
 
-CREATE FUNCTION billing_alerts_set(tenant_id text,
+CREATE FUNCTION @extschema@.billing_alerts_set(tenant_id text,
                                    low_balance numeric DEFAULT NULL,
                                    quota_percents integer[] DEFAULT NULL,
                                    grant_expiring interval DEFAULT NULL,
@@ -3335,9 +3345,9 @@ CREATE FUNCTION billing_alerts_set(tenant_id text,
     AS 'MODULE_PATHNAME', 'billing_alerts_set'
     LANGUAGE C VOLATILE SECURITY DEFINER
     SET search_path = pg_catalog, pg_temp;
-COMMENT ON FUNCTION billing_alerts_set(text, numeric, integer[], interval, text) IS
+COMMENT ON FUNCTION @extschema@.billing_alerts_set(text, numeric, integer[], interval, text) IS
     'set the alert thresholds of an account (NULL = off): low balance, percentages of its quotas, caps and key budgets, grant expiry lead; recorded in billing.account_events';
-REVOKE ALL ON FUNCTION billing_alerts_set(text, numeric, integer[], interval, text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION @extschema@.billing_alerts_set(text, numeric, integer[], interval, text) FROM PUBLIC;
 
 -- an event of a tenant, in this transaction (billing_account_update, the
 -- worker's mirror.repaired): takes the account lock and the next seq
@@ -3404,12 +3414,12 @@ REVOKE ALL ON FUNCTION billing.metric_samples() FROM PUBLIC;
 CREATE VIEW billing.metrics AS SELECT * FROM billing.metric_samples();
 COMMENT ON VIEW billing.metrics IS 'the samples of billing_metrics() as rows, for postgres_exporter and dashboards';
 
-CREATE FUNCTION billing_metrics() RETURNS text
+CREATE FUNCTION @extschema@.billing_metrics() RETURNS text
     AS 'MODULE_PATHNAME', 'billing_metrics'
     LANGUAGE C VOLATILE SECURITY DEFINER
     SET search_path = pg_catalog, pg_temp;
-COMMENT ON FUNCTION billing_metrics() IS 'charges, refusals, entries, holds, jobs, the Redis mirror and the outbox in the Prometheus text exposition format';
-REVOKE ALL ON FUNCTION billing_metrics() FROM PUBLIC;
+COMMENT ON FUNCTION @extschema@.billing_metrics() IS 'charges, refusals, entries, holds, jobs, the Redis mirror and the outbox in the Prometheus text exposition format';
+REVOKE ALL ON FUNCTION @extschema@.billing_metrics() FROM PUBLIC;
 
 -- billing_sync_status(): the outbox's backlog and delivery lag after the
 -- mirror's columns; SECURITY DEFINER, as it reads the outbox for every caller
@@ -3419,8 +3429,8 @@ ALTER TYPE billing.sync_info ADD ATTRIBUTE events_backlog bigint,
                              ADD ATTRIBUTE events_last_delivered_at timestamptz,
                              ADD ATTRIBUTE events_recent_lag_p50_ms double precision,
                              ADD ATTRIBUTE events_recent_lag_p99_ms double precision;
-CREATE OR REPLACE VIEW billing.sync_status AS SELECT * FROM billing_sync_status();
-ALTER FUNCTION billing_sync_status() SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
+CREATE OR REPLACE VIEW billing.sync_status AS SELECT * FROM @extschema@.billing_sync_status();
+ALTER FUNCTION @extschema@.billing_sync_status() SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
 
 -- account.status_changed (billing_account_update), a changed quota or cap
 -- (billing_limits_set) or key budget (billing_api_key_update) announced
@@ -3434,7 +3444,7 @@ ALTER FUNCTION billing_sync_status() SECURITY DEFINER SET search_path = pg_catal
 -- engine workers; billing_engine_status(); billing.engine_test_gate() for
 -- tests.  Their rights: billing.role_functions() in the roles section below.
 -- ---------------------------------------------------------------------------
-CREATE FUNCTION billing_charge(tenant_id text, amount numeric, trace_id text,
+CREATE FUNCTION @extschema@.billing_charge(tenant_id text, amount numeric, trace_id text,
                                description text DEFAULT NULL,
                                metadata jsonb DEFAULT NULL,
                                event_at timestamptz DEFAULT NULL,
@@ -3443,9 +3453,9 @@ CREATE FUNCTION billing_charge(tenant_id text, amount numeric, trace_id text,
     RETURNS billing.entry_result
     AS 'MODULE_PATHNAME', 'billing_charge'
     LANGUAGE C VOLATILE;
-COMMENT ON FUNCTION billing_charge(text, numeric, text, text, jsonb, timestamptz, text, text) IS
+COMMENT ON FUNCTION @extschema@.billing_charge(text, numeric, text, text, jsonb, timestamptz, text, text) IS
     'billing_deduct committed by the charge engine, batched with other callers'' charges; outside transaction blocks only; idempotent by trace_id';
-REVOKE ALL ON FUNCTION billing_charge(text, numeric, text, text, jsonb, timestamptz, text, text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION @extschema@.billing_charge(text, numeric, text, text, jsonb, timestamptz, text, text) FROM PUBLIC;
 
 CREATE TYPE billing.engine_info AS (
     database      text,
@@ -3462,11 +3472,11 @@ CREATE TYPE billing.engine_info AS (
     last_batch_at timestamptz
 );
 
-CREATE FUNCTION billing_engine_status() RETURNS SETOF billing.engine_info
+CREATE FUNCTION @extschema@.billing_engine_status() RETURNS SETOF billing.engine_info
     AS 'MODULE_PATHNAME', 'billing_engine_status'
     LANGUAGE C VOLATILE;
-COMMENT ON FUNCTION billing_engine_status() IS 'the charge engine''s workers: state, queue, batches';
-REVOKE ALL ON FUNCTION billing_engine_status() FROM PUBLIC;
+COMMENT ON FUNCTION @extschema@.billing_engine_status() IS 'the charge engine''s workers: state, queue, batches';
+REVOKE ALL ON FUNCTION @extschema@.billing_engine_status() FROM PUBLIC;
 
 -- for tests only (superuser): make the charges queued meanwhile one batch
 CREATE FUNCTION billing.engine_test_gate(on_ boolean) RETURNS void
@@ -3581,40 +3591,40 @@ END;
 $$;
 REVOKE ALL ON FUNCTION billing.grant_role(regrole, text) FROM PUBLIC;
 
-CREATE FUNCTION billing_grant_charging(role regrole) RETURNS void
+CREATE FUNCTION @extschema@.billing_grant_charging(role regrole) RETURNS void
     LANGUAGE sql
     SET search_path = pg_catalog, pg_temp
 AS $$ SELECT billing.grant_role(role, 'charging') $$;
-COMMENT ON FUNCTION billing_grant_charging(regrole) IS 'grant a role the charging API: charges, holds, jobs, balance reads (no credits, no settings, no tables)';
-REVOKE ALL ON FUNCTION billing_grant_charging(regrole) FROM PUBLIC;
+COMMENT ON FUNCTION @extschema@.billing_grant_charging(regrole) IS 'grant a role the charging API: charges, holds, jobs, balance reads (no credits, no settings, no tables)';
+REVOKE ALL ON FUNCTION @extschema@.billing_grant_charging(regrole) FROM PUBLIC;
 
-CREATE FUNCTION billing_grant_treasury(role regrole) RETURNS void
+CREATE FUNCTION @extschema@.billing_grant_treasury(role regrole) RETURNS void
     LANGUAGE sql
     SET search_path = pg_catalog, pg_temp
 AS $$ SELECT billing.grant_role(role, 'treasury') $$;
-COMMENT ON FUNCTION billing_grant_treasury(regrole) IS 'grant a role the treasury API: credits of every kind, balance reads';
-REVOKE ALL ON FUNCTION billing_grant_treasury(regrole) FROM PUBLIC;
+COMMENT ON FUNCTION @extschema@.billing_grant_treasury(regrole) IS 'grant a role the treasury API: credits of every kind, balance reads';
+REVOKE ALL ON FUNCTION @extschema@.billing_grant_treasury(regrole) FROM PUBLIC;
 
-CREATE FUNCTION billing_grant_admin(role regrole) RETURNS void
+CREATE FUNCTION @extschema@.billing_grant_admin(role regrole) RETURNS void
     LANGUAGE sql
     SET search_path = pg_catalog, pg_temp
 AS $$ SELECT billing.grant_role(role, 'admin') $$;
-COMMENT ON FUNCTION billing_grant_admin(regrole) IS 'grant a role the admin API: accounts, limits, API keys, prices, tenant scopes, the audit';
-REVOKE ALL ON FUNCTION billing_grant_admin(regrole) FROM PUBLIC;
+COMMENT ON FUNCTION @extschema@.billing_grant_admin(regrole) IS 'grant a role the admin API: accounts, limits, API keys, prices, tenant scopes, the audit';
+REVOKE ALL ON FUNCTION @extschema@.billing_grant_admin(regrole) FROM PUBLIC;
 
-CREATE OR REPLACE FUNCTION billing_grant_reporting(role regrole) RETURNS void
+CREATE OR REPLACE FUNCTION @extschema@.billing_grant_reporting(role regrole) RETURNS void
     LANGUAGE sql
     SET search_path = pg_catalog, pg_temp
 AS $$ SELECT billing.grant_role(role, 'reporting') $$;
-COMMENT ON FUNCTION billing_grant_reporting(regrole) IS 'grant a reporting role SELECT on the billing views (no tables); see billing_scope_role() to limit it to some tenants';
+COMMENT ON FUNCTION @extschema@.billing_grant_reporting(regrole) IS 'grant a reporting role SELECT on the billing views (no tables); see billing_scope_role() to limit it to some tenants';
 
-CREATE OR REPLACE FUNCTION billing_grant_app(role regrole) RETURNS void
+CREATE OR REPLACE FUNCTION @extschema@.billing_grant_app(role regrole) RETURNS void
     LANGUAGE sql
     SET search_path = pg_catalog, pg_temp
 AS $$ SELECT billing.grant_role(role, 'charging') $$;
-COMMENT ON FUNCTION billing_grant_app(regrole) IS 'deprecated: billing_grant_charging() (since 1.4 the application role cannot credit or change settings)';
+COMMENT ON FUNCTION @extschema@.billing_grant_app(regrole) IS 'deprecated: billing_grant_charging() (since 1.4 the application role cannot credit or change settings)';
 
-CREATE FUNCTION billing_revoke_all(role regrole) RETURNS void
+CREATE FUNCTION @extschema@.billing_revoke_all(role regrole) RETURNS void
     LANGUAGE plpgsql
     SET search_path = pg_catalog, pg_temp
 AS $$
@@ -3638,10 +3648,10 @@ BEGIN
     EXECUTE format('REVOKE USAGE ON SCHEMA billing FROM %s', role);
 END;
 $$;
-COMMENT ON FUNCTION billing_revoke_all(regrole) IS 'revoke every right the grant helpers give from a role';
-REVOKE ALL ON FUNCTION billing_revoke_all(regrole) FROM PUBLIC;
+COMMENT ON FUNCTION @extschema@.billing_revoke_all(regrole) IS 'revoke every right the grant helpers give from a role';
+REVOKE ALL ON FUNCTION @extschema@.billing_revoke_all(regrole) FROM PUBLIC;
 
-CREATE FUNCTION billing_scope_role(role regrole, tenant_ids text[])
+CREATE FUNCTION @extschema@.billing_scope_role(role regrole, tenant_ids text[])
     RETURNS SETOF billing.tenant_scopes
     LANGUAGE plpgsql VOLATILE SECURITY DEFINER
     SET search_path = pg_catalog, pg_temp
@@ -3670,10 +3680,10 @@ BEGIN
     RETURN QUERY SELECT * FROM billing.tenant_scopes s WHERE s.role_name = name ORDER BY s.tenant_id;
 END;
 $$;
-COMMENT ON FUNCTION billing_scope_role(regrole, text[]) IS 'let a reporting role see only these tenants in the billing views (replaces its scope)';
-REVOKE ALL ON FUNCTION billing_scope_role(regrole, text[]) FROM PUBLIC;
+COMMENT ON FUNCTION @extschema@.billing_scope_role(regrole, text[]) IS 'let a reporting role see only these tenants in the billing views (replaces its scope)';
+REVOKE ALL ON FUNCTION @extschema@.billing_scope_role(regrole, text[]) FROM PUBLIC;
 
-CREATE FUNCTION billing_unscope_role(role regrole) RETURNS void
+CREATE FUNCTION @extschema@.billing_unscope_role(role regrole) RETURNS void
     LANGUAGE plpgsql VOLATILE SECURITY DEFINER
     SET search_path = pg_catalog, pg_temp
 AS $$
@@ -3685,8 +3695,8 @@ BEGIN
      WHERE s.role_name = (SELECT r.rolname FROM pg_catalog.pg_roles r WHERE r.oid = role);
 END;
 $$;
-COMMENT ON FUNCTION billing_unscope_role(regrole) IS 'let a reporting role see every tenant again';
-REVOKE ALL ON FUNCTION billing_unscope_role(regrole) FROM PUBLIC;
+COMMENT ON FUNCTION @extschema@.billing_unscope_role(regrole) IS 'let a reporting role see every tenant again';
+REVOKE ALL ON FUNCTION @extschema@.billing_unscope_role(regrole) FROM PUBLIC;
 
 -- 1.3's billing_grant_app() gave the application role every function: money
 -- in (billing_credit), credit limits and status, limits, keys.  A role that
@@ -3754,7 +3764,7 @@ BEGIN
                 UPDATE pg_catalog.pg_init_privs ip SET initprivs = init
                  WHERE ip.classoid = 'pg_catalog.pg_proc'::pg_catalog.regclass
                    AND ip.objoid = fn AND ip.objsubid = 0;
-                lost := lost || pg_catalog.split_part(fn::text, '(', 1);
+                lost := lost || (SELECT p.proname::text FROM pg_catalog.pg_proc p WHERE p.oid = fn);
             END IF;
         END LOOP;
         -- 1.3 also granted billing.effective_holds (for the rows of
@@ -3911,7 +3921,7 @@ BEGIN
 END
 $$;
 
-CREATE FUNCTION billing_grant_worker(role regrole) RETURNS void
+CREATE FUNCTION @extschema@.billing_grant_worker(role regrole) RETURNS void
     LANGUAGE plpgsql
     SET search_path = pg_catalog, pg_temp
 AS $$
@@ -3927,8 +3937,8 @@ BEGIN
     EXECUTE pg_catalog.format('GRANT EXECUTE ON FUNCTION billing.alerts_due(integer), billing.event_write(text, text, jsonb) TO %s', role);
 END;
 $$;
-COMMENT ON FUNCTION billing_grant_worker(regrole) IS 'grant the background worker''s role (billing.worker_role) what it needs: read the snapshot tables, build snapshots, run the maintenance, deliver and prune the events';
-REVOKE ALL ON FUNCTION billing_grant_worker(regrole) FROM PUBLIC;
+COMMENT ON FUNCTION @extschema@.billing_grant_worker(regrole) IS 'grant the background worker''s role (billing.worker_role) what it needs: read the snapshot tables, build snapshots, run the maintenance, deliver and prune the events';
+REVOKE ALL ON FUNCTION @extschema@.billing_grant_worker(regrole) FROM PUBLIC;
 -- (end of the worker's section)
 
 -- ---------------------------------------------------------------------------
@@ -3995,7 +4005,7 @@ REVOKE ALL ON FUNCTION billing.sync_mark_keys(text, bigint, text[]) FROM PUBLIC;
 
 -- the SQL functions that change a key or the time zone: the key's version,
 -- and a mark that names what changed
-CREATE OR REPLACE FUNCTION billing_account_update(tenant_id text,
+CREATE OR REPLACE FUNCTION @extschema@.billing_account_update(tenant_id text,
                                        credit_limit numeric DEFAULT NULL,
                                        status text DEFAULT NULL,
                                        timezone text DEFAULT NULL,
@@ -4108,10 +4118,10 @@ BEGIN
     RETURN QUERY SELECT * FROM billing.balances b WHERE b.tenant_id = p_tenant;
 END;
 $$;
-COMMENT ON FUNCTION billing_account_update(text, numeric, text, text, jsonb, text) IS
+COMMENT ON FUNCTION @extschema@.billing_account_update(text, numeric, text, text, jsonb, text) IS
     'change credit limit, status, time zone or metadata; every change is recorded in billing.account_events';
 
-CREATE OR REPLACE FUNCTION billing_limits_set(tenant_id text,
+CREATE OR REPLACE FUNCTION @extschema@.billing_limits_set(tenant_id text,
                                    daily_requests bigint DEFAULT NULL,
                                    monthly_requests bigint DEFAULT NULL,
                                    daily_spend numeric DEFAULT NULL,
@@ -4170,10 +4180,10 @@ BEGIN
     RETURN QUERY SELECT * FROM billing.quota_usage q WHERE q.tenant_id = acc.tenant_id;
 END;
 $$;
-COMMENT ON FUNCTION billing_limits_set(text, bigint, bigint, numeric, numeric, numeric, bigint, text) IS
+COMMENT ON FUNCTION @extschema@.billing_limits_set(text, bigint, bigint, numeric, numeric, numeric, bigint, text) IS
     'set all limits of an account at once (NULL = no limit); recorded in billing.account_events';
 
-CREATE OR REPLACE FUNCTION billing_api_key_create(tenant_id text, key_id text,
+CREATE OR REPLACE FUNCTION @extschema@.billing_api_key_create(tenant_id text, key_id text,
                                        budget numeric DEFAULT NULL,
                                        budget_period text DEFAULT NULL,
                                        metadata jsonb DEFAULT NULL)
@@ -4220,10 +4230,10 @@ BEGIN
                   WHERE b.tenant_id = acc.tenant_id AND b.key_id = billing_api_key_create.key_id;
 END;
 $$;
-COMMENT ON FUNCTION billing_api_key_create(text, text, numeric, text, jsonb) IS
+COMMENT ON FUNCTION @extschema@.billing_api_key_create(text, text, numeric, text, jsonb) IS
     'create an API key for an account, optionally with a budget per day, month or lifetime';
 
-CREATE OR REPLACE FUNCTION billing_api_key_update(tenant_id text, key_id text,
+CREATE OR REPLACE FUNCTION @extschema@.billing_api_key_update(tenant_id text, key_id text,
                                        status text DEFAULT NULL,
                                        budget numeric DEFAULT NULL,
                                        budget_period text DEFAULT NULL,
@@ -4288,9 +4298,141 @@ BEGIN
                   WHERE b.tenant_id = acc.tenant_id AND b.key_id = k.key_id;
 END;
 $$;
-COMMENT ON FUNCTION billing_api_key_update(text, text, text, numeric, text, boolean) IS
+COMMENT ON FUNCTION @extschema@.billing_api_key_update(text, text, text, numeric, text, boolean) IS
     'change an API key: status (active, suspended, revoked — final), budget and period, or remove_budget';
 -- (end of the mirror's section)
+
+-- the SQL API's C functions under names in schema billing, for the job
+-- functions (above) and billing_deduct_usage; see 20_ledger.sql
+-- billing_deduct under a name in schema billing, for the extension's own
+-- SQL (the job functions): the schema of the SQL API is the database
+-- owner's, who could rename it and put a function of that name in its
+-- place, which SECURITY DEFINER code calling it by name would run as the
+-- extension's owner.  No role is granted it.
+CREATE FUNCTION billing.internal_deduct(tenant_id text, amount numeric, trace_id text,
+                                  description text DEFAULT NULL,
+                                  metadata jsonb DEFAULT NULL,
+                                  event_at timestamptz DEFAULT NULL,
+                                  kind text DEFAULT 'deduct',
+                                  api_key text DEFAULT NULL)
+    RETURNS billing.entry_result
+    AS 'MODULE_PATHNAME', 'billing_deduct'
+    LANGUAGE C VOLATILE SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp;
+COMMENT ON FUNCTION billing.internal_deduct(text, numeric, text, text, jsonb, timestamptz, text, text) IS
+    'billing_deduct for the extension''s own SQL (internal)';
+REVOKE ALL ON FUNCTION billing.internal_deduct(text, numeric, text, text, jsonb, timestamptz, text, text) FROM PUBLIC;
+
+-- billing_hold under a name in schema billing, for the extension's own
+-- SQL (the job functions): the schema of the SQL API is the database
+-- owner's, who could rename it and put a function of that name in its
+-- place, which SECURITY DEFINER code calling it by name would run as the
+-- extension's owner.  No role is granted it.
+CREATE FUNCTION billing.internal_hold(tenant_id text, amount numeric, trace_id text,
+                                expires_in interval DEFAULT '15 minutes',
+                                description text DEFAULT NULL,
+                                metadata jsonb DEFAULT NULL,
+                                api_key text DEFAULT NULL)
+    RETURNS billing.hold_result
+    AS 'MODULE_PATHNAME', 'billing_hold'
+    LANGUAGE C VOLATILE SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp;
+COMMENT ON FUNCTION billing.internal_hold(text, numeric, text, interval, text, jsonb, text) IS
+    'billing_hold for the extension''s own SQL (internal)';
+REVOKE ALL ON FUNCTION billing.internal_hold(text, numeric, text, interval, text, jsonb, text) FROM PUBLIC;
+
+-- billing_capture under a name in schema billing, for the extension's own
+-- SQL (the job functions): the schema of the SQL API is the database
+-- owner's, who could rename it and put a function of that name in its
+-- place, which SECURITY DEFINER code calling it by name would run as the
+-- extension's owner.  No role is granted it.
+CREATE FUNCTION billing.internal_capture(tenant_id text, hold_trace_id text, amount numeric, trace_id text,
+                                   final boolean DEFAULT false,
+                                   description text DEFAULT NULL,
+                                   metadata jsonb DEFAULT NULL,
+                                   event_at timestamptz DEFAULT NULL)
+    RETURNS billing.capture_result
+    AS 'MODULE_PATHNAME', 'billing_capture'
+    LANGUAGE C VOLATILE SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp;
+COMMENT ON FUNCTION billing.internal_capture(text, text, numeric, text, boolean, text, jsonb, timestamptz) IS
+    'billing_capture for the extension''s own SQL (internal)';
+REVOKE ALL ON FUNCTION billing.internal_capture(text, text, numeric, text, boolean, text, jsonb, timestamptz) FROM PUBLIC;
+
+-- billing_release under a name in schema billing, for the extension's own
+-- SQL (the job functions): the schema of the SQL API is the database
+-- owner's, who could rename it and put a function of that name in its
+-- place, which SECURITY DEFINER code calling it by name would run as the
+-- extension's owner.  No role is granted it.
+CREATE FUNCTION billing.internal_release(tenant_id text, hold_trace_id text, trace_id text)
+    RETURNS billing.hold_result
+    AS 'MODULE_PATHNAME', 'billing_release'
+    LANGUAGE C VOLATILE SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp;
+COMMENT ON FUNCTION billing.internal_release(text, text, text) IS
+    'billing_release for the extension''s own SQL (internal)';
+REVOKE ALL ON FUNCTION billing.internal_release(text, text, text) FROM PUBLIC;
+
+-- billing_hold_extend under a name in schema billing, for the extension's own
+-- SQL (the job functions): the schema of the SQL API is the database
+-- owner's, who could rename it and put a function of that name in its
+-- place, which SECURITY DEFINER code calling it by name would run as the
+-- extension's owner.  No role is granted it.
+CREATE FUNCTION billing.internal_hold_extend(tenant_id text, hold_trace_id text,
+                                       expires_in interval DEFAULT '15 minutes')
+    RETURNS billing.hold_result
+    AS 'MODULE_PATHNAME', 'billing_hold_extend'
+    LANGUAGE C VOLATILE SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp;
+COMMENT ON FUNCTION billing.internal_hold_extend(text, text, interval) IS
+    'billing_hold_extend for the extension''s own SQL (internal)';
+REVOKE ALL ON FUNCTION billing.internal_hold_extend(text, text, interval) FROM PUBLIC;
+
+-- the two job functions that 1.3 had calling the API by its schema's name
+-- and that nothing above replaces
+CREATE OR REPLACE FUNCTION billing.job_release_hold(j billing.jobs) RETURNS void
+    LANGUAGE plpgsql
+    SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF j.hold_trace_id IS NOT NULL THEN
+        PERFORM billing.internal_release(j.tenant_id, j.hold_trace_id, j.hold_trace_id || ':release');
+    END IF;
+END;
+$$;
+
+CREATE OR REPLACE FUNCTION @extschema@.billing_job_retry(tenant_id text, job_id bigint)
+    RETURNS billing.job_result
+    LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    j billing.jobs := billing.job_lock(billing_job_retry.tenant_id, billing_job_retry.job_id);
+BEGIN
+    IF j.state <> 'failed' THEN
+        RAISE EXCEPTION 'illegal job transition from % to queued', j.state
+            USING ERRCODE = 'ZB070',
+                  DETAIL = format('Job %s of tenant "%s" is %s.', j.job_id, j.tenant_id, j.state),
+                  HINT = 'Only a failed job can be retried.';
+    END IF;
+    j.hold_seq := j.hold_seq + 1;
+    j.hold_trace_id := format('job:%s:%s', j.job_id, j.hold_seq);
+    -- a new hold for the estimate; not enough funds -> error, the job stays failed
+    PERFORM billing.internal_hold(j.tenant_id, billing.to_amount(j.estimated_micros), j.hold_trace_id,
+                                    expires_in => j.hold_ttl,
+                                    description => format('job %s (%s), retry %s', j.job_id, j.kind, j.hold_seq - 1));
+    j.state := 'queued';
+    j.attempt := 0;
+    j.run_at := now();
+    j.finished_at := NULL;
+    j.worker := NULL;
+    UPDATE billing.jobs x
+       SET state = 'queued', attempt = 0, run_at = j.run_at, hold_seq = j.hold_seq, hold_trace_id = j.hold_trace_id,
+           finished_at = NULL, worker = NULL, updated_at = now(), note = 'retried'
+     WHERE x.tenant_id = j.tenant_id AND x.job_id = j.job_id;
+    RETURN billing.job_result(j, false);
+END;
+$$;
 
 -- always last: back to the caller's role
 DO $$
