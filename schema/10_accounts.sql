@@ -226,6 +226,14 @@ BEGIN
     IF a.holds_next_expiry IS NULL OR a.holds_next_expiry > now() THEN
         RETURN a.holds_micros;
     END IF;
+    -- the row is the caller's to make up: a role limited to some tenants
+    -- (billing_scope_role) must not read another tenant's holds through it
+    IF NOT (a.tenant_id = ANY (coalesce(billing.visible_tenants(), ARRAY[a.tenant_id]))) THEN
+        RAISE EXCEPTION 'permission denied for the holds of this tenant'
+            USING ERRCODE = '42501',
+                  DETAIL = 'The tenant of the row passed in is not among the tenants this role may see.',
+                  HINT = 'Read the account through billing.balances.';
+    END IF;
     RETURN (SELECT coalesce(sum(h.amount_micros - h.captured_micros - h.released_micros), 0)::bigint
               FROM billing.holds h
              WHERE h.tenant_id = a.tenant_id AND h.status = 'open' AND h.expires_at > now());
@@ -259,14 +267,23 @@ BEGIN
     IF a.grants_state IS NULL THEN
         RETURN 0;
     END IF;
+    IF a.holds_next_expiry IS NULL OR a.holds_next_expiry > at THEN
+        RETURN billing.grants_expired(a.grants_state, at);
+    END IF;
+    -- the row is the caller's to make up: a role limited to some tenants
+    -- (billing_scope_role) must not read another tenant's holds through it
+    IF NOT (a.tenant_id = ANY (coalesce(billing.visible_tenants(), ARRAY[a.tenant_id]))) THEN
+        RAISE EXCEPTION 'permission denied for the holds of this tenant'
+            USING ERRCODE = '42501',
+                  DETAIL = 'The tenant of the row passed in is not among the tenants this role may see.',
+                  HINT = 'Read the account through billing.balances.';
+    END IF;
     RETURN billing.grants_expired(a.grants_state, at)
-           + CASE WHEN a.holds_next_expiry IS NULL OR a.holds_next_expiry > at THEN 0::bigint
-                  ELSE (SELECT coalesce(sum(billing.shares_expired(a.grants_state, h.grant_draws,
-                                                                   h.expires_at, at)), 0)::bigint
-                          FROM billing.holds h
-                         WHERE h.tenant_id = a.tenant_id AND h.status = 'open'
-                           AND h.expires_at <= at AND h.grant_draws IS NOT NULL)
-             END;
+           + (SELECT coalesce(sum(billing.shares_expired(a.grants_state, h.grant_draws,
+                                                        h.expires_at, at)), 0)::bigint
+                FROM billing.holds h
+               WHERE h.tenant_id = a.tenant_id AND h.status = 'open'
+                 AND h.expires_at <= at AND h.grant_draws IS NOT NULL);
 END;
 $$;
 COMMENT ON FUNCTION billing.expired_micros(billing.accounts, timestamptz) IS 'what an account''s cached balance still holds of expired grants (the views and billing_balance_at subtract it)';
