@@ -219,20 +219,12 @@ REVOKE ALL ON FUNCTION billing.lock_account(text) FROM PUBLIC;
 -- instead of calling it: Citus runs a view's query on the shards, whose row
 -- type is not billing.accounts.)
 CREATE FUNCTION billing.effective_holds(a billing.accounts) RETURNS bigint
-    LANGUAGE plpgsql STABLE PARALLEL SAFE SECURITY DEFINER
+    LANGUAGE plpgsql STABLE PARALLEL SAFE
     SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
     IF a.holds_next_expiry IS NULL OR a.holds_next_expiry > now() THEN
         RETURN a.holds_micros;
-    END IF;
-    -- the row is the caller's to make up: a role limited to some tenants
-    -- (billing_scope_role) must not read another tenant's holds through it
-    IF NOT (a.tenant_id = ANY (coalesce(billing.visible_tenants(), ARRAY[a.tenant_id]))) THEN
-        RAISE EXCEPTION 'permission denied for the holds of this tenant'
-            USING ERRCODE = '42501',
-                  DETAIL = 'The tenant of the row passed in is not among the tenants this role may see.',
-                  HINT = 'Read the account through billing.balances.';
     END IF;
     RETURN (SELECT coalesce(sum(h.amount_micros - h.captured_micros - h.released_micros), 0)::bigint
               FROM billing.holds h
@@ -260,7 +252,7 @@ COMMENT ON FUNCTION billing.shares_expired(bigint[], bigint[], timestamptz, time
 -- both for one account (the holds are read only when one has expired;
 -- PL/pgSQL and spelled out in billing.balances, as billing.effective_holds)
 CREATE FUNCTION billing.expired_micros(a billing.accounts, at timestamptz) RETURNS bigint
-    LANGUAGE plpgsql STABLE PARALLEL SAFE SECURITY DEFINER
+    LANGUAGE plpgsql STABLE PARALLEL SAFE
     SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
@@ -269,14 +261,6 @@ BEGIN
     END IF;
     IF a.holds_next_expiry IS NULL OR a.holds_next_expiry > at THEN
         RETURN billing.grants_expired(a.grants_state, at);
-    END IF;
-    -- the row is the caller's to make up: a role limited to some tenants
-    -- (billing_scope_role) must not read another tenant's holds through it
-    IF NOT (a.tenant_id = ANY (coalesce(billing.visible_tenants(), ARRAY[a.tenant_id]))) THEN
-        RAISE EXCEPTION 'permission denied for the holds of this tenant'
-            USING ERRCODE = '42501',
-                  DETAIL = 'The tenant of the row passed in is not among the tenants this role may see.',
-                  HINT = 'Read the account through billing.balances.';
     END IF;
     RETURN billing.grants_expired(a.grants_state, at)
            + (SELECT coalesce(sum(billing.shares_expired(a.grants_state, h.grant_draws,
