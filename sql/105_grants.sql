@@ -282,4 +282,27 @@ SELECT status FROM billing_release('gr-l', 'gr-l-h', 'gr-l-r');
 SELECT trace_id, remaining, status FROM pg_temp.buckets('gr-l');
 SELECT billing_balance('gr-l') AS balance, count(*) AS problems FROM billing_verify('gr-l');
 
+-- A new entry asking for the very trace id that the expiry the same call
+-- writes first takes ('billing:expire:<grant>:<version>'): ZB014 like any
+-- trace id of billing's own, not an internal error or a conflict with an
+-- "original expire", whatever writes it
+SELECT tenant_id FROM billing_account_create('gr-m');
+SELECT amount FROM billing_credit('gr-m', 10, 'gr-m-top-up');
+SELECT amount FROM billing_grant('gr-m', 2, 'gr-m-g', expires_at => clock_timestamp() + interval '1 second');
+SELECT amount FROM billing_deduct('gr-m', 0.5, 'gr-m-d');
+SELECT status FROM billing_hold('gr-m', 0.5, 'gr-m-h');
+SELECT pg_temp.sleep_past_expiry('gr-m');
+SELECT f, split_part(regress_error(format(f, 'billing:expire:' || (SELECT grant_id FROM billing.grants WHERE tenant_id = 'gr-m')
+                                              || ':' || (SELECT version + 1 FROM billing.accounts WHERE tenant_id = 'gr-m'))),
+                     ' "', 1) AS error
+  FROM unnest(ARRAY[$$SELECT billing_credit('gr-m', 1, %L)$$,
+                    $$SELECT billing_deduct('gr-m', 1, %L)$$,
+                    $$SELECT billing_grant('gr-m', 1, %L)$$,
+                    $$SELECT billing_refund('gr-m', 'gr-m-d', 0.1, %L)$$,
+                    $$SELECT billing_capture('gr-m', 'gr-m-h', 0.1, %L)$$]) f;
+-- nothing was written; the next call writes the expiry
+SELECT balance_after FROM billing_credit('gr-m', 1, 'gr-m-c1');
+SELECT count(*) AS expire_entries, sum(amount_micros) AS amount_micros
+  FROM billing.entries WHERE tenant_id = 'gr-m' AND kind = 'expire';
+
 SELECT count(*) AS problems FROM billing_verify();

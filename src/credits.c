@@ -340,7 +340,11 @@ billing_grant(PG_FUNCTION_ARGS)
 	e.draws = &filled;			/* its bucket, and what went into it */
 	entry_id = billing_post_entry(&acc, &e);
 	if (entry_id == 0)
+	{
+		/* billing's own expiry, written by this very call first: ZB014 */
+		billing_check_own_trace(&acc, e.trace_id);
 		elog(ERROR, "billing: trace id of a grant taken concurrently");	/* probed under the lock */
+	}
 
 	{
 		static SPIPlanPtr plan = NULL;
@@ -722,7 +726,11 @@ billing_refund(PG_FUNCTION_ARGS)
 	e.api_key = c.api_key;
 	entry_id = billing_post_entry(&acc, &e);
 	if (entry_id == 0)
+	{
+		/* billing's own expiry, written by this very call first: ZB014 */
+		billing_check_own_trace(&acc, e.trace_id);
 		elog(ERROR, "billing: trace id of a refund taken concurrently");	/* probed under the lock */
+	}
 	{
 		static SPIPlanPtr plan = NULL;
 		Oid			types[4] = {TEXTOID, INT8OID, INT8OID, INT8OID};

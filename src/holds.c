@@ -207,6 +207,8 @@ entry_conflict(Account *acc, text *trace_id)
 	Oid			types[2] = {TEXTOID, TEXTOID};
 	Datum		values[2];
 
+	/* billing's own expiry, written by this very call first: ZB014 */
+	billing_check_own_trace(acc, trace_id);
 	billing_keep_plan(&plan_probe_entry,
 					  "SELECT kind FROM billing.entries WHERE tenant_id = $1 AND trace_id = $2",
 					  2, types);

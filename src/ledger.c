@@ -190,6 +190,21 @@ check_same_request(EntryWrite *req, MemoryContext cxt, Rejection *conflict)
 	d = billing_col(0, 11, &isnull);
 	api_key = isnull ? NULL : DatumGetTextPP(d);
 
+	/*
+	 * billing's own entry (a grant's expiry, which this very call may have
+	 * written just before) is never a request's original: ZB014, as for any
+	 * new request with a trace id of billing's
+	 */
+	if (strcmp(kind, "expire") == 0 && strcmp(req->kind, "expire") != 0)
+	{
+		conflict->sqlerrcode = ERRCODE_BILLING_INVALID_TRACE_ID;
+		conflict->message = MemoryContextStrdup(cxt, "trace_id must not start with \"" BILLING_TRACE_PREFIX "\"");
+		conflict->detail = MemoryContextStrdup(cxt, "Trace ids that start with \"" BILLING_TRACE_PREFIX
+											   "\" are billing's own (the expiry of a grant).");
+		conflict->hint = MemoryContextStrdup(cxt, "Use another prefix.");
+		return false;
+	}
+
 	initStringInfo(&fields);
 	initStringInfo(&detail);
 
