@@ -61,6 +61,12 @@
 
 PG_FUNCTION_INFO_V1(billing_job_guard);
 
+/*
+ * The trigger has no pinned search_path (it runs in whatever session writes
+ * billing.jobs, on Citus also a worker's connection as the extension's
+ * owner, with the database's default search_path): its queries name every
+ * operator and function with its schema.
+ */
 static SPIPlanPtr plan_entry = NULL;
 static SPIPlanPtr plan_hold = NULL;
 static SPIPlanPtr plan_log = NULL;
@@ -229,8 +235,10 @@ check_charged(JobRow *job, bool restoring)
 	if (job->has_actual)
 	{
 		billing_keep_plan(&plan_entry,
-						  "SELECT trace_id = $3 AND amount_micros = -$4 FROM billing.entries "
-						  "WHERE tenant_id = $1 AND entry_id = $2",
+						  "SELECT trace_id OPERATOR(pg_catalog.=) $3 "
+						  "   AND amount_micros OPERATOR(pg_catalog.=) OPERATOR(pg_catalog.-) $4 "
+						  "  FROM billing.entries "
+						  " WHERE tenant_id OPERATOR(pg_catalog.=) $1 AND entry_id OPERATOR(pg_catalog.=) $2",
 						  4, types);
 		values[0] = PointerGetDatum(job->tenant_id);
 		values[1] = Int64GetDatum(job->charge_entry_id);
@@ -263,8 +271,10 @@ check_released(JobRow *job)
 	if (job->hold_trace_id == NULL)
 		return;
 	billing_keep_plan(&plan_hold,
-					  "SELECT 1 FROM billing.holds WHERE tenant_id = $1 AND trace_id = $2 "
-					  "AND status = 'open' AND expires_at > now()",
+					  "SELECT 1 FROM billing.holds "
+					  " WHERE tenant_id OPERATOR(pg_catalog.=) $1 AND trace_id OPERATOR(pg_catalog.=) $2 "
+					  "   AND status OPERATOR(pg_catalog.=) 'open'::pg_catalog.text "
+					  "   AND expires_at OPERATOR(pg_catalog.>) pg_catalog.now()",
 					  2, types);
 	values[0] = PointerGetDatum(job->tenant_id);
 	values[1] = PointerGetDatum(job->hold_trace_id);

@@ -1034,7 +1034,10 @@ tenant_is_local(text *tenant)
  * charge by billing_deduct / billing_try_deduct called through SQL, which
  * Citus delegates to the tenant's node inside this transaction (the
  * functions are force-delegated).  One round trip per item; when the batch
- * wrote on several nodes Citus commits it with two-phase commit.
+ * wrote on several nodes Citus commits it with two-phase commit.  Every
+ * argument is typed: the schema of the API is the database owner's, and an
+ * untyped literal would let an overload planted there (text where the API
+ * has timestamptz) win the call, which runs as the extension's owner.
  */
 static void
 remote_post(Oid nsp, BatchItem *it, PostMode mode, LedgerOutcome *out)
@@ -1067,14 +1070,16 @@ remote_post(Oid nsp, BatchItem *it, PostMode mode, LedgerOutcome *out)
 								 psprintf("SELECT 'committed', replayed, entry_id, kind, "
 										  "(amount * 1000000)::bigint, (balance_after * 1000000)::bigint, "
 										  "version, created_at, NULL::text, NULL::text, NULL::text "
-										  "FROM %s.billing_deduct($1, $2, $3, $4, $5, NULL, 'deduct', $6)",
+										  "FROM %s.billing_deduct($1, $2, $3, $4, $5, NULL::pg_catalog.timestamptz, "
+										  "'deduct'::pg_catalog.text, $6)",
 										  schema), 6, types);
 	else
 		plan = billing_keep_plan(&plan_record,
 								 psprintf("SELECT status, replayed, entry_id, kind, "
 										  "(amount * 1000000)::bigint, (balance_after * 1000000)::bigint, "
 										  "version, created_at, sqlstate, reason, detail "
-										  "FROM %s.billing_try_deduct($1, $2, $3, $4, $5, NULL, 'deduct', $6)",
+										  "FROM %s.billing_try_deduct($1, $2, $3, $4, $5, NULL::pg_catalog.timestamptz, "
+										  "'deduct'::pg_catalog.text, $6)",
 										  schema), 6, types);
 	values[0] = PointerGetDatum(it->tenant_id);
 	values[1] = NumericGetDatum(billing_micros_to_numeric(-e->amount));
