@@ -3496,10 +3496,18 @@ REVOKE ALL ON FUNCTION billing.engine_test_gate(boolean) FROM PUBLIC;
 -- the roles: charging, treasury, admin, reporting (see schema/90_privileges.sql)
 DROP FUNCTION billing.app_functions();
 CREATE FUNCTION billing.role_functions(role_kind text) RETURNS regprocedure[]
-    LANGUAGE sql IMMUTABLE
+    LANGUAGE sql STABLE
     SET search_path = pg_catalog, pg_temp
 AS $$
-    SELECT CASE role_kind
+    -- the API's functions in the schema the extension is in now, found by
+    -- the extension's record: if the database owner renamed it, the grants
+    -- still go to the extension's functions, not to ones of the same names
+    -- in a new schema of the old name
+    SELECT pg_catalog.array_agg(pg_catalog.replace(u.f, '@extschema@.',
+               (SELECT pg_catalog.quote_ident(n.nspname) || '.'
+                  FROM pg_catalog.pg_extension e JOIN pg_catalog.pg_namespace n ON n.oid = e.extnamespace
+                 WHERE e.extname = 'billing'))::pg_catalog.regprocedure ORDER BY u.i)
+      FROM pg_catalog.unnest(CASE role_kind
     WHEN 'charging' THEN ARRAY[
         '@extschema@.billing_deduct(text, numeric, text, text, jsonb, timestamptz, text, text)',
         '@extschema@.billing_try_deduct(text, numeric, text, text, jsonb, timestamptz, text, text)',
@@ -3521,14 +3529,14 @@ AS $$
         '@extschema@.billing_job_cancel(text, bigint, text)',
         '@extschema@.billing_job_retry(text, bigint)',
         '@extschema@.billing_job_rescue(integer)'
-    ]::regprocedure[]
+    ]::pg_catalog.text[]
     WHEN 'treasury' THEN ARRAY[
         '@extschema@.billing_credit(text, numeric, text, text, jsonb, timestamptz, text)',
         '@extschema@.billing_grant(text, numeric, text, timestamptz, integer, text, text, jsonb)',
         '@extschema@.billing_refund(text, text, numeric, text, text)',
         '@extschema@.billing_balance(text)',
         '@extschema@.billing_balance_at(text, timestamptz)'
-    ]::regprocedure[]
+    ]::pg_catalog.text[]
     WHEN 'admin' THEN ARRAY[
         '@extschema@.billing_account_create(text, text, numeric, text, text, jsonb)',
         '@extschema@.billing_account_update(text, numeric, text, text, jsonb, text)',
@@ -3551,17 +3559,18 @@ AS $$
         'billing.effective_holds(billing.accounts)',
         'billing.expired_micros(billing.accounts, timestamptz)',
         'billing.metric_samples()'
-    ]::regprocedure[]
+    ]::pg_catalog.text[]
     WHEN 'reporting' THEN ARRAY[
-        -- the functions the views call (a view runs them with the reader's rights)
+        -- the functions the views call (a view runs them with the reader's rights),
+        -- and the two that 1.3's billing.balances called (caller's rights since 1.4)
         'billing.effective_holds(billing.accounts)',
         'billing.expired_micros(billing.accounts, timestamptz)',
         '@extschema@.billing_sync_status()',
         'billing.metric_samples()',
         '@extschema@.billing_metrics()',
         '@extschema@.billing_engine_status()'
-    ]::regprocedure[]
-    END
+    ]::pg_catalog.text[]
+    END) WITH ORDINALITY u(f, i)
 $$;
 REVOKE ALL ON FUNCTION billing.role_functions(text) FROM PUBLIC;
 COMMENT ON FUNCTION billing.role_functions(text) IS 'the functions of a role (charging, treasury, admin, reporting), for the grant helpers';
@@ -3790,9 +3799,9 @@ END
 $$;
 
 -- 1.3's reporting roles (SELECT on every view 1.3 had) read 1.4's new views
--- too, and billing.expired_micros(), which billing.balances now calls with
--- the reader's rights (as billing.effective_holds(), which every reader of
--- 1.3 was given).  The recorded privileges (pg_init_privs) are put back as
+-- too, and billing.expired_micros(), as billing.effective_holds(), which
+-- every reader of 1.3 was given (the reporting role's rights of a fresh
+-- install; no 1.4 view calls them).  The recorded privileges (pg_init_privs) are put back as
 -- above, so that pg_dump keeps dumping these grants as the user's.
 DO $$
 DECLARE

@@ -17,7 +17,9 @@
 #   billing_release ... by the schema's name.  The owner renames public,
 #   creates a new one with functions of those names, and the next job
 #   submit runs them as the extension's owner.  They call the same C
-#   functions under names in schema billing now.
+#   functions under names in schema billing now.  The grant helpers find
+#   the API through the extension's record, so they grant and revoke the
+#   extension's functions after such a rename, not the planted ones.
 #
 # Each planted object records the role it runs as in spy.planted, which
 # stays empty.
@@ -115,6 +117,20 @@ is($node->safe_psql('owned', "SELECT -amount_micros FROM billing.entries WHERE t
 	'3000000', 'its charge is a real capture');
 is($rows->('owned'), '', 'none of the planted functions ran (job submit, cancel, claim, complete)');
 is($node->safe_psql('owned', "SELECT rolsuper FROM pg_roles WHERE rolname = 'dbowner'"), 'f', 'the owner is not a superuser');
+
+# the grant helpers find the API through the extension, not by the schema's
+# old name: they grant and revoke the extension's functions, never the
+# planted ones
+su_sql('owned', q{CREATE ROLE app2; SELECT public_orig.billing_grant_charging('app2')});
+my $hold = 'billing_hold(text, numeric, text, interval, text, jsonb, text)';
+is(su_sql('owned', "SELECT has_function_privilege('app2', 'public_orig.$hold', 'EXECUTE')"), 't',
+	'billing_grant_charging grants the extension\'s billing_hold');
+is(su_sql('owned', q{SELECT count(*) FROM pg_proc p, aclexplode(p.proacl) a
+                      WHERE p.pronamespace = 'public'::regnamespace AND a.grantee = 'app2'::regrole}),
+	'0', 'and nothing on the planted functions');
+su_sql('owned', q{SELECT public_orig.billing_revoke_all('app2')});
+is(su_sql('owned', "SELECT has_function_privilege('app2', 'public_orig.$hold', 'EXECUTE')"), 'f',
+	'billing_revoke_all revokes it again');
 
 note 'upgrade: an operator planted in public before ALTER EXTENSION UPDATE';
 SKIP:
