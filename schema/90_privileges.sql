@@ -27,10 +27,12 @@ AS $$
     -- the extension's record: if the database owner renamed it, the grants
     -- still go to the extension's functions, not to ones of the same names
     -- in a new schema of the old name
-    SELECT pg_catalog.array_agg(pg_catalog.replace(u.f, '@extschema@.',
-               (SELECT pg_catalog.quote_ident(n.nspname) || '.'
-                  FROM pg_catalog.pg_extension e JOIN pg_catalog.pg_namespace n ON n.oid = e.extnamespace
-                 WHERE e.extname = 'billing'))::pg_catalog.regprocedure ORDER BY u.i)
+    SELECT pg_catalog.array_agg(CASE WHEN pg_catalog.starts_with(u.f, '@extschema@.')
+               THEN (SELECT pg_catalog.quote_ident(n.nspname)
+                       FROM pg_catalog.pg_extension e JOIN pg_catalog.pg_namespace n ON n.oid = e.extnamespace
+                      WHERE e.extname = 'billing')
+                    || '.' || pg_catalog.substr(u.f, pg_catalog.length('@extschema@.') + 1)
+               ELSE u.f END::pg_catalog.regprocedure ORDER BY u.i)
       FROM pg_catalog.unnest(CASE role_kind
     WHEN 'charging' THEN ARRAY[
         '@extschema@.billing_deduct(text, numeric, text, text, jsonb, timestamptz, text, text)',

@@ -132,6 +132,16 @@ su_sql('owned', q{SELECT public_orig.billing_revoke_all('app2')});
 is(su_sql('owned', "SELECT has_function_privilege('app2', 'public_orig.$hold', 'EXECUTE')"), 'f',
 	'billing_revoke_all revokes it again');
 
+# ... also when the API's schema has a name that ends another schema's
+# (billing.effective_holds is not in "ing2")
+$node->safe_psql('postgres', 'CREATE DATABASE named_ing');
+su_sql('named_ing', q{CREATE SCHEMA ing; CREATE EXTENSION billing SCHEMA ing;
+                      ALTER SCHEMA ing RENAME TO ing2; CREATE ROLE app3;
+                      SELECT ing2.billing_grant_reporting('app3')});
+is(su_sql('named_ing', q{SELECT has_function_privilege('app3', 'billing.effective_holds(billing.accounts)', 'EXECUTE')
+                             AND has_function_privilege('app3', 'ing2.billing_metrics()', 'EXECUTE')}),
+	't', 'in a renamed schema "ing" the grant helpers find both the API and schema billing\'s functions');
+
 note 'upgrade: an operator planted in public before ALTER EXTENSION UPDATE';
 SKIP:
 {
