@@ -157,6 +157,8 @@ show_ts(bool has, TimestampTz ts)
 	return has ? billing_format_ts(ts) : "null";
 }
 
+static void own_trace_rejection(MemoryContext cxt, Rejection *r);
+
 /*
  * The probe found an earlier request with this trace id (row 0 of the SPI
  * result).  Raise the trace id conflict error unless every field matches.
@@ -197,11 +199,7 @@ check_same_request(EntryWrite *req, MemoryContext cxt, Rejection *conflict)
 	 */
 	if (strcmp(kind, "expire") == 0 && strcmp(req->kind, "expire") != 0)
 	{
-		conflict->sqlerrcode = ERRCODE_BILLING_INVALID_TRACE_ID;
-		conflict->message = MemoryContextStrdup(cxt, "trace_id must not start with \"" BILLING_TRACE_PREFIX "\"");
-		conflict->detail = MemoryContextStrdup(cxt, "Trace ids that start with \"" BILLING_TRACE_PREFIX
-											   "\" are billing's own (the expiry of a grant).");
-		conflict->hint = MemoryContextStrdup(cxt, "Use another prefix.");
+		own_trace_rejection(cxt, conflict);
 		return false;
 	}
 
@@ -383,6 +381,16 @@ key_get(Account *acc, KeyCache *kc, text *key_id, bool **charged)
  * and only once the schema has grants (1.4): a replay of an entry recorded
  * before with such an id still works.
  */
+static void
+own_trace_rejection(MemoryContext cxt, Rejection *r)
+{
+	r->sqlerrcode = ERRCODE_BILLING_INVALID_TRACE_ID;
+	r->message = MemoryContextStrdup(cxt, "trace_id must not start with \"" BILLING_TRACE_PREFIX "\"");
+	r->detail = MemoryContextStrdup(cxt, "Trace ids that start with \"" BILLING_TRACE_PREFIX
+									"\" are billing's own (the expiry of a grant).");
+	r->hint = MemoryContextStrdup(cxt, "Use another prefix.");
+}
+
 void
 billing_check_own_trace(Account *acc, text *trace_id)
 {
@@ -391,12 +399,12 @@ billing_check_own_trace(Account *acc, text *trace_id)
 
 	/* a database still at 1.3 writes no entries of its own */
 	if (acc->grants_supported && len >= plen && memcmp(VARDATA_ANY(trace_id), BILLING_TRACE_PREFIX, plen) == 0)
-		ereport(ERROR,
-				(errcode(ERRCODE_BILLING_INVALID_TRACE_ID),
-				 errmsg("trace_id must not start with \"%s\"", BILLING_TRACE_PREFIX),
-				 errdetail("Trace ids that start with \"%s\" are billing's own (the expiry of a grant).",
-						   BILLING_TRACE_PREFIX),
-				 errhint("Use another prefix.")));
+	{
+		Rejection	r = {0};
+
+		own_trace_rejection(CurrentMemoryContext, &r);
+		billing_raise_error(&r);
+	}
 }
 
 /* remember a business rejection so that replays of the trace id get it */
