@@ -5,7 +5,7 @@
  *	  place: the .c files call these wrappers and carry no version #if.
  *
  * Built and tested on PostgreSQL 15, 17 and 18.  The guards are by the
- * version that changed the API (16 or 18), so 16 is covered too.
+ * version that changed the API (16, 17 or 18), so 16 is covered too.
  *
  *-------------------------------------------------------------------------
  */
@@ -19,17 +19,35 @@
 #include "nodes/parsenodes.h"
 #include "utils/acl.h"
 #include "nodes/readfuncs.h"
+#include "storage/latch.h"
+#include "utils/memutils.h"
 #include "utils/rel.h"
 #if PG_VERSION_NUM >= 160000
 #include "parser/parse_relation.h"
 #endif
 #if PG_VERSION_NUM >= 180000
 #include "rewrite/rewriteHandler.h"
+#include "storage/waiteventset.h"
 #endif
 
 #if PG_VERSION_NUM < 150000
 #error "billing needs PostgreSQL 15 or later"
 #endif
+
+/*
+ * 17: CreateWaitEventSet() takes a resource owner (NULL: none) instead of a
+ * memory context.  Either way the set lives in TopMemoryContext until
+ * FreeWaitEventSet(), whatever transaction comes and goes.
+ */
+static inline WaitEventSet *
+billing_create_wait_event_set(int nevents)
+{
+#if PG_VERSION_NUM >= 170000
+	return CreateWaitEventSet(NULL, nevents);
+#else
+	return CreateWaitEventSet(TopMemoryContext, nevents);
+#endif
+}
 
 /*
  * 18: index_beginscan() takes an IndexScanInstrumentation (EXPLAIN's

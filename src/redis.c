@@ -10,7 +10,7 @@
  *
  * - The socket is non-blocking.  hiredis writes and reads it
  *   (redisBufferWrite/redisBufferRead, which also do TLS); we wait under
- *   WaitLatchOrSocket in slices of REDIS_WAIT_SLICE_MS, checking
+ *   the connection's wait set in slices of REDIS_WAIT_SLICE_MS, checking
  *   interrupts and the caller's hook (reloads) after every slice, against
  *   one deadline per command or pipeline: billing.redis_command_timeout
  *   plus REDIS_US_PER_COMMAND per pipelined command, from the first byte
@@ -53,6 +53,7 @@
 #include <openssl/x509v3.h>
 #endif
 
+#include "compat.h"
 #include "guc.h"
 #include "miscadmin.h"
 #include "pgstat.h"
@@ -64,6 +65,15 @@
 #include "utils/wait_event.h"
 
 static redisContext *ctx = NULL;
+
+/*
+ * The wait set of the connection: its socket (position 0, for reading or
+ * writing) and the postmaster's death.  Made at the first wait, freed with
+ * the connection: a set per wait (WaitLatchOrSocket) costs four system
+ * calls, and the worker waits several times per batch it pushes.
+ */
+static WaitEventSet *wait_set = NULL;
+static int	wait_set_events = 0;
 
 #ifdef BILLING_REDIS_TLS
 static SSL *tls_ssl = NULL;		/* owned by ctx; for the reason of a failure */
@@ -486,6 +496,9 @@ redis_close(const char *fmt,...)
 #ifdef BILLING_REDIS_TLS
 	tls_ssl = NULL;
 #endif
+	if (wait_set != NULL)
+		FreeWaitEventSet(wait_set);
+	wait_set = NULL;
 	if (ctx != NULL)
 		redisFree(ctx);
 	ctx = NULL;
@@ -573,6 +586,33 @@ remaining_ms(TimestampTz deadline)
 }
 
 /*
+ * Wait up to timeout_ms for `events` (WL_SOCKET_READABLE or _WRITEABLE) on
+ * the connection's socket; the postmaster's death ends the process.
+ * Returns the socket events that occurred, 0 at the timeout.
+ */
+static int
+wait_connection(int events, long timeout_ms)
+{
+	WaitEvent	occurred;
+
+	if (wait_set == NULL)
+	{
+		wait_set = billing_create_wait_event_set(2);
+		AddWaitEventToSet(wait_set, events, ctx->fd, NULL, NULL);
+		AddWaitEventToSet(wait_set, WL_EXIT_ON_PM_DEATH, PGINVALID_SOCKET, NULL, NULL);
+		wait_set_events = events;
+	}
+	else if (events != wait_set_events)
+	{
+		ModifyWaitEvent(wait_set, 0, events, NULL);
+		wait_set_events = events;
+	}
+	if (WaitEventSetWait(wait_set, timeout_ms, &occurred, 1, PG_WAIT_EXTENSION) == 0)
+		return 0;
+	return occurred.events & WL_SOCKET_MASK;
+}
+
+/*
  * Wait until the socket is ready for `events` or a slice passes; false
  * (connection closed) at the deadline or when the hook says so.
  */
@@ -590,9 +630,7 @@ wait_socket(int events, TimestampTz deadline, const char *doing)
 					cmd_received, cmd_sent, tls_note());
 		return false;
 	}
-	(void) WaitLatchOrSocket(NULL, events | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
-							 ctx->fd, Min(left, REDIS_WAIT_SLICE_MS),
-							 PG_WAIT_EXTENSION);
+	(void) wait_connection(events, Min(left, REDIS_WAIT_SLICE_MS));
 	CHECK_FOR_INTERRUPTS();
 	if (wait_hook != NULL && !wait_hook())
 	{
@@ -826,9 +864,8 @@ redis_open(void)
 	/* the non-blocking connect completes when the socket is writable */
 	for (;;)
 	{
-		int			rc = WaitLatchOrSocket(NULL, WL_SOCKET_WRITEABLE | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
-										   ctx->fd, Min(Max(remaining_ms(deadline), 1), REDIS_WAIT_SLICE_MS),
-										   PG_WAIT_EXTENSION);
+		int			rc = wait_connection(WL_SOCKET_WRITEABLE,
+										 Min(Max(remaining_ms(deadline), 1), REDIS_WAIT_SLICE_MS));
 
 		CHECK_FOR_INTERRUPTS();
 		if (wait_hook != NULL && !wait_hook())

@@ -31,9 +31,24 @@ resp_head(StringInfo buf, char kind, size_t n)
 void
 resp_bulk(StringInfo buf, const char *s, size_t len)
 {
-	resp_head(buf, '$', len);
-	appendBinaryStringInfo(buf, s, len);
-	appendBinaryStringInfo(buf, "\r\n", 2);
+	char		digits[MAXINT8LEN + 1];
+	int			ndigits = pg_ulltoa_n((uint64) len, digits);
+	char	   *p;
+
+	/* one enlargement and no appends: the worker writes ~35 of these a push */
+	enlargeStringInfo(buf, 1 + ndigits + 2 + len + 2);
+	p = buf->data + buf->len;
+	*p++ = '$';
+	memcpy(p, digits, ndigits);
+	p += ndigits;
+	*p++ = '\r';
+	*p++ = '\n';
+	memcpy(p, s, len);
+	p += len;
+	*p++ = '\r';
+	*p++ = '\n';
+	*p = '\0';
+	buf->len = p - buf->data;
 }
 
 void

@@ -98,7 +98,10 @@ epoch_ms_floor(TimestampTz ts)
 static char *
 i64(int64 v)
 {
-	return psprintf(INT64_FORMAT, v);
+	char	   *out = palloc(MAXINT8LEN + 1);
+
+	(void) pg_lltoa(v, out);	/* a dozen of these per push: not psprintf */
+	return out;
 }
 
 /*

@@ -317,13 +317,36 @@ end_xact(void)
 static void
 note_epoch(void)
 {
+	/*
+	 * The extension's OID takes a scan of pg_extension, which has no
+	 * syscache; it runs every batch, so it is kept while the schema and the
+	 * table (syscache lookups) stay the same ones: a new ledger comes with
+	 * a new schema "billing" (dropping the extension drops it) and a new
+	 * billing.accounts.
+	 */
+	static Oid	known_nsp = InvalidOid;
+	static Oid	known_accounts = InvalidOid;
+	static Oid	known_ext = InvalidOid;
 	char		now[64];
-	Oid			ext = get_extension_oid("billing", true);
-	Oid			nsp = OidIsValid(ext) ? get_namespace_oid("billing", true) : InvalidOid;
+	Oid			nsp = get_namespace_oid("billing", true);
 	Oid			accounts = OidIsValid(nsp) ? get_relname_relid("accounts", nsp) : InvalidOid;
+	Oid			ext;
 	int32	   *min = NULL;
 	int32	   *max = NULL;
-	int			n = OidIsValid(accounts) ? billing_local_ranges(accounts, &min, &max) : -1;
+	int			n;
+
+	if (OidIsValid(accounts) && nsp == known_nsp && accounts == known_accounts)
+		ext = known_ext;
+	else
+	{
+		ext = get_extension_oid("billing", true);
+		if (!OidIsValid(ext))
+			nsp = accounts = InvalidOid;
+		known_nsp = nsp;
+		known_accounts = accounts;
+		known_ext = ext;
+	}
+	n = OidIsValid(accounts) ? billing_local_ranges(accounts, &min, &max) : -1;
 
 	mirror_note_node(n >= 0 ? billing_local_group() : -1, Max(n, 0), min, max);
 	snprintf(now, sizeof(now), UINT64_FORMAT ":%u:%u", GetSystemIdentifier(),
