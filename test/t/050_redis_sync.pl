@@ -240,6 +240,93 @@ is($redis->cli('HGETALL', 'billing:{s1}'), $before, '3: the hash is unchanged');
 converges('3: Redis equals the database');
 
 # ---------------------------------------------------------------------------
+# 3a. deltas: a push sends only the fields that changed, on the version the
+# worker applied; a hash holding another version gets the whole snapshot
+# ---------------------------------------------------------------------------
+note('3a. deltas');
+{
+	# no consistency check meanwhile: it would repair the fields changed by hand
+	my $off = BillingTest::log_size($node);
+	sql("ALTER SYSTEM SET billing.check_interval = 0; SELECT pg_reload_conf()");
+	ok(worker_saw_reload($off, 'billing.check_interval', '0'), '3a: the worker applied the reload (check_interval = 0)');
+	converges('3a: Redis equals the database before');
+	my $deduct_s1 = sub {    # a deduct of s1, waited for in Redis; its version
+		my ($trace) = @_;
+		my $v = sql("SELECT version FROM billing_deduct('s1', 0.5, '$trace')");
+		ok(wait_for(120, sub { hash_is('billing:{s1}', 'version', $v) }), "3a: $trace (version $v) reaches Redis");
+		return $v;
+	};
+	# a field changed by hand, without a new version, is not sent again by a
+	# delta (the consistency check repairs it): the proof that deltas are used
+	$redis->cli('HSET', 'billing:{s1}', 'currency', 'XXX');
+	$deduct_s1->('s1-delta-1');
+	is(hget('billing:{s1}', 'currency'), 'XXX', '3a: the push after it was a delta: the field changed by hand is left');
+	is(hget('billing:{s1}', 'balance'), acc('s1', 'balance_micros'), '3a: the delta carried the new balance');
+
+	# the hash holds another version than the one the worker applied (a restore
+	# of an older copy, say): the delta is refused and the whole snapshot follows
+	my $v = hget('billing:{s1}', 'version');
+	$redis->cli('HSET', 'billing:{s1}', 'version', $v - 1, 'balance', '1', 'available', '1');
+	$deduct_s1->('s1-delta-2');
+	is(join(' ', map { hget('billing:{s1}', $_) } qw(balance available currency)),
+		acc('s1', "balance_micros || ' ' || (balance_micros + credit_limit_micros - holds_micros) || ' USD'"),
+		'3a: a delta on a version the hash no longer holds is followed by the whole snapshot');
+	converges('3a: Redis equals the database after the whole push');
+
+	# the snapshot names a field more or less (a limit set, then removed): whole
+	sql("SELECT count(*) FROM billing_limits_set('s1', max_charge => 5)");
+	ok(wait_for(120, sub { hash_is('billing:{s1}', 'max_charge', '5000000') }), '3a: a limit set reaches Redis');
+	$redis->cli('HSET', 'billing:{s1}', 'currency', 'XXX');
+	sql("SELECT count(*) FROM billing_limits_set('s1')");
+	ok(wait_for(120, sub { !$redis->cli('HEXISTS', 'billing:{s1}', 'max_charge') }),
+		'3a: the limit removed: its field is gone from Redis');
+	is(hget('billing:{s1}', 'currency'), 'USD', '3a: that push was whole: the field changed by hand is repaired');
+
+	# billing.sync_deltas = off: every push is whole
+	$off = BillingTest::log_size($node);
+	sql("ALTER SYSTEM SET billing.sync_deltas = off; SELECT pg_reload_conf()");
+	ok(worker_saw_reload($off, 'billing.sync_deltas', 'off'), '3a: the worker applied the reload (sync_deltas = off)');
+	$redis->cli('HSET', 'billing:{s1}', 'currency', 'XXX');
+	$deduct_s1->('s1-delta-3');
+	is(hget('billing:{s1}', 'currency'), 'USD', '3a: with sync_deltas off the push was whole');
+	$off = BillingTest::log_size($node);
+	sql("ALTER SYSTEM SET billing.sync_deltas = on; SELECT pg_reload_conf()");
+	ok(worker_saw_reload($off, 'billing.sync_deltas', 'on'), '3a: the worker applied the reload (sync_deltas on again)');
+
+	# an apply_snapshot.lua older than the library (in billing.lua_dir) answers
+	# a delta BADARGS: that push and the next ones are whole, with one log line
+	my $old_lua = "$W/old_lua";
+	mkdir $old_lua or die "mkdir $old_lua: $!";
+	(my $old_script = slurp_file("$repo/lua/apply_snapshot.lua")) =~ s/ and mode ~= '3' then/ then/
+	  or die 'no mode 3 check in lua/apply_snapshot.lua';
+	PostgreSQL::Test::Utils::append_to_file("$old_lua/apply_snapshot.lua", $old_script);
+	PostgreSQL::Test::Utils::append_to_file("$old_lua/purge.lua", slurp_file("$repo/lua/purge.lua"));
+	my $reconnect = sub {    # the worker reads the scripts again when it connects
+		my ($sha) = @_;
+		$redis->cli('SCRIPT', 'FLUSH');
+		$redis->cli('CLIENT', 'KILL', 'TYPE', 'normal', 'SKIPME', 'yes');
+		return wait_for(120, sub { $redis->cli('SCRIPT', 'EXISTS', $sha) eq '1' && status_is('connected', 't') });
+	};
+	$off = BillingTest::log_size($node);
+	sql("ALTER SYSTEM SET billing.lua_dir = '$old_lua'; SELECT pg_reload_conf()");
+	ok(worker_saw_reload($off, 'billing.lua_dir', $old_lua), '3a: the worker applied the reload (lua_dir: an old script)');
+	ok($reconnect->(sha1_hex($old_script)), '3a: the worker connected again with the old apply_snapshot.lua');
+	$redis->cli('HSET', 'billing:{s1}', 'currency', 'XXX');
+	$deduct_s1->('s1-delta-4');    # whole after a connect, then ...
+	$deduct_s1->('s1-delta-5');    # ... a delta, refused: whole again
+	$redis->cli('HSET', 'billing:{s1}', 'currency', 'XXX');
+	$deduct_s1->('s1-delta-6');
+	is(hget('billing:{s1}', 'currency'), 'USD', '3a: with the old script every push is whole');
+	is(log_count($off, qr/apply_snapshot\.lua loaded takes no deltas/), 1, '3a: one log line says why');
+	converges('3a: Redis equals the database with the old script');
+	$off = BillingTest::log_size($node);
+	sql("ALTER SYSTEM RESET billing.lua_dir; ALTER SYSTEM RESET billing.check_interval; SELECT pg_reload_conf()");
+	ok(worker_saw_reload($off, 'billing.check_interval', '2'), '3a: the worker applied the reload (check_interval = 2 again)');
+	ok($reconnect->($sha), '3a: the worker connected again with lua/apply_snapshot.lua');
+	converges('3a: Redis equals the database');
+}
+
+# ---------------------------------------------------------------------------
 # 4. holds, limits, API keys; hold expiry by the maintenance
 # ---------------------------------------------------------------------------
 note('4. holds, limits, keys');
