@@ -112,7 +112,6 @@ WORKLOADS=(
 	"job_lifecycle   | job_lifecycle.sql  | deduct                | billing_job_submit (hold of 1.00), billing_job_claim (any queued job), billing_job_complete (the cost), 1,000 tenants; one transaction = 3 commits"
 	"deduct_many     | deduct_many.sql    | deduct insert         | billing_deduct_many of $BENCH_BATCH_ITEMS items on random tenants of 1,000; one transaction = one call | -D items=$BENCH_BATCH_ITEMS | $BENCH_BATCH_ITEMS"
 	"deduct_worker   | deduct.sql         | deduct                | billing_deduct as deduct, the background worker pushing every commit to Redis (mirror compared with the database after the run)"
-	"deduct_worker_whole | deduct.sql     | deduct deduct_worker  | billing_deduct as deduct_worker, every push the whole snapshot (billing.sync_deltas = off)"
 	"deduct_13       | deduct.sql         | -                     | baseline: billing_deduct as deduct, on a database at extension version 1.3 (the path before grants: same library, no buckets)"
 	"deduct_grants3  | deduct.sql         | deduct_13 deduct      | billing_deduct as deduct, every account with three open grants (priorities 30, 20, 10; expiring in 31-33 days) over its top-up"
 	"deduct_alerts   | deduct.sql         | deduct_13 deduct      | billing_deduct as deduct, every account with alert thresholds (billing_alerts_set: low_balance 1.00, quota_percents 80, 90, 100, grant_expiring 3 days) that no charge crosses"
@@ -370,14 +369,6 @@ setup_deduct_alerts() {
 
 setup_deduct_worker() { worker_on; }
 teardown_deduct_worker() { worker_off "$label"; }
-setup_deduct_worker_whole() {
-	sql -c "ALTER SYSTEM SET billing.sync_deltas = off" >/dev/null # worker_on reloads
-	worker_on
-}
-teardown_deduct_worker_whole() {
-	worker_off "$label"
-	sql -c "ALTER SYSTEM RESET billing.sync_deltas" -c "SELECT pg_reload_conf()" >/dev/null
-}
 
 # The lag run: the worker on, and a sampler of billing_sync_status() every
 # 0.2 s.  recent_lag_p50/p99_ms are over the worker's last 1,024 account

@@ -10,22 +10,12 @@
 -- ARGV[2]      mode: 0 = apply only if newer than the stored version,
 --              1 = always (a repair), 2 = apply unless the stored version is
 --              newer (a refresh: the same version again, with what expired
---              since left out), 3 = a delta (below)
+--              since left out)
 -- ARGV[3..]    field, value pairs; the script writes `version` itself (a
 --              `version` pair is allowed only if equal to ARGV[1])
 --
--- Mode 3, a delta: ARGV[3] is the base version (integer, <= ARGV[1]) and
--- the pairs from ARGV[4] on are the fields that changed since the snapshot
--- of the base version that this caller applied.  It is applied only if the
--- hash holds exactly the base version: HSET of those fields and the new
--- version, nothing deleted (a caller sends a delta only when the snapshot
--- names the same fields as the base one).  Returns 2 when the hash holds
--- another version or none: nothing is changed, and the caller sends the
--- whole snapshot instead.
---
 -- Returns 0 if stale (not applied: mode 0 and stored version >= ARGV[1], or
--- mode 2 and stored version > ARGV[1]; the hash is not changed), 2 for a
--- delta whose base is not stored, else 1:
+-- mode 2 and stored version > ARGV[1]; the hash is not changed), else 1:
 -- the hash is replaced.  Replacing is HSET of every
 -- field, and only when the hash then holds a field the snapshot does not
 -- name (a limit was removed) DEL + HSET: cheaper than rebuilding the hash on
@@ -59,10 +49,10 @@ local function int(s)
 	return n
 end
 
--- cmd key list[from or 1 ..] in commands of at most BATCH arguments (BATCH is even,
+-- cmd key list[1..] in commands of at most BATCH arguments (BATCH is even,
 -- so field/value pairs stay together)
-local function call_batched(cmd, key, list, from)
-	for i = from or 1, #list, BATCH do
+local function call_batched(cmd, key, list)
+	for i = 1, #list, BATCH do
 		redis.call(cmd, key, unpack(list, i, math.min(i + BATCH - 1, #list)))
 	end
 end
@@ -80,32 +70,19 @@ local function main()
 	local version = int(ARGV[1])
 	if not version or version < 0 then fail('BADARGS', 'version must be a non-negative integer') end
 	local mode = ARGV[2]
-	if mode ~= '0' and mode ~= '1' and mode ~= '2' and mode ~= '3' then
-		fail('BADARGS', 'mode must be 0, 1, 2 or 3')
-	end
-	local delta = mode == '3'
-	local first = 3 -- the first field name
-	local base
-	if delta then
-		if nargs < 3 then fail('BADARGS', 'a delta needs its base version') end
-		base = int(ARGV[3])
-		if not base or base < 0 or base > version then
-			fail('BADARGS', 'base version must be an integer from 0 to ARGV[1]')
-		end
-		first = 4
-	end
-	if (nargs - first + 1) % 2 ~= 0 then fail('BADARGS', 'odd number of field/value arguments') end
+	if mode ~= '0' and mode ~= '1' and mode ~= '2' then fail('BADARGS', 'mode must be 0, 1 or 2') end
+	if nargs % 2 ~= 0 then fail('BADARGS', 'odd number of field/value arguments') end
 	-- the distinct field names, `version` included: the hash must end up
-	-- with exactly these (a delta leaves the others as they are: no count)
+	-- with exactly these
 	local vstr = string.format('%.0f', version)
 	local seen = {version = true}
 	local nfields = 1
-	for i = first, nargs, 2 do
+	for i = 3, nargs, 2 do
 		local f = ARGV[i]
 		if f == 'version' then
 			if int(ARGV[i + 1]) ~= version then fail('BADARGS', 'field version differs from ARGV[1]') end
 			ARGV[i + 1] = vstr
-		elseif not delta and not seen[f] then
+		elseif not seen[f] then
 			seen[f] = true
 			nfields = nfields + 1
 		end
@@ -118,9 +95,7 @@ local function main()
 	if mode ~= '1' then
 		-- (a key of another type fails here, before any write)
 		stored = int(redis.call('HGET', hash, 'version'))
-		if delta then
-			if stored ~= base then return 2 end
-		elseif mode == '0' then
+		if mode == '0' then
 			stale = stored ~= nil and stored >= version
 		else
 			stale = stored ~= nil and stored > version
@@ -155,12 +130,7 @@ local function main()
 		end
 	end
 
-	if delta then
-		-- ARGV from 2 on becomes the HSET list: version, <version>, field, value, ...
-		ARGV[3] = vstr
-		ARGV[2] = 'version'
-		call_batched('HSET', hash, ARGV, 2)
-	elseif not stale then
+	if not stale then
 		-- ARGV becomes the HSET list: version, <version>, field, value, ...
 		ARGV[2] = vstr
 		ARGV[1] = 'version'

@@ -51,7 +51,6 @@ int			billing_maintenance_interval = 1000;
 int			billing_check_interval = 60;
 int			billing_purge_interval = 60;
 int			billing_sync_delay = 5;
-bool		billing_sync_deltas = true;
 char	   *billing_lua_dir = NULL;
 int			billing_events_retention = 7 * 24 * 3600;
 int			billing_events_maxlen = 1000;
@@ -171,11 +170,6 @@ define_settings(void)
 							"How long the worker gathers commits after a wake-up before pushing them in one batch.",
 							NULL, &billing_sync_delay, 5, 0, 1000,
 							PGC_SIGHUP, GUC_UNIT_MS, NULL, NULL, NULL);
-	DefineCustomBoolVariable("billing.sync_deltas",
-							 "Push only the fields of a tenant hash that changed since the worker's last push of it.",
-							 "Off: every push sends the whole snapshot.",
-							 &billing_sync_deltas, true,
-							 PGC_SIGHUP, 0, NULL, NULL, NULL);
 	DefineCustomIntVariable("billing.check_interval",
 							"How often the worker compares Redis with the database and repairs drift (0: never).",
 							NULL, &billing_check_interval, 60, 0, 86400,

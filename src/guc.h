@@ -39,7 +39,6 @@ extern int	billing_maintenance_interval;
 extern int	billing_check_interval;
 extern int	billing_purge_interval;
 extern int	billing_sync_delay;
-extern bool billing_sync_deltas;
 extern char *billing_lua_dir;
 
 /* the events' delivery (outbox.c) */

@@ -21,9 +21,6 @@
  *   has a marker of its own and wipes only its own tenants' hashes.
  * - A different Redis server process than before (INFO server run_id) may
  *   have lost everything: full resync.
- * - A push of a tenant whose hash the worker applied before sends only the
- *   fields that changed since, as a delta on the version it applied
- *   (billing.sync_deltas; see "Deltas" below).
  * - The consistency check compares a hash with its snapshot, field by
  *   field, allowing for a day or month that ended since the push.
  *
@@ -35,16 +32,13 @@
 #include "postgres.h"
 
 #include "citus.h"
-#include "common/hashfn.h"
 #include "guc.h"
 #include "miscadmin.h"
 #include "mirror.h"
-#include "port/pg_bitutils.h"
 #include "redis.h"
 #include "resp.h"
 #include "storage/fd.h"
 #include "utils/builtins.h"
-#include "utils/hsearch.h"
 #include "utils/memutils.h"
 #include "utils/timestamp.h"
 
@@ -85,170 +79,10 @@ static int64 wipe_limit;
 
 #define MAX_HASH_FIELDS	128		/* a hash the worker writes has fewer than 40 */
 
-/*
- * Deltas (billing.sync_deltas).  What the worker last applied to a tenant
- * hash, its version and fields, is kept for up to DELTA_TENANTS tenants.
- * The next push of such a tenant sends only the fields whose values
- * changed, as a delta on that version (lua/apply_snapshot.lua, mode 3):
- * Redis applies it only if the hash holds exactly that version, else it
- * answers 2 and the whole snapshot follows in a second pipeline.  So a hash
- * that was deleted, flushed, restored, repaired or pushed by anyone else
- * since gets the whole snapshot.
- *
- * A version's fields may change without a new version (a refresh: credit
- * that expired since), so an entry is made invalid before its tenant is
- * pushed, and valid again, with the fields pushed, only when Redis answered
- * that it applied them: after a lost reply the next push is whole.  The
- * fields the snapshot names must be the same as the entry's (a limit set
- * or removed, a hold opened or closed changes them): else the push is
- * whole, which removes the fields that went.  The table is emptied when
- * it is full, at every connect and before every full resync.
- *
- * A field changed in Redis by hand, without a new version, stays until a
- * whole push of the tenant: the consistency check (billing.check_interval)
- * finds it and repairs it.
- */
-typedef struct Pushed
-{
-	char	   *tenant;			/* the key: a copy in delta_cxt */
-	int64		version;		/* -1: invalid, push whole */
-	int			nfields;
-	char	  **fields;			/* field/value strings, one chunk in delta_cxt */
-} Pushed;
-
-#define DELTA_TENANTS	10000
-
-static HTAB *delta_tab = NULL;
-static MemoryContext delta_cxt = NULL;
-
-/*
- * The apply_snapshot.lua of billing.lua_dir refused mode 3 (one older than
- * this library): whole pushes until the next connect reads it again.
- */
-static bool script_lacks_deltas = false;
-
-static uint32
-pushed_hash(const void *key, Size keysize)
-{
-	const char *s = *(char *const *) key;
-
-	return string_hash(s, strlen(s) + 1);
-}
-
-static int
-pushed_match(const void *key1, const void *key2, Size keysize)
-{
-	return strcmp(*(char *const *) key1, *(char *const *) key2);
-}
-
-static uint64 delta_generation = 0;	/* emptied this often: entries freed */
-
-/* forget every tenant: their next pushes are whole */
-static void
-forget_pushed(void)
-{
-	if (delta_cxt != NULL)
-		MemoryContextReset(delta_cxt);
-	delta_tab = NULL;
-	delta_generation++;
-}
-
-static Pushed *
-find_pushed(const char *tenant)
-{
-	if (delta_tab == NULL)
-		return NULL;
-	return hash_search(delta_tab, &tenant, HASH_FIND, NULL);
-}
-
-/*
- * Redis applied snapshot s (a tenant hash): its next push may be a delta.
- * e is its entry as found before the push (NULL: none), still there unless
- * the table was emptied since generation gen.
- */
-static void
-remember_pushed(SyncSnap *s, Pushed *e, uint64 gen)
-{
-	Size		size = sizeof(char *) * s->nfields;
-	size_t		len[MAX_HASH_FIELDS];
-	char	   *p;
-
-	if (s->nfields > MAX_HASH_FIELDS)
-		return;					/* (never: no delta for it) */
-	if (e == NULL || gen != delta_generation)
-	{
-		bool		found;
-
-		if (delta_cxt == NULL)
-			delta_cxt = AllocSetContextCreate(TopMemoryContext, "billing mirror deltas",
-											  ALLOCSET_DEFAULT_SIZES);
-		if (delta_tab != NULL && hash_get_num_entries(delta_tab) >= DELTA_TENANTS &&
-			find_pushed(s->tenant) == NULL)
-			forget_pushed();
-		if (delta_tab == NULL)
-		{
-			HASHCTL		info;
-
-			info.keysize = sizeof(char *);
-			info.entrysize = sizeof(Pushed);
-			info.hash = pushed_hash;
-			info.match = pushed_match;
-			info.hcxt = delta_cxt;
-			delta_tab = hash_create("billing mirror deltas", 1024, &info,
-									HASH_ELEM | HASH_FUNCTION | HASH_COMPARE | HASH_CONTEXT);
-		}
-		e = hash_search(delta_tab, &s->tenant, HASH_ENTER, &found);
-		if (!found)
-		{
-			e->tenant = MemoryContextStrdup(delta_cxt, s->tenant);
-			e->fields = NULL;
-		}
-	}
-	e->version = -1;
-	if (e->fields != NULL)
-		pfree(e->fields);
-	e->fields = NULL;
-	for (int f = 0; f < s->nfields; f++)
-		size += (len[f] = strlen(s->fields[f]) + 1);
-	e->fields = MemoryContextAlloc(delta_cxt, size);
-	p = (char *) (e->fields + s->nfields);
-	for (int f = 0; f < s->nfields; f++)
-	{
-		memcpy(p, s->fields[f], len[f]);
-		e->fields[f] = p;
-		p += len[f];
-	}
-	e->nfields = s->nfields;
-	e->version = s->version;
-}
-
-/*
- * Can a push of s in this mode be a delta on entry e (NULL: none)?  Then
- * *changed has a bit per field/value pair whose value changed.
- */
-static bool
-delta_ok(Pushed *e, SyncSnap *s, MirrorApply mode, uint64 *changed)
-{
-	*changed = 0;
-	if (e == NULL || !billing_sync_deltas || script_lacks_deltas || mode == APPLY_FORCE || e->version < 0 ||
-		e->nfields != s->nfields || s->nfields > 128 ||
-		(mode == APPLY_NEWER ? s->version <= e->version : s->version < e->version))
-		return false;
-	for (int f = 0; f < s->nfields; f += 2)
-	{
-		if (strcmp(e->fields[f], s->fields[f]) != 0)
-			return false;
-		if (strcmp(e->fields[f + 1], s->fields[f + 1]) != 0)
-			*changed |= UINT64CONST(1) << (f / 2);
-	}
-	return true;
-}
-
 void
 mirror_request_resync(void)
 {
 	full_resync = true;
-	forget_pushed();
 }
 
 bool
@@ -269,7 +103,7 @@ mirror_note_epoch(const char *now)
 	if (strcmp(now, epoch) != 0)
 	{
 		strlcpy(epoch, now, sizeof(epoch));
-		mirror_request_resync();
+		full_resync = true;
 	}
 }
 
@@ -417,8 +251,6 @@ mirror_connect(void)
 		pfree(purge);
 		return false;
 	}
-	forget_pushed();
-	script_lacks_deltas = false;
 	loaded = load_script(apply, apply_sha) && load_script(purge, purge_sha);
 	pfree(apply);
 	pfree(purge);
@@ -496,7 +328,7 @@ mirror_check_run_id(void)
 			ereport(LOG,
 					(errmsg("billing sync: Redis restarted (run_id %s, was %s): full resync",
 							now_id, run_id)));
-		mirror_request_resync();
+		full_resync = true;
 		strlcpy(run_id, now_id, sizeof(run_id));
 		LWLockAcquire(billing_sync->lock, LW_EXCLUSIVE);
 		strlcpy(billing_sync->redis_run_id, run_id, sizeof(billing_sync->redis_run_id));
@@ -531,7 +363,7 @@ mirror_check_marker(void)
 	if (gone && !full_resync)
 	{
 		ereport(LOG, (errmsg("billing sync: marker key %s is gone (FLUSHALL?): full resync", key)));
-		mirror_request_resync();
+		full_resync = true;
 	}
 	pfree(key);
 	return true;
@@ -767,68 +599,27 @@ tenant_error(const redisReply *r)
 		 (r->len >= 7 && strncmp(r->str, "BADARGS", 7) == 0));
 }
 
-/*
- * The EVALSHA of snapshot s, whole or (base not NULL) as a delta on base
- * with the field/value pairs whose bits are set in changed.
- */
-static void
-push_command(StringInfo buf, SyncSnap *s, MirrorApply mode, Pushed *base,
-			 uint64 changed)
+bool
+mirror_push(SyncSnap *snaps, int n, MirrorApply mode, char **errors)
 {
 	static const char *const pending[] = {":pending", ":pending_amt", ":pending_ver", ":pending_key"};
-	int			nkeys = s->key_id ? 1 : 5;
-	int			nargs = s->nfields;
+	int			nfailed = 0;
+	TimestampTz now;
 	char		version[MAXINT8LEN + 1];
-
-	if (base != NULL)
-		nargs = 1 + 2 * pg_popcount64(changed);	/* the base version, the pairs */
-	resp_head(buf, '*', 3 + nkeys + 2 + nargs);
-	resp_str(buf, "EVALSHA");
-	resp_bulk(buf, apply_sha, 40);
-	resp_str(buf, s->key_id ? "1" : "5");
-	resp_key(buf, s, "");
-	for (int k = 0; k < nkeys - 1; k++)
-		resp_key(buf, s, pending[k]);
-	(void) pg_lltoa(s->version, version);
-	resp_str(buf, version);
-	if (base != NULL)
-	{
-		resp_str(buf, "3");
-		(void) pg_lltoa(base->version, version);
-		resp_str(buf, version);
-		for (int f = 0; f < s->nfields; f += 2)
-			if (changed & (UINT64CONST(1) << (f / 2)))
-			{
-				resp_str(buf, s->fields[f]);
-				resp_str(buf, s->fields[f + 1]);
-			}
-		return;
-	}
-	resp_str(buf, mode == APPLY_FORCE ? "1" : mode == APPLY_REFRESH ? "2" : "0");
-	for (int f = 0; f < s->nfields; f++)
-		resp_str(buf, s->fields[f]);
-}
-
-/*
- * One pipeline: the snapshots snaps[which[0..n-1]].  entry[k] is snapshot
- * k's entry of the deltas' table (NULL: none) as of generation gen; it is
- * pushed as a delta on it if delta is not NULL and delta[k] says so, else
- * whole.  Sets errors[k] for a tenant's own errors; adds the deltas Redis
- * refused (answer 2: the hash holds another version) to again[*nagain].
- * False: Redis failed.
- */
-static bool
-push_pipeline(SyncSnap *snaps, const int *which, int n, MirrorApply mode,
-			  Pushed **entry, uint64 gen, const bool *delta, const uint64 *changed,
-			  char **errors, int *again, int *nagain)
-{
 	StringInfoData buf;
 
+	if (n == 0)
+		return true;
+	if (!mirror_connected())
+		return false;
 	initStringInfo(&buf);
 	redis_begin("EVALSHA");
 	for (int i = 0; i < n; i++)
 	{
-		int			k = which[i];
+		SyncSnap   *s = &snaps[i];
+		int			nkeys = s->key_id ? 1 : 5;
+
+		errors[i] = NULL;
 
 		/* hand over about a megabyte at a time, whatever the batch size */
 		if (buf.len >= PUSH_CHUNK)
@@ -839,16 +630,18 @@ push_pipeline(SyncSnap *snaps, const int *which, int n, MirrorApply mode,
 				return false;
 			}
 		}
-		if (delta && delta[k])
-			push_command(&buf, &snaps[k], mode, entry[k], changed[k]);
-		else
-			push_command(&buf, &snaps[k], mode, NULL, 0);
-		/*
-		 * whole next time, unless Redis answers that it applied this push
-		 * (entry[k] is gone if the table was emptied since)
-		 */
-		if (entry[k] != NULL && gen == delta_generation)
-			entry[k]->version = -1;
+		resp_head(&buf, '*', 3 + nkeys + 2 + s->nfields);
+		resp_str(&buf, "EVALSHA");
+		resp_bulk(&buf, apply_sha, 40);
+		resp_str(&buf, s->key_id ? "1" : "5");
+		resp_key(&buf, s, "");
+		for (int k = 0; k < nkeys - 1; k++)
+			resp_key(&buf, s, pending[k]);
+		(void) pg_lltoa(s->version, version);
+		resp_str(&buf, version);
+		resp_str(&buf, mode == APPLY_FORCE ? "1" : mode == APPLY_REFRESH ? "2" : "0");
+		for (int f = 0; f < s->nfields; f++)
+			resp_str(&buf, s->fields[f]);
 	}
 	/* the deadline counts every command of the pipeline */
 	if (!redis_send(&buf, n))
@@ -860,9 +653,7 @@ push_pipeline(SyncSnap *snaps, const int *which, int n, MirrorApply mode,
 
 	for (int i = 0; i < n; i++)
 	{
-		int			k = which[i];
 		redisReply *r = redis_receive();
-		int64		answer;
 
 		if (r == NULL)
 			return false;
@@ -872,77 +663,14 @@ push_pipeline(SyncSnap *snaps, const int *which, int n, MirrorApply mode,
 
 			redis_reply_text(r, err, sizeof(err));
 			redis_free(r);
-			if (delta && delta[k])
-			{
-				/* a delta refused: the whole snapshot says what is wrong */
-				if (strncmp(err, "BADARGS mode", 12) == 0 && !script_lacks_deltas)
-				{
-					script_lacks_deltas = true;
-					ereport(LOG,
-							(errmsg("billing sync: the apply_snapshot.lua loaded takes no deltas (%s): whole pushes until the next connect",
-									err),
-							 errhint("Install the apply_snapshot.lua of this version of billing in billing.lua_dir.")));
-				}
-				again[(*nagain)++] = k;
-			}
-			else
-				errors[k] = pstrdup(err);
+			errors[i] = pstrdup(err);
+			nfailed++;
 			continue;
 		}
 		if (r->type != REDIS_REPLY_INTEGER)
 			return redis_unexpected(r, "EVALSHA of apply_snapshot.lua");
-		answer = r->integer;
 		redis_free(r);
-		if (answer == 2 && delta && delta[k])
-			again[(*nagain)++] = k;
-		else if (answer == 1 && snaps[k].key_id == NULL && billing_sync_deltas)
-			remember_pushed(&snaps[k], entry[k], gen);
 	}
-	return true;
-}
-
-bool
-mirror_push(SyncSnap *snaps, int n, MirrorApply mode, char **errors)
-{
-	int			nfailed = 0;
-	TimestampTz now;
-	int		   *which;
-	Pushed	  **entry;
-	bool	   *delta;
-	uint64	   *changed;
-	int			nagain = 0;
-	uint64		gen = delta_generation;
-	bool		ok;
-
-	if (n == 0)
-		return true;
-	if (!mirror_connected())
-		return false;
-	which = palloc(sizeof(int) * n);
-	entry = palloc(sizeof(Pushed *) * n);
-	delta = palloc(sizeof(bool) * n);
-	changed = palloc(sizeof(uint64) * n);
-	for (int i = 0; i < n; i++)
-	{
-		which[i] = i;
-		entry[i] = snaps[i].key_id ? NULL : find_pushed(snaps[i].tenant);
-		delta[i] = delta_ok(entry[i], &snaps[i], mode, &changed[i]);
-		errors[i] = NULL;
-	}
-	/* then the deltas Redis refused, whole (which[] is free by then) */
-	ok = push_pipeline(snaps, which, n, mode, entry, gen, delta, changed, errors, which, &nagain) &&
-		(nagain == 0 ||
-		 push_pipeline(snaps, which, nagain, mode, entry, gen, NULL, NULL, errors, NULL, NULL));
-	pfree(which);
-	pfree(entry);
-	pfree(delta);
-	pfree(changed);
-	if (!ok)
-		return false;
-
-	for (int i = 0; i < n; i++)
-		if (errors[i])
-			nfailed++;
 
 	/* statistics: commit -> Redis lag of every tenant we knew the commit of */
 	now = GetCurrentTimestamp();

@@ -212,49 +212,6 @@ note 'apply_snapshot.lua';
 	check('apply refresh: unchanged by the stale one', 'available=2 status=active version=10', hash_sorted($K[0]));
 }
 
-note 'apply_snapshot.lua: deltas (mode 3)';
-{
-	my @K = K('D');
-	snap_basic('D', 10, 100 * $M, max_charge => 5 * $M);
-	my $whole = hash_sorted($K[0]);
-	# mode 3: ARGV[3] is the base version, then only the pairs that changed
-	check('delta: applied on its base version (1)', 1, apply_t('D', 11, 3, 10, available => 99 * $M, balance => 99 * $M));
-	my $want = $whole =~ s/available=100000000/available=99000000/r =~ s/balance=100000000/balance=99000000/r
-		=~ s/version=10/version=11/r;
-	check('delta: the pairs and the version replaced, every other field kept', $want, hash_sorted($K[0]));
-	check('delta: the same version again (a refresh) on that base (1)', 1, apply_t('D', 11, 3, 11, available => 98 * $M));
-	check('delta: only its version: still applied (1)', 1, apply_t('D', 12, 3, 11));
-	check('delta: version 12 stored', 12, hget($K[0], 'version'));
-	check('delta: on a base the hash does not hold (2)', 2, apply_t('D', 14, 3, 13, available => 1));
-	check('delta: on an older base (2)', 2, apply_t('D', 14, 3, 11, available => 1));
-	check('delta: refused changes nothing', '12 98000000', hmget($K[0], qw(version available)));
-	check('delta: on a hash that does not exist (2)', 2, apply_t('DX', 5, 3, 4, available => 1));
-	check('delta: refused creates nothing', 0, rc('EXISTS', K('DX')));
-	check('delta: an API key hash takes deltas too (1)', 1,
-		apply_h(kh('D', 'k1'), 1, 0, status => 'active', spent => 0));
-	check('delta: key hash delta applied (1)', 1, apply_h(kh('D', 'k1'), 2, 3, 1, spent => 7));
-	check('delta: key hash after it', 'spent=7 status=active version=2', hash_sorted(kh('D', 'k1')));
-	check('delta: a version pair equal to ARGV[1] is accepted (1)', 1,
-		apply_t('D', 13, 3, 12, version => 13, available => 97 * $M));
-	check_err('delta BADARGS: base above the version', 'BADARGS', apply_t('D', 14, 3, 15, available => 1));
-	check_err('delta BADARGS: base not an integer', 'BADARGS', apply_t('D', 14, 3, 'x', available => 1));
-	check_err('delta BADARGS: no base', 'BADARGS', apply_t('D', 14, 3));
-	check_err('delta BADARGS: odd field/value count', 'BADARGS', apply_t('D', 14, 3, 13, 'available'));
-	check_err('delta BADARGS: version pair differs', 'BADARGS', apply_t('D', 14, 3, 13, version => 15));
-	check('delta: bad arguments changed nothing', '13 97000000', hmget($K[0], qw(version available)));
-	rc('SET', "$P:{DW}", 'x');
-	check_err('delta: a key of another type is WRONGTYPE', 'WRONGTYPE', apply_t('DW', 2, 3, 1, available => 1));
-	check('delta: the other key is unchanged', 'x', rc('GET', "$P:{DW}"));
-
-	# pruning: like a whole push, a delta removes what settled up to its version
-	check('delta prune: reserve d1', '["OK",96000000]', charge('D', 'd1', $M, $T0, 60000));
-	check('delta prune: settle d1 at version 14', 1, settle('D', 'd1', 14));
-	check('delta prune: refused (2) prunes nothing', 2, apply_t('D', 15, 3, 14, available => 96 * $M));
-	check('delta prune: d1 still there', 'd1=1000000/14/-', pending('D'));
-	check('delta prune: applied at 14', 1, apply_t('D', 14, 3, 13, available => 96 * $M));
-	check('delta prune: d1 (settled 14) removed', '', pending('D'));
-}
-
 note 'apply_snapshot.lua: pruning settled reservations';
 {
 	my @K = K('P');
