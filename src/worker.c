@@ -115,6 +115,16 @@ static List *retry_tenants = NIL;
 static TimestampTz retry_at = 0;
 
 /*
+ * Their log lines: at most RETRY_LOG_MAX per RETRY_MS, then one line that
+ * counts the rest (a Redis that fails every tenant's push must not fill the
+ * server's log; billing_sync_status().last_error has the latest).
+ */
+#define RETRY_LOG_MAX	10
+static TimestampTz retry_log_from = 0;
+static int	retry_logged = 0;
+static int64 retry_unlogged = 0;
+
+/*
  * Tenants with more key hashes to push than a batch takes (SyncWant), in
  * TopMemoryContext: one of them goes into each batch, round-robin.
  */
@@ -240,6 +250,24 @@ redis_healthy(void)
  * ---------------------------------------------------------------------
  */
 
+/* a new window of retry_later's log lines when the last one ended: the count of the rest */
+static void
+retry_log_window(TimestampTz now)
+{
+	if (now < TimestampTzPlusMilliseconds(retry_log_from, RETRY_MS))
+		return;
+	if (retry_unlogged > 0)
+		ereport(LOG,
+				(errmsg("billing sync: could not push " INT64_FORMAT " more tenant snapshots in the last %d s",
+						retry_unlogged, RETRY_MS / 1000),
+				 errdetail("At most %d such failures are logged one by one every %d s.",
+						   RETRY_LOG_MAX, RETRY_MS / 1000),
+				 errhint("billing_sync_status().last_error shows the latest.")));
+	retry_log_from = now;
+	retry_logged = 0;
+	retry_unlogged = 0;
+}
+
 /* Remember a tenant whose push failed on its own (see retry_tenants). */
 static void
 retry_later(const char *tenant, const char *why)
@@ -251,12 +279,19 @@ retry_later(const char *tenant, const char *why)
 		if (strcmp(lfirst(lc), tenant) == 0)
 			return;
 	billing_sync_record_error("push failed for tenant %s: %s", tenant, why);
-	ereport(LOG,
-			(errmsg("billing sync: could not push the snapshot of tenant \"%s\": %s",
-					tenant, why),
-			 errdetail("The other tenants are pushed; this one is tried again every %d s.",
-					   RETRY_MS / 1000),
-			 errhint("A Redis key of that tenant of another type (they must be hashes and a sorted set), or an account whose snapshot cannot be built (see the message).")));
+	retry_log_window(GetCurrentTimestamp());
+	if (retry_logged >= RETRY_LOG_MAX)
+		retry_unlogged++;
+	else
+	{
+		retry_logged++;
+		ereport(LOG,
+				(errmsg("billing sync: could not push the snapshot of tenant \"%s\": %s",
+						tenant, why),
+				 errdetail("The other tenants are pushed; this one is tried again every %d s.",
+						   RETRY_MS / 1000),
+				 errhint("A Redis key of that tenant of another type (they must be hashes and a sorted set), or an account whose snapshot cannot be built (see the message).")));
+	}
 	if (list_length(retry_tenants) >= RETRY_MAX)
 		return;					/* the periodic check will repair it */
 	old = MemoryContextSwitchTo(TopMemoryContext);
@@ -272,6 +307,8 @@ retry_due(TimestampTz now)
 {
 	ListCell   *lc;
 
+	if (retry_unlogged > 0)
+		retry_log_window(now);	/* the count, even if nothing fails any more */
 	if (retry_tenants == NIL || now < retry_at)
 		return;
 	LWLockAcquire(billing_sync->lock, LW_EXCLUSIVE);

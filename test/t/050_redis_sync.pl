@@ -596,6 +596,26 @@ is($redis->cli('GET', 'billing:{s12-bad}'), 'junk', '12: the bad key is left as 
 $redis->cli('DEL', 'billing:{s12-bad}');
 converges('12: once the key is removed the tenant is pushed again (retried every 5 s)');
 
+# many tenants fail (a gateway that writes a wrong key everywhere, a hostile
+# Redis): at most 10 lines per 5 s name a tenant, then one line counts the rest
+{
+	my $n = 40;
+	sql("SELECT count(*) FROM generate_series(1, $n) i, LATERAL billing_account_create('s12m-' || i)");
+	converges("12b: $n more tenants mirrored");
+	$redis->cli('SET', "billing:{s12m-$_}:pending", 'junk') for 1 .. $n;
+	my $off = BillingTest::log_size($node);
+	my $t0 = time;
+	sql("SELECT count(*) FROM generate_series(1, $n) i, LATERAL billing_credit('s12m-' || i, 1, 's12m-c' || i)");
+	ok(wait_for(120, sub { log_count($off, qr/could not push \d+ more tenant snapshots in the last 5 s/) >= 1 }),
+		'12b: a line counts the failures beyond the first 10');
+	my $windows = int((time - $t0) / 5) + 2;    # the 5 s windows the wait overlapped, at most
+	my $named = log_count($off, qr/could not push the snapshot of tenant "s12m-/);
+	ok($named >= 10 && $named <= 10 * $windows,
+		"12b: at most 10 lines per 5 s name a tenant ($named in at most $windows windows, not $n)");
+	$redis->cli('DEL', "billing:{s12m-$_}:pending") for 1 .. $n;
+	converges('12b: once the keys are removed every tenant is pushed again');
+}
+
 # ---------------------------------------------------------------------------
 # 13. an account locked by a long transaction, with a due hold, does not
 #     stall the mirror (the worker's maintenance skips it)
