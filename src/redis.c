@@ -499,6 +499,7 @@ redis_close(const char *fmt,...)
 	if (wait_set != NULL)
 		FreeWaitEventSet(wait_set);
 	wait_set = NULL;
+	wait_set_events = 0;
 	if (ctx != NULL)
 		redisFree(ctx);
 	ctx = NULL;
@@ -597,9 +598,21 @@ wait_connection(int events, long timeout_ms)
 
 	if (wait_set == NULL)
 	{
-		wait_set = billing_create_wait_event_set(2);
-		AddWaitEventToSet(wait_set, events, ctx->fd, NULL, NULL);
-		AddWaitEventToSet(wait_set, WL_EXIT_ON_PM_DEATH, PGINVALID_SOCKET, NULL, NULL);
+		/* published only whole: an error (EMFILE) leaves none, not half of one */
+		WaitEventSet *set = billing_create_wait_event_set(2);
+
+		PG_TRY();
+		{
+			AddWaitEventToSet(set, events, ctx->fd, NULL, NULL);
+			AddWaitEventToSet(set, WL_EXIT_ON_PM_DEATH, PGINVALID_SOCKET, NULL, NULL);
+		}
+		PG_CATCH();
+		{
+			FreeWaitEventSet(set);
+			PG_RE_THROW();
+		}
+		PG_END_TRY();
+		wait_set = set;
 		wait_set_events = events;
 	}
 	else if (events != wait_set_events)

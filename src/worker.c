@@ -1799,9 +1799,16 @@ billing_worker_main(Datum arg)
 			FlushErrorState();
 			AbortCurrentTransaction();
 			redis_free_all();
-			/* replies not read (a cancel while waiting): out of step, close */
+			/*
+			 * replies not read (a cancel while waiting): out of step, close;
+			 * so too a connection the error caught half set up (in the
+			 * middle of the connect, the AUTH, SELECT or the scripts' load):
+			 * the next redis_open() would take it as ready
+			 */
 			if (redis_replies_owed())
 				redis_close("an error while replies were owed: %s", edata->message);
+			else if (redis_is_open() && !mirror_connected())
+				redis_close("an error while connecting: %s", edata->message);
 			billing_sync_record_error("database: %s", edata->message);
 			ereport(LOG, (errmsg("billing sync: %s", edata->message)));
 			FreeErrorData(edata);
