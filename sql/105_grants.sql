@@ -226,6 +226,19 @@ SELECT balance_after FROM billing_deduct('gr-i', 0.1, 'gr-i-c1');
 SELECT trace_id, remaining, reserved, status FROM pg_temp.buckets('gr-i') WHERE trace_id IN ('gr-i-a', 'gr-i-1');
 SELECT count(*) AS problems FROM billing_verify('gr-i');
 
+-- A grant that only repays debt opens no bucket: the 64 open ones do not
+-- stop it.  64 grants a hold reserved in full, then a charge into the
+-- credit limit: 5.00 of debt.  6.00 would leave 1.00 in a 65th bucket.
+SELECT tenant_id FROM billing_account_create('gr-debt', credit_limit => 10);
+SELECT count(*) FROM (SELECT billing_grant('gr-debt', 1, 'gr-debt-' || g) FROM generate_series(1, 64) g) x;
+SELECT status FROM billing_hold('gr-debt', 64, 'gr-debt-h');
+SELECT balance_after FROM billing_deduct('gr-debt', 5, 'gr-debt-c1');
+SELECT regress_error($$SELECT billing_grant('gr-debt', 6, 'gr-debt-65')$$);
+SELECT granted, amount FROM billing_grant('gr-debt', 5, 'gr-debt-repay');
+SELECT billing_balance('gr-debt') AS balance, (SELECT count(*) FROM pg_temp.buckets('gr-debt') WHERE status = 'open') AS open_grants;
+SELECT count(*) AS problems FROM billing_verify('gr-debt');
+SELECT status FROM billing_release('gr-debt', 'gr-debt-h', 'gr-debt-r');
+
 -- A hold that expires before its grant: its share comes back when the hold
 -- expires and expires with the grant, one entry dated at the grant's
 -- expiry.  Every reader leaves it out before anything is written.

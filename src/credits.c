@@ -305,6 +305,12 @@ billing_grant(PG_FUNCTION_ARGS)
 						   billing_format_micros(g.amount)),
 				 errhint("Closed is final: open a new account for this customer.")));
 
+	/* debt under the credit limit (a wallet below zero) is paid back first */
+	repaid = Min(g.amount, Max(0, -grants_wallet(&acc)));
+	bucket = g.amount - repaid;
+
+	/* only a grant that opens a bucket counts against the open ones */
+	if (bucket > 0)
 	{
 		int			open = 0;
 
@@ -319,10 +325,6 @@ billing_grant(PG_FUNCTION_ARGS)
 							   open, GRANTS_MAX_OPEN),
 					 errhint("Let some grants run out or expire, or top up the wallet with billing_credit().")));
 	}
-
-	/* debt under the credit limit (a wallet below zero) is paid back first */
-	repaid = Min(g.amount, Max(0, -grants_wallet(&acc)));
-	bucket = g.amount - repaid;
 	grant_id = direct_nextval("grant_id_seq");
 	if (bucket > 0)
 		grants_add_bucket(&acc, grant_id, bucket, g.priority,
