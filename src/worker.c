@@ -958,6 +958,7 @@ push_dirty(void)
 		SyncSnap   *snaps = NULL;
 		int			n;
 		int			nsnaps;
+		volatile bool pushed;
 
 		if (ConfigReloadPending)
 			(void) reload_config();
@@ -976,7 +977,18 @@ push_dirty(void)
 			PG_RE_THROW();
 		}
 		PG_END_TRY();
-		if (!push(snaps, nsnaps, APPLY_REFRESH))
+		/* an error in the push (a cancel while waiting on Redis): requeued too */
+		PG_TRY();
+		{
+			pushed = push(snaps, nsnaps, APPLY_REFRESH);
+		}
+		PG_CATCH();
+		{
+			requeue(wants, n);
+			PG_RE_THROW();
+		}
+		PG_END_TRY();
+		if (!pushed)
 		{
 			requeue(wants, n);
 			MemoryContextReset(cycle_cxt);

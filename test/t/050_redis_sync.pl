@@ -617,6 +617,47 @@ converges('12: once the key is removed the tenant is pushed again (retried every
 }
 
 # ---------------------------------------------------------------------------
+# 12c. a cancel while the worker waits for the replies of a push: the
+#      tenants of that batch are put back and pushed again (Redis holds the
+#      push with CLIENT PAUSE, injected by a proxy right before it)
+# ---------------------------------------------------------------------------
+note('12c. a cancel during a push');
+{
+	my $proxy_port = PostgreSQL::Test::Cluster::get_free_port();
+	my $trigger = "$W/inject";
+	my $plog = "$W/proxy.log";
+	my $proxy_out = '';
+	my $proxy = IPC::Run::start(
+		[ 'perl', "$repo/test/tools/redis_proxy.pl", '--port', $proxy_port,
+		  '--upstream', $redis->port, '--trigger', $trigger, '--log', $plog ],
+		'<', \undef, '>', \$proxy_out, '2>', \$proxy_out);
+	my $seen = sub { my ($what) = @_; return scalar(() = (-e $plog ? slurp_file($plog) : '') =~ /^$what/mg) };
+	ok(wait_for(60, sub { $seen->('listen') }), '12c: a proxy in front of Redis');
+	# no consistency check (it would repair what the cancel lost), and a
+	# command timeout longer than the pause
+	my $off = BillingTest::log_size($node);
+	sql("ALTER SYSTEM SET billing.check_interval = 0; ALTER SYSTEM SET billing.redis_command_timeout = 60000;
+	     ALTER SYSTEM SET billing.redis_port = $proxy_port; SELECT pg_reload_conf()");
+	ok(worker_saw_reload($off, 'billing.redis_port', $proxy_port), '12c: the worker pushes through the proxy');
+	BillingTest::write_atomic($trigger, "EVALSHA CLIENT PAUSE 10000 WRITE\n");
+	my $v = sql("SELECT version FROM billing_credit('s1', 1, 's12c-c1')");
+	ok(wait_for(120, sub { $seen->('inject CLIENT PAUSE 10000 WRITE before EVALSHA: \+OK') }),
+		'12c: Redis is paused right before the push of the credit');
+	is(sql('SELECT pg_cancel_backend(worker_pid) FROM billing_sync_status()'), 't',
+		'12c: the worker is cancelled while it waits for the replies');
+	ok(wait_for(120, sub { hash_is('billing:{s1}', 'version', $v) }),
+		"12c: the credit reaches Redis all the same (version $v): its batch was put back");
+	ok(log_count($off, qr/canceling statement due to user request/) >= 1, '12c: the cancel reached the worker');
+	$off = BillingTest::log_size($node);
+	sql("ALTER SYSTEM RESET billing.check_interval; ALTER SYSTEM RESET billing.redis_command_timeout;
+	     ALTER SYSTEM SET billing.redis_port = " . $redis->port . "; SELECT pg_reload_conf()");
+	ok(worker_saw_reload($off, 'billing.redis_port', $redis->port), '12c: the worker pushes to Redis directly again');
+	$proxy->signal('TERM');
+	$proxy->finish;
+	converges('12c: Redis equals the database');
+}
+
+# ---------------------------------------------------------------------------
 # 13. an account locked by a long transaction, with a due hold, does not
 #     stall the mirror (the worker's maintenance skips it)
 # ---------------------------------------------------------------------------
