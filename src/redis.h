@@ -2,7 +2,7 @@
  *
  * redis.h
  *	  The worker's Redis client: one connection, non-blocking I/O under
- *	  WaitLatchOrSocket with an overall deadline per command or pipeline,
+ *	  a wait set of its own with an overall deadline per command or pipeline,
  *	  replies parsed by hiredis into objects of our own making with
  *	  bounded sizes, AUTH (password or ACL user), TLS where the build has
  *	  it.

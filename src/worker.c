@@ -115,8 +115,9 @@ static List *retry_tenants = NIL;
 static TimestampTz retry_at = 0;
 
 /*
- * Their log lines: at most RETRY_LOG_MAX per RETRY_MS, then one line that
- * counts the rest (a Redis that fails every tenant's push must not fill the
+ * Their log lines: at most RETRY_LOG_MAX in a window of RETRY_MS (one
+ * starts at the first failure after the last one ended), then one line,
+ * when the window has ended, that counts the rest (a Redis that fails every tenant's push must not fill the
  * server's log; billing_sync_status().last_error has the latest).
  */
 #define RETRY_LOG_MAX	10
@@ -254,12 +255,13 @@ redis_healthy(void)
 static void
 retry_log_window(TimestampTz now)
 {
-	if (now < TimestampTzPlusMilliseconds(retry_log_from, RETRY_MS))
+	/* (a clock set back starts a window too) */
+	if (now >= retry_log_from && now < TimestampTzPlusMilliseconds(retry_log_from, RETRY_MS))
 		return;
 	if (retry_unlogged > 0)
 		ereport(LOG,
-				(errmsg("billing sync: could not push " INT64_FORMAT " more tenant snapshots in the last %d s",
-						retry_unlogged, RETRY_MS / 1000),
+				(errmsg("billing sync: could not push " INT64_FORMAT " more tenant snapshots since %s",
+						retry_unlogged, timestamptz_to_str(retry_log_from)),
 				 errdetail("At most %d such failures are logged one by one every %d s.",
 						   RETRY_LOG_MAX, RETRY_MS / 1000),
 				 errhint("billing_sync_status().last_error shows the latest.")));
@@ -307,8 +309,6 @@ retry_due(TimestampTz now)
 {
 	ListCell   *lc;
 
-	if (retry_unlogged > 0)
-		retry_log_window(now);	/* the count, even if nothing fails any more */
 	if (retry_tenants == NIL || now < retry_at)
 		return;
 	LWLockAcquire(billing_sync->lock, LW_EXCLUSIVE);
@@ -1699,14 +1699,17 @@ billing_worker_main(Datum arg)
 
 		/* everything a cycle allocates goes into cycle_cxt, reset below */
 		MemoryContextSwitchTo(cycle_cxt);
-		CHECK_FOR_INTERRUPTS();
 		if (ConfigReloadPending)
 			(void) reload_config();
 		busy = false;
 
 		now = GetCurrentTimestamp();
+		if (retry_unlogged > 0)
+			retry_log_window(now);	/* the count of the unlogged, connected or not */
 		PG_TRY();
 		{
+			/* a cancel between cycles is recovered from like one inside them */
+			CHECK_FOR_INTERRUPTS();
 			if (!installed &&
 				TimestampDifferenceExceeds(last_install_check, now, 1000))
 			{
