@@ -41,6 +41,7 @@ use warnings FATAL => 'all';
 use Carp;
 use File::Basename qw(dirname);
 use File::Spec;
+use IPC::Run ();
 use POSIX ();
 use PostgreSQL::Test::Cluster;
 use PostgreSQL::Test::Utils;
@@ -414,6 +415,35 @@ sub write_atomic
 	close $fh or croak "$f.tmp: $!";
 	rename "$f.tmp", $f or croak "$f: $!";
 	return;
+}
+
+=item BillingTest::redis_proxy(UPSTREAM_PORT, DIR)
+
+Start test/tools/redis_proxy.pl in front of the redis-server on
+UPSTREAM_PORT, its trigger and log files in DIR; wait until it listens.
+Returns a hash: port (where the worker connects), trigger (the file that
+arms an injection: write_atomic it "WORD COMMAND ..."), seen (a function:
+how many lines of its log start with a regex), and stop (a function).
+
+=cut
+
+sub redis_proxy
+{
+	my ($upstream, $dir) = @_;
+	my %p = (port => PostgreSQL::Test::Cluster::get_free_port(), trigger => "$dir/inject");
+	my $log = "$dir/proxy.log";
+	my $out = '';
+	my $h = IPC::Run::start(
+		[ 'perl', "$REPO/test/tools/redis_proxy.pl", '--port', $p{port},
+		  '--upstream', $upstream, '--trigger', $p{trigger}, '--log', $log ],
+		'<', \undef, '>', \$out, '2>', \$out);
+	$p{seen} = sub {
+		my ($what) = @_;
+		return scalar(() = (-e $log ? PostgreSQL::Test::Utils::slurp_file($log) : '') =~ /^$what/mg);
+	};
+	$p{stop} = sub { eval { $h->signal('TERM'); $h->finish; }; return; };
+	wait_until(60, sub { $p{seen}->('listen') }) or croak "redis_proxy.pl did not start: $out";
+	return \%p;
 }
 
 =item BillingTest::spawn(CODE), BillingTest::reap(PID), BillingTest::exited(PID)

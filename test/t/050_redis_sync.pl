@@ -623,16 +623,8 @@ converges('12: once the key is removed the tenant is pushed again (retried every
 # ---------------------------------------------------------------------------
 note('12c. a cancel during a push');
 {
-	my $proxy_port = PostgreSQL::Test::Cluster::get_free_port();
-	my $trigger = "$W/inject";
-	my $plog = "$W/proxy.log";
-	my $proxy_out = '';
-	my $proxy = IPC::Run::start(
-		[ 'perl', "$repo/test/tools/redis_proxy.pl", '--port', $proxy_port,
-		  '--upstream', $redis->port, '--trigger', $trigger, '--log', $plog ],
-		'<', \undef, '>', \$proxy_out, '2>', \$proxy_out);
-	my $seen = sub { my ($what) = @_; return scalar(() = (-e $plog ? slurp_file($plog) : '') =~ /^$what/mg) };
-	ok(wait_for(60, sub { $seen->('listen') }), '12c: a proxy in front of Redis');
+	my $proxy = BillingTest::redis_proxy($redis->port, $W);
+	my ($proxy_port, $trigger, $seen) = @$proxy{qw(port trigger seen)};
 	# no consistency check and no purge (the check would repair what the
 	# cancel lost), and a command timeout longer than the pause
 	my $off = BillingTest::log_size($node);
@@ -663,8 +655,7 @@ note('12c. a cancel during a push');
 	     ALTER SYSTEM RESET billing.redis_command_timeout;
 	     ALTER SYSTEM SET billing.redis_port = " . $redis->port . "; SELECT pg_reload_conf()");
 	ok(worker_saw_reload($off, 'billing.redis_port', $redis->port), '12c: the worker pushes to Redis directly again');
-	$proxy->signal('TERM');
-	$proxy->finish;
+	$proxy->{stop}->();
 	converges('12c: Redis equals the database');
 }
 

@@ -242,17 +242,10 @@ ok(wait_for(120, sub { watermark() =~ /^\d+ \d+$/ }), 'and the watermark is writ
 # it, as repeats; and the watermark stays gone (a worker killed now would
 # still see the loss).  The redelivery then sends every event in order.
 {
-	my $proxy_port = PostgreSQL::Test::Cluster::get_free_port();
-	my $trigger = "$W/inject";
-	my $plog = "$W/proxy.log";
-	my $proxy_out = '';
-	my $proxy = IPC::Run::start(
-		[ 'perl', "$BillingTest::REPO/test/tools/redis_proxy.pl", '--port', $proxy_port,
-		  '--upstream', $redis->port, '--trigger', $trigger, '--log', $plog ],
-		'<', \undef, '>', \$proxy_out, '2>', \$proxy_out);
-	my $seen = sub { my ($what) = @_; return scalar(() = (-e $plog ? slurp_file($plog) : '') =~ /^$what/mg) };
+	my $proxy = BillingTest::redis_proxy($redis->port, $W);
+	my ($proxy_port, $trigger, $seen) = @$proxy{qw(port trigger seen)};
 	my $connected = sub { (qv("SELECT connected FROM billing_sync_status()") // '') eq 't' };
-	ok(wait_for(60, sub { $seen->('listen') }), 'a proxy in front of Redis');
+	pass('a proxy in front of Redis');
 	sql("ALTER SYSTEM SET billing.redis_port = $proxy_port; SELECT pg_reload_conf()");
 	ok(wait_for(120, sub { $seen->('accept') > $seen->('close') && $connected->() }), 'the worker connects through it');
 	# FLUSHALL right before the worker's next WORD reaches Redis, which
@@ -306,8 +299,7 @@ ok(wait_for(120, sub { watermark() =~ /^\d+ \d+$/ }), 'and the watermark is writ
 	sql("ALTER SYSTEM RESET billing.redis_port; SELECT pg_reload_conf()");
 	ok(wait_for(120, sub { $seen->('accept') == $seen->('close') && $connected->() }),
 		'the worker goes back to Redis itself');
-	$proxy->signal('TERM');
-	$proxy->finish;
+	$proxy->{stop}->();
 }
 
 # a tenant set aside during a redelivery is owed its events: once its key
