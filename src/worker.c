@@ -116,9 +116,10 @@ static TimestampTz retry_at = 0;
 
 /*
  * Their log lines: at most RETRY_LOG_MAX in a window of RETRY_MS (one
- * starts at the first failure after the last one ended), then one line,
- * when the window has ended, that counts the rest (a Redis that fails every tenant's push must not fill the
- * server's log; billing_sync_status().last_error has the latest).
+ * starts at the first failure after the last one ended), then, when the
+ * window has ended, one line that counts the rest.  A Redis that fails
+ * every tenant's push must not fill the server's log;
+ * billing_sync_status().last_error has the latest.
  */
 #define RETRY_LOG_MAX	10
 static TimestampTz retry_log_from = 0;
@@ -251,7 +252,7 @@ redis_healthy(void)
  * ---------------------------------------------------------------------
  */
 
-/* a new window of retry_later's log lines when the last one ended: the count of the rest */
+/* a new window of retry_later's log lines once the last one ended; the count of its rest */
 static void
 retry_log_window(TimestampTz now)
 {
@@ -262,7 +263,7 @@ retry_log_window(TimestampTz now)
 		ereport(LOG,
 				(errmsg("billing sync: could not push " INT64_FORMAT " more tenant snapshots since %s",
 						retry_unlogged, timestamptz_to_str(retry_log_from)),
-				 errdetail("At most %d such failures are logged one by one every %d s.",
+				 errdetail("At most %d such failures are logged one by one in a window of %d s.",
 						   RETRY_LOG_MAX, RETRY_MS / 1000),
 				 errhint("billing_sync_status().last_error shows the latest.")));
 	retry_log_from = now;
