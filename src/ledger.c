@@ -375,12 +375,7 @@ key_get(Account *acc, KeyCache *kc, text *key_id, bool **charged)
 	return &kc->keys[kc->n++];
 }
 
-/*
- * ZB014 for a new entry or rejection whose trace id starts with "billing:":
- * those are billing's own (a grant's expiry).  Only new ones are refused,
- * and only once the schema has grants (1.4): a replay of an entry recorded
- * before with such an id still works.
- */
+/* ZB014's text, in cxt: check_same_request's and billing_check_own_trace's */
 static void
 own_trace_rejection(MemoryContext cxt, Rejection *r)
 {
@@ -391,6 +386,12 @@ own_trace_rejection(MemoryContext cxt, Rejection *r)
 	r->hint = MemoryContextStrdup(cxt, "Use another prefix.");
 }
 
+/*
+ * ZB014 for a new entry or rejection whose trace id starts with "billing:":
+ * those are billing's own (a grant's expiry).  Only new ones are refused,
+ * and only once the schema has grants (1.4): a replay of an entry recorded
+ * before with such an id still works.
+ */
 void
 billing_check_own_trace(Account *acc, text *trace_id)
 {
