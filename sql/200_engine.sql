@@ -69,6 +69,21 @@ BEGIN;
 SAVEPOINT s1;
 SELECT regress_error($$SELECT billing_charge('eng-a', 1, 'eng-a-8')$$);
 ROLLBACK;
+-- the transaction COMMIT AND CHAIN (or ROLLBACK AND CHAIN) starts is a block
+-- too, with a savepoint or without
+BEGIN;
+COMMIT AND CHAIN;
+SELECT regress_error($$SELECT billing_charge('eng-a', 1, 'eng-a-8')$$);
+SAVEPOINT s1;
+SELECT regress_error($$SELECT billing_charge('eng-a', 1, 'eng-a-8')$$);
+ROLLBACK AND CHAIN;
+SAVEPOINT s1;
+SELECT regress_error($$SELECT billing_charge('eng-a', 1, 'eng-a-8')$$);
+ROLLBACK;
+-- several statements in one query string are one transaction block, also
+-- for a function with an EXCEPTION clause (regress_error) in a later one
+SELECT 1 AS first \; SELECT regress_error($$SELECT billing_charge('eng-a', 1, 'eng-a-8')$$);
+SELECT 1 AS first \; DO $$BEGIN PERFORM billing_charge('eng-a', 1, 'eng-a-8'); EXCEPTION WHEN sqlstate 'ZB110' THEN RAISE NOTICE 'ZB110 in a DO block'; END$$;
 -- a PL/pgSQL block with an EXCEPTION clause in an autocommit statement is
 -- not a transaction block: regress_error() itself is one
 -- and in a transaction that has written: the engine could wait for its locks

@@ -32,6 +32,7 @@
 #include "catalog/pg_type.h"
 #include "citus.h"
 #include "commands/dbcommands.h"
+#include "executor/executor.h"
 #include "common/hashfn.h"
 #include "engine.h"
 #include "fmgr.h"
@@ -70,15 +71,20 @@ int			billing_engine_gather = 0;
 static shmem_request_hook_type prev_shmem_request_hook = NULL;
 static shmem_startup_hook_type prev_shmem_startup_hook = NULL;
 static ProcessUtility_hook_type prev_process_utility_hook = NULL;
+static ExecutorStart_hook_type prev_executor_start_hook = NULL;
 
 /*
- * This transaction was opened by BEGIN / START TRANSACTION.  In a
- * subtransaction (a savepoint, a PL/pgSQL block with an EXCEPTION clause)
- * IsTransactionBlock() is true whether or not the top level is a block, and
- * xact.c does not say which: so the BEGIN is seen here (ProcessUtility),
- * and forgotten when the transaction ends.
+ * The top level of this transaction is a transaction block: BEGIN / START
+ * TRANSACTION, the transaction COMMIT AND CHAIN started, or the implicit
+ * block of several statements in one query string.  In a subtransaction (a
+ * savepoint, a PL/pgSQL block with an EXCEPTION clause) IsTransactionBlock()
+ * is true whether or not the top level is a block, and xact.c does not say
+ * which.  Every statement starts at the top level, through ProcessUtility
+ * or ExecutorStart, before it can open a subtransaction: so the top level
+ * is looked at there (note_top_level) and remembered until the transaction
+ * ends.
  */
-static bool explicit_block = false;
+static bool top_level_block = false;
 
 /* how often a waiting caller looks whether its engine is alive */
 #define ENGINE_CHECK_MS			1000
@@ -144,24 +150,40 @@ engine_shmem_startup(void)
 	LWLockRelease(AddinShmemInitLock);
 }
 
+/* remember that the top level is a transaction block (top_level_block) */
+static inline void
+note_top_level(void)
+{
+	if (IsTransactionBlock() && !IsSubTransaction())
+		top_level_block = true;
+}
+
 static void
 engine_process_utility(PlannedStmt *pstmt, const char *queryString,
 					   bool readOnlyTree, ProcessUtilityContext context,
 					   ParamListInfo params, QueryEnvironment *queryEnv,
 					   DestReceiver *dest, QueryCompletion *qc)
 {
-	Node	   *stmt = pstmt->utilityStmt;
-
+	/* before: SAVEPOINT, DO or CALL in a block; after: BEGIN */
+	note_top_level();
 	if (prev_process_utility_hook)
 		prev_process_utility_hook(pstmt, queryString, readOnlyTree, context,
 								  params, queryEnv, dest, qc);
 	else
 		standard_ProcessUtility(pstmt, queryString, readOnlyTree, context,
 								params, queryEnv, dest, qc);
-	if (stmt && IsA(stmt, TransactionStmt) &&
-		(((TransactionStmt *) stmt)->kind == TRANS_STMT_BEGIN ||
-		 ((TransactionStmt *) stmt)->kind == TRANS_STMT_START))
-		explicit_block = true;
+	note_top_level();
+}
+
+static void
+engine_executor_start(QueryDesc *queryDesc, int eflags)
+{
+	/* a query of a block: it may call a function with an EXCEPTION clause */
+	note_top_level();
+	if (prev_executor_start_hook)
+		prev_executor_start_hook(queryDesc, eflags);
+	else
+		standard_ExecutorStart(queryDesc, eflags);
 }
 
 static void
@@ -170,7 +192,7 @@ engine_xact_callback(XactEvent event, void *arg)
 	if (event == XACT_EVENT_COMMIT || event == XACT_EVENT_ABORT ||
 		event == XACT_EVENT_PARALLEL_COMMIT || event == XACT_EVENT_PARALLEL_ABORT ||
 		event == XACT_EVENT_PREPARE)
-		explicit_block = false;
+		top_level_block = false;
 }
 
 void
@@ -180,6 +202,8 @@ billing_engine_init(void)
 		return;
 	prev_process_utility_hook = ProcessUtility_hook;
 	ProcessUtility_hook = engine_process_utility;
+	prev_executor_start_hook = ExecutorStart_hook;
+	ExecutorStart_hook = engine_executor_start;
 	RegisterXactCallback(engine_xact_callback, NULL);
 	prev_shmem_request_hook = shmem_request_hook;
 	shmem_request_hook = engine_shmem_request;
@@ -653,10 +677,12 @@ billing_charge(PG_FUNCTION_ARGS)
 				 errdetail("billing is not in shared_preload_libraries, so there are no engine workers; nothing was charged."),
 				 errhint("Add billing to shared_preload_libraries and restart, or use billing_deduct().")));
 	/*
-	 * A transaction block: BEGIN ... (also from a savepoint or an EXCEPTION
-	 * block in one), or several statements in one query string.
+	 * A transaction block: BEGIN ..., COMMIT AND CHAIN, or several
+	 * statements in one query string; also from a savepoint or an
+	 * EXCEPTION block in one.
 	 */
-	if (explicit_block || (IsTransactionBlock() && !IsSubTransaction()))
+	note_top_level();
+	if (top_level_block)
 		ereport(ERROR,
 				(errcode(ERRCODE_BILLING_ENGINE_IN_TRANSACTION),
 				 errmsg("billing_charge cannot run inside a transaction block"),
