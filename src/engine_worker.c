@@ -853,9 +853,16 @@ billing_engine_main(Datum arg)
 		}
 		if (!queued)
 		{
-			/* only charges of busy accounts: try again shortly */
+			/*
+			 * Only charges of busy accounts: try again shortly, about 20
+			 * times over billing.engine_lock_wait (every 1 ms at the
+			 * default 20 ms, at most every 100 ms), not every millisecond
+			 * of a long one.  A new charge wakes us at once, and takes
+			 * these along.
+			 */
 			(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
-							 1, PG_WAIT_EXTENSION);
+							 Min(Max(billing_engine_lock_wait / 20, 1), 100),
+							 PG_WAIT_EXTENSION);
 			ResetLatch(MyLatch);
 		}
 

@@ -165,6 +165,40 @@ ok(BillingTest::wait_until(120, sub { sql("SELECT count(*) FROM billing.entries 
 is(sql("SELECT replayed FROM billing_charge('k', 1, 'k-taken')"), 't', 'calling again with the same trace id replays it');
 $holder->close;
 
+note 'a charge put off behind a long lock is tried again about 20 times, not every millisecond';
+# With billing.engine_lock_wait = 2s the engine puts the charge off for 2 s
+# (the account is locked elsewhere), trying it again every 100 ms: about 20
+# deferrals, then it waits for the lock.  (It tried every millisecond: some
+# 2,000 short transactions.)  A busy machine only tries less often.
+sql("ALTER SYSTEM SET billing.engine_lock_wait = '2s'");
+sql('SELECT pg_reload_conf()');
+ok(BillingTest::wait_until(60, sub { sql('SHOW billing.engine_lock_wait') eq '2s' }),
+	'billing.engine_lock_wait is 2s (the engine, signalled before a new session sees it, reloads first)');
+my $deferrals0 = engine('deferrals');
+$holder = BillingTest::Session->new($node, $DB);
+$holder->call('BEGIN');
+is($holder->call("SELECT count(*) FROM billing_deduct('k', 1, 'k-holder-2')")->{status}, 'ok',
+	'another transaction holds the account');
+my $put_off = BillingTest::spawn(sub {
+	my $s = BillingTest::Session->new($node, $DB, timeout => 300);
+	my $r = $s->call("SELECT replayed FROM billing_charge('k', 1, 'k-put-off')");
+	PostgreSQL::Test::Utils::append_to_file("$dir/put-off-result", join(' ', $r->{status}, $r->{status} eq 'ok' ? $r->{rows}[0] : $r->{sqlstate} // ''));
+	$s->close;
+});
+ok(BillingTest::wait_until(180, sub {
+	my $pid = engine('pid');
+	$pid ne '' && sql("SELECT wait_event_type FROM pg_stat_activity WHERE pid = $pid") eq 'Lock' }),
+	'after putting the charge off, the engine waits for the lock');
+my $tries = engine('deferrals') - $deferrals0;
+ok($tries >= 1 && $tries <= 100, "it put the charge off $tries times in 2 s (at most 100)");
+is($holder->call('COMMIT')->{status}, 'ok', 'the other transaction commits');
+ok(BillingTest::wait_until(180, sub { defined BillingTest::exited($put_off) }), 'the caller is answered');
+is(slurp_file("$dir/put-off-result"), 'ok f', 'its charge is made');
+$holder->close;
+sql('ALTER SYSTEM RESET billing.engine_lock_wait');
+sql('SELECT pg_reload_conf()');
+ok(BillingTest::wait_until(60, sub { sql('SHOW billing.engine_lock_wait') eq '20ms' }), 'billing.engine_lock_wait is back to 20ms');
+
 note 'a statement that holds a lock the engine needs';
 # SELECT ... FROM billing.accounts, LATERAL billing_charge(...) holds a lock
 # on billing.accounts while it waits for the engine.  A LOCK TABLE queued
