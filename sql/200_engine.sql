@@ -84,6 +84,19 @@ ROLLBACK;
 -- for a function with an EXCEPTION clause (regress_error) in a later one
 SELECT 1 AS first \; SELECT regress_error($$SELECT billing_charge('eng-a', 1, 'eng-a-8')$$);
 SELECT 1 AS first \; DO $$BEGIN PERFORM billing_charge('eng-a', 1, 'eng-a-8'); EXCEPTION WHEN sqlstate 'ZB110' THEN RAISE NOTICE 'ZB110 in a DO block'; END$$;
+-- a block that failed ends at its ROLLBACK (or COMMIT) without a commit or
+-- an abort: the next autocommit call is in no block
+SELECT tenant_id FROM billing_account_create('eng-f');
+SELECT balance_after FROM billing_credit('eng-f', 10, 'eng-f-top-up');
+BEGIN;
+SELECT 1/0;
+ROLLBACK;
+SELECT amount, balance_after FROM billing_charge('eng-f', 1, 'eng-f-1');
+BEGIN;
+SAVEPOINT s1;
+SELECT 1/0;
+COMMIT;
+SELECT amount, balance_after FROM billing_charge('eng-f', 1, 'eng-f-2');
 -- a PL/pgSQL block with an EXCEPTION clause in an autocommit statement is
 -- not a transaction block: regress_error() itself is one
 -- and in a transaction that has written: the engine could wait for its locks

@@ -20,6 +20,7 @@
 #include "utils/acl.h"
 #include "nodes/readfuncs.h"
 #include "storage/latch.h"
+#include "storage/proc.h"
 #include "utils/memutils.h"
 #include "utils/rel.h"
 #if PG_VERSION_NUM >= 160000
@@ -183,6 +184,17 @@ billing_check_expr(Relation rel, int i)
 	return (Expr *) expand_generated_columns_in_expr(stringToNode(check->ccbin), rel, 1);
 #else
 	return (Expr *) stringToNode(check->ccbin);
+#endif
+}
+
+/* this backend's local transaction id (17 moved it into MyProc->vxid) */
+static inline LocalTransactionId
+billing_my_lxid(void)
+{
+#if PG_VERSION_NUM >= 170000
+	return MyProc->vxid.lxid;
+#else
+	return MyProc->lxid;
 #endif
 }
 

@@ -32,6 +32,7 @@
 #include "catalog/pg_type.h"
 #include "citus.h"
 #include "commands/dbcommands.h"
+#include "compat.h"
 #include "executor/executor.h"
 #include "common/hashfn.h"
 #include "engine.h"
@@ -81,10 +82,12 @@ static ExecutorStart_hook_type prev_executor_start_hook = NULL;
  * is true whether or not the top level is a block, and xact.c does not say
  * which.  Every statement starts at the top level, through ProcessUtility
  * or ExecutorStart, before it can open a subtransaction: so the top level
- * is looked at there (note_top_level) and remembered until the transaction
- * ends.
+ * is looked at there (note_top_level) and remembered with the transaction's
+ * local id.  Only a note of the current transaction counts: a block that
+ * failed ends without a commit or abort callback at its ROLLBACK (it was
+ * aborted at the error), which the hook saw as a block.
  */
-static bool top_level_block = false;
+static LocalTransactionId top_level_block_lxid = InvalidLocalTransactionId;
 
 /* how often a waiting caller looks whether its engine is alive */
 #define ENGINE_CHECK_MS			1000
@@ -93,6 +96,13 @@ static bool top_level_block = false;
 
 /* the slot this backend waits on (-1: none), for its exit callback */
 static int	my_slot = -1;
+
+/* a start of entry claimed_engine (generation claimed_generation) that we
+ * claimed and have not made yet (-1: none), for the error and exit paths */
+static int	claimed_engine = -1;
+static uint32 claimed_generation = 0;
+
+static void check_engine_deadlock(int engine_pid);
 static bool exit_callback_registered = false;
 
 /* ---------------------------------------------------------------------
@@ -150,12 +160,21 @@ engine_shmem_startup(void)
 	LWLockRelease(AddinShmemInitLock);
 }
 
-/* remember that the top level is a transaction block (top_level_block) */
+/* remember that the top level is a transaction block (top_level_block_lxid) */
 static inline void
 note_top_level(void)
 {
 	if (IsTransactionBlock() && !IsSubTransaction())
-		top_level_block = true;
+		top_level_block_lxid = billing_my_lxid();
+}
+
+/* the current transaction's top level is a block */
+static inline bool
+in_top_level_block(void)
+{
+	note_top_level();
+	return top_level_block_lxid != InvalidLocalTransactionId &&
+		top_level_block_lxid == billing_my_lxid();
 }
 
 static void
@@ -192,7 +211,7 @@ engine_xact_callback(XactEvent event, void *arg)
 	if (event == XACT_EVENT_COMMIT || event == XACT_EVENT_ABORT ||
 		event == XACT_EVENT_PARALLEL_COMMIT || event == XACT_EVENT_PARALLEL_ABORT ||
 		event == XACT_EVENT_PREPARE)
-		top_level_block = false;
+		top_level_block_lxid = InvalidLocalTransactionId;
 }
 
 void
@@ -334,6 +353,42 @@ engine_claim_start(int e, uint32 *generation)
 	return true;
 }
 
+/* engine_claim_start, remembering the claim until the start is made */
+static bool
+claim_start(int e, uint32 *generation)
+{
+	if (!engine_claim_start(e, generation))
+		return false;
+	claimed_engine = e;
+	claimed_generation = *generation;
+	return true;
+}
+
+/*
+ * A start we claimed and did not make (an error or a cancel came first, or
+ * the charge was refused with ZB112): the entry back to NONE and its queued
+ * callers woken to claim it again, instead of their waiting for
+ * ENGINE_START_TIMEOUT_MS to take it over.
+ */
+static void
+unclaim_start(void)
+{
+	int			e = claimed_engine;
+
+	claimed_engine = -1;
+	if (e < 0 || billing_engine == NULL)
+		return;
+	LWLockAcquire(billing_engine->lock, LW_EXCLUSIVE);
+	if (billing_engine->engines[e].generation == claimed_generation &&
+		billing_engine->engines[e].state == ENGINE_STARTING &&
+		billing_engine->engines[e].pid == 0)
+	{
+		billing_engine->engines[e].state = ENGINE_NONE;
+		engine_wake_queued(e);
+	}
+	LWLockRelease(billing_engine->lock);
+}
+
 /* ---------------------------------------------------------------------
  * slots
  * ---------------------------------------------------------------------
@@ -433,6 +488,7 @@ slot_withdraw(int i)
 static void
 engine_backend_exit(int code, Datum arg)
 {
+	unclaim_start();
 	if (my_slot >= 0 && billing_engine != NULL)
 	{
 		(void) slot_release(my_slot);
@@ -467,7 +523,26 @@ slot_acquire(void)
 		LWLockRelease(billing_engine->lock);
 		if (i >= 0)
 			break;
-		ConditionVariableSleep(&billing_engine->slot_freed, PG_WAIT_EXTENSION);
+		if (ConditionVariableTimedSleep(&billing_engine->slot_freed, ENGINE_CHECK_MS,
+										PG_WAIT_EXTENSION))
+		{
+			/*
+			 * No place for a second: is that because an engine of this
+			 * database waits for a lock we hold (check_engine_deadlock)?
+			 * Nothing is queued yet, so nothing is charged if so.
+			 */
+			int			pids[ENGINE_MAX];
+			int			n = 0;
+
+			LWLockAcquire(billing_engine->lock, LW_SHARED);
+			for (int e = 0; e < ENGINE_MAX; e++)
+				if (billing_engine->engines[e].database == MyDatabaseId &&
+					billing_engine->engines[e].state == ENGINE_RUNNING)
+					pids[n++] = billing_engine->engines[e].pid;
+			LWLockRelease(billing_engine->lock);
+			for (int k = 0; k < n; k++)
+				check_engine_deadlock(pids[k]);
+		}
 	}
 	ConditionVariableCancelSleep();
 	return i;
@@ -620,6 +695,29 @@ engine_waits_for_us(int engine_pid)
 	return found;
 }
 
+/*
+ * 40P01 when the engine (engine_pid, 0: none) waits, directly or not, for a
+ * lock this session holds, while we wait for it on our latch or for a place
+ * in its queue: a deadlock PostgreSQL's detector does not see.
+ */
+static void
+check_engine_deadlock(int engine_pid)
+{
+	int			blocker;
+
+	if (engine_pid == 0 || (blocker = engine_waits_for_us(engine_pid)) == 0)
+		return;
+	ereport(ERROR,
+			(errcode(ERRCODE_T_R_DEADLOCK_DETECTED),
+			 errmsg("billing_charge waits for the charge engine, which waits for a lock this session holds"),
+			 blocker == engine_pid ?
+			 errdetail("The engine worker (process %d) waits for a lock held by this session (process %d).",
+					   engine_pid, MyProcPid) :
+			 errdetail("The engine worker (process %d) waits for process %d, which waits, directly or not, for a lock held by this session (process %d).",
+					   engine_pid, blocker, MyProcPid),
+			 errhint("Call billing_charge in a statement that reads no billing table and holds no lock the engine needs, or use billing_deduct().")));
+}
+
 static void
 engine_unavailable(const char *why, const char *hint)
 {
@@ -681,8 +779,7 @@ billing_charge(PG_FUNCTION_ARGS)
 	 * statements in one query string; also from a savepoint or an
 	 * EXCEPTION block in one.
 	 */
-	note_top_level();
-	if (top_level_block)
+	if (in_top_level_block())
 		ereport(ERROR,
 				(errcode(ERRCODE_BILLING_ENGINE_IN_TRANSACTION),
 				 errmsg("billing_charge cannot run inside a transaction block"),
@@ -715,6 +812,12 @@ billing_charge(PG_FUNCTION_ARGS)
 			(void) billing_shard_relid(accounts, PointerGetDatum(tenant), false, &shardid);
 	}
 
+	/* a slot an error left us after our last answer came (out of memory) */
+	if (my_slot >= 0)
+	{
+		(void) slot_release(my_slot);
+		my_slot = -1;
+	}
 	i = slot_acquire();
 	slot = engine_slot(i);
 
@@ -768,7 +871,7 @@ billing_charge(PG_FUNCTION_ARGS)
 			info->tail = i;
 			info->queued++;
 			engine_latch = info->latch;
-			start = engine_claim_start(engine, &generation);
+			start = claim_start(engine, &generation);
 		}
 		LWLockRelease(billing_engine->lock);
 		if (engine < 0)
@@ -800,6 +903,7 @@ billing_charge(PG_FUNCTION_ARGS)
 					engine_unavailable("the engine worker stopped three times before it took the charge (see the server log)",
 									   "Check that the database accepts connections and the server log for the engine's errors, or use billing_deduct().");
 				}
+				claimed_engine = -1;	/* engine_start undoes its own failure */
 				if (!engine_start(engine, generation, &why) && slot_withdraw(i))
 				{
 					withdrawn = true;
@@ -818,33 +922,23 @@ billing_charge(PG_FUNCTION_ARGS)
 			{
 				/* is our engine alive?  (one that stops wakes us at once) */
 				int			engine_pid = 0;
-				int			blocker;
 
 				LWLockAcquire(billing_engine->lock, LW_EXCLUSIVE);
 				if (slot->state == SLOT_QUEUED)
-					start = engine_claim_start(engine, &generation);
+					start = claim_start(engine, &generation);
 				if (billing_engine->engines[engine].state == ENGINE_RUNNING)
 					engine_pid = billing_engine->engines[engine].pid;
 				LWLockRelease(billing_engine->lock);
 
-				/* a deadlock through our own locks (engine_waits_for_us) */
-				if (engine_pid != 0 && (blocker = engine_waits_for_us(engine_pid)) != 0)
-					ereport(ERROR,
-							(errcode(ERRCODE_T_R_DEADLOCK_DETECTED),
-							 errmsg("billing_charge waits for the charge engine, which waits for a lock this session holds"),
-							 blocker == engine_pid ?
-							 errdetail("The engine worker (process %d) waits for a lock held by this session (process %d).",
-									   engine_pid, MyProcPid) :
-							 errdetail("The engine worker (process %d) waits for process %d, which waits, directly or not, for a lock held by this session (process %d).",
-									   engine_pid, blocker, MyProcPid),
-							 errhint("Call billing_charge in a statement that reads no billing table and holds no lock the engine needs, or use billing_deduct().")));
+				/* a deadlock through our own locks */
+				check_engine_deadlock(engine_pid);
 			}
 			else
 			{
 				LWLockAcquire(billing_engine->lock, LW_EXCLUSIVE);
 				if (slot->state == SLOT_QUEUED &&
 					billing_engine->engines[engine].state == ENGINE_NONE)
-					start = engine_claim_start(engine, &generation);
+					start = claim_start(engine, &generation);
 				LWLockRelease(billing_engine->lock);
 			}
 			CHECK_FOR_INTERRUPTS();
@@ -854,6 +948,7 @@ billing_charge(PG_FUNCTION_ARGS)
 	{
 		const char *what = NULL;
 
+		unclaim_start();
 		if (!withdrawn)
 			what = ended_context(slot_release(i));
 		my_slot = -1;

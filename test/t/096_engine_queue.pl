@@ -153,11 +153,23 @@ my $holder = BillingTest::Session->new($node, $DB);
 $holder->call('BEGIN');
 is($holder->call("SELECT count(*) FROM billing_deduct('k', 1, 'k-holder')")->{status}, 'ok',
 	'another transaction holds the account');
-$caller = BillingTest::Session->new($node, $DB, timeout => 300);
-$caller->call("SET statement_timeout = '3s'");
-$r = $caller->call("SELECT replayed FROM billing_charge('k', 1, 'k-taken')");
-is($r->{sqlstate}, '57014', 'a caller whose charge the engine is applying is cancelled');
-like($r->{message}, qr/CONTEXT:\s+billing_charge: the charge engine was applying this charge when the call ended, so it may have been made; call billing_charge again with the same trace id/,
+# (cancelled once the engine waits for the lock: it has taken the charge)
+my $taken = BillingTest::spawn(sub {
+	my $s = BillingTest::Session->new($node, $DB, timeout => 300);
+	PostgreSQL::Test::Utils::append_to_file("$dir/taken-pid", $s->pid);
+	my $r = $s->call("SELECT replayed FROM billing_charge('k', 1, 'k-taken')");
+	PostgreSQL::Test::Utils::append_to_file("$dir/taken-result", join("\n", $r->{sqlstate} // '-', $r->{message} // ''));
+	$s->close;
+});
+ok(BillingTest::wait_until(180, sub {
+	my $pid = engine('pid');
+	-s "$dir/taken-pid" && $pid ne '' && sql("SELECT wait_event_type FROM pg_stat_activity WHERE pid = $pid") eq 'Lock' }),
+	'the engine has taken the charge and waits for the account');
+is(sql('SELECT pg_cancel_backend(' . slurp_file("$dir/taken-pid") . ')'), 't', 'the caller is cancelled');
+ok(BillingTest::wait_until(180, sub { defined BillingTest::exited($taken) }), 'and answered');
+my ($taken_state, $taken_message) = split /\n/, slurp_file("$dir/taken-result"), 2;
+is($taken_state, '57014', 'a caller whose charge the engine is applying is cancelled');
+like($taken_message, qr/CONTEXT:\s+billing_charge: the charge engine was applying this charge when the call ended, so it may have been made; call billing_charge again with the same trace id/,
 	'its CONTEXT: it may have been made, call again with the same trace id');
 is($holder->call('COMMIT')->{status}, 'ok', 'the other transaction commits');
 ok(BillingTest::wait_until(120, sub { sql("SELECT count(*) FROM billing.entries WHERE trace_id = 'k-taken'") eq '1' }),
@@ -255,6 +267,64 @@ is(sql("SELECT replayed FROM billing_charge('d', 1, 'd-locked')"), 't', 'calling
 is(sql("SELECT balance FROM billing.balances WHERE tenant_id = 'd'"), '99.000000', 'the balance holds it once');
 $gate->close;
 
+note 'the same, while the statement waits for a place in a full queue';
+# The queue is full (the gate holds the engine), so the statement waits for
+# a place, not on its latch, while it holds billing.accounts; a LOCK TABLE
+# queues behind it, and the engine, once the gate opens, behind the LOCK
+# TABLE.  Nobody who holds a place holds the lock, so only the statement
+# waiting for a place can find the deadlock: 40P01, nothing queued, nothing
+# charged; then the LOCK TABLE and the queued charges go through.
+$gate = BillingTest::Session->new($node, $DB);
+is($gate->call('SELECT billing.engine_test_gate(true)')->{status}, 'ok', 'the engine is held');
+my @fillers = map {
+	my $n = $_;
+	BillingTest::spawn(sub {
+		my $s = BillingTest::Session->new($node, $DB, timeout => 300);
+		my $r = $s->call("SELECT replayed FROM billing_charge('m$n', 1, 'full-$n')");
+		PostgreSQL::Test::Utils::append_to_file("$dir/full-$n", join(' ', $r->{status}, $r->{status} eq 'ok' ? $r->{rows}[0] : $r->{sqlstate} // ''));
+		$s->close;
+	})
+} 1 .. $QUEUE;
+ok(BillingTest::wait_until(180, sub { engine('free_slots') eq '0' }), "$QUEUE callers fill the queue");
+my $placeless = BillingTest::spawn(sub {
+	my $s = BillingTest::Session->new($node, $DB, timeout => 300);
+	PostgreSQL::Test::Utils::append_to_file("$dir/placeless-pid", $s->pid);
+	my $r = $s->call("SELECT c.replayed FROM billing.accounts a, LATERAL billing_charge(a.tenant_id, 1, 'd-full') c
+	                  WHERE a.tenant_id = 'd'");
+	PostgreSQL::Test::Utils::append_to_file("$dir/placeless-result",
+		join("\n", $r->{status}, $r->{sqlstate} // '-', $r->{message} // ''));
+	$s->close;
+});
+my $placeless_pid;
+ok(BillingTest::wait_until(180, sub {
+	$placeless_pid = -s "$dir/placeless-pid" ? slurp_file("$dir/placeless-pid") : undef;
+	defined $placeless_pid && sql("SELECT wait_event_type FROM pg_stat_activity WHERE pid = $placeless_pid") eq 'Extension' }),
+	'a statement holding billing.accounts waits for a place');
+my $ddl2 = BillingTest::spawn(sub {
+	my $s = BillingTest::Session->new($node, $DB, timeout => 300);
+	PostgreSQL::Test::Utils::append_to_file("$dir/ddl2-pid", $s->pid);
+	my $r = $s->call('BEGIN; LOCK TABLE billing.accounts IN ACCESS EXCLUSIVE MODE; COMMIT');
+	PostgreSQL::Test::Utils::append_to_file("$dir/ddl2-result", $r->{status});
+	$s->close;
+});
+my $ddl2_pid;
+ok(BillingTest::wait_until(180, sub {
+	$ddl2_pid = -s "$dir/ddl2-pid" ? slurp_file("$dir/ddl2-pid") : undef;
+	defined $ddl2_pid && sql("SELECT pg_blocking_pids($ddl2_pid) = ARRAY[$placeless_pid]") eq 't' }),
+	'a LOCK TABLE waits for that statement');
+is($gate->call('SELECT billing.engine_test_gate(false)')->{status}, 'ok', 'the engine goes on, and waits behind the LOCK TABLE');
+ok(BillingTest::wait_until(180, sub { defined BillingTest::exited($placeless) }), 'the statement waiting for a place is answered');
+($status, $sqlstate, $message) = split /\n/, slurp_file("$dir/placeless-result"), 3;
+is("$status $sqlstate", 'error 40P01', 'it gets 40P01 (deadlock detected)');
+like($message, qr/DETAIL:\s+The engine worker \(process \d+\) waits for process $ddl2_pid, which waits, directly or not, for a lock held by this session \(process $placeless_pid\)/,
+	'its DETAIL names the LOCK TABLE\'s process');
+ok(BillingTest::wait_until(180, sub { defined BillingTest::exited($ddl2) }), 'the LOCK TABLE is through');
+is(slurp_file("$dir/ddl2-result"), 'ok', 'and committed');
+ok(BillingTest::wait_until(180, sub { !grep { !defined BillingTest::exited($_) } @fillers }), 'the queued callers are answered');
+is(join(',', map { slurp_file("$dir/full-$_") } 1 .. $QUEUE), join(',', ('ok f') x $QUEUE), 'each of them charged');
+is(sql("SELECT count(*) FROM billing.entries WHERE trace_id = 'd-full'"), '0', 'the statement that got 40P01 charged nothing');
+$gate->close;
+
 note 'the engine worker\'s memory';
 my $load = sub {    # 4 sessions, each charging 20 tenants in turn
 	my ($round, $per) = @_;
@@ -294,6 +364,30 @@ is(sql("SELECT count(*) FROM billing_verify()"), '0', 'billing_verify() finds no
 my ($batches1, $charges1) = split /\|/, sql('SELECT batches, charges FROM billing_engine_status()');
 is($charges1 - $charges0, 40000, 'the engine answered the 40,000 charges');
 ok($batches1 - $batches0 < 40000, 'in fewer batches: ' . ($batches1 - $batches0) . ' (the memory above is that of batches, not only of single charges)');
+
+note 'a start claimed by a caller that ends before it makes it';
+# The idle engine stops.  The next caller claims its start (the entry is
+# "starting") and, held at the gate, is cancelled before it starts it: it
+# gives the claim back as it ends, so the next caller starts the engine at
+# once (before, the entry stayed "starting" until a 30 s takeover, and every
+# caller of that engine waited).
+sql('ALTER SYSTEM SET billing.engine_idle_timeout = 1');
+sql('SELECT pg_reload_conf()');
+ok(BillingTest::wait_until(120, sub { engine('state') eq 'stopped' }), 'the idle engine stops (billing.engine_idle_timeout = 1s)');
+$gate = BillingTest::Session->new($node, $DB);
+is($gate->call('SELECT billing.engine_test_gate(true)')->{status}, 'ok', 'the gate is held');
+$caller = BillingTest::Session->new($node, $DB, timeout => 300);
+$caller->call("SET statement_timeout = '3s'");
+$r = $caller->call("SELECT replayed FROM billing_charge('k', 1, 'k-claimed')");
+is($r->{sqlstate}, '57014', 'a caller held at the gate, with the start claimed, is cancelled (statement_timeout)');
+is(engine('state'), 'stopped', 'the start it claimed is given back: the engine is "stopped", not "starting"');
+is($gate->call('SELECT billing.engine_test_gate(false)')->{status}, 'ok', 'the gate opens');
+$gate->close;
+$caller->close;
+is(sql("SELECT replayed FROM billing_charge('k', 1, 'k-after-claim')"), 'f', 'the next caller starts the engine and is charged');
+is(sql("SELECT count(*) FROM billing.entries WHERE trace_id = 'k-claimed'"), '0', 'the cancelled caller\'s charge was not made');
+sql('ALTER SYSTEM RESET billing.engine_idle_timeout');
+sql('SELECT pg_reload_conf()');
 
 BillingTest::no_crashes($node);
 $node->stop;
