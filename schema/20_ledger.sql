@@ -135,14 +135,15 @@ CREATE FUNCTION billing.internal_deduct(tenant_id text, amount numeric, trace_id
                                   metadata jsonb DEFAULT NULL,
                                   event_at timestamptz DEFAULT NULL,
                                   kind text DEFAULT 'deduct',
-                                  api_key text DEFAULT NULL)
+                                  api_key text DEFAULT NULL,
+                                  counts_request boolean DEFAULT true)
     RETURNS billing.entry_result
     AS 'MODULE_PATHNAME', 'billing_deduct'
     LANGUAGE C VOLATILE SECURITY DEFINER
     SET search_path = pg_catalog, pg_temp;
-COMMENT ON FUNCTION billing.internal_deduct(text, numeric, text, text, jsonb, timestamptz, text, text) IS
-    'billing_deduct for the extension''s own SQL (internal)';
-REVOKE ALL ON FUNCTION billing.internal_deduct(text, numeric, text, text, jsonb, timestamptz, text, text) FROM PUBLIC;
+COMMENT ON FUNCTION billing.internal_deduct(text, numeric, text, text, jsonb, timestamptz, text, text, boolean) IS
+    'billing_deduct for the extension''s own SQL (internal); counts_request => false: no new request (a job''s charge, whose hold counted it)';
+REVOKE ALL ON FUNCTION billing.internal_deduct(text, numeric, text, text, jsonb, timestamptz, text, text, boolean) FROM PUBLIC;
 
 CREATE FUNCTION @extschema@.billing_try_deduct(tenant_id text, amount numeric, trace_id text,
                                    description text DEFAULT NULL,

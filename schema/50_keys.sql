@@ -168,6 +168,10 @@ DECLARE
     k       billing.api_keys;
     micros  bigint;
 BEGIN
+    IF billing_api_key_update.key_id IS NULL THEN
+        RAISE EXCEPTION 'key_id must not be null' USING ERRCODE = 'ZB015', HINT = 'Pass the key''s id.';
+    END IF;
+    PERFORM billing.check_id(billing_api_key_update.key_id, 'key_id', 'ZB018');
     SELECT * INTO k FROM billing.api_keys t
      WHERE t.tenant_id = acc.tenant_id AND t.key_id = billing_api_key_update.key_id FOR UPDATE;
     IF NOT FOUND THEN

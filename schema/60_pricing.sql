@@ -661,6 +661,8 @@ DECLARE
     q       numeric[];
     cost    bigint;
     usage   jsonb;
+    used    boolean;                -- the trace id has an entry
+    replay  boolean := false;       -- ... of a usage charge: p is its prices
 BEGIN
     IF billing_deduct_usage.model IS NULL THEN
         RAISE EXCEPTION 'model must not be null' USING ERRCODE = 'ZB015', HINT = 'Pass the model name.';
@@ -668,6 +670,8 @@ BEGIN
     IF billing_deduct_usage.trace_id IS NULL THEN
         RAISE EXCEPTION 'trace_id must not be null' USING ERRCODE = 'ZB015', HINT = 'Pass a value for trace_id.';
     END IF;
+    -- bounded before anything shows it (a replay's error messages do)
+    PERFORM billing.check_id(billing_deduct_usage.model, 'model', 'ZB018');
     PERFORM billing.check_json(billing_deduct_usage.metadata, 'metadata');
     -- the account row lock first, as billing_deduct takes it: the charge is
     -- priced at the moment it is made (its created_at), not when the
@@ -678,25 +682,34 @@ BEGIN
     END IF;
     SELECT e.metadata INTO was FROM billing.entries e
      WHERE e.tenant_id = billing_deduct_usage.tenant_id AND e.trace_id = billing_deduct_usage.trace_id;
-    IF FOUND AND (was ? 'input_per_1m' OR was ? 'input_per_1k') AND was ? 'price_effective_from' THEN
-        -- a replay: priced with the unit prices its entry records, whatever
-        -- the price history says since (a price set or backdated later, an
-        -- override ended), so the same request always replays
-        p := ROW(billing_deduct_usage.tenant_id, billing_deduct_usage.model, acc.currency,
-                 (was->>'price_effective_from')::timestamptz,
-                 NOT coalesce((was->>'price_override')::boolean, false),
-                 CASE WHEN was ? 'input_per_1m' THEN ((was->>'input_per_1m')::numeric * 1000000)::bigint
-                      ELSE ((was->>'input_per_1k')::numeric * 1000000000)::bigint END,
-                 ((was->>'cached_input_per_1m')::numeric * 1000000)::bigint,
-                 ((was->>'cache_write_per_1m')::numeric * 1000000)::bigint,
-                 CASE WHEN was ? 'output_per_1m' THEN ((was->>'output_per_1m')::numeric * 1000000)::bigint
-                      ELSE ((was->>'output_per_1k')::numeric * 1000000000)::bigint END,
-                 ((was->>'reasoning_per_1m')::numeric * 1000000)::bigint,
-                 ((was->>'per_request')::numeric * 1000000)::bigint,
-                 ((was->>'per_second')::numeric * 1000000)::bigint,
-                 NULL)::billing.price_overrides;
-    ELSE
-        IF NOT FOUND THEN
+    used := FOUND;
+    IF used AND (was ? 'input_per_1m' OR was ? 'input_per_1k') AND was ? 'price_effective_from' THEN
+        BEGIN
+            -- a replay: priced with the unit prices its entry records, whatever
+            -- the price history says since (a price set or backdated later, an
+            -- override ended), so the same request always replays
+            p := ROW(billing_deduct_usage.tenant_id, billing_deduct_usage.model, acc.currency,
+                     (was->>'price_effective_from')::timestamptz,
+                     NOT coalesce((was->>'price_override')::boolean, false),
+                     CASE WHEN was ? 'input_per_1m' THEN ((was->>'input_per_1m')::numeric * 1000000)::bigint
+                          ELSE ((was->>'input_per_1k')::numeric * 1000000000)::bigint END,
+                     ((was->>'cached_input_per_1m')::numeric * 1000000)::bigint,
+                     ((was->>'cache_write_per_1m')::numeric * 1000000)::bigint,
+                     CASE WHEN was ? 'output_per_1m' THEN ((was->>'output_per_1m')::numeric * 1000000)::bigint
+                          ELSE ((was->>'output_per_1k')::numeric * 1000000000)::bigint END,
+                     ((was->>'reasoning_per_1m')::numeric * 1000000)::bigint,
+                     ((was->>'per_request')::numeric * 1000000)::bigint,
+                     ((was->>'per_second')::numeric * 1000000)::bigint,
+                     NULL)::billing.price_overrides;
+            replay := true;
+        EXCEPTION WHEN data_exception THEN
+            -- not a usage charge's metadata (a billing_deduct's, written by its
+            -- caller): priced as new, and the trace id's conflict is ZB005 below
+            replay := false;
+        END;
+    END IF;
+    IF NOT replay THEN
+        IF NOT used THEN
             -- a new charge: it is priced at its event time, which must be in
             -- the accepted window (ZB019)
             PERFORM billing.check_event_at(billing_deduct_usage.event_at);

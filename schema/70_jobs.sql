@@ -236,6 +236,11 @@ CREATE FUNCTION billing.job_check_lease(j billing.jobs, worker text, wanted text
     SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
+    -- heartbeat, complete and fail name the worker as claim does (bounded:
+    -- the message below shows it)
+    IF worker IS NOT NULL THEN
+        PERFORM billing.check_id(worker, 'worker', 'ZB018');
+    END IF;
     IF j.state = 'processing' AND (worker IS NULL OR worker = j.worker) THEN
         RETURN;
     END IF;
@@ -527,7 +532,8 @@ BEGIN
             SELECT d.entry_id INTO entry
               FROM billing.internal_deduct(j.tenant_id, billing.to_amount(actual), format('job:%s:charge', j.job_id),
                                              description => format('job %s (%s)', j.job_id, j.kind),
-                                             metadata => jsonb_build_object('job_id', j.job_id, 'kind', j.kind)) d;
+                                             metadata => jsonb_build_object('job_id', j.job_id, 'kind', j.kind),
+                                             counts_request => false) d;   -- the hold counted it
         END IF;
     END IF;
 

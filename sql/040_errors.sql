@@ -88,7 +88,7 @@ SELECT regress_error($$SELECT billing_credit('err-a', 1, 'err-c-2', metadata => 
 -- description (ZB018): at most 1000 characters
 SELECT regress_error($$SELECT billing_credit('err-a', 1, 'err-c-2', description => repeat('d', 1001))$$);
 SELECT regress_error($$SELECT billing_credit('err-a', 1, 'err-c-2', description => repeat('ü', 1001))$$);
--- event_at (ZB018): finite
+-- event_at (ZB019): finite
 SELECT regress_error($$SELECT billing_credit('err-a', 1, 'err-c-2', event_at => 'infinity')$$);
 SELECT regress_error($$SELECT billing_credit('err-a', 1, 'err-c-2', event_at => '-infinity')$$);
 -- Arguments are checked before the account is looked up, and the first

@@ -157,6 +157,9 @@ SELECT key_id, budget, budget_period, remaining
 SELECT regress_error($$SELECT billing_api_key_update('key-a', 'k-day', budget => -1)$$);
 SELECT regress_error($$SELECT billing_api_key_update('key-a', 'k-free', budget => 5)$$);
 SELECT regress_error($$SELECT billing_api_key_update('key-a', 'k-nope', status => 'active')$$);
+-- a NULL key id is ZB015, a key id that is no identifier ZB018 (not echoed)
+SELECT split_part(regress_error($$SELECT billing_api_key_update('key-a', NULL, status => 'active')$$), E'\n', 1);
+SELECT split_part(regress_error($$SELECT billing_api_key_update('key-a', repeat('k', 100000), status => 'active')$$), E'\n', 1);
 SELECT regress_error($$SELECT billing_api_key_update('key-a', 'k-day', status => 'deleted')$$);
 
 --

@@ -125,6 +125,13 @@ SELECT j.state, j.worker, j.attempt, j.lease_until - j.heartbeat_at AS lease,
 -- minutes after it, more than half the hold_ttl: not extended; a 35 minute
 -- lease leaves it 25 minutes after, less than half: extended to the lease's
 -- end + 1 hour.
+-- a worker name is bounded as claim's is (the lease error shows it): ZB018,
+-- for heartbeat, complete and fail, before the lease is looked at
+SELECT label, split_part(regress_error(sql), E'\n', 1) AS error
+  FROM (VALUES
+    ('heartbeat', $$SELECT billing_job_heartbeat('job-a', jid('job-a', 'a1'), repeat('w', 100000))$$),
+    ('complete',  $$SELECT billing_job_complete('job-a', jid('job-a', 'a1'), 1, worker => repeat('w', 256))$$),
+    ('fail',      $$SELECT billing_job_fail('job-a', jid('job-a', 'a1'), 'x', worker => E'job-w1\n')$$)) AS t(label, sql);
 SELECT lease_until - now() AS lease
   FROM billing_job_heartbeat('job-a', jid('job-a', 'a1'), 'job-w1', lease => '25 minutes');
 SELECT h.expires_at = h.created_at + j.hold_ttl AS not_extended
@@ -501,7 +508,11 @@ SELECT trace_id, expires_at < now() + interval '1 second' AS not_extended
 SELECT on_hold, available FROM billing.balances WHERE tenant_id = 'job-x';
 SELECT pg_sleep(1.2);
 SELECT on_hold, available FROM billing.balances WHERE tenant_id = 'job-x';
--- x1 costs 2.50 (more than its old estimate): deducted
+-- x1 costs 2.50 (more than its old estimate): deducted.  The deduct is no
+-- new request (the hold counted it at submit): with 2 requests a day, both
+-- taken by the submits, it is not refused (ZB040)
+SELECT count(*) FROM billing_limits_set('job-x', daily_requests => 2);
+SELECT requests_today FROM billing.quota_usage WHERE tenant_id = 'job-x';
 SELECT state, actual_cost, replayed, charge_entry_id IS NOT NULL AS charged
   FROM billing_job_complete('job-x', jid('job-x', 'x1'), 2.5, NULL, 'job-w-x');
 SELECT l.trace_id, l.kind, l.amount, l.balance_after, l.hold_id, l.description,
@@ -509,6 +520,7 @@ SELECT l.trace_id, l.kind, l.amount, l.balance_after, l.hold_id, l.description,
   FROM billing.ledger l JOIN billing.jobs j ON j.tenant_id = l.tenant_id AND j.charge_entry_id = l.entry_id
  WHERE j.tenant_id = 'job-x' AND j.idempotency_key = 'x1';
 SELECT * FROM job_holds('job-x', 'x1');
+SELECT requests_today FROM billing.quota_usage WHERE tenant_id = 'job-x';
 -- x2 costs 9, but only 7.50 are left: ZB004, x2 stays processing, its
 -- charge is not in the ledger and no transition is logged
 SELECT regress_error($$SELECT billing_job_complete('job-x', jid('job-x', 'x2'), 9, NULL, 'job-w-x')$$);

@@ -59,6 +59,7 @@ PG_FUNCTION_INFO_V1(billing_deduct_many);
 #define ARG_EVENT_AT	5
 #define ARG_KIND		6
 #define ARG_API_KEY		7		/* deduct and try_deduct only */
+#define ARG_COUNTS_REQUEST 8	/* billing.internal_deduct only */
 
 static const char *const credit_kinds[] = {"topup", "grant", "refund", "adjustment", NULL};
 static const char *const debit_kinds[] = {"deduct", "adjustment", NULL};
@@ -115,6 +116,8 @@ ledger_parse_request(FunctionCallInfo fcinfo, bool is_debit, LedgerRequest *req)
 	if (is_debit && !PG_ARGISNULL(ARG_API_KEY))
 		e->api_key = billing_check_id(PG_GETARG_TEXT_PP(ARG_API_KEY), "api_key",
 									  ERRCODE_BILLING_INVALID_ARGUMENT);
+	if (is_debit && PG_NARGS() > ARG_COUNTS_REQUEST && !PG_ARGISNULL(ARG_COUNTS_REQUEST))
+		req->no_request = !PG_GETARG_BOOL(ARG_COUNTS_REQUEST);
 
 	kind = text_to_cstring(PG_GETARG_TEXT_PP(ARG_KIND));
 	for (int i = 0; kinds[i] != NULL; i++)
@@ -664,7 +667,7 @@ post_one(Account *acc, KeyCache *kc, LedgerRequest *req, LedgerOutcome *out,
 		Debit		debit = {0};
 
 		debit.charge = -e->amount;
-		debit.counts_request = true;
+		debit.counts_request = !req->no_request;
 		debit.funds_errcode = ERRCODE_BILLING_INSUFFICIENT_FUNDS;
 		debit.draws = &draws;
 		e->draws = &draws;

@@ -48,6 +48,9 @@ typedef enum PostMode
 typedef struct LedgerRequest
 {
 	bool		is_debit;
+	bool		no_request;		/* a debit that is no new request (a job's
+								 * charge after its hold expired: the hold
+								 * counted the request) */
 	EntryWrite	entry;
 } LedgerRequest;
 

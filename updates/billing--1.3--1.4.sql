@@ -4326,14 +4326,15 @@ CREATE FUNCTION billing.internal_deduct(tenant_id text, amount numeric, trace_id
                                   metadata jsonb DEFAULT NULL,
                                   event_at timestamptz DEFAULT NULL,
                                   kind text DEFAULT 'deduct',
-                                  api_key text DEFAULT NULL)
+                                  api_key text DEFAULT NULL,
+                                  counts_request boolean DEFAULT true)
     RETURNS billing.entry_result
     AS 'MODULE_PATHNAME', 'billing_deduct'
     LANGUAGE C VOLATILE SECURITY DEFINER
     SET search_path = pg_catalog, pg_temp;
-COMMENT ON FUNCTION billing.internal_deduct(text, numeric, text, text, jsonb, timestamptz, text, text) IS
-    'billing_deduct for the extension''s own SQL (internal)';
-REVOKE ALL ON FUNCTION billing.internal_deduct(text, numeric, text, text, jsonb, timestamptz, text, text) FROM PUBLIC;
+COMMENT ON FUNCTION billing.internal_deduct(text, numeric, text, text, jsonb, timestamptz, text, text, boolean) IS
+    'billing_deduct for the extension''s own SQL (internal); counts_request => false: no new request (a job''s charge, whose hold counted it)';
+REVOKE ALL ON FUNCTION billing.internal_deduct(text, numeric, text, text, jsonb, timestamptz, text, text, boolean) FROM PUBLIC;
 
 -- billing_hold under a name in schema billing, for the extension's own
 -- SQL (the job functions): the schema of the SQL API is the database
@@ -4441,6 +4442,303 @@ BEGIN
     UPDATE billing.jobs x
        SET state = 'queued', attempt = 0, run_at = j.run_at, hold_seq = j.hold_seq, hold_trace_id = j.hold_trace_id,
            finished_at = NULL, worker = NULL, updated_at = now(), note = 'retried'
+     WHERE x.tenant_id = j.tenant_id AND x.job_id = j.job_id;
+    RETURN billing.job_result(j, false);
+END;
+$$;
+
+-- Bounded before they are shown: heartbeat's, complete's and fail's worker,
+-- billing_deduct_usage's model (a replay's messages show it; a replay of an
+-- entry whose metadata a caller wrote is priced as new: ZB005, not 22P02),
+-- billing_api_key_update's key_id (and ZB015 for a NULL one).
+CREATE OR REPLACE FUNCTION billing.job_check_lease(j billing.jobs, worker text, wanted text) RETURNS void
+    LANGUAGE plpgsql
+    SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    -- heartbeat, complete and fail name the worker as claim does (bounded:
+    -- the message below shows it)
+    IF worker IS NOT NULL THEN
+        PERFORM billing.check_id(worker, 'worker', 'ZB018');
+    END IF;
+    IF j.state = 'processing' AND (worker IS NULL OR worker = j.worker) THEN
+        RETURN;
+    END IF;
+    IF j.state = 'processing' OR (j.state = 'queued' AND j.attempt > 0) THEN
+        RAISE EXCEPTION 'job % is no longer leased by %', j.job_id, coalesce(worker, 'this worker')
+            USING ERRCODE = 'ZB073',
+                  DETAIL = format('The job is %s (attempt %s, worker %s).', j.state, j.attempt, coalesce(j.worker, 'none')),
+                  HINT = 'Its lease expired and it was rescued; drop this result, another attempt will run.';
+    END IF;
+    RAISE EXCEPTION 'illegal job transition from % to %', j.state, wanted
+        USING ERRCODE = 'ZB070',
+              DETAIL = format('Job %s of tenant "%s" is %s.', j.job_id, j.tenant_id, j.state),
+              HINT = 'Only a processing job can be completed, failed or heartbeaten.';
+END;
+$$;
+
+CREATE OR REPLACE FUNCTION @extschema@.billing_deduct_usage(tenant_id text, model text,
+                                     input_tokens bigint, output_tokens bigint,
+                                     trace_id text,
+                                     description text DEFAULT NULL,
+                                     metadata jsonb DEFAULT NULL,
+                                     event_at timestamptz DEFAULT NULL,
+                                     api_key text DEFAULT NULL,
+                                     cached_input_tokens bigint DEFAULT 0,
+                                     cache_write_tokens bigint DEFAULT 0,
+                                     reasoning_tokens bigint DEFAULT 0,
+                                     requests bigint DEFAULT 1,
+                                     seconds numeric DEFAULT 0)
+    RETURNS billing.entry_result
+    LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    acc     billing.accounts;
+    priced  timestamptz;
+    was     jsonb;
+    p       billing.price_overrides;
+    r       bigint[];
+    q       numeric[];
+    cost    bigint;
+    usage   jsonb;
+    used    boolean;                -- the trace id has an entry
+    replay  boolean := false;       -- ... of a usage charge: p is its prices
+BEGIN
+    IF billing_deduct_usage.model IS NULL THEN
+        RAISE EXCEPTION 'model must not be null' USING ERRCODE = 'ZB015', HINT = 'Pass the model name.';
+    END IF;
+    IF billing_deduct_usage.trace_id IS NULL THEN
+        RAISE EXCEPTION 'trace_id must not be null' USING ERRCODE = 'ZB015', HINT = 'Pass a value for trace_id.';
+    END IF;
+    -- bounded before anything shows it (a replay's error messages do)
+    PERFORM billing.check_id(billing_deduct_usage.model, 'model', 'ZB018');
+    PERFORM billing.check_json(billing_deduct_usage.metadata, 'metadata');
+    -- the account row lock first, as billing_deduct takes it: the charge is
+    -- priced at the moment it is made (its created_at), not when the
+    -- transaction started
+    SELECT * INTO acc FROM billing.accounts a WHERE a.tenant_id = billing_deduct_usage.tenant_id FOR UPDATE;
+    IF NOT FOUND THEN
+        PERFORM billing.lock_account(billing_deduct_usage.tenant_id);   -- raises ZB015 / ZB001
+    END IF;
+    SELECT e.metadata INTO was FROM billing.entries e
+     WHERE e.tenant_id = billing_deduct_usage.tenant_id AND e.trace_id = billing_deduct_usage.trace_id;
+    used := FOUND;
+    IF used AND (was ? 'input_per_1m' OR was ? 'input_per_1k') AND was ? 'price_effective_from' THEN
+        BEGIN
+            -- a replay: priced with the unit prices its entry records, whatever
+            -- the price history says since (a price set or backdated later, an
+            -- override ended), so the same request always replays
+            p := ROW(billing_deduct_usage.tenant_id, billing_deduct_usage.model, acc.currency,
+                     (was->>'price_effective_from')::timestamptz,
+                     NOT coalesce((was->>'price_override')::boolean, false),
+                     CASE WHEN was ? 'input_per_1m' THEN ((was->>'input_per_1m')::numeric * 1000000)::bigint
+                          ELSE ((was->>'input_per_1k')::numeric * 1000000000)::bigint END,
+                     ((was->>'cached_input_per_1m')::numeric * 1000000)::bigint,
+                     ((was->>'cache_write_per_1m')::numeric * 1000000)::bigint,
+                     CASE WHEN was ? 'output_per_1m' THEN ((was->>'output_per_1m')::numeric * 1000000)::bigint
+                          ELSE ((was->>'output_per_1k')::numeric * 1000000000)::bigint END,
+                     ((was->>'reasoning_per_1m')::numeric * 1000000)::bigint,
+                     ((was->>'per_request')::numeric * 1000000)::bigint,
+                     ((was->>'per_second')::numeric * 1000000)::bigint,
+                     NULL)::billing.price_overrides;
+            replay := true;
+        EXCEPTION WHEN data_exception THEN
+            -- not a usage charge's metadata (a billing_deduct's, written by its
+            -- caller): priced as new, and the trace id's conflict is ZB005 below
+            replay := false;
+        END;
+    END IF;
+    IF NOT replay THEN
+        IF NOT used THEN
+            -- a new charge: it is priced at its event time, which must be in
+            -- the accepted window (ZB019)
+            PERFORM billing.check_event_at(billing_deduct_usage.event_at);
+        END IF;
+        priced := coalesce(billing_deduct_usage.event_at, clock_timestamp());
+        p := billing.price_for(billing_deduct_usage.tenant_id, billing_deduct_usage.model, acc.currency, priced);
+    END IF;
+    q := ARRAY[billing_deduct_usage.input_tokens, billing_deduct_usage.cached_input_tokens,
+               billing_deduct_usage.cache_write_tokens, billing_deduct_usage.output_tokens,
+               billing_deduct_usage.reasoning_tokens, billing_deduct_usage.requests,
+               billing_deduct_usage.seconds];
+    cost := billing.cost_micros(p, q);
+    IF cost = 0 THEN
+        RAISE EXCEPTION 'usage costs nothing'
+            USING ERRCODE = 'ZB010',
+                  DETAIL = format('The usage (%s) of %s costs 0.000000.',
+                                  coalesce((SELECT string_agg(format('%s %s', x.name, x.quantity), ', ' ORDER BY x.i)
+                                              FROM unnest(ARRAY['input_tokens', 'cached_input_tokens',
+                                                                'cache_write_tokens', 'output_tokens',
+                                                                'reasoning_tokens', 'requests', 'seconds'], q)
+                                                   WITH ORDINALITY AS x(name, quantity, i)
+                                             WHERE x.quantity <> 0), 'none'),
+                                  billing_deduct_usage.model),
+                  HINT = 'Skip the charge for empty usage.';
+    END IF;
+    r := billing.effective_rates(p);
+    IF was ? 'input_per_1k' AND NOT was ? 'input_per_1m' AND q[2] = 0 AND q[3] = 0 AND q[5] = 0
+       AND q[6] = 1 AND q[7] = 0 AND p.list_price AND r[1] % 1000 = 0 AND r[4] % 1000 = 0 THEN
+        -- the replay of a usage charged by 1.3: its metadata as 1.3 wrote it
+        -- (prices per 1,000 tokens), so that the same request replays
+        usage := jsonb_build_object(
+            'model', billing_deduct_usage.model,
+            'input_tokens', billing_deduct_usage.input_tokens,
+            'output_tokens', billing_deduct_usage.output_tokens,
+            'input_per_1k', billing.to_amount(r[1] / 1000),
+            'output_per_1k', billing.to_amount(r[4] / 1000),
+            'price_effective_from',
+            to_char(p.effective_from AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'));
+    ELSE
+        usage := jsonb_build_object(
+            'model', billing_deduct_usage.model,
+            'input_tokens', billing_deduct_usage.input_tokens,
+            'cached_input_tokens', billing_deduct_usage.cached_input_tokens,
+            'cache_write_tokens', billing_deduct_usage.cache_write_tokens,
+            'output_tokens', billing_deduct_usage.output_tokens,
+            'reasoning_tokens', billing_deduct_usage.reasoning_tokens,
+            'requests', billing_deduct_usage.requests,
+            'seconds', billing_deduct_usage.seconds,
+            'input_per_1m', billing.to_amount(r[1]),
+            'cached_input_per_1m', billing.to_amount(r[2]),
+            'cache_write_per_1m', billing.to_amount(r[3]),
+            'output_per_1m', billing.to_amount(r[4]),
+            'reasoning_per_1m', billing.to_amount(r[5]),
+            'per_request', billing.to_amount(r[6]),
+            'per_second', billing.to_amount(r[7]),
+            'price_effective_from',
+            to_char(p.effective_from AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'),
+            'price_override', NOT p.list_price);
+    END IF;
+    RETURN billing.internal_deduct(billing_deduct_usage.tenant_id, billing.to_amount(cost), billing_deduct_usage.trace_id,
+                          description => billing_deduct_usage.description,
+                          metadata => coalesce(billing_deduct_usage.metadata, '{}') || usage,
+                          event_at => billing_deduct_usage.event_at,
+                          api_key => billing_deduct_usage.api_key);
+END;
+$$;
+
+CREATE OR REPLACE FUNCTION @extschema@.billing_api_key_update(tenant_id text, key_id text,
+                                       status text DEFAULT NULL,
+                                       budget numeric DEFAULT NULL,
+                                       budget_period text DEFAULT NULL,
+                                       remove_budget boolean DEFAULT false)
+    RETURNS SETOF billing.api_key_budgets
+    LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    acc     billing.accounts := billing.lock_account(billing_api_key_update.tenant_id);
+    k       billing.api_keys;
+    micros  bigint;
+BEGIN
+    IF billing_api_key_update.key_id IS NULL THEN
+        RAISE EXCEPTION 'key_id must not be null' USING ERRCODE = 'ZB015', HINT = 'Pass the key''s id.';
+    END IF;
+    PERFORM billing.check_id(billing_api_key_update.key_id, 'key_id', 'ZB018');
+    SELECT * INTO k FROM billing.api_keys t
+     WHERE t.tenant_id = acc.tenant_id AND t.key_id = billing_api_key_update.key_id FOR UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'api key "%" does not exist for account "%"', billing_api_key_update.key_id, acc.tenant_id
+            USING ERRCODE = 'ZB050',
+                  HINT = format('Create it with billing_api_key_create(%L, %L).', acc.tenant_id, billing_api_key_update.key_id);
+    END IF;
+    IF billing_api_key_update.status IS NOT NULL AND billing_api_key_update.status NOT IN ('active', 'suspended', 'revoked') THEN
+        RAISE EXCEPTION 'invalid api key status %', billing.show(billing_api_key_update.status)
+            USING ERRCODE = 'ZB018', DETAIL = 'Allowed statuses: active, suspended, revoked.',
+                  HINT = 'Suspend a key temporarily; revoke it for good.';
+    END IF;
+    IF k.status = 'revoked' AND billing_api_key_update.status IS DISTINCT FROM 'revoked' AND billing_api_key_update.status IS NOT NULL THEN
+        RAISE EXCEPTION 'api key "%" is revoked', k.key_id
+            USING ERRCODE = 'ZB051', DETAIL = 'A revoked key cannot be reactivated.',
+                  HINT = 'Create a new key.';
+    END IF;
+    IF billing_api_key_update.remove_budget THEN
+        k.budget_micros := NULL;
+        k.budget_period := NULL;
+    ELSIF billing_api_key_update.budget IS NOT NULL OR billing_api_key_update.budget_period IS NOT NULL THEN
+        micros := billing.check_key_settings(k.key_id,
+                                             coalesce(billing_api_key_update.budget, billing.to_amount(k.budget_micros)),
+                                             coalesce(billing_api_key_update.budget_period, k.budget_period));
+        IF coalesce(billing_api_key_update.budget_period, k.budget_period) IS DISTINCT FROM k.budget_period THEN
+            k.period_start := NULL;         -- a new period kind starts counting afresh
+            k.period_spend_micros := 0;
+        END IF;
+        k.budget_micros := micros;
+        k.budget_period := coalesce(billing_api_key_update.budget_period, k.budget_period);
+    END IF;
+    UPDATE billing.api_keys t
+       SET status = coalesce(billing_api_key_update.status, t.status),
+           budget_micros = k.budget_micros,
+           budget_period = k.budget_period,
+           period_start = k.period_start,
+           period_spend_micros = k.period_spend_micros,
+           -- a new budget: its alert thresholds are announced afresh
+           alert_levels = CASE WHEN t.budget_micros IS DISTINCT FROM k.budget_micros
+                                 OR t.budget_period IS DISTINCT FROM k.budget_period
+                               THEN 0 ELSE t.alert_levels END,
+           updated_at = now(),
+           version = acc.version + 1
+     WHERE t.tenant_id = acc.tenant_id AND t.key_id = k.key_id;
+    UPDATE billing.accounts a SET version = a.version + 1 WHERE a.tenant_id = acc.tenant_id;
+    PERFORM billing.sync_mark_keys(acc.tenant_id, acc.version, ARRAY[k.key_id]);
+    RETURN QUERY SELECT * FROM billing.api_key_budgets b
+                  WHERE b.tenant_id = acc.tenant_id AND b.key_id = k.key_id;
+END;
+$$;
+
+-- A job's charge after its hold expired is no new request: its hold counted
+-- it (billing.internal_deduct's counts_request).
+CREATE OR REPLACE FUNCTION @extschema@.billing_job_complete(tenant_id text, job_id bigint, actual_cost numeric,
+                                     output jsonb DEFAULT NULL, worker text DEFAULT NULL)
+    RETURNS billing.job_result
+    LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    j       billing.jobs := billing.job_lock(billing_job_complete.tenant_id, billing_job_complete.job_id);
+    actual  bigint;
+    entry   bigint;
+BEGIN
+    IF billing_job_complete.actual_cost IS NULL THEN
+        RAISE EXCEPTION 'actual_cost must not be null'
+            USING ERRCODE = 'ZB015', HINT = 'Pass what the job really cost (0 if nothing).';
+    END IF;
+    actual := billing.to_micros(billing_job_complete.actual_cost, 'actual_cost', true);
+    PERFORM billing.check_json(billing_job_complete.output, 'output');
+    IF j.state = 'completed' AND j.actual_micros = actual THEN
+        RETURN billing.job_result(j, true);           -- a retried complete
+    END IF;
+    PERFORM billing.job_check_lease(j, billing_job_complete.worker, 'completed');
+
+    -- the charge; if it fails, the error leaves the job processing
+    IF actual > 0 AND billing.job_hold_open(j) THEN
+        SELECT c.entry_id INTO entry
+          FROM billing.internal_capture(j.tenant_id, j.hold_trace_id, billing.to_amount(actual),
+                                          format('job:%s:charge', j.job_id), final => true,
+                                          description => format('job %s (%s)', j.job_id, j.kind)) c;
+    ELSE
+        PERFORM billing.job_release_hold(j);         -- hold expired or nothing to charge
+        IF actual > 0 THEN
+            SELECT d.entry_id INTO entry
+              FROM billing.internal_deduct(j.tenant_id, billing.to_amount(actual), format('job:%s:charge', j.job_id),
+                                             description => format('job %s (%s)', j.job_id, j.kind),
+                                             metadata => jsonb_build_object('job_id', j.job_id, 'kind', j.kind),
+                                             counts_request => false) d;   -- the hold counted it
+        END IF;
+    END IF;
+
+    j.state := 'completed';
+    j.actual_micros := actual;
+    j.charge_entry_id := entry;
+    j.output := billing_job_complete.output;
+    j.finished_at := now();
+    j.lease_until := NULL;
+    UPDATE billing.jobs x
+       SET state = 'completed', actual_micros = actual, charge_entry_id = entry, output = j.output,
+           lease_until = NULL, finished_at = j.finished_at, updated_at = now(),
+           note = format('charged %s', billing.to_amount(actual))
      WHERE x.tenant_id = j.tenant_id AND x.job_id = j.job_id;
     RETURN billing.job_result(j, false);
 END;
