@@ -154,7 +154,11 @@ for my $r (@releases)
 		[ 'pgbench', '-n', '-c', '4', '-j', '2', '-T', '8', '-f', $script,
 		  '-h', $node->host, '-p', $node->port, '-U', 'upgrader', $db ],
 		'>', \$out, '2>', \$err);
-	sleep 3;
+	# the upgrade once the clients are charging (not after a fixed sleep:
+	# on a busy machine pgbench may take that long to start)
+	ok(BillingTest::wait_until(60, sub {
+		$node->safe_psql($db, "SELECT count(*) FROM billing.entries WHERE trace_id LIKE 'wl-%' AND kind = 'deduct'") >= 20 }),
+		"$r: the clients are charging");
 	my ($rc, $uout, $uerr) = $node->psql($db, 'ALTER EXTENSION billing UPDATE',
 		extra_params => [ '-U', 'upgrader' ]);
 	is($rc, 0, "$r: ALTER EXTENSION billing UPDATE by another superuser, under load")

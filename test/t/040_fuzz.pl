@@ -769,6 +769,13 @@ SELECT string_agg(p.proname, ' ' ORDER BY p.proname)
    AND p.proname NOT IN (SELECT fn FROM fz_log);
 SQL
 
+# a function that failed every call (even with good arguments) would pass the
+# checks above: each must have succeeded at least once
+is(run_sql(<<'SQL'), '', 'every billing_* function succeeded at least once');
+SELECT string_agg(fn, ' ' ORDER BY fn)
+  FROM (SELECT fn FROM fz_log GROUP BY fn HAVING count(*) FILTER (WHERE state = 'ok') = 0) s;
+SQL
+
 my $bad_chunk = run_sql('SELECT min(last_call) FROM fz_chunk WHERE verify_rows > 0');
 my $nverify   = run_sql('SELECT count(*) FROM billing_verify()');
 ok($nverify eq '0' && $bad_chunk eq '', 'billing_verify() is empty (checked after every chunk)')

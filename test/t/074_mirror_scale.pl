@@ -195,7 +195,8 @@ ok(BillingTest::wait_until(120, sub { $conn->command('EXISTS', @PK) == 0 }),
 # --- a grant that expires
 note 'a grant that expires while the worker runs';
 sql("SELECT billing_account_create('gx'); SELECT billing_credit('gx', 10, 'gx-top');
-     SELECT billing_grant('gx', 5, 'gx-trial', expires_at => now() + interval '3 seconds', priority => 10);");
+     SELECT billing_grant('gx', 5, 'gx-trial', expires_at => now() + interval '15 seconds', priority => 10);");
+# (15 s: the push below and the lock after it must come first, on a busy machine too)
 my $expires_ms = sql("SELECT floor(extract(epoch FROM expires_at) * 1000)::bigint FROM billing.grants WHERE trace_id = 'gx-trial'");  # rounded down: never later
 ok(BillingTest::wait_until(120, sub { hget('billing:{gx}', 'available') eq '15000000' }),
 	'the hash shows the grant as available before its expiry');
@@ -213,7 +214,7 @@ my $worker = BillingTest::worker_pid($node);
 kill 'STOP', $worker;
 my @GK = map { "billing:{gx}$_" } ':pending', ':pending_amt', ':pending_ver', ':pending_key';
 my $rnow = sub { my $t = $conn->command('TIME'); $t->[0] * 1000 + int($t->[1] / 1000) };
-ok(BillingTest::wait_until(60, sub { $rnow->() >= $expires_ms }, 0.05), "Redis' clock passed the expiry");
+ok(BillingTest::wait_until(120, sub { $rnow->() >= $expires_ms }, 0.05), "Redis' clock passed the expiry");
 $r = $conn->command('EVALSHA', $sha{charge}, 5, 'billing:{gx}', @GK, 'gx-1', 12000000, 0, 60000);
 is(join(',', @$r), 'INSUFFICIENT,12000000,10000000',
 	'charge.lua refuses the expired credit (worker stopped, the now_ms of the gateway 0)');

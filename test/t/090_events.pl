@@ -245,7 +245,6 @@ ok(wait_for(120, sub { watermark() =~ /^\d+ \d+$/ }), 'and the watermark is writ
 	my $proxy = BillingTest::redis_proxy($redis->port, $W);
 	my ($proxy_port, $trigger, $seen) = @$proxy{qw(port trigger seen)};
 	my $connected = sub { (qv("SELECT connected FROM billing_sync_status()") // '') eq 't' };
-	pass('a proxy in front of Redis');
 	sql("ALTER SYSTEM SET billing.redis_port = $proxy_port; SELECT pg_reload_conf()");
 	ok(wait_for(120, sub { $seen->('accept') > $seen->('close') && $connected->() }), 'the worker connects through it');
 	# FLUSHALL right before the worker's next WORD reaches Redis, which
