@@ -53,6 +53,13 @@ SET billing.event_at_window = '40d';
 SELECT amount FROM billing_charge('eng-a', 0.01, 'eng-a-6', event_at => now() - interval '30 days');
 RESET billing.event_at_window;
 SELECT replayed FROM billing_charge('eng-a', 0.01, 'eng-a-6', event_at => (SELECT event_at FROM billing.entries WHERE trace_id = 'eng-a-6'));
+-- ... or narrow it (ZB019 as billing_deduct would raise it, naming that window),
+-- while the replay of a charge made in a wider window still replays
+SET billing.event_at_window = '1h';
+SELECT split_part(regress_error($$SELECT billing_charge('eng-a', 0.01, 'eng-a-6b', event_at => now() - interval '2 days')$$), E'\n', 1);
+SELECT regress_error($$SELECT billing_charge('eng-a', 0.01, 'eng-a-6b', event_at => now() - interval '2 days')$$) ~ 'billing.event_at_window = 3600 s' AS names_the_callers_window;
+SELECT replayed FROM billing_charge('eng-a', 0.01, 'eng-a-6', event_at => (SELECT event_at FROM billing.entries WHERE trace_id = 'eng-a-6'));
+RESET billing.event_at_window;
 
 -- kind 'adjustment' as with billing_deduct
 SELECT kind, amount, balance_after FROM billing_charge('eng-a', 0.25, 'eng-a-7', kind => 'adjustment');

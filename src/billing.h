@@ -107,7 +107,9 @@ extern char *billing_format_ts(TimestampTz ts);
 extern bool billing_check_event_at(FunctionCallInfo fcinfo, int argno,
 								   TimestampTz *event_at);
 extern bool billing_event_at_in_window(TimestampTz event_at);
+extern bool billing_event_at_in_window_of(TimestampTz event_at, int window);
 extern void billing_check_event_at_window(TimestampTz event_at);
+extern void billing_check_event_at_window_of(TimestampTz event_at, int window);
 
 /* guard.c */
 extern void billing_guard_init(void);

@@ -36,6 +36,7 @@
 #include "executor/executor.h"
 #include "common/hashfn.h"
 #include "engine.h"
+#include "guc.h"
 #include "fmgr.h"
 #include "funcapi.h"
 #include "ledger.h"
@@ -826,8 +827,8 @@ billing_charge(PG_FUNCTION_ARGS)
 	slot->amount = e->amount;
 	slot->has_event_at = e->has_event_at;
 	slot->event_at = e->event_at;
-	/* the window of the caller's session (a superuser may widen it) */
-	slot->event_at_checked = e->has_event_at && billing_event_at_in_window(e->event_at);
+	/* the window of the caller's session (a superuser may widen or narrow it) */
+	slot->event_at_window = billing_event_at_window;
 	strlcpy(slot->kind, e->kind, sizeof(slot->kind));
 	{
 		int			alen = Min(VARSIZE_ANY_EXHDR(actor), NAMEDATALEN - 1);

@@ -93,7 +93,7 @@ typedef struct EngineSlot
 	int64		amount;			/* signed micros (negative: a debit) */
 	bool		has_event_at;
 	TimestampTz event_at;
-	bool		event_at_checked;	/* in the caller's billing.event_at_window */
+	int			event_at_window;	/* the caller's billing.event_at_window (s) */
 	char		kind[ENGINE_KIND_LEN];
 	char		actor[NAMEDATALEN];
 	int			tenant_len;

@@ -200,7 +200,8 @@ item_from_slot(EngineItem *it, int i)
 	}
 	e->has_event_at = slot->has_event_at;
 	e->event_at = slot->event_at;
-	e->event_at_checked = slot->event_at_checked;
+	e->has_event_at_window = true;
+	e->event_at_window = slot->event_at_window;
 	e->actor = cstring_to_text(slot->actor);
 }
 
@@ -225,7 +226,8 @@ item_copy(EngineItem *dst, EngineItem *src)
 	d->api_key = s->api_key ? DatumGetTextPCopy(PointerGetDatum(s->api_key)) : NULL;
 	d->has_event_at = s->has_event_at;
 	d->event_at = s->event_at;
-	d->event_at_checked = s->event_at_checked;
+	d->has_event_at_window = s->has_event_at_window;
+	d->event_at_window = s->event_at_window;
 	d->actor = DatumGetTextPCopy(PointerGetDatum(s->actor));
 }
 

@@ -411,9 +411,16 @@ billing_check_event_at(FunctionCallInfo fcinfo, int argno, TimestampTz *event_at
 bool
 billing_event_at_in_window(TimestampTz event_at)
 {
+	return billing_event_at_in_window_of(event_at, billing_event_at_window);
+}
+
+/* ... of `window` seconds back (the charge engine: its caller's setting) */
+bool
+billing_event_at_in_window_of(TimestampTz event_at, int window)
+{
 	TimestampTz now = GetCurrentTimestamp();
 
-	return event_at >= now - (int64) billing_event_at_window * USECS_PER_SEC &&
+	return event_at >= now - (int64) window * USECS_PER_SEC &&
 		event_at <= now + (int64) BILLING_EVENT_AT_FUTURE_SECS * USECS_PER_SEC;
 }
 
@@ -421,8 +428,14 @@ billing_event_at_in_window(TimestampTz event_at)
 void
 billing_check_event_at_window(TimestampTz event_at)
 {
+	billing_check_event_at_window_of(event_at, billing_event_at_window);
+}
+
+void
+billing_check_event_at_window_of(TimestampTz event_at, int window)
+{
 	TimestampTz now = GetCurrentTimestamp();
-	TimestampTz earliest = now - (int64) billing_event_at_window * USECS_PER_SEC;
+	TimestampTz earliest = now - (int64) window * USECS_PER_SEC;
 	TimestampTz latest = now + (int64) BILLING_EVENT_AT_FUTURE_SECS * USECS_PER_SEC;
 
 	if (event_at < earliest || event_at > latest)
@@ -431,7 +444,7 @@ billing_check_event_at_window(TimestampTz event_at)
 				 errmsg("event_at is outside the accepted window"),
 				 errdetail("It is %s; accepted are %s (billing.event_at_window = %d s before now) to %s.",
 						   billing_format_ts(event_at), billing_format_ts(earliest),
-						   billing_event_at_window, billing_format_ts(latest)),
+						   window, billing_format_ts(latest)),
 				 errhint("Pass the time the usage happened, or leave it out; charging older usage needs a superuser to widen billing.event_at_window.")));
 }
 

@@ -30,6 +30,7 @@
 #include "catalog/namespace.h"
 #include "citus.h"
 #include "direct.h"
+#include "guc.h"
 #include "ledger.h"
 #include "spi.h"
 #include "catalog/pg_type.h"
@@ -649,11 +650,14 @@ post_one(Account *acc, KeyCache *kc, LedgerRequest *req, LedgerOutcome *out,
 	 * An event time outside the accepted window is refused, unless this is
 	 * a replay: the original outcome wins over today's rules, as below.
 	 */
-	if (e->has_event_at && !e->event_at_checked && !billing_event_at_in_window(e->event_at))
+	if (e->has_event_at &&
+		!billing_event_at_in_window_of(e->event_at, e->has_event_at_window ?
+									   e->event_at_window : billing_event_at_window))
 	{
 		if (acc->rejections == 0 && probe_trace(acc, e, mode, out))
 			return;
-		billing_check_event_at_window(e->event_at);
+		billing_check_event_at_window_of(e->event_at, e->has_event_at_window ?
+										 e->event_at_window : billing_event_at_window);
 	}
 
 	/* 3. business rules */

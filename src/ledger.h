@@ -30,9 +30,11 @@ typedef struct EntryWrite
 	int64		refund_of;		/* 0: not a refund of a charge */
 	text	   *actor;			/* NULL: billing_actor() (the charge engine
 								 * writes for its callers) */
-	bool		event_at_checked;	/* event_at is known to be in the window
-									 * (the charge engine's caller checked it
-									 * with its own billing.event_at_window) */
+	bool		has_event_at_window;	/* event_at_window, not the session's
+										 * billing.event_at_window, is the
+										 * window (the charge engine: its
+										 * caller's setting) */
+	int			event_at_window;
 } EntryWrite;
 
 typedef enum PostMode
