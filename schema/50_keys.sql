@@ -171,10 +171,11 @@ BEGIN
     IF billing_api_key_update.key_id IS NULL THEN
         RAISE EXCEPTION 'key_id must not be null' USING ERRCODE = 'ZB015', HINT = 'Pass the key''s id.';
     END IF;
-    PERFORM billing.check_id(billing_api_key_update.key_id, 'key_id', 'ZB018');
     SELECT * INTO k FROM billing.api_keys t
      WHERE t.tenant_id = acc.tenant_id AND t.key_id = billing_api_key_update.key_id FOR UPDATE;
     IF NOT FOUND THEN
+        -- bounded before it is shown (a key that exists is shown as it was made)
+        PERFORM billing.check_id(billing_api_key_update.key_id, 'key_id', 'ZB018');
         RAISE EXCEPTION 'api key "%" does not exist for account "%"', billing_api_key_update.key_id, acc.tenant_id
             USING ERRCODE = 'ZB050',
                   HINT = format('Create it with billing_api_key_create(%L, %L).', acc.tenant_id, billing_api_key_update.key_id);

@@ -670,8 +670,9 @@ BEGIN
     IF billing_deduct_usage.trace_id IS NULL THEN
         RAISE EXCEPTION 'trace_id must not be null' USING ERRCODE = 'ZB015', HINT = 'Pass a value for trace_id.';
     END IF;
-    -- bounded before anything shows it (a replay's error messages do)
-    PERFORM billing.check_id(billing_deduct_usage.model, 'model', 'ZB018');
+    -- bounded before anything shows it (a replay's error messages do); only
+    -- its length, as 1.3's billing_price_set checked the models it priced
+    PERFORM billing.check_text(billing_deduct_usage.model, 'model', 255);
     PERFORM billing.check_json(billing_deduct_usage.metadata, 'metadata');
     -- the account row lock first, as billing_deduct takes it: the charge is
     -- priced at the moment it is made (its created_at), not when the

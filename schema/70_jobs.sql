@@ -236,16 +236,11 @@ CREATE FUNCTION billing.job_check_lease(j billing.jobs, worker text, wanted text
     SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
-    -- heartbeat, complete and fail name the worker as claim does (bounded:
-    -- the message below shows it)
-    IF worker IS NOT NULL THEN
-        PERFORM billing.check_id(worker, 'worker', 'ZB018');
-    END IF;
     IF j.state = 'processing' AND (worker IS NULL OR worker = j.worker) THEN
         RETURN;
     END IF;
     IF j.state = 'processing' OR (j.state = 'queued' AND j.attempt > 0) THEN
-        RAISE EXCEPTION 'job % is no longer leased by %', j.job_id, coalesce(worker, 'this worker')
+        RAISE EXCEPTION 'job % is no longer leased by %', j.job_id, coalesce(billing.show(worker), 'this worker')
             USING ERRCODE = 'ZB073',
                   DETAIL = format('The job is %s (attempt %s, worker %s).', j.state, j.attempt, coalesce(j.worker, 'none')),
                   HINT = 'Its lease expired and it was rescued; drop this result, another attempt will run.';

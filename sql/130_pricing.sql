@@ -193,7 +193,7 @@ SELECT regress_error($$SELECT billing_deduct_usage('prc-a', 'prc-gpt', 0, 0, 'pr
 -- entry whose metadata its caller wrote (a billing_deduct's, with strings
 -- where a usage charge records its prices) is no usage charge to replay: the
 -- trace id conflicts (ZB005), not 22P02 from reading those strings.
-SELECT split_part(regress_error($$SELECT billing_deduct_usage('prc-a', repeat('m', 100000), 1, 1, 'prc-a-u6')$$), E'\n', 1);
+SELECT split_part(regress_error($$SELECT billing_deduct_usage('prc-a', repeat('m', 100000), 0, 0, 'prc-a-u5', requests => 0)$$), E'\n', 1);
 SELECT tenant_id FROM billing_account_create('prc-nu');
 SELECT balance_after FROM billing_credit('prc-nu', 1, 'prc-nu-top-up');
 SELECT entry_id > 0 AS deducted FROM billing_deduct('prc-nu', 0.01, 'prc-nu-1',

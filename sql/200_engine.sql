@@ -91,6 +91,24 @@ ROLLBACK;
 -- for a function with an EXCEPTION clause (regress_error) in a later one
 SELECT 1 AS first \; SELECT regress_error($$SELECT billing_charge('eng-a', 1, 'eng-a-8')$$);
 SELECT 1 AS first \; DO $$BEGIN PERFORM billing_charge('eng-a', 1, 'eng-a-8'); EXCEPTION WHEN sqlstate 'ZB110' THEN RAISE NOTICE 'ZB110 in a DO block'; END$$;
+-- a function the planner runs (here for an estimate: STABLE), before the
+-- statement's executor starts, in the transaction COMMIT AND CHAIN started
+CREATE FUNCTION eng_planned_charge() RETURNS int LANGUAGE plpgsql STABLE AS $f$
+BEGIN
+    PERFORM billing_charge('eng-a', 1, 'eng-a-planned');
+    RETURN 1;
+EXCEPTION WHEN sqlstate 'ZB110' THEN
+    RAISE NOTICE 'ZB110 while the query was planned';
+    RETURN 1;
+END $f$;
+CREATE TABLE eng_planned (x int);
+BEGIN;
+COMMIT AND CHAIN;
+SELECT count(*) FROM eng_planned WHERE x = eng_planned_charge();
+ROLLBACK;
+SELECT count(*) AS charged FROM billing.entries WHERE trace_id = 'eng-a-planned';
+DROP TABLE eng_planned;
+DROP FUNCTION eng_planned_charge();
 -- a block that failed ends at its ROLLBACK (or COMMIT) without a commit or
 -- an abort: the next autocommit call is in no block
 SELECT tenant_id FROM billing_account_create('eng-f');

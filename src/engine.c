@@ -50,6 +50,7 @@
 #include "storage/proc.h"
 #include "storage/shmem.h"
 #include "nodes/parsenodes.h"
+#include "optimizer/planner.h"
 #include "tcop/utility.h"
 #include "utils/array.h"
 #include "utils/builtins.h"
@@ -74,6 +75,7 @@ static shmem_request_hook_type prev_shmem_request_hook = NULL;
 static shmem_startup_hook_type prev_shmem_startup_hook = NULL;
 static ProcessUtility_hook_type prev_process_utility_hook = NULL;
 static ExecutorStart_hook_type prev_executor_start_hook = NULL;
+static planner_hook_type prev_planner_hook = NULL;
 
 /*
  * The top level of this transaction is a transaction block: BEGIN / START
@@ -81,10 +83,13 @@ static ExecutorStart_hook_type prev_executor_start_hook = NULL;
  * block of several statements in one query string.  In a subtransaction (a
  * savepoint, a PL/pgSQL block with an EXCEPTION clause) IsTransactionBlock()
  * is true whether or not the top level is a block, and xact.c does not say
- * which.  Every statement starts at the top level, through ProcessUtility
- * or ExecutorStart, before it can open a subtransaction: so the top level
- * is looked at there (note_top_level) and remembered with the transaction's
- * local id.  Only a note of the current transaction counts: a block that
+ * which.  A statement starts at the top level, through the planner (which
+ * may run functions: constants, estimates), ProcessUtility or ExecutorStart,
+ * before it can open a subtransaction: so the top level is looked at there
+ * (note_top_level) and remembered with the transaction's local id.  (A
+ * fast-path function call, PQfn, passes none of them: as the first call of
+ * the transaction COMMIT AND CHAIN started, from an EXCEPTION block, it is
+ * not refused.)  Only a note of the current transaction counts: a block that
  * failed ends without a commit or abort callback at its ROLLBACK (it was
  * aborted at the error), which the hook saw as a block.
  */
@@ -103,7 +108,8 @@ static int	my_slot = -1;
 static int	claimed_engine = -1;
 static uint32 claimed_generation = 0;
 
-static void check_engine_deadlock(int engine_pid);
+static void check_engine_deadlock(int engine_pid, const char *context);
+static const char *ended_context(EngineSlotState state);
 static bool exit_callback_registered = false;
 
 /* ---------------------------------------------------------------------
@@ -206,6 +212,17 @@ engine_executor_start(QueryDesc *queryDesc, int eflags)
 		standard_ExecutorStart(queryDesc, eflags);
 }
 
+static PlannedStmt *
+engine_planner(Query *parse, const char *query_string, int cursorOptions,
+			   ParamListInfo boundParams)
+{
+	/* the planner may run the query's functions (a constant, an estimate) */
+	note_top_level();
+	if (prev_planner_hook)
+		return prev_planner_hook(parse, query_string, cursorOptions, boundParams);
+	return standard_planner(parse, query_string, cursorOptions, boundParams);
+}
+
 static void
 engine_xact_callback(XactEvent event, void *arg)
 {
@@ -224,6 +241,8 @@ billing_engine_init(void)
 	ProcessUtility_hook = engine_process_utility;
 	prev_executor_start_hook = ExecutorStart_hook;
 	ExecutorStart_hook = engine_executor_start;
+	prev_planner_hook = planner_hook;
+	planner_hook = engine_planner;
 	RegisterXactCallback(engine_xact_callback, NULL);
 	prev_shmem_request_hook = shmem_request_hook;
 	shmem_request_hook = engine_shmem_request;
@@ -542,7 +561,7 @@ slot_acquire(void)
 					pids[n++] = billing_engine->engines[e].pid;
 			LWLockRelease(billing_engine->lock);
 			for (int k = 0; k < n; k++)
-				check_engine_deadlock(pids[k]);
+				check_engine_deadlock(pids[k], ended_context(SLOT_QUEUED));
 		}
 	}
 	ConditionVariableCancelSleep();
@@ -699,10 +718,11 @@ engine_waits_for_us(int engine_pid)
 /*
  * 40P01 when the engine (engine_pid, 0: none) waits, directly or not, for a
  * lock this session holds, while we wait for it on our latch or for a place
- * in its queue: a deadlock PostgreSQL's detector does not see.
+ * in its queue: a deadlock PostgreSQL's detector does not see.  `context`
+ * (NULL: none) is the CONTEXT line saying what became of the charge.
  */
 static void
-check_engine_deadlock(int engine_pid)
+check_engine_deadlock(int engine_pid, const char *context)
 {
 	int			blocker;
 
@@ -716,7 +736,8 @@ check_engine_deadlock(int engine_pid)
 					   engine_pid, MyProcPid) :
 			 errdetail("The engine worker (process %d) waits for process %d, which waits, directly or not, for a lock held by this session (process %d).",
 					   engine_pid, blocker, MyProcPid),
-			 errhint("Call billing_charge in a statement that reads no billing table and holds no lock the engine needs, or use billing_deduct().")));
+			 errhint("Call billing_charge in a statement that reads no billing table and holds no lock the engine needs, or use billing_deduct()."),
+			 context ? errcontext("%s", context) : 0));
 }
 
 static void
@@ -932,7 +953,7 @@ billing_charge(PG_FUNCTION_ARGS)
 				LWLockRelease(billing_engine->lock);
 
 				/* a deadlock through our own locks */
-				check_engine_deadlock(engine_pid);
+				check_engine_deadlock(engine_pid, NULL);	/* PG_CATCH says */
 			}
 			else
 			{

@@ -4456,16 +4456,11 @@ CREATE OR REPLACE FUNCTION billing.job_check_lease(j billing.jobs, worker text, 
     SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
-    -- heartbeat, complete and fail name the worker as claim does (bounded:
-    -- the message below shows it)
-    IF worker IS NOT NULL THEN
-        PERFORM billing.check_id(worker, 'worker', 'ZB018');
-    END IF;
     IF j.state = 'processing' AND (worker IS NULL OR worker = j.worker) THEN
         RETURN;
     END IF;
     IF j.state = 'processing' OR (j.state = 'queued' AND j.attempt > 0) THEN
-        RAISE EXCEPTION 'job % is no longer leased by %', j.job_id, coalesce(worker, 'this worker')
+        RAISE EXCEPTION 'job % is no longer leased by %', j.job_id, coalesce(billing.show(worker), 'this worker')
             USING ERRCODE = 'ZB073',
                   DETAIL = format('The job is %s (attempt %s, worker %s).', j.state, j.attempt, coalesce(j.worker, 'none')),
                   HINT = 'Its lease expired and it was rescued; drop this result, another attempt will run.';
@@ -4511,8 +4506,9 @@ BEGIN
     IF billing_deduct_usage.trace_id IS NULL THEN
         RAISE EXCEPTION 'trace_id must not be null' USING ERRCODE = 'ZB015', HINT = 'Pass a value for trace_id.';
     END IF;
-    -- bounded before anything shows it (a replay's error messages do)
-    PERFORM billing.check_id(billing_deduct_usage.model, 'model', 'ZB018');
+    -- bounded before anything shows it (a replay's error messages do); only
+    -- its length, as 1.3's billing_price_set checked the models it priced
+    PERFORM billing.check_text(billing_deduct_usage.model, 'model', 255);
     PERFORM billing.check_json(billing_deduct_usage.metadata, 'metadata');
     -- the account row lock first, as billing_deduct takes it: the charge is
     -- priced at the moment it is made (its created_at), not when the
@@ -4636,10 +4632,11 @@ BEGIN
     IF billing_api_key_update.key_id IS NULL THEN
         RAISE EXCEPTION 'key_id must not be null' USING ERRCODE = 'ZB015', HINT = 'Pass the key''s id.';
     END IF;
-    PERFORM billing.check_id(billing_api_key_update.key_id, 'key_id', 'ZB018');
     SELECT * INTO k FROM billing.api_keys t
      WHERE t.tenant_id = acc.tenant_id AND t.key_id = billing_api_key_update.key_id FOR UPDATE;
     IF NOT FOUND THEN
+        -- bounded before it is shown (a key that exists is shown as it was made)
+        PERFORM billing.check_id(billing_api_key_update.key_id, 'key_id', 'ZB018');
         RAISE EXCEPTION 'api key "%" does not exist for account "%"', billing_api_key_update.key_id, acc.tenant_id
             USING ERRCODE = 'ZB050',
                   HINT = format('Create it with billing_api_key_create(%L, %L).', acc.tenant_id, billing_api_key_update.key_id);

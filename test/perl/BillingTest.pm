@@ -452,12 +452,14 @@ Run CODE in a forked child process (a background client, a poller); the
 child leaves through POSIX::_exit (0 if CODE returned, 1 if it died), so it
 never runs the test's END blocks.  reap waits for it and returns its exit
 status ($?); exited returns it if the child has exited, undef if it still
-runs.  Children not reaped by the end of the test get SIGTERM.  Children
+runs.  Both remember it: asked again (a wait loop over several children),
+they return it again.  Children not reaped by the end of the test get SIGTERM.  Children
 report through files, never through Test::More.
 
 =cut
 
 my @children;
+my %reaped;    # pid => exit status, once reap or exited collected it
 
 sub spawn
 {
@@ -477,8 +479,10 @@ sub spawn
 sub reap
 {
 	my ($pid) = @_;
+	return $reaped{$pid} if exists $reaped{$pid};
 	waitpid($pid, 0);
 	my $rc = $?;
+	$reaped{$pid} = $rc;
 	@children = grep { $_ != $pid } @children;
 	return $rc;
 }
@@ -486,8 +490,10 @@ sub reap
 sub exited
 {
 	my ($pid) = @_;
+	return $reaped{$pid} if exists $reaped{$pid};
 	return undef unless waitpid($pid, POSIX::WNOHANG()) == $pid;
 	my $rc = $?;
+	$reaped{$pid} = $rc;
 	@children = grep { $_ != $pid } @children;
 	return $rc;
 }

@@ -318,6 +318,8 @@ ok(BillingTest::wait_until(180, sub { defined BillingTest::exited($placeless) })
 is("$status $sqlstate", 'error 40P01', 'it gets 40P01 (deadlock detected)');
 like($message, qr/DETAIL:\s+The engine worker \(process \d+\) waits for process $ddl2_pid, which waits, directly or not, for a lock held by this session \(process $placeless_pid\)/,
 	'its DETAIL names the LOCK TABLE\'s process');
+like($message, qr/CONTEXT:\s+billing_charge: the call ended before the charge engine took the charge: nothing was charged/,
+	'its CONTEXT: nothing was charged');
 ok(BillingTest::wait_until(180, sub { defined BillingTest::exited($ddl2) }), 'the LOCK TABLE is through');
 is(slurp_file("$dir/ddl2-result"), 'ok', 'and committed');
 ok(BillingTest::wait_until(180, sub { !grep { !defined BillingTest::exited($_) } @fillers }), 'the queued callers are answered');
