@@ -6,7 +6,8 @@
 # shutdown, hold expiry and job rescue all waited).  The worker must neither
 # die by a signal nor block: every surprise is "error -> disconnect -> back
 # off -> reconnect", and billing_sync_status() says what happened.  A fast
-# shutdown completes within 10 s whatever Redis does: checked while Redis
+# shutdown completes promptly whatever Redis does (under 40 s, where a
+# worker deaf to it would take 60 s or more): checked while Redis
 # trickles, says nothing, is in the middle of a huge reply and of a SCAN
 # that never ends (the other modes' replies are refused as they arrive: the
 # worker is then backing off, as after the silent server).
@@ -110,17 +111,19 @@ for my $case ([ 'huge', qr/billing\.redis_max_reply_size/ ],
 }
 
 # --- a fast shutdown in the middle of a huge reply, sent slowly (64 KiB
-# every 0.1 s: the worker closes the connection at 16 MiB,
-# billing.redis_max_reply_size, after 25 s) and with the longest command
-# timeout (60 s): only the worker's sliced wait can make the stop prompt
+# every 0.3 s: the worker closes the connection at 16 MiB,
+# billing.redis_max_reply_size, after 75 s) and with the longest command
+# timeout (60 s): only the worker's sliced wait can make the stop prompt.
+# "Prompt" is under 40 s: a fast shutdown also writes a checkpoint, which
+# a busy machine may take seconds over; a worker deaf to it takes 60 s.
 {
-	my $fake = BillingTest::FakeRedis->new('huge', '--delay', 0.1);
+	my $fake = BillingTest::FakeRedis->new('huge', '--delay', 0.3);
 	$node->safe_psql($db, "ALTER SYSTEM SET billing.redis_command_timeout = 60000; "
 		  . "ALTER SYSTEM SET billing.redis_port = " . $fake->port . "; SELECT pg_reload_conf()");
 	ok(BillingTest::wait_until(120, sub { my $k = $fake->last_count('MIB'); $k >= 1 && $k <= 4 }, 0.05),
 		'huge, slowly: the worker is in the middle of the reply (' . $fake->last_count('MIB') . ' MiB)');
 	my $took = stop_fast();
-	cmp_ok($took, '<', 10, sprintf('huge, slowly: pg_ctl stop -m fast took %.1f s (%d MiB into the reply)',
+	cmp_ok($took, '<', 40, sprintf('huge, slowly: pg_ctl stop -m fast took %.1f s (%d MiB into the reply)',
 			$took, $fake->last_count('MIB')));
 	$fake->stop;
 	$node->start;
@@ -141,16 +144,16 @@ for my $case ([ 'huge', qr/billing\.redis_max_reply_size/ ],
 	is(worker_pid(), $pid, 'scan_forever: the same worker process');
 	$fake->stop;
 
-	# a fast shutdown in the middle of a wipe whose SCANs take 0.3 s each: a
+	# a fast shutdown in the middle of a wipe whose SCANs take 1.5 s each: a
 	# worker that looked at interrupts only between the wipe's steps (50
-	# SCANs, then the main loop) would stop up to 15 s later, one that
-	# finished the wipe (104 SCANs: DBSIZE says 10) up to 31 s later
-	$fake = BillingTest::FakeRedis->new('scan_forever', '--delay', 0.3);
+	# SCANs, then the main loop) would stop up to 75 s later, one that
+	# finished the wipe (104 SCANs: DBSIZE says 10) up to 156 s later
+	$fake = BillingTest::FakeRedis->new('scan_forever', '--delay', 1.5);
 	point_at($fake->port);
 	ok(BillingTest::wait_until(120, sub { my $k = $fake->last_count('SCAN'); $k >= 1 && $k <= 10 }, 0.05),
 		'scan_forever, slowly: the worker is in the middle of a wipe (' . $fake->last_count('SCAN') . ' SCANs)');
 	my $took = stop_fast();
-	cmp_ok($took, '<', 10, sprintf('scan_forever, slowly: pg_ctl stop -m fast took %.1f s (%d SCANs into the wipe)',
+	cmp_ok($took, '<', 40, sprintf('scan_forever, slowly: pg_ctl stop -m fast took %.1f s (%d SCANs into the wipe)',
 			$took, $fake->last_count('SCAN')));
 	$fake->stop;
 	$node->start;
@@ -201,7 +204,7 @@ for my $case ([ 'huge', qr/billing\.redis_max_reply_size/ ],
 	$node->safe_psql($db, "SELECT pg_terminate_backend($old)");
 	ok(BillingTest::wait_until(60, sub { !kill(0, $old) }, 0.05),
 		sprintf('trickle: pg_terminate_backend ended the worker (%.2f s)', time - $t0));
-	cmp_ok(time - $t0, '<', 10, 'trickle: ... promptly');
+	cmp_ok(time - $t0, '<', 40, 'trickle: ... promptly (a worker deaf to it waits for the reply, which never ends)');
 	push @killed, $old;
 	ok(BillingTest::wait_until(120, sub { my $p = worker_pid(); $p && $p != $old }),
 		'trickle: the postmaster started a new worker');
@@ -209,7 +212,7 @@ for my $case ([ 'huge', qr/billing\.redis_max_reply_size/ ],
 	# a fast shutdown completes while Redis trickles
 	ok(BillingTest::wait_until(120, sub { $fake->count('INFO SERVER') >= 3 }), 'trickle: the new worker waits on Redis too');
 	my $took = stop_fast();
-	cmp_ok($took, '<', 10, sprintf('trickle: pg_ctl stop -m fast took %.1f s', $took));
+	cmp_ok($took, '<', 40, sprintf('trickle: pg_ctl stop -m fast took %.1f s', $took));
 	$node->start;
 	$fake->stop;
 }
@@ -221,7 +224,7 @@ for my $case ([ 'huge', qr/billing\.redis_max_reply_size/ ],
 	ok(BillingTest::wait_until(120, sub { status('last_error') =~ /timeout/ }),
 		'silent: the connection attempt times out: ' . status('last_error'));
 	my $took = stop_fast();
-	cmp_ok($took, '<', 10, sprintf('silent: pg_ctl stop -m fast took %.1f s', $took));
+	cmp_ok($took, '<', 40, sprintf('silent: pg_ctl stop -m fast took %.1f s', $took));
 	$node->start;
 	$fake->stop;
 	point_at($real->port);
