@@ -57,6 +57,39 @@ my $gate = BillingTest::Session->new($node, $DB);
 is($gate->call('SELECT billing.engine_test_gate(true)')->{status}, 'ok', 'the engine is held');
 
 my $dir = PostgreSQL::Test::Utils::tempdir();
+
+# A statement in a session of its own, in the background (it may wait for
+# long): its backend's pid goes to "$dir/NAME-pid" once it is connected, its
+# answer to "$dir/NAME-result" (background_result: status, the first row's
+# value or the SQLSTATE, the message).
+sub background
+{
+	my ($name, $query) = @_;
+	return BillingTest::spawn(sub {
+		my $s = BillingTest::Session->new($node, $DB, timeout => 300);
+		PostgreSQL::Test::Utils::append_to_file("$dir/$name-pid", $s->pid);
+		my $r = $s->call($query);
+		PostgreSQL::Test::Utils::append_to_file("$dir/$name-result",
+			join("\n", $r->{status}, ($r->{status} eq 'ok' ? $r->{rows}[0] : $r->{sqlstate}) // '-', $r->{message} // ''));
+		$s->close;
+	});
+}
+sub background_pid { my $f = "$dir/$_[0]-pid"; return -s $f ? slurp_file($f) : undef }
+sub background_result { return split /\n/, slurp_file("$dir/$_[0]-result"), 3 }
+
+# A LOCK TABLE billing.accounts (background NAME) that queues behind the
+# lock of the session PID; returns its child and its backend's pid.
+sub lock_table_behind
+{
+	my ($name, $pid) = @_;
+	my $child = background($name, 'BEGIN; LOCK TABLE billing.accounts IN ACCESS EXCLUSIVE MODE; COMMIT');
+	my $ddl_pid;
+	ok(BillingTest::wait_until(180, sub {
+		$ddl_pid = background_pid($name);
+		defined $ddl_pid && sql("SELECT pg_blocking_pids($ddl_pid) = ARRAY[$pid]") eq 't' }),
+		"a LOCK TABLE waits for process $pid");
+	return ($child, $ddl_pid);
+}
 my %callers;
 for my $i (1 .. $CALLERS)
 {
@@ -154,20 +187,14 @@ $holder->call('BEGIN');
 is($holder->call("SELECT count(*) FROM billing_deduct('k', 1, 'k-holder')")->{status}, 'ok',
 	'another transaction holds the account');
 # (cancelled once the engine waits for the lock: it has taken the charge)
-my $taken = BillingTest::spawn(sub {
-	my $s = BillingTest::Session->new($node, $DB, timeout => 300);
-	PostgreSQL::Test::Utils::append_to_file("$dir/taken-pid", $s->pid);
-	my $r = $s->call("SELECT replayed FROM billing_charge('k', 1, 'k-taken')");
-	PostgreSQL::Test::Utils::append_to_file("$dir/taken-result", join("\n", $r->{sqlstate} // '-', $r->{message} // ''));
-	$s->close;
-});
+my $taken = background('taken', "SELECT replayed FROM billing_charge('k', 1, 'k-taken')");
 ok(BillingTest::wait_until(180, sub {
 	my $pid = engine('pid');
-	-s "$dir/taken-pid" && $pid ne '' && sql("SELECT wait_event_type FROM pg_stat_activity WHERE pid = $pid") eq 'Lock' }),
+	background_pid('taken') && $pid ne '' && sql("SELECT wait_event_type FROM pg_stat_activity WHERE pid = $pid") eq 'Lock' }),
 	'the engine has taken the charge and waits for the account');
-is(sql('SELECT pg_cancel_backend(' . slurp_file("$dir/taken-pid") . ')'), 't', 'the caller is cancelled');
+is(sql('SELECT pg_cancel_backend(' . background_pid('taken') . ')'), 't', 'the caller is cancelled');
 ok(BillingTest::wait_until(180, sub { defined BillingTest::exited($taken) }), 'and answered');
-my ($taken_state, $taken_message) = split /\n/, slurp_file("$dir/taken-result"), 2;
+my (undef, $taken_state, $taken_message) = background_result('taken');
 is($taken_state, '57014', 'a caller whose charge the engine is applying is cancelled');
 like($taken_message, qr/CONTEXT:\s+billing_charge: the charge engine was applying this charge when the call ended, so it may have been made; call billing_charge again with the same trace id/,
 	'its CONTEXT: it may have been made, call again with the same trace id');
@@ -191,12 +218,7 @@ $holder = BillingTest::Session->new($node, $DB);
 $holder->call('BEGIN');
 is($holder->call("SELECT count(*) FROM billing_deduct('k', 1, 'k-holder-2')")->{status}, 'ok',
 	'another transaction holds the account');
-my $put_off = BillingTest::spawn(sub {
-	my $s = BillingTest::Session->new($node, $DB, timeout => 300);
-	my $r = $s->call("SELECT replayed FROM billing_charge('k', 1, 'k-put-off')");
-	PostgreSQL::Test::Utils::append_to_file("$dir/put-off-result", join(' ', $r->{status}, $r->{status} eq 'ok' ? $r->{rows}[0] : $r->{sqlstate} // ''));
-	$s->close;
-});
+my $put_off = background('put-off', "SELECT replayed FROM billing_charge('k', 1, 'k-put-off')");
 ok(BillingTest::wait_until(180, sub {
 	my $pid = engine('pid');
 	$pid ne '' && sql("SELECT wait_event_type FROM pg_stat_activity WHERE pid = $pid") eq 'Lock' }),
@@ -205,7 +227,7 @@ my $tries = engine('deferrals') - $deferrals0;
 ok($tries >= 1 && $tries <= 100, "it put the charge off $tries times in 2 s (at most 100)");
 is($holder->call('COMMIT')->{status}, 'ok', 'the other transaction commits');
 ok(BillingTest::wait_until(180, sub { defined BillingTest::exited($put_off) }), 'the caller is answered');
-is(slurp_file("$dir/put-off-result"), 'ok f', 'its charge is made');
+is(join(' ', (background_result('put-off'))[0, 1]), 'ok f', 'its charge is made');
 $holder->close;
 sql('ALTER SYSTEM RESET billing.engine_lock_wait');
 sql('SELECT pg_reload_conf()');
@@ -223,35 +245,17 @@ note 'a statement that holds a lock the engine needs';
 sql("SELECT billing_account_create('d'), billing_credit('d', 100, 'd-top-up')");
 $gate = BillingTest::Session->new($node, $DB);
 is($gate->call('SELECT billing.engine_test_gate(true)')->{status}, 'ok', 'the engine is held');
-my $locked = BillingTest::spawn(sub {
-	my $s = BillingTest::Session->new($node, $DB, timeout => 300);
-	PostgreSQL::Test::Utils::append_to_file("$dir/locked-pid", $s->pid);
-	my $r = $s->call("SELECT c.replayed FROM billing.accounts a, LATERAL billing_charge(a.tenant_id, 1, 'd-locked') c
-	                  WHERE a.tenant_id = 'd'");
-	PostgreSQL::Test::Utils::append_to_file("$dir/locked-result",
-		join("\n", $r->{status}, $r->{sqlstate} // '-', $r->{message} // ''));
-	$s->close;
-});
+my $locked = background('locked', "SELECT c.replayed FROM billing.accounts a, LATERAL billing_charge(a.tenant_id, 1, 'd-locked') c
+	                                   WHERE a.tenant_id = 'd'");
 my $locked_pid;
 ok(BillingTest::wait_until(180, sub {
-	$locked_pid = -s "$dir/locked-pid" ? slurp_file("$dir/locked-pid") : undef;
+	$locked_pid = background_pid('locked');
 	defined $locked_pid && sql("SELECT wait_event_type || '/' || wait_event FROM pg_stat_activity WHERE pid = $locked_pid") eq 'Lock/advisory' }),
 	'the caller, holding billing.accounts, is held at the gate');
-my $ddl = BillingTest::spawn(sub {
-	my $s = BillingTest::Session->new($node, $DB, timeout => 300);
-	PostgreSQL::Test::Utils::append_to_file("$dir/ddl-pid", $s->pid);
-	my $r = $s->call('BEGIN; LOCK TABLE billing.accounts IN ACCESS EXCLUSIVE MODE; COMMIT');
-	PostgreSQL::Test::Utils::append_to_file("$dir/ddl-result", $r->{status});
-	$s->close;
-});
-my $ddl_pid;
-ok(BillingTest::wait_until(180, sub {
-	$ddl_pid = -s "$dir/ddl-pid" ? slurp_file("$dir/ddl-pid") : undef;
-	defined $ddl_pid && sql("SELECT pg_blocking_pids($ddl_pid) = ARRAY[$locked_pid]") eq 't' }),
-	'a LOCK TABLE waits for the caller');
+my ($ddl, $ddl_pid) = lock_table_behind('ddl', $locked_pid);
 is($gate->call('SELECT billing.engine_test_gate(false)')->{status}, 'ok', 'the engine goes on, and waits behind the LOCK TABLE');
 ok(BillingTest::wait_until(180, sub { defined BillingTest::exited($locked) }), 'the caller is answered');
-my ($status, $sqlstate, $message) = split /\n/, slurp_file("$dir/locked-result"), 3;
+my ($status, $sqlstate, $message) = background_result('locked');
 is("$status $sqlstate", 'error 40P01', 'it gets 40P01 (deadlock detected)');
 like($message, qr/ERROR:\s+40P01: billing_charge waits for the charge engine, which waits for a lock this session holds/,
 	'its message');
@@ -260,7 +264,7 @@ like($message, qr/DETAIL:\s+The engine worker \(process \d+\) waits for process 
 like($message, qr/CONTEXT:\s+billing_charge: the charge engine was applying this charge when the call ended, so it may have been made/,
 	'its CONTEXT: the charge may have been made');
 ok(BillingTest::wait_until(180, sub { defined BillingTest::exited($ddl) }), 'the LOCK TABLE is through');
-is(slurp_file("$dir/ddl-result"), 'ok', 'and committed');
+is((background_result('ddl'))[0], 'ok', 'and committed');
 ok(BillingTest::wait_until(120, sub { sql("SELECT count(*) FROM billing.entries WHERE trace_id = 'd-locked'") eq '1' }),
 	'the engine makes the charge, once');
 is(sql("SELECT replayed FROM billing_charge('d', 1, 'd-locked')"), 't', 'calling again with the same trace id replays it');
@@ -276,54 +280,28 @@ note 'the same, while the statement waits for a place in a full queue';
 # charged; then the LOCK TABLE and the queued charges go through.
 $gate = BillingTest::Session->new($node, $DB);
 is($gate->call('SELECT billing.engine_test_gate(true)')->{status}, 'ok', 'the engine is held');
-my @fillers = map {
-	my $n = $_;
-	BillingTest::spawn(sub {
-		my $s = BillingTest::Session->new($node, $DB, timeout => 300);
-		my $r = $s->call("SELECT replayed FROM billing_charge('m$n', 1, 'full-$n')");
-		PostgreSQL::Test::Utils::append_to_file("$dir/full-$n", join(' ', $r->{status}, $r->{status} eq 'ok' ? $r->{rows}[0] : $r->{sqlstate} // ''));
-		$s->close;
-	})
-} 1 .. $QUEUE;
+my @fillers = map { background("full-$_", "SELECT replayed FROM billing_charge('m$_', 1, 'full-$_')") } 1 .. $QUEUE;
 ok(BillingTest::wait_until(180, sub { engine('free_slots') eq '0' }), "$QUEUE callers fill the queue");
-my $placeless = BillingTest::spawn(sub {
-	my $s = BillingTest::Session->new($node, $DB, timeout => 300);
-	PostgreSQL::Test::Utils::append_to_file("$dir/placeless-pid", $s->pid);
-	my $r = $s->call("SELECT c.replayed FROM billing.accounts a, LATERAL billing_charge(a.tenant_id, 1, 'd-full') c
-	                  WHERE a.tenant_id = 'd'");
-	PostgreSQL::Test::Utils::append_to_file("$dir/placeless-result",
-		join("\n", $r->{status}, $r->{sqlstate} // '-', $r->{message} // ''));
-	$s->close;
-});
+my $placeless = background('placeless', "SELECT c.replayed FROM billing.accounts a, LATERAL billing_charge(a.tenant_id, 1, 'd-full') c
+	                                         WHERE a.tenant_id = 'd'");
 my $placeless_pid;
 ok(BillingTest::wait_until(180, sub {
-	$placeless_pid = -s "$dir/placeless-pid" ? slurp_file("$dir/placeless-pid") : undef;
+	$placeless_pid = background_pid('placeless');
 	defined $placeless_pid && sql("SELECT wait_event_type FROM pg_stat_activity WHERE pid = $placeless_pid") eq 'Extension' }),
 	'a statement holding billing.accounts waits for a place');
-my $ddl2 = BillingTest::spawn(sub {
-	my $s = BillingTest::Session->new($node, $DB, timeout => 300);
-	PostgreSQL::Test::Utils::append_to_file("$dir/ddl2-pid", $s->pid);
-	my $r = $s->call('BEGIN; LOCK TABLE billing.accounts IN ACCESS EXCLUSIVE MODE; COMMIT');
-	PostgreSQL::Test::Utils::append_to_file("$dir/ddl2-result", $r->{status});
-	$s->close;
-});
-my $ddl2_pid;
-ok(BillingTest::wait_until(180, sub {
-	$ddl2_pid = -s "$dir/ddl2-pid" ? slurp_file("$dir/ddl2-pid") : undef;
-	defined $ddl2_pid && sql("SELECT pg_blocking_pids($ddl2_pid) = ARRAY[$placeless_pid]") eq 't' }),
-	'a LOCK TABLE waits for that statement');
+my ($ddl2, $ddl2_pid) = lock_table_behind('ddl2', $placeless_pid);
 is($gate->call('SELECT billing.engine_test_gate(false)')->{status}, 'ok', 'the engine goes on, and waits behind the LOCK TABLE');
 ok(BillingTest::wait_until(180, sub { defined BillingTest::exited($placeless) }), 'the statement waiting for a place is answered');
-($status, $sqlstate, $message) = split /\n/, slurp_file("$dir/placeless-result"), 3;
+($status, $sqlstate, $message) = background_result('placeless');
 is("$status $sqlstate", 'error 40P01', 'it gets 40P01 (deadlock detected)');
 like($message, qr/DETAIL:\s+The engine worker \(process \d+\) waits for process $ddl2_pid, which waits, directly or not, for a lock held by this session \(process $placeless_pid\)/,
 	'its DETAIL names the LOCK TABLE\'s process');
 like($message, qr/CONTEXT:\s+billing_charge: the call ended before the charge engine took the charge: nothing was charged/,
 	'its CONTEXT: nothing was charged');
 ok(BillingTest::wait_until(180, sub { defined BillingTest::exited($ddl2) }), 'the LOCK TABLE is through');
-is(slurp_file("$dir/ddl2-result"), 'ok', 'and committed');
+is((background_result('ddl2'))[0], 'ok', 'and committed');
 ok(BillingTest::wait_until(180, sub { !grep { !defined BillingTest::exited($_) } @fillers }), 'the queued callers are answered');
-is(join(',', map { slurp_file("$dir/full-$_") } 1 .. $QUEUE), join(',', ('ok f') x $QUEUE), 'each of them charged');
+is(join(',', map { join(' ', (background_result("full-$_"))[0, 1]) } 1 .. $QUEUE), join(',', ('ok f') x $QUEUE), 'each of them charged');
 is(sql("SELECT count(*) FROM billing.entries WHERE trace_id = 'd-full'"), '0', 'the statement that got 40P01 charged nothing');
 $gate->close;
 
