@@ -103,14 +103,17 @@ static LocalTransactionId top_level_block_lxid = InvalidLocalTransactionId;
 /* the slot this backend waits on (-1: none), for its exit callback */
 static int	my_slot = -1;
 
-/* a start of entry claimed_engine (generation claimed_generation) that we
- * claimed and have not made yet (-1: none), for the error and exit paths */
+static bool exit_callback_registered = false;
+
+/*
+ * A start of entry claimed_engine (generation claimed_generation) that we
+ * claimed and have not made yet (-1: none), for the error and exit paths
+ */
 static int	claimed_engine = -1;
 static uint32 claimed_generation = 0;
 
 static void check_engine_deadlock(int engine_pid, const char *context);
 static const char *ended_context(EngineSlotState state);
-static bool exit_callback_registered = false;
 
 /* ---------------------------------------------------------------------
  * shared memory

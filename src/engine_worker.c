@@ -856,11 +856,10 @@ billing_engine_main(Datum arg)
 		if (!queued)
 		{
 			/*
-			 * Only charges of busy accounts: try again shortly, about 20
-			 * times over billing.engine_lock_wait (every 1 ms at the
-			 * default 20 ms, at most every 100 ms), not every millisecond
-			 * of a long one.  A new charge wakes us at once, and takes
-			 * these along.
+			 * Only charges of busy accounts: try again every 1/20 of
+			 * billing.engine_lock_wait, 1 to 100 ms apart (every 1 ms at
+			 * the default 20 ms), not every millisecond of a long one.  A
+			 * new charge wakes us at once, and takes these along.
 			 */
 			(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
 							 Min(Max(billing_engine_lock_wait / 20, 1), 100),
