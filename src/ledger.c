@@ -650,14 +650,18 @@ post_one(Account *acc, KeyCache *kc, LedgerRequest *req, LedgerOutcome *out,
 	 * An event time outside the accepted window is refused, unless this is
 	 * a replay: the original outcome wins over today's rules, as below.
 	 */
-	if (e->has_event_at &&
-		!billing_event_at_in_window_of(e->event_at, e->has_event_at_window ?
-									   e->event_at_window : billing_event_at_window))
+	if (e->has_event_at)
 	{
-		if (acc->rejections == 0 && probe_trace(acc, e, mode, out))
-			return;
-		billing_check_event_at_window_of(e->event_at, e->has_event_at_window ?
-										 e->event_at_window : billing_event_at_window);
+		/* the session's window, or the one the charge engine's caller had */
+		int			window = e->has_event_at_window ? e->event_at_window :
+			billing_event_at_window;
+
+		if (!billing_event_at_in_window_of(e->event_at, window))
+		{
+			if (acc->rejections == 0 && probe_trace(acc, e, mode, out))
+				return;
+			billing_check_event_at_window_of(e->event_at, window);
+		}
 	}
 
 	/* 3. business rules */
