@@ -235,15 +235,18 @@ REVOKE ALL ON FUNCTION @extschema@.billing_hold_extend(text, text, interval) FRO
 -- SQL (the job functions): the schema of the SQL API is the database
 -- owner's, who could rename it and put a function of that name in its
 -- place, which SECURITY DEFINER code calling it by name would run as the
--- extension's owner.  No role is granted it.
+-- extension's owner.  No role is granted it.  Unlike billing_hold_extend it
+-- returns a hold that expired or was settled meanwhile as it is: a claim or
+-- a rescue that waited for the account lock past the hold's expiry goes on
+-- (its job sees the expired hold at complete) instead of failing as a whole.
 CREATE FUNCTION billing.internal_hold_extend(tenant_id text, hold_trace_id text,
                                        expires_in interval DEFAULT '15 minutes')
     RETURNS billing.hold_result
-    AS 'MODULE_PATHNAME', 'billing_hold_extend'
+    AS 'MODULE_PATHNAME', 'billing_hold_keep'
     LANGUAGE C VOLATILE SECURITY DEFINER
     SET search_path = pg_catalog, pg_temp;
 COMMENT ON FUNCTION billing.internal_hold_extend(text, text, interval) IS
-    'billing_hold_extend for the extension''s own SQL (internal)';
+    'billing_hold_extend for the extension''s own SQL (internal): a hold that is no longer open is returned as it is';
 REVOKE ALL ON FUNCTION billing.internal_hold_extend(text, text, interval) FROM PUBLIC;
 
 CREATE VIEW billing.open_holds WITH (security_barrier) AS

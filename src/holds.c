@@ -38,6 +38,7 @@ PG_FUNCTION_INFO_V1(billing_hold);
 PG_FUNCTION_INFO_V1(billing_capture);
 PG_FUNCTION_INFO_V1(billing_release);
 PG_FUNCTION_INFO_V1(billing_hold_extend);
+PG_FUNCTION_INFO_V1(billing_hold_keep);
 
 /* longest a hold may live (and be extended by), in days */
 #define MAX_HOLD_DAYS	31
@@ -885,14 +886,11 @@ billing_release(PG_FUNCTION_ARGS)
 }
 
 /*
- * billing_hold_extend(tenant_id, hold_trace_id, expires_in)
- *	-> billing.hold_result
- *
- * The heartbeat of a long-running hold: expires_at becomes now() +
- * expires_in.  Only an open hold can be extended.
+ * Extend an open hold to now() + expires_in.  A hold that is not open is
+ * refused (ZB031/ZB032), or with if_open returned as it is.
  */
-Datum
-billing_hold_extend(PG_FUNCTION_ARGS)
+static Datum
+hold_extend(FunctionCallInfo fcinfo, bool if_open)
 {
 	text	   *tenant_id = get_id(fcinfo, 0, "tenant_id", ERRCODE_BILLING_INVALID_TENANT_ID);
 	text	   *hold_trace = get_id(fcinfo, 1, "hold_trace_id", ERRCODE_BILLING_INVALID_TRACE_ID);
@@ -905,15 +903,49 @@ billing_hold_extend(PG_FUNCTION_ARGS)
 	account_expire_due(&acc);
 	load_hold(&acc, hold_trace, &h);
 	if (strcmp(h.status, "open") != 0)
-		raise_not_open(&acc, &h, "extended");
-
-	h.expires_at = acc.now + expires_in;
-	save_hold(&acc, &h);
-	journal(&acc, &h, NULL, "extend", 0, 0, false);
-	account_refresh_holds(&acc);
-	acc.version++;
-	account_save(&acc, false);
+	{
+		if (!if_open)
+			raise_not_open(&acc, &h, "extended");
+		account_finish(&acc);	/* the expiry recorded on the way stays */
+	}
+	else
+	{
+		h.expires_at = acc.now + expires_in;
+		save_hold(&acc, &h);
+		journal(&acc, &h, NULL, "extend", 0, 0, false);
+		account_refresh_holds(&acc);
+		acc.version++;
+		account_save(&acc, false);
+	}
 	result = hold_result(fcinfo, &acc, &h, false);
 	SPI_finish();
 	return result;
+}
+
+/*
+ * billing_hold_extend(tenant_id, hold_trace_id, expires_in)
+ *	-> billing.hold_result
+ *
+ * The heartbeat of a long-running hold: expires_at becomes now() +
+ * expires_in.  Only an open hold can be extended.
+ */
+Datum
+billing_hold_extend(PG_FUNCTION_ARGS)
+{
+	return hold_extend(fcinfo, false);
+}
+
+/*
+ * billing.internal_hold_extend(tenant_id, hold_trace_id, expires_in)
+ *	-> billing.hold_result
+ *
+ * The job functions' keep-alive: as billing_hold_extend, but a hold that
+ * expired (or was settled) while the caller waited for the account lock is
+ * returned as it is, with its status, instead of failing the caller's whole
+ * claim or rescue.  The job's later steps see the hold's state.
+ */
+Datum
+billing_hold_keep(PG_FUNCTION_ARGS)
+{
+	return hold_extend(fcinfo, true);
 }
