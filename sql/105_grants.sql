@@ -243,7 +243,7 @@ SELECT status FROM billing_release('gr-debt', 'gr-debt-h', 'gr-debt-r');
 -- expires and expires with the grant, one entry dated at the grant's
 -- expiry.  Every reader leaves it out before anything is written.
 SELECT tenant_id FROM billing_account_create('gr-j');
-SELECT amount FROM billing_grant('gr-j', 5, 'gr-j-g', expires_at => clock_timestamp() + interval '4 seconds');
+SELECT amount FROM billing_grant('gr-j', 5, 'gr-j-g', expires_at => clock_timestamp() + interval '6 seconds');
 SELECT status FROM billing_hold('gr-j', 5, 'gr-j-h', expires_in => '3 seconds');
 SELECT pg_temp.sleep_past_expiry('gr-j', holds => true);
 SELECT billing_balance('gr-j') AS balance,
@@ -301,7 +301,7 @@ SELECT billing_balance('gr-l') AS balance, count(*) AS problems FROM billing_ver
 -- "original expire", whatever writes it
 SELECT tenant_id FROM billing_account_create('gr-m');
 SELECT amount FROM billing_credit('gr-m', 10, 'gr-m-top-up');
-SELECT amount FROM billing_grant('gr-m', 2, 'gr-m-g', expires_at => clock_timestamp() + interval '1 second');
+SELECT amount FROM billing_grant('gr-m', 2, 'gr-m-g', expires_at => clock_timestamp() + interval '3 seconds');
 SELECT amount FROM billing_deduct('gr-m', 0.5, 'gr-m-d');
 SELECT status FROM billing_hold('gr-m', 0.5, 'gr-m-h');
 SELECT pg_temp.sleep_past_expiry('gr-m');
