@@ -57,20 +57,87 @@ PG_FUNCTION_INFO_V1(billing_alerts_check);
 static SPIPlanPtr plan_insert = NULL;
 static SPIPlanPtr plan_write_sql = NULL;
 
-/* at the end of a transaction: its counters (metrics.c) */
+/*
+ * The notifications of the transaction's events (billing.events_notify),
+ * in TopTransactionContext, each with the nesting level of the
+ * subtransaction that wrote it.  They are handed to PostgreSQL only just
+ * before commit: PREPARE TRANSACTION refuses a transaction with a pending
+ * NOTIFY, and a prepared transaction (Citus' two-phase commit, or the
+ * application's) announces nothing, as the documentation says.
+ */
+typedef struct PendingNotify
+{
+	int			level;
+	char	   *payload;
+} PendingNotify;
+
+static List *pending_notifies = NIL;
+
+/* at the end of a transaction: its notifications and counters (metrics.c) */
 static void
 events_xact_callback(XactEvent event, void *arg)
 {
+	ListCell   *lc;
+
 	switch (event)
 	{
+		case XACT_EVENT_PRE_COMMIT:
+			/* PostgreSQL's PreCommit_Notify runs after this callback */
+			foreach(lc, pending_notifies)
+				Async_Notify(EVENTS_CHANNEL, ((PendingNotify *) lfirst(lc))->payload);
+			pending_notifies = NIL;
+			break;
+		case XACT_EVENT_PRE_PREPARE:
+			pending_notifies = NIL;
+			break;
 		case XACT_EVENT_COMMIT:
 		case XACT_EVENT_PARALLEL_COMMIT:
+		case XACT_EVENT_PREPARE:
+			/*
+			 * A prepared transaction counts when it is prepared: COMMIT
+			 * PREPARED runs no callback of ours (a ROLLBACK PREPARED is not
+			 * taken back).
+			 */
+			pending_notifies = NIL;
 			metrics_xact_end(true);
 			break;
 		case XACT_EVENT_ABORT:
 		case XACT_EVENT_PARALLEL_ABORT:
-		case XACT_EVENT_PREPARE:
+			pending_notifies = NIL;
 			metrics_xact_end(false);
+			break;
+		default:
+			break;
+	}
+}
+
+/* a subtransaction ends: its notifications go to its parent, or away */
+static void
+events_subxact_callback(SubXactEvent event, SubTransactionId mySubid,
+						SubTransactionId parentSubid, void *arg)
+{
+	int			level = GetCurrentTransactionNestLevel();
+	ListCell   *lc;
+
+	switch (event)
+	{
+		case SUBXACT_EVENT_COMMIT_SUB:
+			foreach(lc, pending_notifies)
+			{
+				PendingNotify *n = lfirst(lc);
+
+				if (n->level >= level)
+					n->level = level - 1;
+			}
+			break;
+		case SUBXACT_EVENT_ABORT_SUB:
+			foreach(lc, pending_notifies)
+			{
+				PendingNotify *n = lfirst(lc);
+
+				if (n->level >= level)
+					pending_notifies = foreach_delete_current(pending_notifies, lc);
+			}
 			break;
 		default:
 			break;
@@ -82,6 +149,7 @@ void
 events_init(void)
 {
 	RegisterXactCallback(events_xact_callback, NULL);
+	RegisterSubXactCallback(events_subxact_callback, NULL);
 	metrics_init();
 }
 
@@ -195,18 +263,24 @@ events_iso_time(TimestampTz ts)
 static void
 notify(const char *tenant, int64 seq, int64 event_id, const char *type)
 {
+	MemoryContext old;
 	StringInfoData buf;
+	PendingNotify *n;
 
 	if (!billing_events_notify)
 		return;
+	old = MemoryContextSwitchTo(TopTransactionContext);
 	ej_begin(&buf);
 	ej_str(&buf, "tenant_id", tenant);
 	ej_int(&buf, "seq", seq);
 	ej_int(&buf, "event_id", event_id);
 	ej_str(&buf, "type", type);
 	ej_end(&buf);
-	Async_Notify(EVENTS_CHANNEL, buf.data);
-	pfree(buf.data);
+	n = palloc(sizeof(PendingNotify));
+	n->level = GetCurrentTransactionNestLevel();
+	n->payload = buf.data;
+	pending_notifies = lappend(pending_notifies, n);
+	MemoryContextSwitchTo(old);
 }
 
 bool

@@ -1178,9 +1178,13 @@ deliver(void)
  */
 
 /*
- * Delivered events older than billing.events_retention leave the outbox,
- * PRUNE_BATCH at a time; with no Redis to deliver to (billing.redis_host
- * empty), undelivered ones too.  True when more are due.
+ * Events delivered longer than billing.events_retention ago leave the
+ * outbox, PRUNE_BATCH at a time; with no Redis to deliver to
+ * (billing.redis_host empty), undelivered ones created that long ago too.
+ * The retention counts from the delivery: an event delivered late stays as
+ * long as any other, in case Redis loses it (a failover) and it must be
+ * sent again.  An event is delivered after it is created, so the index on
+ * created_at finds every one that is due.  True when more are due.
  */
 static bool
 prune(void)
@@ -1205,7 +1209,8 @@ prune(void)
 		if (SPI_execute_with_args("DELETE FROM billing.events e WHERE e.ctid OPERATOR(pg_catalog.=) ANY (ARRAY("
 								  "  SELECT o.ctid FROM billing.events o "
 								  "  WHERE o.created_at OPERATOR(pg_catalog.<) $1 "
-								  "    AND (o.delivered_at IS NOT NULL OR $2) "
+								  "    AND (o.delivered_at OPERATOR(pg_catalog.<) $1 "
+								  "         OR ($2 AND o.delivered_at IS NULL)) "
 								  "  ORDER BY o.created_at LIMIT " CppAsString2(PRUNE_BATCH) "))",
 								  2, types, values, NULL, false, 0) != SPI_OK_DELETE)
 			elog(ERROR, "billing events: pruning the outbox failed");

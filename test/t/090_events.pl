@@ -14,7 +14,8 @@
 # a tenant set aside meanwhile gets all of its own once it is fixed; an
 # edited
 # hash gives mirror.repaired with the fields that differed; delivered events
-# are pruned after billing.events_retention, undelivered ones are not;
+# are pruned billing.events_retention after their delivery, undelivered ones
+# are not;
 # `promtool check metrics` accepts billing_metrics().
 #
 # Part 2, the fault test: 4 clients charge and credit 8 tenants around their
@@ -132,6 +133,49 @@ like($heard, qr/payload "\{"tenant_id": "a1", "seq": 1, "event_id": \d+, "type":
 unlike($heard, qr/"a2"/, 'nothing for the rolled-back crossing');
 unlike($heard, qr/"a3"/, 'nothing from a transaction with billing.events_notify off, which committed first');
 is(qv("SELECT count(*) FROM billing.events WHERE tenant_id = 'a3'"), '1', 'though its event is in the outbox');
+
+# With the setting on, a two-phase commit works: PREPARE TRANSACTION refuses
+# a transaction with a pending NOTIFY, so billing hands its notifications to
+# PostgreSQL only just before a commit.  A prepared transaction announces
+# nothing, and a savepoint rolled back takes its notification with it; one
+# released keeps it.  n1 commits (prepared) before n3, so had it notified,
+# the listener would have heard it first.
+for my $t ('n1', 'n2', 'n3')
+{
+	sql("SELECT count(*) FROM billing_account_create('$t');
+	     SELECT count(*) FROM billing_credit('$t', 100, '$t-c');
+	     SELECT count(*) FROM billing_alerts_set('$t', low_balance => 50);");
+}
+my ($ret, $out, $err) = $node->psql($DB, q{
+	SET billing.events_notify = on;
+	BEGIN;
+	SELECT billing_deduct('n1', 60, 'n1-d1');
+	PREPARE TRANSACTION 'billing_notify';
+});
+is($ret, 0, 'a transaction that wrote an event, with billing.events_notify on, can be prepared')
+	or diag($err);
+sql("COMMIT PREPARED 'billing_notify'") if $ret == 0;
+is(qv("SELECT count(*) FROM billing.events WHERE tenant_id = 'n1'"), '1', 'its event is in the outbox');
+sql(q{
+	SET billing.events_notify = on;
+	BEGIN;
+	SAVEPOINT s1;
+	SELECT billing_deduct('n2', 60, 'n2-d1');
+	ROLLBACK TO SAVEPOINT s1;
+	SAVEPOINT s2;
+	SELECT billing_deduct('n3', 60, 'n3-d1');
+	RELEASE SAVEPOINT s2;
+	COMMIT;
+});
+$heard = '';
+ok(wait_for(60, sub {
+	my $r = $listener->call('SELECT 1');
+	$heard .= join("\n", @{ $r->{rows} }) . "\n";
+	return $heard =~ /"n3"/;
+}), 'the event of a released savepoint is announced at commit');
+unlike($heard, qr/"n1"/, 'nothing from the prepared transaction');
+unlike($heard, qr/"n2"/, 'nothing from the savepoint rolled back');
+is(qv("SELECT count(*) FROM billing.events WHERE tenant_id = 'n2'"), '0', 'which wrote no event either');
 $listener->close;
 
 # delivery: the tenant's stream and the stream of every tenant
@@ -350,9 +394,11 @@ sql(q{CREATE OR REPLACE FUNCTION billing.alerts_due(max_accounts integer DEFAULT
       LANGUAGE plpgsql AS $$ BEGIN RAISE EXCEPTION 'the sweep is broken (a test)'; END $$});
 ok(wait_for(120, sub { slurp_file($node->logfile) =~ /billing events: the alerts' sweep: the sweep is broken/ }),
 	'a failing sweep is logged, naming the step');
-sql("SELECT billing_credit('a1', 60, 'a1-c3'); SELECT billing_deduct('a1', 60, 'a1-d3')");    # a1 seq 3
-ok(wait_for(120, sub { (qv("SELECT delivered_at IS NOT NULL FROM billing.events WHERE tenant_id = 'a1' AND seq = 3") // '') eq 't' }),
-	'events are delivered while the sweep fails');
+my $seq_a1 = qv("SELECT max(seq) FROM billing.events WHERE tenant_id = 'a1'");
+sql("SELECT billing_credit('a1', 60, 'a1-c-sweep'); SELECT billing_deduct('a1', 60, 'a1-d-sweep')");    # a new crossing
+is(qv("SELECT max(seq) FROM billing.events WHERE tenant_id = 'a1'"), $seq_a1 + 1, 'a new event is written while the sweep fails');
+ok(wait_for(120, sub { (qv("SELECT delivered_at IS NOT NULL FROM billing.events WHERE tenant_id = 'a1' AND seq = " . ($seq_a1 + 1)) // '') eq 't' }),
+	'and delivered');
 sql($sweep_def);
 is(tenant_stream('a1'), outbox('a1'), "a1's stream holds its events, in order, each once");
 
@@ -390,6 +436,27 @@ is(qv("SELECT count(*) FROM billing.events WHERE delivered_at IS NULL"), '1', 't
 sql("ALTER SYSTEM RESET billing.events_retention; SELECT pg_reload_conf()");
 $redis->start;
 ok(wait_for(120, \&delivered_all), 'and delivered when Redis is back');
+
+# The retention counts from the delivery: an event delivered late stays for
+# the retention after its delivery (Redis may still lose it in a failover,
+# and then the worker sends it again).  Two events, made to look an hour old
+# by hand: a3's was created an hour ago and delivered just now, a1's was
+# also delivered an hour ago.  With a retention of 10 minutes, the prune
+# that takes a1's keeps a3's.
+sql("SELECT billing_credit('a3', 60, 'a3-c-late'); SELECT billing_deduct('a3', 60, 'a3-d-late')");
+sql("SELECT billing_credit('a1', 60, 'a1-c-old'); SELECT billing_deduct('a1', 60, 'a1-d-old')");
+ok(wait_for(120, \&delivered_all), 'two more events are delivered');
+my $late = qv("SELECT max(seq) FROM billing.events WHERE tenant_id = 'a3'");
+my $old = qv("SELECT max(seq) FROM billing.events WHERE tenant_id = 'a1'");
+sql("UPDATE billing.events SET created_at = created_at - interval '1 hour' WHERE tenant_id = 'a3' AND seq = $late;
+     UPDATE billing.events SET created_at = created_at - interval '1 hour', delivered_at = delivered_at - interval '1 hour'
+      WHERE tenant_id = 'a1' AND seq = $old;
+     ALTER SYSTEM SET billing.events_retention = 600; SELECT pg_reload_conf()");
+ok(wait_for(120, sub { (qv("SELECT count(*) FROM billing.events WHERE tenant_id = 'a1' AND seq = $old") // 1) eq '0' }),
+	'an event delivered longer ago than the retention is pruned');
+is(qv("SELECT count(*) FROM billing.events WHERE tenant_id = 'a3' AND seq = $late"), '1',
+	'one created as long ago but delivered just now is kept');
+sql("ALTER SYSTEM RESET billing.events_retention; SELECT pg_reload_conf()");
 
 # ---------------------------------------------------------------------------
 # part 2: the fault test
