@@ -79,7 +79,11 @@ SELECT regress_error($$SELECT billing_credit('err-a', 1e30, 'err-c-2')$$);
 -- kind (ZB017): topup, grant, refund or adjustment
 SELECT regress_error($$SELECT billing_credit('err-a', 1, 'err-c-2', kind => 'deduct')$$);
 SELECT regress_error($$SELECT billing_credit('err-a', 1, 'err-c-2', kind => 'TOPUP')$$);
+-- a kind is an identifier first (ZB018: empty, too long, a control
+-- character), so the refusal never shows an unbounded or multi-line value
 SELECT regress_error($$SELECT billing_credit('err-a', 1, 'err-c-2', kind => '')$$);
+SELECT regress_error($$SELECT billing_credit('err-a', 1, 'err-c-2', kind => repeat('k', 100000))$$);
+SELECT regress_error($$SELECT billing_deduct('err-a', 1, 'err-c-2', kind => E'x"\nLOG:  forged')$$);
 -- metadata (ZB018): a JSON object
 SELECT regress_error($$SELECT billing_credit('err-a', 1, 'err-c-2', metadata => '[1, 2]')$$);
 SELECT regress_error($$SELECT billing_credit('err-a', 1, 'err-c-2', metadata => '"gpt"')$$);

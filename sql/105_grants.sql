@@ -60,7 +60,14 @@ SELECT * FROM pg_temp.buckets('gr-a');
 -- the same refund again is a replay; the rest of the charge can still go back ...
 SELECT amount, refunded, refundable, replayed FROM billing_refund('gr-a', 'gr-a-c2', 3, 'gr-a-r1', reason => 'outage');
 SELECT regress_error($$SELECT billing_refund('gr-a', 'gr-a-c2', 1.000001, 'gr-a-r2')$$);
+BEGIN;
+SELECT pg_sleep(0.1);  -- the transaction started before the refund
 SELECT amount, refunded, refundable FROM billing_refund('gr-a', 'gr-a-c2', 1, 'gr-a-r2');
+COMMIT;
+-- (the refund's row is dated as its entry, not at the transaction's start)
+SELECT r.created_at = e.created_at AS dated_as_entry
+  FROM billing.refunds r JOIN billing.entries e ON e.tenant_id = r.tenant_id AND e.entry_id = r.refund_entry_id
+ WHERE e.tenant_id = 'gr-a' AND e.trace_id = 'gr-a-r2';
 -- ... and nothing more
 SELECT regress_error($$SELECT billing_refund('gr-a', 'gr-a-c2', 0.000001, 'gr-a-r3')$$);
 SELECT * FROM pg_temp.buckets('gr-a');
@@ -317,5 +324,15 @@ SELECT f, split_part(regress_error(format(f, 'billing:expire:' || (SELECT grant_
 SELECT balance_after FROM billing_credit('gr-m', 1, 'gr-m-c1');
 SELECT count(*) AS expire_entries, sum(amount_micros) AS amount_micros
   FROM billing.entries WHERE tenant_id = 'gr-m' AND kind = 'expire';
+-- and once written, its trace id is ZB014 for every function, not a
+-- conflict (ZB005) with an "original expire" (grant and refund probe for a
+-- replay first)
+SELECT f, split_part(regress_error(format(f, (SELECT trace_id FROM billing.entries WHERE tenant_id = 'gr-m' AND kind = 'expire'))),
+                     ' "', 1) AS error
+  FROM unnest(ARRAY[$$SELECT billing_credit('gr-m', 1, %L)$$,
+                    $$SELECT billing_deduct('gr-m', 1, %L)$$,
+                    $$SELECT billing_grant('gr-m', 1, %L)$$,
+                    $$SELECT billing_refund('gr-m', 'gr-m-d', 0.1, %L)$$,
+                    $$SELECT billing_capture('gr-m', 'gr-m-h', 0.1, %L)$$]) f;
 
 SELECT count(*) AS problems FROM billing_verify();

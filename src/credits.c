@@ -284,6 +284,12 @@ billing_grant(PG_FUNCTION_ARGS)
 				 errmsg("grants need extension billing 1.4 or later"),
 				 errhint("Run ALTER EXTENSION billing UPDATE.")));
 
+	/*
+	 * billing's own trace ids ("billing:", a grant's expiry): ZB014 before
+	 * the replay probe, which would take an expiry's entry for a request
+	 * (no grant before 1.4, which refuses them, can have one)
+	 */
+	billing_check_own_trace(&acc, g.trace_id);
 	/* a replay wins over today's rules (an expires_at that has passed since) */
 	grant_id = grant_replay(&acc, &g);
 	if (grant_id != 0)
@@ -586,6 +592,8 @@ billing_refund(PG_FUNCTION_ARGS)
 				 errmsg("linked refunds need extension billing 1.4 or later"),
 				 errhint("Run ALTER EXTENSION billing UPDATE.")));
 
+	/* billing's own trace ids: ZB014, as for a grant (no linked refund before 1.4) */
+	billing_check_own_trace(&acc, trace_id);
 	/* a replay: the same refund of the same charge */
 	{
 		static SPIPlanPtr plan = NULL;
@@ -735,17 +743,19 @@ billing_refund(PG_FUNCTION_ARGS)
 	}
 	{
 		static SPIPlanPtr plan = NULL;
-		Oid			types[4] = {TEXTOID, INT8OID, INT8OID, INT8OID};
-		Datum		values[4];
+		Oid			types[5] = {TEXTOID, INT8OID, INT8OID, INT8OID, TIMESTAMPTZOID};
+		Datum		values[5];
 
+		/* the refund's time is its entry's (not the transaction's start) */
 		billing_keep_plan(&plan,
 						  "INSERT INTO billing.refunds (tenant_id, charge_entry_id, refund_entry_id, "
-						  "  amount_micros) VALUES ($1, $2, $3, $4)",
-						  4, types);
+						  "  amount_micros, created_at) VALUES ($1, $2, $3, $4, $5)",
+						  5, types);
 		values[0] = PointerGetDatum(tenant_id);
 		values[1] = Int64GetDatum(c.entry_id);
 		values[2] = Int64GetDatum(entry_id);
 		values[3] = Int64GetDatum(amount);
+		values[4] = TimestampTzGetDatum(acc.now);
 		billing_spi_exec(plan, values, NULL, SPI_OK_INSERT, "recording the refund");
 	}
 	/* a share of a grant that expired since: it expires again, now */

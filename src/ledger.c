@@ -120,7 +120,9 @@ ledger_parse_request(FunctionCallInfo fcinfo, bool is_debit, LedgerRequest *req)
 	if (is_debit && PG_NARGS() > ARG_COUNTS_REQUEST && !PG_ARGISNULL(ARG_COUNTS_REQUEST))
 		req->no_request = !PG_GETARG_BOOL(ARG_COUNTS_REQUEST);
 
-	kind = text_to_cstring(PG_GETARG_TEXT_PP(ARG_KIND));
+	/* an identifier first (ZB018), so the refusal below shows a bounded one */
+	kind = text_to_cstring(billing_check_id(PG_GETARG_TEXT_PP(ARG_KIND), "kind",
+											ERRCODE_BILLING_INVALID_ARGUMENT));
 	for (int i = 0; kinds[i] != NULL; i++)
 		if (strcmp(kind, kinds[i]) == 0)
 			kind_ok = true;
