@@ -426,6 +426,32 @@ like($metrics, qr/^billing_events_delivered_total [1-9]/m, 'it counts the delive
 like($metrics, qr/^billing_events_written_total\{type="balance.low"\} [1-9]/m, 'and the events written, by type');
 like($metrics, qr/^billing_events_recent_delivery_lag_p99_seconds [0-9.e-]+$/m, 'and the delivery lag');
 
+# docs/postgres_exporter.yml: every query runs and returns the columns its
+# metrics name, and together they cover every family of billing_metrics()
+# (the exporter names a metric <query>_<column>; three gauges get _count)
+{
+	my (%cols, %query, $q);
+	for my $line (split /\n/, slurp_file("$BillingTest::REPO/docs/postgres_exporter.yml"))
+	{
+		if ($line =~ /^(\w+):\s*$/) { $q = $1; }
+		elsif ($line =~ /^\s+query: "(.*)"\s*$/) { ($query{$q} = $1) =~ s/\\\\/\\/g; }
+		elsif ($line =~ /^\s+- (\w+):\s*$/) { push @{ $cols{$q} }, $1; }
+	}
+	my %covered;
+	for my $name (sort keys %query)
+	{
+		# (its columns, whether or not it has rows now: a view of it)
+		my $got = sql("CREATE TEMP VIEW exporter_query AS $query{$name};
+		               SELECT string_agg(attname, ',' ORDER BY attname) FROM pg_attribute
+		                WHERE attrelid = 'exporter_query'::regclass AND attnum > 0");
+		is($got, join(',', sort @{ $cols{$name} }), "postgres_exporter.yml: query $name runs and returns its columns");
+		$covered{"${name}_$_"} = 1 for @{ $cols{$name} };
+	}
+	my %family = map { /^# TYPE (\S+) /m ? ($1 => 1) : () } split /\n/, $metrics;
+	my @missing = grep { !$covered{$_} && !$covered{"${_}_count"} } sort keys %family;
+	is("@missing", '', 'postgres_exporter.yml covers every metric family of billing_metrics()');
+}
+
 # the retention: delivered events are pruned, undelivered ones kept
 $redis->stop;
 sql("SELECT billing_credit('a2', 60, 'a2-c2'); SELECT billing_deduct('a2', 60, 'a2-d2')");    # undelivered
