@@ -59,6 +59,15 @@ my $good = sub {
 };
 ok(BillingTest::wait_until(120, $good), 'the other tenants of the batch were pushed');
 like(status('last_error'), qr/a-bad/, 'last_error names the tenant set aside: ' . status('last_error'));
+# a reporting role limited to other tenants does not see it (the view and
+# the function alike); an unlimited one does
+$node->safe_psql($db, "CREATE ROLE rep_scoped; CREATE ROLE rep_all;
+	SELECT billing_grant_reporting('rep_scoped'); SELECT billing_grant_reporting('rep_all');
+	SELECT count(*) FROM billing_scope_role('rep_scoped', ARRAY['z-good'])");
+is(BillingTest::query($node, $db, "SET ROLE rep_scoped; SELECT (SELECT last_error IS NULL FROM billing.sync_status)
+	AND (SELECT last_error IS NULL FROM billing_sync_status())"), 't', 'a scoped reporting role does not see it');
+like(BillingTest::query($node, $db, "SET ROLE rep_all; SELECT last_error FROM billing.sync_status") // '', qr/a-bad/,
+	'an unscoped one does');
 
 # and a full resync (FLUSHALL) goes past it
 $redis->cli('FLUSHALL');

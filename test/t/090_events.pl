@@ -216,7 +216,8 @@ is(($sent_a2{2} // 0) . '/' . ($sent_a2{3} // 0), '1/1',
 is(tenant_stream('a1'), outbox('a1'), "a1's stream holds its events, in order, each once");
 
 # What Redis holds: its watermark "W S".  Each batch ends its pipeline with
-# GETSET billing:events:watermark "T T" and marks its events delivered at T
+# a SET of billing:events:watermark "T T" inside the MULTI/EXEC of the
+# batch (after a watched read) and marks its events delivered at T
 # (PostgreSQL microseconds), so every event marked at or before W is in the
 # streams.  A watermark that is missing or less than the last one written
 # (W, or the stamp S) makes the worker send again what was delivered after
