@@ -31,6 +31,14 @@ CREATE FUNCTION billing.to_amount(micros bigint) RETURNS numeric
     LANGUAGE C IMMUTABLE STRICT PARALLEL SAFE;
 COMMENT ON FUNCTION billing.to_amount(bigint) IS 'micro-units to an exact numeric amount with scale 6';
 
+-- a sum of micro-units (numeric: the views' sums over many entries may pass
+-- bigint's range, which the entries' own amounts never do) to an exact
+-- amount with scale 6, like billing.to_amount
+CREATE FUNCTION billing.to_amount_sum(micros numeric) RETURNS numeric
+    LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE
+    RETURN pg_catalog.round(micros OPERATOR(pg_catalog./) 1000000::numeric, 6);
+COMMENT ON FUNCTION billing.to_amount_sum(numeric) IS 'a sum of micro-units to an exact numeric amount with scale 6 (the views)';
+
 CREATE FUNCTION billing.to_micros(amount numeric, argname text DEFAULT 'amount',
                                   allow_zero boolean DEFAULT false) RETURNS bigint
     AS 'MODULE_PATHNAME', 'billing_to_micros'

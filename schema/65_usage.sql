@@ -18,12 +18,12 @@ WITH refunded AS (
 SELECT e.tenant_id,
        (coalesce(e.event_at, e.created_at) AT TIME ZONE a.timezone)::date AS day,
        count(*) FILTER (WHERE e.amount_micros < 0)                                           AS charges,
-       billing.to_amount(coalesce(-sum(e.amount_micros) FILTER (WHERE e.amount_micros < 0), 0)::bigint) AS charged,
-       billing.to_amount(coalesce(sum(r.micros), 0)::bigint)                                 AS refunded,
-       billing.to_amount((coalesce(-sum(e.amount_micros) FILTER (WHERE e.amount_micros < 0), 0)
-                          - coalesce(sum(r.micros), 0))::bigint)                             AS spent,
+       billing.to_amount_sum(coalesce(-sum(e.amount_micros) FILTER (WHERE e.amount_micros < 0), 0)) AS charged,
+       billing.to_amount_sum(coalesce(sum(r.micros), 0))                                     AS refunded,
+       billing.to_amount_sum(coalesce(-sum(e.amount_micros) FILTER (WHERE e.amount_micros < 0), 0)
+                              - coalesce(sum(r.micros), 0))                                  AS spent,
        count(*) FILTER (WHERE e.amount_micros > 0)                                           AS credits,
-       billing.to_amount(coalesce(sum(e.amount_micros) FILTER (WHERE e.amount_micros > 0), 0)::bigint) AS credited
+       billing.to_amount_sum(coalesce(sum(e.amount_micros) FILTER (WHERE e.amount_micros > 0), 0)) AS credited
   FROM billing.entries e
   JOIN billing.accounts a ON a.tenant_id = e.tenant_id
   LEFT JOIN refunded r ON r.tenant_id = e.tenant_id AND r.entry_id = e.entry_id
@@ -43,12 +43,12 @@ WITH refunded AS (
 SELECT e.tenant_id,
        date_trunc('month', coalesce(e.event_at, e.created_at) AT TIME ZONE a.timezone)::date AS month,
        count(*) FILTER (WHERE e.amount_micros < 0)                                           AS charges,
-       billing.to_amount(coalesce(-sum(e.amount_micros) FILTER (WHERE e.amount_micros < 0), 0)::bigint) AS charged,
-       billing.to_amount(coalesce(sum(r.micros), 0)::bigint)                                 AS refunded,
-       billing.to_amount((coalesce(-sum(e.amount_micros) FILTER (WHERE e.amount_micros < 0), 0)
-                          - coalesce(sum(r.micros), 0))::bigint)                             AS spent,
+       billing.to_amount_sum(coalesce(-sum(e.amount_micros) FILTER (WHERE e.amount_micros < 0), 0)) AS charged,
+       billing.to_amount_sum(coalesce(sum(r.micros), 0))                                     AS refunded,
+       billing.to_amount_sum(coalesce(-sum(e.amount_micros) FILTER (WHERE e.amount_micros < 0), 0)
+                              - coalesce(sum(r.micros), 0))                                  AS spent,
        count(*) FILTER (WHERE e.amount_micros > 0)                                           AS credits,
-       billing.to_amount(coalesce(sum(e.amount_micros) FILTER (WHERE e.amount_micros > 0), 0)::bigint) AS credited
+       billing.to_amount_sum(coalesce(sum(e.amount_micros) FILTER (WHERE e.amount_micros > 0), 0)) AS credited
   FROM billing.entries e
   JOIN billing.accounts a ON a.tenant_id = e.tenant_id
   LEFT JOIN refunded r ON r.tenant_id = e.tenant_id AND r.entry_id = e.entry_id
@@ -70,9 +70,9 @@ SELECT e.tenant_id,
        coalesce(e.metadata->>'model', h.metadata->>'model')       AS model,
        coalesce(e.metadata->>'provider', h.metadata->>'provider') AS provider,
        count(*)                                                    AS charges,
-       billing.to_amount(-sum(e.amount_micros)::bigint)            AS charged,
-       billing.to_amount(coalesce(sum(r.micros), 0)::bigint)       AS refunded,
-       billing.to_amount((-sum(e.amount_micros) - coalesce(sum(r.micros), 0))::bigint) AS spent,
+       billing.to_amount_sum(-sum(e.amount_micros))                AS charged,
+       billing.to_amount_sum(coalesce(sum(r.micros), 0))           AS refunded,
+       billing.to_amount_sum(-sum(e.amount_micros) - coalesce(sum(r.micros), 0)) AS spent,
        sum(CASE WHEN jsonb_typeof(e.metadata->'input_tokens') = 'number'
                 THEN (e.metadata->>'input_tokens')::numeric END)  AS input_tokens,
        sum(CASE WHEN jsonb_typeof(e.metadata->'output_tokens') = 'number'
@@ -98,9 +98,9 @@ SELECT e.tenant_id,
        (coalesce(e.event_at, e.created_at) AT TIME ZONE a.timezone)::date AS day,
        coalesce(e.api_key, e.metadata->>'api_key')                 AS api_key,
        count(*)                                                    AS charges,
-       billing.to_amount(-sum(e.amount_micros)::bigint)            AS charged,
-       billing.to_amount(coalesce(sum(r.micros), 0)::bigint)       AS refunded,
-       billing.to_amount((-sum(e.amount_micros) - coalesce(sum(r.micros), 0))::bigint) AS spent
+       billing.to_amount_sum(-sum(e.amount_micros))                AS charged,
+       billing.to_amount_sum(coalesce(sum(r.micros), 0))           AS refunded,
+       billing.to_amount_sum(-sum(e.amount_micros) - coalesce(sum(r.micros), 0)) AS spent
   FROM billing.entries e
   JOIN billing.accounts a ON a.tenant_id = e.tenant_id
   LEFT JOIN refunded r ON r.tenant_id = e.tenant_id AND r.entry_id = e.entry_id
@@ -233,7 +233,7 @@ SELECT e.tenant_id,
        date_trunc('month', e.event_at AT TIME ZONE a.timezone)::date AS month,
        g.category,
        count(*) AS expiries,
-       billing.to_amount(-sum(e.amount_micros)::bigint) AS expired
+       billing.to_amount_sum(-sum(e.amount_micros)) AS expired
   FROM billing.entries e
   JOIN billing.accounts a ON a.tenant_id = e.tenant_id
   LEFT JOIN billing.grants g ON g.tenant_id = e.tenant_id AND g.grant_id = e.grant_id

@@ -732,8 +732,8 @@ COMMENT ON VIEW billing.job_failures IS 'failed attempts (including rescued ones
 CREATE VIEW billing.job_costs WITH (security_barrier) AS
 SELECT j.tenant_id, j.kind,
        count(*) AS completed_jobs,
-       billing.to_amount(sum(j.estimated_micros)::bigint) AS estimated,
-       billing.to_amount(sum(j.actual_micros)::bigint)    AS actual,
+       billing.to_amount_sum(sum(j.estimated_micros)) AS estimated,
+       billing.to_amount_sum(sum(j.actual_micros))    AS actual,
        round(sum(j.actual_micros)::numeric / nullif(sum(j.estimated_micros), 0), 4) AS actual_to_estimate
   FROM billing.jobs j
  WHERE j.state = 'completed'

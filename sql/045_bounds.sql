@@ -129,3 +129,40 @@ DROP EXTENSION IF EXISTS regress_no_such_extension /* not billing */;
 SELECT regress_error($$DROP EXTENSION billing$$);
 
 SELECT count(*) AS problems FROM billing_verify();
+
+--
+-- Sums past bigint's range.  One amount is at most 10^12 (10^18 micro-units)
+-- and a balance stays within bigint, but a day's charges of one tenant, or
+-- the open holds of a currency, can add up to more than 9.2 * 10^18
+-- micro-units.  The usage views and billing.metrics sum in numeric, so they
+-- keep working for every reader (they failed with 22003 for everyone).
+--
+SELECT tenant_id FROM billing_account_create('bnd-big', currency => 'BNDBIG');
+DO $$
+BEGIN
+    FOR g IN 1 .. 10 LOOP
+        PERFORM billing_credit('bnd-big', 1000000000000, 'bnd-big-c' || g);
+        PERFORM billing_deduct('bnd-big', 1000000000000, 'bnd-big-d' || g,
+                               metadata => '{"model": "bnd-big-model", "api_key": "bnd-big-key"}');
+    END LOOP;
+END
+$$;
+SELECT charges, charged, spent, credited FROM billing.usage_daily WHERE tenant_id = 'bnd-big';
+SELECT charges, charged, spent, credited FROM billing.usage_monthly WHERE tenant_id = 'bnd-big';
+SELECT model, charged FROM billing.usage_by_model WHERE tenant_id = 'bnd-big';
+SELECT api_key, charged FROM billing.usage_by_api_key WHERE tenant_id = 'bnd-big';
+SELECT count(*) > 0 AS all_tenants_readable FROM billing.usage_daily;
+-- two accounts of one currency, each with 9 holds of 10^12: 1.8 * 10^19
+SELECT tenant_id FROM billing_account_create('bnd-big2', currency => 'BNDBIG');
+DO $$
+BEGIN
+    FOR g IN 1 .. 9 LOOP
+        PERFORM billing_credit(t, 1000000000000, t || '-hc' || g) FROM unnest(ARRAY['bnd-big', 'bnd-big2']) t;
+        PERFORM billing_hold(t, 1000000000000, t || '-h' || g) FROM unnest(ARRAY['bnd-big', 'bnd-big2']) t;
+    END LOOP;
+END
+$$;
+SELECT name, value FROM billing.metrics
+ WHERE name LIKE 'billing_open_holds%' AND labels->>'currency' = 'BNDBIG' ORDER BY name;
+SELECT count(*) > 0 AS metrics_readable FROM regexp_split_to_table(billing_metrics(), E'\n');
+SELECT count(*) AS problems FROM billing_verify('bnd-big');

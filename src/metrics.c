@@ -354,7 +354,8 @@ collect(Samples *all)
 			(double) billing_col_int64((int) r, 2, 0));
 
 	if (SPI_execute("SELECT a.currency, count(*), "
-					"  coalesce(sum(h.amount_micros - h.captured_micros - h.released_micros), 0)::bigint "
+					"  (coalesce(sum(h.amount_micros - h.captured_micros - h.released_micros), 0) "
+					"   OPERATOR(pg_catalog./) 1000000)::pg_catalog.float8 "	/* may pass bigint */
 					"FROM billing.holds h JOIN billing.accounts a ON a.tenant_id = h.tenant_id "
 					"WHERE h.status = 'open' AND h.expires_at > pg_catalog.now() "
 					"GROUP BY a.currency ORDER BY a.currency", true, 0) != SPI_OK_SELECT)
@@ -373,7 +374,7 @@ collect(Samples *all)
 			add(all, "billing_open_holds_amount", "gauge",
 				"What remains on open holds, in units of the currency.",
 				"currency", billing_col_cstring((int) r, 1, CurrentMemoryContext),
-				(double) billing_col_int64((int) r, 3, 0) / BILLING_MICROS_PER_UNIT);
+				DatumGetFloat8(billing_col((int) r, 3, &isnull)));
 		}
 	}
 

@@ -38,6 +38,14 @@ LOCK TABLE billing.accounts, billing.entries, billing.rejections, billing.holds,
            billing.jobs, billing.job_events
     IN ACCESS EXCLUSIVE MODE;
 
+-- a sum of micro-units (numeric: the views' sums over many entries may pass
+-- bigint's range, which the entries' own amounts never do) to an exact
+-- amount with scale 6, like billing.to_amount
+CREATE FUNCTION billing.to_amount_sum(micros numeric) RETURNS numeric
+    LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE
+    RETURN pg_catalog.round(micros OPERATOR(pg_catalog./) 1000000::numeric, 6);
+COMMENT ON FUNCTION billing.to_amount_sum(numeric) IS 'a sum of micro-units to an exact numeric amount with scale 6 (the views)';
+
 -- ---------------------------------------------------------------------------
 -- issue 12: trust boundaries
 -- ---------------------------------------------------------------------------
@@ -250,7 +258,7 @@ SELECT e.tenant_id,
        count(*) FILTER (WHERE e.kind IN ('deduct', 'capture'))                      AS charges,
        billing.to_amount(coalesce(-sum(e.amount_micros) FILTER (WHERE e.kind IN ('deduct', 'capture')), 0)::bigint) AS spent,
        count(*) FILTER (WHERE e.amount_micros > 0)                                 AS credits,
-       billing.to_amount(coalesce(sum(e.amount_micros) FILTER (WHERE e.amount_micros > 0), 0)::bigint) AS credited
+       billing.to_amount_sum(coalesce(sum(e.amount_micros) FILTER (WHERE e.amount_micros > 0), 0)) AS credited
   FROM billing.entries e
   JOIN billing.accounts a ON a.tenant_id = e.tenant_id
  WHERE ((SELECT billing.visible_tenants()) IS NULL OR e.tenant_id = ANY ((SELECT billing.visible_tenants())::text[]))
@@ -263,7 +271,7 @@ SELECT e.tenant_id,
        count(*) FILTER (WHERE e.kind IN ('deduct', 'capture'))                      AS charges,
        billing.to_amount(coalesce(-sum(e.amount_micros) FILTER (WHERE e.kind IN ('deduct', 'capture')), 0)::bigint) AS spent,
        count(*) FILTER (WHERE e.amount_micros > 0)                                 AS credits,
-       billing.to_amount(coalesce(sum(e.amount_micros) FILTER (WHERE e.amount_micros > 0), 0)::bigint) AS credited
+       billing.to_amount_sum(coalesce(sum(e.amount_micros) FILTER (WHERE e.amount_micros > 0), 0)) AS credited
   FROM billing.entries e
   JOIN billing.accounts a ON a.tenant_id = e.tenant_id
  WHERE ((SELECT billing.visible_tenants()) IS NULL OR e.tenant_id = ANY ((SELECT billing.visible_tenants())::text[]))
@@ -327,8 +335,8 @@ COMMENT ON VIEW billing.job_failures IS 'failed attempts (including rescued ones
 CREATE OR REPLACE VIEW billing.job_costs WITH (security_barrier) AS
 SELECT j.tenant_id, j.kind,
        count(*) AS completed_jobs,
-       billing.to_amount(sum(j.estimated_micros)::bigint) AS estimated,
-       billing.to_amount(sum(j.actual_micros)::bigint)    AS actual,
+       billing.to_amount_sum(sum(j.estimated_micros)) AS estimated,
+       billing.to_amount_sum(sum(j.actual_micros))    AS actual,
        round(sum(j.actual_micros)::numeric / nullif(sum(j.estimated_micros), 0), 4) AS actual_to_estimate
   FROM billing.jobs j
  WHERE j.state = 'completed'
@@ -1273,7 +1281,7 @@ SELECT e.tenant_id,
        date_trunc('month', e.event_at AT TIME ZONE a.timezone)::date AS month,
        g.category,
        count(*) AS expiries,
-       billing.to_amount(-sum(e.amount_micros)::bigint) AS expired
+       billing.to_amount_sum(-sum(e.amount_micros)) AS expired
   FROM billing.entries e
   JOIN billing.accounts a ON a.tenant_id = e.tenant_id
   LEFT JOIN billing.grants g ON g.tenant_id = e.tenant_id AND g.grant_id = e.grant_id
@@ -2119,12 +2127,12 @@ WITH refunded AS (
 SELECT e.tenant_id,
        (coalesce(e.event_at, e.created_at) AT TIME ZONE a.timezone)::date AS day,
        count(*) FILTER (WHERE e.amount_micros < 0)                                           AS charges,
-       billing.to_amount(coalesce(-sum(e.amount_micros) FILTER (WHERE e.amount_micros < 0), 0)::bigint) AS charged,
-       billing.to_amount(coalesce(sum(r.micros), 0)::bigint)                                 AS refunded,
-       billing.to_amount((coalesce(-sum(e.amount_micros) FILTER (WHERE e.amount_micros < 0), 0)
-                          - coalesce(sum(r.micros), 0))::bigint)                             AS spent,
+       billing.to_amount_sum(coalesce(-sum(e.amount_micros) FILTER (WHERE e.amount_micros < 0), 0)) AS charged,
+       billing.to_amount_sum(coalesce(sum(r.micros), 0))                                     AS refunded,
+       billing.to_amount_sum(coalesce(-sum(e.amount_micros) FILTER (WHERE e.amount_micros < 0), 0)
+                              - coalesce(sum(r.micros), 0))                                  AS spent,
        count(*) FILTER (WHERE e.amount_micros > 0)                                           AS credits,
-       billing.to_amount(coalesce(sum(e.amount_micros) FILTER (WHERE e.amount_micros > 0), 0)::bigint) AS credited
+       billing.to_amount_sum(coalesce(sum(e.amount_micros) FILTER (WHERE e.amount_micros > 0), 0)) AS credited
   FROM billing.entries e
   JOIN billing.accounts a ON a.tenant_id = e.tenant_id
   LEFT JOIN refunded r ON r.tenant_id = e.tenant_id AND r.entry_id = e.entry_id
@@ -2144,12 +2152,12 @@ WITH refunded AS (
 SELECT e.tenant_id,
        date_trunc('month', coalesce(e.event_at, e.created_at) AT TIME ZONE a.timezone)::date AS month,
        count(*) FILTER (WHERE e.amount_micros < 0)                                           AS charges,
-       billing.to_amount(coalesce(-sum(e.amount_micros) FILTER (WHERE e.amount_micros < 0), 0)::bigint) AS charged,
-       billing.to_amount(coalesce(sum(r.micros), 0)::bigint)                                 AS refunded,
-       billing.to_amount((coalesce(-sum(e.amount_micros) FILTER (WHERE e.amount_micros < 0), 0)
-                          - coalesce(sum(r.micros), 0))::bigint)                             AS spent,
+       billing.to_amount_sum(coalesce(-sum(e.amount_micros) FILTER (WHERE e.amount_micros < 0), 0)) AS charged,
+       billing.to_amount_sum(coalesce(sum(r.micros), 0))                                     AS refunded,
+       billing.to_amount_sum(coalesce(-sum(e.amount_micros) FILTER (WHERE e.amount_micros < 0), 0)
+                              - coalesce(sum(r.micros), 0))                                  AS spent,
        count(*) FILTER (WHERE e.amount_micros > 0)                                           AS credits,
-       billing.to_amount(coalesce(sum(e.amount_micros) FILTER (WHERE e.amount_micros > 0), 0)::bigint) AS credited
+       billing.to_amount_sum(coalesce(sum(e.amount_micros) FILTER (WHERE e.amount_micros > 0), 0)) AS credited
   FROM billing.entries e
   JOIN billing.accounts a ON a.tenant_id = e.tenant_id
   LEFT JOIN refunded r ON r.tenant_id = e.tenant_id AND r.entry_id = e.entry_id
@@ -2171,9 +2179,9 @@ SELECT e.tenant_id,
        coalesce(e.metadata->>'model', h.metadata->>'model')       AS model,
        coalesce(e.metadata->>'provider', h.metadata->>'provider') AS provider,
        count(*)                                                    AS charges,
-       billing.to_amount(-sum(e.amount_micros)::bigint)            AS charged,
-       billing.to_amount(coalesce(sum(r.micros), 0)::bigint)       AS refunded,
-       billing.to_amount((-sum(e.amount_micros) - coalesce(sum(r.micros), 0))::bigint) AS spent,
+       billing.to_amount_sum(-sum(e.amount_micros))                AS charged,
+       billing.to_amount_sum(coalesce(sum(r.micros), 0))           AS refunded,
+       billing.to_amount_sum(-sum(e.amount_micros) - coalesce(sum(r.micros), 0)) AS spent,
        sum(CASE WHEN jsonb_typeof(e.metadata->'input_tokens') = 'number'
                 THEN (e.metadata->>'input_tokens')::numeric END)  AS input_tokens,
        sum(CASE WHEN jsonb_typeof(e.metadata->'output_tokens') = 'number'
@@ -2199,9 +2207,9 @@ SELECT e.tenant_id,
        (coalesce(e.event_at, e.created_at) AT TIME ZONE a.timezone)::date AS day,
        coalesce(e.api_key, e.metadata->>'api_key')                 AS api_key,
        count(*)                                                    AS charges,
-       billing.to_amount(-sum(e.amount_micros)::bigint)            AS charged,
-       billing.to_amount(coalesce(sum(r.micros), 0)::bigint)       AS refunded,
-       billing.to_amount((-sum(e.amount_micros) - coalesce(sum(r.micros), 0))::bigint) AS spent
+       billing.to_amount_sum(-sum(e.amount_micros))                AS charged,
+       billing.to_amount_sum(coalesce(sum(r.micros), 0))           AS refunded,
+       billing.to_amount_sum(-sum(e.amount_micros) - coalesce(sum(r.micros), 0)) AS spent
   FROM billing.entries e
   JOIN billing.accounts a ON a.tenant_id = e.tenant_id
   LEFT JOIN refunded r ON r.tenant_id = e.tenant_id AND r.entry_id = e.entry_id
