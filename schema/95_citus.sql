@@ -119,6 +119,10 @@ BEGIN
                   AND c.relkind OPERATOR(pg_catalog.=) 'S'
                 ORDER BY c.relname
     LOOP
+        -- the sequence's lock first (a no-op ALTER takes it): a nextval()
+        -- of another transaction between the read and the RESTART below
+        -- would be handed out again
+        EXECUTE pg_catalog.format('ALTER SEQUENCE %s NO CYCLE', seq);
         EXECUTE pg_catalog.format('SELECT last_value, is_called FROM %s', seq) INTO last, called;
         nxt := pg_catalog.int8larger(lo, CASE WHEN called THEN last OPERATOR(pg_catalog.+) 1 ELSE last END);
         IF nxt OPERATOR(pg_catalog.>) hi THEN
@@ -217,6 +221,21 @@ BEGIN
                   DETAIL = pg_catalog.format('billing''s append-only and job triggers must fire on the shards; found: %s.', failed),
                   HINT = 'Set citus.enable_unsafe_triggers = on in postgresql.conf of every node and reload.';
     END IF;
+    -- every node its own range of ids.  Before the lock below: each node
+    -- runs it in a transaction of its own, the coordinator too (over a
+    -- connection of its own), whose ALTER SEQUENCE waits for the
+    -- transactions that took an id; one of them waiting for our lock would
+    -- make a cycle PostgreSQL cannot see (one side waits on a socket).
+    SELECT pg_catalog.jsonb_object_agg(r.nodeid, CASE WHEN r.success THEN r.result::jsonb ELSE pg_catalog.to_jsonb(r.result) END),
+           pg_catalog.string_agg(pg_catalog.format('node %s: %s', r.nodeid, r.result), '; ')
+               FILTER (WHERE NOT r.success)
+      INTO setup, failed
+      FROM run_command_on_all_nodes('SELECT billing.citus_node_setup()') r;
+    IF failed IS NOT NULL THEN
+        RAISE EXCEPTION 'billing.citus_node_setup() failed on a node'
+            USING ERRCODE = 'ZB101', DETAIL = failed,
+                  HINT = 'Nothing was distributed; fix that node and call billing.citus_distribute() again.';
+    END IF;
     -- one placement per shard: the direct path writes a tenant's rows on its node
     PERFORM pg_catalog.set_config('citus.shard_replication_factor', '1', true);
     -- no charge writes while the tables move (they wait, then are routed)
@@ -270,17 +289,6 @@ BEGIN
             USING ERRCODE = 'ZB102',
                   DETAIL = 'A charge must never read or write a row outside the shards.',
                   HINT = 'Nothing was distributed (the transaction rolled back); look for a trigger or rule that writes billing''s tables.';
-    END IF;
-    -- every node its own range of ids
-    SELECT pg_catalog.jsonb_object_agg(r.nodeid, CASE WHEN r.success THEN r.result::jsonb ELSE pg_catalog.to_jsonb(r.result) END),
-           pg_catalog.string_agg(pg_catalog.format('node %s: %s', r.nodeid, r.result), '; ')
-               FILTER (WHERE NOT r.success)
-      INTO setup, failed
-      FROM run_command_on_all_nodes('SELECT billing.citus_node_setup()') r;
-    IF failed IS NOT NULL THEN
-        RAISE EXCEPTION 'billing.citus_node_setup() failed on a node'
-            USING ERRCODE = 'ZB101', DETAIL = failed,
-                  HINT = 'Nothing was distributed (the transaction rolled back); fix that node and call billing.citus_distribute() again.';
     END IF;
     RETURN pg_catalog.jsonb_build_object('tables', pg_catalog.cardinality(billing.tenant_tables()) OPERATOR(pg_catalog.+) 2,
                                          'functions', nfun, 'nodes', setup);

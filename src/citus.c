@@ -79,6 +79,7 @@
 #include "storage/lock.h"
 #include "utils/builtins.h"
 #include "utils/fmgroids.h"
+#include "utils/guc.h"
 #include "utils/hsearch.h"
 #include "utils/inval.h"
 #include "utils/lsyscache.h"
@@ -93,6 +94,8 @@
 #define CITUS_LOCKTAG_COLOCATED_SHARDS_METADATA 8
 /* pg_dist_placement.shardstate of an active placement */
 #define CITUS_SHARD_STATE_ACTIVE 1
+/* application_name of Citus's own connections (connection_management.h) */
+#define CITUS_INTERNAL_PREFIX "citus_internal gpid="
 
 typedef struct ShardMap
 {
@@ -623,6 +626,21 @@ resolve_shard(Oid relid, Datum tenant, bool for_write, int64 *shardid,
 	}
 	if (!m->local[i] && remote_ok)
 		return InvalidOid;
+	if (!m->local[i] && application_name != NULL &&
+		strncmp(application_name, CITUS_INTERNAL_PREFIX, strlen(CITUS_INTERNAL_PREFIX)) == 0)
+	{
+		/*
+		 * A call Citus delegated here (its own connections say so, as Citus'
+		 * IsCitusInternalBackend reads them): the tenant was on this node when
+		 * the coordinator routed the call and moved before the call got here.
+		 * Retryable, like a move the call waited for.
+		 */
+		ereport(ERROR,
+				(errcode(ERRCODE_T_R_SERIALIZATION_FAILURE),
+				 errmsg("the shard of tenant \"%s\" moved to another node before this call reached it",
+						text_to_cstring(t)),
+				 errhint("Retry the call: it is routed to the tenant's new node.")));
+	}
 	if (!m->local[i])
 		ereport(ERROR,
 				(errcode(ERRCODE_BILLING_WRONG_NODE),

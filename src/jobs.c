@@ -54,6 +54,7 @@
 #include "miscadmin.h"
 #include "nodes/parsenodes.h"
 #include "nodes/plannodes.h"
+#include "replication/logicalworker.h"
 #include "tcop/pquery.h"
 #include "utils/builtins.h"
 #include "utils/portal.h"
@@ -404,6 +405,20 @@ billing_job_guard(PG_FUNCTION_ARGS)
 	/* (an AFTER trigger of an older 1.x build: nothing to do any more) */
 	if (!TRIGGER_FIRED_BEFORE(trigdata->tg_event))
 		return PointerGetDatum(NULL);
+
+	/*
+	 * A logical replication apply worker replays a change that this trigger
+	 * already checked and logged where it was made: a Citus shard move by
+	 * logical replication (the default mode and the rebalancer's), which
+	 * creates the trigger on the new shard before its last catch-up, or a
+	 * subscription.  Logging it again would write a second transition and a
+	 * second job event, and on Citus the log's INSERT would be routed to the
+	 * old placement as the move's own role, which fails there, so the apply
+	 * and with it the move would retry for ever.
+	 */
+	if (IsLogicalWorker())
+		return PointerGetDatum(TRIGGER_FIRED_BY_UPDATE(trigdata->tg_event) ?
+							   trigdata->tg_newtuple : trigdata->tg_trigtuple);
 
 	if (TRIGGER_FIRED_BY_INSERT(trigdata->tg_event))
 	{

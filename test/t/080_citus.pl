@@ -384,6 +384,16 @@ my $t0 = time;
 my $dist = q_ok($coord, 'SELECT billing.citus_distribute(shard_count => 8)');
 note(sprintf('billing.citus_distribute() took %.1f s under load: %s', time - $t0, $dist));
 like($dist, qr/"functions": \d+/, 'billing.citus_distribute() under load');
+# every billing_* function with a tenant_id argument is delegated, as many
+# as docs/scaling.md says
+{
+	my ($nfun) = $dist =~ /"functions": (\d+)/;
+	my $delegated = q_ok($coord, q{SELECT count(*) FROM pg_dist_object o JOIN pg_proc p ON o.classid = 'pg_proc'::regclass AND o.objid = p.oid
+		WHERE p.proname LIKE 'billing\_%' AND o.distribution_argument_index IS NOT NULL AND o.force_delegation});
+	my ($documented) = slurp_file("$BillingTest::REPO/docs/scaling.md") =~ /\| the (\d+) `billing_\*` functions with a `tenant_id` argument/;
+	is(($nfun // '') . ' ' . $delegated, ($documented // '?') . ' ' . ($documented // '?'),
+		"the $documented functions docs/scaling.md names are delegated, with the tenant as distribution argument");
+}
 wait_acked('mig', 40, 'after the distribution');
 stop_load('mig');
 ledger_checks('mig');
