@@ -36,7 +36,7 @@ COMMENT ON FUNCTION billing.to_amount(bigint) IS 'micro-units to an exact numeri
 -- amount with scale 6, like billing.to_amount
 CREATE FUNCTION billing.to_amount_sum(micros numeric) RETURNS numeric
     LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE
-    RETURN pg_catalog.round(micros OPERATOR(pg_catalog./) 1000000::numeric, 6);
+    RETURN micros OPERATOR(pg_catalog.*) 0.000001;  -- exact: scale 0 times scale 6 (a division would round)
 COMMENT ON FUNCTION billing.to_amount_sum(numeric) IS 'a sum of micro-units to an exact numeric amount with scale 6 (the views)';
 
 CREATE FUNCTION billing.to_micros(amount numeric, argname text DEFAULT 'amount',

@@ -147,6 +147,10 @@ BEGIN
     END LOOP;
 END
 $$;
+-- and one more of 999999999999.999999: the sum is exact to the micro-unit
+SELECT kind FROM billing_credit('bnd-big', 999999999999.999999, 'bnd-big-c11');
+SELECT kind FROM billing_deduct('bnd-big', 999999999999.999999, 'bnd-big-d11',
+                                metadata => '{"model": "bnd-big-model", "api_key": "bnd-big-key"}');
 SELECT charges, charged, spent, credited FROM billing.usage_daily WHERE tenant_id = 'bnd-big';
 SELECT charges, charged, spent, credited FROM billing.usage_monthly WHERE tenant_id = 'bnd-big';
 SELECT model, charged FROM billing.usage_by_model WHERE tenant_id = 'bnd-big';

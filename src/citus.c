@@ -627,13 +627,18 @@ resolve_shard(Oid relid, Datum tenant, bool for_write, int64 *shardid,
 	if (!m->local[i] && remote_ok)
 		return InvalidOid;
 	if (!m->local[i] && application_name != NULL &&
-		strncmp(application_name, CITUS_INTERNAL_PREFIX, strlen(CITUS_INTERNAL_PREFIX)) == 0)
+		strncmp(application_name, CITUS_INTERNAL_PREFIX, strlen(CITUS_INTERNAL_PREFIX)) == 0 &&
+		OidIsValid(get_relname_relid(shard_name(get_rel_name(relid), m->shardid[i]),
+									 get_rel_namespace(relid))))
 	{
 		/*
-		 * A call Citus delegated here (its own connections say so, as Citus'
-		 * IsCitusInternalBackend reads them): the tenant was on this node when
-		 * the coordinator routed the call and moved before the call got here.
-		 * Retryable, like a move the call waited for.
+		 * A call Citus sent here (its own connections say so, as Citus'
+		 * IsCitusInternalBackend reads them) for a tenant whose shard this
+		 * node still has, though its placement is elsewhere now: the shard
+		 * moved away after the coordinator routed the call (Citus drops the
+		 * old shard later).  Retryable, like a move the call waited for.  A
+		 * call Citus sent here for a tenant that never was here (a query it
+		 * routed by another tenant) keeps its ZB100 below.
 		 */
 		ereport(ERROR,
 				(errcode(ERRCODE_T_R_SERIALIZATION_FAILURE),
