@@ -207,6 +207,10 @@ SELECT granted, replayed FROM billing_grant('gr-g', 1, 'gr-g-g1', expires_at => 
 SELECT granted, replayed FROM billing_grant('gr-g', 1, 'gr-g-g1', expires_at => '2030-01-01 00:00:00+00');
 SELECT regress_error($$SELECT billing_grant('gr-g', 1, 'gr-g-g1', expires_at => '2031-01-01 00:00:00+00', priority => 3)$$);
 SELECT regress_error($$SELECT billing_grant('gr-g', 1, 'gr-g-top')$$);
+-- a wallet credit of kind grant (billing_credit) is no grant of billing_grant:
+-- the conflict says which is which
+SELECT kind FROM billing_credit('gr-g', 1, 'gr-g-wallet-grant', kind => 'grant');
+SELECT regress_error($$SELECT billing_grant('gr-g', 1, 'gr-g-wallet-grant')$$);
 SELECT split_part(regress_error($$SELECT billing_grant('gr-g', 1, 'gr-g-g2', expires_at => now() - interval '1 second')$$), E'\n', 1);
 SELECT regress_error($$SELECT billing_grant('gr-g', 1, 'gr-g-g2', priority => 1001)$$);
 SELECT regress_error($$SELECT billing_grant('gr-g', 1, 'gr-g-g2', category => 'gift')$$);

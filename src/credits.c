@@ -170,7 +170,14 @@ grant_replay(Account *acc, GrantReq *g)
 	d = billing_col(0, 2, &isnull);
 	if (isnull)
 	{
-		DIFFERS("kind", billing_col_cstring(0, 1, CurrentMemoryContext), "grant");
+		char	   *was_kind = billing_col_cstring(0, 1, CurrentMemoryContext);
+
+		/* billing_credit(kind => 'grant') made a wallet credit, no bucket */
+		if (strcmp(was_kind, "grant") == 0)
+			DIFFERS("kind", "a wallet credit of kind grant (billing_credit, no bucket)",
+					"a grant (billing_grant)");
+		else
+			DIFFERS("kind", was_kind, "grant");
 		trace_conflict(g->trace_id, fields.data, psprintf("%s.", detail.data));
 	}
 	if (billing_col_int64(0, 3, 0) != g->amount)
@@ -618,15 +625,32 @@ billing_refund(PG_FUNCTION_ARGS)
 			char	   *was_reason = billing_col_cstring(0, 4, CurrentMemoryContext);
 			char	   *was_charge = billing_col_cstring(0, 5, CurrentMemoryContext);
 			char	   *mine = reason ? text_to_cstring(reason) : NULL;
+			bool		other_charge;
+			bool		other_amount;
+			bool		other_reason;
 
 			if (strcmp(was_kind, "refund") != 0 || was_charge == NULL)
 				trace_conflict(trace_id, "kind",
 							   psprintf("kind: original %s of %s, this request a refund of charge %s.",
 										was_kind, billing_format_micros(was_amount),
 										billing_show_text(text_to_cstring(charge_trace), 64)));
-			if (strcmp(was_charge, text_to_cstring(charge_trace)) != 0 || was_amount != amount ||
-				(was_reason == NULL) != (mine == NULL) || (mine && strcmp(was_reason, mine) != 0))
-				trace_conflict(trace_id, "charge, amount or reason",
+			other_charge = strcmp(was_charge, text_to_cstring(charge_trace)) != 0;
+			other_amount = was_amount != amount;
+			other_reason = (was_reason == NULL) != (mine == NULL) ||
+				(mine && strcmp(was_reason, mine) != 0);
+			if (other_charge || other_amount || other_reason)
+			{
+				StringInfoData fields;
+
+				/* the message names what differs, as every other ZB005 */
+				initStringInfo(&fields);
+				if (other_charge)
+					appendStringInfoString(&fields, "charge");
+				if (other_amount)
+					appendStringInfo(&fields, "%samount", fields.len > 0 ? ", " : "");
+				if (other_reason)
+					appendStringInfo(&fields, "%sreason", fields.len > 0 ? ", " : "");
+				trace_conflict(trace_id, fields.data,
 							   psprintf("Original: a refund of %s of charge %s, reason %s; "
 										"this request: %s of charge %s, reason %s.",
 										billing_format_micros(was_amount),
@@ -635,6 +659,7 @@ billing_refund(PG_FUNCTION_ARGS)
 										billing_format_micros(amount),
 										billing_show_text(text_to_cstring(charge_trace), 64),
 										billing_describe_text(reason)));
+			}
 			result = refund_result(fcinfo, &acc, charge_trace, was_id, true);
 			SPI_finish();
 			return result;
