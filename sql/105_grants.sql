@@ -316,14 +316,18 @@ SELECT amount FROM billing_grant('gr-m', 2, 'gr-m-g', expires_at => clock_timest
 SELECT amount FROM billing_deduct('gr-m', 0.5, 'gr-m-d');
 SELECT status FROM billing_hold('gr-m', 0.5, 'gr-m-h');
 SELECT pg_temp.sleep_past_expiry('gr-m');
-SELECT f, split_part(regress_error(format(f, 'billing:expire:' || (SELECT grant_id FROM billing.grants WHERE tenant_id = 'gr-m')
-                                              || ':' || (SELECT version + 1 FROM billing.accounts WHERE tenant_id = 'gr-m'))),
-                     ' "', 1) AS error
+-- (every function that writes an entry of gr-m, with trace id t: its error)
+CREATE FUNCTION pg_temp.gr_m_writers(t text) RETURNS TABLE (f text, error text)
+    LANGUAGE sql AS $f$
+SELECT f, split_part(regress_error(format(f, t)), ' "', 1)
   FROM unnest(ARRAY[$$SELECT billing_credit('gr-m', 1, %L)$$,
                     $$SELECT billing_deduct('gr-m', 1, %L)$$,
                     $$SELECT billing_grant('gr-m', 1, %L)$$,
                     $$SELECT billing_refund('gr-m', 'gr-m-d', 0.1, %L)$$,
-                    $$SELECT billing_capture('gr-m', 'gr-m-h', 0.1, %L)$$]) f;
+                    $$SELECT billing_capture('gr-m', 'gr-m-h', 0.1, %L)$$]) f
+$f$;
+SELECT * FROM pg_temp.gr_m_writers('billing:expire:' || (SELECT grant_id FROM billing.grants WHERE tenant_id = 'gr-m')
+                                   || ':' || (SELECT version + 1 FROM billing.accounts WHERE tenant_id = 'gr-m'));
 -- nothing was written; the next call writes the expiry
 SELECT balance_after FROM billing_credit('gr-m', 1, 'gr-m-c1');
 SELECT count(*) AS expire_entries, sum(amount_micros) AS amount_micros
@@ -331,12 +335,6 @@ SELECT count(*) AS expire_entries, sum(amount_micros) AS amount_micros
 -- and once written, its trace id is ZB014 for every function, not a
 -- conflict (ZB005) with an "original expire" (grant and refund probe for a
 -- replay first)
-SELECT f, split_part(regress_error(format(f, (SELECT trace_id FROM billing.entries WHERE tenant_id = 'gr-m' AND kind = 'expire'))),
-                     ' "', 1) AS error
-  FROM unnest(ARRAY[$$SELECT billing_credit('gr-m', 1, %L)$$,
-                    $$SELECT billing_deduct('gr-m', 1, %L)$$,
-                    $$SELECT billing_grant('gr-m', 1, %L)$$,
-                    $$SELECT billing_refund('gr-m', 'gr-m-d', 0.1, %L)$$,
-                    $$SELECT billing_capture('gr-m', 'gr-m-h', 0.1, %L)$$]) f;
+SELECT * FROM pg_temp.gr_m_writers((SELECT trace_id FROM billing.entries WHERE tenant_id = 'gr-m' AND kind = 'expire'));
 
 SELECT count(*) AS problems FROM billing_verify();
