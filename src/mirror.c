@@ -30,6 +30,7 @@
  *-------------------------------------------------------------------------
  */
 #include "postgres.h"
+#include "common/int.h"
 
 #include "citus.h"
 #include "guc.h"
@@ -79,10 +80,27 @@ static int64 wipe_limit;
 
 #define MAX_HASH_FIELDS	128		/* a hash the worker writes has fewer than 40 */
 
+/*
+ * The resync wanted, in the worker and for billing_sync_status() (its
+ * full_resync_pending: until the resync is done, not only until it starts).
+ */
+static uint64 resync_requests = 0;	/* how often one was asked for */
+
+static void
+set_full_resync(bool on)
+{
+	if (on)
+		resync_requests++;
+	full_resync = on;
+	LWLockAcquire(billing_sync->lock, LW_EXCLUSIVE);
+	billing_sync->resync_pending = on;
+	LWLockRelease(billing_sync->lock);
+}
+
 void
 mirror_request_resync(void)
 {
-	full_resync = true;
+	set_full_resync(true);
 }
 
 bool
@@ -91,10 +109,22 @@ mirror_resync_pending(void)
 	return full_resync;
 }
 
+/*
+ * A resync that began when mirror_resync_requests() said `started` is done;
+ * a request made since (the ledger's identity changed under it, Redis
+ * restarted) stays, and the next resync answers it.
+ */
 void
-mirror_resync_done(void)
+mirror_resync_done(uint64 started)
 {
-	full_resync = false;
+	if (resync_requests == started)
+		set_full_resync(false);
+}
+
+uint64
+mirror_resync_requests(void)
+{
+	return resync_requests;
 }
 
 void
@@ -103,7 +133,7 @@ mirror_note_epoch(const char *now)
 	if (strcmp(now, epoch) != 0)
 	{
 		strlcpy(epoch, now, sizeof(epoch));
-		full_resync = true;
+		set_full_resync(true);
 	}
 }
 
@@ -328,7 +358,7 @@ mirror_check_run_id(void)
 			ereport(LOG,
 					(errmsg("billing sync: Redis restarted (run_id %s, was %s): full resync",
 							now_id, run_id)));
-		full_resync = true;
+		set_full_resync(true);
 		strlcpy(run_id, now_id, sizeof(run_id));
 		LWLockAcquire(billing_sync->lock, LW_EXCLUSIVE);
 		strlcpy(billing_sync->redis_run_id, run_id, sizeof(billing_sync->redis_run_id));
@@ -363,7 +393,7 @@ mirror_check_marker(void)
 	if (gone && !full_resync)
 	{
 		ereport(LOG, (errmsg("billing sync: marker key %s is gone (FLUSHALL?): full resync", key)));
-		full_resync = true;
+		set_full_resync(true);
 	}
 	pfree(key);
 	return true;
@@ -745,7 +775,9 @@ mirror_purge(char **tenants, int n, int64 *removed)
 		}
 		if (r->type != REDIS_REPLY_INTEGER || r->integer < 0)
 			return redis_unexpected(r, "EVALSHA of purge.lua");
-		*removed += r->integer;
+		/* a count from Redis (untrusted): saturates, never overflows */
+		if (pg_add_s64_overflow(*removed, r->integer, removed))
+			*removed = PG_INT64_MAX;
 		redis_free(r);
 	}
 	return true;

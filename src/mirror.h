@@ -23,7 +23,8 @@ extern bool mirror_connected(void);
 /* does Redis need every account again (restart, FLUSHALL, new ledger)? */
 extern void mirror_request_resync(void);
 extern bool mirror_resync_pending(void);
-extern void mirror_resync_done(void);
+extern void mirror_resync_done(uint64 started);
+extern uint64 mirror_resync_requests(void);
 
 /* "<system id>:<database oid>:<extension oid>" of the ledger we read */
 extern void mirror_note_epoch(const char *epoch);

@@ -752,7 +752,7 @@ billing_sync_status(PG_FUNCTION_ARGS)
 	values[3] = CStringGetTextDatum(s.redis_run_id);
 	nulls[3] = s.redis_run_id[0] == '\0';
 	values[4] = Int64GetDatum(dirty);
-	values[5] = BoolGetDatum(s.overflow);
+	values[5] = BoolGetDatum(s.overflow || s.resync_pending);
 	values[6] = IntervalPGetDatum(DatumGetIntervalP(DirectFunctionCall2(timestamp_mi,
 																		TimestampTzGetDatum(now),
 																		TimestampTzGetDatum(oldest ? oldest : now))));

@@ -101,6 +101,7 @@ typedef struct SyncShared
 	pid_t		worker_pid;
 	Latch	   *worker_latch;
 	bool		overflow;		/* a mark was lost: a full resync is needed */
+	bool		resync_pending; /* the worker wants a full resync, or is in one */
 	Oid			database;		/* the worker's database (InvalidOid: not yet
 								 * known); commits elsewhere are not marked */
 	/* worker statistics, for billing_sync_status() */

@@ -107,11 +107,14 @@ static char worker_user[NAMEDATALEN];	/* the role it runs as */
  * Tenants whose push failed for a reason of their own (a key of theirs of
  * the wrong type, a snapshot that cannot be built): the rest of the batch
  * goes on, and they are tried again every RETRY_MS (strings in
- * TopMemoryContext; beyond RETRY_MAX the periodic check retries them).
+ * TopMemoryContext).  Beyond RETRY_MAX they are not remembered one by one:
+ * a full resync, RETRY_MS later, pushes every tenant Redis is behind on
+ * (the periodic check may be off: nothing else would).
  */
 #define RETRY_MS		5000
 #define RETRY_MAX		1000
 static List *retry_tenants = NIL;
+static bool retry_overflowed = false;
 static TimestampTz retry_at = 0;
 
 /*
@@ -138,6 +141,7 @@ static TimestampTz expiry_scan_from = 0;
 
 /* a full resync in progress (it may span cycles while an old mirror is wiped) */
 static bool resync_started = false;
+static uint64 resync_asked = 0;	/* mirror_resync_requests() when it started */
 static bool resync_claimed = false;
 
 /* pg_prepared_xacts read since the worker started (two-phase commit) */
@@ -296,10 +300,13 @@ retry_later(const char *tenant, const char *why)
 				 errhint("A Redis key of that tenant of another type (they must be hashes and a sorted set), or an account whose snapshot cannot be built (see the message).")));
 	}
 	if (list_length(retry_tenants) >= RETRY_MAX)
-		return;					/* the periodic check will repair it */
-	old = MemoryContextSwitchTo(TopMemoryContext);
-	retry_tenants = lappend(retry_tenants, pstrdup(tenant));
-	MemoryContextSwitchTo(old);
+		retry_overflowed = true;
+	else
+	{
+		old = MemoryContextSwitchTo(TopMemoryContext);
+		retry_tenants = lappend(retry_tenants, pstrdup(tenant));
+		MemoryContextSwitchTo(old);
+	}
 	if (retry_at == 0)
 		retry_at = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), RETRY_MS);
 }
@@ -310,8 +317,11 @@ retry_due(TimestampTz now)
 {
 	ListCell   *lc;
 
-	if (retry_tenants == NIL || now < retry_at)
+	if ((retry_tenants == NIL && !retry_overflowed) || now < retry_at)
 		return;
+	if (retry_overflowed)
+		mirror_request_resync();
+	retry_overflowed = false;
 	LWLockAcquire(billing_sync->lock, LW_EXCLUSIVE);
 	foreach(lc, retry_tenants)
 		billing_sync_enqueue(lfirst(lc), now, SYNC_SCAN_ALL, 0, NULL, SYNC_SCAN_ALL);
@@ -1112,6 +1122,7 @@ resync_all(void)
 		end_xact();
 		track_prepared();
 		resync_started = true;
+		resync_asked = mirror_resync_requests();	/* what this resync answers */
 		resync_claimed = false;
 		while (continuing != NIL)
 		{
@@ -1172,7 +1183,7 @@ resync_all(void)
 	billing_sync->full_resyncs++;
 	LWLockRelease(billing_sync->lock);
 	resync_started = false;
-	mirror_resync_done();
+	mirror_resync_done(resync_asked);
 	ereport(DEBUG1, (errmsg("billing sync: full resync done")));
 }
 
@@ -1661,6 +1672,7 @@ billing_worker_main(Datum arg)
 	LWLockAcquire(billing_sync->lock, LW_EXCLUSIVE);
 	billing_sync->worker_pid = MyProcPid;
 	billing_sync->connected = false;
+	billing_sync->resync_pending = true;	/* a worker starts with one */
 	LWLockRelease(billing_sync->lock);
 
 	wait_for_database();
