@@ -86,6 +86,8 @@
 #define PRUNE_BATCHES		10		/* per round, at most */
 #define BATCHES_PER_CYCLE	20		/* then the mirror's turn (busy) */
 #define MAX_DRIFT_FIELDS	32		/* mirror.repaired lists at most these */
+#define MAX_DRIFT_TEXT		64		/* bytes of a name or value from Redis */
+#define MAX_DRIFT_HASH		256		/* more elements: not listed (mirror.c's limit) */
 #define LOCK_TIMEOUT		"200ms"
 
 static MemoryContext outbox_cxt = NULL;
@@ -352,16 +354,19 @@ watermark_parse(redisReply *r, Watermark *out, const char *what)
 	{
 		char		why[128];
 
+		bool		wrongtype = is_wrongtype(r);
+
 		redis_reply_text(r, why, sizeof(why));
-		if (!is_wrongtype(r))
+		redis_free(r);			/* before any ereport */
+		if (!wrongtype)
 		{
-			redis_free(r);
 			redis_close("%s: %s", what, why);
 			return false;
 		}
 		ereport(LOG,
 				(errmsg("billing events: the watermark key is not a string (%s): it is replaced, and every event sent again",
 						why)));
+		return true;
 	}
 	else if (r->type != REDIS_REPLY_NIL && r->type != REDIS_REPLY_STRING)
 		return redis_unexpected(r, what);
@@ -597,6 +602,34 @@ is_aside(const char *tenant)
 	return in_list(aside, tenant);
 }
 
+/*
+ * The log lines of tenants set aside: as the mirror's (worker.c), at most
+ * ASIDE_LOG_MAX in a window of RETRY_MS, then one line that counts the rest
+ * when the next window starts.  A Redis that refuses every tenant's stream
+ * must not fill the server's log.
+ */
+#define ASIDE_LOG_MAX	10
+static TimestampTz aside_log_from = 0;
+static int	aside_logged = 0;
+static int64 aside_unlogged = 0;
+
+static void
+aside_log_window(TimestampTz now)
+{
+	if (now >= aside_log_from && now < TimestampTzPlusMilliseconds(aside_log_from, RETRY_MS))
+		return;
+	if (aside_unlogged > 0)
+		ereport(LOG,
+				(errmsg("billing events: could not deliver the events of " INT64_FORMAT " more tenants since %s",
+						aside_unlogged, timestamptz_to_str(aside_log_from)),
+				 errdetail("At most %d such failures are logged one by one in a window of %d s.",
+						   ASIDE_LOG_MAX, RETRY_MS / 1000),
+				 errhint("billing_sync_status().last_error shows the latest.")));
+	aside_log_from = now;
+	aside_logged = 0;
+	aside_unlogged = 0;
+}
+
 static void
 set_aside(const char *tenant, const char *why)
 {
@@ -605,11 +638,18 @@ set_aside(const char *tenant, const char *why)
 		owed = add_tenant(owed, tenant);
 	if (is_aside(tenant))
 		return;
-	ereport(LOG,
-			(errmsg("billing events: could not deliver the events of tenant \"%s\": %s", tenant, why),
-			 errdetail("The other tenants' events are delivered; this tenant's are tried again every %d s, in order.",
-					   RETRY_MS / 1000),
-			 errhint("Its stream key must be a Redis stream (or not exist).")));
+	aside_log_window(GetCurrentTimestamp());
+	if (aside_logged >= ASIDE_LOG_MAX)
+		aside_unlogged++;
+	else
+	{
+		aside_logged++;
+		ereport(LOG,
+				(errmsg("billing events: could not deliver the events of tenant \"%s\": %s", tenant, why),
+				 errdetail("The other tenants' events are delivered; this tenant's are tried again every %d s, in order.",
+						   RETRY_MS / 1000),
+				 errhint("Its stream key must be a Redis stream (or not exist).")));
+	}
 	note_error("delivery failed for tenant %s: %s", tenant, why);
 	aside = add_tenant(aside, tenant);
 	if (aside_until == 0)
@@ -664,6 +704,7 @@ fetch(int limit, OutEvent **out)
 		nulls[4] = ' ';
 	}
 	begin_xact("billing events: reading the outbox");
+	lock_timeout();
 	if (SPI_execute_with_args(redeliver ?
 							  "SELECT * FROM ("
 							  " (SELECT e.event_id, e.tenant_id, e.seq, e.type, e.payload::pg_catalog.text, "
@@ -774,6 +815,16 @@ is_wrongtype(const redisReply *r)
  * connection is closed), or the all-tenants stream cannot be written (its
  * key has another type): nothing is marked.
  */
+/* was tenant of event i refused by Redis earlier in this batch? */
+static bool
+refused_before(const OutEvent *ev, char **refused, int i)
+{
+	for (int j = 0; j < i; j++)
+		if (refused[j] != NULL && strcmp(ev[j].tenant, ev[i].tenant) == 0)
+			return true;
+	return false;
+}
+
 static bool
 send_batch(OutEvent *ev, int n, Watermark w, bool *aborted)
 {
@@ -782,6 +833,8 @@ send_batch(OutEvent *ev, int n, Watermark w, bool *aborted)
 	char	   *blocked = NULL;	/* a tenant that failed in this batch */
 	bool		all_failed = false;
 	char		why[128] = "";
+	char	  **refused;
+	char	   *refused_why;
 	redisReply *exec;
 	bool		sent;
 
@@ -814,6 +867,9 @@ send_batch(OutEvent *ev, int n, Watermark w, bool *aborted)
 	pfree(buf.data);
 	if (!receive_queued(2 * n + 1, "XADD"))
 		return false;
+	/* the tenants refused, and why: set aside once the reply is freed */
+	refused = palloc0(sizeof(char *) * Max(n, 1));
+	refused_why = palloc(sizeof(why) * Max(n, 1));
 	exec = receive_exec(2 * n + 1, aborted);
 	if (exec == NULL)
 		return false;
@@ -829,9 +885,11 @@ send_batch(OutEvent *ev, int n, Watermark w, bool *aborted)
 		ok = !is_wrongtype(mine);
 		if (!ok)
 		{
-			redis_reply_text(mine, why, sizeof(why));
 			if (blocked == NULL || strcmp(blocked, ev[i].tenant) != 0)
-				set_aside(ev[i].tenant, why);
+			{
+				refused[i] = refused_why + i * sizeof(why);
+				redis_reply_text(mine, refused[i], sizeof(why));
+			}
 			blocked = ev[i].tenant;
 		}
 		if (all->type != REDIS_REPLY_STRING)
@@ -844,11 +902,14 @@ send_batch(OutEvent *ev, int n, Watermark w, bool *aborted)
 			continue;
 		}
 		/* a tenant that failed: its later events wait too (their order) */
-		ev[i].accepted = ok && !is_aside(ev[i].tenant);
+		ev[i].accepted = ok && !is_aside(ev[i].tenant) && !refused_before(ev, refused, i);
 	}
 	if (!watermark_set_reply(exec, exec->element[2 * n]))
 		return false;
 	redis_free(exec);
+	for (int i = 0; i < n; i++)
+		if (refused[i] != NULL)
+			set_aside(ev[i].tenant, refused[i]);
 	written = w;
 	if (all_failed)
 	{
@@ -887,6 +948,7 @@ mark_delivered(OutEvent *ev, int n, TimestampTz mark_at)
 	if (m == 0)
 		return;
 	begin_xact("billing events: marking events delivered");
+	lock_timeout();				/* a lock held on the outbox never stalls the mirror */
 	values[0] = PointerGetDatum(construct_array(tenants, m, TEXTOID, -1, false, TYPALIGN_INT));
 	values[1] = PointerGetDatum(construct_array(seqs, m, INT8OID, 8, FLOAT8PASSBYVAL, TYPALIGN_DOUBLE));
 	values[2] = TimestampTzGetDatum(mark_at);
@@ -1246,12 +1308,12 @@ sweep(void)
  * mirror.repaired
  * ---------------------------------------------------------------------
  */
-static const char *
+static const redisReply *
 hash_value(const redisReply *r, const char *name)
 {
 	for (size_t e = 0; e + 1 < r->elements; e += 2)
 		if (strcmp(r->element[e]->str, name) == 0)
-			return r->element[e + 1]->str;
+			return r->element[e + 1];
 	return NULL;
 }
 
@@ -1276,22 +1338,39 @@ parse_int64(const char *s, int64 *out)
 	return errno == 0 && *end == '\0';
 }
 
-/* one differing field: {"redis": .., "database": .., "difference": ..} */
+/*
+ * One differing field: {"redis": .., "database": .., "difference": ..},
+ * under FIELD, or under REDIS_FIELD (a field only Redis has).  What comes
+ * from Redis is untrusted: names and values are cut to their first 64
+ * bytes, anything but printable ASCII shown as '?' (redis_reply_text), so
+ * the payload stays small and valid UTF-8 whatever the reply held.
+ */
 static void
-add_difference(StringInfo diffs, const char *field, const char *redis, const char *db)
+add_difference(StringInfo diffs, const char *field, const redisReply *redis_field,
+			   const redisReply *redis, const char *db)
 {
 	StringInfoData d;
+	char		name[MAX_DRIFT_TEXT + 1];
+	char		have[MAX_DRIFT_TEXT + 1];
 	int64		a;
 	int64		b;
 
+	if (redis)
+		redis_reply_text(redis, have, sizeof(have));
 	ej_begin(&d);
-	ej_str(&d, "redis", redis ? pnstrdup(redis, 64) : NULL);
-	ej_str(&d, "database", db ? pnstrdup(db, 64) : NULL);
-	if (parse_int64(redis, &a) && parse_int64(db, &b) &&
+	ej_str(&d, "redis", redis ? have : NULL);
+	ej_str(&d, "database", db ? pnstrdup(db, MAX_DRIFT_TEXT) : NULL);
+	if (redis && parse_int64(have, &a) && parse_int64(db, &b) &&
 		!((a > 0 && b < 0 && a > PG_INT64_MAX + b) || (a < 0 && b > 0 && a < PG_INT64_MIN + b)))
 		ej_int(&d, "difference", a - b);
 	ej_end(&d);
+	if (redis_field)
+	{
+		redis_reply_text(redis_field, name, sizeof(name));
+		field = name;
+	}
 	ej_raw(diffs, field, d.data);
+	pfree(d.data);
 }
 
 /*
@@ -1368,6 +1447,13 @@ outbox_note_drift(SyncSnap *snaps, int n)
 			(void) redis_unexpected(r, "HGETALL");
 			return;
 		}
+		else if (r->elements > MAX_DRIFT_HASH)
+		{
+			/* as mirror_match: not a hash the worker wrote; not listed */
+			ej_str(&p, "problem", "not a hash the worker wrote");
+			ej_int(&p, "redis_fields", (int64) (r->elements / 2));
+			ndiff = s->nfields / 2;
+		}
 		else
 		{
 			for (size_t e = 0; e < r->elements; e++)
@@ -1382,15 +1468,15 @@ outbox_note_drift(SyncSnap *snaps, int n)
 			for (int f = 0; f + 1 < s->nfields; f += 2)
 			{
 				const char *want = s->fields[f + 1];
-				const char *have = hash_value(r, s->fields[f]);
+				const redisReply *have = hash_value(r, s->fields[f]);
 
 				if (strcmp(s->fields[f], "synced_at_ms") == 0)
 					continue;
-				if (have != NULL && strcmp(have, want) == 0)
+				if (have != NULL && strcmp(have->str, want) == 0)
 					continue;
 				ndiff++;
 				if (listed++ < MAX_DRIFT_FIELDS)
-					add_difference(&diffs, s->fields[f], have, want);
+					add_difference(&diffs, s->fields[f], NULL, have, want);
 			}
 			/* fields only Redis has */
 			for (size_t e = 0; e + 1 < r->elements; e += 2)
@@ -1402,12 +1488,13 @@ outbox_note_drift(SyncSnap *snaps, int n)
 					continue;
 				ndiff++;
 				if (listed++ < MAX_DRIFT_FIELDS)
-					add_difference(&diffs, name, r->element[e + 1]->str, NULL);
+					add_difference(&diffs, NULL, r->element[e], r->element[e + 1], NULL);
 			}
 			{
+				const redisReply *version = hash_value(r, "version");
 				int64		v;
 
-				if (parse_int64(hash_value(r, "version"), &v))
+				if (version != NULL && parse_int64(version->str, &v))
 					ej_int(&p, "redis_version", v);
 			}
 		}

@@ -411,6 +411,23 @@ my $rep = qv("SELECT payload->'differences'->'balance'->>'redis' || ' ' || (payl
               || ' ' || (payload->>'fields') FROM billing.events WHERE tenant_id = 'a1' AND type = 'mirror.repaired' LIMIT 1");
 my $bal = qv("SELECT balance_micros FROM billing.accounts WHERE tenant_id = 'a1'");
 is($rep, '1 ' . (1 - $bal) . ' 1', 'naming the field, what Redis held and the difference');
+# what Redis holds is untrusted: a field of 100,000 control bytes holding
+# 100,000 bytes of invalid UTF-8 is named in 64 bytes of '?' (the event once
+# copied both whole); a hash of more than 128 fields is not listed at all
+sub repaired_count { return qv("SELECT count(*) FROM billing.events WHERE tenant_id = '$_[0]' AND type = 'mirror.repaired'") // 0 }
+my $nrep = repaired_count('a1');
+$redis->cli('HSET', 'billing:{a1}', "\x01" x 100_000, "\xff" x 100_000);
+ok(wait_for(120, sub { repaired_count('a1') > $nrep }), 'a hostile field gives mirror.repaired');
+is(qv("SELECT (payload->>'fields') || ' ' || (payload->'differences'->repeat('?', 64)->>'redis' = repeat('?', 64))
+              || ' ' || (octet_length(payload::text) < 2000)
+       FROM billing.events WHERE tenant_id = 'a1' AND type = 'mirror.repaired' ORDER BY seq DESC LIMIT 1"),
+	'1 true true', "its name and value are cut to 64 bytes of printable ASCII, the payload stays small");
+$nrep = repaired_count('a1');
+$redis->cli('HSET', 'billing:{a1}', map { ("junk$_", $_) } 1 .. 200);
+ok(wait_for(120, sub { repaired_count('a1') > $nrep }), 'a hash of 200 more fields gives mirror.repaired');
+like(qv("SELECT (payload->>'problem') || ' ' || (payload->>'redis_fields') || ' ' || (payload->'differences' = '{}')
+         FROM billing.events WHERE tenant_id = 'a1' AND type = 'mirror.repaired' ORDER BY seq DESC LIMIT 1"),
+	qr/^not a hash the worker wrote 2\d\d true$/, 'which is counted, not listed');
 
 # billing_metrics() in the exposition format: promtool accepts it
 sub promtool_check
