@@ -84,10 +84,11 @@ check_redis_prefix(char **newval, void **extra, GucSource source)
 }
 
 /*
- * billing.redis_password is shown as ******** (SHOW, current_setting,
- * pg_settings): GUC_SUPERUSER_ONLY still lets members of
- * pg_read_all_settings read it.  billing.redis_password_file keeps the
- * secret out of the settings altogether.
+ * billing.redis_password is shown as ******** (SHOW, current_setting):
+ * GUC_SUPERUSER_ONLY still lets members of pg_read_all_settings read it.
+ * It is not listed in pg_settings (GUC_NO_SHOW_ALL): the show hook does not
+ * mask that view's reset_val, the raw string.  billing.redis_password_file
+ * keeps the secret out of the settings altogether.
  */
 static const char *
 show_redis_password(void)
@@ -112,7 +113,8 @@ define_settings(void)
 	DefineCustomStringVariable("billing.redis_password",
 							   "Redis password (AUTH); empty: none.  Prefer billing.redis_password_file.",
 							   NULL, &billing_redis_password, "",
-							   PGC_SIGHUP, GUC_SUPERUSER_ONLY, NULL, NULL, show_redis_password);
+							   PGC_SIGHUP, GUC_SUPERUSER_ONLY | GUC_NO_SHOW_ALL, NULL, NULL,
+							   show_redis_password);
 	DefineCustomStringVariable("billing.redis_password_file",
 							   "File holding the Redis password (first line), readable by the server's OS user only.",
 							   NULL, &billing_redis_password_file, "",

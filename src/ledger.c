@@ -1067,6 +1067,7 @@ remote_post(Oid nsp, BatchItem *it, PostMode mode, LedgerOutcome *out)
 	static SPIPlanPtr plan_raise = NULL;
 	static SPIPlanPtr plan_record = NULL;
 	static Oid	plan_nsp = InvalidOid;
+	static char plan_nspname[NAMEDATALEN] = "";
 	Oid			types[6] = {TEXTOID, NUMERICOID, TEXTOID, TEXTOID, JSONBOID, TEXTOID};
 	Datum		values[6];
 	char		nulls[6] = {' ', ' ', ' ', ' ', ' ', ' '};
@@ -1076,7 +1077,20 @@ remote_post(Oid nsp, BatchItem *it, PostMode mode, LedgerOutcome *out)
 	const char *schema;
 	MemoryContext outer;
 
-	if (plan_nsp != nsp)
+	const char *nspname = get_namespace_name(nsp);
+
+	if (nspname == NULL)
+		elog(ERROR, "billing: the schema of billing_deduct_many (oid %u) is gone", nsp);
+
+	/*
+	 * The plans name the schema (SQL calls functions by name), so they are
+	 * kept for its name, not only its oid: a kept plan is parsed again from
+	 * its text whenever a schema changes, and after a rename that text would
+	 * find whatever now has the old name, maybe a function the database
+	 * owner put there, which this SECURITY DEFINER code would run as the
+	 * extension's owner.
+	 */
+	if (plan_nsp != nsp || strcmp(plan_nspname, nspname) != 0)
 	{
 		if (plan_raise)
 			SPI_freeplan(plan_raise);
@@ -1084,8 +1098,9 @@ remote_post(Oid nsp, BatchItem *it, PostMode mode, LedgerOutcome *out)
 			SPI_freeplan(plan_record);
 		plan_raise = plan_record = NULL;
 		plan_nsp = nsp;
+		strlcpy(plan_nspname, nspname, sizeof(plan_nspname));
 	}
-	schema = quote_identifier(get_namespace_name(nsp));
+	schema = quote_identifier(nspname);
 	outer = billing_spi_connect();
 	if (mode == POST_RAISE)
 		plan = billing_keep_plan(&plan_raise,

@@ -277,6 +277,12 @@ for (split /\n/, $q->(q{
 	$setting{$name} = { boot => $boot, unit => $unit, context => $context, vartype => $vartype };
 }
 ok(exists $setting{'billing.database'}, 'the preloaded node shows the worker settings too');
+# billing.redis_password is not listed in pg_settings (GUC_NO_SHOW_ALL: its
+# reset_val would show it, 072_redis_auth_tls); it exists, as a reload-time
+# string, empty by default
+is($q->(q{SELECT current_setting('billing.redis_password', true) IS NOT NULL}), 't',
+	'billing.redis_password exists (not listed in pg_settings)');
+$setting{'billing.redis_password'} = { boot => '', unit => '', context => 'sighup', vartype => 'string' };
 
 ############################################################################
 # functions: a heading and a signature each

@@ -628,6 +628,49 @@ ok(BillingTest::wait_until(120, sub {
 	"the joined node's maintenance gave it its own id range");
 
 ############################################################################
+# 4c. billing_deduct_many's items on other nodes call billing_deduct /
+#     billing_try_deduct by name, in plans a session keeps: after the API's
+#     schema is renamed (the database owner may) and a new one holds
+#     functions of those names, the session calls the extension's functions,
+#     never the new ones (which would run as the extension's owner)
+############################################################################
+
+{
+	my $s = BillingTest::Session->new($coord, $db);
+	my $many = sub {
+		my ($schema, $tag, $mode) = @_;
+		return $s->call("SELECT string_agg(status, ',') FROM $schema.billing_deduct_many("
+			  . "ARRAY['$on1[0]', '$on2[0]'], ARRAY[0.1, 0.1], ARRAY['rn-$tag-1', 'rn-$tag-2'], on_reject => '$mode')");
+	};
+	for my $mode (qw(raise record))
+	{
+		my $r = $many->('public', "before-$mode", $mode);
+		is("$r->{status} " . ($r->{rows}[0] // ''), 'ok committed,committed', "4c: a batch on both workers ($mode), its plans kept");
+	}
+	q_ok($coord, q{
+		ALTER SCHEMA public RENAME TO api;
+		CREATE SCHEMA public;
+		CREATE FUNCTION public.billing_deduct(tenant_id text, amount numeric, trace_id text,
+		    description text DEFAULT NULL, metadata jsonb DEFAULT NULL, event_at timestamptz DEFAULT NULL,
+		    kind text DEFAULT 'deduct', api_key text DEFAULT NULL)
+		  RETURNS billing.entry_result LANGUAGE plpgsql AS $$ BEGIN RAISE EXCEPTION 'planted billing_deduct ran'; END $$;
+		CREATE FUNCTION public.billing_try_deduct(tenant_id text, amount numeric, trace_id text,
+		    description text DEFAULT NULL, metadata jsonb DEFAULT NULL, event_at timestamptz DEFAULT NULL,
+		    kind text DEFAULT 'deduct', api_key text DEFAULT NULL)
+		  RETURNS billing.charge_outcome LANGUAGE plpgsql AS $$ BEGIN RAISE EXCEPTION 'planted billing_try_deduct ran'; END $$;});
+	for my $mode (qw(raise record))
+	{
+		my $r = $many->('api', "after-$mode", $mode);
+		is("$r->{status} " . ($r->{rows}[0] // $r->{message} // ''), 'ok committed,committed',
+			"4c: after the rename the same session charges through the extension's functions ($mode)");
+	}
+	$s->close;
+	q_ok($coord, 'DROP SCHEMA public CASCADE; ALTER SCHEMA api RENAME TO public');
+	is(q_ok($coord, "SELECT count(*) FROM billing.entries WHERE trace_id LIKE 'rn-after-%'"), '4',
+		'4c: the four charges are in the ledger');
+}
+
+############################################################################
 # 5. the end state
 ############################################################################
 
