@@ -257,6 +257,14 @@ SELECT status FROM billing_account_update('err-closed', status => 'closed');
 SELECT split_part(regress_error($$SELECT billing_account_update('err-closed', reason => 'x', status => 'active')$$),
                   E'\n', 1) AS error;
 
+-- the worker's internal calls check the tenant id too (ZB016), before the
+-- account's lookup could echo it whole in ZB001
+SELECT label, split_part(regress_error(sql), E'\n', 1) AS error
+  FROM (VALUES
+    ('expire_holds_of: 100,000 characters', $$SELECT billing.expire_holds_of(repeat('x', 100000))$$),
+    ('alerts_check: a line break',          $$SELECT billing.alerts_check(E'err-\nx')$$)
+  ) AS t(label, sql);
+
 -- Everything at the end: the failed calls of this file wrote nothing.
 SELECT tenant_id, balance, version FROM billing.balances
  WHERE tenant_id LIKE 'err-%' AND length(tenant_id) < 20 ORDER BY 1;

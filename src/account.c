@@ -446,7 +446,10 @@ account_key_lock(Account *acc, ApiKey *key, text *key_id)
 	key->period_spend = billing_col_int64(0, 5, 0);
 	key->levels_supported = v;
 	if (v)
-		key->alert_levels = (int32) billing_col_int64(0, 6, 0);
+	{
+		d = billing_col(0, 6, &isnull);
+		key->alert_levels = isnull ? 0 : DatumGetInt32(d);	/* an integer column */
+	}
 
 	/* budget periods start over like the account's */
 	if (key->period != NULL && strcmp(key->period, "lifetime") != 0)
@@ -911,7 +914,8 @@ billing_expire_holds_of(PG_FUNCTION_ARGS)
 	bool		due;
 
 	billing_check_not_null(fcinfo, 0, "tenant_id");
-	account_lock(&acc, PG_GETARG_TEXT_PP(0), billing_spi_connect());
+	account_lock(&acc, billing_check_id(PG_GETARG_TEXT_PP(0), "tenant_id", ERRCODE_BILLING_INVALID_TENANT_ID),
+				 billing_spi_connect());
 	due = (acc.has_next_expiry && acc.next_expiry <= acc.now) ||
 		(acc.has_grants_expiry && acc.grants_next_expiry <= acc.now);
 	if (due)

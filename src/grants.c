@@ -272,7 +272,8 @@ grants_held_expired(Account *acc, TimestampTz now)
 					  2, types);
 	values[0] = PointerGetDatum(acc->tenant_id);
 	values[1] = TimestampTzGetDatum(now);
-	billing_spi_exec(plan, values, NULL, SPI_OK_SELECT, "reading expired holds");
+	/* in the snapshot the account row was read with (a read, never a new one) */
+	billing_spi_read(plan, values, NULL, "reading expired holds");
 	for (uint64 r = 0; r < SPI_processed; r++)
 	{
 		bool		isnull;

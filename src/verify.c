@@ -106,20 +106,21 @@ chain_in_version_order(TenantFacts *f)
 	static SPIPlanPtr plan = NULL;
 	Oid			types[1] = {TEXTOID};
 	Datum		values[1];
-	bool		isnull;
 
 	billing_spi_connect();
 	billing_keep_plan(&plan,
-					  "SELECT count(*), min(entry_id) FROM ("
-					  "  SELECT entry_id, balance_after_micros <> amount_micros + "
-					  "         lag(balance_after_micros, 1, 0::bigint) OVER (ORDER BY version) AS brk "
-					  "    FROM billing.entries WHERE tenant_id = $1) c "
+					  "SELECT pg_catalog.count(*), pg_catalog.min(entry_id) FROM ("
+					  "  SELECT entry_id, balance_after_micros::pg_catalog.numeric OPERATOR(pg_catalog.<>) "
+					  "         (amount_micros::pg_catalog.numeric OPERATOR(pg_catalog.+) "
+					  "          pg_catalog.lag(balance_after_micros, 1, 0::pg_catalog.int8) "
+					  "            OVER (ORDER BY version)::pg_catalog.numeric) AS brk "
+					  "    FROM billing.entries WHERE tenant_id OPERATOR(pg_catalog.=) $1) c "
 					  "WHERE brk",
 					  1, types);
 	values[0] = PointerGetDatum(f->tenant);
 	billing_spi_read(plan, values, NULL, "checking the chain in version order");
 	f->breaks = billing_col_int64(0, 1, 0);
-	f->first_break = DatumGetInt64(billing_col(0, 2, &isnull));
+	f->first_break = billing_col_int64(0, 2, 0);
 	SPI_finish();
 }
 
