@@ -213,6 +213,27 @@ my %sent_a2;
 $sent_a2{ $_->[1]{seq} }++ for grep { $_->[1]{tenant_id} eq 'a2' } @$all_a2;
 is(($sent_a2{2} // 0) . '/' . ($sent_a2{3} // 0), '1/1',
 	"a2's later events reached the all-tenants stream once each (its first: " . ($sent_a2{1} // 0) . ' times, once per attempt)');
+
+# many tenants set aside (a gateway that writes a wrong key everywhere, a
+# hostile Redis): at most 10 lines per 5 s name a tenant, then one line
+# counts the rest (it once logged a line per tenant every 5 s)
+{
+	my $n = 30;
+	my $logged = sub { my @m = slurp_file($node->logfile) =~ /$_[0]/g; return scalar @m };
+	$redis->cli('SET', "billing:{th-$_}:events", 'not a stream') for 1 .. $n;
+	my $t0 = time;
+	sql("SELECT count(*) FROM generate_series(1, $n) i, LATERAL billing_account_create('th-' || i);
+	     SELECT count(*) FROM generate_series(1, $n) i, LATERAL billing_credit('th-' || i, 100, 'th-c' || i);
+	     SELECT count(*) FROM generate_series(1, $n) i, LATERAL billing_alerts_set('th-' || i, low_balance => 50);
+	     SELECT count(*) FROM generate_series(1, $n) i, LATERAL billing_deduct('th-' || i, 60, 'th-d' || i)");
+	ok(wait_for(120, sub { $logged->(qr/could not deliver the events of \d+ more tenants since /) >= 1 }),
+		'many tenants set aside: a line counts those beyond the first 10');
+	my $windows = int((time - $t0) / 5) + 2;
+	my $named = $logged->(qr/could not deliver the events of tenant "th-/);
+	ok($named >= 10 && $named <= 10 * $windows, "at most 10 lines per 5 s name a tenant ($named in at most $windows windows, not $n)");
+	$redis->cli('DEL', "billing:{th-$_}:events") for 1 .. $n;
+	ok(wait_for(120, \&delivered_all), 'once the keys are gone, their events are delivered');
+}
 is(tenant_stream('a1'), outbox('a1'), "a1's stream holds its events, in order, each once");
 
 # What Redis holds: its watermark "W S".  Each batch ends its pipeline with
