@@ -914,7 +914,8 @@ billing_expire_holds_of(PG_FUNCTION_ARGS)
 	bool		due;
 
 	billing_check_not_null(fcinfo, 0, "tenant_id");
-	account_lock(&acc, billing_check_id(PG_GETARG_TEXT_PP(0), "tenant_id", ERRCODE_BILLING_INVALID_TENANT_ID),
+	account_lock(&acc, billing_check_id_length(PG_GETARG_TEXT_PP(0), "tenant_id",
+												   ERRCODE_BILLING_INVALID_TENANT_ID),
 				 billing_spi_connect());
 	due = (acc.has_next_expiry && acc.next_expiry <= acc.now) ||
 		(acc.has_grants_expiry && acc.grants_next_expiry <= acc.now);

@@ -95,6 +95,7 @@ extern int64 billing_add_micros(int64 a, int64 b, const char *what);
 extern void billing_check_not_null(FunctionCallInfo fcinfo, int argno,
 								   const char *argname);
 extern text *billing_check_id(text *id, const char *argname, int sqlerrcode);
+extern text *billing_check_id_length(text *id, const char *argname, int sqlerrcode);
 extern Jsonb *billing_check_metadata(FunctionCallInfo fcinfo, int argno);
 extern Jsonb *billing_check_metadata_value(Jsonb *jb, const char *argname);
 extern text *billing_check_description(FunctionCallInfo fcinfo, int argno);

@@ -734,7 +734,8 @@ billing_alerts_check(PG_FUNCTION_ARGS)
 	int64		seq;
 
 	billing_check_not_null(fcinfo, 0, "tenant_id");
-	account_lock(&acc, billing_check_id(PG_GETARG_TEXT_PP(0), "tenant_id", ERRCODE_BILLING_INVALID_TENANT_ID),
+	account_lock(&acc, billing_check_id_length(PG_GETARG_TEXT_PP(0), "tenant_id",
+												   ERRCODE_BILLING_INVALID_TENANT_ID),
 				 billing_spi_connect());
 	seq = acc.events_seq;
 	account_expire_due(&acc);

@@ -277,6 +277,27 @@ billing_check_id(text *id, const char *argname, int sqlerrcode)
 }
 
 /*
+ * Only the length of an id (at most BILLING_MAX_ID_CHARS characters), for
+ * the extension's internal calls on existing accounts: 1.3 checked no more,
+ * so an account of then may have an id billing_check_id refuses now, and
+ * the maintenance must still reach it.  Bounds what an error may echo.
+ */
+text *
+billing_check_id_length(text *id, const char *argname, int sqlerrcode)
+{
+	int			nchars = pg_mbstrlen_with_len(VARDATA_ANY(id), VARSIZE_ANY_EXHDR(id));
+
+	if (nchars > BILLING_MAX_ID_CHARS)
+		ereport(ERROR,
+				(errcode(sqlerrcode),
+				 errmsg("%s is too long", argname),
+				 errdetail("It has %d characters; the limit is %d.",
+						   nchars, BILLING_MAX_ID_CHARS),
+				 errhint("Pass the id of an existing account.")));
+	return id;
+}
+
+/*
  * A metadata value: a JSON object of at most BILLING_MAX_METADATA_BYTES
  * (its stored size).  The error shows neither the value nor more than its
  * type and size.
