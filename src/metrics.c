@@ -437,7 +437,7 @@ collect(Samples *all)
 			"Redis hashes the consistency check found different and rewrote.", NULL, NULL,
 			(double) billing_col_int64(0, 9, 0));
 		add(all, "billing_mirror_full_resync_pending", "gauge",
-			"1 while a full resync is due.", NULL, NULL,
+			"1 while a full resync is due or running.", NULL, NULL,
 			DatumGetBool(billing_col(0, 10, &isnull)) ? 1 : 0);
 		d = billing_col(0, 11, &isnull);
 		if (!isnull)

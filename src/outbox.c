@@ -1680,6 +1680,8 @@ outbox_cycle(bool redis_ready)
 	if (outbox_cxt == NULL)
 		outbox_cxt = AllocSetContextCreate(TopMemoryContext, "billing events",
 										   ALLOCSET_DEFAULT_SIZES);
+	if (aside_unlogged > 0)
+		aside_log_window(now);	/* the count of a window that has ended */
 	if (now < failed_until)
 		return false;
 	MemoryContextSwitchTo(outbox_cxt);

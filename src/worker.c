@@ -108,14 +108,22 @@ static char worker_user[NAMEDATALEN];	/* the role it runs as */
  * the wrong type, a snapshot that cannot be built): the rest of the batch
  * goes on, and they are tried again every RETRY_MS (strings in
  * TopMemoryContext).  Beyond RETRY_MAX they are not remembered one by one:
- * a full resync, RETRY_MS later, pushes every tenant Redis is behind on
- * (the periodic check may be off: nothing else would).
+ * a full resync pushes every tenant Redis is behind on (the periodic check
+ * may be off: nothing else would), RETRY_MS later, then, while that many
+ * keep failing, at twice the interval each time up to OVERFLOW_MAX_MS (a
+ * resync reads the whole ledger); the interval starts over after
+ * OVERFLOW_RESET_MS without one.
  */
 #define RETRY_MS		5000
 #define RETRY_MAX		1000
+#define OVERFLOW_MAX_MS		(5 * 60 * 1000)
+#define OVERFLOW_RESET_MS	(10 * 60 * 1000)
 static List *retry_tenants = NIL;
-static bool retry_overflowed = false;
 static TimestampTz retry_at = 0;
+static bool retry_overflowed = false;
+static TimestampTz overflow_at = 0;
+static TimestampTz overflow_last = 0;	/* the last resync it asked for */
+static int64 overflow_ms = RETRY_MS;
 
 /*
  * Their log lines: at most RETRY_LOG_MAX in a window of RETRY_MS (one
@@ -300,7 +308,18 @@ retry_later(const char *tenant, const char *why)
 				 errhint("A Redis key of that tenant of another type (they must be hashes and a sorted set), or an account whose snapshot cannot be built (see the message).")));
 	}
 	if (list_length(retry_tenants) >= RETRY_MAX)
-		retry_overflowed = true;
+	{
+		if (!retry_overflowed)
+		{
+			TimestampTz now = GetCurrentTimestamp();
+
+			if (overflow_last == 0 ||
+				TimestampDifferenceExceeds(overflow_last, now, OVERFLOW_RESET_MS))
+				overflow_ms = RETRY_MS;
+			retry_overflowed = true;
+			overflow_at = TimestampTzPlusMilliseconds(now, overflow_ms);
+		}
+	}
 	else
 	{
 		old = MemoryContextSwitchTo(TopMemoryContext);
@@ -317,11 +336,15 @@ retry_due(TimestampTz now)
 {
 	ListCell   *lc;
 
-	if ((retry_tenants == NIL && !retry_overflowed) || now < retry_at)
-		return;
-	if (retry_overflowed)
+	if (retry_overflowed && now >= overflow_at)
+	{
 		mirror_request_resync();
-	retry_overflowed = false;
+		retry_overflowed = false;
+		overflow_last = now;
+		overflow_ms = Min(overflow_ms * 2, OVERFLOW_MAX_MS);
+	}
+	if (retry_tenants == NIL || now < retry_at)
+		return;
 	LWLockAcquire(billing_sync->lock, LW_EXCLUSIVE);
 	foreach(lc, retry_tenants)
 		billing_sync_enqueue(lfirst(lc), now, SYNC_SCAN_ALL, 0, NULL, SYNC_SCAN_ALL);
