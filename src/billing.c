@@ -20,6 +20,7 @@
 #include "engine.h"
 #include "fmgr.h"
 #include "guc.h"
+#include "ledger.h"
 #include "miscadmin.h"
 #include "postmaster/bgworker.h"
 #include "sync.h"
@@ -289,6 +290,7 @@ _PG_init(void)
 	define_settings();
 	billing_guard_init();
 	billing_citus_init();
+	ledger_init();
 	billing_sync_init();
 	events_init();
 	billing_engine_init();

@@ -40,6 +40,7 @@
 #include "utils/builtins.h"
 #include "mb/pg_wchar.h"
 #include "miscadmin.h"
+#include "parser/analyze.h"
 #include "utils/lsyscache.h"
 #include "utils/array.h"
 #include "utils/jsonb.h"
@@ -1061,6 +1062,65 @@ tenant_is_local(text *tenant)
  * untyped literal would let an overload planted there (text where the API
  * has timestamptz) win the call, which runs as the extension's owner.
  */
+/*
+ * While remote_post prepares and runs its plan, every parse analysis of a
+ * call of billing_deduct or billing_try_deduct (also the one PostgreSQL
+ * does again from the plan's text after a schema change) must find the
+ * function in remote_guard_nsp.  The name checked before the call is the
+ * schema's of then; a rename committed between that check and a new parse
+ * could make the text name another schema, whose function this SECURITY
+ * DEFINER code would run as the extension's owner.  That call fails
+ * instead (55000).
+ */
+static post_parse_analyze_hook_type prev_post_parse_analyze = NULL;
+static Oid	remote_guard_nsp = InvalidOid;
+
+static void
+remote_guard(ParseState *pstate, Query *query, JumbleState *jstate)
+{
+	ListCell   *lc;
+
+	if (prev_post_parse_analyze)
+		prev_post_parse_analyze(pstate, query, jstate);
+	if (!OidIsValid(remote_guard_nsp))
+		return;
+	foreach(lc, query->rtable)
+	{
+		RangeTblEntry *rte = lfirst(lc);
+		ListCell   *f;
+
+		if (rte->rtekind != RTE_FUNCTION)
+			continue;
+		foreach(f, rte->functions)
+		{
+			RangeTblFunction *rtf = lfirst(f);
+			Oid			fn;
+			char	   *name;
+
+			if (!IsA(rtf->funcexpr, FuncExpr))
+				continue;
+			fn = ((FuncExpr *) rtf->funcexpr)->funcid;
+			name = get_func_name(fn);
+			if (name != NULL &&
+				(strcmp(name, "billing_deduct") == 0 || strcmp(name, "billing_try_deduct") == 0) &&
+				get_func_namespace(fn) != remote_guard_nsp)
+				ereport(ERROR,
+						(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+						 errmsg("the schema of billing's functions changed during the call"),
+						 errdetail("A charge of a tenant on another node found %s in schema oid %u, not in the extension's schema (oid %u).",
+								   name, get_func_namespace(fn), remote_guard_nsp),
+						 errhint("Call again: nothing of this call was written.")));
+		}
+	}
+}
+
+void
+ledger_init(void)
+{
+	prev_post_parse_analyze = post_parse_analyze_hook;
+	post_parse_analyze_hook = remote_guard;
+}
+
 static void
 remote_post(Oid nsp, BatchItem *it, PostMode mode, LedgerOutcome *out)
 {
@@ -1102,22 +1162,6 @@ remote_post(Oid nsp, BatchItem *it, PostMode mode, LedgerOutcome *out)
 	}
 	schema = quote_identifier(nspname);
 	outer = billing_spi_connect();
-	if (mode == POST_RAISE)
-		plan = billing_keep_plan(&plan_raise,
-								 psprintf("SELECT 'committed', replayed, entry_id, kind, "
-										  "(amount * 1000000)::bigint, (balance_after * 1000000)::bigint, "
-										  "version, created_at, NULL::text, NULL::text, NULL::text "
-										  "FROM %s.billing_deduct($1, $2, $3, $4, $5, NULL::pg_catalog.timestamptz, "
-										  "'deduct'::pg_catalog.text, $6)",
-										  schema), 6, types);
-	else
-		plan = billing_keep_plan(&plan_record,
-								 psprintf("SELECT status, replayed, entry_id, kind, "
-										  "(amount * 1000000)::bigint, (balance_after * 1000000)::bigint, "
-										  "version, created_at, sqlstate, reason, detail "
-										  "FROM %s.billing_try_deduct($1, $2, $3, $4, $5, NULL::pg_catalog.timestamptz, "
-										  "'deduct'::pg_catalog.text, $6)",
-										  schema), 6, types);
 	values[0] = PointerGetDatum(it->tenant_id);
 	values[1] = NumericGetDatum(billing_micros_to_numeric(-e->amount));
 	values[2] = PointerGetDatum(e->trace_id);
@@ -1126,7 +1170,32 @@ remote_post(Oid nsp, BatchItem *it, PostMode mode, LedgerOutcome *out)
 	values[4] = JsonbPGetDatum(e->metadata);
 	values[5] = PointerGetDatum(e->api_key);
 	nulls[5] = e->api_key ? ' ' : 'n';
-	billing_spi_exec(plan, values, nulls, SPI_OK_SELECT, "charging an item on another node");
+	remote_guard_nsp = nsp;
+	PG_TRY();
+	{
+		if (mode == POST_RAISE)
+			plan = billing_keep_plan(&plan_raise,
+									 psprintf("SELECT 'committed', replayed, entry_id, kind, "
+											  "(amount * 1000000)::bigint, (balance_after * 1000000)::bigint, "
+											  "version, created_at, NULL::text, NULL::text, NULL::text "
+											  "FROM %s.billing_deduct($1, $2, $3, $4, $5, NULL::pg_catalog.timestamptz, "
+											  "'deduct'::pg_catalog.text, $6)",
+											  schema), 6, types);
+		else
+			plan = billing_keep_plan(&plan_record,
+									 psprintf("SELECT status, replayed, entry_id, kind, "
+											  "(amount * 1000000)::bigint, (balance_after * 1000000)::bigint, "
+											  "version, created_at, sqlstate, reason, detail "
+											  "FROM %s.billing_try_deduct($1, $2, $3, $4, $5, NULL::pg_catalog.timestamptz, "
+											  "'deduct'::pg_catalog.text, $6)",
+											  schema), 6, types);
+		billing_spi_exec(plan, values, nulls, SPI_OK_SELECT, "charging an item on another node");
+	}
+	PG_FINALLY();
+	{
+		remote_guard_nsp = InvalidOid;
+	}
+	PG_END_TRY();
 	if (SPI_processed != 1)
 		elog(ERROR, "billing: a charge on another node returned %d rows", (int) SPI_processed);
 	memset(out, 0, sizeof(*out));

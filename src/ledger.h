@@ -84,6 +84,7 @@ extern Datum ledger_entry_result(FunctionCallInfo fcinfo, text *tenant_id,
 
 /* the order in which a batch applies its tenants (bytewise), for qsort */
 extern int	ledger_tenant_cmp(const text *a, const text *b);
+extern void ledger_init(void);
 
 extern int64 billing_post_entry(Account *acc, EntryWrite *entry);
 extern void billing_check_own_trace(Account *acc, text *trace_id);
