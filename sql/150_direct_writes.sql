@@ -129,6 +129,25 @@ SELECT regress_error($$SELECT billing_deduct('dw-a', 1, 'dw-a-extra')$$) AS erro
 ROLLBACK;
 SELECT balance_after FROM billing_deduct('dw-a', 1, 'dw-a-extra');
 
+-- A table renamed and another made in its place "LIKE ... INCLUDING ALL"
+-- (a rebuild by swapping): the old index keeps its name, and its row
+-- positions are the old table's.  The direct path finds indexes by name and
+-- checks the one it found is on the table it opened: 55000, no other
+-- tenant's row is read or written.
+BEGIN;
+ALTER TABLE billing.accounts RENAME TO accounts_old;
+CREATE TABLE billing.accounts (LIKE billing.accounts_old INCLUDING ALL);
+INSERT INTO billing.accounts SELECT * FROM billing.accounts_old ORDER BY tenant_id DESC;
+SELECT regress_error($$SELECT billing_deduct('dw-a', 1, 'dw-a-swap')$$) AS error;
+ROLLBACK;
+-- ... and a view in its place (no heap): 55000, not a crash
+BEGIN;
+ALTER TABLE billing.entries RENAME TO entries_old;
+CREATE VIEW billing.entries AS SELECT * FROM billing.entries_old;
+SELECT regress_error($$SELECT billing_deduct('dw-a', 1, 'dw-a-view')$$) AS error;
+ROLLBACK;
+SELECT balance_after FROM billing_deduct('dw-a', 1, 'dw-a-swap');
+
 -- Holds: billing_hold, billing_capture, billing_release and
 -- billing_hold_extend read and write billing.holds and its journal
 -- billing.hold_events the same way.  Row triggers see every hold row and

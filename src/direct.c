@@ -467,6 +467,13 @@ ensure_columns(DirectTable *t, Relation rel)
 {
 	if (t->relid == RelationGetRelid(rel))
 		return;
+	if (rel->rd_rel->relkind != RELKIND_RELATION)
+		ereport(ERROR,
+				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+				 errmsg("billing.%s is not a plain table", t->name),
+				 errdetail("Its relation kind is '%c'; billing's direct path reads and writes the heap of a plain table.",
+						   rel->rd_rel->relkind),
+				 errhint("Put the table back as the extension made it (a view or a partitioned table in its place is not supported).")));
 	if (t->relid == InvalidOid || !same_layout(t, rel))
 	{
 		t->relid = InvalidOid;
@@ -532,6 +539,38 @@ direct_open(DirectTable *t, Oid nsp, Datum key, bool for_write, LOCKMODE mode,
 	}
 	ensure_columns(t, rel);
 	return rel;
+}
+
+/*
+ * Open the index the direct path reads rel by (found by its name): it must
+ * be a valid plain index of rel itself whose first column is the key.
+ * Names are the DBA's to change: a table renamed and one made in its place
+ * "LIKE ... INCLUDING ALL" leaves the old index with the old name, whose
+ * row positions are the old table's; read against the new one they would
+ * lock or update another tenant's row.
+ */
+static Relation
+direct_index_open(DirectTable *t, Relation rel, Oid indexid)
+{
+	Relation	index = index_open(indexid, AccessShareLock);
+
+	if (index->rd_rel->relkind != RELKIND_INDEX ||
+		index->rd_index->indrelid != RelationGetRelid(rel) ||
+		!index->rd_index->indisvalid || !index->rd_index->indisready ||
+		index->rd_index->indnkeyatts < 1 ||
+		index->rd_index->indkey.values[0] != t->attnum[0])
+		ereport(ERROR,
+				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+				 errmsg("index \"%s\" is not a valid index of billing.%s on its column \"%s\"",
+						RelationGetRelationName(index), t->name, t->cols[0]),
+				 index->rd_index->indrelid != RelationGetRelid(rel) ?
+				 errdetail("The index of that name is on \"%s\", not on billing.%s.",
+						   get_rel_name(index->rd_index->indrelid) ?
+						   get_rel_name(index->rd_index->indrelid) : "a relation dropped since",
+						   t->name) :
+				 errdetail("It is not valid, or its first column is not \"%s\".", t->cols[0]),
+				 errhint("Put the table and its indexes back as the extension made them: billing's direct path finds them by name.")));
+	return index;
 }
 
 /* the same for a relation chosen by the caller (a shard of a scan) */
@@ -618,8 +657,6 @@ typedef struct ReaderRel
 	IndexScanDesc scan;
 } ReaderRel;
 
-#define READER_MAX_RELS 64
-
 struct DirectReader
 {
 	DirectTable *t;
@@ -627,7 +664,8 @@ struct DirectReader
 	Oid			logical;
 	bool		remote_ok;		/* another node's key: DIRECT_NOT_HERE, not ZB100 */
 	int			nrels;
-	ReaderRel	rels[READER_MAX_RELS];
+	int			maxrels;
+	ReaderRel **rels;			/* one per shard met (Citus: as many as the node holds) */
 };
 
 DirectReader *
@@ -639,6 +677,8 @@ direct_reader_open(DirectTable *t, bool remote_ok)
 	r->nsp = billing_namespace();
 	r->logical = billing_relid(t->name, r->nsp);
 	r->remote_ok = remote_ok;
+	r->maxrels = 8;
+	r->rels = palloc(sizeof(ReaderRel *) * r->maxrels);
 	return r;
 }
 
@@ -648,15 +688,18 @@ reader_rel(DirectReader *r, Oid relid, int64 shardid)
 	ReaderRel  *rr;
 
 	for (int i = 0; i < r->nrels; i++)
-		if (r->rels[i].relid == relid)
-			return &r->rels[i];
-	if (r->nrels == READER_MAX_RELS)
-		elog(ERROR, "billing: a reader met more than %d shards", READER_MAX_RELS);
-	rr = &r->rels[r->nrels++];
+		if (r->rels[i]->relid == relid)
+			return r->rels[i];
+	if (r->nrels == r->maxrels)
+	{
+		r->maxrels *= 2;
+		r->rels = repalloc(r->rels, sizeof(ReaderRel *) * r->maxrels);
+	}
+	rr = palloc(sizeof(ReaderRel));
+	r->rels[r->nrels++] = rr;
 	rr->relid = relid;
 	rr->rel = direct_open_relid(r->t, relid, AccessShareLock);
-	rr->index = index_open(billing_shard_index(r->t->key_index, r->nsp, shardid),
-						   AccessShareLock);
+	rr->index = direct_index_open(r->t, rr->rel, billing_shard_index(r->t->key_index, r->nsp, shardid));
 	rr->slot = table_slot_create(rr->rel, NULL);
 	rr->scan = billing_index_beginscan(rr->rel, rr->index, GetActiveSnapshot(), 1, 0);
 	return rr;
@@ -690,13 +733,15 @@ direct_reader_close(DirectReader *r)
 {
 	for (int i = 0; i < r->nrels; i++)
 	{
-		ReaderRel  *rr = &r->rels[i];
+		ReaderRel  *rr = r->rels[i];
 
 		index_endscan(rr->scan);
 		ExecDropSingleTupleTableSlot(rr->slot);
 		index_close(rr->index, NoLock);
 		table_close(rr->rel, NoLock);
+		pfree(rr);
 	}
+	pfree(r->rels);
 	pfree(r);
 }
 
@@ -714,8 +759,7 @@ direct_lock_row_nowait(DirectTable *t, Datum key, Datum *values, bool *nulls,
 	Oid			nsp = billing_namespace();
 	int64		shardid;
 	Relation	rel = direct_open(t, nsp, key, true, RowExclusiveLock, &shardid);
-	Relation	index = index_open(billing_shard_index(t->key_index, nsp, shardid),
-								   AccessShareLock);
+	Relation	index = direct_index_open(t, rel, billing_shard_index(t->key_index, nsp, shardid));
 	TupleTableSlot *slot = table_slot_create(rel, NULL);
 	Snapshot	snap;
 	bool		found;
@@ -835,8 +879,7 @@ direct_key_exists(DirectTable *t, Datum k1, Datum k2)
 	Oid			nsp = billing_namespace();
 	int64		shardid;
 	Relation	rel = direct_open(t, nsp, k1, true, RowExclusiveLock, &shardid);
-	Relation	index = index_open(billing_shard_index(t->key_index, nsp, shardid),
-								   AccessShareLock);
+	Relation	index = direct_index_open(t, rel, billing_shard_index(t->key_index, nsp, shardid));
 	TupleTableSlot *slot = table_slot_create(rel, NULL);
 	Datum		k[2] = {k1, k2};
 	ScanKeyData skey[2];
@@ -873,8 +916,7 @@ direct_fetch(DirectTable *t, const char *index_name, Datum k1, Datum k2,
 	Oid			nsp = billing_namespace();
 	int64		shardid;
 	Relation	rel = direct_open(t, nsp, k1, false, AccessShareLock, &shardid);
-	Relation	index = index_open(billing_shard_index(index_name, nsp, shardid),
-								   AccessShareLock);
+	Relation	index = direct_index_open(t, rel, billing_shard_index(index_name, nsp, shardid));
 	TupleTableSlot *slot = table_slot_create(rel, NULL);
 	Datum		k[2] = {k1, k2};
 	ScanKeyData skey[2];
@@ -1324,7 +1366,7 @@ scan_relation(DirectTable *t, Oid relid, Oid indexid, Datum *key,
 			  DirectRowFn fn, void *arg)
 {
 	Relation	rel = direct_open_relid(t, relid, AccessShareLock);
-	Relation	index = index_open(indexid, AccessShareLock);
+	Relation	index = direct_index_open(t, rel, indexid);
 	TupleTableSlot *slot = table_slot_create(rel, NULL);
 	ScanKeyData skey;
 	IndexScanDesc scan;
