@@ -538,7 +538,9 @@ BEGIN
             USING ERRCODE = 'ZB015', HINT = 'Pass 0 for a kind of usage that did not occur.';
     END IF;
     IF 0 > ANY (quantities) THEN
-        SELECT string_agg(format('%s %s', names[i], quantities[i]), ', ' ORDER BY i) INTO bad
+        SELECT string_agg(format('%s %s', names[i],
+                                  CASE WHEN length(quantities[i]::text) <= 64 THEN quantities[i]::text
+                                       ELSE billing.show(quantities[i]::text) END), ', ' ORDER BY i) INTO bad
           FROM generate_subscripts(quantities, 1) i
          WHERE quantities[i] < 0;
         RAISE EXCEPTION 'usage counts must be zero or positive'

@@ -170,3 +170,14 @@ SELECT name, value FROM billing.metrics
  WHERE name LIKE 'billing_open_holds%' AND labels->>'currency' = 'BNDBIG' ORDER BY name;
 SELECT count(*) > 0 AS metrics_readable FROM regexp_split_to_table(billing_metrics(), E'\n');
 SELECT count(*) AS problems FROM billing_verify('bnd-big');
+
+-- Numbers of any length: an error's detail shows a number given as it was
+-- up to 64 characters, else its first 64 and its length (a numeric may
+-- have 100,000 digits; the details once echoed it whole)
+SELECT label, length(e) < 300 AS bounded, split_part(e, E'\n', 2) AS detail
+  FROM (VALUES
+    ('amount 10^1000',      $$SELECT billing_deduct('bnd-a', 1e1000, 'bnd-long-1')$$),
+    ('amount -10^1000',     $$SELECT billing_deduct('bnd-a', -1e1000, 'bnd-long-2')$$),
+    ('amount 200 decimals', $$SELECT billing_deduct('bnd-a', ('0.' || repeat('1', 200))::numeric, 'bnd-long-3')$$),
+    ('seconds -10^1000',    $$SELECT billing_cost('bnd-model', 1, 1, seconds => -1e1000)$$)
+  ) AS t(label, sql), LATERAL regress_error(sql) AS e;

@@ -48,6 +48,22 @@ init_constants(void)
  * ZB010: a negative amount, or zero where zero is not allowed.  `shown` is
  * the value as the detail shows it.
  */
+/*
+ * A number given, for an error's detail: as it was, or when longer than 64
+ * characters (a numeric may have 100,000 digits) its first 64 and how long
+ * it was.
+ */
+static char *
+show_number(Datum num)
+{
+	char	   *s = DatumGetCString(DirectFunctionCall1(numeric_out, num));
+	int			len = strlen(s);
+
+	if (len <= 64)
+		return s;
+	return psprintf("%.64s... (%d characters)", s, len);
+}
+
 static void
 raise_not_positive(const char *argname, bool allow_zero, const char *shown)
 {
@@ -85,9 +101,7 @@ billing_amount_to_micros(Numeric num, const char *argname, bool allow_zero)
 		ereport(ERROR,
 				(errcode(ERRCODE_BILLING_AMOUNT_NOT_FINITE),
 				 errmsg("%s must be a finite number", argname),
-				 errdetail("The value given was %s.",
-						   DatumGetCString(DirectFunctionCall1(numeric_out,
-															   NumericGetDatum(num)))),
+				 errdetail("The value given was %s.", show_number(NumericGetDatum(num))),
 				 errhint("Pass a decimal amount with at most %d decimal places.",
 						 BILLING_SCALE)));
 
@@ -100,8 +114,7 @@ billing_amount_to_micros(Numeric num, const char *argname, bool allow_zero)
 		if (DatumGetInt32(DirectFunctionCall1(numeric_scale, shown)) < BILLING_SCALE)
 			shown = DirectFunctionCall2(numeric_round, shown,
 										Int32GetDatum(BILLING_SCALE));
-		raise_not_positive(argname, allow_zero,
-						   DatumGetCString(DirectFunctionCall1(numeric_out, shown)));
+		raise_not_positive(argname, allow_zero, show_number(shown));
 	}
 
 	absval = DatumGetNumeric(DirectFunctionCall1(numeric_abs,
@@ -113,8 +126,7 @@ billing_amount_to_micros(Numeric num, const char *argname, bool allow_zero)
 				(errcode(ERRCODE_BILLING_AMOUNT_RANGE),
 				 errmsg("%s is out of range", argname),
 				 errdetail("The value given was %s; the largest allowed is %s.",
-						   DatumGetCString(DirectFunctionCall1(numeric_out,
-															   NumericGetDatum(num))),
+						   show_number(NumericGetDatum(num)),
 						   DatumGetCString(DirectFunctionCall1(numeric_out,
 															   NumericGetDatum(max_amount)))),
 				 strcmp(argname, "amount") == 0 ?
@@ -132,9 +144,7 @@ billing_amount_to_micros(Numeric num, const char *argname, bool allow_zero)
 				(errcode(ERRCODE_BILLING_AMOUNT_PRECISION),
 				 errmsg("%s has more than %d decimal places", argname,
 						BILLING_SCALE),
-				 errdetail("The value given was %s.",
-						   DatumGetCString(DirectFunctionCall1(numeric_out,
-															   NumericGetDatum(num)))),
+				 errdetail("The value given was %s.", show_number(NumericGetDatum(num))),
 				 errhint("Round the amount to %d decimal places before calling; "
 						 "billing never rounds money silently.", BILLING_SCALE)));
 
