@@ -45,10 +45,6 @@ init_constants(void)
 }
 
 /*
- * ZB010: a negative amount, or zero where zero is not allowed.  `shown` is
- * the value as the detail shows it.
- */
-/*
  * A number given, for an error's detail: as it was, or when longer than 64
  * characters (a numeric may have 100,000 digits) its first 64 and how long
  * it was.
@@ -64,6 +60,10 @@ show_number(Datum num)
 	return psprintf("%.64s... (%d characters)", s, len);
 }
 
+/*
+ * ZB010: a negative amount, or zero where zero is not allowed.  `shown` is
+ * the value as the detail shows it.
+ */
 static void
 raise_not_positive(const char *argname, bool allow_zero, const char *shown)
 {
