@@ -772,9 +772,13 @@ BEGIN
             to_char(p.effective_from AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'),
             'price_override', NOT p.list_price);
     END IF;
+    -- the caller's metadata was checked above; with the breakdown added it
+    -- must still fit, and the error says what was added
+    usage := billing.check_json(coalesce(billing_deduct_usage.metadata, '{}') || usage,
+                                'metadata with the usage breakdown');
     RETURN billing.internal_deduct(billing_deduct_usage.tenant_id, billing.to_amount(cost), billing_deduct_usage.trace_id,
                           description => billing_deduct_usage.description,
-                          metadata => coalesce(billing_deduct_usage.metadata, '{}') || usage,
+                          metadata => usage,
                           event_at => billing_deduct_usage.event_at,
                           api_key => billing_deduct_usage.api_key);
 END;

@@ -192,11 +192,14 @@ SELECT regress_error($$SELECT billing_deduct_usage('prc-a', 'prc-gpt', 0, 0, 'pr
 -- The model is bounded before a replay's messages show it (ZB018), and an
 -- entry whose metadata its caller wrote (a billing_deduct's, with strings
 -- where a usage charge records its prices) is no usage charge to replay: the
--- trace id conflicts (ZB005), not 22P02 from reading those strings.
+-- trace id conflicts (ZB005), not 22P02 from reading those strings.  (1.3's
+-- billing_deduct wrote such metadata; 1.4's refuses the key
+-- price_effective_from, test 132, so the entry is written here through
+-- billing.internal_deduct, which only the extension's own SQL calls.)
 SELECT split_part(regress_error($$SELECT billing_deduct_usage('prc-a', repeat('m', 100000), 0, 0, 'prc-a-u5', requests => 0)$$), E'\n', 1);
 SELECT tenant_id FROM billing_account_create('prc-nu');
 SELECT balance_after FROM billing_credit('prc-nu', 1, 'prc-nu-top-up');
-SELECT entry_id > 0 AS deducted FROM billing_deduct('prc-nu', 0.01, 'prc-nu-1',
+SELECT entry_id > 0 AS deducted FROM billing.internal_deduct('prc-nu', 0.01, 'prc-nu-1',
        metadata => '{"input_per_1m": "many", "price_effective_from": "yesterday-ish"}');
 SELECT split_part(regress_error($$SELECT billing_deduct_usage('prc-nu', 'prc-gpt', 1, 1, 'prc-nu-1')$$), E'\n', 1);
 SELECT label, split_part(regress_error(sql), E'\n', 1) AS error

@@ -335,6 +335,38 @@ SELECT amount, replayed FROM billing_deduct_usage('tok-rp', 'rp-private', 0, 0, 
 SELECT split_part(regress_error($$SELECT billing_deduct_usage('tok-rp', 'rp-private', 0, 0, 'tok-rp-p2')$$),
                   E'\n', 1);
 
+--
+-- Only billing_deduct_usage() marks a charge as priced usage (the metadata
+-- key price_effective_from, which billing.usage_by_token_type reads): any
+-- other charge with that key is refused (ZB018), so the view never shows a
+-- breakdown the caller made up.  A usage charge's own metadata may carry the
+-- key: the breakdown's keys replace the caller's.
+--
+SELECT tenant_id FROM billing_account_create('tok-fake');
+SELECT kind FROM billing_credit('tok-fake', 100, 'tok-fake-top');
+SELECT regress_error($$SELECT billing_deduct('tok-fake', 1, 'tok-fake-1',
+    metadata => '{"model": "gpt-4o", "input_tokens": 1000000, "input_per_1m": 500,
+                  "price_effective_from": "2020-01-01T00:00:00.000000Z"}')$$);
+SELECT split_part(regress_error($$SELECT billing_try_deduct('tok-fake', 1, 'tok-fake-2',
+    metadata => '{"price_effective_from": null}')$$), E'\n', 1);
+SELECT split_part(regress_error($$SELECT * FROM billing_deduct_many(ARRAY['tok-fake', 'tok-fake'], ARRAY[1, 1],
+    ARRAY['tok-fake-3', 'tok-fake-4'], NULL,
+    ARRAY['{}', '{"price_effective_from": 1}']::jsonb[], NULL)$$), E'\n', 1);
+-- the key nested deeper, or under another name, is the caller's own
+SELECT amount, replayed FROM billing_deduct('tok-fake', 1, 'tok-fake-5',
+    metadata => '{"request": {"price_effective_from": "x"}, "price_effective": "y"}');
+SELECT amount FROM billing_deduct_usage('tok-fake', 'tok-plain', 1000, 0, 'tok-fake-u1',
+                                        metadata => '{"price_effective_from": "forged", "input_per_1m": 1}');
+SELECT metadata->>'price_effective_from' AS price_effective_from, metadata->>'input_per_1m' AS input_per_1m
+  FROM billing.entries WHERE trace_id = 'tok-fake-u1';
+SELECT token_type, charges, quantity FROM billing.usage_by_token_type WHERE tenant_id = 'tok-fake';
+-- the breakdown counts against the metadata's 16 kB: metadata that fits alone
+-- but not with it is refused naming both (ZB018)
+SELECT regress_error(format($$SELECT billing_deduct_usage('tok-fake', 'tok-plain', 1000, 0, 'tok-fake-u2', metadata => %L)$$,
+                            jsonb_build_object('note', repeat('x', 16000))));
+-- nothing was charged by the refused calls
+SELECT trace_id FROM billing.entries WHERE tenant_id = 'tok-fake' ORDER BY entry_id;
+
 SELECT * FROM billing_verify() WHERE tenant_id LIKE 'tok-%';
 RESET timezone;
 RESET datestyle;

@@ -46,6 +46,8 @@ SELECT regress_error($$SELECT billing_charge('eng-a', 0.0000001, 'eng-a-5')$$);
 SELECT regress_error($$SELECT billing_charge('eng-a', 1, 'eng-a-5', kind => 'topup')$$);
 SELECT regress_error($$SELECT billing_charge('eng-a', 1, E'eng-a-\n5')$$);
 SELECT regress_error($$SELECT billing_charge('eng-a', 1, 'billing:own')$$);
+-- the key that marks priced usage (billing_deduct_usage's only)
+SELECT split_part(regress_error($$SELECT billing_charge('eng-a', 1, 'eng-a-5', metadata => '{"price_effective_from": "2020-01-01"}')$$), E'\n', 1);
 -- an event time outside billing.event_at_window (ZB019), unless a replay
 SELECT split_part(regress_error($$SELECT billing_charge('eng-a', 1, 'eng-a-6', event_at => now() - interval '30 days')$$), E'\n', 1);
 -- (a superuser's session may widen it: the engine honours the caller's window)

@@ -83,6 +83,8 @@
 #define BILLING_MAX_DESCRIPTION_CHARS 1000
 /* largest metadata (stored jsonb size), in bytes */
 #define BILLING_MAX_METADATA_BYTES	16384
+/* the metadata key that marks a priced usage charge (billing_deduct_usage) */
+#define BILLING_USAGE_MARK_KEY		"price_effective_from"
 /* how far in the future an event_at may lie (clock skew), in seconds */
 #define BILLING_EVENT_AT_FUTURE_SECS 300
 
@@ -98,6 +100,7 @@ extern text *billing_check_id(text *id, const char *argname, int sqlerrcode);
 extern text *billing_check_id_length(text *id, const char *argname, int sqlerrcode);
 extern Jsonb *billing_check_metadata(FunctionCallInfo fcinfo, int argno);
 extern Jsonb *billing_check_metadata_value(Jsonb *jb, const char *argname);
+extern void billing_check_debit_metadata(Jsonb *jb, const char *argname);
 extern text *billing_check_description(FunctionCallInfo fcinfo, int argno);
 extern text *billing_check_text_value(text *t, const char *argname, int maxchars);
 extern char *billing_show_text(const char *s, int maxchars);

@@ -819,6 +819,8 @@ billing_charge(PG_FUNCTION_ARGS)
 	PreventCommandIfReadOnly("billing_charge()");
 
 	ledger_parse_request(fcinfo, true, &req);
+	/* billing_charge is 1.4's: the engine need not check again */
+	billing_check_debit_metadata(req.entry.metadata, "metadata");
 	tenant = PG_GETARG_TEXT_PP(0);
 	actor = billing_actor();
 

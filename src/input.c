@@ -332,6 +332,29 @@ billing_check_metadata_value(Jsonb *jb, const char *argname)
 	return jb;
 }
 
+/*
+ * A debit's metadata from its caller.  billing_deduct_usage() marks a priced
+ * usage charge with the key BILLING_USAGE_MARK_KEY, and
+ * billing.usage_by_token_type reads the token breakdown of such charges
+ * only: a charge made otherwise with that key would put made-up token
+ * counts and prices into it.  Only the key is named, never its value.
+ */
+void
+billing_check_debit_metadata(Jsonb *jb, const char *argname)
+{
+	JsonbValue	key;
+
+	key.type = jbvString;
+	key.val.string.val = BILLING_USAGE_MARK_KEY;
+	key.val.string.len = strlen(BILLING_USAGE_MARK_KEY);
+	if (findJsonbValueFromContainer(&jb->root, JB_FOBJECT, &key) != NULL)
+		ereport(ERROR,
+				(errcode(ERRCODE_BILLING_INVALID_ARGUMENT),
+				 errmsg("%s has the reserved key \"%s\"", argname, BILLING_USAGE_MARK_KEY),
+				 errdetail("billing_deduct_usage() marks priced usage with it; billing.usage_by_token_type reports the charges that have it."),
+				 errhint("Charge priced usage with billing_deduct_usage(), or give the key another name.")));
+}
+
 /* optional metadata: NULL means {}, otherwise a bounded JSON object */
 Jsonb *
 billing_check_metadata(FunctionCallInfo fcinfo, int argno)

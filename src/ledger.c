@@ -114,6 +114,13 @@ ledger_parse_request(FunctionCallInfo fcinfo, bool is_debit, LedgerRequest *req)
 	e->amount = is_debit ? -micros : micros;
 	e->description = billing_check_description(fcinfo, ARG_DESCRIPTION);
 	e->metadata = billing_check_metadata(fcinfo, ARG_METADATA);
+	/*
+	 * billing.internal_deduct (billing_deduct_usage's) may mark usage; the
+	 * others may not, once the account is known to be 1.4's (post_one):
+	 * 1.3's billing_deduct_usage, run with this library until ALTER EXTENSION
+	 * UPDATE, marks usage through billing_deduct.
+	 */
+	req->check_usage_mark = is_debit && PG_NARGS() <= ARG_COUNTS_REQUEST;
 	e->has_event_at = billing_check_event_at(fcinfo, ARG_EVENT_AT, &e->event_at);
 	if (is_debit && !PG_ARGISNULL(ARG_API_KEY))
 		e->api_key = billing_check_id(PG_GETARG_TEXT_PP(ARG_API_KEY), "api_key",
@@ -639,6 +646,8 @@ post_one(Account *acc, KeyCache *kc, LedgerRequest *req, LedgerOutcome *out,
 	/* a charge may run no executor at all: let a batch be cancelled */
 	CHECK_FOR_INTERRUPTS();
 	memset(out, 0, sizeof(*out));
+	if (req->check_usage_mark && acc->grants_supported)
+		billing_check_debit_metadata(e->metadata, "metadata");
 
 	/*
 	 * 2. idempotency: a replay returns the original outcome, whatever changed
@@ -1349,6 +1358,7 @@ billing_deduct_many(PG_FUNCTION_ARGS)
 		{
 			snprintf(name, sizeof(name), "metadata of item %d", i + 1);
 			e->metadata = billing_check_metadata_value(DatumGetJsonbP(metas[i]), name);
+			billing_check_debit_metadata(e->metadata, name);
 		}
 		else
 		{

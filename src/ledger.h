@@ -53,6 +53,8 @@ typedef struct LedgerRequest
 	bool		no_request;		/* a debit that is no new request (a job's
 								 * charge after its hold expired: the hold
 								 * counted the request) */
+	bool		check_usage_mark;	/* a caller's metadata: refuse the key
+									 * that marks priced usage (1.4's schema) */
 	EntryWrite	entry;
 } LedgerRequest;
 
