@@ -317,6 +317,27 @@ ALTER TABLE billing.holds ADD COLUMN dw_extra text DEFAULT 'x';
 SELECT regress_error($$SELECT billing_hold('dw-h', 1, 'dw-h-extra')$$) AS error;
 ROLLBACK;
 
+-- A table rewritten by the transaction that charged (CLUSTER, an ALTER
+-- TABLE that rewrites it) moves its rows: the account's next charge finds
+-- the row again by its index, not where it was in the old file, which may
+-- lie past the new file's end (it read that block: XX001).  3,000 accounts
+-- created and rolled back put the account's row far out in the old file;
+-- CLUSTER leaves them out of the new one.
+BEGIN;
+SAVEPOINT pad;
+SELECT count(*) AS padding FROM generate_series(1, 3000) i, billing_account_create('dw-pad-' || i);
+ROLLBACK TO pad;
+SELECT tenant_id FROM billing_account_create('dw-cl');
+SELECT balance_after FROM billing_credit('dw-cl', 10, 'dw-cl-top');
+SELECT balance_after FROM billing_deduct('dw-cl', 1, 'dw-cl-1');
+SELECT (ctid::text::point)[0] > pg_relation_size('billing.accounts') / 8192 / 2 AS far_out
+  FROM billing.accounts WHERE tenant_id = 'dw-cl';
+CLUSTER billing.accounts USING accounts_pkey;
+SELECT balance_after FROM billing_deduct('dw-cl', 1, 'dw-cl-2');
+COMMIT;
+SELECT balance, version FROM billing.balances WHERE tenant_id = 'dw-cl';
+SELECT count(*) AS problems FROM billing_verify('dw-cl');
+
 DROP TABLE dw_seen, dw_hold_rows;
 DROP FUNCTION dw_entry_seen(), dw_account_seen(), dw_refuse(), dw_skip(), dw_stmt(),
               dw_hold_seen(), dw_rekey();

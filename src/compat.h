@@ -114,6 +114,17 @@ billing_epq_init(EPQState *epq, EState *estate)
 #endif
 }
 
+/* 16: a relation's RelFileNode (rd_node) became its RelFileLocator */
+static inline Oid
+billing_rel_file_number(Relation rel)
+{
+#if PG_VERSION_NUM >= 160000
+	return rel->rd_locator.relNumber;
+#else
+	return rel->rd_node.relNode;
+#endif
+}
+
 /*
  * 16: pg_proc_aclcheck() and pg_namespace_aclcheck() became
  * object_aclcheck() with the catalog's OID.

@@ -220,6 +220,10 @@ typedef struct RowKey
 typedef struct RowVersion
 {
 	RowKey		k;				/* hash key: k.key is copied into the table's context */
+	Oid			file;			/* the relation's file then: a rewrite in this
+								 * transaction (CLUSTER, ALTER TABLE) moves
+								 * its rows, and tid means nothing in the
+								 * new file (may lie past its end) */
 	ItemPointerData tid;
 } RowVersion;
 
@@ -799,7 +803,8 @@ direct_lock_row_nowait(DirectTable *t, Datum key, Datum *values, bool *nulls,
 	{
 		RowVersion *rv = row_version_find(RelationGetRelid(rel), key, false);
 
-		if (rv != NULL && fetch_own_version(t, rel, &rv->tid, key, slot))
+		if (rv != NULL && rv->file == billing_rel_file_number(rel) &&
+			fetch_own_version(t, rel, &rv->tid, key, slot))
 		{
 			index_close(index, NoLock);
 			copy_columns(t, slot, values, nulls);
@@ -1344,6 +1349,7 @@ direct_write(Datum key, DirectTable *ins, Datum *ivalues, bool *inulls,
 											  newslot->tts_values[upd->attnum[0] - 1],
 											  true);
 
+			rv->file = billing_rel_file_number(urel);
 			ItemPointerCopy(tid, &rv->tid);
 		}
 	}
