@@ -48,6 +48,7 @@ OBJS = \
 	src/events.o \
 	src/metrics.o \
 	src/outbox.o \
+	src/logwindow.o \
 	src/engine.o \
 	src/engine_worker.o
 

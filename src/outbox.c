@@ -19,7 +19,9 @@
  *	  stream of every tenant, <prefix>:events (its own ids; a repeat there
  *	  is a duplicate that consumers drop by event_id);
  *	- mark the events Redis accepted delivered (a short transaction).  A
- *	  crash between the XADD and the mark sends them again.
+ *	  crash between the XADD and the mark sends them again; a mark that
+ *	  fails (a lock on the outbox) is tried again alone, before anything
+ *	  new is sent.
  * A tenant whose stream key has another type (WRONGTYPE) is set aside for
  * RETRY_MS, its later events with it (their order); the others go on.
  *
@@ -62,6 +64,7 @@
 #include "events.h"
 #include "executor/spi.h"
 #include "guc.h"
+#include "logwindow.h"
 #include "miscadmin.h"
 #include "mirror.h"
 #include "nodes/makefuncs.h"
@@ -150,6 +153,24 @@ static List *owed = NIL;
  * billing:events one duplicate per retry, not a batch of them.
  */
 static List *probing = NIL;
+
+/*
+ * The last batch's events that Redis accepted but that are not marked
+ * delivered yet: the mark failed (a lock on the outbox outlasted
+ * lock_timeout).  Only the mark is tried again, before anything new is
+ * sent, so a lock held for minutes costs billing:events no duplicates.  At
+ * most one batch (nothing is sent while it waits); TopMemoryContext.  A
+ * restart forgets it: the events are still undelivered, and go again.
+ */
+typedef struct Unmarked
+{
+	int64		event_id;
+	TimestampTz created_at;
+} Unmarked;
+static Unmarked *unmarked = NULL;
+static int	nunmarked = 0;
+static int	unmarked_cap = 0;
+static TimestampTz unmarked_at;	/* their batch's T */
 
 /* mirror.repaired events to write (TopMemoryContext) */
 typedef struct Repair
@@ -604,31 +625,12 @@ is_aside(const char *tenant)
 
 /*
  * The log lines of tenants set aside: as the mirror's (worker.c), at most
- * ASIDE_LOG_MAX in a window of RETRY_MS, then one line that counts the rest
- * when the next window starts.  A Redis that refuses every tenant's stream
- * must not fill the server's log.
+ * 10 in a window of RETRY_MS, then one line that counts the rest when the
+ * next window starts.  A Redis that refuses every tenant's stream must not
+ * fill the server's log.
  */
-#define ASIDE_LOG_MAX	10
-static TimestampTz aside_log_from = 0;
-static int	aside_logged = 0;
-static int64 aside_unlogged = 0;
-
-static void
-aside_log_window(TimestampTz now)
-{
-	if (now >= aside_log_from && now < TimestampTzPlusMilliseconds(aside_log_from, RETRY_MS))
-		return;
-	if (aside_unlogged > 0)
-		ereport(LOG,
-				(errmsg("billing events: could not deliver the events of " INT64_FORMAT " more tenants since %s",
-						aside_unlogged, timestamptz_to_str(aside_log_from)),
-				 errdetail("At most %d such failures are logged one by one in a window of %d s.",
-						   ASIDE_LOG_MAX, RETRY_MS / 1000),
-				 errhint("billing_sync_status().last_error shows the latest.")));
-	aside_log_from = now;
-	aside_logged = 0;
-	aside_unlogged = 0;
-}
+static LogWindow aside_log = LOG_WINDOW_INIT("billing events: could not deliver the events of",
+											 "tenants", 10, RETRY_MS);
 
 static void
 set_aside(const char *tenant, const char *why)
@@ -638,18 +640,12 @@ set_aside(const char *tenant, const char *why)
 		owed = add_tenant(owed, tenant);
 	if (is_aside(tenant))
 		return;
-	aside_log_window(GetCurrentTimestamp());
-	if (aside_logged >= ASIDE_LOG_MAX)
-		aside_unlogged++;
-	else
-	{
-		aside_logged++;
+	if (log_window_take(&aside_log))
 		ereport(LOG,
 				(errmsg("billing events: could not deliver the events of tenant \"%s\": %s", tenant, why),
 				 errdetail("The other tenants' events are delivered; this tenant's are tried again every %d s, in order.",
 						   RETRY_MS / 1000),
 				 errhint("Its stream key must be a Redis stream (or not exist).")));
-	}
 	note_error("delivery failed for tenant %s: %s", tenant, why);
 	aside = add_tenant(aside, tenant);
 	if (aside_until == 0)
@@ -926,56 +922,76 @@ send_batch(OutEvent *ev, int n, Watermark w, bool *aborted)
 	return true;
 }
 
-/* mark what Redis accepted delivered at mark_at; statistics */
+/* remember what Redis accepted of a batch, to be marked delivered at mark_at */
 static void
-mark_delivered(OutEvent *ev, int n, TimestampTz mark_at)
+remember_unmarked(OutEvent *ev, int n, TimestampTz mark_at)
 {
-	Oid			types[3] = {TEXTARRAYOID, INT8ARRAYOID, TIMESTAMPTZOID};
-	Datum		values[3];
-	Datum	   *tenants = palloc(sizeof(Datum) * Max(n, 1));
-	Datum	   *seqs = palloc(sizeof(Datum) * Max(n, 1));
-	int			m = 0;
-	int64		marked;
-	TimestampTz now = GetCurrentTimestamp();
-
+	Assert(nunmarked == 0);
+	if (unmarked_cap < n)
+	{
+		if (unmarked != NULL)
+			pfree(unmarked);
+		unmarked = MemoryContextAlloc(TopMemoryContext, sizeof(Unmarked) * n);
+		unmarked_cap = n;
+	}
 	for (int i = 0; i < n; i++)
 		if (ev[i].accepted && !ev[i].delivered)
 		{
-			tenants[m] = CStringGetTextDatum(ev[i].tenant);
-			seqs[m] = Int64GetDatum(ev[i].seq);
-			m++;
+			unmarked[nunmarked].event_id = ev[i].event_id;
+			unmarked[nunmarked].created_at = ev[i].created_at;
+			nunmarked++;
 		}
-	if (m == 0)
+	unmarked_at = mark_at;
+}
+
+/*
+ * Mark the remembered events delivered at their batch's T (what the
+ * watermark promised: Redis holds them); statistics.  An error (the lock
+ * timeout) keeps them for the next cycle.
+ */
+static void
+mark_unmarked(void)
+{
+	Oid			types[2] = {INT8ARRAYOID, TIMESTAMPTZOID};
+	Datum		values[2];
+	Datum	   *ids;
+	int64		marked;
+	TimestampTz now;
+
+	if (nunmarked == 0)
 		return;
+	ids = palloc(sizeof(Datum) * nunmarked);
+	for (int i = 0; i < nunmarked; i++)
+		ids[i] = Int64GetDatum(unmarked[i].event_id);
 	begin_xact("billing events: marking events delivered");
 	lock_timeout();				/* a lock held on the outbox never stalls the mirror */
-	values[0] = PointerGetDatum(construct_array(tenants, m, TEXTOID, -1, false, TYPALIGN_INT));
-	values[1] = PointerGetDatum(construct_array(seqs, m, INT8OID, 8, FLOAT8PASSBYVAL, TYPALIGN_DOUBLE));
-	values[2] = TimestampTzGetDatum(mark_at);
-	if (SPI_execute_with_args("UPDATE billing.events e SET delivered_at = $3 "
-							  "FROM ROWS FROM (pg_catalog.unnest($1), pg_catalog.unnest($2)) AS u(t, s) "
-							  "WHERE e.tenant_id OPERATOR(pg_catalog.=) u.t "
-							  "  AND e.seq OPERATOR(pg_catalog.=) u.s AND e.delivered_at IS NULL",
-							  3, types, values, NULL, false, 0) != SPI_OK_UPDATE)
+	values[0] = PointerGetDatum(construct_array(ids, nunmarked, INT8OID, 8, FLOAT8PASSBYVAL, TYPALIGN_DOUBLE));
+	values[1] = TimestampTzGetDatum(unmarked_at);
+	if (SPI_execute_with_args("UPDATE billing.events e SET delivered_at = $2 "
+							  "WHERE e.event_id OPERATOR(pg_catalog.=) ANY ($1) "
+							  "  AND e.delivered_at IS NULL",
+							  2, types, values, NULL, false, 0) != SPI_OK_UPDATE)
 		elog(ERROR, "billing events: marking events delivered failed");
 	marked = SPI_processed;
 	end_xact();
+	pfree(ids);
 
-	if (billing_events == NULL)
-		return;
-	LWLockAcquire(billing_events->lock, LW_EXCLUSIVE);
-	billing_events->delivered += marked;
-	billing_events->last_delivered_at = now;
-	for (int i = 0; i < n; i++)
+	now = GetCurrentTimestamp();
+	if (billing_events != NULL)
 	{
-		if (!ev[i].accepted || ev[i].delivered)
-			continue;
-		billing_events->lag_us[billing_events->lag_next] = Max(now - ev[i].created_at, 0);
-		billing_events->lag_next = (billing_events->lag_next + 1) % EVENTS_LAG_RING;
-		if (billing_events->lag_count < EVENTS_LAG_RING)
-			billing_events->lag_count++;
+		LWLockAcquire(billing_events->lock, LW_EXCLUSIVE);
+		billing_events->delivered += marked;
+		billing_events->last_delivered_at = now;
+		for (int i = 0; i < nunmarked; i++)
+		{
+			billing_events->lag_us[billing_events->lag_next] = Max(now - unmarked[i].created_at, 0);
+			billing_events->lag_next = (billing_events->lag_next + 1) % EVENTS_LAG_RING;
+			if (billing_events->lag_count < EVENTS_LAG_RING)
+				billing_events->lag_count++;
+		}
+		LWLockRelease(billing_events->lock);
 	}
-	LWLockRelease(billing_events->lock);
+	nunmarked = 0;
 }
 
 /*
@@ -1173,6 +1189,8 @@ deliver(void)
 			return false;
 		if (pending)
 		{
+			/* Redis may not hold them: still undelivered, they go again */
+			nunmarked = 0;
 			/* lost again at once, again and again: a Redis that does not keep it */
 			if (++starts > 3)
 			{
@@ -1183,6 +1201,8 @@ deliver(void)
 				return false;
 			continue;			/* EXEC ended the WATCH: read it again */
 		}
+		/* a batch Redis holds: marked before anything new is sent */
+		mark_unmarked();
 		if (!redeliver && owed != NIL)
 			start_owed();
 		n = fetch(batch, &ev);
@@ -1210,9 +1230,11 @@ deliver(void)
 		for (int i = 0; i < sent; i++)
 			if (ev[i].accepted && ev[i].delivered)
 				top = Max(top, ev[i].delivered_at);
-		mark_delivered(ev, sent, w.stamp);
+		/* Redis holds the batch: a redelivery goes on after it, marked or not */
 		if (redeliver)
 			redeliver_after = ev[sent - 1].event_id;
+		remember_unmarked(ev, sent, w.stamp);
+		mark_unmarked();
 		if (failure_logged)
 			ereport(LOG, (errmsg("billing events: delivering again")));
 		failure_logged = false;
@@ -1680,8 +1702,7 @@ outbox_cycle(bool redis_ready)
 	if (outbox_cxt == NULL)
 		outbox_cxt = AllocSetContextCreate(TopMemoryContext, "billing events",
 										   ALLOCSET_DEFAULT_SIZES);
-	if (aside_unlogged > 0)
-		aside_log_window(now);	/* the count of a window that has ended */
+	log_window_flush(&aside_log, now);	/* the count of a window that has ended */
 	if (now < failed_until)
 		return false;
 	MemoryContextSwitchTo(outbox_cxt);
@@ -1716,7 +1737,7 @@ outbox_cycle(bool redis_ready)
 				}
 			}
 			if (redis_ready && billing_events != NULL &&
-				(!polled_once || redeliver ||
+				(!polled_once || redeliver || nunmarked > 0 ||
 				 pg_atomic_read_u64(&billing_events->committed) != seen_committed ||
 				 TimestampDifferenceExceeds(last_poll, now, POLL_MS)))
 			{

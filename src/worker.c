@@ -56,6 +56,7 @@
 #include "fmgr.h"
 #include "guc.h"
 #include "lib/stringinfo.h"
+#include "logwindow.h"
 #include "miscadmin.h"
 #include "mirror.h"
 #include "nodes/makefuncs.h"
@@ -126,16 +127,14 @@ static TimestampTz overflow_last = 0;	/* the last resync it asked for */
 static int64 overflow_ms = RETRY_MS;
 
 /*
- * Their log lines: at most RETRY_LOG_MAX in a window of RETRY_MS (one
- * starts at the first failure after the last one ended), then, when the
- * window has ended, one line that counts the rest.  A Redis that fails
- * every tenant's push must not fill the server's log;
- * billing_sync_status().last_error has the latest.
+ * Their log lines: at most 10 in a window of RETRY_MS (one starts at the
+ * first failure after the last one ended), then, when the window has
+ * ended, one line that counts the rest.  A Redis that fails every tenant's
+ * push must not fill the server's log; billing_sync_status().last_error has
+ * the latest.
  */
-#define RETRY_LOG_MAX	10
-static TimestampTz retry_log_from = 0;
-static int	retry_logged = 0;
-static int64 retry_unlogged = 0;
+static LogWindow retry_log = LOG_WINDOW_INIT("billing sync: could not push",
+											 "tenant snapshots", 10, RETRY_MS);
 
 /*
  * Tenants with more key hashes to push than a batch takes (SyncWant), in
@@ -264,25 +263,6 @@ redis_healthy(void)
  * ---------------------------------------------------------------------
  */
 
-/* a new window of retry_later's log lines once the last one ended; the count of its rest */
-static void
-retry_log_window(TimestampTz now)
-{
-	/* (a clock set back starts a window too) */
-	if (now >= retry_log_from && now < TimestampTzPlusMilliseconds(retry_log_from, RETRY_MS))
-		return;
-	if (retry_unlogged > 0)
-		ereport(LOG,
-				(errmsg("billing sync: could not push " INT64_FORMAT " more tenant snapshots since %s",
-						retry_unlogged, timestamptz_to_str(retry_log_from)),
-				 errdetail("At most %d such failures are logged one by one in a window of %d s.",
-						   RETRY_LOG_MAX, RETRY_MS / 1000),
-				 errhint("billing_sync_status().last_error shows the latest.")));
-	retry_log_from = now;
-	retry_logged = 0;
-	retry_unlogged = 0;
-}
-
 /* Remember a tenant whose push failed on its own (see retry_tenants). */
 static void
 retry_later(const char *tenant, const char *why)
@@ -294,19 +274,13 @@ retry_later(const char *tenant, const char *why)
 		if (strcmp(lfirst(lc), tenant) == 0)
 			return;
 	billing_sync_record_error("push failed for tenant %s: %s", tenant, why);
-	retry_log_window(GetCurrentTimestamp());
-	if (retry_logged >= RETRY_LOG_MAX)
-		retry_unlogged++;
-	else
-	{
-		retry_logged++;
+	if (log_window_take(&retry_log))
 		ereport(LOG,
 				(errmsg("billing sync: could not push the snapshot of tenant \"%s\": %s",
 						tenant, why),
 				 errdetail("The other tenants are pushed; this one is tried again every %d s.",
 						   RETRY_MS / 1000),
 				 errhint("A Redis key of that tenant of another type (they must be hashes and a sorted set), or an account whose snapshot cannot be built (see the message).")));
-	}
 	if (list_length(retry_tenants) >= RETRY_MAX)
 	{
 		if (!retry_overflowed)
@@ -1740,8 +1714,7 @@ billing_worker_main(Datum arg)
 		busy = false;
 
 		now = GetCurrentTimestamp();
-		if (retry_unlogged > 0)
-			retry_log_window(now);	/* the count of the unlogged, connected or not */
+		log_window_flush(&retry_log, now);	/* the count of the unlogged, connected or not */
 		PG_TRY();
 		{
 			/* a cancel between cycles is recovered from like one inside them */

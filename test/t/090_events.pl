@@ -58,6 +58,10 @@ my $node = BillingTest::node('events', redis => $redis, database => $DB, conf =>
 	# the default 1,000 events per tenant, and XADD's MAXLEN would trim the
 	# per-tenant streams the test compares whole with the outbox
 	"billing.events_maxlen = 100000",
+	# each wait of the worker's mark on a row lock is logged (its
+	# lock_timeout is 200 ms): the test counts the worker's attempts
+	"log_lock_waits = on",
+	"deadlock_timeout = '50ms'",
 	"synchronous_commit = on",
 	"restart_after_crash = on",
 	"log_statement = 'none'"));
@@ -237,6 +241,51 @@ is(($sent_a2{2} // 0) . '/' . ($sent_a2{3} // 0), '1/1',
 	ok($named >= 10 && $named <= 10 * $windows, "at most 10 lines per 5 s name a tenant ($named in at most $windows windows, not $n)");
 	$redis->cli('DEL', "billing:{th-$_}:events") for 1 .. $n;
 	ok(wait_for(120, \&delivered_all), 'once the keys are gone, their events are delivered');
+}
+
+# A lock on the events' rows that outlasts the mark's 200 ms lock timeout
+# (here SELECT ... FOR UPDATE; a non-concurrent CREATE INDEX does the same)
+# delays the mark, and the worker tries the mark alone again every 5 s: it
+# does not send the batch again (it once did, a duplicate in the
+# all-tenants stream every 5 s for as long as the lock lasted).  To lock a
+# committed, undelivered event, the tenant is set aside first.
+{
+	sql("SELECT count(*) FROM billing_account_create('lk');
+	     SELECT count(*) FROM billing_credit('lk', 100, 'lk-c');
+	     SELECT count(*) FROM billing_alerts_set('lk', low_balance => 50);");
+	ok(wait_for(120, \&delivered_all), 'lock: everything delivered before');
+	$redis->cli('SET', 'billing:{lk}:events', 'not a stream');
+	sql("SELECT billing_deduct('lk', 60, 'lk-d1')");
+	my $seq = qv("SELECT max(seq) FROM billing.events WHERE tenant_id = 'lk'");
+	ok(wait_for(120, sub { slurp_file($node->logfile) =~ /could not deliver the events of tenant "lk"/ }),
+		'lock: the event waits (the tenant is set aside)');
+	my $lk = BillingTest::Session->new($node, $DB);
+	$lk->call('BEGIN');
+	is(($lk->call("SELECT seq FROM billing.events WHERE tenant_id = 'lk' AND seq = $seq FOR UPDATE")->{rows} // [])->[0],
+		$seq, 'lock: a session locks the undelivered event');
+	my $sent = sub {
+		return scalar grep { $_->[1]{tenant_id} eq 'lk' && $_->[1]{seq} eq $seq } @{ stream('billing:events') // [] };
+	};
+	my $waits = sub { my @m = BillingTest::log_since($node, $_[0]) =~ /still waiting for ShareLock on transaction/g; return scalar @m };
+	my $at = BillingTest::log_size($node);
+	$redis->cli('DEL', 'billing:{lk}:events');
+	ok(wait_for(120, sub { tenant_stream('lk') =~ /^\Q$seq|\E/m }), "lock: once the key is gone, the tenant's stream has the event");
+	ok(wait_for(120, sub { $waits->($at) >= 1 }), 'lock: the mark waits for the lock (log_lock_waits)');
+	my $before = $sent->();
+	my $at2 = BillingTest::log_size($node);
+	ok(wait_for(120, sub { $waits->($at2) >= 2 }), 'lock: the mark is tried again, twice, every 5 s');
+	is(qv("SELECT delivered_at IS NULL FROM billing.events WHERE tenant_id = 'lk' AND seq = $seq"), 't',
+		'lock: still unmarked while the lock is held');
+	is($sent->(), $before, "lock: the retries did not send the event to the all-tenants stream again ($before)");
+	$lk->call('COMMIT');
+	$lk->close;
+	ok(wait_for(120, \&delivered_all), 'lock: marked once the lock is gone');
+	is($sent->(), $before, 'lock: and sent no more');
+	is(tenant_stream('lk'), outbox('lk'), "lock: the tenant's stream holds its events once");
+	my ($w) = split / /, $redis->cli('GET', 'billing:events:watermark');
+	my $marked = qv("SELECT (extract(epoch FROM delivered_at) * 1000000)::bigint - 946684800000000
+	                   FROM billing.events WHERE tenant_id = 'lk' AND seq = $seq");
+	ok($marked <= $w, "lock: marked at its batch's time, which the watermark covers ($marked <= $w)");
 }
 is(tenant_stream('a1'), outbox('a1'), "a1's stream holds its events, in order, each once");
 
