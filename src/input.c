@@ -243,6 +243,18 @@ bad_id_char(const unsigned char *p, int len, int *charlen)
 	return -1;
 }
 
+/* an id over BILLING_MAX_ID_CHARS characters: its length only, never itself */
+static void
+raise_id_too_long(const char *argname, int sqlerrcode, int nchars, const char *hint)
+{
+	ereport(ERROR,
+			(errcode(sqlerrcode),
+			 errmsg("%s is too long", argname),
+			 errdetail("It has %d characters; the limit is %d.",
+					   nchars, BILLING_MAX_ID_CHARS),
+			 errhint("%s", hint)));
+}
+
 /*
  * Identifiers (tenant ids, trace ids, API key ids, ...): non-empty, at most
  * 255 characters, no control or invisible characters.  The error never
@@ -277,12 +289,8 @@ billing_check_id(text *id, const char *argname, int sqlerrcode)
 		i += charlen;
 	}
 	if (nchars > BILLING_MAX_ID_CHARS)
-		ereport(ERROR,
-				(errcode(sqlerrcode),
-				 errmsg("%s is too long", argname),
-				 errdetail("It has %d characters; the limit is %d.",
-						   nchars, BILLING_MAX_ID_CHARS),
-				 errhint("Use a shorter identifier, e.g. a UUID or a hash of the request.")));
+		raise_id_too_long(argname, sqlerrcode, nchars,
+						  "Use a shorter identifier, e.g. a UUID or a hash of the request.");
 	return id;
 }
 
@@ -298,12 +306,7 @@ billing_check_id_length(text *id, const char *argname, int sqlerrcode)
 	int			nchars = pg_mbstrlen_with_len(VARDATA_ANY(id), VARSIZE_ANY_EXHDR(id));
 
 	if (nchars > BILLING_MAX_ID_CHARS)
-		ereport(ERROR,
-				(errcode(sqlerrcode),
-				 errmsg("%s is too long", argname),
-				 errdetail("It has %d characters; the limit is %d.",
-						   nchars, BILLING_MAX_ID_CHARS),
-				 errhint("Pass the id of an existing account.")));
+		raise_id_too_long(argname, sqlerrcode, nchars, "Pass the id of an existing account.");
 	return id;
 }
 
