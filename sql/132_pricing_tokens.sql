@@ -352,6 +352,16 @@ SELECT split_part(regress_error($$SELECT billing_try_deduct('tok-fake', 1, 'tok-
 SELECT split_part(regress_error($$SELECT * FROM billing_deduct_many(ARRAY['tok-fake', 'tok-fake'], ARRAY[1, 1],
     ARRAY['tok-fake-3', 'tok-fake-4'], NULL,
     ARRAY['{}', '{"price_effective_from": 1}']::jsonb[], NULL)$$), E'\n', 1);
+-- ... and the refused try_deduct recorded no rejection
+SELECT count(*) AS rejections FROM billing.rejections WHERE tenant_id = 'tok-fake';
+-- A replay is no new charge: one that has the key (1.3's billing_deduct let
+-- it through; written here through billing.internal_deduct, which only the
+-- extension's own SQL calls) returns its entry, as every replay does.
+SELECT amount FROM billing.internal_deduct('tok-fake', 0.5, 'tok-fake-13', metadata => '{"price_effective_from": "1.3"}');
+SELECT amount, replayed FROM billing_deduct('tok-fake', 0.5, 'tok-fake-13', metadata => '{"price_effective_from": "1.3"}');
+SELECT status, replayed FROM billing_try_deduct('tok-fake', 0.5, 'tok-fake-13', metadata => '{"price_effective_from": "1.3"}');
+SELECT status, replayed FROM billing_deduct_many(ARRAY['tok-fake'], ARRAY[0.5], ARRAY['tok-fake-13'], NULL,
+                                                 ARRAY['{"price_effective_from": "1.3"}']::jsonb[], NULL);
 -- the key nested deeper, or under another name, is the caller's own
 SELECT amount, replayed FROM billing_deduct('tok-fake', 1, 'tok-fake-5',
     metadata => '{"request": {"price_effective_from": "x"}, "price_effective": "y"}');

@@ -819,8 +819,6 @@ billing_charge(PG_FUNCTION_ARGS)
 	PreventCommandIfReadOnly("billing_charge()");
 
 	ledger_parse_request(fcinfo, true, &req);
-	/* billing_charge is 1.4's: the engine need not check again */
-	billing_check_debit_metadata(req.entry.metadata, "metadata");
 	tenant = PG_GETARG_TEXT_PP(0);
 	actor = billing_actor();
 
@@ -852,6 +850,7 @@ billing_charge(PG_FUNCTION_ARGS)
 	slot->database = MyDatabaseId;
 	slot->amount = e->amount;
 	slot->has_event_at = e->has_event_at;
+	slot->usage_mark = req.usage_mark != NULL;
 	slot->event_at = e->event_at;
 	/* the window of the caller's session (a superuser may widen or narrow it) */
 	slot->event_at_window = billing_event_at_window;

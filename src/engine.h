@@ -101,6 +101,8 @@ typedef struct EngineSlot
 	int			description_len;	/* -1: NULL */
 	int			metadata_len;	/* bytes of the jsonb datum (with header) */
 	int			api_key_len;	/* -1: NULL */
+	bool		usage_mark;		/* the metadata has the key that marks priced
+								 * usage: refused unless a replay */
 
 	/* the result */
 	EngineResult result;

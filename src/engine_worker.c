@@ -203,6 +203,8 @@ item_from_slot(EngineItem *it, int i)
 	e->has_event_at_window = true;
 	e->event_at_window = slot->event_at_window;
 	e->actor = cstring_to_text(slot->actor);
+	if (slot->usage_mark)
+		it->req.usage_mark = "metadata";
 }
 
 /* a deep copy of an item put off (its request only) */
@@ -229,6 +231,7 @@ item_copy(EngineItem *dst, EngineItem *src)
 	d->has_event_at_window = s->has_event_at_window;
 	d->event_at_window = s->event_at_window;
 	d->actor = DatumGetTextPCopy(PointerGetDatum(s->actor));
+	dst->req.usage_mark = src->req.usage_mark;	/* a constant */
 }
 
 /*

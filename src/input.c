@@ -340,22 +340,29 @@ billing_check_metadata_value(Jsonb *jb, const char *argname)
  * usage charge with the key BILLING_USAGE_MARK_KEY, and
  * billing.usage_by_token_type reads the token breakdown of such charges
  * only: a charge made otherwise with that key would put made-up token
- * counts and prices into it.  Only the key is named, never its value.
+ * counts and prices into it.  The ledger refuses it (ledger.c post_one,
+ * unless a replay of a charge 1.3 let through); only the key is named,
+ * never its value.
  */
-void
-billing_check_debit_metadata(Jsonb *jb, const char *argname)
+bool
+billing_has_usage_mark(Jsonb *jb)
 {
 	JsonbValue	key;
 
 	key.type = jbvString;
 	key.val.string.val = BILLING_USAGE_MARK_KEY;
 	key.val.string.len = strlen(BILLING_USAGE_MARK_KEY);
-	if (findJsonbValueFromContainer(&jb->root, JB_FOBJECT, &key) != NULL)
-		ereport(ERROR,
-				(errcode(ERRCODE_BILLING_INVALID_ARGUMENT),
-				 errmsg("%s has the reserved key \"%s\"", argname, BILLING_USAGE_MARK_KEY),
-				 errdetail("billing_deduct_usage() marks priced usage with it; billing.usage_by_token_type reports the charges that have it."),
-				 errhint("Charge priced usage with billing_deduct_usage(), or give the key another name.")));
+	return findJsonbValueFromContainer(&jb->root, JB_FOBJECT, &key) != NULL;
+}
+
+void
+billing_raise_usage_mark(const char *argname)
+{
+	ereport(ERROR,
+			(errcode(ERRCODE_BILLING_INVALID_ARGUMENT),
+			 errmsg("%s has the reserved key \"%s\"", argname, BILLING_USAGE_MARK_KEY),
+			 errdetail("billing_deduct_usage() marks priced usage with it; billing.usage_by_token_type reports the charges that have it."),
+			 errhint("Charge priced usage with billing_deduct_usage(), or give the key another name.")));
 }
 
 /* optional metadata: NULL means {}, otherwise a bounded JSON object */

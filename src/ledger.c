@@ -120,7 +120,8 @@ ledger_parse_request(FunctionCallInfo fcinfo, bool is_debit, LedgerRequest *req)
 	 * 1.3's billing_deduct_usage, run with this library until ALTER EXTENSION
 	 * UPDATE, marks usage through billing_deduct.
 	 */
-	req->check_usage_mark = is_debit && PG_NARGS() <= ARG_COUNTS_REQUEST;
+	if (is_debit && PG_NARGS() <= ARG_COUNTS_REQUEST && billing_has_usage_mark(e->metadata))
+		req->usage_mark = "metadata";
 	e->has_event_at = billing_check_event_at(fcinfo, ARG_EVENT_AT, &e->event_at);
 	if (is_debit && !PG_ARGISNULL(ARG_API_KEY))
 		e->api_key = billing_check_id(PG_GETARG_TEXT_PP(ARG_API_KEY), "api_key",
@@ -646,8 +647,6 @@ post_one(Account *acc, KeyCache *kc, LedgerRequest *req, LedgerOutcome *out,
 	/* a charge may run no executor at all: let a batch be cancelled */
 	CHECK_FOR_INTERRUPTS();
 	memset(out, 0, sizeof(*out));
-	if (req->check_usage_mark && acc->grants_supported)
-		billing_check_debit_metadata(e->metadata, "metadata");
 
 	/*
 	 * 2. idempotency: a replay returns the original outcome, whatever changed
@@ -657,6 +656,19 @@ post_one(Account *acc, KeyCache *kc, LedgerRequest *req, LedgerOutcome *out,
 	 */
 	if (acc->rejections > 0 && probe_trace(acc, e, mode, out))
 		return;
+
+	/*
+	 * The key that marks priced usage, from a caller: refused, unless this
+	 * is a replay (of a charge 1.3 let through), as below.  A database still
+	 * at 1.3 runs 1.3's billing_deduct_usage, which marks usage through
+	 * billing_deduct.
+	 */
+	if (req->usage_mark != NULL && acc->grants_supported)
+	{
+		if (acc->rejections == 0 && probe_trace(acc, e, mode, out))
+			return;
+		billing_raise_usage_mark(req->usage_mark);
+	}
 
 	/*
 	 * An event time outside the accepted window is refused, unless this is
@@ -1358,7 +1370,8 @@ billing_deduct_many(PG_FUNCTION_ARGS)
 		{
 			snprintf(name, sizeof(name), "metadata of item %d", i + 1);
 			e->metadata = billing_check_metadata_value(DatumGetJsonbP(metas[i]), name);
-			billing_check_debit_metadata(e->metadata, name);
+			if (billing_has_usage_mark(e->metadata))
+				it->req.usage_mark = pstrdup(name);
 		}
 		else
 		{

@@ -53,8 +53,10 @@ typedef struct LedgerRequest
 	bool		no_request;		/* a debit that is no new request (a job's
 								 * charge after its hold expired: the hold
 								 * counted the request) */
-	bool		check_usage_mark;	/* a caller's metadata: refuse the key
-									 * that marks priced usage (1.4's schema) */
+	const char *usage_mark;		/* not NULL: the caller's metadata has the key
+								 * that marks priced usage, refused (in 1.4's
+								 * schema) unless a replay; the argument's
+								 * name for the error */
 	EntryWrite	entry;
 } LedgerRequest;
 
