@@ -232,7 +232,10 @@ lock_timeout(void)
 static void
 note_error(const char *fmt,...) pg_attribute_printf(1, 2);
 
-/* a failure, for billing_sync_status() and billing_metrics() */
+/*
+ * A failure, for billing_metrics() (billing_events_delivery_failures_total)
+ * and billing_sync_status() (last_error, which the log lines name)
+ */
 static void
 note_error(const char *fmt,...)
 {
@@ -242,6 +245,7 @@ note_error(const char *fmt,...)
 	va_start(ap, fmt);
 	vsnprintf(buf, sizeof(buf), fmt, ap);
 	va_end(ap);
+	billing_sync_record_error("billing events: %s", buf);
 	if (billing_events == NULL)
 		return;
 	LWLockAcquire(billing_events->lock, LW_EXCLUSIVE);
@@ -1643,12 +1647,20 @@ outbox_caught(MemoryContext cxt, const char *what)
 	edata = CopyErrorData();
 	FlushErrorState();
 	AbortCurrentTransaction();
+	/*
+	 * A lock on the outbox (lock_timeout) is retried quietly: no log line,
+	 * no delivery failure, but billing_sync_status() shows it, so that a
+	 * backlog held up by a lock says why
+	 */
 	if (edata->sqlerrcode != ERRCODE_LOCK_NOT_AVAILABLE)
 	{
 		ereport(LOG, (errmsg("billing events: %s%s%s", what ? what : "", what ? ": " : "",
 							 edata->message)));
 		note_error("%s%s%s", what ? what : "", what ? ": " : "", edata->message);
 	}
+	else
+		billing_sync_record_error("billing events: %s%s%s", what ? what : "",
+								  what ? ": " : "", edata->message);
 	FreeErrorData(edata);
 	pgstat_report_activity(STATE_IDLE, NULL);
 }
