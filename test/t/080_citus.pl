@@ -454,28 +454,34 @@ for my $t (@tenants)
 ok(@on1 && @on2, 'tenants on both workers (' . scalar(@on1) . ' and ' . scalar(@on2) . ')');
 my @pairs = map { [ $on1[ $_ % @on1 ], $on2[ $_ % @on2 ] ] } 0 .. 9;
 # Citus's maintenance recovers two-phase commits in the background, which
-# deletes their records: off on the coordinator, so that the test sees that
-# the pairs went through two-phase commit, and recovers them itself
+# deletes their records: off on the coordinator until the pairs have left
+# some (with none left from the parts before), then on again before w2
+# stops, so that what w2's stop leaves prepared is recovered as it would be
 $coord->append_conf('postgresql.conf', 'citus.recover_2pc_interval = -1');
 $coord->reload;
+my $records = sub { q_ok($coord, "SELECT count(*) FROM pg_dist_transaction WHERE groupid = $group{w2}") };
+ok(BillingTest::wait_until(120, sub {
+		$coord->psql($db, 'SELECT recover_prepared_transactions()');
+		$records->() eq '0';
+	}, 0.5), 'no record of a two-phase commit with w2 before the pairs');
 start_load('pair', 4, 'pair', \@pairs);
 wait_acked('pair', 20, 'before the stop');
+ok(BillingTest::wait_until(120, sub { $records->() > 0 }),
+	"the pairs' commits are two-phase, with w2 too (" . $records->() . ' records in pg_dist_transaction)');
+$coord->append_conf('postgresql.conf', 'citus.recover_2pc_interval = 60000');
+$coord->reload;
 my $w2_log = BillingTest::log_size($w2);
 $w2->stop('immediate');
 usleep(1_000_000);
 $w2->start;
 wait_acked('pair', 20, 'after the restart');
 stop_load('pair');
-my $records = q_ok($coord, "SELECT count(*) FROM pg_dist_transaction WHERE groupid = $group{w2}");
-ok($records > 0, "the pairs' commits were two-phase, with w2 too ($records records in pg_dist_transaction)");
 # Citus commits (or rolls back) what was prepared when the node went away
 ok(BillingTest::wait_until(120, sub {
 		$coord->psql($db, 'SELECT recover_prepared_transactions()');
 		q_ok($w1, 'SELECT count(*) FROM pg_prepared_xacts') eq '0'
 		  && q_ok($w2, 'SELECT count(*) FROM pg_prepared_xacts') eq '0';
 	}, 0.5), 'no prepared transaction left after recover_prepared_transactions()');
-$coord->append_conf('postgresql.conf', 'citus.recover_2pc_interval = 60000');
-$coord->reload;
 ledger_checks('pair', 1);
 
 ############################################################################
