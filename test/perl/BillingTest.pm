@@ -381,8 +381,16 @@ server is down or in crash recovery).
 sub accepts_connections
 {
 	my ($node) = @_;
-	my ($rc) = $node->psql('postgres', 'SELECT 1');
-	return $rc == 0;
+	# The query as psql's argument, not on its stdin: a psql refused at once
+	# (crash recovery) may exit before it reads its stdin, and writing the
+	# query there then died with EPIPE ("ack Broken pipe"), ending the test.
+	my ($out, $err);
+	my $ok = eval {
+		IPC::Run::run([ 'psql', '-X', '-q', '-A', '-t', '-d', $node->connstr('postgres') . ' connect_timeout=10',
+				'-c', 'SELECT 1' ],
+			'<', '/dev/null', '>', \$out, '2>', \$err, IPC::Run::timeout(60));
+	};
+	return $ok && ($out // '') =~ /^1$/m ? 1 : 0;
 }
 
 =item BillingTest::worker_pid(NODE)
