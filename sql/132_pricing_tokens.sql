@@ -374,6 +374,13 @@ SELECT token_type, charges, quantity FROM billing.usage_by_token_type WHERE tena
 -- but not with it is refused naming both (ZB018)
 SELECT regress_error(format($$SELECT billing_deduct_usage('tok-fake', 'tok-plain', 1000, 0, 'tok-fake-u2', metadata => %L)$$,
                             jsonb_build_object('note', repeat('x', 16000))));
+-- the same once the account has a recorded rejection (the idempotency probe
+-- then runs before the key is looked at); and the trace id of such a charge
+-- with other metadata is a conflict (ZB005), as for any replay
+SELECT status FROM billing_try_deduct('tok-fake', 1000, 'tok-fake-poor');
+SELECT split_part(regress_error($$SELECT billing_deduct('tok-fake', 1, 'tok-fake-6', metadata => '{"price_effective_from": 1}')$$), E'\n', 1);
+SELECT amount, replayed FROM billing_deduct('tok-fake', 0.5, 'tok-fake-13', metadata => '{"price_effective_from": "1.3"}');
+SELECT split_part(regress_error($$SELECT billing_deduct('tok-fake', 0.5, 'tok-fake-13', metadata => '{"price_effective_from": "2"}')$$), E'\n', 1);
 -- nothing was charged by the refused calls
 SELECT trace_id FROM billing.entries WHERE tenant_id = 'tok-fake' ORDER BY entry_id;
 

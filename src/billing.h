@@ -101,7 +101,6 @@ extern text *billing_check_id_length(text *id, const char *argname, int sqlerrco
 extern Jsonb *billing_check_metadata(FunctionCallInfo fcinfo, int argno);
 extern Jsonb *billing_check_metadata_value(Jsonb *jb, const char *argname);
 extern bool billing_has_usage_mark(Jsonb *jb);
-extern void billing_raise_usage_mark(const char *argname);
 extern text *billing_check_description(FunctionCallInfo fcinfo, int argno);
 extern text *billing_check_text_value(text *t, const char *argname, int maxchars);
 extern char *billing_show_text(const char *s, int maxchars);

@@ -341,8 +341,7 @@ billing_check_metadata_value(Jsonb *jb, const char *argname)
  * billing.usage_by_token_type reads the token breakdown of such charges
  * only: a charge made otherwise with that key would put made-up token
  * counts and prices into it.  The ledger refuses it (ledger.c post_one,
- * unless a replay of a charge 1.3 let through); only the key is named,
- * never its value.
+ * unless a replay of a charge 1.3 let through).
  */
 bool
 billing_has_usage_mark(Jsonb *jb)
@@ -353,16 +352,6 @@ billing_has_usage_mark(Jsonb *jb)
 	key.val.string.val = BILLING_USAGE_MARK_KEY;
 	key.val.string.len = strlen(BILLING_USAGE_MARK_KEY);
 	return findJsonbValueFromContainer(&jb->root, JB_FOBJECT, &key) != NULL;
-}
-
-void
-billing_raise_usage_mark(const char *argname)
-{
-	ereport(ERROR,
-			(errcode(ERRCODE_BILLING_INVALID_ARGUMENT),
-			 errmsg("%s has the reserved key \"%s\"", argname, BILLING_USAGE_MARK_KEY),
-			 errdetail("billing_deduct_usage() marks priced usage with it; billing.usage_by_token_type reports the charges that have it."),
-			 errhint("Charge priced usage with billing_deduct_usage(), or give the key another name.")));
 }
 
 /* optional metadata: NULL means {}, otherwise a bounded JSON object */

@@ -402,6 +402,22 @@ own_trace_rejection(MemoryContext cxt, Rejection *r)
 }
 
 /*
+ * ZB018 for a caller's metadata with the key that marks priced usage (see
+ * billing_has_usage_mark), in cxt; only the key is named, never its value
+ */
+static void
+usage_mark_rejection(MemoryContext cxt, const char *argname, Rejection *r)
+{
+	r->sqlerrcode = ERRCODE_BILLING_INVALID_ARGUMENT;
+	r->message = MemoryContextStrdup(cxt, psprintf("%s has the reserved key \"%s\"",
+												   argname, BILLING_USAGE_MARK_KEY));
+	r->detail = MemoryContextStrdup(cxt, "billing_deduct_usage() marks priced usage with it; "
+									"billing.usage_by_token_type reports the charges that have it.");
+	r->hint = MemoryContextStrdup(cxt, "Charge priced usage with billing_deduct_usage(), "
+								  "or give the key another name.");
+}
+
+/*
  * ZB014 for a new entry or rejection whose trace id starts with "billing:":
  * those are billing's own (a grant's expiry).  Only new ones are refused,
  * and only once the schema has grants (1.4): a replay of an entry recorded
@@ -667,7 +683,13 @@ post_one(Account *acc, KeyCache *kc, LedgerRequest *req, LedgerOutcome *out,
 	{
 		if (acc->rejections == 0 && probe_trace(acc, e, mode, out))
 			return;
-		billing_raise_usage_mark(req->usage_mark);
+		/* the charge engine: this caller's error, not the batch's */
+		usage_mark_rejection(acc->cxt, req->usage_mark, &out->rejection);
+		if (mode != POST_RETURN)
+			billing_raise_error(&out->rejection);
+		out->committed = false;
+		out->replayed = false;
+		return;
 	}
 
 	/*
