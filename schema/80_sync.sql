@@ -143,7 +143,9 @@ CREATE TYPE billing.sync_info AS (
     events_delivered    bigint,       -- delivered since the server started
     events_last_delivered_at timestamptz,
     events_recent_lag_p50_ms double precision,
-    events_recent_lag_p99_ms double precision
+    events_recent_lag_p99_ms double precision,
+    events_last_error   text,         -- the delivery's last error (NULL for a scoped role)
+    events_last_error_at timestamptz
 );
 
 -- SECURITY DEFINER: it reads the outbox's backlog for every caller

@@ -87,7 +87,8 @@ typedef struct EventsShared
 	TimestampTz last_delivered_at;
 	TimestampTz last_prune_at;
 	int64		pruned;
-	char		last_error[EVENTS_ERROR_LEN];
+	char		last_error[EVENTS_ERROR_LEN];	/* billing_sync_status().events_last_error */
+	TimestampTz last_error_at;
 	int			lag_next;
 	int			lag_count;
 	int64		lag_us[EVENTS_LAG_RING];	/* created_at -> XADD reply */
@@ -122,7 +123,7 @@ extern char *events_iso_time(TimestampTz ts);
 
 /* metrics.c: counters, flushed into shared memory at commit */
 extern void metrics_init(void);
-extern void metrics_sync_status(Datum *values, bool *nulls, int n);
+extern void metrics_sync_status(Datum *values, bool *nulls, int n, bool scoped);
 extern void metrics_count_entry(const char *kind, int64 amount);
 extern void metrics_count_refusal(int sqlerrcode);
 extern void metrics_count_job(const char *state);

@@ -22,7 +22,7 @@ roll(LogWindow *w, TimestampTz now)
 						w->prefix, w->unlogged, w->noun, timestamptz_to_str(w->from)),
 				 errdetail("At most %d such failures are logged one by one in a window of %d s.",
 						   w->max, w->window_ms / 1000),
-				 errhint("billing_sync_status().last_error shows the latest.")));
+				 errhint("%s", w->hint)));
 	w->from = now;
 	w->logged = 0;
 	w->unlogged = 0;

@@ -19,6 +19,7 @@ typedef struct LogWindow
 	/* the counting line: "<prefix> N more <noun> since <time>" */
 	const char *prefix;
 	const char *noun;
+	const char *hint;			/* where the latest failure is shown */
 	int			max;			/* lines per window */
 	int			window_ms;
 	/* state */
@@ -27,8 +28,8 @@ typedef struct LogWindow
 	int64		unlogged;
 } LogWindow;
 
-#define LOG_WINDOW_INIT(prefix, noun, max, window_ms) \
-	{(prefix), (noun), (max), (window_ms), 0, 0, 0}
+#define LOG_WINDOW_INIT(prefix, noun, hint, max, window_ms) \
+	{(prefix), (noun), (hint), (max), (window_ms), 0, 0, 0}
 
 /* one more failure: true when it is to be logged (the caller logs it) */
 extern bool log_window_take(LogWindow *w);

@@ -240,8 +240,10 @@ cmp_int64(const void *a, const void *b)
  * not preloaded).
  */
 void
-metrics_sync_status(Datum *values, bool *nulls, int n)
+metrics_sync_status(Datum *values, bool *nulls, int n, bool scoped)
 {
+	char		last_error[EVENTS_ERROR_LEN];
+	TimestampTz last_error_at = 0;
 	int64		lags[EVENTS_LAG_RING];
 	int			nlags = 0;
 	int64		delivered = 0;
@@ -277,6 +279,8 @@ metrics_sync_status(Datum *values, bool *nulls, int n)
 	last = billing_events->last_delivered_at;
 	nlags = Max(Min(billing_events->lag_count, EVENTS_LAG_RING), 0);
 	memcpy(lags, billing_events->lag_us, sizeof(int64) * nlags);
+	strlcpy(last_error, billing_events->last_error, sizeof(last_error));
+	last_error_at = billing_events->last_error_at;
 	LWLockRelease(billing_events->lock);
 	qsort(lags, nlags, sizeof(int64), cmp_int64);
 	values[2] = Int64GetDatum(delivered);
@@ -287,6 +291,13 @@ metrics_sync_status(Datum *values, bool *nulls, int n)
 	nulls[4] = nlags == 0;
 	values[5] = Float8GetDatum(nlags ? lags[Min(nlags - 1, (int) (nlags * 0.99))] / 1000.0 : 0);
 	nulls[5] = nlags == 0;
+	if (n < 8)
+		return;
+	/* it may name a tenant ("delivery failed for tenant ..."): not for a scoped role */
+	values[6] = CStringGetTextDatum(last_error);
+	nulls[6] = last_error[0] == '\0' || scoped;
+	values[7] = TimestampTzGetDatum(last_error_at);
+	nulls[7] = last_error_at == 0;
 }
 
 /* ---------------------------------------------------------------------

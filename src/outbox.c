@@ -65,6 +65,7 @@
 #include "executor/spi.h"
 #include "guc.h"
 #include "logwindow.h"
+#include "mb/pg_wchar.h"
 #include "miscadmin.h"
 #include "mirror.h"
 #include "nodes/makefuncs.h"
@@ -231,27 +232,54 @@ lock_timeout(void)
 
 static void
 note_error(const char *fmt,...) pg_attribute_printf(1, 2);
+static void
+note_wait(const char *fmt,...) pg_attribute_printf(1, 2);
+static void
+record_error(bool failure, const char *fmt, va_list ap) pg_attribute_printf(2, 0);
 
 /*
- * A failure, for billing_metrics() (billing_events_delivery_failures_total)
- * and billing_sync_status() (last_error, which the log lines name)
+ * The events' last error, for billing_sync_status().events_last_error (which
+ * their log lines name), cut to whole characters; a failure also counts in
+ * billing_metrics() (billing_events_delivery_failures_total), a wait for a
+ * lock does not.
  */
 static void
-note_error(const char *fmt,...)
+record_error(bool failure, const char *fmt, va_list ap)
 {
-	va_list		ap;
 	char		buf[EVENTS_ERROR_LEN];
+	int			len;
 
-	va_start(ap, fmt);
 	vsnprintf(buf, sizeof(buf), fmt, ap);
-	va_end(ap);
-	billing_sync_record_error("billing events: %s", buf);
+	len = strlen(buf);
+	buf[pg_mbcliplen(buf, len, len)] = '\0';
 	if (billing_events == NULL)
 		return;
 	LWLockAcquire(billing_events->lock, LW_EXCLUSIVE);
 	strlcpy(billing_events->last_error, buf, sizeof(billing_events->last_error));
-	billing_events->failed++;
+	billing_events->last_error_at = GetCurrentTimestamp();
+	if (failure)
+		billing_events->failed++;
 	LWLockRelease(billing_events->lock);
+}
+
+static void
+note_error(const char *fmt,...)
+{
+	va_list		ap;
+
+	va_start(ap, fmt);
+	record_error(true, fmt, ap);
+	va_end(ap);
+}
+
+static void
+note_wait(const char *fmt,...)
+{
+	va_list		ap;
+
+	va_start(ap, fmt);
+	record_error(false, fmt, ap);
+	va_end(ap);
 }
 
 /*
@@ -633,8 +661,9 @@ is_aside(const char *tenant)
  * next window starts.  A Redis that refuses every tenant's stream must not
  * fill the server's log.
  */
-static LogWindow aside_log = LOG_WINDOW_INIT("billing events: could not deliver the events of",
-											 "tenants", 10, RETRY_MS);
+static LogWindow aside_log = LOG_WINDOW_INIT("billing events: could not deliver the events of", "tenants",
+											 "billing_sync_status().events_last_error shows the latest.",
+											 10, RETRY_MS);
 
 static void
 set_aside(const char *tenant, const char *why)
@@ -1649,8 +1678,8 @@ outbox_caught(MemoryContext cxt, const char *what)
 	AbortCurrentTransaction();
 	/*
 	 * A lock on the outbox (lock_timeout) is retried quietly: no log line,
-	 * no delivery failure, but billing_sync_status() shows it, so that a
-	 * backlog held up by a lock says why
+	 * no failure; one that holds up the delivery is shown, so that a
+	 * backlog says why
 	 */
 	if (edata->sqlerrcode != ERRCODE_LOCK_NOT_AVAILABLE)
 	{
@@ -1658,9 +1687,8 @@ outbox_caught(MemoryContext cxt, const char *what)
 							 edata->message)));
 		note_error("%s%s%s", what ? what : "", what ? ": " : "", edata->message);
 	}
-	else
-		billing_sync_record_error("billing events: %s%s%s", what ? what : "",
-								  what ? ": " : "", edata->message);
+	else if (what == NULL)
+		note_wait("delivery waits for a lock on billing.events: %s", edata->message);
 	FreeErrorData(edata);
 	pgstat_report_activity(STATE_IDLE, NULL);
 }

@@ -39,6 +39,7 @@
 #include "common/hashfn.h"
 #include "fmgr.h"
 #include "funcapi.h"
+#include "mb/pg_wchar.h"
 #include "miscadmin.h"
 #include "nodes/pg_list.h"
 #include "nodes/value.h"
@@ -569,16 +570,22 @@ billing_sync_init(void)
 	shmem_startup_hook = sync_shmem_startup;
 }
 
-/* The worker's note of a failure, shown by billing_sync_status(). */
+/*
+ * The worker's note of a failure, shown by billing_sync_status(); cut to
+ * whole characters (a tenant id or a message may be multibyte).
+ */
 void
 billing_sync_record_error(const char *fmt,...)
 {
 	va_list		ap;
 	char		buf[SYNC_ERROR_LEN];
+	int			len;
 
 	va_start(ap, fmt);
 	vsnprintf(buf, sizeof(buf), fmt, ap);
 	va_end(ap);
+	len = strlen(buf);
+	buf[pg_mbcliplen(buf, len, len)] = '\0';
 	if (billing_sync == NULL)
 		return;
 	LWLockAcquire(billing_sync->lock, LW_EXCLUSIVE);
@@ -664,7 +671,7 @@ cmp_int64(const void *a, const void *b)
 
 /* billing.sync_info: the mirror's columns (1.3), then the events' (1.4) */
 #define SYNC_MIRROR_COLS	17
-#define SYNC_STATUS_COLS	23
+#define SYNC_STATUS_COLS	25
 
 /*
  * billing_sync_status() -> one row: is the mirror alive and how far behind.
@@ -714,7 +721,7 @@ billing_sync_status(PG_FUNCTION_ARGS)
 	/* 1.4: the events' columns after the mirror's (metrics.c) */
 	if (tupdesc->natts > SYNC_MIRROR_COLS)
 		metrics_sync_status(values + SYNC_MIRROR_COLS, nulls + SYNC_MIRROR_COLS,
-							tupdesc->natts - SYNC_MIRROR_COLS);
+							tupdesc->natts - SYNC_MIRROR_COLS, caller_is_scoped());
 
 	if (billing_sync == NULL)
 	{

@@ -133,8 +133,9 @@ static int64 overflow_ms = RETRY_MS;
  * push must not fill the server's log; billing_sync_status().last_error has
  * the latest.
  */
-static LogWindow retry_log = LOG_WINDOW_INIT("billing sync: could not push",
-											 "tenant snapshots", 10, RETRY_MS);
+static LogWindow retry_log = LOG_WINDOW_INIT("billing sync: could not push", "tenant snapshots",
+											 "billing_sync_status().last_error shows the latest.",
+											 10, RETRY_MS);
 
 /*
  * Tenants with more key hashes to push than a batch takes (SyncWant), in

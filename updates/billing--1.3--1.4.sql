@@ -3447,7 +3447,9 @@ ALTER TYPE billing.sync_info ADD ATTRIBUTE events_backlog bigint,
                              ADD ATTRIBUTE events_delivered bigint,
                              ADD ATTRIBUTE events_last_delivered_at timestamptz,
                              ADD ATTRIBUTE events_recent_lag_p50_ms double precision,
-                             ADD ATTRIBUTE events_recent_lag_p99_ms double precision;
+                             ADD ATTRIBUTE events_recent_lag_p99_ms double precision,
+                             ADD ATTRIBUTE events_last_error text,
+                             ADD ATTRIBUTE events_last_error_at timestamptz;
 CREATE OR REPLACE VIEW billing.sync_status AS SELECT * FROM @extschema@.billing_sync_status();
 ALTER FUNCTION @extschema@.billing_sync_status() SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
 

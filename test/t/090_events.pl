@@ -206,8 +206,14 @@ ok(wait_for(120, sub { (qv("SELECT delivered_at IS NOT NULL FROM billing.events 
 	"a1's event is delivered while a2's stream key is a string");
 is(qv("SELECT delivered_at IS NULL FROM billing.events WHERE tenant_id = 'a2' AND seq = 1"), 't', "a2's event waits");
 like(slurp_file($node->logfile), qr/could not deliver the events of tenant "a2": WRONGTYPE/, 'the log says why');
-ok(wait_for(120, sub { (qv('SELECT last_error FROM billing_sync_status()') // '') =~ /^billing events: delivery failed for tenant a2: WRONGTYPE/ }),
-	'and so does billing_sync_status(), which the log lines name');
+ok(wait_for(120, sub { (qv('SELECT events_last_error FROM billing_sync_status()') // '') =~ /^delivery failed for tenant a2: WRONGTYPE/ }),
+	'and so does billing_sync_status().events_last_error, which the log lines name');
+unlike(qv("SELECT coalesce(last_error, '') FROM billing_sync_status()"), qr/a2/, "(the mirror's last_error is the mirror's alone)");
+# it may name another tenant: not for a role limited to some tenants
+sql("CREATE ROLE ev_scoped; SELECT billing_grant_reporting('ev_scoped');
+     SELECT count(*) FROM billing_scope_role('ev_scoped', ARRAY['a1'])");
+is(qv("SET ROLE ev_scoped; SELECT events_last_error IS NULL FROM billing.sync_status"), 't',
+	'a scoped reporting role does not see it');
 # a retry sends the tenant's first event alone (a probe): while the key is
 # wrong, each retry adds one duplicate to the all-tenants stream, not all
 # of the tenant's events (two more wait from now on)
@@ -276,8 +282,8 @@ is(($sent_a2{2} // 0) . '/' . ($sent_a2{3} // 0), '1/1',
 	my $before = $sent->();
 	my $at2 = BillingTest::log_size($node);
 	ok(wait_for(120, sub { $waits->($at2) >= 2 }), 'lock: the mark is tried again, twice, every 5 s');
-	like(qv('SELECT last_error FROM billing_sync_status()'), qr/^billing events: .*lock timeout/,
-		'lock: billing_sync_status() says why the events wait (no log line)');
+	like(qv('SELECT events_last_error FROM billing_sync_status()'), qr/^delivery waits for a lock on billing\.events: .*lock timeout/,
+		'lock: billing_sync_status().events_last_error says why the events wait (no log line)');
 	is($sent->(), $before, "lock: the retries did not send the event to the all-tenants stream again ($before)");
 	my $released = $lk->call('SELECT clock_timestamp()')->{rows}[0];
 	$lk->call('COMMIT');
