@@ -114,6 +114,8 @@ extern bool billing_event_at_in_window(TimestampTz event_at);
 extern bool billing_event_at_in_window_of(TimestampTz event_at, int window);
 extern void billing_check_event_at_window(TimestampTz event_at);
 extern void billing_check_event_at_window_of(TimestampTz event_at, int window);
+extern void billing_event_at_window_error(TimestampTz event_at, int window,
+										  char **message, char **detail, char **hint);
 
 /* guard.c */
 extern void billing_guard_init(void);

@@ -14,8 +14,9 @@
  * entry each, one account write.  Then one commit for the whole batch, and
  * each caller is woken with its own result.
  *
- * One bad charge never fails the others: rejections, trace id conflicts and
- * unknown accounts are outcomes, not errors (POST_RETURN).  Any other error
+ * One bad charge never fails the others: rejections, trace id conflicts,
+ * unknown accounts, an event time outside the window and the reserved usage
+ * key in metadata are outcomes, not errors (POST_RETURN).  Any other error
  * (an unknown API key, a DBA's trigger that raises, ...) aborts the
  * transaction; the charge that raised it (ledger_item) gets the error and
  * the batch is applied again without it.  An error that cannot be pinned

@@ -487,18 +487,38 @@ billing_check_event_at_window(TimestampTz event_at)
 void
 billing_check_event_at_window_of(TimestampTz event_at, int window)
 {
+	char	   *message;
+	char	   *detail;
+	char	   *hint;
+
+	if (billing_event_at_in_window_of(event_at, window))
+		return;
+	billing_event_at_window_error(event_at, window, &message, &detail, &hint);
+	ereport(ERROR,
+			(errcode(ERRCODE_BILLING_EVENT_AT_WINDOW),
+			 errmsg_internal("%s", message),
+			 errdetail_internal("%s", detail),
+			 errhint("%s", hint)));
+}
+
+/*
+ * ZB019's text for an event time outside the window (palloc'd): what
+ * billing_check_event_at_window_of raises, for a caller that returns it as
+ * an outcome instead (the charge engine: ledger.c post_one)
+ */
+void
+billing_event_at_window_error(TimestampTz event_at, int window,
+							  char **message, char **detail, char **hint)
+{
 	TimestampTz now = GetCurrentTimestamp();
 	TimestampTz earliest = now - (int64) window * USECS_PER_SEC;
 	TimestampTz latest = now + (int64) BILLING_EVENT_AT_FUTURE_SECS * USECS_PER_SEC;
 
-	if (event_at < earliest || event_at > latest)
-		ereport(ERROR,
-				(errcode(ERRCODE_BILLING_EVENT_AT_WINDOW),
-				 errmsg("event_at is outside the accepted window"),
-				 errdetail("It is %s; accepted are %s (billing.event_at_window = %d s before now) to %s.",
-						   billing_format_ts(event_at), billing_format_ts(earliest),
-						   window, billing_format_ts(latest)),
-				 errhint("Pass the time the usage happened, or leave it out; charging older usage needs a superuser to widen billing.event_at_window.")));
+	*message = pstrdup("event_at is outside the accepted window");
+	*detail = psprintf("It is %s; accepted are %s (billing.event_at_window = %d s before now) to %s.",
+					   billing_format_ts(event_at), billing_format_ts(earliest),
+					   window, billing_format_ts(latest));
+	*hint = pstrdup("Pass the time the usage happened, or leave it out; charging older usage needs a superuser to widen billing.event_at_window.");
 }
 
 /*

@@ -704,9 +704,21 @@ post_one(Account *acc, KeyCache *kc, LedgerRequest *req, LedgerOutcome *out,
 
 		if (!billing_event_at_in_window_of(e->event_at, window))
 		{
+			Rejection  *r = &out->rejection;
+			MemoryContext old;
+
 			if (acc->rejections == 0 && probe_trace(acc, e, mode, out))
 				return;
-			billing_check_event_at_window_of(e->event_at, window);
+			/* the charge engine: this caller's error, not the batch's */
+			old = MemoryContextSwitchTo(acc->cxt);
+			r->sqlerrcode = ERRCODE_BILLING_EVENT_AT_WINDOW;
+			billing_event_at_window_error(e->event_at, window, &r->message, &r->detail, &r->hint);
+			MemoryContextSwitchTo(old);
+			if (mode != POST_RETURN)
+				billing_raise_error(r);
+			out->committed = false;
+			out->replayed = false;
+			return;
 		}
 	}
 
