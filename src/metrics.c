@@ -234,10 +234,11 @@ cmp_int64(const void *a, const void *b)
 /*
  * The events' columns of billing_sync_status() (after the mirror's 17):
  * events_backlog, events_lag, events_delivered, events_last_delivered_at,
- * events_recent_lag_p50_ms, events_recent_lag_p99_ms.  The backlog and its
- * age come from the outbox (SPI; billing_sync_status is SECURITY DEFINER
- * since 1.4), the rest from the worker's statistics (NULL when billing is
- * not preloaded).
+ * events_recent_lag_p50_ms, events_recent_lag_p99_ms, events_last_error
+ * (NULL for a scoped role), events_last_error_at.  The backlog and its age
+ * come from the outbox (SPI; billing_sync_status is SECURITY DEFINER since
+ * 1.4), the rest from the worker's statistics (NULL when billing is not
+ * preloaded).
  */
 void
 metrics_sync_status(Datum *values, bool *nulls, int n, bool scoped)

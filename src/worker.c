@@ -1697,6 +1697,14 @@ billing_worker_main(Datum arg)
 	billing_sync->overflow = true;	/* whatever happened before us: resync */
 	billing_sync->last_error[0] = '\0';
 	LWLockRelease(billing_sync->lock);
+	/* the events' too: it may name a tenant of the database before */
+	if (billing_events != NULL)
+	{
+		LWLockAcquire(billing_events->lock, LW_EXCLUSIVE);
+		billing_events->last_error[0] = '\0';
+		billing_events->last_error_at = 0;
+		LWLockRelease(billing_events->lock);
+	}
 
 	if (billing_redis_host == NULL || billing_redis_host[0] == '\0')
 		ereport(LOG,
