@@ -243,6 +243,60 @@ SET ROLE regress_billing_report_a;
 SELECT count(DISTINCT tenant_id) AS tenants FROM billing.balances WHERE tenant_id LIKE 'priv-%';
 RESET ROLE;
 
+-- A scope cannot be left by SET ROLE: the role the session logged in as
+-- (session_user) counts as well as the role that asks.  A scoped login that
+-- is a member of an unscoped reporting role still sees its own tenant only
+-- after SET ROLE to it, and may not read the metrics (sums over every
+-- tenant: 42501) ...
+SET ROLE regress_billing_admin;
+SELECT role_name, tenant_id FROM billing_scope_role('regress_billing_report_a', ARRAY['priv-b']);
+RESET ROLE;
+GRANT regress_billing_report TO regress_billing_report_a;
+SET SESSION AUTHORIZATION regress_billing_report_a;
+SET ROLE regress_billing_report;
+SELECT session_user, current_user;
+SELECT DISTINCT tenant_id FROM billing.balances WHERE tenant_id LIKE 'priv-%';
+SELECT DISTINCT tenant_id FROM billing.ledger WHERE tenant_id LIKE 'priv-%';
+SELECT regress_error($$SELECT billing_metrics()$$);
+SELECT regress_error($$SELECT count(*) FROM billing.metrics$$);
+SELECT last_error IS NULL AS last_error_hidden FROM billing.sync_status;
+RESET ROLE;
+-- ... nor as itself
+SELECT regress_error($$SELECT count(*) FROM billing.metrics$$);
+RESET SESSION AUTHORIZATION;
+-- With scopes on both roles, the session sees the tenants common to both;
+-- with none in common, none.
+SET ROLE regress_billing_admin;
+SELECT count(*) FROM billing_scope_role('regress_billing_report', ARRAY['priv-a', 'priv-b']);
+RESET ROLE;
+SET SESSION AUTHORIZATION regress_billing_report_a;
+SET ROLE regress_billing_report;
+SELECT DISTINCT tenant_id FROM billing.balances WHERE tenant_id LIKE 'priv-%';
+RESET ROLE;
+RESET SESSION AUTHORIZATION;
+SET ROLE regress_billing_admin;
+SELECT count(*) FROM billing_scope_role('regress_billing_report', ARRAY['priv-a']);
+RESET ROLE;
+SET SESSION AUTHORIZATION regress_billing_report_a;
+SET ROLE regress_billing_report;
+SELECT count(*) AS visible FROM billing.balances;
+SELECT regress_error($$SELECT billing_metrics()$$);
+RESET ROLE;
+RESET SESSION AUTHORIZATION;
+-- An unscoped session that sets a scoped role is scoped (as above); one
+-- whose roles are both unscoped sees every tenant and reads the metrics.
+SET ROLE regress_billing_admin;
+SELECT billing_unscope_role('regress_billing_report');
+SELECT billing_unscope_role('regress_billing_report_a');
+RESET ROLE;
+SET SESSION AUTHORIZATION regress_billing_report_a;
+SET ROLE regress_billing_report;
+SELECT count(DISTINCT tenant_id) AS tenants FROM billing.balances WHERE tenant_id LIKE 'priv-%';
+SELECT count(*) > 0 AS metrics_read FROM billing.metrics;
+RESET ROLE;
+RESET SESSION AUTHORIZATION;
+REVOKE regress_billing_report FROM regress_billing_report_a;
+
 --
 -- A role without grants can call nothing and read nothing; revoking takes
 -- everything back.

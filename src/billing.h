@@ -107,6 +107,7 @@ extern char *billing_show_text(const char *s, int maxchars);
 extern char *billing_describe_text(text *t);
 extern char *billing_describe_jsonb(Jsonb *j);
 extern text *billing_actor(void);
+extern bool billing_caller_scope(int *ntenants);
 extern char *billing_format_ts(TimestampTz ts);
 extern bool billing_check_event_at(FunctionCallInfo fcinfo, int argno,
 								   TimestampTz *event_at);

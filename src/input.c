@@ -18,6 +18,9 @@
 #include "common/int.h"
 #include "mb/pg_wchar.h"
 #include "miscadmin.h"
+#include "nodes/value.h"
+#include "parser/parse_func.h"
+#include "utils/array.h"
 #include "utils/builtins.h"
 #include "utils/inval.h"
 #include "utils/syscache.h"
@@ -561,6 +564,39 @@ billing_actor(void)
 		}
 	}
 	return actor_name;
+}
+
+/*
+ * Whether the calling session is limited to some tenants (billing_scope_role):
+ * billing.visible_tenants() is not NULL.  With ntenants, also how many it may
+ * see.  False in a database still at 1.3, which has no scopes.
+ */
+bool
+billing_caller_scope(int *ntenants)
+{
+	Oid			fn = LookupFuncName(list_make2(makeString("billing"), makeString("visible_tenants")),
+									0, NULL, true);
+	FmgrInfo	flinfo;
+	Datum		result;
+
+	LOCAL_FCINFO(call, 0);
+
+	if (ntenants)
+		*ntenants = 0;
+	if (!OidIsValid(fn))
+		return false;
+	fmgr_info(fn, &flinfo);
+	InitFunctionCallInfoData(*call, &flinfo, 0, InvalidOid, NULL, NULL);
+	result = FunctionCallInvoke(call);
+	if (call->isnull)
+		return false;
+	if (ntenants)
+	{
+		ArrayType  *tenants = DatumGetArrayTypeP(result);
+
+		*ntenants = ArrayGetNItems(ARR_NDIM(tenants), ARR_DIMS(tenants));
+	}
+	return true;
 }
 
 /* billing.actor() -> text: the same, for the SQL-level functions */

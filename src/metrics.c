@@ -548,6 +548,25 @@ append_value(StringInfo buf, double v)
 }
 
 /*
+ * The metrics are sums over every tenant (accounts by status, open holds
+ * per currency, charges and refusals): a session limited to some tenants
+ * (billing_scope_role) must not read them.
+ */
+static void
+refuse_scoped_caller(void)
+{
+	int			ntenants;
+
+	if (billing_caller_scope(&ntenants))
+		ereport(ERROR,
+				(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
+				 errmsg("a session limited to some tenants cannot read the metrics"),
+				 errdetail("The metrics sum over every tenant; this session may see %d tenant%s (billing_scope_role).",
+						   ntenants, ntenants == 1 ? "" : "s"),
+				 errhint("Read the metrics as a role without a tenant scope (billing_unscope_role() lifts one).")));
+}
+
+/*
  * billing_metrics() -> text: every sample in the Prometheus text exposition
  * format (version 0.0.4), one HELP and TYPE per family.
  */
@@ -556,9 +575,11 @@ billing_metrics(PG_FUNCTION_ARGS)
 {
 	Samples		all = {0};
 	StringInfoData buf;
-	MemoryContext outer = billing_spi_connect();
+	MemoryContext outer;
 	text	   *result;
 
+	refuse_scoped_caller();
+	outer = billing_spi_connect();
 	collect(&all);
 	initStringInfo(&buf);
 	for (int i = 0; i < all.n; i++)
@@ -597,6 +618,7 @@ billing_metric_samples(PG_FUNCTION_ARGS)
 	Samples		all = {0};
 	MemoryContext outer;
 
+	refuse_scoped_caller();
 	InitMaterializedSRF(fcinfo, 0);
 	outer = billing_spi_connect();
 	collect(&all);

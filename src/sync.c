@@ -42,8 +42,6 @@
 #include "mb/pg_wchar.h"
 #include "miscadmin.h"
 #include "nodes/pg_list.h"
-#include "nodes/value.h"
-#include "parser/parse_func.h"
 #include "storage/ipc.h"
 #include "storage/procarray.h"
 #include "storage/shmem.h"
@@ -677,28 +675,6 @@ cmp_int64(const void *a, const void *b)
  * billing_sync_status() -> one row: is the mirror alive and how far behind.
  * lag = age of the oldest committed change not yet in Redis (0 when none).
  */
-/*
- * Whether the calling role is limited to some tenants (billing_scope_role):
- * billing.visible_tenants() is not NULL.  False in a database still at 1.3,
- * which has no scopes.
- */
-static bool
-caller_is_scoped(void)
-{
-	Oid			fn = LookupFuncName(list_make2(makeString("billing"), makeString("visible_tenants")),
-									0, NULL, true);
-	FmgrInfo	flinfo;
-
-	LOCAL_FCINFO(call, 0);
-
-	if (!OidIsValid(fn))
-		return false;
-	fmgr_info(fn, &flinfo);
-	InitFunctionCallInfoData(*call, &flinfo, 0, InvalidOid, NULL, NULL);
-	(void) FunctionCallInvoke(call);
-	return !call->isnull;
-}
-
 PG_FUNCTION_INFO_V1(billing_sync_status);
 Datum
 billing_sync_status(PG_FUNCTION_ARGS)
@@ -721,7 +697,7 @@ billing_sync_status(PG_FUNCTION_ARGS)
 	/* 1.4: the events' columns after the mirror's (metrics.c) */
 	if (tupdesc->natts > SYNC_MIRROR_COLS)
 		metrics_sync_status(values + SYNC_MIRROR_COLS, nulls + SYNC_MIRROR_COLS,
-							tupdesc->natts - SYNC_MIRROR_COLS, caller_is_scoped());
+							tupdesc->natts - SYNC_MIRROR_COLS, billing_caller_scope(NULL));
 
 	if (billing_sync == NULL)
 	{
@@ -769,7 +745,7 @@ billing_sync_status(PG_FUNCTION_ARGS)
 	values[9] = Int64GetDatum(s.failed);
 	values[10] = CStringGetTextDatum(s.last_error);
 	/* it may name a tenant ("push failed for tenant ..."): not for a scoped role */
-	nulls[10] = s.last_error[0] == '\0' || caller_is_scoped();
+	nulls[10] = s.last_error[0] == '\0' || billing_caller_scope(NULL);
 	values[11] = TimestampTzGetDatum(s.last_error_at);
 	nulls[11] = s.last_error_at == 0;
 	values[12] = TimestampTzGetDatum(s.last_full_resync_at);
