@@ -175,7 +175,11 @@ mirror_wipes(void)
 	return wipes;
 }
 
-/* is key <prefix>:{tenant}... of a tenant of this node (see node_group)? */
+/*
+ * Is key <prefix>:{tenant}..., and on Citus of a tenant of this node (see
+ * node_group)?  SCAN's MATCH asked for that pattern, but what SCAN returns
+ * is Redis' word: a key of another application is never deleted.
+ */
 static bool
 key_is_ours(const char *key, size_t len)
 {
@@ -184,8 +188,6 @@ key_is_ours(const char *key, size_t len)
 	const char *close;
 	int32		hash;
 
-	if (node_group < 0)
-		return true;
 	if (len < plen + 2 || memcmp(key, billing_redis_prefix, plen) != 0 ||
 		key[plen] != ':' || key[plen + 1] != '{')
 		return false;
@@ -193,6 +195,8 @@ key_is_ours(const char *key, size_t len)
 	close = memchr(open, '}', len - plen - 2);
 	if (close == NULL)
 		return false;
+	if (node_group < 0)
+		return true;
 	hash = billing_tenant_hash(open, (int) (close - open));
 	for (int i = 0; i < node_nranges; i++)
 		if (hash >= node_min[i] && hash <= node_max[i])

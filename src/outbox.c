@@ -93,6 +93,7 @@
 #define MAX_DRIFT_TEXT		64		/* bytes of a name or value from Redis */
 #define MAX_DRIFT_HASH		256		/* more elements: not listed (mirror.c's limit) */
 #define LOCK_TIMEOUT		"200ms"
+#define WATERMARK_AHEAD_MS	60000	/* a watermark at most this far ahead of our clock is ours */
 
 static MemoryContext outbox_cxt = NULL;
 
@@ -1050,8 +1051,14 @@ start_redelivery(bool *aborted)
 						held == WATERMARK_FROM_ALL ? "(all of them: its watermark is gone)" :
 						psprintf("after %s (its watermark)", timestamptz_to_str(held))),
 				 errdetail("Redis restarted empty or from an older copy, was flushed, failed over to a replica that lagged, or its keys were wiped.")));
-	/* a plausible time of ours: later marks come after it */
-	if (held <= TimestampTzPlusMilliseconds(GetCurrentTimestamp(), (int64) 24 * 3600 * 1000))
+	/*
+	 * A plausible time of ours (our clock may have stepped back a little
+	 * since we wrote it): later marks come after it.  A time further ahead
+	 * is Redis' word only (a lie, or a copy from a server whose clock ran
+	 * far ahead), and would date every later delivery in the future: not
+	 * taken.
+	 */
+	if (held <= TimestampTzPlusMilliseconds(GetCurrentTimestamp(), WATERMARK_AHEAD_MS))
 		top = Max(top, held);
 	w.upto = held;
 	w.stamp = next_mark();

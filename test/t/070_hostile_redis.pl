@@ -82,6 +82,20 @@ ok($pid, "worker pid $pid");
 	$fake->stop;
 }
 
+# --- a SCAN that ignores MATCH, during the wipe of another ledger's mirror:
+# only keys of billing's pattern (<prefix>:{tenant}...) are deleted, never a
+# key of another application, nor billing's own keys outside it
+{
+	my $fake = BillingTest::FakeRedis->new('scan_foreign');
+	point_at($fake->port);
+	my $unlinks = sub { [ grep { /^\d+ UNLINK/ } split /\n/, (-f $fake->{log} ? slurp_file($fake->{log}) : '') ] };
+	ok(BillingTest::wait_until(120, sub { @{ $unlinks->() } >= 1 }), 'scan_foreign: the worker wiped');
+	my @bad = grep { !/^\d+ UNLINK billing:\{a\}$/ } @{ $unlinks->() };
+	is_deeply(\@bad, [], 'scan_foreign: every UNLINK named billing:{a} only');
+	is(worker_pid(), $pid, 'scan_foreign: the same worker process');
+	$fake->stop;
+}
+
 # --- replies of wrong types everywhere
 {
 	my $fake = BillingTest::FakeRedis->new('wrong_types');

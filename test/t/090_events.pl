@@ -457,6 +457,27 @@ ok(wait_for(120, sub { streams_complete('a2') }), "once its key is gone a2 gets 
 ok(wait_for(120, sub { watermark() =~ /^\d+ \d+$/ }), 'then the watermark moves');
 is(qv("SELECT count(*) FROM billing.events WHERE $micros > " . watermark_w()), '0', 'past every event marked delivered');
 
+# A watermark is Redis' word, not a clock.  One far in the future (a hostile
+# Redis, or a copy from a server whose clock ran ahead) that a worker finds
+# when it starts does not date the events it delivers next: only a watermark
+# at most a minute ahead of the worker's clock is taken as one of its own
+# marks, which later marks must follow.
+{
+	my $ahead = qv("SELECT (extract(epoch FROM now() + interval '1 hour') * 1000000)::bigint - 946684800000000");
+	my $old = running_worker();
+	$redis->cli('SET', 'billing:events:watermark', "$ahead $ahead");
+	push @allowed, $old;
+	sql("SELECT pg_terminate_backend($old)");
+	ok(wait_for(300, sub { my $p = BillingTest::worker_pid($node) // ''; $p ne '' && $p ne $old }),
+		'a watermark an hour ahead: the worker starts again');
+	sql("SELECT billing_credit('a1', 60, 'a1-c5'); SELECT billing_deduct('a1', 60, 'a1-d5')");    # a1 seq 5
+	ok(wait_for(120, sub { (qv("SELECT delivered_at IS NOT NULL FROM billing.events WHERE tenant_id = 'a1' AND seq = 5") // '') eq 't' }),
+		"a1's next event is delivered");
+	is(qv("SELECT count(*) FROM billing.events WHERE delivered_at > clock_timestamp()"), '0',
+		'no event is marked delivered in the future');
+	ok(streams_complete('a1'), "a1's stream has it");
+}
+
 # the mirror finds another ledger's marker (the database restored into
 # another cluster) and deletes every billing:{...} key, the tenants' streams
 # too: the events are sent again once that is done.  A Redis restarted from

@@ -24,6 +24,9 @@
 #   deep          the reply to INFO is an array nested 100,000 levels deep
 #   scan_forever  the marker names another ledger; SCAN's cursor never
 #                 comes back to 0 (each SCAN answered after --delay)
+#   scan_foreign  the marker names another ledger; SCAN ignores MATCH and
+#                 lists keys that are not billing's besides billing:{a}
+#                 (UNLINK is logged with its keys)
 #   silent        accepts connections and reads, never answers
 #   ok            answers everything plausibly (EVALSHA 1, HGETALL empty)
 #
@@ -46,7 +49,7 @@ my ($port, $mode, $logfile, $delay) = (0, 'ok', undef, 0);
 GetOptions('port=i' => \$port, 'mode=s' => \$mode, 'log=s' => \$logfile, 'delay=f' => \$delay)
   or die "usage: $0 --port PORT --mode MODE [--log FILE] [--delay SECONDS]\n";
 my %modes = map { $_ => 1 }
-  qw(scan_int wrong_types trickle huge huge_array deep scan_forever silent ok);
+  qw(scan_int wrong_types trickle huge huge_array deep scan_forever scan_foreign silent ok);
 die "unknown mode $mode\n" unless $modes{$mode};
 
 my $server = IO::Socket::INET->new(
@@ -139,11 +142,14 @@ sub answer
 	my $setup = $c eq 'PING' || $c eq 'AUTH' || $c eq 'SELECT' || ($c eq 'SCRIPT' && $sub eq 'LOAD');
 
 	return 1 if $mode eq 'silent';
-	if ($mode eq 'scan_int' || $mode eq 'scan_forever')
+	if ($mode eq 'scan_int' || $mode eq 'scan_forever' || $mode eq 'scan_foreign')
 	{
 		return send_all($sock, bulk('1:2:3')) if $c eq 'GET';
 		if ($c eq 'SCAN')
 		{
+			return send_all($sock, arr(bulk('0'), arr(map { bulk($_) }
+				'billing:{a}', 'other-app:session:1', 'billing:events:watermark', 'billing:{b', 'billingx:{c}')))
+			  if $mode eq 'scan_foreign';
 			return send_all($sock, arr(bulk('0'), arr(bulk('billing:{a}'), int_(42))))
 			  if $mode eq 'scan_int';
 			sleep $delay if $delay > 0;
@@ -242,6 +248,7 @@ sub serve
 			$n++;
 			my $name = uc($cmd[0]);
 			$name .= ' ' . uc($cmd[1]) if $name eq 'SCRIPT' || $name eq 'INFO';
+			$name = join(' ', $name, @cmd[ 1 .. $#cmd ]) if $name eq 'UNLINK';
 			logline($name);
 			return unless answer($sock, $n, @cmd);
 		}
