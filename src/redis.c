@@ -1028,13 +1028,15 @@ flush_output(bool all)
 		if (!all && sdslen(ctx->obuf) < OUTPUT_HIGH_WATER)
 			return true;
 		/*
-		 * TLS may want to read before it can write: do not spin.  Plain
-		 * TCP that took nothing waits until the socket is writable (not
-		 * readable: a server that answered a little and stopped reading
-		 * would make that a spin).
+		 * TLS may want to read before it can write (a renegotiation, a key
+		 * update): then wait until the socket is readable, or this would
+		 * spin.  Otherwise (plain TCP, or TLS whose write found the socket
+		 * full) wait until it is writable, not readable: a server that
+		 * answered a little and stopped reading would make that a spin.
 		 */
 #ifdef BILLING_REDIS_TLS
-		writable_useless = tls_ssl != NULL && sdslen(ctx->obuf) == before;
+		writable_useless = tls_ssl != NULL && sdslen(ctx->obuf) == before &&
+			SSL_want_read(tls_ssl);
 #else
 		(void) before;
 #endif
