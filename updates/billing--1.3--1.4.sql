@@ -83,6 +83,22 @@ CREATE FUNCTION billing.show(value text, max_chars integer DEFAULT 64) RETURNS t
     LANGUAGE C IMMUTABLE PARALLEL SAFE;
 COMMENT ON FUNCTION billing.show(text, integer) IS 'a value quoted for an error message, cut to max_chars characters';
 
+/*
+ * 1.3's install script did not pin search_path: in a database whose owner
+ * had planted a public.nextval(text) before CREATE EXTENSION, the tables'
+ * defaults nextval('billing.…') bound to it (an exact match for the
+ * literal), and every insert without an id (account events, entries, holds,
+ * jobs, from SECURITY DEFINER functions) ran it as the extension's owner.
+ * Bind them again, to pg_catalog.nextval(regclass), as a fresh install does.
+ */
+ALTER TABLE billing.account_events ALTER COLUMN event_id SET DEFAULT pg_catalog.nextval('billing.account_event_id_seq'::pg_catalog.regclass);
+ALTER TABLE billing.entries ALTER COLUMN entry_id SET DEFAULT pg_catalog.nextval('billing.entry_id_seq'::pg_catalog.regclass);
+ALTER TABLE billing.rejections ALTER COLUMN rejection_id SET DEFAULT pg_catalog.nextval('billing.rejection_id_seq'::pg_catalog.regclass);
+ALTER TABLE billing.holds ALTER COLUMN hold_id SET DEFAULT pg_catalog.nextval('billing.hold_id_seq'::pg_catalog.regclass);
+ALTER TABLE billing.hold_events ALTER COLUMN event_id SET DEFAULT pg_catalog.nextval('billing.hold_event_id_seq'::pg_catalog.regclass);
+ALTER TABLE billing.jobs ALTER COLUMN job_id SET DEFAULT pg_catalog.nextval('billing.job_id_seq'::pg_catalog.regclass);
+ALTER TABLE billing.job_events ALTER COLUMN event_id SET DEFAULT pg_catalog.nextval('billing.job_event_id_seq'::pg_catalog.regclass);
+
 ALTER TABLE billing.entries ADD COLUMN actor text;
 COMMENT ON COLUMN billing.entries.actor IS 'the role that asked for the entry (the session role after SET ROLE; NULL for entries written before 1.4)';
 ALTER TABLE billing.account_events ALTER COLUMN changed_by SET DEFAULT billing.actor();

@@ -142,12 +142,19 @@ is(su_sql('named_ing', q{SELECT has_function_privilege('app3', 'billing.effectiv
                              AND has_function_privilege('app3', 'ing2.billing_metrics()', 'EXECUTE')}),
 	't', 'in a renamed schema "ing" the grant helpers find both the API and schema billing\'s functions');
 
-note 'upgrade: an operator planted in public before ALTER EXTENSION UPDATE';
+note 'upgrade: names planted in public before a 1.3 install and its update';
 SKIP:
 {
-	skip 'no release 1.3 installed', 2 unless -f $node->config_data('--sharedir') . '/extension/billing--1.3.sql';
-	su_sql('owned_13', q{CREATE EXTENSION billing VERSION '1.3'});
+	skip 'no release 1.3 installed', 5 unless -f $node->config_data('--sharedir') . '/extension/billing--1.3.sql';
+	# planted before CREATE EXTENSION: 1.3's install script did not pin its
+	# search_path, so its defaults bound the planted nextval(text); the
+	# update must bind them again (and plant nothing of its own)
 	owner_sql('owned_13', $spy . q{
+		CREATE FUNCTION public.nextval(text) RETURNS bigint LANGUAGE plpgsql AS $$
+		BEGIN
+		    PERFORM spy.spy('nextval(' || $1 || ')');
+		    RETURN pg_catalog.nextval($1::pg_catalog.regclass);
+		END $$;
 		CREATE FUNCTION public.spy_eq(oid, regclass) RETURNS boolean LANGUAGE plpgsql AS $$
 		BEGIN
 		    PERFORM spy.spy('oid = regclass');
@@ -155,10 +162,28 @@ SKIP:
 		END $$;
 		CREATE OPERATOR public.= (LEFTARG = oid, RIGHTARG = regclass, FUNCTION = public.spy_eq);
 	});
+	su_sql('owned_13', q{CREATE EXTENSION billing VERSION '1.3'});
+	# (run with search_path pg_catalog: the planted = (oid, regclass) is an
+	# exact match for this query's own comparisons)
+	my $planted_deps = q{SET search_path = pg_catalog, pg_temp; SELECT count(*) FROM pg_depend d
+	      LEFT JOIN pg_proc p ON d.refclassid = 'pg_proc'::regclass AND p.oid = d.refobjid
+	      LEFT JOIN pg_operator o ON d.refclassid = 'pg_operator'::regclass AND o.oid = d.refobjid
+	     WHERE coalesce(p.pronamespace, o.oprnamespace) = 'public'::regnamespace
+	       AND d.classid IN ('pg_attrdef'::regclass, 'pg_constraint'::regclass, 'pg_rewrite'::regclass,
+	                         'pg_class'::regclass, 'pg_trigger'::regclass)
+	       AND NOT EXISTS (SELECT 1 FROM pg_depend x WHERE x.refclassid = 'pg_extension'::regclass
+	                          AND x.classid = d.refclassid AND x.objid = d.refobjid)};
+	cmp_ok(su_sql('owned_13', $planted_deps), '>', 0, '1.3 bound defaults to the planted nextval (the flaw the update repairs)');
+	my $before = $rows->('owned_13');
 	su_sql('owned_13', 'ALTER EXTENSION billing UPDATE');
 	is(su_sql('owned_13', q{SELECT extversion FROM pg_extension WHERE extname = 'billing'}), BillingTest::extversion(),
 		'the extension is updated');
-	is($rows->('owned_13'), '', 'the update did not run the planted operator');
+	is($rows->('owned_13'), $before, 'the update did not run the planted operator or nextval');
+	is(su_sql('owned_13', $planted_deps), '0', 'after it no default, constraint, view, index or trigger calls a planted function');
+	su_sql('owned_13', q{SELECT billing_account_create('u1'); SELECT billing_credit('u1', 100, 'u1-top-up');
+	                     SELECT billing_deduct('u1', 1, 'u1-d1'); SELECT billing_hold('u1', 2, 'u1-h1');
+	                     SELECT billing_job_submit('u1', 'render', 'u1-job-1', estimated_cost => 5)});
+	is($rows->('owned_13'), $before, 'accounts, entries, holds and jobs written after the update did not run the planted nextval');
 }
 
 done_testing();
