@@ -296,6 +296,12 @@ SELECT count(*) > 0 AS metrics_read FROM billing.metrics;
 RESET ROLE;
 RESET SESSION AUTHORIZATION;
 REVOKE regress_billing_report FROM regress_billing_report_a;
+-- Nor can any role but a superuser turn on the announcements of events
+-- (NOTIFY billing_events names the tenant, and anyone who can connect may
+-- LISTEN): billing.events_notify is a superuser's setting.
+SET ROLE regress_billing_admin;
+SELECT regress_error($$SET billing.events_notify = on$$);
+RESET ROLE;
 
 --
 -- A role without grants can call nothing and read nothing; revoking takes

@@ -201,9 +201,9 @@ define_settings(void)
 							PGC_SIGHUP, 0, NULL, NULL, NULL);
 	DefineCustomBoolVariable("billing.events_notify",
 							 "Announce the events a transaction writes with NOTIFY billing_events when it commits.",
-							 "Off by default: PostgreSQL serializes the commits of every transaction that notifies, so announcing each job.completed caps job completions at one commit flush at a time.",
+							 "Off by default: PostgreSQL serializes the commits of every transaction that notifies, so announcing each job.completed caps job completions at one commit flush at a time.  Superuser only: any role that can connect may LISTEN, and the announcements name tenants.",
 							 &billing_events_notify, false,
-							 PGC_USERSET, 0, NULL, NULL, NULL);
+							 PGC_SUSET, 0, NULL, NULL, NULL);
 	DefineCustomIntVariable("billing.event_at_window",
 							"How far back a charge may date its usage (event_at).",
 							"Usage is bucketed and priced by its event time; older times are refused with ZB019.",
