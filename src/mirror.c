@@ -121,6 +121,58 @@ mirror_resync_done(uint64 started)
 		set_full_resync(false);
 }
 
+/*
+ * Full resyncs that Redis asks for: its marker gone, a new run_id.  An
+ * honest Redis asks rarely (a restart, a FLUSHALL).  One that keeps asking
+ * (a marker evicted under maxmemory, a hostile server) would have the worker
+ * read and push every account, and log it, in every cycle.  The first
+ * request starts at once; each one that follows within REDIS_RESYNC_CALM_MS
+ * of the one before waits twice as long as the last did (1 s, 2 s, ...,
+ * REDIS_RESYNC_MAX_WAIT_MS).  Other reasons for a resync (lost marks, the
+ * ledger's identity) never wait.
+ */
+#define REDIS_RESYNC_CALM_MS		60000
+#define REDIS_RESYNC_MAX_WAIT_MS	30000
+
+static TimestampTz redis_resync_asked = 0;	/* the last request */
+static int	redis_resync_wait_ms = 0;
+static int	redis_resync_streak = 0;	/* requests in a row, each within the calm */
+static TimestampTz resync_not_before = 0;
+
+/* Redis asks for a full resync: when may it start (ms from now)? */
+static int
+redis_asks_resync(void)
+{
+	if (!full_resync)
+	{
+		TimestampTz now = GetCurrentTimestamp();
+
+		if (redis_resync_asked != 0 &&
+			!TimestampDifferenceExceeds(redis_resync_asked, now, REDIS_RESYNC_CALM_MS))
+		{
+			redis_resync_wait_ms = Min(Max(redis_resync_wait_ms * 2, 1000), REDIS_RESYNC_MAX_WAIT_MS);
+			redis_resync_streak++;
+		}
+		else
+		{
+			redis_resync_wait_ms = 0;
+			redis_resync_streak = 1;
+		}
+		redis_resync_asked = now;
+		resync_not_before = TimestampTzPlusMilliseconds(now, redis_resync_wait_ms);
+	}
+	/* also during a resync: the one under way is then not enough */
+	set_full_resync(true);
+	return redis_resync_wait_ms;
+}
+
+/* May a pending full resync start now (one that Redis asked for may wait)? */
+bool
+mirror_resync_may_start(TimestampTz now)
+{
+	return now >= resync_not_before;
+}
+
 uint64
 mirror_resync_requests(void)
 {
@@ -358,11 +410,15 @@ mirror_check_run_id(void)
 	redis_free(r);
 	if (now_id[0] != '\0' && strcmp(now_id, run_id) != 0)
 	{
-		if (run_id[0] != '\0')
+		bool		known = run_id[0] != '\0';
+		int			wait_ms = redis_asks_resync();
+
+		if (known)
 			ereport(LOG,
 					(errmsg("billing sync: Redis restarted (run_id %s, was %s): full resync",
-							now_id, run_id)));
-		set_full_resync(true);
+							now_id, run_id),
+					 wait_ms > 0 ? errdetail("Redis asked for a full resync %d times in a row, each within %d s of the one before: this one starts in %d s.",
+											 redis_resync_streak, REDIS_RESYNC_CALM_MS / 1000, wait_ms / 1000) : 0));
 		strlcpy(run_id, now_id, sizeof(run_id));
 		LWLockAcquire(billing_sync->lock, LW_EXCLUSIVE);
 		strlcpy(billing_sync->redis_run_id, run_id, sizeof(billing_sync->redis_run_id));
@@ -396,8 +452,13 @@ mirror_check_marker(void)
 	redis_free(r);				/* before any ereport */
 	if (gone && !full_resync)
 	{
-		ereport(LOG, (errmsg("billing sync: marker key %s is gone (FLUSHALL?): full resync", key)));
-		set_full_resync(true);
+		int			wait_ms = redis_asks_resync();
+
+		ereport(LOG,
+				(errmsg("billing sync: marker key %s is gone (FLUSHALL?): full resync", key),
+				 wait_ms > 0 ? errdetail("Redis asked for a full resync %d times in a row, each within %d s of the one before: this one starts in %d s.",
+										 redis_resync_streak, REDIS_RESYNC_CALM_MS / 1000, wait_ms / 1000) : 0,
+				 wait_ms > 0 ? errhint("A Redis that loses the marker key again and again evicts keys (maxmemory-policy), or is not the server it claims to be.") : 0));
 	}
 	pfree(key);
 	return true;

@@ -1781,7 +1781,9 @@ billing_worker_main(Datum arg)
 						LWLockAcquire(billing_sync->lock, LW_SHARED);
 						overflow = billing_sync->overflow;
 						LWLockRelease(billing_sync->lock);
-						if (mirror_connected() && (mirror_resync_pending() || overflow || resync_started))
+						if (mirror_connected() &&
+							(resync_started || overflow ||
+							 (mirror_resync_pending() && mirror_resync_may_start(now))))
 							resync_all();
 						if (mirror_connected())
 							refresh_expired();

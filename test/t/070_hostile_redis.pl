@@ -96,6 +96,31 @@ ok($pid, "worker pid $pid");
 	$fake->stop;
 }
 
+# --- a Redis that loses the worker's marker key again and again (one that
+# evicts it, or lies): each loss asks for a full resync, but one that
+# follows the last within a minute waits twice as long as it (1 s, 2 s, 4 s
+# ... 30 s), so the worker does not read and push every account, and log
+# it, in every cycle
+{
+	my $fake = BillingTest::FakeRedis->new('marker_gone');
+	my $off = BillingTest::log_size($node);
+	my $resyncs = sub { status('full_resyncs') };
+	point_at($fake->port);
+	my $from = $resyncs->();
+	ok(BillingTest::wait_until(120, sub { $resyncs->() >= $from + 3 }),
+		'marker_gone: every loss of the marker is answered with a full resync');
+	my ($n0, $t0) = ($resyncs->(), time);
+	sleep 30;
+	my ($n1, $t1) = ($resyncs->(), time);
+	my $lines = () = BillingTest::log_since($node, $off) =~ /marker key billing:__sync__ is gone/g;
+	note("marker_gone: " . ($n1 - $n0) . " full resyncs in " . int($t1 - $t0) . " s, $lines log lines in all");
+	cmp_ok($n1 - $n0, '<=', 8, 'marker_gone: at most 8 of them in 30 s (each waits twice as long as the one before: 1 s, 2 s, 4 s, ...)');
+	cmp_ok($lines, '<=', $n1 - $from + 2, 'marker_gone: one log line per resync');
+	like(BillingTest::log_since($node, $off), qr/this one starts in \d+ s/, 'marker_gone: the log says how long one waits');
+	is(worker_pid(), $pid, 'marker_gone: the same worker process');
+	$fake->stop;
+}
+
 # --- replies of wrong types everywhere
 {
 	my $fake = BillingTest::FakeRedis->new('wrong_types');

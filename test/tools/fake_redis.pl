@@ -27,6 +27,8 @@
 #   scan_foreign  the marker names another ledger; SCAN ignores MATCH and
 #                 lists keys that are not billing's besides billing:{a}
 #                 (UNLINK is logged with its keys)
+#   marker_gone   answers as ok, but the worker's marker key never exists
+#                 (EXISTS <prefix>:__sync__ is 0 after every SET of it)
 #   silent        accepts connections and reads, never answers
 #   ok            answers everything plausibly (EVALSHA 1, HGETALL empty)
 #
@@ -49,7 +51,7 @@ my ($port, $mode, $logfile, $delay) = (0, 'ok', undef, 0);
 GetOptions('port=i' => \$port, 'mode=s' => \$mode, 'log=s' => \$logfile, 'delay=f' => \$delay)
   or die "usage: $0 --port PORT --mode MODE [--log FILE] [--delay SECONDS]\n";
 my %modes = map { $_ => 1 }
-  qw(scan_int wrong_types trickle huge huge_array deep scan_forever scan_foreign silent ok);
+  qw(scan_int wrong_types trickle huge huge_array deep scan_forever scan_foreign marker_gone silent ok);
 die "unknown mode $mode\n" unless $modes{$mode};
 
 my $server = IO::Socket::INET->new(
@@ -142,6 +144,7 @@ sub answer
 	my $setup = $c eq 'PING' || $c eq 'AUTH' || $c eq 'SELECT' || ($c eq 'SCRIPT' && $sub eq 'LOAD');
 
 	return 1 if $mode eq 'silent';
+	return send_all($sock, int_(0)) if $mode eq 'marker_gone' && $c eq 'EXISTS' && ($cmd[1] // '') =~ /__sync__/;
 	if ($mode eq 'scan_int' || $mode eq 'scan_forever' || $mode eq 'scan_foreign')
 	{
 		return send_all($sock, bulk('1:2:3')) if $c eq 'GET';
