@@ -85,6 +85,11 @@ static int64 wipe_limit;
  * full_resync_pending: until the resync is done, not only until it starts).
  */
 static uint64 resync_requests = 0;	/* how often one was asked for */
+/* a full resync that Redis asked for waits until then (redis_asks_resync) */
+static TimestampTz resync_not_before = 0;
+static TimestampTz redis_resync_asked = 0;	/* the last request */
+static int	redis_resync_wait_ms = 0;
+static int	redis_resync_streak = 0;	/* requests in a row, each within the calm */
 
 static void
 set_full_resync(bool on)
@@ -100,6 +105,7 @@ set_full_resync(bool on)
 void
 mirror_request_resync(void)
 {
+	resync_not_before = 0;		/* not one that Redis asked for: at once */
 	set_full_resync(true);
 }
 
@@ -134,18 +140,19 @@ mirror_resync_done(uint64 started)
 #define REDIS_RESYNC_CALM_MS		60000
 #define REDIS_RESYNC_MAX_WAIT_MS	30000
 
-static TimestampTz redis_resync_asked = 0;	/* the last request */
-static int	redis_resync_wait_ms = 0;
-static int	redis_resync_streak = 0;	/* requests in a row, each within the calm */
-static TimestampTz resync_not_before = 0;
-
-/* Redis asks for a full resync: when may it start (ms from now)? */
+/*
+ * Redis asks for a full resync: when may it start (ms from now)?  Unless
+ * one it asked for is waiting already: a request during a resync under way
+ * counts as the next one (that resync is then not enough, and the next
+ * waits).
+ */
 static int
 redis_asks_resync(void)
 {
-	if (!full_resync)
+	TimestampTz now = GetCurrentTimestamp();
+
+	if (!full_resync || now >= resync_not_before)
 	{
-		TimestampTz now = GetCurrentTimestamp();
 
 		if (redis_resync_asked != 0 &&
 			!TimestampDifferenceExceeds(redis_resync_asked, now, REDIS_RESYNC_CALM_MS))
@@ -159,18 +166,24 @@ redis_asks_resync(void)
 			redis_resync_streak = 1;
 		}
 		redis_resync_asked = now;
-		resync_not_before = TimestampTzPlusMilliseconds(now, redis_resync_wait_ms);
+		resync_not_before = redis_resync_wait_ms == 0 ? 0 :
+			TimestampTzPlusMilliseconds(now, redis_resync_wait_ms);
 	}
-	/* also during a resync: the one under way is then not enough */
 	set_full_resync(true);
-	return redis_resync_wait_ms;
+	return resync_not_before > now ? (int) ((resync_not_before - now) / 1000) : 0;
 }
 
-/* May a pending full resync start now (one that Redis asked for may wait)? */
+/*
+ * May a pending full resync start now (one that Redis asked for may wait)?
+ * If not, *wait_ms says how long it still waits.
+ */
 bool
-mirror_resync_may_start(TimestampTz now)
+mirror_resync_may_start(TimestampTz now, int *wait_ms)
 {
-	return now >= resync_not_before;
+	if (now >= resync_not_before)
+		return true;
+	*wait_ms = (int) Min((resync_not_before - now) / 1000 + 1, REDIS_RESYNC_MAX_WAIT_MS);
+	return false;
 }
 
 uint64
@@ -185,6 +198,7 @@ mirror_note_epoch(const char *now)
 	if (strcmp(now, epoch) != 0)
 	{
 		strlcpy(epoch, now, sizeof(epoch));
+		resync_not_before = 0;	/* another ledger: at once */
 		set_full_resync(true);
 	}
 }

@@ -23,7 +23,7 @@ extern bool mirror_connected(void);
 /* does Redis need every account again (restart, FLUSHALL, new ledger)? */
 extern void mirror_request_resync(void);
 extern bool mirror_resync_pending(void);
-extern bool mirror_resync_may_start(TimestampTz now);
+extern bool mirror_resync_may_start(TimestampTz now, int *wait_ms);
 extern void mirror_resync_done(uint64 started);
 extern uint64 mirror_resync_requests(void);
 

@@ -1060,6 +1060,11 @@ start_redelivery(bool *aborted)
 	 */
 	if (held <= TimestampTzPlusMilliseconds(GetCurrentTimestamp(), WATERMARK_AHEAD_MS))
 		top = Max(top, held);
+	else
+		ereport(LOG,
+				(errmsg("billing events: Redis' watermark %s is more than %d s ahead of this server's clock: deliveries are dated by the clock, not after it",
+						timestamptz_to_str(held), WATERMARK_AHEAD_MS / 1000),
+				 errdetail("A watermark that far ahead comes from a server whose clock ran ahead (or stepped back since), or from a Redis that does not tell the truth.")));
 	w.upto = held;
 	w.stamp = next_mark();
 	if (!watermark_write(w, aborted))

@@ -1769,6 +1769,7 @@ billing_worker_main(Datum arg)
 					if (mirror_connected())
 					{
 						bool		overflow;
+						int			resync_wait_ms = 0;
 
 						retry_due(now);
 						if (TimestampDifferenceExceeds(last_run_id_check, now, 1000))
@@ -1781,9 +1782,11 @@ billing_worker_main(Datum arg)
 						LWLockAcquire(billing_sync->lock, LW_SHARED);
 						overflow = billing_sync->overflow;
 						LWLockRelease(billing_sync->lock);
-						if (mirror_connected() &&
-							(resync_started || overflow ||
-							 (mirror_resync_pending() && mirror_resync_may_start(now))))
+						if (mirror_connected() && !resync_started && !overflow &&
+							mirror_resync_pending() &&
+							!mirror_resync_may_start(GetCurrentTimestamp(), &resync_wait_ms))
+							timeout = Min(timeout, resync_wait_ms);	/* wake up for it */
+						else if (mirror_connected() && (mirror_resync_pending() || overflow || resync_started))
 							resync_all();
 						if (mirror_connected())
 							refresh_expired();

@@ -107,7 +107,9 @@ ok($pid, "worker pid $pid");
 	my $resyncs = sub { status('full_resyncs') };
 	point_at($fake->port);
 	my $from = $resyncs->();
-	ok(BillingTest::wait_until(120, sub { $resyncs->() >= $from + 3 }),
+	# (the fakes before this one asked for resyncs too, each with a run_id
+	# of its own: the waits may have grown to 30 s already)
+	ok(BillingTest::wait_until(300, sub { $resyncs->() >= $from + 3 }),
 		'marker_gone: every loss of the marker is answered with a full resync');
 	my ($n0, $t0) = ($resyncs->(), time);
 	sleep 30;

@@ -476,6 +476,7 @@ is(qv("SELECT count(*) FROM billing.events WHERE $micros > " . watermark_w()), '
 	is(qv("SELECT count(*) FROM billing.events WHERE delivered_at > clock_timestamp()"), '0',
 		'no event is marked delivered in the future');
 	ok(streams_complete('a1'), "a1's stream has it");
+	like(slurp_file($node->logfile), qr/Redis' watermark .* is more than 60 s ahead of this server's clock/, 'the log says why');
 }
 
 # the mirror finds another ledger's marker (the database restored into
