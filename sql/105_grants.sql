@@ -169,6 +169,40 @@ SELECT remaining, reserved, expired, status FROM pg_temp.buckets('gr-e');
 SELECT billing_balance('gr-e') AS balance, count(*) AS problems FROM billing_verify('gr-e');
 
 --
+-- A hold keeps its share past the grant's expiry until it ends, but an
+-- extension does not carry expired credit further: the share expires when
+-- the hold is extended, and the hold reserves as much again from the
+-- account's funds (here the wallet).  With the funds short, the extension
+-- is refused (ZB004) and the hold keeps its expiry; a job's keep-alive
+-- (billing.internal_hold_extend) then leaves it unextended.
+--
+SELECT tenant_id FROM billing_account_create('gr-x');
+SELECT kind FROM billing_credit('gr-x', 2, 'gr-x-wallet');
+SELECT amount FROM billing_grant('gr-x', 3, 'gr-x-g', expires_at => clock_timestamp() + interval '3 seconds', priority => 10);
+-- 3 of the grant and 1 of the wallet; then the wallet's last 1
+SELECT status, amount FROM billing_hold('gr-x', 4, 'gr-x-h1', expires_in => '1 hour');
+SELECT status, amount FROM billing_hold('gr-x', 1, 'gr-x-h2', expires_in => '1 hour');
+SELECT remaining, reserved, status FROM pg_temp.buckets('gr-x');
+SELECT pg_temp.sleep_past_expiry('gr-x');
+SELECT regress_error($$SELECT billing_hold_extend('gr-x', 'gr-x-h1', '2 hours')$$);
+SELECT status FROM billing.internal_hold_extend('gr-x', 'gr-x-h1', '2 hours');
+SELECT expires_at = created_at + interval '1 hour' AS unextended, grant_draws
+  FROM billing.holds WHERE tenant_id = 'gr-x' AND trace_id = 'gr-x-h1';
+-- with h2 released and 2 more in the wallet, h1's 3 can be reserved again
+SELECT status FROM billing_release('gr-x', 'gr-x-h2', 'gr-x-r2');
+SELECT kind FROM billing_credit('gr-x', 2, 'gr-x-topup');
+SELECT status FROM billing_hold_extend('gr-x', 'gr-x-h1', '2 hours');
+SELECT expires_at > created_at + interval '1 hour' AS extended, grant_draws
+  FROM billing.holds WHERE tenant_id = 'gr-x' AND trace_id = 'gr-x-h1';
+SELECT kind, billing.to_amount(amount_micros) AS amount, billing.to_amount(balance_after_micros) AS balance_after, description
+  FROM billing.entries WHERE tenant_id = 'gr-x' ORDER BY entry_id;
+SELECT remaining, reserved, expired, status FROM pg_temp.buckets('gr-x');
+-- the capture spends the wallet: nothing of the expired grant
+SELECT amount, balance_after, hold_status FROM billing_capture('gr-x', 'gr-x-h1', 4, 'gr-x-c1');
+SELECT draws FROM billing.entries WHERE tenant_id = 'gr-x' AND trace_id = 'gr-x-c1';
+SELECT billing_balance('gr-x') AS balance, count(*) AS problems FROM billing_verify('gr-x');
+
+--
 -- A refund of a charge whose grant has expired since: that share comes
 -- back and expires again at once; the wallet's share stays.
 --

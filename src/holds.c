@@ -885,9 +885,31 @@ billing_release(PG_FUNCTION_ARGS)
 	return result;
 }
 
+/* has the grant bucket of a hold's share expired (by acc->now)? */
+static bool
+share_expired(Account *acc, int64 grant_id)
+{
+	for (int i = 0; i < acc->nbuckets; i++)
+		if (acc->buckets[i].grant_id == grant_id)
+			return acc->buckets[i].expires_at <= acc->now;
+	/* a hold's share keeps its bucket listed (reserved) */
+	elog(ERROR, "billing: a hold of \"%s\" has a share of grant " INT64_FORMAT ", which is not listed",
+		 acc->tenant, grant_id);
+	return false;				/* keep the compiler quiet */
+}
+
 /*
  * Extend an open hold to now() + expires_in.  A hold that is not open is
  * refused (ZB031/ZB032), or with if_open returned as it is.
+ *
+ * A hold keeps its shares of grant credit until it ends, also past a
+ * grant's expiry, but an extension does not carry expired credit further:
+ * the shares of grants that have expired leave the hold (they expire now,
+ * with an 'expire' entry) and the hold reserves as much again from the
+ * account's funds in burn order (other grants, the wallet, the credit
+ * limit), as a new hold would.  When the funds cannot cover that, the
+ * extension is refused (ZB004), or with if_open (a job's keep-alive, which
+ * must not fail a whole claim) the hold is returned as it is, unextended.
  */
 static Datum
 hold_extend(FunctionCallInfo fcinfo, bool if_open)
@@ -898,10 +920,57 @@ hold_extend(FunctionCallInfo fcinfo, bool if_open)
 	Account		acc;
 	Hold		h;
 	Datum		result;
+	Draws		kept = {0};
+	Draws		stale = {0};
+	Draws		expired = {0};
+	int64		moved = 0;
 
 	account_lock(&acc, tenant_id, billing_spi_connect());
 	account_expire_due(&acc);
 	load_hold(&acc, hold_trace, &h);
+	if (strcmp(h.status, "open") == 0)
+	{
+		for (int i = 0; i < h.shares.n; i++)
+		{
+			if (h.shares.amount[i] <= 0)
+				continue;
+			if (share_expired(&acc, h.shares.grant_id[i]))
+			{
+				draws_add(&stale, h.shares.grant_id[i], h.shares.amount[i]);
+				moved += h.shares.amount[i];
+			}
+			else
+				draws_add(&kept, h.shares.grant_id[i], h.shares.amount[i]);
+		}
+	}
+	if (moved > 0)
+	{
+		/* available once the expired shares are gone, in 128 bits */
+		int128		available = (int128) acc.balance - moved + acc.credit_limit - acc.holds;
+
+		if (available < 0)
+		{
+			int64		shown = (int64) Max(Min(available, PG_INT64_MAX), PG_INT64_MIN);
+
+			if (if_open)
+			{
+				account_finish(&acc);
+				result = hold_result(fcinfo, &acc, &h, false);
+				SPI_finish();
+				return result;
+			}
+			ereport(ERROR,
+					(errcode(ERRCODE_BILLING_INSUFFICIENT_FUNDS),
+					 errmsg("insufficient funds to extend hold \"%s\" of account \"%s\"",
+							text_to_cstring(hold_trace), acc.tenant),
+					 errdetail("The hold's share of expired grant credit (%s) must be reserved again; available after it expires %s (balance %s, credit limit %s, on hold %s).",
+							   billing_format_micros(moved), billing_format_micros(shown),
+							   billing_format_micros(acc.balance - moved),
+							   billing_format_micros(acc.credit_limit),
+							   billing_format_micros(acc.holds)),
+					 errhint("Top up with billing_credit(), capture or release the hold before it expires, or let it expire.")));
+		}
+	}
 	if (strcmp(h.status, "open") != 0)
 	{
 		if (!if_open)
@@ -910,12 +979,19 @@ hold_extend(FunctionCallInfo fcinfo, bool if_open)
 	}
 	else
 	{
+		if (moved > 0)
+		{
+			grants_give_back(&acc, &stale, true, acc.now, &expired);
+			grants_draw(&acc, moved, true, &kept);
+			h.shares = kept;
+		}
 		h.expires_at = acc.now + expires_in;
 		save_hold(&acc, &h);
 		journal(&acc, &h, NULL, "extend", 0, 0, false);
 		account_refresh_holds(&acc);
 		acc.version++;
 		account_save(&acc, false);
+		grants_write_expiries(&acc, &expired, acc.now, "grant expired (an extended hold's share)");
 	}
 	result = hold_result(fcinfo, &acc, &h, false);
 	SPI_finish();
