@@ -238,7 +238,9 @@ REVOKE ALL ON FUNCTION @extschema@.billing_hold_extend(text, text, interval) FRO
 -- extension's owner.  No role is granted it.  Unlike billing_hold_extend it
 -- returns a hold that expired or was settled meanwhile as it is: a claim or
 -- a rescue that waited for the account lock past the hold's expiry goes on
--- (its job sees the expired hold at complete) instead of failing as a whole.
+-- (its job sees the expired hold at complete) instead of failing as a whole;
+-- so too an open hold whose share of expired grant credit the account's
+-- funds cannot cover again (left unextended: it expires as it would have).
 CREATE FUNCTION billing.internal_hold_extend(tenant_id text, hold_trace_id text,
                                        expires_in interval DEFAULT '15 minutes')
     RETURNS billing.hold_result
@@ -246,7 +248,7 @@ CREATE FUNCTION billing.internal_hold_extend(tenant_id text, hold_trace_id text,
     LANGUAGE C VOLATILE SECURITY DEFINER
     SET search_path = pg_catalog, pg_temp;
 COMMENT ON FUNCTION billing.internal_hold_extend(text, text, interval) IS
-    'billing_hold_extend for the extension''s own SQL (internal): a hold that is no longer open is returned as it is';
+    'billing_hold_extend for the extension''s own SQL (internal): a hold that is no longer open, or whose expired grant credit the account cannot reserve again, is returned as it is';
 REVOKE ALL ON FUNCTION billing.internal_hold_extend(text, text, interval) FROM PUBLIC;
 
 CREATE VIEW billing.open_holds WITH (security_barrier) AS

@@ -186,20 +186,27 @@ SELECT remaining, reserved, status FROM pg_temp.buckets('gr-x');
 SELECT pg_temp.sleep_past_expiry('gr-x');
 SELECT regress_error($$SELECT billing_hold_extend('gr-x', 'gr-x-h1', '2 hours')$$);
 SELECT status FROM billing.internal_hold_extend('gr-x', 'gr-x-h1', '2 hours');
-SELECT expires_at = created_at + interval '1 hour' AS unextended, grant_draws
+SELECT expires_at = created_at + interval '1 hour' AS unextended,
+       billing.to_amount(grant_draws[2]) AS share_of_the_expired_grant
   FROM billing.holds WHERE tenant_id = 'gr-x' AND trace_id = 'gr-x-h1';
--- with h2 released and 2 more in the wallet, h1's 3 can be reserved again
+-- with h2 released and a grant of 2 that lasts, h1's 3 can be reserved
+-- again: 2 of that grant (burn order), 1 of the wallet
 SELECT status FROM billing_release('gr-x', 'gr-x-h2', 'gr-x-r2');
-SELECT kind FROM billing_credit('gr-x', 2, 'gr-x-topup');
+SELECT amount FROM billing_grant('gr-x', 2, 'gr-x-g2', expires_at => now() + interval '30 days');
 SELECT status FROM billing_hold_extend('gr-x', 'gr-x-h1', '2 hours');
-SELECT expires_at > created_at + interval '1 hour' AS extended, grant_draws
+SELECT expires_at > created_at + interval '1 hour' AS extended,
+       grant_draws[1] = (SELECT grant_id FROM billing.grants WHERE trace_id = 'gr-x-g2') AS of_the_lasting_grant,
+       billing.to_amount(grant_draws[2]) AS share, cardinality(grant_draws) AS numbers
   FROM billing.holds WHERE tenant_id = 'gr-x' AND trace_id = 'gr-x-h1';
 SELECT kind, billing.to_amount(amount_micros) AS amount, billing.to_amount(balance_after_micros) AS balance_after, description
   FROM billing.entries WHERE tenant_id = 'gr-x' ORDER BY entry_id;
 SELECT remaining, reserved, expired, status FROM pg_temp.buckets('gr-x');
--- the capture spends the wallet: nothing of the expired grant
+-- the capture spends the lasting grant's 2 and the wallet: nothing of the
+-- expired grant
 SELECT amount, balance_after, hold_status FROM billing_capture('gr-x', 'gr-x-h1', 4, 'gr-x-c1');
-SELECT draws FROM billing.entries WHERE tenant_id = 'gr-x' AND trace_id = 'gr-x-c1';
+SELECT draws[1] = (SELECT grant_id FROM billing.grants WHERE trace_id = 'gr-x-g2') AS of_the_lasting_grant,
+       billing.to_amount(draws[2]) AS drawn, cardinality(draws) AS numbers
+  FROM billing.entries WHERE tenant_id = 'gr-x' AND trace_id = 'gr-x-c1';
 SELECT billing_balance('gr-x') AS balance, count(*) AS problems FROM billing_verify('gr-x');
 
 --

@@ -959,6 +959,7 @@ hold_extend(FunctionCallInfo fcinfo, bool if_open)
 				SPI_finish();
 				return result;
 			}
+			metrics_count_refusal(ERRCODE_BILLING_INSUFFICIENT_FUNDS);
 			ereport(ERROR,
 					(errcode(ERRCODE_BILLING_INSUFFICIENT_FUNDS),
 					 errmsg("insufficient funds to extend hold \"%s\" of account \"%s\"",
@@ -989,6 +990,7 @@ hold_extend(FunctionCallInfo fcinfo, bool if_open)
 		save_hold(&acc, &h);
 		journal(&acc, &h, NULL, "extend", 0, 0, false);
 		account_refresh_holds(&acc);
+		account_key_touch(&acc, h.api_key);	/* its hash's next hold expiry */
 		acc.version++;
 		account_save(&acc, false);
 		grants_write_expiries(&acc, &expired, acc.now, "grant expired (an extended hold's share)");
@@ -1018,7 +1020,9 @@ billing_hold_extend(PG_FUNCTION_ARGS)
  * The job functions' keep-alive: as billing_hold_extend, but a hold that
  * expired (or was settled) while the caller waited for the account lock is
  * returned as it is, with its status, instead of failing the caller's whole
- * claim or rescue.  The job's later steps see the hold's state.
+ * claim or rescue; so is an open hold whose share of expired grant credit
+ * the account cannot reserve again (unextended).  The job's later steps see
+ * the hold's state.
  */
 Datum
 billing_hold_keep(PG_FUNCTION_ARGS)

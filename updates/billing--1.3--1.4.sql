@@ -4452,7 +4452,7 @@ CREATE FUNCTION billing.internal_hold_extend(tenant_id text, hold_trace_id text,
     LANGUAGE C VOLATILE SECURITY DEFINER
     SET search_path = pg_catalog, pg_temp;
 COMMENT ON FUNCTION billing.internal_hold_extend(text, text, interval) IS
-    'billing_hold_extend for the extension''s own SQL (internal): a hold that is no longer open is returned as it is';
+    'billing_hold_extend for the extension''s own SQL (internal): a hold that is no longer open, or whose expired grant credit the account cannot reserve again, is returned as it is';
 REVOKE ALL ON FUNCTION billing.internal_hold_extend(text, text, interval) FROM PUBLIC;
 
 -- the two job functions that 1.3 had calling the API by its schema's name

@@ -351,6 +351,19 @@ ok(wait_for(120, sub { hash_is('billing:{s4e}', 'version', $ve) && hash_is('bill
 	'4e: billing_charge through a key reaches Redis by the normal push (the tenant hash and the key hash)');
 is(hget('billing:{s4e}', 'balance'), '96250000', '4e: billing:{s4e} balance after three engine charges');
 converges('4e: Redis equals the database after billing_charge');
+# a hold through the key sets the key hash's next hold expiry; extending
+# the hold moves it, and the key hash is pushed with it (the check is still
+# off: only the extension's own marks can push it)
+sub hold_ms { return sql("SELECT floor(extract(epoch FROM expires_at) * 1000)::bigint FROM billing.holds WHERE tenant_id = 's4e' AND trace_id = 's4e-h1'") }
+sql("SELECT billing_hold('s4e', 2, 's4e-h1', expires_in => '1 hour', api_key => 'ke')");
+my $hold_ms = hold_ms();
+ok(wait_for(120, sub { hash_is('billing:{s4e}:key:ke', 'holds_expire_at_ms', $hold_ms) }), "4e: the key hash has the hold's expiry");
+sql("SELECT billing_hold_extend('s4e', 's4e-h1', '2 hours')");
+my $extended_ms = hold_ms();
+ok(wait_for(120, sub { hash_is('billing:{s4e}:key:ke', 'holds_expire_at_ms', $extended_ms) }),
+	'4e: the extension of the hold reaches the key hash (' . (hget('billing:{s4e}:key:ke', 'holds_expire_at_ms') // 'none') . ", want $extended_ms)");
+sql("SELECT billing_release('s4e', 's4e-h1', 's4e-r1')");
+converges('4e: Redis equals the database after the hold');
 $off = BillingTest::log_size($node);
 sql("ALTER SYSTEM RESET billing.check_interval; SELECT pg_reload_conf()");
 ok(worker_saw_reload($off, 'billing.check_interval', '2'), '4: the worker applied the reload (check_interval = 2 again)');
