@@ -153,7 +153,6 @@ redis_asks_resync(void)
 
 	if (!full_resync || now >= resync_not_before)
 	{
-
 		if (redis_resync_asked != 0 &&
 			!TimestampDifferenceExceeds(redis_resync_asked, now, REDIS_RESYNC_CALM_MS))
 		{
