@@ -354,6 +354,14 @@ SELECT split_part(regress_error($$SELECT * FROM billing_deduct_many(ARRAY['tok-f
     ARRAY['{}', '{"price_effective_from": 1}']::jsonb[], NULL)$$), E'\n', 1);
 -- ... and the refused try_deduct recorded no rejection
 SELECT count(*) AS rejections FROM billing.rejections WHERE tenant_id = 'tok-fake';
+-- a capture is no priced usage either: refused, and the hold is untouched
+-- (a capture without the key, with the same trace id, then goes through)
+SELECT status FROM billing_hold('tok-fake', 2, 'tok-fake-hold');
+SELECT regress_error($$SELECT billing_capture('tok-fake', 'tok-fake-hold', 1, 'tok-fake-cap',
+    metadata => '{"model": "gpt-4o", "price_effective_from": "2020-01-01T00:00:00.000000Z"}')$$);
+SELECT status, captured_micros FROM billing.holds WHERE trace_id = 'tok-fake-hold';
+SELECT amount, hold_status, replayed FROM billing_capture('tok-fake', 'tok-fake-hold', 1, 'tok-fake-cap',
+    final => true, metadata => '{"model": "gpt-4o"}');
 -- A replay is no new charge: one that has the key (1.3's billing_deduct let
 -- it through; written here through billing.internal_deduct, which only the
 -- extension's own SQL calls) returns its entry, as every replay does.

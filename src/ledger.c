@@ -418,6 +418,23 @@ usage_mark_rejection(MemoryContext cxt, const char *argname, Rejection *r)
 }
 
 /*
+ * ZB018 for a new entry of another kind than a charge (a capture) whose
+ * metadata has the key that marks priced usage: only billing_deduct_usage
+ * writes it.  Once the schema has grants (1.4), as for the charges.
+ */
+void
+billing_check_usage_mark(Account *acc, Jsonb *metadata)
+{
+	if (acc->grants_supported && metadata != NULL && billing_has_usage_mark(metadata))
+	{
+		Rejection	r = {0};
+
+		usage_mark_rejection(CurrentMemoryContext, "metadata", &r);
+		billing_raise_error(&r);
+	}
+}
+
+/*
  * ZB014 for a new entry or rejection whose trace id starts with "billing:":
  * those are billing's own (a grant's expiry).  Only new ones are refused,
  * and only once the schema has grants (1.4): a replay of an entry recorded

@@ -92,6 +92,7 @@ extern void ledger_init(void);
 
 extern int64 billing_post_entry(Account *acc, EntryWrite *entry);
 extern void billing_check_own_trace(Account *acc, text *trace_id);
+extern void billing_check_usage_mark(Account *acc, Jsonb *metadata);
 extern void billing_check_not_rejected(Account *acc, text *trace_id,
 									   const char *kind);
 
