@@ -86,11 +86,13 @@ PGDLLEXPORT void billing_probe_main(Datum arg);
 extern void billing_pin_settings(void);
 
 #define MAX_BACKOFF_MS	5000
+#define HEALTHY_MS		10000	/* Redis served this long: the outage is over */
 #define PROBE_INTERVAL_MS 5000
 
 static bool outage_logged = false;
 static int	backoff_ms = 0;
 static TimestampTz next_connect_at = 0;	/* backoff: no attempt before */
+static TimestampTz healthy_since = 0;	/* the first good cycle since a failure */
 static TimestampTz last_maintenance = 0;
 static TimestampTz last_check = 0;
 static TimestampTz last_run_id_check = 0;
@@ -238,19 +240,29 @@ note_redis_failure(void)
 						billing_redis_host, billing_redis_port, why),
 				 errhint("Backends are not affected; the worker retries with backoff and catches up.")));
 	outage_logged = true;
+	healthy_since = 0;
 	backoff_ms = backoff_ms ? Min(backoff_ms * 2, MAX_BACKOFF_MS) : 100;
 	/* committing backends set our latch: that must not defeat the backoff */
 	next_connect_at = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), backoff_ms);
 }
 
 /*
- * A whole cycle went through with Redis: the outage (if any) is over.  Not
- * on connect: a server that accepts connections but fails every write (OOM,
- * READONLY) must keep the backoff growing and log once, not every 100 ms.
+ * A whole cycle went through with Redis.  The outage (if any) is over once
+ * Redis has served every cycle for HEALTHY_MS: not on connect, nor after
+ * one good cycle, so a server that accepts connections but fails every
+ * write (OOM, READONLY), or one that fails again right after each
+ * reconnect, keeps the backoff growing and is logged once, not twice per
+ * reconnect.
  */
 static void
 redis_healthy(void)
 {
+	TimestampTz now = GetCurrentTimestamp();
+
+	if (healthy_since == 0)
+		healthy_since = now;
+	if (!TimestampDifferenceExceeds(healthy_since, now, HEALTHY_MS))
+		return;
 	if (outage_logged)
 		ereport(LOG,
 				(errmsg("billing sync: connected to Redis at %s:%d again; caught up",

@@ -123,6 +123,32 @@ ok($pid, "worker pid $pid");
 	$fake->stop;
 }
 
+# --- a Redis that fails again 2 s after every reconnect: each connection
+# serves whole cycles (EVALSHA, the events' MULTI/EXEC), then is closed.
+# One good cycle does not end the outage (Redis must serve 10 s for that),
+# so the backoff keeps doubling (to 5 s) and the outage is logged once:
+# not, as before, a reconnect 100 ms after each close and two log lines
+# ("unavailable", "connected again") per flap
+{
+	my $fake = BillingTest::FakeRedis->new('flap');
+	point_at($fake->port);
+	$node->safe_psql($db, "SELECT billing_credit('t1', 1, 'c-flap')");
+	ok(BillingTest::wait_until(120, sub { $fake->count('CLOSE') >= 3 }), 'flap: the fake closed three connections');
+	cmp_ok($fake->count('EVALSHA'), '>=', 1, 'flap: a connection served a push before it was closed');
+	my $off = BillingTest::log_size($node);
+	my ($c0, $t0) = ($fake->count('CLOSE'), time);
+	sleep 30;
+	my ($c1, $t1) = ($fake->count('CLOSE'), time);
+	my $log = BillingTest::log_since($node, $off);
+	my $down = () = $log =~ /Redis at \S+ unavailable/g;
+	my $again = () = $log =~ /connected to Redis at \S+ again/g;
+	note("flap: " . ($c1 - $c0) . " connections closed in " . int($t1 - $t0) . " s; log lines: $down unavailable, $again connected again");
+	cmp_ok($c1 - $c0, '<=', 10, 'flap: at most 10 reconnects in 30 s (the backoff grows to 5 s)');
+	is($down + $again, 0, 'flap: the outage, logged when it began, is not logged again per reconnect');
+	is(worker_pid(), $pid, 'flap: the same worker process');
+	$fake->stop;
+}
+
 # --- replies of wrong types everywhere
 {
 	my $fake = BillingTest::FakeRedis->new('wrong_types');

@@ -29,8 +29,14 @@
 #                 (UNLINK is logged with its keys)
 #   marker_gone   answers as ok, but the worker's marker key never exists
 #                 (EXISTS <prefix>:__sync__ is 0 after every SET of it)
+#   flap          answers as ok, but closes each connection 2 s after it
+#                 was accepted ("CLOSE" is logged): a Redis that fails
+#                 again soon after every reconnect
 #   silent        accepts connections and reads, never answers
-#   ok            answers everything plausibly (EVALSHA 1, HGETALL empty)
+#   ok            answers everything plausibly (EVALSHA 1, HGETALL empty,
+#                 GET what this connection SET, XADD the id it was given;
+#                 WATCH, MULTI and EXEC as a real server, nothing ever
+#                 touching a watched key)
 #
 # Each connection is served by a child process; --log FILE gets one line
 # per command received ("<pid> <COMMAND>"), for the tests to wait on.
@@ -51,7 +57,7 @@ my ($port, $mode, $logfile, $delay) = (0, 'ok', undef, 0);
 GetOptions('port=i' => \$port, 'mode=s' => \$mode, 'log=s' => \$logfile, 'delay=f' => \$delay)
   or die "usage: $0 --port PORT --mode MODE [--log FILE] [--delay SECONDS]\n";
 my %modes = map { $_ => 1 }
-  qw(scan_int wrong_types trickle huge huge_array deep scan_forever scan_foreign marker_gone silent ok);
+  qw(scan_int wrong_types trickle huge huge_array deep scan_forever scan_foreign marker_gone flap silent ok);
 die "unknown mode $mode\n" unless $modes{$mode};
 
 my $server = IO::Socket::INET->new(
@@ -96,19 +102,60 @@ sub arr  { return '*' . scalar(@_) . "\r\n" . join('', @_); }
 my $NIL = "\$-1\r\n";
 my $OK = "+OK\r\n";
 
+# a connection's state (each is served by a process of its own): the
+# strings it SET, and its transaction (MULTI: the commands queued)
+my %strings;
+my $queued;
+
 # the answer of a plausible server
 sub normal_reply
 {
 	my (@cmd) = @_;
 	my $c = uc($cmd[0] // '');
 	my $sub = uc($cmd[1] // '');
+	if ($c eq 'MULTI')
+	{
+		return "-ERR MULTI calls can not be nested\r\n" if $queued;
+		$queued = [];
+		return $OK;
+	}
+	if ($c eq 'EXEC')
+	{
+		return "-ERR EXEC without MULTI\r\n" unless $queued;
+		my @q = @$queued;
+		undef $queued;
+		return arr(map { normal_reply(@$_) } @q);
+	}
+	if ($c eq 'DISCARD')
+	{
+		undef $queued;
+		return $OK;
+	}
+	if ($queued)
+	{
+		push @$queued, [@cmd];
+		return "+QUEUED\r\n";
+	}
 	return "+PONG\r\n" if $c eq 'PING';
-	return $OK if $c eq 'AUTH' || $c eq 'SELECT' || $c eq 'SET';
+	if ($c eq 'SET')
+	{
+		$strings{ $cmd[1] // '' } = $cmd[2] // '';
+		return $OK;
+	}
+	return $OK if $c eq 'AUTH' || $c eq 'SELECT' || $c eq 'WATCH' || $c eq 'UNWATCH';
+	if ($c eq 'XADD')
+	{
+		# XADD key [MAXLEN [~] n] id field value ...: the id given, or a new one
+		my $i = 2;
+		$i += (($cmd[3] // '') eq '~' ? 3 : 2) if uc($cmd[2] // '') eq 'MAXLEN';
+		my $id = $cmd[$i] // '*';
+		return bulk($id eq '*' ? int(Time::HiRes::time() * 1000) . '-0' : $id);
+	}
+	return exists $strings{ $cmd[1] // '' } ? bulk($strings{ $cmd[1] }) : $NIL if $c eq 'GET';
 	return bulk(sha1_hex($cmd[2] // '')) if $c eq 'SCRIPT' && $sub eq 'LOAD';
 	return bulk("# Server\r\nredis_version:7.0.0\r\nrun_id:$run_id\r\n") if $c eq 'INFO';
 	return int_(1) if $c eq 'EXISTS' || $c eq 'EVALSHA';
 	return int_(10) if $c eq 'DBSIZE';
-	return $NIL if $c eq 'GET';
 	return arr() if $c eq 'HGETALL';
 	return int_(0) if $c eq 'UNLINK' || $c eq 'DEL';
 	return arr(bulk('0'), arr()) if $c eq 'SCAN';
@@ -273,6 +320,11 @@ while (1)
 	{
 		$SIG{TERM} = 'DEFAULT';
 		close $server;
+		if ($mode eq 'flap')
+		{
+			$SIG{ALRM} = sub { logline('CLOSE'); POSIX::_exit(0); };
+			Time::HiRes::alarm(2.0);
+		}
 		serve($client);
 		POSIX::_exit(0);
 	}
