@@ -718,13 +718,13 @@ billing_capture(PG_FUNCTION_ARGS)
 	}
 	else
 	{
+		/* the key that marks priced usage is billing_deduct_usage's only */
+		billing_check_usage_mark(&acc, e.metadata);
 		/* a new capture: its event time must be in the accepted window */
 		if (e.has_event_at)
 			billing_check_event_at_window(e.event_at);
 		/* the capture's entry must not take a recorded rejection's trace id */
 		billing_check_not_rejected(&acc, trace_id, "capture");
-		/* the key that marks priced usage is billing_deduct_usage's only */
-		billing_check_usage_mark(&acc, e.metadata);
 		account_expire_due(&acc);
 		load_hold(&acc, hold_trace, &h);
 		if (strcmp(h.status, "open") != 0)

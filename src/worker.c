@@ -212,6 +212,7 @@ reload_config(void)
 		redis_close(NULL);		/* reconnect with the new settings */
 		next_connect_at = 0;
 		backoff_ms = 0;
+		healthy_since = 0;
 		mirror_request_resync();
 	}
 	return same;
@@ -1827,6 +1828,8 @@ billing_worker_main(Datum arg)
 				/* the events (outbox.c): delivery, pruning, the alerts' sweep */
 				if (outbox_cycle(mirror_connected()))
 					busy = true;
+				/* the events may have lost the connection: back off now */
+				note_redis_failure();
 				if (!mirror_connected() && billing_redis_host[0] != '\0')
 				{
 					long		secs;

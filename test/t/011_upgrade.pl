@@ -47,6 +47,8 @@ SELECT billing_hold('up-2', 5, 'up-h1');
 SELECT billing_capture('up-2', 'up-h1', 2, 'up-c1');
 SELECT billing_hold('up-2', 1, 'up-h2');
 SELECT billing_release('up-2', 'up-h2', 'up-r2');
+SELECT billing_hold('up-2', 1, 'up-h-mark');
+SELECT billing_capture('up-2', 'up-h-mark', 0.5, 'up-c-mark', metadata => '{"price_effective_from": "1.3"}');
 SELECT billing_hold('up-6', 1, 'up-h-open', expires_in => '1 hour');
 SELECT billing_limits_set('up-3', daily_requests => 1000, monthly_spend => 500);
 SELECT billing_account_update('up-7', credit_limit => 10, reason => 'ticket 1');
@@ -215,6 +217,13 @@ for my $r (@releases)
 			                                  (e.metadata->>'output_tokens')::bigint, e.trace_id) d
 			WHERE e.trace_id IN ('up-u-1', 'up-u-2')}),
 		"true true|$usage_before", "$r: a usage charged by $r replays after the upgrade (its metadata as $r wrote it)");
+	is($node->safe_psql($db, q{SELECT amount, replayed FROM billing_capture('up-2', 'up-h-mark', 0.5, 'up-c-mark',
+			metadata => '{"price_effective_from": "1.3"}')}),
+		"-0.500000|t", "$r: a capture whose metadata has the key of priced usage (which 1.4 refuses) replays after the upgrade");
+	my ($mark_out, $mark_err) = ('', '');
+	$node->psql($db, q{SELECT billing_capture('up-2', 'up-h-mark', 0.1, 'up-c-mark-2',
+			metadata => '{"price_effective_from": "1.4"}')}, stdout => \$mark_out, stderr => \$mark_err);
+	like($mark_err, qr/metadata has the reserved key "price_effective_from"/, "$r: ... and a new one is refused");
 	is($node->safe_psql($db, q{SELECT
 			has_function_privilege('up_app', 'billing_deduct_usage(text, text, bigint, bigint, text, text, jsonb, timestamptz, text, bigint, bigint, bigint, bigint, numeric)', 'EXECUTE'),
 			has_function_privilege('up_app', 'billing_cost(text, bigint, bigint, timestamptz, text, bigint, bigint, bigint, bigint, numeric, text)', 'EXECUTE'),

@@ -420,8 +420,8 @@ sub redis_outage    # redis_outage LABEL HOW COUNT
 	ok(wait_for(120, sub { status_is("connected AND redis_run_id = '" . run_id() . "' AND failed > $failed0", 't') }),
 		"$label: billing_sync_status connected again, with the new run_id, failures kept");
 	isnt(st('redis_run_id'), $run0, "$label: the run_id changed");
-	# (the worker says "connected again" at the end of its first cycle after
-	# the reconnect, which may come after the mirror converged)
+	# (the worker says "connected again" once Redis has served it for 10 s
+	# after the reconnect, which may come after the mirror converged)
 	ok(wait_for(120, sub { log_count($off_up, qr/connected to Redis at \S+ again/) >= 1 }), "$label: the worker logs that it is connected again");
 	is(log_count($off, qr/billing sync: Redis at \S+ unavailable/), 1, "$label: one 'unavailable' log line for the outage");
 	is(log_count($off, qr/connected to Redis at \S+ again/), 1, "$label: one 'connected again' log line");

@@ -128,9 +128,11 @@ sub normal_reply
 	}
 	if ($c eq 'DISCARD')
 	{
+		return "-ERR DISCARD without MULTI\r\n" unless $queued;
 		undef $queued;
 		return $OK;
 	}
+	return "-ERR WATCH inside MULTI is not allowed\r\n" if $queued && $c eq 'WATCH';
 	if ($queued)
 	{
 		push @$queued, [@cmd];
