@@ -229,7 +229,11 @@ if [[ $skip != *" tap "* ]]; then
 			echo "t/$name ... FAILED ($why, $((SECONDS - started)) s); last 80 lines of $log:"
 			tail -n 80 "$log"
 			echo "   (node logs: $tmp/tap/$name/tmp_check/log/)"
-			fail "t/$name"
+			# the failed checks' names go into the summary too, which is what
+			# a CI log's tail shows (at most 3, each cut to 160 characters)
+			checks=$(sed -n "s/^#[[:space:]]*Failed test '\(.*\)'\$/\1/p; s/^#[[:space:]]*Failed test '\(.*\)\$/\1/p" "$log" |
+				head -n 3 | cut -c 1-160 | paste -sd ';' - | sed 's/;/; /g')
+			fail "t/$name${checks:+ (failed: $checks)}"
 		fi
 	done
 fi
