@@ -13,6 +13,7 @@ use PostgreSQL::Test::Utils;
 use Test::More;
 use Time::HiRes qw(time);
 use BillingTest;
+use BillingMirror;
 
 my $db = 'later';
 my $redis = BillingTest::Redis->new('mirror');
@@ -93,6 +94,22 @@ my $c0 = $hgetalls->();
 $node->safe_psql($db, "ALTER SYSTEM SET billing.check_interval = 1; SELECT pg_reload_conf()");
 ok(BillingTest::wait_until(120, sub { $hgetalls->() >= $c0 + 2 * $nhashes }), 'two checks ran');
 is(status('repaired'), '0', 'a day that ended is no drift: repaired stays 0');
+# the tests' own comparison (BillingMirror) sees it as the worker does: a
+# test that waits for Redis to equal the database across a midnight passes
+ok(BillingTest::mirror_equals($node, $db, $redis), 'the tests\' comparison agrees: Redis equals the database');
+{
+	my $db_line = 'billing:{x} balance=5 day_requests=0 day_resets_at_ms=2000 day_spend=0 version=7';
+	my $ended   = 'billing:{x} balance=5 day_requests=3 day_resets_at_ms=1000 day_spend=9 version=7';
+	is(BillingMirror::settle_ended_periods($db_line, $ended), $db_line,
+		'BillingMirror: counters of a day that ended since the push count as the new day\'s zeros');
+	(my $charged = $db_line) =~ s/day_requests=0/day_requests=1/;
+	is(BillingMirror::settle_ended_periods($charged, $ended), $ended,
+		'... not when the database counts the new day already (the push is due)');
+	(my $same_day = $ended) =~ s/day_resets_at_ms=1000/day_resets_at_ms=2000/;
+	is(BillingMirror::settle_ended_periods($db_line, $same_day), $same_day, '... nor within the same day');
+	(my $drift = $ended) =~ s/balance=5/balance=6/;
+	isnt(BillingMirror::settle_ended_periods($db_line, $drift), $db_line, '... and any other field still differs');
+}
 # a real drift is still repaired and counted
 $redis->cli('HSET', 'billing:{t1}', 'balance', '999');
 ok(BillingTest::wait_until(120, sub { status('repaired') eq '1' }), 'a drifted balance is repaired and counted');
