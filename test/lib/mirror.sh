@@ -35,7 +35,7 @@ return out'
 # Needs $repo, the source tree.
 CONV_DB='' CONV_REDIS=''
 converged() {
-	local keys=()
+	local keys=() settled
 	CONV_REDIS=''
 	CONV_DB=$(q -c "$SNAP_SQL" 2>/dev/null) || return 1
 	if [[ -n $CONV_DB ]]; then
@@ -43,7 +43,8 @@ converged() {
 	fi
 	CONV_REDIS=$(rc --raw EVAL "$DUMP_LUA" "${#keys[@]}" "${keys[@]}" 2>/dev/null) || return 1
 	# a day or month that ended since the push is not drift (as for the worker)
-	CONV_REDIS=$(perl -I"$repo/test/perl" -MBillingMirror -e 'local $/; my @t = map { open my $f, "<", $_ or die "$_: $!"; scalar <$f> } @ARGV;
+	settled=$(perl -I"$repo/test/perl" -MBillingMirror -e 'local $/; my @t = map { open my $f, "<", $_ or die "$_: $!"; scalar <$f> } @ARGV;
 		print BillingMirror::settle_ended_periods(@t)' <(printf '%s' "$CONV_DB") <(printf '%s' "$CONV_REDIS")) || return 1
+	CONV_REDIS=$settled
 	[[ $CONV_DB == "$CONV_REDIS" ]]
 }

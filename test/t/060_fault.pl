@@ -59,7 +59,10 @@
 #   - every acknowledgement of the same trace id (original, replays,
 #     recoveries) agrees, and at most one of them says replayed = f;
 #   - no trace id twice anywhere; no ledger/hold row for a call that was never
-#     made or that was rejected with an error (nothing half-written);
+#     made or that was rejected with an error (nothing half-written); none for
+#     a grant refused as expired (ZB018: expected once its expires_at, fixed
+#     when the call was first made, has passed; a recovery of a lost grant
+#     that had committed replays instead);
 #   - billing_verify() returns no rows; no account below -credit_limit, none
 #     with negative available funds; the cached sum of open holds matches the
 #     holds; every hold's captured amount matches its capture entries;
@@ -901,6 +904,14 @@ SELECT format('%s %s/%s: %s', rows.t, rows.tenant_id, rows.trace_id,
   FROM rows LEFT JOIN refused f ON f.tenant = rows.tenant_id AND f.trace = rows.trace_id
        LEFT JOIN sent s ON s.trace = rows.trace_id
  WHERE rows.trace_id ~ '^c[0-9]' AND (f.trace IS NOT NULL OR s.trace IS NULL)
+ ORDER BY 1
+SQL
+# A grant refused as expired (ZB018, accepted above once its expires_at had
+# passed) must not have committed: a lost call that had would be replayed.
+sql_check('no grant refused as expired (ZB018) is in the ledger', <<'SQL');
+SELECT format('%s %s/%s: refused with ZB018, but ledger entry %s exists', c.kind, c.tenant, c.trace, e.entry_id)
+  FROM fault_calls c JOIN billing.entries e ON e.tenant_id = c.tenant AND e.trace_id = c.trace
+ WHERE c.kind ~ 'grant$' AND c.code = 'ZB018'
  ORDER BY 1
 SQL
 sql_check('no trace id twice anywhere (entries, rejections, hold_events, across tenants)', <<'SQL');

@@ -98,17 +98,25 @@ is(status('repaired'), '0', 'a day that ended is no drift: repaired stays 0');
 # test that waits for Redis to equal the database across a midnight passes
 ok(BillingTest::mirror_equals($node, $db, $redis), 'the tests\' comparison agrees: Redis equals the database');
 {
+	# a hash pushed on the day that ended at 1000 ms, read at 1500 ms; the
+	# database is on the day that ends at 2000 ms
 	my $db_line = 'billing:{x} balance=5 day_requests=0 day_resets_at_ms=2000 day_spend=0 version=7';
 	my $ended   = 'billing:{x} balance=5 day_requests=3 day_resets_at_ms=1000 day_spend=9 version=7';
-	is(BillingMirror::settle_ended_periods($db_line, $ended), $db_line,
+	my $settle = sub { BillingMirror::settle_ended_periods($_[0], $_[1], 1500) };
+	is($settle->($db_line, $ended), $db_line,
 		'BillingMirror: counters of a day that ended since the push count as the new day\'s zeros');
 	(my $charged = $db_line) =~ s/day_requests=0/day_requests=1/;
-	is(BillingMirror::settle_ended_periods($charged, $ended), $ended,
-		'... not when the database counts the new day already (the push is due)');
+	is($settle->($charged, $ended), $ended, '... not when the database counts the new day already (the push is due)');
 	(my $same_day = $ended) =~ s/day_resets_at_ms=1000/day_resets_at_ms=2000/;
-	is(BillingMirror::settle_ended_periods($db_line, $same_day), $same_day, '... nor within the same day');
+	is($settle->($db_line, $same_day), $same_day, '... nor within the same day');
+	is(BillingMirror::settle_ended_periods($db_line, $ended, 999), $ended,
+		'... nor before the reset time Redis holds has come (the worker calls that drift)');
 	(my $drift = $ended) =~ s/balance=5/balance=6/;
-	isnt(BillingMirror::settle_ended_periods($db_line, $drift), $db_line, '... and any other field still differs');
+	isnt($settle->($db_line, $drift), $db_line, '... and any other field still differs');
+	my $key_db = 'billing:{x}:key:k budget=9 resets_at_ms=2000 spent=0 status=active version=3';
+	my $key_ended = 'billing:{x}:key:k budget=9 resets_at_ms=1000 spent=4 status=active version=3';
+	is($settle->("$db_line\n$key_db", "$ended\n$key_ended"), "$db_line\n$key_db",
+		'... and an API key\'s budget period likewise');
 }
 # a real drift is still repaired and counted
 $redis->cli('HSET', 'billing:{t1}', 'balance', '999');
