@@ -196,9 +196,9 @@ sub query
 True if Redis holds exactly what the database says the mirror must hold
 (SETUP: SQL run first in the same session, e.g. SET commands):
 every tenant hash and API key hash of billing.sync_snapshot(), every field
-but synced_at_ms, and the version; the counters of a day or month that ended
-since the hash was pushed count as equal when the database's are 0, as for
-the worker (BillingMirror).  $BillingTest::mirror_db and
+but synced_at_ms, and the version; the counters of a day, a month or an API
+key's budget period whose reset time in Redis has passed count as equal when
+the database's are 0, as for the worker's check (BillingMirror).  $BillingTest::mirror_db and
 $BillingTest::mirror_redis keep both sides of the last comparison.
 
 =cut
