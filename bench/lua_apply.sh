@@ -9,9 +9,10 @@
 # Every call is a tenant hash with its four pending keys and 13 fields (a
 # tenant without limits, as bench/setup.sql creates them), versions rising,
 # spread over LUA_TENANTS tenants, sent pipelined with redis-cli --pipe.
-# Prints Redis' own usec_per_call of EVALSHA (INFO commandstats) for both
-# scripts: the difference is the script's work.  Needs redis-server and
-# redis-cli (test/deps.sh installs them).
+# Prints per call Redis' own usec_per_call of EVALSHA (INFO commandstats)
+# and redis-server's CPU time (from /proc: reading the commands and writing
+# the replies included); the difference to the bare script is the script's
+# work.  Needs redis-server and redis-cli (test/deps.sh installs them).
 set -euo pipefail
 
 here=$(cd "$(dirname "$(realpath "${BASH_SOURCE[0]}")")" && pwd)
@@ -33,6 +34,7 @@ for _ in $(seq 50); do
 	[[ $(redis-cli -p "$port" ping 2>/dev/null) == PONG ]] && break
 	sleep 0.1
 done
+pid=$(redis-cli -p "$port" INFO server | tr -d '\r' | sed -n 's/^process_id://p')
 
 # commands SHA -> RESP of $calls EVALSHA calls on stdout
 commands() {
@@ -52,15 +54,22 @@ commands() {
 	}'
 }
 
+# CPU time (user + system, clock ticks) of redis-server so far
+ticks() { awk '{ sub(/^.*\) /, ""); print $12 + $13 }' "/proc/$pid/stat"; }
+
 measure() { # measure NAME SCRIPT-FILE
-	local sha us
+	local sha us t0 t1
 	sha=$(redis-cli -p "$port" -x SCRIPT LOAD <"$2")
 	redis-cli -p "$port" FLUSHALL >/dev/null
 	redis-cli -p "$port" CONFIG RESETSTAT >/dev/null
-	commands "$sha" | redis-cli -p "$port" --pipe >/dev/null
+	commands "$sha" >"$dir/commands"
+	t0=$(ticks)
+	redis-cli -p "$port" --pipe <"$dir/commands" >/dev/null
+	t1=$(ticks)
 	us=$(redis-cli -p "$port" INFO commandstats | tr -d '\r' |
 		sed -n 's/^cmdstat_evalsha:.*usec_per_call=\([0-9.]*\).*/\1/p')
-	printf '%-32s %8s us per call\n' "$1" "$us"
+	awk -v name="$1" -v us="$us" -v t="$((t1 - t0))" -v hz="$(getconf CLK_TCK)" -v n="$calls" \
+		'BEGIN { printf "%-32s %6.2f us in the call, %6.2f us of redis-server CPU per call\n", name, us, t / hz * 1e6 / n }'
 }
 
 echo 'return 1' >"$dir/bare.lua"
