@@ -172,8 +172,8 @@ SELECT count(*) > 0 AS metrics_readable FROM regexp_split_to_table(billing_metri
 SELECT count(*) AS problems FROM billing_verify('bnd-big');
 
 -- Numbers of any length: an error's detail shows a number given as it was
--- up to 64 characters, else its first 64 and its length (a numeric may
--- have 100,000 digits; the details once echoed it whole)
+-- up to 64 characters, else its first 64 (an amount's also its length; a
+-- numeric may have 100,000 digits; the details once echoed it whole)
 SELECT label, length(e) < 300 AS bounded, split_part(e, E'\n', 2) AS detail
   FROM (VALUES
     ('amount 10^1000',      $$SELECT billing_deduct('bnd-a', 1e1000, 'bnd-long-1')$$),

@@ -145,9 +145,10 @@ SELECT billing_balance_at('gr-d', g.expires_at - interval '1 microsecond') AS ju
 SELECT count(*) AS problems FROM billing_verify('gr-d');
 -- expires_at is the first instant the credit is gone (the boundary)
 -- (grants_state: grant id, remaining, reserved, priority, expires_at in microseconds since 2000)
-SELECT billing.grants_expired(ARRAY[1, 5000000, 0, 0, 789000000000000], '2025-01-01 00:00:00+00') AS at_expires_at,
-       billing.grants_expired(ARRAY[1, 5000000, 0, 0, 789000000000001], '2025-01-01 00:00:00+00') AS one_microsecond_before,
-       '2000-01-01 00:00:00+00'::timestamptz + interval '789000000 seconds' AS expires_at;
+-- (789004800 s after 2000-01-01 is 2025-01-01 00:00:00 UTC)
+SELECT billing.grants_expired(ARRAY[1, 5000000, 0, 0, 789004800000000], '2025-01-01 00:00:00+00') AS at_expires_at,
+       billing.grants_expired(ARRAY[1, 5000000, 0, 0, 789004800000001], '2025-01-01 00:00:00+00') AS one_microsecond_before,
+       '2000-01-01 00:00:00+00'::timestamptz + interval '789004800 seconds' = '2025-01-01 00:00:00+00' AS expires_at_is_the_instant;
 
 --
 -- A hold takes its share of the buckets when it is placed: a grant that
@@ -306,7 +307,7 @@ SELECT remaining, reserved, expired, status FROM pg_temp.buckets('gr-j');
 SELECT billing.expire_holds_of('gr-j');
 SELECT kind, billing.to_amount(e.amount_micros) AS amount, e.event_at = g.expires_at AS dated_at_grant_expiry
   FROM billing.entries e JOIN billing.grants g USING (tenant_id, grant_id)
- WHERE e.tenant_id = 'gr-j' ORDER BY entry_id;
+ WHERE e.tenant_id = 'gr-j' ORDER BY e.entry_id;
 SELECT billing_balance('gr-j') AS balance, count(*) AS problems FROM billing_verify('gr-j');
 
 -- A hold that expires after its grant: the grant's own remainder expires at

@@ -201,14 +201,14 @@ SELECT regress_error($$SELECT billing_deduct('key-a', 1, 'key-a-18', api_key => 
 SELECT count(*) AS rejections FROM billing.rejections WHERE trace_id IN ('key-a-18', 'key-b-1');
 
 --
--- Reporting.  billing.api_key_budgets: one row per key (spent is shown
--- for keys with a budget period only: for a key without one the view
--- says 0, whatever was charged through it); usage_by_api_key
+-- Reporting.  billing.api_key_budgets: one row per key (spent is what
+-- the key's current period counted: a day's or a month's, or, for a key
+-- without a budget period, as for a lifetime budget, all that was charged
+-- through it); usage_by_api_key
 -- groups the charges by the api_key argument, or by metadata->>'api_key'
 -- for charges made without it.
 --
-SELECT key_id, status, budget, budget_period,
-       CASE WHEN budget_period IS NOT NULL THEN spent END AS spent, on_hold, remaining,
+SELECT key_id, status, budget, budget_period, spent, on_hold, remaining,
        resets_at IS NOT NULL AS resets, last_used_at IS NOT NULL AS used, metadata
   FROM billing.api_key_budgets WHERE tenant_id LIKE 'key-%'
  ORDER BY tenant_id, key_id;
