@@ -205,7 +205,10 @@ SELECT regress_error($$SELECT billing_credit('priv-a', 1, 'priv-r-1')$$);
 SELECT regress_error($$SELECT billing_balance('priv-a')$$);
 SELECT regress_error($$SELECT count(*) FROM billing.entries$$);
 SELECT regress_error($$SELECT count(*) FROM billing.tenant_scopes$$);
-SELECT regress_error($$DELETE FROM billing.balances$$);
+-- (a DELETE on a view fails as not updatable before any privilege check:
+-- ask for the privilege instead)
+SELECT has_table_privilege('billing.balances', 'DELETE') AS may_delete_balances,
+       has_table_privilege('billing.entries', 'DELETE') AS may_delete_entries;
 RESET ROLE;
 
 -- ... and a reporting role scoped to one tenant sees that tenant only, in
@@ -259,7 +262,8 @@ SELECT DISTINCT tenant_id FROM billing.balances WHERE tenant_id LIKE 'priv-%';
 SELECT DISTINCT tenant_id FROM billing.ledger WHERE tenant_id LIKE 'priv-%';
 SELECT regress_error($$SELECT billing_metrics()$$);
 SELECT regress_error($$SELECT count(*) FROM billing.metrics$$);
-SELECT last_error IS NULL AS last_error_hidden FROM billing.sync_status;
+-- (billing.sync_status hides last_error from a scoped session: checked in
+-- t/050_redis_sync, where the worker has an error to hide)
 RESET ROLE;
 -- ... nor as itself
 SELECT regress_error($$SELECT count(*) FROM billing.metrics$$);
