@@ -1028,6 +1028,7 @@ use PostgreSQL::Test::Utils;
   BillingTest::FakeRedis->new('huge', '--delay', 0.1);  # more options
   $f->port; $f->count('SCAN');                       # commands received
   $f->last_count('SCAN');                            # ... on the newest connection
+  $f->connections('INFO SERVER');                    # the connections that sent it
   $f->stop;
 
 A hostile Redis (test/tools/fake_redis.pl, see its header for the modes) on
@@ -1088,6 +1089,20 @@ sub last_count
 	return 0 unless @lines && $lines[-1] =~ /^(\d+) /;
 	my $pid = $1;
 	return scalar(grep { /^$pid \Q$name\E$/ } @lines);
+}
+
+# the connections (the pids of the fake's children serving them) that
+# received a command NAME, in the order they first did
+sub connections
+{
+	my ($self, $name) = @_;
+	return () unless -f $self->{log};
+	my (%seen, @pids);
+	for my $line (split /\n/, PostgreSQL::Test::Utils::slurp_file($self->{log}))
+	{
+		push @pids, $1 if $line =~ /^(\d+) \Q$name\E$/ && !$seen{$1}++;
+	}
+	return @pids;
 }
 
 sub stop

@@ -261,9 +261,11 @@ for my $r (@releases)
 	is($node->safe_psql($db, q{SELECT state FROM billing_job_complete('up-5',
 			(SELECT job_id FROM billing.jobs WHERE idempotency_key = 'up-j1'), 2.5)}),
 		'completed', "$r: a job claimed before the upgrade completes after it");
-	is($node->safe_psql($db, q{SELECT balance_after FROM billing_capture('up-6', 'up-h-open', 0.5, 'up-c-after', final => true)}),
-		$node->safe_psql($db, q{SELECT billing.to_amount(balance_micros) FROM billing.accounts WHERE tenant_id = 'up-6'}),
-		"$r: a hold opened before the upgrade is captured after it");
+	my $before_capture = $node->safe_psql($db, q{SELECT balance_micros FROM billing.accounts WHERE tenant_id = 'up-6'});
+	is($node->safe_psql($db, q{SELECT amount || '|' || hold_status || '|' || balance_after
+			FROM billing_capture('up-6', 'up-h-open', 0.5, 'up-c-after', final => true)}),
+		'-0.500000|captured|' . $node->safe_psql($db, "SELECT billing.to_amount($before_capture - 500000)"),
+		"$r: a hold opened before the upgrade is captured after it (0.5 off the balance, the hold settled)");
 	# 1.4's grants and refunds on an account and a charge of the old release:
 	# its money is the wallet's, a grant goes first, an old charge is refunded
 	# to the wallet

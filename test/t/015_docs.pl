@@ -229,13 +229,14 @@ my $node = BillingTest::node('docs', database => 'docs');
 my $q = sub { $node->safe_psql('docs', shift) };
 
 # functions of the extension schema: name | arg no | arg name | type | mode
-# | nargs | ndefaults | result
+# | nargs | ndefaults | result | the arguments with their defaults
 my %func;
 for (split /\n/, $q->(q{
 	SELECT f.proname, coalesce(a.ord, 0), coalesce(f.proargnames[a.ord], ''),
 	       coalesce(pg_catalog.format_type(a.t, NULL), ''),
 	       coalesce(f.proargmodes[a.ord]::text, 'i'), f.pronargs, f.pronargdefaults,
-	       pg_catalog.pg_get_function_result(f.oid)
+	       pg_catalog.pg_get_function_result(f.oid),
+	       pg_catalog.replace(pg_catalog.pg_get_function_arguments(f.oid), E'\n', ' ')
 	  FROM pg_catalog.pg_extension e
 	  JOIN pg_catalog.pg_depend d ON d.refclassid = 'pg_catalog.pg_extension'::regclass
 	       AND d.refobjid = e.oid AND d.classid = 'pg_catalog.pg_proc'::regclass AND d.deptype = 'e'
@@ -245,8 +246,9 @@ for (split /\n/, $q->(q{
 	 WHERE e.extname = 'billing'
 	 ORDER BY f.oid, a.ord}))
 {
-	my ($name, $ord, $arg, $type, $mode, $nargs, $ndefaults, $result) = split /\|/, $_, -1;
-	my $f = $func{$name} //= { args => [], nargs => $nargs, ndefaults => $ndefaults, result => $result };
+	my ($name, $ord, $arg, $type, $mode, $nargs, $ndefaults, $result, $argtext) = split /\|/, $_, -1;
+	my $f = $func{$name} //= { args => [], nargs => $nargs, ndefaults => $ndefaults, result => $result,
+		argtext => $argtext };
 	push @{ $f->{args} }, { name => $arg, type => $type }
 	  if $ord > 0 && ($mode eq 'i' || $mode eq 'b' || $mode eq 'v');
 }
@@ -367,7 +369,7 @@ for my $name (sort keys %func)
 	my ($argtext, $result) = ($1, $2);
 	my @doc = map {
 		/^(\w+)\s+(.+?)(?:\s+DEFAULT\s+(.+))?$/is
-		  ? { name => $1, type => norm_type($2), default => defined $3 }
+		  ? { name => $1, type => norm_type($2), default => defined $3, value => $3 }
 		  : { name => $_, type => '?', default => 0 }
 	} split_args($argtext);
 	my $nin = @{ $f->{args} };
@@ -381,7 +383,21 @@ for my $name (sort keys %func)
 	my $show = sub {
 		join(', ', map { "$_->{name} $_->{type}" . ($_->{default} ? ' DEFAULT' : '') } @_);
 	};
-	is($show->(@doc), $show->(@cat), "$name: the documented arguments are the catalog's");
+	is($show->(@doc), $show->(@cat), "$name: the documented arguments are the catalog's")
+	  or next;
+	# the documented defaults have the catalog's values (compared by the
+	# server, as values of the argument's type: '15 minutes' is '00:15:00')
+	my %catalog_default = map { /^(\w+)\s+.+?\s+DEFAULT\s+(.+)$/is ? ($1 => $2) : () } split_args($f->{argtext});
+	my @compare = map {
+		my $i = $_;
+		$doc[$i]{default}
+		  ? sprintf('CASE WHEN (%s)::%s IS DISTINCT FROM (%s) THEN %s END', $doc[$i]{value},
+			$f->{args}[$i]{type}, $catalog_default{ $doc[$i]{name} } // 'NULL',
+			"'" . ("$doc[$i]{name}: documented $doc[$i]{value}, defined " . ($catalog_default{ $doc[$i]{name} } // '?')) =~ s/'/''/gr . "'")
+		  : ()
+	} 0 .. $#doc;
+	my $differ = @compare ? $node->psql('docs', 'SELECT concat_ws(\'; \', ' . join(', ', @compare) . ')', stdout => \my $out, stderr => \my $err) : 0;
+	is($differ ? "cannot compare: $err" : ($out // ''), '', "$name: the documented DEFAULTs are the catalog's") if @compare;
 	is(norm_result($result), norm_result($f->{result}),
 		"$name: the documented result is the catalog's");
 }

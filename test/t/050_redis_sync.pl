@@ -372,6 +372,10 @@ converges('4: Redis equals the database (check_interval back to 2 s)');
 # ---------------------------------------------------------------------------
 # 5. Redis killed during a stream of deductions, restarted
 # ---------------------------------------------------------------------------
+# a reporting role scoped to one tenant: the outage's last_error may name
+# other tenants ("push failed for tenant ..."), so it does not see it
+sql("CREATE ROLE t050_scoped NOLOGIN; SELECT billing_grant_reporting('t050_scoped');
+     SELECT count(*) FROM billing_scope_role('t050_scoped', ARRAY['s1'])");
 sub redis_outage    # redis_outage LABEL HOW COUNT
 {
 	my ($label, $how, $count) = @_;
@@ -389,6 +393,10 @@ sub redis_outage    # redis_outage LABEL HOW COUNT
 	ok(wait_for(120, sub { status_is("NOT connected AND failed > $failed0 AND last_error IS NOT NULL AND last_error_at IS NOT NULL", 't') }),
 		"$label: billing_sync_status shows the outage (connected f, failed > $failed0, last_error set)");
 	note("$label: during the outage: " . st("'failed=' || failed || ' last_error=' || last_error || ' dirty=' || dirty_accounts || ' lag=' || lag"));
+	is(sql("SELECT last_error IS NOT NULL FROM billing.sync_status; SET ROLE t050_scoped;
+			SELECT (SELECT last_error IS NULL FROM billing.sync_status) AND (SELECT last_error IS NULL FROM billing_sync_status())
+			   AND (SELECT connected IS NOT NULL FROM billing.sync_status)"), "t\nt",
+		"$label: an unscoped role sees last_error, a scoped one sees NULL (the view and the function)");
 	wait_for(300, sub { stream_n($name) >= $count / 2 });
 	my $failed1 = st('failed');
 	my $down_ms = now_ms() - $t_down;

@@ -78,8 +78,11 @@
 #     load and the last fault (waited for, bound FAULT_CONVERGE seconds);
 #   - a sampler reads every tenant's Redis version every ~0.1 s during the
 #     load: it never goes backwards (a missing hash, after FLUSHALL or a Redis
-#     restart, is skipped) and never exceeds the database's version (Redis
-#     never showed a rolled-back or lost change);
+#     restart, is skipped) and never exceeds the database's final version
+#     (Redis never showed a version no commit reached; a rolled-back
+#     change's version number is taken by the next commit of the tenant, so
+#     this catches a pushed uncommitted change only when no later commit
+#     reached its number);
 #   - the server log shows no crash the test did not cause (only the pids it
 #     killed or terminated), and every kill -9 fault made the postmaster
 #     reinitialize (crash recovery).
@@ -437,8 +440,8 @@ sub client
 
 # The Redis sampler: every 0.1 s during the load, the version field of every
 # tenant hash ("-" when missing: after FLUSHALL or a Redis restart). The
-# mirror must never go backwards, and never show a version the database does
-# not have (a rolled-back or lost change).
+# mirror must never go backwards, and never show a version the database
+# never reached (see the header for what that does and does not catch).
 my $VERSIONS_LUA = 'local out = {}
 for i, k in ipairs(KEYS) do out[i] = redis.call("HGET", k, "version") or "-" end
 return table.concat(out, " ")';
@@ -1065,7 +1068,7 @@ else
 	diag("database (<) vs Redis (>):\n" . BillingTest::mirror_diff());
 	diag('sync status: ' . (BillingTest::query($node, $DB, 'SELECT row_to_json(s) FROM billing_sync_status() s') // '?'));
 }
-# the sampled Redis versions: never backwards, never ahead of the database
+# the sampled Redis versions: never backwards, never beyond the database's last
 my @dbv = split / /, sql("SELECT string_agg(version::text, ' ' ORDER BY tenant_id) FROM billing.accounts WHERE tenant_id ~ '^f[0-9]{2}\$'");
 my (@samples, %vio, @last, @at);
 @samples = split /\n/, slurp_file("$W/redis_versions") if -e "$W/redis_versions";

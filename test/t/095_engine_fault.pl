@@ -188,13 +188,35 @@ sub running_engine
 	return $pid;
 }
 
+# the faults injected, by kind: a fault that found nothing to hit fails
+my %injected;
+
+# an engine worker that was running, signalled by SIGNAL (a sub that takes
+# its pid and says whether it reached it): its pid, or undef (a failed
+# check) when no engine could be signalled in 10 tries (one may end by
+# itself between the look and the signal)
+sub signal_engine
+{
+	my ($what, $signal) = @_;
+	for my $try (1 .. 10)
+	{
+		my $pid = running_engine() // last;
+		return $pid if $signal->($pid);
+		note("$what: engine $pid was gone before the signal, try $try");
+	}
+	fail("$what: an engine worker was running to signal");
+	return undef;
+}
+
 my %fault = (
 	engine_term => sub {
+		my $done;
 		for my $try (1 .. 10)
 		{
 			my (undef, $u0) = counts();
-			my $pid = running_engine() // return note('engine_term: no engine ran');
-			sql("SELECT pg_terminate_backend($pid)");
+			my $pid = signal_engine('engine_term', sub { sql("SELECT pg_terminate_backend($_[0])") eq 't' })
+			  // return;
+			$injected{engine_term}++ unless $done++;
 			push @termed, $pid;
 			note("engine_term: pg_terminate_backend($pid), try $try");
 			wait_ops(int($OPS / 4) || 1, 'after engine_term') or return;
@@ -203,33 +225,39 @@ my %fault = (
 		}
 	},
 	engine_cancel => sub {
-		my $pid = running_engine() // return note('engine_cancel: no engine ran');
-		sql("SELECT pg_cancel_backend($pid)");
+		my $pid = signal_engine('engine_cancel', sub { sql("SELECT pg_cancel_backend($_[0])") eq 't' }) // return;
 		note("engine_cancel: pg_cancel_backend($pid)");
+		$injected{engine_cancel}++;
 	},
 	caller_cancel => sub {
 		my @p = waiting_callers();
 		sql("SELECT pg_cancel_backend($_)") for @p[0 .. ($#p < 2 ? $#p : 2)];
 		ok(@p > 0, 'caller_cancel: pg_cancel_backend of callers in billing_charge: '
-			  . (@p ? "@p[0 .. ($#p < 2 ? $#p : 2)]" : 'nobody'));
+			  . (@p ? "@p[0 .. ($#p < 2 ? $#p : 2)]" : 'nobody'))
+		  and $injected{caller_cancel}++;
 	},
 	caller_term => sub {
 		my @p = waiting_callers();
 		sql("SELECT pg_terminate_backend($_)") for @p[0 .. ($#p < 1 ? $#p : 1)];
 		ok(@p > 0, 'caller_term: pg_terminate_backend of callers in billing_charge: '
-			  . (@p ? "@p[0 .. ($#p < 1 ? $#p : 1)]" : 'nobody'));
+			  . (@p ? "@p[0 .. ($#p < 1 ? $#p : 1)]" : 'nobody'))
+		  and $injected{caller_term}++;
 	},
 	engine_kill9 => sub {
-		my $pid = running_engine() // return note('engine_kill9: no engine ran');
-		kill 'KILL', $pid;
+		my $off = BillingTest::log_size($node);
+		my $pid = signal_engine('engine_kill9', sub { kill('KILL', $_[0]) == 1 }) // return;
 		push @killed, $pid;
 		note("engine_kill9: kill -9 $pid");
-		BillingTest::wait_until(600, \&pg_up) or note('engine_kill9: server not back within 600 s');
+		ok(BillingTest::wait_until(600, sub { BillingTest::log_since($node, $off) =~ /all server processes terminated; reinitializing/ }),
+			'engine_kill9: the postmaster reinitialized (crash recovery)');
+		ok(BillingTest::wait_until(600, \&pg_up), 'engine_kill9: the server is back')
+		  and $injected{engine_kill9}++;
 	},
 	pg_immediate => sub {
 		$node->stop('immediate');
 		note('pg_immediate: pg_ctl stop -m immediate');
 		$node->start;
+		$injected{pg_immediate}++;
 	},
 );
 
@@ -252,6 +280,9 @@ for my $kind (@plan)
 	wait_ops($OPS, "before $kind") or last;
 	$fault{$kind}->();
 }
+my %planned;
+$planned{$_}++ for @plan;
+is_deeply(\%injected, \%planned, 'every fault of the plan was injected: ' . join(', ', map { "$_ $injected{$_}" } sort keys %injected));
 wait_ops($OPS, 'after the last fault') unless $stalled;
 write_file("$W/stop", "stop\n");
 BillingTest::reap($_) for @clients;
