@@ -16,6 +16,7 @@
 # comparisons are skipped with a note; the checksums still hold.
 use strict;
 use warnings FATAL => 'all';
+use IPC::Run;
 use PostgreSQL::Test::Utils;
 use Test::More;
 use BillingTest;
@@ -23,11 +24,15 @@ use BillingTest;
 my $repo    = $ENV{BILLING_REPO} // $BillingTest::REPO;
 my $current = BillingTest::extversion();
 
-# git as the test user, on a work tree another user may own
+# git as the test user, on a work tree another user may own; its output,
+# chomped; a git that fails stops the test (it must not look like a clone
+# without tags)
 sub git
 {
 	my @cmd = ('git', '-c', 'safe.directory=*', '-C', $repo, @_);
-	my ($out, $err) = run_command(\@cmd);
+	my ($out, $err) = ('', '');
+	IPC::Run::run(\@cmd, '>', \$out, '2>', \$err) or die "git @_ failed: $err";
+	chomp $out;    # as run_command does
 	return $out;
 }
 
@@ -113,7 +118,7 @@ SKIP:
 				is(join("\n", @lost), '', "SHA256SUMS keeps every line of $tag");
 				next;
 			}
-			# run_command chomps; compare the same way
+			# git() chomps; compare the same way
 			chomp(my $o = $ours // 'MISSING');
 			is($o, $theirs, "$f is as released in $tag");
 		}
