@@ -6,7 +6,8 @@
 #   what                         where                one entry is
 #   billing_* function           docs/sql-api.md      a heading "### billing_x" followed by a
 #                                                     ```sql block with the signature: argument
-#                                                     names, types and DEFAULTs as in the catalog,
+#                                                     names, types and DEFAULTs (their values
+#                                                     too) as in the catalog,
 #                                                     and RETURNS with the result type
 #   result type (billing.*_result, ...)  docs/sql-api.md  a row "| billing.x | col, col, ... |"
 #   view of schema billing       docs/views.md        a row "| billing.x | col, col, ... |": the
