@@ -196,9 +196,9 @@ ok(BillingTest::wait_until(120, sub { $conn->command('EXISTS', @PK) == 0 }),
 note 'a grant that expires while the worker runs';
 sql("SELECT billing_account_create('gx'); SELECT billing_credit('gx', 10, 'gx-top');
      SELECT billing_grant('gx', 5, 'gx-trial', expires_at => now() + interval '15 seconds', priority => 10);");
-# the account locked at once (the 15 s only need to cover that): the
-# maintenance cannot write the expiry entry, while the worker still reads
-# and pushes the account
+# the account locked at once: the maintenance cannot write the expiry
+# entry, while the worker still reads and pushes the account (the 15 s
+# cover the lock, the push and the checks of the hash below)
 my $locker = BillingTest::Session->new($node, $db);
 is($locker->call('BEGIN')->{status}, 'ok', 'a session begins a transaction');
 is($locker->call("SELECT 1 FROM billing.accounts WHERE tenant_id = 'gx' FOR UPDATE")->{status}, 'ok',

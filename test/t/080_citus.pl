@@ -472,11 +472,11 @@ ok(BillingTest::wait_until(120, sub { $records->() > 0 }),
 	"the pairs' commits are two-phase, with w2 too (" . $records->() . ' records in pg_dist_transaction)');
 $coord->append_conf('postgresql.conf', 'citus.recover_2pc_interval = 60000');
 $coord->reload;
-my $w2_log = BillingTest::log_size($w2);
+my %w2_down = (from => log_sizes());
 $w2->stop('immediate');
 usleep(1_000_000);
 $w2->start;
-my $w2_log_end = BillingTest::log_size($w2);
+$w2_down{to} = log_sizes();
 wait_acked('pair', 20, 'after the restart');
 stop_load('pair');
 # Citus commits (or rolls back) what was prepared when the node went away
@@ -610,12 +610,12 @@ is(q_ok($coord, "SELECT replayed FROM billing_charge('$mt', 1, 'engine-moved')")
 is(q_ok($coord, "SELECT count(*) || ' ' || max(entry_id >> 48) FROM billing.entries WHERE trace_id = 'engine-moved'"),
 	"1 $group{w2}", '... once, on w2');
 $mgate->close;
-my $w1_log = BillingTest::log_size($w1);
+my %w1_down = (from => log_sizes());
 $w1->stop('fast');
 is(sqlstate_of($coord, 'SELECT * FROM billing_verify()'), 'ZB104',
 	'billing_verify() with a worker down: ZB104, not a clean audit');
 $w1->start;
-my $w1_log_end = BillingTest::log_size($w1);
+$w1_down{to} = log_sizes();
 
 ############################################################################
 # 4b. a node that held billing data of its own joins the cluster: nothing
@@ -719,6 +719,9 @@ is($redis->cli('EXISTS', 'billing:__sync__:' . $group{w1}, 'billing:__sync__:' .
 # to administrator command"; PostgreSQL 16 and later name them "logical
 # replication apply worker", "... tablesync worker", "... parallel apply
 # worker", 15 "logical replication worker")
+# every node's log size now: { name => bytes }
+sub log_sizes { return { map { $_ => BillingTest::log_size($node{$_}) } keys %node } }
+
 # the background workers WHAT (a pattern) that exited with exit code 1 in
 # the node's log from byte FROM to byte TO (the end if undef)
 sub exits_of
@@ -728,12 +731,17 @@ sub exits_of
 	$log = substr($log, 0, $to - $from) if defined $to && $to - $from < length $log;
 	return $log =~ /background worker "$what" \(PID (\d+)\) exited with exit code 1/g;
 }
-# any background worker may exit with 1 when its node stops: only there
-my %stopped = (w1 => [ $w1_log, $w1_log_end ], w2 => [ $w2_log, $w2_log_end ]);
+# any background worker may exit with 1 while a worker node is down (its
+# own stop; on the others, Citus' daemons that fail to reach it): from the
+# node's stop until its start returned, on every node
 for my $name (sort keys %node)
 {
 	my @allowed = exits_of($node{$name}, 0, 'logical replication (?:apply |tablesync |parallel apply )?worker');
-	push @allowed, exits_of($node{$name}, $stopped{$name}[0], '[^"]+', $stopped{$name}[1]) if $stopped{$name};
+	for my $window (\%w2_down, \%w1_down)
+	{
+		push @allowed, exits_of($node{$name}, $window->{from}{$name}, '[^"]+', $window->{to}{$name})
+		  if defined $window->{from}{$name};
+	}
 	BillingTest::no_crashes($node{$name}, @allowed);
 }
 $_->stop for values %node;

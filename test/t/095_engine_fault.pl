@@ -176,6 +176,7 @@ sub engine_pid
 {
 	my $pid = BillingTest::query($node, $DB,
 		"SELECT pid FROM billing_engine_status() WHERE state = 'running' AND database = '$DB' "
+		  . "AND pid IN (SELECT pid FROM pg_stat_activity) "    # connected: a backend to signal
 		  . "ORDER BY queued DESC, worker LIMIT 1");
 	return defined $pid && $pid =~ /^\d+$/ ? $pid : undef;
 }
@@ -203,6 +204,7 @@ sub signal_engine
 		my $pid = running_engine() // last;
 		return $pid if $signal->($pid);
 		note("$what: engine $pid was gone before the signal, try $try");
+		usleep(500_000);
 	}
 	fail("$what: an engine worker was running to signal");
 	return undef;
@@ -230,17 +232,13 @@ my %fault = (
 		$injected{engine_cancel}++;
 	},
 	caller_cancel => sub {
-		my @p = waiting_callers();
-		sql("SELECT pg_cancel_backend($_)") for @p[0 .. ($#p < 2 ? $#p : 2)];
-		ok(@p > 0, 'caller_cancel: pg_cancel_backend of callers in billing_charge: '
-			  . (@p ? "@p[0 .. ($#p < 2 ? $#p : 2)]" : 'nobody'))
+		my $hit = signal_callers('pg_cancel_backend', 3);
+		ok($hit > 0, "caller_cancel: pg_cancel_backend reached $hit callers in billing_charge")
 		  and $injected{caller_cancel}++;
 	},
 	caller_term => sub {
-		my @p = waiting_callers();
-		sql("SELECT pg_terminate_backend($_)") for @p[0 .. ($#p < 1 ? $#p : 1)];
-		ok(@p > 0, 'caller_term: pg_terminate_backend of callers in billing_charge: '
-			  . (@p ? "@p[0 .. ($#p < 1 ? $#p : 1)]" : 'nobody'))
+		my $hit = signal_callers('pg_terminate_backend', 2);
+		ok($hit > 0, "caller_term: pg_terminate_backend reached $hit callers in billing_charge")
 		  and $injected{caller_term}++;
 	},
 	engine_kill9 => sub {
@@ -261,17 +259,20 @@ my %fault = (
 	},
 );
 
-# callers that are in a billing_charge call now (active, not only last
-# seen in one): waited for, up to 60 s
-sub waiting_callers
+# FUNCTION (pg_cancel_backend, pg_terminate_backend) sent to up to N
+# callers that are in a billing_charge call now (active, not only last seen
+# in one), in the statement that finds them: how many it reached (it tries
+# again for up to 60 s while it reaches none)
+sub signal_callers
 {
-	my @p;
+	my ($function, $n) = @_;
+	my $hit = 0;
 	BillingTest::wait_until(60, sub {
-		@p = split ' ', sql("SELECT string_agg(pid::text, ' ') FROM pg_stat_activity "
+		$hit = sql("SELECT count(*) FILTER (WHERE $function(pid)) FROM (SELECT pid FROM pg_stat_activity "
 			  . "WHERE datname = '$DB' AND backend_type = 'client backend' AND state = 'active' "
-			  . "AND query LIKE '%billing_charge%' AND pid <> pg_backend_pid()") // '';
-		@p > 0 }, 0.01);
-	return @p;
+			  . "AND query LIKE '%billing_charge%' AND pid <> pg_backend_pid() LIMIT $n) AS c");
+		$hit > 0 }, 0.01);
+	return $hit;
 }
 
 my @plan = qw(engine_term engine_cancel caller_cancel caller_term engine_term engine_kill9 pg_immediate);
