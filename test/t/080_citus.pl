@@ -713,17 +713,17 @@ for my $name (qw(w1 w2))
 is($redis->cli('EXISTS', 'billing:__sync__:' . $group{w1}, 'billing:__sync__:' . $group{w2}), '2',
 	'each worker has its own marker in Redis');
 
+# every node's log size now: { name => bytes }
+sub log_sizes { return { map { $_ => BillingTest::log_size($node{$_}) } keys %node } }
+
 # background workers that exit with code 1 on purpose: at a fast or
 # immediate stop, and Citus's logical replication workers when a shard
 # move drops its subscription ("terminating logical replication worker due
 # to administrator command"; PostgreSQL 16 and later name them "logical
 # replication apply worker", "... tablesync worker", "... parallel apply
-# worker", 15 "logical replication worker")
-# every node's log size now: { name => bytes }
-sub log_sizes { return { map { $_ => BillingTest::log_size($node{$_}) } keys %node } }
-
-# the background workers WHAT (a pattern) that exited with exit code 1 in
-# the node's log from byte FROM to byte TO (the end if undef)
+# worker", 15 "logical replication worker").
+# exits_of: the background workers WHAT (a pattern) that exited with exit
+# code 1 in the node's log from byte FROM to byte TO (the end if undef)
 sub exits_of
 {
 	my ($n, $from, $what, $to) = @_;
