@@ -189,9 +189,6 @@ sub running_engine
 	return $pid;
 }
 
-# the faults injected, by kind: a fault that found nothing to hit fails
-my %injected;
-
 # an engine worker that was running, signalled by SIGNAL (a sub that takes
 # its pid and says whether it reached it): its pid, or undef (a failed
 # check) when no engine could be signalled in 10 tries (one may end by
@@ -210,52 +207,51 @@ sub signal_engine
 	return undef;
 }
 
+# each fault returns true when it hit what it aims at
 my %fault = (
 	engine_term => sub {
-		my $done;
+		my $hit = 0;
 		for my $try (1 .. 10)
 		{
 			my (undef, $u0) = counts();
 			my $pid = signal_engine('engine_term', sub { sql("SELECT pg_terminate_backend($_[0])") eq 't' })
-			  // return;
-			$injected{engine_term}++ unless $done++;
+			  // return $hit;
+			$hit = 1;
 			push @termed, $pid;
 			note("engine_term: pg_terminate_backend($pid), try $try");
-			wait_ops(int($OPS / 4) || 1, 'after engine_term') or return;
+			wait_ops(int($OPS / 4) || 1, 'after engine_term') or return $hit;
 			my (undef, $u1) = counts();
 			last if $u1 > $u0;
 		}
+		return $hit;
 	},
 	engine_cancel => sub {
-		my $pid = signal_engine('engine_cancel', sub { sql("SELECT pg_cancel_backend($_[0])") eq 't' }) // return;
+		my $pid = signal_engine('engine_cancel', sub { sql("SELECT pg_cancel_backend($_[0])") eq 't' }) // return 0;
 		note("engine_cancel: pg_cancel_backend($pid)");
-		$injected{engine_cancel}++;
+		return 1;
 	},
 	caller_cancel => sub {
 		my $hit = signal_callers('pg_cancel_backend', 3);
-		ok($hit > 0, "caller_cancel: pg_cancel_backend reached $hit callers in billing_charge")
-		  and $injected{caller_cancel}++;
+		return ok($hit > 0, "caller_cancel: pg_cancel_backend reached $hit callers in billing_charge");
 	},
 	caller_term => sub {
 		my $hit = signal_callers('pg_terminate_backend', 2);
-		ok($hit > 0, "caller_term: pg_terminate_backend reached $hit callers in billing_charge")
-		  and $injected{caller_term}++;
+		return ok($hit > 0, "caller_term: pg_terminate_backend reached $hit callers in billing_charge");
 	},
 	engine_kill9 => sub {
 		my $off = BillingTest::log_size($node);
-		my $pid = signal_engine('engine_kill9', sub { kill('KILL', $_[0]) == 1 }) // return;
+		my $pid = signal_engine('engine_kill9', sub { kill('KILL', $_[0]) == 1 }) // return 0;
 		push @killed, $pid;
 		note("engine_kill9: kill -9 $pid");
 		ok(BillingTest::wait_until(600, sub { BillingTest::log_since($node, $off) =~ /all server processes terminated; reinitializing/ }),
 			'engine_kill9: the postmaster reinitialized (crash recovery)');
-		ok(BillingTest::wait_until(600, \&pg_up), 'engine_kill9: the server is back')
-		  and $injected{engine_kill9}++;
+		return ok(BillingTest::wait_until(600, \&pg_up), 'engine_kill9: the server is back');
 	},
 	pg_immediate => sub {
 		$node->stop('immediate');
 		note('pg_immediate: pg_ctl stop -m immediate');
 		$node->start;
-		$injected{pg_immediate}++;
+		return 1;
 	},
 );
 
@@ -275,11 +271,12 @@ sub signal_callers
 	return $hit;
 }
 
+my %injected;    # the faults that hit, by kind
 my @plan = qw(engine_term engine_cancel caller_cancel caller_term engine_term engine_kill9 pg_immediate);
 for my $kind (@plan)
 {
 	wait_ops($OPS, "before $kind") or last;
-	$fault{$kind}->();
+	$injected{$kind}++ if $fault{$kind}->();
 }
 my %planned;
 $planned{$_}++ for @plan;
