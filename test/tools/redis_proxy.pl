@@ -10,14 +10,17 @@
 # ways, to the redis-server on 127.0.0.1:UPSTREAM.  While FILE exists (one
 # line: "WORD COMMAND [ARG ...]", e.g. "XADD FLUSHALL"), the first chunk a
 # client sends that holds the command WORD (as a RESP bulk string) is held
-# back: the proxy first runs COMMAND on a connection of its own, waits for
-# its reply, deletes FILE, and only then forwards the chunk.  COMMAND
-# DROP-REPLY instead forwards the chunk, waits until Redis has answered it
-# (its first bytes, then 0.5 s for the rest), and closes both connections
-# without passing the answer on: a connection that breaks after Redis
-# applied the commands, before the client learnt it.  So the command lands between the client's earlier
-# commands and that one, whatever the timing: what a FLUSHALL by someone
-# else in that instant would do.
+# back (WORD may be "A+B": the commands A and B one right after the other,
+# e.g. "MULTI+SET" for a transaction whose first command is SET, which a
+# MULTI, XADD, ..., SET, EXEC does not match): the proxy first runs COMMAND
+# on a connection of its own, waits for its reply, deletes FILE, and only
+# then forwards the chunk.  So the command lands between the client's
+# earlier commands and that one, whatever the timing: what a FLUSHALL by
+# someone else in that instant would do.  COMMAND DROP-REPLY instead
+# forwards the chunk, waits until Redis has answered it (its first bytes,
+# then 0.5 s for the rest), and closes both connections without passing
+# the answer on: a connection that breaks after Redis applied the
+# commands, before the client learnt it.
 #
 # --log FILE gets a line per event: "listen", "accept", "close", "inject
 # <command> before <word>: <reply>",
@@ -62,7 +65,9 @@ sub upstream
 	return IO::Socket::INET->new(PeerAddr => '127.0.0.1', PeerPort => $upstream, Timeout => 30);
 }
 
-# the trigger: (WORD as RESP, the command's words), or () when there is none
+# the trigger: (a regex for WORD in RESP, WORD, the command's words), or ()
+# when there is none.  "A+B": the bulk string A ends one command's first
+# word, and the next command ("*N") begins with B.
 sub trigger
 {
 	open(my $fh, '<', $trigger) or return ();
@@ -70,7 +75,8 @@ sub trigger
 	close $fh;
 	my ($before, @words) = split ' ', $line;
 	return () unless @words;
-	return ('$' . length($before) . "\r\n" . uc($before) . "\r\n", $before, @words);
+	my $re = join('\*\d+\r\n', map { quotemeta('$' . length($_) . "\r\n" . uc($_) . "\r\n") } split /\+/, $before);
+	return (qr/$re/, $before, @words);
 }
 
 # run the trigger's command on a connection of our own
@@ -143,7 +149,7 @@ sub serve
 				if (-e $trigger)
 				{
 					my ($word, $before, @what) = trigger();
-					if (defined $word && index(uc($buf), $word) >= 0)
+					if (defined $word && uc($buf) =~ $word)
 					{
 						drop_reply($server, $before, $buf) if $what[0] eq 'DROP-REPLY';
 						inject($before, @what);
