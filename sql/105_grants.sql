@@ -22,7 +22,9 @@ CREATE FUNCTION pg_temp.buckets(t text) RETURNS TABLE (grant_id bigint, trace_id
 $$;
 
 -- waits until the tenant's grants (and with holds => true, its holds) have
--- expired, however slow the machine
+-- expired, however slow the machine.  The grants and holds below live 8 to
+-- 16 s: what must happen before they expire (a few statements; in gr-i 64
+-- grants) takes a fraction of that, also when a commit stalls for seconds.
 CREATE FUNCTION pg_temp.sleep_past_expiry(t text, holds boolean DEFAULT false) RETURNS void
     LANGUAGE plpgsql AS $$
 DECLARE
@@ -115,7 +117,7 @@ SELECT count(*) AS problems FROM billing_verify('gr-c');
 --
 SELECT tenant_id FROM billing_account_create('gr-d');
 SELECT kind FROM billing_credit('gr-d', 1, 'gr-d-wallet');
-SELECT amount FROM billing_grant('gr-d', 2.5, 'gr-d-short', expires_at => clock_timestamp() + interval '3 seconds');
+SELECT amount FROM billing_grant('gr-d', 2.5, 'gr-d-short', expires_at => clock_timestamp() + interval '8 seconds');
 SELECT billing_balance('gr-d') AS before_expiry;
 SELECT pg_temp.sleep_past_expiry('gr-d');
 -- not written yet: the balance and the views already leave it out
@@ -156,7 +158,7 @@ SELECT billing.grants_expired(ARRAY[1, 5000000, 0, 0, 789004800000000], '2025-01
 -- does not capture goes back, and a share of an expired grant expires then.
 --
 SELECT tenant_id FROM billing_account_create('gr-e');
-SELECT amount FROM billing_grant('gr-e', 3, 'gr-e-g', expires_at => clock_timestamp() + interval '3 seconds');
+SELECT amount FROM billing_grant('gr-e', 3, 'gr-e-g', expires_at => clock_timestamp() + interval '8 seconds');
 SELECT status, amount FROM billing_hold('gr-e', 3, 'gr-e-h1');
 SELECT remaining, reserved, status FROM pg_temp.buckets('gr-e');
 SELECT pg_temp.sleep_past_expiry('gr-e');
@@ -179,7 +181,7 @@ SELECT billing_balance('gr-e') AS balance, count(*) AS problems FROM billing_ver
 --
 SELECT tenant_id FROM billing_account_create('gr-x');
 SELECT kind FROM billing_credit('gr-x', 2, 'gr-x-wallet');
-SELECT amount FROM billing_grant('gr-x', 3, 'gr-x-g', expires_at => clock_timestamp() + interval '3 seconds', priority => 10);
+SELECT amount FROM billing_grant('gr-x', 3, 'gr-x-g', expires_at => clock_timestamp() + interval '8 seconds', priority => 10);
 -- 3 of the grant and 1 of the wallet; then the wallet's last 1
 SELECT status, amount FROM billing_hold('gr-x', 4, 'gr-x-h1', expires_in => '1 hour');
 SELECT status, amount FROM billing_hold('gr-x', 1, 'gr-x-h2', expires_in => '1 hour');
@@ -216,7 +218,7 @@ SELECT billing_balance('gr-x') AS balance, count(*) AS problems FROM billing_ver
 --
 SELECT tenant_id FROM billing_account_create('gr-f');
 SELECT kind FROM billing_credit('gr-f', 10, 'gr-f-wallet');
-SELECT amount FROM billing_grant('gr-f', 2, 'gr-f-g', expires_at => clock_timestamp() + interval '3 seconds');
+SELECT amount FROM billing_grant('gr-f', 2, 'gr-f-g', expires_at => clock_timestamp() + interval '8 seconds');
 SELECT amount, balance_after FROM billing_deduct('gr-f', 3, 'gr-f-c1');
 SELECT pg_temp.sleep_past_expiry('gr-f');
 SELECT amount, balance_after FROM billing_refund('gr-f', 'gr-f-c1', 3, 'gr-f-r1');
@@ -271,7 +273,7 @@ SELECT granted FROM billing_grant('gr-h', 1, 'gr-h-65');
 -- and the hold's expiry gives its share back whatever the count
 SELECT tenant_id FROM billing_account_create('gr-i');
 SELECT amount FROM billing_grant('gr-i', 1, 'gr-i-a');
-SELECT status FROM billing_hold('gr-i', 1, 'gr-i-h', expires_in => '3 seconds');
+SELECT status FROM billing_hold('gr-i', 1, 'gr-i-h', expires_in => '10 seconds');
 SELECT count(*) FROM (SELECT billing_grant('gr-i', 1, 'gr-i-' || g) FROM generate_series(1, 63) g) x;
 SELECT regress_error($$SELECT billing_grant('gr-i', 1, 'gr-i-64')$$);
 SELECT pg_temp.sleep_past_expiry('gr-i', holds => true);
@@ -296,8 +298,8 @@ SELECT status FROM billing_release('gr-debt', 'gr-debt-h', 'gr-debt-r');
 -- expires and expires with the grant, one entry dated at the grant's
 -- expiry.  Every reader leaves it out before anything is written.
 SELECT tenant_id FROM billing_account_create('gr-j');
-SELECT amount FROM billing_grant('gr-j', 5, 'gr-j-g', expires_at => clock_timestamp() + interval '6 seconds');
-SELECT status FROM billing_hold('gr-j', 5, 'gr-j-h', expires_in => '3 seconds');
+SELECT amount FROM billing_grant('gr-j', 5, 'gr-j-g', expires_at => clock_timestamp() + interval '16 seconds');
+SELECT status FROM billing_hold('gr-j', 5, 'gr-j-h', expires_in => '8 seconds');
 SELECT pg_temp.sleep_past_expiry('gr-j', holds => true);
 SELECT billing_balance('gr-j') AS balance,
        (SELECT balance FROM billing.balances WHERE tenant_id = 'gr-j') AS view_balance,
@@ -315,8 +317,8 @@ SELECT billing_balance('gr-j') AS balance, count(*) AS problems FROM billing_ver
 -- (billing_balance_at) is the same before and after the entries are written
 SELECT tenant_id FROM billing_account_create('gr-k');
 SELECT kind FROM billing_credit('gr-k', 10, 'gr-k-top');
-SELECT amount FROM billing_grant('gr-k', 5, 'gr-k-g', expires_at => clock_timestamp() + interval '3 seconds');
-SELECT status FROM billing_hold('gr-k', 3, 'gr-k-h', expires_in => '5 seconds');
+SELECT amount FROM billing_grant('gr-k', 5, 'gr-k-g', expires_at => clock_timestamp() + interval '8 seconds');
+SELECT status FROM billing_hold('gr-k', 3, 'gr-k-h', expires_in => '13 seconds');
 SELECT pg_temp.sleep_past_expiry('gr-k', holds => true);
 CREATE TEMP TABLE gr_k_times AS
 SELECT g.expires_at AS grant_expiry, h.expires_at AS hold_expiry,
@@ -354,7 +356,7 @@ SELECT billing_balance('gr-l') AS balance, count(*) AS problems FROM billing_ver
 -- "original expire", whatever writes it
 SELECT tenant_id FROM billing_account_create('gr-m');
 SELECT amount FROM billing_credit('gr-m', 10, 'gr-m-top-up');
-SELECT amount FROM billing_grant('gr-m', 2, 'gr-m-g', expires_at => clock_timestamp() + interval '3 seconds');
+SELECT amount FROM billing_grant('gr-m', 2, 'gr-m-g', expires_at => clock_timestamp() + interval '8 seconds');
 SELECT amount FROM billing_deduct('gr-m', 0.5, 'gr-m-d');
 SELECT status FROM billing_hold('gr-m', 0.5, 'gr-m-h');
 SELECT pg_temp.sleep_past_expiry('gr-m');

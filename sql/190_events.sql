@@ -161,7 +161,7 @@ SELECT key_id, alert_levels FROM billing.api_keys WHERE tenant_id = 'ev-k' ORDER
 --
 SELECT tenant_id FROM billing_account_create('ev-h');
 SELECT balance_after FROM billing_credit('ev-h', 10, 'ev-h-c1');
-SELECT status FROM billing_hold('ev-h', 2, 'ev-h-1', expires_in => '5 seconds');
+SELECT status FROM billing_hold('ev-h', 2, 'ev-h-1', expires_in => '15 seconds');
 SELECT amount FROM billing_capture('ev-h', 'ev-h-1', 0.5, 'ev-h-1-c1');
 -- until it has expired
 SELECT pg_sleep(greatest(extract(epoch FROM expires_at - clock_timestamp()), 0) + 0.1)
@@ -180,7 +180,7 @@ SELECT balance_after FROM billing_credit('ev-g', 10, 'ev-g-c1');
 SELECT grant_expiring, next_grant_alert_at IS NULL AS nothing_due
   FROM billing_alerts_set('ev-g', grant_expiring => '1 hour');
 SELECT amount FROM billing_grant('ev-g', 3, 'ev-g-g1', expires_at => now() + interval '2 hours');
-SELECT amount FROM billing_grant('ev-g', 2, 'ev-g-g2', expires_at => clock_timestamp() + interval '5 seconds');
+SELECT amount FROM billing_grant('ev-g', 2, 'ev-g-g2', expires_at => clock_timestamp() + interval '15 seconds');
 SELECT * FROM ev_events('ev-g');
 -- g1 is due in an hour: the sweep's column says when
 SELECT next_grant_alert_at BETWEEN now() + interval '59 minutes' AND now() + interval '61 minutes' AS g1_due_in_an_hour

@@ -55,7 +55,8 @@
 #                           (kept for inspection: regression.diffs, logs)
 #   BILLING_MATRIX_MIRROR   Debian mirror (default http://deb.debian.org/debian)
 #   BILLING_MATRIX_TIMEOUT  seconds one version's suite may run (default 1500,
-#                           so that two hung versions still fit CI's 90 min)
+#                           so that two hung versions still fit CI's 90 min;
+#                           .ci/run sets it from the time left)
 #   BILLING_MATRIX_REBUILD  1 = rebuild the chroots even if their stamp matches
 #                           (sid moves daily; a cached sid chroot does not)
 #   BILLING_MATRIX_TARGET   the make target run in each chroot (default check;

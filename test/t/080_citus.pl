@@ -124,7 +124,6 @@ my $conf = join("\n",
 	"listen_addresses = '127.0.0.1'",    # Citus connects to nodes over TCP
 	"citus.enable_unsafe_triggers = on",  # billing's triggers on the shards
 	"citus.node_conninfo = 'sslmode=disable'",
-	"citus.node_connection_timeout = 5000",
 	"max_prepared_transactions = 100",    # Citus's two-phase commit
 	"max_worker_processes = 32",
 	"wal_level = logical",                # shard moves by logical replication
