@@ -10,11 +10,11 @@
 # ways, to the redis-server on 127.0.0.1:UPSTREAM.  While FILE exists (one
 # line: "WORD COMMAND [ARG ...]", e.g. "XADD FLUSHALL"), the first chunk a
 # client sends that holds the command WORD (as a RESP bulk string) is held
-# back (WORD may be "A+B": the commands A and B one right after the other,
-# e.g. "MULTI+SET" for a transaction whose first command is SET, which a
-# MULTI, XADD, ..., SET, EXEC does not match): the proxy first runs COMMAND
-# on a connection of its own, waits for its reply, deletes FILE, and only
-# then forwards the chunk.  So the command lands between the client's
+# back (WORD may be "A+B": a command A without arguments right before a
+# command B, e.g. "MULTI+SET" for a transaction whose first command is SET,
+# which a MULTI, XADD, ..., SET, EXEC does not match): the proxy first runs
+# COMMAND on a connection of its own, waits for its reply, deletes FILE,
+# and only then forwards the chunk.  So the command lands between the client's
 # earlier commands and that one, whatever the timing: what a FLUSHALL by
 # someone else in that instant would do.  COMMAND DROP-REPLY instead
 # forwards the chunk, waits until Redis has answered it (its first bytes,
@@ -66,8 +66,8 @@ sub upstream
 }
 
 # the trigger: (a regex for WORD in RESP, WORD, the command's words), or ()
-# when there is none.  "A+B": the bulk string A ends one command's first
-# word, and the next command ("*N") begins with B.
+# when there is none.  "A+B": a command A without arguments (its bulk
+# string ends it), then the next command ("*N") begins with the word B.
 sub trigger
 {
 	open(my $fh, '<', $trigger) or return ();
