@@ -55,8 +55,12 @@
 #                           (kept for inspection: regression.diffs, logs)
 #   BILLING_MATRIX_MIRROR   Debian mirror (default http://deb.debian.org/debian)
 #   BILLING_MATRIX_TIMEOUT  seconds one version's suite may run (default 1500,
-#                           so that two hung versions still fit CI's 90 min;
-#                           .ci/run sets it from the time left)
+#                           so that two hung versions still fit CI's 90 min)
+#   BILLING_MATRIX_DEADLINE instead, a time (seconds since 1970) by which every
+#                           version must be done: once its chroot is ready, a
+#                           version's suite may run its share of the time left
+#                           (the time left divided by the versions still to
+#                           run, at least 5 min); .ci/run sets it
 #   BILLING_MATRIX_REBUILD  1 = rebuild the chroots even if their stamp matches
 #                           (sid moves daily; a cached sid chroot does not)
 #   BILLING_MATRIX_TARGET   the make target run in each chroot (default check;
@@ -92,6 +96,7 @@ cache=${BILLING_MATRIX_CACHE:-/var/cache/billing-matrix}
 citus_src=${BILLING_CITUS_SRC:-$(realpath -m "$repo/../shared/citus")}
 mirror=${BILLING_MATRIX_MIRROR:-http://deb.debian.org/debian}
 suite_timeout=${BILLING_MATRIX_TIMEOUT:-1500}
+deadline=${BILLING_MATRIX_DEADLINE:-}
 llvm=${BILLING_MATRIX_LLVM:-0}
 target=${BILLING_MATRIX_TARGET:-check}
 stamp_name=.billing-matrix-stamp
@@ -496,6 +501,7 @@ run_suite() {
 
 ((EUID == 0)) || die "run as root (debootstrap, chroot and mount need it)"
 [[ $suite_timeout =~ ^[0-9]+$ ]] || die "BILLING_MATRIX_TIMEOUT must be a number of seconds"
+[[ -z $deadline || $deadline =~ ^[0-9]+$ ]] || die "BILLING_MATRIX_DEADLINE must be a time in seconds since 1970"
 [[ $target == check || $target == bench ]] || die "BILLING_MATRIX_TARGET must be check or bench"
 versions=("$@")
 ((${#versions[@]})) || read -r -a versions <<<"${BILLING_MATRIX_VERSIONS:-17 18}"
@@ -507,8 +513,10 @@ case $cache/ in
 esac
 
 total_passed=0 total_failed=0 results=()
+left=${#versions[@]} # versions still to run, this one included
 for v in "${versions[@]}"; do
 	started=$SECONDS
+	left=$((left - 1))
 	if ! suite=$(suite_of "$v"); then
 		warn "pg$v: no Debian suite known for PostgreSQL '$v' (known: 15 17 18)"
 		results+=("pg$v: FAILED: unknown version")
@@ -536,7 +544,11 @@ for v in "${versions[@]}"; do
 		continue
 	fi
 	ready=$((SECONDS - started))
-	say "pg$v: chroot $root ready after $ready s; running make $target"
+	if [[ -n $deadline ]]; then
+		suite_timeout=$(((deadline - $(date +%s)) / (left + 1)))
+		((suite_timeout >= 300)) || suite_timeout=300
+	fi
+	say "pg$v: chroot $root ready after $ready s; running make $target (at most $suite_timeout s)"
 	active+=("$root")
 	release "$root" # nothing left over from an earlier run
 	copy_tree "$root" "$v"

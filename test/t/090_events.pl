@@ -376,7 +376,8 @@ ok(wait_for(120, sub { watermark() =~ /^\d+ \d+$/ }), 'and the watermark is writ
 	# those could take a trigger meant for the test's own batch (the reload
 	# that moves the worker to the proxy applies both)
 	sql("ALTER SYSTEM SET billing.check_interval = 0; ALTER SYSTEM SET billing.redis_port = $proxy_port; SELECT pg_reload_conf()");
-	ok(wait_for(120, sub { $seen->('accept') > $seen->('close') && $connected->() }), 'the worker connects through it');
+	ok(wait_for(120, sub { $seen->('accept') > $seen->('close') && $connected->() && delivered_all() }),
+		'the worker connects through it, every event delivered');
 	# FLUSHALL right before the worker's next WORD (a proxy trigger word,
 	# "A+B" for commands in a row) reaches Redis, which $cause brings
 	# about; then every stream is whole again, and the log says the worker

@@ -75,7 +75,9 @@ sub trigger
 	close $fh;
 	my ($before, @words) = split ' ', $line;
 	return () unless @words;
-	my $re = join('\*\d+\r\n', map { quotemeta('$' . length($_) . "\r\n" . uc($_) . "\r\n") } split /\+/, $before);
+	my @parts = split /\+/, $before;
+	my $re = join('\*\d+\r\n', map { quotemeta('$' . length($_) . "\r\n" . uc($_) . "\r\n") } @parts);
+	$re = '\*1\r\n' . $re if @parts > 1;    # A alone in its command
 	return (qr/$re/, $before, @words);
 }
 
