@@ -513,10 +513,10 @@ case $cache/ in
 esac
 
 total_passed=0 total_failed=0 results=()
-left=${#versions[@]} # versions still to run, this one included
+left=${#versions[@]}
 for v in "${versions[@]}"; do
 	started=$SECONDS
-	left=$((left - 1))
+	left=$((left - 1)) # the versions after this one (counted down before any skip)
 	if ! suite=$(suite_of "$v"); then
 		warn "pg$v: no Debian suite known for PostgreSQL '$v' (known: 15 17 18)"
 		results+=("pg$v: FAILED: unknown version")
